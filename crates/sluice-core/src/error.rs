@@ -1,0 +1,207 @@
+//! Stable error codes and the errors that cross crate boundaries.
+//!
+//! Each [`ErrorCode`] has one HTTP status, one OpenAI error `type` and one stable `code` string.
+//! Only `sluice-server` turns them into HTTP responses; everything else just returns them.
+
+use std::time::Duration;
+
+macro_rules! error_codes {
+    ($($variant:ident => $status:literal, $kind:literal, $code:literal;)*) => {
+        /// The stable error codes of Sluice's API.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ErrorCode { $($variant,)* }
+
+        impl ErrorCode {
+            /// The HTTP status this code is answered with.
+            pub fn status(self) -> u16 {
+                match self { $(ErrorCode::$variant => $status,)* }
+            }
+            /// The OpenAI error `type`.
+            pub fn kind(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $kind,)* }
+            }
+            /// The stable `code` string.
+            pub fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $code,)* }
+            }
+            /// Every code, for documentation and tests.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+        }
+    };
+}
+
+error_codes! {
+    InvalidJson => 400, "invalid_request_error", "invalid_json";
+    InvalidRequest => 400, "invalid_request_error", "invalid_request";
+    UpstreamBadRequest => 400, "invalid_request_error", "upstream_bad_request";
+    ContextLengthExceeded => 400, "invalid_request_error", "context_length_exceeded";
+    Unauthorized => 401, "authentication_error", "invalid_api_key";
+    Forbidden => 403, "permission_error", "forbidden";
+    ModelNotFound => 404, "invalid_request_error", "model_not_found";
+    NotFound => 404, "invalid_request_error", "not_found";
+    MethodNotAllowed => 405, "invalid_request_error", "method_not_allowed";
+    PayloadTooLarge => 413, "invalid_request_error", "payload_too_large";
+    UnsupportedMediaType => 415, "invalid_request_error", "unsupported_media_type";
+    UnsupportedParameter => 422, "invalid_request_error", "unsupported_parameter";
+    RateLimited => 429, "rate_limit_error", "rate_limit_exceeded";
+    UpstreamRateLimited => 429, "rate_limit_error", "upstream_rate_limited";
+    Internal => 500, "server_error", "internal_error";
+    UpstreamError => 502, "upstream_error", "upstream_error";
+    UpstreamProtocol => 502, "upstream_error", "upstream_protocol_error";
+    UpstreamAuth => 502, "upstream_error", "upstream_auth_failed";
+    Unavailable => 503, "server_error", "service_unavailable";
+    UpstreamTimeout => 504, "upstream_error", "upstream_timeout";
+    ClientClosed => 499, "client_error", "client_closed_request";
+}
+
+/// An error answered to a client: a code, a message that says what happened and what to do, and
+/// optionally the request parameter at fault and how long to wait before retrying.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub code: ErrorCode,
+    pub message: String,
+    pub param: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+impl Error {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error {
+            code,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::InvalidRequest, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Error::new(ErrorCode::Internal, message)
+    }
+}
+
+/// What a provider call can fail with. The gateway maps it to an [`Error`] for the client and to
+/// an error class for retries and failover.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    /// The upstream answered with an error status.
+    #[error("upstream returned HTTP {status}: {message}")]
+    Status {
+        status: u16,
+        message: String,
+        /// The upstream's own error code or type, when it sent one.
+        code: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    /// No answer (or no next chunk) within the configured time.
+    #[error("upstream timed out: {0}")]
+    Timeout(String),
+    /// The connection could not be made or broke.
+    #[error("could not reach upstream: {0}")]
+    Connect(String),
+    /// The upstream answered something that is not the protocol (bad JSON, bad SSE, missing fields).
+    #[error("upstream sent an invalid response: {0}")]
+    Protocol(String),
+    /// The request uses something this provider cannot do.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl ProviderError {
+    /// The client-facing error for this provider failure. `provider` names the deployment, so
+    /// the operator can find it; upstream secrets never appear in messages.
+    pub fn to_error(&self, provider: &str) -> Error {
+        match self {
+            ProviderError::Status {
+                status,
+                message,
+                code,
+                retry_after,
+            } => {
+                let code = match *status {
+                    400 if is_context_length(code.as_deref(), message) => {
+                        ErrorCode::ContextLengthExceeded
+                    }
+                    400 => ErrorCode::UpstreamBadRequest,
+                    401 | 403 => ErrorCode::UpstreamAuth,
+                    413 => ErrorCode::PayloadTooLarge,
+                    422 => ErrorCode::UnsupportedParameter,
+                    429 => ErrorCode::UpstreamRateLimited,
+                    408 | 504 => ErrorCode::UpstreamTimeout,
+                    _ => ErrorCode::UpstreamError,
+                };
+                let msg = match code {
+                    ErrorCode::UpstreamAuth => format!(
+                        "provider `{provider}` rejected Sluice's credentials (HTTP {status}); check the provider's api_key"
+                    ),
+                    _ => format!("provider `{provider}` returned HTTP {status}: {message}"),
+                };
+                Error {
+                    code,
+                    message: msg,
+                    param: None,
+                    retry_after: *retry_after,
+                }
+            }
+            ProviderError::Timeout(m) => Error::new(
+                ErrorCode::UpstreamTimeout,
+                format!("provider `{provider}` timed out: {m}"),
+            ),
+            ProviderError::Connect(m) => Error::new(
+                ErrorCode::UpstreamError,
+                format!("could not reach provider `{provider}`: {m}"),
+            ),
+            ProviderError::Protocol(m) => Error::new(
+                ErrorCode::UpstreamProtocol,
+                format!("provider `{provider}` sent an invalid response: {m}"),
+            ),
+            ProviderError::Unsupported(m) => Error::new(ErrorCode::UnsupportedParameter, m.clone()),
+        }
+    }
+}
+
+fn is_context_length(code: Option<&str>, message: &str) -> bool {
+    code == Some("context_length_exceeded")
+        || message.contains("context length")
+        || message.contains("context_length_exceeded")
+        || message.contains("prompt is too long")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(c.as_str()), "duplicate code {}", c.as_str());
+        }
+    }
+
+    #[test]
+    fn upstream_statuses_map_to_client_codes() {
+        let e = |s| ProviderError::Status {
+            status: s,
+            message: "m".into(),
+            code: None,
+            retry_after: None,
+        };
+        assert_eq!(e(400).to_error("p").code, ErrorCode::UpstreamBadRequest);
+        assert_eq!(e(401).to_error("p").code, ErrorCode::UpstreamAuth);
+        assert_eq!(e(429).to_error("p").code.status(), 429);
+        assert_eq!(e(503).to_error("p").code.status(), 502);
+        assert!(e(401).to_error("p").message.contains("api_key"));
+    }
+}

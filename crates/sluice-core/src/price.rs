@@ -1,0 +1,145 @@
+//! Prices and cost.
+//!
+//! The shipped table (`data/prices.toml`) gives USD per million tokens for current models of
+//! OpenAI, Anthropic, Google, Mistral and hosted Llama models. A deployment may override any
+//! price; a model with no price costs 0 and its records say so through `cost_usd = 0`.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use serde::Deserialize;
+
+/// Prices of one model in USD per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub input: f64,
+    pub output: f64,
+    /// Price of prompt tokens read from the provider's cache; defaults to `input`.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+}
+
+impl ModelPrice {
+    /// The cost of a call. `cached` is the part of `prompt` that was read from cache.
+    pub fn cost(&self, prompt: u64, completion: u64, cached: u64) -> f64 {
+        let cached = cached.min(prompt);
+        let fresh = prompt - cached;
+        let cached_price = self.cached_input.unwrap_or(self.input);
+        (fresh as f64 * self.input + cached as f64 * cached_price + completion as f64 * self.output)
+            / 1_000_000.0
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceFile {
+    as_of: String,
+    models: HashMap<String, ModelPrice>,
+}
+
+/// A price table.
+#[derive(Debug)]
+pub struct PriceTable {
+    as_of: String,
+    models: HashMap<String, ModelPrice>,
+}
+
+const BUILTIN: &str = include_str!("../data/prices.toml");
+
+impl PriceTable {
+    /// Parses a table in the shipped file's format.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let f: PriceFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        Ok(PriceTable {
+            as_of: f.as_of,
+            models: f.models,
+        })
+    }
+
+    /// The table shipped with Sluice.
+    pub fn builtin() -> &'static PriceTable {
+        static TABLE: OnceLock<PriceTable> = OnceLock::new();
+        TABLE.get_or_init(|| PriceTable::parse(BUILTIN).expect("shipped price table parses"))
+    }
+
+    /// The date the prices were taken.
+    pub fn as_of(&self) -> &str {
+        &self.as_of
+    }
+
+    pub fn len(&self) -> usize {
+        self.models.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
+    /// The price of a model: exact name, then without a `provider/` prefix, then the longest
+    /// entry the name starts with at a `-` boundary (dated snapshots).
+    pub fn lookup(&self, model: &str) -> Option<ModelPrice> {
+        if let Some(p) = self.models.get(model) {
+            return Some(*p);
+        }
+        let bare = model.rsplit('/').next().unwrap_or(model);
+        if let Some(p) = self.models.get(bare) {
+            return Some(*p);
+        }
+        self.models
+            .iter()
+            .filter(|(name, _)| {
+                bare.len() > name.len()
+                    && bare.starts_with(name.as_str())
+                    && bare.as_bytes()[name.len()] == b'-'
+            })
+            .max_by_key(|(name, _)| name.len())
+            .map(|(_, p)| *p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_table_parses_and_covers_the_major_providers() {
+        let t = PriceTable::builtin();
+        for m in [
+            "gpt-4o-mini",
+            "claude-sonnet-4-5",
+            "gemini-2.5-flash",
+            "mistral-large-latest",
+            "llama-3.3-70b-versatile",
+        ] {
+            assert!(t.lookup(m).is_some(), "{m} has no price");
+        }
+    }
+
+    #[test]
+    fn snapshots_and_prefixes_resolve_to_the_longest_family() {
+        let t = PriceTable::builtin();
+        assert_eq!(t.lookup("gpt-4o-mini-2024-07-18"), t.lookup("gpt-4o-mini"));
+        assert_eq!(t.lookup("gpt-4o-2024-08-06"), t.lookup("gpt-4o"));
+        assert_eq!(t.lookup("openai/gpt-4o"), t.lookup("gpt-4o"));
+        assert_eq!(
+            t.lookup("claude-3-5-haiku-20241022"),
+            t.lookup("claude-3-5-haiku")
+        );
+        assert!(t.lookup("gpt-4o-mini").unwrap().input < t.lookup("gpt-4o").unwrap().input);
+        assert_eq!(t.lookup("my-own-model"), None);
+    }
+
+    #[test]
+    fn cost_counts_cached_tokens_at_their_price() {
+        let p = ModelPrice {
+            input: 2.5,
+            output: 10.0,
+            cached_input: Some(1.25),
+        };
+        // 1000 prompt (400 cached) + 500 completion
+        let c = p.cost(1000, 500, 400);
+        let want = (600.0 * 2.5 + 400.0 * 1.25 + 500.0 * 10.0) / 1e6;
+        assert!((c - want).abs() < 1e-12);
+    }
+}

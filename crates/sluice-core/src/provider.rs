@@ -1,0 +1,42 @@
+//! The provider trait: one implementation per upstream API.
+
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use futures::Stream;
+use sluice_types::openai::{
+    ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse,
+};
+
+use crate::error::ProviderError;
+
+/// A streamed chat response: chunks in the OpenAI shape, as they arrive.
+pub type ChunkStream =
+    Pin<Box<dyn Stream<Item = Result<ChatCompletionChunk, ProviderError>> + Send + 'static>>;
+
+/// A chat (and optionally embeddings) provider.
+///
+/// The request it receives is already addressed to it: `model` is the upstream model name of the
+/// chosen deployment. Implementations translate to their wire format, call the upstream, and
+/// translate back. They never buffer a stream: each upstream event becomes a chunk as it arrives.
+#[async_trait]
+pub trait ChatProvider: Send + Sync + 'static {
+    /// The provider type (`openai`, `anthropic`, …), for logs and metrics.
+    fn kind(&self) -> &'static str;
+
+    /// A whole (non-streamed) completion.
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError>;
+
+    /// A streamed completion. The call returns once the upstream accepted the request (its
+    /// response headers arrived), so that errors before the first byte can still be answered as
+    /// plain HTTP errors.
+    async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError>;
+
+    /// Embeddings. Providers without an embeddings API keep the default.
+    async fn embed(&self, _req: &EmbeddingRequest) -> Result<EmbeddingResponse, ProviderError> {
+        Err(ProviderError::Unsupported(format!(
+            "provider type `{}` has no embeddings API",
+            self.kind()
+        )))
+    }
+}

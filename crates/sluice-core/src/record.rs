@@ -1,0 +1,240 @@
+//! The request record: what every request through Sluice becomes, whatever its outcome.
+//!
+//! The hot path builds a [`RequestRecord`] and hands it to a [`LogSink`]; a writer task owned by
+//! the store drains the sink's queue in batches into a [`LogStore`]. The queue is bounded: when it
+//! is full the sender waits (backpressure) rather than dropping a record.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordStatus {
+    /// The response was delivered whole.
+    Ok,
+    /// Sluice answered with an error (client or upstream).
+    Error,
+    /// The client went away before the response was complete.
+    Cancelled,
+}
+
+impl RecordStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordStatus::Ok => "ok",
+            RecordStatus::Error => "error",
+            RecordStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ok" => Some(RecordStatus::Ok),
+            "error" => Some(RecordStatus::Error),
+            "cancelled" => Some(RecordStatus::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+/// Where a record's token counts came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// The upstream reported them.
+    Provider,
+    /// Sluice counted them with the model's tokenizer.
+    Tokenizer,
+    /// No tokens were processed (for example a request rejected before any call).
+    None,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Provider => "provider",
+            UsageSource::Tokenizer => "tokenizer",
+            UsageSource::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "provider" => UsageSource::Provider,
+            "tokenizer" => UsageSource::Tokenizer,
+            _ => UsageSource::None,
+        }
+    }
+}
+
+/// One request through Sluice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// UUIDv7: sorts by start time.
+    pub id: Uuid,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// The API used: `chat.completions`, `messages` (Anthropic ingress), `embeddings`.
+    pub endpoint: String,
+    /// The model name the client asked for.
+    pub model: String,
+    /// The provider (configured name) of the deployment that served it, if one was called.
+    pub provider: Option<String>,
+    /// The upstream model of that deployment.
+    pub deployment: Option<String>,
+    /// Provider calls made (0 when rejected before routing).
+    pub attempts: u32,
+    pub status: RecordStatus,
+    /// The HTTP status answered (499 for a client that went away).
+    pub http_status: u16,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub stream: bool,
+    /// From request start to the last byte (or the error).
+    pub latency_ms: f64,
+    /// From request start to the first generated content sent to the client (streams only).
+    pub ttft_ms: Option<f64>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub usage_source: UsageSource,
+    pub cost_usd: f64,
+    pub finish_reason: Option<String>,
+    pub user: Option<String>,
+    pub session: Option<String>,
+    pub tags: Vec<String>,
+    /// The request's `metadata` object and `x-sluice-meta-*` headers.
+    pub metadata: Value,
+    /// The request body, when bodies are stored.
+    pub request_body: Option<Value>,
+    /// The response body (for streams, the assembled completion), when bodies are stored.
+    pub response_body: Option<Value>,
+}
+
+impl RequestRecord {
+    /// A fresh record for a request that just started.
+    pub fn start(id: Uuid, endpoint: &str, stream: bool) -> Self {
+        let now = Utc::now();
+        RequestRecord {
+            id,
+            started_at: now,
+            finished_at: now,
+            endpoint: endpoint.to_string(),
+            model: String::new(),
+            provider: None,
+            deployment: None,
+            attempts: 0,
+            status: RecordStatus::Ok,
+            http_status: 200,
+            error_code: None,
+            error_message: None,
+            stream,
+            latency_ms: 0.0,
+            ttft_ms: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            usage_source: UsageSource::None,
+            cost_usd: 0.0,
+            finish_reason: None,
+            user: None,
+            session: None,
+            tags: Vec::new(),
+            metadata: Value::Null,
+            request_body: None,
+            response_body: None,
+        }
+    }
+}
+
+/// Filters and paging for listing records. Results are newest first; `before` pages backwards
+/// from an id (exclusive).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecordQuery {
+    pub model: Option<String>,
+    pub status: Option<RecordStatus>,
+    pub user: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub before: Option<Uuid>,
+    pub limit: u32,
+}
+
+/// Errors of a store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Where request records live. SQLite and PostgreSQL implement it and pass the same suite.
+#[async_trait]
+pub trait LogStore: Send + Sync + 'static {
+    /// Writes records in one transaction. Writing a record whose id already exists is a no-op, so
+    /// a batch may be retried safely.
+    async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError>;
+    async fn get(&self, id: Uuid) -> Result<Option<RequestRecord>, StoreError>;
+    async fn list(&self, query: &RecordQuery) -> Result<Vec<RequestRecord>, StoreError>;
+    async fn count(&self) -> Result<u64, StoreError>;
+}
+
+/// The hot path's handle on the log queue. Cloning is cheap.
+#[derive(Clone, Debug)]
+pub struct LogSink {
+    tx: mpsc::Sender<RequestRecord>,
+}
+
+impl LogSink {
+    /// A sink and the receiving end of its bounded queue.
+    pub fn channel(capacity: usize) -> (LogSink, mpsc::Receiver<RequestRecord>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (LogSink { tx }, rx)
+    }
+
+    /// Queues a record. Waits only when the queue is full (backpressure), never on the database.
+    pub async fn send(&self, record: RequestRecord) {
+        if let Err(err) = self.tx.send(record).await {
+            // Only after the writer is gone, which happens after shutdown has drained every sender.
+            eprintln!(
+                "sluice: request log writer is closed; record {} not stored",
+                err.0.id
+            );
+        }
+    }
+
+    /// Queues a record from a context that cannot wait (a `Drop`): tries at once, and if the queue
+    /// is full hands the send to a task, which keeps the writer open until it is done.
+    pub fn send_detached(&self, record: RequestRecord) {
+        match self.tx.try_send(record) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(record)) => {
+                let tx = self.tx.clone();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(handle) => {
+                        handle.spawn(async move {
+                            let _ = tx.send(record).await;
+                        });
+                    }
+                    Err(_) => {
+                        let _ = tx.blocking_send(record);
+                    }
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(record)) => {
+                eprintln!(
+                    "sluice: request log writer is closed; record {} not stored",
+                    record.id
+                );
+            }
+        }
+    }
+}

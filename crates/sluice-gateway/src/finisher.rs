@@ -1,0 +1,248 @@
+//! Completes a request's record exactly once, whatever happens: success, error, or the client
+//! going away (then `Drop` records it as cancelled).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use sluice_core::error::{Error, ErrorCode};
+use sluice_core::price::ModelPrice;
+use sluice_core::record::{LogSink, RecordStatus, RequestRecord, UsageSource};
+use sluice_types::openai::{
+    ChatCompletion, ChatRequest, EmbeddingRequest, EmbeddingResponse, Usage,
+};
+
+use crate::{Deployment, RequestContext, metrics::Metrics, tokens};
+
+/// Owns a request's record until it is complete.
+pub struct Finisher {
+    started: Instant,
+    record: Option<RequestRecord>,
+    sink: LogSink,
+    metrics: Arc<Metrics>,
+    model_known: bool,
+}
+
+impl Finisher {
+    pub fn new(
+        ctx: RequestContext,
+        sink: LogSink,
+        metrics: Arc<Metrics>,
+        model_known: bool,
+    ) -> Self {
+        Finisher {
+            started: ctx.started,
+            record: Some(ctx.record),
+            sink,
+            metrics,
+            model_known,
+        }
+    }
+
+    pub fn id(&self) -> uuid::Uuid {
+        self.record.as_ref().map(|r| r.id).unwrap_or_default()
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    fn rec(&mut self) -> Option<&mut RequestRecord> {
+        self.record.as_mut()
+    }
+
+    /// Notes a provider call to `dep`.
+    pub fn attempt(&mut self, dep: &Deployment) {
+        if let Some(r) = self.rec() {
+            r.attempts += 1;
+            r.provider = Some(dep.provider_name.clone());
+            r.deployment = Some(dep.model.clone());
+        }
+    }
+
+    /// Notes the moment the first generated content was handed to the client.
+    pub fn first_token(&mut self) {
+        let ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        if let Some(r) = self.rec()
+            && r.ttft_ms.is_none()
+        {
+            r.ttft_ms = Some(ms);
+        }
+    }
+
+    /// Takes the record out, stamping its end time and latency, and counts it.
+    fn close(&mut self) -> Option<RequestRecord> {
+        let mut r = self.record.take()?;
+        r.finished_at = Utc::now();
+        r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.metrics.observe(&r, self.model_known);
+        Some(r)
+    }
+
+    fn set_error(r: &mut RequestRecord, err: &Error) {
+        r.status = if err.code == ErrorCode::ClientClosed {
+            RecordStatus::Cancelled
+        } else {
+            RecordStatus::Error
+        };
+        r.http_status = err.code.status();
+        r.error_code = Some(err.code.as_str().to_string());
+        r.error_message = Some(err.message.clone());
+    }
+
+    /// Completes the record as failed with `err`.
+    pub async fn fail(&mut self, err: &Error) {
+        if let Some(r) = self.rec() {
+            Self::set_error(r, err);
+        }
+        if let Some(r) = self.close() {
+            self.sink.send(r).await;
+        }
+    }
+
+    /// Completes the record of a whole chat completion; returns its cost.
+    pub async fn complete(
+        &mut self,
+        req: &ChatRequest,
+        dep: &Deployment,
+        completion: &ChatCompletion,
+        store_body: bool,
+    ) -> f64 {
+        let cost = {
+            let Some(r) = self.record.as_mut() else {
+                return 0.0;
+            };
+            let usage = completion.usage.clone();
+            apply_usage(r, usage, dep.price, || {
+                (
+                    tokens::count_prompt(&req.model, req),
+                    tokens::count_text(&req.model, &completion.output_text()),
+                )
+            });
+            r.finish_reason = completion
+                .choices
+                .first()
+                .and_then(|c| c.finish_reason.clone());
+            if store_body {
+                r.response_body = serde_json::to_value(completion).ok();
+            }
+            r.cost_usd
+        };
+        if let Some(r) = self.close() {
+            self.sink.send(r).await;
+        }
+        cost
+    }
+
+    /// Completes the record of an embeddings call; returns its cost.
+    pub async fn embedded(
+        &mut self,
+        req: &EmbeddingRequest,
+        dep: &Deployment,
+        resp: &EmbeddingResponse,
+    ) -> f64 {
+        let cost = {
+            let Some(r) = self.record.as_mut() else {
+                return 0.0;
+            };
+            let reported = resp.usage.prompt_tokens > 0 || resp.usage.total_tokens > 0;
+            let usage = reported.then(|| Usage::new(resp.usage.prompt_tokens, 0, 0));
+            apply_usage(r, usage, dep.price, || {
+                let n = req
+                    .input
+                    .texts()
+                    .iter()
+                    .map(|t| tokens::count_text(&req.model, t))
+                    .sum();
+                (n, 0)
+            });
+            r.cost_usd
+        };
+        if let Some(r) = self.close() {
+            self.sink.send(r).await;
+        }
+        cost
+    }
+
+    /// Completes the record of a stream. `error` is set when the stream failed after it started.
+    pub async fn finish_stream(
+        &mut self,
+        usage: Option<Usage>,
+        price: Option<ModelPrice>,
+        count: impl FnOnce() -> (u64, u64),
+        finish_reason: Option<String>,
+        response_body: Option<serde_json::Value>,
+        error: Option<&Error>,
+    ) {
+        if let Some(r) = self.record.as_mut() {
+            apply_usage(r, usage, price, count);
+            r.finish_reason = finish_reason;
+            r.response_body = response_body;
+            if let Some(e) = error {
+                Self::set_error(r, e);
+                // The client already got 200 and the stream; the record keeps the error code.
+                r.http_status = 200;
+            }
+        }
+        if let Some(r) = self.close() {
+            self.sink.send(r).await;
+        }
+    }
+
+    /// Records what a cancelled stream produced so far; `Drop` then writes it as cancelled.
+    pub fn note_partial(
+        &mut self,
+        usage: Option<Usage>,
+        price: Option<ModelPrice>,
+        count: impl FnOnce() -> (u64, u64),
+        response_body: Option<serde_json::Value>,
+    ) {
+        if let Some(r) = self.record.as_mut() {
+            apply_usage(r, usage, price, count);
+            r.response_body = response_body;
+        }
+    }
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        if let Some(r) = self.rec() {
+            r.status = RecordStatus::Cancelled;
+            r.http_status = ErrorCode::ClientClosed.status();
+            r.error_code = Some(ErrorCode::ClientClosed.as_str().to_string());
+            r.error_message =
+                Some("the client closed the connection before the response was complete".into());
+        }
+        if let Some(r) = self.close() {
+            self.sink.send_detached(r);
+        }
+    }
+}
+
+/// Sets tokens, their source and cost: the provider's usage when it reported one, else the
+/// tokenizer's count.
+fn apply_usage(
+    r: &mut RequestRecord,
+    usage: Option<Usage>,
+    price: Option<ModelPrice>,
+    count: impl FnOnce() -> (u64, u64),
+) {
+    match usage {
+        Some(u) => {
+            r.prompt_tokens = u.prompt_tokens;
+            r.completion_tokens = u.completion_tokens;
+            r.cached_tokens = u.cached_tokens();
+            r.usage_source = UsageSource::Provider;
+        }
+        None => {
+            let (p, c) = count();
+            r.prompt_tokens = p;
+            r.completion_tokens = c;
+            r.cached_tokens = 0;
+            r.usage_source = UsageSource::Tokenizer;
+        }
+    }
+    r.cost_usd = price
+        .map(|p| p.cost(r.prompt_tokens, r.completion_tokens, r.cached_tokens))
+        .unwrap_or(0.0);
+}

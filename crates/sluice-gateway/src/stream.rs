@@ -1,0 +1,183 @@
+//! A streamed chat response on its way to the client: chunks are forwarded as they arrive, the
+//! text is gathered for the record, and the record is completed when the stream ends, fails, or is
+//! dropped (client gone: the upstream stream is dropped with it, which cancels the call).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::{Stream, StreamExt};
+use sluice_core::error::Error;
+use sluice_core::price::ModelPrice;
+use sluice_core::provider::ChunkStream;
+use sluice_types::openai::{ChatCompletionChunk, ChatRequest, ChunkAccumulator, Usage};
+
+use crate::{Finisher, tokens};
+
+/// One item for the client.
+#[derive(Debug)]
+pub enum StreamItem {
+    Chunk(ChatCompletionChunk),
+    /// The stream failed after it started; the client gets an error event, then the end.
+    Error(Error),
+}
+
+/// The client-facing stream.
+pub struct ChatStream {
+    inner: Pin<Box<dyn Stream<Item = StreamItem> + Send>>,
+}
+
+impl std::fmt::Debug for ChatStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChatStream")
+    }
+}
+
+struct State {
+    upstream: ChunkStream,
+    fin: Finisher,
+    req: ChatRequest,
+    provider: String,
+    price: Option<ModelPrice>,
+    client_wants_usage: bool,
+    store_body: bool,
+    acc: ChunkAccumulator,
+    usage: Option<Usage>,
+    done: bool,
+}
+
+impl State {
+    fn counter(&self) -> impl FnOnce() -> (u64, u64) + '_ {
+        move || {
+            (
+                tokens::count_prompt(&self.req.model, &self.req),
+                tokens::count_text(&self.req.model, &self.acc.output_text()),
+            )
+        }
+    }
+
+    fn body(&mut self) -> Option<serde_json::Value> {
+        if !self.store_body {
+            return None;
+        }
+        let acc = std::mem::take(&mut self.acc);
+        let text_acc_usage = acc.usage().cloned();
+        let mut done = acc.finish();
+        if done.usage.is_none() {
+            done.usage = text_acc_usage;
+        }
+        serde_json::to_value(done).ok()
+    }
+
+    async fn finish(&mut self, error: Option<&Error>) {
+        self.done = true;
+        let usage = self.usage.take();
+        let (prompt, completion) = if usage.is_none() {
+            self.counter()()
+        } else {
+            (0, 0)
+        };
+        let finish_reason = self.acc.finish_reason().map(str::to_string);
+        let body = self.body();
+        self.fin
+            .finish_stream(
+                usage,
+                self.price,
+                || (prompt, completion),
+                finish_reason,
+                body,
+                error,
+            )
+            .await;
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // The client went away mid-stream: keep what was produced for the cancelled record.
+        let usage = self.usage.take();
+        let (prompt, completion) = if usage.is_none() {
+            self.counter()()
+        } else {
+            (0, 0)
+        };
+        let body = self.body();
+        self.fin
+            .note_partial(usage, self.price, || (prompt, completion), body);
+    }
+}
+
+async fn step(mut st: State) -> Option<(StreamItem, State)> {
+    if st.done {
+        return None;
+    }
+    loop {
+        match st.upstream.next().await {
+            Some(Ok(mut chunk)) => {
+                st.acc.push(&chunk);
+                if chunk.usage.is_some() {
+                    st.usage.clone_from(&chunk.usage);
+                }
+                if !st.client_wants_usage {
+                    if chunk.choices.is_empty() && chunk.usage.is_some() {
+                        continue;
+                    }
+                    chunk.usage = None;
+                }
+                if chunk.has_content() {
+                    st.fin.first_token();
+                }
+                return Some((StreamItem::Chunk(chunk), st));
+            }
+            Some(Err(e)) => {
+                tracing::warn!(request_id = %st.fin.id(), provider = %st.provider, error = %e, "stream failed after it started");
+                let err = e.to_error(&st.provider);
+                st.finish(Some(&err)).await;
+                return Some((StreamItem::Error(err), st));
+            }
+            None => {
+                st.finish(None).await;
+                return None;
+            }
+        }
+    }
+}
+
+impl ChatStream {
+    /// Wraps an upstream stream. `req` is the request as sent upstream (for token counting).
+    pub(crate) fn new(
+        upstream: ChunkStream,
+        fin: Finisher,
+        req: ChatRequest,
+        provider: String,
+        price: Option<ModelPrice>,
+        client_wants_usage: bool,
+        store_body: bool,
+    ) -> Self {
+        let state = State {
+            upstream,
+            fin,
+            req,
+            provider,
+            price,
+            client_wants_usage,
+            store_body,
+            acc: ChunkAccumulator::default(),
+            usage: None,
+            done: false,
+        };
+        ChatStream {
+            inner: Box::pin(futures::stream::unfold(state, step)),
+        }
+    }
+}
+
+impl Stream for ChatStream {
+    type Item = StreamItem;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<StreamItem>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}

@@ -1,0 +1,159 @@
+//! Anthropic's Messages API, translated both ways (see `sluice_types::anthropic`).
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::Deserialize;
+use sluice_core::ProviderError;
+use sluice_core::provider::{ChatProvider, ChunkStream};
+use sluice_core::secret::{Secret, SecretRef};
+use sluice_types::anthropic::{self as wire, MessagesResponse, StreamDecoder, StreamEvent};
+use sluice_types::openai::{ChatCompletion, ChatRequest};
+
+use crate::http::{self, HttpSettings, Timeouts};
+
+/// `type = "anthropic"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnthropicConfig {
+    /// Default `https://api.anthropic.com`.
+    #[serde(default = "default_base")]
+    pub base_url: String,
+    pub api_key: SecretRef,
+    /// The `anthropic-version` header.
+    #[serde(default = "default_version")]
+    pub version: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Timeouts (`[providers.NAME.timeouts]`).
+    #[serde(default)]
+    pub timeouts: HttpSettings,
+}
+
+fn default_base() -> String {
+    "https://api.anthropic.com".into()
+}
+fn default_version() -> String {
+    "2023-06-01".into()
+}
+
+#[derive(Debug)]
+pub struct Anthropic {
+    client: reqwest::Client,
+    url: String,
+    key: Secret,
+    version: String,
+    headers: reqwest::header::HeaderMap,
+    timeouts: Timeouts,
+}
+
+impl Anthropic {
+    pub fn new(cfg: &AnthropicConfig) -> Result<Self, String> {
+        let timeouts = cfg.timeouts.timeouts()?;
+        let base = crate::base_url(&cfg.base_url)?;
+        Ok(Anthropic {
+            client: http::client(&timeouts)?,
+            url: format!("{base}/v1/messages"),
+            key: cfg.api_key.resolve().map_err(|e| format!("api_key: {e}"))?,
+            version: cfg.version.clone(),
+            headers: crate::header_map(&cfg.headers)?,
+            timeouts,
+        })
+    }
+
+    fn post(&self, body: &wire::MessagesRequest) -> reqwest::RequestBuilder {
+        self.client
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .header("x-api-key", self.key.expose())
+            .header("anthropic-version", &self.version)
+            .json(body)
+    }
+}
+
+fn translate(req: &ChatRequest, stream: bool) -> Result<wire::MessagesRequest, ProviderError> {
+    let mut body = wire::request_from_openai(req).map_err(|e| ProviderError::Unsupported(e.0))?;
+    body.stream = stream.then_some(true);
+    Ok(body)
+}
+
+#[async_trait]
+impl ChatProvider for Anthropic {
+    fn kind(&self) -> &'static str {
+        "anthropic"
+    }
+
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
+        let body = translate(req, false)?;
+        let started = tokio::time::Instant::now();
+        let resp = http::send(self.post(&body), self.timeouts.request).await?;
+        let left = self.timeouts.request.saturating_sub(started.elapsed());
+        let msg: MessagesResponse = http::json_body(resp, left).await?;
+        Ok(wire::response_to_openai(msg))
+    }
+
+    async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
+        let body = translate(req, true)?;
+        let resp = http::send(
+            self.post(&body)
+                .header(reqwest::header::ACCEPT, "text/event-stream"),
+            self.timeouts.request,
+        )
+        .await?;
+        let events = Box::pin(http::sse_events(resp, self.timeouts.stream_idle));
+        let state = (events, StreamDecoder::new(), false);
+        let chunks = futures::stream::unfold(state, |(mut events, mut dec, mut done)| async move {
+            if done {
+                return None;
+            }
+            let item = match events.next().await {
+                None => {
+                    done = true;
+                    Err(ProviderError::Protocol(
+                        "stream ended before message_stop".into(),
+                    ))
+                }
+                Some(Err(e)) => {
+                    done = true;
+                    Err(e)
+                }
+                Some(Ok(ev)) => {
+                    let is_stop = ev.event == "message_stop";
+                    match serde_json::from_str::<StreamEvent>(&ev.data) {
+                        Err(e) => {
+                            done = true;
+                            Err(ProviderError::Protocol(format!(
+                                "event `{}` is not a Messages stream event ({e}): {}",
+                                ev.event,
+                                http::snippet(ev.data.as_bytes())
+                            )))
+                        }
+                        Ok(event) => match dec.on_event(event) {
+                            Ok(chunks) => {
+                                done = is_stop;
+                                Ok(chunks)
+                            }
+                            Err(e) => {
+                                done = true;
+                                Err(ProviderError::Status {
+                                    status: 502,
+                                    message: e.0,
+                                    code: None,
+                                    retry_after: None,
+                                })
+                            }
+                        },
+                    }
+                }
+            };
+            Some((item, (events, dec, done)))
+        });
+        Ok(Box::pin(chunks.flat_map(|item| {
+            futures::stream::iter(match item {
+                Ok(chunks) => chunks.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            })
+        })))
+    }
+}

@@ -1,0 +1,165 @@
+//! Google's Gemini API (`generateContent`, `streamGenerateContent?alt=sse`), translated both ways
+//! (see `sluice_types::gemini`).
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::Deserialize;
+use sluice_core::ProviderError;
+use sluice_core::provider::{ChatProvider, ChunkStream};
+use sluice_core::secret::{Secret, SecretRef};
+use sluice_types::gemini::{self as wire, GenerateContentResponse, StreamDecoder};
+use sluice_types::openai::{ChatCompletion, ChatRequest};
+
+use crate::http::{self, HttpSettings, Timeouts};
+
+/// `type = "gemini"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeminiConfig {
+    /// Default `https://generativelanguage.googleapis.com`.
+    #[serde(default = "default_base")]
+    pub base_url: String,
+    /// The API version path segment.
+    #[serde(default = "default_version")]
+    pub api_version: String,
+    pub api_key: SecretRef,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Timeouts (`[providers.NAME.timeouts]`).
+    #[serde(default)]
+    pub timeouts: HttpSettings,
+}
+
+fn default_base() -> String {
+    "https://generativelanguage.googleapis.com".into()
+}
+fn default_version() -> String {
+    "v1beta".into()
+}
+
+#[derive(Debug)]
+pub struct Gemini {
+    client: reqwest::Client,
+    root: String,
+    key: Secret,
+    headers: reqwest::header::HeaderMap,
+    timeouts: Timeouts,
+}
+
+impl Gemini {
+    pub fn new(cfg: &GeminiConfig) -> Result<Self, String> {
+        let timeouts = cfg.timeouts.timeouts()?;
+        let base = crate::base_url(&cfg.base_url)?;
+        Ok(Gemini {
+            client: http::client(&timeouts)?,
+            root: format!("{base}/{}", cfg.api_version.trim_matches('/')),
+            key: cfg.api_key.resolve().map_err(|e| format!("api_key: {e}"))?,
+            headers: crate::header_map(&cfg.headers)?,
+            timeouts,
+        })
+    }
+
+    fn post(
+        &self,
+        model: &str,
+        method: &str,
+        body: &wire::GenerateContentRequest,
+    ) -> reqwest::RequestBuilder {
+        // `method` may carry a query (`streamGenerateContent?alt=sse`).
+        let url = format!("{}/{}:{method}", self.root, wire::model_path(model));
+        self.client
+            .post(url)
+            .headers(self.headers.clone())
+            .header("x-goog-api-key", self.key.expose())
+            .json(body)
+    }
+}
+
+fn translate(req: &ChatRequest) -> Result<wire::GenerateContentRequest, ProviderError> {
+    wire::request_from_openai(req).map_err(|e| ProviderError::Unsupported(e.0))
+}
+
+#[async_trait]
+impl ChatProvider for Gemini {
+    fn kind(&self) -> &'static str {
+        "gemini"
+    }
+
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
+        let body = translate(req)?;
+        let started = tokio::time::Instant::now();
+        let resp = http::send(
+            self.post(&req.model, "generateContent", &body),
+            self.timeouts.request,
+        )
+        .await?;
+        let left = self.timeouts.request.saturating_sub(started.elapsed());
+        let out: GenerateContentResponse = http::json_body(resp, left).await?;
+        wire::response_to_openai(out, &req.model).map_err(|e| ProviderError::Protocol(e.0))
+    }
+
+    async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
+        let body = translate(req)?;
+        let resp = http::send(
+            self.post(&req.model, "streamGenerateContent?alt=sse", &body)
+                .header(reqwest::header::ACCEPT, "text/event-stream"),
+            self.timeouts.request,
+        )
+        .await?;
+        let events = Box::pin(http::sse_events(resp, self.timeouts.stream_idle));
+        let state = (events, StreamDecoder::new(&req.model), false, false);
+        let chunks = futures::stream::unfold(
+            state,
+            |(mut events, mut dec, mut done, mut finished)| async move {
+                if done {
+                    return None;
+                }
+                let item = match events.next().await {
+                    None => {
+                        done = true;
+                        if finished {
+                            Ok(dec.finish())
+                        } else {
+                            Err(ProviderError::Protocol(
+                                "stream ended before a finishReason".into(),
+                            ))
+                        }
+                    }
+                    Some(Err(e)) => {
+                        done = true;
+                        Err(e)
+                    }
+                    Some(Ok(ev)) if ev.data.trim().is_empty() => Ok(Vec::new()),
+                    Some(Ok(ev)) => match serde_json::from_str::<GenerateContentResponse>(&ev.data)
+                    {
+                        Err(e) => {
+                            done = true;
+                            Err(ProviderError::Protocol(format!(
+                                "stream event is not a GenerateContentResponse ({e}): {}",
+                                http::snippet(ev.data.as_bytes())
+                            )))
+                        }
+                        Ok(resp) => {
+                            if resp.candidates.iter().any(|c| c.finish_reason.is_some()) {
+                                finished = true;
+                            }
+                            dec.on_response(resp).map_err(|e| {
+                                done = true;
+                                ProviderError::Protocol(e.0)
+                            })
+                        }
+                    },
+                };
+                Some((item, (events, dec, done, finished)))
+            },
+        );
+        Ok(Box::pin(chunks.flat_map(|item| {
+            futures::stream::iter(match item {
+                Ok(chunks) => chunks.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            })
+        })))
+    }
+}

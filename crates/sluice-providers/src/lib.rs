@@ -1,0 +1,80 @@
+//! Sluice's providers, one module each: [`openai`] (OpenAI and every OpenAI-compatible server,
+//! plus Azure OpenAI), [`anthropic`], [`gemini`], and [`mock`], a deterministic test double.
+//!
+//! A provider is configured by one [`ProviderConfig`] variant (`type = "…"` in `sluice.toml`) and
+//! built into an `Arc<dyn ChatProvider>` by [`ProviderConfig::build`]. Adding a provider is one
+//! module, one variant and one line in `build`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use sluice_core::provider::ChatProvider;
+
+pub mod anthropic;
+pub mod gemini;
+pub mod http;
+pub mod mock;
+pub mod openai;
+
+/// One `[providers.NAME]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ProviderConfig {
+    Openai(openai::OpenAiConfig),
+    Azure(openai::AzureConfig),
+    Anthropic(anthropic::AnthropicConfig),
+    Gemini(gemini::GeminiConfig),
+    Mock(mock::MockConfig),
+}
+
+impl ProviderConfig {
+    /// The provider type name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderConfig::Openai(_) => "openai",
+            ProviderConfig::Azure(_) => "azure",
+            ProviderConfig::Anthropic(_) => "anthropic",
+            ProviderConfig::Gemini(_) => "gemini",
+            ProviderConfig::Mock(_) => "mock",
+        }
+    }
+
+    /// Builds the running provider. Errors name the offending key relative to the table.
+    pub fn build(&self) -> Result<Arc<dyn ChatProvider>, String> {
+        Ok(match self {
+            ProviderConfig::Openai(c) => Arc::new(openai::OpenAi::new(c)?),
+            ProviderConfig::Azure(c) => Arc::new(openai::OpenAi::azure(c)?),
+            ProviderConfig::Anthropic(c) => Arc::new(anthropic::Anthropic::new(c)?),
+            ProviderConfig::Gemini(c) => Arc::new(gemini::Gemini::new(c)?),
+            ProviderConfig::Mock(c) => Arc::new(mock::Mock::new(c)?),
+        })
+    }
+}
+
+/// A base URL without its trailing slash, checked to be http(s).
+pub(crate) fn base_url(url: &str) -> Result<&str, String> {
+    let base = url.trim_end_matches('/');
+    if base.starts_with("http://") || base.starts_with("https://") {
+        Ok(base)
+    } else {
+        Err(format!(
+            "base_url: `{base}` must start with http:// or https://"
+        ))
+    }
+}
+
+/// Configured extra headers as a header map.
+pub(crate) fn header_map(
+    headers: &BTreeMap<String, String>,
+) -> Result<reqwest::header::HeaderMap, String> {
+    let mut map = reqwest::header::HeaderMap::new();
+    for (k, v) in headers {
+        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("headers: `{k}` is not a valid header name"))?;
+        let value = reqwest::header::HeaderValue::from_str(v)
+            .map_err(|_| format!("headers.{k}: not a valid header value"))?;
+        map.insert(name, value);
+    }
+    Ok(map)
+}

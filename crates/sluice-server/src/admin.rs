@@ -1,0 +1,173 @@
+//! The admin API over the request log: `GET /api/requests` (filters and paging) and
+//! `GET /api/requests/{id}`.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use sluice_core::error::{Error, ErrorCode};
+use sluice_core::record::{RecordQuery, RecordStatus};
+
+use crate::SharedState;
+use crate::error::ApiError;
+
+/// Query parameters of `GET /api/requests`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub model: Option<String>,
+    /// `ok`, `error` or `cancelled`.
+    pub status: Option<String>,
+    pub user: Option<String>,
+    /// An RFC 3339 time, or a duration back from now: `30s`, `15m`, `2h`, `7d`.
+    pub since: Option<String>,
+    /// Page backwards from this record id (exclusive); use `next_before` from the last page.
+    pub before: Option<String>,
+    /// 1 to 1000 (default 50).
+    pub limit: Option<u32>,
+}
+
+/// Parses `since`: RFC 3339, or `N{s,m,h,d}` before now.
+pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is neither an RFC 3339 time nor a duration like 15m"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => {
+            return Err(format!("`{s}`: the duration unit must be s, m, h or d"));
+        }
+    };
+    Ok(now - chrono::Duration::seconds(secs))
+}
+
+impl ListParams {
+    /// The store query these parameters ask for.
+    pub fn to_query(&self) -> Result<RecordQuery, Error> {
+        let status = match &self.status {
+            None => None,
+            Some(s) => Some(RecordStatus::parse(s).ok_or_else(|| {
+                Error::invalid(format!("status `{s}` is not one of ok, error, cancelled"))
+                    .with_param("status")
+            })?),
+        };
+        let since = match &self.since {
+            None => None,
+            Some(s) => Some(
+                parse_since(s, Utc::now()).map_err(|e| Error::invalid(e).with_param("since"))?,
+            ),
+        };
+        let before = match &self.before {
+            None => None,
+            Some(b) => Some(uuid::Uuid::parse_str(b).map_err(|_| {
+                Error::invalid(format!("before `{b}` is not a request id")).with_param("before")
+            })?),
+        };
+        let limit = self.limit.unwrap_or(50);
+        if !(1..=1000).contains(&limit) {
+            return Err(Error::invalid("limit must be between 1 and 1000").with_param("limit"));
+        }
+        Ok(RecordQuery {
+            model: self.model.clone(),
+            status,
+            user: self.user.clone(),
+            since,
+            before,
+            limit,
+        })
+    }
+}
+
+pub async fn list_requests(
+    State(state): State<SharedState>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return ApiError::openai(Error::invalid(e.body_text())).into_response(),
+    };
+    let mut q = match params.to_query() {
+        Ok(q) => q,
+        Err(e) => return ApiError::openai(e).into_response(),
+    };
+    let limit = q.limit;
+    q.limit = limit + 1;
+    match state.store.list(&q).await {
+        Ok(mut rows) => {
+            let has_more = rows.len() > limit as usize;
+            rows.truncate(limit as usize);
+            let next_before = if has_more {
+                rows.last().map(|r| r.id.hyphenated().to_string())
+            } else {
+                None
+            };
+            Json(serde_json::json!({
+                "object": "list",
+                "data": rows,
+                "has_more": has_more,
+                "next_before": next_before,
+            }))
+            .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "listing request records failed");
+            ApiError::openai(Error::new(
+                ErrorCode::Unavailable,
+                "the request store is unavailable; try again",
+            ))
+            .into_response()
+        }
+    }
+}
+
+pub async fn get_request(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+    let Ok(uuid) = uuid::Uuid::parse_str(&id) else {
+        return ApiError::openai(
+            Error::new(ErrorCode::NotFound, format!("`{id}` is not a request id")).with_param("id"),
+        )
+        .into_response();
+    };
+    match state.store.get(uuid).await {
+        Ok(Some(r)) => Json(r).into_response(),
+        Ok(None) => ApiError::openai(Error::new(
+            ErrorCode::NotFound,
+            format!("no request `{id}` in the log (records are written within milliseconds; retry if it just finished)"),
+        ))
+        .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "reading a request record failed");
+            ApiError::openai(Error::new(ErrorCode::Unavailable, "the request store is unavailable; try again"))
+                .into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_accepts_times_and_durations() {
+        let now = Utc::now();
+        assert_eq!(
+            parse_since("15m", now).unwrap(),
+            now - chrono::Duration::minutes(15)
+        );
+        assert_eq!(
+            parse_since("2d", now).unwrap(),
+            now - chrono::Duration::days(2)
+        );
+        assert!(parse_since("2026-01-01T00:00:00Z", now).is_ok());
+        assert!(parse_since("soon", now).is_err());
+        assert!(parse_since("5y", now).is_err());
+    }
+}

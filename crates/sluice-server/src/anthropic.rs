@@ -1,0 +1,121 @@
+//! The Anthropic-compatible route, `POST /v1/messages`: Anthropic SDKs point at Sluice and reach
+//! any configured model. The request is translated to the OpenAI shape, served by the same
+//! gateway, and the answer translated back (whole, or as the Messages API event sequence).
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use sluice_core::error::Error;
+use sluice_gateway::{ChatOutcome, ChatStream, StreamItem};
+use sluice_types::anthropic::{self as wire, MessagesRequest, StreamEncoder, StreamEvent};
+
+use crate::error::{ApiError, anthropic_body};
+use crate::openai::{set_cost, sse_response, start};
+use crate::{SharedState, body};
+
+pub async fn messages(State(state): State<SharedState>, req: Request) -> Response {
+    let (ctx, bytes) = match start(&state, req, "messages").await {
+        Ok(v) => v,
+        Err((ctx, e)) => {
+            state.gateway.reject(ctx, None, &e).await;
+            return ApiError::anthropic(e).into_response();
+        }
+    };
+    let msg: MessagesRequest = match body::parse(&bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            state
+                .gateway
+                .reject(ctx, body::sniff_model(&bytes).as_deref(), &e)
+                .await;
+            return ApiError::anthropic(e).into_response();
+        }
+    };
+    let chat = match wire::request_to_openai(&msg) {
+        Ok(c) => c,
+        Err(e) => {
+            let e = Error::invalid(e.0);
+            state.gateway.reject(ctx, Some(&msg.model), &e).await;
+            return ApiError::anthropic(e).into_response();
+        }
+    };
+    let id = format!("msg_{}", ctx.id().simple());
+    match state.gateway.chat(ctx, chat).await {
+        Ok(ChatOutcome::Complete {
+            completion,
+            cost_usd,
+        }) => {
+            let mut out = wire::response_from_openai(&completion, &msg.model);
+            out.id = id;
+            let mut resp = Json(out).into_response();
+            set_cost(&mut resp, cost_usd);
+            resp
+        }
+        Ok(ChatOutcome::Stream(stream)) => {
+            sse_response(anthropic_sse(stream, StreamEncoder::new(&id, &msg.model)))
+        }
+        Err(e) => ApiError::anthropic(e).into_response(),
+    }
+}
+
+fn event_frame(ev: &StreamEvent) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(ev.name().as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    if serde_json::to_writer(&mut out, ev).is_err() {
+        out.extend_from_slice(b"{}");
+    }
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+fn frames(events: Vec<StreamEvent>) -> Bytes {
+    let mut out = Vec::new();
+    for ev in &events {
+        out.extend_from_slice(&event_frame(ev));
+    }
+    Bytes::from(out)
+}
+
+/// The Messages API event sequence for a gateway stream; a failure after the start becomes an
+/// `error` event.
+fn anthropic_sse(
+    stream: ChatStream,
+    encoder: StreamEncoder,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    futures::stream::unfold(
+        (stream, encoder, false),
+        |(mut s, mut enc, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                match s.next().await {
+                    Some(StreamItem::Chunk(c)) => {
+                        let evs = enc.on_chunk(&c);
+                        if evs.is_empty() {
+                            continue;
+                        }
+                        return Some((Ok(frames(evs)), (s, enc, false)));
+                    }
+                    Some(StreamItem::Error(e)) => {
+                        let mut out = Vec::new();
+                        out.extend_from_slice(b"event: error\ndata: ");
+                        let _ = serde_json::to_writer(&mut out, &anthropic_body(&e));
+                        out.extend_from_slice(b"\n\n");
+                        return Some((Ok(Bytes::from(out)), (s, enc, true)));
+                    }
+                    None => {
+                        let evs = enc.finish();
+                        return Some((Ok(frames(evs)), (s, enc, true)));
+                    }
+                }
+            }
+        },
+    )
+}

@@ -1,0 +1,129 @@
+//! Reading and parsing request bodies with errors a client can act on: 413 over the size limit,
+//! 400 `invalid_json` for malformed JSON (with line and column), 400 `invalid_request` naming the
+//! parameter for a wrong type or a missing field.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, header};
+use serde::de::DeserializeOwned;
+use sluice_core::error::{Error, ErrorCode};
+
+/// Reads a whole body, refusing more than `limit` bytes.
+pub async fn read(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, Error> {
+    let too_large = || {
+        Error::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "request body is larger than the server's limit of {limit} bytes (server.max_body_bytes)"
+            ),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_large());
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let mut src: Option<&dyn std::error::Error> = Some(&e);
+            while let Some(s) = src {
+                if s.to_string().contains("length limit") {
+                    return Err(too_large());
+                }
+                src = s.source();
+            }
+            Err(Error::invalid(format!(
+                "could not read the request body: {e}"
+            )))
+        }
+    }
+}
+
+/// Parses JSON into `T`, naming the offending parameter on type errors.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(Error::new(
+            ErrorCode::InvalidJson,
+            "request body is empty; send a JSON object",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            match inner.classify() {
+                serde_json::error::Category::Data => {
+                    let param = if path == "." || path.is_empty() {
+                        None
+                    } else {
+                        Some(path)
+                    };
+                    let msg = match &param {
+                        Some(p) => format!("invalid value for `{p}`: {}", strip_position(&inner)),
+                        None => format!("invalid request body: {}", strip_position(&inner)),
+                    };
+                    let mut err = Error::invalid(msg);
+                    err.param = param;
+                    Err(err)
+                }
+                _ => Err(Error::new(
+                    ErrorCode::InvalidJson,
+                    format!(
+                        "request body is not valid JSON: {} (line {}, column {})",
+                        strip_position(&inner),
+                        inner.line(),
+                        inner.column()
+                    ),
+                )),
+            }
+        }
+    }
+}
+
+/// serde_json's message without its " at line L column C" suffix.
+fn strip_position(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// The `model` field of a body that did not parse, if it can be found, for the record.
+pub fn sniff_model(bytes: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    v.get("model")?.as_str().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_types::openai::ChatRequest;
+
+    #[test]
+    fn malformed_json_is_invalid_json() {
+        let e = parse::<ChatRequest>(b"{\"model\": ").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidJson);
+        assert!(e.message.contains("line 1"), "{}", e.message);
+    }
+
+    #[test]
+    fn wrong_types_name_the_parameter() {
+        let e = parse::<ChatRequest>(br#"{"model": "m", "messages": [], "temperature": "hot"}"#)
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert_eq!(e.param.as_deref(), Some("temperature"));
+        let e = parse::<ChatRequest>(
+            br#"{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = parse::<ChatRequest>(br#"{"messages": []}"#).unwrap_err();
+        assert!(e.message.contains("model"), "{}", e.message);
+    }
+}

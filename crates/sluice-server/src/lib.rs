@@ -1,0 +1,291 @@
+//! Sluice's HTTP edge (axum).
+//!
+//! - `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`: the OpenAI-compatible API
+//!   ([`openai`]).
+//! - `/v1/messages`: the Anthropic-compatible API ([`anthropic`]), translated to the same gateway.
+//! - `/api/requests`: the request log ([`admin`]), behind the admin key.
+//! - `/metrics` (Prometheus), `/health`.
+//!
+//! Every response carries `x-sluice-request-id`; the same id is the request's record id. Errors
+//! are turned into HTTP only here ([`error`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use sluice_core::error::{Error, ErrorCode};
+use sluice_core::record::LogStore;
+use sluice_core::secret::Secret;
+use sluice_gateway::{Gateway, RequestContext};
+
+pub mod admin;
+pub mod anthropic;
+pub mod body;
+pub mod error;
+pub mod openai;
+
+use error::ApiError;
+
+/// `[server]` configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on (default `127.0.0.1:4141`).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Largest request body accepted, in bytes (default 32 MiB).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:4141".into()
+}
+fn default_max_body() -> usize {
+    32 * 1024 * 1024
+}
+fn default_grace() -> u64 {
+    30
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            max_body_bytes: default_max_body(),
+            shutdown_grace_secs: default_grace(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The listen address, parsed.
+    pub fn addr(&self) -> Result<SocketAddr, String> {
+        self.listen.parse().map_err(|_| {
+            format!(
+                "listen: `{}` is not an address like 127.0.0.1:4141",
+                self.listen
+            )
+        })
+    }
+}
+
+/// What the handlers share.
+pub struct AppState {
+    pub gateway: Arc<Gateway>,
+    pub store: Arc<dyn LogStore>,
+    /// The admin key (`SLUICE_ADMIN_KEY`). When set, `/api` and `/v1` require it; when unset,
+    /// Sluice only listens on loopback.
+    pub admin_key: Option<Secret>,
+    pub max_body_bytes: usize,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("admin_key", &self.admin_key)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// The request id of this request, set by the id middleware.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId(pub uuid::Uuid);
+
+/// Builds the router.
+pub fn router(state: SharedState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/chat/completions", post(openai::chat_completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::list_models))
+        .route("/models", get(openai::list_models))
+        .route("/v1/models/{*id}", get(openai::get_model))
+        .route("/v1/messages", post(anthropic::messages))
+        .route_layer(middleware::from_fn_with_state(state.clone(), v1_auth));
+    let api = Router::new()
+        .route("/api/requests", get(admin::list_requests))
+        .route("/api/requests/{id}", get(admin::get_request))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
+    Router::new()
+        .merge(v1)
+        .merge(api)
+        .route("/metrics", get(metrics))
+        .route(
+            "/health",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+/// Gives every request an id (UUIDv7) and every response the `x-sluice-request-id` header.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = sluice_types::ids::new_request_id();
+    req.extensions_mut().insert(RequestId(id));
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id.hyphenated().to_string()) {
+        resp.headers_mut().insert("x-sluice-request-id", v);
+    }
+    resp
+}
+
+/// Compares secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The key a client presented: `Authorization: Bearer …` (OpenAI SDKs) or `x-api-key` (Anthropic
+/// SDKs).
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let v = v.trim();
+        return Some(v.strip_prefix("Bearer ").unwrap_or(v).trim());
+    }
+    headers.get("x-api-key").and_then(|v| v.to_str().ok())
+}
+
+fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), Error> {
+    let Some(expected) = &state.admin_key else {
+        return Ok(());
+    };
+    match presented_key(headers) {
+        None => Err(Error::new(
+            ErrorCode::Unauthorized,
+            "missing API key: send `Authorization: Bearer <key>` (or `x-api-key`)",
+        )),
+        Some(k) if constant_time_eq(k.as_bytes(), expected.expose().as_bytes()) => Ok(()),
+        Some(_) => Err(Error::new(
+            ErrorCode::Unauthorized,
+            "invalid API key: it does not match the server's SLUICE_ADMIN_KEY",
+        )),
+    }
+}
+
+async fn v1_auth(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    if let Err(e) = check_key(&state, req.headers()) {
+        let flavor = if req.uri().path() == "/v1/messages" {
+            error::Flavor::Anthropic
+        } else {
+            error::Flavor::OpenAi
+        };
+        let id = req.extensions().get::<RequestId>().map(|r| r.0);
+        let endpoint = endpoint_of(req.uri().path());
+        let mut ctx = RequestContext::new(endpoint, false);
+        if let Some(id) = id {
+            ctx.record.id = id;
+        }
+        if endpoint != "models" {
+            state.gateway.reject(ctx, None, &e).await;
+        }
+        return ApiError { error: e, flavor }.into_response();
+    }
+    next.run(req).await
+}
+
+fn endpoint_of(path: &str) -> &'static str {
+    if path.ends_with("/messages") {
+        "messages"
+    } else if path.ends_with("/embeddings") {
+        "embeddings"
+    } else if path.ends_with("/chat/completions") {
+        "chat.completions"
+    } else {
+        "models"
+    }
+}
+
+async fn admin_auth(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    if let Err(e) = check_key(&state, req.headers()) {
+        return ApiError::openai(e).into_response();
+    }
+    next.run(req).await
+}
+
+async fn metrics(State(state): State<SharedState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.gateway.metrics().encode(),
+    )
+        .into_response()
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError::openai(Error::new(
+        ErrorCode::NotFound,
+        format!(
+            "no route for {} {}; see /v1/chat/completions, /v1/messages, /v1/embeddings, /v1/models, /api/requests, /metrics",
+            req.method(),
+            req.uri().path()
+        ),
+    ))
+    .into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let mut resp = ApiError::openai(Error::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    ))
+    .into_response();
+    *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    resp
+}
+
+/// Fills the record's attribution from `x-sluice-*` headers.
+pub(crate) fn attribute_from_headers(
+    ctx: &mut RequestContext,
+    headers: &HeaderMap,
+) -> Result<(), Error> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    };
+    if let Some(u) = get("x-sluice-user") {
+        ctx.record.user = Some(u.to_string());
+    }
+    if let Some(s) = get("x-sluice-session") {
+        ctx.record.session = Some(s.to_string());
+    }
+    if let Some(t) = get("x-sluice-tags") {
+        ctx.record.tags = sluice_gateway::split_tags(t);
+    }
+    if let Some(m) = get("x-sluice-metadata") {
+        match serde_json::from_str(m) {
+            Ok(v @ serde_json::Value::Object(_)) => ctx.record.metadata = v,
+            _ => {
+                return Err(Error::invalid(
+                    "header x-sluice-metadata must be a JSON object, e.g. {\"team\":\"search\"}",
+                ));
+            }
+        }
+    }
+    Ok(())
+}

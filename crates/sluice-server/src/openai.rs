@@ -1,0 +1,185 @@
+//! The OpenAI-compatible routes.
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use sluice_core::error::{Error, ErrorCode};
+use sluice_gateway::{ChatOutcome, ChatStream, RequestContext, StreamItem};
+use sluice_types::openai::{ChatRequest, EmbeddingRequest, ModelList, ModelObject};
+
+use crate::error::{ApiError, openai_body};
+use crate::{RequestId, SharedState, attribute_from_headers, body};
+
+/// Reads the request's id, headers and body, and starts its context. Failures are recorded.
+pub(crate) async fn start(
+    state: &SharedState,
+    req: Request,
+    endpoint: &str,
+) -> Result<(RequestContext, Bytes), (RequestContext, Error)> {
+    let (parts, body_stream) = req.into_parts();
+    let mut ctx = RequestContext::new(endpoint, false);
+    if let Some(RequestId(id)) = parts.extensions.get::<RequestId>() {
+        ctx.record.id = *id;
+    }
+    if let Err(e) = attribute_from_headers(&mut ctx, &parts.headers) {
+        return Err((ctx, e));
+    }
+    match body::read(&parts.headers, body_stream, state.max_body_bytes).await {
+        Ok(b) => Ok((ctx, b)),
+        Err(e) => Err((ctx, e)),
+    }
+}
+
+pub async fn chat_completions(State(state): State<SharedState>, req: Request) -> Response {
+    let (ctx, bytes) = match start(&state, req, "chat.completions").await {
+        Ok(v) => v,
+        Err((ctx, e)) => {
+            state.gateway.reject(ctx, None, &e).await;
+            return ApiError::openai(e).into_response();
+        }
+    };
+    let chat: ChatRequest = match body::parse(&bytes) {
+        Ok(c) => c,
+        Err(e) => {
+            state
+                .gateway
+                .reject(ctx, body::sniff_model(&bytes).as_deref(), &e)
+                .await;
+            return ApiError::openai(e).into_response();
+        }
+    };
+    match state.gateway.chat(ctx, chat).await {
+        Ok(ChatOutcome::Complete {
+            completion,
+            cost_usd,
+        }) => {
+            let mut resp = Json(completion).into_response();
+            set_cost(&mut resp, cost_usd);
+            resp
+        }
+        Ok(ChatOutcome::Stream(stream)) => sse_response(openai_sse(stream)),
+        Err(e) => ApiError::openai(e).into_response(),
+    }
+}
+
+pub(crate) fn set_cost(resp: &mut Response, cost: f64) {
+    if let Ok(v) = HeaderValue::from_str(&format!("{cost:.8}")) {
+        resp.headers_mut().insert("x-sluice-cost-usd", v);
+    }
+}
+
+/// A streaming response with the headers SSE clients and proxies need.
+pub(crate) fn sse_response(
+    body: impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+) -> Response {
+    let mut resp = Response::new(Body::from_stream(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// One SSE `data:` frame holding a JSON value.
+pub(crate) fn data_frame(value: &impl serde::Serialize) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"data: ");
+    if serde_json::to_writer(&mut out, value).is_err() {
+        out.truncate(6);
+        out.extend_from_slice(b"{}");
+    }
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// OpenAI's SSE framing: `data: {chunk}` per chunk, then `data: [DONE]`; a stream that fails
+/// after it started ends with `data: {"error": …}` instead.
+fn openai_sse(
+    stream: ChatStream,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    futures::stream::unfold((stream, false), |(mut s, done)| async move {
+        if done {
+            return None;
+        }
+        match s.next().await {
+            Some(StreamItem::Chunk(c)) => Some((Ok(data_frame(&c)), (s, false))),
+            Some(StreamItem::Error(e)) => Some((Ok(data_frame(&openai_body(&e))), (s, true))),
+            None => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (s, true))),
+        }
+    })
+}
+
+pub async fn embeddings(State(state): State<SharedState>, req: Request) -> Response {
+    let (ctx, bytes) = match start(&state, req, "embeddings").await {
+        Ok(v) => v,
+        Err((ctx, e)) => {
+            state.gateway.reject(ctx, None, &e).await;
+            return ApiError::openai(e).into_response();
+        }
+    };
+    let emb: EmbeddingRequest = match body::parse(&bytes) {
+        Ok(c) => c,
+        Err(e) => {
+            state
+                .gateway
+                .reject(ctx, body::sniff_model(&bytes).as_deref(), &e)
+                .await;
+            return ApiError::openai(e).into_response();
+        }
+    };
+    match state.gateway.embed(ctx, emb).await {
+        Ok((resp, cost)) => {
+            let mut r = Json(resp).into_response();
+            set_cost(&mut r, cost);
+            r
+        }
+        Err(e) => ApiError::openai(e).into_response(),
+    }
+}
+
+fn model_object(name: &str) -> ModelObject {
+    ModelObject {
+        id: name.to_string(),
+        object: "model".into(),
+        created: 0,
+        owned_by: "sluice".into(),
+    }
+}
+
+pub async fn list_models(State(state): State<SharedState>) -> Response {
+    Json(ModelList {
+        object: "list".into(),
+        data: state.gateway.model_names().map(model_object).collect(),
+    })
+    .into_response()
+}
+
+pub async fn get_model(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+    if state.gateway.deployments(&id).is_some() {
+        Json(model_object(&id)).into_response()
+    } else {
+        let names: Vec<&str> = state.gateway.model_names().collect();
+        let mut resp = ApiError::openai(
+            Error::new(
+                ErrorCode::ModelNotFound,
+                format!(
+                    "model `{id}` is not configured; configured models: {}",
+                    names.join(", ")
+                ),
+            )
+            .with_param("model"),
+        )
+        .into_response();
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+        resp
+    }
+}

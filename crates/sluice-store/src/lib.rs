@@ -1,0 +1,511 @@
+//! Sluice's stores.
+//!
+//! [`open`] reads a store URL (`sqlite://PATH`, `sqlite::memory:`, `postgres://…`) and returns
+//! the [`LogStore`] for it, with its schema migrated. [`SqliteStore`] (the embedded default) and
+//! [`PgStore`] share one implementation of every query (the `store_impl!` macro) and differ only
+//! in their connection setup and DDL, so they pass the same test suite.
+//!
+//! [`writer::LogWriter`] drains the request-log queue in batches into a store, off the hot path.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use sluice_core::record::{
+    LogStore, RecordQuery, RecordStatus, RequestRecord, StoreError, UsageSource,
+};
+use sqlx::types::Json;
+use sqlx::{Row, postgres::PgPoolOptions, sqlite::SqlitePoolOptions};
+use uuid::Uuid;
+
+pub mod writer;
+
+/// `[store]` configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://./sluice-data/sluice.db` (default), `sqlite::memory:`, or `postgres://…`.
+    #[serde(default = "default_url")]
+    pub url: String,
+    /// Request and response bodies on records: `full` (default) or `none`.
+    #[serde(default)]
+    pub bodies: BodyModeConfig,
+    /// Records the log queue holds before senders wait.
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+    /// Most records written in one transaction.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Connections in the pool.
+    #[serde(default = "default_pool")]
+    pub max_connections: u32,
+}
+
+/// Which bodies records keep.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BodyModeConfig {
+    #[default]
+    Full,
+    None,
+}
+
+pub fn default_url() -> String {
+    "sqlite://./sluice-data/sluice.db".into()
+}
+fn default_queue() -> usize {
+    65_536
+}
+fn default_batch() -> usize {
+    512
+}
+fn default_pool() -> u32 {
+    8
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: default_url(),
+            bodies: BodyModeConfig::default(),
+            queue_capacity: default_queue(),
+            batch_size: default_batch(),
+            max_connections: default_pool(),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Checks the settings; errors name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        backend_of(&self.url).map_err(|e| format!("url: {e}"))?;
+        if self.queue_capacity == 0 {
+            return Err("queue_capacity: must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.batch_size > 2000 {
+            return Err("batch_size: must be between 1 and 2000".into());
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+fn backend_of(url: &str) -> Result<Backend, String> {
+    if url.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Backend::Postgres)
+    } else {
+        Err(format!(
+            "`{url}` is not a store URL; use sqlite://PATH, sqlite::memory: or postgres://USER@HOST:PORT/DB"
+        ))
+    }
+}
+
+fn db_err(e: sqlx::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+/// Opens (creating where needed) and migrates the store at `url`.
+pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn LogStore>, StoreError> {
+    match backend_of(url).map_err(StoreError::Config)? {
+        Backend::Sqlite => Ok(Arc::new(SqliteStore::open(url, max_connections).await?)),
+        Backend::Postgres => Ok(Arc::new(PgStore::open(url, max_connections).await?)),
+    }
+}
+
+/// The embedded store: one SQLite file in WAL mode.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: sqlx::SqlitePool,
+}
+
+/// The scale-out store: PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: sqlx::PgPool,
+}
+
+/// Schema versions, oldest first: (version, SQLite DDL, PostgreSQL DDL).
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "CREATE TABLE IF NOT EXISTS requests (
+        id TEXT PRIMARY KEY,
+        started_at TEXT NOT NULL,
+        finished_at TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT,
+        deployment TEXT,
+        attempts INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        http_status INTEGER NOT NULL,
+        error_code TEXT,
+        error_message TEXT,
+        stream BOOLEAN NOT NULL,
+        latency_ms REAL NOT NULL,
+        ttft_ms REAL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL,
+        usage_source TEXT NOT NULL,
+        cost_usd REAL NOT NULL,
+        finish_reason TEXT,
+        user_id TEXT,
+        session_id TEXT,
+        tags TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        request_body TEXT,
+        response_body TEXT
+    );
+    CREATE INDEX IF NOT EXISTS requests_model ON requests (model, id);
+    CREATE INDEX IF NOT EXISTS requests_user ON requests (user_id, id);
+    CREATE INDEX IF NOT EXISTS requests_status ON requests (status, id);",
+    "CREATE TABLE IF NOT EXISTS requests (
+        id TEXT PRIMARY KEY,
+        started_at TIMESTAMPTZ NOT NULL,
+        finished_at TIMESTAMPTZ NOT NULL,
+        endpoint TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT,
+        deployment TEXT,
+        attempts BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        http_status BIGINT NOT NULL,
+        error_code TEXT,
+        error_message TEXT,
+        stream BOOLEAN NOT NULL,
+        latency_ms DOUBLE PRECISION NOT NULL,
+        ttft_ms DOUBLE PRECISION,
+        prompt_tokens BIGINT NOT NULL,
+        completion_tokens BIGINT NOT NULL,
+        cached_tokens BIGINT NOT NULL,
+        usage_source TEXT NOT NULL,
+        cost_usd DOUBLE PRECISION NOT NULL,
+        finish_reason TEXT,
+        user_id TEXT,
+        session_id TEXT,
+        tags JSONB NOT NULL,
+        metadata JSONB NOT NULL,
+        request_body JSONB,
+        response_body JSONB
+    );
+    CREATE INDEX IF NOT EXISTS requests_model ON requests (model, id);
+    CREATE INDEX IF NOT EXISTS requests_user ON requests (user_id, id);
+    CREATE INDEX IF NOT EXISTS requests_status ON requests (status, id);",
+)];
+
+const COLUMNS: &str = "id, started_at, finished_at, endpoint, model, provider, deployment, attempts, \
+    status, http_status, error_code, error_message, stream, latency_ms, ttft_ms, prompt_tokens, \
+    completion_tokens, cached_tokens, usage_source, cost_usd, finish_reason, user_id, session_id, \
+    tags, metadata, request_body, response_body";
+
+impl SqliteStore {
+    pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("store url `{url}`: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        if !in_memory {
+            let path = opts.get_filename();
+            if let Some(dir) = path.parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Config(format!("cannot create `{}`: {e}", dir.display()))
+                })?;
+            }
+        }
+        let pool = SqlitePoolOptions::new()
+            // An in-memory database lives in one connection.
+            .max_connections(if in_memory { 1 } else { max_connections })
+            .min_connections(if in_memory { 1 } else { 0 })
+            .idle_timeout(if in_memory {
+                None
+            } else {
+                Some(Duration::from_secs(600))
+            })
+            .max_lifetime(if in_memory {
+                None
+            } else {
+                Some(Duration::from_secs(3600))
+            })
+            .connect_with(opts)
+            .await
+            .map_err(|e| StoreError::Database(format!("cannot open `{url}`: {e}")))?;
+        let store = SqliteStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        for (version, ddl, _) in MIGRATIONS {
+            let done: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            if done.is_none() {
+                sqlx::raw_sql(*ddl)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                    .bind(version)
+                    .bind(Utc::now())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().await.map_err(db_err)
+    }
+}
+
+impl PgStore {
+    pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|e| StoreError::Database(format!("cannot connect to PostgreSQL: {e}")))?;
+        let store = PgStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Replicas starting together migrate one at a time.
+        sqlx::query("SELECT pg_advisory_xact_lock(7261626)")
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        for (version, _, ddl) in MIGRATIONS {
+            let done: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            if done.is_none() {
+                sqlx::raw_sql(*ddl)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                    .bind(version)
+                    .bind(Utc::now())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().await.map_err(db_err)
+    }
+}
+
+/// The lowest UUIDv7 for a moment: ids at or after `t` compare greater or equal.
+fn v7_floor(t: DateTime<Utc>) -> String {
+    let ms = t.timestamp_millis().max(0) as u64;
+    let mut bytes = [0u8; 16];
+    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    Uuid::from_bytes(bytes).hyphenated().to_string()
+}
+
+macro_rules! store_impl {
+    ($store:ty, $db:ty) => {
+        #[async_trait]
+        impl LogStore for $store {
+            async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
+                if records.is_empty() {
+                    return Ok(());
+                }
+                let mut qb =
+                    sqlx::QueryBuilder::<$db>::new(format!("INSERT INTO requests ({COLUMNS}) "));
+                qb.push_values(records, |mut b, r| {
+                    b.push_bind(r.id.hyphenated().to_string())
+                        .push_bind(r.started_at)
+                        .push_bind(r.finished_at)
+                        .push_bind(r.endpoint.clone())
+                        .push_bind(r.model.clone())
+                        .push_bind(r.provider.clone())
+                        .push_bind(r.deployment.clone())
+                        .push_bind(i64::from(r.attempts))
+                        .push_bind(r.status.as_str())
+                        .push_bind(i64::from(r.http_status))
+                        .push_bind(r.error_code.clone())
+                        .push_bind(r.error_message.clone())
+                        .push_bind(r.stream)
+                        .push_bind(r.latency_ms)
+                        .push_bind(r.ttft_ms)
+                        .push_bind(clamp_i64(r.prompt_tokens))
+                        .push_bind(clamp_i64(r.completion_tokens))
+                        .push_bind(clamp_i64(r.cached_tokens))
+                        .push_bind(r.usage_source.as_str())
+                        .push_bind(r.cost_usd)
+                        .push_bind(r.finish_reason.clone())
+                        .push_bind(r.user.clone())
+                        .push_bind(r.session.clone())
+                        .push_bind(Json(r.tags.clone()))
+                        .push_bind(Json(r.metadata.clone()))
+                        .push_bind(r.request_body.clone().map(Json))
+                        .push_bind(r.response_body.clone().map(Json));
+                });
+                qb.push(" ON CONFLICT (id) DO NOTHING");
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                qb.build().execute(&mut *tx).await.map_err(db_err)?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn get(&self, id: Uuid) -> Result<Option<RequestRecord>, StoreError> {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {COLUMNS} FROM requests WHERE id = $1"
+                )))
+                .bind(id.hyphenated().to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| decode_row!(r)).transpose()
+            }
+
+            async fn list(&self, q: &RecordQuery) -> Result<Vec<RequestRecord>, StoreError> {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {COLUMNS} FROM requests WHERE 1 = 1"
+                ));
+                if let Some(m) = &q.model {
+                    qb.push(" AND model = ").push_bind(m.clone());
+                }
+                if let Some(s) = q.status {
+                    qb.push(" AND status = ").push_bind(s.as_str());
+                }
+                if let Some(u) = &q.user {
+                    qb.push(" AND user_id = ").push_bind(u.clone());
+                }
+                if let Some(t) = q.since {
+                    qb.push(" AND id >= ").push_bind(v7_floor(t));
+                }
+                if let Some(b) = q.before {
+                    qb.push(" AND id < ").push_bind(b.hyphenated().to_string());
+                }
+                qb.push(" ORDER BY id DESC LIMIT ")
+                    .push_bind(i64::from(q.limit.clamp(1, 1000)));
+                let rows = qb.build().fetch_all(&self.pool).await.map_err(db_err)?;
+                rows.into_iter().map(|r| decode_row!(r)).collect()
+            }
+
+            async fn count(&self) -> Result<u64, StoreError> {
+                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM requests")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(n.max(0) as u64)
+            }
+        }
+    };
+}
+
+macro_rules! decode_row {
+    ($r:expr) => {{
+        let r = $r;
+        (|| -> Result<RequestRecord, sqlx::Error> {
+            let id: String = r.try_get("id")?;
+            let status: String = r.try_get("status")?;
+            let usage_source: String = r.try_get("usage_source")?;
+            let Json(tags): Json<Vec<String>> = r.try_get("tags")?;
+            let Json(metadata): Json<serde_json::Value> = r.try_get("metadata")?;
+            let request_body: Option<Json<serde_json::Value>> = r.try_get("request_body")?;
+            let response_body: Option<Json<serde_json::Value>> = r.try_get("response_body")?;
+            Ok(RequestRecord {
+                id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                started_at: r.try_get("started_at")?,
+                finished_at: r.try_get("finished_at")?,
+                endpoint: r.try_get("endpoint")?,
+                model: r.try_get("model")?,
+                provider: r.try_get("provider")?,
+                deployment: r.try_get("deployment")?,
+                attempts: r
+                    .try_get::<i64, _>("attempts")?
+                    .clamp(0, i64::from(u32::MAX)) as u32,
+                status: RecordStatus::parse(&status).unwrap_or(RecordStatus::Error),
+                http_status: r.try_get::<i64, _>("http_status")?.clamp(0, 999) as u16,
+                error_code: r.try_get("error_code")?,
+                error_message: r.try_get("error_message")?,
+                stream: r.try_get("stream")?,
+                latency_ms: r.try_get("latency_ms")?,
+                ttft_ms: r.try_get("ttft_ms")?,
+                prompt_tokens: r.try_get::<i64, _>("prompt_tokens")?.max(0) as u64,
+                completion_tokens: r.try_get::<i64, _>("completion_tokens")?.max(0) as u64,
+                cached_tokens: r.try_get::<i64, _>("cached_tokens")?.max(0) as u64,
+                usage_source: UsageSource::parse(&usage_source),
+                cost_usd: r.try_get("cost_usd")?,
+                finish_reason: r.try_get("finish_reason")?,
+                user: r.try_get("user_id")?,
+                session: r.try_get("session_id")?,
+                tags,
+                metadata,
+                request_body: request_body.map(|j| j.0),
+                response_body: response_body.map(|j| j.0),
+            })
+        })()
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }};
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+store_impl!(SqliteStore, sqlx::Sqlite);
+store_impl!(PgStore, sqlx::Postgres);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v7_floor_orders_with_real_ids() {
+        let before = Utc::now();
+        std::thread::sleep(Duration::from_millis(2));
+        let id = Uuid::now_v7().hyphenated().to_string();
+        assert!(id >= v7_floor(before));
+        let later = Utc::now() + chrono::Duration::seconds(1);
+        assert!(id < v7_floor(later));
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(backend_of("mysql://x").is_err());
+        assert_eq!(backend_of("sqlite::memory:"), Ok(Backend::Sqlite));
+        assert_eq!(backend_of("postgresql://u@h/db"), Ok(Backend::Postgres));
+    }
+}

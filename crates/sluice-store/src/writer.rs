@@ -1,0 +1,138 @@
+//! The request-log writer: one task that drains the [`LogSink`](sluice_core::record::LogSink)
+//! queue in batches into a store.
+//!
+//! It takes whatever is queued (up to the batch size) in one transaction, so batches grow with
+//! load and a lone request is written at once. A failed batch is retried with backoff; if the store
+//! stays down, the batch is appended to a spill file (JSON lines) beside the database instead of
+//! being dropped, and `sluice` says where. The task ends when every sender is gone and the queue is
+//! empty: that is the graceful-shutdown drain.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_core::record::{LogStore, RequestRecord};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+/// What the writer did, reported when it ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    pub written: u64,
+    pub batches: u64,
+    pub spilled: u64,
+}
+
+/// The running writer.
+#[derive(Debug)]
+pub struct LogWriter {
+    handle: JoinHandle<WriterStats>,
+    close: Arc<Notify>,
+}
+
+impl LogWriter {
+    /// Starts draining `rx` into `store`. `spill` is where batches go if the store stays down.
+    pub fn spawn(
+        store: Arc<dyn LogStore>,
+        mut rx: mpsc::Receiver<RequestRecord>,
+        batch_size: usize,
+        spill: PathBuf,
+    ) -> Self {
+        let close = Arc::new(Notify::new());
+        let close_rx = close.clone();
+        let handle = tokio::spawn(async move {
+            let mut stats = WriterStats::default();
+            let mut batch = Vec::with_capacity(batch_size);
+            let mut closed = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    n = rx.recv_many(&mut batch, batch_size) => {
+                        if n == 0 {
+                            break;
+                        }
+                        write_with_retry(&*store, &batch, &spill, &mut stats).await;
+                        batch.clear();
+                    }
+                    _ = close_rx.notified(), if !closed => {
+                        // Accept nothing new; what is queued is still written.
+                        rx.close();
+                        closed = true;
+                    }
+                }
+            }
+            tracing::debug!(
+                written = stats.written,
+                batches = stats.batches,
+                spilled = stats.spilled,
+                "request log writer drained"
+            );
+            stats
+        });
+        LogWriter { handle, close }
+    }
+
+    /// Waits until every sender is dropped and everything queued is written. If senders are
+    /// still alive after `patience` (requests that outlived the shutdown grace period), the queue
+    /// is closed to new records and what it holds is written.
+    pub async fn drain(mut self, patience: Duration) -> WriterStats {
+        match tokio::time::timeout(patience, &mut self.handle).await {
+            Ok(r) => r.unwrap_or_default(),
+            Err(_) => {
+                tracing::warn!("requests still running at shutdown; closing the log queue");
+                self.close.notify_one();
+                self.handle.await.unwrap_or_default()
+            }
+        }
+    }
+}
+
+async fn write_with_retry(
+    store: &dyn LogStore,
+    batch: &[RequestRecord],
+    spill: &PathBuf,
+    stats: &mut WriterStats,
+) {
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=6 {
+        match store.insert_batch(batch).await {
+            Ok(()) => {
+                stats.written += batch.len() as u64;
+                stats.batches += 1;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, records = batch.len(), error = %e, "writing request records failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    match spill_batch(spill, batch) {
+        Ok(()) => {
+            stats.spilled += batch.len() as u64;
+            tracing::error!(records = batch.len(), path = %spill.display(), "store unavailable; request records appended to the spill file");
+        }
+        Err(e) => {
+            tracing::error!(records = batch.len(), error = %e, path = %spill.display(), "store unavailable and the spill file cannot be written; records lost");
+        }
+    }
+}
+
+fn spill_batch(path: &PathBuf, batch: &[RequestRecord]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    for r in batch {
+        serde_json::to_writer(&mut f, r)?;
+        f.write_all(b"\n")?;
+    }
+    f.sync_data()
+}

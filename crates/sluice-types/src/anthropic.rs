@@ -1,0 +1,2452 @@
+//! Anthropic Messages API (`POST /v1/messages`): wire types and translations to and from the
+//! OpenAI shapes in [`crate::openai`].
+//!
+//! Two directions are covered:
+//!
+//! * **Egress** — Sluice calls Anthropic on behalf of an OpenAI-shaped request:
+//!   [`request_from_openai`], [`response_to_openai`] and the stateful [`StreamDecoder`], which
+//!   turns Anthropic stream events into `chat.completion.chunk`s.
+//! * **Ingress** — an Anthropic SDK calls Sluice's `/v1/messages`; the request is routed as an
+//!   OpenAI-shaped one and the answer goes back in Anthropic's shape: [`request_to_openai`],
+//!   [`response_from_openai`] and the stateful [`StreamEncoder`], which turns chunks into
+//!   Anthropic's exact event sequence.
+//!
+//! The main structs keep the fields they do not name in `extra`, and content blocks, image sources,
+//! deltas and stream events of types this module does not know parse into an `Other(Value)`
+//! variant instead of failing, so newer API features survive parsing. The translations never
+//! forward one API's unknown fields to the other API. Nothing here does I/O or panics on input.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::TranslateError;
+use crate::ids::{new_request_id, unix_now};
+use crate::openai::{
+    ChatCompletion, ChatCompletionChunk, ChatRequest, Choice, ChunkChoice, Content, ContentPart,
+    Delta, Extra, FunctionCall, FunctionCallDelta, FunctionDef, ImageUrl, Message, ResponseMessage,
+    Role, Stop, StreamOptions, Tool, ToolCall, ToolCallDelta, Usage,
+};
+
+/// The `max_tokens` Sluice sends to Anthropic when the OpenAI request sets no cap (Anthropic
+/// requires one).
+pub const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// Wire types: request
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /v1/messages` request body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MessagesRequest {
+    pub model: String,
+    pub messages: Vec<AnthropicMessage>,
+    /// The output-token cap; Anthropic requires it.
+    pub max_tokens: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<SystemPrompt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_sequences: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<AnthropicTool>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<RequestMetadata>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl MessagesRequest {
+    /// Whether the client asked for a stream.
+    pub fn is_stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+}
+
+/// `system`: a string or a list of text blocks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum SystemPrompt {
+    Text(String),
+    Blocks(Vec<ContentBlock>),
+}
+
+impl SystemPrompt {
+    /// The prompt's text; text blocks are joined with newlines, other blocks are skipped.
+    pub fn to_text(&self) -> String {
+        match self {
+            SystemPrompt::Text(s) => s.clone(),
+            SystemPrompt::Blocks(blocks) => join_block_text(blocks, "\n"),
+        }
+    }
+}
+
+/// A message's role: Anthropic has only these two (the system prompt is a separate field).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum AnthropicRole {
+    User,
+    Assistant,
+}
+
+/// One message of the conversation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AnthropicMessage {
+    pub role: AnthropicRole,
+    pub content: MessageContent,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// Message content: a string (one text block) or a list of blocks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Blocks(Vec<ContentBlock>),
+}
+
+/// A content block, tagged by `type`. Blocks of a type not listed here (documents, server tool
+/// results, …), and listed types whose fields do not fit, are kept whole in [`ContentBlock::Other`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentBlock {
+    Text {
+        text: String,
+        #[serde(flatten)]
+        extra: Extra,
+    },
+    Image {
+        source: ImageSource,
+        #[serde(flatten)]
+        extra: Extra,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        #[serde(default)]
+        input: Value,
+        #[serde(flatten)]
+        extra: Extra,
+    },
+    ToolResult {
+        tool_use_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content: Option<ToolResultContent>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        is_error: Option<bool>,
+        #[serde(flatten)]
+        extra: Extra,
+    },
+    Thinking {
+        thinking: String,
+        #[serde(default)]
+        signature: String,
+        #[serde(flatten)]
+        extra: Extra,
+    },
+    RedactedThinking {
+        data: String,
+        #[serde(flatten)]
+        extra: Extra,
+    },
+    /// Any other block, as received.
+    #[serde(untagged)]
+    Other(Value),
+}
+
+impl ContentBlock {
+    /// A `text` block.
+    pub fn text(text: impl Into<String>) -> Self {
+        ContentBlock::Text {
+            text: text.into(),
+            extra: Extra::new(),
+        }
+    }
+
+    /// A `tool_use` block.
+    pub fn tool_use(id: impl Into<String>, name: impl Into<String>, input: Value) -> Self {
+        ContentBlock::ToolUse {
+            id: id.into(),
+            name: name.into(),
+            input,
+            extra: Extra::new(),
+        }
+    }
+
+    /// The block's `type` as sent on the wire (`"unknown"` for an `Other` without a string type).
+    pub fn kind(&self) -> &str {
+        match self {
+            ContentBlock::Text { .. } => "text",
+            ContentBlock::Image { .. } => "image",
+            ContentBlock::ToolUse { .. } => "tool_use",
+            ContentBlock::ToolResult { .. } => "tool_result",
+            ContentBlock::Thinking { .. } => "thinking",
+            ContentBlock::RedactedThinking { .. } => "redacted_thinking",
+            ContentBlock::Other(v) => v.get("type").and_then(Value::as_str).unwrap_or("unknown"),
+        }
+    }
+}
+
+/// An image block's `source`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ImageSource {
+    Base64 {
+        media_type: String,
+        data: String,
+    },
+    Url {
+        url: String,
+    },
+    /// Any other source (for example `file`), as received.
+    #[serde(untagged)]
+    Other(Value),
+}
+
+/// A tool result's `content`: a string or a list of (text and image) blocks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ToolResultContent {
+    Text(String),
+    Blocks(Vec<ContentBlock>),
+}
+
+impl ToolResultContent {
+    /// The text of the result; text blocks are joined with newlines, other blocks are skipped.
+    pub fn to_text(&self) -> String {
+        match self {
+            ToolResultContent::Text(s) => s.clone(),
+            ToolResultContent::Blocks(blocks) => join_block_text(blocks, "\n"),
+        }
+    }
+}
+
+/// A client tool the model may call.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AnthropicTool {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// JSON Schema of the tool's input (absent, i.e. null, for Anthropic's server tools).
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub input_schema: Value,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// `tool_choice.type`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolChoiceKind {
+    Auto,
+    Any,
+    Tool,
+    None,
+}
+
+/// `tool_choice`: how the model may use the tools.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ToolChoice {
+    #[serde(rename = "type")]
+    pub kind: ToolChoiceKind,
+    /// The tool to call, for [`ToolChoiceKind::Tool`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disable_parallel_tool_use: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// Request `metadata`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RequestMetadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire types: response, stream events, errors
+// ---------------------------------------------------------------------------------------------
+
+/// A `message` object: the non-streamed response, and the `message` of `message_start`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MessagesResponse {
+    pub id: String,
+    /// Always `"message"`.
+    #[serde(rename = "type", default = "message_kind")]
+    pub kind: String,
+    #[serde(default = "assistant_role")]
+    pub role: AnthropicRole,
+    #[serde(default)]
+    pub content: Vec<ContentBlock>,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub stop_reason: Option<String>,
+    #[serde(default)]
+    pub stop_sequence: Option<String>,
+    #[serde(default)]
+    pub usage: AnthropicUsage,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+fn message_kind() -> String {
+    "message".into()
+}
+
+fn assistant_role() -> AnthropicRole {
+    AnthropicRole::Assistant
+}
+
+/// Token usage of a message. `input_tokens` excludes the cached and cache-writing tokens.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AnthropicUsage {
+    #[serde(default)]
+    pub input_tokens: u64,
+    #[serde(default)]
+    pub output_tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_creation_input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read_input_tokens: Option<u64>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// One server-sent event of a streamed response, tagged by `type` (which is also the SSE `event:`
+/// name, see [`StreamEvent::name`]). Events of unknown types parse into [`StreamEvent::Other`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEvent {
+    MessageStart {
+        message: MessagesResponse,
+    },
+    ContentBlockStart {
+        index: u32,
+        content_block: ContentBlock,
+    },
+    ContentBlockDelta {
+        index: u32,
+        delta: BlockDelta,
+    },
+    ContentBlockStop {
+        index: u32,
+    },
+    MessageDelta {
+        delta: MessageDeltaBody,
+        #[serde(default)]
+        usage: DeltaUsage,
+    },
+    MessageStop,
+    Ping,
+    Error {
+        error: ApiError,
+    },
+    /// Any other event, as received.
+    #[serde(untagged)]
+    Other(Value),
+}
+
+impl StreamEvent {
+    /// The SSE `event:` name, equal to the event's `type` (`"unknown"` for [`StreamEvent::Other`]).
+    pub fn name(&self) -> &'static str {
+        match self {
+            StreamEvent::MessageStart { .. } => "message_start",
+            StreamEvent::ContentBlockStart { .. } => "content_block_start",
+            StreamEvent::ContentBlockDelta { .. } => "content_block_delta",
+            StreamEvent::ContentBlockStop { .. } => "content_block_stop",
+            StreamEvent::MessageDelta { .. } => "message_delta",
+            StreamEvent::MessageStop => "message_stop",
+            StreamEvent::Ping => "ping",
+            StreamEvent::Error { .. } => "error",
+            StreamEvent::Other(_) => "unknown",
+        }
+    }
+}
+
+/// The `delta` of a `content_block_delta` event.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BlockDelta {
+    TextDelta {
+        text: String,
+    },
+    InputJsonDelta {
+        partial_json: String,
+    },
+    ThinkingDelta {
+        thinking: String,
+    },
+    SignatureDelta {
+        signature: String,
+    },
+    /// Any other delta (for example `citations_delta`), as received.
+    #[serde(untagged)]
+    Other(Value),
+}
+
+/// The `delta` of a `message_delta` event.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MessageDeltaBody {
+    #[serde(default)]
+    pub stop_reason: Option<String>,
+    #[serde(default)]
+    pub stop_sequence: Option<String>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// The `usage` of a `message_delta` event. The counts are cumulative for the whole message.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeltaUsage {
+    #[serde(default)]
+    pub output_tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_creation_input_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_read_input_tokens: Option<u64>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// The Anthropic error body: `{"type": "error", "error": {"type", "message"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorResponse {
+    /// Always `"error"`.
+    #[serde(rename = "type", default = "error_kind")]
+    pub kind: String,
+    pub error: ApiError,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+fn error_kind() -> String {
+    "error".into()
+}
+
+impl ErrorResponse {
+    /// An error body with the given error type and message.
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorResponse {
+            kind: error_kind(),
+            error: ApiError::new(kind, message),
+            extra: Extra::new(),
+        }
+    }
+
+    /// An error body for an HTTP status, typed by [`error_type_for_status`].
+    pub fn for_status(status: u16, message: impl Into<String>) -> Self {
+        ErrorResponse::new(error_type_for_status(status), message)
+    }
+}
+
+/// The `error` object of an error body or an `error` stream event.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl ApiError {
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            kind: kind.into(),
+            message: message.into(),
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// The Anthropic error type for an HTTP status, per Anthropic's error documentation: 400
+/// `invalid_request_error` (also any other 4xx not listed), 401 `authentication_error`, 402
+/// `billing_error`, 403 `permission_error`, 404 `not_found_error`, 409 `conflict_error`, 413
+/// `request_too_large`, 429 `rate_limit_error`, 504 `timeout_error`, 529 `overloaded_error`, and
+/// `api_error` for 500 and every other status.
+pub fn error_type_for_status(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        409 => "conflict_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers
+// ---------------------------------------------------------------------------------------------
+
+fn err(msg: impl Into<String>) -> TranslateError {
+    TranslateError(msg.into())
+}
+
+fn join_block_text(blocks: &[ContentBlock], sep: &str) -> String {
+    let mut out = String::new();
+    for b in blocks {
+        if let ContentBlock::Text { text, .. } = b {
+            if !out.is_empty() {
+                out.push_str(sep);
+            }
+            out.push_str(text);
+        }
+    }
+    out
+}
+
+fn fresh_id(prefix: &str) -> String {
+    format!("{prefix}{}", new_request_id().simple())
+}
+
+/// An Anthropic-looking message id: kept when it already starts with `msg_`, else prefixed.
+fn message_id(id: &str) -> String {
+    if id.starts_with("msg_") {
+        id.to_string()
+    } else if id.is_empty() {
+        fresh_id("msg_")
+    } else {
+        format!("msg_{id}")
+    }
+}
+
+/// Anthropic `stop_reason` → OpenAI `finish_reason`.
+fn finish_reason_for(stop_reason: &str) -> &'static str {
+    match stop_reason {
+        "max_tokens" | "model_context_window_exceeded" => "length",
+        "tool_use" => "tool_calls",
+        "refusal" => "content_filter",
+        _ => "stop",
+    }
+}
+
+/// OpenAI `finish_reason` → Anthropic `stop_reason`. A plain stop with tool calls in the answer
+/// becomes `tool_use`, since Anthropic clients run tools on that reason.
+fn stop_reason_for(finish_reason: Option<&str>, has_tool_use: bool) -> &'static str {
+    match finish_reason {
+        Some("length") => "max_tokens",
+        Some("content_filter") => "refusal",
+        Some("tool_calls" | "function_call") => "tool_use",
+        _ if has_tool_use => "tool_use",
+        _ => "end_turn",
+    }
+}
+
+/// OpenAI usage from Anthropic's counts: the prompt includes cache reads and cache writes.
+fn openai_usage(input: u64, output: u64, cache_read: u64, cache_creation: u64) -> Usage {
+    let prompt = input
+        .saturating_add(cache_read)
+        .saturating_add(cache_creation);
+    Usage::new(prompt, output, cache_read)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Egress: OpenAI request → Anthropic, Anthropic response/stream → OpenAI
+// ---------------------------------------------------------------------------------------------
+
+/// Translates an OpenAI chat request into an Anthropic Messages request.
+///
+/// System and developer messages are joined into `system`; tool messages become `tool_result`
+/// blocks in user messages; consecutive messages of the same role are merged (Anthropic requires
+/// alternation), with tool results first in a merged user message. OpenAI-only fields are
+/// dropped. Fails on `n > 1`, tool-call arguments that are not a JSON object, tool messages
+/// without `tool_call_id`, and content or tools Anthropic cannot take.
+pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, TranslateError> {
+    if req.n.is_some_and(|n| n > 1) {
+        return Err(err("n > 1 is not supported by Anthropic models"));
+    }
+
+    let mut system: Vec<String> = Vec::new();
+    let mut messages: Vec<AnthropicMessage> = Vec::new();
+    for (i, m) in req.messages.iter().enumerate() {
+        match m.role {
+            Role::System | Role::Developer => {
+                let text = m.text_content();
+                if !text.is_empty() {
+                    system.push(text);
+                }
+            }
+            Role::User => {
+                let blocks = user_blocks(m.content.as_ref(), i)?;
+                push_blocks(&mut messages, AnthropicRole::User, blocks);
+            }
+            Role::Assistant => {
+                let blocks = assistant_blocks(m, i)?;
+                push_blocks(&mut messages, AnthropicRole::Assistant, blocks);
+            }
+            Role::Tool => {
+                let tool_use_id = m
+                    .tool_call_id
+                    .clone()
+                    .filter(|id| !id.is_empty())
+                    .ok_or_else(|| {
+                        err(format!("messages[{i}]: tool message has no tool_call_id"))
+                    })?;
+                let content = match &m.content {
+                    None => None,
+                    Some(Content::Text(s)) => Some(ToolResultContent::Text(s.clone())),
+                    Some(Content::Parts(parts)) => {
+                        let mut blocks = Vec::new();
+                        for p in parts {
+                            blocks.extend(part_to_block(p, i)?);
+                        }
+                        Some(ToolResultContent::Blocks(blocks))
+                    }
+                };
+                let block = ContentBlock::ToolResult {
+                    tool_use_id,
+                    content,
+                    is_error: None,
+                    extra: Extra::new(),
+                };
+                push_blocks(&mut messages, AnthropicRole::User, vec![block]);
+            }
+            Role::Function => {
+                return Err(err(format!(
+                    "messages[{i}]: legacy function messages are not supported by Anthropic \
+                     models; use tool messages"
+                )));
+            }
+        }
+    }
+    for m in &mut messages {
+        if m.role == AnthropicRole::User
+            && let MessageContent::Blocks(blocks) = &mut m.content
+        {
+            // Anthropic wants the tool results first in a user message.
+            let (mut results, rest): (Vec<_>, Vec<_>) = std::mem::take(blocks)
+                .into_iter()
+                .partition(|b| matches!(b, ContentBlock::ToolResult { .. }));
+            results.extend(rest);
+            *blocks = results;
+        }
+    }
+
+    let tools = match req.tools.as_deref() {
+        Some(tools) if !tools.is_empty() => Some(
+            tools
+                .iter()
+                .map(tool_from_openai)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        _ => None,
+    };
+    let parallel_disabled = req
+        .extra
+        .get("parallel_tool_calls")
+        .and_then(Value::as_bool)
+        == Some(false);
+    let tool_choice = if tools.is_some() {
+        tool_choice_from_openai(req.tool_choice.as_ref(), parallel_disabled)?
+    } else {
+        None
+    };
+
+    let stop: Vec<String> = req
+        .stop_sequences()
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
+
+    Ok(MessagesRequest {
+        model: req.model.clone(),
+        messages,
+        max_tokens: req.max_output_tokens().unwrap_or(DEFAULT_MAX_TOKENS),
+        system: (!system.is_empty()).then(|| SystemPrompt::Text(system.join("\n\n"))),
+        stop_sequences: (!stop.is_empty()).then_some(stop),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req
+            .extra
+            .get("top_k")
+            .and_then(Value::as_u64)
+            .and_then(|k| u32::try_from(k).ok()),
+        stream: req.stream,
+        tools,
+        tool_choice,
+        metadata: req.user.as_ref().map(|u| RequestMetadata {
+            user_id: Some(u.clone()),
+            extra: Extra::new(),
+        }),
+        extra: Extra::new(),
+    })
+}
+
+/// Appends blocks to the last message when it has the same role, else starts a new message.
+fn push_blocks(
+    messages: &mut Vec<AnthropicMessage>,
+    role: AnthropicRole,
+    blocks: Vec<ContentBlock>,
+) {
+    if blocks.is_empty() {
+        return;
+    }
+    if let Some(last) = messages.last_mut()
+        && last.role == role
+    {
+        match &mut last.content {
+            MessageContent::Blocks(existing) => existing.extend(blocks),
+            MessageContent::Text(text) => {
+                let mut merged = vec![ContentBlock::text(std::mem::take(text))];
+                merged.extend(blocks);
+                last.content = MessageContent::Blocks(merged);
+            }
+        }
+        return;
+    }
+    messages.push(AnthropicMessage {
+        role,
+        content: MessageContent::Blocks(blocks),
+        extra: Extra::new(),
+    });
+}
+
+fn user_blocks(content: Option<&Content>, i: usize) -> Result<Vec<ContentBlock>, TranslateError> {
+    match content {
+        None => Ok(Vec::new()),
+        Some(Content::Text(s)) if s.is_empty() => Ok(Vec::new()),
+        Some(Content::Text(s)) => Ok(vec![ContentBlock::text(s.clone())]),
+        Some(Content::Parts(parts)) => {
+            let mut blocks = Vec::new();
+            for p in parts {
+                blocks.extend(part_to_block(p, i)?);
+            }
+            Ok(blocks)
+        }
+    }
+}
+
+/// One OpenAI content part as an Anthropic block (`None` for empty text).
+fn part_to_block(part: &ContentPart, i: usize) -> Result<Option<ContentBlock>, TranslateError> {
+    match part.kind.as_str() {
+        "text" => Ok(part
+            .text
+            .as_ref()
+            .filter(|t| !t.is_empty())
+            .map(|t| ContentBlock::text(t.clone()))),
+        "image_url" => {
+            let url = part
+                .image_url
+                .as_ref()
+                .map(|u| u.url.as_str())
+                .ok_or_else(|| err(format!("messages[{i}]: image_url part has no url")))?;
+            Ok(Some(ContentBlock::Image {
+                source: image_source(url, i)?,
+                extra: Extra::new(),
+            }))
+        }
+        "file" => {
+            let data_url = part
+                .extra
+                .get("file")
+                .and_then(|f| f.get("file_data"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    err(format!(
+                        "messages[{i}]: only file parts with inline file_data are supported by \
+                         Anthropic models"
+                    ))
+                })?;
+            let (media_type, data) = parse_data_url(data_url)
+                .ok_or_else(|| err(format!("messages[{i}]: file_data is not a base64 data URL")))?;
+            Ok(Some(ContentBlock::Other(json!({
+                "type": "document",
+                "source": {"type": "base64", "media_type": media_type, "data": data}
+            }))))
+        }
+        other => Err(err(format!(
+            "messages[{i}]: content part type `{other}` is not supported by Anthropic models"
+        ))),
+    }
+}
+
+fn image_source(url: &str, i: usize) -> Result<ImageSource, TranslateError> {
+    if url.starts_with("data:") {
+        let (media_type, data) = parse_data_url(url).ok_or_else(|| {
+            err(format!(
+                "messages[{i}]: image data URL must be base64 with a media type"
+            ))
+        })?;
+        Ok(ImageSource::Base64 { media_type, data })
+    } else if url.starts_with("https://") || url.starts_with("http://") {
+        Ok(ImageSource::Url {
+            url: url.to_string(),
+        })
+    } else {
+        Err(err(format!(
+            "messages[{i}]: image URL must be a data: or http(s): URL"
+        )))
+    }
+}
+
+/// Splits `data:<media type>[;params];base64,<data>` into media type and data.
+fn parse_data_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("data:")?;
+    let (header, data) = rest.split_once(',')?;
+    let mut params = header.split(';');
+    let media_type = params.next()?.trim();
+    if media_type.is_empty() || !params.any(|p| p.trim().eq_ignore_ascii_case("base64")) {
+        return None;
+    }
+    Some((media_type.to_string(), data.to_string()))
+}
+
+fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<ContentBlock>, TranslateError> {
+    let mut blocks = Vec::new();
+    let text = m.text_content();
+    if !text.is_empty() {
+        blocks.push(ContentBlock::text(text));
+    }
+    for tc in m.tool_calls.iter().flatten() {
+        let input = parse_tool_arguments(&tc.function.arguments).map_err(|why| {
+            err(format!(
+                "messages[{i}]: tool call `{}` ({}) has invalid arguments: {why}",
+                tc.id, tc.function.name
+            ))
+        })?;
+        blocks.push(ContentBlock::tool_use(
+            tc.id.clone(),
+            tc.function.name.clone(),
+            input,
+        ));
+    }
+    Ok(blocks)
+}
+
+/// Parses OpenAI tool-call arguments into an Anthropic `input` object (empty or `null` → `{}`).
+fn parse_tool_arguments(raw: &str) -> Result<Value, String> {
+    if raw.trim().is_empty() {
+        return Ok(Value::Object(Map::new()));
+    }
+    match serde_json::from_str::<Value>(raw) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(Value::Null) => Ok(Value::Object(Map::new())),
+        Ok(_) => Err("not a JSON object".into()),
+        Err(e) => Err(format!("not valid JSON ({e})")),
+    }
+}
+
+fn tool_from_openai(tool: &Tool) -> Result<AnthropicTool, TranslateError> {
+    if tool.kind != "function" {
+        return Err(err(format!(
+            "tool type `{}` is not supported by Anthropic models",
+            tool.kind
+        )));
+    }
+    let mut input_schema = tool
+        .function
+        .parameters
+        .clone()
+        .filter(|p| !p.is_null())
+        .unwrap_or_else(|| json!({"type": "object"}));
+    if let Value::Object(schema) = &mut input_schema
+        && !schema.contains_key("type")
+    {
+        schema.insert("type".into(), Value::String("object".into()));
+    }
+    Ok(AnthropicTool {
+        name: tool.function.name.clone(),
+        description: tool.function.description.clone(),
+        input_schema,
+        extra: Extra::new(),
+    })
+}
+
+fn tool_choice_from_openai(
+    choice: Option<&Value>,
+    parallel_disabled: bool,
+) -> Result<Option<ToolChoice>, TranslateError> {
+    let (kind, name) = match choice {
+        None | Some(Value::Null) => {
+            if !parallel_disabled {
+                return Ok(None);
+            }
+            (ToolChoiceKind::Auto, None)
+        }
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => (ToolChoiceKind::Auto, None),
+            "required" => (ToolChoiceKind::Any, None),
+            "none" => (ToolChoiceKind::None, None),
+            other => return Err(err(format!("unknown tool_choice `{other}`"))),
+        },
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str);
+            match (o.get("type").and_then(Value::as_str), name) {
+                (Some("function"), Some(name)) => (ToolChoiceKind::Tool, Some(name.to_string())),
+                _ => {
+                    return Err(err(
+                        "tool_choice must be \"auto\", \"required\", \"none\" or \
+                         {\"type\": \"function\", \"function\": {\"name\": …}} for Anthropic models",
+                    ));
+                }
+            }
+        }
+        Some(_) => return Err(err("tool_choice must be a string or an object")),
+    };
+    Ok(Some(ToolChoice {
+        kind,
+        name,
+        disable_parallel_tool_use: (parallel_disabled && kind != ToolChoiceKind::None)
+            .then_some(true),
+        extra: Extra::new(),
+    }))
+}
+
+/// Translates an Anthropic response into an OpenAI `chat.completion`.
+///
+/// Text blocks are concatenated into `content`, `tool_use` blocks become `tool_calls`, thinking
+/// text goes to the message's `extra` as `reasoning_content`, and usage counts cache reads and
+/// writes as prompt tokens (cache reads also as cached tokens).
+pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
+    let mut text = String::new();
+    let mut reasoning = String::new();
+    let mut tool_calls = Vec::new();
+    for block in resp.content {
+        match block {
+            ContentBlock::Text { text: t, .. } => text.push_str(&t),
+            ContentBlock::ToolUse {
+                id, name, input, ..
+            } => tool_calls.push(ToolCall {
+                id,
+                kind: "function".into(),
+                function: FunctionCall {
+                    name,
+                    arguments: arguments_json(&input),
+                },
+            }),
+            ContentBlock::Thinking { thinking, .. } => reasoning.push_str(&thinking),
+            _ => {}
+        }
+    }
+    let mut message_extra = Extra::new();
+    if !reasoning.is_empty() {
+        message_extra.insert("reasoning_content".into(), Value::String(reasoning));
+    }
+    let u = &resp.usage;
+    let usage = openai_usage(
+        u.input_tokens,
+        u.output_tokens,
+        u.cache_read_input_tokens.unwrap_or(0),
+        u.cache_creation_input_tokens.unwrap_or(0),
+    );
+    ChatCompletion {
+        id: resp.id,
+        object: "chat.completion".into(),
+        created: unix_now(),
+        model: resp.model,
+        choices: vec![Choice {
+            index: 0,
+            message: ResponseMessage {
+                role: Role::Assistant,
+                content: (!text.is_empty() || tool_calls.is_empty()).then_some(text),
+                tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+                refusal: None,
+                extra: message_extra,
+            },
+            finish_reason: resp
+                .stop_reason
+                .as_deref()
+                .map(|r| finish_reason_for(r).to_string()),
+            logprobs: None,
+            extra: Extra::new(),
+        }],
+        usage: Some(usage),
+        system_fingerprint: None,
+        extra: Extra::new(),
+    }
+}
+
+/// Compact JSON of a tool input, `{}` when absent.
+fn arguments_json(input: &Value) -> String {
+    if input.is_null() {
+        "{}".into()
+    } else {
+        input.to_string()
+    }
+}
+
+/// Translates Anthropic stream events into OpenAI `chat.completion.chunk`s (egress streaming).
+///
+/// Every chunk carries the message id and model from `message_start` and one `created` taken when
+/// the decoder is made. The last chunk (on `message_stop`) has no choices and carries the usage;
+/// callers drop it when the client did not ask for stream usage.
+#[derive(Debug)]
+pub struct StreamDecoder {
+    id: String,
+    model: String,
+    created: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    cache_read: u64,
+    cache_creation: u64,
+    /// Content-block index → OpenAI tool-call index.
+    tool_blocks: HashMap<u32, u32>,
+    stopped: bool,
+}
+
+impl Default for StreamDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        StreamDecoder {
+            id: String::new(),
+            model: String::new(),
+            created: unix_now(),
+            input_tokens: 0,
+            output_tokens: 0,
+            cache_read: 0,
+            cache_creation: 0,
+            tool_blocks: HashMap::new(),
+            stopped: false,
+        }
+    }
+
+    /// The usage accumulated so far, in OpenAI's terms.
+    pub fn usage(&self) -> Usage {
+        openai_usage(
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_read,
+            self.cache_creation,
+        )
+    }
+
+    /// Translates one event into zero or more chunks. An `error` event becomes an `Err` holding
+    /// its type and message; a delta for a block that was never started is an error too.
+    pub fn on_event(
+        &mut self,
+        ev: StreamEvent,
+    ) -> Result<Vec<ChatCompletionChunk>, TranslateError> {
+        let mut out = Vec::new();
+        match ev {
+            StreamEvent::MessageStart { message } => {
+                self.id = message.id;
+                self.model = message.model;
+                let u = message.usage;
+                self.input_tokens = u.input_tokens;
+                self.output_tokens = u.output_tokens;
+                self.cache_read = u.cache_read_input_tokens.unwrap_or(0);
+                self.cache_creation = u.cache_creation_input_tokens.unwrap_or(0);
+                out.push(self.chunk(
+                    Delta {
+                        role: Some(Role::Assistant),
+                        ..Delta::default()
+                    },
+                    None,
+                ));
+            }
+            StreamEvent::ContentBlockStart {
+                index,
+                content_block,
+            } => match content_block {
+                ContentBlock::Text { text, .. } if !text.is_empty() => {
+                    out.push(self.text_chunk(text));
+                }
+                ContentBlock::Thinking { thinking, .. } if !thinking.is_empty() => {
+                    out.push(self.reasoning_chunk(thinking));
+                }
+                ContentBlock::ToolUse {
+                    id, name, input, ..
+                } => {
+                    let tool_index = u32::try_from(self.tool_blocks.len()).unwrap_or(u32::MAX);
+                    self.tool_blocks.insert(index, tool_index);
+                    // Streams start tool inputs as `{}` and send the JSON in deltas.
+                    let arguments = match &input {
+                        Value::Object(o) if !o.is_empty() => input.to_string(),
+                        _ => String::new(),
+                    };
+                    out.push(self.tool_chunk(ToolCallDelta {
+                        index: tool_index,
+                        id: Some(id),
+                        kind: Some("function".into()),
+                        function: Some(FunctionCallDelta {
+                            name: Some(name),
+                            arguments: Some(arguments),
+                        }),
+                    }));
+                }
+                _ => {}
+            },
+            StreamEvent::ContentBlockDelta { index, delta } => match delta {
+                BlockDelta::TextDelta { text } if !text.is_empty() => {
+                    out.push(self.text_chunk(text));
+                }
+                BlockDelta::ThinkingDelta { thinking } if !thinking.is_empty() => {
+                    out.push(self.reasoning_chunk(thinking));
+                }
+                BlockDelta::InputJsonDelta { partial_json } => {
+                    let tool_index = *self.tool_blocks.get(&index).ok_or_else(|| {
+                        err(format!(
+                            "input_json_delta for content block {index}, which is not a tool_use block"
+                        ))
+                    })?;
+                    if !partial_json.is_empty() {
+                        out.push(self.tool_chunk(ToolCallDelta {
+                            index: tool_index,
+                            id: None,
+                            kind: None,
+                            function: Some(FunctionCallDelta {
+                                name: None,
+                                arguments: Some(partial_json),
+                            }),
+                        }));
+                    }
+                }
+                _ => {}
+            },
+            StreamEvent::MessageDelta { delta, usage } => {
+                self.output_tokens = usage.output_tokens;
+                if let Some(n) = usage.input_tokens {
+                    self.input_tokens = n;
+                }
+                if let Some(n) = usage.cache_read_input_tokens {
+                    self.cache_read = n;
+                }
+                if let Some(n) = usage.cache_creation_input_tokens {
+                    self.cache_creation = n;
+                }
+                if let Some(reason) = delta.stop_reason {
+                    out.push(self.chunk(
+                        Delta::default(),
+                        Some(finish_reason_for(&reason).to_string()),
+                    ));
+                }
+            }
+            StreamEvent::MessageStop => {
+                if !self.stopped {
+                    self.stopped = true;
+                    let mut chunk = ChatCompletionChunk::new(&self.id, &self.model, self.created);
+                    chunk.usage = Some(self.usage());
+                    out.push(chunk);
+                }
+            }
+            StreamEvent::Error { error } => {
+                return Err(err(format!(
+                    "Anthropic stream error ({}): {}",
+                    error.kind, error.message
+                )));
+            }
+            StreamEvent::ContentBlockStop { .. } | StreamEvent::Ping | StreamEvent::Other(_) => {}
+        }
+        Ok(out)
+    }
+
+    fn chunk(&self, delta: Delta, finish_reason: Option<String>) -> ChatCompletionChunk {
+        let mut chunk = ChatCompletionChunk::new(&self.id, &self.model, self.created);
+        chunk
+            .choices
+            .push(ChunkChoice::new(0, delta, finish_reason));
+        chunk
+    }
+
+    fn text_chunk(&self, text: String) -> ChatCompletionChunk {
+        self.chunk(
+            Delta {
+                content: Some(text),
+                ..Delta::default()
+            },
+            None,
+        )
+    }
+
+    fn reasoning_chunk(&self, thinking: String) -> ChatCompletionChunk {
+        let mut delta = Delta::default();
+        delta
+            .extra
+            .insert("reasoning_content".into(), Value::String(thinking));
+        self.chunk(delta, None)
+    }
+
+    fn tool_chunk(&self, call: ToolCallDelta) -> ChatCompletionChunk {
+        self.chunk(
+            Delta {
+                tool_calls: Some(vec![call]),
+                ..Delta::default()
+            },
+            None,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ingress: Anthropic request → OpenAI, OpenAI response/stream → Anthropic
+// ---------------------------------------------------------------------------------------------
+
+/// Translates an Anthropic Messages request (from a client of Sluice's `/v1/messages`) into an
+/// OpenAI chat request.
+///
+/// `system` becomes a system message; `tool_result` blocks become `tool` messages placed before
+/// the rest of their user message (an `is_error` result's text is prefixed with `"Error: "`; only
+/// the text of a result is kept); `tool_use` blocks become `tool_calls`; thinking blocks are
+/// dropped. `top_k` goes to `extra`, `metadata.user_id` to `user`, and a streamed request asks for
+/// the usage chunk. Anthropic-only fields are dropped. Fails on server tools, on blocks that have
+/// no OpenAI equivalent, and on a `tool` choice without a name.
+pub fn request_to_openai(req: &MessagesRequest) -> Result<ChatRequest, TranslateError> {
+    let mut messages = Vec::new();
+    if let Some(system) = &req.system {
+        let text = system.to_text();
+        if !text.is_empty() {
+            messages.push(Message::text(Role::System, text));
+        }
+    }
+    for (i, m) in req.messages.iter().enumerate() {
+        match (m.role, &m.content) {
+            (role, MessageContent::Text(s)) => messages.push(Message::text(
+                match role {
+                    AnthropicRole::User => Role::User,
+                    AnthropicRole::Assistant => Role::Assistant,
+                },
+                s.clone(),
+            )),
+            (AnthropicRole::User, MessageContent::Blocks(blocks)) => {
+                user_to_openai(blocks, i, &mut messages)?;
+            }
+            (AnthropicRole::Assistant, MessageContent::Blocks(blocks)) => {
+                messages.push(assistant_to_openai(blocks, i)?);
+            }
+        }
+    }
+
+    let mut extra = Extra::new();
+    let tools = match req.tools.as_deref() {
+        Some(tools) if !tools.is_empty() => Some(
+            tools
+                .iter()
+                .map(tool_to_openai)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        _ => None,
+    };
+    let mut tool_choice = None;
+    if tools.is_some()
+        && let Some(choice) = &req.tool_choice
+    {
+        tool_choice = Some(match choice.kind {
+            ToolChoiceKind::Auto => json!("auto"),
+            ToolChoiceKind::Any => json!("required"),
+            ToolChoiceKind::None => json!("none"),
+            ToolChoiceKind::Tool => {
+                let name = choice
+                    .name
+                    .as_deref()
+                    .ok_or_else(|| err("tool_choice of type `tool` needs a name"))?;
+                json!({"type": "function", "function": {"name": name}})
+            }
+        });
+        if choice.disable_parallel_tool_use == Some(true) {
+            extra.insert("parallel_tool_calls".into(), Value::Bool(false));
+        }
+    }
+    if let Some(k) = req.top_k {
+        extra.insert("top_k".into(), Value::from(k));
+    }
+
+    let stop = req
+        .stop_sequences
+        .as_ref()
+        .filter(|s| !s.is_empty())
+        .map(|s| Stop::Many(s.clone()));
+
+    Ok(ChatRequest {
+        model: req.model.clone(),
+        messages,
+        stream: req.stream,
+        stream_options: req.is_stream().then(|| StreamOptions {
+            include_usage: Some(true),
+            extra: Extra::new(),
+        }),
+        max_tokens: Some(req.max_tokens),
+        max_completion_tokens: None,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        n: None,
+        stop,
+        seed: None,
+        tools,
+        tool_choice,
+        response_format: None,
+        user: req.metadata.as_ref().and_then(|m| m.user_id.clone()),
+        metadata: None,
+        extra,
+    })
+}
+
+fn user_to_openai(
+    blocks: &[ContentBlock],
+    i: usize,
+    messages: &mut Vec<Message>,
+) -> Result<(), TranslateError> {
+    let mut parts = Vec::new();
+    for block in blocks {
+        match block {
+            ContentBlock::ToolResult {
+                tool_use_id,
+                content,
+                is_error,
+                ..
+            } => {
+                let text = content
+                    .as_ref()
+                    .map(ToolResultContent::to_text)
+                    .unwrap_or_default();
+                let text = if *is_error == Some(true) {
+                    format!("Error: {text}")
+                } else {
+                    text
+                };
+                let mut msg = Message::text(Role::Tool, text);
+                msg.tool_call_id = Some(tool_use_id.clone());
+                // Tool messages must directly follow the assistant message that called the tools.
+                messages.push(msg);
+            }
+            ContentBlock::Text { text, .. } => parts.push(ContentPart::text(text.clone())),
+            ContentBlock::Image { source, .. } => {
+                let url = match source {
+                    ImageSource::Base64 { media_type, data } => {
+                        format!("data:{media_type};base64,{data}")
+                    }
+                    ImageSource::Url { url } => url.clone(),
+                    ImageSource::Other(_) => {
+                        return Err(err(format!(
+                            "messages[{i}]: only base64 and url image sources are supported"
+                        )));
+                    }
+                };
+                parts.push(ContentPart {
+                    kind: "image_url".into(),
+                    text: None,
+                    image_url: Some(ImageUrl { url, detail: None }),
+                    extra: Extra::new(),
+                });
+            }
+            ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => {}
+            ContentBlock::Other(v) if is_base64_document(v) => {
+                let source = &v["source"];
+                let media_type = source["media_type"].as_str().unwrap_or("application/pdf");
+                let data = source["data"].as_str().unwrap_or_default();
+                let mut file = Map::new();
+                file.insert(
+                    "file_data".into(),
+                    Value::String(format!("data:{media_type};base64,{data}")),
+                );
+                if let Some(title) = v.get("title").and_then(Value::as_str) {
+                    file.insert("filename".into(), Value::String(title.to_string()));
+                }
+                let mut part_extra = Extra::new();
+                part_extra.insert("file".into(), Value::Object(file));
+                parts.push(ContentPart {
+                    kind: "file".into(),
+                    text: None,
+                    image_url: None,
+                    extra: part_extra,
+                });
+            }
+            other => {
+                return Err(err(format!(
+                    "messages[{i}]: `{}` blocks in user messages are not supported",
+                    other.kind()
+                )));
+            }
+        }
+    }
+    if !parts.is_empty() {
+        let content = match parts.as_slice() {
+            [only] if only.kind == "text" => Content::Text(only.text.clone().unwrap_or_default()),
+            _ => Content::Parts(parts),
+        };
+        messages.push(Message {
+            role: Role::User,
+            content: Some(content),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+            extra: Extra::new(),
+        });
+    }
+    Ok(())
+}
+
+fn is_base64_document(v: &Value) -> bool {
+    v.get("type").and_then(Value::as_str) == Some("document")
+        && v.pointer("/source/type").and_then(Value::as_str) == Some("base64")
+        && v.pointer("/source/data").is_some_and(Value::is_string)
+}
+
+fn assistant_to_openai(blocks: &[ContentBlock], i: usize) -> Result<Message, TranslateError> {
+    let mut text = String::new();
+    let mut tool_calls = Vec::new();
+    for block in blocks {
+        match block {
+            ContentBlock::Text { text: t, .. } => text.push_str(t),
+            ContentBlock::ToolUse {
+                id, name, input, ..
+            } => tool_calls.push(ToolCall {
+                id: id.clone(),
+                kind: "function".into(),
+                function: FunctionCall {
+                    name: name.clone(),
+                    arguments: arguments_json(input),
+                },
+            }),
+            ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => {}
+            other => {
+                return Err(err(format!(
+                    "messages[{i}]: `{}` blocks in assistant messages are not supported",
+                    other.kind()
+                )));
+            }
+        }
+    }
+    Ok(Message {
+        role: Role::Assistant,
+        content: (!text.is_empty() || tool_calls.is_empty()).then_some(Content::Text(text)),
+        name: None,
+        tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+        tool_call_id: None,
+        extra: Extra::new(),
+    })
+}
+
+fn tool_to_openai(tool: &AnthropicTool) -> Result<Tool, TranslateError> {
+    if let Some(kind) = tool.extra.get("type").and_then(Value::as_str)
+        && kind != "custom"
+    {
+        return Err(err(format!(
+            "Anthropic server tool `{}` (type `{kind}`) is not supported on this route",
+            tool.name
+        )));
+    }
+    Ok(Tool {
+        kind: "function".into(),
+        function: FunctionDef {
+            name: tool.name.clone(),
+            description: tool.description.clone(),
+            parameters: (!tool.input_schema.is_null()).then(|| tool.input_schema.clone()),
+            extra: Extra::new(),
+        },
+        extra: Extra::new(),
+    })
+}
+
+/// Translates an OpenAI `chat.completion` into an Anthropic message for a `/v1/messages` client.
+///
+/// Uses the first choice: its text (and refusal) become text blocks, its tool calls `tool_use`
+/// blocks (arguments that are not a JSON object become `{"_raw_arguments": "<raw>"}`). `model` is
+/// the name the client asked for. Usage: `input_tokens` excludes the cached tokens, which are
+/// reported as `cache_read_input_tokens`.
+pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesResponse {
+    let choice = resp.choices.first();
+    let mut content = Vec::new();
+    if let Some(c) = choice {
+        if let Some(text) = c.message.content.as_deref().filter(|t| !t.is_empty()) {
+            content.push(ContentBlock::text(text));
+        }
+        if let Some(refusal) = c.message.refusal.as_deref().filter(|t| !t.is_empty()) {
+            content.push(ContentBlock::text(refusal));
+        }
+        for tc in c.message.tool_calls.iter().flatten() {
+            let id = if tc.id.is_empty() {
+                fresh_id("toolu_")
+            } else {
+                tc.id.clone()
+            };
+            content.push(ContentBlock::tool_use(
+                id,
+                tc.function.name.clone(),
+                tool_input(&tc.function.arguments),
+            ));
+        }
+    }
+    let has_tool_use = content
+        .iter()
+        .any(|b| matches!(b, ContentBlock::ToolUse { .. }));
+    let stop_reason = stop_reason_for(
+        choice.and_then(|c| c.finish_reason.as_deref()),
+        has_tool_use,
+    );
+    let usage = resp
+        .usage
+        .as_ref()
+        .map_or_else(AnthropicUsage::default, |u| {
+            let cached = u.cached_tokens();
+            AnthropicUsage {
+                input_tokens: u.prompt_tokens.saturating_sub(cached),
+                output_tokens: u.completion_tokens,
+                cache_creation_input_tokens: None,
+                cache_read_input_tokens: Some(cached),
+                extra: Extra::new(),
+            }
+        });
+    MessagesResponse {
+        id: message_id(&resp.id),
+        kind: message_kind(),
+        role: AnthropicRole::Assistant,
+        content,
+        model: model.to_string(),
+        stop_reason: Some(stop_reason.to_string()),
+        stop_sequence: None,
+        usage,
+        extra: Extra::new(),
+    }
+}
+
+/// OpenAI tool-call arguments as an Anthropic `input` object; anything that is not a JSON object
+/// is kept as a string under `_raw_arguments`.
+fn tool_input(raw: &str) -> Value {
+    match parse_tool_arguments(raw) {
+        Ok(v) => v,
+        Err(_) => json!({ "_raw_arguments": raw }),
+    }
+}
+
+/// Which kind of content block is open in a [`StreamEncoder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenBlock {
+    Text(u32),
+    Tool(u32),
+}
+
+impl OpenBlock {
+    fn index(self) -> u32 {
+        match self {
+            OpenBlock::Text(i) | OpenBlock::Tool(i) => i,
+        }
+    }
+}
+
+/// Translates OpenAI `chat.completion.chunk`s into Anthropic stream events (ingress streaming),
+/// in Anthropic's exact order: `message_start`; per block `content_block_start`, deltas,
+/// `content_block_stop`; then `message_delta` and `message_stop` from [`StreamEncoder::finish`].
+///
+/// Only choice 0 is used. Text and refusal deltas go to text blocks, each OpenAI tool-call index
+/// to its own `tool_use` block; block indices count up from 0. A late delta for a tool whose
+/// block was already closed is still sent with that block's index.
+#[derive(Debug)]
+pub struct StreamEncoder {
+    id: String,
+    model: String,
+    input_tokens: u64,
+    started: bool,
+    finished: bool,
+    next_index: u32,
+    open: Option<OpenBlock>,
+    /// OpenAI tool-call index → content-block index.
+    tools: HashMap<u32, u32>,
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+}
+
+impl StreamEncoder {
+    /// An encoder for a message with this id (prefixed with `msg_` unless it has it) and this
+    /// model name (the one the client asked for).
+    pub fn new(id: &str, model: &str) -> Self {
+        StreamEncoder {
+            id: message_id(id),
+            model: model.to_string(),
+            input_tokens: 0,
+            started: false,
+            finished: false,
+            next_index: 0,
+            open: None,
+            tools: HashMap::new(),
+            finish_reason: None,
+            usage: None,
+        }
+    }
+
+    /// Sets the `input_tokens` reported in `message_start` (for example a local count), used
+    /// until the stream reports its own usage.
+    pub fn with_input_tokens(mut self, input_tokens: u64) -> Self {
+        self.input_tokens = input_tokens;
+        self
+    }
+
+    /// Translates one chunk. Chunks after [`StreamEncoder::finish`] are ignored.
+    pub fn on_chunk(&mut self, chunk: &ChatCompletionChunk) -> Vec<StreamEvent> {
+        let mut out = Vec::new();
+        if self.finished {
+            return out;
+        }
+        self.start(&mut out);
+        if let Some(u) = &chunk.usage {
+            self.usage = Some(u.clone());
+        }
+        for choice in chunk.choices.iter().filter(|c| c.index == 0) {
+            let delta = &choice.delta;
+            for text in [delta.content.as_deref(), delta.refusal.as_deref()]
+                .into_iter()
+                .flatten()
+                .filter(|t| !t.is_empty())
+            {
+                self.text(text, &mut out);
+            }
+            for call in delta.tool_calls.iter().flatten() {
+                self.tool_call(call, &mut out);
+            }
+            if let Some(reason) = &choice.finish_reason {
+                self.finish_reason = Some(reason.clone());
+            }
+        }
+        out
+    }
+
+    /// Ends the message: closes the open block and emits `message_delta` (stop reason and usage)
+    /// and `message_stop`, preceded by `message_start` if no chunk came. Later calls return
+    /// nothing.
+    pub fn finish(&mut self) -> Vec<StreamEvent> {
+        let mut out = Vec::new();
+        if self.finished {
+            return out;
+        }
+        self.start(&mut out);
+        self.close_open(&mut out);
+        self.finished = true;
+        let stop_reason = stop_reason_for(self.finish_reason.as_deref(), !self.tools.is_empty());
+        let usage = match &self.usage {
+            Some(u) => {
+                let cached = u.cached_tokens();
+                DeltaUsage {
+                    output_tokens: u.completion_tokens,
+                    input_tokens: Some(u.prompt_tokens.saturating_sub(cached)),
+                    cache_creation_input_tokens: None,
+                    cache_read_input_tokens: Some(cached),
+                    extra: Extra::new(),
+                }
+            }
+            None => DeltaUsage {
+                input_tokens: (self.input_tokens > 0).then_some(self.input_tokens),
+                ..DeltaUsage::default()
+            },
+        };
+        out.push(StreamEvent::MessageDelta {
+            delta: MessageDeltaBody {
+                stop_reason: Some(stop_reason.to_string()),
+                stop_sequence: None,
+                extra: Extra::new(),
+            },
+            usage,
+        });
+        out.push(StreamEvent::MessageStop);
+        out
+    }
+
+    fn start(&mut self, out: &mut Vec<StreamEvent>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        out.push(StreamEvent::MessageStart {
+            message: MessagesResponse {
+                id: self.id.clone(),
+                kind: message_kind(),
+                role: AnthropicRole::Assistant,
+                content: Vec::new(),
+                model: self.model.clone(),
+                stop_reason: None,
+                stop_sequence: None,
+                usage: AnthropicUsage {
+                    input_tokens: self.input_tokens,
+                    output_tokens: 0,
+                    ..AnthropicUsage::default()
+                },
+                extra: Extra::new(),
+            },
+        });
+    }
+
+    fn close_open(&mut self, out: &mut Vec<StreamEvent>) {
+        if let Some(block) = self.open.take() {
+            out.push(StreamEvent::ContentBlockStop {
+                index: block.index(),
+            });
+        }
+    }
+
+    fn next_block(&mut self) -> u32 {
+        let index = self.next_index;
+        self.next_index = self.next_index.saturating_add(1);
+        index
+    }
+
+    fn text(&mut self, text: &str, out: &mut Vec<StreamEvent>) {
+        let index = match self.open {
+            Some(OpenBlock::Text(index)) => index,
+            _ => {
+                self.close_open(out);
+                let index = self.next_block();
+                out.push(StreamEvent::ContentBlockStart {
+                    index,
+                    content_block: ContentBlock::text(""),
+                });
+                self.open = Some(OpenBlock::Text(index));
+                index
+            }
+        };
+        out.push(StreamEvent::ContentBlockDelta {
+            index,
+            delta: BlockDelta::TextDelta {
+                text: text.to_string(),
+            },
+        });
+    }
+
+    fn tool_call(&mut self, call: &ToolCallDelta, out: &mut Vec<StreamEvent>) {
+        let function = call.function.as_ref();
+        let index = match self.tools.get(&call.index) {
+            Some(&index) => index,
+            None => {
+                self.close_open(out);
+                let index = self.next_block();
+                let id = call
+                    .id
+                    .clone()
+                    .filter(|id| !id.is_empty())
+                    .unwrap_or_else(|| fresh_id("toolu_"));
+                let name = function.and_then(|f| f.name.clone()).unwrap_or_default();
+                out.push(StreamEvent::ContentBlockStart {
+                    index,
+                    content_block: ContentBlock::tool_use(id, name, Value::Object(Map::new())),
+                });
+                self.tools.insert(call.index, index);
+                self.open = Some(OpenBlock::Tool(index));
+                index
+            }
+        };
+        if let Some(arguments) = function
+            .and_then(|f| f.arguments.as_deref())
+            .filter(|a| !a.is_empty())
+        {
+            out.push(StreamEvent::ContentBlockDelta {
+                index,
+                delta: BlockDelta::InputJsonDelta {
+                    partial_json: arguments.to_string(),
+                },
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::ChunkAccumulator;
+
+    fn chat_request(body: Value) -> ChatRequest {
+        serde_json::from_value(body).expect("valid chat request")
+    }
+
+    #[test]
+    fn egress_request_maps_system_tools_tool_results_and_images() {
+        let req = chat_request(json!({
+            "model": "claude-sonnet-4-5",
+            "messages": [
+                {"role": "system", "content": "Be terse."},
+                {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is in these?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}
+                ]},
+                {"role": "assistant", "content": "Let me look.", "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\":\"cat\"}"}},
+                    {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": ""}}
+                ]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "a cat"},
+                {"role": "tool", "tool_call_id": "call_2", "content": "noon"},
+                {"role": "user", "content": "Thanks"}
+            ],
+            "tools": [
+                {"type": "function", "function": {"name": "lookup", "description": "Look up", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}},
+                {"type": "function", "function": {"name": "now"}}
+            ],
+            "tool_choice": "required",
+            "parallel_tool_calls": false,
+            "max_completion_tokens": 300,
+            "stop": "END",
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "top_k": 5,
+            "user": "u-1",
+            "stream": true,
+            "logprobs": true,
+            "response_format": {"type": "text"}
+        }));
+        let out = request_from_openai(&req).expect("translates");
+        let expected = json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 300,
+            "system": "Be terse.\n\nUse tools.",
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "What is in these?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+                    {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}}
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Let me look."},
+                    {"type": "tool_use", "id": "call_1", "name": "lookup", "input": {"q": "cat"}},
+                    {"type": "tool_use", "id": "call_2", "name": "now", "input": {}}
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "call_1", "content": "a cat"},
+                    {"type": "tool_result", "tool_use_id": "call_2", "content": "noon"},
+                    {"type": "text", "text": "Thanks"}
+                ]}
+            ],
+            "stop_sequences": ["END"],
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "top_k": 5,
+            "stream": true,
+            "tools": [
+                {"name": "lookup", "description": "Look up", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}},
+                {"name": "now", "input_schema": {"type": "object"}}
+            ],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+            "metadata": {"user_id": "u-1"}
+        });
+        assert_eq!(serde_json::to_value(&out).expect("serializes"), expected);
+    }
+
+    #[test]
+    fn egress_request_errors_and_defaults() {
+        let bad_args = chat_request(json!({
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": [{"id": "call_9", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}
+            ]
+        }));
+        let e = request_from_openai(&bad_args).expect_err("invalid arguments");
+        assert!(e.0.contains("call_9") && e.0.contains("messages[1]"), "{e}");
+
+        let n2 = chat_request(
+            json!({"model": "m", "n": 2, "messages": [{"role": "user", "content": "hi"}]}),
+        );
+        assert_eq!(
+            request_from_openai(&n2).expect_err("n > 1"),
+            TranslateError("n > 1 is not supported by Anthropic models".into())
+        );
+
+        let no_id =
+            chat_request(json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}));
+        assert!(request_from_openai(&no_id).is_err());
+
+        let plain = chat_request(json!({
+            "model": "m",
+            "max_tokens": 77,
+            "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}}
+        }));
+        let out = request_from_openai(&plain).expect("translates");
+        assert_eq!(out.max_tokens, 77);
+        assert_eq!(out.messages.len(), 1, "same-role messages are merged");
+        assert_eq!(
+            out.messages[0].content,
+            MessageContent::Blocks(vec![ContentBlock::text("a"), ContentBlock::text("b")])
+        );
+        let choice = out.tool_choice.expect("tool choice");
+        assert_eq!(choice.kind, ToolChoiceKind::Tool);
+        assert_eq!(choice.name.as_deref(), Some("f"));
+        assert_eq!(choice.disable_parallel_tool_use, None);
+        let tools = out.tools.expect("tools");
+        assert_eq!(tools[0].input_schema, json!({"type": "object"}));
+
+        let default_cap =
+            chat_request(json!({"model": "m", "messages": [{"role": "user", "content": "a"}]}));
+        let out = request_from_openai(&default_cap).expect("translates");
+        assert_eq!(out.max_tokens, DEFAULT_MAX_TOKENS);
+        assert!(out.tool_choice.is_none() && out.metadata.is_none() && out.system.is_none());
+    }
+
+    #[test]
+    fn egress_response_maps_text_tool_use_thinking_and_usage() {
+        let resp: MessagesResponse = serde_json::from_value(json!({
+            "id": "msg_01abc",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-5-20250929",
+            "content": [
+                {"type": "thinking", "thinking": "Need weather.", "signature": "sig"},
+                {"type": "text", "text": "Checking "},
+                {"type": "text", "text": "now."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris", "days": 2}},
+                {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}
+            ],
+            "stop_reason": "tool_use",
+            "stop_sequence": null,
+            "usage": {"input_tokens": 100, "output_tokens": 40, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 30, "service_tier": "standard"}
+        }))
+        .expect("parses");
+        assert!(matches!(resp.content[4], ContentBlock::Other(_)));
+        assert_eq!(resp.usage.extra["service_tier"], "standard");
+
+        let out = response_to_openai(resp);
+        assert_eq!(out.id, "msg_01abc");
+        assert_eq!(out.model, "claude-sonnet-4-5-20250929");
+        assert!(out.created > 0);
+        let choice = &out.choices[0];
+        assert_eq!(choice.message.content.as_deref(), Some("Checking now."));
+        assert_eq!(choice.message.extra["reasoning_content"], "Need weather.");
+        assert_eq!(choice.finish_reason.as_deref(), Some("tool_calls"));
+        let calls = choice.message.tool_calls.as_ref().expect("tool calls");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].id, "toolu_1");
+        assert_eq!(calls[0].function.name, "get_weather");
+        assert_eq!(calls[0].function.arguments, r#"{"city":"Paris","days":2}"#);
+        let usage = out.usage.expect("usage");
+        assert_eq!(usage.prompt_tokens, 150);
+        assert_eq!(usage.completion_tokens, 40);
+        assert_eq!(usage.total_tokens, 190);
+        assert_eq!(usage.cached_tokens(), 30);
+
+        for (stop, finish) in [
+            ("end_turn", "stop"),
+            ("stop_sequence", "stop"),
+            ("max_tokens", "length"),
+            ("refusal", "content_filter"),
+            ("pause_turn", "stop"),
+        ] {
+            assert_eq!(finish_reason_for(stop), finish, "{stop}");
+        }
+    }
+
+    /// A stream as Anthropic sends it: the `data:` payloads of each SSE event, in order.
+    fn recorded_stream() -> Vec<StreamEvent> {
+        [
+            json!({"type": "message_start", "message": {"id": "msg_stream", "type": "message", "role": "assistant", "content": [], "model": "claude-haiku-4-5", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 25, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 5, "output_tokens": 1}}}),
+            json!({"type": "ping"}),
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me "}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "check."}}),
+            json!({"type": "content_block_stop", "index": 0}),
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {}}}),
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city\": "}}),
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "\"Paris\"}"}}),
+            json!({"type": "content_block_stop", "index": 1}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 42}}),
+            json!({"type": "message_stop"}),
+        ]
+        .into_iter()
+        .map(|v| serde_json::from_value(v).expect("event parses"))
+        .collect()
+    }
+
+    #[test]
+    fn stream_decoder_folds_to_the_expected_completion() {
+        let events = recorded_stream();
+        assert_eq!(events[1], StreamEvent::Ping);
+        let mut decoder = StreamDecoder::new();
+        let mut chunks = Vec::new();
+        for ev in events {
+            let name = ev.name();
+            let out = decoder.on_event(ev).expect("no error");
+            if name == "ping" || name == "content_block_stop" {
+                assert!(out.is_empty(), "{name} yields no chunk");
+            }
+            chunks.extend(out);
+        }
+        // role, 2 text, tool start, 2 argument deltas, finish, usage.
+        assert_eq!(chunks.len(), 8);
+        assert_eq!(chunks[0].choices[0].delta.role, Some(Role::Assistant));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.id == "msg_stream" && c.model == "claude-haiku-4-5")
+        );
+        assert!(chunks.iter().all(|c| c.created == chunks[0].created));
+        let last = chunks.last().expect("usage chunk");
+        assert!(last.choices.is_empty());
+
+        let tool_start = &chunks[3].choices[0]
+            .delta
+            .tool_calls
+            .as_ref()
+            .expect("tool delta")[0];
+        assert_eq!(
+            tool_start.index, 0,
+            "tool index counts tool blocks, not content blocks"
+        );
+        assert_eq!(tool_start.kind.as_deref(), Some("function"));
+
+        let mut acc = ChunkAccumulator::default();
+        for c in &chunks {
+            acc.push(c);
+        }
+        let done = acc.finish();
+        assert_eq!(done.id, "msg_stream");
+        let choice = &done.choices[0];
+        assert_eq!(choice.message.content.as_deref(), Some("Let me check."));
+        assert_eq!(choice.finish_reason.as_deref(), Some("tool_calls"));
+        let calls = choice.message.tool_calls.as_ref().expect("tool calls");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].id, "toolu_01");
+        assert_eq!(calls[0].function.name, "get_weather");
+        assert_eq!(calls[0].function.arguments, "{\"city\": \"Paris\"}");
+        let usage = done.usage.expect("usage");
+        assert_eq!(usage.prompt_tokens, 30);
+        assert_eq!(usage.completion_tokens, 42);
+        assert_eq!(usage.cached_tokens(), 5);
+    }
+
+    #[test]
+    fn stream_decoder_reports_error_events_and_ignores_unknown_ones() {
+        let mut decoder = StreamDecoder::new();
+        let unknown: StreamEvent =
+            serde_json::from_value(json!({"type": "future_event", "x": 1})).expect("parses");
+        assert_eq!(unknown.name(), "unknown");
+        assert!(decoder.on_event(unknown).expect("ignored").is_empty());
+
+        let ev: StreamEvent = serde_json::from_value(json!({
+            "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}
+        }))
+        .expect("parses");
+        assert_eq!(ev.name(), "error");
+        let e = decoder.on_event(ev).expect_err("error event");
+        assert!(
+            e.0.contains("overloaded_error") && e.0.contains("Overloaded"),
+            "{e}"
+        );
+
+        let stray = StreamEvent::ContentBlockDelta {
+            index: 7,
+            delta: BlockDelta::InputJsonDelta {
+                partial_json: "{}".into(),
+            },
+        };
+        assert!(decoder.on_event(stray).is_err());
+    }
+
+    fn messages_request(body: Value) -> MessagesRequest {
+        serde_json::from_value(body).expect("valid messages request")
+    }
+
+    #[test]
+    fn ingress_request_translates_and_round_trips() {
+        let original = messages_request(json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 1024,
+            "system": "You are helpful.",
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Describe and check the weather."},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4AAQ"}}
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "-3C"},
+                    {"type": "text", "text": "And tomorrow?"}
+                ]}
+            ],
+            "tools": [{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+            "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true},
+            "stop_sequences": ["###"],
+            "temperature": 0.5,
+            "top_p": 0.8,
+            "top_k": 40,
+            "stream": true,
+            "metadata": {"user_id": "user-7"}
+        }));
+        let chat = request_to_openai(&original).expect("translates");
+        let expected = json!({
+            "model": "claude-sonnet-4-5",
+            "messages": [
+                {"role": "system", "content": "You are helpful."},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Describe and check the weather."},
+                    {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}}
+                ]},
+                {"role": "assistant", "content": "Checking.", "tool_calls": [
+                    {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}
+                ]},
+                {"role": "tool", "tool_call_id": "toolu_1", "content": "-3C"},
+                {"role": "user", "content": "And tomorrow?"}
+            ],
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_tokens": 1024,
+            "temperature": 0.5,
+            "top_p": 0.8,
+            "stop": ["###"],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "user": "user-7",
+            "parallel_tool_calls": false,
+            "top_k": 40
+        });
+        assert_eq!(serde_json::to_value(&chat).expect("serializes"), expected);
+
+        let back = request_from_openai(&chat).expect("translates back");
+        assert_eq!(back, original);
+    }
+
+    #[test]
+    fn ingress_request_error_results_and_unsupported_tools() {
+        let req = messages_request(json!({
+            "model": "m",
+            "max_tokens": 10,
+            "system": [{"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "B"}],
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "is_error": true, "content": [{"type": "text", "text": "boom"}]}
+                ]}
+            ],
+            "tool_choice": {"type": "any"}
+        }));
+        let chat = request_to_openai(&req).expect("translates");
+        assert_eq!(chat.messages[0].text_content(), "A\nB");
+        assert_eq!(chat.messages[1].role, Role::Tool);
+        assert_eq!(chat.messages[1].tool_call_id.as_deref(), Some("t1"));
+        assert_eq!(chat.messages[1].text_content(), "Error: boom");
+        assert_eq!(chat.tool_choice, None, "no tools, no tool_choice");
+        assert_eq!(chat.stream_options, None);
+
+        let server_tool = messages_request(json!({
+            "model": "m", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search"}]
+        }));
+        let e = request_to_openai(&server_tool).expect_err("server tool");
+        assert!(e.0.contains("web_search"), "{e}");
+
+        let missing_cap: Result<MessagesRequest, _> =
+            serde_json::from_value(json!({"model": "m", "messages": []}));
+        assert!(missing_cap.is_err(), "max_tokens is required");
+    }
+
+    #[test]
+    fn ingress_response_maps_tool_calls_stop_reason_and_usage() {
+        let resp: ChatCompletion = serde_json::from_value(json!({
+            "id": "chatcmpl-123",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o-2024-08-06",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant",
+                "content": "Calling.",
+                "tool_calls": [
+                    {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{\"x\":1}"}},
+                    {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{broken"}}
+                ]
+            }}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120, "prompt_tokens_details": {"cached_tokens": 60}}
+        }))
+        .expect("parses");
+        let out = response_from_openai(&resp, "claude-alias");
+        assert_eq!(out.id, "msg_chatcmpl-123");
+        assert_eq!(out.model, "claude-alias");
+        assert_eq!(out.kind, "message");
+        assert_eq!(out.stop_reason.as_deref(), Some("tool_use"));
+        assert_eq!(
+            out.content,
+            vec![
+                ContentBlock::text("Calling."),
+                ContentBlock::tool_use("call_a", "f", json!({"x": 1})),
+                ContentBlock::tool_use("call_b", "g", json!({"_raw_arguments": "{broken"})),
+            ]
+        );
+        assert_eq!(out.usage.input_tokens, 40);
+        assert_eq!(out.usage.output_tokens, 20);
+        assert_eq!(out.usage.cache_read_input_tokens, Some(60));
+
+        let json = serde_json::to_value(&out).expect("serializes");
+        assert_eq!(json["type"], "message");
+        assert_eq!(json["role"], "assistant");
+        assert_eq!(json["stop_sequence"], Value::Null);
+
+        let mut short = resp.clone();
+        short.id = "msg_keep".into();
+        short.choices[0].finish_reason = Some("length".into());
+        short.choices[0].message.tool_calls = None;
+        short.choices[0].message.content = Some(String::new());
+        let out = response_from_openai(&short, "m");
+        assert_eq!(out.id, "msg_keep");
+        assert_eq!(out.stop_reason.as_deref(), Some("max_tokens"));
+        assert!(out.content.is_empty(), "empty text is omitted");
+        short.choices[0].finish_reason = Some("content_filter".into());
+        assert_eq!(
+            response_from_openai(&short, "m").stop_reason.as_deref(),
+            Some("refusal")
+        );
+    }
+
+    fn chunk(body: Value) -> ChatCompletionChunk {
+        serde_json::from_value(body).expect("valid chunk")
+    }
+
+    fn text_then_tools_chunks() -> Vec<ChatCompletionChunk> {
+        vec![
+            chunk(
+                json!({"id": "c", "model": "gpt", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+            ),
+            chunk(
+                json!({"id": "c", "model": "gpt", "choices": [{"index": 0, "delta": {"content": "Hel"}}]}),
+            ),
+            chunk(
+                json!({"id": "c", "model": "gpt", "choices": [{"index": 0, "delta": {"content": "lo"}}]}),
+            ),
+            chunk(
+                json!({"id": "c", "model": "gpt", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]}}]}),
+            ),
+            chunk(
+                json!({"id": "c", "model": "gpt", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\""}}]}}]}),
+            ),
+            chunk(
+                json!({"id": "c", "model": "gpt", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]}}]}),
+            ),
+            chunk(
+                json!({"id": "c", "model": "gpt", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "id": "call_2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}}]}),
+            ),
+            chunk(
+                json!({"id": "c", "model": "gpt", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+            ),
+            chunk(
+                json!({"id": "c", "model": "gpt", "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21, "prompt_tokens_details": {"cached_tokens": 2}}}),
+            ),
+        ]
+    }
+
+    #[test]
+    fn stream_encoder_emits_anthropic_event_order() {
+        let mut encoder = StreamEncoder::new("chatcmpl-1", "claude-alias");
+        let mut events = Vec::new();
+        for c in text_then_tools_chunks() {
+            events.extend(encoder.on_chunk(&c));
+        }
+        events.extend(encoder.finish());
+        let names: Vec<&str> = events.iter().map(StreamEvent::name).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        let indices: Vec<u32> = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::ContentBlockStart { index, .. }
+                | StreamEvent::ContentBlockDelta { index, .. }
+                | StreamEvent::ContentBlockStop { index } => Some(*index),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(indices, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2]);
+
+        let start = serde_json::to_value(&events[0]).expect("serializes");
+        assert_eq!(
+            start,
+            json!({"type": "message_start", "message": {
+                "id": "msg_chatcmpl-1", "type": "message", "role": "assistant", "content": [],
+                "model": "claude-alias", "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 0, "output_tokens": 0}
+            }})
+        );
+        assert_eq!(
+            serde_json::to_value(&events[1]).expect("serializes"),
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        );
+        assert_eq!(
+            serde_json::to_value(&events[5]).expect("serializes"),
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "call_1", "name": "f", "input": {}}})
+        );
+        assert_eq!(
+            serde_json::to_value(&events[6]).expect("serializes"),
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"a\""}})
+        );
+        assert_eq!(
+            serde_json::to_value(&events[12]).expect("serializes"),
+            json!({"type": "message_delta",
+                   "delta": {"stop_reason": "tool_use", "stop_sequence": null},
+                   "usage": {"output_tokens": 9, "input_tokens": 10, "cache_read_input_tokens": 2}})
+        );
+        assert_eq!(
+            serde_json::to_value(&events[13]).expect("serializes"),
+            json!({"type": "message_stop"})
+        );
+
+        assert!(encoder.finish().is_empty(), "finish is idempotent");
+        assert!(encoder.on_chunk(&text_then_tools_chunks()[1]).is_empty());
+    }
+
+    #[test]
+    fn stream_encoder_finish_without_chunks() {
+        let mut encoder = StreamEncoder::new("msg_x", "m").with_input_tokens(7);
+        let events = encoder.finish();
+        let names: Vec<&str> = events.iter().map(StreamEvent::name).collect();
+        assert_eq!(names, ["message_start", "message_delta", "message_stop"]);
+        match &events[0] {
+            StreamEvent::MessageStart { message } => {
+                assert_eq!(message.id, "msg_x");
+                assert_eq!(message.usage.input_tokens, 7);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match &events[1] {
+            StreamEvent::MessageDelta { delta, usage } => {
+                assert_eq!(delta.stop_reason.as_deref(), Some("end_turn"));
+                assert_eq!(usage.output_tokens, 0);
+                assert_eq!(usage.input_tokens, Some(7));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn encoder_output_decodes_back_to_the_same_completion() {
+        let mut encoder = StreamEncoder::new("c", "claude-alias");
+        let mut events = Vec::new();
+        for c in text_then_tools_chunks() {
+            events.extend(encoder.on_chunk(&c));
+        }
+        events.extend(encoder.finish());
+
+        let mut decoder = StreamDecoder::new();
+        let mut acc = ChunkAccumulator::default();
+        for ev in events {
+            // Through the wire format, as a client would see it.
+            let wire = serde_json::to_string(&ev).expect("serializes");
+            let parsed: StreamEvent = serde_json::from_str(&wire).expect("parses");
+            assert_eq!(parsed, ev);
+            for c in decoder.on_event(parsed).expect("no error") {
+                acc.push(&c);
+            }
+        }
+        let done = acc.finish();
+        let msg = &done.choices[0].message;
+        assert_eq!(msg.content.as_deref(), Some("Hello"));
+        let calls = msg.tool_calls.as_ref().expect("tool calls");
+        assert_eq!(
+            calls
+                .iter()
+                .map(|c| (
+                    c.id.as_str(),
+                    c.function.name.as_str(),
+                    c.function.arguments.as_str()
+                ))
+                .collect::<Vec<_>>(),
+            [("call_1", "f", "{\"a\":1}"), ("call_2", "g", "{}")]
+        );
+        assert_eq!(done.choices[0].finish_reason.as_deref(), Some("tool_calls"));
+        let usage = done.usage.expect("usage");
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (12, 9));
+        assert_eq!(usage.cached_tokens(), 2);
+    }
+
+    #[test]
+    fn error_types_and_bodies() {
+        for (status, kind) in [
+            (400, "invalid_request_error"),
+            (401, "authentication_error"),
+            (402, "billing_error"),
+            (403, "permission_error"),
+            (404, "not_found_error"),
+            (409, "conflict_error"),
+            (413, "request_too_large"),
+            (422, "invalid_request_error"),
+            (429, "rate_limit_error"),
+            (500, "api_error"),
+            (502, "api_error"),
+            (503, "api_error"),
+            (504, "timeout_error"),
+            (529, "overloaded_error"),
+        ] {
+            assert_eq!(error_type_for_status(status), kind, "{status}");
+        }
+        let body = ErrorResponse::for_status(429, "slow down");
+        assert_eq!(
+            serde_json::to_value(&body).expect("serializes"),
+            json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}})
+        );
+        let parsed: ErrorResponse = serde_json::from_value(json!({
+            "type": "error",
+            "error": {"type": "not_found_error", "message": "no such model"},
+            "request_id": "req_1"
+        }))
+        .expect("parses");
+        assert_eq!(parsed.error.kind, "not_found_error");
+        assert_eq!(parsed.extra["request_id"], "req_1");
+    }
+
+    #[test]
+    fn unknown_blocks_and_fields_survive_round_trips() {
+        let body = json!({
+            "model": "m",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}},
+                {"type": "search_result", "source": "s", "title": "t", "content": []},
+                {"type": "image", "source": {"type": "file", "file_id": "file_1"}}
+            ]}],
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "service_tier": "auto"
+        });
+        let req = messages_request(body.clone());
+        assert_eq!(serde_json::to_value(&req).expect("serializes"), body);
+        let MessageContent::Blocks(blocks) = &req.messages[0].content else {
+            panic!("blocks expected");
+        };
+        assert_eq!(blocks[1].kind(), "search_result");
+        assert!(matches!(
+            &blocks[2],
+            ContentBlock::Image {
+                source: ImageSource::Other(_),
+                ..
+            }
+        ));
+        // Anthropic-only fields are not forwarded to OpenAI upstreams; unsupported blocks fail.
+        let e = request_to_openai(&req).expect_err("search_result has no OpenAI equivalent");
+        assert!(
+            e.0.contains("search_result") || e.0.contains("image"),
+            "{e}"
+        );
+    }
+}

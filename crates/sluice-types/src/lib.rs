@@ -1,0 +1,28 @@
+//! Wire types for Sluice.
+//!
+//! [`openai`] holds the OpenAI chat-completions, embeddings and models shapes; they are Sluice's
+//! internal lingua franca: every ingress (OpenAI, Anthropic) is translated into
+//! [`openai::ChatRequest`], and every provider translates from it. Unknown fields are kept in
+//! `extra` maps so that OpenAI-compatible upstreams receive them untouched.
+//!
+//! [`anthropic`] and [`gemini`] hold those providers' shapes and the pure functions that translate
+//! them to and from the OpenAI shapes, including the stateful stream translators. Nothing here does
+//! I/O.
+
+pub mod anthropic;
+pub mod gemini;
+pub mod ids;
+pub mod openai;
+
+/// A request or response that cannot be expressed in the other API's shape (for example `n > 1`
+/// for a provider that returns one choice). The message says what and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TranslateError(pub String);
+
+impl std::fmt::Display for TranslateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TranslateError {}

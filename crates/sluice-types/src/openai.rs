@@ -1,0 +1,802 @@
+//! OpenAI chat completions, embeddings and models: the request and response shapes Sluice speaks on
+//! `/v1` and uses internally.
+//!
+//! Every struct keeps the fields it does not name in `extra` (`#[serde(flatten)]`), so a request
+//! forwarded to an OpenAI-compatible upstream carries tools, `response_format`, `logprobs`,
+//! vendor extensions and fields that do not exist yet, untouched.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A JSON object holding the fields a struct does not name.
+pub type Extra = Map<String, Value>;
+
+/// `POST /v1/chat/completions` request body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Tool>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl ChatRequest {
+    /// Whether the client asked for a stream.
+    pub fn is_stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    /// Whether the client asked for the final usage chunk of a stream.
+    pub fn wants_stream_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+
+    /// The completion-token cap the client set, under either name.
+    pub fn max_output_tokens(&self) -> Option<u32> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// The stop sequences as a list.
+    pub fn stop_sequences(&self) -> Vec<String> {
+        match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StreamOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_usage: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+    Function,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::Developer => "developer",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+            Role::Function => "function",
+        }
+    }
+}
+
+/// One chat message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Content>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Message {
+    /// A message with plain-text content.
+    pub fn text(role: Role, text: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: Some(Content::Text(text.into())),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+            extra: Extra::new(),
+        }
+    }
+
+    /// The text of the message: the string content, or its text parts joined by newlines.
+    pub fn text_content(&self) -> String {
+        self.content
+            .as_ref()
+            .map(Content::to_text)
+            .unwrap_or_default()
+    }
+}
+
+/// Message content: a string or a list of typed parts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+impl Content {
+    /// The text of the content; text parts are joined with newlines, other parts are skipped.
+    pub fn to_text(&self) -> String {
+        match self {
+            Content::Text(s) => s.clone(),
+            Content::Parts(parts) => {
+                let mut out = String::new();
+                for p in parts.iter().filter_map(|p| p.text.as_deref()) {
+                    if !out.is_empty() {
+                        out.push('\n');
+                    }
+                    out.push_str(p);
+                }
+                out
+            }
+        }
+    }
+}
+
+/// One content part (`text`, `image_url`, `input_audio`, `file`, …). Fields of part types this
+/// struct does not name are kept in `extra`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<ImageUrl>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl ContentPart {
+    pub fn text(text: impl Into<String>) -> Self {
+        ContentPart {
+            kind: "text".into(),
+            text: Some(text.into()),
+            image_url: None,
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageUrl {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A tool the model may call.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Tool {
+    #[serde(rename = "type", default = "function_kind")]
+    pub kind: String,
+    pub function: FunctionDef,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+fn function_kind() -> String {
+    "function".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FunctionDef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// A complete tool call in a message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type", default = "function_kind")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON-encoded arguments, as the model produced them.
+    pub arguments: String,
+}
+
+/// `chat.completion` response body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatCompletion {
+    pub id: String,
+    #[serde(default = "completion_object")]
+    pub object: String,
+    #[serde(default)]
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<Choice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+fn completion_object() -> String {
+    "chat.completion".into()
+}
+
+impl ChatCompletion {
+    /// The text of all choices' contents, concatenated (for token counting and logs).
+    pub fn output_text(&self) -> String {
+        let mut out = String::new();
+        for c in &self.choices {
+            if let Some(t) = &c.message.content {
+                out.push_str(t);
+            }
+            for tc in c.message.tool_calls.iter().flatten() {
+                out.push_str(&tc.function.name);
+                out.push_str(&tc.function.arguments);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Choice {
+    pub index: u32,
+    pub message: ResponseMessage,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Value>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// The assistant message in a response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResponseMessage {
+    #[serde(default = "assistant_role")]
+    pub role: Role,
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+fn assistant_role() -> Role {
+    Role::Assistant
+}
+
+/// Token usage.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Usage {
+    pub fn new(prompt: u64, completion: u64, cached: u64) -> Self {
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            prompt_tokens_details: (cached > 0).then_some(PromptTokensDetails {
+                cached_tokens: Some(cached),
+                extra: Extra::new(),
+            }),
+            extra: Extra::new(),
+        }
+    }
+
+    /// Prompt tokens served from the provider's prompt cache.
+    pub fn cached_tokens(&self) -> u64 {
+        self.prompt_tokens_details
+            .as_ref()
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PromptTokensDetails {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u64>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// `chat.completion.chunk`: one event of a streamed response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    #[serde(default = "chunk_object")]
+    pub object: String,
+    #[serde(default)]
+    pub created: u64,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub choices: Vec<ChunkChoice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_fingerprint: Option<String>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+fn chunk_object() -> String {
+    "chat.completion.chunk".into()
+}
+
+impl ChatCompletionChunk {
+    /// An empty chunk with the given identity; callers push choices or set usage.
+    pub fn new(id: &str, model: &str, created: u64) -> Self {
+        ChatCompletionChunk {
+            id: id.to_string(),
+            object: chunk_object(),
+            created,
+            model: model.to_string(),
+            choices: Vec::new(),
+            usage: None,
+            system_fingerprint: None,
+            extra: Extra::new(),
+        }
+    }
+
+    /// Whether the chunk carries any generated content (text, tool call or refusal).
+    pub fn has_content(&self) -> bool {
+        self.choices.iter().any(|c| {
+            c.delta.content.as_deref().is_some_and(|s| !s.is_empty())
+                || c.delta.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
+                || c.delta.refusal.as_deref().is_some_and(|s| !s.is_empty())
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChunkChoice {
+    #[serde(default)]
+    pub index: u32,
+    #[serde(default)]
+    pub delta: Delta,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Value>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl ChunkChoice {
+    pub fn new(index: u32, delta: Delta, finish_reason: Option<String>) -> Self {
+        ChunkChoice {
+            index,
+            delta,
+            finish_reason,
+            logprobs: None,
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Delta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionCallDelta>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FunctionCallDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+/// Folds a stream of chunks back into one [`ChatCompletion`]: used when a provider only streams
+/// but the client asked for a whole response, and to gather the text of a stream for the log.
+#[derive(Debug, Default)]
+pub struct ChunkAccumulator {
+    id: String,
+    model: String,
+    created: u64,
+    system_fingerprint: Option<String>,
+    choices: Vec<AccChoice>,
+    usage: Option<Usage>,
+}
+
+#[derive(Debug, Default)]
+struct AccChoice {
+    content: String,
+    has_content: bool,
+    refusal: Option<String>,
+    tool_calls: Vec<ToolCall>,
+    finish_reason: Option<String>,
+}
+
+impl ChunkAccumulator {
+    pub fn push(&mut self, chunk: &ChatCompletionChunk) {
+        if self.id.is_empty() {
+            self.id.clone_from(&chunk.id);
+            self.model.clone_from(&chunk.model);
+            self.created = chunk.created;
+        }
+        if chunk.system_fingerprint.is_some() {
+            self.system_fingerprint
+                .clone_from(&chunk.system_fingerprint);
+        }
+        if let Some(u) = &chunk.usage {
+            self.usage = Some(u.clone());
+        }
+        for c in &chunk.choices {
+            let i = c.index as usize;
+            if self.choices.len() <= i {
+                self.choices.resize_with(i + 1, AccChoice::default);
+            }
+            let acc = &mut self.choices[i];
+            if let Some(t) = &c.delta.content {
+                acc.content.push_str(t);
+                acc.has_content = true;
+            }
+            if let Some(r) = &c.delta.refusal {
+                acc.refusal.get_or_insert_with(String::new).push_str(r);
+            }
+            for tc in c.delta.tool_calls.iter().flatten() {
+                let ti = tc.index as usize;
+                if acc.tool_calls.len() <= ti {
+                    acc.tool_calls.resize_with(ti + 1, || ToolCall {
+                        id: String::new(),
+                        kind: "function".into(),
+                        function: FunctionCall {
+                            name: String::new(),
+                            arguments: String::new(),
+                        },
+                    });
+                }
+                let slot = &mut acc.tool_calls[ti];
+                if let Some(id) = &tc.id {
+                    slot.id.clone_from(id);
+                }
+                if let Some(f) = &tc.function {
+                    if let Some(n) = &f.name {
+                        slot.function.name.push_str(n);
+                    }
+                    if let Some(a) = &f.arguments {
+                        slot.function.arguments.push_str(a);
+                    }
+                }
+            }
+            if c.finish_reason.is_some() {
+                acc.finish_reason.clone_from(&c.finish_reason);
+            }
+        }
+    }
+
+    /// The usage the stream reported, if any.
+    pub fn usage(&self) -> Option<&Usage> {
+        self.usage.as_ref()
+    }
+
+    /// The generated text so far across all choices (tool-call names and arguments included).
+    pub fn output_text(&self) -> String {
+        let mut out = String::new();
+        for c in &self.choices {
+            out.push_str(&c.content);
+            for tc in &c.tool_calls {
+                out.push_str(&tc.function.name);
+                out.push_str(&tc.function.arguments);
+            }
+        }
+        out
+    }
+
+    /// The finish reason of the first choice.
+    pub fn finish_reason(&self) -> Option<&str> {
+        self.choices
+            .first()
+            .and_then(|c| c.finish_reason.as_deref())
+    }
+
+    pub fn finish(self) -> ChatCompletion {
+        ChatCompletion {
+            id: self.id,
+            object: completion_object(),
+            created: self.created,
+            model: self.model,
+            choices: self
+                .choices
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| Choice {
+                    index: i as u32,
+                    message: ResponseMessage {
+                        role: Role::Assistant,
+                        content: (c.has_content || c.tool_calls.is_empty()).then_some(c.content),
+                        tool_calls: (!c.tool_calls.is_empty()).then_some(c.tool_calls),
+                        refusal: c.refusal,
+                        extra: Extra::new(),
+                    },
+                    finish_reason: c.finish_reason,
+                    logprobs: None,
+                    extra: Extra::new(),
+                })
+                .collect(),
+            usage: self.usage,
+            system_fingerprint: self.system_fingerprint,
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// `POST /v1/embeddings` request body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub input: EmbeddingInput,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding_format: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+/// Embedding input: a string, a list of strings, a token list, or a list of token lists.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+impl EmbeddingInput {
+    /// The text inputs (token inputs yield none).
+    pub fn texts(&self) -> Vec<&str> {
+        match self {
+            EmbeddingInput::One(s) => vec![s.as_str()],
+            EmbeddingInput::Many(v) => v.iter().map(String::as_str).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            EmbeddingInput::One(_) | EmbeddingInput::Tokens(_) => 1,
+            EmbeddingInput::Many(v) => v.len(),
+            EmbeddingInput::TokenLists(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EmbeddingResponse {
+    #[serde(default = "list_object")]
+    pub object: String,
+    pub data: Vec<Embedding>,
+    pub model: String,
+    #[serde(default)]
+    pub usage: EmbeddingUsage,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+fn list_object() -> String {
+    "list".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Embedding {
+    #[serde(default = "embedding_object")]
+    pub object: String,
+    pub index: u32,
+    /// A float array, or a base64 string when `encoding_format = "base64"`.
+    pub embedding: Value,
+}
+
+fn embedding_object() -> String {
+    "embedding".into()
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EmbeddingUsage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelObject {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelObject>,
+}
+
+/// The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_fields_survive_a_round_trip() {
+        let body = json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi", "x_vendor": 1}],
+            "logprobs": true,
+            "top_logprobs": 3,
+            "response_format": {"type": "json_object"},
+            "n": 2,
+            "parallel_tool_calls": false
+        });
+        let req: ChatRequest = serde_json::from_value(body.clone()).unwrap();
+        assert_eq!(req.n, Some(2));
+        assert_eq!(serde_json::to_value(&req).unwrap(), body);
+    }
+
+    #[test]
+    fn content_parts_and_tool_calls_parse() {
+        let body = json!({
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "data:x"}}]},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}
+            ]
+        });
+        let req: ChatRequest = serde_json::from_value(body).unwrap();
+        assert_eq!(req.messages[0].text_content(), "a");
+        assert_eq!(
+            req.messages[1].tool_calls.as_ref().unwrap()[0]
+                .function
+                .name,
+            "f"
+        );
+    }
+
+    #[test]
+    fn accumulator_rebuilds_text_and_tool_calls() {
+        let mut acc = ChunkAccumulator::default();
+        let c1: ChatCompletionChunk = serde_json::from_value(json!({
+            "id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": null}]
+        }))
+        .unwrap();
+        let c2: ChatCompletionChunk = serde_json::from_value(json!({
+            "id": "x", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "lo", "tool_calls": [{"index": 0, "id": "t", "function": {"name": "f", "arguments": "{\"a\""}}]}, "finish_reason": null}]
+        }))
+        .unwrap();
+        let c3: ChatCompletionChunk = serde_json::from_value(json!({
+            "id": "x", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]}, "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        }))
+        .unwrap();
+        for c in [&c1, &c2, &c3] {
+            acc.push(c);
+        }
+        assert_eq!(acc.usage().unwrap().total_tokens, 5);
+        let done = acc.finish();
+        assert_eq!(done.choices[0].message.content.as_deref(), Some("Hello"));
+        let tc = &done.choices[0].message.tool_calls.as_ref().unwrap()[0];
+        assert_eq!(tc.function.arguments, "{\"a\":1}");
+        assert_eq!(done.choices[0].finish_reason.as_deref(), Some("tool_calls"));
+    }
+}

@@ -1,0 +1,167 @@
+//! `sluice serve`: builds every component from the validated config and runs the server until
+//! SIGTERM/SIGINT, then drains in-flight requests and the request log.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sluice_core::record::{LogSink, LogStore};
+use sluice_core::secret::Secret;
+use sluice_gateway::{BodyMode, Gateway, Metrics};
+use sluice_server::AppState;
+use sluice_store::BodyModeConfig;
+use sluice_store::writer::LogWriter;
+
+use crate::config::Config;
+
+/// The admin key from `SLUICE_ADMIN_KEY`, if set.
+pub fn admin_key() -> Option<Secret> {
+    std::env::var("SLUICE_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+        .map(|k| Secret::new(k.trim()))
+}
+
+/// Refuses to expose an unauthenticated gateway beyond this machine.
+pub fn check_exposure(addr: SocketAddr, admin_key: &Option<Secret>) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() && admin_key.is_none() {
+        bail!(
+            "refusing to listen on {addr} without an admin key: the API would be open to the network\nhint: export SLUICE_ADMIN_KEY=<a long random secret> (clients then send it as their API key), or listen on 127.0.0.1"
+        );
+    }
+    Ok(())
+}
+
+/// Where records go if the store stays unavailable: beside the SQLite file, or under
+/// `./sluice-data/` for PostgreSQL.
+pub fn spill_path(url: &str) -> PathBuf {
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .map(|p| p.split('?').next().unwrap_or(p))
+        && let Some(dir) = std::path::Path::new(path).parent()
+    {
+        return dir.join("spill.jsonl");
+    }
+    PathBuf::from("sluice-data").join("spill.jsonl")
+}
+
+/// Everything a running gateway is made of.
+pub struct Running {
+    pub state: Arc<AppState>,
+    pub writer: LogWriter,
+}
+
+/// Opens the store, starts the log writer and builds the gateway.
+pub async fn build(cfg: Config, admin_key: Option<Secret>) -> anyhow::Result<Running> {
+    let store: Arc<dyn LogStore> = sluice_store::open(&cfg.store.url, cfg.store.max_connections)
+        .await
+        .with_context(|| format!("opening the store at {}", cfg.store.url))?;
+    let (sink, rx) = LogSink::channel(cfg.store.queue_capacity);
+    let writer = LogWriter::spawn(
+        store.clone(),
+        rx,
+        cfg.store.batch_size,
+        spill_path(&cfg.store.url),
+    );
+    let bodies = match cfg.store.bodies {
+        BodyModeConfig::Full => BodyMode::Full,
+        BodyModeConfig::None => BodyMode::None,
+    };
+    let gateway = Arc::new(Gateway::new(
+        cfg.models,
+        sink,
+        Arc::new(Metrics::new()),
+        bodies,
+    ));
+    let state = Arc::new(AppState {
+        gateway,
+        store,
+        admin_key,
+        max_body_bytes: cfg.server.max_body_bytes,
+    });
+    Ok(Running { state, writer })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let addr = cfg.server.addr().map_err(anyhow::Error::msg)?;
+    let key = admin_key();
+    check_exposure(addr, &key)?;
+    let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
+    let source = cfg.source.to_string();
+    let store_url = cfg.store.url.clone();
+    let models: Vec<String> = cfg.models.keys().cloned().collect();
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr} (is another process using it? set server.listen or --listen)"
+        )
+    })?;
+    let local = listener.local_addr()?;
+    let Running { state, writer } = build(cfg, key).await?;
+    let app = sluice_server::router(state.clone());
+    drop(state);
+    println!(
+        "sluice {} listening on http://{local}",
+        env!("CARGO_PKG_VERSION")
+    );
+    println!("  config: {source}");
+    println!("  store:  {store_url}");
+    println!(
+        "  models: {}",
+        if models.is_empty() {
+            "(none configured)".to_string()
+        } else {
+            models.join(", ")
+        }
+    );
+    tracing::info!(%local, "listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut server = std::pin::pin!(server.into_future());
+    let mut stop_rx = stop_rx;
+    tokio::select! {
+        r = &mut server => r.context("server failed")?,
+        _ = stop_rx.wait_for(|s| *s) => {
+            tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
+            if tokio::time::timeout(grace, &mut server).await.is_err() {
+                tracing::warn!("in-flight requests did not finish within the grace period");
+            }
+        }
+    }
+    let stats = writer.drain(Duration::from_secs(5)).await;
+    tracing::info!(
+        written = stats.written,
+        spilled = stats.spilled,
+        "request log drained"
+    );
+    println!("sluice stopped: {} request records written", stats.written);
+    Ok(())
+}

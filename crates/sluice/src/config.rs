@@ -1,0 +1,304 @@
+//! `sluice.toml`: the raw schema, its layers, and the validated [`Config`].
+//!
+//! Layers, later wins: built-in defaults → the file → `SLUICE__SECTION__KEY` environment
+//! variables → command-line flags. Every table rejects unknown keys; every error names the key
+//! path. Validation resolves every reference once (models → providers → secrets) and builds the
+//! running providers.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+use sluice_core::price::PriceTable;
+use sluice_gateway::{Deployment, ModelConfig};
+use sluice_providers::ProviderConfig;
+use sluice_server::ServerConfig;
+use sluice_store::StoreConfig;
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+/// The configuration Sluice uses when there is no file: the embedded SQLite store and one model,
+/// `mock-echo`, served by the built-in mock provider (a test double that echoes the last user
+/// message), so the gateway runs with no keys and no network.
+pub const EMBEDDED_DEFAULT: &str = r#"
+[providers.mock]
+type = "mock"
+
+[models."mock-echo"]
+deployments = [{ provider = "mock", model = "mock-echo" }]
+"#;
+
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    EmbeddedDefault,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::EmbeddedDefault => f.write_str("the embedded default (no config file)"),
+        }
+    }
+}
+
+/// Picks the file: `--config`, else `SLUICE_CONFIG`, else `./sluice.toml` if present, else the
+/// embedded default.
+pub fn locate(flag: Option<&Path>) -> Source {
+    if let Some(p) = flag {
+        return Source::File(p.to_path_buf());
+    }
+    if let Ok(p) = std::env::var("SLUICE_CONFIG")
+        && !p.is_empty()
+    {
+        return Source::File(PathBuf::from(p));
+    }
+    let local = PathBuf::from("sluice.toml");
+    if local.is_file() {
+        return Source::File(local);
+    }
+    Source::EmbeddedDefault
+}
+
+/// Overrides from command-line flags.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub store_url: Option<String>,
+}
+
+/// Reads and layers the raw configuration.
+pub fn load_raw(source: &Source, overrides: &Overrides) -> Result<RawConfig, String> {
+    let mut fig = Figment::new();
+    match source {
+        Source::File(p) => {
+            if !p.is_file() {
+                return Err(format!(
+                    "config file `{}` does not exist (hint: run without --config to use the embedded default)",
+                    p.display()
+                ));
+            }
+            fig = fig.merge(Toml::file_exact(p));
+        }
+        Source::EmbeddedDefault => fig = fig.merge(Toml::string(EMBEDDED_DEFAULT)),
+    }
+    fig = fig.merge(Env::prefixed("SLUICE__").split("__"));
+    if let Some(l) = &overrides.listen {
+        fig = fig.merge(("server.listen", l.as_str()));
+    }
+    if let Some(u) = &overrides.store_url {
+        fig = fig.merge(("store.url", u.as_str()));
+    }
+    fig.extract::<RawConfig>().map_err(figment_message)
+}
+
+/// One line per figment error, each with its key path.
+fn figment_message(err: figment::Error) -> String {
+    err.into_iter()
+        .map(|e| {
+            let path = e.path.join(".");
+            let kind = e.kind.to_string();
+            let origin = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.source.as_ref())
+                .map(|s| format!(" (in {s})"))
+                .unwrap_or_default();
+            if path.is_empty() {
+                format!("{kind}{origin}")
+            } else {
+                format!("{path}: {kind}{origin}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The validated configuration: every reference resolved, every provider built.
+pub struct Config {
+    pub source: Source,
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub models: BTreeMap<String, Vec<Deployment>>,
+    pub provider_kinds: BTreeMap<String, &'static str>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("source", &self.source)
+            .field("server", &self.server)
+            .field("store", &self.store)
+            .field("models", &self.models)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Validates a raw configuration. Errors name the key path.
+    pub fn from_raw(source: Source, raw: RawConfig) -> Result<Config, String> {
+        raw.server.addr().map_err(|e| format!("server.{e}"))?;
+        if raw.server.max_body_bytes < 1024 {
+            return Err("server.max_body_bytes: must be at least 1024".into());
+        }
+        raw.store.validate().map_err(|e| format!("store.{e}"))?;
+        let mut built = BTreeMap::new();
+        let mut kinds = BTreeMap::new();
+        for (name, p) in &raw.providers {
+            let provider = p.build().map_err(|e| format!("providers.{name}.{e}"))?;
+            kinds.insert(name.clone(), p.kind());
+            built.insert(name.clone(), provider);
+        }
+        let prices = PriceTable::builtin();
+        let mut models = BTreeMap::new();
+        for (model, mc) in &raw.models {
+            if mc.deployments.is_empty() {
+                return Err(format!(
+                    "models.{model}.deployments: needs at least one deployment"
+                ));
+            }
+            let mut deps = Vec::new();
+            for (i, d) in mc.deployments.iter().enumerate() {
+                let key = format!("models.{model}.deployments[{i}]");
+                let provider = built.get(&d.provider).ok_or_else(|| {
+                    format!(
+                        "{key}.provider: no provider `{}`; configured providers: {}",
+                        d.provider,
+                        if built.is_empty() {
+                            "(none)".to_string()
+                        } else {
+                            built.keys().cloned().collect::<Vec<_>>().join(", ")
+                        }
+                    )
+                })?;
+                if d.model.trim().is_empty() {
+                    return Err(format!("{key}.model: must not be empty"));
+                }
+                let price = d.price(prices).map_err(|e| format!("{key}.{e}"))?;
+                deps.push(Deployment {
+                    provider_name: d.provider.clone(),
+                    provider: Arc::clone(provider),
+                    model: d.model.clone(),
+                    price,
+                });
+            }
+            models.insert(model.clone(), deps);
+        }
+        Ok(Config {
+            source,
+            server: raw.server,
+            store: raw.store,
+            models,
+            provider_kinds: kinds,
+        })
+    }
+
+    /// Loads, layers and validates.
+    pub fn load(flag: Option<&Path>, overrides: &Overrides) -> Result<Config, String> {
+        let source = locate(flag);
+        let raw = load_raw(&source, overrides)?;
+        Config::from_raw(source, raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<Config, String> {
+        let raw: RawConfig = Figment::new()
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(figment_message)?;
+        Config::from_raw(Source::EmbeddedDefault, raw)
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let c = check(EMBEDDED_DEFAULT).unwrap();
+        assert!(c.models.contains_key("mock-echo"));
+        assert_eq!(c.server.listen, "127.0.0.1:4141");
+        assert_eq!(c.store.url, "sqlite://./sluice-data/sluice.db");
+    }
+
+    #[test]
+    fn the_issue_example_is_valid() {
+        // SAFETY of the test: a variable name no other test uses.
+        let text = r#"
+            [server]
+            listen = "127.0.0.1:4141"
+            [store]
+            url = "sqlite://./sluice-data/sluice.db"
+            [providers.upstream]
+            type = "openai"
+            base_url = "http://127.0.0.1:18080/v1"
+            api_key = "literal-key-for-test"
+            [models."bench-model"]
+            deployments = [{ provider = "upstream", model = "gpt-4o-mini" }]
+        "#;
+        let c = check(text).unwrap();
+        let d = &c.models["bench-model"][0];
+        assert_eq!(d.model, "gpt-4o-mini");
+        assert!(
+            d.price.is_some(),
+            "gpt-4o-mini is priced from the shipped table"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let e = check("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
+        assert!(e.contains("server") && e.contains("lisen"), "{e}");
+        let e = check("[providers.p]\ntype = \"openai\"\nbase_url = \"http://x\"\ntimeout = 3\n")
+            .unwrap_err();
+        assert!(e.contains("providers.p") && e.contains("timeout"), "{e}");
+        let e = check("[providers.p]\ntype = \"cohere\"\n").unwrap_err();
+        assert!(e.contains("providers.p") && e.contains("cohere"), "{e}");
+    }
+
+    #[test]
+    fn references_are_resolved_with_key_paths() {
+        let e = check("[models.m]\ndeployments = [{ provider = \"nope\", model = \"x\" }]\n")
+            .unwrap_err();
+        assert!(
+            e.starts_with("models.m.deployments[0].provider: no provider `nope`"),
+            "{e}"
+        );
+        let e = check(
+            "[providers.a]\ntype = \"anthropic\"\napi_key = \"env::SLUICE_TEST_UNSET_KEY_1\"\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("providers.a.api_key:"), "{e}");
+        assert!(e.contains("SLUICE_TEST_UNSET_KEY_1"), "{e}");
+        let e = check("[server]\nlisten = \"nowhere\"\n").unwrap_err();
+        assert!(e.starts_with("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn price_overrides_apply() {
+        let c = check(
+            "[providers.m]\ntype = \"mock\"\n[models.x]\ndeployments = [{ provider = \"m\", model = \"gpt-4o\", output_cost_per_mtok = 1.0 }]\n",
+        )
+        .unwrap();
+        let p = c.models["x"][0].price.unwrap();
+        assert_eq!(p.output, 1.0);
+        assert_eq!(p.input, 2.5);
+    }
+}

@@ -1,0 +1,145 @@
+//! `sluice`: the command line and the composition root — the only place that knows every
+//! concrete type. See `docs/architecture.md`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod app;
+mod config;
+mod demo;
+mod logs;
+
+use config::{Config, Overrides};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Sluice: one binary between your LLM apps and their providers"
+)]
+struct Cli {
+    /// The configuration file (default: $SLUICE_CONFIG, else ./sluice.toml, else the embedded default).
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Listen address (overrides server.listen).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Store URL (overrides store.url).
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// Check a configuration file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print the request log.
+    Logs {
+        /// Store URL (default: store.url of the configuration).
+        #[arg(long)]
+        store: Option<String>,
+        #[command(flatten)]
+        args: logs::LogsArgs,
+    },
+    /// Start a gateway on a free port and show it at work, with no API keys (mock provider).
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and exit (non-zero with the key path on error).
+    Check,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn fail(message: &str) -> ExitCode {
+    let mut lines = message.lines();
+    eprintln!("error: {}", lines.next().unwrap_or(""));
+    for l in lines {
+        eprintln!("{l}");
+    }
+    ExitCode::from(2)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { listen, store } => {
+            init_tracing();
+            let overrides = Overrides {
+                listen,
+                store_url: store,
+            };
+            let cfg = match Config::load(cli.config.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(e) => {
+                    return fail(&format!(
+                        "{e}\nhint: `sluice config check` explains configuration errors; docs/configuration.md lists every key"
+                    ));
+                }
+            };
+            match app::serve(cfg).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => match Config::load(cli.config.as_deref(), &Overrides::default()) {
+            Ok(c) => {
+                let providers = c.provider_kinds.len();
+                println!(
+                    "config OK ({}): {} provider{}, {} model{}; listen {}; store {}",
+                    c.source,
+                    providers,
+                    if providers == 1 { "" } else { "s" },
+                    c.models.len(),
+                    if c.models.len() == 1 { "" } else { "s" },
+                    c.server.listen,
+                    c.store.url
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Logs { store, args } => {
+            let raw = match config::load_raw(
+                &config::locate(cli.config.as_deref()),
+                &Overrides {
+                    listen: None,
+                    store_url: store,
+                },
+            ) {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            match logs::run(&raw.store.url, 2, args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
+        Command::Demo => match demo::run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&format!("{e:#}")),
+        },
+    }
+}
