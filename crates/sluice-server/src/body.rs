@@ -4,6 +4,7 @@
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use sluice_core::error::{Error, ErrorCode};
 
@@ -25,21 +26,27 @@ pub async fn read(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes
     {
         return Err(too_large());
     }
-    match axum::body::to_bytes(body, limit).await {
-        Ok(b) => Ok(b),
-        Err(e) => {
-            let mut src: Option<&dyn std::error::Error> = Some(&e);
-            while let Some(s) = src {
-                if s.to_string().contains("length limit") {
-                    return Err(too_large());
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = stream.next().await {
+        let frame =
+            frame.map_err(|e| Error::invalid(format!("could not read the request body: {e}")))?;
+        if buf.len() + frame.len() > limit {
+            // Read (and discard) a bounded amount of the rest, so that the client is still
+            // reading when the 413 arrives instead of meeting a closed connection.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+            let mut discarded = 0usize;
+            while discarded < 64 * 1024 * 1024 {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(Ok(f))) => discarded += f.len(),
+                    _ => break,
                 }
-                src = s.source();
             }
-            Err(Error::invalid(format!(
-                "could not read the request body: {e}"
-            )))
+            return Err(too_large());
         }
+        buf.extend_from_slice(&frame);
     }
+    Ok(buf.freeze())
 }
 
 /// Parses JSON into `T`, naming the offending parameter on type errors.

@@ -1,0 +1,125 @@
+//! 6. The writer's spill file, against a store that is always down (backend-independent).
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sluice_core::record::{
+    LogSink, LogStore, RecordQuery, RecordStatus, RequestRecord, StoreError,
+};
+use sluice_store::writer::LogWriter;
+use uuid::Uuid;
+
+use crate::fixtures::{full_record, record};
+
+/// A store whose `insert_batch` always fails.
+#[derive(Default)]
+struct DownStore {
+    insert_calls: AtomicU64,
+}
+
+#[async_trait]
+impl LogStore for DownStore {
+    async fn insert_batch(&self, _records: &[RequestRecord]) -> Result<(), StoreError> {
+        self.insert_calls.fetch_add(1, Ordering::SeqCst);
+        Err(StoreError::Database(
+            "connection refused (test store is down)".into(),
+        ))
+    }
+    async fn get(&self, _id: Uuid) -> Result<Option<RequestRecord>, StoreError> {
+        Ok(None)
+    }
+    async fn list(&self, _query: &RecordQuery) -> Result<Vec<RequestRecord>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn count(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_spills_when_the_store_stays_down() {
+    const SENT: usize = 100;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // In a directory that does not exist yet, behind a line already there (appended, not
+    // truncated).
+    let spill = dir.path().join("not-yet").join("spill.jsonl");
+    std::fs::create_dir_all(spill.parent().unwrap()).unwrap();
+    let earlier = record("earlier", None, RecordStatus::Ok);
+    {
+        let mut f = std::fs::File::create(&spill).unwrap();
+        serde_json::to_writer(&mut f, &earlier).unwrap();
+        f.write_all(b"\n").unwrap();
+    }
+
+    let store = Arc::new(DownStore::default());
+    let (sink, rx) = LogSink::channel(256);
+    // Everything is queued before the writer starts: it takes two batches (64 + 36).
+    let mut sent = Vec::with_capacity(SENT);
+    for i in 0..SENT {
+        let mut r = if i % 10 == 0 {
+            full_record()
+        } else {
+            record("m", Some("u"), RecordStatus::Ok)
+        };
+        r.id = Uuid::now_v7();
+        sent.push(r.clone());
+        sink.send(r).await;
+    }
+    drop(sink);
+    let writer = LogWriter::spawn(store.clone(), rx, 64, spill.clone());
+    let stats = tokio::time::timeout(
+        Duration::from_secs(60),
+        writer.drain(Duration::from_secs(30)),
+    )
+    .await
+    .expect("drain did not return");
+
+    assert_eq!(stats.spilled, SENT as u64, "{stats:?}");
+    assert_eq!(stats.written, 0, "{stats:?}");
+    assert_eq!(stats.batches, 0, "{stats:?}");
+    // Two batches, each tried 6 times before it is spilled.
+    assert_eq!(store.insert_calls.load(Ordering::SeqCst), 2 * 6);
+
+    let text = std::fs::read_to_string(&spill).expect("spill file");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        SENT + 1,
+        "the earlier line and one line per record"
+    );
+    assert!(text.ends_with('\n'));
+    let parsed: Vec<RequestRecord> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("spill line {i} is not a record: {e}"))
+        })
+        .collect();
+    assert_eq!(parsed[0].id, earlier.id, "the earlier content is kept");
+    let spilled = &parsed[1..];
+    assert_eq!(
+        spilled.iter().map(|r| r.id).collect::<Vec<_>>(),
+        sent.iter().map(|r| r.id).collect::<Vec<_>>(),
+        "spilled ids, in order"
+    );
+    for (got, want) in spilled.iter().zip(&sent) {
+        // Floats go through JSON text; everything else must be identical.
+        let mut got = got.clone();
+        let close = |a: f64, b: f64| (a - b).abs() <= b.abs() * 1e-15;
+        assert!(close(got.latency_ms, want.latency_ms));
+        assert!(close(got.cost_usd, want.cost_usd));
+        assert_eq!(got.ttft_ms.is_some(), want.ttft_ms.is_some());
+        if let (Some(a), Some(b)) = (got.ttft_ms, want.ttft_ms) {
+            assert!(close(a, b));
+        }
+        got.latency_ms = want.latency_ms;
+        got.cost_usd = want.cost_usd;
+        got.ttft_ms = want.ttft_ms;
+        got.request_body.clone_from(&want.request_body);
+        assert_eq!(&got, want);
+    }
+}

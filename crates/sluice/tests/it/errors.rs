@@ -1,0 +1,214 @@
+//! Bad input gets the right OpenAI-style error and status; never a 500.
+
+use serde_json::{Value, json};
+
+use crate::harness::{Opts, Sluice, request_id};
+use crate::openai_api::MOCK;
+
+async fn post_raw(s: &Sluice, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value, String) {
+    let resp = reqwest::Client::new()
+        .post(s.url(path))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let id = request_id(&resp);
+    let v: Value = resp.json().await.expect("error bodies are JSON");
+    (status, v, id)
+}
+
+fn assert_error(v: &Value, code: &str) {
+    let e = &v["error"];
+    assert_eq!(e["code"], code, "{v}");
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+}
+
+#[tokio::test]
+async fn malformed_and_mistyped_bodies_are_400_with_the_parameter() {
+    let s = Sluice::start(MOCK).await;
+    let (st, v, id) = post_raw(&s, "/v1/chat/completions", "{\"model\": \"mock-echo\", ").await;
+    assert_eq!(st, 400);
+    assert_error(&v, "invalid_json");
+    let rec = s.record(&id).await;
+    assert_eq!(rec["status"], "error");
+    assert_eq!(rec["http_status"], 400);
+    assert_eq!(rec["error_code"], "invalid_json");
+
+    let (st, v, _) = post_raw(
+        &s,
+        "/v1/chat/completions",
+        r#"{"model": "mock-echo", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#,
+    )
+    .await;
+    assert_eq!(st, 400);
+    assert_error(&v, "invalid_request");
+    assert_eq!(v["error"]["param"], "temperature", "{v}");
+
+    let (st, v, _) = post_raw(&s, "/v1/chat/completions", r#"{"model": "mock-echo"}"#).await;
+    assert_eq!(st, 400);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("messages"),
+        "{v}"
+    );
+
+    let (st, v, _) = post_raw(
+        &s,
+        "/v1/chat/completions",
+        r#"{"model": "mock-echo", "messages": []}"#,
+    )
+    .await;
+    assert_eq!(st, 400);
+    assert_eq!(v["error"]["param"], "messages");
+
+    let (st, v, _) = post_raw(&s, "/v1/chat/completions", "").await;
+    assert_eq!(st, 400);
+    assert_error(&v, "invalid_json");
+
+    let (st, v, _) = post_raw(
+        &s,
+        "/v1/embeddings",
+        r#"{"model": "mock-echo", "input": 42}"#,
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+}
+
+#[tokio::test]
+async fn huge_bodies_are_413() {
+    let s = Sluice::start_opts(Opts {
+        config: MOCK,
+        server_extra: "max_body_bytes = 65536",
+        ..Opts::default()
+    })
+    .await;
+    let big = "x".repeat(100_000);
+    let body =
+        json!({"model": "mock-echo", "messages": [{"role": "user", "content": big}]}).to_string();
+    let (st, v, id) = post_raw(&s, "/v1/chat/completions", body).await;
+    assert_eq!(st, 413);
+    assert_error(&v, "payload_too_large");
+    assert_eq!(s.record(&id).await["http_status"], 413);
+    // A chunked body with no content-length is cut off too.
+    let chunks = futures::stream::iter(
+        (0..20).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 8192]))),
+    );
+    let (st, v, _) = post_raw(
+        &s,
+        "/v1/chat/completions",
+        reqwest::Body::wrap_stream(chunks),
+    )
+    .await;
+    assert_eq!(st, 413, "{v}");
+}
+
+#[tokio::test]
+async fn unknown_models_routes_and_methods() {
+    let s = Sluice::start(MOCK).await;
+    let (st, v, id) = post_raw(
+        &s,
+        "/v1/chat/completions",
+        r#"{"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}"#,
+    )
+    .await;
+    assert_eq!(st, 404);
+    assert_error(&v, "model_not_found");
+    assert_eq!(v["error"]["param"], "model");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("mock-echo, priced")
+    );
+    assert_eq!(s.record(&id).await["model"], "gpt-9");
+
+    let http = reqwest::Client::new();
+    let r = http.get(s.url("/v1/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    request_id(&r);
+    assert_error(&r.json().await.unwrap(), "not_found");
+    let r = http
+        .get(s.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_error(&r.json().await.unwrap(), "method_not_allowed");
+    let r = http.get(s.url("/v1/models/gpt-9")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http
+        .get(s.url("/v1/models/mock-echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn upstream_rate_limits_carry_retry_after_and_bad_headers_are_400() {
+    let s = Sluice::start(MOCK).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "[mock:error=429]"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_error(&r.json().await.unwrap(), "upstream_rate_limited");
+
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "[mock:error=500]"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .header("x-sluice-metadata", "not json")
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn random_garbage_never_yields_a_500() {
+    let s = Sluice::start(MOCK).await;
+    let bodies: Vec<&[u8]> = vec![
+        b"null",
+        b"[]",
+        b"\"string\"",
+        b"{\"model\": 5}",
+        b"{\"model\": \"mock-echo\", \"messages\": [{}]}",
+        b"{\"model\": \"mock-echo\", \"messages\": [{\"role\": \"user\", \"content\": 5}]}",
+        b"{\"model\": \"mock-echo\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"n\": 0}",
+        b"{\"model\": \"mock-echo\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"stop\": 7}",
+        b"\xff\xfe\x00garbage",
+        b"{\"model\": \"mock-echo\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"max_tokens\": -1}",
+    ];
+    for path in ["/v1/chat/completions", "/v1/embeddings", "/v1/messages"] {
+        for b in &bodies {
+            let r = reqwest::Client::new()
+                .post(s.url(path))
+                .body(b.to_vec())
+                .send()
+                .await
+                .unwrap();
+            let st = r.status().as_u16();
+            assert!(
+                (400..500).contains(&st),
+                "{path} {:?} → {st}",
+                String::from_utf8_lossy(b)
+            );
+            let v: Value = r.json().await.expect("JSON error body");
+            assert!(v["error"].is_object(), "{v}");
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Start-up rules and graceful shutdown: SIGTERM mid-load loses no accepted request.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use sluice_testkit::TempPostgres;
+
+use crate::harness::{BIN, Opts, Sluice, request_id};
+
+const SLOW_MOCK: &str = r#"
+[providers.mock]
+type = "mock"
+latency_ms = 20
+tokens_per_second = 400
+
+[models."mock-echo"]
+deployments = [{ provider = "mock", model = "mock-echo" }]
+"#;
+
+/// Drives `s` with 16 concurrent clients, sends SIGTERM after `before_kill` responses, and returns
+/// the ids of every response that came back (any status).
+async fn load_then_sigterm(s: &mut Sluice, before_kill: usize) -> Vec<String> {
+    let done = Arc::new(AtomicUsize::new(0));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let http = http.clone();
+        let url = s.url("/v1/chat/completions");
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..400 {
+                let stream = (w + i) % 2 == 0;
+                let r = http
+                    .post(&url)
+                    .json(&json!({
+                        "model": "mock-echo",
+                        "stream": stream,
+                        "messages": [{"role": "user", "content": format!("worker {w} request {i} goes here")}]
+                    }))
+                    .send()
+                    .await;
+                let Ok(r) = r else { break };
+                let id = request_id(&r);
+                let ok = r.text().await.is_ok();
+                if ok {
+                    ids.push(id);
+                    done.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    break;
+                }
+            }
+            ids
+        }));
+    }
+    while done.load(Ordering::SeqCst) < before_kill {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.sigterm();
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(30)));
+    assert!(
+        status.success(),
+        "sluice exited with {status}; stderr:\n{}",
+        s.stderr()
+    );
+    ids
+}
+
+async fn assert_all_stored(store_url: &str, ids: &[String]) {
+    let store = sluice_store::open(store_url, 2).await.expect("open store");
+    let total = store.count().await.unwrap();
+    assert!(
+        total >= ids.len() as u64,
+        "{total} records for {} answered requests",
+        ids.len()
+    );
+    let mut missing = Vec::new();
+    for id in ids {
+        let uuid = uuid::Uuid::parse_str(id).unwrap();
+        if store.get(uuid).await.unwrap().is_none() {
+            missing.push(id.clone());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} answered requests have no record: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let unique: HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "request ids are unique");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_load_loses_no_record_sqlite() {
+    let mut s = Sluice::start(SLOW_MOCK).await;
+    let ids = load_then_sigterm(&mut s, 150).await;
+    assert!(ids.len() >= 150);
+    let stdout = s.stdout().join("\n");
+    assert!(stdout.contains("request records written"), "{stdout}");
+    assert_all_stored(&s.store_url.clone(), &ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_load_loses_no_record_postgres() {
+    if !sluice_testkit::postgres_available() {
+        assert_ne!(
+            std::env::var("SLUICE_REQUIRE_PG").as_deref(),
+            Ok("1"),
+            "PostgreSQL is required (SLUICE_REQUIRE_PG=1) but initdb/pg_ctl were not found"
+        );
+        eprintln!("skipping: PostgreSQL server binaries not found");
+        return;
+    }
+    let pg = tokio::task::block_in_place(TempPostgres::start).expect("start postgres");
+    let url = tokio::task::block_in_place(|| pg.create_database("sigterm_e2e")).expect("create db");
+    let mut s = Sluice::start_opts(Opts {
+        config: SLOW_MOCK,
+        store_url: Some(url.clone()),
+        ..Opts::default()
+    })
+    .await;
+    let ids = load_then_sigterm(&mut s, 150).await;
+    assert_all_stored(&url, &ids).await;
+}
+
+#[test]
+fn public_bind_without_admin_key_refuses_to_start() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--store",
+            "sqlite::memory:",
+        ])
+        .env_remove("SLUICE_ADMIN_KEY")
+        .env_remove("SLUICE_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");
+    assert!(err.contains("hint: export SLUICE_ADMIN_KEY"), "{err}");
+}
+
+#[tokio::test]
+async fn admin_key_guards_v1_and_api() {
+    let s = Sluice::start_opts(Opts {
+        config: SLOW_MOCK,
+        admin_key: Some("sk-admin-test"),
+        ..Opts::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let body = json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]});
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth("sk-admin-test")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = request_id(&r);
+    // Anthropic SDKs send x-api-key.
+    let r = http
+        .post(s.url("/v1/messages"))
+        .header("x-api-key", "sk-admin-test")
+        .json(&json!({"model": "mock-echo", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http.get(s.url("/api/requests")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(s.record(&id).await["status"], "ok");
+}

@@ -1,0 +1,137 @@
+//! `/api/requests` and `/metrics`.
+
+use serde_json::json;
+
+use crate::harness::{Sluice, request_id};
+use crate::openai_api::MOCK;
+
+#[tokio::test]
+async fn request_log_filters_and_pages() {
+    let s = Sluice::start(MOCK).await;
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let (model, user) = if i % 2 == 0 {
+            ("mock-echo", "ann")
+        } else {
+            ("priced", "bob")
+        };
+        let content = if i == 6 { "[mock:error=503]" } else { "hello" };
+        let r = http
+            .post(s.url("/v1/chat/completions"))
+            .json(&json!({"model": model, "user": user, "messages": [{"role": "user", "content": content}]}))
+            .send()
+            .await
+            .unwrap();
+        ids.push(request_id(&r));
+    }
+    s.record(&ids[6]).await;
+    let all = s.list("limit=100").await;
+    let got: Vec<&str> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    let mut want: Vec<&str> = ids.iter().map(String::as_str).collect();
+    want.reverse();
+    assert_eq!(got, want, "newest first");
+
+    let ann = s.list("user=ann").await;
+    assert_eq!(ann["data"].as_array().unwrap().len(), 4);
+    let priced = s.list("model=priced").await;
+    assert_eq!(priced["data"].as_array().unwrap().len(), 3);
+    let errors = s.list("status=error").await;
+    assert_eq!(errors["data"][0]["id"], ids[6].as_str());
+    assert_eq!(errors["data"].as_array().unwrap().len(), 1);
+    let recent = s.list("since=1h").await;
+    assert_eq!(recent["data"].as_array().unwrap().len(), 7);
+    let future = s.list("since=2999-01-01T00:00:00Z").await;
+    assert_eq!(future["data"].as_array().unwrap().len(), 0);
+
+    // Paging walks everything once.
+    let mut seen = Vec::new();
+    let mut q = "limit=3".to_string();
+    loop {
+        let page = s.list(&q).await;
+        for r in page["data"].as_array().unwrap() {
+            seen.push(r["id"].as_str().unwrap().to_string());
+        }
+        if page["has_more"] == true {
+            q = format!("limit=3&before={}", page["next_before"].as_str().unwrap());
+        } else {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 7);
+    assert_eq!(seen, want);
+
+    for bad in [
+        "status=maybe",
+        "limit=0",
+        "since=soon",
+        "before=xyz",
+        "colour=red",
+    ] {
+        let r = http
+            .get(s.url(&format!("/api/requests?{bad}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+    let r = http
+        .get(s.url("/api/requests/not-an-id"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http
+        .get(s.url(&format!("/api/requests/{}", uuid::Uuid::now_v7())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_cost_and_latency() {
+    let s = Sluice::start(MOCK).await;
+    let http = reqwest::Client::new();
+    for content in ["one two", "three", "[mock:error=500]"] {
+        let r = http
+            .post(s.url("/v1/chat/completions"))
+            .json(&json!({"model": "priced", "messages": [{"role": "user", "content": content}]}))
+            .send()
+            .await
+            .unwrap();
+        let _ = r.text().await;
+    }
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "mock-echo", "stream": true, "messages": [{"role": "user", "content": "a b c"}]}))
+        .send()
+        .await
+        .unwrap();
+    let _ = r.text().await;
+    let m = http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let has = |needle: &str| assert!(m.contains(needle), "missing `{needle}` in\n{m}");
+    has(
+        r#"sluice_requests_total{model="priced",provider="mock",endpoint="chat.completions",status="ok"} 2"#,
+    );
+    has(
+        r#"sluice_requests_total{model="priced",provider="mock",endpoint="chat.completions",status="error"} 1"#,
+    );
+    has(r#"sluice_errors_total{model="priced",provider="mock",code="upstream_error"} 1"#);
+    has(r#"sluice_tokens_total{model="priced",provider="mock",kind="completion"} 3"#);
+    has(r#"sluice_request_duration_seconds_count{model="priced",provider="mock"} 3"#);
+    has(r#"sluice_time_to_first_token_seconds_count{model="mock-echo",provider="mock"} 1"#);
+    has("sluice_cost_usd_total{model=\"priced\",provider=\"mock\"}");
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests: the real `sluice` binary on port 0, driven by real clients (async-openai,
+//! and raw reqwest for SSE), against the testkit's mock upstream.
+
+mod anthropic_ingress;
+mod cli;
+mod errors;
+mod harness;
+mod lifecycle;
+mod log_api;
+mod openai_api;
+mod providers;

@@ -1,0 +1,253 @@
+//! The OpenAI-compatible API driven by the official-shaped Rust client (async-openai).
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::CreateChatCompletionRequest;
+use async_openai::types::embeddings::CreateEmbeddingRequest;
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::harness::{Opts, Sluice, request_id};
+
+pub const MOCK: &str = r#"
+[providers.mock]
+type = "mock"
+
+[models."mock-echo"]
+deployments = [{ provider = "mock", model = "mock-echo" }]
+
+[models."priced"]
+deployments = [{ provider = "mock", model = "gpt-4o-mini" }]
+
+[models."unmetered"]
+deployments = [{ provider = "quiet", model = "gpt-4o" }]
+
+[providers.quiet]
+type = "mock"
+report_usage = false
+"#;
+
+fn client(s: &Sluice) -> Client<OpenAIConfig> {
+    Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(s.url("/v1"))
+            .with_api_key("unused-on-loopback"),
+    )
+}
+
+fn chat(v: serde_json::Value) -> CreateChatCompletionRequest {
+    serde_json::from_value(v).expect("a valid request")
+}
+
+#[tokio::test]
+async fn plain_completion_through_the_sdk() {
+    let s = Sluice::start(MOCK).await;
+    let resp = client(&s)
+        .chat()
+        .create(chat(json!({
+            "model": "priced",
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ping pong"}]
+        })))
+        .await
+        .expect("completion");
+    assert_eq!(
+        resp.choices[0].message.content.as_deref(),
+        Some("ping pong")
+    );
+    let usage = resp.usage.expect("usage");
+    assert_eq!(usage.prompt_tokens, 4);
+    assert_eq!(usage.completion_tokens, 2);
+}
+
+#[tokio::test]
+async fn streaming_completion_through_the_sdk() {
+    let s = Sluice::start(MOCK).await;
+    let mut stream = client(&s)
+        .chat()
+        .create_stream(chat(json!({
+            "model": "mock-echo",
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "one two three four"}]
+        })))
+        .await
+        .expect("stream");
+    let mut text = String::new();
+    let mut usage = None;
+    let mut finish = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("chunk");
+        for c in &chunk.choices {
+            if let Some(t) = &c.delta.content {
+                text.push_str(t);
+            }
+            if c.finish_reason.is_some() {
+                finish = c.finish_reason;
+            }
+        }
+        if chunk.usage.is_some() {
+            usage = chunk.usage;
+        }
+    }
+    assert_eq!(text, "one two three four");
+    assert!(finish.is_some());
+    assert_eq!(usage.expect("usage chunk").completion_tokens, 4);
+}
+
+#[tokio::test]
+async fn models_and_embeddings_through_the_sdk() {
+    let s = Sluice::start(MOCK).await;
+    let c = client(&s);
+    let models = c.models().list().await.expect("models");
+    let ids: Vec<_> = models.data.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["mock-echo", "priced", "unmetered"]);
+    let req: CreateEmbeddingRequest = serde_json::from_value(json!({
+        "model": "mock-echo", "input": ["alpha beta", "gamma"], "dimensions": 12
+    }))
+    .unwrap();
+    let emb = c.embeddings().create(req).await.expect("embeddings");
+    assert_eq!(emb.data.len(), 2);
+    assert_eq!(emb.data[0].embedding.len(), 12);
+    assert_ne!(emb.data[0].embedding, emb.data[1].embedding);
+    assert_eq!(emb.usage.prompt_tokens, 3);
+}
+
+#[tokio::test]
+async fn sdk_sees_openai_shaped_errors() {
+    let s = Sluice::start(MOCK).await;
+    let err = client(&s)
+        .chat()
+        .create(chat(
+            json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+        ))
+        .await
+        .expect_err("unknown model");
+    match err {
+        async_openai::error::OpenAIError::ApiError(e) => {
+            assert_eq!(e.api_error.code.as_deref(), Some("model_not_found"));
+            assert!(
+                e.api_error.message.contains("mock-echo"),
+                "{}",
+                e.api_error.message
+            );
+        }
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn records_carry_attribution_usage_cost_and_bodies() {
+    let s = Sluice::start(MOCK).await;
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(s.url("/v1/chat/completions"))
+        .header("x-sluice-session", "sess-1")
+        .header("x-sluice-tags", "beta, search")
+        .json(&json!({
+            "model": "priced",
+            "user": "alice",
+            "metadata": {"team": "search"},
+            "messages": [{"role": "user", "content": "count these five words please"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let cost: f64 = resp.headers()["x-sluice-cost-usd"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rec = s.record(&id).await;
+    assert_eq!(rec["id"], id.as_str());
+    assert_eq!(rec["model"], "priced");
+    assert_eq!(rec["provider"], "mock");
+    assert_eq!(rec["deployment"], "gpt-4o-mini");
+    assert_eq!(rec["status"], "ok");
+    assert_eq!(rec["attempts"], 1);
+    assert_eq!(rec["user"], "alice");
+    assert_eq!(rec["session"], "sess-1");
+    assert_eq!(rec["tags"], json!(["beta", "search"]));
+    assert_eq!(rec["metadata"]["team"], "search");
+    assert_eq!(rec["prompt_tokens"], 5);
+    assert_eq!(rec["completion_tokens"], 5);
+    assert_eq!(rec["usage_source"], "provider");
+    // gpt-4o-mini: $0.15 in / $0.60 out per million tokens.
+    let want = (5.0 * 0.15 + 5.0 * 0.60) / 1e6;
+    assert!(
+        (rec["cost_usd"].as_f64().unwrap() - want).abs() < 1e-12,
+        "{rec}"
+    );
+    assert!((cost - want).abs() < 1e-8);
+    assert_eq!(
+        rec["request_body"]["messages"][0]["content"],
+        "count these five words please"
+    );
+    assert_eq!(
+        rec["response_body"]["choices"][0]["message"]["content"],
+        "count these five words please"
+    );
+    assert!(rec["latency_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn tokenizer_counts_when_the_upstream_reports_no_usage() {
+    let s = Sluice::start(MOCK).await;
+    let http = reqwest::Client::new();
+    for stream in [false, true] {
+        let resp = http
+            .post(s.url("/v1/chat/completions"))
+            .json(&json!({
+                "model": "unmetered",
+                "stream": stream,
+                "messages": [{"role": "user", "content": "hello world"}]
+            }))
+            .send()
+            .await
+            .unwrap();
+        let id = request_id(&resp);
+        let _ = resp.text().await.unwrap();
+        let rec = s.record(&id).await;
+        assert_eq!(rec["usage_source"], "tokenizer", "{rec}");
+        // o200k_base: 3 priming + 3 framing + "user" (1) + "hello world" (2).
+        assert_eq!(rec["prompt_tokens"], 9, "{rec}");
+        assert_eq!(rec["completion_tokens"], 2, "{rec}");
+        assert!(rec["cost_usd"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[tokio::test]
+async fn bodies_none_keeps_no_bodies_and_streams_record_ttft() {
+    let s = Sluice::start_opts(Opts {
+        config: MOCK,
+        store_extra: "bodies = \"none\"",
+        ..Opts::default()
+    })
+    .await;
+    let resp = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({
+            "model": "mock-echo", "stream": true,
+            "messages": [{"role": "user", "content": "secret words here"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    let body = resp.text().await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert!(
+        !body.contains("\"usage\""),
+        "usage was not asked for: {body}"
+    );
+    let rec = s.record(&id).await;
+    assert!(
+        rec["request_body"].is_null() && rec["response_body"].is_null(),
+        "{rec}"
+    );
+    assert_eq!(rec["stream"], true);
+    assert_eq!(rec["completion_tokens"], 3);
+    let ttft = rec["ttft_ms"].as_f64().expect("ttft recorded");
+    assert!(ttft <= rec["latency_ms"].as_f64().unwrap());
+}
