@@ -149,7 +149,7 @@ impl RequestContext {
 pub enum ChatOutcome {
     /// A whole completion; its record is already written. `cost_usd` is for the response header.
     Complete {
-        completion: ChatCompletion,
+        completion: Box<ChatCompletion>,
         cost_usd: f64,
     },
     /// A stream of chunks; its record is written when the stream ends or is dropped.
@@ -274,7 +274,10 @@ impl Gateway {
                     .await
                     .map(ChatOutcomeInner::Stream)
             } else {
-                dep.provider.chat(&up).await.map(ChatOutcomeInner::Complete)
+                dep.provider
+                    .chat(&up)
+                    .await
+                    .map(|c| ChatOutcomeInner::Complete(Box::new(c)))
             };
             match result {
                 Ok(ChatOutcomeInner::Complete(completion)) => {
@@ -372,7 +375,7 @@ impl Gateway {
 }
 
 enum ChatOutcomeInner {
-    Complete(ChatCompletion),
+    Complete(Box<ChatCompletion>),
     Stream(sluice_core::provider::ChunkStream),
 }
 

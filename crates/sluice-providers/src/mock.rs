@@ -29,7 +29,7 @@ pub enum MockMode {
     Fixed,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MockConfig {
     #[serde(default)]
@@ -53,6 +53,19 @@ pub struct MockConfig {
 
 fn yes() -> bool {
     true
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            mode: MockMode::Echo,
+            text: None,
+            latency_ms: 0,
+            tokens_per_second: None,
+            fail_status: None,
+            report_usage: true,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -266,6 +279,15 @@ impl ChatProvider for Mock {
             ));
         }
         let dims = req.dimensions.unwrap_or(16).clamp(1, 4096) as usize;
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ProviderError::Unsupported(format!(
+                    "encoding_format `{other}` is not one of float, base64"
+                )));
+            }
+        };
         let mut tokens = 0u64;
         let data = texts
             .iter()
@@ -275,7 +297,7 @@ impl ChatProvider for Mock {
                 Embedding {
                     object: "embedding".into(),
                     index: i as u32,
-                    embedding: serde_json::Value::from(hash_embedding(t, dims)),
+                    embedding: encode_embedding(hash_embedding(t, dims), base64),
                 }
             })
             .collect();
@@ -289,6 +311,18 @@ impl ChatProvider for Mock {
             },
             extra: Extra::new(),
         })
+    }
+}
+
+/// An embedding as OpenAI returns it: a float array, or with `encoding_format = "base64"` the
+/// little-endian f32 bytes in base64.
+pub fn encode_embedding(v: Vec<f32>, base64: bool) -> serde_json::Value {
+    if base64 {
+        use base64::Engine;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else {
+        serde_json::Value::from(v)
     }
 }
 
@@ -358,6 +392,21 @@ mod tests {
             m.chat(&r).await.is_ok(),
             "only user messages carry directives"
         );
+    }
+
+    #[test]
+    fn base64_embeddings_decode_to_the_float_vector() {
+        use base64::Engine;
+        let v = hash_embedding("abc", 4);
+        let serde_json::Value::String(b) = encode_embedding(v.clone(), true) else {
+            panic!("base64 is a string");
+        };
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b).unwrap();
+        let back: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(back, v);
     }
 
     #[test]

@@ -44,6 +44,11 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
         }
     };
     let id = format!("msg_{}", ctx.id().simple());
+    // Anthropic reports input tokens in `message_start`; the upstream's count only arrives at the
+    // end of the stream, so the start carries the tokenizer's count.
+    let input_estimate = chat
+        .is_stream()
+        .then(|| sluice_gateway::tokens::count_prompt(&chat.model, &chat));
     match state.gateway.chat(ctx, chat).await {
         Ok(ChatOutcome::Complete {
             completion,
@@ -56,7 +61,11 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
             resp
         }
         Ok(ChatOutcome::Stream(stream)) => {
-            sse_response(anthropic_sse(stream, StreamEncoder::new(&id, &msg.model)))
+            let mut enc = StreamEncoder::new(&id, &msg.model);
+            if let Some(n) = input_estimate {
+                enc = enc.with_input_tokens(n);
+            }
+            sse_response(anthropic_sse(stream, enc))
         }
         Err(e) => ApiError::anthropic(e).into_response(),
     }

@@ -203,3 +203,37 @@ async fn admin_key_guards_v1_and_api() {
     assert_eq!(r.status(), 401);
     assert_eq!(s.record(&id).await["status"], "ok");
 }
+
+#[tokio::test]
+async fn a_client_leaving_a_plain_request_is_recorded_as_cancelled() {
+    let s = Sluice::start(
+        "[providers.slow]\ntype = \"mock\"\nlatency_ms = 3000\n[models.slow]\ndeployments = [{ provider = \"slow\", model = \"slow\" }]\n",
+    )
+    .await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "slow", "user": "leaver", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gives up before the answer");
+    // The record appears well before the mock would have answered.
+    let start = std::time::Instant::now();
+    loop {
+        let page = s.list("user=leaver").await;
+        if let Some(rec) = page["data"].as_array().and_then(|a| a.first()) {
+            assert_eq!(rec["status"], "cancelled", "{rec}");
+            assert_eq!(rec["http_status"], 499);
+            assert_eq!(rec["error_code"], "client_closed_request");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_millis(2500),
+            "no cancelled record"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
