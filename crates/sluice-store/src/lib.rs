@@ -17,7 +17,6 @@ use serde::Deserialize;
 use sluice_core::record::{
     LogStore, RecordQuery, RecordStatus, RequestRecord, StoreError, UsageSource,
 };
-use sqlx::types::Json;
 use sqlx::{Row, postgres::PgPoolOptions, sqlite::SqlitePoolOptions};
 use uuid::Uuid;
 
@@ -196,10 +195,10 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         finish_reason TEXT,
         user_id TEXT,
         session_id TEXT,
-        tags JSONB NOT NULL,
-        metadata JSONB NOT NULL,
-        request_body JSONB,
-        response_body JSONB
+        tags TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        request_body TEXT,
+        response_body TEXT
     );
     CREATE INDEX IF NOT EXISTS requests_model ON requests (model, id);
     CREATE INDEX IF NOT EXISTS requests_user ON requests (user_id, id);
@@ -350,40 +349,45 @@ macro_rules! store_impl {
                 if records.is_empty() {
                     return Ok(());
                 }
-                let mut qb =
-                    sqlx::QueryBuilder::<$db>::new(format!("INSERT INTO requests ({COLUMNS}) "));
-                qb.push_values(records, |mut b, r| {
-                    b.push_bind(r.id.hyphenated().to_string())
-                        .push_bind(r.started_at)
-                        .push_bind(r.finished_at)
-                        .push_bind(r.endpoint.clone())
-                        .push_bind(r.model.clone())
-                        .push_bind(r.provider.clone())
-                        .push_bind(r.deployment.clone())
-                        .push_bind(i64::from(r.attempts))
-                        .push_bind(r.status.as_str())
-                        .push_bind(i64::from(r.http_status))
-                        .push_bind(r.error_code.clone())
-                        .push_bind(r.error_message.clone())
-                        .push_bind(r.stream)
-                        .push_bind(r.latency_ms)
-                        .push_bind(r.ttft_ms)
-                        .push_bind(clamp_i64(r.prompt_tokens))
-                        .push_bind(clamp_i64(r.completion_tokens))
-                        .push_bind(clamp_i64(r.cached_tokens))
-                        .push_bind(r.usage_source.as_str())
-                        .push_bind(r.cost_usd)
-                        .push_bind(r.finish_reason.clone())
-                        .push_bind(r.user.clone())
-                        .push_bind(r.session.clone())
-                        .push_bind(Json(r.tags.clone()))
-                        .push_bind(Json(r.metadata.clone()))
-                        .push_bind(r.request_body.clone().map(Json))
-                        .push_bind(r.response_body.clone().map(Json));
-                });
-                qb.push(" ON CONFLICT (id) DO NOTHING");
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                qb.build().execute(&mut *tx).await.map_err(db_err)?;
+                // One statement per ROWS_PER_INSERT records keeps every statement under SQLite's
+                // limit of 32766 bound variables; the transaction keeps the batch atomic.
+                for rows in records.chunks(ROWS_PER_INSERT) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(format!(
+                        "INSERT INTO requests ({COLUMNS}) "
+                    ));
+                    qb.push_values(rows, |mut b, r| {
+                        b.push_bind(r.id.hyphenated().to_string())
+                            .push_bind(r.started_at)
+                            .push_bind(r.finished_at)
+                            .push_bind(text(&r.endpoint))
+                            .push_bind(text(&r.model))
+                            .push_bind(opt_text(&r.provider))
+                            .push_bind(opt_text(&r.deployment))
+                            .push_bind(i64::from(r.attempts))
+                            .push_bind(r.status.as_str())
+                            .push_bind(i64::from(r.http_status))
+                            .push_bind(opt_text(&r.error_code))
+                            .push_bind(opt_text(&r.error_message))
+                            .push_bind(r.stream)
+                            .push_bind(r.latency_ms)
+                            .push_bind(r.ttft_ms)
+                            .push_bind(clamp_i64(r.prompt_tokens))
+                            .push_bind(clamp_i64(r.completion_tokens))
+                            .push_bind(clamp_i64(r.cached_tokens))
+                            .push_bind(r.usage_source.as_str())
+                            .push_bind(r.cost_usd)
+                            .push_bind(opt_text(&r.finish_reason))
+                            .push_bind(opt_text(&r.user))
+                            .push_bind(opt_text(&r.session))
+                            .push_bind(json_text(&r.tags))
+                            .push_bind(json_text(&r.metadata))
+                            .push_bind(r.request_body.as_ref().map(json_text))
+                            .push_bind(r.response_body.as_ref().map(json_text));
+                    });
+                    qb.push(" ON CONFLICT (id) DO NOTHING");
+                    qb.build().execute(&mut *tx).await.map_err(db_err)?;
+                }
                 tx.commit().await.map_err(db_err)
             }
 
@@ -441,10 +445,16 @@ macro_rules! decode_row {
             let id: String = r.try_get("id")?;
             let status: String = r.try_get("status")?;
             let usage_source: String = r.try_get("usage_source")?;
-            let Json(tags): Json<Vec<String>> = r.try_get("tags")?;
-            let Json(metadata): Json<serde_json::Value> = r.try_get("metadata")?;
-            let request_body: Option<Json<serde_json::Value>> = r.try_get("request_body")?;
-            let response_body: Option<Json<serde_json::Value>> = r.try_get("response_body")?;
+            let tags: Vec<String> = from_json_text(&r.try_get::<String, _>("tags")?)?;
+            let metadata: serde_json::Value = from_json_text(&r.try_get::<String, _>("metadata")?)?;
+            let request_body: Option<serde_json::Value> = r
+                .try_get::<Option<String>, _>("request_body")?
+                .map(|t| from_json_text(&t))
+                .transpose()?;
+            let response_body: Option<serde_json::Value> = r
+                .try_get::<Option<String>, _>("response_body")?
+                .map(|t| from_json_text(&t))
+                .transpose()?;
             Ok(RequestRecord {
                 id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
                 started_at: r.try_get("started_at")?,
@@ -473,12 +483,39 @@ macro_rules! decode_row {
                 session: r.try_get("session_id")?,
                 tags,
                 metadata,
-                request_body: request_body.map(|j| j.0),
-                response_body: response_body.map(|j| j.0),
+                request_body,
+                response_body,
             })
         })()
         .map_err(|e| StoreError::Corrupt(e.to_string()))
     }};
+}
+
+/// Records per INSERT statement: 27 columns × 1000 rows stays under SQLite's 32766 variables.
+const ROWS_PER_INSERT: usize = 1000;
+
+/// Text for a TEXT column. PostgreSQL's text cannot hold NUL, so both backends store it as U+FFFD
+/// (JSON columns keep `\u0000` escapes exactly).
+fn text(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_string()
+    }
+}
+
+/// JSON columns are TEXT on both backends: JSON text keeps every string exactly (a NUL is the
+/// escape `\u0000`, which PostgreSQL's jsonb would refuse).
+fn json_text<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn from_json_text<T: serde::de::DeserializeOwned>(t: &str) -> Result<T, sqlx::Error> {
+    serde_json::from_str(t).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+fn opt_text(s: &Option<String>) -> Option<String> {
+    s.as_deref().map(text)
 }
 
 fn clamp_i64(v: u64) -> i64 {

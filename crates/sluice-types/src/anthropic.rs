@@ -299,8 +299,9 @@ pub struct MessagesResponse {
     pub stop_reason: Option<String>,
     #[serde(default)]
     pub stop_sequence: Option<String>,
-    #[serde(default)]
-    pub usage: AnthropicUsage,
+    /// Absent when the upstream reported none (Sluice then counts with its tokenizer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<AnthropicUsage>,
     #[serde(flatten)]
     pub extra: Extra,
 }
@@ -349,8 +350,8 @@ pub enum StreamEvent {
     },
     MessageDelta {
         delta: MessageDeltaBody,
-        #[serde(default)]
-        usage: DeltaUsage,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<DeltaUsage>,
     },
     MessageStop,
     Ping,
@@ -950,13 +951,14 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
     if !reasoning.is_empty() {
         message_extra.insert("reasoning_content".into(), Value::String(reasoning));
     }
-    let u = &resp.usage;
-    let usage = openai_usage(
-        u.input_tokens,
-        u.output_tokens,
-        u.cache_read_input_tokens.unwrap_or(0),
-        u.cache_creation_input_tokens.unwrap_or(0),
-    );
+    let usage = resp.usage.as_ref().map(|u| {
+        openai_usage(
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_read_input_tokens.unwrap_or(0),
+            u.cache_creation_input_tokens.unwrap_or(0),
+        )
+    });
     ChatCompletion {
         id: resp.id,
         object: "chat.completion".into(),
@@ -978,7 +980,7 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
             logprobs: None,
             extra: Extra::new(),
         }],
-        usage: Some(usage),
+        usage,
         system_fingerprint: None,
         extra: Extra::new(),
     }
@@ -1010,6 +1012,8 @@ pub struct StreamDecoder {
     /// Content-block index → OpenAI tool-call index.
     tool_blocks: HashMap<u32, u32>,
     stopped: bool,
+    /// Whether the stream reported any usage (absent usage is not zero usage).
+    saw_usage: bool,
 }
 
 impl Default for StreamDecoder {
@@ -1030,6 +1034,7 @@ impl StreamDecoder {
             cache_creation: 0,
             tool_blocks: HashMap::new(),
             stopped: false,
+            saw_usage: false,
         }
     }
 
@@ -1054,11 +1059,13 @@ impl StreamDecoder {
             StreamEvent::MessageStart { message } => {
                 self.id = message.id;
                 self.model = message.model;
-                let u = message.usage;
-                self.input_tokens = u.input_tokens;
-                self.output_tokens = u.output_tokens;
-                self.cache_read = u.cache_read_input_tokens.unwrap_or(0);
-                self.cache_creation = u.cache_creation_input_tokens.unwrap_or(0);
+                if let Some(u) = message.usage {
+                    self.saw_usage = true;
+                    self.input_tokens = u.input_tokens;
+                    self.output_tokens = u.output_tokens;
+                    self.cache_read = u.cache_read_input_tokens.unwrap_or(0);
+                    self.cache_creation = u.cache_creation_input_tokens.unwrap_or(0);
+                }
                 out.push(self.chunk(
                     Delta {
                         role: Some(Role::Assistant),
@@ -1127,15 +1134,18 @@ impl StreamDecoder {
                 _ => {}
             },
             StreamEvent::MessageDelta { delta, usage } => {
-                self.output_tokens = usage.output_tokens;
-                if let Some(n) = usage.input_tokens {
-                    self.input_tokens = n;
-                }
-                if let Some(n) = usage.cache_read_input_tokens {
-                    self.cache_read = n;
-                }
-                if let Some(n) = usage.cache_creation_input_tokens {
-                    self.cache_creation = n;
+                if let Some(usage) = usage {
+                    self.saw_usage = true;
+                    self.output_tokens = usage.output_tokens;
+                    if let Some(n) = usage.input_tokens {
+                        self.input_tokens = n;
+                    }
+                    if let Some(n) = usage.cache_read_input_tokens {
+                        self.cache_read = n;
+                    }
+                    if let Some(n) = usage.cache_creation_input_tokens {
+                        self.cache_creation = n;
+                    }
                 }
                 if let Some(reason) = delta.stop_reason {
                     out.push(self.chunk(
@@ -1147,9 +1157,12 @@ impl StreamDecoder {
             StreamEvent::MessageStop => {
                 if !self.stopped {
                     self.stopped = true;
-                    let mut chunk = ChatCompletionChunk::new(&self.id, &self.model, self.created);
-                    chunk.usage = Some(self.usage());
-                    out.push(chunk);
+                    if self.saw_usage {
+                        let mut chunk =
+                            ChatCompletionChunk::new(&self.id, &self.model, self.created);
+                        chunk.usage = Some(self.usage());
+                        out.push(chunk);
+                    }
                 }
             }
             StreamEvent::Error { error } => {
@@ -1517,7 +1530,7 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
         model: model.to_string(),
         stop_reason: Some(stop_reason.to_string()),
         stop_sequence: None,
-        usage,
+        usage: Some(usage),
         extra: Extra::new(),
     }
 }
@@ -1656,7 +1669,7 @@ impl StreamEncoder {
                 stop_sequence: None,
                 extra: Extra::new(),
             },
-            usage,
+            usage: Some(usage),
         });
         out.push(StreamEvent::MessageStop);
         out
@@ -1676,11 +1689,11 @@ impl StreamEncoder {
                 model: self.model.clone(),
                 stop_reason: None,
                 stop_sequence: None,
-                usage: AnthropicUsage {
+                usage: Some(AnthropicUsage {
                     input_tokens: self.input_tokens,
                     output_tokens: 0,
                     ..AnthropicUsage::default()
-                },
+                }),
                 extra: Extra::new(),
             },
         });
@@ -1912,7 +1925,10 @@ mod tests {
         }))
         .expect("parses");
         assert!(matches!(resp.content[4], ContentBlock::Other(_)));
-        assert_eq!(resp.usage.extra["service_tier"], "standard");
+        assert_eq!(
+            resp.usage.as_ref().unwrap().extra["service_tier"],
+            "standard"
+        );
 
         let out = response_to_openai(resp);
         assert_eq!(out.id, "msg_01abc");
@@ -2181,9 +2197,12 @@ mod tests {
                 ContentBlock::tool_use("call_b", "g", json!({"_raw_arguments": "{broken"})),
             ]
         );
-        assert_eq!(out.usage.input_tokens, 40);
-        assert_eq!(out.usage.output_tokens, 20);
-        assert_eq!(out.usage.cache_read_input_tokens, Some(60));
+        assert_eq!(out.usage.as_ref().unwrap().input_tokens, 40);
+        assert_eq!(out.usage.as_ref().unwrap().output_tokens, 20);
+        assert_eq!(
+            out.usage.as_ref().unwrap().cache_read_input_tokens,
+            Some(60)
+        );
 
         let json = serde_json::to_value(&out).expect("serializes");
         assert_eq!(json["type"], "message");
@@ -2326,13 +2345,14 @@ mod tests {
         match &events[0] {
             StreamEvent::MessageStart { message } => {
                 assert_eq!(message.id, "msg_x");
-                assert_eq!(message.usage.input_tokens, 7);
+                assert_eq!(message.usage.as_ref().unwrap().input_tokens, 7);
             }
             other => panic!("unexpected {other:?}"),
         }
         match &events[1] {
             StreamEvent::MessageDelta { delta, usage } => {
                 assert_eq!(delta.stop_reason.as_deref(), Some("end_turn"));
+                let usage = usage.as_ref().unwrap();
                 assert_eq!(usage.output_tokens, 0);
                 assert_eq!(usage.input_tokens, Some(7));
             }

@@ -8,7 +8,7 @@
 //! so a static `TempPostgres` would leave its processes running after `cargo test`. If the tests
 //! happen not to overlap, a later test simply starts a new server (1–2 s).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
@@ -44,10 +44,6 @@ impl TestDb {
     /// Whether two `open` calls on the URL see the same data (not so for `sqlite::memory:`).
     pub fn shared_between_opens(&self) -> bool {
         self.kind != Kind::SqliteMemory
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     pub fn spill_path(&self) -> PathBuf {

@@ -110,7 +110,7 @@ pub async fn idempotent_insert(db: &TestDb) {
     }
     // A duplicate inside one batch.
     let dup = record("dup", None, RecordStatus::Ok);
-    insert(&store, &[dup.clone()]).await;
+    insert(&store, std::slice::from_ref(&dup)).await;
     insert(&store, &[dup.clone(), dup.clone()]).await;
     assert_eq!(count(&store).await, 16);
 
@@ -434,11 +434,37 @@ pub async fn get_unknown(db: &TestDb) {
     assert!(get(&store, r.id).await.is_some());
 }
 
-/// A batch as large as the configuration allows (`batch_size` up to 2000) is written in one
-/// `insert_batch`.
-pub async fn largest_batch(db: &TestDb) {
+/// A NUL character is valid in a Rust string and in JSON (`"\u0000"`, which a client may send in
+/// a message): a record holding one is stored like any other, and does not fail its batch.
+pub async fn nul_characters(db: &TestDb) {
     let store = db.open().await;
-    let batch: Vec<_> = (0..2000)
+    let mut in_text = full_record();
+    in_text.error_message = Some("upstream said: a\0b".into());
+    let mut in_json = full_record();
+    in_json.id = Uuid::now_v7();
+    in_json.request_body =
+        Some(serde_json::json!({"messages": [{"role": "user", "content": "x\u{0}y"}]}));
+    let plain = record("m", None, RecordStatus::Ok);
+    let mut failures = Vec::new();
+    for (what, r) in [("error_message", &in_text), ("request_body", &in_json)] {
+        if let Err(e) = store.insert_batch(&[plain.clone(), r.clone()]).await {
+            failures.push(format!("NUL in {what}: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("; "));
+    assert_eq!(count(&store).await, 3);
+    // JSON keeps NUL exactly; TEXT columns store it as U+FFFD on every backend (PostgreSQL's text
+    // cannot hold NUL).
+    let mut text_as_stored = in_text.clone();
+    text_as_stored.error_message = Some("upstream said: a\u{FFFD}b".into());
+    for want in [&text_as_stored, &in_json, &plain] {
+        assert_same_record(&get(&store, want.id).await.expect("stored record"), want);
+    }
+}
+
+async fn batch_of(db: &TestDb, size: usize) {
+    let store = db.open().await;
+    let batch: Vec<_> = (0..size)
         .map(|i| {
             let mut r = full_record();
             r.id = Uuid::now_v7();
@@ -447,9 +473,20 @@ pub async fn largest_batch(db: &TestDb) {
         })
         .collect();
     insert(&store, &batch).await;
-    assert_eq!(count(&store).await, 2000);
-    let got = get(&store, batch[1999].id).await.expect("last record");
-    assert_same_record(&got, &batch[1999]);
+    assert_eq!(count(&store).await, size as u64);
+    let last = batch.last().expect("a record");
+    assert_same_record(&get(&store, last.id).await.expect("last record"), last);
+}
+
+/// A batch of the default `batch_size` (512) is written in one `insert_batch`.
+pub async fn default_batch(db: &TestDb) {
+    batch_of(db, 512).await;
+}
+
+/// A batch as large as the configuration allows (`StoreConfig::validate` accepts `batch_size`
+/// up to 2000) is written in one `insert_batch`.
+pub async fn largest_batch(db: &TestDb) {
+    batch_of(db, 2000).await;
 }
 
 /// 5. 20 tasks send 500 records each through one queue; the writer stores all 10 000, in

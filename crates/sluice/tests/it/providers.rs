@@ -33,15 +33,20 @@ const MODELS: &[&str] = &[
 // The battery
 // ---------------------------------------------------------------------------------------------
 
+/// One test of the battery.
+macro_rules! check_test {
+    ($kind:ident, $check:ident) => {
+        #[tokio::test]
+        async fn $check() {
+            super::$check(stringify!($kind)).await;
+        }
+    };
+}
+
 macro_rules! battery {
     ($kind:ident; $($check:ident),* $(,)?) => {
         mod $kind {
-            $(
-                #[tokio::test]
-                async fn $check() {
-                    super::$check(stringify!($kind)).await;
-                }
-            )*
+            $( check_test!($kind, $check); )*
         }
     };
 }
@@ -63,6 +68,7 @@ macro_rules! conformance {
                 fault_hang_times_out,
                 fault_cut_stream_ends_with_error_event,
                 fault_no_usage_falls_back_to_tokenizer,
+                fault_no_usage_stream_falls_back_to_tokenizer,
                 cancelled_stream_cancels_upstream,
             );
         )*
@@ -999,6 +1005,39 @@ async fn fault_no_usage_falls_back_to_tokenizer(kind: &str) {
     assert_eq!(
         rec["usage_source"], "tokenizer",
         "{kind}: the upstream reported no usage, so Sluice counts: {rec:#}"
+    );
+    assert!(
+        rec["prompt_tokens"].as_u64().is_some_and(|n| n > 0),
+        "{rec:#}"
+    );
+    assert!(
+        rec["completion_tokens"].as_u64().is_some_and(|n| n > 0),
+        "{rec:#}"
+    );
+}
+
+async fn fault_no_usage_stream_falls_back_to_tokenizer(kind: &str) {
+    let (_upstream, sluice) = setup(kind).await;
+    let (id, events) = chat_stream(
+        &sluice,
+        &json!({
+            "model": "m-fault-no-usage",
+            "messages": user("How are you today?"),
+            "stream": true
+        }),
+    )
+    .await;
+    assert_eq!(
+        events.last().map(|(_, d)| d.as_str()),
+        Some("[DONE]"),
+        "{events:#?}"
+    );
+    assert!(!delta_text(&chunks(&events)).is_empty(), "{events:#?}");
+    let rec = sluice.record(&id).await;
+    assert_eq!(rec["status"], "ok", "{rec:#}");
+    assert_eq!(
+        rec["usage_source"], "tokenizer",
+        "{kind}: the upstream stream reported no usage, so Sluice counts: {rec:#}"
     );
     assert!(
         rec["prompt_tokens"].as_u64().is_some_and(|n| n > 0),
