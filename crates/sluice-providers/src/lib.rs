@@ -1,5 +1,6 @@
 //! Sluice's providers, one module each: [`openai`] (OpenAI and every OpenAI-compatible server,
-//! plus Azure OpenAI), [`anthropic`], [`gemini`], and [`mock`], a deterministic test double.
+//! plus Azure OpenAI), [`anthropic`], [`gemini`], [`local`] (models running in-process on the
+//! CPU), and [`mock`], a deterministic test double.
 //!
 //! A provider is configured by one [`ProviderConfig`] variant (`type = "…"` in `sluice.toml`) and
 //! built into an `Arc<dyn ChatProvider>` by [`ProviderConfig::build`]. Adding a provider is one
@@ -14,6 +15,7 @@ use sluice_core::provider::ChatProvider;
 pub mod anthropic;
 pub mod gemini;
 pub mod http;
+pub mod local;
 pub mod mock;
 pub mod openai;
 
@@ -25,6 +27,7 @@ pub enum ProviderConfig {
     Azure(openai::AzureConfig),
     Anthropic(anthropic::AnthropicConfig),
     Gemini(gemini::GeminiConfig),
+    Local(local::LocalConfig),
     Mock(mock::MockConfig),
 }
 
@@ -36,6 +39,7 @@ impl ProviderConfig {
             ProviderConfig::Azure(_) => "azure",
             ProviderConfig::Anthropic(_) => "anthropic",
             ProviderConfig::Gemini(_) => "gemini",
+            ProviderConfig::Local(_) => "local",
             ProviderConfig::Mock(_) => "mock",
         }
     }
@@ -47,6 +51,7 @@ impl ProviderConfig {
             ProviderConfig::Azure(c) => Arc::new(openai::OpenAi::azure(c)?),
             ProviderConfig::Anthropic(c) => Arc::new(anthropic::Anthropic::new(c)?),
             ProviderConfig::Gemini(c) => Arc::new(gemini::Gemini::new(c)?),
+            ProviderConfig::Local(c) => local::build(c)?,
             ProviderConfig::Mock(c) => Arc::new(mock::Mock::new(c)?),
         })
     }

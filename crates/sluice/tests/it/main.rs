@@ -6,6 +6,7 @@ mod cli;
 mod errors;
 mod harness;
 mod lifecycle;
+mod local_models;
 mod log_api;
 mod openai_api;
 mod providers;

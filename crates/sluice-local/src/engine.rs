@@ -1,0 +1,474 @@
+//! Continuous batching for one local chat model.
+//!
+//! One engine thread owns the model's compute. Requests queue up; before every step the scheduler
+//! admits waiting sequences as long as the batch has room (`max_batch`) and the KV caches fit the
+//! memory bound (`max_kv_bytes`, reserved up front for the prompt plus `max_tokens`). Each step is
+//! one forward pass over the whole batch ([`LlamaModel::forward_batch`]): sequences still in their
+//! prompt contribute a chunk of it (at most `PREFILL_CHUNK` tokens), the others their last sampled
+//! token. The weights are read once for the whole batch, so throughput grows with concurrency
+//! instead of requests queueing behind each other. A sequence leaves the batch when it ends (end-of-sequence token, stop string,
+//! `max_tokens`) or when its receiver is dropped (the client went away), freeing its cache.
+//!
+//! With `batching = false` the same engine runs one sequence at a time (the baseline the benchmark
+//! compares against).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::llama::{KvCache, LlamaModel, Sampler, SamplingParams, StreamDetokenizer};
+
+/// Why the engine refused a request or could not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The request can never fit: the model's context or the engine's memory bound.
+    #[error("{0}")]
+    ContextLength(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The engine thread is gone or could not start.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences decoded together.
+    pub max_batch: usize,
+    /// Bound on the KV-cache memory of all active sequences, in bytes.
+    pub max_kv_bytes: usize,
+    /// Threads for the model's matrix work.
+    pub threads: usize,
+    /// Admit new sequences into a running batch. Off: one sequence at a time.
+    pub batching: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch: 16,
+            max_kv_bytes: 1 << 30,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            batching: true,
+        }
+    }
+}
+
+/// One generation request: prompt tokens and how to sample.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens (benchmarks that need a fixed length).
+    pub ignore_eos: bool,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What a generation reports, in order: text pieces, then one `Done` (or one `Error`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    Text(String),
+    Done {
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        finish_reason: FinishReason,
+    },
+    Error(String),
+}
+
+struct Job {
+    req: GenRequest,
+    events: mpsc::UnboundedSender<GenEvent>,
+}
+
+/// A running engine. Dropping it (and every clone of its handle) stops the engine thread once
+/// the active sequences finish.
+#[derive(Clone)]
+pub struct Engine {
+    model: Arc<LlamaModel>,
+    queue: std_mpsc::Sender<Job>,
+    bytes_per_token: usize,
+    max_kv_bytes: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.model.info().name)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Starts the engine thread for `model`.
+    pub fn start(model: Arc<LlamaModel>, cfg: EngineConfig) -> Result<Engine, EngineError> {
+        let bytes_per_token = model.new_cache().bytes_per_token().max(1);
+        let (tx, rx) = std_mpsc::channel::<Job>();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads.max(1))
+            .thread_name(|i| format!("sluice-local-{i}"))
+            .build()
+            .map_err(|e| {
+                EngineError::Unavailable(format!("cannot start the model's thread pool: {e}"))
+            })?;
+        let m = model.clone();
+        let max_kv_bytes = cfg.max_kv_bytes;
+        std::thread::Builder::new()
+            .name("sluice-engine".into())
+            .spawn(move || {
+                pool.install(|| Scheduler::new(m, cfg, bytes_per_token).run(rx));
+            })
+            .map_err(|e| {
+                EngineError::Unavailable(format!("cannot start the engine thread: {e}"))
+            })?;
+        Ok(Engine {
+            model,
+            queue: tx,
+            bytes_per_token,
+            max_kv_bytes,
+        })
+    }
+
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// KV-cache bytes one token of one sequence takes.
+    pub fn bytes_per_token(&self) -> usize {
+        self.bytes_per_token
+    }
+
+    /// Queues a generation. Fails at once when the request can never fit (context length or
+    /// memory bound). Events arrive on the returned receiver; dropping it cancels the generation.
+    pub fn submit(
+        &self,
+        req: GenRequest,
+    ) -> Result<mpsc::UnboundedReceiver<GenEvent>, EngineError> {
+        let ctx = self.model.info().context_length;
+        let need = req.prompt.len() + req.max_tokens;
+        if req.prompt.is_empty() {
+            return Err(EngineError::InvalidInput("the prompt is empty".into()));
+        }
+        if need > ctx {
+            return Err(EngineError::ContextLength(format!(
+                "the prompt has {} tokens and max_tokens is {}, together more than the model's context of {ctx} tokens",
+                req.prompt.len(),
+                req.max_tokens
+            )));
+        }
+        let bytes = need.saturating_mul(self.bytes_per_token);
+        if bytes > self.max_kv_bytes {
+            return Err(EngineError::ContextLength(format!(
+                "the request needs {:.1} MB of KV cache, more than the engine's bound of {:.1} MB (max_kv_mb)",
+                bytes as f64 / 1e6,
+                self.max_kv_bytes as f64 / 1e6
+            )));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.queue
+            .send(Job { req, events: tx })
+            .map_err(|_| EngineError::Unavailable("the local model engine has stopped".into()))?;
+        Ok(rx)
+    }
+}
+
+/// Most prompt tokens of one sequence run in one step: a long prompt is prefilled in chunks, so
+/// the sequences already decoding are not stalled for the whole prompt.
+const PREFILL_CHUNK: usize = 256;
+
+struct Seq {
+    cache: KvCache,
+    sampler: Sampler,
+    detok: StreamDetokenizer,
+    /// Prompt tokens not yet run through the model.
+    pending: Vec<u32>,
+    last: u32,
+    generated: usize,
+    max_tokens: usize,
+    prompt_len: usize,
+    stop: Vec<String>,
+    ignore_eos: bool,
+    /// Text decoded so far, and how much of it was sent.
+    text: String,
+    sent: usize,
+    reserved: usize,
+    events: mpsc::UnboundedSender<GenEvent>,
+}
+
+struct Scheduler {
+    model: Arc<LlamaModel>,
+    cfg: EngineConfig,
+    bytes_per_token: usize,
+    waiting: VecDeque<Job>,
+    active: Vec<Seq>,
+    reserved: usize,
+}
+
+impl Scheduler {
+    fn new(model: Arc<LlamaModel>, cfg: EngineConfig, bytes_per_token: usize) -> Self {
+        Scheduler {
+            model,
+            cfg,
+            bytes_per_token,
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            reserved: 0,
+        }
+    }
+
+    fn batch_limit(&self) -> usize {
+        if self.cfg.batching {
+            self.cfg.max_batch.max(1)
+        } else {
+            1
+        }
+    }
+
+    fn run(mut self, rx: std_mpsc::Receiver<Job>) {
+        loop {
+            // Take everything queued; block only when there is nothing to do.
+            if self.active.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = rx.try_recv() {
+                self.waiting.push_back(job);
+            }
+            self.admit();
+            if !self.active.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    /// Moves waiting requests into the batch while it has room and the memory bound allows. Their
+    /// prompts run in the next steps, together with the other sequences' decode tokens.
+    fn admit(&mut self) {
+        while self.active.len() < self.batch_limit() {
+            let Some(job) = self.waiting.front() else {
+                return;
+            };
+            if job.events.is_closed() {
+                self.waiting.pop_front();
+                continue;
+            }
+            let need = (job.req.prompt.len() + job.req.max_tokens) * self.bytes_per_token;
+            if !self.active.is_empty() && self.reserved + need > self.cfg.max_kv_bytes {
+                return;
+            }
+            let Some(Job { req, events }) = self.waiting.pop_front() else {
+                return;
+            };
+            self.reserved += need;
+            self.active.push(Seq {
+                cache: self.model.new_cache(),
+                sampler: Sampler::new(req.sampling),
+                detok: self.model.tokenizer().stream_detokenizer(),
+                prompt_len: req.prompt.len(),
+                pending: req.prompt,
+                last: 0,
+                generated: 0,
+                max_tokens: req.max_tokens,
+                stop: req.stop,
+                ignore_eos: req.ignore_eos,
+                text: String::new(),
+                sent: 0,
+                reserved: need,
+                events,
+            });
+        }
+    }
+
+    /// One forward pass over the batch: a chunk of prompt for sequences still prefilling, the last
+    /// sampled token for the others. Sequences whose prompt is done sample their next token.
+    fn step(&mut self) {
+        // Drop sequences whose client went away.
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].events.is_closed() {
+                let s = self.active.swap_remove(i);
+                self.reserved -= s.reserved;
+            } else {
+                i += 1;
+            }
+        }
+        if self.active.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        // Per sequence: how many prompt tokens this step consumes (0 for decoding ones).
+        let chunks: Vec<usize> = self
+            .active
+            .iter()
+            .map(|s| s.pending.len().min(PREFILL_CHUNK))
+            .collect();
+        let result = {
+            let mut batch: Vec<(&mut KvCache, &[u32])> = self
+                .active
+                .iter_mut()
+                .zip(&chunks)
+                .map(|(s, &n)| {
+                    let tokens: &[u32] = if n > 0 {
+                        &s.pending[..n]
+                    } else {
+                        std::slice::from_ref(&s.last)
+                    };
+                    (&mut s.cache, tokens)
+                })
+                .collect();
+            self.model.forward_batch(&mut batch)
+        };
+        tracing::trace!(
+            batch = self.active.len(),
+            prompt_tokens = chunks.iter().sum::<usize>(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "engine step"
+        );
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                for s in self.active.drain(..) {
+                    let _ = s.events.send(GenEvent::Error(e.to_string()));
+                }
+                self.reserved = 0;
+                return;
+            }
+        };
+        let mut finished = Vec::new();
+        for (idx, ((seq, l), &n)) in self
+            .active
+            .iter_mut()
+            .zip(logits.iter())
+            .zip(&chunks)
+            .enumerate()
+        {
+            if n > 0 {
+                seq.pending.drain(..n);
+                if !seq.pending.is_empty() {
+                    continue;
+                }
+            }
+            let tok = seq.sampler.sample(l);
+            if let Some(reason) = Self::accept_token(&self.model, seq, tok) {
+                finished.push((idx, reason));
+            }
+        }
+        for (idx, reason) in finished.into_iter().rev() {
+            let seq = self.active.swap_remove(idx);
+            self.finish(seq, reason);
+        }
+    }
+
+    /// Takes a sampled token: ends on end-of-sequence, a stop string or `max_tokens`; otherwise
+    /// sends whatever text is safe to send (a possible stop-string prefix is held back).
+    fn accept_token(model: &LlamaModel, seq: &mut Seq, tok: u32) -> Option<FinishReason> {
+        if !seq.ignore_eos && model.tokenizer().is_eos(tok) {
+            return Some(FinishReason::Stop);
+        }
+        seq.generated += 1;
+        seq.last = tok;
+        if let Some(piece) = seq.detok.push(tok) {
+            seq.text.push_str(&piece);
+        }
+        if let Some(cut) = find_stop(&seq.text, &seq.stop, seq.sent) {
+            seq.text.truncate(cut);
+            seq.stop.clear();
+            return Some(FinishReason::Stop);
+        }
+        if seq.generated >= seq.max_tokens {
+            return Some(FinishReason::Length);
+        }
+        let hold = seq
+            .stop
+            .iter()
+            .map(|s| s.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        let mut safe = seq.text.len().saturating_sub(hold);
+        while !seq.text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        if safe > seq.sent {
+            let _ = seq
+                .events
+                .send(GenEvent::Text(seq.text[seq.sent..safe].to_string()));
+            seq.sent = safe;
+        }
+        None
+    }
+
+    fn finish(&mut self, mut seq: Seq, reason: FinishReason) {
+        self.reserved -= seq.reserved;
+        if !seq.stop.is_empty() || reason == FinishReason::Length {
+            seq.text.push_str(&seq.detok.finish());
+            if let Some(cut) = find_stop(&seq.text, &seq.stop, seq.sent) {
+                seq.text.truncate(cut);
+            }
+        }
+        if seq.text.len() > seq.sent {
+            let _ = seq
+                .events
+                .send(GenEvent::Text(seq.text[seq.sent..].to_string()));
+        }
+        let _ = seq.events.send(GenEvent::Done {
+            prompt_tokens: seq.prompt_len,
+            completion_tokens: seq.generated,
+            finish_reason: reason,
+        });
+    }
+}
+
+/// The byte offset of the first stop string in `text`, searching from a little before `from`.
+fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
+    let longest = stops.iter().map(String::len).max()?;
+    let mut start = from.saturating_sub(longest);
+    while !text.is_char_boundary(start) {
+        start -= 1;
+    }
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text[start..].find(s.as_str()).map(|i| start + i))
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_are_found_across_pieces() {
+        let stops = vec!["END".to_string(), "\n\n".to_string()];
+        assert_eq!(find_stop("hello EN", &stops, 0), None);
+        assert_eq!(find_stop("hello END more", &stops, 6), Some(6));
+        assert_eq!(find_stop("a\n\nb", &stops, 1), Some(1));
+        assert_eq!(find_stop("héllo", &[], 0), None);
+    }
+}

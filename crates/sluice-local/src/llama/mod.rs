@@ -1,0 +1,54 @@
+//! In-process chat inference with quantized Llama-family GGUF models on the
+//! CPU, built on candle.
+//!
+//! * [`LlamaModel`] loads a GGUF file once (weights, [`GgufTokenizer`],
+//!   [`ChatTemplate`]) and is shared by every sequence; the state of one
+//!   sequence is its [`KvCache`].
+//! * [`LlamaModel::prefill`] runs a prompt; [`LlamaModel::decode`] advances
+//!   many sequences by one token each in a single batched forward pass, which
+//!   is what makes continuous batching pay on a CPU: the quantized weights
+//!   are read once per step for all sequences.
+//! * [`Sampler`] picks tokens (greedy, or temperature / top-k / top-p with a
+//!   seeded generator) and [`StreamDetokenizer`] turns them into text as they
+//!   come, never splitting a UTF-8 character.
+//!
+//! ```no_run
+//! use sluice_local::llama::{LlamaModel, Sampler, SamplingParams, TemplateMessage};
+//! # fn main() -> Result<(), sluice_local::llama::LocalError> {
+//! let model = LlamaModel::load("model.gguf".as_ref())?;
+//! let prompt = model.chat_template_or_default().render(
+//!     &[TemplateMessage::new("user", "What is the capital of France?")],
+//!     true,
+//! )?;
+//! let tokens = model.tokenizer().encode(&prompt, false)?;
+//! let mut cache = model.new_cache();
+//! let mut logits = model.prefill(&mut cache, &tokens)?;
+//! let mut sampler = Sampler::new(SamplingParams::greedy());
+//! let mut text = model.tokenizer().stream_detokenizer();
+//! for _ in 0..64 {
+//!     let token = sampler.sample(&logits);
+//!     if model.tokenizer().is_eos(token) {
+//!         break;
+//!     }
+//!     if let Some(piece) = text.push(token) {
+//!         print!("{piece}");
+//!     }
+//!     logits = model.decode(&mut [(&mut cache, token)])?.remove(0);
+//! }
+//! print!("{}", text.finish());
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+pub(crate) mod gguf;
+mod model;
+mod sampler;
+mod template;
+mod tokenizer;
+
+pub use error::LocalError;
+pub use model::{KvCache, LlamaModel, LoadOptions, ModelInfo};
+pub use sampler::{Sampler, SamplingParams, argmax};
+pub use template::{CHATML_TEMPLATE, ChatTemplate, TemplateMessage};
+pub use tokenizer::{GgufTokenizer, StreamDetokenizer};

@@ -1,0 +1,441 @@
+//! `type = "local"`: models that run inside Sluice on the CPU.
+//!
+//! `path` names either a GGUF file — a Llama-family chat model, served through the continuous
+//! batching engine of `sluice_local::engine` — or a sentence-transformers directory (BERT-family,
+//! safetensors + tokenizer.json), served on `/v1/embeddings`. The prompt is rendered with the
+//! model's own chat template (from the GGUF metadata) and tokenized with its own tokenizer; usage
+//! is the real token count.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::Deserialize;
+use sluice_core::ProviderError;
+use sluice_core::provider::{ChatProvider, ChunkStream};
+use sluice_local::embed::SentenceEmbedder;
+use sluice_local::engine::{Engine, EngineConfig, EngineError, GenEvent, GenRequest};
+use sluice_local::llama::{LlamaModel, LoadOptions, SamplingParams, TemplateMessage};
+use sluice_types::ids::unix_now;
+use sluice_types::openai::{
+    ChatCompletion, ChatCompletionChunk, ChatRequest, Choice, ChunkChoice, Delta, Embedding,
+    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, Extra, ResponseMessage, Role, Usage,
+};
+
+use crate::mock::{encode_embedding, wants_base64};
+
+/// `[providers.NAME]` with `type = "local"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// A GGUF file (chat) or a sentence-transformers model directory (embeddings).
+    pub path: PathBuf,
+    /// Threads for the model's matrix work (default: every core).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Chat: most sequences decoded together.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Chat: bound on the KV-cache memory of all running sequences, in MB.
+    #[serde(default = "default_max_kv_mb")]
+    pub max_kv_mb: usize,
+    /// Chat: admit new requests into a running batch (continuous batching). Off runs one
+    /// request at a time.
+    #[serde(default = "yes")]
+    pub batching: bool,
+    /// Chat: `max_tokens` when the request sets none.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: usize,
+    /// Chat: how the weights are held. `quantized` keeps the file's quantization (least memory);
+    /// `f32` expands the matrices at load (4 bytes per weight), which on CPU is faster and makes
+    /// batching pay; `auto` (default) picks `f32` when that takes at most 2 GiB.
+    #[serde(default)]
+    pub weights: WeightMode,
+}
+
+/// How a local chat model holds its weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightMode {
+    #[default]
+    Auto,
+    Quantized,
+    F32,
+}
+
+/// `auto` expands the weights when the f32 copy takes at most this much.
+const AUTO_F32_LIMIT: u64 = 2 << 30;
+
+fn default_max_batch() -> usize {
+    16
+}
+fn default_max_kv_mb() -> usize {
+    1024
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_tokens() -> usize {
+    512
+}
+
+/// Sampling defaults when a request sets none (the usual defaults of local runtimes).
+const DEFAULT_TEMPERATURE: f32 = 0.8;
+const DEFAULT_TOP_P: f32 = 0.95;
+const DEFAULT_TOP_K: usize = 40;
+
+/// Builds the provider for `cfg`: chat for a file, embeddings for a directory.
+pub fn build(cfg: &LocalConfig) -> Result<Arc<dyn ChatProvider>, String> {
+    let path = &cfg.path;
+    if !path.exists() {
+        return Err(format!(
+            "path: `{}` does not exist (hint: `sluice models pull smollm2-135m minilm-l6` installs the default models into ./models)",
+            path.display()
+        ));
+    }
+    if path.is_dir() {
+        let embedder = SentenceEmbedder::load(path).map_err(|e| format!("path: {e}"))?;
+        return Ok(Arc::new(LocalEmbeddings {
+            embedder: Arc::new(embedder),
+        }));
+    }
+    let dequantize = match cfg.weights {
+        WeightMode::Quantized => false,
+        WeightMode::F32 => true,
+        WeightMode::Auto => sluice_local::inspect::gguf_parameters(path)
+            .map(|n| n.saturating_mul(4) <= AUTO_F32_LIMIT)
+            .unwrap_or(false),
+    };
+    let model = LlamaModel::load_with(path, LoadOptions { dequantize })
+        .map_err(|e| format!("path: {e}"))?;
+    let threads = match cfg.threads {
+        Some(0) => return Err("threads: must be at least 1".into()),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    if cfg.max_batch == 0 {
+        return Err("max_batch: must be at least 1".into());
+    }
+    let engine = Engine::start(
+        Arc::new(model),
+        EngineConfig {
+            max_batch: cfg.max_batch,
+            max_kv_bytes: cfg.max_kv_mb.saturating_mul(1 << 20),
+            threads,
+            batching: cfg.batching,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Arc::new(LocalChat {
+        engine,
+        default_max_tokens: cfg.default_max_tokens.max(1),
+    }))
+}
+
+/// A local chat model.
+#[derive(Debug)]
+pub struct LocalChat {
+    engine: Engine,
+    default_max_tokens: usize,
+}
+
+fn unsupported(what: &str) -> ProviderError {
+    ProviderError::Unsupported(format!("{what} is not supported by local models"))
+}
+
+fn engine_error(e: EngineError) -> ProviderError {
+    match e {
+        EngineError::ContextLength(m) => ProviderError::Status {
+            status: 400,
+            message: m,
+            code: Some("context_length_exceeded".into()),
+            retry_after: None,
+        },
+        EngineError::InvalidInput(m) => ProviderError::Status {
+            status: 400,
+            message: m,
+            code: None,
+            retry_after: None,
+        },
+        other => ProviderError::Connect(other.to_string()),
+    }
+}
+
+impl LocalChat {
+    /// The prompt tokens and generation settings for a request.
+    fn prepare(&self, req: &ChatRequest) -> Result<GenRequest, ProviderError> {
+        if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(unsupported("tool calling"));
+        }
+        if req.n.unwrap_or(1) > 1 {
+            return Err(unsupported("n > 1"));
+        }
+        if let Some(rf) = &req.response_format
+            && rf.get("type").and_then(|t| t.as_str()) != Some("text")
+        {
+            return Err(unsupported("response_format other than text"));
+        }
+        let model = self.engine.model();
+        let messages: Vec<TemplateMessage> = req
+            .messages
+            .iter()
+            .map(|m| TemplateMessage {
+                role: match m.role {
+                    Role::Developer => "system".into(),
+                    r => r.as_str().into(),
+                },
+                content: m.text_content(),
+            })
+            .collect();
+        let prompt = model
+            .chat_template_or_default()
+            .render(&messages, true)
+            .map_err(|e| ProviderError::Status {
+                status: 400,
+                message: format!("the model's chat template rejected the messages: {e}"),
+                code: None,
+                retry_after: None,
+            })?;
+        let tokenizer = model.tokenizer();
+        let tokens = tokenizer
+            .encode(&prompt, tokenizer.add_bos_token())
+            .map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let ctx = model.info().context_length;
+        let max_tokens = match req.max_output_tokens() {
+            Some(0) => {
+                return Err(ProviderError::Status {
+                    status: 400,
+                    message: "max_tokens must be at least 1".into(),
+                    code: None,
+                    retry_after: None,
+                });
+            }
+            Some(n) => n as usize,
+            None => self
+                .default_max_tokens
+                .min(ctx.saturating_sub(tokens.len()).max(1)),
+        };
+        let temperature = req.temperature.map_or(DEFAULT_TEMPERATURE, |t| t as f32);
+        let top_p = req.top_p.map_or(DEFAULT_TOP_P, |p| p as f32);
+        let top_k = req
+            .extra
+            .get("top_k")
+            .and_then(|v| v.as_u64())
+            .map_or(DEFAULT_TOP_K, |k| k as usize);
+        let seed = req.seed.map_or_else(random_seed, |s| s as u64);
+        Ok(GenRequest {
+            prompt: tokens,
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                seed,
+            },
+            stop: req.stop_sequences(),
+            ignore_eos: false,
+        })
+    }
+}
+
+fn random_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (std::process::id() as u64).rotate_left(32)
+}
+
+fn completion_id() -> String {
+    format!("chatcmpl-{}", sluice_types::ids::new_request_id().simple())
+}
+
+#[async_trait]
+impl ChatProvider for LocalChat {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
+        let gen_req = self.prepare(req)?;
+        let mut rx = self.engine.submit(gen_req).map_err(engine_error)?;
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                GenEvent::Text(t) => text.push_str(&t),
+                GenEvent::Error(e) => return Err(ProviderError::Connect(e)),
+                GenEvent::Done {
+                    prompt_tokens,
+                    completion_tokens,
+                    finish_reason,
+                } => {
+                    return Ok(ChatCompletion {
+                        id: completion_id(),
+                        object: "chat.completion".into(),
+                        created: unix_now(),
+                        model: req.model.clone(),
+                        choices: vec![Choice {
+                            index: 0,
+                            message: ResponseMessage {
+                                role: Role::Assistant,
+                                content: Some(text),
+                                tool_calls: None,
+                                refusal: None,
+                                extra: Extra::new(),
+                            },
+                            finish_reason: Some(finish_reason.as_openai().into()),
+                            logprobs: None,
+                            extra: Extra::new(),
+                        }],
+                        usage: Some(Usage::new(
+                            prompt_tokens as u64,
+                            completion_tokens as u64,
+                            0,
+                        )),
+                        system_fingerprint: None,
+                        extra: Extra::new(),
+                    });
+                }
+            }
+        }
+        Err(ProviderError::Connect(
+            "the local model engine stopped mid-generation".into(),
+        ))
+    }
+
+    async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
+        let gen_req = self.prepare(req)?;
+        let rx = self.engine.submit(gen_req).map_err(engine_error)?;
+        let id = completion_id();
+        let model = req.model.clone();
+        let created = unix_now();
+        let first = ChatCompletionChunk {
+            choices: vec![ChunkChoice::new(
+                0,
+                Delta {
+                    role: Some(Role::Assistant),
+                    content: Some(String::new()),
+                    ..Delta::default()
+                },
+                None,
+            )],
+            ..ChatCompletionChunk::new(&id, &model, created)
+        };
+        let events =
+            futures::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
+            );
+        let chunks = events.flat_map(move |ev| {
+            let base = ChatCompletionChunk::new(&id, &model, created);
+            let items: Vec<Result<ChatCompletionChunk, ProviderError>> = match ev {
+                GenEvent::Text(t) => vec![Ok(ChatCompletionChunk {
+                    choices: vec![ChunkChoice::new(
+                        0,
+                        Delta {
+                            content: Some(t),
+                            ..Delta::default()
+                        },
+                        None,
+                    )],
+                    ..base
+                })],
+                GenEvent::Done {
+                    prompt_tokens,
+                    completion_tokens,
+                    finish_reason,
+                } => vec![
+                    Ok(ChatCompletionChunk {
+                        choices: vec![ChunkChoice::new(
+                            0,
+                            Delta::default(),
+                            Some(finish_reason.as_openai().into()),
+                        )],
+                        ..base.clone()
+                    }),
+                    Ok(ChatCompletionChunk {
+                        usage: Some(Usage::new(
+                            prompt_tokens as u64,
+                            completion_tokens as u64,
+                            0,
+                        )),
+                        ..base
+                    }),
+                ],
+                GenEvent::Error(e) => vec![Err(ProviderError::Connect(e))],
+            };
+            futures::stream::iter(items)
+        });
+        Ok(Box::pin(futures::stream::iter([Ok(first)]).chain(chunks)))
+    }
+}
+
+/// A local sentence-embedding model.
+#[derive(Debug)]
+pub struct LocalEmbeddings {
+    embedder: Arc<SentenceEmbedder>,
+}
+
+#[async_trait]
+impl ChatProvider for LocalEmbeddings {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    async fn chat(&self, _req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
+        Err(ProviderError::Unsupported(
+            "this local model is an embedding model; use /v1/embeddings".into(),
+        ))
+    }
+
+    async fn chat_stream(&self, _req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
+        Err(ProviderError::Unsupported(
+            "this local model is an embedding model; use /v1/embeddings".into(),
+        ))
+    }
+
+    async fn embed(&self, req: &EmbeddingRequest) -> Result<EmbeddingResponse, ProviderError> {
+        let texts: Vec<String> = req.input.texts().into_iter().map(str::to_string).collect();
+        if texts.len() != req.input.len() {
+            return Err(unsupported("token-array embedding input"));
+        }
+        let base64 = wants_base64(req)?;
+        let dims = self.embedder.info().dimensions;
+        if let Some(d) = req.dimensions
+            && d as usize != dims
+        {
+            return Err(ProviderError::Unsupported(format!(
+                "this model returns {dims} dimensions; `dimensions` = {d} is not supported"
+            )));
+        }
+        let embedder = self.embedder.clone();
+        let (vectors, counts) = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            embedder.embed(&refs)
+        })
+        .await
+        .map_err(|e| ProviderError::Connect(format!("embedding task failed: {e}")))?
+        .map_err(|e| ProviderError::Protocol(e.to_string()))?;
+        let tokens: u64 = counts.iter().map(|&c| c as u64).sum();
+        Ok(EmbeddingResponse {
+            object: "list".into(),
+            data: vectors
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| Embedding {
+                    object: "embedding".into(),
+                    index: i as u32,
+                    embedding: encode_embedding(v, base64),
+                })
+                .collect(),
+            model: req.model.clone(),
+            usage: EmbeddingUsage {
+                prompt_tokens: tokens,
+                total_tokens: tokens,
+            },
+            extra: Extra::new(),
+        })
+    }
+}
