@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Gateway overhead: the same load sent straight to a fast mock upstream and through Sluice (request
+# logging on, SQLite), at concurrency 1, 16 and 64, for plain and streaming chat completions.
+# Reports requests/s, p50 and p99 latency (wrk), and Sluice's peak RSS.
+#
+#   ./scripts/bench_overhead.sh [DURATION_SECONDS]      (default 10)
+#
+# Installs wrk from Debian if missing. Everything runs on loopback and stops by itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DUR="${1:-10}"
+UP_PORT=18080
+SL_PORT=18081
+
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+cargo build --release --locked -q -p sluice --bin sluice
+cargo build --release --locked -q -p sluice-testkit --example fast_upstream
+
+work=$(mktemp -d)
+cleanup() { kill "${UP_PID:-}" "${SL_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+./target/release/examples/fast_upstream "127.0.0.1:$UP_PORT" >/dev/null &
+UP_PID=$!
+cat > "$work/sluice.toml" <<TOML
+[server]
+listen = "127.0.0.1:$SL_PORT"
+[store]
+url = "sqlite://$work/sluice.db"
+[providers.upstream]
+type = "openai"
+base_url = "http://127.0.0.1:$UP_PORT/v1"
+api_key = "env::UPSTREAM_KEY"
+[models."bench-model"]
+deployments = [{ provider = "upstream", model = "gpt-4o-mini" }]
+TOML
+UPSTREAM_KEY=bench SLUICE_LOG=warn ./target/release/sluice serve --config "$work/sluice.toml" >"$work/sluice.out" 2>&1 &
+SL_PID=$!
+for _ in $(seq 100); do
+  curl -s -o /dev/null "http://127.0.0.1:$SL_PORT/health" && curl -s -o /dev/null -X POST "http://127.0.0.1:$UP_PORT/v1/chat/completions" && break
+  sleep 0.1
+done
+
+for mode in plain stream; do
+  stream=false; [ "$mode" = stream ] && stream=true
+  cat > "$work/$mode.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer bench"
+wrk.body = '{"model":"bench-model","stream":$stream,"messages":[{"role":"user","content":"Hello, how are you?"}]}'
+LUA
+done
+
+run() { # target mode conc -> "rps p50 p99"
+  local url=$1 mode=$2 c=$3 t=2
+  [ "$c" -lt 2 ] && t=1
+  wrk -t"$t" -c"$c" -d"${DUR}s" --latency -s "$work/$mode.lua" "$url" > "$work/wrk.txt"
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
+  p50=$(awk '$1=="50%" {print $2}' "$work/wrk.txt")
+  p99=$(awk '$1=="99%" {print $2}' "$work/wrk.txt")
+  local errs; errs=$(awk '/Non-2xx|Socket errors/ {print}' "$work/wrk.txt" | tr '\n' ' ')
+  echo "$rps $p50 $p99 ${errs:-}"
+}
+
+printf '| mode | concurrency | direct req/s | direct p50 | direct p99 | via Sluice req/s | Sluice p50 | Sluice p99 | Sluice ÷ direct req/s |\n'
+printf '|---|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+for mode in plain stream; do
+  for c in 1 16 64; do
+    read -r d_rps d_p50 d_p99 d_err <<<"$(run "http://127.0.0.1:$UP_PORT/v1/chat/completions" $mode $c)"
+    read -r s_rps s_p50 s_p99 s_err <<<"$(run "http://127.0.0.1:$SL_PORT/v1/chat/completions" $mode $c)"
+    ratio=$(awk -v a="$s_rps" -v b="$d_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s× |\n' "$mode" "$c" "$d_rps" "$d_p50" "$d_p99" "$s_rps" "$s_p50" "$s_p99" "$ratio"
+    [ -n "${s_err}${d_err}" ] && echo "  errors: direct: ${d_err:-none}; sluice: ${s_err:-none}"
+  done
+done
+echo
+echo "Sluice peak RSS: $(awk '/VmHWM/ {printf "%.1f MB", $2/1024}' /proc/$SL_PID/status)"
+kill -TERM "$SL_PID"; wait "$SL_PID" 2>/dev/null || true
+echo "request records written: $(grep -o '[0-9]* request records written' "$work/sluice.out" || echo '?')"
