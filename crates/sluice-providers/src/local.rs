@@ -20,8 +20,8 @@ use sluice_local::engine::{Engine, EngineConfig, EngineError, GenEvent, GenReque
 use sluice_local::llama::{LlamaModel, LoadOptions, SamplingParams, TemplateMessage};
 use sluice_types::ids::unix_now;
 use sluice_types::openai::{
-    ChatCompletion, ChatCompletionChunk, ChatRequest, Choice, ChunkChoice, Delta, Embedding,
-    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, Extra, ResponseMessage, Role, Usage,
+    ChatCompletion, ChatCompletionChunk, ChatRequest, Choice, Embedding, EmbeddingRequest,
+    EmbeddingResponse, EmbeddingUsage, Extra, ResponseMessage, Role, Usage,
 };
 
 use crate::mock::{encode_embedding, wants_base64};
@@ -311,58 +311,32 @@ impl ChatProvider for LocalChat {
         let id = completion_id();
         let model = req.model.clone();
         let created = unix_now();
-        let first = ChatCompletionChunk {
-            choices: vec![ChunkChoice::new(
-                0,
-                Delta {
-                    role: Some(Role::Assistant),
-                    content: Some(String::new()),
-                    ..Delta::default()
-                },
-                None,
-            )],
-            ..ChatCompletionChunk::new(&id, &model, created)
-        };
+        let first = ChatCompletionChunk::role(&id, &model, created);
         let events =
             futures::stream::unfold(
                 rx,
                 |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
             );
         let chunks = events.flat_map(move |ev| {
-            let base = ChatCompletionChunk::new(&id, &model, created);
             let items: Vec<Result<ChatCompletionChunk, ProviderError>> = match ev {
-                GenEvent::Text(t) => vec![Ok(ChatCompletionChunk {
-                    choices: vec![ChunkChoice::new(
-                        0,
-                        Delta {
-                            content: Some(t),
-                            ..Delta::default()
-                        },
-                        None,
-                    )],
-                    ..base
-                })],
+                GenEvent::Text(t) => vec![Ok(ChatCompletionChunk::text(&id, &model, created, t))],
                 GenEvent::Done {
                     prompt_tokens,
                     completion_tokens,
                     finish_reason,
                 } => vec![
-                    Ok(ChatCompletionChunk {
-                        choices: vec![ChunkChoice::new(
-                            0,
-                            Delta::default(),
-                            Some(finish_reason.as_openai().into()),
-                        )],
-                        ..base.clone()
-                    }),
-                    Ok(ChatCompletionChunk {
-                        usage: Some(Usage::new(
-                            prompt_tokens as u64,
-                            completion_tokens as u64,
-                            0,
-                        )),
-                        ..base
-                    }),
+                    Ok(ChatCompletionChunk::finish(
+                        &id,
+                        &model,
+                        created,
+                        finish_reason.as_openai(),
+                    )),
+                    Ok(ChatCompletionChunk::usage_only(
+                        &id,
+                        &model,
+                        created,
+                        Usage::new(prompt_tokens as u64, completion_tokens as u64, 0),
+                    )),
                 ],
                 GenEvent::Error(e) => vec![Err(ProviderError::Connect(e))],
             };

@@ -14,8 +14,8 @@ use sluice_core::ProviderError;
 use sluice_core::provider::{ChatProvider, ChunkStream};
 use sluice_types::ids::unix_now;
 use sluice_types::openai::{
-    ChatCompletion, ChatCompletionChunk, ChatRequest, Choice, ChunkChoice, Delta, Embedding,
-    EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, Extra, ResponseMessage, Role, Usage,
+    ChatCompletion, ChatCompletionChunk, ChatRequest, Choice, Embedding, EmbeddingRequest,
+    EmbeddingResponse, EmbeddingUsage, Extra, ResponseMessage, Role, Usage,
 };
 
 /// What the mock answers.
@@ -218,42 +218,18 @@ impl ChatProvider for Mock {
         let model = req.model.clone();
         let usage = self.usage(req, &text);
         let finish = Self::finish_reason(req, &text);
-        let mut chunks = Vec::new();
-        let first = ChatCompletionChunk {
-            choices: vec![ChunkChoice::new(
-                0,
-                Delta {
-                    role: Some(Role::Assistant),
-                    content: Some(String::new()),
-                    ..Delta::default()
-                },
-                None,
-            )],
-            ..ChatCompletionChunk::new(&id, &model, created)
-        };
-        chunks.push(first);
+        let mut chunks = vec![ChatCompletionChunk::role(&id, &model, created)];
         for piece in text.split_inclusive(char::is_whitespace) {
-            chunks.push(ChatCompletionChunk {
-                choices: vec![ChunkChoice::new(
-                    0,
-                    Delta {
-                        content: Some(piece.to_string()),
-                        ..Delta::default()
-                    },
-                    None,
-                )],
-                ..ChatCompletionChunk::new(&id, &model, created)
-            });
+            chunks.push(ChatCompletionChunk::text(
+                &id,
+                &model,
+                created,
+                piece.to_string(),
+            ));
         }
-        chunks.push(ChatCompletionChunk {
-            choices: vec![ChunkChoice::new(0, Delta::default(), Some(finish.into()))],
-            ..ChatCompletionChunk::new(&id, &model, created)
-        });
+        chunks.push(ChatCompletionChunk::finish(&id, &model, created, finish));
         if let Some(u) = usage {
-            chunks.push(ChatCompletionChunk {
-                usage: Some(u),
-                ..ChatCompletionChunk::new(&id, &model, created)
-            });
+            chunks.push(ChatCompletionChunk::usage_only(&id, &model, created, u));
         }
         let gap = self.token_gap;
         let stream = futures::stream::unfold(

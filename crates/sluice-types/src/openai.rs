@@ -410,6 +410,67 @@ impl ChatCompletionChunk {
         }
     }
 
+    /// The opening chunk of a stream: `delta: {role: assistant, content: ""}`.
+    pub fn role(id: &str, model: &str, created: u64) -> Self {
+        Self::with_choice(
+            id,
+            model,
+            created,
+            Delta {
+                role: Some(Role::Assistant),
+                content: Some(String::new()),
+                ..Delta::default()
+            },
+            None,
+        )
+    }
+
+    /// A chunk carrying a piece of text.
+    pub fn text(id: &str, model: &str, created: u64, text: String) -> Self {
+        Self::with_choice(
+            id,
+            model,
+            created,
+            Delta {
+                content: Some(text),
+                ..Delta::default()
+            },
+            None,
+        )
+    }
+
+    /// The chunk that ends choice 0 with a finish reason.
+    pub fn finish(id: &str, model: &str, created: u64, reason: &str) -> Self {
+        Self::with_choice(
+            id,
+            model,
+            created,
+            Delta::default(),
+            Some(reason.to_string()),
+        )
+    }
+
+    /// The final usage chunk (`choices: []`).
+    pub fn usage_only(id: &str, model: &str, created: u64, usage: Usage) -> Self {
+        ChatCompletionChunk {
+            usage: Some(usage),
+            ..Self::new(id, model, created)
+        }
+    }
+
+    fn with_choice(
+        id: &str,
+        model: &str,
+        created: u64,
+        delta: Delta,
+        finish_reason: Option<String>,
+    ) -> Self {
+        ChatCompletionChunk {
+            choices: vec![ChunkChoice::new(0, delta, finish_reason)],
+            ..Self::new(id, model, created)
+        }
+    }
+
     /// Whether the chunk carries any generated content (text, tool call or refusal).
     pub fn has_content(&self) -> bool {
         self.choices.iter().any(|c| {
