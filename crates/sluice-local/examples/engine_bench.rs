@@ -2,7 +2,7 @@
 //! token for a 200-token prompt.
 //!
 //! ```sh
-//! cargo run --release -p sluice-local --example engine_bench -- models/SmolLM2-135M-Instruct.Q4_1.gguf [--threads 2] [--tokens 64] [--weights f32|quantized]
+//! cargo run --release -p sluice-local --example engine_bench -- models/SmolLM2-135M-Instruct.Q4_1.gguf [--threads 2] [--tokens 64] [--weights f32|q8_0|quantized]
 //! ```
 //!
 //! For each mode (batching off, on) and each concurrency (1, 4, 16), it submits that many greedy
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_local::engine::{Engine, EngineConfig, GenEvent, GenRequest};
-use sluice_local::llama::{LlamaModel, LoadOptions, SamplingParams};
+use sluice_local::llama::{LlamaModel, LoadOptions, SamplingParams, WeightFormat};
 
 const TEXT: &str = "The river starts high in the mountains, where snow melts in the spring sun and runs \
 down through narrow valleys of stone and pine. It gathers streams from every side, grows wide and slow \
@@ -105,7 +105,11 @@ fn main() {
         LlamaModel::load_with(
             std::path::Path::new(path),
             LoadOptions {
-                dequantize: weights == "f32",
+                weights: match weights {
+                    "f32" => WeightFormat::F32,
+                    "q8_0" => WeightFormat::Q8_0,
+                    _ => WeightFormat::AsStored,
+                },
             },
         )
         .expect("load model"),

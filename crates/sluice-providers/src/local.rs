@@ -17,7 +17,7 @@ use sluice_core::ProviderError;
 use sluice_core::provider::{ChatProvider, ChunkStream};
 use sluice_local::embed::SentenceEmbedder;
 use sluice_local::engine::{Engine, EngineConfig, EngineError, GenEvent, GenRequest};
-use sluice_local::llama::{LlamaModel, LoadOptions, SamplingParams, TemplateMessage};
+use sluice_local::llama::{LlamaModel, LoadOptions, SamplingParams, TemplateMessage, WeightFormat};
 use sluice_types::ids::unix_now;
 use sluice_types::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, Choice, Embedding, EmbeddingRequest,
@@ -62,6 +62,9 @@ pub enum WeightMode {
     #[default]
     Auto,
     Quantized,
+    /// Re-quantize to Q8_0 at load (for Q4_1/Q5 files, whose CPU kernels are slow).
+    #[serde(rename = "q8_0")]
+    Q8_0,
     F32,
 }
 
@@ -101,15 +104,23 @@ pub fn build(cfg: &LocalConfig) -> Result<Arc<dyn ChatProvider>, String> {
             embedder: Arc::new(embedder),
         }));
     }
-    let dequantize = match cfg.weights {
-        WeightMode::Quantized => false,
-        WeightMode::F32 => true,
-        WeightMode::Auto => sluice_local::inspect::gguf_parameters(path)
-            .map(|n| n.saturating_mul(4) <= AUTO_F32_LIMIT)
-            .unwrap_or(false),
+    let weights = match cfg.weights {
+        WeightMode::Quantized => WeightFormat::AsStored,
+        WeightMode::Q8_0 => WeightFormat::Q8_0,
+        WeightMode::F32 => WeightFormat::F32,
+        WeightMode::Auto => {
+            let small = sluice_local::inspect::gguf_parameters(path)
+                .map(|n| n.saturating_mul(4) <= AUTO_F32_LIMIT)
+                .unwrap_or(false);
+            if small {
+                WeightFormat::F32
+            } else {
+                WeightFormat::AsStored
+            }
+        }
     };
-    let model = LlamaModel::load_with(path, LoadOptions { dequantize })
-        .map_err(|e| format!("path: {e}"))?;
+    let model =
+        LlamaModel::load_with(path, LoadOptions { weights }).map_err(|e| format!("path: {e}"))?;
     let threads = match cfg.threads {
         Some(0) => return Err("threads: must be at least 1".into()),
         Some(n) => n,

@@ -48,7 +48,7 @@ mod template;
 mod tokenizer;
 
 pub use error::LocalError;
-pub use model::{KvCache, LlamaModel, LoadOptions, ModelInfo};
+pub use model::{KvCache, LlamaModel, LoadOptions, ModelInfo, WeightFormat};
 pub use sampler::{Sampler, SamplingParams, argmax};
 pub use template::{CHATML_TEMPLATE, ChatTemplate, TemplateMessage};
 pub use tokenizer::{GgufTokenizer, StreamDetokenizer};

@@ -86,11 +86,26 @@ struct Layer {
     w_down: QMatMul,
 }
 
+/// How a model's weight matrices are held in memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// As the file stores them.
+    #[default]
+    AsStored,
+    /// Expanded to f32 at load: 4 bytes per weight; the fastest matrix multiply on CPU for
+    /// batches, and its cost per row falls as the batch grows.
+    F32,
+    /// Re-quantized to Q8_0 at load (about 1.06 bytes per weight): for files whose own
+    /// quantization (Q4_1, Q5_x) has only slow CPU kernels. Matrices whose rows are not a multiple
+    /// of 32 stay as stored.
+    Q8_0,
+}
+
 /// How to load a model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Expand the weight matrices to f32 at load (see [`LlamaModel::load_with`]).
-    pub dequantize: bool,
+    /// The in-memory weight format (see [`WeightFormat`]).
+    pub weights: WeightFormat,
 }
 
 /// Several projections of the same input. When their weights share a type
@@ -101,24 +116,40 @@ enum Projections {
     Separate(Vec<QMatMul>),
 }
 
-/// A matmul for a weight: kept quantized, or dequantized to f32 once at load.
-fn weight_matmul(t: QTensor, dequantize: bool, device: &Device) -> candle_core::Result<QMatMul> {
-    if dequantize {
-        Ok(QMatMul::Tensor(t.dequantize(device)?))
-    } else {
-        QMatMul::from_qtensor(t)
+/// A matmul for a weight, in the requested in-memory format.
+fn weight_matmul(
+    t: QTensor,
+    format: WeightFormat,
+    device: &Device,
+) -> candle_core::Result<QMatMul> {
+    match format {
+        WeightFormat::AsStored => QMatMul::from_qtensor(t),
+        WeightFormat::F32 => Ok(QMatMul::Tensor(t.dequantize(device)?)),
+        WeightFormat::Q8_0 => {
+            let cols = t.shape().dims().last().copied().unwrap_or(0);
+            if t.dtype() == GgmlDType::Q8_0 || cols % 32 != 0 {
+                QMatMul::from_qtensor(t)
+            } else {
+                let dense = t.dequantize(device)?;
+                QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
+            }
+        }
     }
 }
 
 impl Projections {
-    fn new(parts: Vec<QTensor>, device: &Device, dequantize: bool) -> candle_core::Result<Self> {
+    fn new(
+        parts: Vec<QTensor>,
+        device: &Device,
+        format: WeightFormat,
+    ) -> candle_core::Result<Self> {
         let dtype = parts[0].dtype();
         let k = parts[0].shape().dims2()?.1;
         if parts.len() < 2 || parts.iter().any(|p| p.dtype() != dtype) {
             return Ok(Self::Separate(
                 parts
                     .into_iter()
-                    .map(|p| weight_matmul(p, dequantize, device))
+                    .map(|p| weight_matmul(p, format, device))
                     .collect::<candle_core::Result<_>>()?,
             ));
         }
@@ -136,7 +167,7 @@ impl Projections {
         let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), device, dtype)?;
         let stacked = QTensor::new(storage, (widths.iter().sum::<usize>(), k))?;
         Ok(Self::Fused {
-            matmul: weight_matmul(stacked, dequantize, device)?,
+            matmul: weight_matmul(stacked, format, device)?,
             widths,
         })
     }
@@ -330,12 +361,12 @@ impl LlamaModel {
         Self::load_with(path, LoadOptions::default())
     }
 
-    /// [`LlamaModel::load`] with options: `dequantize` expands every weight matrix to f32 once at
-    /// load. That takes 4 bytes per weight, but on CPU the f32 matrix multiply is faster than the
-    /// quantized kernels for Q4_1/Q5 files and, unlike them, costs less per row as the batch grows
-    /// — which is what makes continuous batching pay.
+    /// [`LlamaModel::load`] with options: `weights` chooses the in-memory format of the weight
+    /// matrices. [`WeightFormat::F32`] takes 4 bytes per weight, but on CPU the f32 matrix multiply
+    /// is faster than the quantized kernels for Q4_1/Q5 files and, unlike them, costs less per row
+    /// as the batch grows — which is what makes continuous batching pay.
     pub fn load_with(path: &Path, options: LoadOptions) -> Result<LlamaModel, LocalError> {
-        let dequantize = options.dequantize;
+        let format = options.weights;
         let file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => LocalError::ModelNotFound {
                 path: path.to_path_buf(),
@@ -482,11 +513,7 @@ impl LlamaModel {
             Ok::<_, LocalError>(t)
         };
         let matmul = |reader: &mut BufReader<File>, name: &str, dims: [usize; 2]| {
-            Ok::<_, LocalError>(weight_matmul(
-                matrix(reader, name, dims)?,
-                dequantize,
-                &device,
-            )?)
+            Ok::<_, LocalError>(weight_matmul(matrix(reader, name, dims)?, format, &device)?)
         };
         let vector = |reader: &mut BufReader<File>, name: &str| {
             let t = tensor(reader, name)?;
@@ -527,10 +554,13 @@ impl LlamaModel {
         let output = if content.tensor_infos.contains_key("output.weight") {
             matmul(&mut reader, "output.weight", [vocab, hidden])?
         } else {
-            if dequantize {
-                QMatMul::Tensor(embed.dequantize(&device)?)
-            } else {
-                QMatMul::from_arc(Arc::clone(&embed))?
+            match format {
+                WeightFormat::AsStored => QMatMul::from_arc(Arc::clone(&embed))?,
+                _ => weight_matmul(
+                    QTensor::quantize(&embed.dequantize(&device)?, GgmlDType::F32)?,
+                    format,
+                    &device,
+                )?,
             }
         };
         let q_dim = n_head * head_dim;
@@ -559,10 +589,10 @@ impl LlamaModel {
             ];
             layers.push(Layer {
                 attn_norm: vector(&mut reader, &p("attn_norm"))?,
-                qkv: Projections::new(qkv, &device, dequantize)?,
+                qkv: Projections::new(qkv, &device, format)?,
                 wo: matmul(&mut reader, &p("attn_output"), [hidden, q_dim])?,
                 ffn_norm: vector(&mut reader, &p("ffn_norm"))?,
-                gate_up: Projections::new(gate_up, &device, dequantize)?,
+                gate_up: Projections::new(gate_up, &device, format)?,
                 w_down: matmul(&mut reader, &p("ffn_down"), [hidden, ff])?,
             });
         }
