@@ -43,10 +43,6 @@ impl Finisher {
         self.record.as_ref().map(|r| r.id).unwrap_or_default()
     }
 
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
     fn rec(&mut self) -> Option<&mut RequestRecord> {
         self.record.as_mut()
     }

@@ -46,47 +46,32 @@ struct State {
 }
 
 impl State {
-    fn counter(&self) -> impl FnOnce() -> (u64, u64) + '_ {
-        move || {
+    /// What the stream produced: the reported usage, else the tokenizer's counts (prompt,
+    /// completion), and the assembled body when bodies are stored. Consumes the gathered text.
+    fn outcome(&mut self) -> (Option<Usage>, (u64, u64), Option<serde_json::Value>) {
+        let usage = self.usage.take();
+        let counts = if usage.is_none() {
             (
                 tokens::count_prompt(&self.req.model, &self.req),
                 tokens::count_text(&self.req.model, &self.acc.output_text()),
             )
-        }
-    }
-
-    fn body(&mut self) -> Option<serde_json::Value> {
-        if !self.store_body {
-            return None;
-        }
+        } else {
+            (0, 0)
+        };
         let acc = std::mem::take(&mut self.acc);
-        let text_acc_usage = acc.usage().cloned();
-        let mut done = acc.finish();
-        if done.usage.is_none() {
-            done.usage = text_acc_usage;
-        }
-        serde_json::to_value(done).ok()
+        let body = self
+            .store_body
+            .then(|| serde_json::to_value(acc.finish()).ok())
+            .flatten();
+        (usage, counts, body)
     }
 
     async fn finish(&mut self, error: Option<&Error>) {
         self.done = true;
-        let usage = self.usage.take();
-        let (prompt, completion) = if usage.is_none() {
-            self.counter()()
-        } else {
-            (0, 0)
-        };
         let finish_reason = self.acc.finish_reason().map(str::to_string);
-        let body = self.body();
+        let (usage, counts, body) = self.outcome();
         self.fin
-            .finish_stream(
-                usage,
-                self.price,
-                || (prompt, completion),
-                finish_reason,
-                body,
-                error,
-            )
+            .finish_stream(usage, self.price, || counts, finish_reason, body, error)
             .await;
     }
 }
@@ -97,15 +82,8 @@ impl Drop for State {
             return;
         }
         // The client went away mid-stream: keep what was produced for the cancelled record.
-        let usage = self.usage.take();
-        let (prompt, completion) = if usage.is_none() {
-            self.counter()()
-        } else {
-            (0, 0)
-        };
-        let body = self.body();
-        self.fin
-            .note_partial(usage, self.price, || (prompt, completion), body);
+        let (usage, counts, body) = self.outcome();
+        self.fin.note_partial(usage, self.price, || counts, body);
     }
 }
 

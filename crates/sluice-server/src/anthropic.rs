@@ -13,27 +13,14 @@ use sluice_core::error::Error;
 use sluice_gateway::{ChatOutcome, ChatStream, StreamItem};
 use sluice_types::anthropic::{self as wire, MessagesRequest, StreamEncoder, StreamEvent};
 
+use crate::SharedState;
 use crate::error::{ApiError, anthropic_body};
-use crate::openai::{set_cost, sse_response, start};
-use crate::{SharedState, body};
+use crate::openai::{read_json, set_cost, sse_response};
 
 pub async fn messages(State(state): State<SharedState>, req: Request) -> Response {
-    let (ctx, bytes) = match start(&state, req, "messages").await {
+    let (ctx, msg) = match read_json::<MessagesRequest>(&state, req, "messages").await {
         Ok(v) => v,
-        Err((ctx, e)) => {
-            state.gateway.reject(ctx, None, &e).await;
-            return ApiError::anthropic(e).into_response();
-        }
-    };
-    let msg: MessagesRequest = match body::parse(&bytes) {
-        Ok(m) => m,
-        Err(e) => {
-            state
-                .gateway
-                .reject(ctx, body::sniff_model(&bytes).as_deref(), &e)
-                .await;
-            return ApiError::anthropic(e).into_response();
-        }
+        Err(e) => return ApiError::anthropic(e).into_response(),
     };
     let chat = match wire::request_to_openai(&msg) {
         Ok(c) => c,

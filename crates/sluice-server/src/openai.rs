@@ -16,43 +16,45 @@ use sluice_types::openai::{ChatRequest, EmbeddingRequest, ModelList, ModelObject
 use crate::error::{ApiError, openai_body};
 use crate::{RequestId, SharedState, attribute_from_headers, body};
 
-/// Reads the request's id, headers and body, and starts its context. Failures are recorded.
-pub(crate) async fn start(
+/// Reads a request: its id, `x-sluice-*` headers and JSON body, into its context and `T`. A
+/// request that cannot be read is recorded here and its error returned.
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     state: &SharedState,
     req: Request,
     endpoint: &str,
-) -> Result<(RequestContext, Bytes), (RequestContext, Error)> {
+) -> Result<(RequestContext, T), Error> {
     let (parts, body_stream) = req.into_parts();
     let mut ctx = RequestContext::new(endpoint, false);
     if let Some(RequestId(id)) = parts.extensions.get::<RequestId>() {
         ctx.record.id = *id;
     }
-    if let Err(e) = attribute_from_headers(&mut ctx, &parts.headers) {
-        return Err((ctx, e));
-    }
-    match body::read(&parts.headers, body_stream, state.max_body_bytes).await {
-        Ok(b) => Ok((ctx, b)),
-        Err(e) => Err((ctx, e)),
-    }
-}
-
-pub async fn chat_completions(State(state): State<SharedState>, req: Request) -> Response {
-    let (ctx, bytes) = match start(&state, req, "chat.completions").await {
-        Ok(v) => v,
-        Err((ctx, e)) => {
+    let read = match attribute_from_headers(&mut ctx, &parts.headers) {
+        Ok(()) => body::read(&parts.headers, body_stream, state.max_body_bytes).await,
+        Err(e) => Err(e),
+    };
+    let bytes = match read {
+        Ok(b) => b,
+        Err(e) => {
             state.gateway.reject(ctx, None, &e).await;
-            return ApiError::openai(e).into_response();
+            return Err(e);
         }
     };
-    let chat: ChatRequest = match body::parse(&bytes) {
-        Ok(c) => c,
+    match body::parse(&bytes) {
+        Ok(v) => Ok((ctx, v)),
         Err(e) => {
             state
                 .gateway
                 .reject(ctx, body::sniff_model(&bytes).as_deref(), &e)
                 .await;
-            return ApiError::openai(e).into_response();
+            Err(e)
         }
+    }
+}
+
+pub async fn chat_completions(State(state): State<SharedState>, req: Request) -> Response {
+    let (ctx, chat) = match read_json::<ChatRequest>(&state, req, "chat.completions").await {
+        Ok(v) => v,
+        Err(e) => return ApiError::openai(e).into_response(),
     };
     match state.gateway.chat(ctx, chat).await {
         Ok(ChatOutcome::Complete {
@@ -119,22 +121,9 @@ fn openai_sse(
 }
 
 pub async fn embeddings(State(state): State<SharedState>, req: Request) -> Response {
-    let (ctx, bytes) = match start(&state, req, "embeddings").await {
+    let (ctx, emb) = match read_json::<EmbeddingRequest>(&state, req, "embeddings").await {
         Ok(v) => v,
-        Err((ctx, e)) => {
-            state.gateway.reject(ctx, None, &e).await;
-            return ApiError::openai(e).into_response();
-        }
-    };
-    let emb: EmbeddingRequest = match body::parse(&bytes) {
-        Ok(c) => c,
-        Err(e) => {
-            state
-                .gateway
-                .reject(ctx, body::sniff_model(&bytes).as_deref(), &e)
-                .await;
-            return ApiError::openai(e).into_response();
-        }
+        Err(e) => return ApiError::openai(e).into_response(),
     };
     match state.gateway.embed(ctx, emb).await {
         Ok((resp, cost)) => {
