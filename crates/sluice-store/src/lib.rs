@@ -112,6 +112,13 @@ fn backend_of(url: &str) -> Result<Backend, String> {
     }
 }
 
+/// SQLite's SQLITE_BUSY / SQLITE_LOCKED, as the driver words them.
+fn is_locked(message: &str) -> bool {
+    message.contains("database is locked")
+        || message.contains("(code: 5)")
+        || message.contains("(code: 6)")
+}
+
 fn db_err(e: sqlx::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
@@ -229,6 +236,33 @@ impl SqliteStore {
                 })?;
             }
         }
+        // Two connections converting a fresh file to WAL at the same moment can get SQLITE_BUSY
+        // without the busy handler being consulted, so opens in this process take turns and an
+        // open that still meets a lock (another process) retries for a bounded time.
+        static OPENING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _turn = OPENING.lock().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match Self::open_once(url, opts.clone(), in_memory, max_connections).await {
+                Err(StoreError::Database(msg))
+                    if is_locked(&msg) && std::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(url, "store is locked during open; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn open_once(
+        url: &str,
+        opts: sqlx::sqlite::SqliteConnectOptions,
+        in_memory: bool,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
         let pool = SqlitePoolOptions::new()
             // An in-memory database lives in one connection.
             .max_connections(if in_memory { 1 } else { max_connections })
@@ -252,7 +286,13 @@ impl SqliteStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // IMMEDIATE takes the write lock up front, so two migrating connections queue on the
+        // busy handler instead of deadlocking on a read-to-write upgrade.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_err)?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
         )
