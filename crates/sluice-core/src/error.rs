@@ -36,6 +36,7 @@ error_codes! {
     InvalidRequest => 400, "invalid_request_error", "invalid_request";
     UpstreamBadRequest => 400, "invalid_request_error", "upstream_bad_request";
     ContextLengthExceeded => 400, "invalid_request_error", "context_length_exceeded";
+    ContentPolicy => 400, "invalid_request_error", "content_policy_violation";
     Unauthorized => 401, "authentication_error", "invalid_api_key";
     Forbidden => 403, "permission_error", "forbidden";
     ModelNotFound => 404, "invalid_request_error", "model_not_found";
@@ -51,6 +52,7 @@ error_codes! {
     UpstreamProtocol => 502, "upstream_error", "upstream_protocol_error";
     UpstreamAuth => 502, "upstream_error", "upstream_auth_failed";
     Unavailable => 503, "server_error", "service_unavailable";
+    NoHealthyDeployment => 503, "server_error", "no_healthy_deployment";
     UpstreamTimeout => 504, "upstream_error", "upstream_timeout";
     ClientClosed => 499, "client_error", "client_closed_request";
 }
@@ -133,6 +135,7 @@ impl ProviderError {
                     400 if is_context_length(code.as_deref(), message) => {
                         ErrorCode::ContextLengthExceeded
                     }
+                    400 if is_content_policy(code.as_deref(), message) => ErrorCode::ContentPolicy,
                     400 => ErrorCode::UpstreamBadRequest,
                     401 | 403 => ErrorCode::UpstreamAuth,
                     413 => ErrorCode::PayloadTooLarge,
@@ -169,6 +172,93 @@ impl ProviderError {
             ProviderError::Unsupported(m) => Error::new(ErrorCode::UnsupportedParameter, m.clone()),
         }
     }
+}
+
+/// What kind of failure a provider call was, for retries, fallbacks and circuit breakers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// 429: the deployment is at its limit; another may not be.
+    RateLimited,
+    /// The prompt does not fit the model: only a larger-context model helps.
+    ContextWindowExceeded,
+    /// The provider's content filter refused it: only another model or provider helps.
+    ContentPolicy,
+    /// 5xx, unreachable, or a broken answer.
+    ServerError,
+    /// No answer in time.
+    Timeout,
+    /// The request itself (or Sluice's credentials) is wrong: retrying cannot help.
+    ClientError,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::RateLimited => "rate_limited",
+            ErrorClass::ContextWindowExceeded => "context_window_exceeded",
+            ErrorClass::ContentPolicy => "content_policy",
+            ErrorClass::ServerError => "server_error",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::ClientError => "client_error",
+        }
+    }
+
+    /// Whether trying again (the same deployment later, or another deployment of the same
+    /// model) can succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorClass::RateLimited | ErrorClass::ServerError | ErrorClass::Timeout
+        )
+    }
+
+    /// Whether the failure says the deployment is unhealthy (counts against its breaker).
+    pub fn is_deployment_fault(self) -> bool {
+        matches!(self, ErrorClass::ServerError | ErrorClass::Timeout)
+    }
+}
+
+impl ProviderError {
+    /// The failure's class.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ProviderError::Status {
+                status,
+                message,
+                code,
+                ..
+            } => match *status {
+                429 => ErrorClass::RateLimited,
+                400 if is_context_length(code.as_deref(), message) => {
+                    ErrorClass::ContextWindowExceeded
+                }
+                400 if is_content_policy(code.as_deref(), message) => ErrorClass::ContentPolicy,
+                408 | 504 => ErrorClass::Timeout,
+                s if s >= 500 => ErrorClass::ServerError,
+                _ => ErrorClass::ClientError,
+            },
+            ProviderError::Timeout(_) => ErrorClass::Timeout,
+            ProviderError::Connect(_) | ProviderError::Protocol(_) => ErrorClass::ServerError,
+            ProviderError::Unsupported(_) => ErrorClass::ClientError,
+        }
+    }
+
+    /// The upstream's `Retry-After`, when it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+fn is_content_policy(code: Option<&str>, message: &str) -> bool {
+    matches!(
+        code,
+        Some("content_policy_violation" | "content_filter" | "content_filtered")
+    ) || message.contains("content management policy")
+        || message.contains("content_policy")
+        || message.contains("content filter")
 }
 
 fn is_context_length(code: Option<&str>, message: &str) -> bool {

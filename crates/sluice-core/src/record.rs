@@ -114,6 +114,37 @@ pub struct RequestRecord {
     pub request_body: Option<Value>,
     /// The response body (for streams, the assembled completion), when bodies are stored.
     pub response_body: Option<Value>,
+    /// Every provider call made for the request, in order (retries and fallbacks included).
+    #[serde(default)]
+    pub attempt_log: Vec<Attempt>,
+    /// How the router chose: the strategy and, for complexity routing, the decision and its
+    /// score.
+    #[serde(default)]
+    pub route: Option<Value>,
+}
+
+/// One provider call made for a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The model group the deployment belongs to (differs from the asked model on a fallback).
+    pub group: String,
+    /// The deployment's id within its group.
+    pub deployment: String,
+    pub provider: String,
+    /// The upstream model (or adapter) called.
+    pub model: String,
+    /// Milliseconds from the request's start to this call.
+    pub started_ms: f64,
+    /// How long the call took (to the first chunk for streams).
+    pub latency_ms: f64,
+    /// `ok`, or the error class: `rate_limited`, `server_error`, `timeout`,
+    /// `context_window_exceeded`, `content_policy`, `client_error`.
+    pub outcome: String,
+    /// The stable error code answered for it, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl RequestRecord {
@@ -148,6 +179,8 @@ impl RequestRecord {
             metadata: Value::Null,
             request_body: None,
             response_body: None,
+            attempt_log: Vec::new(),
+            route: None,
         }
     }
 }

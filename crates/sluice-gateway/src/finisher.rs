@@ -12,6 +12,7 @@ use sluice_types::openai::{
     ChatCompletion, ChatRequest, EmbeddingRequest, EmbeddingResponse, Usage,
 };
 
+use crate::router::{InFlight, TokenReservation};
 use crate::{Deployment, RequestContext, metrics::Metrics, tokens};
 
 /// Owns a request's record until it is complete.
@@ -21,6 +22,12 @@ pub struct Finisher {
     sink: LogSink,
     metrics: Arc<Metrics>,
     model_known: bool,
+    /// The serving deployment's in-flight slot, released when the record closes.
+    in_flight: Option<InFlight>,
+    /// Its tokens-per-minute reservation, settled with the real count when the record closes.
+    tokens: Option<TokenReservation>,
+    /// For complexity routing: the strongest tier's price, to report the cost saved.
+    baseline: Option<ModelPrice>,
 }
 
 impl Finisher {
@@ -36,6 +43,57 @@ impl Finisher {
             sink,
             metrics,
             model_known,
+            in_flight: None,
+            tokens: None,
+            baseline: None,
+        }
+    }
+
+    /// Provider calls made so far.
+    pub fn attempts(&self) -> u32 {
+        self.record.as_ref().map_or(0, |r| r.attempts)
+    }
+
+    /// Keeps the serving deployment's in-flight slot and token reservation until the end.
+    pub fn hold(&mut self, in_flight: InFlight, tokens: Option<TokenReservation>) {
+        self.in_flight = Some(in_flight);
+        self.tokens = tokens;
+    }
+
+    /// Notes how the router chose; with a baseline price, the record also gets what the strongest
+    /// tier would have cost and the difference.
+    pub fn set_route(&mut self, route: serde_json::Value, baseline: Option<ModelPrice>) {
+        if let Some(r) = self.rec() {
+            r.route = Some(route);
+        }
+        self.baseline = baseline;
+    }
+
+    /// Appends one provider call to the record's attempt log.
+    pub fn log_attempt(
+        &mut self,
+        group: &str,
+        dep: &Deployment,
+        started: Instant,
+        took: std::time::Duration,
+        failure: Option<(sluice_core::error::ErrorClass, &Error)>,
+    ) {
+        let offset = started
+            .saturating_duration_since(self.started)
+            .as_secs_f64()
+            * 1000.0;
+        if let Some(r) = self.rec() {
+            r.attempt_log.push(sluice_core::record::Attempt {
+                group: group.to_string(),
+                deployment: dep.id.clone(),
+                provider: dep.provider_name.clone(),
+                model: dep.upstream_model().to_string(),
+                started_ms: round3(offset),
+                latency_ms: round3(took.as_secs_f64() * 1000.0),
+                outcome: failure.map_or("ok", |(c, _)| c.as_str()).to_string(),
+                error_code: failure.map(|(_, e)| e.code.as_str().to_string()),
+                error: failure.map(|(_, e)| e.message.clone()),
+            });
         }
     }
 
@@ -52,7 +110,7 @@ impl Finisher {
         if let Some(r) = self.rec() {
             r.attempts += 1;
             r.provider = Some(dep.provider_name.clone());
-            r.deployment = Some(dep.model.clone());
+            r.deployment = Some(dep.upstream_model().to_string());
         }
     }
 
@@ -71,6 +129,17 @@ impl Finisher {
         let mut r = self.record.take()?;
         r.finished_at = Utc::now();
         r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.in_flight = None;
+        if let Some(t) = self.tokens.take() {
+            t.settle(r.prompt_tokens + r.completion_tokens);
+        }
+        if let (Some(p), Some(serde_json::Value::Object(route))) = (self.baseline, r.route.as_mut())
+            && r.status == RecordStatus::Ok
+        {
+            let base = p.cost(r.prompt_tokens, r.completion_tokens, r.cached_tokens);
+            route.insert("baseline_cost_usd".into(), base.into());
+            route.insert("saved_usd".into(), (base - r.cost_usd).into());
+        }
         self.metrics.observe(&r, self.model_known);
         Some(r)
     }
@@ -213,6 +282,10 @@ impl Drop for Finisher {
             self.sink.send_detached(r);
         }
     }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
 }
 
 /// Sets tokens, their source and cost: the provider's usage when it reported one, else the

@@ -12,49 +12,80 @@
 //! call). Later stages (limits, prompts, RAG, guardrails, cache) plug in around
 //! [`Gateway::chat`] in the order `docs/architecture.md` gives.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::time::Duration;
+
+use futures::StreamExt;
+use parking_lot::RwLock;
 use serde::Deserialize;
-use sluice_core::error::{Error, ErrorCode};
+use sluice_core::ProviderError;
+use sluice_core::error::{Error, ErrorClass, ErrorCode};
 use sluice_core::price::{ModelPrice, PriceTable};
 use sluice_core::provider::ChatProvider;
+use sluice_core::provider::ChunkStream;
 use sluice_core::record::{LogSink, RequestRecord};
-use sluice_types::openai::{ChatCompletion, ChatRequest, EmbeddingRequest, EmbeddingResponse};
+use sluice_types::openai::{
+    ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse,
+};
 
+use router::{DeploymentState, Group};
+
+pub mod breaker;
+pub mod complexity;
 pub mod finisher;
 pub mod metrics;
+pub mod router;
 pub mod stream;
 pub mod tokens;
+pub mod window;
 
 pub use finisher::Finisher;
 pub use metrics::Metrics;
 pub use stream::{ChatStream, StreamItem};
 
-/// One `[models."NAME"]` table.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// Where the model is served, tried in order.
-    pub deployments: Vec<DeploymentConfig>,
-}
+pub use router::{ModelConfig, Router, Strategy};
 
-/// One deployment of a model: a configured provider and the upstream model name, with optional
-/// price overrides (USD per million tokens).
+/// One deployment of a model: a configured provider and the upstream model name, with its share
+/// of traffic, optional capacity, tags, LoRA adapter and price overrides (USD per million
+/// tokens).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentConfig {
     /// A key of `[providers]`.
     pub provider: String,
-    /// The model name the upstream knows (for Azure: the deployment name).
+    /// The model name the upstream knows (for Azure: the deployment name; with an adapter, the
+    /// base model).
     pub model: String,
+    /// A name for the deployment within its model (default `PROVIDER/MODEL`, plus `+ADAPTER`).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Share of traffic under the `weighted` strategy (default 1).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Requests per minute this deployment may take; at the limit it is skipped.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// Tokens per minute (prompt estimate + max tokens before the call, the real count after).
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// A LoRA adapter served by a vLLM-style upstream under this name (`NAME` or
+    /// `NAME@VERSION`); requests are sent with it as the model.
+    #[serde(default)]
+    pub adapter: Option<String>,
     #[serde(default)]
     pub input_cost_per_mtok: Option<f64>,
     #[serde(default)]
     pub output_cost_per_mtok: Option<f64>,
     #[serde(default)]
     pub cached_input_cost_per_mtok: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl DeploymentConfig {
@@ -75,6 +106,20 @@ impl DeploymentConfig {
                 return Err(format!("{name}: must be a non-negative number, got {v}"));
             }
         }
+        if !(self.weight.is_finite() && self.weight >= 0.0) {
+            return Err(format!(
+                "weight: must be a non-negative number, got {}",
+                self.weight
+            ));
+        }
+        if self.rpm == Some(0) || self.tpm == Some(0) {
+            return Err(
+                "rpm/tpm: a capacity must be at least 1 (leave it out for no limit)".into(),
+            );
+        }
+        if let Some(a) = &self.adapter {
+            check_adapter(a).map_err(|e| format!("adapter: {e}"))?;
+        }
         let base = table.lookup(&self.model);
         let overridden = self.input_cost_per_mtok.is_some()
             || self.output_cost_per_mtok.is_some()
@@ -89,22 +134,78 @@ impl DeploymentConfig {
             cached_input: self.cached_input_cost_per_mtok.or(b.cached_input),
         }))
     }
+
+    /// The deployment's id: the configured one, else `PROVIDER/MODEL` (plus `+ADAPTER`).
+    pub fn id(&self) -> String {
+        self.id.clone().unwrap_or_else(|| match &self.adapter {
+            Some(a) => format!("{}/{}+{a}", self.provider, self.model),
+            None => format!("{}/{}", self.provider, self.model),
+        })
+    }
+
+    /// Builds the running deployment.
+    pub fn build(&self, provider: Arc<dyn ChatProvider>, price: Option<ModelPrice>) -> Deployment {
+        Deployment {
+            id: self.id(),
+            provider_name: self.provider.clone(),
+            provider,
+            model: self.model.clone(),
+            price,
+            weight: self.weight,
+            rpm: self.rpm,
+            tpm: self.tpm,
+            tags: self.tags.clone(),
+            adapter: self.adapter.clone(),
+            fingerprint: format!("{self:?}"),
+        }
+    }
+}
+
+/// An adapter name: `NAME` or `NAME@VERSION`, both non-empty, no whitespace.
+fn check_adapter(a: &str) -> Result<(), String> {
+    let (name, version) = match a.split_once('@') {
+        Some((n, v)) => (n, Some(v)),
+        None => (a, None),
+    };
+    if name.is_empty() || version.is_some_and(str::is_empty) || a.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "`{a}` is not an adapter name; write NAME or NAME@VERSION, e.g. \"support-bot@v3\""
+        ));
+    }
+    Ok(())
 }
 
 /// A running deployment.
 pub struct Deployment {
+    /// Unique within its model group.
+    pub id: String,
     /// The configured provider name.
     pub provider_name: String,
     pub provider: Arc<dyn ChatProvider>,
-    /// The upstream model name.
+    /// The upstream (base) model name.
     pub model: String,
     /// `None` when neither the table nor the config knows a price: cost is then 0.
     pub price: Option<ModelPrice>,
+    pub weight: f64,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub tags: Vec<String>,
+    pub adapter: Option<String>,
+    /// The configuration it was built from, to carry its live state over a reload.
+    pub fingerprint: String,
+}
+
+impl Deployment {
+    /// The model name sent upstream: the adapter when there is one.
+    pub fn upstream_model(&self) -> &str {
+        self.adapter.as_deref().unwrap_or(&self.model)
+    }
 }
 
 impl std::fmt::Debug for Deployment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Deployment")
+            .field("id", &self.id)
             .field("provider", &self.provider_name)
             .field("kind", &self.provider.kind())
             .field("model", &self.model)
@@ -147,18 +248,27 @@ impl RequestContext {
 
 /// The result of a chat request that did not fail before its response started.
 pub enum ChatOutcome {
-    /// A whole completion; its record is already written. `cost_usd` is for the response header.
+    /// A whole completion; its record is already written. `cost_usd` is for the response header,
+    /// `route` for `x-sluice-route`.
     Complete {
         completion: Box<ChatCompletion>,
         cost_usd: f64,
+        route: String,
     },
     /// A stream of chunks; its record is written when the stream ends or is dropped.
     Stream(ChatStream),
 }
 
-/// The gateway: models, their deployments, and where records go.
+/// A successful attempt: the value, and what stays held until the request's record closes.
+struct Served<T> {
+    value: T,
+    group: Arc<Group>,
+    dep: Arc<DeploymentState>,
+}
+
+/// The gateway: the router (swapped whole on reload), where records go, and metrics.
 pub struct Gateway {
-    models: BTreeMap<String, Vec<Deployment>>,
+    router: RwLock<Arc<Router>>,
     sink: LogSink,
     metrics: Arc<Metrics>,
     bodies: BodyMode,
@@ -167,52 +277,73 @@ pub struct Gateway {
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
-            .field("models", &self.models)
+            .field("router", &*self.router.read())
             .field("bodies", &self.bodies)
             .finish()
     }
 }
 
 impl Gateway {
-    pub fn new(
-        models: BTreeMap<String, Vec<Deployment>>,
-        sink: LogSink,
-        metrics: Arc<Metrics>,
-        bodies: BodyMode,
-    ) -> Self {
+    pub fn new(router: Router, sink: LogSink, metrics: Arc<Metrics>, bodies: BodyMode) -> Self {
         tokens::preload();
         Gateway {
-            models,
+            router: RwLock::new(Arc::new(router)),
             sink,
             metrics,
             bodies,
         }
     }
 
-    /// The configured model names, sorted.
-    pub fn model_names(&self) -> impl Iterator<Item = &str> {
-        self.models.keys().map(String::as_str)
+    /// The current router. Requests keep the one they started with until they finish.
+    pub fn router(&self) -> Arc<Router> {
+        self.router.read().clone()
     }
 
-    /// The deployments of a model.
-    pub fn deployments(&self, model: &str) -> Option<&[Deployment]> {
-        self.models.get(model).map(Vec::as_slice)
+    /// Replaces the router atomically; in-flight requests finish on the old one.
+    pub fn swap_router(&self, router: Router) {
+        *self.router.write() = Arc::new(router);
+    }
+
+    /// The configured model names, sorted.
+    pub fn model_names(&self) -> Vec<String> {
+        self.router().names().map(str::to_string).collect()
+    }
+
+    /// Whether a model is configured.
+    pub fn has_model(&self, model: &str) -> bool {
+        self.router().group(model).is_some()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
-    fn finisher(&self, ctx: RequestContext) -> Finisher {
-        let known = self.models.contains_key(&ctx.record.model);
+    /// Refreshes the gauges that describe deployments (breaker state, in-flight), for a scrape.
+    pub fn refresh_gauges(&self) {
+        let router = self.router();
+        let now = Instant::now();
+        for g in router.groups() {
+            for d in &g.deployments {
+                self.metrics.deployment_state(
+                    &g.name,
+                    &d.dep.id,
+                    d.breaker_state(now).gauge(),
+                    d.in_flight(),
+                );
+            }
+        }
+    }
+
+    fn finisher(&self, router: &Router, ctx: RequestContext) -> Finisher {
+        let known = router.group(&ctx.record.model).is_some();
         Finisher::new(ctx, self.sink.clone(), self.metrics.clone(), known)
     }
 
-    fn resolve(&self, model: &str) -> Result<&[Deployment], Error> {
-        match self.models.get(model) {
-            Some(d) if !d.is_empty() => Ok(d),
-            _ => {
-                let names: Vec<&str> = self.model_names().collect();
+    fn resolve(router: &Router, model: &str) -> Result<Arc<Group>, Error> {
+        match router.group(model) {
+            Some(g) => Ok(g.clone()),
+            None => {
+                let names: Vec<&str> = router.names().collect();
                 Err(Error::new(
                     ErrorCode::ModelNotFound,
                     format!(
@@ -235,7 +366,8 @@ impl Gateway {
         if let Some(m) = model {
             ctx.record.model = m.to_string();
         }
-        self.finisher(ctx).fail(err).await;
+        let router = self.router();
+        self.finisher(&router, ctx).fail(err).await;
     }
 
     /// Serves a chat completion (plain or streamed).
@@ -244,83 +376,121 @@ impl Gateway {
         mut ctx: RequestContext,
         req: ChatRequest,
     ) -> Result<ChatOutcome, Error> {
+        let router = self.router();
         ctx.record.model.clone_from(&req.model);
         ctx.record.stream = req.is_stream();
         attribute(&mut ctx.record, &req);
         if self.bodies == BodyMode::Full {
             ctx.record.request_body = serde_json::to_value(&req).ok();
         }
-        let mut fin = self.finisher(ctx);
+        let mut fin = self.finisher(&router, ctx);
         if let Err(e) = validate(&req) {
             fin.fail(&e).await;
             return Err(e);
         }
-        let deployments = match self.resolve(&req.model) {
-            Ok(d) => d,
+        let mut group = match Self::resolve(&router, &req.model) {
+            Ok(g) => g,
             Err(e) => {
                 fin.fail(&e).await;
                 return Err(e);
             }
         };
-        let stream = req.is_stream();
-        let mut last_err = None;
-        for (i, dep) in deployments.iter().enumerate() {
-            let mut up = req.clone();
-            up.model.clone_from(&dep.model);
-            fin.attempt(dep);
-            let result = if stream {
-                dep.provider
-                    .chat_stream(&up)
-                    .await
-                    .map(ChatOutcomeInner::Stream)
-            } else {
-                dep.provider
-                    .chat(&up)
-                    .await
-                    .map(|c| ChatOutcomeInner::Complete(Box::new(c)))
-            };
-            match result {
-                Ok(ChatOutcomeInner::Complete(completion)) => {
-                    let cost = fin
-                        .complete(&up, dep, &completion, self.bodies == BodyMode::Full)
-                        .await;
-                    return Ok(ChatOutcome::Complete {
-                        completion,
-                        cost_usd: cost,
-                    });
+        let mut route = String::new();
+        if let Some(classifier) = &group.classifier {
+            let decision = classifier.classify(&req);
+            let tiers = classifier.tiers();
+            // The strongest tier is the baseline the savings are measured against.
+            let baseline = tiers
+                .last()
+                .and_then(|t| router.group(&t.model))
+                .and_then(|g| g.deployments.first())
+                .and_then(|d| d.dep.price);
+            fin.set_route(
+                serde_json::json!({
+                    "strategy": "complexity",
+                    "tier": decision.tier,
+                    "model": decision.model,
+                    "score": decision.score,
+                    "heuristic_score": decision.heuristic_score,
+                    "knn_score": decision.knn_score,
+                    "features": decision.features,
+                    "baseline_model": tiers.last().map(|t| t.model.clone()),
+                }),
+                baseline,
+            );
+            route = decision.header_value();
+            group = match router.group(&decision.model) {
+                Some(g) => g.clone(),
+                None => {
+                    let e = Error::internal(format!(
+                        "complexity tier model `{}` is not configured",
+                        decision.model
+                    ));
+                    fin.fail(&e).await;
+                    return Err(e);
                 }
-                Ok(ChatOutcomeInner::Stream(s)) => {
-                    return Ok(ChatOutcome::Stream(ChatStream::new(
-                        s,
+            };
+        }
+        let stream = req.is_stream();
+        let tokens = if group.has_tpm {
+            estimate_tokens(&req)
+        } else {
+            0
+        };
+        if stream {
+            let served = self
+                .attempts(&router, group, &mut fin, tokens, &StreamCall(&req))
+                .await;
+            match served {
+                Ok(s) => {
+                    let (pending, upstream) = s.value;
+                    let up = addressed(&req, &s.dep);
+                    let header = route_header(&route, &s.group, &s.dep, fin.attempts());
+                    Ok(ChatOutcome::Stream(ChatStream::new(
+                        stream::Upstream {
+                            pending,
+                            rest: upstream,
+                            idle: s.group.timeouts.stream_idle(),
+                            deadline: s.group.timeouts.total().map(|t| Instant::now() + t),
+                        },
                         fin,
                         up,
-                        dep.provider_name.clone(),
-                        dep.price,
+                        s.dep.dep.provider_name.clone(),
+                        s.dep.dep.price,
                         req.wants_stream_usage(),
                         self.bodies == BodyMode::Full,
-                    )));
+                        header,
+                    )))
                 }
                 Err(e) => {
-                    let retryable = is_failover_class(&e);
-                    tracing::warn!(
-                        request_id = %fin.id(),
-                        provider = %dep.provider_name,
-                        model = %dep.model,
-                        error = %e,
-                        "provider call failed"
-                    );
-                    let err = e.to_error(&dep.provider_name);
-                    if !retryable || i + 1 == deployments.len() {
-                        fin.fail(&err).await;
-                        return Err(err);
-                    }
-                    last_err = Some(err);
+                    fin.fail(&e).await;
+                    Err(e)
+                }
+            }
+        } else {
+            let served = self
+                .attempts(&router, group, &mut fin, tokens, &ChatCall(&req))
+                .await;
+            match served {
+                Ok(s) => {
+                    let up = addressed(&req, &s.dep);
+                    let header = route_header(&route, &s.group, &s.dep, fin.attempts());
+                    let completion = Box::new(s.value);
+                    let cost = fin
+                        .complete(&up, &s.dep.dep, &completion, self.bodies == BodyMode::Full)
+                        .await;
+                    Ok(ChatOutcome::Complete {
+                        completion,
+                        cost_usd: cost,
+                        route: header,
+                    })
+                }
+                Err(e) => {
+                    fin.fail(&e).await;
+                    Err(e)
                 }
             }
         }
-        let err = last_err.unwrap_or_else(|| Error::internal("no deployment was tried"));
-        fin.fail(&err).await;
-        Err(err)
     }
 
     /// Serves embeddings.
@@ -329,67 +499,387 @@ impl Gateway {
         mut ctx: RequestContext,
         req: EmbeddingRequest,
     ) -> Result<(EmbeddingResponse, f64), Error> {
+        let router = self.router();
         ctx.record.model.clone_from(&req.model);
         ctx.record.user = ctx.record.user.take().or_else(|| req.user.clone());
         if self.bodies == BodyMode::Full {
             ctx.record.request_body = serde_json::to_value(&req).ok();
         }
-        let mut fin = self.finisher(ctx);
+        let mut fin = self.finisher(&router, ctx);
         if req.input.is_empty() {
             let e = Error::invalid("`input` must not be empty").with_param("input");
             fin.fail(&e).await;
             return Err(e);
         }
-        let deployments = match self.resolve(&req.model) {
-            Ok(d) => d,
+        let group = match Self::resolve(&router, &req.model) {
+            Ok(g) if g.classifier.is_none() => g,
+            Ok(_) => {
+                let e = Error::invalid(format!(
+                    "model `{}` routes chat requests by complexity; ask one of its tiers' models for embeddings",
+                    req.model
+                ))
+                .with_param("model");
+                fin.fail(&e).await;
+                return Err(e);
+            }
             Err(e) => {
                 fin.fail(&e).await;
                 return Err(e);
             }
         };
-        let mut last_err = None;
-        for (i, dep) in deployments.iter().enumerate() {
-            let mut up = req.clone();
-            up.model.clone_from(&dep.model);
-            fin.attempt(dep);
-            match dep.provider.embed(&up).await {
-                Ok(resp) => {
-                    let cost = fin.embedded(&up, dep, &resp).await;
-                    return Ok((resp, cost));
-                }
-                Err(e) => {
-                    let retryable = is_failover_class(&e);
-                    let err = e.to_error(&dep.provider_name);
-                    if !retryable || i + 1 == deployments.len() {
-                        fin.fail(&err).await;
+        let served = self
+            .attempts(&router, group, &mut fin, 0, &EmbedCall(&req))
+            .await;
+        match served {
+            Ok(s) => {
+                let mut up = req.clone();
+                up.model = s.dep.dep.upstream_model().to_string();
+                let cost = fin.embedded(&up, &s.dep.dep, &s.value).await;
+                Ok((s.value, cost))
+            }
+            Err(e) => {
+                fin.fail(&e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the attempts of a request: the group's deployments by its strategy, with retries
+    /// and backoff, then the fallback groups for the class of the error that ended them. Every
+    /// attempt goes on the record.
+    async fn attempts<T>(
+        &self,
+        router: &Router,
+        first: Arc<Group>,
+        fin: &mut Finisher,
+        tokens: u64,
+        call: &dyn Call<T>,
+    ) -> Result<Served<T>, Error> {
+        let mut visited = vec![first.name.clone()];
+        let mut queue = std::collections::VecDeque::from([first]);
+        let mut last = None;
+        while let Some(group) = queue.pop_front() {
+            match self.try_group(&group, fin, tokens, call).await {
+                Ok(s) => return Ok(s),
+                Err((err, class)) => {
+                    if class == ErrorClass::ClientError {
                         return Err(err);
                     }
-                    last_err = Some(err);
+                    for name in group.fallbacks.for_class(class) {
+                        if visited.len() < MAX_GROUPS_PER_REQUEST
+                            && !visited.contains(name)
+                            && let Some(g) = router.group(name)
+                            && g.classifier.is_none()
+                        {
+                            visited.push(name.clone());
+                            queue.push_back(g.clone());
+                        }
+                    }
+                    if !queue.is_empty() {
+                        tracing::info!(
+                            request_id = %fin.id(),
+                            group = %group.name,
+                            class = class.as_str(),
+                            next = %queue.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(","),
+                            "falling back"
+                        );
+                    }
+                    last = Some(err);
                 }
             }
         }
-        let err = last_err.unwrap_or_else(|| Error::internal("no deployment was tried"));
-        fin.fail(&err).await;
-        Err(err)
+        Err(last.unwrap_or_else(|| Error::internal("no deployment was tried")))
+    }
+
+    /// The attempts within one group.
+    async fn try_group<T>(
+        &self,
+        group: &Arc<Group>,
+        fin: &mut Finisher,
+        tokens: u64,
+        call: &dyn Call<T>,
+    ) -> Result<Served<T>, (Error, ErrorClass)> {
+        let n = group.deployments.len();
+        let mut tried = vec![false; n];
+        let max_attempts = 1 + group.retry.retries;
+        let mut made = 0;
+        let mut repeats = 0;
+        let mut waited = Duration::ZERO;
+        let mut last: Option<(Error, ErrorClass)> = None;
+        while made < max_attempts {
+            let (dep, probe, in_flight, reservation) =
+                match group.pick(Instant::now(), &tried, tokens) {
+                    router::Pick::Go {
+                        dep,
+                        probe,
+                        in_flight,
+                        tokens,
+                    } => (dep, probe, in_flight, tokens),
+                    router::Pick::Wait {
+                        after,
+                        rate_limited,
+                    } => {
+                        let budget = group.max_wait().saturating_sub(waited);
+                        match after {
+                            Some(d) if d <= budget => {
+                                // Wake just after the blocker clears.
+                                let d = d + Duration::from_millis(5);
+                                tokio::time::sleep(d).await;
+                                waited += d;
+                                continue;
+                            }
+                            _ => {
+                                return Err(last
+                                    .unwrap_or_else(|| no_deployment(group, after, rate_limited)));
+                            }
+                        }
+                    }
+                };
+            let index = group
+                .deployments
+                .iter()
+                .position(|d| Arc::ptr_eq(d, &dep))
+                .unwrap_or(0);
+            if tried[index] {
+                repeats += 1;
+                let pause = group.backoff(repeats);
+                tokio::time::sleep(pause).await;
+            }
+            tried[index] = true;
+            made += 1;
+            fin.attempt(&dep.dep);
+            let started = Instant::now();
+            let result = call.call(group, &dep).await;
+            let elapsed = started.elapsed();
+            match result {
+                Ok(value) => {
+                    dep.report(Instant::now(), elapsed, None, probe);
+                    fin.log_attempt(&group.name, &dep.dep, started, elapsed, None);
+                    fin.hold(in_flight, reservation);
+                    return Ok(Served {
+                        value,
+                        group: group.clone(),
+                        dep,
+                    });
+                }
+                Err(e) => {
+                    let class = e.class();
+                    dep.report(
+                        Instant::now(),
+                        elapsed,
+                        Some((class, e.retry_after())),
+                        probe,
+                    );
+                    if let Some(r) = reservation {
+                        r.settle(0);
+                    }
+                    drop(in_flight);
+                    let err = e.to_error(&dep.dep.provider_name);
+                    tracing::warn!(
+                        request_id = %fin.id(),
+                        group = %group.name,
+                        deployment = %dep.dep.id,
+                        class = class.as_str(),
+                        error = %e,
+                        "provider call failed"
+                    );
+                    fin.log_attempt(&group.name, &dep.dep, started, elapsed, Some((class, &err)));
+                    if !class.is_transient() {
+                        return Err((err, class));
+                    }
+                    last = Some((err, class));
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| no_deployment(group, None, false)))
     }
 }
 
-enum ChatOutcomeInner {
-    Complete(Box<ChatCompletion>),
-    Stream(sluice_core::provider::ChunkStream),
+/// One provider call of a request, made for each attempt.
+trait Call<T>: Sync {
+    fn call<'a>(
+        &'a self,
+        g: &'a Group,
+        d: &'a DeploymentState,
+    ) -> futures::future::BoxFuture<'a, Result<T, ProviderError>>;
 }
 
-/// Errors worth trying the next deployment for: the upstream is down, slow, overloaded or broken,
-/// not the request.
-fn is_failover_class(e: &sluice_core::ProviderError) -> bool {
-    use sluice_core::ProviderError as P;
-    match e {
-        P::Status { status, .. } => *status == 429 || *status >= 500,
-        P::Timeout(_) | P::Connect(_) | P::Protocol(_) => true,
-        P::Unsupported(_) => false,
-        _ => false,
+struct ChatCall<'r>(&'r ChatRequest);
+
+impl Call<ChatCompletion> for ChatCall<'_> {
+    fn call<'a>(
+        &'a self,
+        g: &'a Group,
+        d: &'a DeploymentState,
+    ) -> futures::future::BoxFuture<'a, Result<ChatCompletion, ProviderError>> {
+        Box::pin(async move {
+            let up = addressed(self.0, d);
+            with_timeout(
+                g.timeouts.total().or(g.timeouts.first_token()),
+                d.dep.provider.chat(&up),
+            )
+            .await
+        })
     }
 }
+
+type Opened = (Vec<ChatCompletionChunk>, Option<ChunkStream>);
+
+struct StreamCall<'r>(&'r ChatRequest);
+
+impl Call<Opened> for StreamCall<'_> {
+    fn call<'a>(
+        &'a self,
+        g: &'a Group,
+        d: &'a DeploymentState,
+    ) -> futures::future::BoxFuture<'a, Result<Opened, ProviderError>> {
+        Box::pin(async move {
+            let up = addressed(self.0, d);
+            open_stream(d, &up, &g.timeouts).await
+        })
+    }
+}
+
+struct EmbedCall<'r>(&'r EmbeddingRequest);
+
+impl Call<EmbeddingResponse> for EmbedCall<'_> {
+    fn call<'a>(
+        &'a self,
+        g: &'a Group,
+        d: &'a DeploymentState,
+    ) -> futures::future::BoxFuture<'a, Result<EmbeddingResponse, ProviderError>> {
+        Box::pin(async move {
+            let mut up = self.0.clone();
+            up.model = d.dep.upstream_model().to_string();
+            with_timeout(
+                g.timeouts.total().or(g.timeouts.first_token()),
+                d.dep.provider.embed(&up),
+            )
+            .await
+        })
+    }
+}
+
+/// At most this many model groups (the asked one and its fallbacks) serve one request.
+const MAX_GROUPS_PER_REQUEST: usize = 8;
+
+/// The error when no deployment of a group can take a request now.
+fn no_deployment(
+    group: &Group,
+    after: Option<Duration>,
+    rate_limited: bool,
+) -> (Error, ErrorClass) {
+    let wait = after.map(|d| Duration::from_secs(d.as_secs_f64().ceil().max(1.0) as u64));
+    if rate_limited {
+        let mut e = Error::new(
+            ErrorCode::RateLimited,
+            format!(
+                "every deployment of model `{}` is at its capacity or cooling down after a 429; retry later",
+                group.name
+            ),
+        );
+        e.retry_after = wait.or(Some(Duration::from_secs(1)));
+        (e, ErrorClass::RateLimited)
+    } else {
+        let mut e = Error::new(
+            ErrorCode::NoHealthyDeployment,
+            format!(
+                "no healthy deployment of model `{}`: every circuit breaker is open (see /api/deployments)",
+                group.name
+            ),
+        );
+        e.retry_after = wait;
+        (e, ErrorClass::ServerError)
+    }
+}
+
+/// `x-sluice-route`: the complexity decision (when there was one), then where it went.
+fn route_header(decision: &str, group: &Group, dep: &DeploymentState, attempts: u32) -> String {
+    let served = format!(
+        "group={}; deployment={}; attempts={attempts}",
+        group.name, dep.dep.id
+    );
+    let v = if decision.is_empty() {
+        served
+    } else {
+        format!("{decision}; {served}")
+    };
+    // Header values are visible ASCII.
+    v.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// The request as sent to a deployment.
+fn addressed(req: &ChatRequest, d: &DeploymentState) -> ChatRequest {
+    let mut up = req.clone();
+    up.model = d.dep.upstream_model().to_string();
+    up
+}
+
+async fn with_timeout<T>(
+    limit: Option<Duration>,
+    fut: impl std::future::Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    match limit {
+        Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
+            Err(ProviderError::Timeout(format!(
+                "no answer within {:.3} s (the model's timeouts)",
+                d.as_secs_f64()
+            )))
+        }),
+        None => fut.await,
+    }
+}
+
+/// Opens a stream and reads it up to its first generated content, so that a stream that fails
+/// before anything reached the client can still fail over invisibly.
+async fn open_stream(
+    d: &DeploymentState,
+    up: &ChatRequest,
+    t: &router::TimeoutConfig,
+) -> Result<Opened, ProviderError> {
+    let read = async {
+        let mut s = d.dep.provider.chat_stream(up).await?;
+        let mut pending = Vec::new();
+        loop {
+            match s.next().await {
+                Some(Ok(c)) => {
+                    let started = c.has_content()
+                        || c.usage.is_some()
+                        || c.choices.iter().any(|ch| ch.finish_reason.is_some());
+                    pending.push(c);
+                    if started || pending.len() >= 16 {
+                        return Ok((pending, Some(s)));
+                    }
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok((pending, None)),
+            }
+        }
+    };
+    with_timeout(t.first_token().or(t.total()), read).await
+}
+
+/// A request's size in tokens for tokens-per-minute capacity: the prompt (about four characters
+/// a token) plus the most it may generate.
+fn estimate_tokens(req: &ChatRequest) -> u64 {
+    let prompt_chars: usize = req.messages.iter().map(|m| m.text_len()).sum();
+    let completion = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from);
+    (prompt_chars as u64).div_ceil(4) + completion
+}
+
+/// Completion tokens assumed for capacity when a request sets no maximum.
+const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
 
 fn validate(req: &ChatRequest) -> Result<(), Error> {
     if req.model.trim().is_empty() {

@@ -5,6 +5,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sluice_core::record::RequestRecord;
@@ -16,6 +17,22 @@ pub const TOKENS: &str = "sluice_tokens";
 pub const COST: &str = "sluice_cost_usd";
 pub const LATENCY: &str = "sluice_request_duration_seconds";
 pub const TTFT: &str = "sluice_time_to_first_token_seconds";
+pub const ATTEMPTS: &str = "sluice_attempts";
+pub const BREAKER: &str = "sluice_deployment_breaker_state";
+pub const IN_FLIGHT: &str = "sluice_deployment_in_flight";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    model: String,
+    deployment: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeploymentLabels {
+    model: String,
+    deployment: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
@@ -61,6 +78,9 @@ pub struct Metrics {
     cost: Family<Route, Counter<f64, AtomicU64>>,
     latency: Family<Route, Histogram, fn() -> Histogram>,
     ttft: Family<Route, Histogram, fn() -> Histogram>,
+    attempts: Family<AttemptLabels, Counter>,
+    breaker: Family<DeploymentLabels, Gauge>,
+    in_flight: Family<DeploymentLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -114,7 +134,28 @@ impl Metrics {
             "Time to first token in seconds (streams)",
             ttft.clone(),
         );
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        let breaker = Family::<DeploymentLabels, Gauge>::default();
+        let in_flight = Family::<DeploymentLabels, Gauge>::default();
+        registry.register(
+            ATTEMPTS,
+            "Provider calls by model group, deployment and outcome (ok or the error class)",
+            attempts.clone(),
+        );
+        registry.register(
+            BREAKER,
+            "Circuit breaker state per deployment: 0 closed, 1 open, 2 half-open",
+            breaker.clone(),
+        );
+        registry.register(
+            IN_FLIGHT,
+            "Requests in flight per deployment",
+            in_flight.clone(),
+        );
         Metrics {
+            attempts,
+            breaker,
+            in_flight,
             registry,
             requests,
             errors,
@@ -179,6 +220,27 @@ impl Metrics {
         if let Some(t) = rec.ttft_ms {
             self.ttft.get_or_create(&route).observe(t / 1000.0);
         }
+        for a in &rec.attempt_log {
+            self.attempts
+                .get_or_create(&AttemptLabels {
+                    model: a.group.clone(),
+                    deployment: a.deployment.clone(),
+                    outcome: a.outcome.clone(),
+                })
+                .inc();
+        }
+    }
+
+    /// Sets a deployment's breaker-state and in-flight gauges.
+    pub fn deployment_state(&self, model: &str, deployment: &str, breaker: i64, in_flight: u32) {
+        let labels = DeploymentLabels {
+            model: model.to_string(),
+            deployment: deployment.to_string(),
+        };
+        self.breaker.get_or_create(&labels).set(breaker);
+        self.in_flight
+            .get_or_create(&labels)
+            .set(i64::from(in_flight));
     }
 
     /// The Prometheus text exposition of every metric.

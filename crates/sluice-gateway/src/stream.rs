@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt};
+use sluice_core::ProviderError;
 use sluice_core::error::Error;
 use sluice_core::price::ModelPrice;
 use sluice_core::provider::ChunkStream;
@@ -24,6 +25,66 @@ pub enum StreamItem {
 /// The client-facing stream.
 pub struct ChatStream {
     inner: Pin<Box<dyn Stream<Item = StreamItem> + Send>>,
+    route: String,
+}
+
+/// An upstream stream as the router hands it over: the chunks already read while waiting for
+/// the first content, the rest (`None` when it already ended), and the attempt's time limits.
+pub struct Upstream {
+    pub pending: Vec<ChatCompletionChunk>,
+    pub rest: Option<ChunkStream>,
+    /// The longest gap between two chunks.
+    pub idle: Option<std::time::Duration>,
+    /// When the whole stream must have ended.
+    pub deadline: Option<std::time::Instant>,
+}
+
+impl Upstream {
+    async fn next(&mut self) -> Option<Result<ChatCompletionChunk, ProviderError>> {
+        if !self.pending.is_empty() {
+            return Some(Ok(self.pending.remove(0)));
+        }
+        let rest = self.rest.as_mut()?;
+        let limit = match (self.idle, self.deadline) {
+            (None, None) => None,
+            (Some(i), None) => Some((std::time::Instant::now() + i, "idle")),
+            (None, Some(d)) => Some((d, "total")),
+            (Some(i), Some(d)) => {
+                let idle_end = std::time::Instant::now() + i;
+                Some(if idle_end < d {
+                    (idle_end, "idle")
+                } else {
+                    (d, "total")
+                })
+            }
+        };
+        let item = match limit {
+            None => rest.next().await,
+            Some((at, which)) => {
+                match tokio::time::timeout_at(tokio::time::Instant::from_std(at), rest.next()).await
+                {
+                    Ok(item) => item,
+                    Err(_) => {
+                        self.rest = None;
+                        return Some(Err(ProviderError::Timeout(
+                            match which {
+                                "idle" => "the stream stalled longer than the model's timeouts.stream_idle_secs",
+                                _ => "the stream ran past the model's timeouts.total_secs",
+                            }
+                            .to_string(),
+                        )));
+                    }
+                }
+            }
+        };
+        match item {
+            None => {
+                self.rest = None;
+                None
+            }
+            Some(r) => Some(r),
+        }
+    }
 }
 
 impl std::fmt::Debug for ChatStream {
@@ -33,7 +94,7 @@ impl std::fmt::Debug for ChatStream {
 }
 
 struct State {
-    upstream: ChunkStream,
+    upstream: Upstream,
     fin: Finisher,
     req: ChatRequest,
     provider: String,
@@ -125,14 +186,16 @@ async fn step(mut st: State) -> Option<(StreamItem, State)> {
 
 impl ChatStream {
     /// Wraps an upstream stream. `req` is the request as sent upstream (for token counting).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        upstream: ChunkStream,
+        upstream: Upstream,
         fin: Finisher,
         req: ChatRequest,
         provider: String,
         price: Option<ModelPrice>,
         client_wants_usage: bool,
         store_body: bool,
+        route: String,
     ) -> Self {
         let state = State {
             upstream,
@@ -148,7 +211,13 @@ impl ChatStream {
         };
         ChatStream {
             inner: Box::pin(futures::stream::unfold(state, step)),
+            route,
         }
+    }
+
+    /// The `x-sluice-route` header value.
+    pub fn route(&self) -> &str {
+        &self.route
     }
 }
 

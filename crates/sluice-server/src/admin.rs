@@ -1,5 +1,6 @@
-//! The admin API over the request log: `GET /api/requests` (filters and paging) and
-//! `GET /api/requests/{id}`.
+//! The admin API: the request log (`GET /api/requests` with filters and paging,
+//! `GET /api/requests/{id}`), the router's live state (`GET /api/deployments`) and
+//! `POST /api/config/reload`.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -148,6 +149,56 @@ pub async fn get_request(State(state): State<SharedState>, Path(id): Path<String
             ApiError::openai(Error::new(ErrorCode::Unavailable, "the request store is unavailable; try again"))
                 .into_response()
         }
+    }
+}
+
+/// `GET /api/deployments`: every deployment's live state (in flight, latency, capacity use,
+/// circuit breaker), grouped by model.
+pub async fn deployments(State(state): State<SharedState>) -> Response {
+    let router = state.gateway.router();
+    let models: Vec<serde_json::Value> = router
+        .groups()
+        .map(|g| {
+            serde_json::json!({
+                "model": g.name,
+                "strategy": g.strategy.as_str(),
+                "tiers": g.classifier.as_ref().map(|c| c
+                    .tiers()
+                    .iter()
+                    .map(|t| serde_json::json!({"name": t.name, "model": t.model, "max_score": t.max_score}))
+                    .collect::<Vec<_>>()),
+                "fallbacks": g.fallbacks,
+                "retries": g.retry,
+                "timeouts": g.timeouts,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({
+        "models": models,
+        "deployments": router.status(),
+    }))
+    .into_response()
+}
+
+/// `POST /api/config/reload`: re-reads the configuration file and swaps the router; requests in
+/// flight finish on the old one. An invalid file is answered 400 and changes nothing.
+pub async fn reload(State(state): State<SharedState>) -> Response {
+    let Some(r) = state.reloader.clone() else {
+        return ApiError::openai(Error::new(
+            ErrorCode::InvalidRequest,
+            "this server runs on the embedded default (no config file); there is nothing to reload",
+        ))
+        .into_response();
+    };
+    match tokio::task::spawn_blocking(move || r.reload()).await {
+        Ok(Ok(summary)) => {
+            Json(serde_json::json!({"reloaded": true, "summary": summary})).into_response()
+        }
+        Ok(Err(e)) => ApiError::openai(Error::invalid(format!(
+            "the configuration was not reloaded (the running one stays): {e}"
+        )))
+        .into_response(),
+        Err(_) => ApiError::openai(Error::internal("the reload task failed")).into_response(),
     }
 }
 

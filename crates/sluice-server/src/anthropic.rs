@@ -15,7 +15,7 @@ use sluice_types::anthropic::{self as wire, MessagesRequest, StreamEncoder, Stre
 
 use crate::SharedState;
 use crate::error::{ApiError, anthropic_body};
-use crate::openai::{read_json, set_cost, sse_response};
+use crate::openai::{read_json, set_cost, set_route, sse_response};
 
 pub async fn messages(State(state): State<SharedState>, req: Request) -> Response {
     let (ctx, msg) = match read_json::<MessagesRequest>(&state, req, "messages").await {
@@ -40,11 +40,13 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
         Ok(ChatOutcome::Complete {
             completion,
             cost_usd,
+            route,
         }) => {
             let mut out = wire::response_from_openai(&completion, &msg.model);
             out.id = id;
             let mut resp = Json(out).into_response();
             set_cost(&mut resp, cost_usd);
+            set_route(&mut resp, &route);
             resp
         }
         Ok(ChatOutcome::Stream(stream)) => {
@@ -52,7 +54,10 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
             if let Some(n) = input_estimate {
                 enc = enc.with_input_tokens(n);
             }
-            sse_response(anthropic_sse(stream, enc))
+            let route = stream.route().to_string();
+            let mut resp = sse_response(anthropic_sse(stream, enc));
+            set_route(&mut resp, &route);
+            resp
         }
         Err(e) => ApiError::anthropic(e).into_response(),
     }

@@ -3,7 +3,8 @@
 //! - `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`: the OpenAI-compatible API
 //!   ([`openai`]).
 //! - `/v1/messages`: the Anthropic-compatible API ([`anthropic`]), translated to the same gateway.
-//! - `/api/requests`: the request log ([`admin`]), behind the admin key.
+//! - `/api/requests`: the request log; `/api/deployments`: every deployment's live state;
+//!   `/api/config/reload`: re-reads the configuration ([`admin`]). Behind the admin key.
 //! - `/metrics` (Prometheus), `/health`.
 //!
 //! Every response carries `x-sluice-request-id`; the same id is the request's record id. Errors
@@ -87,6 +88,14 @@ pub struct AppState {
     /// Sluice only listens on loopback.
     pub admin_key: Option<Secret>,
     pub max_body_bytes: usize,
+    /// Re-reads the configuration and swaps the router (`POST /api/config/reload`, SIGHUP).
+    pub reloader: Option<Arc<dyn Reload>>,
+}
+
+/// Reloads the configuration: `Ok` with a one-line summary of what is now served, `Err` with the
+/// error (the running configuration stays).
+pub trait Reload: Send + Sync + 'static {
+    fn reload(&self) -> Result<String, String>;
 }
 
 impl std::fmt::Debug for AppState {
@@ -119,6 +128,8 @@ pub fn router(state: SharedState) -> Router {
     let api = Router::new()
         .route("/api/requests", get(admin::list_requests))
         .route("/api/requests/{id}", get(admin::get_request))
+        .route("/api/deployments", get(admin::deployments))
+        .route("/api/config/reload", post(admin::reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     Router::new()
         .merge(v1)
@@ -224,6 +235,7 @@ async fn admin_auth(State(state): State<SharedState>, req: Request, next: Next) 
 }
 
 async fn metrics(State(state): State<SharedState>) -> Response {
+    state.gateway.refresh_gauges();
     (
         [(
             header::CONTENT_TYPE,
@@ -238,7 +250,7 @@ async fn not_found(req: Request) -> Response {
     ApiError::openai(Error::new(
         ErrorCode::NotFound,
         format!(
-            "no route for {} {}; see /v1/chat/completions, /v1/messages, /v1/embeddings, /v1/models, /api/requests, /metrics",
+            "no route for {} {}; see /v1/chat/completions, /v1/messages, /v1/embeddings, /v1/models, /api/requests, /api/deployments, /metrics",
             req.method(),
             req.uri().path()
         ),

@@ -60,12 +60,19 @@ pub async fn chat_completions(State(state): State<SharedState>, req: Request) ->
         Ok(ChatOutcome::Complete {
             completion,
             cost_usd,
+            route,
         }) => {
             let mut resp = Json(completion).into_response();
             set_cost(&mut resp, cost_usd);
+            set_route(&mut resp, &route);
             resp
         }
-        Ok(ChatOutcome::Stream(stream)) => sse_response(openai_sse(stream)),
+        Ok(ChatOutcome::Stream(stream)) => {
+            let route = stream.route().to_string();
+            let mut resp = sse_response(openai_sse(stream));
+            set_route(&mut resp, &route);
+            resp
+        }
         Err(e) => ApiError::openai(e).into_response(),
     }
 }
@@ -73,6 +80,13 @@ pub async fn chat_completions(State(state): State<SharedState>, req: Request) ->
 pub(crate) fn set_cost(resp: &mut Response, cost: f64) {
     if let Ok(v) = HeaderValue::from_str(&format!("{cost:.8}")) {
         resp.headers_mut().insert("x-sluice-cost-usd", v);
+    }
+}
+
+/// `x-sluice-route`: where the router sent the request, and why.
+pub(crate) fn set_route(resp: &mut Response, route: &str) {
+    if let Ok(v) = HeaderValue::from_str(route) {
+        resp.headers_mut().insert("x-sluice-route", v);
     }
 }
 
@@ -147,16 +161,21 @@ fn model_object(name: &str) -> ModelObject {
 pub async fn list_models(State(state): State<SharedState>) -> Response {
     Json(ModelList {
         object: "list".into(),
-        data: state.gateway.model_names().map(model_object).collect(),
+        data: state
+            .gateway
+            .model_names()
+            .iter()
+            .map(|m| model_object(m))
+            .collect(),
     })
     .into_response()
 }
 
 pub async fn get_model(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
-    if state.gateway.deployments(&id).is_some() {
+    if state.gateway.has_model(&id) {
         Json(model_object(&id)).into_response()
     } else {
-        let names: Vec<&str> = state.gateway.model_names().collect();
+        let names = state.gateway.model_names();
         let mut resp = ApiError::openai(
             Error::new(
                 ErrorCode::ModelNotFound,

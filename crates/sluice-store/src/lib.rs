@@ -144,9 +144,10 @@ pub struct PgStore {
 }
 
 /// Schema versions, oldest first: (version, SQLite DDL, PostgreSQL DDL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "CREATE TABLE IF NOT EXISTS requests (
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "CREATE TABLE IF NOT EXISTS requests (
         id TEXT PRIMARY KEY,
         started_at TEXT NOT NULL,
         finished_at TEXT NOT NULL,
@@ -178,7 +179,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
     CREATE INDEX IF NOT EXISTS requests_model ON requests (model, id);
     CREATE INDEX IF NOT EXISTS requests_user ON requests (user_id, id);
     CREATE INDEX IF NOT EXISTS requests_status ON requests (status, id);",
-    "CREATE TABLE IF NOT EXISTS requests (
+        "CREATE TABLE IF NOT EXISTS requests (
         id TEXT PRIMARY KEY,
         started_at TIMESTAMPTZ NOT NULL,
         finished_at TIMESTAMPTZ NOT NULL,
@@ -210,12 +211,20 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
     CREATE INDEX IF NOT EXISTS requests_model ON requests (model, id);
     CREATE INDEX IF NOT EXISTS requests_user ON requests (user_id, id);
     CREATE INDEX IF NOT EXISTS requests_status ON requests (status, id);",
-)];
+    ),
+    (
+        2,
+        "ALTER TABLE requests ADD COLUMN attempt_log TEXT NOT NULL DEFAULT '[]';
+         ALTER TABLE requests ADD COLUMN route TEXT;",
+        "ALTER TABLE requests ADD COLUMN attempt_log TEXT NOT NULL DEFAULT '[]';
+         ALTER TABLE requests ADD COLUMN route TEXT;",
+    ),
+];
 
 const COLUMNS: &str = "id, started_at, finished_at, endpoint, model, provider, deployment, attempts, \
     status, http_status, error_code, error_message, stream, latency_ms, ttft_ms, prompt_tokens, \
     completion_tokens, cached_tokens, usage_source, cost_usd, finish_reason, user_id, session_id, \
-    tags, metadata, request_body, response_body";
+    tags, metadata, request_body, response_body, attempt_log, route";
 
 impl SqliteStore {
     pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
@@ -423,7 +432,9 @@ macro_rules! store_impl {
                             .push_bind(json_text(&r.tags))
                             .push_bind(json_text(&r.metadata))
                             .push_bind(r.request_body.as_ref().map(json_text))
-                            .push_bind(r.response_body.as_ref().map(json_text));
+                            .push_bind(r.response_body.as_ref().map(json_text))
+                            .push_bind(json_text(&r.attempt_log))
+                            .push_bind(r.route.as_ref().map(json_text));
                     });
                     qb.push(" ON CONFLICT (id) DO NOTHING");
                     qb.build().execute(&mut *tx).await.map_err(db_err)?;
@@ -495,6 +506,12 @@ macro_rules! decode_row {
                 .try_get::<Option<String>, _>("response_body")?
                 .map(|t| from_json_text(&t))
                 .transpose()?;
+            let attempt_log: Vec<sluice_core::record::Attempt> =
+                from_json_text(&r.try_get::<String, _>("attempt_log")?)?;
+            let route: Option<serde_json::Value> = r
+                .try_get::<Option<String>, _>("route")?
+                .map(|t| from_json_text(&t))
+                .transpose()?;
             Ok(RequestRecord {
                 id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
                 started_at: r.try_get("started_at")?,
@@ -525,13 +542,15 @@ macro_rules! decode_row {
                 metadata,
                 request_body,
                 response_body,
+                attempt_log,
+                route,
             })
         })()
         .map_err(|e| StoreError::Corrupt(e.to_string()))
     }};
 }
 
-/// Records per INSERT statement: 27 columns × 1000 rows stays under SQLite's 32766 variables.
+/// Records per INSERT statement: 29 columns × 1000 rows stays under SQLite's 32766 variables.
 const ROWS_PER_INSERT: usize = 1000;
 
 /// Text for a TEXT column. PostgreSQL's text cannot hold NUL, so both backends store it as U+FFFD
@@ -577,6 +596,53 @@ mod tests {
         assert!(id >= v7_floor(before));
         let later = Utc::now() + chrono::Duration::seconds(1);
         assert!(id < v7_floor(later));
+    }
+
+    /// A database written by the first schema opens under the current one with its rows intact.
+    #[tokio::test]
+    async fn a_version_1_database_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("old.db").display());
+        let old = SqlitePoolOptions::new()
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+                    .unwrap()
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+        sqlx::raw_sql(MIGRATIONS[0].1).execute(&old).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);
+             INSERT INTO schema_migrations VALUES (1, '2026-01-01T00:00:00Z');",
+        )
+        .execute(&old)
+        .await
+        .unwrap();
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO requests (id, started_at, finished_at, endpoint, model, attempts, status,
+             http_status, stream, latency_ms, prompt_tokens, completion_tokens, cached_tokens,
+             usage_source, cost_usd, tags, metadata)
+             VALUES ($1, '2026-01-01T00:00:00Z', '2026-01-01T00:00:01Z', 'chat.completions', 'm',
+             1, 'ok', 200, 0, 5.0, 1, 2, 0, 'provider', 0.5, '[]', 'null')",
+        )
+        .bind(id.hyphenated().to_string())
+        .execute(&old)
+        .await
+        .unwrap();
+        old.close().await;
+
+        let store = SqliteStore::open(&url, 2).await.unwrap();
+        let r = store.get(id).await.unwrap().expect("the old row survives");
+        assert_eq!(r.model, "m");
+        assert_eq!(r.cost_usd, 0.5);
+        assert!(r.attempt_log.is_empty());
+        assert_eq!(r.route, None);
+        // Opening again applies nothing twice.
+        drop(store);
+        let again = SqliteStore::open(&url, 2).await.unwrap();
+        assert_eq!(again.count().await.unwrap(), 1);
     }
 
     #[test]

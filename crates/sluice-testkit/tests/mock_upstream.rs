@@ -542,6 +542,7 @@ async fn error_faults_use_provider_shapes() {
         (models::FAULT_503, 503),
         (models::FAULT_401, 401),
         (models::FAULT_400_CONTEXT, 400),
+        (models::FAULT_CONTENT_POLICY, 400),
     ] {
         let resp = openai(&up, oa_body(model, "hi", false)).await;
         assert_eq!(resp.status(), status, "{model}");
@@ -571,6 +572,55 @@ async fn error_faults_use_provider_shapes() {
         err["error"]["message"],
         "prompt is too long: 250000 tokens > 200000 maximum"
     );
+    let err: Value = openai(&up, oa_body(models::FAULT_CONTENT_POLICY, "hi", false))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        err,
+        json!({"error": {
+            "message": "Your request was rejected as a result of our safety system.",
+            "type": "invalid_request_error",
+            "param": null,
+            "code": "content_policy_violation"
+        }})
+    );
+}
+
+#[tokio::test]
+async fn set_fault_switches_a_model_at_runtime_and_count_for_counts_it() {
+    let up = MockUpstream::start().await;
+    let resp = openai(&up, oa_body("flaky", "hi", false)).await;
+    assert_eq!(resp.status(), 200);
+    up.set_fault("flaky", Some(models::FAULT_500));
+    assert_eq!(
+        openai(&up, oa_body("flaky", "hi", false)).await.status(),
+        500
+    );
+    assert_eq!(
+        anthropic(&up, an_body("flaky", "hi", false)).await.status(),
+        500
+    );
+    assert_eq!(
+        openai(&up, oa_body("other", "hi", false)).await.status(),
+        200
+    );
+    up.set_fault("flaky", Some(models::FAULT_429));
+    let resp = openai(&up, oa_body("flaky", "hi", true)).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    up.set_fault("flaky", None);
+    let v: Value = openai(&up, oa_body("flaky", "hi", false))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "chat.completion", "{v}");
+    // Five bodies named `flaky` (four OpenAI, one Anthropic), one `other`.
+    assert_eq!(up.count_for("flaky"), 5);
+    assert_eq!(up.count_for("other"), 1);
+    assert_eq!(up.count_for("nobody"), 0);
 }
 
 #[tokio::test]

@@ -146,6 +146,19 @@ impl Message {
         }
     }
 
+    /// The length in bytes of the message's text, without building it.
+    pub fn text_len(&self) -> usize {
+        match &self.content {
+            None => 0,
+            Some(Content::Text(s)) => s.len(),
+            Some(Content::Parts(parts)) => parts
+                .iter()
+                .filter_map(|p| p.text.as_deref())
+                .map(str::len)
+                .sum(),
+        }
+    }
+
     /// The text of the message: the string content, or its text parts joined by newlines.
     pub fn text_content(&self) -> String {
         self.content

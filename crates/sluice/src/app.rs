@@ -14,7 +14,11 @@ use sluice_server::AppState;
 use sluice_store::BodyModeConfig;
 use sluice_store::writer::LogWriter;
 
-use crate::config::Config;
+use parking_lot::Mutex;
+use sluice_server::ServerConfig;
+use sluice_store::StoreConfig;
+
+use crate::config::{BuiltProviders, Config, Overrides, Source};
 
 /// The admin key from `SLUICE_ADMIN_KEY`, if set.
 pub fn admin_key() -> Option<Secret> {
@@ -53,8 +57,53 @@ pub struct Running {
     pub writer: LogWriter,
 }
 
+/// Re-reads the configuration file and swaps the gateway's router. Providers and deployments
+/// whose configuration did not change are kept (a local model is not loaded again; breakers and
+/// latency averages carry over).
+pub struct Reloader {
+    source: Source,
+    overrides: Overrides,
+    gateway: Arc<Gateway>,
+    providers: Mutex<BuiltProviders>,
+    started_with: (ServerConfig, StoreConfig),
+}
+
+impl sluice_server::Reload for Reloader {
+    fn reload(&self) -> Result<String, String> {
+        // One reload at a time; the lock also guards the providers kept from the last one.
+        let mut providers = self.providers.lock();
+        let raw = crate::config::load_raw(&self.source, &self.overrides)?;
+        let old = self.gateway.router();
+        let cfg = Config::from_raw_reusing(self.source.clone(), raw, Some((&providers, &old)))?;
+        let models: Vec<String> = cfg.router.names().map(str::to_string).collect();
+        let restart = if cfg.server != self.started_with.0 || cfg.store != self.started_with.1 {
+            "; [server] and [store] changes take effect at the next restart"
+        } else {
+            ""
+        };
+        *providers = cfg.providers;
+        self.gateway.swap_router(cfg.router);
+        tracing::info!(models = %models.join(","), "configuration reloaded");
+        Ok(format!(
+            "{} model{}: {}{restart}",
+            models.len(),
+            if models.len() == 1 { "" } else { "s" },
+            models.join(", ")
+        ))
+    }
+}
+
 /// Opens the store, starts the log writer and builds the gateway.
 pub async fn build(cfg: Config, admin_key: Option<Secret>) -> anyhow::Result<Running> {
+    build_with(cfg, admin_key, None).await
+}
+
+/// Same, with the overrides to apply again on reload.
+pub async fn build_with(
+    cfg: Config,
+    admin_key: Option<Secret>,
+    overrides: Option<Overrides>,
+) -> anyhow::Result<Running> {
     let store: Arc<dyn LogStore> = sluice_store::open(&cfg.store.url, cfg.store.max_connections)
         .await
         .with_context(|| format!("opening the store at {}", cfg.store.url))?;
@@ -70,16 +119,27 @@ pub async fn build(cfg: Config, admin_key: Option<Secret>) -> anyhow::Result<Run
         BodyModeConfig::None => BodyMode::None,
     };
     let gateway = Arc::new(Gateway::new(
-        cfg.models,
+        cfg.router,
         sink,
         Arc::new(Metrics::new()),
         bodies,
     ));
+    let reloader: Option<Arc<dyn sluice_server::Reload>> = match (&cfg.source, overrides) {
+        (Source::File(_), Some(overrides)) => Some(Arc::new(Reloader {
+            source: cfg.source.clone(),
+            overrides,
+            gateway: gateway.clone(),
+            providers: Mutex::new(cfg.providers),
+            started_with: (cfg.server.clone(), cfg.store.clone()),
+        })),
+        _ => None,
+    };
     let state = Arc::new(AppState {
         gateway,
         store,
         admin_key,
         max_body_bytes: cfg.server.max_body_bytes,
+        reloader,
     });
     Ok(Running { state, writer })
 }
@@ -107,23 +167,53 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+/// Reloads the configuration on every SIGHUP.
+fn reload_on_hangup(state: &Arc<AppState>) {
+    #[cfg(unix)]
+    {
+        let Some(reloader) = state.reloader.clone() else {
+            return;
+        };
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let r = reloader.clone();
+                match tokio::task::spawn_blocking(move || r.reload()).await {
+                    Ok(Ok(summary)) => tracing::info!(%summary, "SIGHUP: configuration reloaded"),
+                    Ok(Err(e)) => tracing::error!(
+                        error = %e,
+                        "SIGHUP: the configuration was not reloaded; the running one stays"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: the reload task failed"),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = state;
+}
+
+pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     let addr = cfg.server.addr().map_err(anyhow::Error::msg)?;
     let key = admin_key();
     check_exposure(addr, &key)?;
     let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
     let source = cfg.source.to_string();
     let mock_fallback = cfg.source == crate::config::Source::EmbeddedDefault
-        && cfg.models.contains_key("mock-echo");
+        && cfg.router.group("mock-echo").is_some();
     let store_url = cfg.store.url.clone();
-    let models: Vec<String> = cfg.models.keys().cloned().collect();
+    let models: Vec<String> = cfg.router.names().map(str::to_string).collect();
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!(
             "cannot listen on {addr} (is another process using it? set server.listen or --listen)"
         )
     })?;
     let local = listener.local_addr()?;
-    let Running { state, writer } = build(cfg, key).await?;
+    let Running { state, writer } = build_with(cfg, key, Some(overrides)).await?;
+    reload_on_hangup(&state);
     let app = sluice_server::router(state.clone());
     drop(state);
     println!(

@@ -13,7 +13,9 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 use sluice_core::price::PriceTable;
-use sluice_gateway::{Deployment, ModelConfig};
+use sluice_core::provider::ChatProvider;
+use sluice_gateway::router::{DeploymentState, build_group};
+use sluice_gateway::{ModelConfig, Router};
 use sluice_providers::ProviderConfig;
 use sluice_server::ServerConfig;
 use sluice_store::StoreConfig;
@@ -169,9 +171,14 @@ pub struct Config {
     pub source: Source,
     pub server: ServerConfig,
     pub store: StoreConfig,
-    pub models: BTreeMap<String, Vec<Deployment>>,
+    pub router: Router,
     pub provider_kinds: BTreeMap<String, &'static str>,
+    /// The built providers with their configuration, so a reload can keep the expensive ones.
+    pub providers: BuiltProviders,
 }
+
+/// Built providers by name, each with the fingerprint of the configuration it was built from.
+pub type BuiltProviders = BTreeMap<String, (String, Arc<dyn ChatProvider>)>;
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -179,7 +186,7 @@ impl std::fmt::Debug for Config {
             .field("source", &self.source)
             .field("server", &self.server)
             .field("store", &self.store)
-            .field("models", &self.models)
+            .field("router", &self.router)
             .finish()
     }
 }
@@ -187,30 +194,44 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// Validates a raw configuration. Errors name the key path.
     pub fn from_raw(source: Source, raw: RawConfig) -> Result<Config, String> {
+        Config::from_raw_reusing(source, raw, None)
+    }
+
+    /// Validates a raw configuration; with `previous`, providers whose configuration did not
+    /// change are kept (a local model is not loaded twice) and unchanged deployments keep their
+    /// live state (breakers, latency, capacity).
+    pub fn from_raw_reusing(
+        source: Source,
+        raw: RawConfig,
+        previous: Option<(&BuiltProviders, &Router)>,
+    ) -> Result<Config, String> {
         raw.server.addr().map_err(|e| format!("server.{e}"))?;
         if raw.server.max_body_bytes < 1024 {
             return Err("server.max_body_bytes: must be at least 1024".into());
         }
         raw.store.validate().map_err(|e| format!("store.{e}"))?;
-        let mut built = BTreeMap::new();
+        let mut built = BuiltProviders::new();
         let mut kinds = BTreeMap::new();
         for (name, p) in &raw.providers {
-            let provider = p.build().map_err(|e| format!("providers.{name}.{e}"))?;
+            let fingerprint = format!("{p:?}");
+            let reused = previous
+                .and_then(|(prev, _)| prev.get(name))
+                .filter(|(f, _)| *f == fingerprint && p.kind() == "local")
+                .map(|(_, provider)| provider.clone());
+            let provider = match reused {
+                Some(p) => p,
+                None => p.build().map_err(|e| format!("providers.{name}.{e}"))?,
+            };
             kinds.insert(name.clone(), p.kind());
-            built.insert(name.clone(), provider);
+            built.insert(name.clone(), (fingerprint, provider));
         }
         let prices = PriceTable::builtin();
-        let mut models = BTreeMap::new();
+        let mut groups = Vec::new();
         for (model, mc) in &raw.models {
-            if mc.deployments.is_empty() {
-                return Err(format!(
-                    "models.{model}.deployments: needs at least one deployment"
-                ));
-            }
             let mut deps = Vec::new();
             for (i, d) in mc.deployments.iter().enumerate() {
                 let key = format!("models.{model}.deployments[{i}]");
-                let provider = built.get(&d.provider).ok_or_else(|| {
+                let (_, provider) = built.get(&d.provider).ok_or_else(|| {
                     format!(
                         "{key}.provider: no provider `{}`; configured providers: {}",
                         d.provider,
@@ -225,21 +246,38 @@ impl Config {
                     return Err(format!("{key}.model: must not be empty"));
                 }
                 let price = d.price(prices).map_err(|e| format!("{key}.{e}"))?;
-                deps.push(Deployment {
-                    provider_name: d.provider.clone(),
-                    provider: Arc::clone(provider),
-                    model: d.model.clone(),
-                    price,
-                });
+                if d.adapter.is_some()
+                    && !matches!(kinds.get(&d.provider), Some(&"openai" | &"mock"))
+                {
+                    return Err(format!(
+                        "{key}.adapter: LoRA adapters are served by OpenAI-compatible (vLLM-style) upstreams; provider `{}` is type `{}`",
+                        d.provider,
+                        kinds.get(&d.provider).copied().unwrap_or("?")
+                    ));
+                }
+                let dep = d.build(Arc::clone(provider), price);
+                let state = previous
+                    .and_then(|(_, router)| router.find_state(model, &dep.fingerprint))
+                    .filter(|old| {
+                        Arc::ptr_eq(&old.dep.provider, provider)
+                            && old.breaker_config() == &mc.circuit_breaker
+                    })
+                    .unwrap_or_else(|| {
+                        Arc::new(DeploymentState::new(dep, mc.circuit_breaker.clone()))
+                    });
+                deps.push(state);
             }
-            models.insert(model.clone(), deps);
+            let group = build_group(model, mc, deps).map_err(|e| format!("models.{model}.{e}"))?;
+            groups.push(group);
         }
+        let router = Router::new(groups)?;
         Ok(Config {
             source,
             server: raw.server,
             store: raw.store,
-            models,
+            router,
             provider_kinds: kinds,
+            providers: built,
         })
     }
 
@@ -267,7 +305,7 @@ mod tests {
     fn the_embedded_default_without_models_is_the_mock() {
         let dir = tempfile::tempdir().unwrap();
         let c = check(&embedded_default(dir.path())).unwrap();
-        assert_eq!(c.models.keys().collect::<Vec<_>>(), ["mock-echo"]);
+        assert_eq!(c.router.names().collect::<Vec<_>>(), ["mock-echo"]);
         assert_eq!(c.server.listen, "127.0.0.1:4141");
         assert_eq!(c.store.url, "sqlite://./sluice-data/sluice.db");
     }
@@ -288,7 +326,7 @@ mod tests {
             deployments = [{ provider = "upstream", model = "gpt-4o-mini" }]
         "#;
         let c = check(text).unwrap();
-        let d = &c.models["bench-model"][0];
+        let d = &c.router.group("bench-model").unwrap().deployments[0].dep;
         assert_eq!(d.model, "gpt-4o-mini");
         assert!(
             d.price.is_some(),
@@ -331,7 +369,10 @@ mod tests {
             "[providers.m]\ntype = \"mock\"\n[models.x]\ndeployments = [{ provider = \"m\", model = \"gpt-4o\", output_cost_per_mtok = 1.0 }]\n",
         )
         .unwrap();
-        let p = c.models["x"][0].price.unwrap();
+        let p = c.router.group("x").unwrap().deployments[0]
+            .dep
+            .price
+            .unwrap();
         assert_eq!(p.output, 1.0);
         assert_eq!(p.input, 2.5);
     }

@@ -11,6 +11,7 @@ mod config;
 mod demo;
 mod logs;
 mod models;
+mod route;
 
 use config::{Config, Overrides};
 
@@ -54,6 +55,11 @@ enum Command {
     },
     /// Start a gateway on a free port and show it at work, with no API keys (mock provider).
     Demo,
+    /// Complexity routing: explain a decision, report the savings.
+    Route {
+        #[command(subcommand)]
+        command: RouteCommand,
+    },
     /// Local model files: fetch and list them.
     Models {
         #[command(subcommand)]
@@ -80,6 +86,34 @@ enum ModelsCommand {
         /// The models directory (default: $SLUICE_MODELS_DIR, else ./models).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RouteCommand {
+    /// Show how a prompt would be routed by a model with strategy = "complexity", feature by
+    /// feature.
+    Explain {
+        /// The prompt (as one user message).
+        prompt: String,
+        /// The complexity-routed model (default: the only one configured).
+        #[arg(long)]
+        model: Option<String>,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cost of complexity-routed requests in the log against always using the strongest tier.
+    Report {
+        /// Only since this time (RFC 3339) or duration ago (30s, 15m, 2h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this (complexity-routed) model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Store URL (default: store.url of the configuration).
+        #[arg(long)]
+        store: Option<String>,
     },
 }
 
@@ -125,7 +159,7 @@ async fn main() -> ExitCode {
                     ));
                 }
             };
-            match app::serve(cfg).await {
+            match app::serve(cfg, overrides).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
             }
@@ -140,8 +174,12 @@ async fn main() -> ExitCode {
                     c.source,
                     providers,
                     if providers == 1 { "" } else { "s" },
-                    c.models.len(),
-                    if c.models.len() == 1 { "" } else { "s" },
+                    c.router.names().count(),
+                    if c.router.names().count() == 1 {
+                        ""
+                    } else {
+                        "s"
+                    },
                     c.server.listen,
                     c.store.url
                 );
@@ -161,6 +199,36 @@ async fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             };
             match logs::run(&raw.store.url, 2, args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
+        Command::Route { command } => {
+            let store_flag = match &command {
+                RouteCommand::Report { store, .. } => store.clone(),
+                RouteCommand::Explain { .. } => None,
+            };
+            let raw = match config::load_raw(
+                &config::locate(cli.config.as_deref()),
+                &Overrides {
+                    listen: None,
+                    store_url: store_flag,
+                },
+            ) {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            let result = match command {
+                RouteCommand::Explain {
+                    prompt,
+                    model,
+                    json,
+                } => route::explain(&raw, model.as_deref(), &prompt, json),
+                RouteCommand::Report { since, model, .. } => {
+                    route::report(&raw.store.url, since.as_deref(), model.as_deref()).await
+                }
+            };
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
             }

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use serde_json::json;
-use sluice_core::record::{RecordStatus, RequestRecord, UsageSource};
+use sluice_core::record::{Attempt, RecordStatus, RequestRecord, UsageSource};
 use uuid::Uuid;
 
 /// Now, truncated to the microsecond: what both backends keep exactly.
@@ -66,6 +66,31 @@ pub fn full_record() -> RequestRecord {
                          "finish_reason": "length"}],
             "usage": {"prompt_tokens": 123_456, "completion_tokens": 7_890},
         })),
+        attempt_log: vec![
+            Attempt {
+                group: "gpt-4o-mini".into(),
+                deployment: "openai-us/gpt-4o-mini".into(),
+                provider: "openai-us".into(),
+                model: "gpt-4o-mini".into(),
+                started_ms: 0.125,
+                latency_ms: 30_000.5,
+                outcome: "timeout".into(),
+                error_code: Some("upstream_timeout".into()),
+                error: Some("upstream timed out: no answer in 30 s — ünï".into()),
+            },
+            Attempt {
+                group: "gpt-4o-mini".into(),
+                deployment: "openai-eu/gpt-4o-mini".into(),
+                provider: "openai-eu".into(),
+                model: "gpt-4o-mini-2024-07-18".into(),
+                started_ms: 30_001.0,
+                latency_ms: 87.5,
+                outcome: "ok".into(),
+                error_code: None,
+                error: None,
+            },
+        ],
+        route: Some(json!({"strategy": "complexity", "tier": "small", "score": 0.125})),
     }
 }
 
@@ -153,6 +178,8 @@ pub fn assert_same_record(got: &RequestRecord, want: &RequestRecord) {
         metadata,
         request_body,
         response_body,
+        attempt_log,
+        route,
     );
     assert_eq!(got, want);
 }

@@ -70,6 +70,13 @@ pub(crate) fn fault_error(fault: Fault) -> (StatusCode, Value) {
             StatusCode::UNAUTHORIZED,
             error("authentication_error", "invalid x-api-key"),
         ),
+        Fault::ContentPolicy => (
+            StatusCode::BAD_REQUEST,
+            error(
+                "invalid_request_error",
+                "Output blocked by content filtering policy",
+            ),
+        ),
         _ => (
             StatusCode::BAD_REQUEST,
             error(

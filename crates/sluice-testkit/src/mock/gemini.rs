@@ -87,6 +87,11 @@ pub(crate) fn fault_error(fault: Fault) -> (StatusCode, Value) {
             "Request had invalid authentication credentials. Expected OAuth 2 access token, \
              login cookie or other valid authentication credential.",
         ),
+        Fault::ContentPolicy => (
+            StatusCode::BAD_REQUEST,
+            "INVALID_ARGUMENT",
+            "The request was blocked by the content filter (SAFETY).",
+        ),
         _ => (
             StatusCode::BAD_REQUEST,
             "INVALID_ARGUMENT",

@@ -5,6 +5,7 @@ mod gemini;
 mod openai;
 mod wire;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,6 +48,10 @@ pub mod models {
     /// Anthropic `invalid_request_error` "prompt is too long: ...",
     /// Gemini `INVALID_ARGUMENT`).
     pub const FAULT_400_CONTEXT: &str = "fault-400-context";
+    /// 400 content-policy refusal (OpenAI code `content_policy_violation`,
+    /// Anthropic `invalid_request_error` "... content filtering policy",
+    /// Gemini `INVALID_ARGUMENT` "... content filter ...").
+    pub const FAULT_CONTENT_POLICY: &str = "fault-content-policy";
     /// Never answers (sleeps one hour).
     pub const FAULT_HANG: &str = "fault-hang";
     /// Waits 300 ms, then answers normally.
@@ -71,6 +76,7 @@ pub mod models {
         FAULT_429,
         FAULT_401,
         FAULT_400_CONTEXT,
+        FAULT_CONTENT_POLICY,
         FAULT_HANG,
         FAULT_SLOW,
         FAULT_GARBAGE,
@@ -115,6 +121,8 @@ pub(crate) struct Shared {
     requests: Mutex<Vec<CapturedRequest>>,
     cancelled: AtomicUsize,
     next_id: AtomicU64,
+    /// Runtime faults: model name → the fault model it behaves as.
+    faults: Mutex<HashMap<String, String>>,
 }
 
 impl Shared {
@@ -126,6 +134,21 @@ impl Shared {
 
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn faults(&self) -> MutexGuard<'_, HashMap<String, String>> {
+        self.faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The fault a request for `model` gets: the one set with
+    /// [`MockUpstream::set_fault`], else the one the name itself selects.
+    pub(crate) fn fault_for(&self, model: &str) -> Option<Fault> {
+        match self.faults().get(model) {
+            Some(f) => Fault::from_model(f),
+            None => Fault::from_model(model),
+        }
     }
 }
 
@@ -221,6 +244,39 @@ impl MockUpstream {
     /// before the stream finished.
     pub fn cancelled_streams(&self) -> usize {
         self.shared.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Number of requests received so far whose JSON body's `model` is `model`
+    /// (Gemini and Azure requests name the model in the path, not the body).
+    pub fn count_for(&self, model: &str) -> usize {
+        self.shared
+            .requests()
+            .iter()
+            .filter(|r| r.body.get("model").and_then(Value::as_str) == Some(model))
+            .count()
+    }
+
+    /// From now on, requests for `model` behave as if they asked for the fault
+    /// model `fault` (one of [`models::ALL_FAULTS`], e.g. `"fault-500"`); `None`
+    /// makes `model` behave normally again. The request's own model name is
+    /// still used for everything else (the answer's `model`, [`Self::count_for`]).
+    ///
+    /// # Panics
+    /// When `fault` is not a fault model name.
+    pub fn set_fault(&self, model: &str, fault: Option<&str>) {
+        let mut faults = self.shared.faults();
+        match fault {
+            Some(f) => {
+                assert!(
+                    Fault::from_model(f).is_some(),
+                    "mock upstream: `{f}` is not a fault model; see models::ALL_FAULTS"
+                );
+                faults.insert(model.to_owned(), f.to_owned());
+            }
+            None => {
+                faults.remove(model);
+            }
+        }
     }
 
     /// Forgets the captured requests and resets the cancelled-stream counter.
@@ -408,6 +464,7 @@ pub(crate) enum Fault {
     Status429,
     Status401,
     Context,
+    ContentPolicy,
     Hang,
     Slow,
     Garbage,
@@ -424,6 +481,7 @@ impl Fault {
             models::FAULT_429 => Fault::Status429,
             models::FAULT_401 => Fault::Status401,
             models::FAULT_400_CONTEXT => Fault::Context,
+            models::FAULT_CONTENT_POLICY => Fault::ContentPolicy,
             models::FAULT_HANG => Fault::Hang,
             models::FAULT_SLOW => Fault::Slow,
             models::FAULT_GARBAGE => Fault::Garbage,
@@ -485,7 +543,8 @@ async fn pre_fault(flavor: Flavor, fault: Option<Fault>) -> Option<Response> {
         | Fault::Status503
         | Fault::Status429
         | Fault::Status401
-        | Fault::Context) => {
+        | Fault::Context
+        | Fault::ContentPolicy) => {
             let (status, body) = flavor.fault_error(f);
             let mut resp = json_value(status, &body);
             if f == Fault::Status429 {
@@ -522,7 +581,7 @@ async fn generate(
     stream: bool,
     body: &Value,
 ) -> Response {
-    let fault = Fault::from_model(model);
+    let fault = shared.fault_for(model);
     if let Some(resp) = pre_fault(flavor, fault).await {
         return resp;
     }

@@ -182,6 +182,15 @@ pub(crate) fn fault_error(fault: Fault) -> (StatusCode, Value) {
                 Some("invalid_api_key"),
             ),
         ),
+        Fault::ContentPolicy => (
+            StatusCode::BAD_REQUEST,
+            error(
+                "Your request was rejected as a result of our safety system.",
+                "invalid_request_error",
+                None,
+                Some("content_policy_violation"),
+            ),
+        ),
         _ => (
             StatusCode::BAD_REQUEST,
             error(
@@ -357,7 +366,7 @@ fn script_stream(g: &Gen<'_>, script: &Script, with_usage: bool) -> Vec<Ev> {
 }
 
 async fn embeddings_answer(shared: &Arc<Shared>, model: &str, body: &Value) -> Response {
-    let fault = Fault::from_model(model);
+    let fault = shared.fault_for(model);
     if let Some(resp) = pre_fault(Flavor::OpenAi, fault).await {
         return resp;
     }

@@ -255,7 +255,7 @@ pub fn provider_config(kind: &str, upstream: &str, models: &[&str]) -> String {
     let mut out = provider;
     for m in models {
         out.push_str(&format!(
-            "[models.\"m-{m}\"]\ndeployments = [{{ provider = \"up\", model = \"{m}\" }}]\n"
+            "[models.\"m-{m}\"]\ndeployments = [{{ provider = \"up\", model = \"{m}\" }}]\nretries = {{ retries = 0 }}\n"
         ));
     }
     out

@@ -949,6 +949,21 @@ async fn fault_hang_times_out(kind: &str) {
 
 async fn fault_cut_stream_ends_with_error_event(kind: &str) {
     let (_upstream, sluice) = setup(kind).await;
+    if kind == "anthropic" {
+        // The mock cuts an Anthropic stream after `message_start` and `content_block_start`:
+        // before any content, so nothing reached the client yet and the failure is answered as
+        // a plain HTTP error (after failover, had there been another deployment).
+        let (_, _, rec) = expect_error(
+            &sluice,
+            &json!({"model": "m-fault-cut", "messages": user("hi"), "stream": true}),
+            502,
+            "upstream_error",
+        )
+        .await;
+        assert_eq!(rec["stream"], true, "{rec:#}");
+        assert_eq!(rec["attempts"], 1, "{rec:#}");
+        return;
+    }
     let (id, events) = chat_stream(
         &sluice,
         &json!({"model": "m-fault-cut", "messages": user("hi"), "stream": true}),

@@ -1,0 +1,797 @@
+//! The router: model groups, their deployments' live state, and the choice of deployment for each
+//! attempt.
+//!
+//! A model name maps to a [`Group`]: deployments (provider + upstream model + weight + optional
+//! rpm/tpm capacity + tags + optional LoRA adapter), a [`Strategy`], a retry policy, fallbacks by
+//! error class, per-attempt timeouts and a circuit breaker per deployment. [`Group::pick`] chooses
+//! the deployment for one attempt among those that are admissible now (breaker not open, not
+//! cooling down after a 429, under capacity); the attempt loop that calls it lives in
+//! `crate::Gateway`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sluice_core::error::ErrorClass;
+use sluice_core::price::ModelPrice;
+
+use crate::Deployment;
+use crate::breaker::{Admission, Breaker, BreakerConfig, BreakerSnapshot, BreakerState};
+use crate::complexity::{Classifier, ComplexityConfig};
+use crate::window::{Ewma, RateWindow};
+
+/// How a group spreads requests over its deployments.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Random, proportional to each deployment's `weight`.
+    #[default]
+    Weighted,
+    /// In turn.
+    RoundRobin,
+    /// The deployment with the fewest requests in flight.
+    LeastBusy,
+    /// Power of two choices over each deployment's latency EWMA.
+    Latency,
+    /// The cheapest deployment (input + output price per token); unpriced counts as free.
+    Cost,
+    /// A tier of other model groups chosen by the request's complexity.
+    Complexity,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Weighted => "weighted",
+            Strategy::RoundRobin => "round_robin",
+            Strategy::LeastBusy => "least_busy",
+            Strategy::Latency => "latency",
+            Strategy::Cost => "cost",
+            Strategy::Complexity => "complexity",
+        }
+    }
+}
+
+/// `[models.NAME.retries]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts after the first, within the group (another deployment when one is left, else the
+    /// same one after a backoff).
+    pub retries: u32,
+    /// First backoff; doubles per retry of a deployment already tried, with full jitter.
+    pub backoff_ms: u64,
+    pub backoff_max_ms: u64,
+    /// The longest Sluice waits for a `Retry-After`, a cool-down or free capacity before it gives
+    /// up on the group (and falls back, or answers 429/503 with `Retry-After`).
+    pub max_wait_secs: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            retries: 2,
+            backoff_ms: 100,
+            backoff_max_ms: 5_000,
+            max_wait_secs: 10.0,
+        }
+    }
+}
+
+/// `[models.NAME.fallbacks]`: other model groups to try, by the class of the error that ended
+/// this group's attempts. `default` applies to every class without its own list except
+/// `client_error`, which never falls back.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FallbackConfig {
+    pub rate_limited: Vec<String>,
+    pub context_window_exceeded: Vec<String>,
+    pub content_policy: Vec<String>,
+    pub server_error: Vec<String>,
+    pub timeout: Vec<String>,
+    pub default: Vec<String>,
+}
+
+impl FallbackConfig {
+    pub fn for_class(&self, class: ErrorClass) -> &[String] {
+        let own = match class {
+            ErrorClass::RateLimited => &self.rate_limited,
+            ErrorClass::ContextWindowExceeded => &self.context_window_exceeded,
+            ErrorClass::ContentPolicy => &self.content_policy,
+            ErrorClass::ServerError => &self.server_error,
+            ErrorClass::Timeout => &self.timeout,
+            ErrorClass::ClientError => return &[],
+        };
+        if own.is_empty() { &self.default } else { own }
+    }
+
+    fn all(&self) -> impl Iterator<Item = (&'static str, &String)> {
+        [
+            ("rate_limited", &self.rate_limited),
+            ("context_window_exceeded", &self.context_window_exceeded),
+            ("content_policy", &self.content_policy),
+            ("server_error", &self.server_error),
+            ("timeout", &self.timeout),
+            ("default", &self.default),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| v.iter().map(move |m| (k, m)))
+    }
+}
+
+/// `[models.NAME.timeouts]`: limits per attempt. (Connecting is limited per provider, under
+/// `[providers.NAME.timeouts]`.)
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutConfig {
+    /// From sending the request to the first generated content (streams) or the whole answer
+    /// (plain requests, when `total_secs` is not set).
+    pub first_token_secs: Option<f64>,
+    /// The whole attempt, to its last byte.
+    pub total_secs: Option<f64>,
+    /// The longest gap between two chunks of a stream.
+    pub stream_idle_secs: Option<f64>,
+}
+
+impl TimeoutConfig {
+    fn validate(&self) -> Result<(), String> {
+        for (k, v) in [
+            ("first_token_secs", self.first_token_secs),
+            ("total_secs", self.total_secs),
+            ("stream_idle_secs", self.stream_idle_secs),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v > 0.0 && v <= 86_400.0)
+            {
+                return Err(format!(
+                    "timeouts.{k}: must be a number of seconds in (0, 86400], got {v}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn first_token(&self) -> Option<Duration> {
+        self.first_token_secs.map(Duration::from_secs_f64)
+    }
+
+    pub fn total(&self) -> Option<Duration> {
+        self.total_secs.map(Duration::from_secs_f64)
+    }
+
+    pub fn stream_idle(&self) -> Option<Duration> {
+        self.stream_idle_secs.map(Duration::from_secs_f64)
+    }
+}
+
+/// One `[models."NAME"]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Where the model is served.
+    #[serde(default)]
+    pub deployments: Vec<crate::DeploymentConfig>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub retries: RetryConfig,
+    #[serde(default)]
+    pub fallbacks: FallbackConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutConfig,
+    #[serde(default)]
+    pub circuit_breaker: BreakerConfig,
+    /// For `strategy = "complexity"`: the tiers and the classifier's examples.
+    #[serde(default)]
+    pub complexity: Option<ComplexityConfig>,
+}
+
+/// A deployment and its live state.
+pub struct DeploymentState {
+    pub dep: Deployment,
+    in_flight: AtomicU32,
+    latency: Ewma,
+    rpm: Option<RateWindow>,
+    tpm: Option<RateWindow>,
+    breaker: Breaker,
+    /// After a 429: not picked before this many milliseconds past `epoch`.
+    cooling_until_ms: AtomicU64,
+    epoch: Instant,
+    requests: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl std::fmt::Debug for DeploymentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeploymentState")
+            .field("dep", &self.dep)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Holds one in-flight slot of a deployment until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<DeploymentState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A tokens-per-minute reservation made before a call, settled with the real count after it.
+#[derive(Debug)]
+pub struct TokenReservation {
+    dep: Arc<DeploymentState>,
+    reserved: u64,
+}
+
+impl TokenReservation {
+    /// Replaces the estimate with the real count.
+    pub fn settle(self, actual: u64) {
+        if let Some(w) = &self.dep.tpm {
+            let delta = i64::try_from(actual).unwrap_or(i64::MAX)
+                - i64::try_from(self.reserved).unwrap_or(i64::MAX);
+            if delta != 0 {
+                w.adjust(Instant::now(), delta);
+            }
+        }
+    }
+}
+
+impl DeploymentState {
+    pub fn new(dep: Deployment, breaker: BreakerConfig) -> Self {
+        DeploymentState {
+            rpm: dep.rpm.map(RateWindow::new),
+            tpm: dep.tpm.map(RateWindow::new),
+            dep,
+            in_flight: AtomicU32::new(0),
+            latency: Ewma::new(0.2),
+            breaker: Breaker::new(breaker),
+            cooling_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    fn ms_since_epoch(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long the deployment still cools down after a 429.
+    fn cooling(&self, now: Instant) -> Option<Duration> {
+        let until = self.cooling_until_ms.load(Ordering::Relaxed);
+        let at = self.ms_since_epoch(now);
+        (until > at).then(|| Duration::from_millis(until - at))
+    }
+
+    /// Why the deployment cannot take a request now, with how long until it might.
+    fn blocked(&self, now: Instant, tokens: u64) -> Option<Option<Duration>> {
+        if let Some(d) = self.cooling(now) {
+            return Some(Some(d));
+        }
+        if self.breaker.state(now) == BreakerState::Open {
+            return Some(
+                self.breaker
+                    .snapshot(now)
+                    .retry_in_secs
+                    .map(Duration::from_secs_f64),
+            );
+        }
+        if let Some(w) = &self.rpm
+            && w.used(now) + 1 > w.limit()
+        {
+            return Some(w.wait_for(now, 1));
+        }
+        if let Some(w) = &self.tpm
+            && tokens > 0
+            && w.used(now) > 0
+            && w.used(now) + tokens > w.limit()
+        {
+            return Some(w.wait_for(now, tokens));
+        }
+        None
+    }
+
+    pub fn breaker_config(&self) -> &BreakerConfig {
+        self.breaker.config()
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Notes an attempt's outcome: latency, breaker, cool-down.
+    pub fn report(
+        &self,
+        now: Instant,
+        latency: Duration,
+        failure: Option<(ErrorClass, Option<Duration>)>,
+        probe: bool,
+    ) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        match failure {
+            None => {
+                self.latency.observe(latency.as_secs_f64() * 1000.0);
+                self.breaker.record(now, true, probe);
+            }
+            Some((class, retry_after)) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                if class == ErrorClass::RateLimited {
+                    let pause = retry_after.unwrap_or(Duration::from_secs(1));
+                    let until = self.ms_since_epoch(now + pause);
+                    self.cooling_until_ms.fetch_max(until, Ordering::Relaxed);
+                }
+                if class.is_deployment_fault() {
+                    self.breaker.record(now, false, probe);
+                } else {
+                    // The deployment answered: as a probe, that is health.
+                    self.breaker.record(now, true, probe);
+                }
+            }
+        }
+    }
+
+    pub fn breaker_state(&self, now: Instant) -> BreakerState {
+        self.breaker.state(now)
+    }
+
+    /// What `/api/deployments` shows.
+    pub fn status(&self, group: &str, now: Instant) -> DeploymentStatus {
+        DeploymentStatus {
+            group: group.to_string(),
+            id: self.dep.id.clone(),
+            provider: self.dep.provider_name.clone(),
+            provider_type: self.dep.provider.kind(),
+            model: self.dep.model.clone(),
+            adapter: self.dep.adapter.clone(),
+            weight: self.dep.weight,
+            tags: self.dep.tags.clone(),
+            in_flight: self.in_flight(),
+            requests: self.requests.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            latency_ewma_ms: self.latency.get().map(|v| (v * 1000.0).round() / 1000.0),
+            rpm: self.rpm.as_ref().map(|w| Capacity {
+                limit: w.limit(),
+                used: w.used(now),
+            }),
+            tpm: self.tpm.as_ref().map(|w| Capacity {
+                limit: w.limit(),
+                used: w.used(now),
+            }),
+            cooling_secs: self.cooling(now).map(|d| d.as_secs_f64()),
+            breaker: self.breaker.snapshot(now),
+            price: self.dep.price,
+        }
+    }
+}
+
+/// A capacity and its use over the last minute.
+#[derive(Debug, Clone, Serialize)]
+pub struct Capacity {
+    pub limit: u64,
+    pub used: u64,
+}
+
+/// A deployment's live status.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeploymentStatus {
+    pub group: String,
+    pub id: String,
+    pub provider: String,
+    pub provider_type: &'static str,
+    pub model: String,
+    pub adapter: Option<String>,
+    pub weight: f64,
+    pub tags: Vec<String>,
+    pub in_flight: u32,
+    pub requests: u64,
+    pub failures: u64,
+    pub latency_ewma_ms: Option<f64>,
+    pub rpm: Option<Capacity>,
+    pub tpm: Option<Capacity>,
+    pub cooling_secs: Option<f64>,
+    pub breaker: BreakerSnapshot,
+    pub price: Option<ModelPrice>,
+}
+
+/// A model group.
+pub struct Group {
+    pub name: String,
+    pub strategy: Strategy,
+    pub deployments: Vec<Arc<DeploymentState>>,
+    pub retry: RetryConfig,
+    pub fallbacks: FallbackConfig,
+    pub timeouts: TimeoutConfig,
+    pub classifier: Option<Classifier>,
+    /// Whether any deployment has a tokens-per-minute capacity (then requests are estimated).
+    pub has_tpm: bool,
+    rr: AtomicUsize,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("name", &self.name)
+            .field("strategy", &self.strategy)
+            .field("deployments", &self.deployments)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The outcome of choosing a deployment for one attempt.
+#[derive(Debug)]
+pub enum Pick {
+    /// Call this deployment. `probe`: the call is a half-open breaker's trial.
+    Go {
+        dep: Arc<DeploymentState>,
+        probe: bool,
+        in_flight: InFlight,
+        tokens: Option<TokenReservation>,
+    },
+    /// Every deployment is blocked; the soonest may take requests after this long (`None`: not
+    /// within a minute). `rate_limited` tells whether capacity or 429s (rather than open
+    /// breakers) block them all.
+    Wait {
+        after: Option<Duration>,
+        rate_limited: bool,
+    },
+}
+
+impl Group {
+    pub fn new(
+        name: String,
+        strategy: Strategy,
+        deployments: Vec<Arc<DeploymentState>>,
+        retry: RetryConfig,
+        fallbacks: FallbackConfig,
+        timeouts: TimeoutConfig,
+        classifier: Option<Classifier>,
+    ) -> Self {
+        let has_tpm = deployments.iter().any(|d| d.tpm.is_some());
+        Group {
+            name,
+            strategy,
+            deployments,
+            retry,
+            fallbacks,
+            timeouts,
+            classifier,
+            has_tpm,
+            rr: AtomicUsize::new(0),
+        }
+    }
+
+    /// Chooses the deployment for one attempt. Deployments this request already tried are
+    /// avoided while an untried one is admissible. `tokens` is the request's estimated size for
+    /// tokens-per-minute capacity (0 when no deployment has one).
+    pub fn pick(&self, now: Instant, tried: &[bool], tokens: u64) -> Pick {
+        let n = self.deployments.len();
+        let mut excluded = vec![false; n];
+        let mut soonest: Option<Duration> = None;
+        let mut rate_limited = true;
+        for (i, d) in self.deployments.iter().enumerate() {
+            if let Some(wait) = d.blocked(now, tokens) {
+                excluded[i] = true;
+                if d.breaker.state(now) == BreakerState::Open {
+                    rate_limited = false;
+                }
+                if let Some(w) = wait {
+                    soonest = Some(soonest.map_or(w, |s| s.min(w)));
+                }
+            }
+        }
+        loop {
+            let untried: Vec<usize> = (0..n)
+                .filter(|&i| !excluded[i] && !tried.get(i).copied().unwrap_or(false))
+                .collect();
+            let candidates: Vec<usize> = if untried.is_empty() {
+                (0..n).filter(|&i| !excluded[i]).collect()
+            } else {
+                untried
+            };
+            let Some(i) = self.choose(&candidates) else {
+                return Pick::Wait {
+                    after: soonest,
+                    rate_limited,
+                };
+            };
+            let d = &self.deployments[i];
+            let probe = match d.breaker.admit(now) {
+                Admission::Allowed => false,
+                Admission::Probe => true,
+                Admission::Rejected => {
+                    excluded[i] = true;
+                    rate_limited = false;
+                    continue;
+                }
+            };
+            if let Some(w) = &d.rpm
+                && !w.try_add(now, 1)
+            {
+                excluded[i] = true;
+                if let Some(wt) = w.wait_for(now, 1) {
+                    soonest = Some(soonest.map_or(wt, |s| s.min(wt)));
+                }
+                // A probe admitted here but not sent frees its slot after the cool-down.
+                continue;
+            }
+            let reservation = match &d.tpm {
+                Some(w) if tokens > 0 => {
+                    if !w.try_add(now, tokens) {
+                        excluded[i] = true;
+                        if let Some(r) = &d.rpm {
+                            r.adjust(now, -1);
+                        }
+                        if let Some(wt) = w.wait_for(now, tokens) {
+                            soonest = Some(soonest.map_or(wt, |s| s.min(wt)));
+                        }
+                        continue;
+                    }
+                    Some(TokenReservation {
+                        dep: d.clone(),
+                        reserved: tokens,
+                    })
+                }
+                _ => None,
+            };
+            d.in_flight.fetch_add(1, Ordering::Relaxed);
+            return Pick::Go {
+                dep: d.clone(),
+                probe,
+                in_flight: InFlight(d.clone()),
+                tokens: reservation,
+            };
+        }
+    }
+
+    /// The strategy's choice among `candidates` (indices into `deployments`).
+    fn choose(&self, candidates: &[usize]) -> Option<usize> {
+        match candidates {
+            [] => return None,
+            [only] => return Some(*only),
+            _ => {}
+        }
+        let deps = &self.deployments;
+        Some(match self.strategy {
+            Strategy::Weighted | Strategy::Complexity => {
+                let total: f64 = candidates.iter().map(|&i| deps[i].dep.weight).sum();
+                if total <= 0.0 {
+                    candidates[fastrand::usize(..candidates.len())]
+                } else {
+                    let mut x = fastrand::f64() * total;
+                    let mut chosen = candidates[candidates.len() - 1];
+                    for &i in candidates {
+                        x -= deps[i].dep.weight;
+                        if x < 0.0 {
+                            chosen = i;
+                            break;
+                        }
+                    }
+                    chosen
+                }
+            }
+            Strategy::RoundRobin => {
+                let start = self.rr.fetch_add(1, Ordering::Relaxed) % deps.len();
+                // The first candidate at or after the turn's position.
+                *candidates
+                    .iter()
+                    .find(|&&i| i >= start)
+                    .unwrap_or(&candidates[0])
+            }
+            Strategy::LeastBusy => {
+                let least = candidates
+                    .iter()
+                    .map(|&i| deps[i].in_flight())
+                    .min()
+                    .unwrap_or(0);
+                let ties: Vec<usize> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|&i| deps[i].in_flight() == least)
+                    .collect();
+                ties[fastrand::usize(..ties.len())]
+            }
+            Strategy::Latency => {
+                let a = fastrand::usize(..candidates.len());
+                let mut b = fastrand::usize(..candidates.len() - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (candidates[a], candidates[b]);
+                // No sample yet counts as fastest, so every deployment gets measured.
+                let la = deps[a].latency.get().unwrap_or(0.0);
+                let lb = deps[b].latency.get().unwrap_or(0.0);
+                if la <= lb { a } else { b }
+            }
+            Strategy::Cost => {
+                let cost = |i: usize| deps[i].dep.price.map(|p| p.input + p.output).unwrap_or(0.0);
+                let cheapest = candidates
+                    .iter()
+                    .map(|&i| cost(i))
+                    .fold(f64::INFINITY, f64::min);
+                let ties: Vec<usize> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|&i| cost(i) <= cheapest)
+                    .collect();
+                ties[fastrand::usize(..ties.len())]
+            }
+        })
+    }
+
+    /// The backoff before retry number `retry` (1-based) of a deployment already tried: full
+    /// jitter over an exponential bound.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let base = self.retry.backoff_ms as f64;
+        let cap = self.retry.backoff_max_ms as f64;
+        let bound = (base * 2f64.powi(retry.saturating_sub(1).min(30) as i32)).min(cap);
+        Duration::from_secs_f64(bound * (0.5 + fastrand::f64() * 0.5) / 1000.0)
+    }
+
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_secs_f64(self.retry.max_wait_secs)
+    }
+}
+
+/// Every model group, by name.
+#[derive(Debug, Default)]
+pub struct Router {
+    groups: BTreeMap<String, Arc<Group>>,
+}
+
+impl Router {
+    /// Builds the router and checks the references between groups (fallbacks, tiers).
+    pub fn new(groups: Vec<Group>) -> Result<Self, String> {
+        let groups: BTreeMap<String, Arc<Group>> = groups
+            .into_iter()
+            .map(|g| (g.name.clone(), Arc::new(g)))
+            .collect();
+        for (name, g) in &groups {
+            for (class, target) in g.fallbacks.all() {
+                if !groups.contains_key(target) {
+                    return Err(format!(
+                        "models.{name}.fallbacks.{class}: no model `{target}`; configured models: {}",
+                        groups.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                if target == name {
+                    return Err(format!(
+                        "models.{name}.fallbacks.{class}: a model cannot fall back to itself"
+                    ));
+                }
+            }
+            if let Some(c) = &g.classifier {
+                for (i, t) in c.tiers().iter().enumerate() {
+                    let Some(target) = groups.get(&t.model) else {
+                        return Err(format!(
+                            "models.{name}.complexity.tiers[{i}].model: no model `{}`; configured models: {}",
+                            t.model,
+                            groups.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ));
+                    };
+                    if target.strategy == Strategy::Complexity {
+                        return Err(format!(
+                            "models.{name}.complexity.tiers[{i}].model: `{}` routes by complexity itself; a tier must name a model with deployments",
+                            t.model
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Router { groups })
+    }
+
+    pub fn group(&self, name: &str) -> Option<&Arc<Group>> {
+        self.groups.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.groups.keys().map(String::as_str)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = &Arc<Group>> {
+        self.groups.values()
+    }
+
+    /// Every deployment's live status.
+    pub fn status(&self) -> Vec<DeploymentStatus> {
+        let now = Instant::now();
+        self.groups
+            .values()
+            .flat_map(|g| g.deployments.iter().map(move |d| d.status(&g.name, now)))
+            .collect()
+    }
+
+    /// The live state of a deployment, for carrying it over a reload when the deployment did not
+    /// change.
+    pub fn find_state(&self, group: &str, fingerprint: &str) -> Option<Arc<DeploymentState>> {
+        self.groups.get(group).and_then(|g| {
+            g.deployments
+                .iter()
+                .find(|d| d.dep.fingerprint == fingerprint)
+                .cloned()
+        })
+    }
+}
+
+/// Builds one group from its configuration and already-built deployments. Errors name the key
+/// path below `models.NAME`.
+pub fn build_group(
+    name: &str,
+    cfg: &ModelConfig,
+    deployments: Vec<Arc<DeploymentState>>,
+) -> Result<Group, String> {
+    cfg.timeouts.validate()?;
+    cfg.circuit_breaker
+        .validate()
+        .map_err(|e| format!("circuit_breaker.{e}"))?;
+    let r = &cfg.retry_checked()?;
+    let classifier = match (cfg.strategy, &cfg.complexity) {
+        (Strategy::Complexity, Some(c)) => {
+            Some(Classifier::new(c).map_err(|e| format!("complexity.{e}"))?)
+        }
+        (Strategy::Complexity, None) => {
+            return Err(
+                "complexity: strategy \"complexity\" needs a [models.NAME.complexity] table with tiers"
+                    .into(),
+            );
+        }
+        (_, Some(_)) => {
+            return Err("complexity: only used with strategy = \"complexity\"".into());
+        }
+        (_, None) => None,
+    };
+    if classifier.is_none() && deployments.is_empty() {
+        return Err("deployments: needs at least one deployment".into());
+    }
+    if classifier.is_some() && !deployments.is_empty() {
+        return Err(
+            "deployments: a model with strategy \"complexity\" routes to its tiers' models; list deployments there"
+                .into(),
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, d) in deployments.iter().enumerate() {
+        if !seen.insert(d.dep.id.as_str()) {
+            return Err(format!(
+                "deployments[{i}].id: `{}` is used twice; give each deployment a distinct `id`",
+                d.dep.id
+            ));
+        }
+    }
+    Ok(Group::new(
+        name.to_string(),
+        cfg.strategy,
+        deployments,
+        r.clone(),
+        cfg.fallbacks.clone(),
+        cfg.timeouts.clone(),
+        classifier,
+    ))
+}
+
+impl ModelConfig {
+    fn retry_checked(&self) -> Result<RetryConfig, String> {
+        let r = &self.retries;
+        if r.retries > 10 {
+            return Err(format!("retries.retries: at most 10, got {}", r.retries));
+        }
+        if r.backoff_max_ms < r.backoff_ms {
+            return Err(format!(
+                "retries.backoff_max_ms: must be at least backoff_ms ({}), got {}",
+                r.backoff_ms, r.backoff_max_ms
+            ));
+        }
+        if !(r.max_wait_secs.is_finite() && (0.0..=600.0).contains(&r.max_wait_secs)) {
+            return Err(format!(
+                "retries.max_wait_secs: must be in [0, 600], got {}",
+                r.max_wait_secs
+            ));
+        }
+        Ok(r.clone())
+    }
+}
