@@ -795,3 +795,258 @@ impl ModelConfig {
         Ok(r.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_providers::mock::{Mock, MockConfig};
+
+    fn dep(id: &str, weight: f64, price: Option<(f64, f64)>, rpm: Option<u64>) -> Deployment {
+        Deployment {
+            id: id.to_string(),
+            provider_name: "p".into(),
+            provider: Arc::new(Mock::new(&MockConfig::default()).unwrap()),
+            model: id.to_string(),
+            price: price.map(|(input, output)| ModelPrice {
+                input,
+                output,
+                cached_input: None,
+            }),
+            weight,
+            rpm,
+            tpm: None,
+            tags: Vec::new(),
+            adapter: None,
+            fingerprint: id.to_string(),
+        }
+    }
+
+    fn group(strategy: Strategy, deps: Vec<Deployment>, breaker: BreakerConfig) -> Group {
+        Group::new(
+            "g".into(),
+            strategy,
+            deps.into_iter()
+                .map(|d| Arc::new(DeploymentState::new(d, breaker.clone())))
+                .collect(),
+            RetryConfig::default(),
+            FallbackConfig::default(),
+            TimeoutConfig::default(),
+            None,
+        )
+    }
+
+    /// Picks once and returns the chosen deployment's id (the in-flight slot is released).
+    fn pick_id(g: &Group, tried: &[bool]) -> Option<String> {
+        match g.pick(Instant::now(), tried, 0) {
+            Pick::Go { dep, .. } => Some(dep.dep.id.clone()),
+            Pick::Wait { .. } => None,
+        }
+    }
+
+    fn counts(g: &Group, n: usize) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for _ in 0..n {
+            *out.entry(pick_id(g, &[]).expect("a pick")).or_default() += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn weighted_follows_the_weights() {
+        let g = group(
+            Strategy::Weighted,
+            vec![
+                dep("a", 3.0, None, None),
+                dep("b", 1.0, None, None),
+                dep("z", 0.0, None, None),
+            ],
+            BreakerConfig::default(),
+        );
+        let c = counts(&g, 8000);
+        let a = c.get("a").copied().unwrap_or(0) as f64 / 8000.0;
+        // 3:1 → 0.75; the binomial sd at n = 8000 is 0.005, so ±0.03 is six of them.
+        assert!((a - 0.75).abs() < 0.03, "share of a: {a} ({c:?})");
+        assert_eq!(
+            c.get("z"),
+            None,
+            "weight 0 is never picked while others are: {c:?}"
+        );
+    }
+
+    #[test]
+    fn round_robin_takes_turns() {
+        let g = group(
+            Strategy::RoundRobin,
+            vec![
+                dep("a", 1.0, None, None),
+                dep("b", 1.0, None, None),
+                dep("c", 1.0, None, None),
+            ],
+            BreakerConfig::default(),
+        );
+        let seq: Vec<String> = (0..6).map(|_| pick_id(&g, &[]).unwrap()).collect();
+        assert_eq!(seq, ["a", "b", "c", "a", "b", "c"]);
+    }
+
+    #[test]
+    fn cost_takes_the_cheapest() {
+        let g = group(
+            Strategy::Cost,
+            vec![
+                dep("dear", 1.0, Some((5.0, 15.0)), None),
+                dep("cheap", 1.0, Some((0.15, 0.6)), None),
+                dep("mid", 1.0, Some((1.0, 2.0)), None),
+            ],
+            BreakerConfig::default(),
+        );
+        assert_eq!(counts(&g, 50).get("cheap"), Some(&50));
+    }
+
+    #[test]
+    fn least_busy_avoids_the_loaded_one() {
+        let g = group(
+            Strategy::LeastBusy,
+            vec![dep("a", 1.0, None, None), dep("b", 1.0, None, None)],
+            BreakerConfig::default(),
+        );
+        // Hold two requests on whichever is picked first, then the other must come next.
+        let Pick::Go {
+            dep: first,
+            in_flight,
+            ..
+        } = g.pick(Instant::now(), &[], 0)
+        else {
+            panic!("a pick")
+        };
+        let Pick::Go {
+            dep: second,
+            in_flight: held2,
+            ..
+        } = g.pick(Instant::now(), &[], 0)
+        else {
+            panic!("a pick")
+        };
+        assert_ne!(first.dep.id, second.dep.id);
+        drop(held2);
+        for _ in 0..20 {
+            assert_ne!(
+                pick_id(&g, &[]).unwrap(),
+                first.dep.id,
+                "the busy one is avoided"
+            );
+        }
+        drop(in_flight);
+        assert_eq!(first.in_flight(), 0, "the slot is released on drop");
+    }
+
+    #[test]
+    fn latency_prefers_the_faster() {
+        let g = group(
+            Strategy::Latency,
+            vec![dep("slow", 1.0, None, None), dep("fast", 1.0, None, None)],
+            BreakerConfig::default(),
+        );
+        let now = Instant::now();
+        g.deployments[0].report(now, Duration::from_millis(300), None, false);
+        g.deployments[1].report(now, Duration::from_millis(20), None, false);
+        assert_eq!(counts(&g, 40).get("fast"), Some(&40));
+    }
+
+    #[test]
+    fn untried_deployments_come_first() {
+        let g = group(
+            Strategy::Weighted,
+            vec![dep("a", 1000.0, None, None), dep("b", 1.0, None, None)],
+            BreakerConfig::default(),
+        );
+        for _ in 0..20 {
+            assert_eq!(pick_id(&g, &[true, false]).as_deref(), Some("b"));
+        }
+        // Once both were tried, either may be tried again.
+        assert!(pick_id(&g, &[true, true]).is_some());
+    }
+
+    #[test]
+    fn open_breakers_and_full_capacity_are_skipped() {
+        let breaker = BreakerConfig {
+            consecutive_failures: 2,
+            cooldown_secs: 60.0,
+            ..BreakerConfig::default()
+        };
+        let g = group(
+            Strategy::Weighted,
+            vec![
+                dep("bad", 1.0, None, None),
+                dep("capped", 1.0, None, Some(2)),
+            ],
+            breaker,
+        );
+        let now = Instant::now();
+        let fail = Some((ErrorClass::ServerError, None));
+        g.deployments[0].report(now, Duration::from_millis(5), fail, false);
+        g.deployments[0].report(now, Duration::from_millis(5), fail, false);
+        assert_eq!(g.deployments[0].breaker_state(now), BreakerState::Open);
+        assert_eq!(pick_id(&g, &[]).as_deref(), Some("capped"));
+        assert_eq!(pick_id(&g, &[]).as_deref(), Some("capped"));
+        // `capped` is at its 2 requests a minute and `bad` is open: nothing is admissible, and
+        // the soonest change is the rpm window freeing up within the minute.
+        match g.pick(Instant::now(), &[], 0) {
+            Pick::Wait { after, .. } => {
+                assert!(
+                    after.is_some_and(|d| d <= Duration::from_secs(60)),
+                    "{after:?}"
+                )
+            }
+            Pick::Go { dep, .. } => panic!("picked {}", dep.dep.id),
+        }
+    }
+
+    #[test]
+    fn a_429_cools_the_deployment_down_for_its_retry_after() {
+        let g = group(
+            Strategy::Weighted,
+            vec![dep("a", 1.0, None, None)],
+            BreakerConfig::default(),
+        );
+        let now = Instant::now();
+        g.deployments[0].report(
+            now,
+            Duration::from_millis(5),
+            Some((ErrorClass::RateLimited, Some(Duration::from_secs(30)))),
+            false,
+        );
+        match g.pick(now, &[], 0) {
+            Pick::Wait {
+                after,
+                rate_limited,
+            } => {
+                assert!(rate_limited);
+                let d = after.expect("a wait");
+                assert!(
+                    d > Duration::from_secs(29) && d <= Duration::from_secs(30),
+                    "{d:?}"
+                );
+            }
+            Pick::Go { .. } => panic!("a cooling deployment was picked"),
+        }
+        // Rate limits do not count against the breaker.
+        assert_eq!(g.deployments[0].breaker_state(now), BreakerState::Closed);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let g = group(
+            Strategy::Weighted,
+            vec![dep("a", 1.0, None, None)],
+            BreakerConfig::default(),
+        );
+        for retry in 1..=10 {
+            let bound = (100.0 * 2f64.powi(retry as i32 - 1)).min(5000.0);
+            let b = g.backoff(retry).as_secs_f64() * 1000.0;
+            assert!(
+                b >= bound * 0.5 - 1e-6 && b <= bound + 1e-6,
+                "retry {retry}: {b} ms vs {bound}"
+            );
+        }
+    }
+}

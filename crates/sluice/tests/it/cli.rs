@@ -161,3 +161,127 @@ async fn logs_prints_the_request_log() {
         "{err}"
     );
 }
+
+const COMPLEXITY: &str = r#"
+[providers.mock]
+type = "mock"
+
+[models."small"]
+deployments = [{ provider = "mock", model = "gpt-4o-mini" }]
+
+[models."strong"]
+deployments = [{ provider = "mock", model = "gpt-4o" }]
+
+[models."auto"]
+strategy = "complexity"
+
+[models."auto".complexity]
+tiers = [
+  { name = "small", model = "small", max_score = 0.35 },
+  { name = "strong", model = "strong" },
+]
+"#;
+
+/// Complexity routing end to end: the header, the record's decision and savings, `route
+/// explain` and `route report`.
+#[tokio::test]
+async fn complexity_routing_explain_and_report() {
+    let s = Sluice::start(COMPLEXITY).await;
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for (prompt, tier) in [
+        ("hi there, thanks!", "small"),
+        (
+            "Write a Rust function that parses this JSON and fix the borrow checker error:\n```rust\nfn main() { let v = vec![1]; let r = &v; drop(v); println!(\"{:?}\", r); }\n```",
+            "strong",
+        ),
+    ] {
+        let resp = http
+            .post(s.url("/v1/chat/completions"))
+            .json(&json!({"model": "auto", "messages": [{"role": "user", "content": prompt}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let route = resp
+            .headers()
+            .get("x-sluice-route")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert!(route.contains(&format!("tier={tier}")), "{prompt}: {route}");
+        assert!(route.contains(&format!("group={tier}")), "{route}");
+        let id = request_id(&resp);
+        let rec = s.record(&id).await;
+        assert_eq!(rec["model"], "auto", "{rec:#}");
+        assert_eq!(rec["route"]["tier"], tier, "{rec:#}");
+        assert!(
+            rec["route"]["features"]
+                .as_array()
+                .is_some_and(|f| f.len() >= 5),
+            "{rec:#}"
+        );
+        let saved = rec["route"]["saved_usd"].as_f64().expect("saved_usd");
+        if tier == "small" {
+            assert!(
+                saved > 0.0,
+                "a small-tier answer is cheaper than gpt-4o: {rec:#}"
+            );
+        } else {
+            assert!(saved.abs() < 1e-12, "{rec:#}");
+        }
+        ids.push(id);
+    }
+
+    let cfg = s.dir().join("sluice.toml");
+    let cfg = cfg.to_str().unwrap();
+    let (code, out, err) = run(&["route", "explain", "--config", cfg, "hello!"], s.dir());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("small"), "{out}");
+    for feature in [
+        "length",
+        "code",
+        "math",
+        "reasoning",
+        "domain",
+        "depth",
+        "small_talk",
+    ] {
+        assert!(out.contains(feature), "explain names `{feature}`: {out}");
+    }
+    let (code, out, err) = run(
+        &[
+            "route",
+            "explain",
+            "--config",
+            cfg,
+            "--json",
+            "Prove that sqrt(2) is irrational, step by step.",
+        ],
+        s.dir(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let decision: serde_json::Value = serde_json::from_str(&out).expect("JSON decision");
+    assert!(decision["score"].as_f64().is_some(), "{decision:#}");
+
+    let (code, out, err) = run(&["route", "report", "--config", cfg], s.dir());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("small") && out.contains("strong") && out.contains("saved"),
+        "{out}"
+    );
+
+    // A model that is not complexity-routed gets a clear one-line error with a hint.
+    let (code, _, err) = run(
+        &[
+            "route", "explain", "--config", cfg, "--model", "small", "hi",
+        ],
+        s.dir(),
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("error: model `small` uses strategy"),
+        "{err}"
+    );
+    assert!(err.contains("hint:"), "{err}");
+}
