@@ -10,3 +10,4 @@ mod local_models;
 mod log_api;
 mod openai_api;
 mod providers;
+mod routing;

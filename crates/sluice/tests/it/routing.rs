@@ -1,0 +1,1258 @@
+//! The router end to end, with faults injected by the mock upstream: failover, retries that honour
+//! `Retry-After`, fallbacks by error class, per-attempt timeouts, circuit breakers, the balancing
+//! strategies, capacity, LoRA adapters and hot reload.
+//!
+//! Every test starts its own mock upstream and Sluice. Timing assertions are one-sided or wide, and
+//! random choices are checked with tolerances far outside their spread, so a loaded machine does
+//! not make them flake.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sluice_testkit::{MockUpstream, models};
+
+use crate::harness::{BIN, Sluice, request_id, sse_events};
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------------
+
+/// `[providers.up]`: the mock's OpenAI API. Its own timeouts are far above the models' ones, so
+/// the models' `[timeouts]` are what the tests see.
+fn provider(up: &MockUpstream) -> String {
+    format!(
+        "[providers.up]\ntype = \"openai\"\nbase_url = \"{}/v1\"\napi_key = \"k\"\ntimeouts = {{ request_secs = 30, stream_idle_secs = 30 }}\n",
+        up.base_url()
+    )
+}
+
+/// A deployment on provider `up` serving the upstream model `model` (id `up/MODEL`).
+fn dep(model: &str) -> String {
+    format!("{{ provider = \"up\", model = \"{model}\" }}")
+}
+
+/// Same, with more keys of the deployment, e.g. `weight = 3, rpm = 5`.
+fn dep_with(model: &str, keys: &str) -> String {
+    format!("{{ provider = \"up\", model = \"{model}\", {keys} }}")
+}
+
+/// `[models."NAME"]` with its deployments, then `extra`: keys of the table (`strategy = …`), then
+/// its sub-tables (written with [`sub`]).
+fn model(name: &str, deployments: &[String], extra: &str) -> String {
+    format!(
+        "[models.\"{name}\"]\ndeployments = [{}]\n{extra}\n",
+        deployments.join(", ")
+    )
+}
+
+/// A sub-table of a model: `[models."NAME".TABLE]` and its lines.
+fn sub(name: &str, table: &str, lines: &str) -> String {
+    format!("[models.\"{name}\".{table}]\n{lines}\n")
+}
+
+async fn start(up: &MockUpstream, models: &[String]) -> Sluice {
+    Sluice::start(&format!("{}{}", provider(up), models.concat())).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+// ---------------------------------------------------------------------------------------------
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// A whole answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    id: String,
+    route: Option<String>,
+    retry_after: Option<String>,
+    text: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not an error body: {}", self.text))
+            .to_string()
+    }
+
+    fn events(&self) -> Vec<(Option<String>, String)> {
+        sse_events(&self.text)
+    }
+
+    /// Asserts a normal OpenAI stream: 200, JSON chunks with some content, `[DONE]` last, no
+    /// error event. Returns the content.
+    fn assert_normal_stream(&self) -> String {
+        assert_eq!(self.status, 200, "{}", self.text);
+        let events = self.events();
+        assert_eq!(
+            events.last().map(|(_, d)| d.as_str()),
+            Some("[DONE]"),
+            "{events:#?}"
+        );
+        let mut content = String::new();
+        for (_, d) in &events[..events.len() - 1] {
+            let v: Value = serde_json::from_str(d).unwrap_or_else(|e| panic!("chunk {d:?} ({e})"));
+            assert!(v.get("error").is_none(), "error event in {events:#?}");
+            if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+                content.push_str(c);
+            }
+        }
+        assert!(!content.is_empty(), "{events:#?}");
+        content
+    }
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+async fn post(http: &reqwest::Client, s: &Sluice, model: &str, stream: bool) -> reqwest::Response {
+    http.post(s.url("/v1/chat/completions"))
+        .json(&json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream
+        }))
+        .send()
+        .await
+        .expect("POST /v1/chat/completions")
+}
+
+async fn answer(resp: reqwest::Response) -> Answer {
+    let status = resp.status().as_u16();
+    let id = request_id(&resp);
+    let route = header(&resp, "x-sluice-route");
+    let retry_after = header(&resp, "retry-after");
+    let text = resp.text().await.expect("body");
+    Answer {
+        status,
+        id,
+        route,
+        retry_after,
+        text,
+    }
+}
+
+/// Sends a chat request for `model` and reads the whole answer.
+async fn chat(http: &reqwest::Client, s: &Sluice, model: &str, stream: bool) -> Answer {
+    answer(post(http, s, model, stream).await).await
+}
+
+/// Sends a plain request and expects 200.
+async fn chat_ok(http: &reqwest::Client, s: &Sluice, model: &str) -> Answer {
+    let a = chat(http, s, model, false).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    a
+}
+
+async fn admin_get(s: &Sluice, path: &str) -> String {
+    let resp = client().get(s.url(path)).send().await.expect("GET");
+    assert_eq!(resp.status(), 200, "GET {path}");
+    resp.text().await.expect("body")
+}
+
+/// The `/api/deployments` entry of a deployment.
+async fn deployment(s: &Sluice, group: &str, id: &str) -> Value {
+    let v: Value = serde_json::from_str(&admin_get(s, "/api/deployments").await).expect("JSON");
+    v["deployments"]
+        .as_array()
+        .expect("deployments")
+        .iter()
+        .find(|d| d["group"] == group && d["id"] == id)
+        .unwrap_or_else(|| panic!("no deployment {group}/{id} in {v:#}"))
+        .clone()
+}
+
+async fn breaker_state(s: &Sluice, group: &str, id: &str) -> String {
+    deployment(s, group, id).await["breaker"]["state"]
+        .as_str()
+        .expect("breaker.state")
+        .to_string()
+}
+
+/// The value of the `/metrics` sample `name{…}` whose labels include every one of `labels`.
+async fn metric(s: &Sluice, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = admin_get(s, "/metrics").await;
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn reload(s: &Sluice) -> (u16, Value) {
+    let resp = client()
+        .post(s.url("/api/config/reload"))
+        .send()
+        .await
+        .expect("POST /api/config/reload");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("reload answers JSON"))
+}
+
+/// One entry of a record's `attempt_log`.
+#[derive(Debug, Clone, PartialEq)]
+struct Attempt {
+    group: String,
+    deployment: String,
+    outcome: String,
+    error_code: Option<String>,
+    started_ms: f64,
+}
+
+fn attempt_log(rec: &Value) -> Vec<Attempt> {
+    rec["attempt_log"]
+        .as_array()
+        .unwrap_or_else(|| panic!("attempt_log in {rec:#}"))
+        .iter()
+        .map(|a| Attempt {
+            group: a["group"].as_str().expect("group").to_string(),
+            deployment: a["deployment"].as_str().expect("deployment").to_string(),
+            outcome: a["outcome"].as_str().expect("outcome").to_string(),
+            error_code: a["error_code"].as_str().map(str::to_string),
+            started_ms: a["started_ms"].as_f64().expect("started_ms"),
+        })
+        .collect()
+}
+
+/// (group, deployment, outcome) of every attempt.
+fn path(rec: &Value) -> Vec<(String, String, String)> {
+    attempt_log(rec)
+        .into_iter()
+        .map(|a| (a.group, a.deployment, a.outcome))
+        .collect()
+}
+
+fn step(group: &str, deployment: &str, outcome: &str) -> (String, String, String) {
+    (group.into(), deployment.into(), outcome.into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failover and retries
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn requests_succeed_while_any_deployment_is_healthy() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep(models::FAULT_500), dep(models::FAULT_503), dep("good")],
+            "",
+        )],
+    )
+    .await;
+    let http = client();
+    let mut failed_over = 0;
+    for i in 0..40 {
+        let stream = i >= 30;
+        let a = chat(&http, &s, "m", stream).await;
+        if stream {
+            a.assert_normal_stream();
+        } else {
+            assert_eq!(a.status, 200, "{}", a.text);
+            assert_eq!(a.json()["object"], "chat.completion");
+        }
+        let rec = s.record(&a.id).await;
+        assert_eq!(rec["status"], "ok", "{rec:#}");
+        let log = attempt_log(&rec);
+        assert_eq!(rec["attempts"], log.len(), "{rec:#}");
+        let (last, failed) = log.split_last().expect("at least one attempt");
+        assert_eq!(
+            (last.deployment.as_str(), last.outcome.as_str()),
+            ("up/good", "ok"),
+            "{rec:#}"
+        );
+        assert!(failed.len() <= 2, "{rec:#}");
+        for f in failed {
+            assert_eq!(f.outcome, "server_error", "{rec:#}");
+            assert_eq!(f.error_code.as_deref(), Some("upstream_error"), "{rec:#}");
+            assert!(
+                f.deployment == "up/fault-500" || f.deployment == "up/fault-503",
+                "{rec:#}"
+            );
+        }
+        if let [a, b] = failed {
+            assert_ne!(
+                a.deployment, b.deployment,
+                "an untried deployment goes before a retry: {rec:#}"
+            );
+        }
+        if !failed.is_empty() {
+            failed_over += 1;
+        }
+        assert_eq!(
+            a.route.as_deref(),
+            Some(format!("group=m; deployment=up/good; attempts={}", log.len()).as_str())
+        );
+    }
+    // Two of three deployments fail: some requests must have met them first.
+    assert!(failed_over > 0);
+    assert_eq!(up.count_for("good"), 40);
+}
+
+#[tokio::test]
+async fn a_rate_limited_deployment_cools_down_while_another_serves() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model("m", &[dep(models::FAULT_429), dep("good")], "")],
+    )
+    .await;
+    let http = client();
+    let mut hit = None;
+    for _ in 0..60 {
+        let a = chat_ok(&http, &s, "m").await;
+        if up.count_for(models::FAULT_429) > 0 {
+            hit = Some(a);
+            break;
+        }
+    }
+    let a = hit.expect("the 429 deployment was never picked in 60 requests");
+    // Right after its 429 (Retry-After: 1) the deployment cools down.
+    let d = deployment(&s, "m", "up/fault-429").await;
+    let cooling = d["cooling_secs"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("cooling_secs right after a 429: {d:#}"));
+    assert!(cooling > 0.0 && cooling <= 1.0, "{d:#}");
+    assert!(d["failures"].as_u64().unwrap() >= 1, "{d:#}");
+    let rec = s.record(&a.id).await;
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("m", "up/fault-429", "rate_limited"),
+            step("m", "up/good", "ok")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_lone_rate_limited_deployment_is_retried_after_its_retry_after() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep(models::FAULT_429)],
+            &sub("m", "retries", "retries = 1"),
+        )],
+    )
+    .await;
+    let t = Instant::now();
+    let a = chat(&client(), &s, "m", false).await;
+    let took = t.elapsed();
+    assert_eq!(a.status, 429, "{}", a.text);
+    assert_eq!(a.error_code(), "upstream_rate_limited");
+    assert!(a.retry_after.is_some(), "{a:?}");
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["attempts"], 2, "{rec:#}");
+    let log = attempt_log(&rec);
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("m", "up/fault-429", "rate_limited"),
+            step("m", "up/fault-429", "rate_limited")
+        ]
+    );
+    let gap = log[1].started_ms - log[0].started_ms;
+    assert!(
+        gap >= 900.0,
+        "the retry must wait for Retry-After: 1, waited {gap} ms: {rec:#}"
+    );
+    assert_eq!(up.count_for(models::FAULT_429), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fallbacks by error class
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn context_window_errors_fall_back_without_retrying_the_group() {
+    let up = MockUpstream::start().await;
+    // Round robin starts at the first deployment, so the first request meets the fault first;
+    // the group's second deployment would succeed if the group retried.
+    let s = start(
+        &up,
+        &[
+            model(
+                "small",
+                &[dep(models::FAULT_400_CONTEXT), dep("small-good")],
+                &format!(
+                    "strategy = \"round_robin\"\n{}",
+                    sub(
+                        "small",
+                        "fallbacks",
+                        "context_window_exceeded = [\"big\"]\nserver_error = [\"other\"]"
+                    )
+                ),
+            ),
+            model("big", &[dep("big-good")], ""),
+            model("other", &[dep("other-good")], ""),
+            model("alone", &[dep(models::FAULT_400_CONTEXT)], ""),
+        ],
+    )
+    .await;
+    let http = client();
+    let a = chat_ok(&http, &s, "small").await;
+    assert_eq!(
+        a.route.as_deref(),
+        Some("group=big; deployment=up/big-good; attempts=2")
+    );
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["model"], "small");
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("small", "up/fault-400-context", "context_window_exceeded"),
+            step("big", "up/big-good", "ok")
+        ]
+    );
+    assert_eq!(
+        attempt_log(&rec)[0].error_code.as_deref(),
+        Some("context_length_exceeded")
+    );
+    assert_eq!(up.count_for(models::FAULT_400_CONTEXT), 1);
+    assert_eq!(up.count_for("small-good"), 0);
+    assert_eq!(up.count_for("other-good"), 0);
+
+    // Without a fallback the client gets the upstream's verdict, after one attempt.
+    let a = chat(&http, &s, "alone", false).await;
+    assert_eq!(a.status, 400, "{}", a.text);
+    assert_eq!(a.error_code(), "context_length_exceeded");
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["attempts"], 1, "{rec:#}");
+}
+
+#[tokio::test]
+async fn content_policy_refusals_fall_back_without_retrying_the_group() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[
+            model(
+                "strict",
+                &[dep(models::FAULT_CONTENT_POLICY), dep("strict-good")],
+                &format!(
+                    "strategy = \"round_robin\"\n{}",
+                    sub("strict", "fallbacks", "content_policy = [\"lenient\"]")
+                ),
+            ),
+            model("lenient", &[dep("lenient-good")], ""),
+        ],
+    )
+    .await;
+    let http = client();
+    let a = chat(&http, &s, "strict", true).await;
+    a.assert_normal_stream();
+    let rec = s.record(&a.id).await;
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("strict", "up/fault-content-policy", "content_policy"),
+            step("lenient", "up/lenient-good", "ok")
+        ]
+    );
+    assert_eq!(
+        attempt_log(&rec)[0].error_code.as_deref(),
+        Some("content_policy_violation")
+    );
+    assert_eq!(up.count_for(models::FAULT_CONTENT_POLICY), 1);
+    assert_eq!(up.count_for("strict-good"), 0);
+}
+
+#[tokio::test]
+async fn upstream_auth_failures_neither_retry_nor_fall_back() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[
+            model(
+                "m",
+                &[dep(models::FAULT_401), dep("good")],
+                &format!(
+                    "strategy = \"round_robin\"\n{}",
+                    sub("m", "fallbacks", "default = [\"other\"]")
+                ),
+            ),
+            model("other", &[dep("other-good")], ""),
+        ],
+    )
+    .await;
+    let a = chat(&client(), &s, "m", false).await;
+    assert_eq!(a.status, 502, "{}", a.text);
+    assert_eq!(a.error_code(), "upstream_auth_failed");
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["attempts"], 1, "{rec:#}");
+    assert_eq!(path(&rec), vec![step("m", "up/fault-401", "client_error")]);
+    assert_eq!(up.count_for("good"), 0);
+    assert_eq!(up.count_for("other-good"), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timeouts
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_hanging_deployment_times_out_per_attempt() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[
+            model(
+                "hang",
+                &[dep(models::FAULT_HANG)],
+                &format!(
+                    "{}{}",
+                    sub("hang", "timeouts", "total_secs = 1"),
+                    sub("hang", "retries", "retries = 0")
+                ),
+            ),
+            model(
+                "m",
+                &[dep(models::FAULT_HANG), dep("good")],
+                &format!(
+                    "strategy = \"round_robin\"\n{}",
+                    sub("m", "timeouts", "total_secs = 1")
+                ),
+            ),
+        ],
+    )
+    .await;
+    let http = client();
+    let t = Instant::now();
+    let a = chat(&http, &s, "hang", false).await;
+    let took = t.elapsed();
+    assert_eq!(a.status, 504, "{}", a.text);
+    assert_eq!(a.error_code(), "upstream_timeout");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
+        "a 1 s attempt timeout answered after {took:?}"
+    );
+    let rec = s.record(&a.id).await;
+    assert_eq!(path(&rec), vec![step("hang", "up/fault-hang", "timeout")]);
+
+    // With a healthy deployment beside it the request succeeds after the timeout.
+    let t = Instant::now();
+    let a = chat_ok(&http, &s, "m").await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    let rec = s.record(&a.id).await;
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("m", "up/fault-hang", "timeout"),
+            step("m", "up/good", "ok")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_stream_without_a_first_token_fails_over_invisibly() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep(models::FAULT_HANG), dep("good")],
+            &format!(
+                "strategy = \"round_robin\"\n{}",
+                sub("m", "timeouts", "first_token_secs = 1")
+            ),
+        )],
+    )
+    .await;
+    let t = Instant::now();
+    let a = chat(&client(), &s, "m", true).await;
+    let took = t.elapsed();
+    a.assert_normal_stream();
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    assert_eq!(
+        a.route.as_deref(),
+        Some("group=m; deployment=up/good; attempts=2")
+    );
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["status"], "ok", "{rec:#}");
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("m", "up/fault-hang", "timeout"),
+            step("m", "up/good", "ok")
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_broken_stream_before_content_fails_over_invisibly() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep(models::FAULT_BAD_SSE), dep("good")],
+            "strategy = \"round_robin\"",
+        )],
+    )
+    .await;
+    let a = chat(&client(), &s, "m", true).await;
+    a.assert_normal_stream();
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["status"], "ok", "{rec:#}");
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("m", "up/fault-bad-sse", "server_error"),
+            step("m", "up/good", "ok")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_content_ends_with_an_error_event() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep(models::FAULT_CUT), dep("good")],
+            "strategy = \"round_robin\"",
+        )],
+    )
+    .await;
+    let a = chat(&client(), &s, "m", true).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let events = a.events();
+    assert!(
+        events.iter().all(|(_, d)| d != "[DONE]"),
+        "a broken stream must not end with [DONE]: {events:#?}"
+    );
+    let (_, last) = events.last().expect("events");
+    let last: Value = serde_json::from_str(last).expect("error event is JSON");
+    assert!(last["error"]["code"].is_string(), "{events:#?}");
+    assert!(
+        events.len() >= 2,
+        "content came before the error: {events:#?}"
+    );
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["status"], "error", "{rec:#}");
+    assert_eq!(rec["attempts"], 1, "{rec:#}");
+    // Content had reached the client: no failover mid-stream.
+    assert_eq!(up.count_for("good"), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Circuit breakers
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn breakers_open_on_failures_and_close_after_a_successful_probe() {
+    let up = MockUpstream::start().await;
+    // The cooldown is long enough for the "stays open" checks to run on a slow machine; they
+    // are skipped (not failed) if the machine was slower still.
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep("flaky"), dep("good")],
+            &sub(
+                "m",
+                "circuit_breaker",
+                "min_requests = 4\nerror_rate = 0.5\nconsecutive_failures = 3\ncooldown_secs = 3",
+            ),
+        )],
+    )
+    .await;
+    let http = client();
+    up.set_fault("flaky", Some(models::FAULT_500));
+    // Three failures in a row open it; every failed request is served by "good".
+    for _ in 0..60 {
+        chat_ok(&http, &s, "m").await;
+        if up.count_for("flaky") >= 3 {
+            break;
+        }
+    }
+    assert_eq!(up.count_for("flaky"), 3, "flaky was picked too rarely");
+    let d = deployment(&s, "m", "up/flaky").await;
+    let seen = Instant::now();
+    assert_eq!(d["breaker"]["state"], "open", "{d:#}");
+    let opened_times = d["breaker"]["opened_times"].as_u64().expect("opened_times");
+    assert!(opened_times >= 1, "{d:#}");
+    let retry_in = d["breaker"]["retry_in_secs"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("retry_in_secs while open: {d:#}"));
+    assert!(retry_in > 0.0 && retry_in <= 3.0, "{d:#}");
+    let half_open_at = seen + Duration::from_secs_f64(retry_in);
+    assert_eq!(
+        metric(
+            &s,
+            "sluice_deployment_breaker_state",
+            &[("model", "m"), ("deployment", "up/flaky")]
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &s,
+            "sluice_deployment_breaker_state",
+            &[("model", "m"), ("deployment", "up/good")]
+        )
+        .await,
+        Some(0.0)
+    );
+    assert!(
+        metric(
+            &s,
+            "sluice_attempts_total",
+            &[
+                ("model", "m"),
+                ("deployment", "up/flaky"),
+                ("outcome", "server_error")
+            ]
+        )
+        .await
+        .is_some_and(|v| v >= 3.0)
+    );
+
+    // While open, the deployment gets no traffic.
+    let before = up.count_for("flaky");
+    for _ in 0..10 {
+        chat_ok(&http, &s, "m").await;
+    }
+    if Instant::now() + Duration::from_millis(200) < half_open_at {
+        assert_eq!(
+            up.count_for("flaky"),
+            before,
+            "an open breaker let requests through"
+        );
+        assert_eq!(breaker_state(&s, "m", "up/flaky").await, "open");
+    } else {
+        eprintln!("machine too slow: the breaker's cooldown passed during the open-state checks");
+    }
+
+    // Healthy again: after the cooldown the breaker is half-open and a probe closes it.
+    up.set_fault("flaky", None);
+    tokio::time::sleep_until((half_open_at + Duration::from_millis(200)).into()).await;
+    assert_eq!(breaker_state(&s, "m", "up/flaky").await, "half_open");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut state = String::new();
+    while Instant::now() < deadline {
+        chat_ok(&http, &s, "m").await;
+        state = breaker_state(&s, "m", "up/flaky").await;
+        if state == "closed" {
+            break;
+        }
+    }
+    assert_eq!(state, "closed", "the breaker never closed");
+    assert!(up.count_for("flaky") > before);
+    assert_eq!(
+        metric(
+            &s,
+            "sluice_deployment_breaker_state",
+            &[("model", "m"), ("deployment", "up/flaky")]
+        )
+        .await,
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn no_healthy_deployment_when_every_breaker_is_open() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep(models::FAULT_500), dep(models::FAULT_503)],
+            &sub(
+                "m",
+                "circuit_breaker",
+                "consecutive_failures = 1\ncooldown_secs = 60",
+            ),
+        )],
+    )
+    .await;
+    let http = client();
+    // The first request opens both breakers.
+    let a = chat(&http, &s, "m", false).await;
+    assert_eq!(a.status, 502, "{}", a.text);
+    assert_eq!(a.error_code(), "upstream_error");
+    for id in ["up/fault-500", "up/fault-503"] {
+        assert_eq!(breaker_state(&s, "m", id).await, "open");
+    }
+    let calls = up.request_count();
+    for stream in [false, true] {
+        let a = chat(&http, &s, "m", stream).await;
+        assert_eq!(a.status, 503, "{}", a.text);
+        assert_eq!(a.error_code(), "no_healthy_deployment");
+        let retry: u64 = a
+            .retry_after
+            .as_deref()
+            .expect("retry-after")
+            .parse()
+            .expect("retry-after seconds");
+        assert!((1..=60).contains(&retry), "{a:?}");
+        let rec = s.record(&a.id).await;
+        assert_eq!(rec["attempts"], 0, "{rec:#}");
+        assert_eq!(rec["error_code"], "no_healthy_deployment", "{rec:#}");
+    }
+    assert_eq!(
+        up.request_count(),
+        calls,
+        "open breakers sent nothing upstream"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Balancing strategies
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn weighted_balancing_follows_the_weights() {
+    const N: usize = 600;
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep_with("w-a", "weight = 3"), dep_with("w-b", "weight = 1")],
+            "",
+        )],
+    )
+    .await;
+    let http = client();
+    let statuses: Vec<u16> = futures::stream::iter(0..N)
+        .map(|_| {
+            let http = &http;
+            let s = &s;
+            async move { post(http, s, "m", false).await.status().as_u16() }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|&st| st == 200), "{statuses:?}");
+    let (a, b) = (up.count_for("w-a"), up.count_for("w-b"));
+    assert_eq!(a + b, N);
+    let share = a as f64 / N as f64;
+    // The standard deviation is under 0.018: 0.08 is more than four of them.
+    assert!(
+        (share - 0.75).abs() <= 0.08,
+        "w-a got {a} of {N} ({share:.3}), expected about 0.75"
+    );
+}
+
+#[tokio::test]
+async fn round_robin_takes_turns_exactly() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep("rr-a"), dep("rr-b"), dep("rr-c")],
+            "strategy = \"round_robin\"",
+        )],
+    )
+    .await;
+    let http = client();
+    for _ in 0..90 {
+        chat_ok(&http, &s, "m").await;
+    }
+    let order: Vec<String> = up
+        .requests()
+        .iter()
+        .filter_map(|r| r.body["model"].as_str().map(str::to_string))
+        .collect();
+    let expected: Vec<String> = (0..90)
+        .map(|i| ["rr-a", "rr-b", "rr-c"][i % 3].to_string())
+        .collect();
+    assert_eq!(order, expected);
+}
+
+#[tokio::test]
+async fn least_busy_avoids_the_deployment_with_a_stream_in_flight() {
+    let up = MockUpstream::start().await;
+    // Two deployments of the same slow upstream model, told apart by their ids.
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[
+                dep_with(models::SLOW_STREAM, "id = \"A\""),
+                dep_with(models::SLOW_STREAM, "id = \"B\""),
+            ],
+            "strategy = \"least_busy\"",
+        )],
+    )
+    .await;
+    let http = client();
+    let deployment_of = |resp: &reqwest::Response| {
+        let route = header(resp, "x-sluice-route").expect("x-sluice-route");
+        route
+            .split("; ")
+            .find_map(|p| p.strip_prefix("deployment="))
+            .expect("deployment=")
+            .to_string()
+    };
+    // The first stream is held open (~2 s) while the second is routed.
+    let first = post(&http, &s, "m", true).await;
+    assert_eq!(first.status(), 200);
+    let first_dep = deployment_of(&first);
+    let second = post(&http, &s, "m", true).await;
+    assert_eq!(second.status(), 200);
+    let second_dep = deployment_of(&second);
+    assert_ne!(
+        first_dep, second_dep,
+        "the second stream went to the busy deployment"
+    );
+    for resp in [first, second] {
+        let content = answer(resp).await.assert_normal_stream();
+        assert!(content.contains("tok39"), "{content}");
+    }
+}
+
+#[tokio::test]
+async fn cost_strategy_sends_everything_to_the_cheapest() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[
+                dep_with(
+                    "pricey",
+                    "input_cost_per_mtok = 5.0, output_cost_per_mtok = 15.0",
+                ),
+                dep_with(
+                    "cheap",
+                    "input_cost_per_mtok = 0.1, output_cost_per_mtok = 0.4",
+                ),
+                dep_with(
+                    "mid",
+                    "input_cost_per_mtok = 1.0, output_cost_per_mtok = 2.0",
+                ),
+            ],
+            "strategy = \"cost\"",
+        )],
+    )
+    .await;
+    let http = client();
+    for _ in 0..20 {
+        chat_ok(&http, &s, "m").await;
+    }
+    assert_eq!(up.count_for("cheap"), 20);
+    assert_eq!(up.request_count(), 20);
+}
+
+#[tokio::test]
+async fn latency_strategy_prefers_the_fast_deployment() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep(models::FAULT_SLOW), dep("quick")],
+            "strategy = \"latency\"",
+        )],
+    )
+    .await;
+    let http = client();
+    // Warm up until both have a latency sample.
+    for _ in 0..20 {
+        if up.count_for(models::FAULT_SLOW) > 0 && up.count_for("quick") > 0 {
+            break;
+        }
+        chat_ok(&http, &s, "m").await;
+    }
+    assert!(up.count_for(models::FAULT_SLOW) > 0 && up.count_for("quick") > 0);
+    let before = up.count_for("quick");
+    for _ in 0..40 {
+        chat_ok(&http, &s, "m").await;
+    }
+    let fast = up.count_for("quick") - before;
+    assert!(
+        fast >= 28,
+        "only {fast} of 40 requests went to the fast deployment"
+    );
+    let d = deployment(&s, "m", "up/fault-slow").await;
+    assert!(
+        d["latency_ewma_ms"].as_f64().is_some_and(|l| l >= 250.0),
+        "{d:#}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Capacity
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_deployment_at_its_rpm_is_skipped() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep_with("capped", "rpm = 5"), dep("free")],
+            "",
+        )],
+    )
+    .await;
+    let http = client();
+    for _ in 0..20 {
+        chat_ok(&http, &s, "m").await;
+    }
+    let capped = up.count_for("capped");
+    assert!(
+        (1..=5).contains(&capped),
+        "capped (rpm = 5) got {capped} of 20"
+    );
+    assert_eq!(up.count_for("free"), 20 - capped);
+    let d = deployment(&s, "m", "up/capped").await;
+    assert_eq!(d["rpm"]["limit"], 5, "{d:#}");
+    assert_eq!(d["rpm"]["used"], capped, "{d:#}");
+}
+
+#[tokio::test]
+async fn a_full_group_answers_429_with_retry_after() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep_with("only", "rpm = 3")],
+            &sub("m", "retries", "max_wait_secs = 0"),
+        )],
+    )
+    .await;
+    let http = client();
+    for _ in 0..3 {
+        chat_ok(&http, &s, "m").await;
+    }
+    let t = Instant::now();
+    let a = chat(&http, &s, "m", false).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "max_wait_secs = 0 must not wait"
+    );
+    assert_eq!(a.status, 429, "{}", a.text);
+    assert_eq!(a.error_code(), "rate_limit_exceeded");
+    let retry: u64 = a
+        .retry_after
+        .as_deref()
+        .expect("retry-after")
+        .parse()
+        .expect("retry-after seconds");
+    assert!((1..=60).contains(&retry), "{a:?}");
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["attempts"], 0, "{rec:#}");
+    assert_eq!(up.count_for("only"), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adapters
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_adapter_is_sent_as_the_upstream_model() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "support",
+            &[dep_with("llama-base", "adapter = \"support-bot@v3\"")],
+            "",
+        )],
+    )
+    .await;
+    let a = chat_ok(&client(), &s, "support").await;
+    assert_eq!(up.count_for("support-bot@v3"), 1);
+    assert_eq!(up.count_for("llama-base"), 0);
+    assert_eq!(
+        a.route.as_deref(),
+        Some("group=support; deployment=up/llama-base+support-bot@v3; attempts=1")
+    );
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["deployment"], "support-bot@v3", "{rec:#}");
+    assert_eq!(rec["provider"], "up", "{rec:#}");
+    let d = deployment(&s, "support", "up/llama-base+support-bot@v3").await;
+    assert_eq!(d["adapter"], "support-bot@v3", "{d:#}");
+    assert_eq!(d["model"], "llama-base", "{d:#}");
+}
+
+#[test]
+fn config_check_rejects_an_adapter_on_a_non_openai_provider() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sluice.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://./sluice.db\"\n\
+         [providers.claude]\ntype = \"anthropic\"\nbase_url = \"http://127.0.0.1:9\"\napi_key = \"k\"\n\
+         [models.support]\ndeployments = [{ provider = \"claude\", model = \"claude-3-5-haiku-latest\", adapter = \"support-bot@v3\" }]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&file)
+        .current_dir(dir.path())
+        .env_remove("SLUICE_CONFIG")
+        .env_remove("SLUICE_ADMIN_KEY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("models.support.deployments[0].adapter"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hot reload
+// ---------------------------------------------------------------------------------------------
+
+/// Replaces `old` (a part of the running configuration file) with `new`.
+fn rewrite(s: &Sluice, old: &str, new: &str) {
+    let file = s.dir().join("sluice.toml");
+    let text = std::fs::read_to_string(&file).expect("read config");
+    assert!(text.contains(old), "{old:?} not in {text}");
+    std::fs::write(&file, text.replacen(old, new, 1)).expect("write config");
+}
+
+#[tokio::test]
+async fn reload_swaps_the_router_and_keeps_it_on_a_bad_file() {
+    let up = MockUpstream::start().await;
+    let m_one = model("m", &[dep("one")], "");
+    let s = start(&up, std::slice::from_ref(&m_one)).await;
+    let http = client();
+    chat_ok(&http, &s, "m").await;
+    assert_eq!(up.count_for("one"), 1);
+
+    let m_two = format!(
+        "{}{}",
+        model("m", &[dep("two")], ""),
+        model("n", &[dep("enn")], "")
+    );
+    rewrite(&s, &m_one, &m_two);
+    let (status, v) = reload(&s).await;
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(v["reloaded"], true, "{v:#}");
+    chat_ok(&http, &s, "m").await;
+    assert_eq!(up.count_for("two"), 1);
+    assert_eq!(up.count_for("one"), 1);
+    chat_ok(&http, &s, "n").await;
+    assert_eq!(up.count_for("enn"), 1);
+
+    // An unknown key: 400 naming it, and the running configuration stays.
+    let bad = format!(
+        "{}{}",
+        model("m", &[dep("three")], "bogus_key = 1"),
+        model("n", &[dep("enn")], "")
+    );
+    rewrite(&s, &m_two, &bad);
+    let (status, v) = reload(&s).await;
+    assert_eq!(status, 400, "{v:#}");
+    let message = v["error"]["message"].as_str().expect("message");
+    assert!(message.contains("bogus_key"), "{message}");
+    assert!(message.contains("models.m"), "{message}");
+    chat_ok(&http, &s, "m").await;
+    assert_eq!(up.count_for("two"), 2);
+    assert_eq!(up.count_for("three"), 0);
+    assert_eq!(deployment(&s, "m", "up/two").await["model"], "two");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_configuration() {
+    let up = MockUpstream::start().await;
+    let m_one = model("m", &[dep("one")], "");
+    let s = start(&up, std::slice::from_ref(&m_one)).await;
+    let http = client();
+    chat_ok(&http, &s, "m").await;
+    rewrite(&s, &m_one, &model("m", &[dep("two")], ""));
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.count_for("two") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        chat_ok(&http, &s, "m").await;
+    }
+    // Once reloaded, "m" stays on the new deployment.
+    let one = up.count_for("one");
+    for _ in 0..3 {
+        chat_ok(&http, &s, "m").await;
+    }
+    assert_eq!(up.count_for("one"), one);
+}
+
+#[tokio::test]
+async fn a_stream_in_flight_finishes_on_the_old_router() {
+    let up = MockUpstream::start().await;
+    let m_slow = model("m", &[dep(models::SLOW_STREAM)], "");
+    let s = start(&up, std::slice::from_ref(&m_slow)).await;
+    let http = client();
+    // The answer's headers come with the first token; 39 more follow over ~2 s.
+    let resp = post(&http, &s, "m", true).await;
+    assert_eq!(resp.status(), 200);
+    rewrite(&s, &m_slow, &model("m", &[dep("two")], ""));
+    let (status, v) = reload(&s).await;
+    assert_eq!(status, 200, "{v:#}");
+    let a = answer(resp).await;
+    let content = a.assert_normal_stream();
+    let expected: String = (0..40).map(|i| format!("tok{i} ")).collect();
+    assert_eq!(content, expected);
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["status"], "ok", "{rec:#}");
+    assert_eq!(rec["deployment"], models::SLOW_STREAM, "{rec:#}");
+    chat_ok(&http, &s, "m").await;
+    assert_eq!(up.count_for("two"), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// x-sluice-route
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_route_header_names_group_and_deployment() {
+    let up = MockUpstream::start().await;
+    let s = start(&up, &[model("m", &[dep("good")], "")]).await;
+    let http = client();
+    for stream in [false, true] {
+        let a = chat(&http, &s, "m", stream).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_eq!(
+            a.route.as_deref(),
+            Some("group=m; deployment=up/good; attempts=1"),
+            "stream: {stream}"
+        );
+    }
+}
