@@ -285,7 +285,6 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     pub fn new(router: Router, sink: LogSink, metrics: Arc<Metrics>, bodies: BodyMode) -> Self {
-        tokens::preload();
         Gateway {
             router: RwLock::new(Arc::new(router)),
             sink,

@@ -21,7 +21,9 @@ pub fn bpe_for(model: &str) -> &'static CoreBPE {
     }
 }
 
-/// Loads the encodings in the background so that the first request does not pay for it.
+/// Loads the encodings in the background so that the first count does not pay for it. The
+/// gateway does not call it: the encodings take tens of megabytes and most upstreams report
+/// usage, so they load on first use.
 pub fn preload() {
     std::thread::spawn(|| {
         let _ = tiktoken_rs::o200k_base_singleton();

@@ -72,8 +72,11 @@ fn yes() -> bool {
 
 #[derive(Debug)]
 enum Urls {
-    /// `{base}/chat/completions`
-    Root { chat: String, embeddings: String },
+    /// `{base}/chat/completions`, parsed once.
+    Root {
+        chat: reqwest::Url,
+        embeddings: reqwest::Url,
+    },
     /// `{base}/openai/deployments/{deployment}/chat/completions?api-version=V`
     Azure { base: String, api_version: String },
 }
@@ -81,8 +84,22 @@ enum Urls {
 #[derive(Debug)]
 enum Auth {
     None,
-    Bearer(Secret),
-    ApiKey(Secret),
+    /// The ready `Authorization` / `api-key` header (marked sensitive).
+    Header(reqwest::header::HeaderName, reqwest::header::HeaderValue),
+}
+
+fn auth_header(name: &'static str, value: String) -> Result<Auth, String> {
+    let mut v = reqwest::header::HeaderValue::from_str(&value)
+        .map_err(|_| "api_key: contains characters not allowed in an HTTP header".to_string())?;
+    v.set_sensitive(true);
+    Ok(Auth::Header(
+        reqwest::header::HeaderName::from_static(name),
+        v,
+    ))
+}
+
+fn parse_url(u: String) -> Result<reqwest::Url, String> {
+    reqwest::Url::parse(&u).map_err(|e| format!("base_url: `{u}` is not a URL: {e}"))
 }
 
 /// The OpenAI-compatible provider.
@@ -111,10 +128,13 @@ impl OpenAi {
             kind: "openai",
             client: http::client(&timeouts)?,
             urls: Urls::Root {
-                chat: format!("{base}/chat/completions"),
-                embeddings: format!("{base}/embeddings"),
+                chat: parse_url(format!("{base}/chat/completions"))?,
+                embeddings: parse_url(format!("{base}/embeddings"))?,
             },
-            auth: resolve(&cfg.api_key)?.map_or(Auth::None, Auth::Bearer),
+            auth: match resolve(&cfg.api_key)? {
+                Some(k) => auth_header("authorization", format!("Bearer {}", k.expose()))?,
+                None => Auth::None,
+            },
             headers: crate::header_map(&cfg.headers)?,
             stream_usage: cfg.stream_usage,
             timeouts,
@@ -132,36 +152,41 @@ impl OpenAi {
                 base: base.to_string(),
                 api_version: cfg.api_version.clone(),
             },
-            auth: Auth::ApiKey(key),
+            auth: auth_header("api-key", key.expose().to_string())?,
             headers: crate::header_map(&cfg.headers)?,
             stream_usage: cfg.stream_usage,
             timeouts,
         })
     }
 
-    fn url(&self, model: &str, op: &str) -> String {
+    fn url(&self, model: &str, op: &str) -> Result<reqwest::Url, ProviderError> {
         match &self.urls {
-            Urls::Root { chat, embeddings } => match op {
+            Urls::Root { chat, embeddings } => Ok(match op {
                 "embeddings" => embeddings.clone(),
                 _ => chat.clone(),
-            },
+            }),
             Urls::Azure { base, api_version } => {
                 let path = if op == "embeddings" {
                     "embeddings"
                 } else {
                     "chat/completions"
                 };
-                format!("{base}/openai/deployments/{model}/{path}?api-version={api_version}")
+                let u =
+                    format!("{base}/openai/deployments/{model}/{path}?api-version={api_version}");
+                reqwest::Url::parse(&u).map_err(|e| {
+                    ProviderError::Unsupported(format!(
+                        "the deployment name `{model}` does not make a valid Azure URL: {e}"
+                    ))
+                })
             }
         }
     }
 
-    fn post(&self, url: String) -> reqwest::RequestBuilder {
+    fn post(&self, url: reqwest::Url) -> reqwest::RequestBuilder {
         let b = self.client.post(url).headers(self.headers.clone());
         match &self.auth {
             Auth::None => b,
-            Auth::Bearer(k) => b.bearer_auth(k.expose()),
-            Auth::ApiKey(k) => b.header("api-key", k.expose()),
+            Auth::Header(name, value) => b.header(name.clone(), value.clone()),
         }
     }
 }
@@ -175,7 +200,7 @@ impl ChatProvider for OpenAi {
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
         let started = tokio::time::Instant::now();
         let resp = http::send(
-            self.post(self.url(&req.model, "chat")).json(req),
+            self.post(self.url(&req.model, "chat")?).json(req),
             self.timeouts.request,
         )
         .await?;
@@ -192,7 +217,7 @@ impl ChatProvider for OpenAi {
                 .include_usage = Some(true);
         }
         let resp = http::send(
-            self.post(self.url(&req.model, "chat"))
+            self.post(self.url(&req.model, "chat")?)
                 .header(reqwest::header::ACCEPT, "text/event-stream")
                 .json(&body),
             self.timeouts.request,
@@ -205,7 +230,7 @@ impl ChatProvider for OpenAi {
     async fn embed(&self, req: &EmbeddingRequest) -> Result<EmbeddingResponse, ProviderError> {
         let started = tokio::time::Instant::now();
         let resp = http::send(
-            self.post(self.url(&req.model, "embeddings")).json(req),
+            self.post(self.url(&req.model, "embeddings")?).json(req),
             self.timeouts.request,
         )
         .await?;

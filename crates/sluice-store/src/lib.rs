@@ -41,6 +41,10 @@ pub struct StoreConfig {
     /// Connections in the pool.
     #[serde(default = "default_pool")]
     pub max_connections: u32,
+    /// How long the writer waits for a batch to fill once its first record arrived, in
+    /// milliseconds (0 writes whatever is queued at once).
+    #[serde(default = "default_flush")]
+    pub flush_interval_ms: u64,
 }
 
 /// Which bodies records keep.
@@ -64,6 +68,9 @@ fn default_batch() -> usize {
 fn default_pool() -> u32 {
     8
 }
+fn default_flush() -> u64 {
+    20
+}
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -73,6 +80,7 @@ impl Default for StoreConfig {
             queue_capacity: default_queue(),
             batch_size: default_batch(),
             max_connections: default_pool(),
+            flush_interval_ms: default_flush(),
         }
     }
 }
@@ -86,6 +94,9 @@ impl StoreConfig {
         }
         if self.batch_size == 0 || self.batch_size > 2000 {
             return Err("batch_size: must be between 1 and 2000".into());
+        }
+        if self.flush_interval_ms > 10_000 {
+            return Err("flush_interval_ms: at most 10000".into());
         }
         if self.max_connections == 0 {
             return Err("max_connections: must be at least 1".into());

@@ -34,9 +34,22 @@ impl LogWriter {
     /// Starts draining `rx` into `store`. `spill` is where batches go if the store stays down.
     pub fn spawn(
         store: Arc<dyn LogStore>,
+        rx: mpsc::Receiver<RequestRecord>,
+        batch_size: usize,
+        spill: PathBuf,
+    ) -> Self {
+        Self::spawn_with(store, rx, batch_size, spill, Duration::ZERO)
+    }
+
+    /// Like [`LogWriter::spawn`]; after the first record of a batch arrives, the writer waits up
+    /// to `linger` for the batch to fill, so that under load it writes a few large transactions
+    /// instead of many small ones.
+    pub fn spawn_with(
+        store: Arc<dyn LogStore>,
         mut rx: mpsc::Receiver<RequestRecord>,
         batch_size: usize,
         spill: PathBuf,
+        linger: Duration,
     ) -> Self {
         let close = Arc::new(Notify::new());
         let close_rx = close.clone();
@@ -50,6 +63,16 @@ impl LogWriter {
                     n = rx.recv_many(&mut batch, batch_size) => {
                         if n == 0 {
                             break;
+                        }
+                        if !linger.is_zero() {
+                            let until = tokio::time::Instant::now() + linger;
+                            while batch.len() < batch_size {
+                                let room = batch_size - batch.len();
+                                match tokio::time::timeout_at(until, rx.recv_many(&mut batch, room)).await {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(_) => {}
+                                }
+                            }
                         }
                         write_with_retry(&*store, &batch, &spill, &mut stats).await;
                         batch.clear();

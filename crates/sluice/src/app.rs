@@ -108,11 +108,12 @@ pub async fn build_with(
         .await
         .with_context(|| format!("opening the store at {}", cfg.store.url))?;
     let (sink, rx) = LogSink::channel(cfg.store.queue_capacity);
-    let writer = LogWriter::spawn(
+    let writer = LogWriter::spawn_with(
         store.clone(),
         rx,
         cfg.store.batch_size,
         spill_path(&cfg.store.url),
+        Duration::from_millis(cfg.store.flush_interval_ms),
     );
     let bodies = match cfg.store.bodies {
         BodyModeConfig::Full => BodyMode::Full,
