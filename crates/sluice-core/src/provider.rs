@@ -32,6 +32,15 @@ pub trait ChatProvider: Send + Sync + 'static {
     /// plain HTTP errors.
     async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError>;
 
+    /// A cheap liveness check of the upstream (for OpenAI-compatible and Anthropic upstreams,
+    /// listing the models), for active health checks. Providers without one keep the default.
+    async fn health(&self) -> Result<(), ProviderError> {
+        Err(ProviderError::Unsupported(format!(
+            "provider type `{}` has no health check",
+            self.kind()
+        )))
+    }
+
     /// Embeddings. Providers without an embeddings API keep the default.
     async fn embed(&self, _req: &EmbeddingRequest) -> Result<EmbeddingResponse, ProviderError> {
         Err(ProviderError::Unsupported(format!(

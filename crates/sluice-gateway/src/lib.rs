@@ -285,6 +285,7 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     pub fn new(router: Router, sink: LogSink, metrics: Arc<Metrics>, bodies: BodyMode) -> Self {
+        router.start_health_checks();
         Gateway {
             router: RwLock::new(Arc::new(router)),
             sink,
@@ -300,6 +301,7 @@ impl Gateway {
 
     /// Replaces the router atomically; in-flight requests finish on the old one.
     pub fn swap_router(&self, router: Router) {
+        router.start_health_checks();
         *self.router.write() = Arc::new(router);
     }
 

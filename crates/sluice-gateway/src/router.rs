@@ -166,6 +166,59 @@ impl TimeoutConfig {
     }
 }
 
+/// `[models.NAME.health_check]`: probe each deployment in the background (for OpenAI-compatible
+/// and Anthropic upstreams: list the models; no tokens are spent). Failures count against the
+/// deployment's circuit breaker like failed requests, and once the breaker's cool-down has passed
+/// a successful check is its half-open probe, so a recovered deployment closes without a user
+/// request risking it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Seconds between checks of one deployment.
+    #[serde(default = "default_health_interval")]
+    pub interval_secs: f64,
+    /// Seconds a check may take.
+    #[serde(default = "default_health_timeout")]
+    pub timeout_secs: f64,
+}
+
+fn default_health_interval() -> f64 {
+    30.0
+}
+fn default_health_timeout() -> f64 {
+    5.0
+}
+
+impl HealthConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.interval_secs.is_finite() && (0.05..=86_400.0).contains(&self.interval_secs)) {
+            return Err(format!(
+                "health_check.interval_secs: must be in [0.05, 86400], got {}",
+                self.interval_secs
+            ));
+        }
+        if !(self.timeout_secs.is_finite() && self.timeout_secs > 0.0 && self.timeout_secs <= 600.0)
+        {
+            return Err(format!(
+                "health_check.timeout_secs: must be in (0, 600], got {}",
+                self.timeout_secs
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The last active health check of a deployment.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthStatus {
+    pub ok: bool,
+    /// Seconds since the check.
+    pub checked_secs_ago: f64,
+    pub error: Option<String>,
+    pub checks: u64,
+    pub failures: u64,
+}
+
 /// One `[models."NAME"]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,6 +239,9 @@ pub struct ModelConfig {
     /// For `strategy = "complexity"`: the tiers and the classifier's examples.
     #[serde(default)]
     pub complexity: Option<ComplexityConfig>,
+    /// Active health checks (off when absent).
+    #[serde(default)]
+    pub health_check: Option<HealthConfig>,
 }
 
 /// A deployment and its live state.
@@ -201,6 +257,11 @@ pub struct DeploymentState {
     epoch: Instant,
     requests: AtomicU64,
     failures: AtomicU64,
+    health: parking_lot::Mutex<Option<(Instant, Result<(), String>)>>,
+    health_checks: AtomicU64,
+    health_failures: AtomicU64,
+    /// Whether a health-check loop runs for it.
+    health_running: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for DeploymentState {
@@ -254,7 +315,46 @@ impl DeploymentState {
             epoch: Instant::now(),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            health: parking_lot::Mutex::new(None),
+            health_checks: AtomicU64::new(0),
+            health_failures: AtomicU64::new(0),
+            health_running: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Runs one active health check, unless the breaker is open and still cooling down. Returns
+    /// `false` when the provider has no health check (the caller stops checking).
+    pub async fn check_health(&self, timeout: Duration) -> bool {
+        let now = Instant::now();
+        let probe = match self.breaker.admit(now) {
+            Admission::Allowed => false,
+            Admission::Probe => true,
+            Admission::Rejected => return true,
+        };
+        let result = match tokio::time::timeout(timeout, self.dep.provider.health()).await {
+            Ok(Err(sluice_core::ProviderError::Unsupported(_))) => return false,
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {:.1} s", timeout.as_secs_f64())),
+        };
+        self.health_checks.fetch_add(1, Ordering::Relaxed);
+        if result.is_err() {
+            self.health_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        self.breaker.record(Instant::now(), result.is_ok(), probe);
+        *self.health.lock() = Some((Instant::now(), result));
+        true
+    }
+
+    fn health_status(&self, now: Instant) -> Option<HealthStatus> {
+        let h = self.health.lock();
+        h.as_ref().map(|(at, r)| HealthStatus {
+            ok: r.is_ok(),
+            checked_secs_ago: (now.saturating_duration_since(*at).as_secs_f64() * 1000.0).round()
+                / 1000.0,
+            error: r.as_ref().err().cloned(),
+            checks: self.health_checks.load(Ordering::Relaxed),
+            failures: self.health_failures.load(Ordering::Relaxed),
+        })
     }
 
     fn ms_since_epoch(&self, now: Instant) -> u64 {
@@ -364,6 +464,7 @@ impl DeploymentState {
             }),
             cooling_secs: self.cooling(now).map(|d| d.as_secs_f64()),
             breaker: self.breaker.snapshot(now),
+            health: self.health_status(now),
             price: self.dep.price,
         }
     }
@@ -395,6 +496,7 @@ pub struct DeploymentStatus {
     pub tpm: Option<Capacity>,
     pub cooling_secs: Option<f64>,
     pub breaker: BreakerSnapshot,
+    pub health: Option<HealthStatus>,
     pub price: Option<ModelPrice>,
 }
 
@@ -409,6 +511,7 @@ pub struct Group {
     pub classifier: Option<Classifier>,
     /// Whether any deployment has a tokens-per-minute capacity (then requests are estimated).
     pub has_tpm: bool,
+    pub health_check: Option<HealthConfig>,
     rr: AtomicUsize,
 }
 
@@ -461,6 +564,7 @@ impl Group {
             timeouts,
             classifier,
             has_tpm,
+            health_check: None,
             rr: AtomicUsize::new(0),
         }
     }
@@ -706,6 +810,37 @@ impl Router {
             .collect()
     }
 
+    /// Starts the active health checks of every group that asks for them. Each check loop holds
+    /// only a weak reference: it ends when its deployment is gone (after a reload, once the last
+    /// request on the old router finished).
+    pub fn start_health_checks(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for g in self.groups.values() {
+            let Some(h) = &g.health_check else { continue };
+            let interval = Duration::from_secs_f64(h.interval_secs);
+            let timeout = Duration::from_secs_f64(h.timeout_secs);
+            for d in &g.deployments {
+                if d.health_running.swap(true, Ordering::Relaxed) {
+                    // Carried over from the previous router: its loop is still running.
+                    continue;
+                }
+                let weak = Arc::downgrade(d);
+                rt.spawn(async move {
+                    loop {
+                        tokio::time::sleep(interval).await;
+                        let Some(d) = weak.upgrade() else { return };
+                        if !d.check_health(timeout).await {
+                            tracing::info!(deployment = %d.dep.id, "provider has no health check; active checks stop");
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    }
+
     /// The live state of a deployment, for carrying it over a reload when the deployment did not
     /// change.
     pub fn find_state(&self, group: &str, fingerprint: &str) -> Option<Arc<DeploymentState>> {
@@ -726,6 +861,9 @@ pub fn build_group(
     deployments: Vec<Arc<DeploymentState>>,
 ) -> Result<Group, String> {
     cfg.timeouts.validate()?;
+    if let Some(h) = &cfg.health_check {
+        h.validate()?;
+    }
     cfg.circuit_breaker
         .validate()
         .map_err(|e| format!("circuit_breaker.{e}"))?;
@@ -763,7 +901,7 @@ pub fn build_group(
             ));
         }
     }
-    Ok(Group::new(
+    let mut group = Group::new(
         name.to_string(),
         cfg.strategy,
         deployments,
@@ -771,7 +909,9 @@ pub fn build_group(
         cfg.fallbacks.clone(),
         cfg.timeouts.clone(),
         classifier,
-    ))
+    );
+    group.health_check = cfg.health_check.clone();
+    Ok(group)
 }
 
 impl ModelConfig {
@@ -1031,6 +1171,53 @@ mod tests {
         }
         // Rate limits do not count against the breaker.
         assert_eq!(g.deployments[0].breaker_state(now), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn health_checks_feed_the_breaker() {
+        let breaker = BreakerConfig {
+            consecutive_failures: 2,
+            cooldown_secs: 0.05,
+            ..BreakerConfig::default()
+        };
+        let healthy = DeploymentState::new(dep("up", 1.0, None, None), breaker.clone());
+        assert!(healthy.check_health(Duration::from_secs(1)).await);
+        let s = healthy.status("g", Instant::now());
+        assert!(
+            s.health.as_ref().is_some_and(|h| h.ok && h.checks == 1),
+            "{s:?}"
+        );
+        assert_eq!(s.breaker.state, BreakerState::Closed);
+
+        let mut down = dep("down", 1.0, None, None);
+        down.provider = Arc::new(
+            Mock::new(&MockConfig {
+                fail_status: Some(503),
+                ..MockConfig::default()
+            })
+            .unwrap(),
+        );
+        let down = DeploymentState::new(down, breaker);
+        assert!(down.check_health(Duration::from_secs(1)).await);
+        assert!(down.check_health(Duration::from_secs(1)).await);
+        let s = down.status("g", Instant::now());
+        assert_eq!(
+            s.breaker.state,
+            BreakerState::Open,
+            "two failed checks open it"
+        );
+        let h = s.health.expect("a health status");
+        assert!(!h.ok && h.failures == 2 && h.error.is_some_and(|e| e.contains("503")));
+        // While open and cooling down, no check is made.
+        assert!(down.check_health(Duration::from_secs(1)).await);
+        assert_eq!(down.status("g", Instant::now()).health.unwrap().checks, 2);
+        // After the cool-down the check is the half-open probe; it fails, so the breaker reopens.
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(down.check_health(Duration::from_secs(1)).await);
+        let s = down.status("g", Instant::now());
+        assert_eq!(s.health.unwrap().checks, 3);
+        assert_eq!(s.breaker.state, BreakerState::Open);
+        assert_eq!(s.breaker.opened_times, 2);
     }
 
     #[test]

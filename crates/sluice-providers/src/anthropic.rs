@@ -42,6 +42,7 @@ fn default_version() -> String {
 pub struct Anthropic {
     client: reqwest::Client,
     url: String,
+    models_url: String,
     key: Secret,
     version: String,
     headers: reqwest::header::HeaderMap,
@@ -55,6 +56,7 @@ impl Anthropic {
         Ok(Anthropic {
             client: http::client(&timeouts)?,
             url: format!("{base}/v1/messages"),
+            models_url: format!("{base}/v1/models"),
             key: cfg.api_key.resolve().map_err(|e| format!("api_key: {e}"))?,
             version: cfg.version.clone(),
             headers: crate::header_map(&cfg.headers)?,
@@ -82,6 +84,16 @@ fn translate(req: &ChatRequest, stream: bool) -> Result<wire::MessagesRequest, P
 impl ChatProvider for Anthropic {
     fn kind(&self) -> &'static str {
         "anthropic"
+    }
+
+    async fn health(&self) -> Result<(), ProviderError> {
+        let b = self
+            .client
+            .get(&self.models_url)
+            .headers(self.headers.clone())
+            .header("x-api-key", self.key.expose())
+            .header("anthropic-version", &self.version);
+        http::send(b, self.timeouts.request).await.map(|_| ())
     }
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {

@@ -269,6 +269,11 @@ impl ChatProvider for LocalChat {
         "local"
     }
 
+    /// In-process: healthy while the process runs.
+    async fn health(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
         let gen_req = self.prepare(req)?;
         let mut rx = self.engine.submit(gen_req).map_err(engine_error)?;
@@ -367,6 +372,11 @@ pub struct LocalEmbeddings {
 impl ChatProvider for LocalEmbeddings {
     fn kind(&self) -> &'static str {
         "local"
+    }
+
+    /// In-process: healthy while the process runs.
+    async fn health(&self) -> Result<(), ProviderError> {
+        Ok(())
     }
 
     async fn chat(&self, _req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {

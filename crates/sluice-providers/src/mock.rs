@@ -175,6 +175,18 @@ impl ChatProvider for Mock {
         "mock"
     }
 
+    async fn health(&self) -> Result<(), ProviderError> {
+        match self.cfg.fail_status {
+            Some(status) => Err(ProviderError::Status {
+                status,
+                message: format!("mock provider failure on demand (HTTP {status})"),
+                code: None,
+                retry_after: None,
+            }),
+            None => Ok(()),
+        }
+    }
+
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
         if self.cfg.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(self.cfg.latency_ms)).await;

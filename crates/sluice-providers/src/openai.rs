@@ -73,12 +73,16 @@ fn yes() -> bool {
 #[derive(Debug)]
 enum Urls {
     /// `{base}/chat/completions`, parsed once.
-    Root {
-        chat: reqwest::Url,
-        embeddings: reqwest::Url,
-    },
+    Root(Box<RootUrls>),
     /// `{base}/openai/deployments/{deployment}/chat/completions?api-version=V`
     Azure { base: String, api_version: String },
+}
+
+#[derive(Debug)]
+struct RootUrls {
+    chat: reqwest::Url,
+    embeddings: reqwest::Url,
+    models: reqwest::Url,
 }
 
 #[derive(Debug)]
@@ -127,10 +131,11 @@ impl OpenAi {
         Ok(OpenAi {
             kind: "openai",
             client: http::client(&timeouts)?,
-            urls: Urls::Root {
+            urls: Urls::Root(Box::new(RootUrls {
                 chat: parse_url(format!("{base}/chat/completions"))?,
                 embeddings: parse_url(format!("{base}/embeddings"))?,
-            },
+                models: parse_url(format!("{base}/models"))?,
+            })),
             auth: match resolve(&cfg.api_key)? {
                 Some(k) => auth_header("authorization", format!("Bearer {}", k.expose()))?,
                 None => Auth::None,
@@ -161,9 +166,10 @@ impl OpenAi {
 
     fn url(&self, model: &str, op: &str) -> Result<reqwest::Url, ProviderError> {
         match &self.urls {
-            Urls::Root { chat, embeddings } => Ok(match op {
-                "embeddings" => embeddings.clone(),
-                _ => chat.clone(),
+            Urls::Root(u) => Ok(match op {
+                "embeddings" => u.embeddings.clone(),
+                "models" => u.models.clone(),
+                _ => u.chat.clone(),
             }),
             Urls::Azure { base, api_version } => {
                 let path = if op == "embeddings" {
@@ -195,6 +201,21 @@ impl OpenAi {
 impl ChatProvider for OpenAi {
     fn kind(&self) -> &'static str {
         self.kind
+    }
+
+    async fn health(&self) -> Result<(), ProviderError> {
+        if matches!(self.urls, Urls::Azure { .. }) {
+            return Err(ProviderError::Unsupported(
+                "Azure OpenAI has no deployment-independent model list to check".into(),
+            ));
+        }
+        let url = self.url("", "models")?;
+        let b = self.client.get(url).headers(self.headers.clone());
+        let b = match &self.auth {
+            Auth::None => b,
+            Auth::Header(name, value) => b.header(name.clone(), value.clone()),
+        };
+        http::send(b, self.timeouts.request).await.map(|_| ())
     }
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {

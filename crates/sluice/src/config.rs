@@ -261,6 +261,9 @@ impl Config {
                     .filter(|old| {
                         Arc::ptr_eq(&old.dep.provider, provider)
                             && old.breaker_config() == &mc.circuit_breaker
+                            && previous
+                                .and_then(|(_, r)| r.group(model))
+                                .is_some_and(|g| g.health_check == mc.health_check)
                     })
                     .unwrap_or_else(|| {
                         Arc::new(DeploymentState::new(dep, mc.circuit_breaker.clone()))

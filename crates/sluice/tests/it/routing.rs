@@ -1256,3 +1256,70 @@ async fn the_route_header_names_group_and_deployment() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Active health checks
+// ---------------------------------------------------------------------------------------------
+
+/// Health checks probe deployments with no user traffic: an unreachable upstream's breaker opens
+/// and requests avoid it from the first one; a reachable one is probed with `GET /v1/models`.
+#[tokio::test]
+async fn active_health_checks_open_the_breaker_of_an_unreachable_deployment() {
+    let up = MockUpstream::start().await;
+    // A port nothing listens on: bind one, note it, close it.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_port = dead.local_addr().expect("addr").port();
+    drop(dead);
+    let config = format!(
+        "{}[providers.dead]\ntype = \"openai\"\nbase_url = \"http://127.0.0.1:{dead_port}/v1\"\napi_key = \"k\"\ntimeouts = {{ connect_secs = 1, request_secs = 2 }}\n{}{}{}",
+        provider(&up),
+        model(
+            "m",
+            &[
+                dep("good"),
+                "{ provider = \"dead\", model = \"gone\", weight = 1000 }".to_string()
+            ],
+            "",
+        ),
+        sub("m", "health_check", "interval_secs = 0.1\ntimeout_secs = 1"),
+        sub(
+            "m",
+            "circuit_breaker",
+            "consecutive_failures = 2\ncooldown_secs = 60"
+        ),
+    );
+    let s = Sluice::start(&config).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = deployment(&s, "m", "dead/gone").await;
+        if d["breaker"]["state"] == "open" {
+            assert_eq!(d["health"]["ok"], false, "{d:#}");
+            assert!(d["health"]["error"].is_string(), "{d:#}");
+            assert_eq!(d["requests"], 0, "opened by health checks alone: {d:#}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead deployment's breaker never opened: {d:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let good = deployment(&s, "m", "up/good").await;
+    assert_eq!(good["health"]["ok"], true, "{good:#}");
+    assert_eq!(good["breaker"]["state"], "closed", "{good:#}");
+    assert!(
+        up.requests()
+            .iter()
+            .any(|r| r.method == "GET" && r.path == "/v1/models"),
+        "the healthy upstream was probed with GET /v1/models"
+    );
+    // Weight 1000 would send nearly everything to the dead deployment; its open breaker sends
+    // every request to the good one, on the first attempt.
+    let http = client();
+    for _ in 0..10 {
+        let a = chat_ok(&http, &s, "m").await;
+        let rec = s.record(&a.id).await;
+        assert_eq!(rec["attempts"], 1, "{rec:#}");
+        assert_eq!(rec["provider"], "up", "{rec:#}");
+    }
+}
