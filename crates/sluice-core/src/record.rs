@@ -110,10 +110,10 @@ pub struct RequestRecord {
     pub tags: Vec<String>,
     /// The request's `metadata` object and `x-sluice-meta-*` headers.
     pub metadata: Value,
-    /// The request body, when bodies are stored.
-    pub request_body: Option<Value>,
+    /// The request body as the client sent it, when bodies are stored.
+    pub request_body: Option<RawJson>,
     /// The response body (for streams, the assembled completion), when bodies are stored.
-    pub response_body: Option<Value>,
+    pub response_body: Option<RawJson>,
     /// Every provider call made for the request, in order (retries and fallbacks included).
     #[serde(default)]
     pub attempt_log: Vec<Attempt>,
@@ -121,6 +121,71 @@ pub struct RequestRecord {
     /// score.
     #[serde(default)]
     pub route: Option<Value>,
+}
+
+/// A JSON document kept as its text: a body as it was received or sent, stored and served as is,
+/// without being rebuilt as a [`Value`] tree on the hot path. Equality compares the documents,
+/// not their formatting.
+#[derive(Clone)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// Serializes a value.
+    pub fn of<T: Serialize + ?Sized>(v: &T) -> Option<RawJson> {
+        serde_json::value::to_raw_value(v).ok().map(RawJson)
+    }
+
+    /// Takes JSON text, checking that it is one JSON document.
+    pub fn from_text(text: String) -> Result<RawJson, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text).map(RawJson)
+    }
+
+    /// Takes JSON bytes (a request body), checking them.
+    pub fn from_bytes(bytes: &[u8]) -> Option<RawJson> {
+        let text = std::str::from_utf8(bytes).ok()?.trim();
+        RawJson::from_text(text.to_string()).ok()
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The document as a [`Value`] (for tests and tools; `Null` if it somehow does not parse).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.get()).unwrap_or(Value::Null)
+    }
+}
+
+impl From<Value> for RawJson {
+    fn from(v: Value) -> Self {
+        // Serializing a `Value` cannot fail.
+        RawJson::of(&v).unwrap_or_else(|| RawJson(serde_json::value::RawValue::NULL.to_owned()))
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get() || self.to_value() == other.to_value()
+    }
+}
+
+impl std::fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Box::<serde_json::value::RawValue>::deserialize(d).map(RawJson)
+    }
 }
 
 /// One provider call made for a request.

@@ -7,7 +7,7 @@ use std::time::Instant;
 use chrono::Utc;
 use sluice_core::error::{Error, ErrorCode};
 use sluice_core::price::ModelPrice;
-use sluice_core::record::{LogSink, RecordStatus, RequestRecord, UsageSource};
+use sluice_core::record::{LogSink, RawJson, RecordStatus, RequestRecord, UsageSource};
 use sluice_types::openai::{
     ChatCompletion, ChatRequest, EmbeddingRequest, EmbeddingResponse, Usage,
 };
@@ -171,7 +171,7 @@ impl Finisher {
         req: &ChatRequest,
         dep: &Deployment,
         completion: &ChatCompletion,
-        store_body: bool,
+        body: Option<RawJson>,
     ) -> f64 {
         let cost = {
             let Some(r) = self.record.as_mut() else {
@@ -188,9 +188,7 @@ impl Finisher {
                 .choices
                 .first()
                 .and_then(|c| c.finish_reason.clone());
-            if store_body {
-                r.response_body = serde_json::to_value(completion).ok();
-            }
+            r.response_body = body;
             r.cost_usd
         };
         if let Some(r) = self.close() {
@@ -236,7 +234,7 @@ impl Finisher {
         price: Option<ModelPrice>,
         count: impl FnOnce() -> (u64, u64),
         finish_reason: Option<String>,
-        response_body: Option<serde_json::Value>,
+        response_body: Option<RawJson>,
         error: Option<&Error>,
     ) {
         if let Some(r) = self.record.as_mut() {
@@ -260,7 +258,7 @@ impl Finisher {
         usage: Option<Usage>,
         price: Option<ModelPrice>,
         count: impl FnOnce() -> (u64, u64),
-        response_body: Option<serde_json::Value>,
+        response_body: Option<RawJson>,
     ) {
         if let Some(r) = self.record.as_mut() {
             apply_usage(r, usage, price, count);

@@ -25,7 +25,7 @@ use sluice_core::error::{Error, ErrorClass, ErrorCode};
 use sluice_core::price::{ModelPrice, PriceTable};
 use sluice_core::provider::ChatProvider;
 use sluice_core::provider::ChunkStream;
-use sluice_core::record::{LogSink, RequestRecord};
+use sluice_core::record::{LogSink, RawJson, RequestRecord};
 use sluice_types::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse,
 };
@@ -252,6 +252,8 @@ pub enum ChatOutcome {
     /// `route` for `x-sluice-route`.
     Complete {
         completion: Box<ChatCompletion>,
+        /// The completion serialized, as stored on the record (the OpenAI route answers it as is).
+        raw: Option<RawJson>,
         cost_usd: f64,
         route: String,
     },
@@ -313,6 +315,11 @@ impl Gateway {
     /// Whether a model is configured.
     pub fn has_model(&self, model: &str) -> bool {
         self.router().group(model).is_some()
+    }
+
+    /// Whether records keep request and response bodies.
+    pub fn stores_bodies(&self) -> bool {
+        self.bodies == BodyMode::Full
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -381,8 +388,12 @@ impl Gateway {
         ctx.record.model.clone_from(&req.model);
         ctx.record.stream = req.is_stream();
         attribute(&mut ctx.record, &req);
-        if self.bodies == BodyMode::Full {
-            ctx.record.request_body = serde_json::to_value(&req).ok();
+        match self.bodies {
+            BodyMode::Full if ctx.record.request_body.is_none() => {
+                ctx.record.request_body = RawJson::of(&req);
+            }
+            BodyMode::Full => {}
+            BodyMode::None => ctx.record.request_body = None,
         }
         let mut fin = self.finisher(&router, ctx);
         if let Err(e) = validate(&req) {
@@ -477,11 +488,17 @@ impl Gateway {
                     let up = addressed(&req, &s.dep);
                     let header = route_header(&route, &s.group, &s.dep, fin.attempts());
                     let completion = Box::new(s.value);
-                    let cost = fin
-                        .complete(&up, &s.dep.dep, &completion, self.bodies == BodyMode::Full)
-                        .await;
+                    // Serialized once: for the record and, as is, for the response.
+                    let raw = RawJson::of(&*completion);
+                    let stored = if self.bodies == BodyMode::Full {
+                        raw.clone()
+                    } else {
+                        None
+                    };
+                    let cost = fin.complete(&up, &s.dep.dep, &completion, stored).await;
                     Ok(ChatOutcome::Complete {
                         completion,
+                        raw,
                         cost_usd: cost,
                         route: header,
                     })
@@ -503,8 +520,12 @@ impl Gateway {
         let router = self.router();
         ctx.record.model.clone_from(&req.model);
         ctx.record.user = ctx.record.user.take().or_else(|| req.user.clone());
-        if self.bodies == BodyMode::Full {
-            ctx.record.request_body = serde_json::to_value(&req).ok();
+        match self.bodies {
+            BodyMode::Full if ctx.record.request_body.is_none() => {
+                ctx.record.request_body = RawJson::of(&req);
+            }
+            BodyMode::Full => {}
+            BodyMode::None => ctx.record.request_body = None,
         }
         let mut fin = self.finisher(&router, ctx);
         if req.input.is_empty() {

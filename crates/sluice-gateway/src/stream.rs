@@ -10,6 +10,7 @@ use sluice_core::ProviderError;
 use sluice_core::error::Error;
 use sluice_core::price::ModelPrice;
 use sluice_core::provider::ChunkStream;
+use sluice_core::record::RawJson;
 use sluice_types::openai::{ChatCompletionChunk, ChatRequest, ChunkAccumulator, Usage};
 
 use crate::{Finisher, tokens};
@@ -109,7 +110,7 @@ struct State {
 impl State {
     /// What the stream produced: the reported usage, else the tokenizer's counts (prompt,
     /// completion), and the assembled body when bodies are stored. Consumes the gathered text.
-    fn outcome(&mut self) -> (Option<Usage>, (u64, u64), Option<serde_json::Value>) {
+    fn outcome(&mut self) -> (Option<Usage>, (u64, u64), Option<RawJson>) {
         let usage = self.usage.take();
         let counts = if usage.is_none() {
             (
@@ -122,7 +123,7 @@ impl State {
         let acc = std::mem::take(&mut self.acc);
         let body = self
             .store_body
-            .then(|| serde_json::to_value(acc.finish()).ok())
+            .then(|| RawJson::of(&acc.finish()))
             .flatten();
         (usage, counts, body)
     }

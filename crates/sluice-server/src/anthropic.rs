@@ -41,6 +41,7 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
             completion,
             cost_usd,
             route,
+            ..
         }) => {
             let mut out = wire::response_from_openai(&completion, &msg.model);
             out.id = id;

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
 use sluice_core::error::{Error, ErrorCode};
+use sluice_core::record::RawJson;
 use sluice_gateway::{ChatOutcome, ChatStream, RequestContext, StreamItem};
 use sluice_types::openai::{ChatRequest, EmbeddingRequest, ModelList, ModelObject};
 
@@ -40,7 +41,13 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
         }
     };
     match body::parse(&bytes) {
-        Ok(v) => Ok((ctx, v)),
+        Ok(v) => {
+            if state.gateway.stores_bodies() {
+                // The body as the client sent it: no re-serialization on the hot path.
+                ctx.record.request_body = RawJson::from_bytes(&bytes);
+            }
+            Ok((ctx, v))
+        }
         Err(e) => {
             state
                 .gateway
@@ -59,10 +66,21 @@ pub async fn chat_completions(State(state): State<SharedState>, req: Request) ->
     match state.gateway.chat(ctx, chat).await {
         Ok(ChatOutcome::Complete {
             completion,
+            raw,
             cost_usd,
             route,
         }) => {
-            let mut resp = Json(completion).into_response();
+            let mut resp = match raw {
+                Some(raw) => (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    raw.get().to_string(),
+                )
+                    .into_response(),
+                None => Json(completion).into_response(),
+            };
             set_cost(&mut resp, cost_usd);
             set_route(&mut resp, &route);
             resp

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use sluice_core::record::{
-    LogStore, RecordQuery, RecordStatus, RequestRecord, StoreError, UsageSource,
+    LogStore, RawJson, RecordQuery, RecordStatus, RequestRecord, StoreError, UsageSource,
 };
 use sqlx::{Row, postgres::PgPoolOptions, sqlite::SqlitePoolOptions};
 use uuid::Uuid;
@@ -60,7 +60,7 @@ pub fn default_url() -> String {
     "sqlite://./sluice-data/sluice.db".into()
 }
 fn default_queue() -> usize {
-    65_536
+    16_384
 }
 fn default_batch() -> usize {
     512
@@ -442,8 +442,8 @@ macro_rules! store_impl {
                             .push_bind(opt_text(&r.session))
                             .push_bind(json_text(&r.tags))
                             .push_bind(json_text(&r.metadata))
-                            .push_bind(r.request_body.as_ref().map(json_text))
-                            .push_bind(r.response_body.as_ref().map(json_text))
+                            .push_bind(r.request_body.as_ref().map(|b| b.get().to_string()))
+                            .push_bind(r.response_body.as_ref().map(|b| b.get().to_string()))
                             .push_bind(json_text(&r.attempt_log))
                             .push_bind(r.route.as_ref().map(json_text));
                     });
@@ -509,13 +509,13 @@ macro_rules! decode_row {
             let usage_source: String = r.try_get("usage_source")?;
             let tags: Vec<String> = from_json_text(&r.try_get::<String, _>("tags")?)?;
             let metadata: serde_json::Value = from_json_text(&r.try_get::<String, _>("metadata")?)?;
-            let request_body: Option<serde_json::Value> = r
+            let request_body = r
                 .try_get::<Option<String>, _>("request_body")?
-                .map(|t| from_json_text(&t))
+                .map(|t| RawJson::from_text(t).map_err(|e| sqlx::Error::Decode(Box::new(e))))
                 .transpose()?;
-            let response_body: Option<serde_json::Value> = r
+            let response_body = r
                 .try_get::<Option<String>, _>("response_body")?
-                .map(|t| from_json_text(&t))
+                .map(|t| RawJson::from_text(t).map_err(|e| sqlx::Error::Decode(Box::new(e))))
                 .transpose()?;
             let attempt_log: Vec<sluice_core::record::Attempt> =
                 from_json_text(&r.try_get::<String, _>("attempt_log")?)?;

@@ -443,7 +443,7 @@ pub async fn nul_characters(db: &TestDb) {
     let mut in_json = full_record();
     in_json.id = Uuid::now_v7();
     in_json.request_body =
-        Some(serde_json::json!({"messages": [{"role": "user", "content": "x\u{0}y"}]}));
+        Some(serde_json::json!({"messages": [{"role": "user", "content": "x\u{0}y"}]}).into());
     let plain = record("m", None, RecordStatus::Ok);
     let mut failures = Vec::new();
     for (what, r) in [("error_message", &in_text), ("request_body", &in_json)] {

@@ -51,21 +51,27 @@ pub fn full_record() -> RequestRecord {
             "negative": -17,
             "quote\"key": "value with \\ backslash",
         }),
-        request_body: Some(json!({
-            "model": "gpt-4o-mini",
-            "messages": [
-                {"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Hello 👋"},
-            ],
-            "temperature": 0.7,
-            "stream": true,
-        })),
-        response_body: Some(json!({
-            "id": "chatcmpl-123",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"},
-                         "finish_reason": "length"}],
-            "usage": {"prompt_tokens": 123_456, "completion_tokens": 7_890},
-        })),
+        request_body: Some(
+            json!({
+                "model": "gpt-4o-mini",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hello 👋"},
+                ],
+                "temperature": 0.7,
+                "stream": true,
+            })
+            .into(),
+        ),
+        response_body: Some(
+            json!({
+                "id": "chatcmpl-123",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"},
+                             "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 123_456, "completion_tokens": 7_890},
+            })
+            .into(),
+        ),
         attempt_log: vec![
             Attempt {
                 group: "gpt-4o-mini".into(),
