@@ -57,6 +57,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
             "request body is empty; send a JSON object",
         ));
     }
+    // The plain parse is the hot path; only a body that fails is parsed again with its path
+    // tracked, to name the offending parameter.
+    if let Ok(v) = serde_json::from_slice::<T>(bytes) {
+        return Ok(v);
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(de) {
         Ok(v) => Ok(v),

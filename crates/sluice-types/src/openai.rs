@@ -11,8 +11,91 @@ use serde_json::{Map, Value};
 /// A JSON object holding the fields a struct does not name.
 pub type Extra = Map<String, Value>;
 
+/// A map key, borrowed from the input when it can be.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Implements `Deserialize` for a struct whose fields it does not name go to `extra`, in one pass
+/// over the object. (`#[serde(flatten)]` would first buffer the whole object, every string
+/// copied, which made parsing the largest cost of a request.) Each field says how it behaves
+/// when absent: `required`, `default` (its `Default`), or `default_with(function)`.
+macro_rules! deserialize_with_extra {
+    ($ty:ident { $($field:ident : $fty:ty = $name:literal => $kind:ident $(($func:path))?),* $(,)? }) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str(concat!("struct ", stringify!($ty)))
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        mut map: A,
+                    ) -> Result<$ty, A::Error> {
+                        $(let mut $field: Option<$fty> = None;)*
+                        let mut extra = Extra::new();
+                        while let Some(key) = map.next_key::<Key<'de>>()? {
+                            match key.0.as_ref() {
+                                $($name => {
+                                    if $field.is_some() {
+                                        return Err(serde::de::Error::duplicate_field($name));
+                                    }
+                                    $field = Some(map.next_value()?);
+                                })*
+                                _ => {
+                                    let v: Value = map.next_value()?;
+                                    extra.insert(key.0.into_owned(), v);
+                                }
+                            }
+                        }
+                        Ok($ty {
+                            $($field: deserialize_with_extra!(@absent $field $name $kind $(($func))?),)*
+                            extra,
+                        })
+                    }
+                }
+                d.deserialize_map(V)
+            }
+        }
+    };
+    (@absent $field:ident $name:literal required) => {
+        match $field {
+            Some(v) => v,
+            None => return Err(serde::de::Error::missing_field($name)),
+        }
+    };
+    (@absent $field:ident $name:literal default) => {
+        $field.unwrap_or_default()
+    };
+    (@absent $field:ident $name:literal default_with($func:path)) => {
+        $field.unwrap_or_else($func)
+    };
+}
+
 /// `POST /v1/chat/completions` request body.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<Message>,
@@ -48,6 +131,25 @@ pub struct ChatRequest {
     pub extra: Extra,
 }
 
+deserialize_with_extra!(ChatRequest {
+    model: String = "model" => required,
+    messages: Vec<Message> = "messages" => required,
+    stream: Option<bool> = "stream" => default,
+    stream_options: Option<StreamOptions> = "stream_options" => default,
+    max_tokens: Option<u32> = "max_tokens" => default,
+    max_completion_tokens: Option<u32> = "max_completion_tokens" => default,
+    temperature: Option<f64> = "temperature" => default,
+    top_p: Option<f64> = "top_p" => default,
+    n: Option<u32> = "n" => default,
+    stop: Option<Stop> = "stop" => default,
+    seed: Option<i64> = "seed" => default,
+    tools: Option<Vec<Tool>> = "tools" => default,
+    tool_choice: Option<Value> = "tool_choice" => default,
+    response_format: Option<Value> = "response_format" => default,
+    user: Option<String> = "user" => default,
+    metadata: Option<Map<String, Value>> = "metadata" => default,
+});
+
 impl ChatRequest {
     /// Whether the client asked for a stream.
     pub fn is_stream(&self) -> bool {
@@ -77,13 +179,17 @@ impl ChatRequest {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct StreamOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub include_usage: Option<bool>,
     #[serde(flatten)]
     pub extra: Extra,
 }
+
+deserialize_with_extra!(StreamOptions {
+    include_usage: Option<bool> = "include_usage" => default,
+});
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -118,7 +224,7 @@ impl Role {
 }
 
 /// One chat message.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Message {
     pub role: Role,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -132,6 +238,14 @@ pub struct Message {
     #[serde(flatten)]
     pub extra: Extra,
 }
+
+deserialize_with_extra!(Message {
+    role: Role = "role" => required,
+    content: Option<Content> = "content" => default,
+    name: Option<String> = "name" => default,
+    tool_calls: Option<Vec<ToolCall>> = "tool_calls" => default,
+    tool_call_id: Option<String> = "tool_call_id" => default,
+});
 
 impl Message {
     /// A message with plain-text content.
@@ -197,7 +311,7 @@ impl Content {
 
 /// One content part (`text`, `image_url`, `input_audio`, `file`, …). Fields of part types this
 /// struct does not name are kept in `extra`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -208,6 +322,12 @@ pub struct ContentPart {
     #[serde(flatten)]
     pub extra: Extra,
 }
+
+deserialize_with_extra!(ContentPart {
+    kind: String = "type" => required,
+    text: Option<String> = "text" => default,
+    image_url: Option<ImageUrl> = "image_url" => default,
+});
 
 impl ContentPart {
     pub fn text(text: impl Into<String>) -> Self {
@@ -269,7 +389,7 @@ pub struct FunctionCall {
 }
 
 /// `chat.completion` response body.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatCompletion {
     pub id: String,
     #[serde(default = "completion_object")]
@@ -285,6 +405,16 @@ pub struct ChatCompletion {
     #[serde(flatten)]
     pub extra: Extra,
 }
+
+deserialize_with_extra!(ChatCompletion {
+    id: String = "id" => required,
+    object: String = "object" => default_with(completion_object),
+    created: u64 = "created" => default,
+    model: String = "model" => required,
+    choices: Vec<Choice> = "choices" => required,
+    usage: Option<Usage> = "usage" => default,
+    system_fingerprint: Option<String> = "system_fingerprint" => default,
+});
 
 fn completion_object() -> String {
     "chat.completion".into()
@@ -307,7 +437,7 @@ impl ChatCompletion {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Choice {
     pub index: u32,
     pub message: ResponseMessage,
@@ -319,8 +449,15 @@ pub struct Choice {
     pub extra: Extra,
 }
 
+deserialize_with_extra!(Choice {
+    index: u32 = "index" => required,
+    message: ResponseMessage = "message" => required,
+    finish_reason: Option<String> = "finish_reason" => default,
+    logprobs: Option<Value> = "logprobs" => default,
+});
+
 /// The assistant message in a response.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ResponseMessage {
     #[serde(default = "assistant_role")]
     pub role: Role,
@@ -334,12 +471,19 @@ pub struct ResponseMessage {
     pub extra: Extra,
 }
 
+deserialize_with_extra!(ResponseMessage {
+    role: Role = "role" => default_with(assistant_role),
+    content: Option<String> = "content" => default,
+    tool_calls: Option<Vec<ToolCall>> = "tool_calls" => default,
+    refusal: Option<String> = "refusal" => default,
+});
+
 fn assistant_role() -> Role {
     Role::Assistant
 }
 
 /// Token usage.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Usage {
     #[serde(default)]
     pub prompt_tokens: u64,
@@ -352,6 +496,13 @@ pub struct Usage {
     #[serde(flatten)]
     pub extra: Extra,
 }
+
+deserialize_with_extra!(Usage {
+    prompt_tokens: u64 = "prompt_tokens" => default,
+    completion_tokens: u64 = "completion_tokens" => default,
+    total_tokens: u64 = "total_tokens" => default,
+    prompt_tokens_details: Option<PromptTokensDetails> = "prompt_tokens_details" => default,
+});
 
 impl Usage {
     pub fn new(prompt: u64, completion: u64, cached: u64) -> Self {
@@ -376,7 +527,7 @@ impl Usage {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct PromptTokensDetails {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_tokens: Option<u64>,
@@ -384,8 +535,12 @@ pub struct PromptTokensDetails {
     pub extra: Extra,
 }
 
+deserialize_with_extra!(PromptTokensDetails {
+    cached_tokens: Option<u64> = "cached_tokens" => default,
+});
+
 /// `chat.completion.chunk`: one event of a streamed response.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatCompletionChunk {
     pub id: String,
     #[serde(default = "chunk_object")]
@@ -403,6 +558,16 @@ pub struct ChatCompletionChunk {
     #[serde(flatten)]
     pub extra: Extra,
 }
+
+deserialize_with_extra!(ChatCompletionChunk {
+    id: String = "id" => required,
+    object: String = "object" => default_with(chunk_object),
+    created: u64 = "created" => default,
+    model: String = "model" => default,
+    choices: Vec<ChunkChoice> = "choices" => default,
+    usage: Option<Usage> = "usage" => default,
+    system_fingerprint: Option<String> = "system_fingerprint" => default,
+});
 
 fn chunk_object() -> String {
     "chat.completion.chunk".into()
@@ -494,7 +659,7 @@ impl ChatCompletionChunk {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChunkChoice {
     #[serde(default)]
     pub index: u32,
@@ -508,6 +673,13 @@ pub struct ChunkChoice {
     pub extra: Extra,
 }
 
+deserialize_with_extra!(ChunkChoice {
+    index: u32 = "index" => default,
+    delta: Delta = "delta" => default,
+    finish_reason: Option<String> = "finish_reason" => default,
+    logprobs: Option<Value> = "logprobs" => default,
+});
+
 impl ChunkChoice {
     pub fn new(index: u32, delta: Delta, finish_reason: Option<String>) -> Self {
         ChunkChoice {
@@ -520,7 +692,7 @@ impl ChunkChoice {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Delta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<Role>,
@@ -533,6 +705,13 @@ pub struct Delta {
     #[serde(flatten)]
     pub extra: Extra,
 }
+
+deserialize_with_extra!(Delta {
+    role: Option<Role> = "role" => default,
+    content: Option<String> = "content" => default,
+    tool_calls: Option<Vec<ToolCallDelta>> = "tool_calls" => default,
+    refusal: Option<String> = "refusal" => default,
+});
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ToolCallDelta {
@@ -805,6 +984,48 @@ pub struct ErrorDetail {
 
 #[cfg(test)]
 mod tests {
+    /// The one-pass deserializer behaves as the derived one with `flatten` did: unknown fields
+    /// kept (also under escaped names), missing required fields and duplicates refused, `null`
+    /// options absent, defaults applied.
+    #[test]
+    fn one_pass_deserialization_keeps_unknown_fields() {
+        let text = r#"{"mod\u0065l":"m","messages":[{"role":"user","content":"hi","x_msg":1}],
+            "temperature":null,"vendor_flag":{"a":[1,2]},"logit_bias":{"50256":-100},"stream":true}"#;
+        let r: ChatRequest = serde_json::from_str(text).unwrap();
+        assert_eq!(r.model, "m");
+        assert_eq!(r.temperature, None);
+        assert_eq!(r.stream, Some(true));
+        assert_eq!(r.extra["vendor_flag"], serde_json::json!({"a": [1, 2]}));
+        assert_eq!(r.extra["logit_bias"], serde_json::json!({"50256": -100}));
+        assert_eq!(r.messages[0].extra["x_msg"], 1);
+        let back = serde_json::to_value(&r).unwrap();
+        assert_eq!(back["vendor_flag"], serde_json::json!({"a": [1, 2]}));
+        assert_eq!(back["messages"][0]["x_msg"], 1);
+        // From a `Value` too (owned keys).
+        let again: ChatRequest = serde_json::from_value(back).unwrap();
+        assert_eq!(again, r);
+
+        let e = serde_json::from_str::<ChatRequest>(r#"{"messages":[]}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `model`"), "{e}");
+        let e = serde_json::from_str::<ChatRequest>(r#"{"model":"a","model":"b","messages":[]}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("duplicate field `model`"), "{e}");
+        let e = serde_json::from_str::<ChatRequest>(r#"["model"]"#).unwrap_err();
+        assert!(e.to_string().contains("struct ChatRequest"), "{e}");
+
+        let c: ChatCompletion = serde_json::from_str(
+            r#"{"id":"x","model":"m","choices":[{"index":0,"message":{"content":"ok"}}],"service_tier":"default"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.object, "chat.completion", "default_with applies");
+        assert_eq!(c.choices[0].message.role, Role::Assistant);
+        assert_eq!(c.extra["service_tier"], "default");
+        let p: ContentPart =
+            serde_json::from_str(r#"{"type":"input_audio","input_audio":{"data":"..."}}"#).unwrap();
+        assert_eq!(p.kind, "input_audio");
+        assert!(p.extra.contains_key("input_audio"));
+    }
+
     use super::*;
     use serde_json::json;
 
