@@ -63,14 +63,15 @@ run() { # target mode conc -> "rps p50 p99"
   echo "$rps $p50 $p99 ${errs:-}"
 }
 
-printf '| mode | concurrency | direct req/s | direct p50 | direct p99 | via Sluice req/s | Sluice p50 | Sluice p99 | Sluice ÷ direct req/s |\n'
-printf '|---|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+printf '| mode | concurrency | direct req/s | direct p50 | direct p99 | via Sluice req/s | Sluice p50 | Sluice p99 | Sluice ÷ direct req/s | Sluice peak RSS so far |\n'
+printf '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for mode in plain stream; do
   for c in 1 16 64; do
     read -r d_rps d_p50 d_p99 d_err <<<"$(run "http://127.0.0.1:$UP_PORT/v1/chat/completions" $mode $c)"
     read -r s_rps s_p50 s_p99 s_err <<<"$(run "http://127.0.0.1:$SL_PORT/v1/chat/completions" $mode $c)"
     ratio=$(awk -v a="$s_rps" -v b="$d_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s× |\n' "$mode" "$c" "$d_rps" "$d_p50" "$d_p99" "$s_rps" "$s_p50" "$s_p99" "$ratio"
+    hwm=$(awk '/VmHWM/ {printf "%.1f MB", $2/1024}' /proc/$SL_PID/status)
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s× | %s |\n' "$mode" "$c" "$d_rps" "$d_p50" "$d_p99" "$s_rps" "$s_p50" "$s_p99" "$ratio" "$hwm"
     [ -n "${s_err}${d_err}" ] && echo "  errors: direct: ${d_err:-none}; sluice: ${s_err:-none}"
   done
 done

@@ -448,7 +448,13 @@ macro_rules! store_impl {
                             .push_bind(r.route.as_ref().map(json_text));
                     });
                     qb.push(" ON CONFLICT (id) DO NOTHING");
-                    qb.build().execute(&mut *tx).await.map_err(db_err)?;
+                    // Not kept in the statement cache: batches vary in size, and every size would
+                    // stay prepared (tens of kilobytes of SQL each) for the life of the connection.
+                    qb.build()
+                        .persistent(false)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
                 }
                 tx.commit().await.map_err(db_err)
             }
