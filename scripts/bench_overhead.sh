@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Gateway overhead: the same load sent straight to a fast mock upstream and through Sluice (request
 # logging on, SQLite), at concurrency 1, 16 and 64, for plain and streaming chat completions.
-# Reports requests/s, p50 and p99 latency (wrk), and Sluice's peak RSS.
+# Reports requests/s, p50 and p99 latency (wrk, closed loop at saturation), Sluice's peak RSS, and
+# the latency Sluice adds at a fixed offered load the machine can carry (latency_probe, open loop).
 #
 #   ./scripts/bench_overhead.sh [DURATION_SECONDS]      (default 10)
 #
@@ -14,7 +15,7 @@ SL_PORT=18081
 
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 cargo build --release --locked -q -p sluice --bin sluice
-cargo build --release --locked -q -p sluice-testkit --example fast_upstream
+cargo build --release --locked -q -p sluice-testkit --example fast_upstream --example latency_probe
 
 work=$(mktemp -d)
 cleanup() { kill "${UP_PID:-}" "${SL_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -73,6 +74,23 @@ for mode in plain stream; do
     hwm=$(awk '/VmHWM/ {printf "%.1f MB", $2/1024}' /proc/$SL_PID/status)
     printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s× | %s |\n' "$mode" "$c" "$d_rps" "$d_p50" "$d_p99" "$s_rps" "$s_p50" "$s_p99" "$ratio" "$hwm"
     [ -n "${s_err}${d_err}" ] && echo "  errors: direct: ${d_err:-none}; sluice: ${s_err:-none}"
+  done
+done
+echo
+echo "Added latency at a fixed offered load (open loop, 16 connections, ${DUR} s; latency_probe):"
+printf '| mode | offered req/s | direct p50 | direct p99 | via Sluice p50 | via Sluice p99 | added p50 | added p99 | errors | late sends |\n'
+printf '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+probe() { ./target/release/examples/latency_probe "$1" "$2" 16 "$DUR" "$3"; }
+field() { tr ' ' '\n' <<<"$1" | awk -F= -v k="$2" '$1==k {print $2}'; }
+for mode in plain stream; do
+  s_arg=""; [ "$mode" = stream ] && s_arg=stream
+  for rate in 2000 5000; do
+    d=$(probe "http://127.0.0.1:$UP_PORT/v1/chat/completions" $rate "$s_arg")
+    s=$(probe "http://127.0.0.1:$SL_PORT/v1/chat/completions" $rate "$s_arg")
+    dp50=$(field "$d" p50_us); dp99=$(field "$d" p99_us); sp50=$(field "$s" p50_us); sp99=$(field "$s" p99_us)
+    errs=$(( $(field "$d" errors) + $(field "$s" errors) ))
+    late="$(field "$d" late) / $(field "$s" late)"
+    printf '| %s | %s | %s µs | %s µs | %s µs | %s µs | %s µs | %s µs | %s | %s |\n' "$mode" "$rate" "$dp50" "$dp99" "$sp50" "$sp99" $((sp50 - dp50)) $((sp99 - dp99)) "$errs" "$late"
   done
 done
 echo
