@@ -39,6 +39,7 @@ error_codes! {
     ContentPolicy => 400, "invalid_request_error", "content_policy_violation";
     Unauthorized => 401, "authentication_error", "invalid_api_key";
     Forbidden => 403, "permission_error", "forbidden";
+    ModelNotAllowed => 403, "permission_error", "model_not_allowed";
     ModelNotFound => 404, "invalid_request_error", "model_not_found";
     NotFound => 404, "invalid_request_error", "not_found";
     MethodNotAllowed => 405, "invalid_request_error", "method_not_allowed";

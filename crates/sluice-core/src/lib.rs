@@ -11,6 +11,7 @@
 //! - [`price`]: the shipped price table and cost arithmetic.
 
 pub mod error;
+pub mod keys;
 pub mod price;
 pub mod provider;
 pub mod record;

@@ -121,6 +121,9 @@ pub struct RequestRecord {
     /// score.
     #[serde(default)]
     pub route: Option<Value>,
+    /// The id of the virtual key the request was made with.
+    #[serde(default)]
+    pub key_id: Option<String>,
 }
 
 /// A JSON document kept as its text: a body as it was received or sent, stored and served as is,
@@ -246,6 +249,7 @@ impl RequestRecord {
             response_body: None,
             attempt_log: Vec::new(),
             route: None,
+            key_id: None,
         }
     }
 }
@@ -257,6 +261,8 @@ pub struct RecordQuery {
     pub model: Option<String>,
     pub status: Option<RecordStatus>,
     pub user: Option<String>,
+    /// Requests made with this virtual key.
+    pub key: Option<String>,
     pub since: Option<DateTime<Utc>>,
     pub before: Option<Uuid>,
     pub limit: u32,

@@ -231,6 +231,8 @@ pub enum BodyMode {
 pub struct RequestContext {
     pub started: Instant,
     pub record: RequestRecord,
+    /// The virtual key the request was made with.
+    pub key: Option<Arc<sluice_core::keys::VirtualKey>>,
 }
 
 impl RequestContext {
@@ -238,7 +240,29 @@ impl RequestContext {
         RequestContext {
             started: Instant::now(),
             record: RequestRecord::start(sluice_types::ids::new_request_id(), endpoint, stream),
+            key: None,
         }
+    }
+
+    /// Notes the virtual key: its id on the record, its owner as the user unless a header or
+    /// the body names one, and its team and project in the metadata.
+    pub fn attribute_key(&mut self, key: Arc<sluice_core::keys::VirtualKey>) {
+        self.record.key_id = Some(key.id.clone());
+        if self.record.user.is_none() {
+            self.record.user.clone_from(&key.owner.user);
+        }
+        for (k, v) in [("team", &key.owner.team), ("project", &key.owner.project)] {
+            if let Some(v) = v {
+                if !self.record.metadata.is_object() {
+                    self.record.metadata = serde_json::Value::Object(Default::default());
+                }
+                if let serde_json::Value::Object(m) = &mut self.record.metadata {
+                    m.entry(k.to_string())
+                        .or_insert_with(|| serde_json::Value::String(v.clone()));
+                }
+            }
+        }
+        self.key = Some(key);
     }
 
     pub fn id(&self) -> uuid::Uuid {
@@ -395,8 +419,9 @@ impl Gateway {
             BodyMode::Full => {}
             BodyMode::None => ctx.record.request_body = None,
         }
+        let key = ctx.key.clone();
         let mut fin = self.finisher(&router, ctx);
-        if let Err(e) = validate(&req) {
+        if let Err(e) = validate(&req).and_then(|()| allowed(key.as_deref(), &req.model)) {
             fin.fail(&e).await;
             return Err(e);
         }
@@ -527,9 +552,14 @@ impl Gateway {
             BodyMode::Full => {}
             BodyMode::None => ctx.record.request_body = None,
         }
+        let key = ctx.key.clone();
         let mut fin = self.finisher(&router, ctx);
         if req.input.is_empty() {
             let e = Error::invalid("`input` must not be empty").with_param("input");
+            fin.fail(&e).await;
+            return Err(e);
+        }
+        if let Err(e) = allowed(key.as_deref(), &req.model) {
             fin.fail(&e).await;
             return Err(e);
         }
@@ -902,6 +932,22 @@ fn estimate_tokens(req: &ChatRequest) -> u64 {
 
 /// Completion tokens assumed for capacity when a request sets no maximum.
 const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
+
+/// Whether the request's virtual key may use `model`.
+fn allowed(key: Option<&sluice_core::keys::VirtualKey>, model: &str) -> Result<(), Error> {
+    match key {
+        Some(k) if !k.allows_model(model) => Err(Error::new(
+            ErrorCode::ModelNotAllowed,
+            format!(
+                "this API key (`{}`) may not use model `{model}`; it may use: {}",
+                k.name,
+                k.models.join(", ")
+            ),
+        )
+        .with_param("model")),
+        _ => Ok(()),
+    }
+}
 
 fn validate(req: &ChatRequest) -> Result<(), Error> {
     if req.model.trim().is_empty() {

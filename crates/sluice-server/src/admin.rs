@@ -21,6 +21,8 @@ pub struct ListParams {
     /// `ok`, `error` or `cancelled`.
     pub status: Option<String>,
     pub user: Option<String>,
+    /// A virtual key's id.
+    pub key: Option<String>,
     /// An RFC 3339 time, or a duration back from now: `30s`, `15m`, `2h`, `7d`.
     pub since: Option<String>,
     /// Page backwards from this record id (exclusive); use `next_before` from the last page.
@@ -81,6 +83,7 @@ impl ListParams {
             model: self.model.clone(),
             status,
             user: self.user.clone(),
+            key: self.key.clone(),
             since,
             before,
             limit,

@@ -29,6 +29,7 @@ pub mod admin;
 pub mod anthropic;
 pub mod body;
 pub mod error;
+pub mod keys;
 pub mod openai;
 
 use error::ApiError;
@@ -90,6 +91,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Re-reads the configuration and swaps the router (`POST /api/config/reload`, SIGHUP).
     pub reloader: Option<Arc<dyn Reload>>,
+    /// Virtual keys. When any is active (or the admin key is set), `/v1` requires a key.
+    pub keys: Option<Arc<keys::KeyCache>>,
 }
 
 /// Reloads the configuration: `Ok` with a one-line summary of what is now served, `Err` with the
@@ -129,6 +132,9 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/requests", get(admin::list_requests))
         .route("/api/requests/{id}", get(admin::get_request))
         .route("/api/deployments", get(admin::deployments))
+        .route("/api/keys", get(keys::list).post(keys::create))
+        .route("/api/keys/{id}", get(keys::get).delete(keys::revoke))
+        .route("/api/keys/{id}/rotate", post(keys::rotate))
         .route("/api/config/reload", post(admin::reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     Router::new()
@@ -194,8 +200,49 @@ fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), Error> {
     }
 }
 
-async fn v1_auth(State(state): State<SharedState>, req: Request, next: Next) -> Response {
-    if let Err(e) = check_key(&state, req.headers()) {
+/// `/v1` authentication. A Sluice virtual key (`sk-sluice-…`) must be valid; the admin key is
+/// accepted; any other key, or none, is accepted only while no admin key is set and no virtual
+/// key is active (a local, open gateway).
+fn check_v1_key(state: &AppState, req: &mut Request) -> Result<(), Error> {
+    let presented = presented_key(req.headers()).map(str::to_string);
+    if let Some(p) = &presented
+        && sluice_core::keys::key_id(p).is_some()
+    {
+        let Some(cache) = &state.keys else {
+            return Err(Error::new(
+                ErrorCode::Unauthorized,
+                "this server has no virtual keys; use the admin key",
+            ));
+        };
+        return match cache.check(p) {
+            Ok(k) => {
+                req.extensions_mut().insert(keys::KeyContext(k));
+                Ok(())
+            }
+            Err(r) => Err(Error::new(ErrorCode::Unauthorized, r.message())),
+        };
+    }
+    if state.admin_key.is_some() {
+        return check_key(state, req.headers());
+    }
+    if state.keys.as_ref().is_some_and(|c| c.any_active()) {
+        return Err(Error::new(
+            ErrorCode::Unauthorized,
+            match presented {
+                None => {
+                    "missing API key: this gateway issues virtual keys; send `Authorization: Bearer sk-sluice-…` (or `x-api-key`)"
+                }
+                Some(_) => {
+                    "invalid API key: this gateway accepts only its virtual keys (sk-sluice-…)"
+                }
+            },
+        ));
+    }
+    Ok(())
+}
+
+async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
+    if let Err(e) = check_v1_key(&state, &mut req) {
         let flavor = if req.uri().path() == "/v1/messages" {
             error::Flavor::Anthropic
         } else {

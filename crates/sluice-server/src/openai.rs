@@ -29,6 +29,9 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     if let Some(RequestId(id)) = parts.extensions.get::<RequestId>() {
         ctx.record.id = *id;
     }
+    if let Some(crate::keys::KeyContext(k)) = parts.extensions.get::<crate::keys::KeyContext>() {
+        ctx.attribute_key(k.clone());
+    }
     let read = match attribute_from_headers(&mut ctx, &parts.headers) {
         Ok(()) => body::read(&parts.headers, body_stream, state.max_body_bytes).await,
         Err(e) => Err(e),

@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use sluice_core::keys::{KeyStore, VirtualKey};
 use sluice_core::record::{
     LogStore, RawJson, RecordQuery, RecordStatus, RequestRecord, StoreError, UsageSource,
 };
@@ -136,9 +137,23 @@ fn db_err(e: sqlx::Error) -> StoreError {
 
 /// Opens (creating where needed) and migrates the store at `url`.
 pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn LogStore>, StoreError> {
+    Ok(open_stores(url, max_connections).await?.0)
+}
+
+/// Opens the store at `url` once and returns it as both the request log and the key store.
+pub async fn open_stores(
+    url: &str,
+    max_connections: u32,
+) -> Result<(Arc<dyn LogStore>, Arc<dyn KeyStore>), StoreError> {
     match backend_of(url).map_err(StoreError::Config)? {
-        Backend::Sqlite => Ok(Arc::new(SqliteStore::open(url, max_connections).await?)),
-        Backend::Postgres => Ok(Arc::new(PgStore::open(url, max_connections).await?)),
+        Backend::Sqlite => {
+            let s = Arc::new(SqliteStore::open(url, max_connections).await?);
+            Ok((s.clone(), s))
+        }
+        Backend::Postgres => {
+            let s = Arc::new(PgStore::open(url, max_connections).await?);
+            Ok((s.clone(), s))
+        }
     }
 }
 
@@ -230,12 +245,57 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "ALTER TABLE requests ADD COLUMN attempt_log TEXT NOT NULL DEFAULT '[]';
          ALTER TABLE requests ADD COLUMN route TEXT;",
     ),
+    (3, KEYS_DDL_SQLITE, KEYS_DDL_PG),
 ];
+
+/// Virtual keys (only their hashes), and the key each request was made with.
+const KEYS_DDL_SQLITE: &str = "CREATE TABLE IF NOT EXISTS api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        key_hash TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        models TEXT NOT NULL,
+        rpm INTEGER,
+        tpm INTEGER,
+        max_parallel INTEGER,
+        budget TEXT NOT NULL,
+        expires_at TEXT,
+        metadata TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE INDEX IF NOT EXISTS api_keys_updated ON api_keys (updated_at);
+    ALTER TABLE requests ADD COLUMN key_id TEXT;
+    CREATE INDEX IF NOT EXISTS requests_key ON requests (key_id, id);";
+
+const KEYS_DDL_PG: &str = "CREATE TABLE IF NOT EXISTS api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        key_hash TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        models TEXT NOT NULL,
+        rpm BIGINT,
+        tpm BIGINT,
+        max_parallel BIGINT,
+        budget TEXT NOT NULL,
+        expires_at TIMESTAMPTZ,
+        metadata TEXT NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL,
+        revoked_at TIMESTAMPTZ
+    );
+    CREATE INDEX IF NOT EXISTS api_keys_updated ON api_keys (updated_at);
+    ALTER TABLE requests ADD COLUMN key_id TEXT;
+    CREATE INDEX IF NOT EXISTS requests_key ON requests (key_id, id);";
+
+const KEY_COLUMNS: &str = "id, name, key_hash, owner, models, rpm, tpm, max_parallel, budget, \
+    expires_at, metadata, created_at, updated_at, revoked_at";
 
 const COLUMNS: &str = "id, started_at, finished_at, endpoint, model, provider, deployment, attempts, \
     status, http_status, error_code, error_message, stream, latency_ms, ttft_ms, prompt_tokens, \
     completion_tokens, cached_tokens, usage_source, cost_usd, finish_reason, user_id, session_id, \
-    tags, metadata, request_body, response_body, attempt_log, route";
+    tags, metadata, request_body, response_body, attempt_log, route, key_id";
 
 impl SqliteStore {
     pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
@@ -445,7 +505,8 @@ macro_rules! store_impl {
                             .push_bind(r.request_body.as_ref().map(|b| b.get().to_string()))
                             .push_bind(r.response_body.as_ref().map(|b| b.get().to_string()))
                             .push_bind(json_text(&r.attempt_log))
-                            .push_bind(r.route.as_ref().map(json_text));
+                            .push_bind(r.route.as_ref().map(json_text))
+                            .push_bind(opt_text(&r.key_id));
                     });
                     qb.push(" ON CONFLICT (id) DO NOTHING");
                     // Not kept in the statement cache: batches vary in size, and every size would
@@ -482,6 +543,9 @@ macro_rules! store_impl {
                 }
                 if let Some(u) = &q.user {
                     qb.push(" AND user_id = ").push_bind(u.clone());
+                }
+                if let Some(k) = &q.key {
+                    qb.push(" AND key_id = ").push_bind(k.clone());
                 }
                 if let Some(t) = q.since {
                     qb.push(" AND id >= ").push_bind(v7_floor(t));
@@ -561,13 +625,14 @@ macro_rules! decode_row {
                 response_body,
                 attempt_log,
                 route,
+                key_id: r.try_get("key_id")?,
             })
         })()
         .map_err(|e| StoreError::Corrupt(e.to_string()))
     }};
 }
 
-/// Records per INSERT statement: 29 columns × 1000 rows stays under SQLite's 32766 variables.
+/// Records per INSERT statement: 30 columns × 1000 rows stays under SQLite's 32766 variables.
 const ROWS_PER_INSERT: usize = 1000;
 
 /// Text for a TEXT column. PostgreSQL's text cannot hold NUL, so both backends store it as U+FFFD
@@ -600,6 +665,132 @@ fn clamp_i64(v: u64) -> i64 {
 
 store_impl!(SqliteStore, sqlx::Sqlite);
 store_impl!(PgStore, sqlx::Postgres);
+
+macro_rules! key_store_impl {
+    ($store:ty) => {
+        #[async_trait]
+        impl KeyStore for $store {
+            async fn insert_key(&self, k: &VirtualKey) -> Result<(), StoreError> {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                )))
+                .bind(&k.id)
+                .bind(text(&k.name))
+                .bind(&k.hash)
+                .bind(json_text(&k.owner))
+                .bind(json_text(&k.models))
+                .bind(k.rpm.map(clamp_i64))
+                .bind(k.tpm.map(clamp_i64))
+                .bind(k.max_parallel.map(i64::from))
+                .bind(json_text(&k.budget))
+                .bind(k.expires_at)
+                .bind(json_text(&k.metadata))
+                .bind(k.created_at)
+                .bind(k.updated_at)
+                .bind(k.revoked_at)
+                .execute(&self.pool)
+                .await
+                .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn get_key(&self, id: &str) -> Result<Option<VirtualKey>, StoreError> {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"
+                )))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| decode_key!(r)).transpose()
+            }
+
+            async fn list_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at DESC, id"
+                )))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                rows.into_iter().map(|r| decode_key!(r)).collect()
+            }
+
+            async fn keys_changed_since(
+                &self,
+                since: DateTime<Utc>,
+            ) -> Result<Vec<VirtualKey>, StoreError> {
+                let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {KEY_COLUMNS} FROM api_keys WHERE updated_at >= $1"
+                )))
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                rows.into_iter().map(|r| decode_key!(r)).collect()
+            }
+
+            async fn rotate_key(
+                &self,
+                id: &str,
+                hash: &str,
+                at: DateTime<Utc>,
+            ) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE api_keys SET key_hash = $1, updated_at = $2 WHERE id = $3 AND revoked_at IS NULL",
+                )
+                .bind(hash)
+                .bind(at)
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(db_err)?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "UPDATE api_keys SET revoked_at = $1, updated_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                )
+                .bind(at)
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(db_err)?;
+                Ok(done.rows_affected() == 1)
+            }
+        }
+    };
+}
+
+macro_rules! decode_key {
+    ($r:expr) => {{
+        let r = $r;
+        (|| -> Result<VirtualKey, sqlx::Error> {
+            Ok(VirtualKey {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                hash: r.try_get("key_hash")?,
+                owner: from_json_text(&r.try_get::<String, _>("owner")?)?,
+                models: from_json_text(&r.try_get::<String, _>("models")?)?,
+                rpm: r.try_get::<Option<i64>, _>("rpm")?.map(|v| v.max(0) as u64),
+                tpm: r.try_get::<Option<i64>, _>("tpm")?.map(|v| v.max(0) as u64),
+                max_parallel: r
+                    .try_get::<Option<i64>, _>("max_parallel")?
+                    .map(|v| v.clamp(0, i64::from(u32::MAX)) as u32),
+                budget: from_json_text(&r.try_get::<String, _>("budget")?)?,
+                expires_at: r.try_get("expires_at")?,
+                metadata: from_json_text(&r.try_get::<String, _>("metadata")?)?,
+                created_at: r.try_get("created_at")?,
+                updated_at: r.try_get("updated_at")?,
+                revoked_at: r.try_get("revoked_at")?,
+            })
+        })()
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }};
+}
+
+key_store_impl!(SqliteStore);
+key_store_impl!(PgStore);
 
 #[cfg(test)]
 mod tests {

@@ -104,9 +104,14 @@ pub async fn build_with(
     admin_key: Option<Secret>,
     overrides: Option<Overrides>,
 ) -> anyhow::Result<Running> {
-    let store: Arc<dyn LogStore> = sluice_store::open(&cfg.store.url, cfg.store.max_connections)
+    let (store, key_store) = sluice_store::open_stores(&cfg.store.url, cfg.store.max_connections)
         .await
         .with_context(|| format!("opening the store at {}", cfg.store.url))?;
+    let store: Arc<dyn LogStore> = store;
+    let keys = sluice_server::keys::KeyCache::load(key_store)
+        .await
+        .with_context(|| format!("reading the virtual keys from {}", cfg.store.url))?;
+    keys.spawn_refresher(sluice_server::keys::REFRESH_EVERY);
     let (sink, rx) = LogSink::channel(cfg.store.queue_capacity);
     let writer = LogWriter::spawn_with(
         store.clone(),
@@ -141,6 +146,7 @@ pub async fn build_with(
         admin_key,
         max_body_bytes: cfg.server.max_body_bytes,
         reloader,
+        keys: Some(keys),
     });
     Ok(Running { state, writer })
 }

@@ -16,6 +16,9 @@ pub struct LogsArgs {
     /// Only this user.
     #[arg(long)]
     pub user: Option<String>,
+    /// Only requests made with this virtual key (its id).
+    #[arg(long)]
+    pub key: Option<String>,
     /// Only since this time (RFC 3339) or duration ago (30s, 15m, 2h, 7d).
     #[arg(long)]
     pub since: Option<String>,
@@ -49,6 +52,7 @@ fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
         model: args.model.clone(),
         status,
         user: args.user.clone(),
+        key: args.key.clone(),
         since,
         before: None,
         limit,

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod app;
 mod config;
 mod demo;
+mod keys;
 mod logs;
 mod models;
 mod route;
@@ -52,6 +53,14 @@ enum Command {
         store: Option<String>,
         #[command(flatten)]
         args: logs::LogsArgs,
+    },
+    /// Virtual keys: issue, list, show, revoke and rotate them (straight in the store).
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+        /// Store URL (default: store.url of the configuration).
+        #[arg(long, global = true)]
+        store: Option<String>,
     },
     /// Start a gateway on a free port and show it at work, with no API keys (mock provider).
     Demo,
@@ -199,6 +208,22 @@ async fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             };
             match logs::run(&raw.store.url, 2, args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
+        Command::Keys { command, store } => {
+            let raw = match config::load_raw(
+                &config::locate(cli.config.as_deref()),
+                &Overrides {
+                    listen: None,
+                    store_url: store,
+                },
+            ) {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            match keys::run(&raw.store.url, command).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
             }

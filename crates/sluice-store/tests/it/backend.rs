@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
+use sluice_core::keys::KeyStore;
 use sluice_core::record::LogStore;
 use sluice_testkit::postgres::{TempPostgres, postgres_available};
 use tempfile::TempDir;
@@ -39,6 +40,19 @@ impl TestDb {
         sluice_store::open(&self.url, 4)
             .await
             .unwrap_or_else(|e| panic!("open({}): {e}", self.url))
+    }
+
+    /// Opens (and migrates) the store at this test's URL once, as both the request log and the
+    /// key store (one database, also for `sqlite::memory:`).
+    pub async fn open_both(&self) -> (Arc<dyn LogStore>, Arc<dyn KeyStore>) {
+        sluice_store::open_stores(&self.url, 4)
+            .await
+            .unwrap_or_else(|e| panic!("open_stores({}): {e}", self.url))
+    }
+
+    /// The database file of a SQLite-file test.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        (self.kind == Kind::SqliteFile).then(|| self.dir.path().join("t.db"))
     }
 
     /// Whether two `open` calls on the URL see the same data (not so for `sqlite::memory:`).

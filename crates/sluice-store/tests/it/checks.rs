@@ -13,6 +13,7 @@ use crate::backend::TestDb;
 use crate::fixtures::{
     assert_same_record, full_record, full_record_cancelled, ids, minimal_record, now_us, record,
 };
+pub use crate::keys::*;
 
 async fn insert(store: &Arc<dyn LogStore>, records: &[RequestRecord]) {
     store

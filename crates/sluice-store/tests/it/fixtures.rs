@@ -97,6 +97,7 @@ pub fn full_record() -> RequestRecord {
             },
         ],
         route: Some(json!({"strategy": "complexity", "tier": "small", "score": 0.125})),
+        key_id: Some("0123456789abcdef".into()),
     }
 }
 
@@ -186,6 +187,7 @@ pub fn assert_same_record(got: &RequestRecord, want: &RequestRecord) {
         response_body,
         attempt_log,
         route,
+        key_id,
     );
     assert_eq!(got, want);
 }

@@ -1,7 +1,7 @@
 //! The store suite: one set of checks ([`checks`]), run against every backend: a SQLite file, an
 //! in-memory SQLite database and PostgreSQL (a throwaway server, see [`backend`]). Each check is
 //! its own test per backend, e.g. `sqlite::listing` and `postgres::listing`; [`writer`] holds the
-//! backend-independent spill test.
+//! backend-independent spill test; [`keys`] holds the checks of the key store.
 //!
 //! PostgreSQL tests are skipped with a message when the server binaries are missing, unless
 //! `SLUICE_REQUIRE_PG=1`, which makes that a failure.
@@ -9,6 +9,7 @@
 mod backend;
 mod checks;
 mod fixtures;
+mod keys;
 mod writer;
 
 /// `store_suite!(module, setup, [checks…])`: a `#[tokio::test]` per check in `mod module`, each on
@@ -45,6 +46,13 @@ store_suite!(
         writer_batches,
         writer_drain_with_live_sender,
         reopen,
+        keys_round_trip,
+        keys_listing,
+        keys_changed_since,
+        keys_rotate,
+        keys_revoke,
+        keys_secret_not_stored,
+        keys_request_filter,
         concurrent_open,
     ]
 );
@@ -63,6 +71,13 @@ store_suite!(
         writer_batches,
         writer_drain_with_live_sender,
         reopen,
+        keys_round_trip,
+        keys_listing,
+        keys_changed_since,
+        keys_rotate,
+        keys_revoke,
+        keys_secret_not_stored,
+        keys_request_filter,
         concurrent_open,
     ]
 );
@@ -82,5 +97,12 @@ store_suite!(
         writer_batches,
         writer_drain_with_live_sender,
         reopen,
+        keys_round_trip,
+        keys_listing,
+        keys_changed_since,
+        keys_rotate,
+        keys_revoke,
+        keys_secret_not_stored,
+        keys_request_filter,
     ]
 );

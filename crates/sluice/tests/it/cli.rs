@@ -1,4 +1,4 @@
-//! The command line: `config check` and `logs`.
+//! The command line: `config check`, `logs` and `keys`.
 
 use std::process::Command;
 
@@ -284,4 +284,169 @@ async fn complexity_routing_explain_and_report() {
         "{err}"
     );
     assert!(err.contains("hint:"), "{err}");
+}
+
+/// `sluice keys`: create, list, show, rotate and revoke virtual keys straight in the store.
+#[test]
+fn keys_are_managed_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/s.db", dir.path().display());
+    let keys = |args: &[&str]| {
+        let mut all = vec!["keys"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--store", &store]);
+        run(&all, dir.path())
+    };
+
+    // No store yet: an empty list, and no file made by looking.
+    let (code, out, err) = keys(&["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no keys"), "{out}");
+    assert!(!dir.path().join("s.db").exists());
+
+    let (code, out, err) = keys(&[
+        "create",
+        "--name",
+        "ci bot",
+        "--team",
+        "search",
+        "--models",
+        "gpt-4o-mini,mock-echo",
+        "--rpm",
+        "60",
+        "--budget-daily",
+        "5",
+        "--expires",
+        "30d",
+        "--metadata",
+        r#"{"ticket": "OPS-1"}"#,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let key = out
+        .split_whitespace()
+        .find(|w| w.starts_with("sk-sluice-"))
+        .unwrap_or_else(|| panic!("no key in {out}"))
+        .to_string();
+    assert!(out.contains("will not be shown again"), "{out}");
+    let id = key["sk-sluice-".len()..][..16].to_string();
+    assert!(out.contains(&id), "{out}");
+
+    // --json: the key once more in a document, for scripts.
+    let (code, out, err) = keys(&["create", "--name", "other", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let other: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert!(other["key"].as_str().unwrap().starts_with("sk-sluice-"));
+    assert_eq!(other["name"], "other");
+    assert_eq!(other["status"], "active");
+    let other_id = other["id"].as_str().unwrap().to_string();
+    assert!(other.get("hash").is_none(), "{other}");
+
+    let (code, out, err) = keys(&["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&id) && out.contains("ci bot"), "{out}");
+    assert!(out.contains(&other_id) && out.contains("other"), "{out}");
+    assert!(
+        out.contains("team=search") && out.contains("rpm=60"),
+        "{out}"
+    );
+    assert!(!out.contains("sk-sluice-"), "list never shows a key: {out}");
+    let (code, out, _) = keys(&["list", "--json"]);
+    assert_eq!(code, 0);
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed:#}");
+    assert_eq!(listed[0]["id"], other_id.as_str(), "newest first");
+    assert!(!out.contains("sk-sluice-"), "{out}");
+
+    let (code, out, err) = keys(&["show", &id, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(shown["id"], id.as_str());
+    assert_eq!(shown["name"], "ci bot");
+    assert_eq!(shown["owner"]["team"], "search");
+    assert_eq!(shown["models"], json!(["gpt-4o-mini", "mock-echo"]));
+    assert_eq!(shown["rpm"], 60);
+    assert_eq!(shown["budget"]["daily_usd"], 5.0);
+    assert_eq!(shown["metadata"]["ticket"], "OPS-1");
+    assert!(shown["expires_at"].is_string(), "{shown:#}");
+    assert_eq!(shown["status"], "active");
+    assert!(shown.get("key").is_none() && shown.get("hash").is_none());
+    let (code, out, _) = keys(&["show", &id]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("ci bot") && !out.contains("sk-sluice-"),
+        "{out}"
+    );
+
+    let (code, out, err) = keys(&["rotate", &id]);
+    assert_eq!(code, 0, "{err}");
+    let rotated = out
+        .split_whitespace()
+        .find(|w| w.starts_with("sk-sluice-"))
+        .unwrap_or_else(|| panic!("no key in {out}"));
+    assert!(rotated.starts_with(&format!("sk-sluice-{id}-")), "{out}");
+    assert_ne!(rotated, key);
+
+    let (code, _, err) = keys(&["revoke", &id]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = keys(&["list"]);
+    assert_eq!(code, 0);
+    let row = out.lines().find(|l| l.contains(&id)).expect("revoked row");
+    assert!(row.contains("revoked"), "{out}");
+    let row = out.lines().find(|l| l.contains(&other_id)).expect("row");
+    assert!(row.contains("active"), "{out}");
+
+    // Revoking or rotating again, or an unknown id: one line and a hint, status 2.
+    for args in [
+        ["revoke", id.as_str()],
+        ["rotate", id.as_str()],
+        ["revoke", "0000000000000000"],
+        ["show", "0000000000000000"],
+    ] {
+        let (code, _, err) = keys(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(err.contains("hint:"), "{args:?}: {err}");
+    }
+
+    // Bad command lines.
+    let (code, _, err) = keys(&["create"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--name"), "{err}");
+    let (code, _, err) = keys(&["create", "--name", "x", "--rpm", "0"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("error: rpm/tpm/max_parallel: a limit must be at least 1"),
+        "{err}"
+    );
+    for (flag, value, says) in [
+        ("--metadata", "[1]", "metadata: must be a JSON object"),
+        ("--metadata", "{", "--metadata is not valid JSON"),
+        ("--expires", "2001-01-01T00:00:00Z", "is in the past"),
+        ("--expires", "-5d", "--expires"),
+        ("--budget-total", "-1", "budget.total_usd"),
+    ] {
+        let (code, _, err) = keys(&["create", "--name", "x", flag, value]);
+        assert_eq!(code, 2, "{flag} {value}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(says),
+            "{flag} {value}: {err}"
+        );
+    }
+    let (_, out, _) = keys(&["list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(2),
+        "refused keys are not stored"
+    );
+
+    // The store of the configuration file, without --store.
+    std::fs::write(
+        dir.path().join("sluice.toml"),
+        format!("[store]\nurl = \"{store}\"\n"),
+    )
+    .unwrap();
+    let (code, out, err) = run(&["keys", "list"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&id) && out.contains(&other_id), "{out}");
 }

@@ -5,6 +5,7 @@ mod anthropic_ingress;
 mod cli;
 mod errors;
 mod harness;
+mod keys;
 mod lifecycle;
 mod local_models;
 mod log_api;

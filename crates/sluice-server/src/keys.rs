@@ -1,0 +1,245 @@
+//! Virtual keys at the edge: an in-memory view of the key store that every request is checked
+//! against (no database round trip on the hot path), kept fresh by polling the store — so a key
+//! created or revoked on any replica takes effect on every replica within the poll interval —
+//! and the `/api/keys` admin routes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use parking_lot::{Mutex, RwLock};
+use sluice_core::error::{Error, ErrorCode};
+use sluice_core::keys::{KeyRejection, KeySpec, KeyStore, VirtualKey, generate, key_id};
+use sluice_core::record::StoreError;
+
+use crate::SharedState;
+use crate::error::ApiError;
+
+/// How often replicas pick up keys written elsewhere.
+pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
+
+/// The keys, by id.
+pub struct KeyCache {
+    store: Arc<dyn KeyStore>,
+    keys: RwLock<HashMap<String, Arc<VirtualKey>>>,
+    /// Where the next poll starts (a little before the last one began, for clock skew between
+    /// replicas and writes that commit late).
+    since: Mutex<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCache")
+            .field("keys", &self.keys.read().len())
+            .finish()
+    }
+}
+
+impl KeyCache {
+    /// Loads every key.
+    pub async fn load(store: Arc<dyn KeyStore>) -> Result<Arc<KeyCache>, StoreError> {
+        let started = Utc::now();
+        let keys = store
+            .list_keys()
+            .await?
+            .into_iter()
+            .map(|k| (k.id.clone(), Arc::new(k)))
+            .collect();
+        Ok(Arc::new(KeyCache {
+            store,
+            keys: RwLock::new(keys),
+            since: Mutex::new(started - chrono::Duration::seconds(5)),
+        }))
+    }
+
+    /// Picks up keys written since the last poll.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let started = Utc::now();
+        let since = *self.since.lock();
+        let changed = self.store.keys_changed_since(since).await?;
+        {
+            let mut keys = self.keys.write();
+            for k in changed {
+                keys.insert(k.id.clone(), Arc::new(k));
+            }
+        }
+        *self.since.lock() = started - chrono::Duration::seconds(5);
+        Ok(())
+    }
+
+    /// Polls the store every `every` for as long as the cache is in use.
+    pub fn spawn_refresher(self: &Arc<Self>, every: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(cache) = weak.upgrade() else { return };
+                if let Err(e) = cache.refresh().await {
+                    tracing::warn!(error = %e, "refreshing virtual keys failed; using the last known keys");
+                }
+            }
+        });
+    }
+
+    /// Puts a key written by this replica in place at once.
+    pub fn upsert(&self, k: VirtualKey) {
+        self.keys.write().insert(k.id.clone(), Arc::new(k));
+    }
+
+    /// The key a client presented, if it is a valid one.
+    pub fn check(&self, presented: &str) -> Result<Arc<VirtualKey>, KeyRejection> {
+        let id = key_id(presented).ok_or(KeyRejection::Unknown)?;
+        let k = self
+            .keys
+            .read()
+            .get(id)
+            .cloned()
+            .ok_or(KeyRejection::Unknown)?;
+        if !k.matches(presented) {
+            return Err(KeyRejection::Unknown);
+        }
+        k.check(Utc::now())?;
+        Ok(k)
+    }
+
+    /// Whether any key is in force: then every `/v1` request needs a key.
+    pub fn any_active(&self) -> bool {
+        let now = Utc::now();
+        self.keys.read().values().any(|k| k.check(now).is_ok())
+    }
+}
+
+/// The key a request was made with, in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct KeyContext(pub Arc<VirtualKey>);
+
+fn store_error(e: StoreError) -> Response {
+    ApiError::openai(Error::new(
+        ErrorCode::Unavailable,
+        format!("the key store is unavailable: {e}"),
+    ))
+    .into_response()
+}
+
+fn no_keys() -> Response {
+    ApiError::openai(Error::new(
+        ErrorCode::Unavailable,
+        "virtual keys are not available on this server",
+    ))
+    .into_response()
+}
+
+fn not_found(id: &str) -> Response {
+    ApiError::openai(Error::new(
+        ErrorCode::NotFound,
+        format!("no key `{id}`; list them with GET /api/keys"),
+    ))
+    .into_response()
+}
+
+fn not_active(id: &str) -> Response {
+    ApiError::openai(Error::new(
+        ErrorCode::NotFound,
+        format!("no active key `{id}` (unknown, or already revoked); list them with GET /api/keys"),
+    ))
+    .into_response()
+}
+
+/// `GET /api/keys`: every key, newest first (never a key or its hash).
+pub async fn list(State(state): State<SharedState>) -> Response {
+    let Some(cache) = &state.keys else {
+        return no_keys();
+    };
+    match cache.store.list_keys().await {
+        Ok(keys) => Json(serde_json::json!({"object": "list", "data": keys})).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `GET /api/keys/{id}`.
+pub async fn get(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+    let Some(cache) = &state.keys else {
+        return no_keys();
+    };
+    match cache.store.get_key(&id).await {
+        Ok(Some(k)) => Json(k).into_response(),
+        Ok(None) => not_found(&id),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /api/keys`: creates a key; the answer is the only time the key is shown.
+pub async fn create(State(state): State<SharedState>, body: axum::body::Bytes) -> Response {
+    let Some(cache) = &state.keys else {
+        return no_keys();
+    };
+    let spec: KeySpec = match crate::body::parse(&body) {
+        Ok(s) => s,
+        Err(e) => return ApiError::openai(e).into_response(),
+    };
+    let (key, secret) = match spec.issue(Utc::now()) {
+        Ok(v) => v,
+        Err(e) => {
+            let param = e.split(':').next().unwrap_or("").to_string();
+            return ApiError::openai(Error::invalid(e).with_param(param)).into_response();
+        }
+    };
+    if let Err(e) = cache.store.insert_key(&key).await {
+        return store_error(e);
+    }
+    cache.upsert(key.clone());
+    let mut body = serde_json::to_value(&key).unwrap_or_default();
+    body["key"] = serde_json::Value::String(secret);
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+/// `DELETE /api/keys/{id}`: revokes a key, on every replica within a second.
+pub async fn revoke(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+    let Some(cache) = &state.keys else {
+        return no_keys();
+    };
+    match cache.store.revoke_key(&id, Utc::now()).await {
+        Ok(true) => {}
+        Ok(false) => return not_active(&id),
+        Err(e) => return store_error(e),
+    }
+    match cache.store.get_key(&id).await {
+        Ok(Some(k)) => {
+            cache.upsert(k.clone());
+            Json(k).into_response()
+        }
+        Ok(None) => not_found(&id),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /api/keys/{id}/rotate`: a new secret for the same key; the old one stops working.
+pub async fn rotate(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+    let Some(cache) = &state.keys else {
+        return no_keys();
+    };
+    let fresh = match generate(Some(&id)) {
+        Ok(f) => f,
+        Err(e) => return ApiError::openai(Error::internal(e)).into_response(),
+    };
+    match cache.store.rotate_key(&id, &fresh.hash, Utc::now()).await {
+        Ok(true) => {}
+        Ok(false) => return not_active(&id),
+        Err(e) => return store_error(e),
+    }
+    match cache.store.get_key(&id).await {
+        Ok(Some(k)) => {
+            cache.upsert(k.clone());
+            let mut body = serde_json::to_value(&k).unwrap_or_default();
+            body["key"] = serde_json::Value::String(fresh.key);
+            Json(body).into_response()
+        }
+        Ok(None) => not_found(&id),
+        Err(e) => store_error(e),
+    }
+}

@@ -1,0 +1,561 @@
+//! `sluice keys`: issues and manages virtual keys straight in the store (no server needed).
+//! Running gateways on the same store pick the changes up within a second.
+
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::Value;
+use sluice_core::keys::{Budget, KeyRejection, KeySpec, KeyStore, Owner, VirtualKey, generate};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Issue a key. It is printed once: the store keeps only its hash.
+    Create(Box<CreateArgs>),
+    /// Every key, newest first, revoked ones included (never a key itself).
+    List {
+        /// Print the keys as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One key's details.
+    Show {
+        /// The key's id (the 16 hex characters after `sk-sluice-`).
+        id: String,
+        /// Print the key as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key: it stops working for good.
+    Revoke {
+        /// The key's id.
+        id: String,
+        /// Print the revoked key as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give a key a new secret (same id, owner and limits); the old one stops working.
+    Rotate {
+        /// The key's id.
+        id: String,
+        /// Print the key, with its new secret, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// What the key is for (shown in listings).
+    #[arg(long)]
+    pub name: String,
+    /// The user the key belongs to.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The team the key belongs to.
+    #[arg(long)]
+    pub team: Option<String>,
+    /// The project the key belongs to.
+    #[arg(long)]
+    pub project: Option<String>,
+    /// Models the key may use, comma-separated (default: every model).
+    #[arg(long, value_delimiter = ',', value_name = "MODEL,…")]
+    pub models: Vec<String>,
+    /// Requests per minute.
+    #[arg(long, value_name = "N")]
+    pub rpm: Option<u64>,
+    /// Tokens per minute.
+    #[arg(long, value_name = "N")]
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[arg(long, value_name = "N")]
+    pub max_parallel: Option<u32>,
+    /// Spend per day, in USD.
+    #[arg(long, value_name = "USD", allow_negative_numbers = true)]
+    pub budget_daily: Option<f64>,
+    /// Spend per month, in USD.
+    #[arg(long, value_name = "USD", allow_negative_numbers = true)]
+    pub budget_monthly: Option<f64>,
+    /// Spend in all, in USD.
+    #[arg(long, value_name = "USD", allow_negative_numbers = true)]
+    pub budget_total: Option<f64>,
+    /// When the key stops working: a duration from now (30s, 15m, 12h, 30d) or an RFC 3339 time.
+    #[arg(long, value_name = "30d|RFC3339", allow_hyphen_values = true)]
+    pub expires: Option<String>,
+    /// A JSON object kept with the key.
+    #[arg(long, value_name = "JSON")]
+    pub metadata: Option<String>,
+    /// Print the key and its details as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const CREATE_HINT: &str = "hint: `sluice keys create --help` describes the flags";
+const LIST_HINT: &str =
+    "hint: `sluice keys list` shows every key's id (same directory and config, or --store)";
+
+/// `--expires`: an RFC 3339 time, or a duration from `now` (`30s`, `15m`, `12h`, `30d`).
+pub fn parse_expires(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = num.parse().map_err(|_| {
+        format!("`{s}` is neither an RFC 3339 time nor a duration like 30d (s, m, h or d)")
+    })?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{s}`: the duration unit must be s, m, h or d")),
+    };
+    n.checked_mul(unit_secs)
+        .and_then(TimeDelta::try_seconds)
+        .and_then(|d| now.checked_add_signed(d))
+        .ok_or_else(|| format!("`{s}` is too far in the future"))
+}
+
+/// The key a `create` command line asks for.
+fn spec(args: &CreateArgs, now: DateTime<Utc>) -> anyhow::Result<KeySpec> {
+    let expires_at = match &args.expires {
+        None => None,
+        Some(s) => {
+            Some(parse_expires(s, now).map_err(|e| anyhow!("--expires {e}\n{CREATE_HINT}"))?)
+        }
+    };
+    let metadata = match &args.metadata {
+        None => Value::Null,
+        Some(s) => serde_json::from_str(s)
+            .map_err(|e| anyhow!("--metadata is not valid JSON: {e}\n{CREATE_HINT}"))?,
+    };
+    Ok(KeySpec {
+        name: args.name.clone(),
+        owner: Owner {
+            user: args.user.clone(),
+            team: args.team.clone(),
+            project: args.project.clone(),
+        },
+        models: args.models.iter().map(|m| m.trim().to_string()).collect(),
+        rpm: args.rpm,
+        tpm: args.tpm,
+        max_parallel: args.max_parallel,
+        budget: Budget {
+            daily_usd: args.budget_daily,
+            monthly_usd: args.budget_monthly,
+            total_usd: args.budget_total,
+        },
+        expires_at,
+        metadata,
+    })
+}
+
+/// `active`, `revoked` or `expired`.
+fn status(k: &VirtualKey, now: DateTime<Utc>) -> &'static str {
+    match k.check(now) {
+        Ok(()) => "active",
+        Err(KeyRejection::Revoked) => "revoked",
+        Err(KeyRejection::Expired) => "expired",
+        Err(KeyRejection::Unknown) => "unknown",
+    }
+}
+
+/// A key as JSON (never its hash), with its status.
+fn to_json(k: &VirtualKey, now: DateTime<Utc>) -> Value {
+    let mut v = serde_json::to_value(k).unwrap_or_default();
+    if let Some(map) = v.as_object_mut() {
+        map.insert("status".into(), Value::String(status(k, now).into()));
+    }
+    v
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+fn owner_text(o: &Owner) -> String {
+    let parts: Vec<String> = [
+        ("user", &o.user),
+        ("team", &o.team),
+        ("project", &o.project),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+    .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn models_text(k: &VirtualKey) -> String {
+    if k.models.is_empty() {
+        "*".into()
+    } else {
+        k.models.join(",")
+    }
+}
+
+fn usd(v: f64) -> String {
+    let s = format!("{v:.2}");
+    match s.strip_suffix(".00") {
+        Some(whole) => format!("${whole}"),
+        None => format!("${s}"),
+    }
+}
+
+fn limits_text(k: &VirtualKey) -> String {
+    let mut parts = Vec::new();
+    if let Some(v) = k.rpm {
+        parts.push(format!("rpm={v}"));
+    }
+    if let Some(v) = k.tpm {
+        parts.push(format!("tpm={v}"));
+    }
+    if let Some(v) = k.max_parallel {
+        parts.push(format!("parallel={v}"));
+    }
+    if let Some(v) = k.budget.daily_usd {
+        parts.push(format!("{}/day", usd(v)));
+    }
+    if let Some(v) = k.budget.monthly_usd {
+        parts.push(format!("{}/month", usd(v)));
+    }
+    if let Some(v) = k.budget.total_usd {
+        parts.push(format!("{} total", usd(v)));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn short_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M").to_string()
+}
+
+fn long_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn print_table(keys: &[VirtualKey], now: DateTime<Utc>) {
+    const HEAD: [&str; 8] = [
+        "ID", "NAME", "OWNER", "MODELS", "LIMITS", "EXPIRES", "STATUS", "CREATED",
+    ];
+    let rows: Vec<[String; 8]> = keys
+        .iter()
+        .map(|k| {
+            [
+                k.id.clone(),
+                clip(&k.name, 32),
+                clip(&owner_text(&k.owner), 40),
+                clip(&models_text(k), 40),
+                limits_text(k),
+                k.expires_at.map_or_else(|| "never".into(), short_time),
+                status(k, now).into(),
+                short_time(k.created_at),
+            ]
+        })
+        .collect();
+    let mut widths = HEAD.map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(cell);
+                out.push_str(&" ".repeat(w - cell.chars().count() + 2));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(&HEAD.map(String::from));
+    for row in &rows {
+        line(row);
+    }
+}
+
+fn print_details(k: &VirtualKey, now: DateTime<Utc>) {
+    let budget = |v: Option<f64>| v.map_or_else(|| "none".into(), usd);
+    let limit = |v: Option<u64>| v.map_or_else(|| "none".into(), |v| v.to_string());
+    let fields: Vec<(&str, String)> = vec![
+        ("id", k.id.clone()),
+        ("name", k.name.clone()),
+        ("status", status(k, now).into()),
+        ("owner", owner_text(&k.owner)),
+        (
+            "models",
+            if k.models.is_empty() {
+                "* (every model)".into()
+            } else {
+                k.models.join(", ")
+            },
+        ),
+        ("rpm", limit(k.rpm)),
+        ("tpm", limit(k.tpm)),
+        ("max parallel", limit(k.max_parallel.map(u64::from))),
+        ("budget daily", budget(k.budget.daily_usd)),
+        ("budget monthly", budget(k.budget.monthly_usd)),
+        ("budget total", budget(k.budget.total_usd)),
+        (
+            "expires",
+            k.expires_at.map_or_else(|| "never".into(), long_time),
+        ),
+        (
+            "metadata",
+            if k.metadata.is_null() {
+                "-".into()
+            } else {
+                k.metadata.to_string()
+            },
+        ),
+        ("created", long_time(k.created_at)),
+        ("updated", long_time(k.updated_at)),
+        (
+            "revoked",
+            k.revoked_at.map_or_else(|| "-".into(), long_time),
+        ),
+    ];
+    for (name, value) in fields {
+        println!("{:<16}{value}", format!("{name}:"));
+    }
+}
+
+/// The SQLite file a URL names, when it does not exist yet.
+fn missing_sqlite_file(url: &str) -> Option<String> {
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = path.split('?').next().unwrap_or(path);
+    (!std::path::Path::new(path).exists()).then(|| path.to_string())
+}
+
+async fn open(url: &str) -> anyhow::Result<Arc<dyn KeyStore>> {
+    let (_, keys) = sluice_store::open_stores(url, 2)
+        .await
+        .with_context(|| format!("opening the store at {url}"))?;
+    Ok(keys)
+}
+
+/// The error for a key that does not exist (or cannot be rotated or revoked).
+async fn not_usable(store: &dyn KeyStore, id: &str, doing: &str) -> anyhow::Error {
+    match store.get_key(id).await {
+        Ok(Some(k)) if k.revoked_at.is_some() => anyhow!(
+            "key `{id}` ({}) was revoked at {}\nhint: a revoked key stays revoked; issue a new one with `sluice keys create --name NAME`",
+            k.name,
+            k.revoked_at.map(long_time).unwrap_or_default()
+        ),
+        Ok(Some(k)) => anyhow!(
+            "key `{id}` ({}) could not be {doing}: it changed while this command ran\nhint: try again; `sluice keys show {id}` shows its state",
+            k.name
+        ),
+        Ok(None) => anyhow!("no key `{id}`\n{LIST_HINT}"),
+        Err(e) => anyhow!(e).context(format!("reading key `{id}`")),
+    }
+}
+
+pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
+    let now = Utc::now();
+    if !matches!(command, KeysCommand::Create(_))
+        && let Some(path) = missing_sqlite_file(store_url)
+    {
+        return match command {
+            KeysCommand::List { json: true } => {
+                println!("[]");
+                Ok(())
+            }
+            KeysCommand::List { json: false } => {
+                println!(
+                    "no keys yet (no store at {path}); issue one with `sluice keys create --name NAME`"
+                );
+                Ok(())
+            }
+            KeysCommand::Show { id, .. }
+            | KeysCommand::Revoke { id, .. }
+            | KeysCommand::Rotate { id, .. } => Err(anyhow!(
+                "no key `{id}`: there is no store at {path}\nhint: issue a key with `sluice keys create --name NAME` (same directory and config), or pass --store URL"
+            )),
+            KeysCommand::Create(_) => unreachable!("create is handled below"),
+        };
+    }
+    match command {
+        KeysCommand::Create(args) => {
+            let spec = spec(&args, now)?;
+            let (key, secret) = spec.issue(now).map_err(|e| anyhow!("{e}\n{CREATE_HINT}"))?;
+            let store = open(store_url).await?;
+            store
+                .insert_key(&key)
+                .await
+                .context("storing the new key")?;
+            if args.json {
+                let mut v = to_json(&key, now);
+                v["key"] = Value::String(secret);
+                print_json(&v);
+            } else {
+                println!("Created key {} ({}):", key.id, key.name);
+                println!();
+                println!("    {secret}");
+                println!();
+                println!(
+                    "This key will not be shown again: Sluice keeps only its hash, so copy it now."
+                );
+                println!(
+                    "Clients send it as `Authorization: Bearer <key>` (or `x-api-key: <key>`)."
+                );
+            }
+        }
+        KeysCommand::List { json } => {
+            let keys = open(store_url).await?.list_keys().await?;
+            if json {
+                print_json(&Value::Array(
+                    keys.iter().map(|k| to_json(k, now)).collect(),
+                ));
+            } else if keys.is_empty() {
+                println!("no keys yet; issue one with `sluice keys create --name NAME`");
+            } else {
+                print_table(&keys, now);
+            }
+        }
+        KeysCommand::Show { id, json } => {
+            let Some(k) = open(store_url).await?.get_key(&id).await? else {
+                bail!("no key `{id}`\n{LIST_HINT}");
+            };
+            if json {
+                print_json(&to_json(&k, now));
+            } else {
+                print_details(&k, now);
+            }
+        }
+        KeysCommand::Revoke { id, json } => {
+            let store = open(store_url).await?;
+            if !store.revoke_key(&id, now).await? {
+                return Err(not_usable(store.as_ref(), &id, "revoked").await);
+            }
+            let k = store
+                .get_key(&id)
+                .await?
+                .with_context(|| format!("key `{id}` vanished after it was revoked"))?;
+            if json {
+                print_json(&to_json(&k, now));
+            } else {
+                println!(
+                    "Revoked key {} ({}); it no longer works (running gateways stop accepting it within a second).",
+                    k.id, k.name
+                );
+            }
+        }
+        KeysCommand::Rotate { id, json } => {
+            let store = open(store_url).await?;
+            match store.get_key(&id).await? {
+                None => bail!("no key `{id}`\n{LIST_HINT}"),
+                Some(k) if k.check(now) == Err(KeyRejection::Expired) => bail!(
+                    "key `{id}` ({}) expired at {}; a rotated key keeps its expiry\nhint: issue a new key with `sluice keys create --name NAME`",
+                    k.name,
+                    k.expires_at.map(long_time).unwrap_or_default()
+                ),
+                Some(_) => {}
+            }
+            let fresh = generate(Some(&id)).map_err(|e| anyhow!(e))?;
+            if !store.rotate_key(&id, &fresh.hash, now).await? {
+                return Err(not_usable(store.as_ref(), &id, "rotated").await);
+            }
+            let k = store
+                .get_key(&id)
+                .await?
+                .with_context(|| format!("key `{id}` vanished after it was rotated"))?;
+            if json {
+                let mut v = to_json(&k, now);
+                v["key"] = Value::String(fresh.key);
+                print_json(&v);
+            } else {
+                println!("Rotated key {} ({}); its new secret:", k.id, k.name);
+                println!();
+                println!("    {}", fresh.key);
+                println!();
+                println!(
+                    "This key will not be shown again: Sluice keeps only its hash, so copy it now."
+                );
+                println!(
+                    "The old key no longer works (running gateways stop accepting it within a second)."
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expires_takes_a_duration_from_now_or_a_time() {
+        let now = DateTime::parse_from_rfc3339("2025-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        for (s, secs) in [("30s", 30), ("15m", 900), ("2h", 7200), ("30d", 2_592_000)] {
+            assert_eq!(
+                parse_expires(s, now).unwrap(),
+                now + TimeDelta::seconds(secs),
+                "{s}"
+            );
+        }
+        assert_eq!(
+            parse_expires("2025-02-01T12:00:00+01:00", now).unwrap(),
+            DateTime::parse_from_rfc3339("2025-02-01T11:00:00Z").unwrap()
+        );
+        for bad in ["", "d", "5w", "-5d", "soon", "99999999999999999999d"] {
+            assert!(parse_expires(bad, now).is_err(), "{bad}");
+        }
+        assert!(parse_expires("9999999999999d", now).is_err());
+    }
+
+    #[test]
+    fn limits_and_owner_read_compactly() {
+        let (k, _) = KeySpec {
+            name: "n".into(),
+            rpm: Some(60),
+            budget: Budget {
+                daily_usd: Some(5.0),
+                total_usd: Some(12.5),
+                ..Budget::default()
+            },
+            owner: Owner {
+                team: Some("search".into()),
+                ..Owner::default()
+            },
+            ..KeySpec::default()
+        }
+        .issue(Utc::now())
+        .unwrap();
+        assert_eq!(limits_text(&k), "rpm=60 $5/day $12.50 total");
+        assert_eq!(owner_text(&k.owner), "team=search");
+        assert_eq!(models_text(&k), "*");
+        assert_eq!(owner_text(&Owner::default()), "-");
+    }
+}

@@ -1,0 +1,260 @@
+//! Virtual keys end to end: `/api/keys`, authentication on `/v1` with them, model allow-lists,
+//! attribution on the record, rotation, revocation, expiry, a second replica on the same store,
+//! and the key never being stored.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Opts, Sluice, request_id};
+use crate::openai_api::MOCK;
+
+async fn create(s: &Sluice, spec: Value) -> Value {
+    let resp = reqwest::Client::new()
+        .post(s.url("/api/keys"))
+        .json(&spec)
+        .send()
+        .await
+        .expect("POST /api/keys");
+    assert_eq!(resp.status(), 201, "create {spec}");
+    resp.json().await.expect("key json")
+}
+
+/// A chat request with `key` (or none); returns (status, request id, body).
+async fn chat(s: &Sluice, key: Option<&str>, model: &str) -> (u16, String, Value) {
+    let mut rb = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}));
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    let resp = rb.send().await.expect("chat");
+    let status = resp.status().as_u16();
+    let id = request_id(&resp);
+    (status, id, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn virtual_keys_authenticate_attribute_and_expire() {
+    let s = Sluice::start(MOCK).await;
+    // With no key issued and no admin key, the local gateway is open: any key string passes.
+    assert_eq!(chat(&s, Some("unused"), "mock-echo").await.0, 200);
+
+    let created = create(
+        &s,
+        json!({"name": "search-svc", "models": ["mock-echo"],
+               "owner": {"user": "alice", "team": "search"}, "rpm": 100,
+               "metadata": {"env": "test"}}),
+    )
+    .await;
+    let key = created["key"]
+        .as_str()
+        .expect("the key is shown once")
+        .to_string();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(key.starts_with("sk-sluice-"), "{key}");
+    assert!(
+        created.get("hash").is_none() && created.get("key_hash").is_none(),
+        "{created:#}"
+    );
+
+    // Listing never shows the key.
+    let list: Value = reqwest::get(s.url("/api/keys"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = list.to_string();
+    assert!(
+        text.contains(&id) && text.contains("search-svc"),
+        "{list:#}"
+    );
+    assert!(
+        !text.contains(&key),
+        "the key leaks from the list: {list:#}"
+    );
+
+    // Now keys are in force: none, or a foreign one, is refused.
+    let (st, _, body) = chat(&s, None, "mock-echo").await;
+    assert_eq!((st, code(&body)), (401, "invalid_api_key"), "{body:#}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing API key"),
+        "{body:#}"
+    );
+    let (st, _, body) = chat(&s, Some("unused"), "mock-echo").await;
+    assert_eq!(st, 401, "{body:#}");
+    let (st, _, body) = chat(&s, Some(&format!("{key}x")), "mock-echo").await;
+    assert_eq!(st, 401, "a wrong secret: {body:#}");
+
+    // The key works, and the record is attributed to it.
+    let (st, rid, body) = chat(&s, Some(&key), "mock-echo").await;
+    assert_eq!(st, 200, "{body:#}");
+    let rec = s.record(&rid).await;
+    assert_eq!(rec["key_id"], id.as_str(), "{rec:#}");
+    assert_eq!(rec["user"], "alice", "{rec:#}");
+    assert_eq!(rec["metadata"]["team"], "search", "{rec:#}");
+    let by_key = s.list(&format!("key={id}")).await;
+    assert_eq!(
+        by_key["data"].as_array().map(Vec::len),
+        Some(1),
+        "{by_key:#}"
+    );
+
+    // The Anthropic route takes it as x-api-key.
+    let resp = reqwest::Client::new()
+        .post(s.url("/v1/messages"))
+        .header("x-api-key", &key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": "mock-echo", "max_tokens": 16,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // A model outside the key's list is refused and recorded.
+    let (st, rid, body) = chat(&s, Some(&key), "priced").await;
+    assert_eq!((st, code(&body)), (403, "model_not_allowed"), "{body:#}");
+    assert_eq!(s.record(&rid).await["error_code"], "model_not_allowed");
+
+    // Rotation: the old key stops, the new one works, the id stays.
+    let resp = reqwest::Client::new()
+        .post(s.url(&format!("/api/keys/{id}/rotate")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rotated: Value = resp.json().await.unwrap();
+    let new_key = rotated["key"].as_str().unwrap().to_string();
+    assert_ne!(new_key, key);
+    assert_eq!(rotated["id"], id.as_str());
+    assert_eq!(chat(&s, Some(&key), "mock-echo").await.0, 401);
+    assert_eq!(chat(&s, Some(&new_key), "mock-echo").await.0, 200);
+
+    // Revocation.
+    let resp = reqwest::Client::new()
+        .delete(s.url(&format!("/api/keys/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (st, _, body) = chat(&s, Some(&new_key), "mock-echo").await;
+    assert_eq!(st, 401);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{body:#}"
+    );
+    let again = reqwest::Client::new()
+        .delete(s.url(&format!("/api/keys/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
+
+    // Expiry.
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
+    let short = create(&s, json!({"name": "short", "expires_at": soon})).await;
+    let short_key = short["key"].as_str().unwrap().to_string();
+    assert_eq!(chat(&s, Some(&short_key), "mock-echo").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (st, _, body) = chat(&s, Some(&short_key), "mock-echo").await;
+    assert_eq!(st, 401);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{body:#}"
+    );
+
+    // Bad specs are clear 400s.
+    let resp = reqwest::Client::new()
+        .post(s.url("/api/keys"))
+        .json(&json!({"name": "x", "rpm": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = reqwest::Client::new()
+        .post(s.url("/api/keys"))
+        .json(&json!({"nom": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    // Only hashes are stored: the secret part of no key is anywhere in the database files.
+    for k in [&key, &new_key, &short_key] {
+        let secret = k.rsplit('-').next().unwrap();
+        for f in ["sluice.db", "sluice.db-wal"] {
+            let bytes = std::fs::read(s.dir().join(f)).unwrap_or_default();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "a key's secret is in {f}"
+            );
+        }
+    }
+}
+
+/// A key created on one replica works on another sharing the store within a second, and a
+/// revocation on one is enforced by the other within a second.
+#[tokio::test]
+async fn keys_propagate_between_replicas() {
+    let a = Sluice::start(MOCK).await;
+    let b = Sluice::start_opts(Opts {
+        config: MOCK,
+        store_url: Some(a.store_url.clone()),
+        ..Opts::default()
+    })
+    .await;
+    let created = create(&a, json!({"name": "shared"})).await;
+    let key = created["key"].as_str().unwrap().to_string();
+    let id = created["id"].as_str().unwrap().to_string();
+
+    let until_status = |want: u16| {
+        let b = &b;
+        let key = key.clone();
+        async move {
+            let start = Instant::now();
+            loop {
+                let (st, _, _) = chat(b, Some(&key), "mock-echo").await;
+                if st == want {
+                    return start.elapsed();
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "replica b never answered {want} (last {st})"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let took = until_status(200).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "the new key reached b after {took:?}"
+    );
+
+    let resp = reqwest::Client::new()
+        .delete(a.url(&format!("/api/keys/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let took = until_status(401).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "the revocation reached b after {took:?}"
+    );
+}
