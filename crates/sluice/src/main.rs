@@ -141,6 +141,21 @@ fn init_tracing() {
         .init();
 }
 
+/// The layered configuration for commands that only read it (no providers are built), with
+/// `--store` applied.
+fn raw_config(
+    config: Option<&std::path::Path>,
+    store_url: Option<String>,
+) -> Result<config::RawConfig, String> {
+    config::load_raw(
+        &config::locate(config),
+        &Overrides {
+            listen: None,
+            store_url,
+        },
+    )
+}
+
 fn fail(message: &str) -> ExitCode {
     let mut lines = message.lines();
     eprintln!("error: {}", lines.next().unwrap_or(""));
@@ -197,13 +212,7 @@ async fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Logs { store, args } => {
-            let raw = match config::load_raw(
-                &config::locate(cli.config.as_deref()),
-                &Overrides {
-                    listen: None,
-                    store_url: store,
-                },
-            ) {
+            let raw = match raw_config(cli.config.as_deref(), store) {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             };
@@ -213,13 +222,7 @@ async fn main() -> ExitCode {
             }
         }
         Command::Keys { command, store } => {
-            let raw = match config::load_raw(
-                &config::locate(cli.config.as_deref()),
-                &Overrides {
-                    listen: None,
-                    store_url: store,
-                },
-            ) {
+            let raw = match raw_config(cli.config.as_deref(), store) {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             };
@@ -233,13 +236,7 @@ async fn main() -> ExitCode {
                 RouteCommand::Report { store, .. } => store.clone(),
                 RouteCommand::Explain { .. } => None,
             };
-            let raw = match config::load_raw(
-                &config::locate(cli.config.as_deref()),
-                &Overrides {
-                    listen: None,
-                    store_url: store_flag,
-                },
-            ) {
+            let raw = match raw_config(cli.config.as_deref(), store_flag) {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             };
