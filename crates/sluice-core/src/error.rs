@@ -67,6 +67,8 @@ pub struct Error {
     pub message: String,
     pub param: Option<String>,
     pub retry_after: Option<Duration>,
+    /// Extra response headers (`x-ratelimit-*` on a 429).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Error {
@@ -76,6 +78,7 @@ impl Error {
             message: message.into(),
             param: None,
             retry_after: None,
+            headers: Vec::new(),
         }
     }
 
@@ -156,6 +159,7 @@ impl ProviderError {
                     message: msg,
                     param: None,
                     retry_after: *retry_after,
+                    headers: Vec::new(),
                 }
             }
             ProviderError::Timeout(m) => Error::new(

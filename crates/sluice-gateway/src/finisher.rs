@@ -28,6 +28,8 @@ pub struct Finisher {
     tokens: Option<TokenReservation>,
     /// For complexity routing: the strongest tier's price, to report the cost saved.
     baseline: Option<ModelPrice>,
+    /// The virtual key's rate-limit admission, settled with the real tokens at the end.
+    limit: Option<crate::limits::Admitted>,
 }
 
 impl Finisher {
@@ -46,6 +48,7 @@ impl Finisher {
             in_flight: None,
             tokens: None,
             baseline: None,
+            limit: None,
         }
     }
 
@@ -58,6 +61,11 @@ impl Finisher {
     pub fn hold(&mut self, in_flight: InFlight, tokens: Option<TokenReservation>) {
         self.in_flight = Some(in_flight);
         self.tokens = tokens;
+    }
+
+    /// Keeps a virtual key's rate-limit admission until the record closes.
+    pub fn hold_limit(&mut self, admitted: crate::limits::Admitted) {
+        self.limit = Some(admitted);
     }
 
     /// Notes how the router chose; with a baseline price, the record also gets what the strongest
@@ -132,6 +140,9 @@ impl Finisher {
         self.in_flight = None;
         if let Some(t) = self.tokens.take() {
             t.settle(r.prompt_tokens + r.completion_tokens);
+        }
+        if let Some(mut l) = self.limit.take() {
+            l.settle(r.prompt_tokens + r.completion_tokens);
         }
         if let (Some(p), Some(serde_json::Value::Object(route))) = (self.baseline, r.route.as_mut())
             && r.status == RecordStatus::Ok

@@ -35,6 +35,7 @@ use router::{DeploymentState, Group};
 pub mod breaker;
 pub mod complexity;
 pub mod finisher;
+pub mod limits;
 pub mod metrics;
 pub mod router;
 pub mod stream;
@@ -280,6 +281,8 @@ pub enum ChatOutcome {
         raw: Option<RawJson>,
         cost_usd: f64,
         route: String,
+        /// `x-ratelimit-*` for a rate-limited key.
+        headers: Vec<(&'static str, String)>,
     },
     /// A stream of chunks; its record is written when the stream ends or is dropped.
     Stream(ChatStream),
@@ -295,6 +298,7 @@ struct Served<T> {
 /// The gateway: the router (swapped whole on reload), where records go, and metrics.
 pub struct Gateway {
     router: RwLock<Arc<Router>>,
+    limits: limits::KeyLimits,
     sink: LogSink,
     metrics: Arc<Metrics>,
     bodies: BodyMode,
@@ -314,6 +318,7 @@ impl Gateway {
         router.start_health_checks();
         Gateway {
             router: RwLock::new(Arc::new(router)),
+            limits: limits::KeyLimits::default(),
             sink,
             metrics,
             bodies,
@@ -425,6 +430,13 @@ impl Gateway {
             fin.fail(&e).await;
             return Err(e);
         }
+        let limit_headers = match self.admit(key.as_deref(), &mut fin, || estimate_tokens(&req)) {
+            Ok(h) => h,
+            Err(e) => {
+                fin.fail(&e).await;
+                return Err(e);
+            }
+        };
         let mut group = match Self::resolve(&router, &req.model) {
             Ok(g) => g,
             Err(e) => {
@@ -483,21 +495,24 @@ impl Gateway {
                     let (pending, upstream) = s.value;
                     let up = addressed(&req, &s.dep);
                     let header = route_header(&route, &s.group, &s.dep, fin.attempts());
-                    Ok(ChatOutcome::Stream(ChatStream::new(
-                        stream::Upstream {
-                            pending,
-                            rest: upstream,
-                            idle: s.group.timeouts.stream_idle(),
-                            deadline: s.group.timeouts.total().map(|t| Instant::now() + t),
-                        },
-                        fin,
-                        up,
-                        s.dep.dep.provider_name.clone(),
-                        s.dep.dep.price,
-                        req.wants_stream_usage(),
-                        self.bodies == BodyMode::Full,
-                        header,
-                    )))
+                    Ok(ChatOutcome::Stream(
+                        ChatStream::new(
+                            stream::Upstream {
+                                pending,
+                                rest: upstream,
+                                idle: s.group.timeouts.stream_idle(),
+                                deadline: s.group.timeouts.total().map(|t| Instant::now() + t),
+                            },
+                            fin,
+                            up,
+                            s.dep.dep.provider_name.clone(),
+                            s.dep.dep.price,
+                            req.wants_stream_usage(),
+                            self.bodies == BodyMode::Full,
+                            header,
+                        )
+                        .with_headers(limit_headers),
+                    ))
                 }
                 Err(e) => {
                     fin.fail(&e).await;
@@ -526,6 +541,7 @@ impl Gateway {
                         raw,
                         cost_usd: cost,
                         route: header,
+                        headers: limit_headers,
                     })
                 }
                 Err(e) => {
@@ -563,6 +579,13 @@ impl Gateway {
             fin.fail(&e).await;
             return Err(e);
         }
+        if let Err(e) = self.admit(key.as_deref(), &mut fin, || {
+            let chars: usize = req.input.texts().iter().map(|t| t.len()).sum();
+            (chars as u64).div_ceil(4)
+        }) {
+            fin.fail(&e).await;
+            return Err(e);
+        }
         let group = match Self::resolve(&router, &req.model) {
             Ok(g) if g.classifier.is_none() => g,
             Ok(_) => {
@@ -594,6 +617,25 @@ impl Gateway {
                 Err(e)
             }
         }
+    }
+
+    /// Applies the request's virtual key's limits; the admission is held by the finisher until
+    /// the record closes. Returns the `x-ratelimit-*` headers.
+    fn admit(
+        &self,
+        key: Option<&sluice_core::keys::VirtualKey>,
+        fin: &mut Finisher,
+        tokens: impl FnOnce() -> u64,
+    ) -> Result<Vec<(&'static str, String)>, Error> {
+        let Some(k) = key else { return Ok(Vec::new()) };
+        if k.rpm.is_none() && k.tpm.is_none() && k.max_parallel.is_none() {
+            return Ok(Vec::new());
+        }
+        let estimate = if k.tpm.is_some() { tokens() } else { 0 };
+        let admitted = self.limits.admit(k, estimate)?;
+        let headers = admitted.headers.clone();
+        fin.hold_limit(admitted);
+        Ok(headers)
     }
 
     /// Runs the attempts of a request: the group's deployments by its strategy, with retries

@@ -27,6 +27,7 @@ pub enum StreamItem {
 pub struct ChatStream {
     inner: Pin<Box<dyn Stream<Item = StreamItem> + Send>>,
     route: String,
+    headers: Vec<(&'static str, String)>,
 }
 
 /// An upstream stream as the router hands it over: the chunks already read while waiting for
@@ -213,7 +214,19 @@ impl ChatStream {
         ChatStream {
             inner: Box::pin(futures::stream::unfold(state, step)),
             route,
+            headers: Vec::new(),
         }
+    }
+
+    /// Adds response headers (`x-ratelimit-*`).
+    pub(crate) fn with_headers(mut self, headers: Vec<(&'static str, String)>) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Extra response headers.
+    pub fn headers(&self) -> &[(&'static str, String)] {
+        &self.headers
     }
 
     /// The `x-sluice-route` header value.

@@ -15,7 +15,7 @@ use sluice_types::anthropic::{self as wire, MessagesRequest, StreamEncoder, Stre
 
 use crate::SharedState;
 use crate::error::{ApiError, anthropic_body};
-use crate::openai::{read_json, set_cost, set_route, sse_response};
+use crate::openai::{read_json, set_cost, set_headers, set_route, sse_response};
 
 pub async fn messages(State(state): State<SharedState>, req: Request) -> Response {
     let (ctx, msg) = match read_json::<MessagesRequest>(&state, req, "messages").await {
@@ -41,6 +41,7 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
             completion,
             cost_usd,
             route,
+            headers,
             ..
         }) => {
             let mut out = wire::response_from_openai(&completion, &msg.model);
@@ -48,6 +49,7 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
             let mut resp = Json(out).into_response();
             set_cost(&mut resp, cost_usd);
             set_route(&mut resp, &route);
+            set_headers(&mut resp, &headers);
             resp
         }
         Ok(ChatOutcome::Stream(stream)) => {
@@ -56,8 +58,10 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
                 enc = enc.with_input_tokens(n);
             }
             let route = stream.route().to_string();
+            let headers = stream.headers().to_vec();
             let mut resp = sse_response(anthropic_sse(stream, enc));
             set_route(&mut resp, &route);
+            set_headers(&mut resp, &headers);
             resp
         }
         Err(e) => ApiError::anthropic(e).into_response(),

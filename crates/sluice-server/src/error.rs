@@ -77,6 +77,11 @@ impl IntoResponse for ApiError {
             Flavor::OpenAi => (status, Json(openai_body(&self.error))).into_response(),
             Flavor::Anthropic => (status, Json(anthropic_body(&self.error))).into_response(),
         };
+        for (name, value) in &self.error.headers {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                resp.headers_mut().insert(*name, v);
+            }
+        }
         if let Some(d) = self.error.retry_after {
             let secs = d.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {

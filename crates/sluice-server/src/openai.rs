@@ -72,6 +72,7 @@ pub async fn chat_completions(State(state): State<SharedState>, req: Request) ->
             raw,
             cost_usd,
             route,
+            headers,
         }) => {
             let mut resp = match raw {
                 Some(raw) => (
@@ -86,12 +87,15 @@ pub async fn chat_completions(State(state): State<SharedState>, req: Request) ->
             };
             set_cost(&mut resp, cost_usd);
             set_route(&mut resp, &route);
+            set_headers(&mut resp, &headers);
             resp
         }
         Ok(ChatOutcome::Stream(stream)) => {
             let route = stream.route().to_string();
+            let headers = stream.headers().to_vec();
             let mut resp = sse_response(openai_sse(stream));
             set_route(&mut resp, &route);
+            set_headers(&mut resp, &headers);
             resp
         }
         Err(e) => ApiError::openai(e).into_response(),
@@ -101,6 +105,15 @@ pub async fn chat_completions(State(state): State<SharedState>, req: Request) ->
 pub(crate) fn set_cost(resp: &mut Response, cost: f64) {
     if let Ok(v) = HeaderValue::from_str(&format!("{cost:.8}")) {
         resp.headers_mut().insert("x-sluice-cost-usd", v);
+    }
+}
+
+/// Extra headers from the gateway (`x-ratelimit-*`).
+pub(crate) fn set_headers(resp: &mut Response, headers: &[(&'static str, String)]) {
+    for (name, value) in headers {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            resp.headers_mut().insert(*name, v);
+        }
     }
 }
 

@@ -258,3 +258,90 @@ async fn keys_propagate_between_replicas() {
         "the revocation reached b after {took:?}"
     );
 }
+
+fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// A key's rpm and max_parallel are enforced with 429s that say when to retry, and every answer
+/// carries OpenAI's `x-ratelimit-*` headers.
+#[tokio::test]
+async fn key_limits_answer_429_with_retry_after_and_ratelimit_headers() {
+    let config = format!(
+        "{MOCK}\n[providers.slow]\ntype = \"mock\"\nlatency_ms = 600\n\n[models.\"slow\"]\ndeployments = [{{ provider = \"slow\", model = \"slow\" }}]\n"
+    );
+    let s = Sluice::start(&config).await;
+    let limited = create(&s, json!({"name": "limited", "rpm": 3, "tpm": 100000})).await;
+    let key = limited["key"].as_str().unwrap().to_string();
+    let http = reqwest::Client::new();
+    let send = |model: &'static str| {
+        http.post(s.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    for want in ["2", "1", "0"] {
+        let resp = send("mock-echo").await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            header(&resp, "x-ratelimit-limit-requests").as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            header(&resp, "x-ratelimit-remaining-requests").as_deref(),
+            Some(want)
+        );
+        assert_eq!(
+            header(&resp, "x-ratelimit-limit-tokens").as_deref(),
+            Some("100000")
+        );
+        assert!(header(&resp, "x-ratelimit-reset-requests").is_some());
+    }
+    let resp = send("mock-echo").await.unwrap();
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = header(&resp, "retry-after")
+        .expect("retry-after")
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    assert_eq!(
+        header(&resp, "x-ratelimit-remaining-requests").as_deref(),
+        Some("0")
+    );
+    let id = request_id(&resp);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(code(&body), "rate_limit_exceeded", "{body:#}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("3 requests per minute")
+    );
+    assert_eq!(s.record(&id).await["error_code"], "rate_limit_exceeded");
+
+    // max_parallel = 1: a second request while one is in flight is refused, then admitted.
+    let single = create(&s, json!({"name": "single", "max_parallel": 1})).await;
+    let one = single["key"].as_str().unwrap().to_string();
+    let post = |k: String| {
+        let http = http.clone();
+        let url = s.url("/v1/chat/completions");
+        async move {
+            http.post(url)
+                .bearer_auth(k)
+                .json(&json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let first = tokio::spawn(post(one.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(post(one.clone()).await, 429, "a second request in flight");
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(post(one).await, 200, "the slot was released");
+}

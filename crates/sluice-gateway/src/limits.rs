@@ -1,0 +1,305 @@
+//! Per-key rate limits, in process: requests per minute, tokens per minute (estimated before the
+//! call, replaced by the real count after it) and requests in flight. A request over a limit is
+//! answered 429 `rate_limit_exceeded` with `Retry-After`; every answer to a limited key carries
+//! OpenAI's `x-ratelimit-*` headers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use sluice_core::error::{Error, ErrorCode};
+use sluice_core::keys::VirtualKey;
+
+use crate::window::RateWindow;
+
+type Signature = (Option<u64>, Option<u64>, Option<u32>);
+
+struct KeyLimiter {
+    signature: Signature,
+    rpm: Option<RateWindow>,
+    tpm: Option<RateWindow>,
+    max_parallel: Option<u32>,
+    in_flight: AtomicU32,
+}
+
+/// The limiters of every key seen, by key id.
+#[derive(Default)]
+pub struct KeyLimits {
+    limiters: RwLock<HashMap<String, Arc<KeyLimiter>>>,
+}
+
+impl std::fmt::Debug for KeyLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyLimits")
+            .field("keys", &self.limiters.read().len())
+            .finish()
+    }
+}
+
+/// A request let through: holds its in-flight slot and token estimate until dropped or settled.
+pub struct Admitted {
+    limiter: Arc<KeyLimiter>,
+    reserved: u64,
+    /// `x-ratelimit-*` headers for the response.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl std::fmt::Debug for Admitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admitted")
+            .field("reserved", &self.reserved)
+            .finish()
+    }
+}
+
+impl Admitted {
+    /// Replaces the token estimate with the real count.
+    pub fn settle(&mut self, actual: u64) {
+        if let Some(w) = &self.limiter.tpm {
+            let delta = i64::try_from(actual).unwrap_or(i64::MAX)
+                - i64::try_from(self.reserved).unwrap_or(i64::MAX);
+            if delta != 0 {
+                w.adjust(Instant::now(), delta);
+            }
+        }
+        self.reserved = actual;
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if self.limiter.max_parallel.is_some() {
+            self.limiter.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// OpenAI's reset format: `1s`, `250ms`, `6m0s`.
+fn reset(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{}s", (ms as f64 / 1000.0 * 1000.0).round() / 1000.0)
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+fn limited(message: String, wait: Option<Duration>, headers: Vec<(&'static str, String)>) -> Error {
+    let mut e = Error::new(ErrorCode::RateLimited, message);
+    e.retry_after = Some(Duration::from_secs(
+        wait.map_or(1.0, |d| d.as_secs_f64().ceil().max(1.0)) as u64,
+    ));
+    e.headers = headers;
+    e
+}
+
+impl KeyLimits {
+    fn limiter(&self, key: &VirtualKey) -> Arc<KeyLimiter> {
+        let signature = (key.rpm, key.tpm, key.max_parallel);
+        if let Some(l) = self.limiters.read().get(&key.id)
+            && l.signature == signature
+        {
+            return l.clone();
+        }
+        let fresh = Arc::new(KeyLimiter {
+            signature,
+            rpm: key.rpm.map(RateWindow::new),
+            tpm: key.tpm.map(RateWindow::new),
+            max_parallel: key.max_parallel,
+            in_flight: AtomicU32::new(0),
+        });
+        let mut all = self.limiters.write();
+        match all.get(&key.id) {
+            // Another request made it first with the same limits: share it.
+            Some(l) if l.signature == signature => l.clone(),
+            _ => {
+                all.insert(key.id.clone(), fresh.clone());
+                fresh
+            }
+        }
+    }
+
+    /// Lets a request of `tokens` (estimated) through `key`'s limits, or says when to retry.
+    pub fn admit(&self, key: &VirtualKey, tokens: u64) -> Result<Admitted, Error> {
+        let l = self.limiter(key);
+        let now = Instant::now();
+        if let Some(max) = l.max_parallel {
+            let before = l.in_flight.fetch_add(1, Ordering::Relaxed);
+            if before >= max {
+                l.in_flight.fetch_sub(1, Ordering::Relaxed);
+                return Err(limited(
+                    format!(
+                        "this API key (`{}`) already has {max} requests in flight, its max_parallel; retry when one finishes",
+                        key.name
+                    ),
+                    None,
+                    Vec::new(),
+                ));
+            }
+        }
+        // From here on, dropping `admitted` releases the in-flight slot.
+        let mut admitted = Admitted {
+            limiter: l.clone(),
+            reserved: 0,
+            headers: Vec::new(),
+        };
+        if let Some(w) = &l.rpm
+            && !w.try_add(now, 1)
+        {
+            let wait = w.wait_for(now, 1);
+            let headers = Self::headers(&l, now);
+            return Err(limited(
+                format!(
+                    "this API key (`{}`) is at its limit of {} requests per minute",
+                    key.name,
+                    w.limit()
+                ),
+                wait,
+                headers,
+            ));
+        }
+        if let Some(w) = &l.tpm
+            && tokens > 0
+        {
+            if !w.try_add(now, tokens) {
+                if let Some(r) = &l.rpm {
+                    r.adjust(now, -1);
+                }
+                let wait = w.wait_for(now, tokens);
+                let headers = Self::headers(&l, now);
+                return Err(limited(
+                    format!(
+                        "this API key (`{}`) is at its limit of {} tokens per minute (this request is estimated at {tokens})",
+                        key.name,
+                        w.limit()
+                    ),
+                    wait,
+                    headers,
+                ));
+            }
+            admitted.reserved = tokens;
+        }
+        admitted.headers = Self::headers(&l, now);
+        Ok(admitted)
+    }
+
+    fn headers(l: &KeyLimiter, now: Instant) -> Vec<(&'static str, String)> {
+        let mut h = Vec::new();
+        for (w, names) in [
+            (
+                &l.rpm,
+                [
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ],
+            ),
+            (
+                &l.tpm,
+                [
+                    "x-ratelimit-limit-tokens",
+                    "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens",
+                ],
+            ),
+        ] {
+            if let Some(w) = w {
+                let used = w.used(now);
+                h.push((names[0], w.limit().to_string()));
+                h.push((names[1], w.limit().saturating_sub(used).to_string()));
+                // When the oldest use in the window expires: a full slot again.
+                h.push((
+                    names[2],
+                    reset(w.wait_for(now, w.limit()).unwrap_or_default()),
+                ));
+            }
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(rpm: Option<u64>, tpm: Option<u64>, par: Option<u32>) -> VirtualKey {
+        let now = chrono::Utc::now();
+        VirtualKey {
+            id: "0123456789abcdef".into(),
+            name: "k".into(),
+            hash: String::new(),
+            owner: Default::default(),
+            models: Vec::new(),
+            rpm,
+            tpm,
+            max_parallel: par,
+            budget: Default::default(),
+            expires_at: None,
+            metadata: serde_json::Value::Null,
+            created_at: now,
+            updated_at: now,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn requests_per_minute_are_enforced_with_headers() {
+        let limits = KeyLimits::default();
+        let k = key(Some(3), None, None);
+        for i in 0..3 {
+            let a = limits.admit(&k, 10).expect("under the limit");
+            let remaining = a
+                .headers
+                .iter()
+                .find(|(n, _)| *n == "x-ratelimit-remaining-requests")
+                .map(|(_, v)| v.clone());
+            assert_eq!(remaining, Some((2 - i).to_string()));
+        }
+        let e = limits.admit(&k, 10).unwrap_err();
+        assert_eq!(e.code, ErrorCode::RateLimited);
+        assert!(e.retry_after.is_some_and(|d| d >= Duration::from_secs(1)));
+        assert!(
+            e.headers
+                .iter()
+                .any(|(n, v)| *n == "x-ratelimit-remaining-requests" && v == "0")
+        );
+        // New limits on the key take effect (a new limiter).
+        let more = key(Some(10), None, None);
+        assert!(limits.admit(&more, 10).is_ok());
+    }
+
+    #[test]
+    fn tokens_are_reserved_then_settled() {
+        let limits = KeyLimits::default();
+        let k = key(None, Some(1000), None);
+        let mut a = limits.admit(&k, 800).unwrap();
+        assert!(limits.admit(&k, 300).is_err(), "800 + 300 > 1000");
+        // The request used only 100 tokens: the rest is released.
+        a.settle(100);
+        assert!(limits.admit(&k, 300).is_ok());
+    }
+
+    #[test]
+    fn parallel_requests_are_bounded_and_released() {
+        let limits = KeyLimits::default();
+        let k = key(None, None, Some(2));
+        let a = limits.admit(&k, 0).unwrap();
+        let b = limits.admit(&k, 0).unwrap();
+        let e = limits.admit(&k, 0).unwrap_err();
+        assert!(e.message.contains("max_parallel"), "{}", e.message);
+        drop(a);
+        let c = limits.admit(&k, 0).unwrap();
+        drop((b, c));
+    }
+
+    #[test]
+    fn reset_format() {
+        assert_eq!(reset(Duration::from_millis(250)), "250ms");
+        assert_eq!(reset(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(reset(Duration::from_secs(360)), "6m0s");
+    }
+}
