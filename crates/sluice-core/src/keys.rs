@@ -29,6 +29,70 @@ pub struct Owner {
     pub project: Option<String>,
 }
 
+/// What a key may do on the admin API (`/api`). A key without a role is a client key: `/v1`
+/// only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Reads everything; creates keys, and rotates and revokes the keys it created.
+    Developer,
+    /// Reads everything, changes nothing.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Developer => "developer",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "developer" => Some(Role::Developer),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+}
+
+/// Who did something on the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// `admin-key` (SLUICE_ADMIN_KEY), `local` (an open loopback gateway), or `key:ID`.
+    pub name: String,
+    pub role: Role,
+}
+
+/// One admin action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: String,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub role: String,
+    /// What was done, e.g. `keys.create`, `keys.revoke`, `config.reload`, or `denied`.
+    pub action: String,
+    /// What it was done to (a key id, …).
+    pub target: Option<String>,
+    /// `ok`, or why it failed.
+    pub outcome: String,
+    pub detail: Value,
+}
+
+/// Where admin actions are kept.
+#[async_trait]
+pub trait AuditStore: Send + Sync + 'static {
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+    /// Newest first.
+    async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
+}
+
 /// Spend limits in USD; `None` is no limit.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Budget {
@@ -70,6 +134,12 @@ pub struct VirtualKey {
     pub updated_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<DateTime<Utc>>,
+    /// Its admin-API role, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// Who created it (an [`Actor`] name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
 }
 
 /// Why a presented key is refused.
@@ -141,6 +211,9 @@ pub struct KeySpec {
     pub expires_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub metadata: Value,
+    /// An admin-API role (`admin`, `developer`, `viewer`); none for a client key.
+    #[serde(default)]
+    pub role: Option<Role>,
 }
 
 impl KeySpec {
@@ -204,6 +277,8 @@ impl KeySpec {
                 created_at: now,
                 updated_at: now,
                 revoked_at: None,
+                role: self.role,
+                created_by: None,
             },
             key,
         ))
@@ -311,6 +386,8 @@ mod tests {
             created_at: now,
             updated_at: now,
             revoked_at: None,
+            role: None,
+            created_by: None,
         };
         assert!(vk.matches(&k.key));
         assert!(!vk.matches(&other.key));

@@ -243,6 +243,8 @@ mod tests {
             created_at: now,
             updated_at: now,
             revoked_at: None,
+            role: None,
+            created_by: None,
         }
     }
 

@@ -185,7 +185,10 @@ pub async fn deployments(State(state): State<SharedState>) -> Response {
 
 /// `POST /api/config/reload`: re-reads the configuration file and swaps the router; requests in
 /// flight finish on the old one. An invalid file is answered 400 and changes nothing.
-pub async fn reload(State(state): State<SharedState>) -> Response {
+pub async fn reload(
+    State(state): State<SharedState>,
+    axum::Extension(actor): axum::Extension<sluice_core::keys::Actor>,
+) -> Response {
     let Some(r) = state.reloader.clone() else {
         return ApiError::openai(Error::new(
             ErrorCode::InvalidRequest,
@@ -195,12 +198,32 @@ pub async fn reload(State(state): State<SharedState>) -> Response {
     };
     match tokio::task::spawn_blocking(move || r.reload()).await {
         Ok(Ok(summary)) => {
+            crate::keys::audit(
+                &state,
+                &actor,
+                "config.reload",
+                None,
+                "ok",
+                serde_json::json!({ "summary": summary }),
+            )
+            .await;
             Json(serde_json::json!({"reloaded": true, "summary": summary})).into_response()
         }
-        Ok(Err(e)) => ApiError::openai(Error::invalid(format!(
-            "the configuration was not reloaded (the running one stays): {e}"
-        )))
-        .into_response(),
+        Ok(Err(e)) => {
+            crate::keys::audit(
+                &state,
+                &actor,
+                "config.reload",
+                None,
+                "rejected",
+                serde_json::json!({ "error": e }),
+            )
+            .await;
+            ApiError::openai(Error::invalid(format!(
+                "the configuration was not reloaded (the running one stays): {e}"
+            )))
+            .into_response()
+        }
         Err(_) => ApiError::openai(Error::internal("the reload task failed")).into_response(),
     }
 }

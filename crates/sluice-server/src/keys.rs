@@ -7,14 +7,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use parking_lot::{Mutex, RwLock};
 use sluice_core::error::{Error, ErrorCode};
-use sluice_core::keys::{KeyRejection, KeySpec, KeyStore, VirtualKey, generate, key_id};
+use sluice_core::keys::{
+    Actor, AuditEntry, KeyRejection, KeySpec, KeyStore, Role, VirtualKey, generate, key_id,
+};
 use sluice_core::record::StoreError;
 
 use crate::SharedState;
@@ -150,6 +152,63 @@ fn not_active(id: &str) -> Response {
     .into_response()
 }
 
+/// Records an admin action; a failure to record is logged, not answered.
+pub async fn audit(
+    state: &crate::AppState,
+    actor: &Actor,
+    action: &str,
+    target: Option<&str>,
+    outcome: &str,
+    detail: serde_json::Value,
+) {
+    let Some(store) = &state.audit else { return };
+    let entry = AuditEntry {
+        id: sluice_types::ids::new_request_id().hyphenated().to_string(),
+        at: Utc::now(),
+        actor: actor.name.clone(),
+        role: actor.role.as_str().to_string(),
+        action: action.to_string(),
+        target: target.map(str::to_string),
+        outcome: outcome.to_string(),
+        detail,
+    };
+    tracing::info!(actor = %entry.actor, action, target = ?target, outcome, "admin action");
+    if let Err(e) = store.append_audit(&entry).await {
+        tracing::error!(error = %e, action, "the audit log could not be written");
+    }
+}
+
+/// `GET /api/audit`: admin actions, newest first (`?limit=`, default 100).
+pub async fn audit_log(
+    State(state): State<SharedState>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let Some(store) = &state.audit else {
+        return no_keys();
+    };
+    let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(100);
+    match store.list_audit(limit).await {
+        Ok(entries) => Json(serde_json::json!({"object": "list", "data": entries})).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// A developer may rotate and revoke only the keys it created.
+async fn may_manage(cache: &KeyCache, actor: &Actor, id: &str) -> Result<(), Response> {
+    if actor.role != Role::Developer {
+        return Ok(());
+    }
+    match cache.store.get_key(id).await {
+        Ok(Some(k)) if k.created_by.as_deref() == Some(actor.name.as_str()) => Ok(()),
+        Ok(_) => Err(ApiError::openai(Error::new(
+            ErrorCode::Forbidden,
+            format!("a developer may manage only the keys it created; `{id}` is not one of them"),
+        ))
+        .into_response()),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
 /// `GET /api/keys`: every key, newest first (never a key or its hash).
 pub async fn list(State(state): State<SharedState>) -> Response {
     let Some(cache) = &state.keys else {
@@ -174,7 +233,11 @@ pub async fn get(State(state): State<SharedState>, Path(id): Path<String>) -> Re
 }
 
 /// `POST /api/keys`: creates a key; the answer is the only time the key is shown.
-pub async fn create(State(state): State<SharedState>, body: axum::body::Bytes) -> Response {
+pub async fn create(
+    State(state): State<SharedState>,
+    Extension(actor): Extension<Actor>,
+    body: axum::body::Bytes,
+) -> Response {
     let Some(cache) = &state.keys else {
         return no_keys();
     };
@@ -182,29 +245,72 @@ pub async fn create(State(state): State<SharedState>, body: axum::body::Bytes) -
         Ok(s) => s,
         Err(e) => return ApiError::openai(e).into_response(),
     };
-    let (key, secret) = match spec.issue(Utc::now()) {
+    if actor.role != Role::Admin && spec.role.is_some() {
+        return ApiError::openai(Error::new(
+            ErrorCode::Forbidden,
+            "only an admin may create keys with an admin-API role",
+        ))
+        .into_response();
+    }
+    let (mut key, secret) = match spec.issue(Utc::now()) {
         Ok(v) => v,
         Err(e) => {
             let param = e.split(':').next().unwrap_or("").to_string();
             return ApiError::openai(Error::invalid(e).with_param(param)).into_response();
         }
     };
+    key.created_by = Some(actor.name.clone());
     if let Err(e) = cache.store.insert_key(&key).await {
         return store_error(e);
     }
     cache.upsert(key.clone());
+    audit(
+        &state,
+        &actor,
+        "keys.create",
+        Some(&key.id),
+        "ok",
+        serde_json::json!({"name": key.name, "role": key.role, "models": key.models}),
+    )
+    .await;
     let mut body = serde_json::to_value(&key).unwrap_or_default();
     body["key"] = serde_json::Value::String(secret);
     (StatusCode::CREATED, Json(body)).into_response()
 }
 
 /// `DELETE /api/keys/{id}`: revokes a key, on every replica within a second.
-pub async fn revoke(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+pub async fn revoke(
+    State(state): State<SharedState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Response {
     let Some(cache) = &state.keys else {
         return no_keys();
     };
+    if let Err(r) = may_manage(cache, &actor, &id).await {
+        audit(
+            &state,
+            &actor,
+            "keys.revoke",
+            Some(&id),
+            "forbidden",
+            serde_json::Value::Null,
+        )
+        .await;
+        return r;
+    }
     match cache.store.revoke_key(&id, Utc::now()).await {
-        Ok(true) => {}
+        Ok(true) => {
+            audit(
+                &state,
+                &actor,
+                "keys.revoke",
+                Some(&id),
+                "ok",
+                serde_json::Value::Null,
+            )
+            .await;
+        }
         Ok(false) => return not_active(&id),
         Err(e) => return store_error(e),
     }
@@ -219,16 +325,42 @@ pub async fn revoke(State(state): State<SharedState>, Path(id): Path<String>) ->
 }
 
 /// `POST /api/keys/{id}/rotate`: a new secret for the same key; the old one stops working.
-pub async fn rotate(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+pub async fn rotate(
+    State(state): State<SharedState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Response {
     let Some(cache) = &state.keys else {
         return no_keys();
     };
+    if let Err(r) = may_manage(cache, &actor, &id).await {
+        audit(
+            &state,
+            &actor,
+            "keys.rotate",
+            Some(&id),
+            "forbidden",
+            serde_json::Value::Null,
+        )
+        .await;
+        return r;
+    }
     let fresh = match generate(Some(&id)) {
         Ok(f) => f,
         Err(e) => return ApiError::openai(Error::internal(e)).into_response(),
     };
     match cache.store.rotate_key(&id, &fresh.hash, Utc::now()).await {
-        Ok(true) => {}
+        Ok(true) => {
+            audit(
+                &state,
+                &actor,
+                "keys.rotate",
+                Some(&id),
+                "ok",
+                serde_json::Value::Null,
+            )
+            .await;
+        }
         Ok(false) => return not_active(&id),
         Err(e) => return store_error(e),
     }

@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use sluice_core::error::{Error, ErrorCode};
+use sluice_core::keys::{Actor, Role};
 use sluice_core::record::LogStore;
 use sluice_core::secret::Secret;
 use sluice_gateway::{Gateway, RequestContext};
@@ -93,6 +94,8 @@ pub struct AppState {
     pub reloader: Option<Arc<dyn Reload>>,
     /// Virtual keys. When any is active (or the admin key is set), `/v1` requires a key.
     pub keys: Option<Arc<keys::KeyCache>>,
+    /// Where admin actions are recorded.
+    pub audit: Option<Arc<dyn sluice_core::keys::AuditStore>>,
 }
 
 /// Reloads the configuration: `Ok` with a one-line summary of what is now served, `Err` with the
@@ -135,6 +138,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/keys", get(keys::list).post(keys::create))
         .route("/api/keys/{id}", get(keys::get).delete(keys::revoke))
         .route("/api/keys/{id}/rotate", post(keys::rotate))
+        .route("/api/audit", get(keys::audit_log))
         .route("/api/config/reload", post(admin::reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     Router::new()
@@ -274,10 +278,82 @@ fn endpoint_of(path: &str) -> &'static str {
     }
 }
 
-async fn admin_auth(State(state): State<SharedState>, req: Request, next: Next) -> Response {
-    if let Err(e) = check_key(&state, req.headers()) {
-        return ApiError::openai(e).into_response();
+/// Who is calling the admin API: the admin key, a virtual key with a role, or — on an open
+/// loopback gateway without an admin key — the local user.
+fn admin_actor(state: &AppState, headers: &HeaderMap) -> Result<Actor, Error> {
+    if let Some(p) = presented_key(headers)
+        && sluice_core::keys::key_id(p).is_some()
+    {
+        let Some(cache) = &state.keys else {
+            return Err(Error::new(
+                ErrorCode::Unauthorized,
+                "this server has no virtual keys; use the admin key",
+            ));
+        };
+        let k = cache
+            .check(p)
+            .map_err(|r| Error::new(ErrorCode::Unauthorized, r.message()))?;
+        let role = k.role.ok_or_else(|| {
+            Error::new(
+                ErrorCode::Forbidden,
+                "this key is a client key; the admin API needs a key with the admin, developer or viewer role",
+            )
+        })?;
+        return Ok(Actor {
+            name: format!("key:{}", k.id),
+            role,
+        });
     }
+    match &state.admin_key {
+        Some(_) => {
+            check_key(state, headers)?;
+            Ok(Actor {
+                name: "admin-key".into(),
+                role: Role::Admin,
+            })
+        }
+        None => Ok(Actor {
+            name: "local".into(),
+            role: Role::Admin,
+        }),
+    }
+}
+
+/// What each role may do: admins everything; developers read everything and manage keys (their
+/// own, checked by the key routes); viewers only read. The audit log is for admins.
+fn permitted(role: Role, method: &axum::http::Method, path: &str) -> bool {
+    let read = method == axum::http::Method::GET;
+    match role {
+        Role::Admin => true,
+        _ if path.starts_with("/api/audit") => false,
+        Role::Developer => read || path.starts_with("/api/keys"),
+        Role::Viewer => read,
+    }
+}
+
+async fn admin_auth(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
+    let actor = match admin_actor(&state, req.headers()) {
+        Ok(a) => a,
+        Err(e) => return ApiError::openai(e).into_response(),
+    };
+    if !permitted(actor.role, req.method(), req.uri().path()) {
+        let what = format!("{} {}", req.method(), req.uri().path());
+        keys::audit(
+            &state,
+            &actor,
+            "denied",
+            Some(&what),
+            "forbidden",
+            serde_json::Value::Null,
+        )
+        .await;
+        return ApiError::openai(Error::new(
+            ErrorCode::Forbidden,
+            format!("the {} role may not {what}", actor.role.as_str()),
+        ))
+        .into_response();
+    }
+    req.extensions_mut().insert(actor);
     next.run(req).await
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use sluice_core::keys::{KeyStore, VirtualKey};
+use sluice_core::keys::{AuditEntry, AuditStore, KeyStore, Role, VirtualKey};
 use sluice_core::record::{
     LogStore, RawJson, RecordQuery, RecordStatus, RequestRecord, StoreError, UsageSource,
 };
@@ -145,14 +145,35 @@ pub async fn open_stores(
     url: &str,
     max_connections: u32,
 ) -> Result<(Arc<dyn LogStore>, Arc<dyn KeyStore>), StoreError> {
+    let s = open_all(url, max_connections).await?;
+    Ok((s.log, s.keys))
+}
+
+/// Every view of one opened store.
+pub struct Stores {
+    pub log: Arc<dyn LogStore>,
+    pub keys: Arc<dyn KeyStore>,
+    pub audit: Arc<dyn AuditStore>,
+}
+
+/// Opens the store at `url` once, as the request log, the key store and the audit log.
+pub async fn open_all(url: &str, max_connections: u32) -> Result<Stores, StoreError> {
     match backend_of(url).map_err(StoreError::Config)? {
         Backend::Sqlite => {
             let s = Arc::new(SqliteStore::open(url, max_connections).await?);
-            Ok((s.clone(), s))
+            Ok(Stores {
+                log: s.clone(),
+                keys: s.clone(),
+                audit: s,
+            })
         }
         Backend::Postgres => {
             let s = Arc::new(PgStore::open(url, max_connections).await?);
-            Ok((s.clone(), s))
+            Ok(Stores {
+                log: s.clone(),
+                keys: s.clone(),
+                audit: s,
+            })
         }
     }
 }
@@ -246,6 +267,33 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
          ALTER TABLE requests ADD COLUMN route TEXT;",
     ),
     (3, KEYS_DDL_SQLITE, KEYS_DDL_PG),
+    (
+        4,
+        "ALTER TABLE api_keys ADD COLUMN role TEXT;
+         ALTER TABLE api_keys ADD COLUMN created_by TEXT;
+         CREATE TABLE IF NOT EXISTS audit_log (
+            id TEXT PRIMARY KEY,
+            at TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            role TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT,
+            outcome TEXT NOT NULL,
+            detail TEXT NOT NULL
+         );",
+        "ALTER TABLE api_keys ADD COLUMN role TEXT;
+         ALTER TABLE api_keys ADD COLUMN created_by TEXT;
+         CREATE TABLE IF NOT EXISTS audit_log (
+            id TEXT PRIMARY KEY,
+            at TIMESTAMPTZ NOT NULL,
+            actor TEXT NOT NULL,
+            role TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT,
+            outcome TEXT NOT NULL,
+            detail TEXT NOT NULL
+         );",
+    ),
 ];
 
 /// Virtual keys (only their hashes), and the key each request was made with.
@@ -290,7 +338,7 @@ const KEYS_DDL_PG: &str = "CREATE TABLE IF NOT EXISTS api_keys (
     CREATE INDEX IF NOT EXISTS requests_key ON requests (key_id, id);";
 
 const KEY_COLUMNS: &str = "id, name, key_hash, owner, models, rpm, tpm, max_parallel, budget, \
-    expires_at, metadata, created_at, updated_at, revoked_at";
+    expires_at, metadata, created_at, updated_at, revoked_at, role, created_by";
 
 const COLUMNS: &str = "id, started_at, finished_at, endpoint, model, provider, deployment, attempts, \
     status, http_status, error_code, error_message, stream, latency_ms, ttft_ms, prompt_tokens, \
@@ -672,7 +720,7 @@ macro_rules! key_store_impl {
         impl KeyStore for $store {
             async fn insert_key(&self, k: &VirtualKey) -> Result<(), StoreError> {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                    "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
                 )))
                 .bind(&k.id)
                 .bind(text(&k.name))
@@ -688,6 +736,8 @@ macro_rules! key_store_impl {
                 .bind(k.created_at)
                 .bind(k.updated_at)
                 .bind(k.revoked_at)
+                .bind(k.role.map(|r| r.as_str()))
+                .bind(k.created_by.as_deref().map(text))
                 .execute(&self.pool)
                 .await
                 .map_err(db_err)?;
@@ -783,6 +833,10 @@ macro_rules! decode_key {
                 created_at: r.try_get("created_at")?,
                 updated_at: r.try_get("updated_at")?,
                 revoked_at: r.try_get("revoked_at")?,
+                role: r
+                    .try_get::<Option<String>, _>("role")?
+                    .and_then(|s| Role::parse(&s)),
+                created_by: r.try_get("created_by")?,
             })
         })()
         .map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -791,6 +845,61 @@ macro_rules! decode_key {
 
 key_store_impl!(SqliteStore);
 key_store_impl!(PgStore);
+
+macro_rules! audit_store_impl {
+    ($store:ty) => {
+        #[async_trait]
+        impl AuditStore for $store {
+            async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO audit_log (id, at, actor, role, action, target, outcome, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&e.id)
+                .bind(e.at)
+                .bind(text(&e.actor))
+                .bind(&e.role)
+                .bind(text(&e.action))
+                .bind(e.target.as_deref().map(text))
+                .bind(text(&e.outcome))
+                .bind(json_text(&e.detail))
+                .execute(&self.pool)
+                .await
+                .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT id, at, actor, role, action, target, outcome, detail FROM audit_log ORDER BY id DESC LIMIT $1",
+                )
+                .bind(i64::from(limit.clamp(1, 1000)))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                rows.into_iter()
+                    .map(|r| {
+                        (|| -> Result<AuditEntry, sqlx::Error> {
+                            Ok(AuditEntry {
+                                id: r.try_get("id")?,
+                                at: r.try_get("at")?,
+                                actor: r.try_get("actor")?,
+                                role: r.try_get("role")?,
+                                action: r.try_get("action")?,
+                                target: r.try_get("target")?,
+                                outcome: r.try_get("outcome")?,
+                                detail: from_json_text(&r.try_get::<String, _>("detail")?)?,
+                            })
+                        })()
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+
+audit_store_impl!(SqliteStore);
+audit_store_impl!(PgStore);
 
 #[cfg(test)]
 mod tests {

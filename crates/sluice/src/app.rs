@@ -104,10 +104,12 @@ pub async fn build_with(
     admin_key: Option<Secret>,
     overrides: Option<Overrides>,
 ) -> anyhow::Result<Running> {
-    let (store, key_store) = sluice_store::open_stores(&cfg.store.url, cfg.store.max_connections)
+    let stores = sluice_store::open_all(&cfg.store.url, cfg.store.max_connections)
         .await
         .with_context(|| format!("opening the store at {}", cfg.store.url))?;
-    let store: Arc<dyn LogStore> = store;
+    let store: Arc<dyn LogStore> = stores.log;
+    let key_store = stores.keys;
+    let audit = stores.audit;
     let keys = sluice_server::keys::KeyCache::load(key_store)
         .await
         .with_context(|| format!("reading the virtual keys from {}", cfg.store.url))?;
@@ -147,6 +149,7 @@ pub async fn build_with(
         max_body_bytes: cfg.server.max_body_bytes,
         reloader,
         keys: Some(keys),
+        audit: Some(audit),
     });
     Ok(Running { state, writer })
 }

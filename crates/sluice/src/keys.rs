@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::{Context, anyhow, bail};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::Value;
-use sluice_core::keys::{Budget, KeyRejection, KeySpec, KeyStore, Owner, VirtualKey, generate};
+use sluice_core::keys::{
+    Budget, KeyRejection, KeySpec, KeyStore, Owner, Role, VirtualKey, generate,
+};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum KeysCommand {
@@ -85,6 +87,9 @@ pub struct CreateArgs {
     /// A JSON object kept with the key.
     #[arg(long, value_name = "JSON")]
     pub metadata: Option<String>,
+    /// An admin-API role: admin, developer or viewer (none: a client key for /v1 only).
+    #[arg(long, value_name = "ROLE")]
+    pub role: Option<String>,
     /// Print the key and its details as JSON.
     #[arg(long)]
     pub json: bool,
@@ -148,6 +153,12 @@ fn spec(args: &CreateArgs, now: DateTime<Utc>) -> anyhow::Result<KeySpec> {
         },
         expires_at,
         metadata,
+        role: match args.role.as_deref() {
+            None => None,
+            Some(r) => Some(Role::parse(r).ok_or_else(|| {
+                anyhow::anyhow!("--role: `{r}` is not one of admin, developer, viewer")
+            })?),
+        },
     })
 }
 

@@ -44,6 +44,8 @@ fn full_key(at: DateTime<Utc>) -> VirtualKey {
         created_at: at,
         updated_at: at,
         revoked_at: None,
+        role: Some(sluice_core::keys::Role::Developer),
+        created_by: Some("key:0123456789abcdef".into()),
     }
 }
 
@@ -65,6 +67,8 @@ fn minimal_key(at: DateTime<Utc>) -> VirtualKey {
         created_at: at,
         updated_at: at,
         revoked_at: None,
+        role: None,
+        created_by: None,
     }
 }
 
@@ -92,6 +96,8 @@ fn assert_same_key(got: &VirtualKey, want: &VirtualKey) {
         created_at,
         updated_at,
         revoked_at,
+        role,
+        created_by,
     );
     assert_eq!(got, want);
 }
@@ -605,5 +611,39 @@ pub async fn keys_request_filter(db: &TestDb) {
         store.list(&q(None, None)).await.expect("list").len(),
         13,
         "no key filter: every record"
+    );
+}
+
+/// The audit log keeps every entry exactly and lists the newest first, bounded by the limit.
+pub async fn audit_round_trip(db: &TestDb) {
+    let stores = sluice_store::open_all(&db.url, 4)
+        .await
+        .unwrap_or_else(|e| panic!("open_all({}): {e}", db.url));
+    let at = now_us();
+    let entries: Vec<sluice_core::keys::AuditEntry> = (0..3)
+        .map(|i| sluice_core::keys::AuditEntry {
+            id: uuid::Uuid::now_v7().hyphenated().to_string(),
+            at: at + TimeDelta::milliseconds(i),
+            actor: if i == 0 {
+                "admin-key".into()
+            } else {
+                "key:0123456789abcdef".into()
+            },
+            role: "admin".into(),
+            action: "keys.create".into(),
+            target: (i != 2).then(|| format!("target-{i} ünï")),
+            outcome: "ok".into(),
+            detail: json!({"n": i, "name": "a \"quoted\" name"}),
+        })
+        .collect();
+    for e in &entries {
+        stores.audit.append_audit(e).await.expect("append_audit");
+    }
+    let got = stores.audit.list_audit(10).await.expect("list_audit");
+    let want: Vec<_> = entries.iter().rev().cloned().collect();
+    assert_eq!(got, want, "newest first, every field kept");
+    assert_eq!(
+        stores.audit.list_audit(2).await.expect("list_audit").len(),
+        2
     );
 }

@@ -53,6 +53,7 @@ store_suite!(
         keys_revoke,
         keys_secret_not_stored,
         keys_request_filter,
+        audit_round_trip,
         concurrent_open,
     ]
 );
@@ -78,6 +79,7 @@ store_suite!(
         keys_revoke,
         keys_secret_not_stored,
         keys_request_filter,
+        audit_round_trip,
         concurrent_open,
     ]
 );
@@ -104,5 +106,6 @@ store_suite!(
         keys_revoke,
         keys_secret_not_stored,
         keys_request_filter,
+        audit_round_trip,
     ]
 );

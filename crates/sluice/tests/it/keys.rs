@@ -345,3 +345,211 @@ async fn key_limits_answer_429_with_retry_after_and_ratelimit_headers() {
     assert_eq!(first.await.unwrap(), 200);
     assert_eq!(post(one).await, 200, "the slot was released");
 }
+
+/// Roles on the admin API: admin does everything, developer manages its own keys, viewer reads;
+/// client keys have no admin access; every admin action (and refusal) is in the audit log.
+#[tokio::test]
+async fn roles_gate_the_admin_api_and_actions_are_audited() {
+    let s = Sluice::start_opts(Opts {
+        config: MOCK,
+        admin_key: Some("bootstrap-admin-key"),
+        ..Opts::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, key: Option<&str>, body: Option<Value>| {
+        let mut rb = http.request(method, s.url(path));
+        if let Some(k) = key {
+            rb = rb.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        async move {
+            let resp = rb.send().await.expect("request");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let admin = Some("bootstrap-admin-key");
+    let mk = |name: &str, role: Option<&str>| {
+        let mut spec = json!({"name": name});
+        if let Some(r) = role {
+            spec["role"] = json!(r);
+        }
+        spec
+    };
+    let (st, viewer) = call(
+        reqwest::Method::POST,
+        "/api/keys",
+        admin,
+        Some(mk("v", Some("viewer"))),
+    )
+    .await;
+    assert_eq!(st, 201, "{viewer:#}");
+    let viewer = viewer["key"].as_str().unwrap().to_string();
+    let (_, dev) = call(
+        reqwest::Method::POST,
+        "/api/keys",
+        admin,
+        Some(mk("d", Some("developer"))),
+    )
+    .await;
+    let dev = dev["key"].as_str().unwrap().to_string();
+    let (_, client) = call(
+        reqwest::Method::POST,
+        "/api/keys",
+        admin,
+        Some(mk("c", None)),
+    )
+    .await;
+    let client_id = client["id"].as_str().unwrap().to_string();
+    let client = client["key"].as_str().unwrap().to_string();
+
+    // No key, and a client key, get nothing from /api.
+    assert_eq!(
+        call(reqwest::Method::GET, "/api/keys", None, None).await.0,
+        401
+    );
+    let (st, body) = call(reqwest::Method::GET, "/api/keys", Some(&client), None).await;
+    assert_eq!(st, 403, "{body:#}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("client key")
+    );
+
+    // The viewer reads, and nothing else.
+    assert_eq!(
+        call(reqwest::Method::GET, "/api/requests", Some(&viewer), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(reqwest::Method::GET, "/api/keys", Some(&viewer), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(
+            reqwest::Method::GET,
+            "/api/deployments",
+            Some(&viewer),
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    let (st, body) = call(
+        reqwest::Method::POST,
+        "/api/keys",
+        Some(&viewer),
+        Some(mk("x", None)),
+    )
+    .await;
+    assert_eq!(st, 403, "{body:#}");
+    assert_eq!(
+        call(
+            reqwest::Method::POST,
+            "/api/config/reload",
+            Some(&viewer),
+            None
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        call(reqwest::Method::GET, "/api/audit", Some(&viewer), None)
+            .await
+            .0,
+        403
+    );
+
+    // The developer creates client keys and manages its own, not others'.
+    let (st, own) = call(
+        reqwest::Method::POST,
+        "/api/keys",
+        Some(&dev),
+        Some(mk("mine", None)),
+    )
+    .await;
+    assert_eq!(st, 201, "{own:#}");
+    let own_id = own["id"].as_str().unwrap().to_string();
+    let (st, _) = call(
+        reqwest::Method::POST,
+        "/api/keys",
+        Some(&dev),
+        Some(mk("boss", Some("admin"))),
+    )
+    .await;
+    assert_eq!(st, 403, "a developer cannot mint role keys");
+    let (st, _) = call(
+        reqwest::Method::POST,
+        &format!("/api/keys/{own_id}/rotate"),
+        Some(&dev),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (st, body) = call(
+        reqwest::Method::DELETE,
+        &format!("/api/keys/{client_id}"),
+        Some(&dev),
+        None,
+    )
+    .await;
+    assert_eq!(st, 403, "{body:#}");
+    assert_eq!(
+        call(
+            reqwest::Method::DELETE,
+            &format!("/api/keys/{own_id}"),
+            Some(&dev),
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        call(reqwest::Method::GET, "/api/audit", Some(&dev), None)
+            .await
+            .0,
+        403
+    );
+
+    // The admin sees who did what.
+    let (st, log) = call(reqwest::Method::GET, "/api/audit", admin, None).await;
+    assert_eq!(st, 200, "{log:#}");
+    let entries = log["data"].as_array().expect("entries");
+    let has = |actor_prefix: &str, action: &str, outcome: &str| {
+        entries.iter().any(|e| {
+            e["actor"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(actor_prefix))
+                && e["action"] == action
+                && e["outcome"] == outcome
+        })
+    };
+    assert!(has("admin-key", "keys.create", "ok"), "{log:#}");
+    assert!(
+        has("key:", "keys.create", "ok"),
+        "the developer's creation: {log:#}"
+    );
+    assert!(has("key:", "keys.rotate", "ok"), "{log:#}");
+    assert!(has("key:", "keys.revoke", "forbidden"), "{log:#}");
+    assert!(has("key:", "keys.revoke", "ok"), "{log:#}");
+    assert!(
+        has("key:", "denied", "forbidden"),
+        "the viewer's refused POST: {log:#}"
+    );
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["at"].is_string() && e["role"].is_string())
+    );
+}
