@@ -28,8 +28,8 @@ pub struct Finisher {
     tokens: Option<TokenReservation>,
     /// For complexity routing: the strongest tier's price, to report the cost saved.
     baseline: Option<ModelPrice>,
-    /// The virtual key's rate-limit admission, settled with the real tokens at the end.
-    limit: Option<crate::limits::Admitted>,
+    /// The rate-limit admissions, settled with the real tokens at the end.
+    limit: Vec<crate::limits::Admitted>,
 }
 
 impl Finisher {
@@ -48,8 +48,13 @@ impl Finisher {
             in_flight: None,
             tokens: None,
             baseline: None,
-            limit: None,
+            limit: Vec::new(),
         }
+    }
+
+    /// The request's user, as attributed so far.
+    pub fn user(&self) -> Option<&str> {
+        self.record.as_ref().and_then(|r| r.user.as_deref())
     }
 
     /// Provider calls made so far.
@@ -64,8 +69,8 @@ impl Finisher {
     }
 
     /// Keeps a virtual key's rate-limit admission until the record closes.
-    pub fn hold_limit(&mut self, admitted: crate::limits::Admitted) {
-        self.limit = Some(admitted);
+    pub fn hold_limits(&mut self, admitted: Vec<crate::limits::Admitted>) {
+        self.limit = admitted;
     }
 
     /// Notes how the router chose; with a baseline price, the record also gets what the strongest
@@ -141,7 +146,7 @@ impl Finisher {
         if let Some(t) = self.tokens.take() {
             t.settle(r.prompt_tokens + r.completion_tokens);
         }
-        if let Some(mut l) = self.limit.take() {
+        for mut l in std::mem::take(&mut self.limit) {
             l.settle(r.prompt_tokens + r.completion_tokens);
         }
         if let (Some(p), Some(serde_json::Value::Object(route))) = (self.baseline, r.route.as_mut())

@@ -430,7 +430,9 @@ impl Gateway {
             fin.fail(&e).await;
             return Err(e);
         }
-        let limit_headers = match self.admit(key.as_deref(), &mut fin, || estimate_tokens(&req)) {
+        let limit_headers = match self.admit(&router, key.as_deref(), &req.model, &mut fin, || {
+            estimate_tokens(&req)
+        }) {
             Ok(h) => h,
             Err(e) => {
                 fin.fail(&e).await;
@@ -579,7 +581,7 @@ impl Gateway {
             fin.fail(&e).await;
             return Err(e);
         }
-        if let Err(e) = self.admit(key.as_deref(), &mut fin, || {
+        if let Err(e) = self.admit(&router, key.as_deref(), &req.model, &mut fin, || {
             let chars: usize = req.input.texts().iter().map(|t| t.len()).sum();
             (chars as u64).div_ceil(4)
         }) {
@@ -619,22 +621,60 @@ impl Gateway {
         }
     }
 
-    /// Applies the request's virtual key's limits; the admission is held by the finisher until
-    /// the record closes. Returns the `x-ratelimit-*` headers.
+    /// Applies the rate limits that cover the request — its virtual key's, its user's, its
+    /// model's and the global ones; the admissions are held by the finisher until the record
+    /// closes. Returns the `x-ratelimit-*` headers of the most specific limit.
     fn admit(
         &self,
+        router: &Router,
         key: Option<&sluice_core::keys::VirtualKey>,
+        model: &str,
         fin: &mut Finisher,
         tokens: impl FnOnce() -> u64,
     ) -> Result<Vec<(&'static str, String)>, Error> {
-        let Some(k) = key else { return Ok(Vec::new()) };
-        if k.rpm.is_none() && k.tpm.is_none() && k.max_parallel.is_none() {
+        use limits::{KeyLimits, Subject};
+        let cfg = &router.limits;
+        let mut subjects = Vec::new();
+        if let Some(k) = key {
+            subjects.push(KeyLimits::key_subject(k));
+        }
+        if !cfg.per_user.is_empty()
+            && let Some(u) = fin.user()
+        {
+            subjects.push(Subject {
+                id: format!("user:{u}"),
+                label: format!("user `{u}`"),
+                spec: cfg.per_user,
+            });
+        }
+        if let Some(spec) = cfg.models.get(model) {
+            subjects.push(Subject {
+                id: format!("model:{model}"),
+                label: format!("model `{model}`"),
+                spec: *spec,
+            });
+        }
+        subjects.push(Subject {
+            id: "global".into(),
+            label: "this gateway".into(),
+            spec: cfg.global,
+        });
+        subjects.retain(|s| !s.spec.is_empty());
+        if subjects.is_empty() {
             return Ok(Vec::new());
         }
-        let estimate = if k.tpm.is_some() { tokens() } else { 0 };
-        let admitted = self.limits.admit(k, estimate)?;
-        let headers = admitted.headers.clone();
-        fin.hold_limit(admitted);
+        let estimate = if subjects.iter().any(|s| s.spec.tpm.is_some()) {
+            tokens()
+        } else {
+            0
+        };
+        let admitted = self.limits.admit_all(&subjects, estimate)?;
+        let headers = admitted
+            .iter()
+            .find(|a| !a.headers.is_empty())
+            .map(|a| a.headers.clone())
+            .unwrap_or_default();
+        fin.hold_limits(admitted);
         Ok(headers)
     }
 

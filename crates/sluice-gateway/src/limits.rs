@@ -1,7 +1,8 @@
-//! Per-key rate limits, in process: requests per minute, tokens per minute (estimated before the
-//! call, replaced by the real count after it) and requests in flight. A request over a limit is
-//! answered 429 `rate_limit_exceeded` with `Retry-After`; every answer to a limited key carries
-//! OpenAI's `x-ratelimit-*` headers.
+//! Rate limits, in process: requests per minute, tokens per minute (estimated before the call,
+//! replaced by the real count after it) and requests in flight — per virtual key, per user, per
+//! model and global. A request over any limit is answered 429 `rate_limit_exceeded` with
+//! `Retry-After`, and what it took from the limits it passed is given back; answers carry
+//! OpenAI's `x-ratelimit-*` headers for the most specific limit that applies.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +16,74 @@ use sluice_core::keys::VirtualKey;
 use crate::window::RateWindow;
 
 type Signature = (Option<u64>, Option<u64>, Option<u32>);
+
+/// One set of limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    #[serde(default)]
+    pub max_parallel: Option<u32>,
+}
+
+impl LimitSpec {
+    pub fn is_empty(&self) -> bool {
+        self.rpm.is_none() && self.tpm.is_none() && self.max_parallel.is_none()
+    }
+
+    fn signature(&self) -> Signature {
+        (self.rpm, self.tpm, self.max_parallel)
+    }
+
+    fn validate(&self, key: &str) -> Result<(), String> {
+        if self.rpm == Some(0) || self.tpm == Some(0) || self.max_parallel == Some(0) {
+            return Err(format!(
+                "{key}: a limit must be at least 1 (leave it out for none)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[limits]`: limits beyond each key's own.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Over every request.
+    #[serde(default)]
+    pub global: LimitSpec,
+    /// For each user separately (the user of the request: header, body or key owner).
+    #[serde(default)]
+    pub per_user: LimitSpec,
+    /// Per model name (as clients ask for it).
+    #[serde(default)]
+    pub models: std::collections::BTreeMap<String, LimitSpec>,
+}
+
+impl LimitsConfig {
+    /// Checks the settings; errors name the key below `limits`.
+    pub fn validate(&self) -> Result<(), String> {
+        self.global.validate("global")?;
+        self.per_user.validate("per_user")?;
+        for (m, spec) in &self.models {
+            spec.validate(&format!("models.{m}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// One limit that applies to a request: who it counts for, how to name it, and the limits.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    /// `key:ID`, `user:NAME`, `model:NAME` or `global`.
+    pub id: String,
+    /// For messages: "this API key (`svc`)", "user `alice`", …
+    pub label: String,
+    pub spec: LimitSpec,
+}
 
 struct KeyLimiter {
     signature: Signature,
@@ -55,6 +124,18 @@ impl std::fmt::Debug for Admitted {
 }
 
 impl Admitted {
+    /// Gives back what the admission took (the request was refused by another limit).
+    fn cancel(mut self) {
+        let now = Instant::now();
+        if let Some(w) = &self.limiter.rpm {
+            w.adjust(now, -1);
+        }
+        if let Some(w) = &self.limiter.tpm {
+            w.adjust(now, -i64::try_from(self.reserved).unwrap_or(i64::MAX));
+        }
+        self.reserved = 0;
+    }
+
     /// Replaces the token estimate with the real count.
     pub fn settle(&mut self, actual: u64) {
         if let Some(w) = &self.limiter.tpm {
@@ -98,34 +179,70 @@ fn limited(message: String, wait: Option<Duration>, headers: Vec<(&'static str, 
 }
 
 impl KeyLimits {
-    fn limiter(&self, key: &VirtualKey) -> Arc<KeyLimiter> {
-        let signature = (key.rpm, key.tpm, key.max_parallel);
-        if let Some(l) = self.limiters.read().get(&key.id)
+    fn limiter(&self, id: &str, spec: &LimitSpec) -> Arc<KeyLimiter> {
+        let signature = spec.signature();
+        if let Some(l) = self.limiters.read().get(id)
             && l.signature == signature
         {
             return l.clone();
         }
         let fresh = Arc::new(KeyLimiter {
             signature,
-            rpm: key.rpm.map(RateWindow::new),
-            tpm: key.tpm.map(RateWindow::new),
-            max_parallel: key.max_parallel,
+            rpm: spec.rpm.map(RateWindow::new),
+            tpm: spec.tpm.map(RateWindow::new),
+            max_parallel: spec.max_parallel,
             in_flight: AtomicU32::new(0),
         });
         let mut all = self.limiters.write();
-        match all.get(&key.id) {
+        match all.get(id) {
             // Another request made it first with the same limits: share it.
             Some(l) if l.signature == signature => l.clone(),
             _ => {
-                all.insert(key.id.clone(), fresh.clone());
+                all.insert(id.to_string(), fresh.clone());
                 fresh
             }
         }
     }
 
+    /// The subject of a virtual key's own limits.
+    pub fn key_subject(key: &VirtualKey) -> Subject {
+        Subject {
+            id: format!("key:{}", key.id),
+            label: format!("this API key (`{}`)", key.name),
+            spec: LimitSpec {
+                rpm: key.rpm,
+                tpm: key.tpm,
+                max_parallel: key.max_parallel,
+            },
+        }
+    }
+
+    /// Lets a request through every limit in `subjects` (most specific first), or refuses it
+    /// and gives back what the limits it passed took.
+    pub fn admit_all(&self, subjects: &[Subject], tokens: u64) -> Result<Vec<Admitted>, Error> {
+        let mut held: Vec<Admitted> = Vec::with_capacity(subjects.len());
+        for s in subjects.iter().filter(|s| !s.spec.is_empty()) {
+            match self.admit_one(s, tokens) {
+                Ok(a) => held.push(a),
+                Err(e) => {
+                    for a in held {
+                        a.cancel();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(held)
+    }
+
     /// Lets a request of `tokens` (estimated) through `key`'s limits, or says when to retry.
     pub fn admit(&self, key: &VirtualKey, tokens: u64) -> Result<Admitted, Error> {
-        let l = self.limiter(key);
+        self.admit_one(&Self::key_subject(key), tokens)
+    }
+
+    fn admit_one(&self, subject: &Subject, tokens: u64) -> Result<Admitted, Error> {
+        let l = self.limiter(&subject.id, &subject.spec);
+        let label = &subject.label;
         let now = Instant::now();
         if let Some(max) = l.max_parallel {
             let before = l.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -133,8 +250,7 @@ impl KeyLimits {
                 l.in_flight.fetch_sub(1, Ordering::Relaxed);
                 return Err(limited(
                     format!(
-                        "this API key (`{}`) already has {max} requests in flight, its max_parallel; retry when one finishes",
-                        key.name
+                        "{label} already has {max} requests in flight, its max_parallel; retry when one finishes"
                     ),
                     None,
                     Vec::new(),
@@ -154,8 +270,7 @@ impl KeyLimits {
             let headers = Self::headers(&l, now);
             return Err(limited(
                 format!(
-                    "this API key (`{}`) is at its limit of {} requests per minute",
-                    key.name,
+                    "{label} is at its limit of {} requests per minute",
                     w.limit()
                 ),
                 wait,
@@ -173,8 +288,7 @@ impl KeyLimits {
                 let headers = Self::headers(&l, now);
                 return Err(limited(
                     format!(
-                        "this API key (`{}`) is at its limit of {} tokens per minute (this request is estimated at {tokens})",
-                        key.name,
+                        "{label} is at its limit of {} tokens per minute (this request is estimated at {tokens})",
                         w.limit()
                     ),
                     wait,
@@ -296,6 +410,33 @@ mod tests {
         drop(a);
         let c = limits.admit(&k, 0).unwrap();
         drop((b, c));
+    }
+
+    #[test]
+    fn a_refusal_gives_back_what_other_limits_took() {
+        let limits = KeyLimits::default();
+        let k = KeyLimits::key_subject(&key(Some(10), Some(1000), Some(5)));
+        let model = Subject {
+            id: "model:m".into(),
+            label: "model `m`".into(),
+            spec: LimitSpec {
+                rpm: Some(1),
+                ..LimitSpec::default()
+            },
+        };
+        let subjects = [k.clone(), model];
+        let first = limits.admit_all(&subjects, 100).expect("first");
+        assert_eq!(first.len(), 2);
+        let e = limits.admit_all(&subjects, 100).unwrap_err();
+        assert!(e.message.contains("model `m`"), "{}", e.message);
+        // The key's limiter holds only the first request: 1 request, 100 tokens, 1 in flight.
+        let l = limits.limiter(&k.id, &k.spec);
+        let now = Instant::now();
+        assert_eq!(l.rpm.as_ref().unwrap().used(now), 1);
+        assert_eq!(l.tpm.as_ref().unwrap().used(now), 100);
+        assert_eq!(l.in_flight.load(Ordering::Relaxed), 1);
+        drop(first);
+        assert_eq!(l.in_flight.load(Ordering::Relaxed), 0);
     }
 
     #[test]

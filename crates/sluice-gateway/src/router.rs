@@ -745,6 +745,8 @@ impl Group {
 #[derive(Debug, Default)]
 pub struct Router {
     groups: BTreeMap<String, Arc<Group>>,
+    /// `[limits]`: per user, per model and global rate limits (swapped with the router on reload).
+    pub limits: crate::limits::LimitsConfig,
 }
 
 impl Router {
@@ -786,7 +788,10 @@ impl Router {
                 }
             }
         }
-        Ok(Router { groups })
+        Ok(Router {
+            groups,
+            limits: Default::default(),
+        })
     }
 
     pub fn group(&self, name: &str) -> Option<&Arc<Group>> {

@@ -32,6 +32,9 @@ pub struct RawConfig {
     pub providers: BTreeMap<String, ProviderConfig>,
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
+    /// Rate limits per user, per model and global (each key's own are on the key).
+    #[serde(default)]
+    pub limits: sluice_gateway::limits::LimitsConfig,
 }
 
 /// The configuration Sluice uses when there is no file: the embedded SQLite store and the local
@@ -273,7 +276,17 @@ impl Config {
             let group = build_group(model, mc, deps).map_err(|e| format!("models.{model}.{e}"))?;
             groups.push(group);
         }
-        let router = Router::new(groups)?;
+        raw.limits.validate().map_err(|e| format!("limits.{e}"))?;
+        for m in raw.limits.models.keys() {
+            if !raw.models.contains_key(m) {
+                return Err(format!(
+                    "limits.models.{m}: no model `{m}`; configured models: {}",
+                    raw.models.keys().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        let mut router = Router::new(groups)?;
+        router.limits = raw.limits.clone();
         Ok(Config {
             source,
             server: raw.server,

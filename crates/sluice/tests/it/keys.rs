@@ -553,3 +553,49 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
             .all(|e| e["at"].is_string() && e["role"].is_string())
     );
 }
+
+/// `[limits]`: a model's rpm and a per-user rpm apply to every caller, keyed or not; a request
+/// refused by one limit gives back what the others took.
+#[tokio::test]
+async fn model_user_and_global_limits() {
+    let config = format!(
+        "{MOCK}\n[limits]\nper_user = {{ rpm = 2 }}\nglobal = {{ rpm = 1000 }}\n[limits.models.\"priced\"]\nrpm = 3\n"
+    );
+    let s = Sluice::start(&config).await;
+    let http = reqwest::Client::new();
+    let send = |model: &'static str, user: Option<&'static str>| {
+        let mut body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        if let Some(u) = user {
+            body["user"] = json!(u);
+        }
+        http.post(s.url("/v1/chat/completions")).json(&body).send()
+    };
+    // The model limit: 3 a minute, whoever asks.
+    for _ in 0..3 {
+        assert_eq!(send("priced", None).await.unwrap().status(), 200);
+    }
+    let resp = send("priced", None).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model `priced`"),
+        "{body:#}"
+    );
+    // Another model is not affected.
+    assert_eq!(send("mock-echo", None).await.unwrap().status(), 200);
+
+    // Per user: 2 a minute for each user, separately.
+    for _ in 0..2 {
+        assert_eq!(
+            send("mock-echo", Some("alice")).await.unwrap().status(),
+            200
+        );
+    }
+    let resp = send("mock-echo", Some("alice")).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(header(&resp, "retry-after").is_some());
+    assert_eq!(send("mock-echo", Some("bob")).await.unwrap().status(), 200);
+}
