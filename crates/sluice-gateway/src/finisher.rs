@@ -181,7 +181,8 @@ impl Finisher {
         }
     }
 
-    /// Completes the record of a whole chat completion; returns its cost.
+    /// Completes the record of a whole chat completion; returns its cost. `req` is the client's
+    /// request; without reported usage it is counted with the deployment's model's tokenizer.
     pub async fn complete(
         &mut self,
         req: &ChatRequest,
@@ -194,10 +195,11 @@ impl Finisher {
                 return 0.0;
             };
             let usage = completion.usage.clone();
+            let model = dep.upstream_model();
             apply_usage(r, usage, dep.price, || {
                 (
-                    tokens::count_prompt(&req.model, req),
-                    tokens::count_text(&req.model, &completion.output_text()),
+                    tokens::count_prompt(model, req),
+                    tokens::count_text(model, &completion.output_text()),
                 )
             });
             r.finish_reason = completion
@@ -226,12 +228,13 @@ impl Finisher {
             };
             let reported = resp.usage.prompt_tokens > 0 || resp.usage.total_tokens > 0;
             let usage = reported.then(|| Usage::new(resp.usage.prompt_tokens, 0, 0));
+            let model = dep.upstream_model();
             apply_usage(r, usage, dep.price, || {
                 let n = req
                     .input
                     .texts()
                     .iter()
-                    .map(|t| tokens::count_text(&req.model, t))
+                    .map(|t| tokens::count_text(model, t))
                     .sum();
                 (n, 0)
             });

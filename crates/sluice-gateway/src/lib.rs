@@ -346,6 +346,18 @@ impl Gateway {
         self.router().group(model).is_some()
     }
 
+    /// Puts the request body on the record when bodies are kept: the bytes the server read if it
+    /// set them, else the parsed request serialized.
+    fn keep_request_body(&self, ctx: &mut RequestContext, req: &impl serde::Serialize) {
+        match self.bodies {
+            BodyMode::Full if ctx.record.request_body.is_none() => {
+                ctx.record.request_body = RawJson::of(req);
+            }
+            BodyMode::Full => {}
+            BodyMode::None => ctx.record.request_body = None,
+        }
+    }
+
     /// Whether records keep request and response bodies.
     pub fn stores_bodies(&self) -> bool {
         self.bodies == BodyMode::Full
@@ -417,13 +429,7 @@ impl Gateway {
         ctx.record.model.clone_from(&req.model);
         ctx.record.stream = req.is_stream();
         attribute(&mut ctx.record, &req);
-        match self.bodies {
-            BodyMode::Full if ctx.record.request_body.is_none() => {
-                ctx.record.request_body = RawJson::of(&req);
-            }
-            BodyMode::Full => {}
-            BodyMode::None => ctx.record.request_body = None,
-        }
+        self.keep_request_body(&mut ctx, &req);
         let key = ctx.key.clone();
         let mut fin = self.finisher(&router, ctx);
         if let Err(e) = validate(&req).and_then(|()| allowed(key.as_deref(), &req.model)) {
@@ -495,7 +501,11 @@ impl Gateway {
             match served {
                 Ok(s) => {
                     let (pending, upstream) = s.value;
-                    let up = addressed(&req, &s.dep);
+                    let wants_usage = req.wants_stream_usage();
+                    // The stream keeps the request (for the tokenizer fallback), addressed to
+                    // the deployment that serves it.
+                    let mut up = req;
+                    up.model = s.dep.dep.upstream_model().to_string();
                     let header = route_header(&route, &s.group, &s.dep, fin.attempts());
                     Ok(ChatOutcome::Stream(
                         ChatStream::new(
@@ -509,7 +519,7 @@ impl Gateway {
                             up,
                             s.dep.dep.provider_name.clone(),
                             s.dep.dep.price,
-                            req.wants_stream_usage(),
+                            wants_usage,
                             self.bodies == BodyMode::Full,
                             header,
                         )
@@ -527,7 +537,6 @@ impl Gateway {
                 .await;
             match served {
                 Ok(s) => {
-                    let up = addressed(&req, &s.dep);
                     let header = route_header(&route, &s.group, &s.dep, fin.attempts());
                     let completion = Box::new(s.value);
                     // Serialized once: for the record and, as is, for the response.
@@ -537,7 +546,7 @@ impl Gateway {
                     } else {
                         None
                     };
-                    let cost = fin.complete(&up, &s.dep.dep, &completion, stored).await;
+                    let cost = fin.complete(&req, &s.dep.dep, &completion, stored).await;
                     Ok(ChatOutcome::Complete {
                         completion,
                         raw,
@@ -563,13 +572,7 @@ impl Gateway {
         let router = self.router();
         ctx.record.model.clone_from(&req.model);
         ctx.record.user = ctx.record.user.take().or_else(|| req.user.clone());
-        match self.bodies {
-            BodyMode::Full if ctx.record.request_body.is_none() => {
-                ctx.record.request_body = RawJson::of(&req);
-            }
-            BodyMode::Full => {}
-            BodyMode::None => ctx.record.request_body = None,
-        }
+        self.keep_request_body(&mut ctx, &req);
         let key = ctx.key.clone();
         let mut fin = self.finisher(&router, ctx);
         if req.input.is_empty() {
@@ -609,9 +612,7 @@ impl Gateway {
             .await;
         match served {
             Ok(s) => {
-                let mut up = req.clone();
-                up.model = s.dep.dep.upstream_model().to_string();
-                let cost = fin.embedded(&up, &s.dep.dep, &s.value).await;
+                let cost = fin.embedded(&req, &s.dep.dep, &s.value).await;
                 Ok((s.value, cost))
             }
             Err(e) => {
@@ -635,7 +636,9 @@ impl Gateway {
         use limits::{KeyLimits, Subject};
         let cfg = &router.limits;
         let mut subjects = Vec::new();
-        if let Some(k) = key {
+        if let Some(k) = key
+            && (k.rpm.is_some() || k.tpm.is_some() || k.max_parallel.is_some())
+        {
             subjects.push(KeyLimits::key_subject(k));
         }
         if !cfg.per_user.is_empty()
@@ -654,11 +657,14 @@ impl Gateway {
                 spec: *spec,
             });
         }
-        subjects.push(Subject {
-            id: "global".into(),
-            label: "this gateway".into(),
-            spec: cfg.global,
-        });
+        if !cfg.global.is_empty() {
+            subjects.push(Subject {
+                id: "global".into(),
+                label: "this gateway".into(),
+                spec: cfg.global,
+            });
+        }
+        // Subjects are only built for limits that exist: nothing is allocated when none apply.
         subjects.retain(|s| !s.spec.is_empty());
         if subjects.is_empty() {
             return Ok(Vec::new());
@@ -938,7 +944,10 @@ fn route_header(decision: &str, group: &Group, dep: &DeploymentState, attempts: 
     } else {
         format!("{decision}; {served}")
     };
-    // Header values are visible ASCII.
+    // Header values are visible ASCII; model and deployment names almost always are already.
+    if v.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return v;
+    }
     v.chars()
         .map(|c| {
             if c.is_ascii_graphic() || c == ' ' {

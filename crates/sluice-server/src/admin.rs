@@ -33,24 +33,46 @@ pub struct ListParams {
 
 /// Parses `since`: RFC 3339, or `N{s,m,h,d}` before now.
 pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    parse_time_or_duration(s, now, false, "15m")
+}
+
+/// Parses a time given as RFC 3339, or as a duration `N{s,m,h,d}` counted from `now` backwards
+/// or (`forward`) forwards. `example` is the duration the error message suggests.
+pub fn parse_time_or_duration(
+    s: &str,
+    now: DateTime<Utc>,
+    forward: bool,
+    example: &str,
+) -> Result<DateTime<Utc>, String> {
+    let s = s.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
-    let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: i64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is neither an RFC 3339 time nor a duration like 15m"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => {
-            return Err(format!("`{s}`: the duration unit must be s, m, h or d"));
-        }
+        .map_err(|_| format!("`{s}` is neither an RFC 3339 time nor a duration like {example}"))?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{s}`: the duration unit must be s, m, h or d")),
     };
-    Ok(now - chrono::Duration::seconds(secs))
+    let delta = n
+        .checked_mul(unit_secs)
+        .and_then(chrono::TimeDelta::try_seconds);
+    let t = if forward {
+        delta.and_then(|d| now.checked_add_signed(d))
+    } else {
+        delta.and_then(|d| now.checked_sub_signed(d))
+    };
+    t.ok_or_else(|| {
+        format!(
+            "`{s}` is too far in the {}",
+            if forward { "future" } else { "past" }
+        )
+    })
 }
 
 impl ListParams {

@@ -32,6 +32,9 @@ pub struct KeyCache {
     /// Where the next poll starts (a little before the last one began, for clock skew between
     /// replicas and writes that commit late).
     since: Mutex<DateTime<Utc>>,
+    /// Whether any key is active, as of the last change or poll (keys that expire in between
+    /// count as active until the next poll, at most [`REFRESH_EVERY`] later).
+    any_active: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -52,11 +55,14 @@ impl KeyCache {
             .into_iter()
             .map(|k| (k.id.clone(), Arc::new(k)))
             .collect();
-        Ok(Arc::new(KeyCache {
+        let cache = Arc::new(KeyCache {
             store,
             keys: RwLock::new(keys),
             since: Mutex::new(started - chrono::Duration::seconds(5)),
-        }))
+            any_active: std::sync::atomic::AtomicBool::new(false),
+        });
+        cache.recount();
+        Ok(cache)
     }
 
     /// Picks up keys written since the last poll.
@@ -70,8 +76,17 @@ impl KeyCache {
                 keys.insert(k.id.clone(), Arc::new(k));
             }
         }
+        self.recount();
         *self.since.lock() = started - chrono::Duration::seconds(5);
         Ok(())
+    }
+
+    /// Recomputes whether any key is active (off the request path: after loads and changes).
+    fn recount(&self) {
+        let now = Utc::now();
+        let any = self.keys.read().values().any(|k| k.check(now).is_ok());
+        self.any_active
+            .store(any, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Polls the store every `every` for as long as the cache is in use.
@@ -91,6 +106,7 @@ impl KeyCache {
     /// Puts a key written by this replica in place at once.
     pub fn upsert(&self, k: VirtualKey) {
         self.keys.write().insert(k.id.clone(), Arc::new(k));
+        self.recount();
     }
 
     /// The key a client presented, if it is a valid one.
@@ -111,8 +127,7 @@ impl KeyCache {
 
     /// Whether any key is in force: then every `/v1` request needs a key.
     pub fn any_active(&self) -> bool {
-        let now = Utc::now();
-        self.keys.read().values().any(|k| k.check(now).is_ok())
+        self.any_active.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -193,19 +208,60 @@ pub async fn audit_log(
     }
 }
 
-/// A developer may rotate and revoke only the keys it created.
-async fn may_manage(cache: &KeyCache, actor: &Actor, id: &str) -> Result<(), Response> {
+/// A developer may rotate and revoke only the keys it created; a refusal is audited as
+/// `action`.
+async fn may_manage(
+    state: &crate::AppState,
+    cache: &KeyCache,
+    actor: &Actor,
+    id: &str,
+    action: &str,
+) -> Result<(), Response> {
     if actor.role != Role::Developer {
         return Ok(());
     }
     match cache.store.get_key(id).await {
         Ok(Some(k)) if k.created_by.as_deref() == Some(actor.name.as_str()) => Ok(()),
-        Ok(_) => Err(ApiError::openai(Error::new(
-            ErrorCode::Forbidden,
-            format!("a developer may manage only the keys it created; `{id}` is not one of them"),
-        ))
-        .into_response()),
+        Ok(_) => {
+            audit(
+                state,
+                actor,
+                action,
+                Some(id),
+                "forbidden",
+                serde_json::Value::Null,
+            )
+            .await;
+            Err(ApiError::openai(Error::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "a developer may manage only the keys it created; `{id}` is not one of them"
+                ),
+            ))
+            .into_response())
+        }
         Err(e) => Err(store_error(e)),
+    }
+}
+
+/// A key's fields as answered, with the key itself when it is being shown (once).
+fn key_body(k: &VirtualKey, secret: Option<String>) -> serde_json::Value {
+    let mut body = serde_json::to_value(k).unwrap_or_default();
+    if let Some(secret) = secret {
+        body["key"] = serde_json::Value::String(secret);
+    }
+    body
+}
+
+/// Reads a key back after a change, puts it in this replica's cache at once, and answers it.
+async fn answer_key(cache: &KeyCache, id: &str, secret: Option<String>) -> Response {
+    match cache.store.get_key(id).await {
+        Ok(Some(k)) => {
+            cache.upsert(k.clone());
+            Json(key_body(&k, secret)).into_response()
+        }
+        Ok(None) => not_found(id),
+        Err(e) => store_error(e),
     }
 }
 
@@ -273,9 +329,7 @@ pub async fn create(
         serde_json::json!({"name": key.name, "role": key.role, "models": key.models}),
     )
     .await;
-    let mut body = serde_json::to_value(&key).unwrap_or_default();
-    body["key"] = serde_json::Value::String(secret);
-    (StatusCode::CREATED, Json(body)).into_response()
+    (StatusCode::CREATED, Json(key_body(&key, Some(secret)))).into_response()
 }
 
 /// `DELETE /api/keys/{id}`: revokes a key, on every replica within a second.
@@ -287,16 +341,7 @@ pub async fn revoke(
     let Some(cache) = &state.keys else {
         return no_keys();
     };
-    if let Err(r) = may_manage(cache, &actor, &id).await {
-        audit(
-            &state,
-            &actor,
-            "keys.revoke",
-            Some(&id),
-            "forbidden",
-            serde_json::Value::Null,
-        )
-        .await;
+    if let Err(r) = may_manage(&state, cache, &actor, &id, "keys.revoke").await {
         return r;
     }
     match cache.store.revoke_key(&id, Utc::now()).await {
@@ -314,14 +359,7 @@ pub async fn revoke(
         Ok(false) => return not_active(&id),
         Err(e) => return store_error(e),
     }
-    match cache.store.get_key(&id).await {
-        Ok(Some(k)) => {
-            cache.upsert(k.clone());
-            Json(k).into_response()
-        }
-        Ok(None) => not_found(&id),
-        Err(e) => store_error(e),
-    }
+    answer_key(cache, &id, None).await
 }
 
 /// `POST /api/keys/{id}/rotate`: a new secret for the same key; the old one stops working.
@@ -333,16 +371,7 @@ pub async fn rotate(
     let Some(cache) = &state.keys else {
         return no_keys();
     };
-    if let Err(r) = may_manage(cache, &actor, &id).await {
-        audit(
-            &state,
-            &actor,
-            "keys.rotate",
-            Some(&id),
-            "forbidden",
-            serde_json::Value::Null,
-        )
-        .await;
+    if let Err(r) = may_manage(&state, cache, &actor, &id, "keys.rotate").await {
         return r;
     }
     let fresh = match generate(Some(&id)) {
@@ -364,14 +393,5 @@ pub async fn rotate(
         Ok(false) => return not_active(&id),
         Err(e) => return store_error(e),
     }
-    match cache.store.get_key(&id).await {
-        Ok(Some(k)) => {
-            cache.upsert(k.clone());
-            let mut body = serde_json::to_value(&k).unwrap_or_default();
-            body["key"] = serde_json::Value::String(fresh.key);
-            Json(body).into_response()
-        }
-        Ok(None) => not_found(&id),
-        Err(e) => store_error(e),
-    }
+    answer_key(cache, &id, Some(fresh.key)).await
 }

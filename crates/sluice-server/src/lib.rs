@@ -166,13 +166,7 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     resp
 }
 
-/// Compares secrets in time independent of where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub use sluice_core::keys::constant_time_eq;
 
 /// The key a client presented: `Authorization: Bearer …` (OpenAI SDKs) or `x-api-key` (Anthropic
 /// SDKs).

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sluice_core::keys::{
     Budget, KeyRejection, KeySpec, KeyStore, Owner, Role, VirtualKey, generate,
@@ -101,25 +101,7 @@ const LIST_HINT: &str =
 
 /// `--expires`: an RFC 3339 time, or a duration from `now` (`30s`, `15m`, `12h`, `30d`).
 pub fn parse_expires(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s.trim()) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = num.parse().map_err(|_| {
-        format!("`{s}` is neither an RFC 3339 time nor a duration like 30d (s, m, h or d)")
-    })?;
-    let unit_secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("`{s}`: the duration unit must be s, m, h or d")),
-    };
-    n.checked_mul(unit_secs)
-        .and_then(TimeDelta::try_seconds)
-        .and_then(|d| now.checked_add_signed(d))
-        .ok_or_else(|| format!("`{s}` is too far in the future"))
+    sluice_server::admin::parse_time_or_duration(s, now, true, "30d (s, m, h or d)")
 }
 
 /// The key a `create` command line asks for.
@@ -523,6 +505,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::TimeDelta;
 
     #[test]
     fn expires_takes_a_duration_from_now_or_a_time() {
