@@ -48,12 +48,14 @@ error_codes! {
     UnsupportedParameter => 422, "invalid_request_error", "unsupported_parameter";
     RateLimited => 429, "rate_limit_error", "rate_limit_exceeded";
     UpstreamRateLimited => 429, "rate_limit_error", "upstream_rate_limited";
+    InsufficientQuota => 429, "insufficient_quota", "insufficient_quota";
     Internal => 500, "server_error", "internal_error";
     UpstreamError => 502, "upstream_error", "upstream_error";
     UpstreamProtocol => 502, "upstream_error", "upstream_protocol_error";
     UpstreamAuth => 502, "upstream_error", "upstream_auth_failed";
     Unavailable => 503, "server_error", "service_unavailable";
     NoHealthyDeployment => 503, "server_error", "no_healthy_deployment";
+    StateUnavailable => 503, "server_error", "shared_state_unavailable";
     UpstreamTimeout => 504, "upstream_error", "upstream_timeout";
     ClientClosed => 499, "client_error", "client_closed_request";
 }

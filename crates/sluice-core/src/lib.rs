@@ -9,6 +9,7 @@
 //!   the hot path hands records to.
 //! - [`secret`]: secret references (`env::NAME`) that never print.
 //! - [`price`]: the shipped price table and cost arithmetic.
+//! - [`usage`]: spend and usage read from the request log, and the cache's persistent tier.
 
 pub mod error;
 pub mod keys;
@@ -16,5 +17,6 @@ pub mod price;
 pub mod provider;
 pub mod record;
 pub mod secret;
+pub mod usage;
 
 pub use error::{Error, ErrorCode, ProviderError};

@@ -124,6 +124,14 @@ pub struct RequestRecord {
     /// The id of the virtual key the request was made with.
     #[serde(default)]
     pub key_id: Option<String>,
+    /// The exact cache's part: `hit` (served from the cache, no provider call), `miss` (looked
+    /// up, not found, the answer stored), or `None` when the cache was not consulted.
+    #[serde(default)]
+    pub cache: Option<String>,
+    /// On a cache hit: what the provider call would have cost (the cost of the answer when it
+    /// was first made).
+    #[serde(default)]
+    pub cost_saved_usd: f64,
 }
 
 /// A JSON document kept as its text: a body as it was received or sent, stored and served as is,
@@ -250,6 +258,8 @@ impl RequestRecord {
             attempt_log: Vec::new(),
             route: None,
             key_id: None,
+            cache: None,
+            cost_saved_usd: 0.0,
         }
     }
 }

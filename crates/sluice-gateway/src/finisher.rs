@@ -30,6 +30,12 @@ pub struct Finisher {
     baseline: Option<ModelPrice>,
     /// The rate-limit admissions, settled with the real tokens at the end.
     limit: Vec<crate::limits::Admitted>,
+    /// The admission by the limits kept in Redis.
+    shared_limit: Option<crate::limits::SharedAdmission>,
+    /// The budgets' reservation, settled with the real cost at the end.
+    budget: Option<crate::budget::Reservation>,
+    /// Where to put the answer in the cache when the request succeeds.
+    fill: Option<crate::caching::Fill>,
 }
 
 impl Finisher {
@@ -49,6 +55,37 @@ impl Finisher {
             tokens: None,
             baseline: None,
             limit: Vec::new(),
+            shared_limit: None,
+            budget: None,
+            fill: None,
+        }
+    }
+
+    /// Keeps an admission by the limits kept in Redis until the record closes.
+    pub fn hold_shared_limits(&mut self, admitted: crate::limits::SharedAdmission) {
+        self.shared_limit = Some(admitted);
+    }
+
+    /// Keeps the budgets' reservation until the record closes.
+    pub fn hold_budget(&mut self, r: Option<crate::budget::Reservation>) {
+        self.budget = r;
+    }
+
+    /// Puts the answer in the cache if the request succeeds.
+    pub fn fill_cache(&mut self, fill: crate::caching::Fill) {
+        self.fill = Some(fill);
+    }
+
+    /// Whether the answer goes to the cache (then a stream assembles its body).
+    pub fn fills_cache(&self) -> bool {
+        self.fill.is_some()
+    }
+
+    /// Notes the cache's part on the record.
+    pub fn set_cache(&mut self, outcome: &'static str, saved_usd: f64) {
+        if let Some(r) = self.rec() {
+            r.cache = Some(outcome.to_string());
+            r.cost_saved_usd = saved_usd;
         }
     }
 
@@ -149,6 +186,15 @@ impl Finisher {
         for mut l in std::mem::take(&mut self.limit) {
             l.settle(r.prompt_tokens + r.completion_tokens);
         }
+        if let Some(mut l) = self.shared_limit.take() {
+            l.settle(r.prompt_tokens + r.completion_tokens);
+        }
+        if let Some(b) = self.budget.take() {
+            b.settle(r.cost_usd);
+        }
+        if let Some(fill) = self.fill.take() {
+            fill.complete(&mut r);
+        }
         if let (Some(p), Some(serde_json::Value::Object(route))) = (self.baseline, r.route.as_mut())
             && r.status == RecordStatus::Ok
         {
@@ -213,6 +259,17 @@ impl Finisher {
             self.sink.send(r).await;
         }
         cost
+    }
+
+    /// Completes the record of a request answered from the cache.
+    pub async fn cached(&mut self, finish_reason: Option<String>, body: Option<RawJson>) {
+        if let Some(r) = self.rec() {
+            r.finish_reason = finish_reason;
+            r.response_body = body;
+        }
+        if let Some(r) = self.close() {
+            self.sink.send(r).await;
+        }
     }
 
     /// Completes the record of an embeddings call; returns its cost.

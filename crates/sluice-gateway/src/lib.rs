@@ -33,11 +33,16 @@ use sluice_types::openai::{
 use router::{DeploymentState, Group};
 
 pub mod breaker;
+pub mod budget;
+pub mod cache;
+pub mod caching;
 pub mod complexity;
 pub mod finisher;
 pub mod limits;
 pub mod metrics;
 pub mod router;
+pub mod shared;
+pub mod state;
 pub mod stream;
 pub mod tokens;
 pub mod window;
@@ -234,6 +239,8 @@ pub struct RequestContext {
     pub record: RequestRecord,
     /// The virtual key the request was made with.
     pub key: Option<Arc<sluice_core::keys::VirtualKey>>,
+    /// The request's `Cache-Control` header.
+    pub cache_control: Option<String>,
 }
 
 impl RequestContext {
@@ -242,6 +249,7 @@ impl RequestContext {
             started: Instant::now(),
             record: RequestRecord::start(sluice_types::ids::new_request_id(), endpoint, stream),
             key: None,
+            cache_control: None,
         }
     }
 
@@ -299,6 +307,9 @@ struct Served<T> {
 pub struct Gateway {
     router: RwLock<Arc<Router>>,
     limits: limits::KeyLimits,
+    budgets: budget::Budgets,
+    shared: Option<Arc<state::Shared>>,
+    cache: Option<Arc<cache::Cache>>,
     sink: LogSink,
     metrics: Arc<Metrics>,
     bodies: BodyMode,
@@ -319,10 +330,36 @@ impl Gateway {
         Gateway {
             router: RwLock::new(Arc::new(router)),
             limits: limits::KeyLimits::default(),
+            budgets: budget::Budgets::new(None, None),
+            shared: None,
+            cache: None,
             sink,
             metrics,
             bodies,
         }
+    }
+
+    /// Shares rate limits and budget ledgers with other replicas through Redis, and reads the
+    /// budgets' starting spend from `usage` (the request log).
+    pub fn with_state(
+        mut self,
+        usage: Option<Arc<dyn sluice_core::usage::UsageStore>>,
+        shared: Option<Arc<state::Shared>>,
+    ) -> Self {
+        self.budgets = budget::Budgets::new(usage, shared.clone());
+        self.shared = shared;
+        self
+    }
+
+    /// Serves repeated requests from `cache` when `[cache] enabled` is set.
+    pub fn with_cache(mut self, cache: Arc<cache::Cache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The exact cache, when there is one.
+    pub fn cache(&self) -> Option<&Arc<cache::Cache>> {
+        self.cache.as_ref()
     }
 
     /// The current router. Requests keep the one they started with until they finish.
@@ -423,7 +460,7 @@ impl Gateway {
     pub async fn chat(
         &self,
         mut ctx: RequestContext,
-        req: ChatRequest,
+        mut req: ChatRequest,
     ) -> Result<ChatOutcome, Error> {
         let router = self.router();
         ctx.record.model.clone_from(&req.model);
@@ -431,20 +468,54 @@ impl Gateway {
         attribute(&mut ctx.record, &req);
         self.keep_request_body(&mut ctx, &req);
         let key = ctx.key.clone();
+        let cache_header = ctx.cache_control.take();
         let mut fin = self.finisher(&router, ctx);
         if let Err(e) = validate(&req).and_then(|()| allowed(key.as_deref(), &req.model)) {
             fin.fail(&e).await;
             return Err(e);
         }
-        let limit_headers = match self.admit(&router, key.as_deref(), &req.model, &mut fin, || {
-            estimate_tokens(&req)
-        }) {
+        let limit_headers = match self
+            .admit(&router, key.as_deref(), &req.model, &mut fin, || {
+                estimate_tokens(&req)
+            })
+            .await
+        {
             Ok(h) => h,
             Err(e) => {
                 fin.fail(&e).await;
                 return Err(e);
             }
         };
+        let mut limit_headers = limit_headers;
+        let looked = caching::lookup(
+            self.cache.as_ref(),
+            &router.cache,
+            &mut req,
+            cache_header.as_deref(),
+            key.as_deref().map(|k| k.id.as_str()),
+            key.as_deref().and_then(|k| k.owner.team.as_deref()),
+            self.bodies == BodyMode::Full,
+        )
+        .await;
+        match looked {
+            Ok(caching::Lookup::Off) => {}
+            Ok(caching::Lookup::Hit(entry, completion)) => {
+                return Ok(self
+                    .serve_hit(fin, &req, &entry, completion, limit_headers)
+                    .await);
+            }
+            Ok(caching::Lookup::Miss(fill)) => {
+                limit_headers.push(("x-sluice-cache", "miss".into()));
+                fin.set_cache("miss", 0.0);
+                if let Some(f) = fill {
+                    fin.fill_cache(f);
+                }
+            }
+            Err(e) => {
+                fin.fail(&e).await;
+                return Err(e);
+            }
+        }
         let mut group = match Self::resolve(&router, &req.model) {
             Ok(g) => g,
             Err(e) => {
@@ -488,6 +559,15 @@ impl Gateway {
                 }
             };
         }
+        if let Err(e) = self
+            .reserve_budget(&router, key.as_deref(), &mut fin, || {
+                worst_chat_cost(&req, &router, &group, router.budgets.default_max_tokens)
+            })
+            .await
+        {
+            fin.fail(&e).await;
+            return Err(e);
+        }
         let stream = req.is_stream();
         let tokens = if group.has_tpm {
             estimate_tokens(&req)
@@ -507,6 +587,7 @@ impl Gateway {
                     let mut up = req;
                     up.model = s.dep.dep.upstream_model().to_string();
                     let header = route_header(&route, &s.group, &s.dep, fin.attempts());
+                    let assemble = self.bodies == BodyMode::Full || fin.fills_cache();
                     Ok(ChatOutcome::Stream(
                         ChatStream::new(
                             stream::Upstream {
@@ -520,7 +601,7 @@ impl Gateway {
                             s.dep.dep.provider_name.clone(),
                             s.dep.dep.price,
                             wants_usage,
-                            self.bodies == BodyMode::Full,
+                            assemble,
                             header,
                         )
                         .with_headers(limit_headers),
@@ -541,7 +622,7 @@ impl Gateway {
                     let completion = Box::new(s.value);
                     // Serialized once: for the record and, as is, for the response.
                     let raw = RawJson::of(&*completion);
-                    let stored = if self.bodies == BodyMode::Full {
+                    let stored = if self.bodies == BodyMode::Full || fin.fills_cache() {
                         raw.clone()
                     } else {
                         None
@@ -563,12 +644,52 @@ impl Gateway {
         }
     }
 
+    /// Answers a request from the cache: no provider call, no cost; the record notes the hit
+    /// and what the answer cost when it was made.
+    async fn serve_hit(
+        &self,
+        mut fin: Finisher,
+        req: &ChatRequest,
+        entry: &sluice_core::usage::CacheEntry,
+        completion: Box<ChatCompletion>,
+        mut headers: Vec<(&'static str, String)>,
+    ) -> ChatOutcome {
+        headers.push(("x-sluice-cache", "hit".into()));
+        fin.set_cache("hit", entry.cost_usd);
+        let finish_reason = completion
+            .choices
+            .first()
+            .and_then(|c| c.finish_reason.clone());
+        let raw = RawJson::from_text(entry.body.clone()).ok();
+        let kept = if self.bodies == BodyMode::Full {
+            raw.clone()
+        } else {
+            None
+        };
+        let route = "cache=hit".to_string();
+        if req.is_stream() {
+            fin.first_token();
+            fin.cached(finish_reason, kept).await;
+            let chunks = cache::replay(&completion, req.wants_stream_usage());
+            ChatOutcome::Stream(ChatStream::replayed(chunks, route).with_headers(headers))
+        } else {
+            fin.cached(finish_reason, kept).await;
+            ChatOutcome::Complete {
+                completion,
+                raw,
+                cost_usd: 0.0,
+                route,
+                headers,
+            }
+        }
+    }
+
     /// Serves embeddings.
     pub async fn embed(
         &self,
         mut ctx: RequestContext,
         req: EmbeddingRequest,
-    ) -> Result<(EmbeddingResponse, f64), Error> {
+    ) -> Result<(EmbeddingResponse, f64, Vec<(&'static str, String)>), Error> {
         let router = self.router();
         ctx.record.model.clone_from(&req.model);
         ctx.record.user = ctx.record.user.take().or_else(|| req.user.clone());
@@ -584,13 +705,19 @@ impl Gateway {
             fin.fail(&e).await;
             return Err(e);
         }
-        if let Err(e) = self.admit(&router, key.as_deref(), &req.model, &mut fin, || {
-            let chars: usize = req.input.texts().iter().map(|t| t.len()).sum();
-            (chars as u64).div_ceil(4)
-        }) {
-            fin.fail(&e).await;
-            return Err(e);
-        }
+        let headers = match self
+            .admit(&router, key.as_deref(), &req.model, &mut fin, || {
+                let chars: usize = req.input.texts().iter().map(|t| t.len()).sum();
+                (chars as u64).div_ceil(4)
+            })
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => {
+                fin.fail(&e).await;
+                return Err(e);
+            }
+        };
         let group = match Self::resolve(&router, &req.model) {
             Ok(g) if g.classifier.is_none() => g,
             Ok(_) => {
@@ -607,13 +734,24 @@ impl Gateway {
                 return Err(e);
             }
         };
+        if let Err(e) = self
+            .reserve_budget(&router, key.as_deref(), &mut fin, || {
+                let bytes: usize = req.input.texts().iter().map(|t| t.len()).sum();
+                let (input, _) = dearest(&router, &group);
+                bytes as f64 * input / 1e6
+            })
+            .await
+        {
+            fin.fail(&e).await;
+            return Err(e);
+        }
         let served = self
             .attempts(&router, group, &mut fin, 0, &EmbedCall(&req))
             .await;
         match served {
             Ok(s) => {
                 let cost = fin.embedded(&req, &s.dep.dep, &s.value).await;
-                Ok((s.value, cost))
+                Ok((s.value, cost, headers))
             }
             Err(e) => {
                 fin.fail(&e).await;
@@ -625,7 +763,7 @@ impl Gateway {
     /// Applies the rate limits that cover the request — its virtual key's, its user's, its
     /// model's and the global ones; the admissions are held by the finisher until the record
     /// closes. Returns the `x-ratelimit-*` headers of the most specific limit.
-    fn admit(
+    async fn admit(
         &self,
         router: &Router,
         key: Option<&sluice_core::keys::VirtualKey>,
@@ -674,6 +812,17 @@ impl Gateway {
         } else {
             0
         };
+        if let Some(shared) = &self.shared {
+            match limits::admit_shared(shared, &subjects, estimate).await {
+                Ok(Ok((admitted, headers))) => {
+                    fin.hold_shared_limits(admitted);
+                    return Ok(headers);
+                }
+                Ok(Err(refused)) => return Err(refused),
+                // Fail open: the in-process limits below; fail closed: 503.
+                Err(e) => shared.on_failure("rate limits", &e)?,
+            }
+        }
         let admitted = self.limits.admit_all(&subjects, estimate)?;
         let headers = admitted
             .iter()
@@ -682,6 +831,25 @@ impl Gateway {
             .unwrap_or_default();
         fin.hold_limits(admitted);
         Ok(headers)
+    }
+
+    /// Reserves the request's worst-case cost on every budget that covers it (its key's, its
+    /// user's, its team's); the reservation is settled with the real cost when the record closes.
+    async fn reserve_budget(
+        &self,
+        router: &Router,
+        key: Option<&sluice_core::keys::VirtualKey>,
+        fin: &mut Finisher,
+        worst: impl FnOnce() -> f64,
+    ) -> Result<(), Error> {
+        let team = key.and_then(|k| k.owner.team.as_deref());
+        let limits = budget::limits_for(&router.budgets, key, fin.user(), team);
+        if limits.is_empty() {
+            return Ok(());
+        }
+        let r = self.budgets.reserve(&limits, worst()).await?;
+        fin.hold_budget(r);
+        Ok(())
     }
 
     /// Runs the attempts of a request: the group's deployments by its strategy, with retries
@@ -1019,6 +1187,68 @@ fn estimate_tokens(req: &ChatRequest) -> u64 {
         .or(req.max_tokens)
         .map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from);
     (prompt_chars as u64).div_ceil(4) + completion
+}
+
+/// The dearest input and output prices (USD per million tokens) among the deployments that may
+/// serve a request to `group`: its own and those of the groups it falls back to.
+fn dearest(router: &Router, group: &Group) -> (f64, f64) {
+    let mut seen: Vec<&str> = vec![group.name.as_str()];
+    let mut queue = vec![group];
+    let (mut input, mut output) = (0.0f64, 0.0f64);
+    while let Some(g) = queue.pop() {
+        for d in &g.deployments {
+            if let Some(p) = d.dep.price {
+                input = input.max(p.input);
+                output = output.max(p.output);
+            }
+        }
+        for (_, name) in g.fallbacks.all() {
+            if seen.len() < MAX_GROUPS_PER_REQUEST
+                && !seen.contains(&name.as_str())
+                && let Some(next) = router.group(name)
+            {
+                seen.push(name.as_str());
+                queue.push(next);
+            }
+        }
+    }
+    (input, output)
+}
+
+/// Prompt tokens assumed per message besides its text (role and separators), and per non-text
+/// part (an image) for the worst case.
+const WORST_TOKENS_PER_MESSAGE: u64 = 8;
+const WORST_TOKENS_PER_PART: u64 = 2_000;
+
+/// The most a chat request can cost: every byte of its messages and tools a token (a
+/// tokenizer never makes a token of less than one byte), plus a few per message and a generous
+/// allowance per image, plus its maximum completion (`max_completion_tokens`, `max_tokens`, else
+/// `default_max_tokens`) for each of its `n` choices, at the dearest prices it may be served at.
+fn worst_chat_cost(req: &ChatRequest, router: &Router, group: &Group, default_max: u32) -> f64 {
+    let (input, output) = dearest(router, group);
+    if input == 0.0 && output == 0.0 {
+        return 0.0;
+    }
+    let mut prompt: u64 = 0;
+    for m in &req.messages {
+        prompt += m.text_len() as u64 + WORST_TOKENS_PER_MESSAGE;
+        if let Some(sluice_types::openai::Content::Parts(parts)) = &m.content {
+            prompt +=
+                parts.iter().filter(|p| p.text.is_none()).count() as u64 * WORST_TOKENS_PER_PART;
+        }
+        if let Some(calls) = &m.tool_calls {
+            prompt += serde_json::to_string(calls).map_or(0, |s| s.len() as u64);
+        }
+    }
+    if let Some(tools) = &req.tools {
+        prompt += serde_json::to_string(tools).map_or(0, |s| s.len() as u64);
+    }
+    let completion = u64::from(
+        req.max_completion_tokens
+            .or(req.max_tokens)
+            .unwrap_or(default_max),
+    ) * u64::from(req.n.unwrap_or(1).max(1));
+    (prompt as f64 * input + completion as f64 * output) / 1e6
 }
 
 /// Completion tokens assumed for capacity when a request sets no maximum.

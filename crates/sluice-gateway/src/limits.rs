@@ -178,6 +178,184 @@ fn limited(message: String, wait: Option<Duration>, headers: Vec<(&'static str, 
     e
 }
 
+/// The refusal of `subject` by its `kind` limit.
+fn refusal(
+    subject: &Subject,
+    kind: crate::shared::LimitKind,
+    limit: u64,
+    tokens: u64,
+    wait: Option<Duration>,
+    headers: Vec<(&'static str, String)>,
+) -> Error {
+    use crate::shared::LimitKind;
+    let label = &subject.label;
+    let message = match kind {
+        LimitKind::Parallel => format!(
+            "{label} already has {limit} requests in flight, its max_parallel; retry when one finishes"
+        ),
+        LimitKind::Rpm => format!("{label} is at its limit of {limit} requests per minute"),
+        LimitKind::Tpm => format!(
+            "{label} is at its limit of {limit} tokens per minute (this request is estimated at {tokens})"
+        ),
+    };
+    limited(message, wait, headers)
+}
+
+/// `x-ratelimit-*` headers from a window's state as Redis reported it.
+fn shared_headers(w: &crate::shared::WindowState) -> Vec<(&'static str, String)> {
+    let mut h = Vec::new();
+    for (u, names) in [
+        (
+            w.rpm,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        ),
+        (
+            w.tpm,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ),
+    ] {
+        if let Some(u) = u {
+            h.push((names[0], u.limit.to_string()));
+            h.push((names[1], u.remaining().to_string()));
+            h.push((names[2], reset(Duration::from_millis(u.reset_ms))));
+        }
+    }
+    h
+}
+
+/// A request let through the limits kept in Redis: its token estimate is settled and its
+/// in-flight slots released (in the background) when its record closes.
+pub struct SharedAdmission {
+    shared: Arc<crate::state::Shared>,
+    /// Subjects with a tokens-per-minute limit.
+    tpm: Vec<String>,
+    /// Subjects with a max_parallel limit.
+    parallel: Vec<String>,
+    second: i64,
+    reserved: u64,
+}
+
+impl std::fmt::Debug for SharedAdmission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedAdmission")
+            .field("reserved", &self.reserved)
+            .finish()
+    }
+}
+
+fn spawn(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    if let Ok(h) = tokio::runtime::Handle::try_current() {
+        h.spawn(work);
+    }
+}
+
+impl SharedAdmission {
+    /// Replaces the token estimate with the real count.
+    pub fn settle(&mut self, actual: u64) {
+        let delta = i64::try_from(actual).unwrap_or(i64::MAX)
+            - i64::try_from(self.reserved).unwrap_or(i64::MAX);
+        self.reserved = actual;
+        if delta == 0 || self.tpm.is_empty() {
+            return;
+        }
+        let (shared, ids, second) = (self.shared.clone(), self.tpm.clone(), self.second);
+        spawn(async move {
+            if let Err(e) = shared.redis().settle(&ids, second, delta).await {
+                let _ = shared.on_failure("rate limits", &e);
+            }
+        });
+    }
+}
+
+impl Drop for SharedAdmission {
+    fn drop(&mut self) {
+        if self.parallel.is_empty() {
+            return;
+        }
+        let (shared, ids) = (self.shared.clone(), std::mem::take(&mut self.parallel));
+        spawn(async move {
+            if let Err(e) = shared.redis().release(&ids).await {
+                // The counters expire on their own (see `shared`).
+                let _ = shared.on_failure("rate limits", &e);
+            }
+        });
+    }
+}
+
+/// Lets a request through every limit in `subjects` as kept in Redis: all are charged in one
+/// atomic script, or none. The outer `Err` is a Redis failure (the caller applies the failure
+/// policy); the inner one a refusal.
+pub async fn admit_shared(
+    shared: &Arc<crate::state::Shared>,
+    subjects: &[Subject],
+    tokens: u64,
+) -> Result<Result<(SharedAdmission, Vec<(&'static str, String)>), Error>, crate::shared::SharedError>
+{
+    use crate::shared::SharedAdmit;
+    let specs: Vec<(String, LimitSpec)> = subjects.iter().map(|s| (s.id.clone(), s.spec)).collect();
+    let first_window = |windows: &[crate::shared::WindowState]| {
+        windows
+            .iter()
+            .map(shared_headers)
+            .find(|h| !h.is_empty())
+            .unwrap_or_default()
+    };
+    match shared.redis().admit(&specs, tokens).await? {
+        SharedAdmit::Admitted { second, windows } => {
+            shared.ok();
+            let headers = first_window(&windows);
+            let ids = |f: fn(&LimitSpec) -> bool| {
+                subjects
+                    .iter()
+                    .filter(|s| f(&s.spec))
+                    .map(|s| s.id.clone())
+                    .collect::<Vec<_>>()
+            };
+            Ok(Ok((
+                SharedAdmission {
+                    shared: shared.clone(),
+                    tpm: ids(|s| s.tpm.is_some()),
+                    parallel: ids(|s| s.max_parallel.is_some()),
+                    second,
+                    reserved: if subjects.iter().any(|s| s.spec.tpm.is_some()) {
+                        tokens
+                    } else {
+                        0
+                    },
+                },
+                headers,
+            )))
+        }
+        SharedAdmit::Refused {
+            index,
+            kind,
+            limit,
+            retry_after_ms,
+            windows,
+        } => {
+            shared.ok();
+            let subject = &subjects[index.min(subjects.len() - 1)];
+            let headers = windows.get(index).map(shared_headers).unwrap_or_default();
+            Ok(Err(refusal(
+                subject,
+                kind,
+                limit,
+                tokens,
+                retry_after_ms.map(Duration::from_millis),
+                headers,
+            )))
+        }
+    }
+}
+
 impl KeyLimits {
     fn limiter(&self, id: &str, spec: &LimitSpec) -> Arc<KeyLimiter> {
         let signature = spec.signature();

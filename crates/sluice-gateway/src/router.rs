@@ -107,7 +107,8 @@ impl FallbackConfig {
         if own.is_empty() { &self.default } else { own }
     }
 
-    fn all(&self) -> impl Iterator<Item = (&'static str, &String)> {
+    /// Every fallback target, with the class it is for.
+    pub fn all(&self) -> impl Iterator<Item = (&'static str, &String)> {
         [
             ("rate_limited", &self.rate_limited),
             ("context_window_exceeded", &self.context_window_exceeded),
@@ -747,6 +748,10 @@ pub struct Router {
     groups: BTreeMap<String, Arc<Group>>,
     /// `[limits]`: per user, per model and global rate limits (swapped with the router on reload).
     pub limits: crate::limits::LimitsConfig,
+    /// `[budgets]`: per user and per team budgets (each key's own are on the key).
+    pub budgets: crate::budget::BudgetsConfig,
+    /// `[cache]`: the exact cache's settings (its memory bound is fixed at start).
+    pub cache: crate::cache::CacheConfig,
 }
 
 impl Router {
@@ -791,6 +796,8 @@ impl Router {
         Ok(Router {
             groups,
             limits: Default::default(),
+            budgets: Default::default(),
+            cache: Default::default(),
         })
     }
 

@@ -218,6 +218,17 @@ impl ChatStream {
         }
     }
 
+    /// A stream of chunks already known (an answer from the cache), whose record is closed.
+    pub(crate) fn replayed(chunks: Vec<ChatCompletionChunk>, route: String) -> Self {
+        ChatStream {
+            inner: Box::pin(futures::stream::iter(
+                chunks.into_iter().map(StreamItem::Chunk),
+            )),
+            route,
+            headers: Vec::new(),
+        }
+    }
+
     /// Adds response headers (`x-ratelimit-*`).
     pub(crate) fn with_headers(mut self, headers: Vec<(&'static str, String)>) -> Self {
         self.headers = headers;

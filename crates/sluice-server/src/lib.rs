@@ -32,6 +32,7 @@ pub mod body;
 pub mod error;
 pub mod keys;
 pub mod openai;
+pub mod usage;
 
 use error::ApiError;
 
@@ -96,6 +97,8 @@ pub struct AppState {
     pub keys: Option<Arc<keys::KeyCache>>,
     /// Where admin actions are recorded.
     pub audit: Option<Arc<dyn sluice_core::keys::AuditStore>>,
+    /// Spend and usage from the request log (`/api/usage`).
+    pub usage: Option<Arc<dyn sluice_core::usage::UsageStore>>,
 }
 
 /// Reloads the configuration: `Ok` with a one-line summary of what is now served, `Err` with the
@@ -139,6 +142,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/keys/{id}", get(keys::get).delete(keys::revoke))
         .route("/api/keys/{id}/rotate", post(keys::rotate))
         .route("/api/audit", get(keys::audit_log))
+        .route("/api/usage", get(usage::usage))
+        .route("/api/cache", axum::routing::delete(usage::clear_cache))
         .route("/api/config/reload", post(admin::reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
     Router::new()
@@ -397,6 +402,9 @@ pub(crate) fn attribute_from_headers(
             .map(str::trim)
             .filter(|s| !s.is_empty())
     };
+    if let Some(c) = get("cache-control") {
+        ctx.cache_control = Some(c.to_string());
+    }
     if let Some(u) = get("x-sluice-user") {
         ctx.record.user = Some(u.to_string());
     }

@@ -174,9 +174,10 @@ pub async fn embeddings(State(state): State<SharedState>, req: Request) -> Respo
         Err(e) => return ApiError::openai(e).into_response(),
     };
     match state.gateway.embed(ctx, emb).await {
-        Ok((resp, cost)) => {
+        Ok((resp, cost, headers)) => {
             let mut r = Json(resp).into_response();
             set_cost(&mut r, cost);
+            set_headers(&mut r, &headers);
             r
         }
         Err(e) => ApiError::openai(e).into_response(),

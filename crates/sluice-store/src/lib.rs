@@ -3,7 +3,10 @@
 //! [`open`] reads a store URL (`sqlite://PATH`, `sqlite::memory:`, `postgres://…`) and returns
 //! the [`LogStore`] for it, with its schema migrated. [`SqliteStore`] (the embedded default) and
 //! [`PgStore`] share one implementation of every query (the `store_impl!` macro) and differ only
-//! in their connection setup and DDL, so they pass the same test suite.
+//! in their connection setup and DDL, so they pass the same test suite. The same store also
+//! serves virtual keys ([`KeyStore`]), the admin audit log ([`AuditStore`]), spend and usage
+//! aggregated from the request log ([`UsageStore`]) and the persistent tier of the exact cache
+//! ([`CacheStore`]); [`open_all`] returns every view of one opened store as [`Stores`].
 //!
 //! [`writer::LogWriter`] drains the request-log queue in batches into a store, off the hot path.
 
@@ -17,6 +20,9 @@ use serde::Deserialize;
 use sluice_core::keys::{AuditEntry, AuditStore, KeyStore, Role, VirtualKey};
 use sluice_core::record::{
     LogStore, RawJson, RecordQuery, RecordStatus, RequestRecord, StoreError, UsageSource,
+};
+use sluice_core::usage::{
+    CacheEntry, CacheStore, Spender, UsageDim, UsageQuery, UsageRow, UsageStore,
 };
 use sqlx::{Row, postgres::PgPoolOptions, sqlite::SqlitePoolOptions};
 use uuid::Uuid;
@@ -154,27 +160,29 @@ pub struct Stores {
     pub log: Arc<dyn LogStore>,
     pub keys: Arc<dyn KeyStore>,
     pub audit: Arc<dyn AuditStore>,
+    pub usage: Arc<dyn UsageStore>,
+    pub cache: Arc<dyn CacheStore>,
 }
 
-/// Opens the store at `url` once, as the request log, the key store and the audit log.
+impl Stores {
+    fn of<S: LogStore + KeyStore + AuditStore + UsageStore + CacheStore>(s: S) -> Self {
+        let s = Arc::new(s);
+        Stores {
+            log: s.clone(),
+            keys: s.clone(),
+            audit: s.clone(),
+            usage: s.clone(),
+            cache: s,
+        }
+    }
+}
+
+/// Opens the store at `url` once, as the request log, the key store, the audit log, the usage
+/// reports and the cache.
 pub async fn open_all(url: &str, max_connections: u32) -> Result<Stores, StoreError> {
     match backend_of(url).map_err(StoreError::Config)? {
-        Backend::Sqlite => {
-            let s = Arc::new(SqliteStore::open(url, max_connections).await?);
-            Ok(Stores {
-                log: s.clone(),
-                keys: s.clone(),
-                audit: s,
-            })
-        }
-        Backend::Postgres => {
-            let s = Arc::new(PgStore::open(url, max_connections).await?);
-            Ok(Stores {
-                log: s.clone(),
-                keys: s.clone(),
-                audit: s,
-            })
-        }
+        Backend::Sqlite => Ok(Stores::of(SqliteStore::open(url, max_connections).await?)),
+        Backend::Postgres => Ok(Stores::of(PgStore::open(url, max_connections).await?)),
     }
 }
 
@@ -294,6 +302,35 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
             detail TEXT NOT NULL
          );",
     ),
+    (
+        5,
+        "ALTER TABLE requests ADD COLUMN cache TEXT;
+         ALTER TABLE requests ADD COLUMN cost_saved_usd REAL NOT NULL DEFAULT 0.0;
+         CREATE TABLE IF NOT EXISTS cache_entries (
+            key TEXT PRIMARY KEY,
+            namespace TEXT NOT NULL,
+            model TEXT NOT NULL,
+            body TEXT NOT NULL,
+            cost_usd REAL NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS cache_entries_expires ON cache_entries (expires_at);
+         CREATE INDEX IF NOT EXISTS cache_entries_namespace ON cache_entries (namespace);",
+        "ALTER TABLE requests ADD COLUMN cache TEXT;
+         ALTER TABLE requests ADD COLUMN cost_saved_usd DOUBLE PRECISION NOT NULL DEFAULT 0;
+         CREATE TABLE IF NOT EXISTS cache_entries (
+            key TEXT PRIMARY KEY,
+            namespace TEXT NOT NULL,
+            model TEXT NOT NULL,
+            body TEXT NOT NULL,
+            cost_usd DOUBLE PRECISION NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            expires_at TIMESTAMPTZ NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS cache_entries_expires ON cache_entries (expires_at);
+         CREATE INDEX IF NOT EXISTS cache_entries_namespace ON cache_entries (namespace);",
+    ),
 ];
 
 /// Virtual keys (only their hashes), and the key each request was made with.
@@ -343,7 +380,7 @@ const KEY_COLUMNS: &str = "id, name, key_hash, owner, models, rpm, tpm, max_para
 const COLUMNS: &str = "id, started_at, finished_at, endpoint, model, provider, deployment, attempts, \
     status, http_status, error_code, error_message, stream, latency_ms, ttft_ms, prompt_tokens, \
     completion_tokens, cached_tokens, usage_source, cost_usd, finish_reason, user_id, session_id, \
-    tags, metadata, request_body, response_body, attempt_log, route, key_id";
+    tags, metadata, request_body, response_body, attempt_log, route, key_id, cache, cost_saved_usd";
 
 impl SqliteStore {
     pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
@@ -554,7 +591,9 @@ macro_rules! store_impl {
                             .push_bind(r.response_body.as_ref().map(|b| b.get().to_string()))
                             .push_bind(json_text(&r.attempt_log))
                             .push_bind(r.route.as_ref().map(json_text))
-                            .push_bind(opt_text(&r.key_id));
+                            .push_bind(opt_text(&r.key_id))
+                            .push_bind(opt_text(&r.cache))
+                            .push_bind(r.cost_saved_usd);
                     });
                     qb.push(" ON CONFLICT (id) DO NOTHING");
                     // Not kept in the statement cache: batches vary in size, and every size would
@@ -674,13 +713,15 @@ macro_rules! decode_row {
                 attempt_log,
                 route,
                 key_id: r.try_get("key_id")?,
+                cache: r.try_get("cache")?,
+                cost_saved_usd: r.try_get("cost_saved_usd")?,
             })
         })()
         .map_err(|e| StoreError::Corrupt(e.to_string()))
     }};
 }
 
-/// Records per INSERT statement: 30 columns × 1000 rows stays under SQLite's 32766 variables.
+/// Records per INSERT statement: 32 columns × 1000 rows stays under SQLite's 32766 variables.
 const ROWS_PER_INSERT: usize = 1000;
 
 /// Text for a TEXT column. PostgreSQL's text cannot hold NUL, so both backends store it as U+FFFD
@@ -901,6 +942,234 @@ macro_rules! audit_store_impl {
 audit_store_impl!(SqliteStore);
 audit_store_impl!(PgStore);
 
+/// A record's team (the `team` entry of its metadata) as text, in SQLite.
+const TEAM_SQLITE: &str = "CAST(json_extract(metadata, '$.team') AS TEXT)";
+
+/// A record's team in PostgreSQL. `jsonb` refuses the escape `\u0000`, which metadata may hold
+/// (JSON columns keep a NUL that way), so such a record counts as having no team instead of
+/// failing the whole query.
+const TEAM_PG: &str =
+    r"(CASE WHEN strpos(metadata, E'\\u0000') = 0 THEN metadata::jsonb ->> 'team' END)";
+
+/// The UTC day a record started, `YYYY-MM-DD`. SQLite keeps `started_at` as RFC 3339 text in
+/// UTC (`2026-01-31T23:59:59.123456+00:00`), so the day is its first ten characters.
+const DAY_SQLITE: &str = "substr(started_at, 1, 10)";
+const DAY_PG: &str = "to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')";
+
+/// The aggregates of a usage row; `CAST`s give both backends the same column types (SQLite's
+/// `SUM` of nothing is NULL, PostgreSQL's `SUM` of `BIGINT` is `NUMERIC`).
+const USAGE_AGGREGATES: &str = "COUNT(*) AS requests, \
+    CAST(COALESCE(SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END), 0) AS BIGINT) AS errors, \
+    CAST(COALESCE(SUM(CASE WHEN cache = 'hit' THEN 1 ELSE 0 END), 0) AS BIGINT) AS cache_hits, \
+    CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+    CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens, \
+    CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) AS cost_usd, \
+    CAST(COALESCE(SUM(cost_saved_usd), 0) AS DOUBLE PRECISION) AS cost_saved_usd";
+
+/// The SQL expression of a usage dimension, given the backend's team and day expressions.
+fn dim_sql(dim: UsageDim, team: &'static str, day: &'static str) -> &'static str {
+    match dim {
+        UsageDim::Key => "key_id",
+        UsageDim::User => "user_id",
+        UsageDim::Team => team,
+        UsageDim::Model => "model",
+        UsageDim::Day => day,
+    }
+}
+
+/// Usage rows in order of their group values, dimension by dimension, with records that have no
+/// value (`None`) after the others. Sorted here rather than in SQL so both backends agree (byte
+/// order, whatever the PostgreSQL collation).
+fn sort_usage(rows: &mut [UsageRow]) {
+    fn key(r: &UsageRow) -> impl Iterator<Item = (bool, Option<&str>)> {
+        r.group.iter().map(|v| (v.is_none(), v.as_deref()))
+    }
+    rows.sort_by(|a, b| key(a).cmp(key(b)));
+}
+
+macro_rules! usage_store_impl {
+    ($store:ty, $db:ty, $team:expr, $day:expr) => {
+        #[async_trait]
+        impl UsageStore for $store {
+            async fn spend(&self, who: &Spender, since: DateTime<Utc>) -> Result<f64, StoreError> {
+                // Key and user ride the `(key_id, id)` and `(user_id, id)` indexes; a team is
+                // summed over the period's records (a range of the primary key).
+                let (column, value) = match who {
+                    Spender::Key(k) => ("key_id", text(k)),
+                    Spender::User(u) => ("user_id", text(u)),
+                    Spender::Team(t) => ($team, t.clone()),
+                };
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) FROM requests WHERE ",
+                );
+                qb.push(column)
+                    .push(" = ")
+                    .push_bind(value)
+                    .push(" AND id >= ")
+                    .push_bind(v7_floor(since));
+                qb.build_query_scalar::<f64>()
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_err)
+            }
+
+            async fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+                let dims: Vec<&'static str> = q
+                    .group_by
+                    .iter()
+                    .map(|d| dim_sql(*d, $team, $day))
+                    .collect();
+                let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT ");
+                for (i, d) in dims.iter().enumerate() {
+                    qb.push(d).push(" AS g").push(i).push(", ");
+                }
+                qb.push(USAGE_AGGREGATES).push(" FROM requests WHERE 1 = 1");
+                if let Some(t) = q.since {
+                    qb.push(" AND id >= ").push_bind(v7_floor(t));
+                }
+                if let Some(t) = q.until {
+                    qb.push(" AND id < ").push_bind(v7_floor(t));
+                }
+                if let Some(k) = &q.key {
+                    qb.push(" AND key_id = ").push_bind(text(k));
+                }
+                if let Some(u) = &q.user {
+                    qb.push(" AND user_id = ").push_bind(text(u));
+                }
+                if let Some(t) = &q.team {
+                    qb.push(" AND ").push($team).push(" = ").push_bind(t.clone());
+                }
+                if let Some(m) = &q.model {
+                    qb.push(" AND model = ").push_bind(text(m));
+                }
+                if !dims.is_empty() {
+                    qb.push(" GROUP BY ").push(dims.join(", "));
+                }
+                // Not kept in the statement cache: the shape varies with the query.
+                let rows = qb
+                    .build()
+                    .persistent(false)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                let mut out = rows
+                    .iter()
+                    .map(|r| {
+                        (|| -> Result<UsageRow, sqlx::Error> {
+                            let count = |c: &str| -> Result<u64, sqlx::Error> {
+                                Ok(r.try_get::<i64, _>(c)?.max(0) as u64)
+                            };
+                            Ok(UsageRow {
+                                group: (0..dims.len())
+                                    .map(|i| r.try_get::<Option<String>, _>(i))
+                                    .collect::<Result<_, _>>()?,
+                                requests: count("requests")?,
+                                errors: count("errors")?,
+                                cache_hits: count("cache_hits")?,
+                                prompt_tokens: count("prompt_tokens")?,
+                                completion_tokens: count("completion_tokens")?,
+                                cost_usd: r.try_get("cost_usd")?,
+                                cost_saved_usd: r.try_get("cost_saved_usd")?,
+                            })
+                        })()
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                sort_usage(&mut out);
+                Ok(out)
+            }
+        }
+    };
+}
+
+usage_store_impl!(SqliteStore, sqlx::Sqlite, TEAM_SQLITE, DAY_SQLITE);
+usage_store_impl!(PgStore, sqlx::Postgres, TEAM_PG, DAY_PG);
+
+const CACHE_COLUMNS: &str = "key, namespace, model, body, cost_usd, created_at, expires_at";
+
+macro_rules! cache_store_impl {
+    ($store:ty) => {
+        #[async_trait]
+        impl CacheStore for $store {
+            async fn cache_get(
+                &self,
+                key: &str,
+                now: DateTime<Utc>,
+            ) -> Result<Option<CacheEntry>, StoreError> {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CACHE_COLUMNS} FROM cache_entries WHERE key = $1 AND expires_at > $2"
+                )))
+                .bind(text(key))
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+                row.map(|r| {
+                    (|| -> Result<CacheEntry, sqlx::Error> {
+                        Ok(CacheEntry {
+                            key: r.try_get("key")?,
+                            namespace: r.try_get("namespace")?,
+                            model: r.try_get("model")?,
+                            body: r.try_get("body")?,
+                            cost_usd: r.try_get("cost_usd")?,
+                            created_at: r.try_get("created_at")?,
+                            expires_at: r.try_get("expires_at")?,
+                        })
+                    })()
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+                })
+                .transpose()
+            }
+
+            async fn cache_put(&self, e: &CacheEntry) -> Result<(), StoreError> {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO cache_entries ({CACHE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                     ON CONFLICT (key) DO UPDATE SET namespace = excluded.namespace, \
+                     model = excluded.model, body = excluded.body, cost_usd = excluded.cost_usd, \
+                     created_at = excluded.created_at, expires_at = excluded.expires_at"
+                )))
+                .bind(text(&e.key))
+                .bind(text(&e.namespace))
+                .bind(text(&e.model))
+                .bind(text(&e.body))
+                .bind(e.cost_usd)
+                .bind(e.created_at)
+                .bind(e.expires_at)
+                .execute(&self.pool)
+                .await
+                .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn cache_purge(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+                let done = sqlx::query("DELETE FROM cache_entries WHERE expires_at <= $1")
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(done.rows_affected())
+            }
+
+            async fn cache_clear(&self, namespace: Option<&str>) -> Result<u64, StoreError> {
+                let done = match namespace {
+                    Some(ns) => {
+                        sqlx::query("DELETE FROM cache_entries WHERE namespace = $1")
+                            .bind(text(ns))
+                            .execute(&self.pool)
+                            .await
+                    }
+                    None => sqlx::query("DELETE FROM cache_entries").execute(&self.pool).await,
+                }
+                .map_err(db_err)?;
+                Ok(done.rows_affected())
+            }
+        }
+    };
+}
+
+cache_store_impl!(SqliteStore);
+cache_store_impl!(PgStore);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -960,6 +1229,106 @@ mod tests {
         drop(store);
         let again = SqliteStore::open(&url, 2).await.unwrap();
         assert_eq!(again.count().await.unwrap(), 1);
+    }
+
+    /// A database at version 4 (keys and audit log, no cache) gains the cache columns and table:
+    /// its rows read back with no cache outcome and nothing saved, and count in usage.
+    #[tokio::test]
+    async fn a_version_4_database_is_migrated_to_5() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("v4.db").display());
+        let old = SqlitePoolOptions::new()
+            .connect_with(
+                sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+                    .unwrap()
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);",
+        )
+        .execute(&old)
+        .await
+        .unwrap();
+        for (version, ddl, _) in MIGRATIONS.iter().filter(|m| m.0 <= 4) {
+            sqlx::raw_sql(*ddl).execute(&old).await.unwrap();
+            sqlx::query("INSERT INTO schema_migrations VALUES ($1, '2026-01-01T00:00:00Z')")
+                .bind(version)
+                .execute(&old)
+                .await
+                .unwrap();
+        }
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO requests (id, started_at, finished_at, endpoint, model, attempts, status,
+             http_status, stream, latency_ms, prompt_tokens, completion_tokens, cached_tokens,
+             usage_source, cost_usd, tags, metadata, attempt_log, key_id)
+             VALUES ($1, '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:01+00:00',
+             'chat.completions', 'm', 1, 'ok', 200, 0, 5.0, 1, 2, 0, 'provider', 0.5, '[]',
+             '{\"team\":\"ml\"}', '[]', 'k1')",
+        )
+        .bind(id.hyphenated().to_string())
+        .execute(&old)
+        .await
+        .unwrap();
+        old.close().await;
+
+        let store = SqliteStore::open(&url, 2).await.unwrap();
+        let versions: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+        let r = store.get(id).await.unwrap().expect("the old row survives");
+        assert_eq!(r.key_id.as_deref(), Some("k1"));
+        assert_eq!(r.cache, None);
+        assert_eq!(r.cost_saved_usd, 0.0);
+        let since = DateTime::<Utc>::UNIX_EPOCH;
+        let spend = store
+            .spend(&Spender::Team("ml".into()), since)
+            .await
+            .unwrap();
+        assert_eq!(spend, 0.5);
+        assert_eq!(
+            store
+                .spend(&Spender::Key("k1".into()), since)
+                .await
+                .unwrap(),
+            0.5
+        );
+        let rows = store
+            .usage(&UsageQuery {
+                group_by: vec![UsageDim::Day, UsageDim::Team],
+                ..UsageQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            rows[0].group,
+            vec![Some("2026-01-01".to_string()), Some("ml".to_string())]
+        );
+        assert_eq!((rows[0].requests, rows[0].cost_saved_usd), (1, 0.0));
+        // The cache table exists.
+        let now = Utc::now();
+        let entry = CacheEntry {
+            key: "k".into(),
+            namespace: "ns".into(),
+            model: "m".into(),
+            body: "{}".into(),
+            cost_usd: 0.25,
+            created_at: now,
+            expires_at: now + chrono::Duration::seconds(60),
+        };
+        store.cache_put(&entry).await.unwrap();
+        assert_eq!(store.cache_get("k", now).await.unwrap(), Some(entry));
+        // Opening again applies nothing twice.
+        drop(store);
+        let again = SqliteStore::open(&url, 2).await.unwrap();
+        assert_eq!(again.count().await.unwrap(), 1);
+        assert_eq!(again.cache_clear(None).await.unwrap(), 1);
     }
 
     #[test]

@@ -31,6 +31,7 @@
 pub mod fixtures;
 mod mock;
 pub mod postgres;
+pub mod redis;
 
 pub use mock::{CapturedRequest, MockUpstream, models};
 pub use postgres::{TempPostgres, postgres_available};

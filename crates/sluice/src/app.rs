@@ -15,6 +15,7 @@ use sluice_store::BodyModeConfig;
 use sluice_store::writer::LogWriter;
 
 use parking_lot::Mutex;
+use sluice_gateway::state::{Shared, StateConfig};
 use sluice_server::ServerConfig;
 use sluice_store::StoreConfig;
 
@@ -65,7 +66,7 @@ pub struct Reloader {
     overrides: Overrides,
     gateway: Arc<Gateway>,
     providers: Mutex<BuiltProviders>,
-    started_with: (ServerConfig, StoreConfig),
+    started_with: (ServerConfig, StoreConfig, StateConfig),
 }
 
 impl sluice_server::Reload for Reloader {
@@ -76,8 +77,11 @@ impl sluice_server::Reload for Reloader {
         let old = self.gateway.router();
         let cfg = Config::from_raw_reusing(self.source.clone(), raw, Some((&providers, &old)))?;
         let models: Vec<String> = cfg.router.names().map(str::to_string).collect();
-        let restart = if cfg.server != self.started_with.0 || cfg.store != self.started_with.1 {
-            "; [server] and [store] changes take effect at the next restart"
+        let restart = if cfg.server != self.started_with.0
+            || cfg.store != self.started_with.1
+            || cfg.state != self.started_with.2
+        {
+            "; [server], [store] and [state] changes take effect at the next restart"
         } else {
             ""
         };
@@ -107,9 +111,9 @@ pub async fn build_with(
     let stores = sluice_store::open_all(&cfg.store.url, cfg.store.max_connections)
         .await
         .with_context(|| format!("opening the store at {}", cfg.store.url))?;
-    let store: Arc<dyn LogStore> = stores.log;
-    let key_store = stores.keys;
-    let audit = stores.audit;
+    let store: Arc<dyn LogStore> = stores.log.clone();
+    let key_store = stores.keys.clone();
+    let audit = stores.audit.clone();
     let keys = sluice_server::keys::KeyCache::load(key_store)
         .await
         .with_context(|| format!("reading the virtual keys from {}", cfg.store.url))?;
@@ -126,19 +130,33 @@ pub async fn build_with(
         BodyModeConfig::Full => BodyMode::Full,
         BodyModeConfig::None => BodyMode::None,
     };
-    let gateway = Arc::new(Gateway::new(
-        cfg.router,
-        sink,
-        Arc::new(Metrics::new()),
-        bodies,
+    let shared = Shared::connect(&cfg.state)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
+    // The cache's shared tier: Redis when configured, else the store (unless `persist = false`).
+    let remote: Option<Arc<dyn sluice_core::usage::CacheStore>> = match &shared {
+        Some(s) => Some(Arc::new(s.redis().clone())),
+        None if cfg.router.cache.persist => Some(stores.cache.clone()),
+        None => None,
+    };
+    let cache = Arc::new(sluice_gateway::cache::Cache::new(
+        cfg.router.cache.clone(),
+        remote,
     ));
+    let usage = stores.usage.clone();
+    let gateway = Arc::new(
+        Gateway::new(cfg.router, sink, Arc::new(Metrics::new()), bodies)
+            .with_state(Some(usage.clone()), shared)
+            .with_cache(cache),
+    );
     let reloader: Option<Arc<dyn sluice_server::Reload>> = match (&cfg.source, overrides) {
         (Source::File(_), Some(overrides)) => Some(Arc::new(Reloader {
             source: cfg.source.clone(),
             overrides,
             gateway: gateway.clone(),
             providers: Mutex::new(cfg.providers),
-            started_with: (cfg.server.clone(), cfg.store.clone()),
+            started_with: (cfg.server.clone(), cfg.store.clone(), cfg.state.clone()),
         })),
         _ => None,
     };
@@ -150,6 +168,7 @@ pub async fn build_with(
         reloader,
         keys: Some(keys),
         audit: Some(audit),
+        usage: Some(usage),
     });
     Ok(Running { state, writer })
 }

@@ -35,6 +35,15 @@ pub struct RawConfig {
     /// Rate limits per user, per model and global (each key's own are on the key).
     #[serde(default)]
     pub limits: sluice_gateway::limits::LimitsConfig,
+    /// Spend limits per user and team (each key's own are on the key).
+    #[serde(default)]
+    pub budgets: sluice_gateway::budget::BudgetsConfig,
+    /// The exact response cache.
+    #[serde(default)]
+    pub cache: sluice_gateway::cache::CacheConfig,
+    /// Shared state for replicas (Redis).
+    #[serde(default)]
+    pub state: sluice_gateway::state::StateConfig,
 }
 
 /// The configuration Sluice uses when there is no file: the embedded SQLite store and the local
@@ -174,6 +183,7 @@ pub struct Config {
     pub source: Source,
     pub server: ServerConfig,
     pub store: StoreConfig,
+    pub state: sluice_gateway::state::StateConfig,
     pub router: Router,
     pub provider_kinds: BTreeMap<String, &'static str>,
     /// The built providers with their configuration, so a reload can keep the expensive ones.
@@ -285,12 +295,18 @@ impl Config {
                 ));
             }
         }
+        raw.budgets.validate().map_err(|e| format!("budgets.{e}"))?;
+        raw.cache.validate().map_err(|e| format!("cache.{e}"))?;
+        raw.state.validate().map_err(|e| format!("state.{e}"))?;
         let mut router = Router::new(groups)?;
         router.limits = raw.limits.clone();
+        router.budgets = raw.budgets.clone();
+        router.cache = raw.cache.clone();
         Ok(Config {
             source,
             server: raw.server,
             store: raw.store,
+            state: raw.state,
             router,
             provider_kinds: kinds,
             providers: built,

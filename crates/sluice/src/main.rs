@@ -13,6 +13,7 @@ mod keys;
 mod logs;
 mod models;
 mod route;
+mod usage;
 
 use config::{Config, Overrides};
 
@@ -53,6 +54,14 @@ enum Command {
         store: Option<String>,
         #[command(flatten)]
         args: logs::LogsArgs,
+    },
+    /// Spend and tokens by key, user, team, model and day (from the store).
+    Usage {
+        /// Store URL (default: store.url of the configuration).
+        #[arg(long)]
+        store: Option<String>,
+        #[command(flatten)]
+        args: usage::UsageArgs,
     },
     /// Virtual keys: issue, list, show, revoke and rotate them (straight in the store).
     Keys {
@@ -217,6 +226,16 @@ async fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             };
             match logs::run(&raw.store.url, 2, args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            }
+        }
+        Command::Usage { store, args } => {
+            let raw = match raw_config(cli.config.as_deref(), store) {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            match usage::run(&raw.store.url, args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
             }

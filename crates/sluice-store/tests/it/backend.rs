@@ -50,6 +50,13 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("open_stores({}): {e}", self.url))
     }
 
+    /// Opens (and migrates) the store at this test's URL once, with every view of it.
+    pub async fn open_all(&self) -> sluice_store::Stores {
+        sluice_store::open_all(&self.url, 4)
+            .await
+            .unwrap_or_else(|e| panic!("open_all({}): {e}", self.url))
+    }
+
     /// The database file of a SQLite-file test.
     pub fn sqlite_path(&self) -> Option<PathBuf> {
         (self.kind == Kind::SqliteFile).then(|| self.dir.path().join("t.db"))

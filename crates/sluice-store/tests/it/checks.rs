@@ -14,6 +14,7 @@ use crate::fixtures::{
     assert_same_record, full_record, full_record_cancelled, ids, minimal_record, now_us, record,
 };
 pub use crate::keys::*;
+pub use crate::usage::*;
 
 async fn insert(store: &Arc<dyn LogStore>, records: &[RequestRecord]) {
     store

@@ -98,6 +98,8 @@ pub fn full_record() -> RequestRecord {
         ],
         route: Some(json!({"strategy": "complexity", "tier": "small", "score": 0.125})),
         key_id: Some("0123456789abcdef".into()),
+        cache: Some("hit".into()),
+        cost_saved_usd: 0.000_987_654_321_012_345,
     }
 }
 
@@ -112,6 +114,8 @@ pub fn full_record_cancelled() -> RequestRecord {
         finish_reason: Some("stop".into()),
         tags: vec!["single".into()],
         metadata: json!([1, "two", {"three": 3}]),
+        cache: Some("miss".into()),
+        cost_saved_usd: 0.0,
         ..full_record()
     }
 }
@@ -188,6 +192,8 @@ pub fn assert_same_record(got: &RequestRecord, want: &RequestRecord) {
         attempt_log,
         route,
         key_id,
+        cache,
+        cost_saved_usd,
     );
     assert_eq!(got, want);
 }

@@ -1,7 +1,8 @@
 //! The store suite: one set of checks ([`checks`]), run against every backend: a SQLite file, an
 //! in-memory SQLite database and PostgreSQL (a throwaway server, see [`backend`]). Each check is
 //! its own test per backend, e.g. `sqlite::listing` and `postgres::listing`; [`writer`] holds the
-//! backend-independent spill test; [`keys`] holds the checks of the key store.
+//! backend-independent spill test; [`keys`] holds the checks of the key store; [`usage`] those of
+//! spend, usage reports and the cache.
 //!
 //! PostgreSQL tests are skipped with a message when the server binaries are missing, unless
 //! `SLUICE_REQUIRE_PG=1`, which makes that a failure.
@@ -10,6 +11,7 @@ mod backend;
 mod checks;
 mod fixtures;
 mod keys;
+mod usage;
 mod writer;
 
 /// `store_suite!(module, setup, [checks…])`: a `#[tokio::test]` per check in `mod module`, each on
@@ -54,6 +56,11 @@ store_suite!(
         keys_secret_not_stored,
         keys_request_filter,
         audit_round_trip,
+        usage_record_fields,
+        usage_spend,
+        usage_grouped,
+        usage_totals,
+        cache_entries,
         concurrent_open,
     ]
 );
@@ -80,6 +87,11 @@ store_suite!(
         keys_secret_not_stored,
         keys_request_filter,
         audit_round_trip,
+        usage_record_fields,
+        usage_spend,
+        usage_grouped,
+        usage_totals,
+        cache_entries,
         concurrent_open,
     ]
 );
@@ -107,5 +119,10 @@ store_suite!(
         keys_secret_not_stored,
         keys_request_filter,
         audit_round_trip,
+        usage_record_fields,
+        usage_spend,
+        usage_grouped,
+        usage_totals,
+        cache_entries,
     ]
 );

@@ -184,6 +184,19 @@ impl Sluice {
         }
     }
 
+    /// `POST /api/keys` with `spec` (as the admin when there is an admin key); returns the
+    /// answer: the key (shown once), its id and its fields.
+    pub async fn create_key(&self, spec: Value) -> Value {
+        let resp = self
+            .admin(reqwest::Client::new().post(self.url("/api/keys")))
+            .json(&spec)
+            .send()
+            .await
+            .expect("POST /api/keys");
+        assert_eq!(resp.status(), 201, "create {spec}");
+        resp.json().await.expect("key json")
+    }
+
     /// `GET /api/requests?{query}`.
     pub async fn list(&self, query: &str) -> Value {
         let http = reqwest::Client::new();

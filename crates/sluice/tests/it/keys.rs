@@ -10,14 +10,7 @@ use crate::harness::{Opts, Sluice, request_id};
 use crate::openai_api::MOCK;
 
 async fn create(s: &Sluice, spec: Value) -> Value {
-    let resp = reqwest::Client::new()
-        .post(s.url("/api/keys"))
-        .json(&spec)
-        .send()
-        .await
-        .expect("POST /api/keys");
-    assert_eq!(resp.status(), 201, "create {spec}");
-    resp.json().await.expect("key json")
+    s.create_key(spec).await
 }
 
 /// A chat request with `key` (or none); returns (status, request id, body).

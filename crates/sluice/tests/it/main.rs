@@ -2,6 +2,8 @@
 //! and raw reqwest for SSE), against the testkit's mock upstream.
 
 mod anthropic_ingress;
+mod budgets;
+mod cache;
 mod cli;
 mod errors;
 mod harness;
@@ -9,6 +11,7 @@ mod keys;
 mod lifecycle;
 mod local_models;
 mod log_api;
+mod multinode;
 mod openai_api;
 mod providers;
 mod routing;

@@ -1,0 +1,692 @@
+//! Budgets: spend limits in USD per virtual key, user and team, per day, month or in total.
+//!
+//! Spend accrues from the request log's `cost_usd`. Before a provider call the request's
+//! worst-case cost (every prompt byte a token, plus its maximum completion, at the dearest
+//! price among the deployments that may serve it) is reserved on every ledger that covers it;
+//! when its record closes the reservation is replaced by the real cost. A request whose worst
+//! case does not fit under a budget next to what is spent and reserved is refused with 429
+//! `insufficient_quota`, so a budget is never overshot by more than the reservations' estimate
+//! errors — and never at all when the worst case holds.
+//!
+//! A ledger (one spender, one period) starts from the store's spend for its period the first
+//! time it is needed. In process it lives in memory (exact on one node); with Redis
+//! (`state.redis_url`) it lives in Redis and every replica reserves against the same one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sluice_core::error::{Error, ErrorCode};
+use sluice_core::keys::{Budget, VirtualKey};
+use sluice_core::usage::{Spender, UsageStore};
+
+use crate::shared::{BudgetItem, Reserve};
+use crate::state::Shared;
+
+/// `[budgets]` in sluice.toml: budgets besides each key's own.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetsConfig {
+    /// For every user separately (the request's user: header, body or key owner), unless
+    /// `users` names them.
+    #[serde(default)]
+    pub per_user: Budget,
+    /// Budgets of named users.
+    #[serde(default)]
+    pub users: BTreeMap<String, Budget>,
+    /// Budgets of teams (the team of the key's owner).
+    #[serde(default)]
+    pub teams: BTreeMap<String, Budget>,
+    /// Completion tokens assumed for the worst case of a request that sets no `max_tokens`.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u32,
+}
+
+fn default_max_tokens() -> u32 {
+    4096
+}
+
+impl Default for BudgetsConfig {
+    fn default() -> Self {
+        BudgetsConfig {
+            per_user: Budget::default(),
+            users: BTreeMap::new(),
+            teams: BTreeMap::new(),
+            default_max_tokens: default_max_tokens(),
+        }
+    }
+}
+
+fn check_budget(name: &str, b: &Budget) -> Result<(), String> {
+    for (field, v) in [
+        ("daily_usd", b.daily_usd),
+        ("monthly_usd", b.monthly_usd),
+        ("total_usd", b.total_usd),
+    ] {
+        if let Some(v) = v
+            && !(v.is_finite() && v >= 0.0)
+        {
+            return Err(format!(
+                "{name}.{field}: must be a non-negative number of USD, got {v}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl BudgetsConfig {
+    /// Checks the settings; errors name the key below `budgets`.
+    pub fn validate(&self) -> Result<(), String> {
+        check_budget("per_user", &self.per_user)?;
+        for (u, b) in &self.users {
+            check_budget(&format!("users.{u}"), b)?;
+        }
+        for (t, b) in &self.teams {
+            check_budget(&format!("teams.{t}"), b)?;
+        }
+        if self.default_max_tokens == 0 {
+            return Err("default_max_tokens: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Whether any budget is configured here.
+    pub fn is_empty(&self) -> bool {
+        is_empty(&self.per_user) && self.users.is_empty() && self.teams.is_empty()
+    }
+}
+
+fn is_empty(b: &Budget) -> bool {
+    b.daily_usd.is_none() && b.monthly_usd.is_none() && b.total_usd.is_none()
+}
+
+/// A budget's period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Period {
+    /// The UTC day.
+    Day,
+    /// The UTC calendar month.
+    Month,
+    /// Since the first record.
+    Total,
+}
+
+impl Period {
+    /// When the period that contains `now` started.
+    pub fn start(self, now: DateTime<Utc>) -> DateTime<Utc> {
+        let day = |y, m, d| {
+            Utc.with_ymd_and_hms(y, m, d, 0, 0, 0)
+                .single()
+                .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+        };
+        match self {
+            Period::Day => day(now.year(), now.month(), now.day()),
+            Period::Month => day(now.year(), now.month(), 1),
+            Period::Total => DateTime::<Utc>::UNIX_EPOCH,
+        }
+    }
+
+    /// When the period that contains `now` ends (`None`: never).
+    pub fn end(self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Period::Day => Some(self.start(now) + chrono::Duration::days(1)),
+            Period::Month => {
+                let (y, m) = if now.month() == 12 {
+                    (now.year() + 1, 1)
+                } else {
+                    (now.year(), now.month() + 1)
+                };
+                Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single()
+            }
+            Period::Total => None,
+        }
+    }
+
+    /// `daily`, `monthly`, `total`.
+    pub fn adjective(self) -> &'static str {
+        match self {
+            Period::Day => "daily",
+            Period::Month => "monthly",
+            Period::Total => "total",
+        }
+    }
+
+    /// The ledger's name for the period containing `now`: `day:2026-12-02`, `month:2026-12`,
+    /// `total`.
+    fn bucket(self, now: DateTime<Utc>) -> String {
+        match self {
+            Period::Day => format!("day:{}", now.format("%Y-%m-%d")),
+            Period::Month => format!("month:{}", now.format("%Y-%m")),
+            Period::Total => "total".into(),
+        }
+    }
+
+    /// How long a shared ledger is kept after its last change (it is rebuilt from the store
+    /// when it is gone).
+    fn ttl_secs(self) -> u64 {
+        match self {
+            Period::Day => 2 * 86_400,
+            Period::Month => 32 * 86_400,
+            Period::Total => 86_400,
+        }
+    }
+}
+
+/// One budget that covers a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limit {
+    pub spender: Spender,
+    pub period: Period,
+    pub usd: f64,
+}
+
+fn push_budget(out: &mut Vec<Limit>, spender: &Spender, b: &Budget) {
+    for (period, v) in [
+        (Period::Day, b.daily_usd),
+        (Period::Month, b.monthly_usd),
+        (Period::Total, b.total_usd),
+    ] {
+        if let Some(usd) = v {
+            out.push(Limit {
+                spender: spender.clone(),
+                period,
+                usd,
+            });
+        }
+    }
+}
+
+/// Every budget covering a request made with `key` by `user` of `team`.
+pub fn limits_for(
+    cfg: &BudgetsConfig,
+    key: Option<&VirtualKey>,
+    user: Option<&str>,
+    team: Option<&str>,
+) -> Vec<Limit> {
+    let mut out = Vec::new();
+    if let Some(k) = key
+        && !is_empty(&k.budget)
+    {
+        push_budget(&mut out, &Spender::Key(k.id.clone()), &k.budget);
+    }
+    if let Some(u) = user {
+        let b = cfg.users.get(u).unwrap_or(&cfg.per_user);
+        if !is_empty(b) {
+            push_budget(&mut out, &Spender::User(u.to_string()), b);
+        }
+    }
+    if let Some(t) = team
+        && let Some(b) = cfg.teams.get(t)
+    {
+        push_budget(&mut out, &Spender::Team(t.to_string()), b);
+    }
+    out
+}
+
+/// USD as integer micro-dollars (ledgers count in them, so sums are exact).
+pub fn micros(usd: f64) -> i64 {
+    if usd.is_finite() {
+        (usd * 1e6).round().clamp(0.0, i64::MAX as f64) as i64
+    } else {
+        i64::MAX
+    }
+}
+
+fn usd(micros: i64) -> f64 {
+    micros as f64 / 1e6
+}
+
+/// One ledger in process.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// `None` until the period's spend was read from the store.
+    spent: Option<i64>,
+    /// Costs settled before the spend was read (added to it then).
+    early: i64,
+    reserved: i64,
+    /// When the period ends: the ledger is dropped after.
+    ends: Option<DateTime<Utc>>,
+}
+
+/// The budgets' ledgers.
+pub struct Budgets {
+    store: Option<Arc<dyn UsageStore>>,
+    shared: Option<Arc<Shared>>,
+    local: Mutex<HashMap<String, Arc<Mutex<Ledger>>>>,
+}
+
+impl std::fmt::Debug for Budgets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budgets")
+            .field("ledgers", &self.local.lock().len())
+            .field("shared", &self.shared.is_some())
+            .finish()
+    }
+}
+
+/// A request's reservation on its budgets: settled with the real cost when its record closes
+/// (a reservation dropped unsettled is released with no cost).
+pub struct Reservation {
+    local: Vec<Arc<Mutex<Ledger>>>,
+    shared: Option<(Arc<Shared>, Vec<String>)>,
+    worst: i64,
+    settled: bool,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("worst_micros", &self.worst)
+            .field(
+                "ledgers",
+                &(self.local.len() + self.shared.as_ref().map_or(0, |s| s.1.len())),
+            )
+            .finish()
+    }
+}
+
+impl Reservation {
+    /// Replaces the reservation by the request's real cost.
+    pub fn settle(mut self, cost_usd: f64) {
+        self.finish(micros(cost_usd));
+    }
+
+    fn finish(&mut self, actual: i64) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        for l in &self.local {
+            let mut l = l.lock();
+            l.reserved = (l.reserved - self.worst).max(0);
+            match &mut l.spent {
+                Some(s) => *s += actual,
+                None => l.early += actual,
+            }
+        }
+        if let Some((shared, ledgers)) = self.shared.take() {
+            let worst = self.worst;
+            let work = async move {
+                match shared.redis().reconcile(&ledgers, worst, actual).await {
+                    Ok(()) => shared.ok(),
+                    Err(e) => {
+                        // The ledger's reservation expires with it; the cost is in the log.
+                        let _ = shared.on_failure("budgets", &e);
+                    }
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    h.spawn(work);
+                }
+                Err(_) => tracing::warn!("budget reconciliation skipped: no runtime"),
+            }
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.finish(0);
+    }
+}
+
+fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<Utc>) -> Error {
+    let resets = match l.period.end(now) {
+        Some(t) => format!("; it resets at {}", t.format("%Y-%m-%dT%H:%MZ")),
+        None => "; raise it to go on".into(),
+    };
+    let in_flight = if reserved > 0 {
+        format!(" and ${:.4} reserved by requests in flight", usd(reserved))
+    } else {
+        String::new()
+    };
+    Error::new(
+        ErrorCode::InsufficientQuota,
+        format!(
+            "{} has used its {} budget of ${:.2}: ${:.4} spent{in_flight}, and this request may cost up to ${:.4} (its max tokens at the model's price){resets}",
+            l.spender.label(),
+            l.period.adjective(),
+            l.usd,
+            usd(spent),
+            usd(worst),
+        ),
+    )
+}
+
+impl Budgets {
+    pub fn new(store: Option<Arc<dyn UsageStore>>, shared: Option<Arc<Shared>>) -> Self {
+        Budgets {
+            store,
+            shared,
+            local: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn ledger_id(l: &Limit, now: DateTime<Utc>) -> String {
+        format!("{}:{}", l.spender.id(), l.period.bucket(now))
+    }
+
+    async fn stored_spend(&self, l: &Limit, now: DateTime<Utc>) -> Result<i64, Error> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        store
+            .spend(&l.spender, l.period.start(now))
+            .await
+            .map(micros)
+            .map_err(|e| {
+                let mut err = Error::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot read spend from the store to check the budget: {e}"),
+                );
+                err.retry_after = Some(std::time::Duration::from_secs(1));
+                err
+            })
+    }
+
+    /// Reserves `worst_usd` on every budget in `limits`, or refuses the request with 429
+    /// `insufficient_quota` naming the budget it does not fit. `Ok(None)` when no budget
+    /// applies.
+    pub async fn reserve(
+        &self,
+        limits: &[Limit],
+        worst_usd: f64,
+    ) -> Result<Option<Reservation>, Error> {
+        if limits.is_empty() {
+            return Ok(None);
+        }
+        let now = Utc::now();
+        let worst = micros(worst_usd);
+        if let Some(shared) = &self.shared {
+            match self.reserve_shared(shared, limits, worst, now).await {
+                Ok(r) => return r.map(Some),
+                Err(e) => shared.on_failure("budgets", &e)?,
+            }
+        }
+        self.reserve_local(limits, worst, now).await.map(Some)
+    }
+
+    /// `Err` is a Redis failure; `Ok(Err)` a refusal.
+    async fn reserve_shared(
+        &self,
+        shared: &Arc<Shared>,
+        limits: &[Limit],
+        worst: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Result<Reservation, Error>, crate::shared::SharedError> {
+        let items: Vec<BudgetItem> = limits
+            .iter()
+            .map(|l| BudgetItem {
+                ledger: Self::ledger_id(l, now),
+                limit_micros: micros(l.usd),
+                worst_micros: worst,
+                ttl_secs: l.period.ttl_secs(),
+            })
+            .collect();
+        // A missing ledger is built from the store, then the reservation is tried again.
+        for _ in 0..3 {
+            match shared.redis().reserve(&items).await? {
+                Reserve::Ok => {
+                    shared.ok();
+                    return Ok(Ok(Reservation {
+                        local: Vec::new(),
+                        shared: Some((
+                            shared.clone(),
+                            items.into_iter().map(|i| i.ledger).collect(),
+                        )),
+                        worst,
+                        settled: false,
+                    }));
+                }
+                Reserve::Refused {
+                    index,
+                    spent_micros,
+                    reserved_micros,
+                } => {
+                    shared.ok();
+                    let l = &limits[index.min(limits.len() - 1)];
+                    return Ok(Err(insufficient(
+                        l,
+                        spent_micros,
+                        reserved_micros,
+                        worst,
+                        now,
+                    )));
+                }
+                Reserve::NeedInit(missing) => {
+                    for i in missing {
+                        let (Some(l), Some(item)) = (limits.get(i), items.get(i)) else {
+                            continue;
+                        };
+                        let spent = match self.stored_spend(l, now).await {
+                            Ok(s) => s,
+                            Err(e) => return Ok(Err(e)),
+                        };
+                        shared
+                            .redis()
+                            .init(&item.ledger, spent, item.ttl_secs)
+                            .await?;
+                    }
+                }
+            }
+        }
+        Ok(Err(Error::internal(
+            "budget ledgers could not be initialised in Redis",
+        )))
+    }
+
+    async fn reserve_local(
+        &self,
+        limits: &[Limit],
+        worst: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Reservation, Error> {
+        let mut ledgers: Vec<(String, Arc<Mutex<Ledger>>)> = {
+            let mut all = self.local.lock();
+            // Ledgers of periods that are over are dropped.
+            if all.len() > 64 {
+                all.retain(|_, l| l.lock().ends.is_none_or(|e| e > now));
+            }
+            limits
+                .iter()
+                .map(|l| {
+                    let id = Self::ledger_id(l, now);
+                    let ledger = all
+                        .entry(id.clone())
+                        .or_insert_with(|| {
+                            Arc::new(Mutex::new(Ledger {
+                                ends: l.period.end(now),
+                                ..Ledger::default()
+                            }))
+                        })
+                        .clone();
+                    (id, ledger)
+                })
+                .collect()
+        };
+        for ((_, ledger), l) in ledgers.iter().zip(limits) {
+            if ledger.lock().spent.is_none() {
+                let spent = self.stored_spend(l, now).await?;
+                let mut g = ledger.lock();
+                if g.spent.is_none() {
+                    g.spent = Some(spent + std::mem::take(&mut g.early));
+                }
+            }
+        }
+        // Check every ledger, then charge them all, under all their locks (taken in one order).
+        let mut order: Vec<usize> = (0..ledgers.len()).collect();
+        order.sort_by(|a, b| ledgers[*a].0.cmp(&ledgers[*b].0));
+        order.dedup_by(|a, b| ledgers[*a].0 == ledgers[*b].0);
+        let mut guards: Vec<(usize, parking_lot::MutexGuard<'_, Ledger>)> =
+            order.iter().map(|&i| (i, ledgers[i].1.lock())).collect();
+        for (i, g) in &guards {
+            let spent = g.spent.unwrap_or(0);
+            if spent.saturating_add(g.reserved).saturating_add(worst) > micros(limits[*i].usd) {
+                return Err(insufficient(&limits[*i], spent, g.reserved, worst, now));
+            }
+        }
+        for (_, g) in &mut guards {
+            g.reserved += worst;
+        }
+        drop(guards);
+        let held = order
+            .into_iter()
+            .map(|i| ledgers[i].1.clone())
+            .collect::<Vec<_>>();
+        ledgers.clear();
+        Ok(Reservation {
+            local: held,
+            shared: None,
+            worst,
+            settled: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use sluice_core::record::StoreError;
+    use sluice_core::usage::{UsageQuery, UsageRow};
+
+    struct FixedSpend(f64);
+
+    #[async_trait]
+    impl UsageStore for FixedSpend {
+        async fn spend(&self, _: &Spender, _: DateTime<Utc>) -> Result<f64, StoreError> {
+            Ok(self.0)
+        }
+        async fn usage(&self, _: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn daily(spender: Spender, usd: f64) -> Limit {
+        Limit {
+            spender,
+            period: Period::Day,
+            usd,
+        }
+    }
+
+    #[tokio::test]
+    async fn reservations_fit_under_the_budget_and_settle_to_the_real_cost() {
+        let b = Budgets::new(Some(Arc::new(FixedSpend(0.50))), None);
+        let limits = [daily(Spender::Key("k".into()), 1.00)];
+        // 0.50 spent: two reservations of 0.20 fit, a third does not.
+        let r1 = b.reserve(&limits, 0.20).await.unwrap().unwrap();
+        let r2 = b.reserve(&limits, 0.20).await.unwrap().unwrap();
+        let e = b.reserve(&limits, 0.20).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientQuota);
+        assert!(e.message.contains("daily budget of $1.00"), "{}", e.message);
+        assert!(e.message.contains("$0.4000 reserved"), "{}", e.message);
+        // The first cost far less than its worst case: room again.
+        r1.settle(0.01);
+        let r3 = b.reserve(&limits, 0.20).await.unwrap().unwrap();
+        r2.settle(0.20);
+        r3.settle(0.20);
+        // 0.50 + 0.01 + 0.20 + 0.20 = 0.91 spent: 0.09 fits, 0.10 does not.
+        assert!(b.reserve(&limits, 0.10).await.is_err());
+        b.reserve(&limits, 0.09)
+            .await
+            .unwrap()
+            .unwrap()
+            .settle(0.09);
+        assert!(
+            b.reserve(&limits, 0.000_001).await.is_err(),
+            "exactly spent"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refusal_on_one_budget_charges_none() {
+        let b = Budgets::new(None, None);
+        let key = daily(Spender::Key("k".into()), 10.0);
+        let user = daily(Spender::User("u".into()), 0.30);
+        let both = [key.clone(), user];
+        let r = b.reserve(&both, 0.25).await.unwrap().unwrap();
+        assert!(b.reserve(&both, 0.25).await.is_err());
+        // The key's ledger only holds the first reservation.
+        let only_key = [key];
+        let r2 = b.reserve(&only_key, 9.75).await.unwrap().unwrap();
+        assert!(b.reserve(&only_key, 0.01).await.is_err());
+        drop((r, r2));
+        // Dropped unsettled: released with no cost.
+        b.reserve(&only_key, 10.0).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn dropped_reservations_release_everything() {
+        let b = Budgets::new(None, None);
+        let limits = [daily(Spender::Team("t".into()), 1.0)];
+        for _ in 0..100 {
+            let r = b.reserve(&limits, 0.9).await.unwrap();
+            drop(r);
+        }
+        b.reserve(&limits, 1.0).await.unwrap().unwrap().settle(0.0);
+    }
+
+    #[test]
+    fn periods_start_and_end_in_utc() {
+        let now = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 0).unwrap();
+        assert_eq!(
+            Period::Day.start(now),
+            Utc.with_ymd_and_hms(2026, 12, 31, 0, 0, 0).unwrap()
+        );
+        assert_eq!(
+            Period::Month.end(now),
+            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).single()
+        );
+        assert_eq!(Period::Day.bucket(now), "day:2026-12-31");
+        assert_eq!(Period::Month.bucket(now), "month:2026-12");
+        assert_eq!(Period::Total.end(now), None);
+    }
+
+    #[test]
+    fn the_covering_budgets_are_the_keys_the_users_and_the_teams() {
+        let mut cfg = BudgetsConfig {
+            per_user: Budget {
+                daily_usd: Some(1.0),
+                ..Budget::default()
+            },
+            ..BudgetsConfig::default()
+        };
+        cfg.users.insert(
+            "vip".into(),
+            Budget {
+                monthly_usd: Some(100.0),
+                ..Budget::default()
+            },
+        );
+        cfg.teams.insert(
+            "ml".into(),
+            Budget {
+                total_usd: Some(5.0),
+                ..Budget::default()
+            },
+        );
+        let l = limits_for(&cfg, None, Some("alice"), Some("ml"));
+        assert_eq!(
+            l,
+            vec![
+                daily(Spender::User("alice".into()), 1.0),
+                Limit {
+                    spender: Spender::Team("ml".into()),
+                    period: Period::Total,
+                    usd: 5.0
+                }
+            ]
+        );
+        let vip = limits_for(&cfg, None, Some("vip"), None);
+        assert_eq!(vip[0].period, Period::Month);
+        assert!(limits_for(&cfg, None, None, Some("other")).is_empty());
+        assert!(cfg.validate().is_ok());
+        cfg.teams.get_mut("ml").unwrap().daily_usd = Some(-1.0);
+        assert!(cfg.validate().unwrap_err().contains("teams.ml.daily_usd"));
+    }
+}

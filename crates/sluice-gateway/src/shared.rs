@@ -1,0 +1,1529 @@
+//! State shared by every replica through Redis: rate limits, budget reservations and the exact
+//! cache, for when `state.redis_url` is set.
+//!
+//! [`RedisState`] holds one multiplexed, self-reconnecting connection
+//! ([`ConnectionManager`]) and a key prefix. Every call is bounded: a connection attempt gives up
+//! after [`CONNECT_TIMEOUT`], a reply after [`RESPONSE_TIMEOUT`], and the whole call after
+//! [`CALL_TIMEOUT`], so a stopped or unreachable Redis turns into a [`SharedError`] quickly
+//! instead of a stuck request; the caller then applies the operator's failure policy (fail open
+//! on local limits, or fail closed with 503). The manager reconnects by itself once Redis is
+//! back.
+//!
+//! * Rate limits ([`RedisState::admit`], [`settle`](RedisState::settle),
+//!   [`release`](RedisState::release)) have the semantics of the in-process ones in
+//!   [`crate::limits`] and [`crate::window::RateWindow`]: requests and tokens per minute are
+//!   sliding windows of the last 60 one-second buckets, in-flight requests a counter. One Lua
+//!   script checks every subject and charges all of them or none, on the Redis server's clock
+//!   (`TIME`), so that replicas agree.
+//! * Budgets ([`RedisState::reserve`], [`init`](RedisState::init),
+//!   [`reconcile`](RedisState::reconcile)) reserve a request's worst-case cost before the call
+//!   and replace it with the real cost after, so that a budget overshoots by at most what was in
+//!   flight.
+//! * The cache: [`RedisState`] implements [`CacheStore`]; Redis expires the entries.
+//!
+//! Keys, under the configured prefix `P`:
+//!
+//! | key                    | type    | holds                                                  |
+//! |------------------------|---------|--------------------------------------------------------|
+//! | `P:rl:SUBJECT:rpm`     | hash    | requests per epoch second (last 60 s; expires ~120 s) |
+//! | `P:rl:SUBJECT:tpm`     | hash    | tokens per epoch second (last 60 s; expires ~120 s)   |
+//! | `P:rl:SUBJECT:par`     | integer | requests in flight (expires 600 s after the last use)  |
+//! | `P:budget:LEDGER`      | hash    | `spent` and `reserved`, micro-USD                      |
+//! | `P:cache:KEY`          | string  | a cache entry as JSON, with a TTL                      |
+//!
+//! The scripts touch several keys at once, so the keys must live on one Redis node (a single
+//! server or a primary with replicas; not Redis Cluster).
+
+use std::borrow::Cow;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisResult, Script};
+use serde::{Deserialize, Serialize};
+use sluice_core::record::StoreError;
+use sluice_core::usage::{CacheEntry, CacheStore};
+
+use crate::limits::LimitSpec;
+
+/// How long one attempt to connect to Redis may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long Redis may take to answer one command.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long one call of [`RedisState`] may take in all, reconnection included.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long a rate window's key outlives its last write: twice the window.
+const WINDOW_TTL_SECS: u64 = 120;
+/// How long an in-flight counter outlives its last admission, so that the slots of a replica
+/// that died mid-request clear eventually.
+const PARALLEL_TTL_SECS: u64 = 600;
+/// Keys per SCAN step of [`CacheStore::cache_clear`].
+const SCAN_COUNT: u64 = 500;
+
+/// What went wrong talking to Redis. Every variant means that the shared state could not be
+/// consulted; the caller applies the failure policy.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SharedError {
+    /// Redis answered with an error, or the connection failed or dropped.
+    Redis {
+        /// What we were doing, e.g. "rate limit admission".
+        op: &'static str,
+        source: redis::RedisError,
+    },
+    /// No answer within [`CALL_TIMEOUT`].
+    Timeout { op: &'static str, after: Duration },
+    /// Redis answered something the script or command cannot have produced.
+    Reply { op: &'static str, detail: String },
+}
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SharedError::Redis { op, source } => {
+                write!(f, "shared state (Redis) failed during {op}: {source}")?;
+                if source.is_io_error() || source.is_connection_refusal() {
+                    write!(
+                        f,
+                        "; check that Redis at `state.redis_url` is up and reachable"
+                    )?;
+                }
+                Ok(())
+            }
+            SharedError::Timeout { op, after } => write!(
+                f,
+                "shared state (Redis) did not answer within {} ms during {op}; check that Redis \
+                 at `state.redis_url` is up and reachable",
+                after.as_millis()
+            ),
+            SharedError::Reply { op, detail } => write!(
+                f,
+                "shared state (Redis) gave an unexpected answer during {op}: {detail}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SharedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SharedError::Redis { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<SharedError> for StoreError {
+    fn from(e: SharedError) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}
+
+/// One window (requests or tokens per minute) of a subject, as the admission script saw it: for
+/// the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowUsage {
+    /// The per-minute limit.
+    pub limit: u64,
+    /// The sum over the last 60 seconds.
+    pub used: u64,
+    /// Milliseconds until everything now in the window has expired (0 when it is empty): the
+    /// `x-ratelimit-reset-*` value, like `RateWindow::wait_for(now, limit)`.
+    pub reset_ms: u64,
+}
+
+impl WindowUsage {
+    /// What is left of the limit (`x-ratelimit-remaining-*`).
+    pub fn remaining(&self) -> u64 {
+        self.limit.saturating_sub(self.used)
+    }
+}
+
+/// The limits of one subject after an admission (or at a refusal, with nothing charged).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowState {
+    /// Requests per minute, when the subject has an `rpm` limit.
+    pub rpm: Option<WindowUsage>,
+    /// Tokens per minute, when the subject has a `tpm` limit.
+    pub tpm: Option<WindowUsage>,
+    /// Requests in flight, when the subject has a `max_parallel` limit.
+    pub in_flight: Option<u64>,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// Requests per minute.
+    Rpm,
+    /// Tokens per minute.
+    Tpm,
+    /// Requests in flight (`max_parallel`).
+    Parallel,
+}
+
+/// The answer of [`RedisState::admit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedAdmit {
+    /// Every subject had room and all were charged.
+    Admitted {
+        /// The epoch second (Redis clock) whose buckets were charged: pass it to
+        /// [`RedisState::settle`].
+        second: i64,
+        /// One per subject, in the order given.
+        windows: Vec<WindowState>,
+    },
+    /// A subject had no room; nothing was charged.
+    Refused {
+        /// The index of the first subject without room.
+        index: usize,
+        kind: LimitKind,
+        /// The limit that refused.
+        limit: u64,
+        /// When enough of the window will have expired for this request to fit, like
+        /// `RateWindow::wait_for`; `None` for [`LimitKind::Parallel`] (when a request finishes).
+        retry_after_ms: Option<u64>,
+        /// One per subject, in the order given, without any charge.
+        windows: Vec<WindowState>,
+    },
+}
+
+/// One budget a request must fit in, for [`RedisState::reserve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetItem {
+    /// Names the budget and its period, e.g. `key:abc:day:2026-12-02`.
+    pub ledger: String,
+    /// The budget, micro-USD.
+    pub limit_micros: i64,
+    /// The most this request can cost, micro-USD.
+    pub worst_micros: i64,
+    /// How long the ledger should live once created (at least the rest of its period); for
+    /// [`RedisState::init`] after [`Reserve::NeedInit`].
+    pub ttl_secs: u64,
+}
+
+/// The answer of [`RedisState::reserve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reserve {
+    /// Every budget had room: each ledger's `reserved` grew by the item's worst case.
+    Ok,
+    /// These items' ledgers do not exist yet (first use in the period, or Redis lost them):
+    /// load the spend so far from the request log, [`init`](RedisState::init) them and try
+    /// again. Nothing was changed.
+    NeedInit(Vec<usize>),
+    /// Item `index` would go over its limit (`spent + reserved + worst > limit`). Nothing was
+    /// changed.
+    Refused {
+        index: usize,
+        spent_micros: i64,
+        reserved_micros: i64,
+    },
+}
+
+/// Lua helpers shared by the rate-limit scripts.
+///
+/// `window(key, now_s)` reads a window hash, deleting the buckets that left it (and empty or
+/// malformed ones) and returns `{secs = sorted seconds, vals = second -> count, used = sum}`.
+/// `wait_ms(w, limit, n, now_ms)` is `RateWindow::wait_for` in milliseconds (-1: never).
+const WINDOW_LUA: &str = r#"
+local function int(x)
+  return string.format('%d', x)
+end
+
+local function window(key, now_s)
+  local raw = redis.call('HGETALL', key)
+  local w = { secs = {}, vals = {}, used = 0 }
+  local stale = {}
+  for i = 1, #raw, 2 do
+    local s = tonumber(raw[i])
+    local v = tonumber(raw[i + 1])
+    if s == nil or v == nil or v <= 0 or s <= now_s - 60 then
+      stale[#stale + 1] = raw[i]
+    else
+      w.secs[#w.secs + 1] = s
+      w.vals[s] = v
+      w.used = w.used + v
+    end
+  end
+  if #stale > 0 then
+    redis.call('HDEL', key, unpack(stale))
+  end
+  table.sort(w.secs)
+  return w
+end
+
+local function window_add(w, s, v)
+  if w.vals[s] == nil then
+    w.secs[#w.secs + 1] = s
+    table.sort(w.secs)
+    w.vals[s] = 0
+  end
+  w.vals[s] = w.vals[s] + v
+  w.used = w.used + v
+end
+
+local function fits(w, limit, n)
+  return w.used + n <= limit or w.used == 0
+end
+
+local function wait_ms(w, limit, n, now_ms)
+  if fits(w, limit, n) then
+    return 0
+  end
+  local need
+  if n > limit then
+    need = w.used
+  else
+    need = w.used + n - limit
+  end
+  local freed = 0
+  for _, s in ipairs(w.secs) do
+    freed = freed + w.vals[s]
+    if freed >= need then
+      local ms = (s + 60) * 1000 - now_ms
+      if ms < 0 then
+        ms = 0
+      end
+      return ms
+    end
+  end
+  return -1
+end
+"#;
+
+/// KEYS: per subject `rpm`, `tpm`, `par`. ARGV: tokens, then per subject the rpm, tpm and
+/// max_parallel limits (-1: none).
+///
+/// Returns `{1, second, W...}` when admitted, `{0, index, kind (1 rpm, 2 tpm, 3 parallel),
+/// limit, retry_ms (-1: none), W...}` when refused, where `W` is seven numbers per subject:
+/// rpm limit, used, reset ms; tpm limit, used, reset ms; in flight (-1 where no limit).
+const ADMIT_LUA: &str = r#"
+local tokens = tonumber(ARGV[1])
+local n = (#ARGV - 1) / 3
+local t = redis.call('TIME')
+local now_s = tonumber(t[1])
+local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local subjects = {}
+local refused = nil
+for i = 1, n do
+  local st = {
+    rpm = tonumber(ARGV[3 * i - 1]),
+    tpm = tonumber(ARGV[3 * i]),
+    par = tonumber(ARGV[3 * i + 1]),
+  }
+  if st.rpm >= 0 then
+    st.rw = window(KEYS[3 * i - 2], now_s)
+  end
+  if st.tpm >= 0 then
+    st.tw = window(KEYS[3 * i - 1], now_s)
+  end
+  if st.par >= 0 then
+    st.inflight = tonumber(redis.call('GET', KEYS[3 * i]) or '0') or 0
+  end
+  subjects[i] = st
+  if refused == nil then
+    if st.par >= 0 and st.inflight >= st.par then
+      refused = { i - 1, 3, st.par, -1 }
+    elseif st.rpm >= 0 and not fits(st.rw, st.rpm, 1) then
+      refused = { i - 1, 1, st.rpm, wait_ms(st.rw, st.rpm, 1, now_ms) }
+    elseif st.tpm >= 0 and tokens > 0 and not fits(st.tw, st.tpm, tokens) then
+      refused = { i - 1, 2, st.tpm, wait_ms(st.tw, st.tpm, tokens, now_ms) }
+    end
+  end
+end
+
+local out
+if refused == nil then
+  for i = 1, n do
+    local st = subjects[i]
+    if st.rpm >= 0 then
+      redis.call('HINCRBY', KEYS[3 * i - 2], now_s, 1)
+      redis.call('EXPIRE', KEYS[3 * i - 2], ARGV_WINDOW_TTL)
+      window_add(st.rw, now_s, 1)
+    end
+    if st.tpm >= 0 and tokens > 0 then
+      redis.call('HINCRBY', KEYS[3 * i - 1], now_s, ARGV[1])
+      redis.call('EXPIRE', KEYS[3 * i - 1], ARGV_WINDOW_TTL)
+      window_add(st.tw, now_s, tokens)
+    end
+    if st.par >= 0 then
+      redis.call('INCR', KEYS[3 * i])
+      redis.call('EXPIRE', KEYS[3 * i], ARGV_PARALLEL_TTL)
+      st.inflight = st.inflight + 1
+    end
+  end
+  out = { 1, now_s }
+else
+  out = refused
+  table.insert(out, 1, 0)
+end
+
+for i = 1, n do
+  local st = subjects[i]
+  for _, pair in ipairs({ { st.rpm, st.rw }, { st.tpm, st.tw } }) do
+    local limit, w = pair[1], pair[2]
+    if limit >= 0 then
+      out[#out + 1] = limit
+      out[#out + 1] = w.used
+      out[#out + 1] = wait_ms(w, limit, limit, now_ms)
+    else
+      out[#out + 1] = -1
+      out[#out + 1] = -1
+      out[#out + 1] = -1
+    end
+  end
+  if st.par >= 0 then
+    out[#out + 1] = st.inflight
+  else
+    out[#out + 1] = -1
+  end
+end
+return out
+"#;
+
+/// KEYS: tpm windows. ARGV: the second charged, delta. A positive delta is added to the current
+/// second (the tokens were just counted); a negative one is taken from the second charged
+/// first, then from the rest of the window newest first, never below zero.
+const SETTLE_LUA: &str = r#"
+local second = tonumber(ARGV[1])
+local delta = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now_s = tonumber(t[1])
+for _, key in ipairs(KEYS) do
+  if delta > 0 then
+    redis.call('HINCRBY', key, now_s, ARGV[2])
+    redis.call('EXPIRE', key, ARGV_WINDOW_TTL)
+  elseif delta < 0 then
+    local w = window(key, now_s)
+    local left = -delta
+    local order = {}
+    if w.vals[second] ~= nil then
+      order[1] = second
+    end
+    for j = #w.secs, 1, -1 do
+      if w.secs[j] ~= second then
+        order[#order + 1] = w.secs[j]
+      end
+    end
+    for _, s in ipairs(order) do
+      if left <= 0 then
+        break
+      end
+      local v = w.vals[s]
+      local take = math.min(v, left)
+      if take >= v then
+        redis.call('HDEL', key, s)
+      else
+        redis.call('HINCRBY', key, s, int(-take))
+      end
+      left = left - take
+    end
+  end
+end
+return 1
+"#;
+
+/// KEYS: in-flight counters. Each goes down by one, never below zero.
+const RELEASE_LUA: &str = r#"
+for _, key in ipairs(KEYS) do
+  local v = tonumber(redis.call('GET', key) or '0') or 0
+  if v > 1 then
+    redis.call('DECR', key)
+  else
+    redis.call('DEL', key)
+  end
+end
+return 1
+"#;
+
+/// KEYS: ledgers. ARGV: per ledger limit, worst. Returns `{0}` (reserved), `{1, i...}` (need
+/// init, 0-based) or `{2, i, spent, reserved}` (refused).
+const RESERVE_LUA: &str = r#"
+local missing = { 1 }
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then
+    missing[#missing + 1] = i - 1
+  end
+end
+if #missing > 1 then
+  return missing
+end
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[2 * i - 1])
+  local worst = tonumber(ARGV[2 * i])
+  local spent = tonumber(redis.call('HGET', key, 'spent') or '0') or 0
+  local reserved = tonumber(redis.call('HGET', key, 'reserved') or '0') or 0
+  if spent + reserved + worst > limit then
+    return { 2, i - 1, spent, reserved }
+  end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('HINCRBY', key, 'reserved', ARGV[2 * i])
+end
+return { 0 }
+"#;
+
+/// KEYS: one ledger. ARGV: spent, ttl (0: none). Creates it only when missing; returns 1 when
+/// it did.
+const INIT_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'spent', ARGV[1], 'reserved', 0)
+if tonumber(ARGV[2]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"#;
+
+/// KEYS: ledgers. ARGV: worst, actual. `reserved -= worst` (not below zero), `spent += actual`,
+/// on the ledgers that exist (one that is gone is loaded again from the log on next use).
+const RECONCILE_LUA: &str = r#"
+local worst = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local reserved = tonumber(redis.call('HGET', key, 'reserved') or '0') or 0
+    local left = reserved - worst
+    if left < 0 then
+      left = 0
+    end
+    redis.call('HSET', key, 'reserved', int(left))
+    redis.call('HINCRBY', key, 'spent', ARGV[2])
+  end
+end
+return 1
+"#;
+
+fn window_script(body: &str) -> Script {
+    let source = format!("{WINDOW_LUA}\n{body}")
+        .replace("ARGV_WINDOW_TTL", &WINDOW_TTL_SECS.to_string())
+        .replace("ARGV_PARALLEL_TTL", &PARALLEL_TTL_SECS.to_string());
+    Script::new(&source)
+}
+
+static ADMIT: LazyLock<Script> = LazyLock::new(|| window_script(ADMIT_LUA));
+static SETTLE: LazyLock<Script> = LazyLock::new(|| window_script(SETTLE_LUA));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
+static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESERVE_LUA));
+static INIT: LazyLock<Script> = LazyLock::new(|| Script::new(INIT_LUA));
+static RECONCILE: LazyLock<Script> = LazyLock::new(|| window_script(RECONCILE_LUA));
+
+/// An entry as stored: [`CacheEntry`] with times in epoch milliseconds.
+#[derive(Serialize, Deserialize)]
+struct StoredEntry<'a> {
+    #[serde(borrow)]
+    key: Cow<'a, str>,
+    #[serde(borrow)]
+    namespace: Cow<'a, str>,
+    #[serde(borrow)]
+    model: Cow<'a, str>,
+    #[serde(borrow)]
+    body: Cow<'a, str>,
+    cost_usd: f64,
+    created_at_ms: i64,
+    expires_at_ms: i64,
+}
+
+impl<'a> StoredEntry<'a> {
+    fn of(e: &'a CacheEntry) -> Self {
+        StoredEntry {
+            key: Cow::Borrowed(&e.key),
+            namespace: Cow::Borrowed(&e.namespace),
+            model: Cow::Borrowed(&e.model),
+            body: Cow::Borrowed(&e.body),
+            cost_usd: e.cost_usd,
+            created_at_ms: e.created_at.timestamp_millis(),
+            expires_at_ms: e.expires_at.timestamp_millis(),
+        }
+    }
+
+    fn into_entry(self) -> Option<CacheEntry> {
+        Some(CacheEntry {
+            key: self.key.into_owned(),
+            namespace: self.namespace.into_owned(),
+            model: self.model.into_owned(),
+            body: self.body.into_owned(),
+            cost_usd: self.cost_usd,
+            created_at: DateTime::from_timestamp_millis(self.created_at_ms)?,
+            expires_at: DateTime::from_timestamp_millis(self.expires_at_ms)?,
+        })
+    }
+}
+
+/// Escapes the glob characters of `s` for SCAN's MATCH.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn as_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A Redis connection and key prefix: the state replicas share. Cloning is cheap; clones share
+/// the connection.
+#[derive(Clone)]
+pub struct RedisState {
+    conn: ConnectionManager,
+    prefix: Arc<str>,
+}
+
+impl std::fmt::Debug for RedisState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisState")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisState {
+    fn config() -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500))
+    }
+
+    fn client(url: &str) -> Result<redis::Client, String> {
+        redis::Client::open(url).map_err(|e| {
+            format!("`state.redis_url` is not a valid Redis URL (redis://HOST:PORT/DB): {e}")
+        })
+    }
+
+    /// Connects to the Redis at `url` (`redis://[:PASSWORD@]HOST:PORT[/DB]`, or `rediss://`
+    /// when the build has TLS) and names every key `{prefix}:…`. Fails when the URL is invalid
+    /// or Redis does not answer within [`CALL_TIMEOUT`].
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisState, String> {
+        let client = Self::client(url)?;
+        let conn = tokio::time::timeout(
+            CALL_TIMEOUT,
+            ConnectionManager::new_with_config(client, Self::config()),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "cannot connect to Redis at `state.redis_url`: no answer within {} ms; check \
+                 that it is up and reachable",
+                CALL_TIMEOUT.as_millis()
+            )
+        })?
+        .map_err(|e| format!("cannot connect to Redis at `state.redis_url`: {e}"))?;
+        Ok(RedisState {
+            conn,
+            prefix: Arc::from(prefix),
+        })
+    }
+
+    /// Like [`connect`](Self::connect) but without waiting for Redis: the connection is made
+    /// on first use, so a gateway can start (and fail open) while Redis is down. Fails only on
+    /// an invalid URL. Must be called inside a Tokio runtime.
+    pub fn connect_lazy(url: &str, prefix: &str) -> Result<RedisState, String> {
+        let client = Self::client(url)?;
+        let conn = ConnectionManager::new_lazy_with_config(client, Self::config())
+            .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
+        Ok(RedisState {
+            conn,
+            prefix: Arc::from(prefix),
+        })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Runs `fut` within [`CALL_TIMEOUT`].
+    async fn bounded<T>(
+        op: &'static str,
+        fut: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, SharedError> {
+        match tokio::time::timeout(CALL_TIMEOUT, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => Err(SharedError::Redis { op, source }),
+            Err(_) => Err(SharedError::Timeout {
+                op,
+                after: CALL_TIMEOUT,
+            }),
+        }
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> Result<(), SharedError> {
+        let mut conn = self.conn.clone();
+        let answer: String =
+            Self::bounded("ping", redis::cmd("PING").query_async(&mut conn)).await?;
+        if answer == "PONG" {
+            Ok(())
+        } else {
+            Err(SharedError::Reply {
+                op: "ping",
+                detail: format!("PING answered {answer:?}"),
+            })
+        }
+    }
+
+    fn limit_key(&self, subject: &str, kind: &str) -> String {
+        format!("{}:rl:{subject}:{kind}", self.prefix)
+    }
+
+    fn ledger_key(&self, ledger: &str) -> String {
+        format!("{}:budget:{ledger}", self.prefix)
+    }
+
+    fn cache_key(&self, key: &str) -> String {
+        format!("{}:cache:{key}", self.prefix)
+    }
+
+    /// Lets a request estimated at `tokens` through the limits of every subject (id and
+    /// limits, e.g. `("key:abc", spec)`), or refuses it, atomically: either every subject is
+    /// charged (a request, the tokens when it has a `tpm` limit and `tokens > 0`, and an
+    /// in-flight slot when it has `max_parallel`) or none is.
+    ///
+    /// The checks are those of the in-process limits: a window admits when the new total stays
+    /// within the limit or when it is empty (so an oversized request is not starved forever);
+    /// `max_parallel` admits while fewer requests are in flight. After an admission, call
+    /// [`settle`](Self::settle) with the real token count and [`release`](Self::release) when
+    /// the request ends.
+    pub async fn admit(
+        &self,
+        subjects: &[(String, LimitSpec)],
+        tokens: u64,
+    ) -> Result<SharedAdmit, SharedError> {
+        const OP: &str = "rate limit admission";
+        let mut inv = ADMIT.prepare_invoke();
+        inv.arg(tokens);
+        for (id, spec) in subjects {
+            inv.key(self.limit_key(id, "rpm"))
+                .key(self.limit_key(id, "tpm"))
+                .key(self.limit_key(id, "par"))
+                .arg(spec.rpm.map_or(-1, as_i64))
+                .arg(spec.tpm.map_or(-1, as_i64))
+                .arg(spec.max_parallel.map_or(-1, i64::from));
+        }
+        let mut conn = self.conn.clone();
+        let out: Vec<i64> = Self::bounded(OP, inv.invoke_async(&mut conn)).await?;
+        let bad = |what: &str| SharedError::Reply {
+            op: OP,
+            detail: format!("{what}: {out:?}"),
+        };
+        let head = match out.first() {
+            Some(1) => 2,
+            Some(0) => 5,
+            _ => return Err(bad("no verdict")),
+        };
+        let rest = out.get(head..).ok_or_else(|| bad("too short"))?;
+        if rest.len() != subjects.len() * 7 {
+            return Err(bad("wrong number of window values"));
+        }
+        let usage = |w: &[i64]| match w {
+            [limit, used, reset, ..] if *limit >= 0 => Some(WindowUsage {
+                limit: as_u64(*limit),
+                used: as_u64(*used),
+                reset_ms: as_u64(*reset),
+            }),
+            _ => None,
+        };
+        let windows = rest
+            .chunks_exact(7)
+            .map(|w| WindowState {
+                rpm: usage(&w[0..3]),
+                tpm: usage(&w[3..6]),
+                in_flight: (w[6] >= 0).then(|| as_u64(w[6])),
+            })
+            .collect();
+        match out.as_slice() {
+            [1, second, ..] => Ok(SharedAdmit::Admitted {
+                second: *second,
+                windows,
+            }),
+            [0, index, kind, limit, retry, ..] => Ok(SharedAdmit::Refused {
+                index: usize::try_from(*index).map_err(|_| bad("bad index"))?,
+                kind: match kind {
+                    1 => LimitKind::Rpm,
+                    2 => LimitKind::Tpm,
+                    3 => LimitKind::Parallel,
+                    _ => return Err(bad("bad limit kind")),
+                },
+                limit: as_u64(*limit),
+                retry_after_ms: (*retry >= 0).then(|| as_u64(*retry)),
+                windows,
+            }),
+            _ => Err(bad("malformed")),
+        }
+    }
+
+    /// Corrects the token estimate of an admitted request by `delta` (real count minus
+    /// estimate) in the `tpm` windows of `subjects` (the ids of those with a `tpm` limit).
+    /// `second` is [`SharedAdmit::Admitted::second`]. Tokens over the estimate count at the
+    /// current second; tokens under it are given back from the bucket charged first, never
+    /// taking a window below zero.
+    pub async fn settle(
+        &self,
+        subjects: &[String],
+        second: i64,
+        delta: i64,
+    ) -> Result<(), SharedError> {
+        if subjects.is_empty() || delta == 0 {
+            return Ok(());
+        }
+        let mut inv = SETTLE.prepare_invoke();
+        inv.arg(second).arg(delta);
+        for id in subjects {
+            inv.key(self.limit_key(id, "tpm"));
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = Self::bounded("token settlement", inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Gives back the in-flight slot of an admitted request in `subjects` (the ids of those
+    /// with a `max_parallel` limit), never below zero.
+    pub async fn release(&self, subjects: &[String]) -> Result<(), SharedError> {
+        if subjects.is_empty() {
+            return Ok(());
+        }
+        let mut inv = RELEASE.prepare_invoke();
+        for id in subjects {
+            inv.key(self.limit_key(id, "par"));
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = Self::bounded("in-flight release", inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Reserves each item's worst case in its ledger, all or none: see [`Reserve`].
+    pub async fn reserve(&self, items: &[BudgetItem]) -> Result<Reserve, SharedError> {
+        const OP: &str = "budget reservation";
+        if items.is_empty() {
+            return Ok(Reserve::Ok);
+        }
+        let mut inv = RESERVE.prepare_invoke();
+        for item in items {
+            inv.key(self.ledger_key(&item.ledger))
+                .arg(item.limit_micros)
+                .arg(item.worst_micros);
+        }
+        let mut conn = self.conn.clone();
+        let out: Vec<i64> = Self::bounded(OP, inv.invoke_async(&mut conn)).await?;
+        let index = |i: i64| {
+            usize::try_from(i).map_err(|_| SharedError::Reply {
+                op: OP,
+                detail: format!("bad index {i}"),
+            })
+        };
+        match out.as_slice() {
+            [0] => Ok(Reserve::Ok),
+            [1, missing @ ..] => Ok(Reserve::NeedInit(
+                missing
+                    .iter()
+                    .map(|i| index(*i))
+                    .collect::<Result<_, _>>()?,
+            )),
+            [2, i, spent, reserved] => Ok(Reserve::Refused {
+                index: index(*i)?,
+                spent_micros: *spent,
+                reserved_micros: *reserved,
+            }),
+            _ => Err(SharedError::Reply {
+                op: OP,
+                detail: format!("malformed: {out:?}"),
+            }),
+        }
+    }
+
+    /// Creates `ledger` with `spent_micros` spent and nothing reserved, expiring after
+    /// `ttl_secs` (0: never), unless it exists already (another replica was first). Returns
+    /// whether it created it.
+    pub async fn init(
+        &self,
+        ledger: &str,
+        spent_micros: i64,
+        ttl_secs: u64,
+    ) -> Result<bool, SharedError> {
+        let mut inv = INIT.prepare_invoke();
+        inv.key(self.ledger_key(ledger))
+            .arg(spent_micros)
+            .arg(ttl_secs);
+        let mut conn = self.conn.clone();
+        let created: i64 = Self::bounded("budget ledger init", inv.invoke_async(&mut conn)).await?;
+        Ok(created == 1)
+    }
+
+    /// After a call: takes `worst_micros` off each ledger's reservation (not below zero) and
+    /// adds `actual_micros` to its spend, atomically. Ledgers that no longer exist are left
+    /// alone: they are loaded again from the request log, which holds this cost, on next use.
+    pub async fn reconcile(
+        &self,
+        ledgers: &[String],
+        worst_micros: i64,
+        actual_micros: i64,
+    ) -> Result<(), SharedError> {
+        if ledgers.is_empty() {
+            return Ok(());
+        }
+        let mut inv = RECONCILE.prepare_invoke();
+        inv.arg(worst_micros).arg(actual_micros);
+        for ledger in ledgers {
+            inv.key(self.ledger_key(ledger));
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = Self::bounded("budget reconciliation", inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// The `spent` and `reserved` of a ledger, if it exists (for tests and admin views).
+    pub async fn ledger(&self, ledger: &str) -> Result<Option<(i64, i64)>, SharedError> {
+        let mut conn = self.conn.clone();
+        let (spent, reserved): (Option<i64>, Option<i64>) = Self::bounded(
+            "budget ledger read",
+            redis::cmd("HMGET")
+                .arg(self.ledger_key(ledger))
+                .arg("spent")
+                .arg("reserved")
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(spent.map(|s| (s, reserved.unwrap_or(0))))
+    }
+
+    /// Deletes `keys`; returns how many existed.
+    async fn delete(&self, keys: &[Vec<u8>]) -> Result<u64, SharedError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn.clone();
+        Self::bounded(
+            "cache clear",
+            redis::cmd("DEL").arg(keys).query_async(&mut conn),
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl CacheStore for RedisState {
+    async fn cache_get(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CacheEntry>, StoreError> {
+        let rkey = self.cache_key(key);
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = Self::bounded(
+            "cache read",
+            redis::cmd("GET").arg(&rkey).query_async(&mut conn),
+        )
+        .await?;
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        let entry = serde_json::from_str::<StoredEntry<'_>>(&raw)
+            .ok()
+            .and_then(StoredEntry::into_entry);
+        match entry {
+            Some(e) if e.expires_at > now => Ok(Some(e)),
+            Some(_) => Ok(None),
+            None => {
+                tracing::warn!(key = %rkey, "corrupt cache entry in Redis; deleting it");
+                let _: i64 = Self::bounded(
+                    "cache delete",
+                    redis::cmd("DEL").arg(&rkey).query_async(&mut conn),
+                )
+                .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn cache_put(&self, entry: &CacheEntry) -> Result<(), StoreError> {
+        let ttl_ms = (entry.expires_at - Utc::now()).num_milliseconds();
+        if ttl_ms <= 0 {
+            return Ok(());
+        }
+        let json = serde_json::to_string(&StoredEntry::of(entry))
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode a cache entry: {e}")))?;
+        let mut conn = self.conn.clone();
+        let () = Self::bounded(
+            "cache write",
+            redis::cmd("SET")
+                .arg(self.cache_key(&entry.key))
+                .arg(json)
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Redis expires entries by itself: nothing to do.
+    async fn cache_purge(&self, _now: DateTime<Utc>) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    async fn cache_clear(&self, namespace: Option<&str>) -> Result<u64, StoreError> {
+        let pattern = format!("{}:cache:*", glob_escape(&self.prefix));
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut deleted = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = Self::bounded(
+                "cache clear",
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT)
+                    .query_async(&mut conn),
+            )
+            .await?;
+            let doomed = match namespace {
+                None => keys,
+                Some(ns) if !keys.is_empty() => {
+                    let values: Vec<Option<String>> = Self::bounded(
+                        "cache clear",
+                        redis::cmd("MGET").arg(&keys).query_async(&mut conn),
+                    )
+                    .await?;
+                    keys.into_iter()
+                        .zip(values)
+                        .filter(|(_, v)| {
+                            v.as_deref()
+                                .and_then(|v| serde_json::from_str::<StoredEntry<'_>>(v).ok())
+                                .is_some_and(|e| e.namespace == ns)
+                        })
+                        .map(|(k, _)| k)
+                        .collect()
+                }
+                Some(_) => Vec::new(),
+            };
+            deleted += self.delete(&doomed).await?;
+            cursor = next;
+            if cursor == 0 {
+                return Ok(deleted);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_testkit::redis::{TempRedis, redis_available};
+    use std::time::Instant;
+
+    fn server() -> Option<TempRedis> {
+        if !redis_available() {
+            assert_ne!(
+                std::env::var("SLUICE_REQUIRE_REDIS").as_deref(),
+                Ok("1"),
+                "redis-server is required (SLUICE_REQUIRE_REDIS=1) but was not found"
+            );
+            eprintln!("skipping: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        Some(TempRedis::start().expect("redis-server starts"))
+    }
+
+    async fn state(redis: &TempRedis, prefix: &str) -> RedisState {
+        RedisState::connect(&redis.url(), prefix)
+            .await
+            .expect("connects")
+    }
+
+    fn spec(rpm: Option<u64>, tpm: Option<u64>, par: Option<u32>) -> LimitSpec {
+        LimitSpec {
+            rpm,
+            tpm,
+            max_parallel: par,
+        }
+    }
+
+    fn admitted(a: &SharedAdmit) -> bool {
+        matches!(a, SharedAdmit::Admitted { .. })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_admit_exactly_the_rpm_limit() {
+        let Some(redis) = server() else { return };
+        let a = state(&redis, "t").await;
+        let b = state(&redis, "t").await;
+        a.ping().await.expect("ping");
+        let subjects = Arc::new(vec![("key:k".to_string(), spec(Some(25), None, None))]);
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let subjects = subjects.clone();
+            tasks.push(tokio::spawn(async move { s.admit(&subjects, 0).await }));
+        }
+        let mut ok = 0;
+        let mut refused = 0;
+        for t in tasks {
+            match t.await.expect("task").expect("admit") {
+                SharedAdmit::Admitted { .. } => ok += 1,
+                SharedAdmit::Refused {
+                    index,
+                    kind,
+                    limit,
+                    retry_after_ms,
+                    windows,
+                } => {
+                    assert_eq!((index, kind, limit), (0, LimitKind::Rpm, 25));
+                    let wait = retry_after_ms.expect("a window wait");
+                    assert!(wait > 0 && wait <= 60_000, "{wait}");
+                    let rpm = windows[0].rpm.expect("rpm window");
+                    assert_eq!((rpm.used, rpm.remaining()), (25, 0));
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!((ok, refused), (25, 75));
+        // Another prefix is another keyspace.
+        let other = state(&redis, "other").await;
+        assert!(admitted(&other.admit(&subjects, 0).await.expect("admit")));
+    }
+
+    #[tokio::test]
+    async fn headers_data_after_admission() {
+        let Some(redis) = server() else { return };
+        let s = state(&redis, "t").await;
+        let subjects = [("key:k".to_string(), spec(Some(3), Some(1000), None))];
+        let first = s.admit(&subjects, 100).await.expect("admit");
+        let SharedAdmit::Admitted { second, windows } = first else {
+            panic!("admitted: {first:?}")
+        };
+        assert!(second > 1_700_000_000, "an epoch second: {second}");
+        let w = windows[0];
+        let rpm = w.rpm.expect("rpm");
+        let tpm = w.tpm.expect("tpm");
+        assert_eq!((rpm.limit, rpm.used, rpm.remaining()), (3, 1, 2));
+        assert_eq!((tpm.limit, tpm.used, tpm.remaining()), (1000, 100, 900));
+        // Everything expires when the bucket just charged leaves the window: within 59-60 s.
+        assert!(
+            (59_000..=60_000).contains(&rpm.reset_ms),
+            "{}",
+            rpm.reset_ms
+        );
+        assert_eq!(w.in_flight, None);
+    }
+
+    /// The Redis server's clock, in seconds.
+    async fn server_second(s: &RedisState) -> i64 {
+        let mut conn = s.conn.clone();
+        let (secs, _micros): (i64, i64) = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .expect("time");
+        secs
+    }
+
+    #[tokio::test]
+    async fn old_buckets_leave_the_window() {
+        let Some(redis) = server() else { return };
+        let s = state(&redis, "t").await;
+        let now = server_second(&s).await;
+        // Seed the window as if requests had come 60 s (just out) and 59 s ago (still in).
+        let mut conn = s.conn.clone();
+        let () = redis::cmd("HSET")
+            .arg("t:rl:key:k:rpm")
+            .arg(now - 60)
+            .arg(5)
+            .arg(now - 59)
+            .arg(2)
+            .query_async(&mut conn)
+            .await
+            .expect("seed");
+        let subjects = [("key:k".to_string(), spec(Some(3), None, None))];
+        let SharedAdmit::Admitted { second, windows } = s.admit(&subjects, 0).await.expect("admit")
+        else {
+            panic!("2 of 3 used: one more fits");
+        };
+        assert_eq!(windows[0].rpm.map(|r| r.used), Some(3));
+        // The expired bucket is gone.
+        let old: Option<i64> = redis::cmd("HGET")
+            .arg("t:rl:key:k:rpm")
+            .arg(now - 60)
+            .query_async(&mut conn)
+            .await
+            .expect("hget");
+        assert_eq!(old, None);
+        match s.admit(&subjects, 0).await.expect("admit") {
+            SharedAdmit::Refused { retry_after_ms, .. } => {
+                // One request must go: the bucket of 59 s ago leaves within a second (or two,
+                // should the clock have ticked between the calls).
+                let wait = retry_after_ms.expect("a wait");
+                let bound = u64::try_from((now - 59 + 60 - second + 1) * 1000).unwrap_or(0);
+                assert!(
+                    wait > 0 && wait <= bound.max(1000),
+                    "{wait} (bound {bound})"
+                );
+            }
+            other => panic!("full: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_are_reserved_then_settled() {
+        let Some(redis) = server() else { return };
+        let s = state(&redis, "t").await;
+        let subjects = [("key:k".to_string(), spec(None, Some(1000), None))];
+        let SharedAdmit::Admitted { second, .. } = s.admit(&subjects, 800).await.expect("admit")
+        else {
+            panic!("the first request fits");
+        };
+        match s.admit(&subjects, 300).await.expect("admit") {
+            SharedAdmit::Refused {
+                kind,
+                limit,
+                retry_after_ms,
+                ..
+            } => {
+                assert_eq!((kind, limit), (LimitKind::Tpm, 1000));
+                assert!(retry_after_ms.is_some_and(|ms| ms > 0 && ms <= 60_000));
+            }
+            other => panic!("800 + 300 > 1000: {other:?}"),
+        }
+        // The request used only 100 tokens: the rest is released.
+        let ids = ["key:k".to_string()];
+        s.settle(&ids, second, 100 - 800).await.expect("settle");
+        let SharedAdmit::Admitted { windows, .. } = s.admit(&subjects, 300).await.expect("admit")
+        else {
+            panic!("100 + 300 fits");
+        };
+        assert_eq!(windows[0].tpm.map(|t| t.used), Some(400));
+        // Never below zero.
+        s.settle(&ids, second, -1_000_000).await.expect("settle");
+        let SharedAdmit::Admitted { windows, .. } = s.admit(&subjects, 1).await.expect("admit")
+        else {
+            panic!("an empty window admits");
+        };
+        assert_eq!(windows[0].tpm.map(|t| t.used), Some(1));
+        // More than estimated counts too.
+        s.settle(&ids, second, 2000).await.expect("settle");
+        assert!(!admitted(&s.admit(&subjects, 1).await.expect("admit")));
+        // A request without tokens is not held back by tpm (like the in-process limits).
+        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
+    }
+
+    #[tokio::test]
+    async fn parallel_slots_are_bounded_and_released() {
+        let Some(redis) = server() else { return };
+        let s = state(&redis, "t").await;
+        let subjects = [("key:k".to_string(), spec(None, None, Some(2)))];
+        let ids = ["key:k".to_string()];
+        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
+        let second = s.admit(&subjects, 0).await.expect("admit");
+        let SharedAdmit::Admitted { windows, .. } = &second else {
+            panic!("two fit: {second:?}")
+        };
+        assert_eq!(windows[0].in_flight, Some(2));
+        match s.admit(&subjects, 0).await.expect("admit") {
+            SharedAdmit::Refused {
+                kind,
+                limit,
+                retry_after_ms,
+                ..
+            } => assert_eq!(
+                (kind, limit, retry_after_ms),
+                (LimitKind::Parallel, 2, None)
+            ),
+            other => panic!("a third does not: {other:?}"),
+        }
+        s.release(&ids).await.expect("release");
+        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
+        // Releasing more than was taken stays at zero.
+        for _ in 0..5 {
+            s.release(&ids).await.expect("release");
+        }
+        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
+        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
+        assert!(!admitted(&s.admit(&subjects, 0).await.expect("admit")));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_charges_nothing() {
+        let Some(redis) = server() else { return };
+        let s = state(&redis, "t").await;
+        let key = ("key:k".to_string(), spec(Some(10), Some(1000), Some(5)));
+        let model = ("model:m".to_string(), spec(Some(1), None, None));
+        let subjects = [key.clone(), model];
+        assert!(admitted(&s.admit(&subjects, 100).await.expect("first")));
+        match s.admit(&subjects, 100).await.expect("second") {
+            SharedAdmit::Refused {
+                index,
+                kind,
+                windows,
+                ..
+            } => {
+                assert_eq!((index, kind), (1, LimitKind::Rpm));
+                // The key's limits show only the first request.
+                let w = windows[0];
+                assert_eq!(w.rpm.map(|r| r.used), Some(1));
+                assert_eq!(w.tpm.map(|t| t.used), Some(100));
+                assert_eq!(w.in_flight, Some(1));
+            }
+            other => panic!("the model allows one: {other:?}"),
+        }
+        // The key alone: still one request, 100 tokens, one in flight before this one.
+        let SharedAdmit::Admitted { windows, .. } = s.admit(&[key], 100).await.expect("third")
+        else {
+            panic!("the key has room");
+        };
+        assert_eq!(windows[0].rpm.map(|r| r.used), Some(2));
+        assert_eq!(windows[0].tpm.map(|t| t.used), Some(200));
+        assert_eq!(windows[0].in_flight, Some(2));
+        // A subject without limits touches nothing.
+        let none = [("user:u".to_string(), LimitSpec::default())];
+        let SharedAdmit::Admitted { windows, .. } = s.admit(&none, 5).await.expect("admit") else {
+            panic!("no limits, no refusal");
+        };
+        assert_eq!(windows, vec![WindowState::default()]);
+    }
+
+    #[tokio::test]
+    async fn budgets_reserve_refuse_and_reconcile() {
+        let Some(redis) = server() else { return };
+        let s = state(&redis, "t").await;
+        let item = |ledger: &str, limit: i64, worst: i64| BudgetItem {
+            ledger: ledger.into(),
+            limit_micros: limit,
+            worst_micros: worst,
+            ttl_secs: 3600,
+        };
+        let items = [
+            item("key:a:day:d", 1_000, 300),
+            item("team:t:month:m", 10_000, 300),
+        ];
+        assert_eq!(
+            s.reserve(&items).await.expect("reserve"),
+            Reserve::NeedInit(vec![0, 1])
+        );
+        assert!(s.init("key:a:day:d", 200, 3600).await.expect("init"));
+        // Another replica was first: the ledger is kept as it is.
+        assert!(!s.init("key:a:day:d", 999, 3600).await.expect("init"));
+        assert_eq!(
+            s.reserve(&items).await.expect("reserve"),
+            Reserve::NeedInit(vec![1])
+        );
+        assert_eq!(s.ledger("key:a:day:d").await.expect("read"), Some((200, 0)));
+        assert!(s.init("team:t:month:m", 0, 0).await.expect("init"));
+
+        // 200 spent: two reservations of 300 fit (800), a third does not (1100 > 1000).
+        assert_eq!(s.reserve(&items).await.expect("reserve"), Reserve::Ok);
+        assert_eq!(s.reserve(&items).await.expect("reserve"), Reserve::Ok);
+        assert_eq!(
+            s.reserve(&items).await.expect("reserve"),
+            Reserve::Refused {
+                index: 0,
+                spent_micros: 200,
+                reserved_micros: 600
+            }
+        );
+        // Nothing was reserved on the team ledger by the refusal.
+        assert_eq!(
+            s.ledger("team:t:month:m").await.expect("read"),
+            Some((0, 600))
+        );
+
+        // The first call cost 50.
+        let ledgers = ["key:a:day:d".to_string(), "team:t:month:m".to_string()];
+        s.reconcile(&ledgers, 300, 50).await.expect("reconcile");
+        assert_eq!(
+            s.ledger("key:a:day:d").await.expect("read"),
+            Some((250, 300))
+        );
+        assert_eq!(
+            s.ledger("team:t:month:m").await.expect("read"),
+            Some((50, 300))
+        );
+        assert_eq!(s.reserve(&items).await.expect("reserve"), Reserve::Ok);
+        // The reservation never goes below zero.
+        s.reconcile(&ledgers, 10_000, 0).await.expect("reconcile");
+        assert_eq!(s.ledger("key:a:day:d").await.expect("read"), Some((250, 0)));
+        // A ledger that is gone is not recreated by a reconciliation.
+        s.reconcile(&["key:gone".to_string()], 1, 1)
+            .await
+            .expect("reconcile");
+        assert_eq!(s.ledger("key:gone").await.expect("read"), None);
+    }
+
+    fn entry(key: &str, namespace: &str, ttl: chrono::Duration) -> CacheEntry {
+        let now = Utc::now();
+        CacheEntry {
+            key: key.into(),
+            namespace: namespace.into(),
+            model: "m".into(),
+            body: r#"{"id":"x","choices":[{"message":{"content":"hi \"there\""}}]}"#.into(),
+            cost_usd: 0.0125,
+            created_at: DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now),
+            expires_at: DateTime::from_timestamp_millis((now + ttl).timestamp_millis())
+                .unwrap_or(now),
+        }
+    }
+
+    #[tokio::test]
+    async fn cache_put_get_expire_and_clear() {
+        let Some(redis) = server() else { return };
+        let s = state(&redis, "t").await;
+        let e = entry("k1", "ns1", chrono::Duration::seconds(60));
+        s.cache_put(&e).await.expect("put");
+        assert_eq!(
+            s.cache_get("k1", Utc::now()).await.expect("get"),
+            Some(e.clone())
+        );
+        assert_eq!(s.cache_get("missing", Utc::now()).await.expect("get"), None);
+        // Expired at the time asked about.
+        let later = e.expires_at + chrono::Duration::seconds(1);
+        assert_eq!(s.cache_get("k1", later).await.expect("get"), None);
+        // An entry that is already expired is not stored.
+        s.cache_put(&entry("old", "ns1", chrono::Duration::seconds(-1)))
+            .await
+            .expect("put");
+        assert_eq!(s.cache_get("old", Utc::now()).await.expect("get"), None);
+        // Redis expires entries by itself.
+        s.cache_put(&entry("short", "ns1", chrono::Duration::milliseconds(150)))
+            .await
+            .expect("put");
+        assert!(
+            s.cache_get("short", Utc::now())
+                .await
+                .expect("get")
+                .is_some()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut conn = s.conn.clone();
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg("t:cache:short")
+            .query_async(&mut conn)
+            .await
+            .expect("exists");
+        assert_eq!(exists, 0);
+        assert_eq!(s.cache_purge(Utc::now()).await.expect("purge"), 0);
+
+        // A corrupt entry is a miss, and is deleted.
+        let () = redis::cmd("SET")
+            .arg("t:cache:bad")
+            .arg("not json")
+            .query_async(&mut conn)
+            .await
+            .expect("set");
+        assert_eq!(s.cache_get("bad", Utc::now()).await.expect("get"), None);
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg("t:cache:bad")
+            .query_async(&mut conn)
+            .await
+            .expect("exists");
+        assert_eq!(exists, 0);
+
+        // Clear by namespace, over more keys than one SCAN step.
+        for i in 0..1200 {
+            let ns = if i % 3 == 0 { "ns2" } else { "ns1" };
+            s.cache_put(&entry(&format!("k{i}"), ns, chrono::Duration::seconds(60)))
+                .await
+                .expect("put");
+        }
+        // Other prefixes and other keys of this prefix are left alone.
+        let other = state(&redis, "u").await;
+        other
+            .cache_put(&entry("k0", "ns2", chrono::Duration::seconds(60)))
+            .await
+            .expect("put");
+        s.init("keep", 0, 0).await.expect("init");
+        assert_eq!(s.cache_clear(Some("ns2")).await.expect("clear"), 400);
+        assert_eq!(s.cache_get("k0", Utc::now()).await.expect("get"), None);
+        assert!(s.cache_get("k1", Utc::now()).await.expect("get").is_some());
+        assert_eq!(s.cache_clear(Some("ns2")).await.expect("clear"), 0);
+        assert_eq!(s.cache_clear(None).await.expect("clear"), 800);
+        assert!(
+            other
+                .cache_get("k0", Utc::now())
+                .await
+                .expect("get")
+                .is_some()
+        );
+        assert!(s.ledger("keep").await.expect("read").is_some());
+    }
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+        assert_eq!(glob_escape("sluice"), "sluice");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_redis_fails_fast_and_recovers() {
+        let Some(mut redis) = server() else { return };
+        let s = state(&redis, "t").await;
+        let subjects = [("key:k".to_string(), spec(Some(100), None, Some(10)))];
+        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
+
+        redis.stop();
+        for _ in 0..3 {
+            let started = Instant::now();
+            let e = s.admit(&subjects, 0).await.expect_err("Redis is down");
+            assert!(started.elapsed() < Duration::from_secs(2), "{e}");
+            assert!(e.to_string().contains("shared state (Redis)"), "{e}");
+            let started = Instant::now();
+            assert!(s.ping().await.is_err());
+            assert!(s.cache_get("x", Utc::now()).await.is_err());
+            assert!(started.elapsed() < Duration::from_secs(4));
+        }
+        // A client made while Redis is down: connect fails fast, connect_lazy succeeds.
+        let started = Instant::now();
+        assert!(RedisState::connect(&redis.url(), "t").await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let lazy = RedisState::connect_lazy(&redis.url(), "t").expect("lazy");
+        assert!(lazy.ping().await.is_err());
+
+        redis.restart().expect("restart");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match s.admit(&subjects, 0).await {
+                Ok(a) => {
+                    assert!(admitted(&a));
+                    break;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "still failing: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = lazy.ping().await {
+            assert!(Instant::now() < deadline, "lazy still failing: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[test]
+    fn errors_say_what_failed() {
+        let e = SharedError::Timeout {
+            op: "rate limit admission",
+            after: CALL_TIMEOUT,
+        };
+        assert_eq!(
+            e.to_string(),
+            "shared state (Redis) did not answer within 1500 ms during rate limit admission; \
+             check that Redis at `state.redis_url` is up and reachable"
+        );
+        let store: StoreError = e.into();
+        assert!(matches!(store, StoreError::Database(_)));
+    }
+}

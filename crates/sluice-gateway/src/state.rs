@@ -1,0 +1,193 @@
+//! `[state]`: where state shared by replicas lives. Without `redis_url` every limit, budget
+//! ledger and the cache's fast tier are in process (exact for one node); with it, rate limits
+//! and budget ledgers are kept in Redis by atomic scripts and the cache's shared tier is Redis,
+//! so N replicas enforce one limit and see one cache.
+//!
+//! When Redis cannot be reached the operator's [`FailurePolicy`] decides: `open` (the default)
+//! falls back to the in-process limits and ledgers and logs an error (at most every few
+//! seconds, and once more when Redis is back); `closed` answers 503
+//! `shared_state_unavailable`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sluice_core::error::{Error, ErrorCode};
+
+use crate::shared::{RedisState, SharedError};
+
+/// What to do when Redis cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Carry on with in-process limits and ledgers; log loudly.
+    #[default]
+    Open,
+    /// Refuse requests that need shared state with 503.
+    Closed,
+}
+
+/// `[state]` in sluice.toml.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `redis://HOST:PORT[/DB]` (or `rediss://`); unset: in process.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// `open` (default) or `closed`.
+    #[serde(default)]
+    pub on_redis_failure: FailurePolicy,
+    /// Prefix of every Redis key Sluice writes (several gateways may share one Redis).
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_prefix() -> String {
+    "sluice".into()
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            redis_url: None,
+            on_redis_failure: FailurePolicy::Open,
+            prefix: default_prefix(),
+        }
+    }
+}
+
+impl StateConfig {
+    /// Checks the settings; errors name the key below `state`.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+unix://")
+                || url.starts_with("unix://"))
+        {
+            return Err(format!(
+                "redis_url: `{url}` is not a Redis URL; write redis://HOST:PORT (e.g. redis://127.0.0.1:6379)"
+            ));
+        }
+        if self.prefix.is_empty() || self.prefix.chars().any(char::is_whitespace) {
+            return Err("prefix: must be a non-empty word without spaces".into());
+        }
+        Ok(())
+    }
+}
+
+/// How often a Redis failure is logged while it lasts.
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// The connection to Redis and the policy for when it fails.
+pub struct Shared {
+    redis: RedisState,
+    policy: FailurePolicy,
+    down: AtomicBool,
+    last_warn: Mutex<Option<Instant>>,
+    failures: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("policy", &self.policy)
+            .field("down", &self.down.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Shared {
+    /// Connects to `config.redis_url` (`Ok(None)` when unset). A Redis that is down at start is
+    /// not an error under `open`: calls fail over to local state until it is back.
+    pub async fn connect(config: &StateConfig) -> Result<Option<Shared>, String> {
+        let Some(url) = &config.redis_url else {
+            return Ok(None);
+        };
+        // Lazily: a Redis that is down at start is handled like one that goes down later.
+        let redis = RedisState::connect_lazy(url, &config.prefix)
+            .map_err(|e| format!("state.redis_url: {e}"))?;
+        let shared = Shared {
+            redis,
+            policy: config.on_redis_failure,
+            down: AtomicBool::new(false),
+            last_warn: Mutex::new(None),
+            failures: AtomicU64::new(0),
+        };
+        if let Err(e) = shared.redis.ping().await {
+            if shared.policy == FailurePolicy::Closed {
+                tracing::error!(error = %e, "Redis (state.redis_url) is unreachable at start; requests that need it get 503 until it is back");
+            }
+            shared.failed(&e);
+        }
+        Ok(Some(shared))
+    }
+
+    pub fn redis(&self) -> &RedisState {
+        &self.redis
+    }
+
+    pub fn policy(&self) -> FailurePolicy {
+        self.policy
+    }
+
+    /// Calls that failed on Redis since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last call to Redis failed.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// Notes a successful call (logs the recovery after a failure).
+    pub fn ok(&self) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                "Redis (state.redis_url) is reachable again; limits and budgets are shared across replicas again"
+            );
+        }
+    }
+
+    /// Notes a failed call and logs it (at most every few seconds).
+    fn failed(&self, err: &SharedError) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.down.store(true, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut last = self.last_warn.lock();
+        if last.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
+            *last = Some(now);
+            match self.policy {
+                FailurePolicy::Open => tracing::error!(
+                    error = %err,
+                    "Redis (state.redis_url) is unreachable: FAILING OPEN — limits and budgets are enforced per replica until it is back"
+                ),
+                FailurePolicy::Closed => tracing::error!(
+                    error = %err,
+                    "Redis (state.redis_url) is unreachable: failing closed — requests that need it get 503"
+                ),
+            }
+        }
+    }
+
+    /// Handles a failed call: under `open`, `Ok(())` (the caller uses local state); under
+    /// `closed`, the 503 to answer.
+    pub fn on_failure(&self, what: &str, err: &SharedError) -> Result<(), Error> {
+        self.failed(err);
+        match self.policy {
+            FailurePolicy::Open => Ok(()),
+            FailurePolicy::Closed => {
+                let mut e = Error::new(
+                    ErrorCode::StateUnavailable,
+                    format!(
+                        "the gateway cannot reach its shared state (Redis) to check {what}, and it is set to fail closed (state.on_redis_failure = \"closed\"); retry shortly"
+                    ),
+                );
+                e.retry_after = Some(Duration::from_secs(1));
+                Err(e)
+            }
+        }
+    }
+}

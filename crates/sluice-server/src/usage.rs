@@ -1,0 +1,236 @@
+//! `GET /api/usage`: spend and tokens from the request log, grouped by key, user, team, model
+//! and day; and `DELETE /api/cache`: empties the exact cache (or one namespace of it).
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use sluice_core::error::{Error, ErrorCode};
+use sluice_core::usage::{UsageDim, UsageQuery, UsageRow};
+
+use crate::SharedState;
+use crate::admin::parse_since;
+use crate::error::ApiError;
+
+/// Query parameters of `GET /api/usage`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageParams {
+    /// RFC 3339 or a duration back from now (`7d`); default: the start of the current month.
+    pub since: Option<String>,
+    /// RFC 3339 or a duration back from now; default: now.
+    pub until: Option<String>,
+    pub key: Option<String>,
+    pub user: Option<String>,
+    pub team: Option<String>,
+    pub model: Option<String>,
+    /// Comma-separated: `key`, `user`, `team`, `model`, `day` (default `key`); `none` for one
+    /// total.
+    pub group_by: Option<String>,
+}
+
+/// The first instant of the current UTC month.
+pub fn month_start(now: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::{Datelike, TimeZone};
+    Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .single()
+        .unwrap_or(now)
+}
+
+/// Parses a `group_by` list.
+pub fn parse_group_by(s: &str) -> Result<Vec<UsageDim>, String> {
+    if s.trim() == "none" || s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut dims = Vec::new();
+    for part in s.split(',') {
+        let d = UsageDim::parse(part).ok_or_else(|| {
+            format!(
+                "`{}` is not a usage dimension; use key, user, team, model or day (comma-separated), or none",
+                part.trim()
+            )
+        })?;
+        if !dims.contains(&d) {
+            dims.push(d);
+        }
+    }
+    Ok(dims)
+}
+
+impl UsageParams {
+    /// The store query these parameters ask for.
+    pub fn to_query(&self, now: DateTime<Utc>) -> Result<UsageQuery, Error> {
+        let since = match &self.since {
+            Some(s) => parse_since(s, now).map_err(|e| Error::invalid(e).with_param("since"))?,
+            None => month_start(now),
+        };
+        let until = match &self.until {
+            Some(s) => {
+                Some(parse_since(s, now).map_err(|e| Error::invalid(e).with_param("until"))?)
+            }
+            None => None,
+        };
+        if until.is_some_and(|u| u <= since) {
+            return Err(Error::invalid("`until` must be after `since`").with_param("until"));
+        }
+        let group_by = parse_group_by(self.group_by.as_deref().unwrap_or("key"))
+            .map_err(|e| Error::invalid(e).with_param("group_by"))?;
+        Ok(UsageQuery {
+            since: Some(since),
+            until,
+            key: self.key.clone(),
+            user: self.user.clone(),
+            team: self.team.clone(),
+            model: self.model.clone(),
+            group_by,
+        })
+    }
+}
+
+/// A usage row as JSON: the group's dimensions as named fields, then the sums.
+pub fn row_json(dims: &[UsageDim], row: &UsageRow) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (d, v) in dims.iter().zip(&row.group) {
+        m.insert(d.as_str().to_string(), v.clone().into());
+    }
+    m.insert("requests".into(), row.requests.into());
+    m.insert("errors".into(), row.errors.into());
+    m.insert("cache_hits".into(), row.cache_hits.into());
+    m.insert("prompt_tokens".into(), row.prompt_tokens.into());
+    m.insert("completion_tokens".into(), row.completion_tokens.into());
+    m.insert("cost_usd".into(), row.cost_usd.into());
+    m.insert("cost_saved_usd".into(), row.cost_saved_usd.into());
+    serde_json::Value::Object(m)
+}
+
+fn unavailable(what: &str) -> Response {
+    ApiError::openai(Error::new(
+        ErrorCode::Unavailable,
+        format!("the store is unavailable ({what}); try again"),
+    ))
+    .into_response()
+}
+
+/// `GET /api/usage`.
+pub async fn usage(
+    State(state): State<SharedState>,
+    params: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return ApiError::openai(Error::invalid(e.body_text())).into_response(),
+    };
+    let q = match params.to_query(Utc::now()) {
+        Ok(q) => q,
+        Err(e) => return ApiError::openai(e).into_response(),
+    };
+    let Some(store) = &state.usage else {
+        return ApiError::openai(Error::new(
+            ErrorCode::Unavailable,
+            "this server has no usage store",
+        ))
+        .into_response();
+    };
+    let rows = match store.usage(&q).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "reading usage failed");
+            return unavailable("reading usage");
+        }
+    };
+    let total = match store
+        .usage(&UsageQuery {
+            group_by: Vec::new(),
+            ..q.clone()
+        })
+        .await
+    {
+        Ok(mut t) => t.pop(),
+        Err(e) => {
+            tracing::error!(error = %e, "reading usage failed");
+            return unavailable("reading usage");
+        }
+    };
+    Json(serde_json::json!({
+        "object": "usage",
+        "since": q.since,
+        "until": q.until,
+        "group_by": q.group_by.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+        "data": rows.iter().map(|r| row_json(&q.group_by, r)).collect::<Vec<_>>(),
+        "total": total.as_ref().map(|t| row_json(&[], t)),
+    }))
+    .into_response()
+}
+
+/// Query parameters of `DELETE /api/cache`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClearParams {
+    /// `global`, `key:ID` or `team:NAME`; default: everything.
+    pub namespace: Option<String>,
+}
+
+/// `DELETE /api/cache`: empties the cache (every tier), or one namespace.
+pub async fn clear_cache(
+    State(state): State<SharedState>,
+    axum::Extension(actor): axum::Extension<sluice_core::keys::Actor>,
+    params: Result<Query<ClearParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return ApiError::openai(Error::invalid(e.body_text())).into_response(),
+    };
+    let Some(cache) = state.gateway.cache() else {
+        return ApiError::openai(Error::invalid(
+            "the cache is off; set `[cache] enabled = true` in sluice.toml",
+        ))
+        .into_response();
+    };
+    let removed = cache.clear(params.namespace.as_deref()).await;
+    crate::keys::audit(
+        &state,
+        &actor,
+        "cache.clear",
+        params.namespace.as_deref(),
+        "ok",
+        serde_json::json!({ "removed": removed }),
+    )
+    .await;
+    Json(serde_json::json!({"cleared": true, "namespace": params.namespace, "removed": removed}))
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_by_lists_are_parsed_and_checked() {
+        assert_eq!(
+            parse_group_by("model, day").unwrap(),
+            vec![UsageDim::Model, UsageDim::Day]
+        );
+        assert!(parse_group_by("none").unwrap().is_empty());
+        assert!(parse_group_by("key,week").unwrap_err().contains("`week`"));
+    }
+
+    #[test]
+    fn usage_defaults_to_this_month_by_key() {
+        let now = DateTime::parse_from_rfc3339("2026-12-17T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let q = UsageParams::default().to_query(now).unwrap();
+        assert_eq!(q.group_by, vec![UsageDim::Key]);
+        assert_eq!(q.since.unwrap().to_rfc3339(), "2026-12-01T00:00:00+00:00");
+        let bad = UsageParams {
+            since: Some("1d".into()),
+            until: Some("2d".into()),
+            ..UsageParams::default()
+        };
+        assert_eq!(
+            bad.to_query(now).unwrap_err().param.as_deref(),
+            Some("until")
+        );
+    }
+}

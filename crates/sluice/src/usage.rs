@@ -1,0 +1,193 @@
+//! `sluice usage`: spend and tokens from the request log, straight from the store, grouped by
+//! key, user, team, model and day (the same report as `GET /api/usage`).
+
+use anyhow::Context;
+use sluice_core::usage::{UsageDim, UsageQuery, UsageRow};
+use sluice_server::usage::{UsageParams, row_json};
+
+#[derive(Debug, clap::Args)]
+pub struct UsageArgs {
+    /// From this time (RFC 3339) or duration ago (7d); default: the start of this month (UTC).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Up to this time (RFC 3339) or duration ago; default: now.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Group by these, comma-separated: key, user, team, model, day; or none.
+    #[arg(long, short = 'g', default_value = "key")]
+    pub group_by: String,
+    /// Only this virtual key (its id).
+    #[arg(long)]
+    pub key: Option<String>,
+    #[arg(long)]
+    pub user: Option<String>,
+    #[arg(long)]
+    pub team: Option<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn cell(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "-".into())
+}
+
+fn table(dims: &[UsageDim], rows: &[UsageRow], total: Option<&UsageRow>) -> String {
+    let mut header: Vec<String> = dims.iter().map(|d| d.as_str().to_uppercase()).collect();
+    header.extend(
+        [
+            "REQUESTS",
+            "ERRORS",
+            "CACHE HITS",
+            "PROMPT TOK",
+            "COMPL TOK",
+            "COST USD",
+            "SAVED USD",
+        ]
+        .map(str::to_string),
+    );
+    let line = |group: Vec<String>, r: &UsageRow| {
+        let mut v = group;
+        v.extend([
+            r.requests.to_string(),
+            r.errors.to_string(),
+            r.cache_hits.to_string(),
+            r.prompt_tokens.to_string(),
+            r.completion_tokens.to_string(),
+            format!("{:.6}", r.cost_usd),
+            format!("{:.6}", r.cost_saved_usd),
+        ]);
+        v
+    };
+    let mut lines: Vec<Vec<String>> = vec![header];
+    for r in rows {
+        lines.push(line(r.group.iter().map(cell).collect(), r));
+    }
+    if let Some(t) = total {
+        let mut label = vec!["TOTAL".to_string()];
+        label.extend((1..dims.len()).map(|_| String::new()));
+        if dims.is_empty() {
+            label.clear();
+        }
+        lines.push(line(label, t));
+    }
+    let cols = lines[0].len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            lines
+                .iter()
+                .map(|l| l.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for l in &lines {
+        let cells: Vec<String> = l
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                if i < dims.len() {
+                    format!("{s:<w$}", w = widths[i])
+                } else {
+                    format!("{s:>w$}", w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub async fn run(url: &str, args: UsageArgs) -> anyhow::Result<()> {
+    let params = UsageParams {
+        since: args.since.clone(),
+        until: args.until.clone(),
+        key: args.key.clone(),
+        user: args.user.clone(),
+        team: args.team.clone(),
+        model: args.model.clone(),
+        group_by: Some(args.group_by.clone()),
+    };
+    let q = params.to_query(chrono::Utc::now()).map_err(|e| {
+        anyhow::anyhow!(
+            "--{} {}",
+            e.param.as_deref().unwrap_or("args").replace('_', "-"),
+            e.message
+        )
+    })?;
+    let stores = sluice_store::open_all(url, 2)
+        .await
+        .with_context(|| format!("opening the store at {url}"))?;
+    let rows = stores.usage.usage(&q).await.context("reading usage")?;
+    let total = stores
+        .usage
+        .usage(&UsageQuery {
+            group_by: Vec::new(),
+            ..q.clone()
+        })
+        .await
+        .context("reading usage")?
+        .pop();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "since": q.since,
+                "until": q.until,
+                "group_by": q.group_by.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+                "data": rows.iter().map(|r| row_json(&q.group_by, r)).collect::<Vec<_>>(),
+                "total": total.as_ref().map(|t| row_json(&[], t)),
+            }))?
+        );
+        return Ok(());
+    }
+    let since = q.since.map_or_else(
+        || "the start".into(),
+        |t| t.format("%Y-%m-%d %H:%MZ").to_string(),
+    );
+    let until = q
+        .until
+        .map_or_else(|| "now".into(), |t| t.format("%Y-%m-%d %H:%MZ").to_string());
+    println!("usage from {since} to {until}");
+    if rows.is_empty() || total.as_ref().is_some_and(|t| t.requests == 0) {
+        println!("no requests in this period");
+        return Ok(());
+    }
+    print!("{}", table(&q.group_by, &rows, total.as_ref()));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_aligns_groups_and_sums() {
+        let row = |k: &str, n: u64, cost: f64| UsageRow {
+            group: vec![Some(k.into())],
+            requests: n,
+            errors: 0,
+            cache_hits: 1,
+            prompt_tokens: 10 * n,
+            completion_tokens: 5 * n,
+            cost_usd: cost,
+            cost_saved_usd: 0.0,
+        };
+        let rows = [row("abc", 2, 0.5), row("a-much-longer-key", 10, 1.25)];
+        let mut total = row("", 12, 1.75);
+        total.group.clear();
+        let t = table(&[UsageDim::Key], &rows, Some(&total));
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("KEY"), "{t}");
+        assert!(lines[2].starts_with("a-much-longer-key"), "{t}");
+        assert_eq!(
+            lines[3].split_whitespace().collect::<Vec<_>>(),
+            ["TOTAL", "12", "0", "1", "120", "60", "1.750000", "0.000000"],
+            "{t}"
+        );
+    }
+}

@@ -1,0 +1,237 @@
+//! Budgets and usage end to end: a key's daily budget refuses requests with 429
+//! `insufficient_quota` once the worst case no longer fits, concurrent requests never overshoot,
+//! a second replica on the same store starts from the stored spend, `[budgets]` covers users and
+//! teams, and `/api/usage` and `sluice usage` report the spend.
+
+use serde_json::{Value, json};
+
+use crate::harness::{BIN, Opts, Sluice};
+
+/// Every token costs $0.01 (input and output) on `pricey`.
+const PRICED: &str = r#"
+[providers.mock]
+type = "mock"
+
+[models.pricey]
+deployments = [{ provider = "mock", model = "pricey", input_cost_per_mtok = 10000.0, output_cost_per_mtok = 10000.0 }]
+"#;
+
+async fn create_key(s: &Sluice, spec: Value) -> (String, String) {
+    let v = s.create_key(spec).await;
+    (
+        v["key"].as_str().unwrap().to_string(),
+        v["id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// "a b c d" → 4 words: the mock answers the last user message, and reports whitespace words as
+/// tokens.
+async fn chat(s: &Sluice, key: &str, words: usize, user: Option<&str>) -> (u16, Value) {
+    let text = vec!["w"; words].join(" ");
+    let mut body = json!({"model": "pricey", "max_tokens": 20,
+                          "messages": [{"role": "user", "content": text}]});
+    if let Some(u) = user {
+        body["user"] = json!(u);
+    }
+    let resp = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .expect("chat");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn usage(s: &Sluice, query: &str) -> Value {
+    let resp = reqwest::get(s.url(&format!("/api/usage?{query}")))
+        .await
+        .expect("GET /api/usage");
+    assert_eq!(resp.status(), 200, "/api/usage?{query}");
+    resp.json().await.unwrap()
+}
+
+/// Waits until the log holds `n` records of the key (the writer batches).
+async fn wait_records(s: &Sluice, key_id: &str, n: u64) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let u = usage(s, &format!("key={key_id}&group_by=none")).await;
+        if u["total"]["requests"].as_u64() == Some(n) {
+            return u;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "expected {n} records: {u:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_key_budget_is_never_overshot_and_survives_a_restart() {
+    let s = Sluice::start(PRICED).await;
+    let (key, id) = create_key(
+        &s,
+        json!({"name": "capped", "budget": {"daily_usd": 1.0}, "owner": {"team": "search"}}),
+    )
+    .await;
+    // Each request: 10 prompt + 10 completion tokens = $0.20; its worst case (19 prompt bytes
+    // + 8 per message, plus max_tokens 20 = 47 tokens) = $0.47. So requests go through while
+    // the spend is at most $0.53: at $0, $0.20 and $0.40.
+    let mut ok = 0;
+    let refused = loop {
+        let (status, body) = chat(&s, &key, 10, None).await;
+        match status {
+            200 => ok += 1,
+            429 => break body,
+            other => panic!("unexpected {other}: {body}"),
+        }
+        assert!(ok < 10, "the budget never stopped the key");
+    };
+    assert_eq!(
+        refused["error"]["code"], "insufficient_quota",
+        "{refused:#}"
+    );
+    assert_eq!(refused["error"]["type"], "insufficient_quota");
+    let msg = refused["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("daily budget of $1.00"), "{msg}");
+    let u = wait_records(&s, &id, ok + 1).await;
+    let spent = u["total"]["cost_usd"].as_f64().unwrap();
+    assert!(spent <= 1.0 + 1e-9, "spent {spent} over the budget");
+    assert!(spent > 1.0 - 0.47, "refused too early at {spent}");
+    assert_eq!(
+        ok, 3,
+        "three requests fit under $1.00 with a worst case of $0.47"
+    );
+
+    // A second replica on the same store starts from the stored spend.
+    let s2 = Sluice::start_opts(Opts {
+        config: PRICED,
+        store_url: Some(s.store_url.clone()),
+        ..Opts::default()
+    })
+    .await;
+    // Keys reach the replica through the store within a second.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let (status, body) = chat(&s2, &key, 10, None).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+
+    wait_records(&s, &id, ok + 2).await;
+
+    // Usage by key and team, by model and day.
+    let by_key = usage(&s, "group_by=key,team").await;
+    let row = by_key["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == id.as_str())
+        .unwrap_or_else(|| panic!("{by_key:#}"));
+    assert_eq!(row["team"], "search");
+    assert_eq!(row["requests"], 5, "3 served and 2 refused: {row}");
+    assert_eq!(row["errors"], 2);
+    assert_eq!(row["prompt_tokens"], 30);
+    let by_day = usage(&s, "group_by=model,day").await;
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(by_day["data"][0]["model"], "pricey", "{by_day:#}");
+    assert_eq!(by_day["data"][0]["day"], today.as_str());
+    let bad = reqwest::get(s.url("/api/usage?group_by=week"))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    // The CLI reads the same from the store.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "usage",
+            "--store",
+            &s.store_url,
+            "--group-by",
+            "key",
+            "--json",
+        ])
+        .output()
+        .expect("sluice usage");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("usage json");
+    assert_eq!(v["total"]["requests"], 5, "{v:#}");
+    let table = std::process::Command::new(BIN)
+        .args(["usage", "--store", &s.store_url, "-g", "team,model"])
+        .output()
+        .expect("sluice usage");
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("search") && text.contains("pricey") && text.contains("TOTAL"),
+        "{text}"
+    );
+    let wrong = std::process::Command::new(BIN)
+        .args(["usage", "--store", &s.store_url, "-g", "week"])
+        .output()
+        .expect("sluice usage");
+    assert_eq!(wrong.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("`week`"));
+}
+
+#[tokio::test]
+async fn concurrent_requests_do_not_overshoot_a_budget() {
+    let s = Sluice::start(PRICED).await;
+    let (key, id) = create_key(&s, json!({"name": "burst", "budget": {"total_usd": 1.5}})).await;
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let (k, base) = (key.clone(), s.base.clone());
+        tasks.push(tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(k)
+                .json(&json!({"model": "pricey", "max_tokens": 20,
+                              "messages": [{"role": "user", "content": "w w w w w w w w w w"}]}))
+                .send()
+                .await
+                .expect("chat");
+            resp.status().as_u16()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            429 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(
+        ok >= 3,
+        "at least three $0.47 worst cases fit in $1.50: {ok}"
+    );
+    let u = wait_records(&s, &id, 24).await;
+    let spent = u["total"]["cost_usd"].as_f64().unwrap();
+    assert!(spent <= 1.5 + 1e-9, "{ok} served, spent {spent} over $1.50");
+}
+
+#[tokio::test]
+async fn user_and_team_budgets_from_the_config() {
+    let config = format!(
+        "{PRICED}\n[budgets]\nper_user = {{ daily_usd = 0.5 }}\nteams = {{ ml = {{ monthly_usd = 100.0 }} }}\n"
+    );
+    let s = Sluice::start(&config).await;
+    let (key, _) = create_key(&s, json!({"name": "ml-svc", "owner": {"team": "ml"}})).await;
+    // alice: the first request ($0.47 worst case) fits in $0.50; after it ($0.20 spent) the
+    // second does not.
+    assert_eq!(chat(&s, &key, 10, Some("alice")).await.0, 200);
+    let (status, body) = chat(&s, &key, 10, Some("alice")).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("user `alice`"),
+        "{body}"
+    );
+    // bob has his own budget.
+    assert_eq!(chat(&s, &key, 10, Some("bob")).await.0, 200);
+}
