@@ -476,7 +476,7 @@ impl Gateway {
         }
         let limit_headers = match self
             .admit(&router, key.as_deref(), &req.model, &mut fin, || {
-                estimate_tokens(&req)
+                limit_estimate(&req)
             })
             .await
         {
@@ -1249,6 +1249,17 @@ fn worst_chat_cost(req: &ChatRequest, router: &Router, group: &Group, default_ma
             .unwrap_or(default_max),
     ) * u64::from(req.n.unwrap_or(1).max(1));
     (prompt as f64 * input + completion as f64 * output) / 1e6
+}
+
+/// A request's tokens for the tokens-per-minute rate limits: its prompt counted with the
+/// model's tokenizer, plus the most it may generate (replaced by the real count after the call).
+fn limit_estimate(req: &ChatRequest) -> u64 {
+    let completion = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from)
+        * u64::from(req.n.unwrap_or(1).max(1));
+    tokens::count_prompt(&req.model, req) + completion
 }
 
 /// Completion tokens assumed for capacity when a request sets no maximum.
