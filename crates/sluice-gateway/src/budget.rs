@@ -256,6 +256,8 @@ pub struct Budgets {
     store: Option<Arc<dyn UsageStore>>,
     shared: Option<Arc<Shared>>,
     local: Mutex<HashMap<String, Arc<Mutex<Ledger>>>>,
+    /// When ledgers of periods that are over were last dropped.
+    swept: Mutex<std::time::Instant>,
 }
 
 impl std::fmt::Debug for Budgets {
@@ -271,7 +273,10 @@ impl std::fmt::Debug for Budgets {
 /// (a reservation dropped unsettled is released with no cost).
 pub struct Reservation {
     local: Vec<Arc<Mutex<Ledger>>>,
-    shared: Option<(Arc<Shared>, Vec<String>)>,
+    /// Redis, the ledgers and the holder of the reservation there.
+    shared: Option<(Arc<Shared>, Vec<String>, String)>,
+    /// The worst case held in Redis (0 for a reservation made locally while Redis was down).
+    shared_worst: i64,
     worst: i64,
     settled: bool,
 }
@@ -307,10 +312,14 @@ impl Reservation {
                 None => l.early += actual,
             }
         }
-        if let Some((shared, ledgers)) = self.shared.take() {
-            let worst = self.worst;
+        if let Some((shared, ledgers, holder)) = self.shared.take() {
+            let worst = self.shared_worst;
             let work = async move {
-                match shared.redis().reconcile(&ledgers, worst, actual).await {
+                match shared
+                    .redis()
+                    .reconcile(&ledgers, &holder, worst, actual)
+                    .await
+                {
                     Ok(()) => shared.ok(),
                     Err(e) => {
                         // The ledger's reservation expires with it; the cost is in the log.
@@ -363,6 +372,7 @@ impl Budgets {
             store,
             shared,
             local: Mutex::new(HashMap::new()),
+            swept: Mutex::new(std::time::Instant::now()),
         }
     }
 
@@ -374,18 +384,24 @@ impl Budgets {
         let Some(store) = &self.store else {
             return Ok(0);
         };
-        store
-            .spend(&l.spender, l.period.start(now))
-            .await
-            .map(micros)
-            .map_err(|e| {
-                let mut err = Error::new(
-                    ErrorCode::Unavailable,
-                    format!("cannot read spend from the store to check the budget: {e}"),
-                );
-                err.retry_after = Some(std::time::Duration::from_secs(1));
-                err
-            })
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            store.spend(&l.spender, l.period.start(now)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(sluice_core::record::StoreError::Database(
+                "no answer within 2 s".into(),
+            ))
+        });
+        read.map(micros).map_err(|e| {
+            let mut err = Error::new(
+                ErrorCode::Unavailable,
+                format!("cannot read spend from the store to check the budget: {e}"),
+            );
+            err.retry_after = Some(std::time::Duration::from_secs(1));
+            err
+        })
     }
 
     /// Reserves `worst_usd` on every budget in `limits`, or refuses the request with 429
@@ -401,13 +417,33 @@ impl Budgets {
         }
         let now = Utc::now();
         let worst = micros(worst_usd);
-        if let Some(shared) = &self.shared {
-            match self.reserve_shared(shared, limits, worst, now).await {
-                Ok(r) => return r.map(Some),
+        let Some(shared) = &self.shared else {
+            return self.reserve_local(limits, worst, now).await.map(Some);
+        };
+        match shared.bypass("budgets") {
+            None => match self.reserve_shared(shared, limits, worst, now).await {
+                Ok(r) => {
+                    // Redis answers again: ledgers kept locally meanwhile are stale now.
+                    let mut local = self.local.lock();
+                    if !local.is_empty() {
+                        local.clear();
+                    }
+                    return r.map(Some);
+                }
                 Err(e) => shared.on_failure("budgets", &e)?,
-            }
+            },
+            Some(verdict) => verdict?,
         }
-        self.reserve_local(limits, worst, now).await.map(Some)
+        // Failing open: local ledgers, and the cost also goes to Redis's ledgers when it can
+        // (best effort), so that they do not miss what was spent meanwhile.
+        let mut r = self.reserve_local(limits, worst, now).await?;
+        r.shared = Some((
+            shared.clone(),
+            limits.iter().map(|l| Self::ledger_id(l, now)).collect(),
+            crate::shared::new_holder(),
+        ));
+        r.shared_worst = 0;
+        Ok(Some(r))
     }
 
     /// `Err` is a Redis failure; `Ok(Err)` a refusal.
@@ -427,9 +463,10 @@ impl Budgets {
                 ttl_secs: l.period.ttl_secs(),
             })
             .collect();
+        let holder = crate::shared::new_holder();
         // A missing ledger is built from the store, then the reservation is tried again.
         for _ in 0..3 {
-            match shared.redis().reserve(&items).await? {
+            match shared.redis().reserve(&items, &holder).await? {
                 Reserve::Ok => {
                     shared.ok();
                     return Ok(Ok(Reservation {
@@ -437,7 +474,9 @@ impl Budgets {
                         shared: Some((
                             shared.clone(),
                             items.into_iter().map(|i| i.ledger).collect(),
+                            holder,
                         )),
+                        shared_worst: worst,
                         worst,
                         settled: false,
                     }));
@@ -487,9 +526,13 @@ impl Budgets {
     ) -> Result<Reservation, Error> {
         let mut ledgers: Vec<(String, Arc<Mutex<Ledger>>)> = {
             let mut all = self.local.lock();
-            // Ledgers of periods that are over are dropped.
-            if all.len() > 64 {
-                all.retain(|_, l| l.lock().ends.is_none_or(|e| e > now));
+            // Ledgers of periods that are over are dropped, once a minute at most.
+            {
+                let mut swept = self.swept.lock();
+                if swept.elapsed() >= std::time::Duration::from_secs(60) {
+                    *swept = std::time::Instant::now();
+                    all.retain(|_, l| l.lock().ends.is_none_or(|e| e > now));
+                }
             }
             limits
                 .iter()
@@ -541,6 +584,7 @@ impl Budgets {
         Ok(Reservation {
             local: held,
             shared: None,
+            shared_worst: 0,
             worst,
             settled: false,
         })

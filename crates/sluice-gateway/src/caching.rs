@@ -47,11 +47,9 @@ impl Fill {
     /// Stores the record's answer (a successful one that ended normally), with its usage and
     /// what it cost, then drops the body from the record unless bodies are kept.
     pub(crate) fn complete(self, r: &mut RequestRecord) {
-        let finished = r.status == RecordStatus::Ok
-            && r.finish_reason
-                .as_deref()
-                .is_some_and(|f| f == "stop" || f == "length" || f == "tool_calls");
-        if finished && let Some(body) = &r.response_body {
+        if r.status == RecordStatus::Ok
+            && let Some(body) = &r.response_body
+        {
             match with_usage(body.get(), r) {
                 Some(text) => self.cache.store(cache::entry(
                     &self.config,
@@ -63,7 +61,7 @@ impl Fill {
                     self.ttl,
                 )),
                 None => {
-                    tracing::warn!(request_id = %r.id, "the answer could not be cached: its body is not a completion")
+                    tracing::debug!(request_id = %r.id, "the answer is not cached: not every choice finished normally")
                 }
             }
         }
@@ -74,9 +72,21 @@ impl Fill {
 }
 
 /// The completion's JSON with `usage` set from the record when it has none (a stream whose
-/// upstream did not report usage), so that a replay can report it.
+/// upstream did not report usage), so that a replay can report it; `None` unless every choice
+/// finished normally (`stop`, `length`, `tool_calls`).
 fn with_usage(body: &str, r: &RequestRecord) -> Option<String> {
     let mut v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let choices = v.get("choices")?.as_array()?;
+    let finished = !choices.is_empty()
+        && choices.iter().all(|c| {
+            matches!(
+                c.get("finish_reason").and_then(|f| f.as_str()),
+                Some("stop" | "length" | "tool_calls")
+            )
+        });
+    if !finished {
+        return None;
+    }
     let obj = v.as_object_mut()?;
     if obj.get("usage").is_none_or(serde_json::Value::is_null) {
         obj.insert(
@@ -127,7 +137,14 @@ pub(crate) async fn lookup(
             }
         }
     }
-    let fill = control.may_store().then(|| Fill {
+    // A stream's assembled answer carries text, tool calls and usage; a streamed request that
+    // asks for more (log probabilities, audio) is not stored, so that no later request is
+    // answered without what it asked for.
+    let complete_when_assembled = !req.is_stream()
+        || !(req.extra.get("logprobs") == Some(&serde_json::Value::Bool(true))
+            || req.extra.contains_key("audio")
+            || req.extra.contains_key("modalities"));
+    let fill = (control.may_store() && complete_when_assembled).then(|| Fill {
         cache: cache.clone(),
         config: config.clone(),
         key,

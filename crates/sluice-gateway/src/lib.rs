@@ -466,6 +466,7 @@ impl Gateway {
         ctx.record.model.clone_from(&req.model);
         ctx.record.stream = req.is_stream();
         attribute(&mut ctx.record, &req);
+        pin_key_owner(&mut ctx.record, ctx.key.as_deref());
         self.keep_request_body(&mut ctx, &req);
         let key = ctx.key.clone();
         let cache_header = ctx.cache_control.take();
@@ -693,6 +694,7 @@ impl Gateway {
         let router = self.router();
         ctx.record.model.clone_from(&req.model);
         ctx.record.user = ctx.record.user.take().or_else(|| req.user.clone());
+        pin_key_owner(&mut ctx.record, ctx.key.as_deref());
         self.keep_request_body(&mut ctx, &req);
         let key = ctx.key.clone();
         let mut fin = self.finisher(&router, ctx);
@@ -812,7 +814,9 @@ impl Gateway {
         } else {
             0
         };
-        if let Some(shared) = &self.shared {
+        if let Some(shared) = &self.shared
+            && shared.bypass("rate limits").transpose()?.is_none()
+        {
             match limits::admit_shared(shared, &subjects, estimate).await {
                 Ok(Ok((admitted, headers))) => {
                     fin.hold_shared_limits(admitted);
@@ -1259,8 +1263,21 @@ fn limit_estimate(req: &ChatRequest) -> u64 {
         .or(req.max_tokens)
         .map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from)
         * u64::from(req.n.unwrap_or(1).max(1));
-    tokens::count_prompt(&req.model, req) + completion
+    let bytes: usize = req.messages.iter().map(|m| m.text_len()).sum();
+    let prompt = if bytes > TOKENIZE_ESTIMATE_MAX_BYTES {
+        (bytes as u64).div_ceil(4)
+    } else {
+        tokens::count_prompt(&req.model, req)
+    };
+    prompt + completion
 }
+
+/// The most choices a request may ask for (OpenAI's limit).
+const MAX_N: u32 = 128;
+
+/// Above this much prompt text, the tokens-per-minute estimate counts four bytes a token instead
+/// of running the tokenizer over it on the request path.
+const TOKENIZE_ESTIMATE_MAX_BYTES: usize = 64 * 1024;
 
 /// Completion tokens assumed for capacity when a request sets no maximum.
 const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
@@ -1292,6 +1309,9 @@ fn validate(req: &ChatRequest) -> Result<(), Error> {
     }
     if req.n == Some(0) {
         return Err(Error::invalid("`n` must be at least 1").with_param("n"));
+    }
+    if req.n.is_some_and(|n| n > MAX_N) {
+        return Err(Error::invalid(format!("`n` must be at most {MAX_N}")).with_param("n"));
     }
     Ok(())
 }
@@ -1331,6 +1351,29 @@ fn attribute(rec: &mut RequestRecord, req: &ChatRequest) {
             }
         }
         other => *other = serde_json::Value::Object(meta.clone()),
+    }
+}
+
+/// With a virtual key, the record's `team` and `project` are the key owner's, whatever the
+/// request's metadata said: team budgets and usage by team read them, so a client cannot move
+/// its spend to another team or off its own.
+fn pin_key_owner(rec: &mut RequestRecord, key: Option<&sluice_core::keys::VirtualKey>) {
+    let Some(k) = key else { return };
+    for (name, value) in [("team", &k.owner.team), ("project", &k.owner.project)] {
+        match (value, &mut rec.metadata) {
+            (Some(v), serde_json::Value::Object(m)) => {
+                m.insert(name.into(), serde_json::Value::String(v.clone()));
+            }
+            (Some(v), other) => {
+                let mut m = serde_json::Map::new();
+                m.insert(name.into(), serde_json::Value::String(v.clone()));
+                *other = serde_json::Value::Object(m);
+            }
+            (None, serde_json::Value::Object(m)) => {
+                m.remove(name);
+            }
+            (None, _) => {}
+        }
     }
 }
 

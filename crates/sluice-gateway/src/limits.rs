@@ -239,6 +239,8 @@ pub struct SharedAdmission {
     tpm: Vec<String>,
     /// Subjects with a max_parallel limit.
     parallel: Vec<String>,
+    /// The id of the request's in-flight slots in Redis.
+    holder: String,
     second: i64,
     reserved: u64,
 }
@@ -281,9 +283,10 @@ impl Drop for SharedAdmission {
             return;
         }
         let (shared, ids) = (self.shared.clone(), std::mem::take(&mut self.parallel));
+        let holder = std::mem::take(&mut self.holder);
         spawn(async move {
-            if let Err(e) = shared.redis().release(&ids).await {
-                // The counters expire on their own (see `shared`).
+            if let Err(e) = shared.redis().release(&ids, &holder).await {
+                // The slot lapses on its own (`shared::HOLD_MS`).
                 let _ = shared.on_failure("rate limits", &e);
             }
         });
@@ -309,7 +312,11 @@ pub async fn admit_shared(
             .unwrap_or_default()
     };
     match shared.redis().admit(&specs, tokens).await? {
-        SharedAdmit::Admitted { second, windows } => {
+        SharedAdmit::Admitted {
+            second,
+            windows,
+            holder,
+        } => {
             shared.ok();
             let headers = first_window(&windows);
             let ids = |f: fn(&LimitSpec) -> bool| {
@@ -324,6 +331,7 @@ pub async fn admit_shared(
                     shared: shared.clone(),
                     tpm: ids(|s| s.tpm.is_some()),
                     parallel: ids(|s| s.max_parallel.is_some()),
+                    holder,
                     second,
                     reserved: if subjects.iter().any(|s| s.spec.tpm.is_some()) {
                         tokens

@@ -57,9 +57,25 @@ pub const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// How long a rate window's key outlives its last write: twice the window.
 const WINDOW_TTL_SECS: u64 = 120;
-/// How long an in-flight counter outlives its last admission, so that the slots of a replica
-/// that died mid-request clear eventually.
+/// How long an in-flight set outlives its last admission.
 const PARALLEL_TTL_SECS: u64 = 600;
+/// How long a request holds its in-flight slot and its budget reservation at most: each is an
+/// entry with this deadline, so those of a replica that died mid-request lapse on their own
+/// (a request that runs longer keeps going; only its hold lapses, and its cost is still
+/// reconciled).
+pub const HOLD_MS: u64 = 15 * 60 * 1000;
+/// The largest token estimate or cost (micro-USD) sent to a script: far beyond any real
+/// request, and safe in Redis's integers and Lua's doubles.
+const MAX_AMOUNT: u64 = 1 << 50;
+
+fn clamp_micros(v: i64) -> i64 {
+    v.clamp(0, MAX_AMOUNT as i64)
+}
+
+/// A fresh id for one request's holds.
+pub fn new_holder() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
 /// Keys per SCAN step of [`CacheStore::cache_clear`].
 const SCAN_COUNT: u64 = 500;
 
@@ -174,6 +190,8 @@ pub enum SharedAdmit {
         second: i64,
         /// One per subject, in the order given.
         windows: Vec<WindowState>,
+        /// The id of the request's in-flight slots: pass it to [`RedisState::release`].
+        holder: String,
     },
     /// A subject had no room; nothing was charged.
     Refused {
@@ -301,7 +319,8 @@ end
 /// rpm limit, used, reset ms; tpm limit, used, reset ms; in flight (-1 where no limit).
 const ADMIT_LUA: &str = r#"
 local tokens = tonumber(ARGV[1])
-local n = (#ARGV - 1) / 3
+local holder = ARGV[2]
+local n = (#ARGV - 2) / 3
 local t = redis.call('TIME')
 local now_s = tonumber(t[1])
 local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -310,9 +329,9 @@ local subjects = {}
 local refused = nil
 for i = 1, n do
   local st = {
-    rpm = tonumber(ARGV[3 * i - 1]),
-    tpm = tonumber(ARGV[3 * i]),
-    par = tonumber(ARGV[3 * i + 1]),
+    rpm = tonumber(ARGV[3 * i]),
+    tpm = tonumber(ARGV[3 * i + 1]),
+    par = tonumber(ARGV[3 * i + 2]),
   }
   if st.rpm >= 0 then
     st.rw = window(KEYS[3 * i - 2], now_s)
@@ -321,7 +340,9 @@ for i = 1, n do
     st.tw = window(KEYS[3 * i - 1], now_s)
   end
   if st.par >= 0 then
-    st.inflight = tonumber(redis.call('GET', KEYS[3 * i]) or '0') or 0
+    -- One entry per request in flight, scored by when its hold lapses.
+    redis.call('ZREMRANGEBYSCORE', KEYS[3 * i], '-inf', now_ms)
+    st.inflight = redis.call('ZCARD', KEYS[3 * i])
   end
   subjects[i] = st
   if refused == nil then
@@ -350,7 +371,7 @@ if refused == nil then
       window_add(st.tw, now_s, tokens)
     end
     if st.par >= 0 then
-      redis.call('INCR', KEYS[3 * i])
+      redis.call('ZADD', KEYS[3 * i], now_ms + ARGV_HOLD_MS, holder)
       redis.call('EXPIRE', KEYS[3 * i], ARGV_PARALLEL_TTL)
       st.inflight = st.inflight + 1
     end
@@ -426,44 +447,72 @@ end
 return 1
 "#;
 
-/// KEYS: in-flight counters. Each goes down by one, never below zero.
+/// KEYS: in-flight sets. ARGV: the holder. Removes its entry from each.
 const RELEASE_LUA: &str = r#"
 for _, key in ipairs(KEYS) do
-  local v = tonumber(redis.call('GET', key) or '0') or 0
-  if v > 1 then
-    redis.call('DECR', key)
-  else
-    redis.call('DEL', key)
-  end
+  redis.call('ZREM', key, ARGV[1])
 end
 return 1
 "#;
 
-/// KEYS: ledgers. ARGV: per ledger limit, worst. Returns `{0}` (reserved), `{1, i...}` (need
-/// init, 0-based) or `{2, i, spent, reserved}` (refused).
+/// KEYS: per ledger its hash (`spent`) and its set of holds. ARGV: holder, hold ms, then per
+/// ledger limit, worst, ttl (0: none). A hold is the member `HOLDER:WORST`, scored by when it
+/// lapses; what is reserved is the sum of the live holds. Returns `{0}` (reserved), `{1, i...}`
+/// (need init, 0-based) or `{2, i, spent, reserved}` (refused).
 const RESERVE_LUA: &str = r#"
+local holder = ARGV[1]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local deadline = now_ms + tonumber(ARGV[2])
+local n = #KEYS / 2
 local missing = { 1 }
-for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 0 then
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[2 * i - 1]) == 0 then
     missing[#missing + 1] = i - 1
   end
 end
 if #missing > 1 then
   return missing
 end
-for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[2 * i - 1])
-  local worst = tonumber(ARGV[2 * i])
-  local spent = tonumber(redis.call('HGET', key, 'spent') or '0') or 0
-  local reserved = tonumber(redis.call('HGET', key, 'reserved') or '0') or 0
+for i = 1, n do
+  local limit = tonumber(ARGV[3 * i])
+  local worst = tonumber(ARGV[3 * i + 1])
+  local spent = tonumber(redis.call('HGET', KEYS[2 * i - 1], 'spent') or '0') or 0
+  local reserved = held(KEYS[2 * i], now_ms)
   if spent + reserved + worst > limit then
     return { 2, i - 1, spent, reserved }
   end
 end
-for i, key in ipairs(KEYS) do
-  redis.call('HINCRBY', key, 'reserved', ARGV[2 * i])
+for i = 1, n do
+  redis.call('ZADD', KEYS[2 * i], deadline, holder .. ':' .. ARGV[3 * i + 1])
+  local ttl = tonumber(ARGV[3 * i + 2])
+  if ttl > 0 then
+    redis.call('EXPIRE', KEYS[2 * i - 1], ttl)
+    redis.call('EXPIRE', KEYS[2 * i], ttl)
+  end
 end
 return { 0 }
+"#;
+
+/// `held(key, now_ms)`: drops the lapsed holds of a ledger and sums the worst cases of the rest.
+const HELD_LUA: &str = r#"
+local function held(key, now_ms)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms)
+  local sum = 0
+  for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    sum = sum + (tonumber(string.match(m, ':(%d+)$')) or 0)
+  end
+  return sum
+end
+"#;
+
+/// KEYS: a ledger's hash and its holds. Returns `{exists, spent, reserved}`.
+const LEDGER_LUA: &str = r#"
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local exists = redis.call('EXISTS', KEYS[1])
+local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0') or 0
+return { exists, spent, held(KEYS[2], now_ms) }
 "#;
 
 /// KEYS: one ledger. ARGV: spent, ttl (0: none). Creates it only when missing; returns 1 when
@@ -472,26 +521,21 @@ const INIT_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
-redis.call('HSET', KEYS[1], 'spent', ARGV[1], 'reserved', 0)
+redis.call('HSET', KEYS[1], 'spent', ARGV[1])
 if tonumber(ARGV[2]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 return 1
 "#;
 
-/// KEYS: ledgers. ARGV: worst, actual. `reserved -= worst` (not below zero), `spent += actual`,
-/// on the ledgers that exist (one that is gone is loaded again from the log on next use).
+/// KEYS: per ledger its hash and its holds. ARGV: the hold (`HOLDER:WORST`), actual. Drops
+/// the hold and adds `actual` to the spend of the ledgers that exist (one that is gone is
+/// loaded again from the log, which holds this cost, on next use).
 const RECONCILE_LUA: &str = r#"
-local worst = tonumber(ARGV[1])
-for _, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
-    local reserved = tonumber(redis.call('HGET', key, 'reserved') or '0') or 0
-    local left = reserved - worst
-    if left < 0 then
-      left = 0
-    end
-    redis.call('HSET', key, 'reserved', int(left))
-    redis.call('HINCRBY', key, 'spent', ARGV[2])
+for i = 1, #KEYS / 2 do
+  redis.call('ZREM', KEYS[2 * i], ARGV[1])
+  if redis.call('EXISTS', KEYS[2 * i - 1]) == 1 then
+    redis.call('HINCRBY', KEYS[2 * i - 1], 'spent', ARGV[2])
   end
 end
 return 1
@@ -500,16 +544,20 @@ return 1
 fn window_script(body: &str) -> Script {
     let source = format!("{WINDOW_LUA}\n{body}")
         .replace("ARGV_WINDOW_TTL", &WINDOW_TTL_SECS.to_string())
-        .replace("ARGV_PARALLEL_TTL", &PARALLEL_TTL_SECS.to_string());
+        .replace("ARGV_PARALLEL_TTL", &PARALLEL_TTL_SECS.to_string())
+        .replace("ARGV_HOLD_MS", &HOLD_MS.to_string());
     Script::new(&source)
 }
 
 static ADMIT: LazyLock<Script> = LazyLock::new(|| window_script(ADMIT_LUA));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| window_script(SETTLE_LUA));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
-static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESERVE_LUA));
+static RESERVE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{HELD_LUA}\n{RESERVE_LUA}")));
+static LEDGER: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{HELD_LUA}\n{LEDGER_LUA}")));
 static INIT: LazyLock<Script> = LazyLock::new(|| Script::new(INIT_LUA));
-static RECONCILE: LazyLock<Script> = LazyLock::new(|| window_script(RECONCILE_LUA));
+static RECONCILE: LazyLock<Script> = LazyLock::new(|| Script::new(RECONCILE_LUA));
 
 /// An entry as stored: [`CacheEntry`] with times in epoch milliseconds.
 #[derive(Serialize, Deserialize)]
@@ -685,6 +733,11 @@ impl RedisState {
         format!("{}:budget:{ledger}", self.prefix)
     }
 
+    /// The set of a ledger's holds (reservations in flight).
+    fn holds_key(&self, ledger: &str) -> String {
+        format!("{}:budget:{ledger}:holds", self.prefix)
+    }
+
     fn cache_key(&self, key: &str) -> String {
         format!("{}:cache:{key}", self.prefix)
     }
@@ -705,8 +758,9 @@ impl RedisState {
         tokens: u64,
     ) -> Result<SharedAdmit, SharedError> {
         const OP: &str = "rate limit admission";
+        let holder = new_holder();
         let mut inv = ADMIT.prepare_invoke();
-        inv.arg(tokens);
+        inv.arg(tokens.min(MAX_AMOUNT)).arg(&holder);
         for (id, spec) in subjects {
             inv.key(self.limit_key(id, "rpm"))
                 .key(self.limit_key(id, "tpm"))
@@ -750,6 +804,7 @@ impl RedisState {
             [1, second, ..] => Ok(SharedAdmit::Admitted {
                 second: *second,
                 windows,
+                holder,
             }),
             [0, index, kind, limit, retry, ..] => Ok(SharedAdmit::Refused {
                 index: usize::try_from(*index).map_err(|_| bad("bad index"))?,
@@ -793,11 +848,12 @@ impl RedisState {
 
     /// Gives back the in-flight slot of an admitted request in `subjects` (the ids of those
     /// with a `max_parallel` limit), never below zero.
-    pub async fn release(&self, subjects: &[String]) -> Result<(), SharedError> {
+    pub async fn release(&self, subjects: &[String], holder: &str) -> Result<(), SharedError> {
         if subjects.is_empty() {
             return Ok(());
         }
         let mut inv = RELEASE.prepare_invoke();
+        inv.arg(holder);
         for id in subjects {
             inv.key(self.limit_key(id, "par"));
         }
@@ -807,16 +863,23 @@ impl RedisState {
     }
 
     /// Reserves each item's worst case in its ledger, all or none: see [`Reserve`].
-    pub async fn reserve(&self, items: &[BudgetItem]) -> Result<Reserve, SharedError> {
+    pub async fn reserve(
+        &self,
+        items: &[BudgetItem],
+        holder: &str,
+    ) -> Result<Reserve, SharedError> {
         const OP: &str = "budget reservation";
         if items.is_empty() {
             return Ok(Reserve::Ok);
         }
         let mut inv = RESERVE.prepare_invoke();
+        inv.arg(holder).arg(HOLD_MS);
         for item in items {
             inv.key(self.ledger_key(&item.ledger))
+                .key(self.holds_key(&item.ledger))
                 .arg(item.limit_micros)
-                .arg(item.worst_micros);
+                .arg(clamp_micros(item.worst_micros))
+                .arg(item.ttl_secs);
         }
         let mut conn = self.conn.clone();
         let out: Vec<i64> = Self::bounded(OP, inv.invoke_async(&mut conn)).await?;
@@ -870,6 +933,7 @@ impl RedisState {
     pub async fn reconcile(
         &self,
         ledgers: &[String],
+        holder: &str,
         worst_micros: i64,
         actual_micros: i64,
     ) -> Result<(), SharedError> {
@@ -877,9 +941,10 @@ impl RedisState {
             return Ok(());
         }
         let mut inv = RECONCILE.prepare_invoke();
-        inv.arg(worst_micros).arg(actual_micros);
+        inv.arg(format!("{holder}:{}", clamp_micros(worst_micros)))
+            .arg(clamp_micros(actual_micros));
         for ledger in ledgers {
-            inv.key(self.ledger_key(ledger));
+            inv.key(self.ledger_key(ledger)).key(self.holds_key(ledger));
         }
         let mut conn = self.conn.clone();
         let _: i64 = Self::bounded("budget reconciliation", inv.invoke_async(&mut conn)).await?;
@@ -888,17 +953,19 @@ impl RedisState {
 
     /// The `spent` and `reserved` of a ledger, if it exists (for tests and admin views).
     pub async fn ledger(&self, ledger: &str) -> Result<Option<(i64, i64)>, SharedError> {
+        let mut inv = LEDGER.prepare_invoke();
+        inv.key(self.ledger_key(ledger)).key(self.holds_key(ledger));
         let mut conn = self.conn.clone();
-        let (spent, reserved): (Option<i64>, Option<i64>) = Self::bounded(
-            "budget ledger read",
-            redis::cmd("HMGET")
-                .arg(self.ledger_key(ledger))
-                .arg("spent")
-                .arg("reserved")
-                .query_async(&mut conn),
-        )
-        .await?;
-        Ok(spent.map(|s| (s, reserved.unwrap_or(0))))
+        let out: Vec<i64> =
+            Self::bounded("budget ledger read", inv.invoke_async(&mut conn)).await?;
+        match out.as_slice() {
+            [0, ..] => Ok(None),
+            [1, spent, reserved] => Ok(Some((*spent, *reserved))),
+            _ => Err(SharedError::Reply {
+                op: "budget ledger read",
+                detail: format!("malformed: {out:?}"),
+            }),
+        }
     }
 
     /// Deletes `keys`; returns how many existed.
@@ -1105,7 +1172,10 @@ mod tests {
         let s = state(&redis, "t").await;
         let subjects = [("key:k".to_string(), spec(Some(3), Some(1000), None))];
         let first = s.admit(&subjects, 100).await.expect("admit");
-        let SharedAdmit::Admitted { second, windows } = first else {
+        let SharedAdmit::Admitted {
+            second, windows, ..
+        } = first
+        else {
             panic!("admitted: {first:?}")
         };
         assert!(second > 1_700_000_000, "an epoch second: {second}");
@@ -1150,7 +1220,9 @@ mod tests {
             .await
             .expect("seed");
         let subjects = [("key:k".to_string(), spec(Some(3), None, None))];
-        let SharedAdmit::Admitted { second, windows } = s.admit(&subjects, 0).await.expect("admit")
+        let SharedAdmit::Admitted {
+            second, windows, ..
+        } = s.admit(&subjects, 0).await.expect("admit")
         else {
             panic!("2 of 3 used: one more fits");
         };
@@ -1227,7 +1299,11 @@ mod tests {
         let s = state(&redis, "t").await;
         let subjects = [("key:k".to_string(), spec(None, None, Some(2)))];
         let ids = ["key:k".to_string()];
-        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
+        let holder = |a: SharedAdmit| match a {
+            SharedAdmit::Admitted { holder, .. } => holder,
+            other => panic!("admitted: {other:?}"),
+        };
+        let first = holder(s.admit(&subjects, 0).await.expect("admit"));
         let second = s.admit(&subjects, 0).await.expect("admit");
         let SharedAdmit::Admitted { windows, .. } = &second else {
             panic!("two fit: {second:?}")
@@ -1245,15 +1321,38 @@ mod tests {
             ),
             other => panic!("a third does not: {other:?}"),
         }
-        s.release(&ids).await.expect("release");
-        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
-        // Releasing more than was taken stays at zero.
+        s.release(&ids, &first).await.expect("release");
+        let third = holder(s.admit(&subjects, 0).await.expect("admit"));
+        // Releasing the same slot again, or one never taken, frees nothing more.
         for _ in 0..5 {
-            s.release(&ids).await.expect("release");
+            s.release(&ids, &first).await.expect("release");
+            s.release(&ids, "never-admitted").await.expect("release");
         }
-        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
-        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
         assert!(!admitted(&s.admit(&subjects, 0).await.expect("admit")));
+        s.release(&ids, &third).await.expect("release");
+        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
+    }
+
+    #[tokio::test]
+    async fn slots_of_a_request_that_never_released_lapse() {
+        let Some(redis) = server() else { return };
+        let s = state(&redis, "t").await;
+        // A slot whose hold already lapsed (as if its replica died long ago) is not counted.
+        let mut conn = s.conn.clone();
+        let key = s.limit_key("key:k", "par");
+        let _: i64 = redis::cmd("ZADD")
+            .arg(&key)
+            .arg(1)
+            .arg("dead-replica-request")
+            .query_async(&mut conn)
+            .await
+            .expect("zadd");
+        let subjects = [("key:k".to_string(), spec(None, None, Some(1)))];
+        let SharedAdmit::Admitted { windows, .. } = s.admit(&subjects, 0).await.expect("admit")
+        else {
+            panic!("the lapsed slot is free");
+        };
+        assert_eq!(windows[0].in_flight, Some(1));
     }
 
     #[tokio::test]
@@ -1311,24 +1410,24 @@ mod tests {
             item("team:t:month:m", 10_000, 300),
         ];
         assert_eq!(
-            s.reserve(&items).await.expect("reserve"),
+            s.reserve(&items, "r0").await.expect("reserve"),
             Reserve::NeedInit(vec![0, 1])
         );
         assert!(s.init("key:a:day:d", 200, 3600).await.expect("init"));
         // Another replica was first: the ledger is kept as it is.
         assert!(!s.init("key:a:day:d", 999, 3600).await.expect("init"));
         assert_eq!(
-            s.reserve(&items).await.expect("reserve"),
+            s.reserve(&items, "r0").await.expect("reserve"),
             Reserve::NeedInit(vec![1])
         );
         assert_eq!(s.ledger("key:a:day:d").await.expect("read"), Some((200, 0)));
         assert!(s.init("team:t:month:m", 0, 0).await.expect("init"));
 
         // 200 spent: two reservations of 300 fit (800), a third does not (1100 > 1000).
-        assert_eq!(s.reserve(&items).await.expect("reserve"), Reserve::Ok);
-        assert_eq!(s.reserve(&items).await.expect("reserve"), Reserve::Ok);
+        assert_eq!(s.reserve(&items, "r1").await.expect("reserve"), Reserve::Ok);
+        assert_eq!(s.reserve(&items, "r2").await.expect("reserve"), Reserve::Ok);
         assert_eq!(
-            s.reserve(&items).await.expect("reserve"),
+            s.reserve(&items, "r3").await.expect("reserve"),
             Reserve::Refused {
                 index: 0,
                 spent_micros: 200,
@@ -1343,7 +1442,9 @@ mod tests {
 
         // The first call cost 50.
         let ledgers = ["key:a:day:d".to_string(), "team:t:month:m".to_string()];
-        s.reconcile(&ledgers, 300, 50).await.expect("reconcile");
+        s.reconcile(&ledgers, "r1", 300, 50)
+            .await
+            .expect("reconcile");
         assert_eq!(
             s.ledger("key:a:day:d").await.expect("read"),
             Some((250, 300))
@@ -1352,15 +1453,44 @@ mod tests {
             s.ledger("team:t:month:m").await.expect("read"),
             Some((50, 300))
         );
-        assert_eq!(s.reserve(&items).await.expect("reserve"), Reserve::Ok);
-        // The reservation never goes below zero.
-        s.reconcile(&ledgers, 10_000, 0).await.expect("reconcile");
+        // Reconciling again (a retry) releases nothing more, and never another's hold.
+        s.reconcile(&ledgers, "r1", 300, 0)
+            .await
+            .expect("reconcile");
+        assert_eq!(
+            s.ledger("key:a:day:d").await.expect("read"),
+            Some((250, 300))
+        );
+        assert_eq!(s.reserve(&items, "r4").await.expect("reserve"), Reserve::Ok);
+        s.reconcile(&ledgers, "r2", 300, 0)
+            .await
+            .expect("reconcile");
+        s.reconcile(&ledgers, "r4", 300, 0)
+            .await
+            .expect("reconcile");
         assert_eq!(s.ledger("key:a:day:d").await.expect("read"), Some((250, 0)));
         // A ledger that is gone is not recreated by a reconciliation.
-        s.reconcile(&["key:gone".to_string()], 1, 1)
+        s.reconcile(&["key:gone".to_string()], "r5", 1, 1)
             .await
             .expect("reconcile");
         assert_eq!(s.ledger("key:gone").await.expect("read"), None);
+
+        // A hold whose request never reconciled (its replica died) lapses.
+        let mut conn = s.conn.clone();
+        let _: i64 = redis::cmd("ZADD")
+            .arg(s.holds_key("key:a:day:d"))
+            .arg(1)
+            .arg("dead:700")
+            .query_async(&mut conn)
+            .await
+            .expect("zadd");
+        assert_eq!(s.ledger("key:a:day:d").await.expect("read"), Some((250, 0)));
+        assert_eq!(
+            s.reserve(&[item("key:a:day:d", 1_000, 750)], "r6")
+                .await
+                .expect("reserve"),
+            Reserve::Ok
+        );
     }
 
     fn entry(key: &str, namespace: &str, ttl: chrono::Duration) -> CacheEntry {

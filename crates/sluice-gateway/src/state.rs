@@ -79,6 +79,9 @@ impl StateConfig {
 
 /// How often a Redis failure is logged while it lasts.
 const WARN_EVERY: Duration = Duration::from_secs(5);
+/// After a failure, requests do not wait on Redis again for this long (one call then probes
+/// it), so that a Redis that hangs does not add its timeout to every request.
+const BACKOFF: Duration = Duration::from_secs(1);
 
 /// The connection to Redis and the policy for when it fails.
 pub struct Shared {
@@ -86,6 +89,8 @@ pub struct Shared {
     policy: FailurePolicy,
     down: AtomicBool,
     last_warn: Mutex<Option<Instant>>,
+    /// While down: when the next call may try Redis again.
+    retry_at: Mutex<Option<Instant>>,
     failures: AtomicU64,
 }
 
@@ -113,6 +118,7 @@ impl Shared {
             policy: config.on_redis_failure,
             down: AtomicBool::new(false),
             last_warn: Mutex::new(None),
+            retry_at: Mutex::new(None),
             failures: AtomicU64::new(0),
         };
         if let Err(e) = shared.redis.ping().await {
@@ -151,11 +157,47 @@ impl Shared {
         }
     }
 
+    /// While Redis is down and its backoff runs, what to do instead of calling it: `None`
+    /// (call it: it is up, or this call probes it), else the failure policy's answer — `Ok`
+    /// (use local state) or the 503.
+    pub fn bypass(&self, what: &str) -> Option<Result<(), Error>> {
+        if !self.down.load(Ordering::Relaxed) {
+            return None;
+        }
+        let now = Instant::now();
+        {
+            let mut at = self.retry_at.lock();
+            if at.is_none_or(|t| now >= t) {
+                // This call probes; the others keep bypassing for another round.
+                *at = Some(now + BACKOFF);
+                return None;
+            }
+        }
+        Some(self.verdict(what))
+    }
+
+    fn verdict(&self, what: &str) -> Result<(), Error> {
+        match self.policy {
+            FailurePolicy::Open => Ok(()),
+            FailurePolicy::Closed => {
+                let mut e = Error::new(
+                    ErrorCode::StateUnavailable,
+                    format!(
+                        "the gateway cannot reach its shared state (Redis) to check {what}, and it is set to fail closed (state.on_redis_failure = \"closed\"); retry shortly"
+                    ),
+                );
+                e.retry_after = Some(Duration::from_secs(1));
+                Err(e)
+            }
+        }
+    }
+
     /// Notes a failed call and logs it (at most every few seconds).
     fn failed(&self, err: &SharedError) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         self.down.store(true, Ordering::Relaxed);
         let now = Instant::now();
+        *self.retry_at.lock() = Some(now + BACKOFF);
         let mut last = self.last_warn.lock();
         if last.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
             *last = Some(now);
@@ -176,18 +218,6 @@ impl Shared {
     /// `closed`, the 503 to answer.
     pub fn on_failure(&self, what: &str, err: &SharedError) -> Result<(), Error> {
         self.failed(err);
-        match self.policy {
-            FailurePolicy::Open => Ok(()),
-            FailurePolicy::Closed => {
-                let mut e = Error::new(
-                    ErrorCode::StateUnavailable,
-                    format!(
-                        "the gateway cannot reach its shared state (Redis) to check {what}, and it is set to fail closed (state.on_redis_failure = \"closed\"); retry shortly"
-                    ),
-                );
-                e.retry_after = Some(Duration::from_secs(1));
-                Err(e)
-            }
-        }
+        self.verdict(what)
     }
 }

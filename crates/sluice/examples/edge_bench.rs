@@ -241,8 +241,10 @@ async fn main() -> anyhow::Result<()> {
                 cache_t.push(took);
             }
             std::hint::black_box(&served);
-            let ids: Vec<String> = specs.iter().map(|s| s.0.clone()).collect();
-            redis.release(&ids).await?;
+            if let sluice_gateway::shared::SharedAdmit::Admitted { holder, .. } = admitted {
+                let ids: Vec<String> = specs.iter().map(|s| s.0.clone()).collect();
+                redis.release(&ids, &holder).await?;
+            }
         }
         println!("Redis at {url}, {m} iterations");
         report("limits through Redis (one script)", limits_t, Some(base));

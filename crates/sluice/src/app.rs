@@ -144,6 +144,20 @@ pub async fn build_with(
         cfg.router.cache.clone(),
         remote,
     ));
+    {
+        // Expired answers leave the persistent tier every ten minutes (memory expires its own).
+        let cache = Arc::downgrade(&cache);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                let Some(cache) = cache.upgrade() else { return };
+                let purged = cache.purge().await;
+                if purged > 0 {
+                    tracing::debug!(purged, "expired cache entries removed");
+                }
+            }
+        });
+    }
     let usage = stores.usage.clone();
     let gateway = Arc::new(
         Gateway::new(cfg.router, sink, Arc::new(Metrics::new()), bodies)

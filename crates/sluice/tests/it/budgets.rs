@@ -234,4 +234,45 @@ async fn user_and_team_budgets_from_the_config() {
     );
     // bob has his own budget.
     assert_eq!(chat(&s, &key, 10, Some("bob")).await.0, 200);
+    // A request's own metadata cannot move its spend to another team (or off its own).
+    for meta in [r#"{"team":"other"}"#, "{}"] {
+        let resp = reqwest::Client::new()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-sluice-metadata", meta)
+            .json(
+                &json!({"model": "pricey", "max_tokens": 20, "user": "carol",
+                          "metadata": {"team": "other"},
+                          "messages": [{"role": "user", "content": "w"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let start = std::time::Instant::now();
+    let teams = loop {
+        let u = usage(&s, "group_by=team").await;
+        if u["total"]["requests"] == 5 {
+            break u;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5), "{u:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    let rows = teams["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{teams:#}");
+    assert_eq!(rows[0]["team"], "ml");
+    assert_eq!(rows[0]["requests"], 5);
+    // At most 128 choices.
+    let resp = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(
+            &json!({"model": "pricey", "n": 4294967295u32, "max_tokens": 4294967295u32,
+                      "messages": [{"role": "user", "content": "w"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
 }
