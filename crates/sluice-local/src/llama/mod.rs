@@ -43,6 +43,7 @@
 mod error;
 pub(crate) mod gguf;
 mod model;
+pub(crate) mod q8;
 mod sampler;
 mod template;
 mod tokenizer;

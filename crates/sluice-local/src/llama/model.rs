@@ -79,11 +79,11 @@ struct Layer {
     attn_norm: Tensor,
     /// Query, key and value projections.
     qkv: Projections,
-    wo: QMatMul,
+    wo: Weight,
     ffn_norm: Tensor,
     /// Gate and up projections of the MLP.
     gate_up: Projections,
-    w_down: QMatMul,
+    w_down: Weight,
 }
 
 /// How a model's weight matrices are held in memory.
@@ -112,27 +112,86 @@ pub struct LoadOptions {
 /// they are stacked into one matrix at load time, so one quantized matmul
 /// (one quantization of the input, one parallel dispatch) computes them all.
 enum Projections {
-    Fused { matmul: QMatMul, widths: Vec<usize> },
-    Separate(Vec<QMatMul>),
+    Fused { matmul: Weight, widths: Vec<usize> },
+    Separate(Vec<Weight>),
 }
 
 /// A matmul for a weight, in the requested in-memory format.
-fn weight_matmul(
-    t: QTensor,
-    format: WeightFormat,
-    device: &Device,
-) -> candle_core::Result<QMatMul> {
-    match format {
-        WeightFormat::AsStored => QMatMul::from_qtensor(t),
-        WeightFormat::F32 => Ok(QMatMul::Tensor(t.dequantize(device)?)),
-        WeightFormat::Q8_0 => {
-            let cols = t.shape().dims().last().copied().unwrap_or(0);
-            if t.dtype() == GgmlDType::Q8_0 || cols % 32 != 0 {
-                QMatMul::from_qtensor(t)
-            } else {
-                let dense = t.dequantize(device)?;
-                QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
+/// A weight matrix and how it is multiplied: candle's `QMatMul` (f32, or a quantized format
+/// with candle's kernels), or Sluice's batched 8-bit kernel ([`super::q8`]), which reads the
+/// weights once per call for every row of a batch.
+enum Weight {
+    Candle(QMatMul),
+    Q8 {
+        matrix: super::q8::Q8Matrix,
+        /// The engine runs one forward pass at a time: the lock is never contended.
+        scratch: std::sync::Mutex<super::q8::Q8Scratch>,
+    },
+}
+
+impl Weight {
+    /// `x @ Wᵀ` for `x` of shape `[rows, cols]`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Candle(m) => m.forward(x),
+            Weight::Q8 { matrix, scratch } => {
+                let (n, cols) = x.dims2()?;
+                if cols != matrix.cols() {
+                    candle_core::bail!("input has {cols} columns, the weight {}", matrix.cols());
+                }
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; n * matrix.rows()];
+                let mut scratch = scratch
+                    .lock()
+                    .map_err(|_| candle_core::Error::msg("q8 scratch lock poisoned"))?;
+                matrix
+                    .matmul(&input, n, &mut out, &mut scratch)
+                    .map_err(candle_core::Error::msg)?;
+                Tensor::from_vec(out, (n, matrix.rows()), x.device())
             }
+        }
+    }
+}
+
+/// Whether candle's own Q8_0 kernel is the faster one for a matrix of `cols` columns: it packs
+/// rows of a multiple of 256 columns for AVX-512 VNNI and multiplies batches with it.
+fn candle_q8_is_faster(cols: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        cols.is_multiple_of(256) && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = cols;
+        false
+    }
+}
+
+fn weight_matmul(t: QTensor, format: WeightFormat, device: &Device) -> candle_core::Result<Weight> {
+    match format {
+        WeightFormat::AsStored => QMatMul::from_qtensor(t).map(Weight::Candle),
+        WeightFormat::F32 => Ok(Weight::Candle(QMatMul::Tensor(t.dequantize(device)?))),
+        WeightFormat::Q8_0 => {
+            let (rows, cols) = t.shape().dims2()?;
+            if cols % 32 != 0 {
+                return QMatMul::from_qtensor(t).map(Weight::Candle);
+            }
+            let dense = t.dequantize(device)?;
+            if candle_q8_is_faster(cols) {
+                let q = if t.dtype() == GgmlDType::Q8_0 {
+                    t
+                } else {
+                    QTensor::quantize(&dense, GgmlDType::Q8_0)?
+                };
+                return QMatMul::from_qtensor(q).map(Weight::Candle);
+            }
+            let values = dense.flatten_all()?.to_vec1::<f32>()?;
+            let matrix = super::q8::Q8Matrix::from_f32(&values, rows, cols)
+                .map_err(candle_core::Error::msg)?;
+            Ok(Weight::Q8 {
+                matrix,
+                scratch: std::sync::Mutex::new(super::q8::Q8Scratch::default()),
+            })
         }
     }
 }
@@ -204,7 +263,7 @@ pub struct LlamaModel {
     embed: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Weight,
     tokenizer: GgufTokenizer,
     template: Option<ChatTemplate>,
     fallback_template: ChatTemplate,
@@ -555,7 +614,7 @@ impl LlamaModel {
             matmul(&mut reader, "output.weight", [vocab, hidden])?
         } else {
             match format {
-                WeightFormat::AsStored => QMatMul::from_arc(Arc::clone(&embed))?,
+                WeightFormat::AsStored => Weight::Candle(QMatMul::from_arc(Arc::clone(&embed))?),
                 _ => weight_matmul(
                     QTensor::quantize(&embed.dequantize(&device)?, GgmlDType::F32)?,
                     format,
