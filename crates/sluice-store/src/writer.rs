@@ -30,6 +30,9 @@ pub struct LogWriter {
     close: Arc<Notify>,
 }
 
+/// How many records must be queued at once for the writer to linger for more.
+pub const LINGER_FROM: usize = 64;
+
 impl LogWriter {
     /// Starts draining `rx` into `store`. `spill` is where batches go if the store stays down.
     pub fn spawn(
@@ -41,9 +44,11 @@ impl LogWriter {
         Self::spawn_with(store, rx, batch_size, spill, Duration::ZERO)
     }
 
-    /// Like [`LogWriter::spawn`]; after the first record of a batch arrives, the writer waits up
-    /// to `linger` for the batch to fill, so that under load it writes a few large transactions
-    /// instead of many small ones.
+    /// Like [`LogWriter::spawn`]; when records arrive quickly (at least [`LINGER_FROM`] queued
+    /// while the last batch was written), the writer waits up to `linger` for the batch to fill,
+    /// so that under load it writes a few large transactions instead of many small ones. At a
+    /// lighter load it writes what is queued at once: many small writes spread the work, where
+    /// lingering would gather it into bursts that delay the requests being served meanwhile.
     pub fn spawn_with(
         store: Arc<dyn LogStore>,
         mut rx: mpsc::Receiver<RequestRecord>,
@@ -64,7 +69,7 @@ impl LogWriter {
                         if n == 0 {
                             break;
                         }
-                        if !linger.is_zero() {
+                        if !linger.is_zero() && n >= LINGER_FROM {
                             let until = tokio::time::Instant::now() + linger;
                             while batch.len() < batch_size {
                                 let room = batch_size - batch.len();
