@@ -331,7 +331,20 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
          CREATE INDEX IF NOT EXISTS cache_entries_expires ON cache_entries (expires_at);
          CREATE INDEX IF NOT EXISTS cache_entries_namespace ON cache_entries (namespace);",
     ),
+    (6, TEAM_DDL_SQLITE, TEAM_DDL_PG),
 ];
+
+/// The team of each record in its own indexed column (team budgets read a team's spend since a
+/// point in time), filled from the metadata of the records already stored.
+const TEAM_DDL_SQLITE: &str = "ALTER TABLE requests ADD COLUMN team TEXT;
+    UPDATE requests SET team = CAST(json_extract(metadata, '$.team') AS TEXT)
+        WHERE json_valid(metadata) AND json_type(metadata) = 'object';
+    CREATE INDEX IF NOT EXISTS requests_team ON requests (team, id);";
+
+const TEAM_DDL_PG: &str = r"ALTER TABLE requests ADD COLUMN team TEXT;
+    UPDATE requests SET team = metadata::jsonb ->> 'team'
+        WHERE strpos(metadata, E'\\u0000') = 0 AND left(ltrim(metadata), 1) = '{';
+    CREATE INDEX IF NOT EXISTS requests_team ON requests (team, id);";
 
 /// Virtual keys (only their hashes), and the key each request was made with.
 const KEYS_DDL_SQLITE: &str = "CREATE TABLE IF NOT EXISTS api_keys (
@@ -380,7 +393,8 @@ const KEY_COLUMNS: &str = "id, name, key_hash, owner, models, rpm, tpm, max_para
 const COLUMNS: &str = "id, started_at, finished_at, endpoint, model, provider, deployment, attempts, \
     status, http_status, error_code, error_message, stream, latency_ms, ttft_ms, prompt_tokens, \
     completion_tokens, cached_tokens, usage_source, cost_usd, finish_reason, user_id, session_id, \
-    tags, metadata, request_body, response_body, attempt_log, route, key_id, cache, cost_saved_usd";
+    tags, metadata, request_body, response_body, attempt_log, route, key_id, cache, cost_saved_usd, \
+    team";
 
 impl SqliteStore {
     pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
@@ -593,7 +607,13 @@ macro_rules! store_impl {
                             .push_bind(r.route.as_ref().map(json_text))
                             .push_bind(opt_text(&r.key_id))
                             .push_bind(opt_text(&r.cache))
-                            .push_bind(r.cost_saved_usd);
+                            .push_bind(r.cost_saved_usd)
+                            .push_bind(
+                                r.metadata
+                                    .get("team")
+                                    .and_then(serde_json::Value::as_str)
+                                    .map(text),
+                            );
                     });
                     qb.push(" ON CONFLICT (id) DO NOTHING");
                     // Not kept in the statement cache: batches vary in size, and every size would
@@ -721,8 +741,8 @@ macro_rules! decode_row {
     }};
 }
 
-/// Records per INSERT statement: 32 columns × 1000 rows stays under SQLite's 32766 variables.
-const ROWS_PER_INSERT: usize = 1000;
+/// Records per INSERT statement: 33 columns × 900 rows stays under SQLite's 32766 variables.
+const ROWS_PER_INSERT: usize = 900;
 
 /// Text for a TEXT column. PostgreSQL's text cannot hold NUL, so both backends store it as U+FFFD
 /// (JSON columns keep `\u0000` escapes exactly).
@@ -942,14 +962,10 @@ macro_rules! audit_store_impl {
 audit_store_impl!(SqliteStore);
 audit_store_impl!(PgStore);
 
-/// A record's team (the `team` entry of its metadata) as text, in SQLite.
-const TEAM_SQLITE: &str = "CAST(json_extract(metadata, '$.team') AS TEXT)";
-
-/// A record's team in PostgreSQL. `jsonb` refuses the escape `\u0000`, which metadata may hold
-/// (JSON columns keep a NUL that way), so such a record counts as having no team instead of
-/// failing the whole query.
-const TEAM_PG: &str =
-    r"(CASE WHEN strpos(metadata, E'\\u0000') = 0 THEN metadata::jsonb ->> 'team' END)";
+/// A record's team: its own column (set from the `team` entry of its metadata, which a virtual
+/// key's owner fills), indexed with the id for spend since a point in time.
+const TEAM_SQLITE: &str = "team";
+const TEAM_PG: &str = "team";
 
 /// The UTC day a record started, `YYYY-MM-DD`. SQLite keeps `started_at` as RFC 3339 text in
 /// UTC (`2026-01-31T23:59:59.123456+00:00`), so the day is its first ten characters.
@@ -1234,7 +1250,7 @@ mod tests {
     /// A database at version 4 (keys and audit log, no cache) gains the cache columns and table:
     /// its rows read back with no cache outcome and nothing saved, and count in usage.
     #[tokio::test]
-    async fn a_version_4_database_is_migrated_to_5() {
+    async fn a_version_4_database_is_migrated_to_the_latest() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("v4.db").display());
         let old = SqlitePoolOptions::new()
@@ -1280,7 +1296,7 @@ mod tests {
                 .fetch_all(&store.pool)
                 .await
                 .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
         let r = store.get(id).await.unwrap().expect("the old row survives");
         assert_eq!(r.key_id.as_deref(), Some("k1"));
         assert_eq!(r.cache, None);
