@@ -249,6 +249,9 @@ struct Ledger {
     reserved: i64,
     /// When the period ends: the ledger is dropped after.
     ends: Option<DateTime<Utc>>,
+    /// Held while the spend is read from the store, so that requests arriving together (at
+    /// the start of a period) read it once.
+    loading: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The budgets' ledgers.
@@ -552,12 +555,15 @@ impl Budgets {
                 .collect()
         };
         for ((_, ledger), l) in ledgers.iter().zip(limits) {
+            if ledger.lock().spent.is_some() {
+                continue;
+            }
+            let gate = ledger.lock().loading.clone();
+            let _loading = gate.lock().await;
             if ledger.lock().spent.is_none() {
                 let spent = self.stored_spend(l, now).await?;
                 let mut g = ledger.lock();
-                if g.spent.is_none() {
-                    g.spent = Some(spent + std::mem::take(&mut g.early));
-                }
+                g.spent = Some(spent + std::mem::take(&mut g.early));
             }
         }
         // Check every ledger, then charge them all, under all their locks (taken in one order).
@@ -645,6 +651,38 @@ mod tests {
             b.reserve(&limits, 0.000_001).await.is_err(),
             "exactly spent"
         );
+    }
+
+    /// Counts the spend reads.
+    struct CountingSpend(std::sync::atomic::AtomicUsize);
+
+    #[async_trait]
+    impl UsageStore for CountingSpend {
+        async fn spend(&self, _: &Spender, _: DateTime<Utc>) -> Result<f64, StoreError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            Ok(0.25)
+        }
+        async fn usage(&self, _: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_arriving_together_read_the_spend_once() {
+        let store = Arc::new(CountingSpend(std::sync::atomic::AtomicUsize::new(0)));
+        let b = Arc::new(Budgets::new(Some(store.clone()), None));
+        let limits = [daily(Spender::User("u".into()), 1.0)];
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let (b, limits) = (b.clone(), limits.clone());
+                tokio::spawn(async move { b.reserve(&limits, 0.05).await.map(|r| r.is_some()) })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap().unwrap());
+        }
+        assert_eq!(store.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

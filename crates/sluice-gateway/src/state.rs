@@ -221,3 +221,62 @@ impl Shared {
         self.verdict(what)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(policy: FailurePolicy) -> StateConfig {
+        // Nothing listens on port 1: every call fails at once.
+        StateConfig {
+            redis_url: Some("redis://127.0.0.1:1".into()),
+            on_redis_failure: policy,
+            prefix: "t".into(),
+        }
+    }
+
+    #[test]
+    fn urls_and_prefixes_are_checked() {
+        assert!(StateConfig::default().validate().is_ok());
+        let mut c = config(FailurePolicy::Open);
+        assert!(c.validate().is_ok());
+        c.redis_url = Some("localhost:6379".into());
+        assert!(c.validate().unwrap_err().contains("redis://HOST:PORT"));
+        let c = StateConfig {
+            prefix: "a b".into(),
+            ..StateConfig::default()
+        };
+        assert!(c.validate().unwrap_err().starts_with("prefix"));
+    }
+
+    #[tokio::test]
+    async fn a_down_redis_is_bypassed_with_one_probe_per_backoff() {
+        let closed = Shared::connect(&config(FailurePolicy::Closed))
+            .await
+            .expect("a bad host is not a config error")
+            .expect("configured");
+        // The ping at start failed: Redis is down.
+        assert!(closed.is_down());
+        assert!(closed.failures() >= 1);
+        // Within the backoff, callers get the policy's answer without waiting on Redis.
+        let e = closed.bypass("budgets").expect("bypassed").unwrap_err();
+        assert_eq!(e.code, ErrorCode::StateUnavailable);
+        assert!(e.message.contains("budgets"), "{}", e.message);
+        // After it, one call probes (None), the next ones are bypassed again.
+        *closed.retry_at.lock() = Some(Instant::now() - Duration::from_millis(1));
+        assert!(closed.bypass("limits").is_none());
+        assert!(closed.bypass("limits").is_some());
+        // A success ends it.
+        closed.ok();
+        assert!(!closed.is_down());
+        assert!(closed.bypass("limits").is_none());
+
+        let open = Shared::connect(&config(FailurePolicy::Open))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(open.bypass("limits"), Some(Ok(()))));
+        let err = open.redis().ping().await.unwrap_err();
+        assert!(open.on_failure("limits", &err).is_ok(), "fail open");
+    }
+}
