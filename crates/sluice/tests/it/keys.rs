@@ -189,7 +189,9 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
 
     // Only hashes are stored: the secret part of no key is anywhere in the database files.
     for k in [&key, &new_key, &short_key] {
-        let secret = k.rsplit('-').next().unwrap();
+        // `sk-sluice-<id>-<secret>`: the secret is base64url, so it may hold `-` itself.
+        let secret = k.splitn(4, '-').nth(3).unwrap();
+        assert!(secret.len() >= 32, "{k}");
         for f in ["sluice.db", "sluice.db-wal"] {
             let bytes = std::fs::read(s.dir().join(f)).unwrap_or_default();
             assert!(
