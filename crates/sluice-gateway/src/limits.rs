@@ -427,17 +427,18 @@ impl KeyLimits {
     }
 
     fn admit_one(&self, subject: &Subject, tokens: u64) -> Result<Admitted, Error> {
+        use crate::shared::LimitKind;
         let l = self.limiter(&subject.id, &subject.spec);
-        let label = &subject.label;
         let now = Instant::now();
         if let Some(max) = l.max_parallel {
             let before = l.in_flight.fetch_add(1, Ordering::Relaxed);
             if before >= max {
                 l.in_flight.fetch_sub(1, Ordering::Relaxed);
-                return Err(limited(
-                    format!(
-                        "{label} already has {max} requests in flight, its max_parallel; retry when one finishes"
-                    ),
+                return Err(refusal(
+                    subject,
+                    LimitKind::Parallel,
+                    u64::from(max),
+                    tokens,
                     None,
                     Vec::new(),
                 ));
@@ -454,11 +455,11 @@ impl KeyLimits {
         {
             let wait = w.wait_for(now, 1);
             let headers = Self::headers(&l, now);
-            return Err(limited(
-                format!(
-                    "{label} is at its limit of {} requests per minute",
-                    w.limit()
-                ),
+            return Err(refusal(
+                subject,
+                LimitKind::Rpm,
+                w.limit(),
+                tokens,
                 wait,
                 headers,
             ));
@@ -472,11 +473,11 @@ impl KeyLimits {
                 }
                 let wait = w.wait_for(now, tokens);
                 let headers = Self::headers(&l, now);
-                return Err(limited(
-                    format!(
-                        "{label} is at its limit of {} tokens per minute (this request is estimated at {tokens})",
-                        w.limit()
-                    ),
+                return Err(refusal(
+                    subject,
+                    LimitKind::Tpm,
+                    w.limit(),
+                    tokens,
                     wait,
                     headers,
                 ));
