@@ -106,6 +106,33 @@ pub struct UsageRow {
     pub cost_saved_usd: f64,
 }
 
+impl UsageRow {
+    /// The sum of `rows` as one ungrouped row (the report's total, taken from the very rows it
+    /// shows, so the two always agree even while records arrive); zeros when there are none.
+    pub fn total(rows: &[UsageRow]) -> UsageRow {
+        let mut t = UsageRow {
+            group: Vec::new(),
+            requests: 0,
+            errors: 0,
+            cache_hits: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_usd: 0.0,
+            cost_saved_usd: 0.0,
+        };
+        for r in rows {
+            t.requests += r.requests;
+            t.errors += r.errors;
+            t.cache_hits += r.cache_hits;
+            t.prompt_tokens += r.prompt_tokens;
+            t.completion_tokens += r.completion_tokens;
+            t.cost_usd += r.cost_usd;
+            t.cost_saved_usd += r.cost_saved_usd;
+        }
+        t
+    }
+}
+
 /// Spend and usage over the request log. The SQL stores implement it.
 #[async_trait]
 pub trait UsageStore: Send + Sync + 'static {
@@ -146,4 +173,40 @@ pub trait CacheStore: Send + Sync + 'static {
     async fn cache_purge(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
     /// Deletes every entry, or those of one namespace; returns how many.
     async fn cache_clear(&self, namespace: Option<&str>) -> Result<u64, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(group: &str, requests: u64, cost: f64) -> UsageRow {
+        UsageRow {
+            group: vec![Some(group.into())],
+            requests,
+            errors: 1,
+            cache_hits: 2,
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            cost_usd: cost,
+            cost_saved_usd: 0.5,
+        }
+    }
+
+    #[test]
+    fn total_sums_every_column_and_drops_the_group() {
+        let t = UsageRow::total(&[row("a", 3, 0.25), row("b", 4, 1.0)]);
+        assert!(t.group.is_empty());
+        assert_eq!(
+            (
+                t.requests,
+                t.errors,
+                t.cache_hits,
+                t.prompt_tokens,
+                t.completion_tokens
+            ),
+            (7, 2, 4, 20, 10)
+        );
+        assert!((t.cost_usd - 1.25).abs() < 1e-12 && (t.cost_saved_usd - 1.0).abs() < 1e-12);
+        assert_eq!(UsageRow::total(&[]).requests, 0);
+    }
 }

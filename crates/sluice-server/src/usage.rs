@@ -139,26 +139,14 @@ pub async fn usage(
             return unavailable("reading usage");
         }
     };
-    let total = match store
-        .usage(&UsageQuery {
-            group_by: Vec::new(),
-            ..q.clone()
-        })
-        .await
-    {
-        Ok(mut t) => t.pop(),
-        Err(e) => {
-            tracing::error!(error = %e, "reading usage failed");
-            return unavailable("reading usage");
-        }
-    };
+    let total = UsageRow::total(&rows);
     Json(serde_json::json!({
         "object": "usage",
         "since": q.since,
         "until": q.until,
         "group_by": q.group_by.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
         "data": rows.iter().map(|r| row_json(&q.group_by, r)).collect::<Vec<_>>(),
-        "total": total.as_ref().map(|t| row_json(&[], t)),
+        "total": row_json(&[], &total),
     }))
     .into_response()
 }

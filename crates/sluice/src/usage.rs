@@ -2,7 +2,7 @@
 //! key, user, team, model and day (the same report as `GET /api/usage`).
 
 use anyhow::Context;
-use sluice_core::usage::{UsageDim, UsageQuery, UsageRow};
+use sluice_core::usage::{UsageDim, UsageRow};
 use sluice_server::usage::{UsageParams, row_json};
 
 #[derive(Debug, clap::Args)]
@@ -123,15 +123,7 @@ pub async fn run(url: &str, args: UsageArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the store at {url}"))?;
     let rows = stores.usage.usage(&q).await.context("reading usage")?;
-    let total = stores
-        .usage
-        .usage(&UsageQuery {
-            group_by: Vec::new(),
-            ..q.clone()
-        })
-        .await
-        .context("reading usage")?
-        .pop();
+    let total = UsageRow::total(&rows);
     if args.json {
         println!(
             "{}",
@@ -140,7 +132,7 @@ pub async fn run(url: &str, args: UsageArgs) -> anyhow::Result<()> {
                 "until": q.until,
                 "group_by": q.group_by.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
                 "data": rows.iter().map(|r| row_json(&q.group_by, r)).collect::<Vec<_>>(),
-                "total": total.as_ref().map(|t| row_json(&[], t)),
+                "total": row_json(&[], &total),
             }))?
         );
         return Ok(());
@@ -153,11 +145,11 @@ pub async fn run(url: &str, args: UsageArgs) -> anyhow::Result<()> {
         .until
         .map_or_else(|| "now".into(), |t| t.format("%Y-%m-%d %H:%MZ").to_string());
     println!("usage from {since} to {until}");
-    if rows.is_empty() || total.as_ref().is_some_and(|t| t.requests == 0) {
+    if rows.is_empty() || total.requests == 0 {
         println!("no requests in this period");
         return Ok(());
     }
-    print!("{}", table(&q.group_by, &rows, total.as_ref()));
+    print!("{}", table(&q.group_by, &rows, Some(&total)));
     Ok(())
 }
 
