@@ -2,6 +2,7 @@
 //! agree. Labels are low-cardinality: the configured model name (or `unknown`), the configured
 //! provider name (or `none`), and the outcome.
 
+use parking_lot::RwLock;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -9,7 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sluice_core::record::RequestRecord;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 
 pub const REQUESTS: &str = "sluice_requests";
 pub const ERRORS: &str = "sluice_errors";
@@ -62,6 +65,55 @@ struct Route {
     provider: String,
 }
 
+/// The `kind` label of the tokens counter, by index into [`RouteHandles::tokens`].
+const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
+
+/// The metric handles of one (model, provider) pair. Observing a request through them clones no
+/// label strings and hashes no label sets: the metric families are only touched the first time a
+/// series is used. The series that may never be used (tokens of a kind, cost, time to first
+/// token) are made on first use, so the exposition shows the same series as before.
+struct RouteHandles {
+    labels: Route,
+    /// Requests by (endpoint, status); a handful per route.
+    outcomes: RwLock<Vec<(String, &'static str, Counter)>>,
+    tokens: [OnceLock<Counter>; 3],
+    cost: OnceLock<Counter<f64, AtomicU64>>,
+    latency: Histogram,
+    ttft: OnceLock<Histogram>,
+}
+
+impl RouteHandles {
+    fn outcome(&self, metrics: &Metrics, endpoint: &str, status: &'static str) -> Counter {
+        let find = |v: &Vec<(String, &'static str, Counter)>| {
+            v.iter()
+                .find(|(e, s, _)| e == endpoint && *s == status)
+                .map(|(_, _, c)| c.clone())
+        };
+        if let Some(c) = find(&self.outcomes.read()) {
+            return c;
+        }
+        let c = metrics
+            .requests
+            .get_or_create(&Outcome {
+                model: self.labels.model.clone(),
+                provider: self.labels.provider.clone(),
+                endpoint: endpoint.to_string(),
+                status: status.to_string(),
+            })
+            .clone();
+        let mut outcomes = self.outcomes.write();
+        if find(&outcomes).is_none() {
+            outcomes.push((endpoint.to_string(), status, c.clone()));
+        }
+        c
+    }
+}
+
+/// Handles by model, then provider (nested so that lookups borrow the record's strings).
+type RouteMap = HashMap<String, HashMap<String, Arc<RouteHandles>>>;
+/// Attempts counters by group, then deployment, then outcome.
+type AttemptMap = HashMap<String, HashMap<String, Vec<(String, Counter)>>>;
+
 fn latency_histogram() -> Histogram {
     Histogram::new([
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -81,6 +133,8 @@ pub struct Metrics {
     attempts: Family<AttemptLabels, Counter>,
     breaker: Family<DeploymentLabels, Gauge>,
     in_flight: Family<DeploymentLabels, Gauge>,
+    routes: RwLock<RouteMap>,
+    attempt_handles: RwLock<AttemptMap>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -163,6 +217,8 @@ impl Metrics {
             cost,
             latency,
             ttft,
+            routes: RwLock::default(),
+            attempt_handles: RwLock::default(),
         }
     }
 
@@ -175,60 +231,114 @@ impl Metrics {
             "unknown"
         };
         let provider = rec.provider.as_deref().unwrap_or("none");
-        let route = Route {
-            model: model.to_string(),
-            provider: provider.to_string(),
-        };
-        self.requests
-            .get_or_create(&Outcome {
-                model: route.model.clone(),
-                provider: route.provider.clone(),
-                endpoint: rec.endpoint.clone(),
-                status: rec.status.as_str().to_string(),
-            })
-            .inc();
+        let h = self.route(model, provider);
+        h.outcome(self, &rec.endpoint, rec.status.as_str()).inc();
         if let Some(code) = &rec.error_code {
             self.errors
                 .get_or_create(&ErrorLabels {
-                    model: route.model.clone(),
-                    provider: route.provider.clone(),
+                    model: model.to_string(),
+                    provider: provider.to_string(),
                     code: code.clone(),
                 })
                 .inc();
         }
-        for (kind, n) in [
-            ("prompt", rec.prompt_tokens),
-            ("completion", rec.completion_tokens),
-            ("cached", rec.cached_tokens),
-        ] {
+        for (i, n) in [rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens]
+            .into_iter()
+            .enumerate()
+        {
             if n > 0 {
-                self.tokens
-                    .get_or_create(&TokenLabels {
-                        model: route.model.clone(),
-                        provider: route.provider.clone(),
-                        kind: kind.to_string(),
+                h.tokens[i]
+                    .get_or_init(|| {
+                        self.tokens
+                            .get_or_create(&TokenLabels {
+                                model: model.to_string(),
+                                provider: provider.to_string(),
+                                kind: TOKEN_KINDS[i].to_string(),
+                            })
+                            .clone()
                     })
                     .inc_by(n);
             }
         }
         if rec.cost_usd > 0.0 {
-            self.cost.get_or_create(&route).inc_by(rec.cost_usd);
+            h.cost
+                .get_or_init(|| self.cost.get_or_create(&h.labels).clone())
+                .inc_by(rec.cost_usd);
         }
-        self.latency
-            .get_or_create(&route)
-            .observe(rec.latency_ms / 1000.0);
+        h.latency.observe(rec.latency_ms / 1000.0);
         if let Some(t) = rec.ttft_ms {
-            self.ttft.get_or_create(&route).observe(t / 1000.0);
+            h.ttft
+                .get_or_init(|| self.ttft.get_or_create(&h.labels).clone())
+                .observe(t / 1000.0);
         }
         for a in &rec.attempt_log {
-            self.attempts
-                .get_or_create(&AttemptLabels {
-                    model: a.group.clone(),
-                    deployment: a.deployment.clone(),
-                    outcome: a.outcome.clone(),
-                })
-                .inc();
+            self.attempt(&a.group, &a.deployment, &a.outcome).inc();
         }
+    }
+
+    /// The handles of a (model, provider) pair, made on first use.
+    fn route(&self, model: &str, provider: &str) -> Arc<RouteHandles> {
+        if let Some(h) = self
+            .routes
+            .read()
+            .get(model)
+            .and_then(|by_provider| by_provider.get(provider))
+        {
+            return Arc::clone(h);
+        }
+        let labels = Route {
+            model: model.to_string(),
+            provider: provider.to_string(),
+        };
+        let made = Arc::new(RouteHandles {
+            latency: self.latency.get_or_create(&labels).clone(),
+            labels,
+            outcomes: RwLock::new(Vec::new()),
+            tokens: Default::default(),
+            cost: OnceLock::new(),
+            ttft: OnceLock::new(),
+        });
+        let mut routes = self.routes.write();
+        let slot = routes
+            .entry(model.to_string())
+            .or_default()
+            .entry(provider.to_string())
+            .or_insert(made);
+        Arc::clone(slot)
+    }
+
+    /// The attempts counter of a (group, deployment, outcome), made on first use.
+    fn attempt(&self, group: &str, deployment: &str, outcome: &str) -> Counter {
+        let find = |v: &Vec<(String, Counter)>| {
+            v.iter().find(|(o, _)| o == outcome).map(|(_, c)| c.clone())
+        };
+        if let Some(c) = self
+            .attempt_handles
+            .read()
+            .get(group)
+            .and_then(|by_dep| by_dep.get(deployment))
+            .and_then(find)
+        {
+            return c;
+        }
+        let c = self
+            .attempts
+            .get_or_create(&AttemptLabels {
+                model: group.to_string(),
+                deployment: deployment.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .clone();
+        let mut handles = self.attempt_handles.write();
+        let v = handles
+            .entry(group.to_string())
+            .or_default()
+            .entry(deployment.to_string())
+            .or_default();
+        if find(v).is_none() {
+            v.push((outcome.to_string(), c.clone()));
+        }
+        c
     }
 
     /// Sets a deployment's breaker-state and in-flight gauges.
@@ -250,5 +360,43 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_core::record::RecordStatus;
+
+    fn record(model: &str, status: RecordStatus, completion: u64) -> RequestRecord {
+        let mut r = RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false);
+        r.model = model.into();
+        r.provider = Some("p".into());
+        r.status = status;
+        r.completion_tokens = completion;
+        r.latency_ms = 5.0;
+        r
+    }
+
+    #[test]
+    fn cached_handles_count_into_the_exposed_series() {
+        let m = Metrics::new();
+        m.observe(&record("a", RecordStatus::Ok, 3), true);
+        m.observe(&record("a", RecordStatus::Ok, 4), true);
+        m.observe(&record("a", RecordStatus::Error, 0), true);
+        m.observe(&record("secret-name", RecordStatus::Ok, 0), false);
+        let text = m.encode();
+        for line in [
+            r#"sluice_requests_total{model="a",provider="p",endpoint="chat.completions",status="ok"} 2"#,
+            r#"sluice_requests_total{model="a",provider="p",endpoint="chat.completions",status="error"} 1"#,
+            r#"sluice_requests_total{model="unknown",provider="p",endpoint="chat.completions",status="ok"} 1"#,
+            r#"sluice_tokens_total{model="a",provider="p",kind="completion"} 7"#,
+            r#"sluice_request_duration_seconds_count{model="a",provider="p"} 3"#,
+        ] {
+            assert!(text.contains(line), "missing `{line}` in\n{text}");
+        }
+        // Series never used are not exposed.
+        assert!(!text.contains(r#"kind="prompt""#), "{text}");
+        assert!(!text.contains("secret-name"), "{text}");
     }
 }
