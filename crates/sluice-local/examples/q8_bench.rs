@@ -1,5 +1,6 @@
-//! The batched Q8 matmul of `src/llama/q8.rs` against candle's quantized
-//! (`QMatMul` over a Q8_0 `QTensor`) and f32 matmuls, on the weight shapes of
+//! The batched matmuls of this crate — Q8 (`src/llama/q8.rs`) and f32
+//! (`src/llama/kernels.rs`) — against candle's quantized (`QMatMul` over a
+//! Q8_0 `QTensor`) and f32 (gemm) matmuls, on the weight shapes of
 //! SmolLM2-135M with random weights.
 //!
 //! ```sh
@@ -11,12 +12,15 @@
 //! `CANDLE_NUM_THREADS` (else `RAYON_NUM_THREADS`, else the physical cores):
 //! set it to the same number for a fair comparison.
 //!
-//! For each shape and batch size `n` (1, 4, 16) it prints the median time per
-//! call over `--runs` calls after a warm-up, the effective GFLOP/s
+//! For each shape and batch size `n` (1, 4, 16, 64) it prints the median time
+//! per call over `--runs` calls after a warm-up, the effective GFLOP/s
 //! (`2·rows·cols·n` per call), how many times slower candle is, and the
-//! largest difference between our output and candle's Q8_0 output relative
-//! to the largest output value.
+//! largest difference between the quantized outputs and the f32 output
+//! relative to the largest output value.
 
+#[expect(dead_code, reason = "only the matmul of the kernels is benchmarked")]
+#[path = "../src/llama/kernels.rs"]
+mod kernels;
 #[path = "../src/llama/q8.rs"]
 mod q8;
 
@@ -38,7 +42,7 @@ const SHAPES: [(&str, usize, usize); 4] = [
     ("vocab output", 49152, 576),
 ];
 
-const BATCHES: [usize; 3] = [1, 4, 16];
+const BATCHES: [usize; 4] = [1, 4, 16, 64];
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
     args.iter()
@@ -90,33 +94,40 @@ fn main() -> Res<()> {
     );
     println!();
     println!(
-        "| {:<16} | {:>2} | {:>8} | {:>8} | {:>8} | {:>7} | {:>7} | {:>7} | {:>10} | {:>8} | {:>8} | {:>8} |",
+        "| {:<16} | {:>2} | {:>8} | {:>8} | {:>8} | {:>8} | {:>7} | {:>7} | {:>7} | {:>10} | {:>8} | {:>8} | {:>8} |",
         "matrix",
         "n",
+        "f32 ms",
+        "cf32 ms",
         "q8 ms",
         "cQ8 ms",
-        "cf32 ms",
-        "q8 GF/s",
-        "cQ8 GF",
-        "f32 GF",
+        "f32 GF/s",
+        "cf32 GF",
+        "q8 GF",
+        "cf32/f32",
         "cQ8/q8",
-        "f32/q8",
         "q8 err",
         "cQ8 err"
     );
-    println!("|{}|", ["---"; 12].join("|"));
+    println!("|{}|", ["---"; 13].join("|"));
     pool.install(|| -> Res<()> {
         let dev = Device::Cpu;
         for (s, &(name, rows, cols)) in SHAPES.iter().enumerate() {
             let w = random(rows * cols, 0x5eed + s as u64);
             let ours = Q8Matrix::from_f32(&w, rows, cols)?;
-            let dense = Tensor::from_vec(w, (rows, cols), &dev)?;
+            let dense = Tensor::from_vec(w.clone(), (rows, cols), &dev)?;
+            let mut f32_scratch = Vec::new();
             let candle_q8 = QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?;
             let mut scratch = Q8Scratch::default();
             for n in BATCHES {
                 let x = random(n * cols, 0xabc + n as u64);
                 let xt = Tensor::from_vec(x.clone(), (n, cols), &dev)?;
                 let mut out = vec![0f32; n * ours.rows()];
+                let mut out_f32 = vec![0f32; n * rows];
+                let ours_f32_ms = median_ms(runs, || {
+                    kernels::matmul_f32(&w, cols, &x, n, &mut out_f32, &mut f32_scratch);
+                    Ok(())
+                })?;
                 let q8_ms = median_ms(runs, || Ok(ours.matmul(&x, n, &mut out, &mut scratch)?))?;
                 let cq8_ms = median_ms(runs, || {
                     candle_q8.forward(&xt)?;
@@ -126,9 +137,8 @@ fn main() -> Res<()> {
                     xt.matmul(&dense.t()?)?;
                     Ok(())
                 })?;
-                // Both quantized results against the f32 one.
+                // Ours against candle's f32 result.
                 let exact = xt.matmul(&dense.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-                let theirs = candle_q8.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
                 let top = exact.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
                 let err = |got: &[f32]| {
                     got.iter()
@@ -143,19 +153,20 @@ fn main() -> Res<()> {
                 };
                 let gflop = 2.0 * (rows * ours.cols() * n) as f64 / 1e9;
                 println!(
-                    "| {:<16} | {:>2} | {:>8.3} | {:>8.3} | {:>8.3} | {:>7.1} | {:>7.1} | {:>7.1} | {:>9.2}x | {:>7.2}x | {:>8.1e} | {:>8.1e} |",
+                    "| {:<16} | {:>2} | {:>8.3} | {:>8.3} | {:>8.3} | {:>8.3} | {:>7.1} | {:>7.1} | {:>7.1} | {:>9.2}x | {:>7.2}x | {:>8.1e} | {:>8.1e} |",
                     label,
                     n,
+                    ours_f32_ms,
+                    f32_ms,
                     q8_ms,
                     cq8_ms,
-                    f32_ms,
-                    gflop / q8_ms * 1e3,
-                    gflop / cq8_ms * 1e3,
+                    gflop / ours_f32_ms * 1e3,
                     gflop / f32_ms * 1e3,
+                    gflop / q8_ms * 1e3,
+                    f32_ms / ours_f32_ms,
                     cq8_ms / q8_ms,
-                    f32_ms / q8_ms,
+                    err(&out_f32),
                     err(&out),
-                    err(&theirs),
                 );
             }
         }
@@ -163,8 +174,10 @@ fn main() -> Res<()> {
     })?;
     println!();
     println!(
-        "q8 = this crate's Q8Matrix::matmul; cQ8 = candle QMatMul over Q8_0; cf32 = candle f32 x.matmul(w.t())."
+        "f32 = this crate's kernels::matmul_f32; cf32 = candle f32 x.matmul(w.t()); q8 = this crate's Q8Matrix::matmul; cQ8 = candle QMatMul over Q8_0."
     );
-    println!("cQ8/q8 and f32/q8 > 1 mean ours is faster. err: max |quantized - f32| / max |f32|.");
+    println!(
+        "cf32/f32 and cQ8/q8 > 1 mean ours is faster. err: max |ours - candle f32| / max |candle f32|."
+    );
     Ok(())
 }

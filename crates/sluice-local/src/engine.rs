@@ -3,11 +3,18 @@
 //! One engine thread owns the model's compute. Requests queue up; before every step the scheduler
 //! admits waiting sequences as long as the batch has room (`max_batch`) and the KV caches fit the
 //! memory bound (`max_kv_bytes`, reserved up front for the prompt plus `max_tokens`). Each step is
-//! one forward pass over the whole batch ([`LlamaModel::forward_batch`]): sequences still in their
+//! one forward pass over the whole batch ([`LlamaModel::forward_into`]): sequences still in their
 //! prompt contribute a chunk of it (at most `PREFILL_CHUNK` tokens), the others their last sampled
 //! token. The weights are read once for the whole batch, so throughput grows with concurrency
-//! instead of requests queueing behind each other. A sequence leaves the batch when it ends (end-of-sequence token, stop string,
-//! `max_tokens`) or when its receiver is dropped (the client went away), freeing its cache.
+//! instead of requests queueing behind each other. A sequence leaves the batch when it ends
+//! (end-of-sequence token, stop string, `max_tokens`) or when its receiver is dropped (the client
+//! went away), freeing its cache.
+//!
+//! The decode loop does not allocate: each sequence's KV cache is reserved for its prompt plus
+//! `max_tokens` when it is admitted, the forward pass runs in a [`Workspace`] kept across steps,
+//! the step's bookkeeping vectors are cleared and reused, and the samplers reuse their buffers.
+//! Only the text streamed to clients (the `String` pieces sent through the channels) is
+//! allocated per token.
 //!
 //! With `batching = false` the same engine runs one sequence at a time (the baseline the benchmark
 //! compares against).
@@ -19,7 +26,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use crate::llama::{KvCache, LlamaModel, Sampler, SamplingParams, StreamDetokenizer};
+use crate::llama::{
+    Batch, KvCache, LlamaModel, Sampler, SamplingParams, StreamDetokenizer, Workspace,
+};
 
 /// Why the engine refused a request or could not run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -220,6 +229,35 @@ struct Seq {
     events: mpsc::UnboundedSender<GenEvent>,
 }
 
+/// The sequences of one step as the model's [`Batch`]: a chunk of prompt for those still
+/// prefilling (`chunks[i] > 0`), the last sampled token for the others.
+struct StepBatch<'a> {
+    seqs: &'a mut [Seq],
+    chunks: &'a [usize],
+}
+
+impl Batch for StepBatch<'_> {
+    fn sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn tokens(&self, i: usize) -> &[u32] {
+        let s = &self.seqs[i];
+        match self.chunks[i] {
+            0 => std::slice::from_ref(&s.last),
+            n => &s.pending[..n],
+        }
+    }
+
+    fn cache(&self, i: usize) -> &KvCache {
+        &self.seqs[i].cache
+    }
+
+    fn cache_mut(&mut self, i: usize) -> &mut KvCache {
+        &mut self.seqs[i].cache
+    }
+}
+
 struct Scheduler {
     model: Arc<LlamaModel>,
     cfg: EngineConfig,
@@ -227,6 +265,11 @@ struct Scheduler {
     waiting: VecDeque<Job>,
     active: Vec<Seq>,
     reserved: usize,
+    /// Reused from step to step: the forward pass's buffers, the prompt tokens each sequence
+    /// runs this step, and the sequences that finished.
+    ws: Workspace,
+    chunks: Vec<usize>,
+    finished: Vec<(usize, FinishReason)>,
 }
 
 impl Scheduler {
@@ -238,6 +281,9 @@ impl Scheduler {
             waiting: VecDeque::new(),
             active: Vec::new(),
             reserved: 0,
+            ws: Workspace::new(),
+            chunks: Vec::new(),
+            finished: Vec::new(),
         }
     }
 
@@ -287,8 +333,13 @@ impl Scheduler {
                 return;
             };
             self.reserved += need;
+            let mut cache = self.model.new_cache();
+            // `submit` checked that prompt plus `max_tokens` fits the context.
+            if let Err(e) = cache.reserve(req.prompt.len() + req.max_tokens) {
+                tracing::warn!(error = %e, "cannot reserve the KV cache; it will grow as needed");
+            }
             self.active.push(Seq {
-                cache: self.model.new_cache(),
+                cache,
                 sampler: Sampler::new(req.sampling),
                 detok: self.model.tokenizer().stream_detokenizer(),
                 prompt_len: req.prompt.len(),
@@ -324,30 +375,22 @@ impl Scheduler {
         }
         let started = Instant::now();
         // Per sequence: how many prompt tokens this step consumes (0 for decoding ones).
-        let chunks: Vec<usize> = self
-            .active
-            .iter()
-            .map(|s| s.pending.len().min(PREFILL_CHUNK))
-            .collect();
-        let result = {
-            let mut batch: Vec<(&mut KvCache, &[u32])> = self
-                .active
-                .iter_mut()
-                .zip(&chunks)
-                .map(|(s, &n)| {
-                    let tokens: &[u32] = if n > 0 {
-                        &s.pending[..n]
-                    } else {
-                        std::slice::from_ref(&s.last)
-                    };
-                    (&mut s.cache, tokens)
-                })
-                .collect();
-            self.model.forward_batch(&mut batch)
-        };
+        self.chunks.clear();
+        self.chunks.extend(
+            self.active
+                .iter()
+                .map(|s| s.pending.len().min(PREFILL_CHUNK)),
+        );
+        let result = self.model.forward_into(
+            &mut StepBatch {
+                seqs: &mut self.active,
+                chunks: &self.chunks,
+            },
+            &mut self.ws,
+        );
         tracing::trace!(
             batch = self.active.len(),
-            prompt_tokens = chunks.iter().sum::<usize>(),
+            prompt_tokens = self.chunks.iter().sum::<usize>(),
             ms = started.elapsed().as_secs_f64() * 1e3,
             "engine step"
         );
@@ -361,12 +404,13 @@ impl Scheduler {
                 return;
             }
         };
-        let mut finished = Vec::new();
+        let vocab = logits.len() / self.active.len();
+        self.finished.clear();
         for (idx, ((seq, l), &n)) in self
             .active
             .iter_mut()
-            .zip(logits.iter())
-            .zip(&chunks)
+            .zip(logits.chunks_exact(vocab))
+            .zip(&self.chunks)
             .enumerate()
         {
             if n > 0 {
@@ -377,10 +421,10 @@ impl Scheduler {
             }
             let tok = seq.sampler.sample(l);
             if let Some(reason) = Self::accept_token(&self.model, seq, tok) {
-                finished.push((idx, reason));
+                self.finished.push((idx, reason));
             }
         }
-        for (idx, reason) in finished.into_iter().rev() {
+        while let Some((idx, reason)) = self.finished.pop() {
             let seq = self.active.swap_remove(idx);
             self.finish(seq, reason);
         }

@@ -6,8 +6,10 @@
 //!   sequence is its [`KvCache`].
 //! * [`LlamaModel::prefill`] runs a prompt; [`LlamaModel::decode`] advances
 //!   many sequences by one token each in a single batched forward pass, which
-//!   is what makes continuous batching pay on a CPU: the quantized weights
-//!   are read once per step for all sequences.
+//!   is what makes continuous batching pay on a CPU: the weights are read once
+//!   per step for all sequences. [`LlamaModel::decode_into`] and
+//!   [`LlamaModel::forward_into`] do the same into a reusable [`Workspace`],
+//!   without allocating (with f32 or Q8_0 weights).
 //! * [`Sampler`] picks tokens (greedy, or temperature / top-k / top-p with a
 //!   seeded generator) and [`StreamDetokenizer`] turns them into text as they
 //!   come, never splitting a UTF-8 character.
@@ -42,6 +44,7 @@
 
 mod error;
 pub(crate) mod gguf;
+mod kernels;
 mod model;
 pub(crate) mod q8;
 mod sampler;
@@ -49,7 +52,7 @@ mod template;
 mod tokenizer;
 
 pub use error::LocalError;
-pub use model::{KvCache, LlamaModel, LoadOptions, ModelInfo, WeightFormat};
+pub use model::{Batch, KvCache, LlamaModel, LoadOptions, ModelInfo, WeightFormat, Workspace};
 pub use sampler::{Sampler, SamplingParams, argmax};
 pub use template::{CHATML_TEMPLATE, ChatTemplate, TemplateMessage};
 pub use tokenizer::{GgufTokenizer, StreamDetokenizer};

@@ -1,25 +1,35 @@
-//! The Llama transformer over quantized GGUF weights, with per-sequence KV
-//! caches and a batched forward pass for continuous batching.
+//! The Llama transformer over GGUF weights, with per-sequence KV caches and a
+//! batched forward pass for continuous batching.
 //!
-//! One forward pass runs any number of sequences, each appending one or more
-//! tokens to its own [`KvCache`]. All rows of the batch go through the
-//! projections and the MLP together as one `[rows, hidden]` matrix, so each
-//! quantized weight is read once per step however many sequences there are;
-//! rotary embeddings use each row's own position, and attention runs per
-//! sequence against that sequence's cache (grouped-query attention without
-//! materializing repeated K/V heads).
+//! One forward pass runs any number of sequences (a [`Batch`]), each appending
+//! one or more tokens to its own [`KvCache`]. All rows of the batch go through
+//! the projections and the MLP together as one `[rows, hidden]` matrix, so each
+//! weight is read once per step however many sequences there are; rotary
+//! embeddings use each row's own position, and each row attends to its own
+//! sequence's cache (grouped-query attention without repeating K/V heads).
+//!
+//! The forward pass is written by hand over the buffers of a [`Workspace`],
+//! with the kernels of [`super::kernels`] (f32 matmul, norms, RoPE, attention)
+//! and [`super::q8`] (8-bit matmul): with [`WeightFormat::F32`] or
+//! [`WeightFormat::Q8_0`] weights, a decode step allocates nothing once the
+//! workspace and caches have grown (`tests/alloc.rs` checks it). Weights kept
+//! in the file's quantization ([`WeightFormat::AsStored`]) are multiplied by
+//! candle, through tensors that are allocated on each call.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, gguf_file};
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
+use rayon::prelude::*;
 
 use super::error::LocalError;
 use super::gguf::{Metadata, file_type_name};
+use super::kernels;
+use super::q8::{Q8Matrix, Q8Scratch};
 use super::template::ChatTemplate;
 use super::tokenizer::GgufTokenizer;
 
@@ -31,7 +41,7 @@ const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral"];
 const CACHE_CHUNK: usize = 256;
 
 /// Prompts are run through the model in pieces of at most this many tokens,
-/// which bounds the attention-score memory (`heads × chunk × context`).
+/// which bounds the workspace (`chunk × widest activation`).
 const PREFILL_CHUNK: usize = 512;
 
 static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
@@ -76,11 +86,11 @@ struct Config {
 }
 
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     /// Query, key and value projections.
     qkv: Projections,
     wo: Weight,
-    ffn_norm: Tensor,
+    ffn_norm: Vec<f32>,
     /// Gate and up projections of the MLP.
     gate_up: Projections,
     w_down: Weight,
@@ -89,15 +99,19 @@ struct Layer {
 /// How a model's weight matrices are held in memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// As the file stores them.
+    /// As the file stores them, multiplied with candle's quantized kernels. The forward pass
+    /// copies activations into and out of candle tensors for every matmul (and looks up token
+    /// embeddings with candle), so a decode step allocates inside candle.
     #[default]
     AsStored,
-    /// Expanded to f32 at load: 4 bytes per weight; the fastest matrix multiply on CPU for
-    /// batches, and its cost per row falls as the batch grows.
+    /// Expanded to f32 at load: 4 bytes per weight; multiplied with Sluice's batched f32 kernel
+    /// ([`super::kernels`]), whose cost per row falls as the batch grows — which is what makes
+    /// continuous batching pay. A decode step allocates nothing.
     F32,
-    /// Re-quantized to Q8_0 at load (about 1.06 bytes per weight): for files whose own
-    /// quantization (Q4_1, Q5_x) has only slow CPU kernels. Matrices whose rows are not a multiple
-    /// of 32 stay as stored.
+    /// Re-quantized to Q8_0 at load (about 1.06 bytes per weight) and multiplied with Sluice's
+    /// batched 8-bit kernel ([`super::q8`]): for files whose own quantization (Q4_1, Q5_x) has only
+    /// slow CPU kernels. Matrices whose rows are not a multiple of 32 are expanded to f32. A decode
+    /// step allocates nothing.
     Q8_0,
 }
 
@@ -108,142 +122,211 @@ pub struct LoadOptions {
     pub weights: WeightFormat,
 }
 
-/// Several projections of the same input. When their weights share a type
-/// they are stacked into one matrix at load time, so one quantized matmul
-/// (one quantization of the input, one parallel dispatch) computes them all.
+/// Several projections of the same input, whose outputs sit side by side in one `[n, Σ widths]`
+/// buffer. Their weights are stacked into one matrix at load time whenever they can be (always
+/// for f32 and Q8_0; for candle's formats when they share a type), so one matmul computes them
+/// all.
 enum Projections {
-    Fused { matmul: Weight, widths: Vec<usize> },
+    Fused(Weight),
+    /// Candle matrices of different types: computed one by one and interleaved.
     Separate(Vec<Weight>),
 }
 
-/// A matmul for a weight, in the requested in-memory format.
-/// A weight matrix and how it is multiplied: candle's `QMatMul` (f32, or a quantized format
-/// with candle's kernels), or Sluice's batched 8-bit kernel ([`super::q8`]), which reads the
-/// weights once per call for every row of a batch.
-enum Weight {
+/// A `[rows, cols]` weight matrix and how it is multiplied.
+#[derive(Clone)]
+struct Weight {
+    rows: usize,
+    cols: usize,
+    kind: WeightKind,
+}
+
+#[derive(Clone)]
+enum WeightKind {
+    /// Row-major f32, multiplied with [`kernels::matmul_f32`]. Shared between the embedding and
+    /// a tied output layer.
+    F32(Arc<Vec<f32>>),
+    /// Sluice's 8-bit kernel, which reads the weights once per call for every row of a batch.
+    Q8(Arc<Q8Matrix>),
+    /// candle's `QMatMul` ([`WeightFormat::AsStored`]): allocates tensors on every call.
     Candle(QMatMul),
-    Q8 {
-        matrix: super::q8::Q8Matrix,
-        /// The engine runs one forward pass at a time: the lock is never contended.
-        scratch: std::sync::Mutex<super::q8::Q8Scratch>,
-    },
+}
+
+/// Reusable buffers of the matmul kernels.
+#[derive(Debug, Default)]
+struct MatmulScratch {
+    f32: Vec<f32>,
+    q8: Q8Scratch,
+    /// One projection's output before it is interleaved ([`Projections::Separate`]).
+    part: Vec<f32>,
 }
 
 impl Weight {
-    /// `x @ Wᵀ` for `x` of shape `[rows, cols]`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Weight::Candle(m) => m.forward(x),
-            Weight::Q8 { matrix, scratch } => {
-                let (n, cols) = x.dims2()?;
-                if cols != matrix.cols() {
-                    candle_core::bail!("input has {cols} columns, the weight {}", matrix.cols());
-                }
+    /// Holds dense row-major values in `format` (f32, or Q8_0 where the row length allows).
+    fn dense(
+        values: Vec<f32>,
+        rows: usize,
+        cols: usize,
+        format: WeightFormat,
+    ) -> Result<Weight, LocalError> {
+        let kind = if format == WeightFormat::Q8_0 && cols.is_multiple_of(32) {
+            WeightKind::Q8(Arc::new(
+                Q8Matrix::from_f32(&values, rows, cols).map_err(LocalError::InvalidModel)?,
+            ))
+        } else {
+            WeightKind::F32(Arc::new(values))
+        };
+        Ok(Weight { rows, cols, kind })
+    }
+
+    /// A file's matrix in the requested in-memory format.
+    fn load(t: QTensor, format: WeightFormat, device: &Device) -> Result<Weight, LocalError> {
+        let (rows, cols) = t.shape().dims2()?;
+        match format {
+            WeightFormat::AsStored => Ok(Weight {
+                rows,
+                cols,
+                kind: WeightKind::Candle(QMatMul::from_qtensor(t)?),
+            }),
+            _ => Weight::dense(dequantized(&t, device)?, rows, cols, format),
+        }
+    }
+
+    /// `out[n, rows] = x[n, cols] · Wᵀ`.
+    fn matmul(
+        &self,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+        s: &mut MatmulScratch,
+    ) -> Result<(), LocalError> {
+        debug_assert_eq!(x.len(), n * self.cols);
+        debug_assert_eq!(out.len(), n * self.rows);
+        match &self.kind {
+            WeightKind::F32(w) => kernels::matmul_f32(w, self.cols, x, n, out, &mut s.f32),
+            WeightKind::Q8(m) => m
+                .matmul(x, n, out, &mut s.q8)
+                .map_err(LocalError::InvalidInput)?,
+            WeightKind::Candle(m) => {
+                let y = m.forward(&Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?)?;
+                let y = y.flatten_all()?.to_vec1::<f32>()?;
+                out.copy_from_slice(&y);
+            }
+        }
+        Ok(())
+    }
+
+    /// `x @ Wᵀ` on candle tensors (the path of [`WeightFormat::AsStored`]).
+    fn forward_tensor(&self, x: &Tensor) -> Result<Tensor, LocalError> {
+        match &self.kind {
+            WeightKind::Candle(m) => Ok(m.forward(x)?),
+            _ => {
+                let n = x.dim(0)?;
                 let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; n * matrix.rows()];
-                let mut scratch = scratch
-                    .lock()
-                    .map_err(|_| candle_core::Error::msg("q8 scratch lock poisoned"))?;
-                matrix
-                    .matmul(&input, n, &mut out, &mut scratch)
-                    .map_err(candle_core::Error::msg)?;
-                Tensor::from_vec(out, (n, matrix.rows()), x.device())
+                let mut out = vec![0f32; n * self.rows];
+                self.matmul(&input, n, &mut out, &mut MatmulScratch::default())?;
+                Ok(Tensor::from_vec(out, (n, self.rows), &Device::Cpu)?)
             }
         }
     }
-}
 
-/// Whether candle's own Q8_0 kernel is the faster one for a matrix of `cols` columns: it packs
-/// rows of a multiple of 256 columns for AVX-512 VNNI and multiplies batches with it.
-fn candle_q8_is_faster(cols: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        cols.is_multiple_of(256) && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = cols;
-        false
-    }
-}
-
-fn weight_matmul(t: QTensor, format: WeightFormat, device: &Device) -> candle_core::Result<Weight> {
-    match format {
-        WeightFormat::AsStored => QMatMul::from_qtensor(t).map(Weight::Candle),
-        WeightFormat::F32 => Ok(Weight::Candle(QMatMul::Tensor(t.dequantize(device)?))),
-        WeightFormat::Q8_0 => {
-            let (rows, cols) = t.shape().dims2()?;
-            if cols % 32 != 0 {
-                return QMatMul::from_qtensor(t).map(Weight::Candle);
-            }
-            let dense = t.dequantize(device)?;
-            if candle_q8_is_faster(cols) {
-                let q = if t.dtype() == GgmlDType::Q8_0 {
-                    t
-                } else {
-                    QTensor::quantize(&dense, GgmlDType::Q8_0)?
+    /// Row `r` as f32 into `out` (the embedding lookup).
+    fn row(&self, r: usize, out: &mut [f32]) -> Result<(), LocalError> {
+        match &self.kind {
+            WeightKind::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
+            WeightKind::Q8(m) => m.dequantize_row(r, out),
+            WeightKind::Candle(m) => {
+                let row = match m {
+                    QMatMul::QTensor(q) => q.embedding(&Tensor::new(&[r as u32], &Device::Cpu)?)?,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.get(r)?,
                 };
-                return QMatMul::from_qtensor(q).map(Weight::Candle);
+                let row = row.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                out.copy_from_slice(&row);
             }
-            let values = dense.flatten_all()?.to_vec1::<f32>()?;
-            let matrix = super::q8::Q8Matrix::from_f32(&values, rows, cols)
-                .map_err(candle_core::Error::msg)?;
-            Ok(Weight::Q8 {
-                matrix,
-                scratch: std::sync::Mutex::new(super::q8::Q8Scratch::default()),
-            })
         }
+        Ok(())
     }
+}
+
+/// All values of a tensor as f32, row-major.
+fn dequantized(t: &QTensor, device: &Device) -> Result<Vec<f32>, LocalError> {
+    Ok(t.dequantize(device)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 impl Projections {
-    fn new(
-        parts: Vec<QTensor>,
-        device: &Device,
-        format: WeightFormat,
-    ) -> candle_core::Result<Self> {
-        let dtype = parts[0].dtype();
+    fn new(parts: Vec<QTensor>, device: &Device, format: WeightFormat) -> Result<Self, LocalError> {
         let k = parts[0].shape().dims2()?.1;
-        if parts.len() < 2 || parts.iter().any(|p| p.dtype() != dtype) {
-            return Ok(Self::Separate(
-                parts
-                    .into_iter()
-                    .map(|p| weight_matmul(p, format, device))
-                    .collect::<candle_core::Result<_>>()?,
-            ));
-        }
-        // Rows are stored one after the other, so stacking the matrices is
-        // concatenating their bytes.
         let widths = parts
             .iter()
             .map(|p| p.shape().dims2().map(|d| d.0))
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let rows = widths.iter().sum::<usize>();
+        if format != WeightFormat::AsStored {
+            let mut values = Vec::with_capacity(rows * k);
+            for p in &parts {
+                values.extend_from_slice(&dequantized(p, device)?);
+            }
+            return Ok(Self::Fused(Weight::dense(values, rows, k, format)?));
+        }
+        let dtype = parts[0].dtype();
+        if parts.len() < 2 || parts.iter().any(|p| p.dtype() != dtype) {
+            return Ok(Self::Separate(
+                parts
+                    .into_iter()
+                    .map(|p| Weight::load(p, format, device))
+                    .collect::<Result<_, _>>()?,
+            ));
+        }
+        // Rows are stored one after the other, so stacking the matrices is
+        // concatenating their bytes.
         let mut bytes = Vec::with_capacity(parts.iter().map(|p| p.storage_size_in_bytes()).sum());
         for p in &parts {
             bytes.extend_from_slice(&p.data()?);
         }
         drop(parts);
         let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), device, dtype)?;
-        let stacked = QTensor::new(storage, (widths.iter().sum::<usize>(), k))?;
-        Ok(Self::Fused {
-            matmul: weight_matmul(stacked, format, device)?,
-            widths,
-        })
+        let stacked = QTensor::new(storage, (rows, k))?;
+        Ok(Self::Fused(Weight::load(stacked, format, device)?))
     }
 
-    /// `x @ W_iᵀ` for every projection, in order.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    /// [`Projections::matmul`] on candle tensors: `[n, Σ widths]`.
+    fn forward_tensor(&self, x: &Tensor) -> Result<Tensor, LocalError> {
         match self {
-            Self::Separate(ms) => ms.iter().map(|m| m.forward(x)).collect(),
-            Self::Fused { matmul, widths } => {
-                let y = matmul.forward(x)?;
-                let mut out = Vec::with_capacity(widths.len());
+            Self::Fused(w) => w.forward_tensor(x),
+            Self::Separate(ws) => {
+                let parts = ws
+                    .iter()
+                    .map(|w| w.forward_tensor(x))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Tensor::cat(&parts, 1)?)
+            }
+        }
+    }
+
+    /// `x @ W_iᵀ` for every projection, side by side in `out` (`[n, Σ widths]`).
+    fn matmul(
+        &self,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+        s: &mut MatmulScratch,
+    ) -> Result<(), LocalError> {
+        match self {
+            Self::Fused(w) => w.matmul(x, n, out, s),
+            Self::Separate(ws) => {
+                let total = out.len() / n;
                 let mut start = 0;
-                for &w in widths {
-                    out.push(y.narrow(D::Minus1, start, w)?);
-                    start += w;
+                for w in ws {
+                    let mut part = std::mem::take(&mut s.part);
+                    let p = kernels::grown(&mut part, n * w.rows);
+                    let res = w.matmul(x, n, p, s);
+                    for (dst, src) in out.chunks_exact_mut(total).zip(p.chunks_exact(w.rows)) {
+                        dst[start..start + w.rows].copy_from_slice(src);
+                    }
+                    s.part = part;
+                    res?;
+                    start += w.rows;
                 }
-                Ok(out)
+                Ok(())
             }
         }
     }
@@ -259,11 +342,15 @@ pub struct LlamaModel {
     id: u64,
     info: ModelInfo,
     cfg: Config,
-    device: Device,
-    embed: Arc<QTensor>,
+    /// The token embeddings, in the model's weight format (shared with a tied output layer).
+    embed: Weight,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Vec<f32>,
     output: Weight,
+    /// The workspace of [`LlamaModel::prefill`], [`LlamaModel::decode`] and
+    /// [`LlamaModel::forward_batch`], so that repeated calls reuse its buffers; a call that finds
+    /// it busy uses a fresh one.
+    spare: Mutex<Workspace>,
     tokenizer: GgufTokenizer,
     template: Option<ChatTemplate>,
     fallback_template: ChatTemplate,
@@ -282,7 +369,7 @@ impl std::fmt::Debug for LlamaModel {
 /// Created by [`LlamaModel::new_cache`] and usable only with that model. The
 /// buffers are preallocated and grow by chunks (at least 256 positions, or half
 /// the current capacity), so appending a token writes in place instead of
-/// copying the whole cache.
+/// copying the whole cache; [`KvCache::reserve`] sizes them up front.
 pub struct KvCache {
     model_id: u64,
     len: usize,
@@ -291,10 +378,9 @@ pub struct KvCache {
     n_layer: usize,
     n_kv_head: usize,
     head_dim: usize,
-    device: Device,
-    /// Per layer `(keys, values)`, each `[n_kv_head, capacity, head_dim]` f32;
+    /// Per layer `(keys, values)`, each `[capacity][n_kv_head][head_dim]` f32;
     /// empty until the first tokens arrive.
-    layers: Vec<(Tensor, Tensor)>,
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 impl std::fmt::Debug for KvCache {
@@ -326,17 +412,12 @@ impl KvCache {
     /// Memory held by the buffers, in bytes (their capacity, not just the
     /// used part).
     pub fn bytes(&self) -> usize {
-        self.layers.len()
-            * 2
-            * self.n_kv_head
-            * self.capacity
-            * self.head_dim
-            * DType::F32.size_in_bytes()
+        self.layers.len() * 2 * self.capacity * self.kv_dim() * std::mem::size_of::<f32>()
     }
 
     /// Bytes one more position costs once the buffers have grown to hold it.
     pub fn bytes_per_token(&self) -> usize {
-        self.n_layer * 2 * self.n_kv_head * self.head_dim * DType::F32.size_in_bytes()
+        self.n_layer * 2 * self.kv_dim() * std::mem::size_of::<f32>()
     }
 
     /// Forgets all positions, keeping the buffers for reuse.
@@ -359,15 +440,19 @@ impl KvCache {
                 limit: self.max_len,
             });
         }
-        Ok(self.grow_to(positions)?)
+        self.grow_to(positions);
+        Ok(())
     }
 
-    /// Makes room for `needed` positions in total.
-    fn grow_to(&mut self, needed: usize) -> candle_core::Result<()> {
+    fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+
+    /// Makes room for `needed` positions in total, keeping the ones held.
+    fn grow_to(&mut self, needed: usize) {
         if needed <= self.capacity {
-            return Ok(());
+            return;
         }
-        let device = &self.device;
         let grown = self.capacity + CACHE_CHUNK.max(self.capacity / 2);
         let new_cap = needed
             .max(grown)
@@ -375,36 +460,109 @@ impl KvCache {
             .saturating_mul(CACHE_CHUNK)
             .min(self.max_len)
             .max(needed);
-        let extra = (self.n_kv_head, new_cap - self.len, self.head_dim);
-        let fresh = self.layers.is_empty();
-        let mut layers = Vec::with_capacity(self.n_layer);
-        for l in 0..self.n_layer {
-            let (k, v) = if fresh || self.len == 0 {
-                let shape = (self.n_kv_head, new_cap, self.head_dim);
-                (
-                    Tensor::zeros(shape, DType::F32, device)?,
-                    Tensor::zeros(shape, DType::F32, device)?,
-                )
-            } else {
-                let (ok, ov) = &self.layers[l];
-                let pad = Tensor::zeros(extra, DType::F32, device)?;
-                (
-                    Tensor::cat(&[&ok.narrow(1, 0, self.len)?, &pad], 1)?,
-                    Tensor::cat(&[&ov.narrow(1, 0, self.len)?, &pad], 1)?,
-                )
-            };
-            layers.push((k, v));
+        let len = new_cap * self.kv_dim();
+        if self.layers.is_empty() {
+            self.layers = (0..self.n_layer)
+                .map(|_| (Vec::new(), Vec::new()))
+                .collect();
         }
-        self.layers = layers;
+        for (k, v) in &mut self.layers {
+            for buf in [k, v] {
+                buf.reserve_exact(len - buf.len());
+                buf.resize(len, 0.0);
+            }
+        }
         self.capacity = new_cap;
-        Ok(())
     }
 }
 
-/// One sequence's part of a forward pass.
-struct Segment<'a> {
-    cache: &'a mut KvCache,
-    tokens: &'a [u32],
+/// The sequences of one forward pass: for each, its [`KvCache`] and the tokens it appends (one
+/// for a decode step, several for a piece of prompt). Implemented for slices of
+/// `(&mut KvCache, u32)` and `(&mut KvCache, &[u32])`; a scheduler can implement it over its own
+/// sequence records so that building a step allocates nothing.
+pub trait Batch: Sync {
+    /// Number of sequences.
+    fn sequences(&self) -> usize;
+    /// The tokens sequence `i` appends.
+    fn tokens(&self, i: usize) -> &[u32];
+    /// Sequence `i`'s cache.
+    fn cache(&self, i: usize) -> &KvCache;
+    /// Sequence `i`'s cache, to append to.
+    fn cache_mut(&mut self, i: usize) -> &mut KvCache;
+}
+
+impl Batch for [(&mut KvCache, u32)] {
+    fn sequences(&self) -> usize {
+        self.len()
+    }
+    fn tokens(&self, i: usize) -> &[u32] {
+        std::slice::from_ref(&self[i].1)
+    }
+    fn cache(&self, i: usize) -> &KvCache {
+        self[i].0
+    }
+    fn cache_mut(&mut self, i: usize) -> &mut KvCache {
+        self[i].0
+    }
+}
+
+impl Batch for [(&mut KvCache, &[u32])] {
+    fn sequences(&self) -> usize {
+        self.len()
+    }
+    fn tokens(&self, i: usize) -> &[u32] {
+        self[i].1
+    }
+    fn cache(&self, i: usize) -> &KvCache {
+        self[i].0
+    }
+    fn cache_mut(&mut self, i: usize) -> &mut KvCache {
+        self[i].0
+    }
+}
+
+/// The activation buffers of the forward pass, reused from call to call: each grows to the
+/// largest batch it has seen and never shrinks, so once a [`Workspace`] has run a step of a given
+/// size, further steps of at most that size (and caches that do not grow) allocate nothing with
+/// [`WeightFormat::F32`] and [`WeightFormat::Q8_0`] weights.
+///
+/// A workspace is not tied to a model; keep one per thread that runs forward passes.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    /// The residual stream, `[rows, hidden]`.
+    x: Vec<f32>,
+    /// Its normalized copy, the input of the projections.
+    h: Vec<f32>,
+    /// Queries, keys and values, `[rows, q_dim + 2 kv_dim]`.
+    qkv: Vec<f32>,
+    /// Attention output, `[rows, q_dim]`.
+    att: Vec<f32>,
+    /// Output of the attention and down projections, `[rows, hidden]`.
+    proj: Vec<f32>,
+    /// Gate and up projections, `[rows, 2 ff]`.
+    gate_up: Vec<f32>,
+    /// `silu(gate) · up`, `[rows, ff]`.
+    act: Vec<f32>,
+    /// Rotary cosines and sines of each row's position, `[rows, head_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Each row's sequence and position.
+    row_seq: Vec<usize>,
+    row_pos: Vec<usize>,
+    /// Attention scores, `[tasks, longest context]`.
+    scores: Vec<f32>,
+    /// The normalized last row of each sequence, `[sequences, hidden]`.
+    last: Vec<f32>,
+    /// Logits, `[sequences, vocab]`.
+    logits: Vec<f32>,
+    matmul: MatmulScratch,
+}
+
+impl Workspace {
+    /// An empty workspace; its buffers grow on first use.
+    pub fn new() -> Workspace {
+        Workspace::default()
+    }
 }
 
 impl LlamaModel {
@@ -572,12 +730,12 @@ impl LlamaModel {
             Ok::<_, LocalError>(t)
         };
         let matmul = |reader: &mut BufReader<File>, name: &str, dims: [usize; 2]| {
-            Ok::<_, LocalError>(weight_matmul(matrix(reader, name, dims)?, format, &device)?)
+            Weight::load(matrix(reader, name, dims)?, format, &device)
         };
         let vector = |reader: &mut BufReader<File>, name: &str| {
             let t = tensor(reader, name)?;
             check(&t, name, &[hidden])?;
-            Ok::<_, LocalError>(t.dequantize(&device)?)
+            dequantized(&t, &device)
         };
 
         if let Some(info) = content.tensor_infos.get("rope_freqs.weight") {
@@ -608,19 +766,20 @@ impl LlamaModel {
                 tokenizer.vocab_size()
             )));
         }
-        let embed = Arc::new(embed);
+        let embed = match format {
+            WeightFormat::AsStored => Weight {
+                rows: vocab,
+                cols: hidden,
+                kind: WeightKind::Candle(QMatMul::from_arc(Arc::new(embed))?),
+            },
+            _ => Weight::load(embed, format, &device)?,
+        };
         let norm = vector(&mut reader, "output_norm.weight")?;
+        // A tied output layer shares the embedding's matrix.
         let output = if content.tensor_infos.contains_key("output.weight") {
             matmul(&mut reader, "output.weight", [vocab, hidden])?
         } else {
-            match format {
-                WeightFormat::AsStored => Weight::Candle(QMatMul::from_arc(Arc::clone(&embed))?),
-                _ => weight_matmul(
-                    QTensor::quantize(&embed.dequantize(&device)?, GgmlDType::F32)?,
-                    format,
-                    &device,
-                )?,
-            }
+            embed.clone()
         };
         let q_dim = n_head * head_dim;
         let kv_dim = n_kv_head * head_dim;
@@ -719,11 +878,11 @@ impl LlamaModel {
                 rope_inv_freq,
                 rope_pos_scale,
             },
-            device,
             embed,
             layers,
             norm,
             output,
+            spare: Mutex::new(Workspace::new()),
             tokenizer,
             template,
             fallback_template,
@@ -752,7 +911,7 @@ impl LlamaModel {
     }
 
     /// A new, empty cache for one sequence. It allocates nothing until the
-    /// sequence's first tokens are run.
+    /// sequence's first tokens are run (or [`KvCache::reserve`]).
     pub fn new_cache(&self) -> KvCache {
         KvCache {
             model_id: self.id,
@@ -762,8 +921,15 @@ impl LlamaModel {
             n_layer: self.cfg.n_layer,
             n_kv_head: self.cfg.n_kv_head,
             head_dim: self.cfg.head_dim,
-            device: self.device.clone(),
             layers: Vec::new(),
+        }
+    }
+
+    /// Runs `f` with the model's spare workspace, or a fresh one when another call holds it.
+    fn with_workspace<T>(&self, f: impl FnOnce(&mut Workspace) -> T) -> T {
+        match self.spare.try_lock() {
+            Ok(mut ws) => f(&mut ws),
+            Err(_) => f(&mut Workspace::new()),
         }
     }
 
@@ -778,69 +944,78 @@ impl LlamaModel {
         }
         self.check_cache(cache)?;
         self.check_room(cache, tokens.len())?;
-        let chunks: Vec<&[u32]> = tokens.chunks(PREFILL_CHUNK).collect();
-        let last = chunks.len() - 1;
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let mut seg = [Segment {
-                cache: &mut *cache,
-                tokens: chunk,
-            }];
-            let logits = self.forward(&mut seg, i == last)?;
-            if let Some(logits) = logits {
-                return Ok(logits.squeeze(0)?.to_vec1::<f32>()?);
+        self.with_workspace(|ws| {
+            let chunks = tokens.len().div_ceil(PREFILL_CHUNK);
+            for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+                let mut seg = [(&mut *cache, chunk)];
+                let logits = self.forward(&mut seg[..], ws, i + 1 == chunks)?;
+                if i + 1 == chunks {
+                    return Ok(logits.to_vec());
+                }
             }
-        }
-        unreachable!("the last chunk returns logits")
+            unreachable!("the last chunk returns logits")
+        })
     }
 
     /// One decode step for several sequences in one batched forward pass:
     /// each `(cache, token)` appends `token` to its sequence. The projections
-    /// and MLP run on an `[N, hidden]` matrix, so the quantized weights are
+    /// and MLP run on an `[N, hidden]` matrix, so the weights are
     /// read once for all N tokens; rotary embeddings use each sequence's own
     /// position and attention runs per sequence against its own cache.
-    /// Returns one logits vector per sequence, in order.
+    /// Returns one logits vector per sequence, in order (see
+    /// [`LlamaModel::decode_into`] for the variant that allocates nothing).
     pub fn decode(&self, batch: &mut [(&mut KvCache, u32)]) -> Result<Vec<Vec<f32>>, LocalError> {
-        let mut segs: Vec<Segment<'_>> = batch
-            .iter_mut()
-            .map(|(cache, token)| Segment {
-                cache,
-                tokens: std::slice::from_ref(&*token),
-            })
-            .collect();
-        self.forward_checked(&mut segs)
+        self.with_workspace(|ws| {
+            let logits = self.forward_into(batch, ws)?;
+            Ok(logits.chunks(self.cfg.vocab).map(<[f32]>::to_vec).collect())
+        })
+    }
+
+    /// [`LlamaModel::decode`] into a workspace: returns the `[N, vocab]` logits, row `i` for
+    /// sequence `i`, borrowed from `ws`. Once `ws` has run a step of N sequences and the caches
+    /// have room (see [`KvCache::reserve`]), this allocates nothing with f32 or Q8_0 weights.
+    pub fn decode_into<'w>(
+        &self,
+        batch: &mut [(&mut KvCache, u32)],
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32], LocalError> {
+        self.forward_into(batch, ws)
     }
 
     /// The general step: each `(cache, tokens)` appends one or more tokens to
     /// its sequence, all in one forward pass (e.g. a prompt chunk riding along
     /// with other sequences' decode steps). Returns the logits of each
     /// sequence's last new position, in order. Keep prompt pieces moderate
-    /// (say ≤ 512 tokens): their attention scores are materialized.
+    /// (say ≤ 512 tokens).
     pub fn forward_batch(
         &self,
         batch: &mut [(&mut KvCache, &[u32])],
     ) -> Result<Vec<Vec<f32>>, LocalError> {
-        let mut segs: Vec<Segment<'_>> = batch
-            .iter_mut()
-            .map(|(cache, tokens)| Segment { cache, tokens })
-            .collect();
-        self.forward_checked(&mut segs)
+        self.with_workspace(|ws| {
+            let logits = self.forward_into(batch, ws)?;
+            Ok(logits.chunks(self.cfg.vocab).map(<[f32]>::to_vec).collect())
+        })
     }
 
-    fn forward_checked(&self, segs: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>, LocalError> {
-        if segs.is_empty() {
-            return Ok(Vec::new());
-        }
-        for s in segs.iter() {
-            if s.tokens.is_empty() {
+    /// [`LlamaModel::forward_batch`] over any [`Batch`], into a workspace: returns the
+    /// `[sequences, vocab]` logits of each sequence's last new position, borrowed from `ws`.
+    /// Allocation-free under the conditions of [`LlamaModel::decode_into`].
+    pub fn forward_into<'w, B: Batch + ?Sized>(
+        &self,
+        batch: &mut B,
+        ws: &'w mut Workspace,
+    ) -> Result<&'w [f32], LocalError> {
+        for i in 0..batch.sequences() {
+            let (cache, tokens) = (batch.cache(i), batch.tokens(i));
+            if tokens.is_empty() {
                 return Err(LocalError::InvalidInput(
                     "every sequence of a batch needs at least one token".into(),
                 ));
             }
-            self.check_cache(s.cache)?;
-            self.check_room(s.cache, s.tokens.len())?;
+            self.check_cache(cache)?;
+            self.check_room(cache, tokens.len())?;
         }
-        let logits = self.forward(segs, true)?.expect("logits were requested");
-        Ok(logits.to_vec2::<f32>()?)
+        self.forward(batch, ws, true)
     }
 
     fn check_cache(&self, cache: &KvCache) -> Result<(), LocalError> {
@@ -863,93 +1038,282 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// Runs the segments through the model, appending to their caches.
-    /// With `want_logits`, returns `[segments, vocab]` logits of each
-    /// segment's last token. The inputs must have been validated.
-    fn forward(
+    /// Runs the batch through the model, appending to its caches. With `want_logits`, returns
+    /// the `[sequences, vocab]` logits of each sequence's last token (else an empty slice). The
+    /// caches must have been checked; token ids are checked here, before anything changes.
+    ///
+    /// All rows of the batch (every new token of every sequence) go through the projections and
+    /// the MLP together as one `[rows, hidden]` matrix, so each weight is read once per step;
+    /// rotary embeddings use each row's own position, and each row attends to its own sequence's
+    /// cache up to its own position (causal within a multi-token piece).
+    fn forward<'w, B: Batch + ?Sized>(
         &self,
-        segs: &mut [Segment<'_>],
+        batch: &mut B,
+        ws: &'w mut Workspace,
         want_logits: bool,
-    ) -> Result<Option<Tensor>, LocalError> {
+    ) -> Result<&'w [f32], LocalError> {
         let cfg = &self.cfg;
-        let dev = &self.device;
-        let rows: usize = segs.iter().map(|s| s.tokens.len()).sum();
-        let half = cfg.head_dim / 2;
-
-        // Token ids, and the rotary angles of each row's own position.
-        let mut ids = Vec::with_capacity(rows);
-        let mut cos = Vec::with_capacity(rows * half);
-        let mut sin = Vec::with_capacity(rows * half);
-        for s in segs.iter() {
-            for (i, &t) in s.tokens.iter().enumerate() {
+        let seqs = batch.sequences();
+        if seqs == 0 {
+            return Ok(&[]);
+        }
+        let (d, half) = (cfg.head_dim, cfg.head_dim / 2);
+        let hidden = self.info.embedding_length;
+        let q_dim = cfg.n_head * d;
+        let kv_dim = cfg.n_kv_head * d;
+        let qkv_w = q_dim + 2 * kv_dim;
+        let ff = self.layers.first().map_or(0, |l| l.w_down.cols);
+        let mut rows = 0;
+        for i in 0..seqs {
+            for &t in batch.tokens(i) {
                 if t as usize >= cfg.vocab {
                     return Err(LocalError::InvalidToken {
                         id: t,
                         vocab_size: cfg.vocab,
                     });
                 }
+            }
+            rows += batch.tokens(i).len();
+        }
+        if matches!(self.embed.kind, WeightKind::Candle(_)) {
+            return self.forward_candle(batch, ws, want_logits);
+        }
+
+        let Workspace {
+            x,
+            h,
+            qkv,
+            att,
+            proj,
+            gate_up,
+            act,
+            cos,
+            sin,
+            row_seq,
+            row_pos,
+            scores,
+            last,
+            logits,
+            matmul,
+        } = ws;
+        let x = kernels::grown(x, rows * hidden);
+        let h = kernels::grown(h, rows * hidden);
+        let qkv = kernels::grown(qkv, rows * qkv_w);
+        let att = kernels::grown(att, rows * q_dim);
+        let proj = kernels::grown(proj, rows * hidden);
+        let gate_up = kernels::grown(gate_up, rows * 2 * ff);
+        let act = kernels::grown(act, rows * ff);
+        let cos = kernels::grown(cos, rows * half);
+        let sin = kernels::grown(sin, rows * half);
+        let row_seq = kernels::grown(row_seq, rows);
+        let row_pos = kernels::grown(row_pos, rows);
+
+        // Embeddings, and each row's sequence, position and rotary angles.
+        let mut row = 0;
+        let mut longest = 0;
+        for i in 0..seqs {
+            let past = batch.cache(i).len;
+            let tokens = batch.tokens(i);
+            longest = longest.max(past + tokens.len());
+            for (j, &t) in tokens.iter().enumerate() {
+                self.embed
+                    .row(t as usize, &mut x[row * hidden..(row + 1) * hidden])?;
+                row_seq[row] = i;
+                row_pos[row] = past + j;
+                let pos = (past + j) as f32 * cfg.rope_pos_scale;
+                let (c, s) = (
+                    &mut cos[row * half..(row + 1) * half],
+                    &mut sin[row * half..(row + 1) * half],
+                );
+                for ((c, s), &f) in c.iter_mut().zip(s).zip(&cfg.rope_inv_freq) {
+                    let angle = pos * f;
+                    *c = angle.cos();
+                    *s = angle.sin();
+                }
+                row += 1;
+            }
+            let needed = past + tokens.len();
+            batch.cache_mut(i).grow_to(needed);
+            // Scores are sized by capacity, which changes less often than the length.
+            longest = longest.max(batch.cache(i).capacity);
+        }
+
+        // Attention runs in a few tasks per thread over the rows, each with its own scores.
+        let threads = rayon::current_num_threads().max(1);
+        let task_rows = rows.div_ceil(threads * 4).max(1);
+        let tasks = rows.div_ceil(task_rows);
+        let scores = kernels::grown(scores, tasks * longest);
+        let shape = kernels::AttnShape {
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head,
+            head_dim: d,
+        };
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            kernels::rms_norm(x, &layer.attn_norm, cfg.eps, h);
+            layer.qkv.matmul(h, rows, qkv, matmul)?;
+            for (r, q) in qkv.chunks_exact_mut(qkv_w).enumerate() {
+                let (c, s) = (
+                    &cos[r * half..(r + 1) * half],
+                    &sin[r * half..(r + 1) * half],
+                );
+                kernels::rope_interleaved(&mut q[..q_dim + kv_dim], d, c, s);
+                let pos = row_pos[r];
+                let (keys, values) = &mut batch.cache_mut(row_seq[r]).layers[l];
+                keys[pos * kv_dim..(pos + 1) * kv_dim].copy_from_slice(&q[q_dim..q_dim + kv_dim]);
+                values[pos * kv_dim..(pos + 1) * kv_dim].copy_from_slice(&q[q_dim + kv_dim..]);
+            }
+            {
+                let batch: &B = batch;
+                let (qkv, row_seq, row_pos) = (&*qkv, &*row_seq, &*row_pos);
+                att.par_chunks_mut(task_rows * q_dim)
+                    .zip(scores.par_chunks_mut(longest))
+                    .enumerate()
+                    .for_each(|(task, (att, scores))| {
+                        for (i, out) in att.chunks_exact_mut(q_dim).enumerate() {
+                            let r = task * task_rows + i;
+                            let pos = row_pos[r];
+                            let (keys, values) = &batch.cache(row_seq[r]).layers[l];
+                            kernels::attend_row(kernels::AttendRow {
+                                shape,
+                                q: &qkv[r * qkv_w..r * qkv_w + q_dim],
+                                keys: &keys[..(pos + 1) * kv_dim],
+                                values: &values[..(pos + 1) * kv_dim],
+                                pos,
+                                scores,
+                                out,
+                            });
+                        }
+                    });
+            }
+            layer.wo.matmul(att, rows, proj, matmul)?;
+            add_assign(x, proj);
+
+            kernels::rms_norm(x, &layer.ffn_norm, cfg.eps, h);
+            layer.gate_up.matmul(h, rows, gate_up, matmul)?;
+            kernels::silu_mul(gate_up, ff, act);
+            layer.w_down.matmul(act, rows, proj, matmul)?;
+            add_assign(x, proj);
+        }
+        for i in 0..seqs {
+            let n = batch.tokens(i).len();
+            batch.cache_mut(i).len += n;
+        }
+        if !want_logits {
+            return Ok(&[]);
+        }
+
+        // The normalized last row of each sequence, through the output layer.
+        let last = kernels::grown(last, seqs * hidden);
+        let mut end = 0;
+        for i in 0..seqs {
+            end += batch.tokens(i).len();
+            kernels::rms_norm(
+                &x[(end - 1) * hidden..end * hidden],
+                &self.norm,
+                cfg.eps,
+                &mut last[i * hidden..(i + 1) * hidden],
+            );
+        }
+        let logits = kernels::grown(logits, seqs * cfg.vocab);
+        self.output.matmul(last, seqs, logits, matmul)?;
+        Ok(logits)
+    }
+
+    /// [`LlamaModel::forward`] for weights kept in the file's quantization: candle tensor ops
+    /// throughout, in the order candle's own `quantized_llama` runs them, because candle's
+    /// quantized matmuls quantize their input to 8 bits and so amplify the last-bit differences
+    /// a hand-written pass would make (this path gives candle's greedy tokens exactly). It
+    /// allocates tensors on every call; the caches are the same plain buffers.
+    fn forward_candle<'w, B: Batch + ?Sized>(
+        &self,
+        batch: &mut B,
+        ws: &'w mut Workspace,
+        want_logits: bool,
+    ) -> Result<&'w [f32], LocalError> {
+        let cfg = &self.cfg;
+        let dev = &Device::Cpu;
+        let seqs = batch.sequences();
+        let rows: usize = (0..seqs).map(|i| batch.tokens(i).len()).sum();
+        let (d, half) = (cfg.head_dim, cfg.head_dim / 2);
+        let kv_dim = cfg.n_kv_head * d;
+        let q_dim = cfg.n_head * d;
+
+        let mut ids = Vec::with_capacity(rows);
+        let mut cos = Vec::with_capacity(rows * half);
+        let mut sin = Vec::with_capacity(rows * half);
+        for i in 0..seqs {
+            let past = batch.cache(i).len;
+            for (j, &t) in batch.tokens(i).iter().enumerate() {
                 ids.push(t);
-                let pos = (s.cache.len + i) as f32 * cfg.rope_pos_scale;
+                let pos = (past + j) as f32 * cfg.rope_pos_scale;
                 for &f in &cfg.rope_inv_freq {
                     let angle = pos * f;
                     cos.push(angle.cos());
                     sin.push(angle.sin());
                 }
             }
+            let needed = past + batch.tokens(i).len();
+            batch.cache_mut(i).grow_to(needed);
         }
         let cos = Tensor::from_vec(cos, (rows, 1, half), dev)?;
         let sin = Tensor::from_vec(sin, (rows, 1, half), dev)?;
         let ids = Tensor::from_vec(ids, rows, dev)?;
-        let mut x = self.embed.embedding(&ids)?;
-
-        for s in segs.iter_mut() {
-            let needed = s.cache.len + s.tokens.len();
-            s.cache.grow_to(needed)?;
-        }
-        // Additive causal masks for segments of more than one token.
-        let masks = segs
-            .iter()
-            .map(|s| {
-                let t = s.tokens.len();
+        let WeightKind::Candle(embed) = &self.embed.kind else {
+            unreachable!("weights kept as stored are candle's")
+        };
+        let mut x = embed.embedding(&ids)?;
+        // Additive causal masks for sequences of more than one new token.
+        let masks = (0..seqs)
+            .map(|i| {
+                let t = batch.tokens(i).len();
                 (t > 1)
-                    .then(|| causal_mask(t, s.cache.len, dev))
+                    .then(|| causal_mask(t, batch.cache(i).len, dev))
                     .transpose()
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
 
         let n_rep = cfg.n_head / cfg.n_kv_head;
-        let q_dim = cfg.n_head * cfg.head_dim;
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let scale = 1.0 / (d as f64).sqrt();
+        let ff = self.layers.first().map_or(0, |l| l.w_down.cols);
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.eps)?;
-            let [q, k, v]: [Tensor; 3] = layer
-                .qkv
-                .forward(&h)?
-                .try_into()
-                .expect("three projections");
-            let q = q.reshape((rows, cfg.n_head, 1, cfg.head_dim))?;
-            let k = k.reshape((rows, cfg.n_kv_head, 1, cfg.head_dim))?;
-            let v = v.reshape((rows, cfg.n_kv_head, cfg.head_dim))?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+            let norm = Tensor::from_slice(&layer.attn_norm, layer.attn_norm.len(), dev)?;
+            let h = candle_nn::ops::rms_norm(&x, &norm, cfg.eps)?;
+            let qkv = layer.qkv.forward_tensor(&h)?;
+            let q = qkv.narrow(1, 0, q_dim)?;
+            let k = qkv.narrow(1, q_dim, kv_dim)?;
+            let v = qkv.narrow(1, q_dim + kv_dim, kv_dim)?;
+            let q = q.reshape((rows, cfg.n_head, 1, d))?;
+            let k = k.reshape((rows, cfg.n_kv_head, 1, d))?;
+            let v = v.reshape((rows, cfg.n_kv_head, d))?;
+            let q = candle_nn::rotary_emb::rope_i(&q.contiguous()?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&k.contiguous()?, &cos, &sin)?;
 
-            let mut ys = Vec::with_capacity(segs.len());
+            let mut ys = Vec::with_capacity(seqs);
             let mut row = 0;
-            for (s, mask) in segs.iter_mut().zip(&masks) {
-                let t = s.tokens.len();
-                let past = s.cache.len;
+            for (i, mask) in masks.iter().enumerate() {
+                let t = batch.tokens(i).len();
+                let cache = batch.cache_mut(i);
+                let past = cache.len;
                 let total = past + t;
                 // [t, heads, 1, d] → [heads, t, d], grouped as [kv_heads, rep * t, d]:
                 // query heads sharing a KV head are adjacent.
-                let q_s = heads_first(&q.narrow(0, row, t)?, t, cfg.n_head, cfg.head_dim)?
-                    .reshape((cfg.n_kv_head, n_rep * t, cfg.head_dim))?;
-                let k_s = heads_first(&k.narrow(0, row, t)?, t, cfg.n_kv_head, cfg.head_dim)?;
-                let v_s = heads_first(&v.narrow(0, row, t)?, t, cfg.n_kv_head, cfg.head_dim)?;
-                let (k_buf, v_buf) = &s.cache.layers[l];
-                k_buf.slice_set(&k_s, 1, past)?;
-                v_buf.slice_set(&v_s, 1, past)?;
-                let keys = k_buf.narrow(1, 0, total)?;
-                let values = v_buf.narrow(1, 0, total)?;
+                let q_s = heads_first(&q.narrow(0, row, t)?, t, cfg.n_head, d)?.reshape((
+                    cfg.n_kv_head,
+                    n_rep * t,
+                    d,
+                ))?;
+                let (keys, values) = &mut cache.layers[l];
+                let new_k = k.narrow(0, row, t)?.flatten_all()?.to_vec1::<f32>()?;
+                let new_v = v.narrow(0, row, t)?.flatten_all()?.to_vec1::<f32>()?;
+                keys[past * kv_dim..total * kv_dim].copy_from_slice(&new_k);
+                values[past * kv_dim..total * kv_dim].copy_from_slice(&new_v);
+                let as_heads = |buf: &[f32]| {
+                    Tensor::from_slice(&buf[..total * kv_dim], (total, cfg.n_kv_head, d), dev)?
+                        .transpose(0, 1)?
+                        .contiguous()
+                };
+                let (keys, values) = (as_heads(&keys[..])?, as_heads(&values[..])?);
 
                 let mut att = (q_s.matmul(&keys.t()?)? * scale)?;
                 if let Some(mask) = mask {
@@ -963,7 +1327,7 @@ impl LlamaModel {
                 let y = if t == 1 {
                     y.reshape((1, q_dim))?
                 } else {
-                    y.reshape((cfg.n_head, t, cfg.head_dim))?
+                    y.reshape((cfg.n_head, t, d))?
                         .transpose(0, 1)?
                         .contiguous()?
                         .reshape((t, q_dim))?
@@ -971,48 +1335,46 @@ impl LlamaModel {
                 ys.push(y);
                 row += t;
             }
-            let y = if ys.len() == 1 {
-                ys.pop().expect("one segment")
-            } else {
-                Tensor::cat(&ys, 0)?
-            };
-            x = (x + layer.wo.forward(&y)?)?;
+            let y = Tensor::cat(&ys, 0)?;
+            x = (x + layer.wo.forward_tensor(&y)?)?;
 
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.eps)?;
-            let [gate, up]: [Tensor; 2] = layer
-                .gate_up
-                .forward(&h)?
-                .try_into()
-                .expect("two projections");
+            let norm = Tensor::from_slice(&layer.ffn_norm, layer.ffn_norm.len(), dev)?;
+            let h = candle_nn::ops::rms_norm(&x, &norm, cfg.eps)?;
+            let gate_up = layer.gate_up.forward_tensor(&h)?;
+            let gate = gate_up.narrow(1, 0, ff)?;
+            let up = gate_up.narrow(1, ff, ff)?;
             let mlp = layer
                 .w_down
-                .forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+                .forward_tensor(&(candle_nn::ops::silu(&gate)? * up)?)?;
             x = (x + mlp)?;
         }
-        for s in segs.iter_mut() {
-            s.cache.len += s.tokens.len();
+        for i in 0..seqs {
+            let n = batch.tokens(i).len();
+            batch.cache_mut(i).len += n;
         }
         if !want_logits {
-            return Ok(None);
+            return Ok(&[]);
         }
+        let mut idx = Vec::with_capacity(seqs);
+        let mut end = 0u32;
+        for i in 0..seqs {
+            end += batch.tokens(i).len() as u32;
+            idx.push(end - 1);
+        }
+        let last = x.index_select(&Tensor::new(idx.as_slice(), dev)?, 0)?;
+        let norm = Tensor::from_slice(&self.norm, self.norm.len(), dev)?;
+        let last = candle_nn::ops::rms_norm(&last, &norm, cfg.eps)?;
+        let logits = self.output.forward_tensor(&last)?;
+        let out = kernels::grown(&mut ws.logits, seqs * cfg.vocab);
+        out.copy_from_slice(&logits.flatten_all()?.to_vec1::<f32>()?);
+        Ok(out)
+    }
+}
 
-        let last = if rows == segs.len() {
-            x
-        } else if segs.len() == 1 {
-            x.narrow(0, rows - 1, 1)?
-        } else {
-            let mut idx = Vec::with_capacity(segs.len());
-            let mut end = 0u32;
-            for s in segs.iter() {
-                end += s.tokens.len() as u32;
-                idx.push(end - 1);
-            }
-            x.index_select(&Tensor::new(idx.as_slice(), dev)?, 0)?
-        };
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, cfg.eps)?;
-        let logits = self.output.forward(&last)?;
-        debug_assert_eq!(logits.dim(D::Minus1)?, cfg.vocab);
-        Ok(Some(logits))
+/// `x += y`.
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += y;
     }
 }
 
@@ -1099,6 +1461,7 @@ mod tests {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<LlamaModel>();
         send_sync::<KvCache>();
+        send_sync::<Workspace>();
         send_sync::<GgufTokenizer>();
         send_sync::<ChatTemplate>();
     }

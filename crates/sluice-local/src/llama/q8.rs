@@ -97,6 +97,19 @@ impl Q8Matrix {
         self.cols
     }
 
+    /// Row `r`, dequantized, into `out` (`cols` values).
+    pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let (qs, _) = self.qs[r * self.cols..(r + 1) * self.cols].as_chunks::<QK>();
+        let blocks = self.cols / QK;
+        let scales = &self.scales[r * blocks..(r + 1) * blocks];
+        let (dst, _) = out.as_chunks_mut::<QK>();
+        for ((dst, qs), &d) in dst.iter_mut().zip(qs).zip(scales) {
+            for (o, &q) in dst.iter_mut().zip(qs) {
+                *o = f32::from(q) * d;
+            }
+        }
+    }
+
     /// Memory held by the quantized values and scales.
     pub(crate) fn bytes(&self) -> usize {
         self.qs.len() + std::mem::size_of_val(self.scales.as_slice())
@@ -388,6 +401,12 @@ mod tests {
         assert_eq!(m.scales[1], 0.0);
         assert!(m.qs[32..].iter().all(|&q| q == 0));
         assert_eq!((m.rows(), m.cols(), m.bytes()), (1, 64, 64 + 2 * 4));
+        let mut row = [f32::NAN; 64];
+        m.dequantize_row(0, &mut row);
+        for (got, want) in row.iter().zip([1.27, -0.64, 0.0, 0.01]) {
+            assert!((got - want).abs() < 1e-6, "{row:?}");
+        }
+        assert!(row[32..].iter().all(|&v| v == 0.0));
     }
 
     #[test]
