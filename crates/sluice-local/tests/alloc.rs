@@ -5,8 +5,10 @@
 //! allocator), so it holds this one test only: another test running at the same time would be
 //! counted too.
 
+mod common;
+use common::model_path;
+
 use std::alloc::System;
-use std::path::PathBuf;
 
 use sluice_local::llama::{
     KvCache, LlamaModel, LoadOptions, Sampler, SamplingParams, WeightFormat, Workspace,
@@ -15,26 +17,6 @@ use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
-fn model_path() -> Option<PathBuf> {
-    let p = std::env::var("SLUICE_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if p.is_file() {
-        return Some(p);
-    }
-    assert_ne!(
-        std::env::var("SLUICE_REQUIRE_MODELS").as_deref(),
-        Ok("1"),
-        "{} is required but missing",
-        p.display()
-    );
-    eprintln!("SKIP: {} not found", p.display());
-    None
-}
 
 #[test]
 fn decode_steps_make_no_heap_allocation() {

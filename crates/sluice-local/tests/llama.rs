@@ -4,7 +4,9 @@
 //! or at `$SLUICE_SMOLLM2_GGUF`. When it is absent the model tests print a
 //! skip notice and pass, unless `SLUICE_REQUIRE_MODELS=1`, where they fail.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::model_path;
+
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -15,36 +17,10 @@ use sluice_local::llama::{
     KvCache, LlamaModel, LocalError, Sampler, SamplingParams, TemplateMessage, argmax,
 };
 
-const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
 /// The first 8 greedy tokens SmolLM2-135M-Instruct Q4_1 answers
 /// "What is the capital of France?" with, after the system prompt "You are a
 /// helpful assistant.": "The capital of France is Paris.<|im_end|>".
 const PARIS_FIRST_8: [u32; 8] = [504, 3575, 282, 4649, 314, 7042, 30, 2];
-
-fn model_path() -> Option<PathBuf> {
-    let path = std::env::var_os("SLUICE_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../models")
-                .join(MODEL_FILE)
-        });
-    if path.is_file() {
-        return Some(path);
-    }
-    if std::env::var("SLUICE_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!(
-            "SLUICE_REQUIRE_MODELS=1 but the model is missing at {}",
-            path.display()
-        );
-    }
-    eprintln!(
-        "SKIP: {} not found (set SLUICE_SMOLLM2_GGUF or put it in models/)",
-        path.display()
-    );
-    None
-}
 
 /// The model, loaded once for all tests of this binary.
 fn model() -> Option<&'static LlamaModel> {

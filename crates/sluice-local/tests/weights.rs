@@ -1,28 +1,11 @@
 //! Every in-memory weight format gives a coherent greedy answer.
 
+mod common;
+use common::model_path;
+
 use std::path::PathBuf;
 
 use sluice_local::llama::{LlamaModel, LoadOptions, TemplateMessage, WeightFormat, argmax};
-
-fn model_path() -> Option<PathBuf> {
-    let p = std::env::var("SLUICE_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if p.is_file() {
-        return Some(p);
-    }
-    assert_ne!(
-        std::env::var("SLUICE_REQUIRE_MODELS").as_deref(),
-        Ok("1"),
-        "{} is required but missing",
-        p.display()
-    );
-    eprintln!("SKIP: {} not found", p.display());
-    None
-}
 
 fn greedy_answer(model: &LlamaModel, n: usize) -> String {
     let prompt = model

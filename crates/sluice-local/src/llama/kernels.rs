@@ -51,8 +51,22 @@ pub(crate) fn matmul_f32(
             dest,
         });
     };
+    by_row_chunks(rows, n, chunk_rows, out, scratch, task);
+}
+
+/// Runs `task(c, dest)` in parallel for each chunk `c` of `chunk_rows` weight rows, where `dest`
+/// is that chunk's results laid out `[n, chunk rows]`, and leaves the results in `out` as
+/// `[n, rows]`. With one activation row the chunks are slices of `out` itself; otherwise they are
+/// written to `scratch` (grown to `rows × n`, reused) and copied into place.
+pub(crate) fn by_row_chunks(
+    rows: usize,
+    n: usize,
+    chunk_rows: usize,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    task: impl Fn(usize, &mut [f32]) + Sync,
+) {
     if n == 1 {
-        // One input row: the chunk layout [1, chunk rows] is the output's.
         out.par_chunks_mut(chunk_rows)
             .enumerate()
             .for_each(|(c, dest)| task(c, dest));

@@ -26,7 +26,7 @@
     reason = "examples/q8_bench.rs includes this file too and uses only part of it"
 )]
 
-use rayon::prelude::*;
+use super::kernels::{by_row_chunks, grown};
 
 /// Values per quantization block, as in GGML's Q8_0.
 const QK: usize = 32;
@@ -151,27 +151,8 @@ impl Q8Matrix {
         // A few tasks per thread, so that rayon can even out their ends.
         let threads = rayon::current_num_threads().max(1);
         let chunk_rows = rows.div_ceil(threads * 8).clamp(8, 64);
-        if n == 1 {
-            // One input row: the chunk layout [1, chunk rows] is the output's.
-            out.par_chunks_mut(chunk_rows)
-                .enumerate()
-                .for_each(|(c, dest)| self.dot_rows(c * chunk_rows, dest, xq, xd));
-            return Ok(());
-        }
-        let out_t = grown(&mut scratch.out_t, rows * n);
-        out_t
-            .par_chunks_mut(chunk_rows * n)
-            .enumerate()
-            .for_each(|(c, dest)| self.dot_rows(c * chunk_rows, dest, xq, xd));
-        let out_t = &*out_t;
-        out.par_chunks_mut(rows).enumerate().for_each(|(j, out_j)| {
-            for (o, chunk) in out_j
-                .chunks_mut(chunk_rows)
-                .zip(out_t.chunks(chunk_rows * n))
-            {
-                let len = o.len();
-                o.copy_from_slice(&chunk[j * len..(j + 1) * len]);
-            }
+        by_row_chunks(rows, n, chunk_rows, out, &mut scratch.out_t, |c, dest| {
+            self.dot_rows(c * chunk_rows, dest, xq, xd)
         });
         Ok(())
     }
@@ -256,14 +237,6 @@ fn quantize_activations(x: &[f32], xq: &mut [i16], xd: &mut [f32]) {
             *w = i16::from(q);
         }
     }
-}
-
-/// The first `len` elements of `v`, growing it (never shrinking it) as needed.
-fn grown<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
-    if v.len() < len {
-        v.resize(len, T::default());
-    }
-    &mut v[..len]
 }
 
 #[cfg(test)]
