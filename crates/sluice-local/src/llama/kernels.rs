@@ -90,7 +90,7 @@ pub(crate) fn by_row_chunks(
 }
 
 /// Weight rows dotted per tile.
-const TR: usize = 4;
+pub(crate) const TR: usize = 4;
 /// Activation rows dotted per tile.
 const TJ: usize = 4;
 
@@ -111,44 +111,64 @@ impl WithSimd for DotRows<'_> {
         let DotRows { w, x, cols, dest } = self;
         let n = x.len() / cols;
         let len = w.len() / cols;
-        let mut r = 0;
-        while r < len {
+        for r in (0..len).step_by(TR) {
             let tr = (len - r).min(TR);
-            let mut j = 0;
-            while j < n {
-                let tj = (n - j).min(TJ);
-                let wr = |i: usize| &w[(r + i) * cols..(r + i + 1) * cols];
-                let xr = |i: usize| &x[(j + i) * cols..(j + i + 1) * cols];
-                if tr == TR && tj == TJ {
-                    let t = dot_tile::<S, TR, TJ>(
-                        simd,
-                        [wr(0), wr(1), wr(2), wr(3)],
-                        [xr(0), xr(1), xr(2), xr(3)],
-                    );
-                    for (a, row) in t.iter().enumerate() {
-                        for (b, &v) in row.iter().enumerate() {
-                            dest[(j + b) * len + r + a] = v;
-                        }
-                    }
-                } else if tr == TR {
-                    for b in 0..tj {
-                        let t = dot_tile::<S, TR, 1>(simd, [wr(0), wr(1), wr(2), wr(3)], [xr(b)]);
-                        for (a, row) in t.iter().enumerate() {
-                            dest[(j + b) * len + r + a] = row[0];
-                        }
-                    }
-                } else {
-                    for a in 0..tr {
-                        for b in 0..tj {
-                            dest[(j + b) * len + r + a] =
-                                dot_tile::<S, 1, 1>(simd, [wr(a)], [xr(b)])[0][0];
-                        }
-                    }
-                }
-                j += tj;
-            }
-            r += tr;
+            tiles(
+                simd,
+                tr,
+                |a| &w[(r + a) * cols..(r + a + 1) * cols],
+                n,
+                |j| &x[j * cols..(j + 1) * cols],
+                |j, a, v| dest[j * len + r + a] = v,
+            );
         }
+    }
+}
+
+/// Dots `tr ≤ TR` weight rows (`w(a)` for `a < tr`) with `n` activation rows (`x(j)`), all of the
+/// same length, in tiles of up to `TR × TJ`, and hands each result to `emit(j, a, value)`.
+#[inline(always)]
+pub(crate) fn tiles<'a, S: Simd>(
+    simd: S,
+    tr: usize,
+    w: impl Fn(usize) -> &'a [f32],
+    n: usize,
+    x: impl Fn(usize) -> &'a [f32],
+    mut emit: impl FnMut(usize, usize, f32),
+) {
+    let mut j = 0;
+    while j < n {
+        let tj = (n - j).min(TJ);
+        if tr == TR && tj == TJ {
+            let t = dot_tile::<S, TR, TJ>(
+                simd,
+                [w(0), w(1), w(2), w(3)],
+                [x(j), x(j + 1), x(j + 2), x(j + 3)],
+            );
+            for (a, t) in t.iter().enumerate() {
+                for (b, &v) in t.iter().enumerate() {
+                    emit(j + b, a, v);
+                }
+            }
+        } else if tr == TR {
+            for b in 0..tj {
+                let t = dot_tile::<S, TR, 1>(simd, [w(0), w(1), w(2), w(3)], [x(j + b)]);
+                for (a, t) in t.iter().enumerate() {
+                    emit(j + b, a, t[0]);
+                }
+            }
+        } else {
+            for a in 0..tr {
+                for b in 0..tj {
+                    emit(
+                        j + b,
+                        a,
+                        dot_tile::<S, 1, 1>(simd, [w(a)], [x(j + b)])[0][0],
+                    );
+                }
+            }
+        }
+        j += tj;
     }
 }
 

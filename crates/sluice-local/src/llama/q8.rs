@@ -15,18 +15,23 @@
 //!   copied into the `[n, rows]` output.
 //!
 //! The workspace forbids `unsafe`, so there are no intrinsics: the block dot
-//! is written so that LLVM turns it into `pmaddwd` (SSE2, the baseline of
-//! x86-64; wider with `-C target-cpu`). Widening the weights once per row and
-//! keeping one activation row per inner loop is deliberate: loops that dot a
-//! weight block with several activation rows at once were vectorized badly
-//! (4–10x slower) when this was written.
+//! is plain Rust that LLVM turns into `vpmaddwd`, compiled through a
+//! [`pulp::WithSimd`] operation once per instruction set (AVX-512BW, AVX2,
+//! SSE2) so that the widest one the CPU has is picked at run time. Widening
+//! the weights once per row and keeping one activation row per inner loop is
+//! deliberate: loops that dot a weight block with several activation rows at
+//! once were vectorized badly (4–10x slower) when this was written. Each
+//! block's products stay in 16 `i32` lanes that are scaled and accumulated in
+//! 16 `f32` lanes; the lanes are summed once per row segment.
 
 #![allow(
     dead_code,
     reason = "examples/q8_bench.rs includes this file too and uses only part of it"
 )]
 
-use super::kernels::{by_row_chunks, grown};
+use pulp::{Arch, Simd, WithSimd};
+
+use super::kernels::{TR, by_row_chunks, grown, tiles};
 
 /// Values per quantization block, as in GGML's Q8_0.
 const QK: usize = 32;
@@ -142,15 +147,28 @@ impl Q8Matrix {
         if n == 0 || rows == 0 {
             return Ok(());
         }
+        // A few tasks per thread, so that rayon can even out their ends.
+        let threads = rayon::current_num_threads().max(1);
+        let chunk_rows = rows.div_ceil(threads * 8).clamp(8, 64);
+        if n >= DEQUANTIZE_FROM {
+            let arch = Arch::new();
+            by_row_chunks(rows, n, chunk_rows, out, &mut scratch.out_t, |c, dest| {
+                let (first, len) = (c * chunk_rows, dest.len() / n);
+                arch.dispatch(DequantizedRows {
+                    qs: &self.qs[first * cols..(first + len) * cols],
+                    scales: &self.scales[first * cols / QK..(first + len) * cols / QK],
+                    cols,
+                    x,
+                    dest,
+                });
+            });
+            return Ok(());
+        }
         let blocks = cols / QK;
         let xq = grown(&mut scratch.xq, n * cols);
         let xd = grown(&mut scratch.xd, n * blocks);
         quantize_activations(x, xq, xd);
         let (xq, xd) = (&*xq, &*xd);
-
-        // A few tasks per thread, so that rayon can even out their ends.
-        let threads = rayon::current_num_threads().max(1);
-        let chunk_rows = rows.div_ceil(threads * 8).clamp(8, 64);
         by_row_chunks(rows, n, chunk_rows, out, &mut scratch.out_t, |c, dest| {
             self.dot_rows(c * chunk_rows, dest, xq, xd)
         });
@@ -160,17 +178,53 @@ impl Q8Matrix {
     /// Dots weight rows `first..first + dest.len() / n` with the `n` quantized
     /// activation rows; `dest` is laid out `[n, those rows]`.
     fn dot_rows(&self, first: usize, dest: &mut [f32], xq: &[i16], xd: &[f32]) {
-        let cols = self.cols;
+        let (cols, blocks) = (self.cols, self.cols / QK);
+        let len = dest.len() / (xd.len() / blocks);
+        Arch::new().dispatch(DotRows {
+            qs: &self.qs[first * cols..(first + len) * cols],
+            scales: &self.scales[first * blocks..(first + len) * blocks],
+            cols,
+            xq,
+            xd,
+            dest,
+        });
+    }
+}
+
+/// Weight rows (`qs`, `scales`: `[len, cols]` and `[len, cols / 32]`) dotted
+/// with every quantized activation row into `dest` (`[n, len]`). It is a
+/// [`WithSimd`] operation only so that the plain loops below are compiled for
+/// the best instruction set the CPU has (AVX-512BW, AVX2, …): LLVM turns
+/// [`segment_dot`] into `vpmaddwd` on registers as wide as those allow.
+struct DotRows<'a> {
+    qs: &'a [i8],
+    scales: &'a [f32],
+    cols: usize,
+    xq: &'a [i16],
+    xd: &'a [f32],
+    dest: &'a mut [f32],
+}
+
+impl WithSimd for DotRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) {
+        let DotRows {
+            qs,
+            scales,
+            cols,
+            xq,
+            xd,
+            dest,
+        } = self;
         let blocks = cols / QK;
         let n = xd.len() / blocks;
         let len = dest.len() / n;
         dest.fill(0.0);
         let mut w16 = [0i16; SEG];
-        let weights = self
-            .qs
-            .chunks_exact(cols)
-            .zip(self.scales.chunks_exact(blocks));
-        for (i, (wq, wd)) in weights.skip(first).take(len).enumerate() {
+        let weights = qs.chunks_exact(cols).zip(scales.chunks_exact(blocks));
+        for (i, (wq, wd)) in weights.take(len).enumerate() {
             for s0 in (0..cols).step_by(SEG) {
                 let s1 = cols.min(s0 + SEG);
                 let (b0, b1) = (s0 / QK, s1 / QK);
@@ -188,27 +242,107 @@ impl Q8Matrix {
     }
 }
 
+/// From this many activation rows on, [`Q8Matrix::matmul`] widens the weights
+/// back to `f32` (a few rows at a time, in a buffer that stays in L1) and
+/// multiplies them with the unquantized activations through the tiled f32
+/// kernel of [`super::kernels`]: widening costs one conversion per weight,
+/// shared by all the rows, and the f32 tile reuses each loaded weight vector
+/// for four activation rows, which the integer loop cannot. Prompt
+/// processing (hundreds of rows) is the main beneficiary.
+pub(crate) const DEQUANTIZE_FROM: usize = 8;
+
+/// Weight rows (`qs`, `scales`) widened to `f32` `TR` rows × `SEG` columns at a
+/// time and multiplied with the `f32` activation rows `x` (`[n, cols]`) into
+/// `dest` (`[n, len]`).
+struct DequantizedRows<'a> {
+    qs: &'a [i8],
+    scales: &'a [f32],
+    cols: usize,
+    x: &'a [f32],
+    dest: &'a mut [f32],
+}
+
+impl WithSimd for DequantizedRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let DequantizedRows {
+            qs,
+            scales,
+            cols,
+            x,
+            dest,
+        } = self;
+        let n = x.len() / cols;
+        let len = dest.len() / n;
+        dest.fill(0.0);
+        let mut wbuf = [0f32; TR * SEG];
+        for r in (0..len).step_by(TR) {
+            let tr = (len - r).min(TR);
+            for s0 in (0..cols).step_by(SEG) {
+                let s1 = cols.min(s0 + SEG);
+                let seg = s1 - s0;
+                for (a, buf) in wbuf.chunks_exact_mut(SEG).take(tr).enumerate() {
+                    let row = r + a;
+                    let q = &qs[row * cols + s0..row * cols + s1];
+                    let d = &scales[(row * cols + s0) / QK..(row * cols + s1) / QK];
+                    let (q, _) = q.as_chunks::<QK>();
+                    let (buf, _) = buf[..seg].as_chunks_mut::<QK>();
+                    for ((buf, q), &d) in buf.iter_mut().zip(q).zip(d) {
+                        for (o, &q) in buf.iter_mut().zip(q) {
+                            *o = f32::from(q) * d;
+                        }
+                    }
+                }
+                let wbuf = &wbuf;
+                tiles(
+                    simd,
+                    tr,
+                    |a| &wbuf[a * SEG..a * SEG + seg],
+                    n,
+                    |j| &x[j * cols + s0..j * cols + s1],
+                    |j, a, v| dest[j * len + r + a] += v,
+                );
+            }
+        }
+    }
+}
+
+/// Lanes of the per-block partial sums: pairs of products are added into one
+/// `i32` lane each (what `pmaddwd` computes), so a block of 32 gives 16 lanes.
+const LANES: usize = QK / 2;
+
 /// `Σ_blocks d_w·d_x·Σ_i q_w·q_x` over matching blocks of a weight row
-/// segment and an activation row segment.
+/// segment and an activation row segment. Each block's 16 lane sums are
+/// scaled and accumulated lane by lane in `f32`, and the lanes are added only
+/// once at the end, so the loop stays in vector registers (no horizontal sum
+/// per block).
+#[inline(always)]
 fn segment_dot(w: &[i16], wd: &[f32], x: &[i16], xd: &[f32]) -> f32 {
     let (w, _) = w.as_chunks::<QK>();
     let (x, _) = x.as_chunks::<QK>();
-    let mut acc = 0f32;
+    let mut acc = [0f32; LANES];
     for (((w, &dw), x), &dx) in w.iter().zip(wd).zip(x).zip(xd) {
-        acc += block_dot(w, x) as f32 * (dw * dx);
+        let p = block_products(w, x);
+        let d = dw * dx;
+        for (a, &p) in acc.iter_mut().zip(&p) {
+            *a += p as f32 * d;
+        }
     }
-    acc
+    acc.iter().sum()
 }
 
-/// The integer dot product of two blocks. Values are within ±127, so each
-/// pair of products fits an `i32` sum of `i16` products: LLVM emits `pmaddwd`
-/// for this reduction.
+/// The products of two blocks, adjacent pairs summed into 16 lanes. Values
+/// are within ±127, so a pair sum fits an `i32` easily.
 #[inline(always)]
-fn block_dot(w: &[i16; QK], x: &[i16; QK]) -> i32 {
-    w.iter()
-        .zip(x)
-        .map(|(&a, &b)| i32::from(a) * i32::from(b))
-        .sum()
+fn block_products(w: &[i16; QK], x: &[i16; QK]) -> [i32; LANES] {
+    let mut p = [0i32; LANES];
+    for (l, p) in p.iter_mut().enumerate() {
+        *p = i32::from(w[2 * l]) * i32::from(x[2 * l])
+            + i32::from(w[2 * l + 1]) * i32::from(x[2 * l + 1]);
+    }
+    p
 }
 
 /// Quantizes one block like GGML's `quantize_row_q8_0`: `d = amax / 127`,
@@ -260,30 +394,30 @@ mod tests {
     }
 
     /// The same arithmetic done plainly, in f64, with the magnitude of the
-    /// terms for a tolerance.
+    /// terms for a tolerance: the activations quantized per block like the
+    /// weights below [`DEQUANTIZE_FROM`] rows, kept in `f32` from there on.
     fn reference(m: &Q8Matrix, x: &[f32], n: usize) -> (Vec<f64>, Vec<f64>) {
         let (rows, cols) = (m.rows, m.cols);
         let blocks = cols / QK;
-        let mut xq = vec![0i8; n * cols];
-        let mut xd = vec![0f32; n * blocks];
-        for b in 0..n * blocks {
-            let src: &[f32; QK] = x[b * QK..(b + 1) * QK].try_into().unwrap();
-            let dst: &mut [i8; QK] = (&mut xq[b * QK..(b + 1) * QK]).try_into().unwrap();
-            xd[b] = quantize_block(src, dst);
+        let mut xv = x.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+        if n < DEQUANTIZE_FROM {
+            for b in 0..n * blocks {
+                let src: &[f32; QK] = x[b * QK..(b + 1) * QK].try_into().unwrap();
+                let mut q = [0i8; QK];
+                let d = quantize_block(src, &mut q);
+                for (v, &q) in xv[b * QK..(b + 1) * QK].iter_mut().zip(&q) {
+                    *v = f64::from(q) * f64::from(d);
+                }
+            }
         }
         let mut out = vec![0f64; n * rows];
         let mut mag = vec![0f64; n * rows];
         for j in 0..n {
             for r in 0..rows {
-                for b in 0..blocks {
-                    let mut s = 0i64;
-                    for i in 0..QK {
-                        let k = b * QK + i;
-                        s += i64::from(m.qs[r * cols + k]) * i64::from(xq[j * cols + k]);
-                    }
-                    let term = s as f64
-                        * f64::from(m.scales[r * blocks + b])
-                        * f64::from(xd[j * blocks + b]);
+                for k in 0..cols {
+                    let w =
+                        f64::from(m.qs[r * cols + k]) * f64::from(m.scales[(r * cols + k) / QK]);
+                    let term = w * xv[j * cols + k];
                     out[j * rows + r] += term;
                     mag[j * rows + r] += term.abs();
                 }
@@ -313,8 +447,15 @@ mod tests {
     #[test]
     fn q8_matmul_matches_the_scalar_reference() {
         let mut scratch = Q8Scratch::default();
-        for &(rows, cols) in &[(1, 32), (7, 64), (37, 96), (67, 1088), (130, 160)] {
-            for n in [1, 2, 3, 4, 5, 8, 17] {
+        for &(rows, cols) in &[
+            (1, 32),
+            (7, 64),
+            (37, 96),
+            (67, 1088),
+            (130, 160),
+            (9, 2080),
+        ] {
+            for n in [1, 2, 3, 4, 5, 7, 8, 9, 17, 33] {
                 check_against_reference(rows, cols, n, &mut scratch);
             }
         }
@@ -420,12 +561,17 @@ mod tests {
         let m = Q8Matrix::from_f32(&rng.vec(rows * cols), rows, cols).unwrap();
         let mut scratch = Q8Scratch::default();
         let caps = |s: &Q8Scratch| (s.xq.capacity(), s.xd.capacity(), s.out_t.capacity());
-        let x = rng.vec(8 * cols);
-        let mut out = vec![0f32; 8 * rows];
-        m.matmul(&x, 8, &mut out, &mut scratch).unwrap();
+        // The largest batch of each path: quantized activations below
+        // DEQUANTIZE_FROM rows, f32 from there on (both use `out_t`).
+        let (q_max, f_max) = (DEQUANTIZE_FROM - 1, 2 * DEQUANTIZE_FROM);
+        let x = rng.vec(f_max * cols);
+        for n in [q_max, f_max] {
+            let mut out = vec![0f32; n * rows];
+            m.matmul(&x[..n * cols], n, &mut out, &mut scratch).unwrap();
+        }
         let grown = caps(&scratch);
-        assert!(grown.0 >= 8 * cols && grown.1 >= 8 * cols / QK && grown.2 >= 8 * rows);
-        for n in [8, 5, 1, 8] {
+        assert!(grown.0 >= q_max * cols && grown.1 >= q_max * cols / QK && grown.2 >= f_max * rows);
+        for n in [f_max, q_max, 5, 1, DEQUANTIZE_FROM, f_max] {
             let mut out = vec![0f32; n * rows];
             m.matmul(&x[..n * cols], n, &mut out, &mut scratch).unwrap();
             assert_eq!(caps(&scratch), grown, "n = {n}");
