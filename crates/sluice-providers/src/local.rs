@@ -50,7 +50,8 @@ pub struct LocalConfig {
     pub default_max_tokens: usize,
     /// Chat: how the weights are held. `quantized` keeps the file's quantization (least memory);
     /// `f32` expands the matrices at load (4 bytes per weight), which on CPU is faster and makes
-    /// batching pay; `auto` (default) picks `f32` when that takes at most 2 GiB.
+    /// batching pay; `q8_0` re-quantizes to 8 bits at load; `auto` (default) picks `f32` when that
+    /// takes at most 2 GiB, else `q8_0` when that takes at most 8 GiB, else `quantized`.
     #[serde(default)]
     pub weights: WeightMode,
 }
@@ -70,6 +71,22 @@ pub enum WeightMode {
 
 /// `auto` expands the weights when the f32 copy takes at most this much.
 const AUTO_F32_LIMIT: u64 = 2 << 30;
+/// Else `auto` re-quantizes them to Q8_0 when that copy takes at most this much: Q8_0 runs on
+/// Sluice's own batched kernels, whose decode steps allocate nothing and whose cost per sequence
+/// falls as the batch grows; only models larger still keep the file's quantization.
+const AUTO_Q8_LIMIT: u64 = 8 << 30;
+
+/// The weight format `weights = "auto"` picks for a model of `parameters` weights.
+fn auto_format(parameters: u64) -> WeightFormat {
+    // Q8_0 stores 32 one-byte values and a 4-byte scale per block of 32.
+    if parameters.saturating_mul(4) <= AUTO_F32_LIMIT {
+        WeightFormat::F32
+    } else if parameters.saturating_mul(36) / 32 <= AUTO_Q8_LIMIT {
+        WeightFormat::Q8_0
+    } else {
+        WeightFormat::AsStored
+    }
+}
 
 fn default_max_batch() -> usize {
     16
@@ -108,16 +125,9 @@ pub fn build(cfg: &LocalConfig) -> Result<Arc<dyn ChatProvider>, String> {
         WeightMode::Quantized => WeightFormat::AsStored,
         WeightMode::Q8_0 => WeightFormat::Q8_0,
         WeightMode::F32 => WeightFormat::F32,
-        WeightMode::Auto => {
-            let small = sluice_local::inspect::gguf_parameters(path)
-                .map(|n| n.saturating_mul(4) <= AUTO_F32_LIMIT)
-                .unwrap_or(false);
-            if small {
-                WeightFormat::F32
-            } else {
-                WeightFormat::AsStored
-            }
-        }
+        WeightMode::Auto => sluice_local::inspect::gguf_parameters(path)
+            .map(auto_format)
+            .unwrap_or(WeightFormat::AsStored),
     };
     let model =
         LlamaModel::load_with(path, LoadOptions { weights }).map_err(|e| format!("path: {e}"))?;
@@ -432,5 +442,24 @@ impl ChatProvider for LocalEmbeddings {
             },
             extra: Extra::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_weights_by_model_size() {
+        // SmolLM2-135M: 0.5 GB as f32.
+        assert_eq!(auto_format(134_515_008), WeightFormat::F32);
+        // Exactly 2 GiB as f32 still expands; one weight more does not.
+        assert_eq!(auto_format(512 << 20), WeightFormat::F32);
+        assert_eq!(auto_format((512 << 20) + 1), WeightFormat::Q8_0);
+        // A 1B and a 7B model: 1.4 GB and 7.9 GB as Q8_0.
+        assert_eq!(auto_format(1_235_814_400), WeightFormat::Q8_0);
+        assert_eq!(auto_format(7_000_000_000), WeightFormat::Q8_0);
+        // An 8B model would take 9 GB as Q8_0: it keeps the file's quantization.
+        assert_eq!(auto_format(8_030_261_248), WeightFormat::AsStored);
     }
 }
