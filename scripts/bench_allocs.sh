@@ -11,6 +11,7 @@
 # Installs wrk and heaptrack from Debian if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench_common.sh
 DUR="${1:-6}"
 BIN="${2:-./target/release/sluice}"
 UP_PORT=18090
@@ -25,32 +26,12 @@ work=$(mktemp -d)
 cleanup() { kill "${UP_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-./target/release/examples/fast_upstream "127.0.0.1:$UP_PORT" >/dev/null &
-UP_PID=$!
-cat > "$work/sluice.toml" <<TOML
-[server]
-listen = "127.0.0.1:$SL_PORT"
-[store]
-url = "sqlite://$work/sluice.db"
-[providers.upstream]
-type = "openai"
-base_url = "http://127.0.0.1:$UP_PORT/v1"
-api_key = "env::UPSTREAM_KEY"
-[models."bench-model"]
-deployments = [{ provider = "upstream", model = "gpt-4o-mini" }]
-TOML
+bench_upstream "$UP_PORT"
+bench_config "$work/sluice.toml" "$SL_PORT" "$UP_PORT" "$work/sluice.db"
 UPSTREAM_KEY=bench SLUICE_LOG=warn heaptrack -o "$work/heap" "$BIN" serve --config "$work/sluice.toml" >"$work/sluice.out" 2>&1 &
 HT_PID=$!
-for _ in $(seq 200); do
-  curl -s -o /dev/null "http://127.0.0.1:$SL_PORT/health" && break
-  sleep 0.1
-done
-cat > "$work/plain.lua" <<'LUA'
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer bench"
-wrk.body = '{"model":"bench-model","stream":false,"messages":[{"role":"user","content":"Hello, how are you?"}]}'
-LUA
+bench_wait_ready "$SL_PORT"
+bench_lua "$work/plain.lua" false
 wrk -t1 -c16 -d"${DUR}s" -s "$work/plain.lua" "http://127.0.0.1:$SL_PORT/v1/chat/completions" > "$work/wrk.txt"
 requests=$(awk '/requests in/ {print $1}' "$work/wrk.txt")
 sleep 1

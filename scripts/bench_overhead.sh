@@ -9,6 +9,7 @@
 # Installs wrk from Debian if missing. Everything runs on loopback and stops by itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench_common.sh
 DUR="${1:-10}"
 UP_PORT=18080
 SL_PORT=18081
@@ -21,36 +22,17 @@ work=$(mktemp -d)
 cleanup() { kill "${UP_PID:-}" "${SL_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-./target/release/examples/fast_upstream "127.0.0.1:$UP_PORT" >/dev/null &
-UP_PID=$!
-cat > "$work/sluice.toml" <<TOML
-[server]
-listen = "127.0.0.1:$SL_PORT"
-[store]
-url = "sqlite://$work/sluice.db"
-[providers.upstream]
-type = "openai"
-base_url = "http://127.0.0.1:$UP_PORT/v1"
-api_key = "env::UPSTREAM_KEY"
-[models."bench-model"]
-deployments = [{ provider = "upstream", model = "gpt-4o-mini" }]
-TOML
+bench_upstream "$UP_PORT"
+bench_config "$work/sluice.toml" "$SL_PORT" "$UP_PORT" "$work/sluice.db"
 UPSTREAM_KEY=bench SLUICE_LOG=warn ./target/release/sluice serve --config "$work/sluice.toml" >"$work/sluice.out" 2>&1 &
 SL_PID=$!
+bench_wait_ready "$SL_PORT"
 for _ in $(seq 100); do
-  curl -s -o /dev/null "http://127.0.0.1:$SL_PORT/health" && curl -s -o /dev/null -X POST "http://127.0.0.1:$UP_PORT/v1/chat/completions" && break
+  curl -s -o /dev/null -X POST "http://127.0.0.1:$UP_PORT/v1/chat/completions" && break
   sleep 0.1
 done
-
-for mode in plain stream; do
-  stream=false; [ "$mode" = stream ] && stream=true
-  cat > "$work/$mode.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer bench"
-wrk.body = '{"model":"bench-model","stream":$stream,"messages":[{"role":"user","content":"Hello, how are you?"}]}'
-LUA
-done
+bench_lua "$work/plain.lua" false
+bench_lua "$work/stream.lua" true
 
 run() { # target mode conc -> "rps p50 p99"
   local url=$1 mode=$2 c=$3 t=2

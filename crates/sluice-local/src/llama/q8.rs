@@ -5,8 +5,11 @@
 //! memory once per call whatever `n` is.
 //!
 //! How a call runs:
-//! * the activation rows are quantized per block of 32, as GGML's Q8_0 vec-dot
-//!   does, into a [`Q8Scratch`] that is reused from call to call;
+//! * below [`DEQUANTIZE_FROM`] activation rows (decode steps), the activation
+//!   rows are quantized per block of 32, as GGML's Q8_0 vec-dot does, into a
+//!   [`Q8Scratch`] that is reused from call to call; from there on (prompt
+//!   chunks), the weights are widened to `f32` a tile at a time instead and
+//!   multiplied by the f32 tile kernel;
 //! * the weight rows are split into chunks, one rayon task each (the engine
 //!   installs its pool around model code, so the tasks use its threads); a task
 //!   widens one weight row at a time to `i16` in a small stack buffer, where it
@@ -121,9 +124,11 @@ impl Q8Matrix {
     }
 
     /// `out[j][r] = Σ_k W[r][k]·x[j][k]` for the `n` rows of `x` (`[n, cols]`,
-    /// row-major) into `out` (`[n, rows]`, row-major). Each activation row is
-    /// quantized per block of 32 and each block pair contributes
-    /// `d_w·d_x·Σ q_w·q_x`, as GGML's Q8_0 × Q8_0 dot product does.
+    /// row-major) into `out` (`[n, rows]`, row-major). Below
+    /// [`DEQUANTIZE_FROM`] rows, each activation row is quantized per block of
+    /// 32 and each block pair contributes `d_w·d_x·Σ q_w·q_x`, as GGML's
+    /// Q8_0 × Q8_0 dot product does; from there on the weights are widened to
+    /// `f32` and the activations are used as they are.
     pub(crate) fn matmul(
         &self,
         x: &[f32],
