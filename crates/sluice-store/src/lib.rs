@@ -576,46 +576,44 @@ macro_rules! store_impl {
                         "INSERT INTO requests ({COLUMNS}) "
                     ));
                     qb.push_values(rows, |mut b, r| {
-                        b.push_bind(Arc::<str>::from(
-                            r.id.hyphenated().encode_lower(&mut Uuid::encode_buffer()) as &str,
-                        ))
-                        .push_bind(r.started_at)
-                        .push_bind(r.finished_at)
-                        .push_bind(text(&r.endpoint))
-                        .push_bind(text(&r.model))
-                        .push_bind(opt_text(&r.provider))
-                        .push_bind(opt_text(&r.deployment))
-                        .push_bind(i64::from(r.attempts))
-                        .push_bind(r.status.as_str())
-                        .push_bind(i64::from(r.http_status))
-                        .push_bind(opt_text(&r.error_code))
-                        .push_bind(opt_text(&r.error_message))
-                        .push_bind(r.stream)
-                        .push_bind(r.latency_ms)
-                        .push_bind(r.ttft_ms)
-                        .push_bind(clamp_i64(r.prompt_tokens))
-                        .push_bind(clamp_i64(r.completion_tokens))
-                        .push_bind(clamp_i64(r.cached_tokens))
-                        .push_bind(r.usage_source.as_str())
-                        .push_bind(r.cost_usd)
-                        .push_bind(opt_text(&r.finish_reason))
-                        .push_bind(opt_text(&r.user))
-                        .push_bind(opt_text(&r.session))
-                        .push_bind(json_text(&r.tags))
-                        .push_bind(json_text(&r.metadata))
-                        .push_bind(r.request_body.as_ref().map(|b| Arc::<str>::from(b.get())))
-                        .push_bind(r.response_body.as_ref().map(|b| Arc::<str>::from(b.get())))
-                        .push_bind(json_text(&r.attempt_log))
-                        .push_bind(r.route.as_ref().map(json_text))
-                        .push_bind(opt_text(&r.key_id))
-                        .push_bind(opt_text(&r.cache))
-                        .push_bind(r.cost_saved_usd)
-                        .push_bind(
-                            r.metadata
-                                .get("team")
-                                .and_then(serde_json::Value::as_str)
-                                .map(text),
-                        );
+                        b.push_bind(r.id.hyphenated().to_string())
+                            .push_bind(r.started_at)
+                            .push_bind(r.finished_at)
+                            .push_bind(text(&r.endpoint))
+                            .push_bind(text(&r.model))
+                            .push_bind(opt_text(&r.provider))
+                            .push_bind(opt_text(&r.deployment))
+                            .push_bind(i64::from(r.attempts))
+                            .push_bind(r.status.as_str())
+                            .push_bind(i64::from(r.http_status))
+                            .push_bind(opt_text(&r.error_code))
+                            .push_bind(opt_text(&r.error_message))
+                            .push_bind(r.stream)
+                            .push_bind(r.latency_ms)
+                            .push_bind(r.ttft_ms)
+                            .push_bind(clamp_i64(r.prompt_tokens))
+                            .push_bind(clamp_i64(r.completion_tokens))
+                            .push_bind(clamp_i64(r.cached_tokens))
+                            .push_bind(r.usage_source.as_str())
+                            .push_bind(r.cost_usd)
+                            .push_bind(opt_text(&r.finish_reason))
+                            .push_bind(opt_text(&r.user))
+                            .push_bind(opt_text(&r.session))
+                            .push_bind(json_text(&r.tags))
+                            .push_bind(json_text(&r.metadata))
+                            .push_bind(r.request_body.as_ref().map(|b| b.get().to_string()))
+                            .push_bind(r.response_body.as_ref().map(|b| b.get().to_string()))
+                            .push_bind(json_text(&r.attempt_log))
+                            .push_bind(r.route.as_ref().map(json_text))
+                            .push_bind(opt_text(&r.key_id))
+                            .push_bind(opt_text(&r.cache))
+                            .push_bind(r.cost_saved_usd)
+                            .push_bind(
+                                r.metadata
+                                    .get("team")
+                                    .and_then(serde_json::Value::as_str)
+                                    .map(text),
+                            );
                     });
                     qb.push(" ON CONFLICT (id) DO NOTHING");
                     // Not kept in the statement cache: batches vary in size, and every size would
@@ -747,13 +745,12 @@ macro_rules! decode_row {
 const ROWS_PER_INSERT: usize = 900;
 
 /// Text for a TEXT column. PostgreSQL's text cannot hold NUL, so both backends store it as U+FFFD
-/// (JSON columns keep `\u0000` escapes exactly). An `Arc<str>`, because that is how sqlx holds a
-/// bound text: built here, it is one allocation instead of a `String` and then its `Arc`.
-fn text(s: &str) -> Arc<str> {
+/// (JSON columns keep `\u0000` escapes exactly).
+fn text(s: &str) -> String {
     if s.contains('\0') {
-        Arc::from(s.replace('\0', "\u{FFFD}"))
+        s.replace('\0', "\u{FFFD}")
     } else {
-        Arc::from(s)
+        s.to_string()
     }
 }
 
@@ -767,7 +764,7 @@ fn from_json_text<T: serde::de::DeserializeOwned>(t: &str) -> Result<T, sqlx::Er
     serde_json::from_str(t).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
-fn opt_text(s: &Option<String>) -> Option<Arc<str>> {
+fn opt_text(s: &Option<String>) -> Option<String> {
     s.as_deref().map(text)
 }
 
@@ -1016,7 +1013,7 @@ macro_rules! usage_store_impl {
                 let (column, value) = match who {
                     Spender::Key(k) => ("key_id", text(k)),
                     Spender::User(u) => ("user_id", text(u)),
-                    Spender::Team(t) => ($team, Arc::from(t.as_str())),
+                    Spender::Team(t) => ($team, t.clone()),
                 };
                 let mut qb = sqlx::QueryBuilder::<$db>::new(
                     "SELECT CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) FROM requests WHERE ",
