@@ -158,10 +158,10 @@ impl Q8Matrix {
         if n >= DEQUANTIZE_FROM {
             let arch = Arch::new();
             by_row_chunks(rows, n, chunk_rows, out, &mut scratch.out_t, |c, dest| {
-                let (first, len) = (c * chunk_rows, dest.len() / n);
+                let (qs, scales) = self.rows_from(c * chunk_rows, dest.len() / n);
                 arch.dispatch(DequantizedRows {
-                    qs: &self.qs[first * cols..(first + len) * cols],
-                    scales: &self.scales[first * cols / QK..(first + len) * cols / QK],
+                    qs,
+                    scales,
                     cols,
                     x,
                     dest,
@@ -180,15 +180,24 @@ impl Q8Matrix {
         Ok(())
     }
 
+    /// The quantized values and block scales of weight rows `first..first + len`.
+    fn rows_from(&self, first: usize, len: usize) -> (&[i8], &[f32]) {
+        let (cols, blocks) = (self.cols, self.cols / QK);
+        (
+            &self.qs[first * cols..(first + len) * cols],
+            &self.scales[first * blocks..(first + len) * blocks],
+        )
+    }
+
     /// Dots weight rows `first..first + dest.len() / n` with the `n` quantized
     /// activation rows; `dest` is laid out `[n, those rows]`.
     fn dot_rows(&self, first: usize, dest: &mut [f32], xq: &[i16], xd: &[f32]) {
-        let (cols, blocks) = (self.cols, self.cols / QK);
-        let len = dest.len() / (xd.len() / blocks);
+        let len = dest.len() / (xd.len() / (self.cols / QK));
+        let (qs, scales) = self.rows_from(first, len);
         Arch::new().dispatch(DotRows {
-            qs: &self.qs[first * cols..(first + len) * cols],
-            scales: &self.scales[first * blocks..(first + len) * blocks],
-            cols,
+            qs,
+            scales,
+            cols: self.cols,
             xq,
             xd,
             dest,
