@@ -561,7 +561,7 @@ fn v7_floor(t: DateTime<Utc>) -> String {
 }
 
 macro_rules! store_impl {
-    ($store:ty, $db:ty) => {
+    ($store:ty, $db:ty, $placeholders:expr) => {
         #[async_trait]
         impl LogStore for $store {
             async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
@@ -569,60 +569,57 @@ macro_rules! store_impl {
                     return Ok(());
                 }
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                // One statement per ROWS_PER_INSERT records keeps every statement under SQLite's
-                // limit of 32766 bound variables; the transaction keeps the batch atomic.
-                for rows in records.chunks(ROWS_PER_INSERT) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(format!(
-                        "INSERT INTO requests ({COLUMNS}) "
-                    ));
-                    qb.push_values(rows, |mut b, r| {
-                        b.push_bind(r.id.hyphenated().to_string())
-                            .push_bind(r.started_at)
-                            .push_bind(r.finished_at)
-                            .push_bind(text(&r.endpoint))
-                            .push_bind(text(&r.model))
-                            .push_bind(opt_text(&r.provider))
-                            .push_bind(opt_text(&r.deployment))
-                            .push_bind(i64::from(r.attempts))
-                            .push_bind(r.status.as_str())
-                            .push_bind(i64::from(r.http_status))
-                            .push_bind(opt_text(&r.error_code))
-                            .push_bind(opt_text(&r.error_message))
-                            .push_bind(r.stream)
-                            .push_bind(r.latency_ms)
-                            .push_bind(r.ttft_ms)
-                            .push_bind(clamp_i64(r.prompt_tokens))
-                            .push_bind(clamp_i64(r.completion_tokens))
-                            .push_bind(clamp_i64(r.cached_tokens))
-                            .push_bind(r.usage_source.as_str())
-                            .push_bind(r.cost_usd)
-                            .push_bind(opt_text(&r.finish_reason))
-                            .push_bind(opt_text(&r.user))
-                            .push_bind(opt_text(&r.session))
-                            .push_bind(json_text(&r.tags))
-                            .push_bind(json_text(&r.metadata))
-                            .push_bind(r.request_body.as_ref().map(|b| b.get().to_string()))
-                            .push_bind(r.response_body.as_ref().map(|b| b.get().to_string()))
-                            .push_bind(json_text(&r.attempt_log))
-                            .push_bind(r.route.as_ref().map(json_text))
-                            .push_bind(opt_text(&r.key_id))
-                            .push_bind(opt_text(&r.cache))
-                            .push_bind(r.cost_saved_usd)
-                            .push_bind(
+                // The batch goes in as statements of a few fixed sizes (see `insert_chunk`), so
+                // each size is parsed once per connection and then served from sqlx's statement
+                // cache; the transaction keeps the batch atomic.
+                let mut rest = records;
+                while !rest.is_empty() {
+                    let (sql, n) = insert_chunk(rest.len(), $placeholders);
+                    let (rows, tail) = rest.split_at(n);
+                    rest = tail;
+                    let mut q = sqlx::query::<$db>(sql);
+                    for r in rows {
+                        q = q
+                            .bind(r.id.hyphenated().to_string())
+                            .bind(r.started_at)
+                            .bind(r.finished_at)
+                            .bind(text(&r.endpoint))
+                            .bind(text(&r.model))
+                            .bind(opt_text(&r.provider))
+                            .bind(opt_text(&r.deployment))
+                            .bind(i64::from(r.attempts))
+                            .bind(r.status.as_str())
+                            .bind(i64::from(r.http_status))
+                            .bind(opt_text(&r.error_code))
+                            .bind(opt_text(&r.error_message))
+                            .bind(r.stream)
+                            .bind(r.latency_ms)
+                            .bind(r.ttft_ms)
+                            .bind(clamp_i64(r.prompt_tokens))
+                            .bind(clamp_i64(r.completion_tokens))
+                            .bind(clamp_i64(r.cached_tokens))
+                            .bind(r.usage_source.as_str())
+                            .bind(r.cost_usd)
+                            .bind(opt_text(&r.finish_reason))
+                            .bind(opt_text(&r.user))
+                            .bind(opt_text(&r.session))
+                            .bind(json_text(&r.tags))
+                            .bind(json_text(&r.metadata))
+                            .bind(r.request_body.as_ref().map(|b| b.get().to_string()))
+                            .bind(r.response_body.as_ref().map(|b| b.get().to_string()))
+                            .bind(json_text(&r.attempt_log))
+                            .bind(r.route.as_ref().map(json_text))
+                            .bind(opt_text(&r.key_id))
+                            .bind(opt_text(&r.cache))
+                            .bind(r.cost_saved_usd)
+                            .bind(
                                 r.metadata
                                     .get("team")
                                     .and_then(serde_json::Value::as_str)
                                     .map(text),
                             );
-                    });
-                    qb.push(" ON CONFLICT (id) DO NOTHING");
-                    // Not kept in the statement cache: batches vary in size, and every size would
-                    // stay prepared (tens of kilobytes of SQL each) for the life of the connection.
-                    qb.build()
-                        .persistent(false)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_err)?;
+                    }
+                    q.execute(&mut *tx).await.map_err(db_err)?;
                 }
                 tx.commit().await.map_err(db_err)
             }
@@ -741,8 +738,64 @@ macro_rules! decode_row {
     }};
 }
 
-/// Records per INSERT statement: 33 columns × 900 rows stays under SQLite's 32766 variables.
-const ROWS_PER_INSERT: usize = 900;
+/// Rows in the largest INSERT statement. A batch is split into statements of this many rows and
+/// then powers of two below it (a batch of 100 is 64 + 32 + 4), so at most
+/// `INSERT_SIZES` statements are ever prepared per connection, each parsed once and reused from
+/// the statement cache. 64 rows × 33 columns stays far under SQLite's 32766 bound variables.
+const MAX_INSERT_ROWS: usize = 64;
+const INSERT_SIZES: usize = MAX_INSERT_ROWS.trailing_zeros() as usize + 1;
+
+/// How a backend's SQL writes bound parameters. SQLite takes anonymous `?`: it resolves a
+/// numbered `$N` by searching its list of parameter names, which over thousands of parameters
+/// costs more than the insert itself. PostgreSQL only takes `$N`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Placeholders {
+    Anonymous,
+    Numbered,
+}
+
+/// The next statement for a batch with `remaining` records left: its SQL and how many rows it
+/// takes (the largest power of two not above `remaining`, capped at `MAX_INSERT_ROWS`).
+fn insert_chunk(remaining: usize, style: Placeholders) -> (&'static str, usize) {
+    static ANONYMOUS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    static NUMBERED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let cell = match style {
+        Placeholders::Anonymous => &ANONYMOUS,
+        Placeholders::Numbered => &NUMBERED,
+    };
+    let sql = cell.get_or_init(|| {
+        (0..INSERT_SIZES)
+            .map(|k| insert_sql(1 << k, style))
+            .collect()
+    });
+    let rows = remaining.clamp(1, MAX_INSERT_ROWS);
+    let k = rows.ilog2() as usize;
+    (sql[k].as_str(), 1 << k)
+}
+
+/// `INSERT INTO requests (…) VALUES (…), (…) ON CONFLICT (id) DO NOTHING` for `rows` rows.
+fn insert_sql(rows: usize, style: Placeholders) -> String {
+    let columns = COLUMNS.split(',').count();
+    let mut sql = format!("INSERT INTO requests ({COLUMNS}) VALUES ");
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..columns {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            match style {
+                Placeholders::Anonymous => sql.push('?'),
+                Placeholders::Numbered => sql.push_str(&format!("${}", row * columns + c + 1)),
+            }
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (id) DO NOTHING");
+    sql
+}
 
 /// Text for a TEXT column. PostgreSQL's text cannot hold NUL, so both backends store it as U+FFFD
 /// (JSON columns keep `\u0000` escapes exactly).
@@ -772,8 +825,8 @@ fn clamp_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-store_impl!(SqliteStore, sqlx::Sqlite);
-store_impl!(PgStore, sqlx::Postgres);
+store_impl!(SqliteStore, sqlx::Sqlite, Placeholders::Anonymous);
+store_impl!(PgStore, sqlx::Postgres, Placeholders::Numbered);
 
 macro_rules! key_store_impl {
     ($store:ty) => {
@@ -1198,6 +1251,43 @@ mod tests {
         assert!(id >= v7_floor(before));
         let later = Utc::now() + chrono::Duration::seconds(1);
         assert!(id < v7_floor(later));
+    }
+
+    /// Batches split into the largest statements first, then powers of two: every record in
+    /// exactly one statement, and only `INSERT_SIZES` distinct statements.
+    #[test]
+    fn batches_split_into_a_few_statement_sizes() {
+        let columns = COLUMNS.split(',').count();
+        for style in [Placeholders::Anonymous, Placeholders::Numbered] {
+            let mut seen = std::collections::HashSet::new();
+            for n in 1..=300 {
+                let mut rest = n;
+                let mut sizes = Vec::new();
+                while rest > 0 {
+                    let (sql, rows) = insert_chunk(rest, style);
+                    assert!(rows <= rest && rows <= MAX_INSERT_ROWS);
+                    match style {
+                        Placeholders::Anonymous => {
+                            assert_eq!(sql.matches('?').count(), rows * columns, "{sql}");
+                            assert!(!sql.contains('$'));
+                        }
+                        Placeholders::Numbered => {
+                            assert_eq!(sql.matches('$').count(), rows * columns, "{sql}");
+                            assert!(sql.contains(&format!("${})", rows * columns)));
+                        }
+                    }
+                    seen.insert(sql);
+                    sizes.push(rows);
+                    rest -= rows;
+                }
+                assert_eq!(sizes.iter().sum::<usize>(), n);
+                assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{n}: {sizes:?}");
+            }
+            assert_eq!(seen.len(), INSERT_SIZES);
+            assert_eq!(insert_chunk(100, style).1, 64);
+            assert_eq!(insert_chunk(36, style).1, 32);
+            assert_eq!(insert_chunk(4, style).1, 4);
+        }
     }
 
     /// A database written by the first schema opens under the current one with its rows intact.

@@ -485,6 +485,29 @@ pub async fn default_batch(db: &TestDb) {
     batch_of(db, 512).await;
 }
 
+/// A batch whose size is no sum of equal statements (103 = 64 + 32 + 4 + 2 + 1 rows) is written
+/// whole, every record with its own values, and a second batch of the same size reuses the
+/// prepared statements.
+pub async fn uneven_batch(db: &TestDb) {
+    let store = db.open().await;
+    for round in 0..2 {
+        let batch: Vec<_> = (0..103)
+            .map(|i| {
+                let mut r = full_record();
+                r.id = Uuid::now_v7();
+                r.model = format!("m{round}-{i}");
+                r.prompt_tokens = i;
+                r
+            })
+            .collect();
+        insert(&store, &batch).await;
+        for want in &batch {
+            assert_same_record(&get(&store, want.id).await.expect("stored record"), want);
+        }
+    }
+    assert_eq!(count(&store).await, 206);
+}
+
 /// A batch as large as the configuration allows (`StoreConfig::validate` accepts `batch_size`
 /// up to 2000) is written in one `insert_batch`.
 pub async fn largest_batch(db: &TestDb) {
