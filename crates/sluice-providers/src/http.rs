@@ -73,9 +73,13 @@ impl HttpSettings {
     }
 }
 
-/// Builds the pooled client of one provider.
+/// Builds the pooled client of one provider. The client does not retry on its own: the
+/// gateway's router retries and fails over with backoff and records every attempt, and a client
+/// ready to retry would copy every request's headers in case it had to (hyper still resends a
+/// request that a pooled connection closed under before it was written).
 pub fn client(timeouts: &Timeouts) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
+        .retry(reqwest::retry::never().max_retries_per_request(0))
         .connect_timeout(timeouts.connect)
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
