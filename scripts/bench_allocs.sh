@@ -6,7 +6,10 @@
 # builds with the same duration. Unlike timings, the count does not depend on how busy the
 # machine is.
 #
-#   ./scripts/bench_allocs.sh [DURATION_SECONDS] [SLUICE_BINARY]    (default 6, target/release/sluice)
+#   ./scripts/bench_allocs.sh [DURATION_SECONDS] [SLUICE_BINARY]
+#
+# Default 6 s, and a Sluice built with the system allocator (`--no-default-features`, in
+# target/system-alloc); a binary given must use the system allocator too.
 #
 # Installs wrk and heaptrack from Debian if missing.
 set -euo pipefail
@@ -19,7 +22,12 @@ SL_PORT=18091
 
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 command -v heaptrack >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq heaptrack >/dev/null; }
-[ "$#" -ge 2 ] || cargo build --release --locked -q -p sluice --bin sluice
+# heaptrack sees calls to the system allocator only, so the default binary (mimalloc) would show
+# almost nothing: build one with the system allocator, in its own target directory.
+if [ "$#" -lt 2 ]; then
+  cargo build --release --locked -q -p sluice --bin sluice --no-default-features --target-dir target/system-alloc
+  BIN=./target/system-alloc/release/sluice
+fi
 cargo build --release --locked -q -p sluice-testkit --example fast_upstream
 
 work=$(mktemp -d)

@@ -21,6 +21,7 @@ use config::{Config, Overrides};
 /// records) from several threads; mimalloc's per-thread free lists serve that pattern with less
 /// work than the system allocator. It is built without transparent huge pages (`no_thp`), which
 /// would round its resident memory up in 2 MiB steps. Measured in docs/benchmarks.md.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
