@@ -24,7 +24,7 @@ CONN="${5:-64}"
 UP_PORT=18070
 SL_PORT=18071
 
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+bench_need wrk
 cargo build --release --locked -q -p sluice-testkit --example fast_upstream
 
 work=$(mktemp -d)

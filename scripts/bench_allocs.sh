@@ -20,8 +20,7 @@ BIN="${2:-./target/release/sluice}"
 UP_PORT=18090
 SL_PORT=18091
 
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
-command -v heaptrack >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq heaptrack >/dev/null; }
+bench_need wrk heaptrack
 # heaptrack sees calls to the system allocator only, so the default binary (mimalloc) would show
 # almost nothing: build one with the system allocator, in its own target directory.
 if [ "$#" -lt 2 ]; then

@@ -42,3 +42,12 @@ wrk.headers["Authorization"] = "Bearer bench"
 wrk.body = '{"model":"bench-model","stream":$2,"messages":[{"role":"user","content":"Hello, how are you?"}]}'
 LUA
 }
+
+# bench_need TOOL...: installs each missing tool from Debian (the package has the tool's name).
+bench_need() {
+  local tool
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null && continue
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null
+  done
+}

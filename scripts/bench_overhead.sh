@@ -14,7 +14,7 @@ DUR="${1:-10}"
 UP_PORT=18080
 SL_PORT=18081
 
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+bench_need wrk
 cargo build --release --locked -q -p sluice --bin sluice
 cargo build --release --locked -q -p sluice-testkit --example fast_upstream --example latency_probe
 
