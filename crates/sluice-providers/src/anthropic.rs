@@ -2,12 +2,13 @@
 
 use std::collections::BTreeMap;
 
+use ::http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use async_trait::async_trait;
 use futures::StreamExt;
 use serde::Deserialize;
 use sluice_core::ProviderError;
 use sluice_core::provider::{ChatProvider, ChunkStream};
-use sluice_core::secret::{Secret, SecretRef};
+use sluice_core::secret::SecretRef;
 use sluice_types::anthropic::{self as wire, MessagesResponse, StreamDecoder, StreamEvent};
 use sluice_types::openai::{ChatCompletion, ChatRequest};
 
@@ -40,12 +41,11 @@ fn default_version() -> String {
 
 #[derive(Debug)]
 pub struct Anthropic {
-    client: reqwest::Client,
-    url: String,
-    models_url: String,
-    key: Secret,
-    version: String,
-    headers: reqwest::header::HeaderMap,
+    client: http::Client,
+    url: Uri,
+    models_url: Uri,
+    /// The configured extra headers, `x-api-key` (marked sensitive) and `anthropic-version`.
+    headers: HeaderMap,
     timeouts: Timeouts,
 }
 
@@ -53,24 +53,27 @@ impl Anthropic {
     pub fn new(cfg: &AnthropicConfig) -> Result<Self, String> {
         let timeouts = cfg.timeouts.timeouts()?;
         let base = crate::base_url(&cfg.base_url)?;
+        let key = cfg.api_key.resolve().map_err(|e| format!("api_key: {e}"))?;
+        let mut headers = crate::header_map(&cfg.headers)?;
+        headers.insert(
+            HeaderName::from_static("x-api-key"),
+            crate::secret_header(key.expose())?,
+        );
+        headers.insert(
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_str(&cfg.version)
+                .map_err(|_| "version: not a valid header value".to_string())?,
+        );
+        let url = |path: &str| {
+            http::parse_uri(&format!("{base}{path}")).map_err(|e| format!("base_url: {e}"))
+        };
         Ok(Anthropic {
-            client: http::client(&timeouts)?,
-            url: format!("{base}/v1/messages"),
-            models_url: format!("{base}/v1/models"),
-            key: cfg.api_key.resolve().map_err(|e| format!("api_key: {e}"))?,
-            version: cfg.version.clone(),
-            headers: crate::header_map(&cfg.headers)?,
+            client: http::Client::new(&timeouts)?,
+            url: url("/v1/messages")?,
+            models_url: url("/v1/models")?,
+            headers,
             timeouts,
         })
-    }
-
-    fn post(&self, body: &wire::MessagesRequest) -> reqwest::RequestBuilder {
-        self.client
-            .post(&self.url)
-            .headers(self.headers.clone())
-            .header("x-api-key", self.key.expose())
-            .header("anthropic-version", &self.version)
-            .json(body)
     }
 }
 
@@ -87,32 +90,27 @@ impl ChatProvider for Anthropic {
     }
 
     async fn health(&self) -> Result<(), ProviderError> {
-        let b = self
-            .client
-            .get(&self.models_url)
-            .headers(self.headers.clone())
-            .header("x-api-key", self.key.expose())
-            .header("anthropic-version", &self.version);
-        http::send(b, self.timeouts.request).await.map(|_| ())
+        self.client
+            .send(
+                http::get(&self.models_url, &self.headers),
+                self.timeouts.request,
+            )
+            .await
+            .map(|_| ())
     }
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
         let body = translate(req, false)?;
-        let started = tokio::time::Instant::now();
-        let resp = http::send(self.post(&body), self.timeouts.request).await?;
-        let left = self.timeouts.request.saturating_sub(started.elapsed());
-        let msg: MessagesResponse = http::json_body(resp, left).await?;
+        let request = http::post_json(&self.url, &self.headers, &body)?;
+        let msg: MessagesResponse = self.client.json(request, self.timeouts.request).await?;
         Ok(wire::response_to_openai(msg))
     }
 
     async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
         let body = translate(req, true)?;
-        let resp = http::send(
-            self.post(&body)
-                .header(reqwest::header::ACCEPT, "text/event-stream"),
-            self.timeouts.request,
-        )
-        .await?;
+        let mut request = http::post_json(&self.url, &self.headers, &body)?;
+        http::accept_event_stream(&mut request);
+        let resp = self.client.send(request, self.timeouts.request).await?;
         let events = Box::pin(http::sse_events(resp, self.timeouts.stream_idle));
         let state = (events, StreamDecoder::new(), false);
         let chunks = futures::stream::unfold(state, |(mut events, mut dec, mut done)| async move {

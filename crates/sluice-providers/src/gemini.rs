@@ -3,12 +3,15 @@
 
 use std::collections::BTreeMap;
 
+use ::http::{HeaderMap, HeaderName, Request};
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::StreamExt;
+use http_body_util::Full;
 use serde::Deserialize;
 use sluice_core::ProviderError;
 use sluice_core::provider::{ChatProvider, ChunkStream};
-use sluice_core::secret::{Secret, SecretRef};
+use sluice_core::secret::SecretRef;
 use sluice_types::gemini::{self as wire, GenerateContentResponse, StreamDecoder};
 use sluice_types::openai::{ChatCompletion, ChatRequest};
 
@@ -41,10 +44,10 @@ fn default_version() -> String {
 
 #[derive(Debug)]
 pub struct Gemini {
-    client: reqwest::Client,
+    client: http::Client,
     root: String,
-    key: Secret,
-    headers: reqwest::header::HeaderMap,
+    /// The configured extra headers and `x-goog-api-key` (marked sensitive).
+    headers: HeaderMap,
     timeouts: Timeouts,
 }
 
@@ -52,11 +55,18 @@ impl Gemini {
     pub fn new(cfg: &GeminiConfig) -> Result<Self, String> {
         let timeouts = cfg.timeouts.timeouts()?;
         let base = crate::base_url(&cfg.base_url)?;
+        let root = format!("{base}/{}", cfg.api_version.trim_matches('/'));
+        http::parse_uri(&root).map_err(|e| format!("base_url: {e}"))?;
+        let key = cfg.api_key.resolve().map_err(|e| format!("api_key: {e}"))?;
+        let mut headers = crate::header_map(&cfg.headers)?;
+        headers.insert(
+            HeaderName::from_static("x-goog-api-key"),
+            crate::secret_header(key.expose())?,
+        );
         Ok(Gemini {
-            client: http::client(&timeouts)?,
-            root: format!("{base}/{}", cfg.api_version.trim_matches('/')),
-            key: cfg.api_key.resolve().map_err(|e| format!("api_key: {e}"))?,
-            headers: crate::header_map(&cfg.headers)?,
+            client: http::Client::new(&timeouts)?,
+            root,
+            headers,
             timeouts,
         })
     }
@@ -66,14 +76,21 @@ impl Gemini {
         model: &str,
         method: &str,
         body: &wire::GenerateContentRequest,
-    ) -> reqwest::RequestBuilder {
-        // `method` may carry a query (`streamGenerateContent?alt=sse`).
-        let url = format!("{}/{}:{method}", self.root, wire::model_path(model));
-        self.client
-            .post(url)
-            .headers(self.headers.clone())
-            .header("x-goog-api-key", self.key.expose())
-            .json(body)
+    ) -> Result<Request<Full<Bytes>>, ProviderError> {
+        // `method` may carry a query (`streamGenerateContent?alt=sse`). A model path keeps its
+        // `models/` or `tunedModels/` prefix; each segment is escaped.
+        let path = wire::model_path(model)
+            .split('/')
+            .map(|seg| http::path_segment(seg).into_owned())
+            .collect::<Vec<_>>()
+            .join("/");
+        let url = format!("{}/{path}:{method}", self.root);
+        let uri = http::parse_uri(&url).map_err(|e| {
+            ProviderError::Unsupported(format!(
+                "the model name `{model}` does not make a valid Gemini URL: {e}"
+            ))
+        })?;
+        http::post_json(&uri, &self.headers, body)
     }
 }
 
@@ -89,25 +106,16 @@ impl ChatProvider for Gemini {
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
         let body = translate(req)?;
-        let started = tokio::time::Instant::now();
-        let resp = http::send(
-            self.post(&req.model, "generateContent", &body),
-            self.timeouts.request,
-        )
-        .await?;
-        let left = self.timeouts.request.saturating_sub(started.elapsed());
-        let out: GenerateContentResponse = http::json_body(resp, left).await?;
+        let request = self.post(&req.model, "generateContent", &body)?;
+        let out: GenerateContentResponse = self.client.json(request, self.timeouts.request).await?;
         wire::response_to_openai(out, &req.model).map_err(|e| ProviderError::Protocol(e.0))
     }
 
     async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
         let body = translate(req)?;
-        let resp = http::send(
-            self.post(&req.model, "streamGenerateContent?alt=sse", &body)
-                .header(reqwest::header::ACCEPT, "text/event-stream"),
-            self.timeouts.request,
-        )
-        .await?;
+        let mut request = self.post(&req.model, "streamGenerateContent?alt=sse", &body)?;
+        http::accept_event_stream(&mut request);
+        let resp = self.client.send(request, self.timeouts.request).await?;
         let events = Box::pin(http::sse_events(resp, self.timeouts.stream_idle));
         let state = (events, StreamDecoder::new(&req.model), false, false);
         let chunks = futures::stream::unfold(

@@ -1,12 +1,32 @@
-//! HTTP plumbing shared by the HTTP providers: one pooled client per provider, timeouts, upstream
-//! error bodies, and SSE streams with an idle timeout.
+//! HTTP plumbing shared by the HTTP providers: one pooled client per provider (hyper over rustls,
+//! proxies from the environment), timeouts, upstream error bodies, and SSE streams with an idle
+//! timeout.
 
+use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
+use http::uri::Scheme;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
+use http_body_util::{BodyDataStream, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client as Pool;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_platform_verifier::BuilderVerifierExt;
 use serde::Deserialize;
 use sluice_core::ProviderError;
+use tokio::net::TcpStream;
+use tower_service::Service;
 
 /// Timeouts of one provider, from its configuration.
 #[derive(Debug, Clone, Copy)]
@@ -73,57 +93,209 @@ impl HttpSettings {
     }
 }
 
-/// Builds the pooled client of one provider. The client does not retry on its own: the
-/// gateway's router retries and fails over with backoff and records every attempt, and a client
-/// ready to retry would copy every request's headers in case it had to (hyper still resends a
-/// request that a pooled connection closed under before it was written).
-pub fn client(timeouts: &Timeouts) -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .retry(reqwest::retry::never().max_retries_per_request(0))
-        .connect_timeout(timeouts.connect)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .build()
-        .map_err(|e| format!("cannot build HTTP client: {e}"))
+/// The pooled HTTP client of one provider: HTTP/1.1 and HTTP/2 (ALPN) over rustls, with the
+/// platform's certificate verifier, `TCP_NODELAY`, a connect timeout, and idle connections kept
+/// for 90 s.
+///
+/// Outbound proxies come from the environment, as curl reads them: `HTTPS_PROXY`, `HTTP_PROXY`,
+/// `ALL_PROXY` (each also lower-case) and `NO_PROXY`. An `https://` upstream is reached through a
+/// `CONNECT` tunnel, a plain `http://` one by sending the request to the proxy in absolute form;
+/// credentials in the proxy URL are sent as `Proxy-Authorization: Basic`.
+///
+/// The client does not retry on its own: the gateway's router retries and fails over with backoff
+/// and records every attempt. (hyper still resends a request that a pooled connection closed
+/// under before any of it was written.)
+#[derive(Clone)]
+pub struct Client {
+    pool: Pool<HttpsConnector<Connector>, Full<Bytes>>,
+    proxies: Arc<Matcher>,
 }
 
-/// Sends a request and waits for the response headers within `limit`. A non-success status
-/// becomes [`ProviderError::Status`] with the upstream's message.
-pub async fn send(
-    req: reqwest::RequestBuilder,
-    limit: Duration,
-) -> Result<reqwest::Response, ProviderError> {
-    let resp = match tokio::time::timeout(limit, req.send()).await {
-        Err(_) => {
-            return Err(ProviderError::Timeout(format!(
-                "no response within {:.1}s",
-                limit.as_secs_f64()
-            )));
-        }
-        Ok(Err(e)) => return Err(map_reqwest(e)),
-        Ok(Ok(r)) => r,
-    };
-    if resp.status().is_success() {
-        Ok(resp)
-    } else {
-        Err(status_error(resp).await)
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("proxies", &self.proxies)
+            .finish_non_exhaustive()
     }
+}
+
+impl Client {
+    /// A client whose proxies come from the environment.
+    pub fn new(timeouts: &Timeouts) -> Result<Client, String> {
+        Client::with_proxies(timeouts, Matcher::from_env())
+    }
+
+    /// A client with the given proxy rules.
+    pub fn with_proxies(timeouts: &Timeouts, proxies: Matcher) -> Result<Client, String> {
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(timeouts.connect));
+        let proxies = Arc::new(proxies);
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_platform_verifier())
+            .map_err(|e| format!("cannot set up TLS: {e}"))?
+            .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(Connector {
+                tcp,
+                proxies: proxies.clone(),
+            });
+        let pool = Pool::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
+        Ok(Client { pool, proxies })
+    }
+
+    /// Sends a request and waits for the response headers within `limit`. A non-success status
+    /// becomes [`ProviderError::Status`] with the upstream's message.
+    pub async fn send(
+        &self,
+        mut req: Request<Full<Bytes>>,
+        limit: Duration,
+    ) -> Result<Response<Incoming>, ProviderError> {
+        if req.uri().scheme() == Some(&Scheme::HTTP)
+            && let Some(proxy) = self.proxies.intercept(req.uri())
+            && let Some(auth) = proxy.basic_auth()
+        {
+            // Sent to the proxy in absolute form: the proxy reads its credentials from the
+            // request itself (for `https://`, the CONNECT carries them).
+            req.headers_mut()
+                .insert(header::PROXY_AUTHORIZATION, auth.clone());
+        }
+        let resp = match tokio::time::timeout(limit, self.pool.request(req)).await {
+            Err(_) => {
+                return Err(ProviderError::Timeout(format!(
+                    "no response within {:.1}s",
+                    limit.as_secs_f64()
+                )));
+            }
+            Ok(Err(e)) => return Err(request_error(&e)),
+            Ok(Ok(r)) => r,
+        };
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(status_error(resp).await)
+        }
+    }
+
+    /// Sends a request and reads its JSON answer, all within `limit`.
+    pub async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        req: Request<Full<Bytes>>,
+        limit: Duration,
+    ) -> Result<T, ProviderError> {
+        let started = tokio::time::Instant::now();
+        let resp = self.send(req, limit).await?;
+        json_body(resp, limit.saturating_sub(started.elapsed())).await
+    }
+}
+
+/// A request with a JSON body and the given headers (plus `content-type`).
+pub fn post_json<T: serde::Serialize + ?Sized>(
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &T,
+) -> Result<Request<Full<Bytes>>, ProviderError> {
+    let body = serde_json::to_vec(body)
+        .map_err(|e| ProviderError::Protocol(format!("cannot encode the request body: {e}")))?;
+    let mut req = Request::new(Full::new(Bytes::from(body)));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = uri.clone();
+    let headers_out = req.headers_mut();
+    headers_out.reserve(headers.len() + 2);
+    headers_out.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+    headers_out.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(req)
+}
+
+/// A GET request with the given headers.
+pub fn get(uri: &Uri, headers: &HeaderMap) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(Bytes::new()));
+    *req.uri_mut() = uri.clone();
+    *req.headers_mut() = headers.clone();
+    req
+}
+
+/// Asks for an event stream.
+pub fn accept_event_stream(req: &mut Request<Full<Bytes>>) {
+    req.headers_mut().insert(
+        header::ACCEPT,
+        HeaderValue::from_static("text/event-stream"),
+    );
+}
+
+/// Parses an upstream URL.
+pub fn parse_uri(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.host().is_some() => Ok(uri),
+        _ => Err(format!("`{url}` is not an http:// or https:// URL")),
+    }
+}
+
+/// Percent-encodes what may not appear in a URL path segment as is (controls, space, non-ASCII,
+/// `"#%<>?\^`{|}` and `/`), for names put into a path: deployment and model names.
+pub fn path_segment(s: &str) -> std::borrow::Cow<'_, str> {
+    let keep = |b: u8| {
+        b.is_ascii_graphic()
+            && !matches!(
+                b,
+                b'"' | b'#'
+                    | b'%'
+                    | b'<'
+                    | b'>'
+                    | b'?'
+                    | b'\\'
+                    | b'^'
+                    | b'`'
+                    | b'{'
+                    | b'|'
+                    | b'}'
+                    | b'/'
+            )
+    };
+    if s.bytes().all(keep) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for b in s.bytes() {
+        if keep(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Reads a whole JSON body within what is left of `limit` and parses it.
 pub async fn json_body<T: serde::de::DeserializeOwned>(
-    resp: reqwest::Response,
+    resp: Response<Incoming>,
     limit: Duration,
 ) -> Result<T, ProviderError> {
-    let bytes = match tokio::time::timeout(limit, resp.bytes()).await {
+    let bytes = match tokio::time::timeout(limit, resp.into_body().collect()).await {
         Err(_) => {
             return Err(ProviderError::Timeout(format!(
                 "response body not complete within {:.1}s",
                 limit.as_secs_f64()
             )));
         }
-        Ok(Err(e)) => return Err(map_reqwest(e)),
-        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return Err(body_error(&e)),
+        Ok(Ok(b)) => b.to_bytes(),
     };
     serde_json::from_slice(&bytes).map_err(|e| {
         ProviderError::Protocol(format!(
@@ -133,41 +305,173 @@ pub async fn json_body<T: serde::de::DeserializeOwned>(
     })
 }
 
-pub fn map_reqwest(e: reqwest::Error) -> ProviderError {
-    if e.is_timeout() {
-        ProviderError::Timeout(e.to_string())
-    } else if e.is_decode() || e.is_body() {
-        ProviderError::Connect(format!("response body broke off: {e}"))
-    } else {
-        ProviderError::Connect(error_chain(&e))
+/// A failed request: a timeout when any cause in the chain is one (the connect timeout), else a
+/// connection error with the whole chain of causes.
+fn request_error(e: &(dyn StdError + 'static)) -> ProviderError {
+    let mut src: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(inner) = src {
+        if let Some(io) = inner.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return ProviderError::Timeout(error_chain(e));
+        }
+        src = inner.source();
     }
+    ProviderError::Connect(error_chain(e))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// A response body that broke off.
+fn body_error(e: &hyper::Error) -> ProviderError {
+    ProviderError::Connect(format!("response body broke off: {}", error_chain(e)))
+}
+
+fn error_chain(e: &dyn StdError) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
+        let next = inner.to_string();
+        // Some errors repeat their source in their own message.
+        if !s.ends_with(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
         src = inner.source();
     }
     s
+}
+
+/// Connects to an upstream, directly or through the proxy the environment names for it.
+#[derive(Clone)]
+pub struct Connector {
+    tcp: HttpConnector,
+    proxies: Arc<Matcher>,
+}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+impl Service<Uri> for Connector {
+    type Response = Conn;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Conn, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.tcp.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let Some(proxy) = self.proxies.intercept(&dst) else {
+            let connecting = self.tcp.call(dst);
+            return Box::pin(async move {
+                Ok(Conn {
+                    io: connecting.await?,
+                    proxied: false,
+                })
+            });
+        };
+        let proxy_uri = proxy.uri().clone();
+        if proxy_uri.scheme() != Some(&Scheme::HTTP) {
+            return Box::pin(async move {
+                Err(format!(
+                    "proxy `{proxy_uri}`: only http:// proxies are supported (check HTTPS_PROXY, \
+                     HTTP_PROXY and ALL_PROXY)"
+                )
+                .into())
+            });
+        }
+        if dst.scheme() == Some(&Scheme::HTTPS) {
+            let mut tunnel = Tunnel::new(proxy_uri, self.tcp.clone());
+            if let Some(auth) = proxy.basic_auth() {
+                tunnel = tunnel.with_auth(auth.clone());
+            }
+            let connecting = tunnel.call(dst);
+            Box::pin(async move {
+                Ok(Conn {
+                    io: connecting.await?,
+                    proxied: false,
+                })
+            })
+        } else {
+            let connecting = self.tcp.call(proxy_uri);
+            Box::pin(async move {
+                Ok(Conn {
+                    io: connecting.await?,
+                    proxied: true,
+                })
+            })
+        }
+    }
+}
+
+/// A TCP connection to an upstream or to a proxy. `proxied` makes hyper write requests in
+/// absolute form, as a plain-HTTP proxy expects.
+pub struct Conn {
+    io: TokioIo<TcpStream>,
+    proxied: bool,
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        self.io.connected().proxy(self.proxied)
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
 }
 
 /// Turns an error response into [`ProviderError::Status`], reading the message from the body in
 /// any of the shapes providers use (`{"error": {"message", "code"|"type"}}`, `{"error": "…"}`,
 /// `{"message": "…"}`, Anthropic's `{"type": "error", "error": {…}}`, Gemini's `{"error":
 /// {"status"}}`).
-pub async fn status_error(resp: reqwest::Response) -> ProviderError {
+pub async fn status_error(resp: Response<Incoming>) -> ProviderError {
     let status = resp.status().as_u16();
     let retry_after = resp
         .headers()
-        .get(http::header::RETRY_AFTER)
+        .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(Duration::from_secs_f64);
-    let body = resp.bytes().await.unwrap_or_default();
+    let body = match resp.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
     let (message, code) = error_message(&body);
     ProviderError::Status {
         status,
@@ -221,10 +525,10 @@ pub fn snippet(body: &[u8]) -> String {
 /// The SSE events of a streamed response, each within `idle` of the previous one. The stream ends
 /// after its first error.
 pub fn sse_events(
-    resp: reqwest::Response,
+    resp: Response<Incoming>,
     idle: Duration,
 ) -> impl Stream<Item = Result<Event, ProviderError>> + Send + 'static {
-    let events = Box::pin(resp.bytes_stream().eventsource());
+    let events = Box::pin(BodyDataStream::new(resp.into_body()).eventsource());
     futures::stream::unfold(Some(events), move |state| async move {
         let mut events = state?;
         match tokio::time::timeout(idle, events.next()).await {
@@ -239,11 +543,349 @@ pub fn sse_events(
             Ok(Some(Ok(ev))) => Some((Ok(ev), Some(events))),
             Ok(Some(Err(e))) => Some((
                 Err(match e {
-                    eventsource_stream::EventStreamError::Transport(e) => map_reqwest(e),
+                    eventsource_stream::EventStreamError::Transport(e) => body_error(&e),
                     other => ProviderError::Protocol(format!("malformed event stream: {other}")),
                 }),
                 None,
             )),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(5),
+            stream_idle: Duration::from_secs(5),
+        }
+    }
+
+    /// Reads one request head (and the body its content-length announces) from `sock`.
+    async fn read_request(sock: &mut TcpStream) -> String {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                while buf.len() < end + 4 + len {
+                    let n = sock.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "connection closed inside a body");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                return String::from_utf8_lossy(&buf[..end + 4 + len]).to_string();
+            }
+            let n = sock.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                return String::from_utf8_lossy(&buf).to_string();
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// A server that answers every connection's first request with `response` and reports the
+    /// request it read.
+    async fn server(response: &'static str) -> (String, mpsc::UnboundedReceiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let req = read_request(&mut sock).await;
+                    let _ = tx.send(req);
+                    sock.write_all(response.as_bytes()).await.unwrap();
+                    sock.shutdown().await.ok();
+                });
+            }
+        });
+        (format!("127.0.0.1:{}", addr.port()), rx)
+    }
+
+    /// A client with no proxies.
+    fn direct() -> Client {
+        Client::with_proxies(&timeouts(), Matcher::builder().build()).unwrap()
+    }
+
+    /// GETs `url` with `client`, waiting at most `limit` for the answer's head.
+    async fn fetch(
+        client: &Client,
+        url: &str,
+        limit: Duration,
+    ) -> Result<Response<Incoming>, ProviderError> {
+        let uri = parse_uri(url).unwrap();
+        client.send(get(&uri, &HeaderMap::new()), limit).await
+    }
+
+    const OK_JSON: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                           content-length: 11\r\nconnection: close\r\n\r\n{\"ok\":true}";
+
+    #[derive(Deserialize)]
+    struct Ok_ {
+        ok: bool,
+    }
+
+    #[tokio::test]
+    async fn posts_json_and_reads_the_answer() {
+        let (addr, mut seen) = server(OK_JSON).await;
+        let client = direct();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-extra", HeaderValue::from_static("1"));
+        let uri = parse_uri(&format!("http://{addr}/v1/chat/completions")).unwrap();
+        let req = post_json(&uri, &headers, &serde_json::json!({"model": "m"})).unwrap();
+        let resp = client.send(req, Duration::from_secs(5)).await.unwrap();
+        let body: Ok_ = json_body(resp, Duration::from_secs(5)).await.unwrap();
+        assert!(body.ok);
+        let req = seen.recv().await.unwrap();
+        assert!(
+            req.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"),
+            "{req}"
+        );
+        let lower = req.to_ascii_lowercase();
+        assert!(
+            lower.contains("\r\ncontent-type: application/json\r\n"),
+            "{req}"
+        );
+        assert!(lower.contains("\r\nx-extra: 1\r\n"), "{req}");
+        assert!(lower.contains(&format!("\r\nhost: {addr}\r\n")), "{req}");
+        assert!(req.ends_with("\r\n\r\n{\"model\":\"m\"}"), "{req}");
+    }
+
+    #[tokio::test]
+    async fn a_plain_http_upstream_is_reached_through_the_proxy_in_absolute_form() {
+        let (proxy, mut seen) = server(OK_JSON).await;
+        let proxies = Matcher::builder()
+            .http(format!("http://alice:s3cret@{proxy}"))
+            .build();
+        let client = Client::with_proxies(&timeouts(), proxies).unwrap();
+        let resp = fetch(
+            &client,
+            "http://upstream.invalid:8000/v1/models",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let body: Ok_ = json_body(resp, Duration::from_secs(5)).await.unwrap();
+        assert!(body.ok);
+        let req = seen.recv().await.unwrap();
+        assert!(
+            req.starts_with("GET http://upstream.invalid:8000/v1/models HTTP/1.1\r\n"),
+            "{req}"
+        );
+        // base64("alice:s3cret")
+        assert!(
+            req.to_ascii_lowercase()
+                .contains("\r\nproxy-authorization: basic ywxpy2u6cznjcmv0\r\n"),
+            "{req}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_https_upstream_is_reached_through_a_connect_tunnel() {
+        // The proxy accepts the tunnel and then reads what the client sends through it: the
+        // start of a TLS handshake with the upstream.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
+        let (tx, mut seen) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let connect = read_request(&mut sock).await;
+            sock.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await
+                .unwrap();
+            let mut hello = vec![0u8; 5];
+            sock.read_exact(&mut hello).await.unwrap();
+            tx.send((connect, hello)).unwrap();
+        });
+        let proxies = Matcher::builder()
+            .https(format!("http://bob:pw@{proxy}"))
+            .build();
+        let client = Client::with_proxies(&timeouts(), proxies).unwrap();
+        let err = fetch(
+            &client,
+            "https://api.example.invalid/v1/models",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProviderError::Connect(_)), "{err:?}");
+        let (connect, hello) = seen.recv().await.unwrap();
+        assert!(
+            connect.starts_with("CONNECT api.example.invalid:443 HTTP/1.1\r\n"),
+            "{connect}"
+        );
+        // base64("bob:pw")
+        assert!(
+            connect.contains("\r\nProxy-Authorization: Basic Ym9iOnB3\r\n"),
+            "{connect}"
+        );
+        // A TLS record of type handshake (22), version 3.x.
+        assert_eq!(hello[0], 22, "{hello:?}");
+        assert_eq!(hello[1], 3, "{hello:?}");
+    }
+
+    #[tokio::test]
+    async fn no_proxy_hosts_are_reached_directly() {
+        let (addr, mut seen) = server(OK_JSON).await;
+        let proxies = Matcher::builder()
+            .all("http://127.0.0.1:9")
+            .no("127.0.0.1")
+            .build();
+        let client = Client::with_proxies(&timeouts(), proxies).unwrap();
+        fetch(
+            &client,
+            &format!("http://{addr}/v1/models"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let req = seen.recv().await.unwrap();
+        assert!(req.starts_with("GET /v1/models HTTP/1.1\r\n"), "{req}");
+    }
+
+    #[tokio::test]
+    async fn a_proxy_that_is_not_http_is_refused_with_the_reason() {
+        let proxies = Matcher::builder().all("https://127.0.0.1:9").build();
+        let client = Client::with_proxies(&timeouts(), proxies).unwrap();
+        let err = fetch(
+            &client,
+            "http://upstream.invalid/v1/models",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        match err {
+            ProviderError::Connect(m) => {
+                assert!(m.contains("only http:// proxies are supported"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let client = direct();
+        let err = fetch(
+            &client,
+            &format!("http://127.0.0.1:{port}/v1/models"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        match err {
+            ProviderError::Connect(m) => assert!(m.to_lowercase().contains("refused"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_error_status_carries_the_message_and_retry_after() {
+        let (addr, _seen) = server(
+            "HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-length: 54\r\n\
+             connection: close\r\n\r\n{\"error\":{\"message\":\"slow down\",\"type\":\"rate_limit\"}} ",
+        )
+        .await;
+        let client = direct();
+        let err = fetch(
+            &client,
+            &format!("http://{addr}/v1/models"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        match err {
+            ProviderError::Status {
+                status,
+                message,
+                code,
+                retry_after,
+            } => {
+                assert_eq!(status, 429);
+                assert_eq!(message, "slow down");
+                assert_eq!(code.as_deref(), Some("rate_limit"));
+                assert_eq!(retry_after, Some(Duration::from_secs(7)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_reported_as_broken_off() {
+        let (addr, _seen) = server(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\
+             connection: close\r\n\r\n{\"ok\":",
+        )
+        .await;
+        let client = direct();
+        let resp = fetch(
+            &client,
+            &format!("http://{addr}/v1/models"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        match json_body::<Ok_>(resp, Duration::from_secs(5)).await {
+            Err(ProviderError::Connect(m)) => assert!(m.contains("broke off"), "{m}"),
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("a truncated body parsed"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            read_request(&mut sock).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let client = direct();
+        let err = fetch(
+            &client,
+            &format!("http://{addr}/v1/models"),
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProviderError::Timeout(_)), "{err:?}");
+    }
+
+    #[test]
+    fn urls_must_be_http_or_https_with_a_host() {
+        assert!(parse_uri("https://api.openai.com/v1/chat/completions").is_ok());
+        assert!(parse_uri("http://127.0.0.1:8000/v1").is_ok());
+        assert!(parse_uri("ftp://example.com/x").is_err());
+        assert!(parse_uri("/v1/chat").is_err());
+        assert!(parse_uri("http://exa mple.com/").is_err());
+    }
+
+    #[test]
+    fn path_segments_are_escaped_only_where_needed() {
+        assert!(matches!(
+            path_segment("gpt-4o-mini_2024.1~x"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(path_segment("my deploy/v2?x#y"), "my%20deploy%2Fv2%3Fx%23y");
+        assert_eq!(path_segment("100%"), "100%25");
+        assert_eq!(path_segment("é"), "%C3%A9");
+    }
 }

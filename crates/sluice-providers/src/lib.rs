@@ -70,16 +70,22 @@ pub(crate) fn base_url(url: &str) -> Result<&str, String> {
 }
 
 /// Configured extra headers as a header map.
-pub(crate) fn header_map(
-    headers: &BTreeMap<String, String>,
-) -> Result<reqwest::header::HeaderMap, String> {
-    let mut map = reqwest::header::HeaderMap::new();
+pub(crate) fn header_map(headers: &BTreeMap<String, String>) -> Result<::http::HeaderMap, String> {
+    let mut map = ::http::HeaderMap::new();
     for (k, v) in headers {
-        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+        let name = ::http::HeaderName::from_bytes(k.as_bytes())
             .map_err(|_| format!("headers: `{k}` is not a valid header name"))?;
-        let value = reqwest::header::HeaderValue::from_str(v)
+        let value = ::http::HeaderValue::from_str(v)
             .map_err(|_| format!("headers.{k}: not a valid header value"))?;
         map.insert(name, value);
     }
     Ok(map)
+}
+
+/// A secret header value (an API key), marked sensitive so that it never shows in debug output.
+pub(crate) fn secret_header(value: &str) -> Result<::http::HeaderValue, String> {
+    let mut v = ::http::HeaderValue::from_str(value)
+        .map_err(|_| "api_key: contains characters not allowed in an HTTP header".to_string())?;
+    v.set_sensitive(true);
+    Ok(v)
 }

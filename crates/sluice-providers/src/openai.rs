@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use ::http::{HeaderMap, HeaderName, Uri, header};
 use async_trait::async_trait;
 use futures::StreamExt;
 use serde::Deserialize;
@@ -80,40 +81,24 @@ enum Urls {
 
 #[derive(Debug)]
 struct RootUrls {
-    chat: reqwest::Url,
-    embeddings: reqwest::Url,
-    models: reqwest::Url,
+    chat: Uri,
+    embeddings: Uri,
+    models: Uri,
 }
 
-#[derive(Debug)]
-enum Auth {
-    None,
-    /// The ready `Authorization` / `api-key` header (marked sensitive).
-    Header(reqwest::header::HeaderName, reqwest::header::HeaderValue),
-}
-
-fn auth_header(name: &'static str, value: String) -> Result<Auth, String> {
-    let mut v = reqwest::header::HeaderValue::from_str(&value)
-        .map_err(|_| "api_key: contains characters not allowed in an HTTP header".to_string())?;
-    v.set_sensitive(true);
-    Ok(Auth::Header(
-        reqwest::header::HeaderName::from_static(name),
-        v,
-    ))
-}
-
-fn parse_url(u: String) -> Result<reqwest::Url, String> {
-    reqwest::Url::parse(&u).map_err(|e| format!("base_url: `{u}` is not a URL: {e}"))
+fn parse_url(u: String) -> Result<Uri, String> {
+    http::parse_uri(&u).map_err(|e| format!("base_url: {e}"))
 }
 
 /// The OpenAI-compatible provider.
 #[derive(Debug)]
 pub struct OpenAi {
     kind: &'static str,
-    client: reqwest::Client,
+    client: http::Client,
     urls: Urls,
-    auth: Auth,
-    headers: reqwest::header::HeaderMap,
+    /// The configured extra headers and the key's header (`authorization` or `api-key`, marked
+    /// sensitive), sent with every request.
+    headers: HeaderMap,
     stream_usage: bool,
     timeouts: Timeouts,
 }
@@ -128,19 +113,22 @@ impl OpenAi {
     pub fn new(cfg: &OpenAiConfig) -> Result<Self, String> {
         let timeouts = cfg.timeouts.timeouts()?;
         let base = crate::base_url(&cfg.base_url)?;
+        let mut headers = crate::header_map(&cfg.headers)?;
+        if let Some(k) = resolve(&cfg.api_key)? {
+            headers.insert(
+                header::AUTHORIZATION,
+                crate::secret_header(&format!("Bearer {}", k.expose()))?,
+            );
+        }
         Ok(OpenAi {
             kind: "openai",
-            client: http::client(&timeouts)?,
+            client: http::Client::new(&timeouts)?,
             urls: Urls::Root(Box::new(RootUrls {
                 chat: parse_url(format!("{base}/chat/completions"))?,
                 embeddings: parse_url(format!("{base}/embeddings"))?,
                 models: parse_url(format!("{base}/models"))?,
             })),
-            auth: match resolve(&cfg.api_key)? {
-                Some(k) => auth_header("authorization", format!("Bearer {}", k.expose()))?,
-                None => Auth::None,
-            },
-            headers: crate::header_map(&cfg.headers)?,
+            headers,
             stream_usage: cfg.stream_usage,
             timeouts,
         })
@@ -149,22 +137,27 @@ impl OpenAi {
     pub fn azure(cfg: &AzureConfig) -> Result<Self, String> {
         let timeouts = cfg.timeouts.timeouts()?;
         let base = crate::base_url(&cfg.base_url)?;
+        parse_url(base.to_string())?;
         let key = cfg.api_key.resolve().map_err(|e| format!("api_key: {e}"))?;
+        let mut headers = crate::header_map(&cfg.headers)?;
+        headers.insert(
+            HeaderName::from_static("api-key"),
+            crate::secret_header(key.expose())?,
+        );
         Ok(OpenAi {
             kind: "azure",
-            client: http::client(&timeouts)?,
+            client: http::Client::new(&timeouts)?,
             urls: Urls::Azure {
                 base: base.to_string(),
-                api_version: cfg.api_version.clone(),
+                api_version: http::path_segment(&cfg.api_version).into_owned(),
             },
-            auth: auth_header("api-key", key.expose().to_string())?,
-            headers: crate::header_map(&cfg.headers)?,
+            headers,
             stream_usage: cfg.stream_usage,
             timeouts,
         })
     }
 
-    fn url(&self, model: &str, op: &str) -> Result<reqwest::Url, ProviderError> {
+    fn url(&self, model: &str, op: &str) -> Result<Uri, ProviderError> {
         match &self.urls {
             Urls::Root(u) => Ok(match op {
                 "embeddings" => u.embeddings.clone(),
@@ -177,22 +170,16 @@ impl OpenAi {
                 } else {
                     "chat/completions"
                 };
-                let u =
-                    format!("{base}/openai/deployments/{model}/{path}?api-version={api_version}");
-                reqwest::Url::parse(&u).map_err(|e| {
+                let u = format!(
+                    "{base}/openai/deployments/{}/{path}?api-version={api_version}",
+                    http::path_segment(model)
+                );
+                http::parse_uri(&u).map_err(|e| {
                     ProviderError::Unsupported(format!(
                         "the deployment name `{model}` does not make a valid Azure URL: {e}"
                     ))
                 })
             }
-        }
-    }
-
-    fn post(&self, url: reqwest::Url) -> reqwest::RequestBuilder {
-        let b = self.client.post(url).headers(self.headers.clone());
-        match &self.auth {
-            Auth::None => b,
-            Auth::Header(name, value) => b.header(name.clone(), value.clone()),
         }
     }
 }
@@ -210,23 +197,16 @@ impl ChatProvider for OpenAi {
             ));
         }
         let url = self.url("", "models")?;
-        let b = self.client.get(url).headers(self.headers.clone());
-        let b = match &self.auth {
-            Auth::None => b,
-            Auth::Header(name, value) => b.header(name.clone(), value.clone()),
-        };
-        http::send(b, self.timeouts.request).await.map(|_| ())
+        self.client
+            .send(http::get(&url, &self.headers), self.timeouts.request)
+            .await
+            .map(|_| ())
     }
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
-        let started = tokio::time::Instant::now();
-        let resp = http::send(
-            self.post(self.url(&req.model, "chat")?).json(req),
-            self.timeouts.request,
-        )
-        .await?;
-        let left = self.timeouts.request.saturating_sub(started.elapsed());
-        http::json_body(resp, left).await
+        let url = self.url(&req.model, "chat")?;
+        let request = http::post_json(&url, &self.headers, req)?;
+        self.client.json(request, self.timeouts.request).await
     }
 
     async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
@@ -237,26 +217,18 @@ impl ChatProvider for OpenAi {
                 .get_or_insert_with(StreamOptions::default)
                 .include_usage = Some(true);
         }
-        let resp = http::send(
-            self.post(self.url(&req.model, "chat")?)
-                .header(reqwest::header::ACCEPT, "text/event-stream")
-                .json(&body),
-            self.timeouts.request,
-        )
-        .await?;
+        let url = self.url(&req.model, "chat")?;
+        let mut request = http::post_json(&url, &self.headers, &body)?;
+        http::accept_event_stream(&mut request);
+        let resp = self.client.send(request, self.timeouts.request).await?;
         let events = http::sse_events(resp, self.timeouts.stream_idle);
         Ok(Box::pin(openai_chunks(events)))
     }
 
     async fn embed(&self, req: &EmbeddingRequest) -> Result<EmbeddingResponse, ProviderError> {
-        let started = tokio::time::Instant::now();
-        let resp = http::send(
-            self.post(self.url(&req.model, "embeddings")?).json(req),
-            self.timeouts.request,
-        )
-        .await?;
-        let left = self.timeouts.request.saturating_sub(started.elapsed());
-        http::json_body(resp, left).await
+        let url = self.url(&req.model, "embeddings")?;
+        let request = http::post_json(&url, &self.headers, req)?;
+        self.client.json(request, self.timeouts.request).await
     }
 }
 

@@ -1139,3 +1139,91 @@ async fn openai_upstream_receives_unknown_fields_untouched() {
         assert_eq!(&req.body[k], v, "`{k}` reaches the upstream untouched");
     }
 }
+
+/// A forwarding HTTP proxy for the proxy test: each connection's first request head is reported,
+/// then the bytes are relayed to `upstream` both ways (the upstream accepts absolute-form
+/// request targets).
+async fn forwarding_proxy(
+    upstream: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match client.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                let _ = tx.send(String::from_utf8_lossy(&buf[..end]).to_string());
+                let mut up = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                up.write_all(&buf).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Outbound proxies come from `sluice serve`'s environment (`HTTP_PROXY`, with credentials), and
+/// `NO_PROXY` exempts hosts from them.
+#[tokio::test]
+async fn upstreams_are_reached_through_the_proxy_the_environment_names() {
+    let upstream = MockUpstream::start().await;
+    let base = upstream.base_url();
+    let up_addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let (proxy, mut seen) = forwarding_proxy(up_addr).await;
+    let config = provider_config("openai", &base, &[PLAIN]);
+    let env = |no_proxy: &str| {
+        vec![
+            ("HTTP_PROXY", format!("http://team:hunter2@{proxy}")),
+            ("http_proxy", format!("http://team:hunter2@{proxy}")),
+            ("ALL_PROXY", String::new()),
+            ("all_proxy", String::new()),
+            ("NO_PROXY", no_proxy.to_string()),
+            ("no_proxy", no_proxy.to_string()),
+        ]
+    };
+    let body = json!({"model": format!("m-{PLAIN}"), "messages": user("Hello")});
+
+    let sluice = Sluice::start_opts(crate::harness::Opts {
+        config: &config,
+        env: env(""),
+        ..Default::default()
+    })
+    .await;
+    chat_ok(&sluice, &body).await;
+    let head = seen.try_recv().expect("the request went through the proxy");
+    assert!(
+        head.starts_with(&format!("POST {base}/v1/chat/completions HTTP/1.1\r\n")),
+        "absolute-form request to the proxy: {head}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("\r\nproxy-authorization: basic dgvhbtpodw50zxiy"),
+        "credentials of the proxy URL: {head}"
+    );
+    assert_eq!(upstream.request_count(), 1);
+    drop(sluice);
+
+    let sluice = Sluice::start_opts(crate::harness::Opts {
+        config: &config,
+        env: env("127.0.0.1"),
+        ..Default::default()
+    })
+    .await;
+    chat_ok(&sluice, &body).await;
+    assert!(seen.try_recv().is_err(), "NO_PROXY hosts bypass the proxy");
+    assert_eq!(upstream.request_count(), 2);
+}
