@@ -314,6 +314,11 @@ impl LogSink {
         (LogSink { tx }, rx)
     }
 
+    /// Records queued and not yet taken by the writer (including sends waiting for room).
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Queues a record. Waits only when the queue is full (backpressure), never on the database.
     pub async fn send(&self, record: RequestRecord) {
         if let Err(err) = self.tx.send(record).await {
@@ -350,5 +355,27 @@ impl LogSink {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_sink_counts_what_waits_for_the_writer() {
+        let (sink, mut rx) = LogSink::channel(8);
+        assert_eq!(sink.queued(), 0);
+        for _ in 0..3 {
+            sink.send(RequestRecord::start(
+                Uuid::now_v7(),
+                "chat.completions",
+                false,
+            ))
+            .await;
+        }
+        assert_eq!(sink.queued(), 3);
+        rx.recv().await.expect("a record");
+        assert_eq!(sink.queued(), 2);
     }
 }

@@ -404,8 +404,10 @@ impl Gateway {
         &self.metrics
     }
 
-    /// Refreshes the gauges that describe deployments (breaker state, in-flight), for a scrape.
+    /// Refreshes the gauges read at a scrape: deployments (breaker state, in-flight) and the log
+    /// queue.
     pub fn refresh_gauges(&self) {
+        self.metrics.log_queue(self.sink.queued());
         let router = self.router();
         let now = Instant::now();
         for g in router.groups() {

@@ -23,6 +23,7 @@ pub const TTFT: &str = "sluice_time_to_first_token_seconds";
 pub const ATTEMPTS: &str = "sluice_attempts";
 pub const BREAKER: &str = "sluice_deployment_breaker_state";
 pub const IN_FLIGHT: &str = "sluice_deployment_in_flight";
+pub const LOG_QUEUE: &str = "sluice_log_queue_records";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
@@ -133,6 +134,7 @@ pub struct Metrics {
     attempts: Family<AttemptLabels, Counter>,
     breaker: Family<DeploymentLabels, Gauge>,
     in_flight: Family<DeploymentLabels, Gauge>,
+    log_queue: Gauge,
     routes: RwLock<RouteMap>,
     attempt_handles: RwLock<AttemptMap>,
 }
@@ -206,10 +208,17 @@ impl Metrics {
             "Requests in flight per deployment",
             in_flight.clone(),
         );
+        let log_queue = Gauge::default();
+        registry.register(
+            LOG_QUEUE,
+            "Request records queued for the log writer (requests wait when the queue is full)",
+            log_queue.clone(),
+        );
         Metrics {
             attempts,
             breaker,
             in_flight,
+            log_queue,
             registry,
             requests,
             errors,
@@ -351,6 +360,12 @@ impl Metrics {
         self.in_flight
             .get_or_create(&labels)
             .set(i64::from(in_flight));
+    }
+
+    /// How many request records wait for the log writer.
+    pub fn log_queue(&self, records: usize) {
+        self.log_queue
+            .set(i64::try_from(records).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition of every metric.
