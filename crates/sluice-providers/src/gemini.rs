@@ -79,12 +79,11 @@ impl Gemini {
     ) -> Result<Request<Full<Bytes>>, ProviderError> {
         // `method` may carry a query (`streamGenerateContent?alt=sse`). A model path keeps its
         // `models/` or `tunedModels/` prefix; each segment is escaped.
-        let path = wire::model_path(model)
-            .split('/')
-            .map(|seg| http::path_segment(seg).into_owned())
-            .collect::<Vec<_>>()
-            .join("/");
-        let url = format!("{}/{path}:{method}", self.root);
+        let url = format!(
+            "{}/{}:{method}",
+            self.root,
+            http::path(&wire::model_path(model))
+        );
         let uri = http::parse_uri(&url).map_err(|e| {
             ProviderError::Unsupported(format!(
                 "the model name `{model}` does not make a valid Gemini URL: {e}"

@@ -210,10 +210,8 @@ pub fn post_json<T: serde::Serialize + ?Sized>(
     let mut req = Request::new(Full::new(Bytes::from(body)));
     *req.method_mut() = Method::POST;
     *req.uri_mut() = uri.clone();
-    let headers_out = req.headers_mut();
-    headers_out.reserve(headers.len() + 2);
-    headers_out.extend(headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-    headers_out.insert(
+    *req.headers_mut() = headers.clone();
+    req.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
@@ -250,23 +248,34 @@ pub fn parse_uri(url: &str) -> Result<Uri, String> {
 /// Percent-encodes what may not appear in a URL path segment as is (controls, space, non-ASCII,
 /// `"#%<>?\^`{|}` and `/`), for names put into a path: deployment and model names.
 pub fn path_segment(s: &str) -> std::borrow::Cow<'_, str> {
+    escape_path(s, false)
+}
+
+/// Like [`path_segment`], but keeps `/`: for a name that is a path of its own (Gemini's
+/// `models/NAME`, `tunedModels/NAME`).
+pub fn path(s: &str) -> std::borrow::Cow<'_, str> {
+    escape_path(s, true)
+}
+
+fn escape_path(s: &str, keep_slash: bool) -> std::borrow::Cow<'_, str> {
     let keep = |b: u8| {
-        b.is_ascii_graphic()
-            && !matches!(
-                b,
-                b'"' | b'#'
-                    | b'%'
-                    | b'<'
-                    | b'>'
-                    | b'?'
-                    | b'\\'
-                    | b'^'
-                    | b'`'
-                    | b'{'
-                    | b'|'
-                    | b'}'
-                    | b'/'
-            )
+        (keep_slash && b == b'/')
+            || b.is_ascii_graphic()
+                && !matches!(
+                    b,
+                    b'"' | b'#'
+                        | b'%'
+                        | b'<'
+                        | b'>'
+                        | b'?'
+                        | b'\\'
+                        | b'^'
+                        | b'`'
+                        | b'{'
+                        | b'|'
+                        | b'}'
+                        | b'/'
+                )
     };
     if s.bytes().all(keep) {
         return std::borrow::Cow::Borrowed(s);
@@ -887,5 +896,6 @@ mod tests {
         assert_eq!(path_segment("my deploy/v2?x#y"), "my%20deploy%2Fv2%3Fx%23y");
         assert_eq!(path_segment("100%"), "100%25");
         assert_eq!(path_segment("é"), "%C3%A9");
+        assert_eq!(path("tunedModels/my model"), "tunedModels/my%20model");
     }
 }
