@@ -21,6 +21,8 @@ pub struct WriterStats {
     pub written: u64,
     pub batches: u64,
     pub spilled: u64,
+    /// Batches that took at least [`SLOW_WRITE`] to write (each one is also logged as a warning).
+    pub slow: u64,
 }
 
 /// The running writer.
@@ -32,6 +34,10 @@ pub struct LogWriter {
 
 /// How many records must be queued at once for the writer to linger for more.
 pub const LINGER_FROM: usize = 64;
+
+/// A batch that takes longer than this to write is reported: while the writer waits, the queue
+/// fills, and once it is full, requests wait for room.
+pub const SLOW_WRITE: Duration = Duration::from_secs(1);
 
 impl LogWriter {
     /// Starts draining `rx` into `store`. `spill` is where batches go if the store stays down.
@@ -93,6 +99,7 @@ impl LogWriter {
                 written = stats.written,
                 batches = stats.batches,
                 spilled = stats.spilled,
+                slow = stats.slow,
                 "request log writer drained"
             );
             stats
@@ -123,10 +130,20 @@ async fn write_with_retry(
 ) {
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=6 {
+        let started = std::time::Instant::now();
         match store.insert_batch(batch).await {
             Ok(()) => {
                 stats.written += batch.len() as u64;
                 stats.batches += 1;
+                let took = started.elapsed();
+                if took >= SLOW_WRITE {
+                    stats.slow += 1;
+                    tracing::warn!(
+                        records = batch.len(),
+                        seconds = took.as_secs_f64(),
+                        "writing request records was slow; requests wait once the log queue is full"
+                    );
+                }
                 return;
             }
             Err(e) => {

@@ -214,16 +214,18 @@ async fn shutdown_signal() {
 fn reload_on_hangup(state: &Arc<AppState>) {
     #[cfg(unix)]
     {
-        let Some(reloader) = state.reloader.clone() else {
+        let Some(reloader) = state.reloader.as_ref().map(Arc::downgrade) else {
             return;
         };
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
             return;
         };
+        // A weak handle: the reloader holds the gateway, and with it the log queue's sender, which
+        // must go when the server stops so that the log writer sees the queue end and drains.
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                let r = reloader.clone();
+                let Some(r) = reloader.upgrade() else { return };
                 match tokio::task::spawn_blocking(move || r.reload()).await {
                     Ok(Ok(summary)) => tracing::info!(%summary, "SIGHUP: configuration reloaded"),
                     Ok(Err(e)) => tracing::error!(
@@ -304,8 +306,18 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     tracing::info!(
         written = stats.written,
         spilled = stats.spilled,
+        slow_batches = stats.slow,
         "request log drained"
     );
-    println!("sluice stopped: {} request records written", stats.written);
+    if stats.slow > 0 {
+        println!(
+            "sluice stopped: {} request records written ({} batches took over {} s to write)",
+            stats.written,
+            stats.slow,
+            sluice_store::writer::SLOW_WRITE.as_secs()
+        );
+    } else {
+        println!("sluice stopped: {} request records written", stats.written);
+    }
     Ok(())
 }

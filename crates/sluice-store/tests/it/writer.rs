@@ -14,19 +14,28 @@ use uuid::Uuid;
 
 use crate::fixtures::{full_record, record};
 
-/// A store whose `insert_batch` always fails.
+/// A store that keeps nothing: with `down`, its `insert_batch` always fails; else the first call
+/// takes `first_delay` and every call succeeds.
 #[derive(Default)]
-struct DownStore {
+struct TestStore {
     insert_calls: AtomicU64,
+    down: bool,
+    first_delay: Duration,
 }
 
 #[async_trait]
-impl LogStore for DownStore {
+impl LogStore for TestStore {
     async fn insert_batch(&self, _records: &[RequestRecord]) -> Result<(), StoreError> {
-        self.insert_calls.fetch_add(1, Ordering::SeqCst);
-        Err(StoreError::Database(
-            "connection refused (test store is down)".into(),
-        ))
+        let call = self.insert_calls.fetch_add(1, Ordering::SeqCst);
+        if self.down {
+            return Err(StoreError::Database(
+                "connection refused (test store is down)".into(),
+            ));
+        }
+        if call == 0 {
+            tokio::time::sleep(self.first_delay).await;
+        }
+        Ok(())
     }
     async fn get(&self, _id: Uuid) -> Result<Option<RequestRecord>, StoreError> {
         Ok(None)
@@ -54,7 +63,10 @@ async fn writer_spills_when_the_store_stays_down() {
         f.write_all(b"\n").unwrap();
     }
 
-    let store = Arc::new(DownStore::default());
+    let store = Arc::new(TestStore {
+        down: true,
+        ..TestStore::default()
+    });
     let (sink, rx) = LogSink::channel(256);
     // Everything is queued before the writer starts: it takes two batches (64 + 36).
     let mut sent = Vec::with_capacity(SENT);
@@ -122,4 +134,27 @@ async fn writer_spills_when_the_store_stays_down() {
         got.request_body.clone_from(&want.request_body);
         assert_eq!(&got, want);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_counts_batches_that_were_slow_to_write() {
+    let store = Arc::new(TestStore {
+        first_delay: sluice_store::writer::SLOW_WRITE + Duration::from_millis(50),
+        ..TestStore::default()
+    });
+    let (sink, rx) = LogSink::channel(16);
+    // The first batch is slow; while it is written, the queue (16) fills and senders wait.
+    for _ in 0..3 {
+        sink.send(record("m", None, RecordStatus::Ok)).await;
+    }
+    let writer = LogWriter::spawn(store.clone(), rx, 3, std::env::temp_dir().join("unused"));
+    for _ in 0..40 {
+        sink.send(record("m", None, RecordStatus::Ok)).await;
+    }
+    drop(sink);
+    let stats = writer.drain(Duration::from_secs(30)).await;
+    assert_eq!(stats.written, 43, "{stats:?}");
+    assert_eq!(stats.spilled, 0, "{stats:?}");
+    assert_eq!(stats.slow, 1, "only the first batch was slow: {stats:?}");
+    assert!(stats.batches >= 15, "{stats:?}");
 }
