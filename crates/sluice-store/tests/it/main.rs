@@ -1,7 +1,7 @@
 //! The store suite: one set of checks ([`checks`]), run against every backend: a SQLite file, an
 //! in-memory SQLite database and PostgreSQL (a throwaway server, see [`backend`]). Each check is
 //! its own test per backend, e.g. `sqlite::listing` and `postgres::listing`; [`writer`] holds the
-//! backend-independent spill test; [`keys`] holds the checks of the key store; [`usage`] those of
+//! backend-independent writer tests; [`keys`] holds the checks of the key store; [`usage`] those of
 //! spend, usage reports and the cache.
 //!
 //! PostgreSQL tests are skipped with a message when the server binaries are missing, unless

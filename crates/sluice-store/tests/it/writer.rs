@@ -1,4 +1,5 @@
-//! 6. The writer's spill file, against a store that is always down (backend-independent).
+//! 6. The writer against a store that keeps nothing (backend-independent): its spill file when the
+//!    store is always down, and its count of batches that were slow to write.
 
 use std::io::Write;
 use std::sync::Arc;
