@@ -51,3 +51,31 @@ bench_need() {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null
   done
 }
+
+# bench_watch_start SLUICE_PORT FILE: until bench_watch_stop, samples Sluice's log queue
+# (`sluice_log_queue_records` on /metrics) every 0.2 s and notes how late this shell's own 50 ms
+# sleeps wake up, so that a slow cell can be told apart: a full log queue (the record writer fell
+# behind) or the whole machine pausing (a late wake-up outside Sluice).
+bench_watch_start() {
+  ( while :; do
+      curl -s -m 1 "http://127.0.0.1:$1/metrics" | awk '/^sluice_log_queue_records / {print "queue", $2}'
+      sleep 0.2
+    done ) >"$2.queue" 2>/dev/null &
+  WATCH_Q=$!
+  ( last=${EPOCHREALTIME/./}
+    while :; do
+      sleep 0.05
+      now=${EPOCHREALTIME/./}
+      echo "late $(( (now - last) / 1000 - 50 ))"
+      last=$now
+    done ) >"$2.late" 2>/dev/null &
+  WATCH_L=$!
+}
+
+# bench_watch_stop FILE: stops the samplers; prints "QUEUE_PEAK LATE_MS" (the most records
+# queued, and the latest wake-up in milliseconds).
+bench_watch_stop() {
+  kill "$WATCH_Q" "$WATCH_L" 2>/dev/null || true
+  wait "$WATCH_Q" "$WATCH_L" 2>/dev/null || true
+  echo "$(awk '$2+0 > m {m = $2+0} END {print m+0}' "$1.queue") $(awk '$2+0 > m {m = $2+0} END {print m+0}' "$1.late")"
+}

@@ -3,6 +3,10 @@
 # logging on, SQLite), at concurrency 1, 16 and 64, for plain and streaming chat completions.
 # Reports requests/s, p50 and p99 latency (wrk, closed loop at saturation), Sluice's peak RSS, and
 # the latency Sluice adds at a fixed offered load the machine can carry (latency_probe, open loop).
+# Each saturation row also shows the most records waiting in Sluice's log queue and the latest
+# wake-up of a 50 ms sleep in this shell: a cell that is slow because the record writer fell behind
+# shows a full queue (16384); one that is slow because the whole machine paused shows a late
+# wake-up. Warnings Sluice logged (a slow record write, say) are printed at the end.
 #
 #   ./scripts/bench_overhead.sh [DURATION_SECONDS]      (default 10)
 #
@@ -34,27 +38,30 @@ done
 bench_lua "$work/plain.lua" false
 bench_lua "$work/stream.lua" true
 
-run() { # target mode conc -> "rps p50 p99"
+run() { # target mode conc -> "rps p50 p99 queue_peak late_ms [errors]"
   local url=$1 mode=$2 c=$3 t=2
   [ "$c" -lt 2 ] && t=1
+  bench_watch_start "$SL_PORT" "$work/watch"
   wrk -t"$t" -c"$c" -d"${DUR}s" --latency -s "$work/$mode.lua" "$url" > "$work/wrk.txt"
+  local watch; watch=$(bench_watch_stop "$work/watch")
   local rps p50 p99
   rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
   p50=$(awk '$1=="50%" {print $2}' "$work/wrk.txt")
   p99=$(awk '$1=="99%" {print $2}' "$work/wrk.txt")
   local errs; errs=$(awk '/Non-2xx|Socket errors/ {print}' "$work/wrk.txt" | tr '\n' ' ')
-  echo "$rps $p50 $p99 ${errs:-}"
+  echo "$rps $p50 $p99 $watch ${errs:-}"
 }
 
-printf '| mode | concurrency | direct req/s | direct p50 | direct p99 | via Sluice req/s | Sluice p50 | Sluice p99 | Sluice ÷ direct req/s | Sluice peak RSS so far |\n'
-printf '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+printf '| mode | concurrency | direct req/s | direct p50 | direct p99 | via Sluice req/s | Sluice p50 | Sluice p99 | Sluice ÷ direct req/s | Sluice peak RSS so far | log queue peak | latest wake-up |\n'
+printf '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
 for mode in plain stream; do
   for c in 1 16 64; do
-    read -r d_rps d_p50 d_p99 d_err <<<"$(run "http://127.0.0.1:$UP_PORT/v1/chat/completions" $mode $c)"
-    read -r s_rps s_p50 s_p99 s_err <<<"$(run "http://127.0.0.1:$SL_PORT/v1/chat/completions" $mode $c)"
+    read -r d_rps d_p50 d_p99 _ d_late d_err <<<"$(run "http://127.0.0.1:$UP_PORT/v1/chat/completions" $mode $c)"
+    read -r s_rps s_p50 s_p99 s_queue s_late s_err <<<"$(run "http://127.0.0.1:$SL_PORT/v1/chat/completions" $mode $c)"
     ratio=$(awk -v a="$s_rps" -v b="$d_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
     hwm=$(awk '/VmHWM/ {printf "%.1f MB", $2/1024}' /proc/$SL_PID/status)
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s× | %s |\n' "$mode" "$c" "$d_rps" "$d_p50" "$d_p99" "$s_rps" "$s_p50" "$s_p99" "$ratio" "$hwm"
+    late=$(( d_late > s_late ? d_late : s_late ))
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s× | %s | %s | %s ms |\n' "$mode" "$c" "$d_rps" "$d_p50" "$d_p99" "$s_rps" "$s_p50" "$s_p99" "$ratio" "$hwm" "$s_queue" "$late"
     [ -n "${s_err}${d_err}" ] && echo "  errors: direct: ${d_err:-none}; sluice: ${s_err:-none}"
   done
 done
@@ -78,4 +85,5 @@ done
 echo
 echo "Sluice peak RSS: $(awk '/VmHWM/ {printf "%.1f MB", $2/1024}' /proc/$SL_PID/status)"
 kill -TERM "$SL_PID"; wait "$SL_PID" 2>/dev/null || true
-echo "request records written: $(grep -o '[0-9]* request records written' "$work/sluice.out" || echo '?')"
+echo "request records written: $(grep -o '[0-9]* request records written.*' "$work/sluice.out" || echo '?')"
+grep -i 'warn\|error' "$work/sluice.out" | head -20 || true
