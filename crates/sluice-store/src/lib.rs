@@ -332,7 +332,19 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
          CREATE INDEX IF NOT EXISTS cache_entries_namespace ON cache_entries (namespace);",
     ),
     (6, TEAM_DDL_SQLITE, TEAM_DDL_PG),
+    (7, PARTIAL_INDEXES_DDL, PARTIAL_INDEXES_DDL),
 ];
+
+/// The user, team and key indexes hold only the records that have one. Most records have none
+/// of some (no virtual key, no user id), and every such record used to add an entry to each of
+/// these indexes on the writer's path. The queries that use them compare the column with `=`,
+/// which implies `IS NOT NULL`, so both databases still use them.
+const PARTIAL_INDEXES_DDL: &str = "DROP INDEX IF EXISTS requests_user;
+    CREATE INDEX requests_user ON requests (user_id, id) WHERE user_id IS NOT NULL;
+    DROP INDEX IF EXISTS requests_team;
+    CREATE INDEX requests_team ON requests (team, id) WHERE team IS NOT NULL;
+    DROP INDEX IF EXISTS requests_key;
+    CREATE INDEX requests_key ON requests (key_id, id) WHERE key_id IS NOT NULL;";
 
 /// The team of each record in its own indexed column (team budgets read a team's spend since a
 /// point in time), filled from the metadata of the records already stored.
@@ -1337,6 +1349,43 @@ mod tests {
         assert_eq!(again.count().await.unwrap(), 1);
     }
 
+    /// The user, team and key indexes leave out records without one (their definitions say so),
+    /// and the spend and listing queries (`column = value`) still use them.
+    #[tokio::test]
+    async fn partial_indexes_serve_the_lookups() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        let store = SqliteStore::open(&url, 2).await.unwrap();
+        for (column, index) in [
+            ("user_id", "requests_user"),
+            ("team", "requests_team"),
+            ("key_id", "requests_key"),
+        ] {
+            let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "EXPLAIN QUERY PLAN SELECT SUM(cost_usd) FROM requests WHERE {column} = ? AND id >= ?"
+            )))
+            .bind("x")
+            .bind("0")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+            let detail: Vec<&str> = plan.iter().map(|p| p.3.as_str()).collect();
+            assert!(
+                detail.iter().any(|d| d.contains(index)),
+                "{column}: {detail:?}"
+            );
+            let sql: String = sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE name = ?")
+                .bind(index)
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+            assert!(
+                sql.ends_with(&format!("WHERE {column} IS NOT NULL")),
+                "{sql}"
+            );
+        }
+    }
+
     /// A database at version 4 (keys and audit log, no cache) gains the cache columns and table:
     /// its rows read back with no cache outcome and nothing saved, and count in usage.
     #[tokio::test]
@@ -1386,7 +1435,7 @@ mod tests {
                 .fetch_all(&store.pool)
                 .await
                 .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7]);
         let r = store.get(id).await.unwrap().expect("the old row survives");
         assert_eq!(r.key_id.as_deref(), Some("k1"));
         assert_eq!(r.cache, None);
