@@ -682,6 +682,10 @@ macro_rules! store_impl {
                     .map_err(db_err)?;
                 Ok(n.max(0) as u64)
             }
+
+            async fn close(&self) {
+                self.pool.close().await;
+            }
         }
     };
 }

@@ -258,6 +258,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     })?;
     let local = listener.local_addr()?;
     let Running { state, writer } = build_with(cfg, key, Some(overrides)).await?;
+    let store = state.store.clone();
     reload_on_hangup(&state);
     let app = sluice_server::router(state.clone());
     drop(state);
@@ -303,6 +304,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         }
     }
     let stats = writer.drain(Duration::from_secs(5)).await;
+    store.close().await;
     tracing::info!(
         written = stats.written,
         spilled = stats.spilled,

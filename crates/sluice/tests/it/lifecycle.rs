@@ -115,6 +115,10 @@ async fn sigterm_mid_load_loses_no_record_sqlite() {
         !stderr.contains("requests still running at shutdown"),
         "{stderr}"
     );
+    // The store was closed: everything is in the database file, no write-ahead log is left.
+    let db = s.store_url.strip_prefix("sqlite://").expect("a sqlite url");
+    let wal = std::path::PathBuf::from(format!("{db}-wal"));
+    assert!(!wal.exists(), "{} is left after shutdown", wal.display());
     assert_all_stored(&s.store_url.clone(), &ids).await;
 }
 
