@@ -311,15 +311,16 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         slow_batches = stats.slow,
         "request log drained"
     );
-    if stats.slow > 0 {
-        println!(
-            "sluice stopped: {} request records written ({} batches took over {} s to write)",
-            stats.written,
-            stats.slow,
+    let slow = match stats.slow {
+        0 => String::new(),
+        n => format!(
+            " ({n} batches took over {} s to write)",
             sluice_store::writer::SLOW_WRITE.as_secs()
-        );
-    } else {
-        println!("sluice stopped: {} request records written", stats.written);
-    }
+        ),
+    };
+    println!(
+        "sluice stopped: {} request records written{slow}",
+        stats.written
+    );
     Ok(())
 }
