@@ -190,11 +190,12 @@ pub enum ErrorClass {
     ContextWindowExceeded,
     /// The provider's content filter refused it: only another model or provider helps.
     ContentPolicy,
-    /// 5xx, unreachable, or a broken answer.
+    /// 5xx, unreachable, a broken answer, or a deployment that rejects Sluice's credentials
+    /// (401, 403) or does not know its model (404).
     ServerError,
     /// No answer in time.
     Timeout,
-    /// The request itself (or Sluice's credentials) is wrong: retrying cannot help.
+    /// The request itself is wrong: retrying cannot help.
     ClientError,
 }
 
@@ -241,6 +242,9 @@ impl ProviderError {
                 }
                 400 if is_content_policy(code.as_deref(), message) => ErrorClass::ContentPolicy,
                 408 | 504 => ErrorClass::Timeout,
+                // Sluice's credentials or the deployment's model name are wrong: a fault of this
+                // deployment, not of the request, so another deployment may serve it.
+                401 | 403 | 404 => ErrorClass::ServerError,
                 s if s >= 500 => ErrorClass::ServerError,
                 _ => ErrorClass::ClientError,
             },
@@ -300,5 +304,23 @@ mod tests {
         assert_eq!(e(429).to_error("p").code.status(), 429);
         assert_eq!(e(503).to_error("p").code.status(), 502);
         assert!(e(401).to_error("p").message.contains("api_key"));
+    }
+
+    #[test]
+    fn a_deployment_that_rejects_its_credentials_or_model_is_at_fault() {
+        let e = |s| ProviderError::Status {
+            status: s,
+            message: "m".into(),
+            code: None,
+            retry_after: None,
+        };
+        for s in [401, 403, 404, 500, 502, 503] {
+            assert_eq!(e(s).class(), ErrorClass::ServerError, "{s}");
+            assert!(e(s).class().is_deployment_fault(), "{s}");
+        }
+        for s in [400, 413, 422] {
+            assert_eq!(e(s).class(), ErrorClass::ClientError, "{s}");
+        }
+        assert_eq!(e(429).class(), ErrorClass::RateLimited);
     }
 }

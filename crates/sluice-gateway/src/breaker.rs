@@ -340,6 +340,17 @@ impl Breaker {
         }
     }
 
+    /// Gives back a probe slot that [`admit`](Self::admit) handed out for a call that was not
+    /// made (the deployment was at capacity, or has no health check), so that the next request
+    /// can probe at once rather than after a cool-down.
+    pub fn release_probe(&self) {
+        let mut inner = self.inner.lock();
+        if inner.phase == Phase::HalfOpen {
+            // The newest slot: the one just handed out.
+            inner.probes.pop();
+        }
+    }
+
     /// Reports an attempt's outcome: `success` when the deployment answered properly, a failure
     /// for a 5xx, timeout, connect or protocol error (client errors are not reported).
     /// `was_probe` says whether [`admit`](Self::admit) returned [`Admission::Probe`] for it.
@@ -690,6 +701,22 @@ mod tests {
         b.record(t + secs(1), false, false);
         assert_eq!(b.state(t + secs(1)), BreakerState::HalfOpen);
         assert_eq!(b.admit(t + secs(1)), Admission::Rejected);
+    }
+
+    #[test]
+    fn a_probe_slot_given_back_is_free_at_once() {
+        let (b, t0) = breaker(BreakerConfig::default());
+        open_it(&b, t0);
+        let t = t0 + secs(15);
+        assert_eq!(b.admit(t), Admission::Probe);
+        assert_eq!(b.admit(t), Admission::Rejected);
+        b.release_probe();
+        assert_eq!(b.admit(t), Admission::Probe, "the slot came back");
+        // Giving back while closed changes nothing.
+        b.record(t, true, true);
+        assert_eq!(b.state(t), BreakerState::Closed);
+        b.release_probe();
+        assert_eq!(b.admit(t), Admission::Allowed);
     }
 
     #[test]

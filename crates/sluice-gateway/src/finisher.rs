@@ -22,6 +22,8 @@ pub struct Finisher {
     sink: LogSink,
     metrics: Arc<Metrics>,
     model_known: bool,
+    /// When the attempt under way started (until [`log_attempt`](Self::log_attempt) ends it).
+    attempt_open: Option<Instant>,
     /// The serving deployment's in-flight slot, released when the record closes.
     in_flight: Option<InFlight>,
     /// Its tokens-per-minute reservation, settled with the real count when the record closes.
@@ -51,6 +53,7 @@ impl Finisher {
             sink,
             metrics,
             model_known,
+            attempt_open: None,
             in_flight: None,
             tokens: None,
             baseline: None,
@@ -120,30 +123,28 @@ impl Finisher {
     }
 
     /// Appends one provider call to the record's attempt log.
+    /// Completes the attempt that [`attempt`](Self::attempt) opened: how long it took and, when it
+    /// failed, its class and error.
     pub fn log_attempt(
         &mut self,
-        group: &str,
-        dep: &Deployment,
-        started: Instant,
         took: std::time::Duration,
         failure: Option<(sluice_core::error::ErrorClass, &Error)>,
     ) {
-        let offset = started
-            .saturating_duration_since(self.started)
-            .as_secs_f64()
-            * 1000.0;
-        if let Some(r) = self.rec() {
-            r.attempt_log.push(sluice_core::record::Attempt {
-                group: group.to_string(),
-                deployment: dep.id.clone(),
-                provider: dep.provider_name.clone(),
-                model: dep.upstream_model().to_string(),
-                started_ms: round3(offset),
-                latency_ms: round3(took.as_secs_f64() * 1000.0),
-                outcome: failure.map_or("ok", |(c, _)| c.as_str()).to_string(),
-                error_code: failure.map(|(_, e)| e.code.as_str().to_string()),
-                error: failure.map(|(_, e)| e.message.clone()),
-            });
+        self.attempt_open = None;
+        if let Some(a) = self.rec().and_then(|r| r.attempt_log.last_mut()) {
+            a.latency_ms = round3(took.as_secs_f64() * 1000.0);
+            a.outcome = failure.map_or("ok", |(c, _)| c.as_str()).to_string();
+            a.error_code = failure.map(|(_, e)| e.code.as_str().to_string());
+            a.error = failure.map(|(_, e)| e.message.clone());
+        }
+    }
+
+    /// Marks the serving attempt failed after all: its stream broke after it started.
+    pub fn fail_served_attempt(&mut self, class: sluice_core::error::ErrorClass, err: &Error) {
+        if let Some(a) = self.rec().and_then(|r| r.attempt_log.last_mut()) {
+            a.outcome = class.as_str().to_string();
+            a.error_code = Some(err.code.as_str().to_string());
+            a.error = Some(err.message.clone());
         }
     }
 
@@ -156,11 +157,29 @@ impl Finisher {
     }
 
     /// Notes a provider call to `dep`.
-    pub fn attempt(&mut self, dep: &Deployment) {
+    pub fn attempt(&mut self, group: &str, dep: &Deployment, started: Instant) {
+        let offset = started
+            .saturating_duration_since(self.started)
+            .as_secs_f64()
+            * 1000.0;
+        self.attempt_open = Some(started);
         if let Some(r) = self.rec() {
             r.attempts += 1;
             r.provider = Some(dep.provider_name.clone());
             r.deployment = Some(dep.upstream_model().to_string());
+            // On the record from its start: an attempt the client's disconnect cuts short stays
+            // on it as `cancelled`.
+            r.attempt_log.push(sluice_core::record::Attempt {
+                group: group.to_string(),
+                deployment: dep.id.clone(),
+                provider: dep.provider_name.clone(),
+                model: dep.upstream_model().to_string(),
+                started_ms: round3(offset),
+                latency_ms: 0.0,
+                outcome: "cancelled".to_string(),
+                error_code: None,
+                error: None,
+            });
         }
     }
 
@@ -345,7 +364,13 @@ impl Finisher {
 
 impl Drop for Finisher {
     fn drop(&mut self) {
+        let open = self.attempt_open.take();
         if let Some(r) = self.rec() {
+            if let Some(started) = open
+                && let Some(a) = r.attempt_log.last_mut()
+            {
+                a.latency_ms = round3(started.elapsed().as_secs_f64() * 1000.0);
+            }
             r.status = RecordStatus::Cancelled;
             r.http_status = ErrorCode::ClientClosed.status();
             r.error_code = Some(ErrorCode::ClientClosed.as_str().to_string());

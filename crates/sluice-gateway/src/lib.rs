@@ -301,6 +301,12 @@ struct Served<T> {
     value: T,
     group: Arc<Group>,
     dep: Arc<DeploymentState>,
+    /// When the serving attempt started (a stream's total timeout counts from it).
+    started: Instant,
+    /// For a stream, whose outcome is reported when it ends: how long it took to open, and
+    /// whether the attempt was its breaker's half-open probe.
+    opened_in: Duration,
+    probe: bool,
 }
 
 /// The gateway: the router (swapped whole on reload), where records go, and metrics.
@@ -572,11 +578,9 @@ impl Gateway {
             return Err(e);
         }
         let stream = req.is_stream();
-        let tokens = if group.has_tpm {
-            estimate_tokens(&req)
-        } else {
-            0
-        };
+        // Estimated for every request: a fallback group may have tokens-per-minute limits
+        // even when the first has none.
+        let tokens = estimate_tokens(&req);
         if stream {
             let served = self
                 .attempts(&router, group, &mut fin, tokens, &StreamCall(&req))
@@ -597,12 +601,16 @@ impl Gateway {
                                 pending,
                                 rest: upstream,
                                 idle: s.group.timeouts.stream_idle(),
-                                deadline: s.group.timeouts.total().map(|t| Instant::now() + t),
+                                // The whole attempt, opening included, is within `total`.
+                                deadline: s.group.timeouts.total().map(|t| s.started + t),
                             },
                             fin,
                             up,
-                            s.dep.dep.provider_name.clone(),
-                            s.dep.dep.price,
+                            stream::Serving {
+                                dep: s.dep.clone(),
+                                opened_in: s.opened_in,
+                                probe: s.probe,
+                            },
                             wants_usage,
                             assemble,
                             header,
@@ -749,8 +757,12 @@ impl Gateway {
             fin.fail(&e).await;
             return Err(e);
         }
+        let tokens = {
+            let chars: usize = req.input.texts().iter().map(|t| t.len()).sum();
+            (chars as u64).div_ceil(4)
+        };
         let served = self
-            .attempts(&router, group, &mut fin, 0, &EmbedCall(&req))
+            .attempts(&router, group, &mut fin, tokens, &EmbedCall(&req))
             .await;
         match served {
             Ok(s) => {
@@ -919,8 +931,17 @@ impl Gateway {
         let mut made = 0;
         let mut repeats = 0;
         let mut waited = Duration::ZERO;
+        // The attempt count at which the last backoff was taken.
+        let mut backed_off_before = 0;
         let mut last: Option<(Error, ErrorClass)> = None;
         while made < max_attempts {
+            // Once every deployment has been tried, the next attempt is a retry of one: back off
+            // before picking, so that the wait holds no in-flight slot, capacity or probe.
+            if made > 0 && backed_off_before != made && tried.iter().all(|&t| t) {
+                repeats += 1;
+                tokio::time::sleep(group.backoff(repeats)).await;
+                backed_off_before = made;
+            }
             let (dep, probe, in_flight, reservation) =
                 match group.pick(Instant::now(), &tried, tokens) {
                     router::Pick::Go {
@@ -954,26 +975,32 @@ impl Gateway {
                 .iter()
                 .position(|d| Arc::ptr_eq(d, &dep))
                 .unwrap_or(0);
-            if tried[index] {
+            if tried[index] && backed_off_before != made {
+                // An untried deployment was blocked, so a tried one came up: back off now.
                 repeats += 1;
                 let pause = group.backoff(repeats);
                 tokio::time::sleep(pause).await;
             }
             tried[index] = true;
             made += 1;
-            fin.attempt(&dep.dep);
             let started = Instant::now();
+            fin.attempt(&group.name, &dep.dep, started);
             let result = call.call(group, &dep).await;
             let elapsed = started.elapsed();
             match result {
                 Ok(value) => {
-                    dep.report(Instant::now(), elapsed, None, probe);
-                    fin.log_attempt(&group.name, &dep.dep, started, elapsed, None);
+                    if !call.reports_at_end() {
+                        dep.report(Instant::now(), elapsed, None, probe);
+                    }
+                    fin.log_attempt(elapsed, None);
                     fin.hold(in_flight, reservation);
                     return Ok(Served {
                         value,
                         group: group.clone(),
                         dep,
+                        started,
+                        opened_in: elapsed,
+                        probe,
                     });
                 }
                 Err(e) => {
@@ -997,7 +1024,7 @@ impl Gateway {
                         error = %e,
                         "provider call failed"
                     );
-                    fin.log_attempt(&group.name, &dep.dep, started, elapsed, Some((class, &err)));
+                    fin.log_attempt(elapsed, Some((class, &err)));
                     if !class.is_transient() {
                         return Err((err, class));
                     }
@@ -1016,6 +1043,12 @@ trait Call<T>: Sync {
         g: &'a Group,
         d: &'a DeploymentState,
     ) -> futures::future::BoxFuture<'a, Result<T, ProviderError>>;
+
+    /// Whether a successful call's outcome is reported to the deployment (breaker, latency) only
+    /// when what it opened ends: a stream can still fail after it started.
+    fn reports_at_end(&self) -> bool {
+        false
+    }
 }
 
 struct ChatCall<'r>(&'r ChatRequest);
@@ -1051,6 +1084,10 @@ impl Call<Opened> for StreamCall<'_> {
             let up = addressed(self.0, d);
             open_stream(d, &up, &g.timeouts).await
         })
+    }
+
+    fn reports_at_end(&self) -> bool {
+        true
     }
 }
 

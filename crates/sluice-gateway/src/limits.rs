@@ -97,7 +97,13 @@ struct KeyLimiter {
 #[derive(Default)]
 pub struct KeyLimits {
     limiters: RwLock<HashMap<String, Arc<KeyLimiter>>>,
+    /// The number of limiters at which idle ones are swept out next (ids come from clients, as
+    /// `user` values, so the map must not grow without bound).
+    sweep_at: std::sync::atomic::AtomicUsize,
 }
+
+/// The fewest limiters kept before idle ones are swept out.
+const SWEEP_MIN: usize = 1024;
 
 impl std::fmt::Debug for KeyLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -364,7 +370,27 @@ pub async fn admit_shared(
     }
 }
 
+/// Drops the limiters that hold nothing: no request in flight or admitted, and empty windows.
+/// One that comes back later starts afresh, exactly where the dropped one stood.
+fn sweep(all: &mut HashMap<String, Arc<KeyLimiter>>, now: Instant) {
+    all.retain(|_, l| {
+        Arc::strong_count(l) > 1
+            || l.in_flight.load(Ordering::Relaxed) > 0
+            || l.rpm.as_ref().is_some_and(|w| w.used(now) > 0)
+            || l.tpm.as_ref().is_some_and(|w| w.used(now) > 0)
+    });
+}
+
 impl KeyLimits {
+    /// How many limiters are kept now.
+    pub fn len(&self) -> usize {
+        self.limiters.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn limiter(&self, id: &str, spec: &LimitSpec) -> Arc<KeyLimiter> {
         let signature = spec.signature();
         if let Some(l) = self.limiters.read().get(id)
@@ -380,6 +406,11 @@ impl KeyLimits {
             in_flight: AtomicU32::new(0),
         });
         let mut all = self.limiters.write();
+        if all.len() >= self.sweep_at.load(Ordering::Relaxed) {
+            sweep(&mut all, Instant::now());
+            self.sweep_at
+                .store((all.len() * 2).max(SWEEP_MIN), Ordering::Relaxed);
+        }
         match all.get(id) {
             // Another request made it first with the same limits: share it.
             Some(l) if l.signature == signature => l.clone(),
@@ -547,6 +578,34 @@ mod tests {
             role: None,
             created_by: None,
         }
+    }
+
+    #[test]
+    fn idle_limiters_of_client_chosen_ids_are_swept_out() {
+        let limits = KeyLimits::default();
+        let subject = |i: usize| Subject {
+            id: format!("user:u{i}"),
+            label: format!("user `u{i}`"),
+            spec: LimitSpec {
+                rpm: None,
+                tpm: None,
+                max_parallel: Some(1),
+            },
+        };
+        // One request stays in flight through it all: its limiter must survive every sweep.
+        let held = limits.admit_all(&[subject(0)], 0).expect("admitted");
+        for i in 1..10 * SWEEP_MIN {
+            drop(limits.admit_all(&[subject(i)], 0).expect("admitted"));
+        }
+        assert!(
+            limits.len() <= 2 * SWEEP_MIN,
+            "{} limiters kept",
+            limits.len()
+        );
+        // Still held: a second request of user 0 is over its max_parallel.
+        assert!(limits.admit_all(&[subject(0)], 0).is_err());
+        drop(held);
+        assert!(limits.admit_all(&[subject(0)], 0).is_ok());
     }
 
     #[test]

@@ -22,6 +22,9 @@ use crate::breaker::{Admission, Breaker, BreakerConfig, BreakerSnapshot, Breaker
 use crate::complexity::{Classifier, ComplexityConfig};
 use crate::window::{Ewma, RateWindow};
 
+/// The longest a `Retry-After` takes a deployment out of rotation.
+const MAX_COOL_DOWN: Duration = Duration::from_secs(600);
+
 /// How a group spreads requests over its deployments.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -333,7 +336,13 @@ impl DeploymentState {
             Admission::Rejected => return true,
         };
         let result = match tokio::time::timeout(timeout, self.dep.provider.health()).await {
-            Ok(Err(sluice_core::ProviderError::Unsupported(_))) => return false,
+            Ok(Err(sluice_core::ProviderError::Unsupported(_))) => {
+                // Nothing was learnt: the probe slot goes back for a request to use.
+                if probe {
+                    self.breaker.release_probe();
+                }
+                return false;
+            }
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err(format!("no answer within {:.1} s", timeout.as_secs_f64())),
         };
@@ -362,7 +371,7 @@ impl DeploymentState {
         u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// How long the deployment still cools down after a 429.
+    /// How long the deployment still cools down after a 429 (or a failure with `Retry-After`).
     fn cooling(&self, now: Instant) -> Option<Duration> {
         let until = self.cooling_until_ms.load(Ordering::Relaxed);
         let at = self.ms_since_epoch(now);
@@ -421,9 +430,17 @@ impl DeploymentState {
             }
             Some((class, retry_after)) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
-                if class == ErrorClass::RateLimited {
-                    let pause = retry_after.unwrap_or(Duration::from_secs(1));
-                    let until = self.ms_since_epoch(now + pause);
+                // A 429 cools the deployment down for its `Retry-After` (1 s without one); any
+                // other failure that names a `Retry-After` (a 503, say) for that long. Providers
+                // cap the value (10 minutes), and the sum cannot overflow.
+                let pause = match (class, retry_after) {
+                    (_, Some(d)) => Some(d.min(MAX_COOL_DOWN)),
+                    (ErrorClass::RateLimited, None) => Some(Duration::from_secs(1)),
+                    _ => None,
+                };
+                if let Some(pause) = pause {
+                    let pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
+                    let until = self.ms_since_epoch(now).saturating_add(pause_ms);
                     self.cooling_until_ms.fetch_max(until, Ordering::Relaxed);
                 }
                 if class.is_deployment_fault() {
@@ -621,7 +638,9 @@ impl Group {
                 if let Some(wt) = w.wait_for(now, 1) {
                     soonest = Some(soonest.map_or(wt, |s| s.min(wt)));
                 }
-                // A probe admitted here but not sent frees its slot after the cool-down.
+                if probe {
+                    d.breaker.release_probe();
+                }
                 continue;
             }
             let reservation = match &d.tpm {
@@ -633,6 +652,9 @@ impl Group {
                         }
                         if let Some(wt) = w.wait_for(now, tokens) {
                             soonest = Some(soonest.map_or(wt, |s| s.min(wt)));
+                        }
+                        if probe {
+                            d.breaker.release_probe();
                         }
                         continue;
                     }
@@ -1183,6 +1205,52 @@ mod tests {
         }
         // Rate limits do not count against the breaker.
         assert_eq!(g.deployments[0].breaker_state(now), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_503_with_retry_after_cools_down_too_and_no_wait_is_endless() {
+        let g = group(
+            Strategy::Weighted,
+            vec![dep("a", 1.0, None, None), dep("b", 1.0, None, None)],
+            BreakerConfig::default(),
+        );
+        let now = Instant::now();
+        g.deployments[0].report(
+            now,
+            Duration::from_millis(5),
+            Some((ErrorClass::ServerError, Some(Duration::from_secs(20)))),
+            false,
+        );
+        // A Retry-After far beyond any sensible wait (or one sent in milliseconds) is capped.
+        g.deployments[1].report(
+            now,
+            Duration::from_millis(5),
+            Some((ErrorClass::RateLimited, Some(Duration::MAX))),
+            false,
+        );
+        let a = g.deployments[0].cooling(now).expect("a cools down");
+        assert!(
+            a > Duration::from_secs(19) && a <= Duration::from_secs(20),
+            "{a:?}"
+        );
+        let b = g.deployments[1].cooling(now).expect("b cools down");
+        assert!(
+            b <= MAX_COOL_DOWN && b > MAX_COOL_DOWN - Duration::from_secs(1),
+            "{b:?}"
+        );
+        // A 5xx without Retry-After does not cool down (the breaker handles those).
+        let g = group(
+            Strategy::Weighted,
+            vec![dep("c", 1.0, None, None)],
+            BreakerConfig::default(),
+        );
+        g.deployments[0].report(
+            now,
+            Duration::from_millis(5),
+            Some((ErrorClass::ServerError, None)),
+            false,
+        );
+        assert_eq!(g.deployments[0].cooling(now), None);
     }
 
     #[tokio::test]

@@ -3,16 +3,18 @@
 //! dropped (client gone: the upstream stream is dropped with it, which cancels the call).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use sluice_core::ProviderError;
 use sluice_core::error::Error;
-use sluice_core::price::ModelPrice;
 use sluice_core::provider::ChunkStream;
 use sluice_core::record::RawJson;
 use sluice_types::openai::{ChatCompletionChunk, ChatRequest, ChunkAccumulator, Usage};
 
+use crate::router::DeploymentState;
 use crate::{Finisher, tokens};
 
 /// One item for the client.
@@ -89,6 +91,27 @@ impl Upstream {
     }
 }
 
+/// The deployment serving a stream. Its breaker and latency hear how the attempt went only when
+/// the stream ends: one that breaks after it started is a failure of the deployment.
+pub struct Serving {
+    pub dep: Arc<DeploymentState>,
+    /// How long the stream took to open (to its first content): its latency sample.
+    pub opened_in: Duration,
+    /// Whether the attempt is its breaker's half-open probe.
+    pub probe: bool,
+}
+
+impl Serving {
+    fn report(&self, failure: Option<&ProviderError>) {
+        self.dep.report(
+            Instant::now(),
+            self.opened_in,
+            failure.map(|e| (e.class(), e.retry_after())),
+            self.probe,
+        );
+    }
+}
+
 impl std::fmt::Debug for ChatStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ChatStream")
@@ -99,8 +122,7 @@ struct State {
     upstream: Upstream,
     fin: Finisher,
     req: ChatRequest,
-    provider: String,
-    price: Option<ModelPrice>,
+    serving: Serving,
     client_wants_usage: bool,
     store_body: bool,
     acc: ChunkAccumulator,
@@ -134,7 +156,14 @@ impl State {
         let finish_reason = self.acc.finish_reason().map(str::to_string);
         let (usage, counts, body) = self.outcome();
         self.fin
-            .finish_stream(usage, self.price, || counts, finish_reason, body, error)
+            .finish_stream(
+                usage,
+                self.serving.dep.dep.price,
+                || counts,
+                finish_reason,
+                body,
+                error,
+            )
             .await;
     }
 }
@@ -145,8 +174,11 @@ impl Drop for State {
             return;
         }
         // The client went away mid-stream: keep what was produced for the cancelled record.
+        // The deployment was answering, so for its breaker the attempt succeeded.
+        self.serving.report(None);
         let (usage, counts, body) = self.outcome();
-        self.fin.note_partial(usage, self.price, || counts, body);
+        self.fin
+            .note_partial(usage, self.serving.dep.dep.price, || counts, body);
     }
 }
 
@@ -173,12 +205,16 @@ async fn step(mut st: State) -> Option<(StreamItem, State)> {
                 return Some((StreamItem::Chunk(chunk), st));
             }
             Some(Err(e)) => {
-                tracing::warn!(request_id = %st.fin.id(), provider = %st.provider, error = %e, "stream failed after it started");
-                let err = e.to_error(&st.provider);
+                let provider = &st.serving.dep.dep.provider_name;
+                tracing::warn!(request_id = %st.fin.id(), provider = %provider, error = %e, "stream failed after it started");
+                let err = e.to_error(provider);
+                st.serving.report(Some(&e));
+                st.fin.fail_served_attempt(e.class(), &err);
                 st.finish(Some(&err)).await;
                 return Some((StreamItem::Error(err), st));
             }
             None => {
+                st.serving.report(None);
                 st.finish(None).await;
                 return None;
             }
@@ -193,8 +229,7 @@ impl ChatStream {
         upstream: Upstream,
         fin: Finisher,
         req: ChatRequest,
-        provider: String,
-        price: Option<ModelPrice>,
+        serving: Serving,
         client_wants_usage: bool,
         store_body: bool,
         route: String,
@@ -203,8 +238,7 @@ impl ChatStream {
             upstream,
             fin,
             req,
-            provider,
-            price,
+            serving,
             client_wants_usage,
             store_body,
             acc: ChunkAccumulator::default(),

@@ -170,6 +170,7 @@ impl Client {
             req.headers_mut()
                 .insert(header::PROXY_AUTHORIZATION, auth.clone());
         }
+        let started = tokio::time::Instant::now();
         let resp = match tokio::time::timeout(limit, self.pool.request(req)).await {
             Err(_) => {
                 return Err(ProviderError::Timeout(format!(
@@ -183,7 +184,9 @@ impl Client {
         if resp.status().is_success() {
             Ok(resp)
         } else {
-            Err(status_error(resp).await)
+            // The error body is read within what is left of the limit, like any other body.
+            let left = limit.saturating_sub(started.elapsed());
+            Err(status_error(resp, left).await)
         }
     }
 
@@ -464,22 +467,30 @@ impl hyper::rt::Write for Conn {
     }
 }
 
+/// The longest error body read from an upstream: enough for any provider's error message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// The longest `Retry-After` honoured. An upstream asking for more (or sending milliseconds
+/// where seconds are meant) would otherwise take a deployment out of service for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
 /// Turns an error response into [`ProviderError::Status`], reading the message from the body in
 /// any of the shapes providers use (`{"error": {"message", "code"|"type"}}`, `{"error": "…"}`,
 /// `{"message": "…"}`, Anthropic's `{"type": "error", "error": {…}}`, Gemini's `{"error":
-/// {"status"}}`).
-pub async fn status_error(resp: Response<Incoming>) -> ProviderError {
+/// {"status"}}`). The body is read for at most `limit` and 64 KiB: an upstream that sends an
+/// error status and then stalls does not hold the request past its time.
+pub async fn status_error(resp: Response<Incoming>, limit: Duration) -> ProviderError {
     let status = resp.status().as_u16();
     let retry_after = resp
         .headers()
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64);
-    let body = match resp.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => Bytes::new(),
+        .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY);
+    let body = match tokio::time::timeout(limit, body.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        // Too long, broken or too slow: the status alone still says what happened.
+        _ => Bytes::new(),
     };
     let (message, code) = error_message(&body);
     ProviderError::Status {
@@ -488,6 +499,24 @@ pub async fn status_error(resp: Response<Incoming>) -> ProviderError {
         code,
         retry_after,
     }
+}
+
+/// A `Retry-After` value: delay seconds (a decimal fraction is accepted) or an HTTP date, capped
+/// at [`MAX_RETRY_AFTER`]. A date in the past means no wait; anything else is ignored.
+pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let v = value.trim();
+    let secs = match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => s,
+        Ok(_) => return None,
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+            let ms = (at.with_timezone(&chrono::Utc) - now).num_milliseconds();
+            ms.max(0) as f64 / 1000.0
+        }
+    };
+    Some(Duration::from_secs_f64(
+        secs.min(MAX_RETRY_AFTER.as_secs_f64()),
+    ))
 }
 
 /// The message and code of an upstream error body.
@@ -876,6 +905,90 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(err, ProviderError::Timeout(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn an_error_body_that_stalls_does_not_hold_the_request_past_its_limit() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            read_request(&mut sock).await;
+            // The head promises 500 bytes of body; none follow.
+            sock.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 500\r\n\r\n")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let client = direct();
+        let started = std::time::Instant::now();
+        let err = fetch(
+            &client,
+            &format!("http://{addr}/v1/models"),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_status_without_body(err, 503);
+    }
+
+    /// An error status whose body was not read (too slow or too long): the status stands alone.
+    fn assert_status_without_body(err: ProviderError, expected: u16) {
+        match err {
+            ProviderError::Status {
+                status, message, ..
+            } => {
+                assert_eq!(status, expected);
+                assert_eq!(message, "(empty body)");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_error_body_is_not_read_whole() {
+        let body = format!("{{\"error\":{{\"message\":\"{}\"}}}}", "x".repeat(100_000));
+        let response = format!(
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let (addr, _seen) = server(Box::leak(response.into_boxed_str())).await;
+        let err = fetch(
+            &direct(),
+            &format!("http://{addr}/v1/models"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert_status_without_body(err, 500);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date_and_is_capped() {
+        let now = chrono::DateTime::parse_from_rfc3339("2015-10-21T07:28:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let p = |v| parse_retry_after(v, now);
+        assert_eq!(p("7"), Some(Duration::from_secs(7)));
+        assert_eq!(p(" 1.5 "), Some(Duration::from_millis(1500)));
+        assert_eq!(p("0"), Some(Duration::ZERO));
+        assert_eq!(
+            p("Wed, 21 Oct 2015 07:28:30 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(p("Wed, 21 Oct 2015 07:27:00 GMT"), Some(Duration::ZERO));
+        // Far too long (or milliseconds sent as seconds): capped, never a panic or an overflow.
+        assert_eq!(p("60000"), Some(MAX_RETRY_AFTER));
+        assert_eq!(p("1e20"), Some(MAX_RETRY_AFTER));
+        assert_eq!(p("Fri, 01 Jan 2100 00:00:00 GMT"), Some(MAX_RETRY_AFTER));
+        for bad in ["-1", "NaN", "inf", "soon", ""] {
+            assert_eq!(p(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -239,6 +239,13 @@ async fn a_client_leaving_a_plain_request_is_recorded_as_cancelled() {
             assert_eq!(rec["status"], "cancelled", "{rec}");
             assert_eq!(rec["http_status"], 499);
             assert_eq!(rec["error_code"], "client_closed_request");
+            // The provider call the disconnect cut short is on the record, with its time.
+            let attempts = rec["attempt_log"].as_array().expect("attempt_log");
+            assert_eq!(attempts.len(), 1, "{rec}");
+            assert_eq!(attempts[0]["deployment"], "slow/slow", "{rec}");
+            assert_eq!(attempts[0]["outcome"], "cancelled", "{rec}");
+            let ms = attempts[0]["latency_ms"].as_f64().expect("latency_ms");
+            assert!((200.0..3000.0).contains(&ms), "{rec}");
             break;
         }
         assert!(

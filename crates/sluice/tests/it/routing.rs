@@ -483,7 +483,7 @@ async fn content_policy_refusals_fall_back_without_retrying_the_group() {
 }
 
 #[tokio::test]
-async fn upstream_auth_failures_neither_retry_nor_fall_back() {
+async fn a_deployment_that_refuses_sluices_key_is_failed_over_and_counted_against() {
     let up = MockUpstream::start().await;
     let s = start(
         &up,
@@ -491,23 +491,55 @@ async fn upstream_auth_failures_neither_retry_nor_fall_back() {
             model(
                 "m",
                 &[dep(models::FAULT_401), dep("good")],
+                "strategy = \"round_robin\"",
+            ),
+            model(
+                "lone",
+                &[dep(models::FAULT_401)],
                 &format!(
-                    "strategy = \"round_robin\"\n{}",
-                    sub("m", "fallbacks", "default = [\"other\"]")
+                    "{}{}",
+                    sub("lone", "retries", "retries = 1\nbackoff_ms = 10"),
+                    sub("lone", "fallbacks", "default = [\"other\"]")
                 ),
             ),
             model("other", &[dep("other-good")], ""),
         ],
     )
     .await;
-    let a = chat(&client(), &s, "m", false).await;
-    assert_eq!(a.status, 502, "{}", a.text);
-    assert_eq!(a.error_code(), "upstream_auth_failed");
+    let http = client();
+    // A revoked key on one deployment is that deployment's fault: the request goes on to the
+    // next one and succeeds.
+    let a = chat(&http, &s, "m", false).await;
+    assert_eq!(a.status, 200, "{}", a.text);
     let rec = s.record(&a.id).await;
-    assert_eq!(rec["attempts"], 1, "{rec:#}");
-    assert_eq!(path(&rec), vec![step("m", "up/fault-401", "client_error")]);
-    assert_eq!(up.count_for("good"), 0);
-    assert_eq!(up.count_for("other-good"), 0);
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("m", "up/fault-401", "server_error"),
+            step("m", "up/good", "ok")
+        ]
+    );
+    assert_eq!(
+        attempt_log(&rec)[0].error_code.as_deref(),
+        Some("upstream_auth_failed")
+    );
+    // With no other deployment, the group's retries and then its fallbacks are used.
+    let b = chat(&http, &s, "lone", false).await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    let rec = s.record(&b.id).await;
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("lone", "up/fault-401", "server_error"),
+            step("lone", "up/fault-401", "server_error"),
+            step("other", "up/other-good", "ok")
+        ]
+    );
+    // The failures count against the deployment's breaker.
+    for (group, failures) in [("m", 1), ("lone", 2)] {
+        let d = deployment(&s, group, "up/fault-401").await;
+        assert_eq!(d["breaker"]["window_failures"], failures, "{d:#}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -603,6 +635,37 @@ async fn a_stream_without_a_first_token_fails_over_invisibly() {
     );
 }
 
+#[tokio::test]
+async fn a_streams_total_time_counts_from_the_start_of_its_attempt() {
+    // 2 s to open, then two words a second: the 3 s total ends it a second after it opened, not
+    // three seconds after.
+    let words = "one two three four five six seven eight nine ten ".repeat(3);
+    let s = Sluice::start(&format!(
+        "[providers.slow]\ntype = \"mock\"\nmode = \"fixed\"\ntext = \"{words}\"\n\
+         latency_ms = 2000\ntokens_per_second = 2\n{}",
+        model(
+            "m",
+            &["{ provider = \"slow\", model = \"x\" }".to_string()],
+            &format!(
+                "{}{}",
+                sub("m", "timeouts", "total_secs = 3"),
+                sub("m", "retries", "retries = 0")
+            ),
+        )
+    ))
+    .await;
+    let t = Instant::now();
+    let a = chat(&client(), &s, "m", true).await;
+    let took = t.elapsed();
+    assert_eq!(a.status, 200, "{}", a.text);
+    let (_, last) = a.events().last().cloned().expect("events");
+    let last: Value = serde_json::from_str(&last).expect("error event is JSON");
+    assert_eq!(last["error"]["code"], "upstream_timeout", "{}", a.text);
+    assert!(took >= Duration::from_millis(2900), "took {took:?}");
+    // Counting from the opening would have run to 5 s.
+    assert!(took < Duration::from_millis(4500), "took {took:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Streams
 // ---------------------------------------------------------------------------------------------
@@ -663,6 +726,18 @@ async fn a_stream_cut_after_content_ends_with_an_error_event() {
     assert_eq!(rec["attempts"], 1, "{rec:#}");
     // Content had reached the client: no failover mid-stream.
     assert_eq!(up.count_for("good"), 0);
+    // The attempt that opened fine and then broke is a failed one, on the record and for the
+    // deployment's breaker.
+    assert_eq!(path(&rec), vec![step("m", "up/fault-cut", "server_error")]);
+    let d = deployment(&s, "m", "up/fault-cut").await;
+    assert_eq!(d["breaker"]["window_requests"], 1, "{d:#}");
+    assert_eq!(d["breaker"]["window_failures"], 1, "{d:#}");
+    // A stream that ends well counts once, as a success.
+    let b = chat(&client(), &s, "m", true).await;
+    b.assert_normal_stream();
+    let d = deployment(&s, "m", "up/good").await;
+    assert_eq!(d["breaker"]["window_requests"], 1, "{d:#}");
+    assert_eq!(d["breaker"]["window_failures"], 0, "{d:#}");
 }
 
 // ---------------------------------------------------------------------------------------------
