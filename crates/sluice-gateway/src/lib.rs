@@ -719,8 +719,7 @@ impl Gateway {
         }
         let headers = match self
             .admit(&router, key.as_deref(), &req.model, &mut fin, || {
-                let chars: usize = req.input.texts().iter().map(|t| t.len()).sum();
-                (chars as u64).div_ceil(4)
+                embed_estimate(&req)
             })
             .await
         {
@@ -757,12 +756,14 @@ impl Gateway {
             fin.fail(&e).await;
             return Err(e);
         }
-        let tokens = {
-            let chars: usize = req.input.texts().iter().map(|t| t.len()).sum();
-            (chars as u64).div_ceil(4)
-        };
         let served = self
-            .attempts(&router, group, &mut fin, tokens, &EmbedCall(&req))
+            .attempts(
+                &router,
+                group,
+                &mut fin,
+                embed_estimate(&req),
+                &EmbedCall(&req),
+            )
             .await;
         match served {
             Ok(s) => {
@@ -1292,6 +1293,12 @@ fn worst_chat_cost(req: &ChatRequest, router: &Router, group: &Group, default_ma
             .unwrap_or(default_max),
     ) * u64::from(req.n.unwrap_or(1).max(1));
     (prompt as f64 * input + completion as f64 * output) / 1e6
+}
+
+/// An embedding request's tokens before the call: a quarter of its input's bytes.
+fn embed_estimate(req: &EmbeddingRequest) -> u64 {
+    let bytes: usize = req.input.texts().iter().map(|t| t.len()).sum();
+    (bytes as u64).div_ceil(4)
 }
 
 /// A request's tokens for the tokens-per-minute rate limits: its prompt counted with the
