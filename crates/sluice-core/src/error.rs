@@ -60,6 +60,11 @@ error_codes! {
     ClientClosed => 499, "client_error", "client_closed_request";
 }
 
+/// The longest `Retry-After` Sluice honours, from any provider: an upstream asking for more (or
+/// sending milliseconds where seconds are meant) would otherwise take a deployment out of
+/// service for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
 /// An error answered to a client: a code, a message that says what happened and what to do, and
 /// optionally the request parameter at fault and how long to wait before retrying.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -133,18 +133,21 @@ impl Finisher {
         self.attempt_open = None;
         if let Some(a) = self.rec().and_then(|r| r.attempt_log.last_mut()) {
             a.latency_ms = round3(took.as_secs_f64() * 1000.0);
-            a.outcome = failure.map_or("ok", |(c, _)| c.as_str()).to_string();
-            a.error_code = failure.map(|(_, e)| e.code.as_str().to_string());
-            a.error = failure.map(|(_, e)| e.message.clone());
         }
+        self.set_attempt_outcome(failure);
     }
 
     /// Marks the serving attempt failed after all: its stream broke after it started.
     pub fn fail_served_attempt(&mut self, class: sluice_core::error::ErrorClass, err: &Error) {
+        self.set_attempt_outcome(Some((class, err)));
+    }
+
+    /// The latest attempt's outcome: `ok`, or the failure's class and error.
+    fn set_attempt_outcome(&mut self, failure: Option<(sluice_core::error::ErrorClass, &Error)>) {
         if let Some(a) = self.rec().and_then(|r| r.attempt_log.last_mut()) {
-            a.outcome = class.as_str().to_string();
-            a.error_code = Some(err.code.as_str().to_string());
-            a.error = Some(err.message.clone());
+            a.outcome = failure.map_or("ok", |(c, _)| c.as_str()).to_string();
+            a.error_code = failure.map(|(_, e)| e.code.as_str().to_string());
+            a.error = failure.map(|(_, e)| e.message.clone());
         }
     }
 

@@ -14,16 +14,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sluice_core::error::ErrorClass;
+use sluice_core::error::{ErrorClass, MAX_RETRY_AFTER};
 use sluice_core::price::ModelPrice;
 
 use crate::Deployment;
 use crate::breaker::{Admission, Breaker, BreakerConfig, BreakerSnapshot, BreakerState};
 use crate::complexity::{Classifier, ComplexityConfig};
 use crate::window::{Ewma, RateWindow};
-
-/// The longest a `Retry-After` takes a deployment out of rotation.
-const MAX_COOL_DOWN: Duration = Duration::from_secs(600);
 
 /// How a group spreads requests over its deployments.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -431,10 +428,10 @@ impl DeploymentState {
             Some((class, retry_after)) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 // A 429 cools the deployment down for its `Retry-After` (1 s without one); any
-                // other failure that names a `Retry-After` (a 503, say) for that long. Providers
-                // cap the value (10 minutes), and the sum cannot overflow.
+                // other failure that names a `Retry-After` (a 503, say) for that long, at most
+                // MAX_RETRY_AFTER whichever provider set it; the sum cannot overflow.
                 let pause = match (class, retry_after) {
-                    (_, Some(d)) => Some(d.min(MAX_COOL_DOWN)),
+                    (_, Some(d)) => Some(d.min(MAX_RETRY_AFTER)),
                     (ErrorClass::RateLimited, None) => Some(Duration::from_secs(1)),
                     _ => None,
                 };
@@ -1235,7 +1232,7 @@ mod tests {
         );
         let b = g.deployments[1].cooling(now).expect("b cools down");
         assert!(
-            b <= MAX_COOL_DOWN && b > MAX_COOL_DOWN - Duration::from_secs(1),
+            b <= MAX_RETRY_AFTER && b > MAX_RETRY_AFTER - Duration::from_secs(1),
             "{b:?}"
         );
         // A 5xx without Retry-After does not cool down (the breaker handles those).

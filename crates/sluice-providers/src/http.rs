@@ -25,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_platform_verifier::BuilderVerifierExt;
 use serde::Deserialize;
 use sluice_core::ProviderError;
+use sluice_core::error::MAX_RETRY_AFTER;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
@@ -469,10 +470,6 @@ impl hyper::rt::Write for Conn {
 
 /// The longest error body read from an upstream: enough for any provider's error message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-
-/// The longest `Retry-After` honoured. An upstream asking for more (or sending milliseconds
-/// where seconds are meant) would otherwise take a deployment out of service for hours.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// Turns an error response into [`ProviderError::Status`], reading the message from the body in
 /// any of the shapes providers use (`{"error": {"message", "code"|"type"}}`, `{"error": "…"}`,
