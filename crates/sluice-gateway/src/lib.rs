@@ -943,14 +943,15 @@ impl Gateway {
                 tokio::time::sleep(group.backoff(repeats)).await;
                 backed_off_before = made;
             }
-            let (dep, probe, in_flight, reservation) =
+            let (dep, probe, in_flight, rpm, reservation) =
                 match group.pick(Instant::now(), &tried, tokens) {
                     router::Pick::Go {
                         dep,
                         probe,
                         in_flight,
+                        rpm,
                         tokens,
-                    } => (dep, probe, in_flight, tokens),
+                    } => (dep, probe, in_flight, rpm, tokens),
                     router::Pick::Wait {
                         after,
                         rate_limited,
@@ -977,10 +978,14 @@ impl Gateway {
                 .position(|d| Arc::ptr_eq(d, &dep))
                 .unwrap_or(0);
             if tried[index] && backed_off_before != made {
-                // An untried deployment was blocked, so a tried one came up: back off now.
+                // An untried deployment was blocked, so a tried one came up: back off now, having
+                // given back what the pick took, and pick again.
+                dep.unpick(probe, rpm, reservation);
+                drop(in_flight);
                 repeats += 1;
-                let pause = group.backoff(repeats);
-                tokio::time::sleep(pause).await;
+                tokio::time::sleep(group.backoff(repeats)).await;
+                backed_off_before = made;
+                continue;
             }
             tried[index] = true;
             made += 1;
@@ -1219,18 +1224,19 @@ async fn open_stream(
             }
         }
     };
-    with_timeout(t.first_token().or(t.total()), read).await
+    with_timeout(t.opening(), read).await
 }
 
 /// A request's size in tokens for tokens-per-minute capacity: the prompt (about four characters
-/// a token) plus the most it may generate.
+/// a token) plus the most it may generate, for each of its `n` choices.
 fn estimate_tokens(req: &ChatRequest) -> u64 {
     let prompt_chars: usize = req.messages.iter().map(|m| m.text_len()).sum();
     let completion = req
         .max_completion_tokens
         .or(req.max_tokens)
-        .map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from);
-    (prompt_chars as u64).div_ceil(4) + completion
+        .map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from)
+        .saturating_mul(u64::from(req.n.unwrap_or(1).max(1)));
+    (prompt_chars as u64).div_ceil(4).saturating_add(completion)
 }
 
 /// The dearest input and output prices (USD per million tokens) among the deployments that may

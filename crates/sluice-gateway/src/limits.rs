@@ -13,7 +13,7 @@ use parking_lot::RwLock;
 use sluice_core::error::{Error, ErrorCode};
 use sluice_core::keys::VirtualKey;
 
-use crate::window::RateWindow;
+use crate::window::{Charge, RateWindow};
 
 type Signature = (Option<u64>, Option<u64>, Option<u32>);
 
@@ -116,6 +116,9 @@ impl std::fmt::Debug for KeyLimits {
 /// A request let through: holds its in-flight slot and token estimate until dropped or settled.
 pub struct Admitted {
     limiter: Arc<KeyLimiter>,
+    /// Where the request and its token estimate were counted.
+    rpm: Option<Charge>,
+    tpm: Option<Charge>,
     reserved: u64,
     /// `x-ratelimit-*` headers for the response.
     pub headers: Vec<(&'static str, String)>,
@@ -133,25 +136,26 @@ impl Admitted {
     /// Gives back what the admission took (the request was refused by another limit).
     fn cancel(mut self) {
         let now = Instant::now();
-        if let Some(w) = &self.limiter.rpm {
-            w.adjust(now, -1);
+        if let (Some(w), Some(c)) = (&self.limiter.rpm, self.rpm.take()) {
+            w.reconcile(c, now, -1);
         }
-        if let Some(w) = &self.limiter.tpm {
-            w.adjust(now, -i64::try_from(self.reserved).unwrap_or(i64::MAX));
+        if let (Some(w), Some(c)) = (&self.limiter.tpm, self.tpm.take()) {
+            w.reconcile(c, now, -i64::try_from(self.reserved).unwrap_or(i64::MAX));
         }
         self.reserved = 0;
     }
 
-    /// Replaces the token estimate with the real count.
+    /// Replaces the token estimate with the real count (once: later calls change nothing).
     pub fn settle(&mut self, actual: u64) {
-        if let Some(w) = &self.limiter.tpm {
-            let delta = i64::try_from(actual).unwrap_or(i64::MAX)
-                - i64::try_from(self.reserved).unwrap_or(i64::MAX);
+        let Some(w) = &self.limiter.tpm else { return };
+        let delta = i64::try_from(actual).unwrap_or(i64::MAX)
+            - i64::try_from(self.reserved).unwrap_or(i64::MAX);
+        if let Some(c) = self.tpm.take() {
             if delta != 0 {
-                w.adjust(Instant::now(), delta);
+                w.reconcile(c, Instant::now(), delta);
             }
+            self.reserved = actual;
         }
-        self.reserved = actual;
     }
 }
 
@@ -478,29 +482,36 @@ impl KeyLimits {
         // From here on, dropping `admitted` releases the in-flight slot.
         let mut admitted = Admitted {
             limiter: l.clone(),
+            rpm: None,
+            tpm: None,
             reserved: 0,
             headers: Vec::new(),
         };
-        if let Some(w) = &l.rpm
-            && !w.try_add(now, 1)
-        {
-            let wait = w.wait_for(now, 1);
-            let headers = Self::headers(&l, now);
-            return Err(refusal(
-                subject,
-                LimitKind::Rpm,
-                w.limit(),
-                tokens,
-                wait,
-                headers,
-            ));
+        if let Some(w) = &l.rpm {
+            admitted.rpm = w.charge(now, 1);
+            if admitted.rpm.is_none() {
+                let wait = w.wait_for(now, 1);
+                let headers = Self::headers(&l, now);
+                return Err(refusal(
+                    subject,
+                    LimitKind::Rpm,
+                    w.limit(),
+                    tokens,
+                    wait,
+                    headers,
+                ));
+            }
         }
-        if let Some(w) = &l.tpm
-            && tokens > 0
-        {
-            if !w.try_add(now, tokens) {
-                if let Some(r) = &l.rpm {
-                    r.adjust(now, -1);
+        if let Some(w) = &l.tpm {
+            if tokens == 0 {
+                // Nothing to hold back: the real count is added when the request settles.
+                admitted.tpm = Some(w.add(now, 0));
+            } else if let Some(c) = w.charge(now, tokens) {
+                admitted.tpm = Some(c);
+                admitted.reserved = tokens;
+            } else {
+                if let (Some(r), Some(c)) = (&l.rpm, admitted.rpm.take()) {
+                    r.reconcile(c, now, -1);
                 }
                 let wait = w.wait_for(now, tokens);
                 let headers = Self::headers(&l, now);
@@ -513,7 +524,6 @@ impl KeyLimits {
                     headers,
                 ));
             }
-            admitted.reserved = tokens;
         }
         admitted.headers = Self::headers(&l, now);
         Ok(admitted)

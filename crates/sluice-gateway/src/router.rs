@@ -20,7 +20,7 @@ use sluice_core::price::ModelPrice;
 use crate::Deployment;
 use crate::breaker::{Admission, Breaker, BreakerConfig, BreakerSnapshot, BreakerState};
 use crate::complexity::{Classifier, ComplexityConfig};
-use crate::window::{Ewma, RateWindow};
+use crate::window::{Charge, Ewma, RateWindow};
 
 /// How a group spreads requests over its deployments.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -162,6 +162,15 @@ impl TimeoutConfig {
         self.total_secs.map(Duration::from_secs_f64)
     }
 
+    /// How long a stream may take to open (up to its first content): the first-token timeout,
+    /// but never past the attempt's total.
+    pub fn opening(&self) -> Option<Duration> {
+        match (self.first_token(), self.total()) {
+            (Some(f), Some(t)) => Some(f.min(t)),
+            (f, t) => f.or(t),
+        }
+    }
+
     pub fn stream_idle(&self) -> Option<Duration> {
         self.stream_idle_secs.map(Duration::from_secs_f64)
     }
@@ -248,6 +257,16 @@ pub struct ModelConfig {
 /// A deployment and its live state.
 pub struct DeploymentState {
     pub dep: Deployment,
+    /// Shared with the deployment's state in the router before a reload (and after the next)
+    /// while the deployment stays the same.
+    live: Arc<Live>,
+    /// Whether a health-check loop runs for this state.
+    health_running: std::sync::atomic::AtomicBool,
+}
+
+/// What a deployment has learnt and holds: in-flight calls, latency, capacity, breaker,
+/// cool-down, health.
+struct Live {
     in_flight: AtomicU32,
     latency: Ewma,
     rpm: Option<RateWindow>,
@@ -261,8 +280,8 @@ pub struct DeploymentState {
     health: parking_lot::Mutex<Option<(Instant, Result<(), String>)>>,
     health_checks: AtomicU64,
     health_failures: AtomicU64,
-    /// Whether a health-check loop runs for it.
-    health_running: std::sync::atomic::AtomicBool,
+    /// The generation of the health-check loop that is current (see `start_health_checks`).
+    health_loop: AtomicU64,
 }
 
 impl std::fmt::Debug for DeploymentState {
@@ -279,7 +298,7 @@ pub struct InFlight(Arc<DeploymentState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.live.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -288,16 +307,17 @@ impl Drop for InFlight {
 pub struct TokenReservation {
     dep: Arc<DeploymentState>,
     reserved: u64,
+    charge: Charge,
 }
 
 impl TokenReservation {
     /// Replaces the estimate with the real count.
     pub fn settle(self, actual: u64) {
-        if let Some(w) = &self.dep.tpm {
+        if let Some(w) = &self.dep.live.tpm {
             let delta = i64::try_from(actual).unwrap_or(i64::MAX)
                 - i64::try_from(self.reserved).unwrap_or(i64::MAX);
             if delta != 0 {
-                w.adjust(Instant::now(), delta);
+                w.reconcile(self.charge, Instant::now(), delta);
             }
         }
     }
@@ -306,20 +326,50 @@ impl TokenReservation {
 impl DeploymentState {
     pub fn new(dep: Deployment, breaker: BreakerConfig) -> Self {
         DeploymentState {
-            rpm: dep.rpm.map(RateWindow::new),
-            tpm: dep.tpm.map(RateWindow::new),
+            live: Arc::new(Live {
+                rpm: dep.rpm.map(RateWindow::new),
+                tpm: dep.tpm.map(RateWindow::new),
+                in_flight: AtomicU32::new(0),
+                latency: Ewma::new(0.2),
+                breaker: Breaker::new(breaker),
+                cooling_until_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+                requests: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                health: parking_lot::Mutex::new(None),
+                health_checks: AtomicU64::new(0),
+                health_failures: AtomicU64::new(0),
+                health_loop: AtomicU64::new(0),
+            }),
             dep,
-            in_flight: AtomicU32::new(0),
-            latency: Ewma::new(0.2),
-            breaker: Breaker::new(breaker),
-            cooling_until_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-            requests: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            health: parking_lot::Mutex::new(None),
-            health_checks: AtomicU64::new(0),
-            health_failures: AtomicU64::new(0),
             health_running: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The same deployment served through `dep` (a rebuilt provider, say), keeping what
+    /// `previous` has learnt and holds: breaker, latency, capacity windows, cool-down, in-flight
+    /// calls and health. The caller checks that the deployment, its provider's configuration and
+    /// its breaker settings are unchanged.
+    pub fn carry_over(previous: &DeploymentState, dep: Deployment) -> Self {
+        DeploymentState {
+            dep,
+            live: previous.live.clone(),
+            health_running: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Gives back what a [`Pick::Go`] took for an attempt that is not made: its probe slot, its
+    /// request in the rpm window and its token reservation (the in-flight slot goes with its
+    /// guard).
+    pub fn unpick(&self, probe: bool, rpm: Option<Charge>, tokens: Option<TokenReservation>) {
+        if probe {
+            self.live.breaker.release_probe();
+        }
+        if let (Some(w), Some(c)) = (&self.live.rpm, rpm) {
+            w.reconcile(c, Instant::now(), -1);
+        }
+        if let Some(t) = tokens {
+            t.settle(0);
         }
     }
 
@@ -327,7 +377,7 @@ impl DeploymentState {
     /// `false` when the provider has no health check (the caller stops checking).
     pub async fn check_health(&self, timeout: Duration) -> bool {
         let now = Instant::now();
-        let probe = match self.breaker.admit(now) {
+        let probe = match self.live.breaker.admit(now) {
             Admission::Allowed => false,
             Admission::Probe => true,
             Admission::Rejected => return true,
@@ -336,41 +386,44 @@ impl DeploymentState {
             Ok(Err(sluice_core::ProviderError::Unsupported(_))) => {
                 // Nothing was learnt: the probe slot goes back for a request to use.
                 if probe {
-                    self.breaker.release_probe();
+                    self.live.breaker.release_probe();
                 }
                 return false;
             }
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err(format!("no answer within {:.1} s", timeout.as_secs_f64())),
         };
-        self.health_checks.fetch_add(1, Ordering::Relaxed);
+        self.live.health_checks.fetch_add(1, Ordering::Relaxed);
         if result.is_err() {
-            self.health_failures.fetch_add(1, Ordering::Relaxed);
+            self.live.health_failures.fetch_add(1, Ordering::Relaxed);
         }
-        self.breaker.record(Instant::now(), result.is_ok(), probe);
-        *self.health.lock() = Some((Instant::now(), result));
+        self.live
+            .breaker
+            .record(Instant::now(), result.is_ok(), probe);
+        *self.live.health.lock() = Some((Instant::now(), result));
         true
     }
 
     fn health_status(&self, now: Instant) -> Option<HealthStatus> {
-        let h = self.health.lock();
+        let h = self.live.health.lock();
         h.as_ref().map(|(at, r)| HealthStatus {
             ok: r.is_ok(),
             checked_secs_ago: (now.saturating_duration_since(*at).as_secs_f64() * 1000.0).round()
                 / 1000.0,
             error: r.as_ref().err().cloned(),
-            checks: self.health_checks.load(Ordering::Relaxed),
-            failures: self.health_failures.load(Ordering::Relaxed),
+            checks: self.live.health_checks.load(Ordering::Relaxed),
+            failures: self.live.health_failures.load(Ordering::Relaxed),
         })
     }
 
     fn ms_since_epoch(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+        u64::try_from(now.saturating_duration_since(self.live.epoch).as_millis())
+            .unwrap_or(u64::MAX)
     }
 
     /// How long the deployment still cools down after a 429 (or a failure with `Retry-After`).
     fn cooling(&self, now: Instant) -> Option<Duration> {
-        let until = self.cooling_until_ms.load(Ordering::Relaxed);
+        let until = self.live.cooling_until_ms.load(Ordering::Relaxed);
         let at = self.ms_since_epoch(now);
         (until > at).then(|| Duration::from_millis(until - at))
     }
@@ -380,20 +433,21 @@ impl DeploymentState {
         if let Some(d) = self.cooling(now) {
             return Some(Some(d));
         }
-        if self.breaker.state(now) == BreakerState::Open {
+        if self.live.breaker.state(now) == BreakerState::Open {
             return Some(
-                self.breaker
+                self.live
+                    .breaker
                     .snapshot(now)
                     .retry_in_secs
                     .map(Duration::from_secs_f64),
             );
         }
-        if let Some(w) = &self.rpm
+        if let Some(w) = &self.live.rpm
             && w.used(now) + 1 > w.limit()
         {
             return Some(w.wait_for(now, 1));
         }
-        if let Some(w) = &self.tpm
+        if let Some(w) = &self.live.tpm
             && tokens > 0
             && w.used(now) > 0
             && w.used(now) + tokens > w.limit()
@@ -404,11 +458,11 @@ impl DeploymentState {
     }
 
     pub fn breaker_config(&self) -> &BreakerConfig {
-        self.breaker.config()
+        self.live.breaker.config()
     }
 
     pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.live.in_flight.load(Ordering::Relaxed)
     }
 
     /// Notes an attempt's outcome: latency, breaker, cool-down.
@@ -419,14 +473,14 @@ impl DeploymentState {
         failure: Option<(ErrorClass, Option<Duration>)>,
         probe: bool,
     ) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.live.requests.fetch_add(1, Ordering::Relaxed);
         match failure {
             None => {
-                self.latency.observe(latency.as_secs_f64() * 1000.0);
-                self.breaker.record(now, true, probe);
+                self.live.latency.observe(latency.as_secs_f64() * 1000.0);
+                self.live.breaker.record(now, true, probe);
             }
             Some((class, retry_after)) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
+                self.live.failures.fetch_add(1, Ordering::Relaxed);
                 // A 429 cools the deployment down for its `Retry-After` (1 s without one); any
                 // other failure that names a `Retry-After` (a 503, say) for that long, at most
                 // MAX_RETRY_AFTER whichever provider set it; the sum cannot overflow.
@@ -438,20 +492,25 @@ impl DeploymentState {
                 if let Some(pause) = pause {
                     let pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX);
                     let until = self.ms_since_epoch(now).saturating_add(pause_ms);
-                    self.cooling_until_ms.fetch_max(until, Ordering::Relaxed);
+                    self.live
+                        .cooling_until_ms
+                        .fetch_max(until, Ordering::Relaxed);
                 }
                 if class.is_deployment_fault() {
-                    self.breaker.record(now, false, probe);
-                } else {
+                    self.live.breaker.record(now, false, probe);
+                } else if probe {
                     // The deployment answered: as a probe, that is health.
-                    self.breaker.record(now, true, probe);
+                    self.live.breaker.record(now, true, probe);
                 }
+                // Otherwise (a 429, a client error) the answer says nothing about the
+                // deployment's health: it neither counts in the breaker's window nor ends a run
+                // of failures.
             }
         }
     }
 
     pub fn breaker_state(&self, now: Instant) -> BreakerState {
-        self.breaker.state(now)
+        self.live.breaker.state(now)
     }
 
     /// What `/api/deployments` shows.
@@ -466,19 +525,23 @@ impl DeploymentState {
             weight: self.dep.weight,
             tags: self.dep.tags.clone(),
             in_flight: self.in_flight(),
-            requests: self.requests.load(Ordering::Relaxed),
-            failures: self.failures.load(Ordering::Relaxed),
-            latency_ewma_ms: self.latency.get().map(|v| (v * 1000.0).round() / 1000.0),
-            rpm: self.rpm.as_ref().map(|w| Capacity {
+            requests: self.live.requests.load(Ordering::Relaxed),
+            failures: self.live.failures.load(Ordering::Relaxed),
+            latency_ewma_ms: self
+                .live
+                .latency
+                .get()
+                .map(|v| (v * 1000.0).round() / 1000.0),
+            rpm: self.live.rpm.as_ref().map(|w| Capacity {
                 limit: w.limit(),
                 used: w.used(now),
             }),
-            tpm: self.tpm.as_ref().map(|w| Capacity {
+            tpm: self.live.tpm.as_ref().map(|w| Capacity {
                 limit: w.limit(),
                 used: w.used(now),
             }),
             cooling_secs: self.cooling(now).map(|d| d.as_secs_f64()),
-            breaker: self.breaker.snapshot(now),
+            breaker: self.live.breaker.snapshot(now),
             health: self.health_status(now),
             price: self.dep.price,
         }
@@ -548,6 +611,8 @@ pub enum Pick {
         dep: Arc<DeploymentState>,
         probe: bool,
         in_flight: InFlight,
+        /// The request's place in the deployment's rpm window.
+        rpm: Option<Charge>,
         tokens: Option<TokenReservation>,
     },
     /// Every deployment is blocked; the soonest may take requests after this long (`None`: not
@@ -569,7 +634,7 @@ impl Group {
         timeouts: TimeoutConfig,
         classifier: Option<Classifier>,
     ) -> Self {
-        let has_tpm = deployments.iter().any(|d| d.tpm.is_some());
+        let has_tpm = deployments.iter().any(|d| d.live.tpm.is_some());
         Group {
             name,
             strategy,
@@ -595,7 +660,7 @@ impl Group {
         for (i, d) in self.deployments.iter().enumerate() {
             if let Some(wait) = d.blocked(now, tokens) {
                 excluded[i] = true;
-                if d.breaker.state(now) == BreakerState::Open {
+                if d.live.breaker.state(now) == BreakerState::Open {
                     rate_limited = false;
                 }
                 if let Some(w) = wait {
@@ -619,7 +684,7 @@ impl Group {
                 };
             };
             let d = &self.deployments[i];
-            let probe = match d.breaker.admit(now) {
+            let probe = match d.live.breaker.admit(now) {
                 Admission::Allowed => false,
                 Admission::Probe => true,
                 Admission::Rejected => {
@@ -628,45 +693,46 @@ impl Group {
                     continue;
                 }
             };
-            if let Some(w) = &d.rpm
-                && !w.try_add(now, 1)
-            {
-                excluded[i] = true;
-                if let Some(wt) = w.wait_for(now, 1) {
-                    soonest = Some(soonest.map_or(wt, |s| s.min(wt)));
-                }
-                if probe {
-                    d.breaker.release_probe();
-                }
-                continue;
-            }
-            let reservation = match &d.tpm {
-                Some(w) if tokens > 0 => {
-                    if !w.try_add(now, tokens) {
+            let rpm = match &d.live.rpm {
+                Some(w) => match w.charge(now, 1) {
+                    Some(c) => Some(c),
+                    None => {
                         excluded[i] = true;
-                        if let Some(r) = &d.rpm {
-                            r.adjust(now, -1);
-                        }
-                        if let Some(wt) = w.wait_for(now, tokens) {
+                        if let Some(wt) = w.wait_for(now, 1) {
                             soonest = Some(soonest.map_or(wt, |s| s.min(wt)));
                         }
                         if probe {
-                            d.breaker.release_probe();
+                            d.live.breaker.release_probe();
                         }
                         continue;
                     }
-                    Some(TokenReservation {
+                },
+                None => None,
+            };
+            let reservation = match &d.live.tpm {
+                Some(w) if tokens > 0 => match w.charge(now, tokens) {
+                    Some(charge) => Some(TokenReservation {
                         dep: d.clone(),
                         reserved: tokens,
-                    })
-                }
+                        charge,
+                    }),
+                    None => {
+                        excluded[i] = true;
+                        if let Some(wt) = w.wait_for(now, tokens) {
+                            soonest = Some(soonest.map_or(wt, |s| s.min(wt)));
+                        }
+                        d.unpick(probe, rpm, None);
+                        continue;
+                    }
+                },
                 _ => None,
             };
-            d.in_flight.fetch_add(1, Ordering::Relaxed);
+            d.live.in_flight.fetch_add(1, Ordering::Relaxed);
             return Pick::Go {
                 dep: d.clone(),
                 probe,
                 in_flight: InFlight(d.clone()),
+                rpm,
                 tokens: reservation,
             };
         }
@@ -707,17 +773,26 @@ impl Group {
                     .unwrap_or(&candidates[0])
             }
             Strategy::LeastBusy => {
-                let least = candidates
+                // One read of each counter: other requests move them meanwhile, and the ties
+                // must come from the same snapshot as the minimum.
+                let busy: Vec<(usize, u32)> = candidates
                     .iter()
-                    .map(|&i| deps[i].in_flight())
-                    .min()
-                    .unwrap_or(0);
-                let ties: Vec<usize> = candidates
-                    .iter()
-                    .copied()
-                    .filter(|&i| deps[i].in_flight() == least)
+                    .map(|&i| (i, deps[i].in_flight()))
                     .collect();
-                ties[fastrand::usize(..ties.len())]
+                let least = busy.iter().map(|&(_, n)| n).min().unwrap_or(0);
+                let ties = busy.iter().filter(|&&(_, n)| n == least).count();
+                let mut k = fastrand::usize(..ties.max(1));
+                let mut chosen = candidates[0];
+                for &(i, n) in &busy {
+                    if n == least {
+                        if k == 0 {
+                            chosen = i;
+                            break;
+                        }
+                        k -= 1;
+                    }
+                }
+                chosen
             }
             Strategy::Latency => {
                 let a = fastrand::usize(..candidates.len());
@@ -727,8 +802,8 @@ impl Group {
                 }
                 let (a, b) = (candidates[a], candidates[b]);
                 // No sample yet counts as fastest, so every deployment gets measured.
-                let la = deps[a].latency.get().unwrap_or(0.0);
-                let lb = deps[b].latency.get().unwrap_or(0.0);
+                let la = deps[a].live.latency.get().unwrap_or(0.0);
+                let lb = deps[b].live.latency.get().unwrap_or(0.0);
                 if la <= lb { a } else { b }
             }
             Strategy::Cost => {
@@ -843,7 +918,8 @@ impl Router {
 
     /// Starts the active health checks of every group that asks for them. Each check loop holds
     /// only a weak reference: it ends when its deployment is gone (after a reload, once the last
-    /// request on the old router finished).
+    /// request on the old router finished), or when a newer router took the deployment's state
+    /// over and started its own loop.
     pub fn start_health_checks(&self) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
@@ -854,14 +930,18 @@ impl Router {
             let timeout = Duration::from_secs_f64(h.timeout_secs);
             for d in &g.deployments {
                 if d.health_running.swap(true, Ordering::Relaxed) {
-                    // Carried over from the previous router: its loop is still running.
                     continue;
                 }
+                // A loop of the router this state was carried over from stops at its next turn.
+                let generation = d.live.health_loop.fetch_add(1, Ordering::Relaxed) + 1;
                 let weak = Arc::downgrade(d);
                 rt.spawn(async move {
                     loop {
                         tokio::time::sleep(interval).await;
                         let Some(d) = weak.upgrade() else { return };
+                        if d.live.health_loop.load(Ordering::Relaxed) != generation {
+                            return;
+                        }
                         if !d.check_health(timeout).await {
                             tracing::info!(deployment = %d.dep.id, "provider has no health check; active checks stop");
                             return;
@@ -1108,6 +1188,130 @@ mod tests {
         }
         drop(in_flight);
         assert_eq!(first.in_flight(), 0, "the slot is released on drop");
+    }
+
+    #[test]
+    fn least_busy_stays_sound_while_other_requests_move_the_counts() {
+        let g = Arc::new(group(
+            Strategy::LeastBusy,
+            vec![
+                dep("a", 1.0, None, None),
+                dep("b", 1.0, None, None),
+                dep("c", 1.0, None, None),
+            ],
+            BreakerConfig::default(),
+        ));
+        // Four threads pick and release as fast as they can, so that counters change between a
+        // pick's reads of them; every pick must still go somewhere.
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let g = g.clone();
+                std::thread::spawn(move || {
+                    let mut held = Vec::new();
+                    for i in 0..20_000 {
+                        match g.pick(Instant::now(), &[], 0) {
+                            Pick::Go { in_flight, .. } => held.push(in_flight),
+                            Pick::Wait { .. } => return Err("no deployment picked"),
+                        }
+                        if i % 3 == 0 {
+                            held.clear();
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().expect("no pick panics"), Ok(()));
+        }
+        assert!(g.deployments.iter().all(|d| d.in_flight() == 0));
+    }
+
+    #[test]
+    fn rate_limits_and_client_errors_say_nothing_to_the_breaker() {
+        let breaker = BreakerConfig {
+            consecutive_failures: 3,
+            min_requests: 1000,
+            ..BreakerConfig::default()
+        };
+        let g = group(Strategy::Weighted, vec![dep("a", 1.0, None, None)], breaker);
+        let d = &g.deployments[0];
+        let now = Instant::now();
+        let fail = Some((ErrorClass::ServerError, None));
+        d.report(now, Duration::from_millis(5), fail, false);
+        d.report(now, Duration::from_millis(5), fail, false);
+        // A 429 and a bad request between them do not end the run of failures.
+        d.report(
+            now,
+            Duration::from_millis(5),
+            Some((ErrorClass::RateLimited, Some(Duration::from_millis(1)))),
+            false,
+        );
+        d.report(
+            now,
+            Duration::from_millis(5),
+            Some((ErrorClass::ClientError, None)),
+            false,
+        );
+        let snap = d.live.breaker.snapshot(now);
+        assert_eq!(snap.consecutive_failures, 2);
+        assert_eq!(snap.window_requests, 2, "only the server errors count");
+        d.report(now, Duration::from_millis(5), fail, false);
+        assert_eq!(d.breaker_state(now), BreakerState::Open);
+    }
+
+    #[test]
+    fn unpick_gives_back_the_rpm_tokens_and_probe_a_pick_took() {
+        let mut d = dep("a", 1.0, None, Some(1));
+        d.tpm = Some(1000);
+        let breaker = BreakerConfig {
+            consecutive_failures: 1,
+            cooldown_secs: 60.0,
+            ..BreakerConfig::default()
+        };
+        let g = group(Strategy::Weighted, vec![d], breaker);
+        let t0 = Instant::now();
+        let fail = Some((ErrorClass::ServerError, None));
+        g.deployments[0].report(t0, Duration::from_millis(5), fail, false);
+        // Past the cool-down the breaker is half-open: one trial at a time.
+        let t1 = t0 + Duration::from_secs(61);
+        let Pick::Go {
+            dep,
+            probe,
+            in_flight,
+            rpm,
+            tokens,
+        } = g.pick(t1, &[], 800)
+        else {
+            panic!("a half-open deployment takes a probe");
+        };
+        assert!(probe && rpm.is_some() && tokens.is_some());
+        let status = dep.status("g", t1);
+        assert_eq!(status.rpm.map(|c| c.used), Some(1));
+        assert_eq!(status.tpm.map(|c| c.used), Some(800));
+        assert!(matches!(g.pick(t1, &[], 1), Pick::Wait { .. }));
+        dep.unpick(probe, rpm, tokens);
+        drop(in_flight);
+        let status = dep.status("g", t1);
+        assert_eq!(status.rpm.map(|c| c.used), Some(0));
+        assert_eq!(status.tpm.map(|c| c.used), Some(0));
+        assert_eq!(status.in_flight, 0);
+        assert!(matches!(g.pick(t1, &[], 800), Pick::Go { probe: true, .. }));
+    }
+
+    #[test]
+    fn a_stream_opens_within_both_its_first_token_and_total_limits() {
+        let t = |first: Option<f64>, total: Option<f64>| TimeoutConfig {
+            first_token_secs: first,
+            total_secs: total,
+            ..TimeoutConfig::default()
+        };
+        let secs = |s: u64| Some(Duration::from_secs(s));
+        assert_eq!(t(Some(60.0), Some(30.0)).opening(), secs(30));
+        assert_eq!(t(Some(10.0), Some(30.0)).opening(), secs(10));
+        assert_eq!(t(None, Some(30.0)).opening(), secs(30));
+        assert_eq!(t(Some(10.0), None).opening(), secs(10));
+        assert_eq!(t(None, None).opening(), None);
     }
 
     #[test]

@@ -406,8 +406,8 @@ return out
 "#;
 
 /// KEYS: tpm windows. ARGV: the second charged, delta. A positive delta is added to the current
-/// second (the tokens were just counted); a negative one is taken from the second charged
-/// first, then from the rest of the window newest first, never below zero.
+/// second (the tokens were just counted); a negative one is taken from the second charged only,
+/// while it is in the window, never below zero.
 const SETTLE_LUA: &str = r#"
 local second = tonumber(ARGV[1])
 local delta = tonumber(ARGV[2])
@@ -418,29 +418,17 @@ for _, key in ipairs(KEYS) do
     redis.call('HINCRBY', key, now_s, ARGV[2])
     redis.call('EXPIRE', key, ARGV_WINDOW_TTL)
   elseif delta < 0 then
+    -- Only the reservation's own second gives back: once it has left the window the estimate no
+    -- longer counts, and other seconds hold other requests' tokens.
     local w = window(key, now_s)
-    local left = -delta
-    local order = {}
-    if w.vals[second] ~= nil then
-      order[1] = second
-    end
-    for j = #w.secs, 1, -1 do
-      if w.secs[j] ~= second then
-        order[#order + 1] = w.secs[j]
-      end
-    end
-    for _, s in ipairs(order) do
-      if left <= 0 then
-        break
-      end
-      local v = w.vals[s]
-      local take = math.min(v, left)
+    local v = w.vals[second]
+    if v ~= nil then
+      local take = math.min(v, -delta)
       if take >= v then
-        redis.call('HDEL', key, s)
+        redis.call('HDEL', key, second)
       else
-        redis.call('HINCRBY', key, s, int(-take))
+        redis.call('HINCRBY', key, second, int(-take))
       end
-      left = left - take
     end
   end
 end
@@ -825,8 +813,8 @@ impl RedisState {
     /// Corrects the token estimate of an admitted request by `delta` (real count minus
     /// estimate) in the `tpm` windows of `subjects` (the ids of those with a `tpm` limit).
     /// `second` is [`SharedAdmit::Admitted::second`]. Tokens over the estimate count at the
-    /// current second; tokens under it are given back from the bucket charged first, never
-    /// taking a window below zero.
+    /// current second; tokens under it are given back from the bucket charged, while it is still
+    /// in the window (never below zero): other buckets hold other requests' tokens.
     pub async fn settle(
         &self,
         subjects: &[String],
@@ -1274,13 +1262,26 @@ mod tests {
         // The request used only 100 tokens: the rest is released.
         let ids = ["key:k".to_string()];
         s.settle(&ids, second, 100 - 800).await.expect("settle");
-        let SharedAdmit::Admitted { windows, .. } = s.admit(&subjects, 300).await.expect("admit")
+        let SharedAdmit::Admitted {
+            windows,
+            second: later,
+            ..
+        } = s.admit(&subjects, 300).await.expect("admit")
         else {
             panic!("100 + 300 fits");
         };
         assert_eq!(windows[0].tpm.map(|t| t.used), Some(400));
+        // A second that holds nothing of the request's gives nothing back: the window's other
+        // tokens belong to other requests.
+        s.settle(&ids, second - 5, -1000).await.expect("settle");
+        let SharedAdmit::Admitted { windows, .. } = s.admit(&subjects, 0).await.expect("admit")
+        else {
+            panic!("no tokens always fit");
+        };
+        assert_eq!(windows[0].tpm.map(|t| t.used), Some(400));
         // Never below zero.
         s.settle(&ids, second, -1_000_000).await.expect("settle");
+        s.settle(&ids, later, -1_000_000).await.expect("settle");
         let SharedAdmit::Admitted { windows, .. } = s.admit(&subjects, 1).await.expect("admit")
         else {
             panic!("an empty window admits");

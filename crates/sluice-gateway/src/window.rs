@@ -81,30 +81,30 @@ impl<const K: usize> Buckets<K> {
         self.totals
     }
 
-    /// Adds `v` to counter `k` of the current second.
-    pub(crate) fn add(&mut self, now: Instant, k: usize, v: u64) {
+    /// Adds `v` to counter `k` of the current second, and returns that second.
+    pub(crate) fn add(&mut self, now: Instant, k: usize, v: u64) -> u64 {
         let sec = self.advance(now);
         let i = self.slot(sec);
         if let (Some(c), Some(t)) = (self.slots[i].get_mut(k), self.totals.get_mut(k)) {
             *c = c.saturating_add(v);
             *t = t.saturating_add(v);
         }
+        sec
     }
 
-    /// Takes up to `v` off counter `k`: from the current second first, then from older ones.
-    pub(crate) fn sub(&mut self, now: Instant, k: usize, mut v: u64) {
-        let sec = self.advance(now);
-        for back in 0..self.len().min(sec.saturating_add(1)) {
-            if v == 0 {
-                break;
-            }
-            let i = self.slot(sec - back);
-            if let (Some(c), Some(t)) = (self.slots[i].get_mut(k), self.totals.get_mut(k)) {
-                let take = (*c).min(v);
-                *c -= take;
-                *t = t.saturating_sub(take);
-                v -= take;
-            }
+    /// Takes up to `v` off counter `k` of second `sec` (as [`add`](Self::add) returned it), if
+    /// that second is still in the window at `now`: a count that already expired has nothing
+    /// left to take, and other seconds hold other callers' counts.
+    pub(crate) fn sub_at(&mut self, now: Instant, sec: u64, k: usize, v: u64) {
+        let head = self.advance(now);
+        if sec > head || sec.saturating_add(self.len()) <= head {
+            return;
+        }
+        let i = self.slot(sec);
+        if let (Some(c), Some(t)) = (self.slots[i].get_mut(k), self.totals.get_mut(k)) {
+            let take = (*c).min(v);
+            *c -= take;
+            *t = t.saturating_sub(take);
         }
     }
 
@@ -134,6 +134,12 @@ impl<const K: usize> Buckets<K> {
         self.slots.fill([0; K]);
         self.totals = [0; K];
     }
+}
+
+/// Where [`RateWindow::charge`] counted an admitted amount: the second it landed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    second: u64,
 }
 
 /// Counts events (requests or tokens) over the last 60 seconds in 1-second buckets, against a
@@ -168,28 +174,43 @@ impl RateWindow {
         self.inner.lock().totals(now)[0]
     }
 
-    /// Adds `n` if the window then stays within the limit, and says whether it did. A request
-    /// larger than the whole limit is admitted when the window is empty, so that it is never
-    /// starved forever.
-    pub fn try_add(&self, now: Instant, n: u64) -> bool {
+    /// Adds `n` if the window then stays within the limit, and says where it went (`None`: it
+    /// did not fit). A request larger than the whole limit is admitted when the window is empty,
+    /// so that it is never starved forever.
+    pub fn charge(&self, now: Instant, n: u64) -> Option<Charge> {
         let mut b = self.inner.lock();
         let used = b.totals(now)[0];
         if used.saturating_add(n) <= self.limit || used == 0 {
-            b.add(now, 0, n);
-            true
+            Some(Charge {
+                second: b.add(now, 0, n),
+            })
         } else {
-            false
+            None
         }
     }
 
-    /// Adds `delta` (or takes it off when negative, from the current second first and then from
-    /// older ones, never below zero): reconciles an estimate with the real count.
-    pub fn adjust(&self, now: Instant, delta: i64) {
+    /// Adds `n` whatever the limit, and says where it went.
+    pub fn add(&self, now: Instant, n: u64) -> Charge {
+        Charge {
+            second: self.inner.lock().add(now, 0, n),
+        }
+    }
+
+    /// [`charge`](Self::charge), saying only whether `n` fitted.
+    pub fn try_add(&self, now: Instant, n: u64) -> bool {
+        self.charge(now, n).is_some()
+    }
+
+    /// Reconciles a charged estimate with the real count: `delta` more than charged counts from
+    /// `now`; less is taken off the charge's own second (never below zero), and only while that
+    /// second is still in the window. Once it has expired the estimate is no longer counted,
+    /// and the counts of other seconds belong to other requests.
+    pub fn reconcile(&self, charge: Charge, now: Instant, delta: i64) {
         let mut b = self.inner.lock();
         if delta >= 0 {
             b.add(now, 0, delta.unsigned_abs());
         } else {
-            b.sub(now, 0, delta.unsigned_abs());
+            b.sub_at(now, charge.second, 0, delta.unsigned_abs());
         }
     }
 
@@ -332,28 +353,50 @@ mod tests {
     }
 
     #[test]
-    fn adjust_up_and_down() {
+    fn reconcile_up_and_down() {
         let (w, t0) = window(1000);
-        assert!(w.try_add(t0, 100));
-        assert!(w.try_add(t0 + secs(10), 50));
-        w.adjust(t0 + secs(10), 25);
-        assert_eq!(w.used(t0 + secs(10)), 175);
-        // Taking off 100 empties second 10 (75) and takes 25 from second 0.
-        w.adjust(t0 + secs(10), -100);
-        assert_eq!(w.used(t0 + secs(10)), 75);
-        // What is left lives in second 0, so it all expires at 60 s.
-        assert_eq!(w.used(t0 + secs(59)), 75);
-        assert_eq!(w.used(t0 + secs(60)), 0);
-        // Never below zero.
-        w.adjust(t0 + secs(60), -1_000_000);
-        assert_eq!(w.used(t0 + secs(60)), 0);
-        w.adjust(t0 + secs(60), i64::MIN);
-        assert_eq!(w.used(t0 + secs(60)), 0);
-        // Adjusting up may go past the limit; then nothing fits until it drains.
-        w.adjust(t0 + secs(61), 1200);
-        assert_eq!(w.used(t0 + secs(61)), 1200);
-        assert!(!w.try_add(t0 + secs(61), 1));
-        assert!(w.try_add(t0 + secs(121), 1));
+        let first = w.charge(t0, 100).expect("fits");
+        let second = w.charge(t0 + secs(10), 50).expect("fits");
+        // More than estimated counts from now (second 20).
+        w.reconcile(second, t0 + secs(20), 25);
+        assert_eq!(w.used(t0 + secs(20)), 175);
+        // Less than estimated comes off the charge's own second, and no other: the 50 at second
+        // 10 cannot give 80.
+        w.reconcile(second, t0 + secs(20), -80);
+        assert_eq!(w.used(t0 + secs(20)), 125);
+        assert_eq!(w.used(t0 + secs(59)), 125);
+        // Second 0 leaves at 60 s, then the 25 of second 20 are all that is left.
+        assert_eq!(w.used(t0 + secs(60)), 25);
+        // An estimate that already expired has nothing left to give back: the 25 stay.
+        w.reconcile(first, t0 + secs(61), -100);
+        assert_eq!(w.used(t0 + secs(61)), 25);
+        w.reconcile(first, t0 + secs(61), i64::MIN);
+        assert_eq!(w.used(t0 + secs(61)), 25);
+        assert_eq!(w.used(t0 + secs(80)), 0);
+        // Reconciling up may go past the limit; then nothing fits until it drains.
+        let third = w.charge(t0 + secs(81), 10).expect("fits");
+        w.reconcile(third, t0 + secs(81), 1200);
+        assert_eq!(w.used(t0 + secs(81)), 1210);
+        assert!(!w.try_add(t0 + secs(81), 1));
+        assert!(w.try_add(t0 + secs(141), 1));
+    }
+
+    #[test]
+    fn reconcile_keeps_other_requests_counts_in_the_same_second() {
+        let (w, t0) = window(1000);
+        let a = w.charge(t0, 300).expect("fits");
+        let b = w.charge(t0, 200).expect("fits");
+        // Each gives back at most its own estimate's worth from the shared second.
+        w.reconcile(a, t0 + secs(5), -300);
+        assert_eq!(w.used(t0 + secs(5)), 200);
+        w.reconcile(b, t0 + secs(5), -150);
+        assert_eq!(w.used(t0 + secs(5)), 50);
+        // A charge made at an instant older than the newest second seen lands in that second,
+        // and is reconciled there.
+        assert!(w.try_add(t0 + secs(7), 1));
+        let late = w.charge(t0 + secs(6), 40).expect("fits");
+        w.reconcile(late, t0 + secs(7), -40);
+        assert_eq!(w.used(t0 + secs(7)), 51);
     }
 
     #[test]

@@ -210,9 +210,10 @@ impl Config {
         Config::from_raw_reusing(source, raw, None)
     }
 
-    /// Validates a raw configuration; with `previous`, providers whose configuration did not
-    /// change are kept (a local model is not loaded twice) and unchanged deployments keep their
-    /// live state (breakers, latency, capacity).
+    /// Validates a raw configuration; with `previous`, local providers whose configuration did
+    /// not change are kept (a model is not loaded twice), other providers are rebuilt (secrets
+    /// are read again), and unchanged deployments keep their live state (breakers, latency,
+    /// capacity, in-flight calls).
     pub fn from_raw_reusing(
         source: Source,
         raw: RawConfig,
@@ -269,18 +270,28 @@ impl Config {
                     ));
                 }
                 let dep = d.build(Arc::clone(provider), price);
-                let state = previous
+                // The same deployment of an unchanged provider, with the same breaker and health
+                // checks, keeps what it has learnt: breaker, latency, capacity windows,
+                // cool-down, in-flight calls. (A provider is rebuilt even when unchanged, so that
+                // a rotated key file is read again.)
+                let provider_unchanged = previous
+                    .and_then(|(prev, _)| prev.get(&d.provider))
+                    .zip(built.get(&d.provider))
+                    .is_some_and(|((old, _), (new, _))| old == new);
+                let old = previous
                     .and_then(|(_, router)| router.find_state(model, &dep.fingerprint))
                     .filter(|old| {
-                        Arc::ptr_eq(&old.dep.provider, provider)
+                        provider_unchanged
                             && old.breaker_config() == &mc.circuit_breaker
                             && previous
                                 .and_then(|(_, r)| r.group(model))
                                 .is_some_and(|g| g.health_check == mc.health_check)
-                    })
-                    .unwrap_or_else(|| {
-                        Arc::new(DeploymentState::new(dep, mc.circuit_breaker.clone()))
                     });
+                let state = match old {
+                    Some(old) if Arc::ptr_eq(&old.dep.provider, provider) => old,
+                    Some(old) => Arc::new(DeploymentState::carry_over(&old, dep)),
+                    None => Arc::new(DeploymentState::new(dep, mc.circuit_breaker.clone())),
+                };
                 deps.push(state);
             }
             let group = build_group(model, mc, deps).map_err(|e| format!("models.{model}.{e}"))?;
@@ -331,6 +342,74 @@ mod tests {
             .extract()
             .map_err(figment_message)?;
         Config::from_raw(Source::EmbeddedDefault, raw)
+    }
+
+    fn raw(text: &str) -> RawConfig {
+        Figment::new()
+            .merge(Toml::string(text))
+            .extract()
+            .expect("valid configuration")
+    }
+
+    #[test]
+    fn a_reload_keeps_the_live_state_of_unchanged_deployments() {
+        use sluice_gateway::router::Pick;
+        let text = |base: &str| {
+            format!(
+                r#"
+                [providers.up]
+                type = "openai"
+                base_url = "{base}"
+                api_key = "literal-key-for-test"
+                [models.m]
+                deployments = [{{ provider = "up", model = "x", rpm = 1 }}]
+                "#
+            )
+        };
+        let same = text("http://127.0.0.1:9/v1");
+        let first = Config::from_raw(Source::EmbeddedDefault, raw(&same)).unwrap();
+        let group = first.router.group("m").unwrap();
+        let Pick::Go { in_flight, .. } = group.pick(std::time::Instant::now(), &[false], 0) else {
+            panic!("an idle deployment is picked");
+        };
+        // Unchanged: the request counted against rpm and the call in flight carry over, though
+        // the provider itself is rebuilt (so that a rotated key file is read again).
+        let second = Config::from_raw_reusing(
+            Source::EmbeddedDefault,
+            raw(&same),
+            Some((&first.providers, &first.router)),
+        )
+        .unwrap();
+        let status = &second.router.status()[0];
+        assert_eq!(status.in_flight, 1);
+        assert_eq!(status.rpm.as_ref().map(|c| c.used), Some(1));
+        assert!(matches!(
+            second
+                .router
+                .group("m")
+                .unwrap()
+                .pick(std::time::Instant::now(), &[false], 0),
+            Pick::Wait { .. }
+        ));
+        assert!(!Arc::ptr_eq(
+            &group.deployments[0].dep.provider,
+            &second.router.group("m").unwrap().deployments[0]
+                .dep
+                .provider
+        ));
+        drop(in_flight);
+        assert_eq!(second.router.status()[0].in_flight, 0);
+        // A changed provider starts afresh.
+        let third = Config::from_raw_reusing(
+            Source::EmbeddedDefault,
+            raw(&text("http://127.0.0.1:10/v1")),
+            Some((&second.providers, &second.router)),
+        )
+        .unwrap();
+        assert_eq!(
+            third.router.status()[0].rpm.as_ref().map(|c| c.used),
+            Some(0)
+        );
     }
 
     #[test]

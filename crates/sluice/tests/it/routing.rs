@@ -1260,6 +1260,51 @@ async fn reload_swaps_the_router_and_keeps_it_on_a_bad_file() {
 }
 
 #[tokio::test]
+async fn a_reload_keeps_what_unchanged_deployments_learnt() {
+    let up = MockUpstream::start().await;
+    let m = model(
+        "m",
+        &[dep(models::FAULT_500)],
+        &sub(
+            "m",
+            "circuit_breaker",
+            "consecutive_failures = 1\ncooldown_secs = 60",
+        ),
+    );
+    let s = start(&up, std::slice::from_ref(&m)).await;
+    let http = client();
+    assert_eq!(chat(&http, &s, "m", false).await.status, 502);
+    assert_eq!(breaker_state(&s, "m", "up/fault-500").await, "open");
+    // Adding another model leaves `m` and its provider as they were: the breaker stays open and
+    // nothing more goes upstream.
+    rewrite(&s, &m, &format!("{m}{}", model("n", &[dep("enn")], "")));
+    let (status, v) = reload(&s).await;
+    assert_eq!(status, 200, "{v:#}");
+    let calls = up.request_count();
+    let d = deployment(&s, "m", "up/fault-500").await;
+    assert_eq!(d["breaker"]["state"], "open", "{d:#}");
+    assert_eq!(d["requests"], 1, "{d:#}");
+    let a = chat(&http, &s, "m", false).await;
+    assert_eq!(a.error_code(), "no_healthy_deployment", "{}", a.text);
+    assert_eq!(up.request_count(), calls);
+    chat_ok(&http, &s, "n").await;
+    // Changing the breaker's settings starts the deployment afresh.
+    let fresh = model(
+        "m",
+        &[dep(models::FAULT_500)],
+        &sub(
+            "m",
+            "circuit_breaker",
+            "consecutive_failures = 2\ncooldown_secs = 60",
+        ),
+    );
+    rewrite(&s, &m, &fresh);
+    let (status, v) = reload(&s).await;
+    assert_eq!(status, 200, "{v:#}");
+    assert_eq!(breaker_state(&s, "m", "up/fault-500").await, "closed");
+}
+
+#[tokio::test]
 async fn sighup_reloads_the_configuration() {
     let up = MockUpstream::start().await;
     let m_one = model("m", &[dep("one")], "");
