@@ -995,8 +995,16 @@ impl Gateway {
             let elapsed = started.elapsed();
             match result {
                 Ok(value) => {
+                    let mut probe = probe;
                     if !call.reports_at_end() {
                         dep.report(Instant::now(), elapsed, None, probe);
+                    } else if probe {
+                        // A trial stream that opened has shown the deployment answers: its
+                        // probe slot is settled now rather than when the stream ends (a long
+                        // stream would outlast the slot). Its end is then reported as any other
+                        // request's.
+                        dep.probe_answered(Instant::now());
+                        probe = false;
                     }
                     fin.log_attempt(elapsed, None);
                     fin.hold(in_flight, reservation);

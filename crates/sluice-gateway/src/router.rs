@@ -509,6 +509,12 @@ impl DeploymentState {
         }
     }
 
+    /// Settles a half-open probe as a success without reporting an attempt (a stream that
+    /// opened; its attempt is reported when it ends).
+    pub fn probe_answered(&self, now: Instant) {
+        self.live.breaker.record(now, true, true);
+    }
+
     pub fn breaker_state(&self, now: Instant) -> BreakerState {
         self.live.breaker.state(now)
     }

@@ -857,6 +857,45 @@ async fn breakers_open_on_failures_and_close_after_a_successful_probe() {
 }
 
 #[tokio::test]
+async fn a_trial_stream_closes_the_breaker_once_it_opens() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep(models::SLOW_STREAM)],
+            &sub(
+                "m",
+                "circuit_breaker",
+                "consecutive_failures = 1\ncooldown_secs = 0.5",
+            ),
+        )],
+    )
+    .await;
+    let http = client();
+    up.set_fault(models::SLOW_STREAM, Some(models::FAULT_500));
+    assert_eq!(chat(&http, &s, "m", false).await.status, 502);
+    assert_eq!(breaker_state(&s, "m", "up/slow-stream").await, "open");
+    up.set_fault(models::SLOW_STREAM, None);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(breaker_state(&s, "m", "up/slow-stream").await, "half_open");
+    // The trial is a stream of 40 tokens over ~2 s. Its answer's headers come with the first
+    // token: by then the trial has shown the deployment answers, and the breaker is closed while
+    // the stream still runs (were the trial settled at the stream's end, a longer stream would
+    // outlast its probe slot and let more trials in).
+    let resp = post(&http, &s, "m", true).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(breaker_state(&s, "m", "up/slow-stream").await, "closed");
+    let a = answer(resp).await;
+    let expected: String = (0..40).map(|i| format!("tok{i} ")).collect();
+    assert_eq!(a.assert_normal_stream(), expected);
+    let d = deployment(&s, "m", "up/slow-stream").await;
+    assert_eq!(d["breaker"]["state"], "closed", "{d:#}");
+    // The stream's end counts as one request in the closed breaker's window.
+    assert_eq!(d["breaker"]["window_requests"], 1, "{d:#}");
+}
+
+#[tokio::test]
 async fn no_healthy_deployment_when_every_breaker_is_open() {
     let up = MockUpstream::start().await;
     let s = start(
