@@ -707,9 +707,7 @@ impl Group {
                         if let Some(wt) = w.wait_for(now, 1) {
                             soonest = Some(soonest.map_or(wt, |s| s.min(wt)));
                         }
-                        if probe {
-                            d.live.breaker.release_probe();
-                        }
+                        d.unpick(probe, None, None);
                         continue;
                     }
                 },

@@ -197,7 +197,8 @@ impl RateWindow {
     }
 
     /// [`charge`](Self::charge), saying only whether `n` fitted.
-    pub fn try_add(&self, now: Instant, n: u64) -> bool {
+    #[cfg(test)]
+    pub(crate) fn try_add(&self, now: Instant, n: u64) -> bool {
         self.charge(now, n).is_some()
     }
 
@@ -214,9 +215,9 @@ impl RateWindow {
         }
     }
 
-    /// How long until [`try_add`](Self::try_add) of `n` would succeed, if nothing else is added
+    /// How long until [`charge`](Self::charge) of `n` would succeed, if nothing else is added
     /// meanwhile: zero when it would now; otherwise the time until enough old buckets expire.
-    /// For `n` above the limit that is the time until the window is empty (see `try_add`), at
+    /// For `n` above the limit that is the time until the window is empty (see `charge`), at
     /// most 60 s. `None` would mean that no expiry makes room; the window always holds what it
     /// counts, so that does not happen, but callers should treat it as "not within a minute".
     pub fn wait_for(&self, now: Instant, n: u64) -> Option<Duration> {
