@@ -143,7 +143,7 @@ impl ProviderError {
                 retry_after,
             } => {
                 let code = match *status {
-                    400 if is_context_length(code.as_deref(), message) => {
+                    400 | 422 if is_context_length(code.as_deref(), message) => {
                         ErrorCode::ContextLengthExceeded
                     }
                     400 if is_content_policy(code.as_deref(), message) => ErrorCode::ContentPolicy,
@@ -242,14 +242,15 @@ impl ProviderError {
                 ..
             } => match *status {
                 429 => ErrorClass::RateLimited,
-                400 if is_context_length(code.as_deref(), message) => {
+                400 | 422 if is_context_length(code.as_deref(), message) => {
                     ErrorClass::ContextWindowExceeded
                 }
                 400 if is_content_policy(code.as_deref(), message) => ErrorClass::ContentPolicy,
                 408 | 504 => ErrorClass::Timeout,
-                // Sluice's credentials or the deployment's model name are wrong: a fault of this
-                // deployment, not of the request, so another deployment may serve it.
-                401 | 403 | 404 => ErrorClass::ServerError,
+                // Sluice's credentials or the deployment's model name are wrong, or its account
+                // has run out of credit (402): a fault of this deployment, not of the request, so
+                // another deployment may serve it.
+                401..=404 => ErrorClass::ServerError,
                 s if s >= 500 => ErrorClass::ServerError,
                 _ => ErrorClass::ClientError,
             },
@@ -277,11 +278,31 @@ fn is_content_policy(code: Option<&str>, message: &str) -> bool {
         || message.contains("content filter")
 }
 
+/// Whether an upstream's 400 (or 422) says the prompt and completion do not fit the model's
+/// context, in the words the common servers use: OpenAI, vLLM and Mistral ("maximum context
+/// length"), Anthropic ("prompt is too long", "exceed context limit"), llama.cpp
+/// (`exceed_context_size_error`), TGI ("`inputs` tokens + `max_new_tokens` must be <= …") and
+/// Gemini ("exceeds the maximum number of tokens allowed").
 fn is_context_length(code: Option<&str>, message: &str) -> bool {
-    code == Some("context_length_exceeded")
-        || message.contains("context length")
-        || message.contains("context_length_exceeded")
-        || message.contains("prompt is too long")
+    if matches!(
+        code,
+        Some("context_length_exceeded" | "exceed_context_size_error")
+    ) {
+        return true;
+    }
+    let m = message.to_ascii_lowercase();
+    [
+        "context length",
+        "context_length_exceeded",
+        "context window",
+        "context limit",
+        "context size",
+        "prompt is too long",
+        "exceeds the maximum number of tokens",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
+        || (m.contains("max_new_tokens") && m.contains("must be"))
 }
 
 #[cfg(test)]
@@ -327,5 +348,80 @@ mod tests {
             assert_eq!(e(s).class(), ErrorClass::ClientError, "{s}");
         }
         assert_eq!(e(429).class(), ErrorClass::RateLimited);
+        // An account out of credit: another deployment may still serve.
+        assert_eq!(e(402).class(), ErrorClass::ServerError);
+    }
+
+    #[test]
+    fn context_overflows_are_recognised_in_each_servers_words() {
+        let e = |status, message: &str, code: Option<&str>| ProviderError::Status {
+            status,
+            message: message.into(),
+            code: code.map(str::to_string),
+            retry_after: None,
+        };
+        let overflows = [
+            // OpenAI
+            e(
+                400,
+                "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens.",
+                Some("context_length_exceeded"),
+            ),
+            // vLLM
+            e(
+                400,
+                "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.",
+                Some("BadRequestError"),
+            ),
+            // Anthropic, both wordings
+            e(
+                400,
+                "prompt is too long: 210000 tokens > 200000 maximum",
+                Some("invalid_request_error"),
+            ),
+            e(
+                400,
+                "input length and `max_tokens` exceed context limit: 199759 + 8192 > 200000, decrease input length or `max_tokens` and try again",
+                Some("invalid_request_error"),
+            ),
+            // llama.cpp
+            e(
+                400,
+                "the request exceeds the available context size, try increasing it",
+                Some("exceed_context_size_error"),
+            ),
+            // TGI answers 422
+            e(
+                422,
+                "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 4000 `inputs` tokens and 200 `max_new_tokens`",
+                Some("validation"),
+            ),
+            // Gemini
+            e(
+                400,
+                "The input token count (1200000) exceeds the maximum number of tokens allowed (1048576).",
+                Some("INVALID_ARGUMENT"),
+            ),
+        ];
+        for o in &overflows {
+            assert_eq!(o.class(), ErrorClass::ContextWindowExceeded, "{o}");
+            assert_eq!(
+                o.to_error("p").code,
+                ErrorCode::ContextLengthExceeded,
+                "{o}"
+            );
+        }
+        let other = e(
+            400,
+            "temperature must be at most 2",
+            Some("invalid_request_error"),
+        );
+        assert_eq!(other.class(), ErrorClass::ClientError);
+        let validation = e(422, "unknown field `foo`", Some("validation"));
+        assert_eq!(validation.class(), ErrorClass::ClientError);
+        assert_eq!(
+            validation.to_error("p").code,
+            ErrorCode::UnsupportedParameter
+        );
     }
 }

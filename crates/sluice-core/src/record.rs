@@ -323,13 +323,26 @@ impl LogSink {
     }
 
     /// Queues a record. Waits only when the queue is full (backpressure), never on the database.
+    ///
+    /// Cancel-safe: if the caller is dropped while it waits for room (the client went away, or
+    /// shutdown's grace ran out), the record is handed to [`send_detached`](Self::send_detached)
+    /// rather than lost.
     pub async fn send(&self, record: RequestRecord) {
-        if let Err(err) = self.tx.send(record).await {
+        let mut waiting = Waiting {
+            sink: self,
+            record: Some(record),
+        };
+        let permit = self.tx.reserve().await;
+        let Some(record) = waiting.record.take() else {
+            return;
+        };
+        match permit {
+            Ok(permit) => permit.send(record),
             // Only after the writer is gone, which happens after shutdown has drained every sender.
-            eprintln!(
+            Err(_) => eprintln!(
                 "sluice: request log writer is closed; record {} not stored",
-                err.0.id
-            );
+                record.id
+            ),
         }
     }
 
@@ -361,6 +374,20 @@ impl LogSink {
     }
 }
 
+/// A record whose [`LogSink::send`] waits for room; sent detached if the wait is abandoned.
+struct Waiting<'a> {
+    sink: &'a LogSink,
+    record: Option<RequestRecord>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            self.sink.send_detached(record);
+        }
+    }
+}
+
 #[cfg(test)]
 mod queue_tests {
     use super::*;
@@ -380,5 +407,24 @@ mod queue_tests {
         assert_eq!(sink.queued(), 3);
         rx.recv().await.expect("a record");
         assert_eq!(sink.queued(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_send_abandoned_while_the_queue_is_full_still_delivers_its_record() {
+        let (sink, mut rx) = LogSink::channel(1);
+        let first = RequestRecord::start(Uuid::now_v7(), "chat.completions", false);
+        let second = RequestRecord::start(Uuid::now_v7(), "chat.completions", false);
+        let (a, b) = (first.id, second.id);
+        sink.send(first).await;
+        // The queue is full: the send waits, and its caller gives up.
+        let gave_up =
+            tokio::time::timeout(std::time::Duration::from_millis(50), sink.send(second)).await;
+        assert!(gave_up.is_err(), "the send should have been waiting");
+        let got = |r: Option<RequestRecord>| r.expect("a record").id;
+        assert_eq!(got(rx.recv().await), a);
+        let next = tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv())
+            .await
+            .expect("the abandoned record still arrives");
+        assert_eq!(got(next), b);
     }
 }

@@ -310,9 +310,11 @@ impl Reservation {
         for l in &self.local {
             let mut l = l.lock();
             l.reserved = (l.reserved - self.worst).max(0);
+            // Saturating: an absurd cost reported by a broken upstream pins the ledger at its
+            // ceiling (spent, refusing more) rather than wrapping it negative (unlimited).
             match &mut l.spent {
-                Some(s) => *s += actual,
-                None => l.early += actual,
+                Some(s) => *s = s.saturating_add(actual),
+                None => l.early = l.early.saturating_add(actual),
             }
         }
         if let Some((shared, ledgers, holder)) = self.shared.take() {
@@ -579,7 +581,7 @@ impl Budgets {
             }
         }
         for (_, g) in &mut guards {
-            g.reserved += worst;
+            g.reserved = g.reserved.saturating_add(worst);
         }
         drop(guards);
         let held = order
@@ -651,6 +653,20 @@ mod tests {
             b.reserve(&limits, 0.000_001).await.is_err(),
             "exactly spent"
         );
+    }
+
+    #[tokio::test]
+    async fn an_absurd_cost_pins_the_ledger_rather_than_wrapping_it() {
+        let b = Budgets::new(Some(Arc::new(FixedSpend(0.0))), None);
+        let limits = [daily(Spender::Key("k".into()), 1.00)];
+        // Two requests under way; a broken upstream reports usage so large that each cost
+        // saturates.
+        let r1 = b.reserve(&limits, 0.01).await.unwrap().unwrap();
+        let r2 = b.reserve(&limits, 0.01).await.unwrap().unwrap();
+        r1.settle(1e30);
+        r2.settle(1e30);
+        let e = b.reserve(&limits, 0.01).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientQuota);
     }
 
     /// Counts the spend reads.

@@ -94,7 +94,7 @@ fn with_usage(body: &str, r: &RequestRecord) -> Option<String> {
             serde_json::json!({
                 "prompt_tokens": r.prompt_tokens,
                 "completion_tokens": r.completion_tokens,
-                "total_tokens": r.prompt_tokens + r.completion_tokens,
+                "total_tokens": r.prompt_tokens.saturating_add(r.completion_tokens),
             }),
         );
     }

@@ -202,14 +202,15 @@ impl Finisher {
         r.finished_at = Utc::now();
         r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         self.in_flight = None;
+        let tokens = r.prompt_tokens.saturating_add(r.completion_tokens);
         if let Some(t) = self.tokens.take() {
-            t.settle(r.prompt_tokens + r.completion_tokens);
+            t.settle(tokens);
         }
         for mut l in std::mem::take(&mut self.limit) {
-            l.settle(r.prompt_tokens + r.completion_tokens);
+            l.settle(tokens);
         }
         if let Some(mut l) = self.shared_limit.take() {
-            l.settle(r.prompt_tokens + r.completion_tokens);
+            l.settle(tokens);
         }
         if let Some(b) = self.budget.take() {
             b.settle(r.cost_usd);
@@ -249,18 +250,19 @@ impl Finisher {
         }
     }
 
-    /// Completes the record of a whole chat completion; returns its cost. `req` is the client's
-    /// request; without reported usage it is counted with the deployment's model's tokenizer.
+    /// Completes the record of a whole chat completion; returns its cost, and the usage counted
+    /// with the deployment's model's tokenizer when the upstream reported none (the client is
+    /// then given that). `req` is the client's request.
     pub async fn complete(
         &mut self,
         req: &ChatRequest,
         dep: &Deployment,
         completion: &ChatCompletion,
         body: Option<RawJson>,
-    ) -> f64 {
-        let cost = {
+    ) -> (f64, Option<Usage>) {
+        let counted = {
             let Some(r) = self.record.as_mut() else {
-                return 0.0;
+                return (0.0, None);
             };
             let usage = completion.usage.clone();
             let model = dep.upstream_model();
@@ -275,12 +277,14 @@ impl Finisher {
                 .first()
                 .and_then(|c| c.finish_reason.clone());
             r.response_body = body;
-            r.cost_usd
+            let counted = (r.usage_source == UsageSource::Tokenizer)
+                .then(|| Usage::new(r.prompt_tokens, r.completion_tokens, 0));
+            (r.cost_usd, counted)
         };
         if let Some(r) = self.close() {
             self.sink.send(r).await;
         }
-        cost
+        counted
     }
 
     /// Completes the record of a request answered from the cache.
@@ -309,13 +313,13 @@ impl Finisher {
             let usage = reported.then(|| Usage::new(resp.usage.prompt_tokens, 0, 0));
             let model = dep.upstream_model();
             apply_usage(r, usage, dep.price, || {
-                let n = req
+                let n: u64 = req
                     .input
                     .texts()
                     .iter()
                     .map(|t| tokens::count_text(model, t))
                     .sum();
-                (n, 0)
+                (n + req.input.token_ids(), 0)
             });
             r.cost_usd
         };
@@ -347,6 +351,17 @@ impl Finisher {
         }
         if let Some(r) = self.close() {
             self.sink.send(r).await;
+        }
+    }
+
+    /// Charges the prompt of a provider call the client's departure cut short (when nothing
+    /// was counted yet): the upstream received it and bills it. `Drop` then writes the record as
+    /// cancelled, and the ledgers settle with this cost.
+    pub fn charge_prompt(&mut self, prompt_tokens: u64, price: Option<ModelPrice>) {
+        if let Some(r) = self.record.as_mut()
+            && r.usage_source == UsageSource::None
+        {
+            apply_usage(r, None, price, || (prompt_tokens, 0));
         }
     }
 

@@ -496,6 +496,15 @@ impl Gateway {
             }
         };
         let mut limit_headers = limit_headers;
+        // Before the cache: a model the configuration no longer has answers 404, not what it
+        // answered before.
+        let mut group = match Self::resolve(&router, &req.model) {
+            Ok(g) => g,
+            Err(e) => {
+                fin.fail(&e).await;
+                return Err(e);
+            }
+        };
         let looked = caching::lookup(
             self.cache.as_ref(),
             &router.cache,
@@ -525,13 +534,6 @@ impl Gateway {
                 return Err(e);
             }
         }
-        let mut group = match Self::resolve(&router, &req.model) {
-            Ok(g) => g,
-            Err(e) => {
-                fin.fail(&e).await;
-                return Err(e);
-            }
-        };
         let mut route = String::new();
         if let Some(classifier) = &group.classifier {
             let decision = classifier.classify(&req);
@@ -630,15 +632,21 @@ impl Gateway {
             match served {
                 Ok(s) => {
                     let header = route_header(&route, &s.group, &s.dep, fin.attempts());
-                    let completion = Box::new(s.value);
+                    let mut completion = Box::new(s.value);
                     // Serialized once: for the record and, as is, for the response.
-                    let raw = RawJson::of(&*completion);
+                    let mut raw = RawJson::of(&*completion);
                     let stored = if self.bodies == BodyMode::Full || fin.fills_cache() {
                         raw.clone()
                     } else {
                         None
                     };
-                    let cost = fin.complete(&req, &s.dep.dep, &completion, stored).await;
+                    let (cost, counted) = fin.complete(&req, &s.dep.dep, &completion, stored).await;
+                    if let Some(usage) = counted {
+                        // The upstream reported no usage: the client gets Sluice's count, as
+                        // the record has it.
+                        completion.usage = Some(usage);
+                        raw = RawJson::of(&*completion);
+                    }
                     Ok(ChatOutcome::Complete {
                         completion,
                         raw,
@@ -747,9 +755,10 @@ impl Gateway {
         };
         if let Err(e) = self
             .reserve_budget(&router, key.as_deref(), &mut fin, || {
+                // Every byte of text a token at most, and every token id given one.
                 let bytes: usize = req.input.texts().iter().map(|t| t.len()).sum();
                 let (input, _) = dearest(&router, &group);
-                bytes as f64 * input / 1e6
+                (bytes as u64 + req.input.token_ids()) as f64 * input / 1e6
             })
             .await
         {
@@ -991,7 +1000,19 @@ impl Gateway {
             made += 1;
             let started = Instant::now();
             fin.attempt(&group.name, &dep.dep, started);
-            let result = call.call(group, &dep).await;
+            let result = {
+                // If the request is dropped during the call (the client left), the upstream has
+                // the prompt: the record and the ledgers are charged for it.
+                let mut open = OpenAttempt {
+                    fin: &mut *fin,
+                    call,
+                    dep: &dep,
+                    armed: true,
+                };
+                let result = call.call(group, &dep).await;
+                open.armed = false;
+                result
+            };
             let elapsed = started.elapsed();
             match result {
                 Ok(value) => {
@@ -1063,6 +1084,39 @@ trait Call<T>: Sync {
     fn reports_at_end(&self) -> bool {
         false
     }
+
+    /// The prompt's tokens as `d`'s model counts them, for a call cut short by the client.
+    fn prompt_tokens(&self, d: &DeploymentState) -> u64;
+}
+
+/// A provider call under way. Dropped while armed, the request went away mid-call: the prompt
+/// was sent, so the record is charged for it (the provider bills it) before it closes as
+/// cancelled.
+struct OpenAttempt<'a, T> {
+    fin: &'a mut Finisher,
+    call: &'a dyn Call<T>,
+    dep: &'a DeploymentState,
+    armed: bool,
+}
+
+impl<T> Drop for OpenAttempt<'_, T> {
+    fn drop(&mut self) {
+        if self.armed {
+            let tokens = self.call.prompt_tokens(self.dep);
+            self.fin.charge_prompt(tokens, self.dep.dep.price);
+        }
+    }
+}
+
+/// A chat prompt's tokens with `d`'s tokenizer, or four bytes a token when it is too long to
+/// tokenize on the request path.
+fn chat_prompt_tokens(req: &ChatRequest, d: &DeploymentState) -> u64 {
+    let bytes: usize = req.messages.iter().map(|m| m.text_len()).sum();
+    if bytes > TOKENIZE_ESTIMATE_MAX_BYTES {
+        (bytes as u64).div_ceil(4)
+    } else {
+        tokens::count_prompt(d.dep.upstream_model(), req)
+    }
 }
 
 struct ChatCall<'r>(&'r ChatRequest);
@@ -1081,6 +1135,10 @@ impl Call<ChatCompletion> for ChatCall<'_> {
             )
             .await
         })
+    }
+
+    fn prompt_tokens(&self, d: &DeploymentState) -> u64 {
+        chat_prompt_tokens(self.0, d)
     }
 }
 
@@ -1103,6 +1161,10 @@ impl Call<Opened> for StreamCall<'_> {
     fn reports_at_end(&self) -> bool {
         true
     }
+
+    fn prompt_tokens(&self, d: &DeploymentState) -> u64 {
+        chat_prompt_tokens(self.0, d)
+    }
 }
 
 struct EmbedCall<'r>(&'r EmbeddingRequest);
@@ -1122,6 +1184,20 @@ impl Call<EmbeddingResponse> for EmbedCall<'_> {
             )
             .await
         })
+    }
+
+    fn prompt_tokens(&self, d: &DeploymentState) -> u64 {
+        let model = d.dep.upstream_model();
+        let text: u64 = (self.0.input.texts().iter())
+            .map(|t| {
+                if t.len() > TOKENIZE_ESTIMATE_MAX_BYTES {
+                    (t.len() as u64).div_ceil(4)
+                } else {
+                    tokens::count_text(model, t)
+                }
+            })
+            .sum();
+        text + self.0.input.token_ids()
     }
 }
 
@@ -1309,10 +1385,11 @@ fn worst_chat_cost(req: &ChatRequest, router: &Router, group: &Group, default_ma
     (prompt as f64 * input + completion as f64 * output) / 1e6
 }
 
-/// An embedding request's tokens before the call: a quarter of its input's bytes.
+/// An embedding request's tokens before the call: a quarter of its text's bytes, plus the token
+/// ids it gives as such.
 fn embed_estimate(req: &EmbeddingRequest) -> u64 {
     let bytes: usize = req.input.texts().iter().map(|t| t.len()).sum();
-    (bytes as u64).div_ceil(4)
+    (bytes as u64).div_ceil(4) + req.input.token_ids()
 }
 
 /// A request's tokens for the tokens-per-minute rate limits: its prompt counted with the

@@ -57,8 +57,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// How long a rate window's key outlives its last write: twice the window.
 const WINDOW_TTL_SECS: u64 = 120;
-/// How long an in-flight set outlives its last admission.
-const PARALLEL_TTL_SECS: u64 = 600;
+/// How long an in-flight set outlives its last admission: as long as the hold of the slot that
+/// admission took, so the set cannot lapse under a request still holding its slot.
+const PARALLEL_TTL_SECS: u64 = HOLD_MS / 1000;
 /// How long a request holds its in-flight slot and its budget reservation at most: each is an
 /// entry with this deadline, so those of a replica that died mid-request lapse on their own
 /// (a request that runs longer keeps going; only its hold lapses, and its cost is still
@@ -1305,6 +1306,14 @@ mod tests {
             other => panic!("admitted: {other:?}"),
         };
         let first = holder(s.admit(&subjects, 0).await.expect("admit"));
+        // The set lives as long as the slot's hold: it cannot lapse under a running request.
+        let mut conn = s.conn.clone();
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(s.limit_key("key:k", "par"))
+            .query_async(&mut conn)
+            .await
+            .expect("pttl");
+        assert!(ttl > 0 && ttl as u64 + 5_000 >= HOLD_MS, "ttl {ttl} ms");
         let second = s.admit(&subjects, 0).await.expect("admit");
         let SharedAdmit::Admitted { windows, .. } = &second else {
             panic!("two fit: {second:?}")

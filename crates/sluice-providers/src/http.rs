@@ -10,11 +10,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
 use http::uri::Scheme;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
 use http_body_util::{BodyDataStream, BodyExt, Full};
+
+pub use crate::sse::Event;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as Pool;
@@ -536,13 +537,16 @@ pub fn error_message(body: &[u8]) -> (String, Option<String>) {
         .or_else(|| err.as_str())
         .map(str::to_string)
         .unwrap_or_else(|| snippet(body));
+    // The first of `code`, `type` and `status` that is a string (OpenAI sends `"code": null`
+    // beside its type; llama.cpp a numeric `code` beside a telling `type`), else a numeric code.
+    let field = |k: &str| err.get(k);
     let code = ["code", "type", "status"]
         .iter()
-        .find_map(|k| err.get(*k))
-        .and_then(|c| match c {
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            _ => None,
+        .find_map(|k| field(k).and_then(|c| c.as_str()).map(str::to_string))
+        .or_else(|| {
+            ["code", "status"]
+                .iter()
+                .find_map(|k| field(k).and_then(|c| c.as_number()).map(|n| n.to_string()))
         });
     (message, code)
 }
@@ -557,32 +561,62 @@ pub fn snippet(body: &[u8]) -> String {
     }
 }
 
-/// The SSE events of a streamed response, each within `idle` of the previous one. The stream ends
-/// after its first error.
+/// The SSE events of a streamed response. The body may be silent for at most `idle`: any bytes
+/// count, so an upstream's keep-alive comments keep a slow stream open. The stream ends after its
+/// first error.
 pub fn sse_events(
     resp: Response<Incoming>,
     idle: Duration,
 ) -> impl Stream<Item = Result<Event, ProviderError>> + Send + 'static {
-    let events = Box::pin(BodyDataStream::new(resp.into_body()).eventsource());
-    futures::stream::unfold(Some(events), move |state| async move {
-        let mut events = state?;
-        match tokio::time::timeout(idle, events.next()).await {
-            Err(_) => Some((
-                Err(ProviderError::Timeout(format!(
-                    "stream was silent for {:.1}s",
-                    idle.as_secs_f64()
-                ))),
-                None,
-            )),
-            Ok(None) => None,
-            Ok(Some(Ok(ev))) => Some((Ok(ev), Some(events))),
-            Ok(Some(Err(e))) => Some((
-                Err(match e {
-                    eventsource_stream::EventStreamError::Transport(e) => body_error(&e),
-                    other => ProviderError::Protocol(format!("malformed event stream: {other}")),
-                }),
-                None,
-            )),
+    struct State {
+        body: BodyDataStream<Incoming>,
+        decoder: crate::sse::Decoder,
+        ready: std::collections::VecDeque<Event>,
+        ended: bool,
+    }
+    let state = State {
+        body: BodyDataStream::new(resp.into_body()),
+        decoder: crate::sse::Decoder::new(),
+        ready: std::collections::VecDeque::new(),
+        ended: false,
+    };
+    futures::stream::unfold(state, move |mut st| async move {
+        loop {
+            if let Some(ev) = st.ready.pop_front() {
+                return Some((Ok(ev), st));
+            }
+            if st.ended {
+                return None;
+            }
+            match tokio::time::timeout(idle, st.body.next()).await {
+                Err(_) => {
+                    st.ended = true;
+                    let err = ProviderError::Timeout(format!(
+                        "stream was silent for {:.1}s",
+                        idle.as_secs_f64()
+                    ));
+                    return Some((Err(err), st));
+                }
+                Ok(None) => {
+                    st.ended = true;
+                    st.ready.extend(st.decoder.finish());
+                }
+                Ok(Some(Err(e))) => {
+                    st.ended = true;
+                    return Some((Err(body_error(&e)), st));
+                }
+                Ok(Some(Ok(bytes))) => {
+                    if st.decoder.feed(&bytes, &mut st.ready).is_err() {
+                        st.ended = true;
+                        st.ready.clear();
+                        let err = ProviderError::Protocol(format!(
+                            "malformed event stream: a line longer than {} MiB",
+                            crate::sse::MAX_LINE / (1024 * 1024)
+                        ));
+                        return Some((Err(err), st));
+                    }
+                }
+            }
         }
     })
 }
@@ -882,6 +916,105 @@ mod tests {
             Err(other) => panic!("{other:?}"),
             Ok(_) => panic!("a truncated body parsed"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_opens_with_a_byte_order_mark_is_read() {
+        let (addr, _seen) = server(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n\
+             \u{feff}data: {\"id\":\"x\"}\n\ndata: caf\u{e9}\n\n",
+        )
+        .await;
+        let client = direct();
+        let resp = fetch(&client, &format!("http://{addr}/s"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let events: Vec<_> = sse_events(resp, Duration::from_secs(5)).collect().await;
+        let data: Vec<String> = events.into_iter().map(|e| e.unwrap().data).collect();
+        assert_eq!(data, ["{\"id\":\"x\"}", "caf\u{e9}"]);
+    }
+
+    /// A server that answers with an event-stream head, then writes `parts` `gap` apart.
+    async fn trickling(parts: Vec<&'static [u8]>, gap: Duration) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            read_request(&mut sock).await;
+            let head =
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+            sock.write_all(head.as_bytes()).await.unwrap();
+            for p in parts {
+                tokio::time::sleep(gap).await;
+                if sock.write_all(p).await.is_err() {
+                    return;
+                }
+            }
+            sock.shutdown().await.ok();
+        });
+        format!("127.0.0.1:{}", addr.port())
+    }
+
+    #[tokio::test]
+    async fn keep_alive_comments_hold_a_slow_stream_open_and_silence_ends_it() {
+        // Six comments 100 ms apart, then the event: 700 ms in all, each gap under the 300 ms idle.
+        let mut parts: Vec<&'static [u8]> = vec![b": keep-alive\n\n"; 6];
+        parts.push(b"data: late\n\n");
+        let addr = trickling(parts, Duration::from_millis(100)).await;
+        let client = direct();
+        let resp = fetch(&client, &format!("http://{addr}/s"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let events: Vec<_> = sse_events(resp, Duration::from_millis(300)).collect().await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].as_ref().unwrap().data, "late");
+
+        // The same event after a silence longer than the idle limit.
+        let addr = trickling(vec![b"data: too late\n\n"], Duration::from_millis(600)).await;
+        let resp = fetch(&client, &format!("http://{addr}/s"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let events: Vec<_> = sse_events(resp, Duration::from_millis(300)).collect().await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(
+            matches!(events[0], Err(ProviderError::Timeout(_))),
+            "{events:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_invalid_byte_mid_stream_is_replaced_and_the_stream_goes_on() {
+        let parts: Vec<&'static [u8]> = vec![b"data: a\xFFb\n\n", b"data: [DONE]\n\n"];
+        let addr = trickling(parts, Duration::from_millis(10)).await;
+        let client = direct();
+        let resp = fetch(&client, &format!("http://{addr}/s"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let events: Vec<_> = sse_events(resp, Duration::from_millis(500)).collect().await;
+        let data: Vec<String> = events.into_iter().map(|e| e.unwrap().data).collect();
+        assert_eq!(data, ["a\u{fffd}b", "[DONE]"]);
+    }
+
+    #[test]
+    fn an_error_bodys_code_is_its_first_string_code_or_type() {
+        // OpenAI: a null code beside the type.
+        let (m, code) = error_message(
+            br#"{"error":{"message":"bad","type":"invalid_request_error","code":null}}"#,
+        );
+        assert_eq!(
+            (m.as_str(), code.as_deref()),
+            ("bad", Some("invalid_request_error"))
+        );
+        // llama.cpp: a numeric code beside a telling type.
+        let (_, code) = error_message(
+            br#"{"error":{"code":400,"message":"the request exceeds the available context size","type":"exceed_context_size_error"}}"#,
+        );
+        assert_eq!(code.as_deref(), Some("exceed_context_size_error"));
+        // A string code wins; a numeric code alone is kept.
+        let (_, code) = error_message(br#"{"error":{"code":"rate_limit","type":"x"}}"#);
+        assert_eq!(code.as_deref(), Some("rate_limit"));
+        let (_, code) = error_message(br#"{"error":{"code":503,"message":"busy"}}"#);
+        assert_eq!(code.as_deref(), Some("503"));
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ pub mod http;
 pub mod local;
 pub mod mock;
 pub mod openai;
+pub mod sse;
 
 /// One `[providers.NAME]` table.
 #[derive(Debug, Clone, Deserialize)]

@@ -101,6 +101,8 @@ pub struct OpenAi {
     headers: HeaderMap,
     stream_usage: bool,
     timeouts: Timeouts,
+    /// OpenAI's own API or Azure OpenAI, which refuse some fields other servers take.
+    official: bool,
 }
 
 fn resolve(key: &Option<SecretRef>) -> Result<Option<Secret>, String> {
@@ -131,6 +133,7 @@ impl OpenAi {
             headers,
             stream_usage: cfg.stream_usage,
             timeouts,
+            official: is_openai_host(base),
         })
     }
 
@@ -154,6 +157,7 @@ impl OpenAi {
             headers,
             stream_usage: cfg.stream_usage,
             timeouts,
+            official: true,
         })
     }
 
@@ -205,12 +209,16 @@ impl ChatProvider for OpenAi {
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
         let url = self.url(&req.model, "chat")?;
-        let request = http::post_json(&url, &self.headers, req)?;
+        let adjusted = self.official.then(|| for_official(req)).flatten();
+        let request = http::post_json(&url, &self.headers, adjusted.as_ref().unwrap_or(req))?;
         self.client.json(request, self.timeouts.request).await
     }
 
     async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
-        let mut body = req.clone();
+        let mut body = match self.official.then(|| for_official(req)).flatten() {
+            Some(b) => b,
+            None => req.clone(),
+        };
         body.stream = Some(true);
         if self.stream_usage && !body.wants_stream_usage() {
             body.stream_options
@@ -232,12 +240,30 @@ impl ChatProvider for OpenAi {
     }
 }
 
+/// Whether a base URL is OpenAI's own API.
+fn is_openai_host(base: &str) -> bool {
+    http::parse_uri(base).is_ok_and(|u| u.host() == Some("api.openai.com"))
+}
+
+/// The request as OpenAI's own API (and Azure OpenAI) takes it, when it needs changing: they
+/// refuse `max_tokens` on reasoning models (o-series, GPT-5) but read `max_completion_tokens` on
+/// every chat model, so the limit moves there; and they refuse `top_k` (which an Anthropic
+/// client may send), which is left out.
+fn for_official(req: &ChatRequest) -> Option<ChatRequest> {
+    if req.max_tokens.is_none() && !req.extra.contains_key("top_k") {
+        return None;
+    }
+    let mut out = req.clone();
+    let max = out.max_tokens.take();
+    out.max_completion_tokens = out.max_completion_tokens.or(max);
+    out.extra.remove("top_k");
+    Some(out)
+}
+
 /// Parses an OpenAI SSE stream into chunks. `[DONE]` ends it; an `{"error": …}` event becomes an
 /// error; a stream that ends without `[DONE]` and without a finish reason is reported as cut.
 fn openai_chunks(
-    events: impl futures::Stream<Item = Result<eventsource_stream::Event, ProviderError>>
-    + Send
-    + 'static,
+    events: impl futures::Stream<Item = Result<http::Event, ProviderError>> + Send + 'static,
 ) -> impl futures::Stream<Item = Result<ChatCompletionChunk, ProviderError>> + Send + 'static {
     struct State<S> {
         events: std::pin::Pin<Box<S>>,
@@ -280,7 +306,8 @@ fn openai_chunks(
                         return None;
                     }
                     match serde_json::from_str::<ChatCompletionChunk>(data) {
-                        Ok(chunk) => {
+                        Ok(mut chunk) => {
+                            chunk.place_unindexed_tool_calls();
                             if chunk.choices.iter().any(|c| c.finish_reason.is_some()) {
                                 st.finished = true;
                             }
@@ -310,4 +337,46 @@ fn openai_chunks(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openais_own_api_gets_max_completion_tokens_and_no_top_k() {
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "o4-mini", "max_tokens": 1024, "top_k": 40,
+            "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .unwrap();
+        let out = for_official(&req).expect("changed");
+        let v = serde_json::to_value(&out).unwrap();
+        assert_eq!(v["max_completion_tokens"], 1024);
+        assert!(v.get("max_tokens").is_none(), "{v}");
+        assert!(v.get("top_k").is_none(), "{v}");
+        // A request that needs nothing is sent as it is.
+        let plain: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "gpt-4o", "max_completion_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .unwrap();
+        assert!(for_official(&plain).is_none());
+
+        assert!(is_openai_host("https://api.openai.com/v1"));
+        assert!(!is_openai_host("http://127.0.0.1:8000/v1"));
+        assert!(!is_openai_host("https://api.openai.com.example.net/v1"));
+        let local = OpenAi::new(&OpenAiConfig {
+            base_url: "http://localhost:8000/v1".into(),
+            api_key: None,
+            headers: BTreeMap::new(),
+            stream_usage: true,
+            timeouts: HttpSettings::default(),
+        })
+        .unwrap();
+        assert!(
+            !local.official,
+            "compatible servers take max_tokens and top_k as they are"
+        );
+    }
 }

@@ -558,6 +558,18 @@ fn stop_reason_for(finish_reason: Option<&str>, has_tool_use: bool) -> &'static 
     }
 }
 
+/// The choice field that names the stop sequence a completion ended on. vLLM's OpenAI server
+/// sends the same field, so an Anthropic client gets `stop_reason: "stop_sequence"` from either.
+const STOP_SEQUENCE_FIELD: &str = "stop_reason";
+
+/// The stop sequence an OpenAI choice says it ended on, if it ended on one.
+fn matched_stop_sequence<'a>(finish_reason: Option<&str>, extra: &'a Extra) -> Option<&'a str> {
+    match (finish_reason, extra.get(STOP_SEQUENCE_FIELD)) {
+        (Some("stop"), Some(Value::String(s))) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
 /// OpenAI usage from Anthropic's counts: the prompt includes cache reads and cache writes.
 fn openai_usage(input: u64, output: u64, cache_read: u64, cache_creation: u64) -> Usage {
     let prompt = input
@@ -978,12 +990,21 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
                 .as_deref()
                 .map(|r| finish_reason_for(r).to_string()),
             logprobs: None,
-            extra: Extra::new(),
+            extra: stop_sequence_extra(resp.stop_sequence),
         }],
         usage,
         system_fingerprint: None,
         extra: Extra::new(),
     }
+}
+
+/// The choice's extra fields that carry the stop sequence the message ended on.
+fn stop_sequence_extra(stop_sequence: Option<String>) -> Extra {
+    let mut extra = Extra::new();
+    if let Some(s) = stop_sequence {
+        extra.insert(STOP_SEQUENCE_FIELD.into(), Value::String(s));
+    }
+    extra
 }
 
 /// Compact JSON of a tool input, `{}` when absent.
@@ -1009,8 +1030,8 @@ pub struct StreamDecoder {
     output_tokens: u64,
     cache_read: u64,
     cache_creation: u64,
-    /// Content-block index → OpenAI tool-call index.
-    tool_blocks: HashMap<u32, u32>,
+    /// Content-block index → OpenAI tool-call index, and whether any of its arguments were sent.
+    tool_blocks: HashMap<u32, (u32, bool)>,
     stopped: bool,
     /// Whether the stream reported any usage (absent usage is not zero usage).
     saw_usage: bool,
@@ -1088,12 +1109,13 @@ impl StreamDecoder {
                     id, name, input, ..
                 } => {
                     let tool_index = u32::try_from(self.tool_blocks.len()).unwrap_or(u32::MAX);
-                    self.tool_blocks.insert(index, tool_index);
                     // Streams start tool inputs as `{}` and send the JSON in deltas.
                     let arguments = match &input {
                         Value::Object(o) if !o.is_empty() => input.to_string(),
                         _ => String::new(),
                     };
+                    self.tool_blocks
+                        .insert(index, (tool_index, !arguments.is_empty()));
                     out.push(self.tool_chunk(ToolCallDelta {
                         index: tool_index,
                         id: Some(id),
@@ -1114,21 +1136,15 @@ impl StreamDecoder {
                     out.push(self.reasoning_chunk(thinking));
                 }
                 BlockDelta::InputJsonDelta { partial_json } => {
-                    let tool_index = *self.tool_blocks.get(&index).ok_or_else(|| {
+                    let (tool_index, sent) = self.tool_blocks.get_mut(&index).ok_or_else(|| {
                         err(format!(
                             "input_json_delta for content block {index}, which is not a tool_use block"
                         ))
                     })?;
+                    let tool_index = *tool_index;
                     if !partial_json.is_empty() {
-                        out.push(self.tool_chunk(ToolCallDelta {
-                            index: tool_index,
-                            id: None,
-                            kind: None,
-                            function: Some(FunctionCallDelta {
-                                name: None,
-                                arguments: Some(partial_json),
-                            }),
-                        }));
+                        *sent = true;
+                        out.push(self.arguments_chunk(tool_index, partial_json));
                     }
                 }
                 _ => {}
@@ -1148,10 +1164,12 @@ impl StreamDecoder {
                     }
                 }
                 if let Some(reason) = delta.stop_reason {
-                    out.push(self.chunk(
+                    let mut chunk = self.chunk(
                         Delta::default(),
                         Some(finish_reason_for(&reason).to_string()),
-                    ));
+                    );
+                    chunk.choices[0].extra = stop_sequence_extra(delta.stop_sequence);
+                    out.push(chunk);
                 }
             }
             StreamEvent::MessageStop => {
@@ -1171,7 +1189,18 @@ impl StreamDecoder {
                     error.kind, error.message
                 )));
             }
-            StreamEvent::ContentBlockStop { .. } | StreamEvent::Ping | StreamEvent::Other(_) => {}
+            StreamEvent::ContentBlockStop { index } => {
+                // A tool called without arguments streams none (an empty `partial_json` at
+                // most); its arguments are then the empty object, as in a whole response.
+                if let Some((tool_index, sent)) = self.tool_blocks.get_mut(&index)
+                    && !*sent
+                {
+                    *sent = true;
+                    let tool_index = *tool_index;
+                    out.push(self.arguments_chunk(tool_index, "{}".into()));
+                }
+            }
+            StreamEvent::Ping | StreamEvent::Other(_) => {}
         }
         Ok(out)
     }
@@ -1200,6 +1229,19 @@ impl StreamDecoder {
             .extra
             .insert("reasoning_content".into(), Value::String(thinking));
         self.chunk(delta, None)
+    }
+
+    /// A chunk carrying more of a tool call's arguments.
+    fn arguments_chunk(&self, tool_index: u32, arguments: String) -> ChatCompletionChunk {
+        self.tool_chunk(ToolCallDelta {
+            index: tool_index,
+            id: None,
+            kind: None,
+            function: Some(FunctionCallDelta {
+                name: None,
+                arguments: Some(arguments),
+            }),
+        })
     }
 
     fn tool_chunk(&self, call: ToolCallDelta) -> ChatCompletionChunk {
@@ -1321,6 +1363,9 @@ fn user_to_openai(
     i: usize,
     messages: &mut Vec<Message>,
 ) -> Result<(), TranslateError> {
+    // Images and documents a tool returned: an OpenAI tool message holds only text, so they go
+    // to the user message that follows the tool messages, each after a line naming its call.
+    let mut tool_media = Vec::new();
     let mut parts = Vec::new();
     for block in blocks {
         match block {
@@ -1339,61 +1384,40 @@ fn user_to_openai(
                 } else {
                     text
                 };
+                if let Some(ToolResultContent::Blocks(inner)) = content {
+                    let mut media = Vec::new();
+                    for b in inner {
+                        if !matches!(b, ContentBlock::Text { .. }) {
+                            media.extend(media_part(b, i)?);
+                        }
+                    }
+                    if !media.is_empty() {
+                        tool_media.push(ContentPart::text(format!(
+                            "[Attached by the result of tool call {tool_use_id}]"
+                        )));
+                        tool_media.extend(media);
+                    }
+                }
                 let mut msg = Message::text(Role::Tool, text);
                 msg.tool_call_id = Some(tool_use_id.clone());
                 // Tool messages must directly follow the assistant message that called the tools.
                 messages.push(msg);
             }
             ContentBlock::Text { text, .. } => parts.push(ContentPart::text(text.clone())),
-            ContentBlock::Image { source, .. } => {
-                let url = match source {
-                    ImageSource::Base64 { media_type, data } => {
-                        format!("data:{media_type};base64,{data}")
-                    }
-                    ImageSource::Url { url } => url.clone(),
-                    ImageSource::Other(_) => {
-                        return Err(err(format!(
-                            "messages[{i}]: only base64 and url image sources are supported"
-                        )));
-                    }
-                };
-                parts.push(ContentPart {
-                    kind: "image_url".into(),
-                    text: None,
-                    image_url: Some(ImageUrl { url, detail: None }),
-                    extra: Extra::new(),
-                });
-            }
             ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => {}
-            ContentBlock::Other(v) if is_base64_document(v) => {
-                let source = &v["source"];
-                let media_type = source["media_type"].as_str().unwrap_or("application/pdf");
-                let data = source["data"].as_str().unwrap_or_default();
-                let mut file = Map::new();
-                file.insert(
-                    "file_data".into(),
-                    Value::String(format!("data:{media_type};base64,{data}")),
-                );
-                if let Some(title) = v.get("title").and_then(Value::as_str) {
-                    file.insert("filename".into(), Value::String(title.to_string()));
+            other => match media_part(other, i)? {
+                Some(part) => parts.push(part),
+                None => {
+                    return Err(err(format!(
+                        "messages[{i}]: `{}` blocks in user messages are not supported",
+                        other.kind()
+                    )));
                 }
-                let mut part_extra = Extra::new();
-                part_extra.insert("file".into(), Value::Object(file));
-                parts.push(ContentPart {
-                    kind: "file".into(),
-                    text: None,
-                    image_url: None,
-                    extra: part_extra,
-                });
-            }
-            other => {
-                return Err(err(format!(
-                    "messages[{i}]: `{}` blocks in user messages are not supported",
-                    other.kind()
-                )));
-            }
+            },
         }
     }
+    tool_media.append(&mut parts);
+    let parts = tool_media;
     if !parts.is_empty() {
         let content = match parts.as_slice() {
             [only] if only.kind == "text" => Content::Text(only.text.clone().unwrap_or_default()),
@@ -1409,6 +1433,53 @@ fn user_to_openai(
         });
     }
     Ok(())
+}
+
+/// An image or base64 document block as an OpenAI content part; `None` for any other block.
+fn media_part(block: &ContentBlock, i: usize) -> Result<Option<ContentPart>, TranslateError> {
+    match block {
+        ContentBlock::Image { source, .. } => {
+            let url = match source {
+                ImageSource::Base64 { media_type, data } => {
+                    format!("data:{media_type};base64,{data}")
+                }
+                ImageSource::Url { url } => url.clone(),
+                ImageSource::Other(_) => {
+                    return Err(err(format!(
+                        "messages[{i}]: only base64 and url image sources are supported"
+                    )));
+                }
+            };
+            Ok(Some(ContentPart {
+                kind: "image_url".into(),
+                text: None,
+                image_url: Some(ImageUrl { url, detail: None }),
+                extra: Extra::new(),
+            }))
+        }
+        ContentBlock::Other(v) if is_base64_document(v) => {
+            let source = &v["source"];
+            let media_type = source["media_type"].as_str().unwrap_or("application/pdf");
+            let data = source["data"].as_str().unwrap_or_default();
+            let mut file = Map::new();
+            file.insert(
+                "file_data".into(),
+                Value::String(format!("data:{media_type};base64,{data}")),
+            );
+            if let Some(title) = v.get("title").and_then(Value::as_str) {
+                file.insert("filename".into(), Value::String(title.to_string()));
+            }
+            let mut part_extra = Extra::new();
+            part_extra.insert("file".into(), Value::Object(file));
+            Ok(Some(ContentPart {
+                kind: "file".into(),
+                text: None,
+                image_url: None,
+                extra: part_extra,
+            }))
+        }
+        _ => Ok(None),
+    }
 }
 
 fn is_base64_document(v: &Value) -> bool {
@@ -1505,10 +1576,14 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
     let has_tool_use = content
         .iter()
         .any(|b| matches!(b, ContentBlock::ToolUse { .. }));
-    let stop_reason = stop_reason_for(
-        choice.and_then(|c| c.finish_reason.as_deref()),
-        has_tool_use,
-    );
+    let finish_reason = choice.and_then(|c| c.finish_reason.as_deref());
+    let stop_sequence = choice
+        .and_then(|c| matched_stop_sequence(finish_reason, &c.extra))
+        .filter(|_| !has_tool_use);
+    let stop_reason = match stop_sequence {
+        Some(_) => "stop_sequence",
+        None => stop_reason_for(finish_reason, has_tool_use),
+    };
     let usage = resp
         .usage
         .as_ref()
@@ -1529,7 +1604,7 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
         content,
         model: model.to_string(),
         stop_reason: Some(stop_reason.to_string()),
-        stop_sequence: None,
+        stop_sequence: stop_sequence.map(str::to_string),
         usage: Some(usage),
         extra: Extra::new(),
     }
@@ -1578,6 +1653,8 @@ pub struct StreamEncoder {
     /// OpenAI tool-call index → content-block index.
     tools: HashMap<u32, u32>,
     finish_reason: Option<String>,
+    /// The stop sequence the completion ended on, when its finishing chunk named one.
+    stop_sequence: Option<String>,
     usage: Option<Usage>,
 }
 
@@ -1595,6 +1672,7 @@ impl StreamEncoder {
             open: None,
             tools: HashMap::new(),
             finish_reason: None,
+            stop_sequence: None,
             usage: None,
         }
     }
@@ -1630,6 +1708,8 @@ impl StreamEncoder {
             }
             if let Some(reason) = &choice.finish_reason {
                 self.finish_reason = Some(reason.clone());
+                self.stop_sequence =
+                    matched_stop_sequence(Some(reason), &choice.extra).map(str::to_string);
             }
         }
         out
@@ -1646,7 +1726,11 @@ impl StreamEncoder {
         self.start(&mut out);
         self.close_open(&mut out);
         self.finished = true;
-        let stop_reason = stop_reason_for(self.finish_reason.as_deref(), !self.tools.is_empty());
+        let stop_sequence = self.stop_sequence.take().filter(|_| self.tools.is_empty());
+        let stop_reason = match stop_sequence {
+            Some(_) => "stop_sequence",
+            None => stop_reason_for(self.finish_reason.as_deref(), !self.tools.is_empty()),
+        };
         let usage = match &self.usage {
             Some(u) => {
                 let cached = u.cached_tokens();
@@ -1666,7 +1750,7 @@ impl StreamEncoder {
         out.push(StreamEvent::MessageDelta {
             delta: MessageDeltaBody {
                 stop_reason: Some(stop_reason.to_string()),
-                stop_sequence: None,
+                stop_sequence,
                 extra: Extra::new(),
             },
             usage: Some(usage),
@@ -1960,9 +2044,17 @@ mod tests {
         }
     }
 
+    /// Stream events from their `data:` payloads.
+    fn parse_events(payloads: Vec<Value>) -> Vec<StreamEvent> {
+        payloads
+            .into_iter()
+            .map(|v| serde_json::from_value(v).expect("event parses"))
+            .collect()
+    }
+
     /// A stream as Anthropic sends it: the `data:` payloads of each SSE event, in order.
     fn recorded_stream() -> Vec<StreamEvent> {
-        [
+        parse_events(vec![
             json!({"type": "message_start", "message": {"id": "msg_stream", "type": "message", "role": "assistant", "content": [], "model": "claude-haiku-4-5", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 25, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 5, "output_tokens": 1}}}),
             json!({"type": "ping"}),
             json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
@@ -1975,10 +2067,38 @@ mod tests {
             json!({"type": "content_block_stop", "index": 1}),
             json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 42}}),
             json!({"type": "message_stop"}),
-        ]
-        .into_iter()
-        .map(|v| serde_json::from_value(v).expect("event parses"))
-        .collect()
+        ])
+    }
+
+    #[test]
+    fn a_streamed_tool_call_without_arguments_gets_the_empty_object() {
+        let events = parse_events(vec![
+            json!({"type": "message_start", "message": {"id": "m1", "type": "message", "role": "assistant", "content": [], "model": "claude-haiku-4-5", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_a", "name": "now", "input": {}}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}}),
+            json!({"type": "content_block_stop", "index": 0}),
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_b", "name": "weather", "input": {}}}),
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city\":\"Oslo\"}"}}),
+            json!({"type": "content_block_stop", "index": 1}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 9}}),
+            json!({"type": "message_stop"}),
+        ]);
+        let mut decoder = StreamDecoder::new();
+        let mut acc = ChunkAccumulator::default();
+        for ev in events {
+            for c in decoder.on_event(ev).expect("no error") {
+                acc.push(&c);
+            }
+        }
+        let done = acc.finish();
+        let calls = done.choices[0]
+            .message
+            .tool_calls
+            .as_ref()
+            .expect("tool calls");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].function.arguments, "{}");
+        assert_eq!(calls[1].function.arguments, "{\"city\":\"Oslo\"}");
     }
 
     #[test]
@@ -2164,6 +2284,97 @@ mod tests {
         let missing_cap: Result<MessagesRequest, _> =
             serde_json::from_value(json!({"model": "m", "messages": []}));
         assert!(missing_cap.is_err(), "max_tokens is required");
+    }
+
+    #[test]
+    fn images_a_tool_returned_reach_the_model_after_the_tool_messages() {
+        let req = messages_request(json!({
+            "model": "m", "max_tokens": 10,
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": [
+                        {"type": "text", "text": "the screenshot"},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+                    ]},
+                    {"type": "tool_result", "tool_use_id": "t2", "content": "plain"},
+                    {"type": "text", "text": "What do you see?"}
+                ]}
+            ]
+        }));
+        let chat = request_to_openai(&req).expect("translates");
+        assert_eq!(chat.messages.len(), 3, "{:?}", chat.messages);
+        assert_eq!(chat.messages[0].role, Role::Tool);
+        assert_eq!(chat.messages[0].text_content(), "the screenshot");
+        assert_eq!(chat.messages[1].tool_call_id.as_deref(), Some("t2"));
+        let user = &chat.messages[2];
+        assert_eq!(user.role, Role::User);
+        let Some(Content::Parts(parts)) = &user.content else {
+            panic!("parts: {user:?}")
+        };
+        assert_eq!(parts.len(), 3, "{parts:?}");
+        assert!(parts[0].text.as_deref().unwrap().contains("t1"));
+        assert_eq!(
+            parts[1].image_url.as_ref().unwrap().url,
+            "data:image/png;base64,iVBORw0KGgo="
+        );
+        assert_eq!(parts[2].text.as_deref(), Some("What do you see?"));
+    }
+
+    #[test]
+    fn the_stop_sequence_a_message_ended_on_survives_both_translations() {
+        let upstream: MessagesResponse = serde_json::from_value(json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+            "content": [{"type": "text", "text": "Counting: 1 2 3 "}],
+            "stop_reason": "stop_sequence", "stop_sequence": "END",
+            "usage": {"input_tokens": 5, "output_tokens": 7}
+        }))
+        .expect("parses");
+        let openai = response_to_openai(upstream);
+        assert_eq!(openai.choices[0].finish_reason.as_deref(), Some("stop"));
+        assert_eq!(openai.choices[0].extra["stop_reason"], "END");
+        let back = response_from_openai(&openai, "claude");
+        assert_eq!(back.stop_reason.as_deref(), Some("stop_sequence"));
+        assert_eq!(back.stop_sequence.as_deref(), Some("END"));
+
+        // Streamed: the decoder's finishing chunk names it, and the encoder passes it on.
+        let events = parse_events(vec![
+            json!({"type": "message_start", "message": {"id": "m2", "type": "message", "role": "assistant", "content": [], "model": "claude-haiku-4-5", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "1 2 3 "}}),
+            json!({"type": "content_block_stop", "index": 0}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"}, "usage": {"output_tokens": 6}}),
+            json!({"type": "message_stop"}),
+        ]);
+        let mut decoder = StreamDecoder::new();
+        let mut encoder = StreamEncoder::new("m2", "claude");
+        let mut out = Vec::new();
+        let mut acc = ChunkAccumulator::default();
+        for ev in events {
+            for c in decoder.on_event(ev).expect("no error") {
+                acc.push(&c);
+                out.extend(encoder.on_chunk(&c));
+            }
+        }
+        out.extend(encoder.finish());
+        let delta = out
+            .iter()
+            .find_map(|e| match e {
+                StreamEvent::MessageDelta { delta, .. } => Some(delta.clone()),
+                _ => None,
+            })
+            .expect("message_delta");
+        assert_eq!(delta.stop_reason.as_deref(), Some("stop_sequence"));
+        assert_eq!(delta.stop_sequence.as_deref(), Some("END"));
+        // And a cached copy of the stream keeps it too.
+        let whole = response_from_openai(&acc.finish(), "claude");
+        assert_eq!(whole.stop_sequence.as_deref(), Some("END"));
+
+        // A plain end names none.
+        let mut plain = openai.clone();
+        plain.choices[0].extra.clear();
+        let back = response_from_openai(&plain, "claude");
+        assert_eq!(back.stop_reason.as_deref(), Some("end_turn"));
+        assert_eq!(back.stop_sequence, None);
     }
 
     #[test]

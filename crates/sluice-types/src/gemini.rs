@@ -528,7 +528,11 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<GenerateContentRequest, 
                 let mut parts = text_parts(msg.content.as_ref());
                 let mut signed = false;
                 for tc in msg.tool_calls.iter().flatten() {
-                    let args: Value = serde_json::from_str(&tc.function.arguments).map_err(|e| {
+                    // A call made without arguments may carry an empty string (some servers
+                    // stream none): the empty object, as Anthropic's egress reads it too.
+                    let raw = tc.function.arguments.trim();
+                    let raw = if raw.is_empty() { "{}" } else { raw };
+                    let args: Value = serde_json::from_str(raw).map_err(|e| {
                         TranslateError(format!(
                             "messages[{i}]: tool call {:?} ({}) has arguments that are not valid \
                              JSON: {e}",

@@ -509,7 +509,7 @@ impl Usage {
         Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            total_tokens: prompt + completion,
+            total_tokens: prompt.saturating_add(completion),
             prompt_tokens_details: (cached > 0).then_some(PromptTokensDetails {
                 cached_tokens: Some(cached),
                 extra: Extra::new(),
@@ -715,6 +715,9 @@ deserialize_with_extra!(Delta {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ToolCallDelta {
+    /// The call's position among the choice's tool calls. Some servers leave it out; it is then
+    /// [`ToolCallDelta::UNKNOWN_INDEX`] until the provider places the call.
+    #[serde(default = "ToolCallDelta::unknown_index")]
     pub index: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -722,6 +725,29 @@ pub struct ToolCallDelta {
     pub kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<FunctionCallDelta>,
+}
+
+impl ToolCallDelta {
+    /// The index of a delta that came without one.
+    pub const UNKNOWN_INDEX: u32 = u32::MAX;
+
+    fn unknown_index() -> u32 {
+        Self::UNKNOWN_INDEX
+    }
+}
+
+impl ChatCompletionChunk {
+    /// Gives the tool-call deltas that came without an index their position in their chunk (the
+    /// servers that leave it out send each call whole, in one chunk).
+    pub fn place_unindexed_tool_calls(&mut self) {
+        for c in &mut self.choices {
+            for (i, tc) in c.delta.tool_calls.iter_mut().flatten().enumerate() {
+                if tc.index == ToolCallDelta::UNKNOWN_INDEX {
+                    tc.index = i as u32;
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -744,6 +770,12 @@ pub struct ChunkAccumulator {
     usage: Option<Usage>,
 }
 
+/// The most choices a stream is folded into (OpenAI's largest `n`), and the most tool calls per
+/// choice: a delta with a larger index, which only a broken upstream sends, is left out rather
+/// than making room for it.
+pub const MAX_STREAM_CHOICES: usize = 128;
+pub const MAX_STREAM_TOOL_CALLS: usize = 1024;
+
 #[derive(Debug, Default)]
 struct AccChoice {
     content: String,
@@ -751,6 +783,11 @@ struct AccChoice {
     refusal: Option<String>,
     tool_calls: Vec<ToolCall>,
     finish_reason: Option<String>,
+    /// Fields of the deltas beyond OpenAI's (such as `reasoning_content`): strings are joined,
+    /// arrays extended, anything else replaced.
+    extra: Extra,
+    /// Fields of the choices beyond OpenAI's (such as vLLM's `stop_reason`): the latest kept.
+    choice_extra: Extra,
 }
 
 impl ChunkAccumulator {
@@ -769,6 +806,9 @@ impl ChunkAccumulator {
         }
         for c in &chunk.choices {
             let i = c.index as usize;
+            if i >= MAX_STREAM_CHOICES {
+                continue;
+            }
             if self.choices.len() <= i {
                 self.choices.resize_with(i + 1, AccChoice::default);
             }
@@ -780,8 +820,23 @@ impl ChunkAccumulator {
             if let Some(r) = &c.delta.refusal {
                 acc.refusal.get_or_insert_with(String::new).push_str(r);
             }
+            for (k, v) in &c.delta.extra {
+                match (acc.extra.get_mut(k), v) {
+                    (Some(Value::String(have)), Value::String(more)) => have.push_str(more),
+                    (Some(Value::Array(have)), Value::Array(more)) => {
+                        have.extend(more.iter().cloned());
+                    }
+                    (_, Value::Null) => {}
+                    _ => {
+                        acc.extra.insert(k.clone(), v.clone());
+                    }
+                }
+            }
             for tc in c.delta.tool_calls.iter().flatten() {
                 let ti = tc.index as usize;
+                if ti >= MAX_STREAM_TOOL_CALLS {
+                    continue;
+                }
                 if acc.tool_calls.len() <= ti {
                     acc.tool_calls.resize_with(ti + 1, || ToolCall {
                         id: String::new(),
@@ -808,6 +863,11 @@ impl ChunkAccumulator {
             if c.finish_reason.is_some() {
                 acc.finish_reason.clone_from(&c.finish_reason);
             }
+            for (k, v) in &c.extra {
+                if !v.is_null() {
+                    acc.choice_extra.insert(k.clone(), v.clone());
+                }
+            }
         }
     }
 
@@ -821,6 +881,9 @@ impl ChunkAccumulator {
         let mut out = String::new();
         for c in &self.choices {
             out.push_str(&c.content);
+            if let Some(Value::String(reasoning)) = c.extra.get("reasoning_content") {
+                out.push_str(reasoning);
+            }
             for tc in &c.tool_calls {
                 out.push_str(&tc.function.name);
                 out.push_str(&tc.function.arguments);
@@ -853,11 +916,11 @@ impl ChunkAccumulator {
                         content: (c.has_content || c.tool_calls.is_empty()).then_some(c.content),
                         tool_calls: (!c.tool_calls.is_empty()).then_some(c.tool_calls),
                         refusal: c.refusal,
-                        extra: Extra::new(),
+                        extra: c.extra,
                     },
                     finish_reason: c.finish_reason,
                     logprobs: None,
-                    extra: Extra::new(),
+                    extra: c.choice_extra,
                 })
                 .collect(),
             usage: self.usage,
@@ -899,6 +962,15 @@ impl EmbeddingInput {
             EmbeddingInput::One(s) => vec![s.as_str()],
             EmbeddingInput::Many(v) => v.iter().map(String::as_str).collect(),
             _ => Vec::new(),
+        }
+    }
+
+    /// How many token ids the token inputs hold (text inputs hold none).
+    pub fn token_ids(&self) -> u64 {
+        match self {
+            EmbeddingInput::Tokens(v) => v.len() as u64,
+            EmbeddingInput::TokenLists(v) => v.iter().map(|l| l.len() as u64).sum(),
+            _ => 0,
         }
     }
 
@@ -1093,5 +1165,57 @@ mod tests {
         let tc = &done.choices[0].message.tool_calls.as_ref().unwrap()[0];
         assert_eq!(tc.function.arguments, "{\"a\":1}");
         assert_eq!(done.choices[0].finish_reason.as_deref(), Some("tool_calls"));
+    }
+
+    #[test]
+    fn accumulator_keeps_delta_extras_and_ignores_absurd_indexes() {
+        let chunk =
+            |v: serde_json::Value| -> ChatCompletionChunk { serde_json::from_value(v).unwrap() };
+        let mut acc = ChunkAccumulator::default();
+        acc.push(&chunk(json!({
+            "id": "x", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"reasoning_content": "Let me ", "annotations": [1]}}]
+        })));
+        acc.push(&chunk(json!({
+            "id": "x", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"reasoning_content": "think.", "annotations": [2], "content": "42"}}]
+        })));
+        // A broken upstream's indexes: nothing is allocated for them, nothing else changes.
+        acc.push(&chunk(json!({
+            "id": "x", "created": 1, "model": "m",
+            "choices": [
+                {"index": 4294967295u32, "delta": {"content": "junk"}},
+                {"index": 0, "delta": {"tool_calls": [{"index": 4000000000u32, "id": "t"}]}, "finish_reason": "stop"}
+            ]
+        })));
+        assert!(acc.output_text().contains("Let me think."));
+        let done = acc.finish();
+        assert_eq!(done.choices.len(), 1);
+        let msg = &done.choices[0].message;
+        assert_eq!(msg.content.as_deref(), Some("42"));
+        assert!(msg.tool_calls.is_none());
+        assert_eq!(msg.extra["reasoning_content"], "Let me think.");
+        assert_eq!(msg.extra["annotations"], json!([1, 2]));
+    }
+
+    #[test]
+    fn tool_call_deltas_without_an_index_are_placed_in_order() {
+        let mut c: ChatCompletionChunk = serde_json::from_value(json!({
+            "id": "x", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}
+            ]}, "finish_reason": "tool_calls"}]
+        }))
+        .expect("a chunk whose tool calls have no index still parses");
+        c.place_unindexed_tool_calls();
+        let calls = c.choices[0].delta.tool_calls.as_ref().unwrap();
+        assert_eq!((calls[0].index, calls[1].index), (0, 1));
+        let mut acc = ChunkAccumulator::default();
+        acc.push(&c);
+        let done = acc.finish();
+        let calls = done.choices[0].message.tool_calls.as_ref().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].function.name, "g");
     }
 }

@@ -176,6 +176,39 @@ async fn repeated_requests_are_served_from_the_cache() {
 }
 
 #[tokio::test]
+async fn a_model_removed_by_a_reload_is_not_served_from_the_cache() {
+    let up = MockUpstream::start().await;
+    let s = Sluice::start(&config(&up.base_url(), "")).await;
+    assert_eq!(
+        send(&s, ask("kept"), None, &[]).await.cache.as_deref(),
+        Some("miss")
+    );
+    assert_eq!(
+        send(&s, ask("kept"), None, &[]).await.cache.as_deref(),
+        Some("hit")
+    );
+    // The model is renamed away.
+    let file = s.dir().join("sluice.toml");
+    let text = std::fs::read_to_string(&file).expect("read config");
+    std::fs::write(&file, text.replacen("[models.cached]", "[models.other]", 1)).expect("write");
+    let r = reqwest::Client::new()
+        .post(s.url("/api/config/reload"))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(r.status(), 200);
+    let gone = send(&s, ask("kept"), None, &[]).await;
+    assert_eq!(gone.status, 404, "{}", gone.body);
+    assert_eq!(
+        gone.json()["error"]["code"],
+        "model_not_found",
+        "{}",
+        gone.body
+    );
+    assert_eq!(gone.cache, None);
+}
+
+#[tokio::test]
 async fn clients_control_the_cache_per_request() {
     let up = MockUpstream::start().await;
     let s = Sluice::start(&config(&up.base_url(), "")).await;

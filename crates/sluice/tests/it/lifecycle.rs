@@ -218,7 +218,7 @@ async fn admin_key_guards_v1_and_api() {
 #[tokio::test]
 async fn a_client_leaving_a_plain_request_is_recorded_as_cancelled() {
     let s = Sluice::start(
-        "[providers.slow]\ntype = \"mock\"\nlatency_ms = 3000\n[models.slow]\ndeployments = [{ provider = \"slow\", model = \"slow\" }]\n",
+        "[providers.slow]\ntype = \"mock\"\nlatency_ms = 3000\n[models.slow]\ndeployments = [{ provider = \"slow\", model = \"slow\", input_cost_per_mtok = 1000.0, output_cost_per_mtok = 1000.0 }]\n",
     )
     .await;
     let http = reqwest::Client::builder()
@@ -246,6 +246,13 @@ async fn a_client_leaving_a_plain_request_is_recorded_as_cancelled() {
             assert_eq!(attempts[0]["outcome"], "cancelled", "{rec}");
             let ms = attempts[0]["latency_ms"].as_f64().expect("latency_ms");
             assert!((200.0..3000.0).contains(&ms), "{rec}");
+            // The upstream had the prompt: it is counted and charged, and nothing more.
+            let prompt = rec["prompt_tokens"].as_u64().expect("prompt_tokens");
+            assert!(prompt > 0, "{rec}");
+            assert_eq!(rec["completion_tokens"], 0, "{rec}");
+            assert_eq!(rec["usage_source"], "tokenizer", "{rec}");
+            let cost = rec["cost_usd"].as_f64().expect("cost_usd");
+            assert!((cost - prompt as f64 * 1000.0 / 1e6).abs() < 1e-9, "{rec}");
             break;
         }
         assert!(

@@ -1029,6 +1029,15 @@ async fn fault_no_usage_falls_back_to_tokenizer(kind: &str) {
         rec["completion_tokens"].as_u64().is_some_and(|n| n > 0),
         "{rec:#}"
     );
+    // The client is given the same count.
+    assert_eq!(
+        resp["usage"]["prompt_tokens"], rec["prompt_tokens"],
+        "{resp:#}"
+    );
+    assert_eq!(
+        resp["usage"]["completion_tokens"], rec["completion_tokens"],
+        "{resp:#}"
+    );
 }
 
 async fn fault_no_usage_stream_falls_back_to_tokenizer(kind: &str) {
