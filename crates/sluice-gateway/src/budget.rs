@@ -327,7 +327,9 @@ impl Reservation {
                 {
                     Ok(()) => shared.ok(),
                     Err(e) => {
-                        // The ledger's reservation expires with it; the cost is in the log.
+                        // Redis lacks this cost: the ledgers are built again from the log,
+                        // which has it, once Redis answers.
+                        shared.mark_stale(&ledgers);
                         let _ = shared.on_failure("budgets", &e);
                     }
                 }
@@ -426,7 +428,7 @@ impl Budgets {
             return self.reserve_local(limits, worst, now).await.map(Some);
         };
         match shared.bypass("budgets") {
-            None => match self.reserve_shared(shared, limits, worst, now).await {
+            None => match self.reserve_fresh(shared, limits, worst, now).await {
                 Ok(r) => {
                     // Redis answers again: ledgers kept locally meanwhile are stale now.
                     let mut local = self.local.lock();
@@ -449,6 +451,23 @@ impl Budgets {
         ));
         r.shared_worst = 0;
         Ok(Some(r))
+    }
+
+    /// [`reserve_shared`](Self::reserve_shared) after forgetting the ledgers that missed a cost
+    /// while Redis was unreachable.
+    async fn reserve_fresh(
+        &self,
+        shared: &Arc<Shared>,
+        limits: &[Limit],
+        worst: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Result<Reservation, Error>, crate::shared::SharedError> {
+        let stale = shared.take_stale();
+        if let Err(e) = shared.redis().forget_ledgers(&stale).await {
+            shared.mark_stale(&stale);
+            return Err(e);
+        }
+        self.reserve_shared(shared, limits, worst, now).await
     }
 
     /// `Err` is a Redis failure; `Ok(Err)` a refusal.
@@ -667,6 +686,77 @@ mod tests {
         r2.settle(1e30);
         let e = b.reserve(&limits, 0.01).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InsufficientQuota);
+    }
+
+    /// A store whose spend the test sets (micro-USD).
+    struct SetSpend(std::sync::atomic::AtomicI64);
+
+    #[async_trait]
+    impl UsageStore for SetSpend {
+        async fn spend(&self, _: &Spender, _: DateTime<Utc>) -> Result<f64, StoreError> {
+            Ok(self.0.load(std::sync::atomic::Ordering::SeqCst) as f64 / 1e6)
+        }
+        async fn usage(&self, _: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn spend_redis_missed_while_unreachable_is_read_again_from_the_log() {
+        use sluice_testkit::partition::Partition;
+        use sluice_testkit::redis::{TempRedis, redis_available};
+        if !redis_available() {
+            assert_ne!(std::env::var("SLUICE_REQUIRE_REDIS").as_deref(), Ok("1"));
+            return;
+        }
+        let redis = TempRedis::start().expect("redis-server starts");
+        let link = Partition::start(&format!("127.0.0.1:{}", redis.port()))
+            .await
+            .unwrap();
+        let config = crate::state::StateConfig {
+            redis_url: Some(format!("redis://{}", link.addr())),
+            ..Default::default()
+        };
+        let shared = Arc::new(Shared::connect(&config).await.unwrap().unwrap());
+        let store = Arc::new(SetSpend(std::sync::atomic::AtomicI64::new(0)));
+        let b = Budgets::new(Some(store.clone()), Some(shared.clone()));
+        let limits = [daily(Spender::Key("k".into()), 1.00)];
+        let ledger = Budgets::ledger_id(&limits[0], Utc::now());
+        let settled = || tokio::time::sleep(std::time::Duration::from_millis(300));
+        let spent = || async {
+            let (spent, _) = shared.redis().ledger(&ledger).await.unwrap().unwrap();
+            spent
+        };
+        // $0.10 through Redis; the log has it too.
+        b.reserve(&limits, 0.05)
+            .await
+            .unwrap()
+            .unwrap()
+            .settle(0.10);
+        store.0.store(100_000, std::sync::atomic::Ordering::SeqCst);
+        settled().await;
+        assert_eq!(spent().await, 100_000);
+
+        // Redis cannot be reached: the reservation fails open, and the $0.30 it settles never
+        // reaches Redis; the log has it.
+        link.cut();
+        let r = b.reserve(&limits, 0.05).await.unwrap().unwrap();
+        assert!(shared.is_down());
+        r.settle(0.30);
+        store.0.store(400_000, std::sync::atomic::Ordering::SeqCst);
+        settled().await;
+
+        // Redis answers again: the next reservation builds the ledger again from the log.
+        link.mend();
+        let start = std::time::Instant::now();
+        while shared.is_down() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let _ = b.reserve(&limits, 0.0).await;
+        }
+        b.reserve(&limits, 0.01).await.unwrap().unwrap().settle(0.0);
+        settled().await;
+        assert_eq!(spent().await, 400_000, "the $0.30 spent meanwhile counts");
     }
 
     /// Counts the spend reads.

@@ -610,6 +610,56 @@ fn as_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// What a script may hold in Redis for a holder.
+enum Held {
+    /// In-flight slots: the holder in these subjects' `par` sets.
+    Slots(Vec<String>),
+    /// Budget holds: `HOLDER:WORST` in these ledgers' holds.
+    Budget { ledgers: Vec<String>, worst: i64 },
+}
+
+/// Guards a script call that takes holds. Dropped armed (the call failed or timed out, or the
+/// request was abandoned while it waited), it takes the holds back in the background: Redis may
+/// have run the script though its answer never came, and the holds would otherwise block a
+/// limit or a budget until they lapse ([`HOLD_MS`]). Taking back holds that were never taken
+/// changes nothing. On the shared connection the undo runs after the script it follows.
+struct Undo<'a> {
+    state: &'a RedisState,
+    holder: &'a str,
+    held: Option<Held>,
+}
+
+impl Undo<'_> {
+    fn disarm(&mut self) {
+        self.held = None;
+    }
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        let Some(held) = self.held.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (state, holder) = (self.state.clone(), self.holder.to_string());
+        runtime.spawn(async move {
+            // Redis may be down: retry for half a minute, then leave the holds to lapse.
+            for wait in [0u64, 1, 2, 4, 8, 16] {
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                let undone = match &held {
+                    Held::Slots(ids) => state.release(ids, &holder).await,
+                    Held::Budget { ledgers, worst } => {
+                        state.reconcile(ledgers, &holder, *worst, 0).await
+                    }
+                };
+                if undone.is_ok() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 /// A Redis connection and key prefix: the state replicas share. Cloning is cheap; clones share
 /// the connection.
 #[derive(Clone)]
@@ -748,6 +798,16 @@ impl RedisState {
     ) -> Result<SharedAdmit, SharedError> {
         const OP: &str = "rate limit admission";
         let holder = new_holder();
+        let mut undo = Undo {
+            state: self,
+            holder: &holder,
+            held: Some(Held::Slots(
+                (subjects.iter())
+                    .filter(|(_, spec)| spec.max_parallel.is_some())
+                    .map(|(id, _)| id.clone())
+                    .collect(),
+            )),
+        };
         let mut inv = ADMIT.prepare_invoke();
         inv.arg(tokens.min(MAX_AMOUNT)).arg(&holder);
         for (id, spec) in subjects {
@@ -789,6 +849,8 @@ impl RedisState {
                 in_flight: (w[6] >= 0).then(|| as_u64(w[6])),
             })
             .collect();
+        undo.disarm();
+        drop(undo);
         match out.as_slice() {
             [1, second, ..] => Ok(SharedAdmit::Admitted {
                 second: *second,
@@ -861,6 +923,14 @@ impl RedisState {
         if items.is_empty() {
             return Ok(Reserve::Ok);
         }
+        let mut undo = Undo {
+            state: self,
+            holder,
+            held: Some(Held::Budget {
+                ledgers: items.iter().map(|i| i.ledger.clone()).collect(),
+                worst: items[0].worst_micros,
+            }),
+        };
         let mut inv = RESERVE.prepare_invoke();
         inv.arg(holder).arg(HOLD_MS);
         for item in items {
@@ -878,7 +948,7 @@ impl RedisState {
                 detail: format!("bad index {i}"),
             })
         };
-        match out.as_slice() {
+        let verdict = match out.as_slice() {
             [0] => Ok(Reserve::Ok),
             [1, missing @ ..] => Ok(Reserve::NeedInit(
                 missing
@@ -895,7 +965,26 @@ impl RedisState {
                 op: OP,
                 detail: format!("malformed: {out:?}"),
             }),
+        };
+        if verdict.is_ok() {
+            undo.disarm();
         }
+        verdict
+    }
+
+    /// Forgets ledgers whose spend Redis may lack (costs settled while it could not be
+    /// reached): each is built again from the request log on next use. Their holds are kept.
+    pub async fn forget_ledgers(&self, ledgers: &[String]) -> Result<(), SharedError> {
+        if ledgers.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("DEL");
+        for ledger in ledgers {
+            cmd.arg(self.ledger_key(ledger));
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = Self::bounded("budget ledger reset", cmd.query_async(&mut conn)).await?;
+        Ok(())
     }
 
     /// Creates `ledger` with `spent_micros` spent and nothing reserved, expiring after
@@ -1341,6 +1430,48 @@ mod tests {
         assert!(!admitted(&s.admit(&subjects, 0).await.expect("admit")));
         s.release(&ids, &third).await.expect("release");
         assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
+    }
+
+    #[tokio::test]
+    async fn a_slot_taken_by_an_admission_whose_answer_never_came_is_given_back() {
+        let Some(redis) = server() else { return };
+        let link =
+            sluice_testkit::partition::Partition::start(&format!("127.0.0.1:{}", redis.port()))
+                .await
+                .unwrap();
+        let s = RedisState::connect(&format!("redis://{}", link.addr()), "t")
+            .await
+            .expect("connects");
+        let subjects = [("key:k".to_string(), spec(None, None, Some(1)))];
+        // One admission and release first, so that Redis has the scripts.
+        let SharedAdmit::Admitted { holder, .. } = s.admit(&subjects, 0).await.expect("admit")
+        else {
+            panic!("the slot is free")
+        };
+        s.release(&["key:k".to_string()], &holder)
+            .await
+            .expect("release");
+        // The script runs and takes the only slot, but its answer is lost and the connection
+        // breaks: the admission fails here.
+        link.mute();
+        let lost = s.admit(&subjects, 0).await;
+        assert!(lost.is_err(), "{lost:?}");
+        link.cut();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        link.mend();
+        // The slot was given back: the next request is admitted, not refused for 15 minutes.
+        let start = Instant::now();
+        loop {
+            let again = s.admit(&subjects, 0).await;
+            if again.as_ref().is_ok_and(admitted) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the lost admission still holds the slot: {again:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     #[tokio::test]

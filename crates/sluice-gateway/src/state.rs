@@ -92,6 +92,9 @@ pub struct Shared {
     /// While down: when the next call may try Redis again.
     retry_at: Mutex<Option<Instant>>,
     failures: AtomicU64,
+    /// Budget ledgers a cost could not be added to while Redis was unreachable: forgotten (and
+    /// so built again from the request log) once it answers.
+    stale_ledgers: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -120,6 +123,7 @@ impl Shared {
             last_warn: Mutex::new(None),
             retry_at: Mutex::new(None),
             failures: AtomicU64::new(0),
+            stale_ledgers: Mutex::new(Vec::new()),
         };
         if let Err(e) = shared.redis.ping().await {
             if shared.policy == FailurePolicy::Closed {
@@ -146,6 +150,21 @@ impl Shared {
     /// Whether the last call to Redis failed.
     pub fn is_down(&self) -> bool {
         self.down.load(Ordering::Relaxed)
+    }
+
+    /// Notes budget ledgers that miss a cost (its reconciliation failed).
+    pub fn mark_stale(&self, ledgers: &[String]) {
+        let mut stale = self.stale_ledgers.lock();
+        for l in ledgers {
+            if !stale.contains(l) {
+                stale.push(l.clone());
+            }
+        }
+    }
+
+    /// Takes the ledgers noted by [`mark_stale`](Self::mark_stale).
+    pub fn take_stale(&self) -> Vec<String> {
+        std::mem::take(&mut *self.stale_ledgers.lock())
     }
 
     /// Notes a successful call (logs the recovery after a failure).

@@ -17,6 +17,8 @@
 //!     [`models`] for the full list.
 //! * [`postgres::TempPostgres`]: a throwaway PostgreSQL server started from the
 //!   locally installed binaries (`initdb`, `pg_ctl`), removed on drop.
+//! * [`partition::Partition`]: a TCP proxy a test can cut and mend, for network
+//!   partitions between Sluice and a server.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -30,6 +32,7 @@
 
 pub mod fixtures;
 mod mock;
+pub mod partition;
 pub mod postgres;
 pub mod redis;
 
