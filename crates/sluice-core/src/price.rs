@@ -18,15 +18,30 @@ pub struct ModelPrice {
     /// Price of prompt tokens read from the provider's cache; defaults to `input`.
     #[serde(default)]
     pub cached_input: Option<f64>,
+    /// Price of prompt tokens written to the provider's cache (Anthropic charges 1.25 × input
+    /// for its 5-minute cache); defaults to `input`.
+    #[serde(default)]
+    pub cache_write_input: Option<f64>,
 }
 
 impl ModelPrice {
     /// The cost of a call. `cached` is the part of `prompt` that was read from cache.
     pub fn cost(&self, prompt: u64, completion: u64, cached: u64) -> f64 {
+        self.cost_with_writes(prompt, completion, cached, 0)
+    }
+
+    /// The cost of a call of which `cached` prompt tokens were read from the cache and
+    /// `writes` others written to it.
+    pub fn cost_with_writes(&self, prompt: u64, completion: u64, cached: u64, writes: u64) -> f64 {
         let cached = cached.min(prompt);
-        let fresh = prompt - cached;
+        let writes = writes.min(prompt - cached);
+        let fresh = prompt - cached - writes;
         let cached_price = self.cached_input.unwrap_or(self.input);
-        (fresh as f64 * self.input + cached as f64 * cached_price + completion as f64 * self.output)
+        let write_price = self.cache_write_input.unwrap_or(self.input);
+        (fresh as f64 * self.input
+            + cached as f64 * cached_price
+            + writes as f64 * write_price
+            + completion as f64 * self.output)
             / 1_000_000.0
     }
 }
@@ -131,11 +146,31 @@ mod tests {
     }
 
     #[test]
+    fn cache_writes_cost_their_own_price() {
+        let p = PriceTable::builtin()
+            .lookup("claude-sonnet-4-5")
+            .expect("priced");
+        // 1,000 fresh + 100,000 written + 50,000 read, 200 out.
+        let c = p.cost_with_writes(151_000, 200, 50_000, 100_000);
+        let want = (1_000.0 * 3.0 + 100_000.0 * 3.75 + 50_000.0 * 0.30 + 200.0 * 15.0) / 1e6;
+        assert!((c - want).abs() < 1e-12, "{c} vs {want}");
+        // Without a write price, writes cost as input; writes never exceed the prompt.
+        let plain = ModelPrice {
+            input: 2.0,
+            output: 4.0,
+            ..ModelPrice::default()
+        };
+        assert_eq!(plain.cost_with_writes(100, 0, 0, 50), plain.cost(100, 0, 0));
+        assert_eq!(plain.cost_with_writes(100, 0, 60, 500), 200.0 / 1e6);
+    }
+
+    #[test]
     fn cost_counts_cached_tokens_at_their_price() {
         let p = ModelPrice {
             input: 2.5,
             output: 10.0,
             cached_input: Some(1.25),
+            cache_write_input: None,
         };
         // 1000 prompt (400 cached) + 500 completion
         let c = p.cost(1000, 500, 400);

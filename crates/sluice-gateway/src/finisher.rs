@@ -413,11 +413,13 @@ fn apply_usage(
     price: Option<ModelPrice>,
     count: impl FnOnce() -> (u64, u64),
 ) {
+    let mut writes = 0;
     match usage {
         Some(u) => {
             r.prompt_tokens = u.prompt_tokens;
             r.completion_tokens = u.completion_tokens;
             r.cached_tokens = u.cached_tokens();
+            writes = u.cache_write_tokens();
             r.usage_source = UsageSource::Provider;
         }
         None => {
@@ -429,6 +431,35 @@ fn apply_usage(
         }
     }
     r.cost_usd = price
-        .map(|p| p.cost(r.prompt_tokens, r.completion_tokens, r.cached_tokens))
+        .map(|p| {
+            p.cost_with_writes(
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.cached_tokens,
+                writes,
+            )
+        })
         .unwrap_or(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_cache_writes_are_charged_at_their_price() {
+        let price = ModelPrice {
+            input: 3.0,
+            output: 15.0,
+            cached_input: Some(0.30),
+            cache_write_input: Some(3.75),
+        };
+        let mut usage = Usage::new(151_000, 200, 50_000);
+        usage.set_cache_write_tokens(100_000);
+        let mut r = RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false);
+        apply_usage(&mut r, Some(usage), Some(price), || unreachable!());
+        assert_eq!((r.prompt_tokens, r.cached_tokens), (151_000, 50_000));
+        let want = (1_000.0 * 3.0 + 100_000.0 * 3.75 + 50_000.0 * 0.30 + 200.0 * 15.0) / 1e6;
+        assert!((r.cost_usd - want).abs() < 1e-12, "{} vs {want}", r.cost_usd);
+    }
 }

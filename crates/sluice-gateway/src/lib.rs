@@ -88,6 +88,8 @@ pub struct DeploymentConfig {
     pub output_cost_per_mtok: Option<f64>,
     #[serde(default)]
     pub cached_input_cost_per_mtok: Option<f64>,
+    #[serde(default)]
+    pub cache_write_cost_per_mtok: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -105,6 +107,7 @@ impl DeploymentConfig {
                 "cached_input_cost_per_mtok",
                 self.cached_input_cost_per_mtok,
             ),
+            ("cache_write_cost_per_mtok", self.cache_write_cost_per_mtok),
         ] {
             if let Some(v) = v
                 && !(v.is_finite() && v >= 0.0)
@@ -129,7 +132,8 @@ impl DeploymentConfig {
         let base = table.lookup(&self.model);
         let overridden = self.input_cost_per_mtok.is_some()
             || self.output_cost_per_mtok.is_some()
-            || self.cached_input_cost_per_mtok.is_some();
+            || self.cached_input_cost_per_mtok.is_some()
+            || self.cache_write_cost_per_mtok.is_some();
         if !overridden {
             return Ok(base);
         }
@@ -138,6 +142,7 @@ impl DeploymentConfig {
             input: self.input_cost_per_mtok.unwrap_or(b.input),
             output: self.output_cost_per_mtok.unwrap_or(b.output),
             cached_input: self.cached_input_cost_per_mtok.or(b.cached_input),
+            cache_write_input: self.cache_write_cost_per_mtok.or(b.cache_write_input),
         }))
     }
 

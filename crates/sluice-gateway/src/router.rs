@@ -1065,7 +1065,7 @@ mod tests {
             price: price.map(|(input, output)| ModelPrice {
                 input,
                 output,
-                cached_input: None,
+                ..ModelPrice::default()
             }),
             weight,
             rpm,

@@ -575,7 +575,21 @@ fn openai_usage(input: u64, output: u64, cache_read: u64, cache_creation: u64) -
     let prompt = input
         .saturating_add(cache_read)
         .saturating_add(cache_creation);
-    Usage::new(prompt, output, cache_read)
+    let mut usage = Usage::new(prompt, output, cache_read);
+    usage.set_cache_write_tokens(cache_creation);
+    usage
+}
+
+/// Anthropic's `input_tokens` (those neither read from nor written to the cache), cache reads
+/// and cache writes, from OpenAI usage.
+fn anthropic_input(u: &Usage) -> (u64, u64, Option<u64>) {
+    let cached = u.cached_tokens();
+    let writes = u.cache_write_tokens();
+    let input = u
+        .prompt_tokens
+        .saturating_sub(cached)
+        .saturating_sub(writes);
+    (input, cached, (writes > 0).then_some(writes))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1588,11 +1602,11 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
         .usage
         .as_ref()
         .map_or_else(AnthropicUsage::default, |u| {
-            let cached = u.cached_tokens();
+            let (input, cached, writes) = anthropic_input(u);
             AnthropicUsage {
-                input_tokens: u.prompt_tokens.saturating_sub(cached),
+                input_tokens: input,
                 output_tokens: u.completion_tokens,
-                cache_creation_input_tokens: None,
+                cache_creation_input_tokens: writes,
                 cache_read_input_tokens: Some(cached),
                 extra: Extra::new(),
             }
@@ -1733,11 +1747,11 @@ impl StreamEncoder {
         };
         let usage = match &self.usage {
             Some(u) => {
-                let cached = u.cached_tokens();
+                let (input, cached, writes) = anthropic_input(u);
                 DeltaUsage {
                     output_tokens: u.completion_tokens,
-                    input_tokens: Some(u.prompt_tokens.saturating_sub(cached)),
-                    cache_creation_input_tokens: None,
+                    input_tokens: Some(input),
+                    cache_creation_input_tokens: writes,
                     cache_read_input_tokens: Some(cached),
                     extra: Extra::new(),
                 }
@@ -2027,11 +2041,22 @@ mod tests {
         assert_eq!(calls[0].id, "toolu_1");
         assert_eq!(calls[0].function.name, "get_weather");
         assert_eq!(calls[0].function.arguments, r#"{"city":"Paris","days":2}"#);
-        let usage = out.usage.expect("usage");
+        let usage = out.usage.clone().expect("usage");
         assert_eq!(usage.prompt_tokens, 150);
         assert_eq!(usage.completion_tokens, 40);
         assert_eq!(usage.total_tokens, 190);
         assert_eq!(usage.cached_tokens(), 30);
+        assert_eq!(usage.cache_write_tokens(), 20, "priced as cache writes");
+        // Back to an Anthropic client: the three parts as they were.
+        let back = response_from_openai(&out, "claude").usage.expect("usage");
+        assert_eq!(
+            (
+                back.input_tokens,
+                back.cache_read_input_tokens,
+                back.cache_creation_input_tokens
+            ),
+            (100, Some(30), Some(20))
+        );
 
         for (stop, finish) in [
             ("end_turn", "stop"),

@@ -504,6 +504,9 @@ deserialize_with_extra!(Usage {
     prompt_tokens_details: Option<PromptTokensDetails> = "prompt_tokens_details" => default,
 });
 
+/// The `prompt_tokens_details` field for prompt tokens written to a provider's cache.
+const CACHE_WRITE_TOKENS: &str = "cache_write_tokens";
+
 impl Usage {
     pub fn new(prompt: u64, completion: u64, cached: u64) -> Self {
         Usage {
@@ -524,6 +527,32 @@ impl Usage {
             .as_ref()
             .and_then(|d| d.cached_tokens)
             .unwrap_or(0)
+    }
+
+    /// Prompt tokens written to the provider's prompt cache
+    /// (`prompt_tokens_details.cache_write_tokens`), part of `prompt_tokens`.
+    pub fn cache_write_tokens(&self) -> u64 {
+        self.prompt_tokens_details
+            .as_ref()
+            .and_then(|d| d.extra.get(CACHE_WRITE_TOKENS))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+
+    /// Notes `n` prompt tokens as written to the provider's prompt cache.
+    pub fn set_cache_write_tokens(&mut self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let details = self
+            .prompt_tokens_details
+            .get_or_insert_with(|| PromptTokensDetails {
+                cached_tokens: Some(0),
+                extra: Extra::new(),
+            });
+        details
+            .extra
+            .insert(CACHE_WRITE_TOKENS.into(), Value::from(n));
     }
 }
 
