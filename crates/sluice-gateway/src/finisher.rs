@@ -460,6 +460,10 @@ mod tests {
         apply_usage(&mut r, Some(usage), Some(price), || unreachable!());
         assert_eq!((r.prompt_tokens, r.cached_tokens), (151_000, 50_000));
         let want = (1_000.0 * 3.0 + 100_000.0 * 3.75 + 50_000.0 * 0.30 + 200.0 * 15.0) / 1e6;
-        assert!((r.cost_usd - want).abs() < 1e-12, "{} vs {want}", r.cost_usd);
+        assert!(
+            (r.cost_usd - want).abs() < 1e-12,
+            "{} vs {want}",
+            r.cost_usd
+        );
     }
 }

@@ -127,6 +127,8 @@ struct State {
     store_body: bool,
     acc: ChunkAccumulator,
     usage: Option<Usage>,
+    /// The stream's id, model and creation time, from its first chunk.
+    ident: Option<(String, String, u64)>,
     done: bool,
 }
 
@@ -151,10 +153,12 @@ impl State {
         (usage, counts, body)
     }
 
-    async fn finish(&mut self, error: Option<&Error>) {
+    /// Completes the record; returns the tokenizer's usage when the upstream reported none.
+    async fn finish(&mut self, error: Option<&Error>) -> Option<Usage> {
         self.done = true;
         let finish_reason = self.acc.finish_reason().map(str::to_string);
         let (usage, counts, body) = self.outcome();
+        let counted = usage.is_none().then(|| Usage::new(counts.0, counts.1, 0));
         self.fin
             .finish_stream(
                 usage,
@@ -165,6 +169,7 @@ impl State {
                 error,
             )
             .await;
+        counted
     }
 }
 
@@ -189,6 +194,9 @@ async fn step(mut st: State) -> Option<(StreamItem, State)> {
     loop {
         match st.upstream.next().await {
             Some(Ok(mut chunk)) => {
+                if st.ident.is_none() {
+                    st.ident = Some((chunk.id.clone(), chunk.model.clone(), chunk.created));
+                }
                 st.acc.push(&chunk);
                 if chunk.usage.is_some() {
                     st.usage.clone_from(&chunk.usage);
@@ -215,7 +223,16 @@ async fn step(mut st: State) -> Option<(StreamItem, State)> {
             }
             None => {
                 st.serving.report(None);
-                st.finish(None).await;
+                let counted = st.finish(None).await;
+                // The client asked for usage and the upstream sent none: it gets Sluice's
+                // count, as the record has it, in the usual last chunk.
+                if st.client_wants_usage
+                    && let (Some(usage), Some((id, model, created))) = (counted, &st.ident)
+                {
+                    let mut chunk = ChatCompletionChunk::new(id, model, *created);
+                    chunk.usage = Some(usage);
+                    return Some((StreamItem::Chunk(chunk), st));
+                }
                 return None;
             }
         }
@@ -243,6 +260,7 @@ impl ChatStream {
             store_body,
             acc: ChunkAccumulator::default(),
             usage: None,
+            ident: None,
             done: false,
         };
         ChatStream {

@@ -1047,7 +1047,8 @@ async fn fault_no_usage_stream_falls_back_to_tokenizer(kind: &str) {
         &json!({
             "model": "m-fault-no-usage",
             "messages": user("How are you today?"),
-            "stream": true
+            "stream": true,
+            "stream_options": {"include_usage": true}
         }),
     )
     .await;
@@ -1070,6 +1071,16 @@ async fn fault_no_usage_stream_falls_back_to_tokenizer(kind: &str) {
     assert!(
         rec["completion_tokens"].as_u64().is_some_and(|n| n > 0),
         "{rec:#}"
+    );
+    // The client asked for usage: its last chunk carries the same count.
+    let last = chunks(&events).last().cloned().expect("chunks");
+    assert_eq!(
+        last["usage"]["prompt_tokens"], rec["prompt_tokens"],
+        "{events:#?}"
+    );
+    assert_eq!(
+        last["usage"]["completion_tokens"], rec["completion_tokens"],
+        "{events:#?}"
     );
 }
 
