@@ -1116,12 +1116,7 @@ impl<T> Drop for OpenAttempt<'_, T> {
 /// A chat prompt's tokens with `d`'s tokenizer, or four bytes a token when it is too long to
 /// tokenize on the request path.
 fn chat_prompt_tokens(req: &ChatRequest, d: &DeploymentState) -> u64 {
-    let bytes: usize = req.messages.iter().map(|m| m.text_len()).sum();
-    if bytes > TOKENIZE_ESTIMATE_MAX_BYTES {
-        (bytes as u64).div_ceil(4)
-    } else {
-        tokens::count_prompt(d.dep.upstream_model(), req)
-    }
+    tokens::estimate_prompt(d.dep.upstream_model(), req)
 }
 
 struct ChatCall<'r>(&'r ChatRequest);
@@ -1195,7 +1190,7 @@ impl Call<EmbeddingResponse> for EmbedCall<'_> {
         let model = d.dep.upstream_model();
         let text: u64 = (self.0.input.texts().iter())
             .map(|t| {
-                if t.len() > TOKENIZE_ESTIMATE_MAX_BYTES {
+                if t.len() > tokens::TOKENIZE_MAX_BYTES {
                     (t.len() as u64).div_ceil(4)
                 } else {
                     tokens::count_text(model, t)
@@ -1405,21 +1400,11 @@ fn limit_estimate(req: &ChatRequest) -> u64 {
         .or(req.max_tokens)
         .map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from)
         * u64::from(req.n.unwrap_or(1).max(1));
-    let bytes: usize = req.messages.iter().map(|m| m.text_len()).sum();
-    let prompt = if bytes > TOKENIZE_ESTIMATE_MAX_BYTES {
-        (bytes as u64).div_ceil(4)
-    } else {
-        tokens::count_prompt(&req.model, req)
-    };
-    prompt + completion
+    tokens::estimate_prompt(&req.model, req) + completion
 }
 
 /// The most choices a request may ask for (OpenAI's limit).
 const MAX_N: u32 = 128;
-
-/// Above this much prompt text, the tokens-per-minute estimate counts four bytes a token instead
-/// of running the tokenizer over it on the request path.
-const TOKENIZE_ESTIMATE_MAX_BYTES: usize = 64 * 1024;
 
 /// Completion tokens assumed for capacity when a request sets no maximum.
 const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;

@@ -39,6 +39,40 @@ pub fn count_text(model: &str, text: &str) -> u64 {
     bpe_for(model).encode_ordinary(text).len() as u64
 }
 
+/// Above this much prompt text (messages, tool calls and tool definitions), estimates made on
+/// the request path count four bytes a token instead of running the tokenizer.
+pub const TOKENIZE_MAX_BYTES: usize = 64 * 1024;
+
+/// The bytes of a prompt the tokenizer would read, stopping once past `limit`.
+fn prompt_bytes(req: &ChatRequest, limit: usize) -> usize {
+    let mut n = 0;
+    for m in &req.messages {
+        n += m.text_len() + m.name.as_ref().map_or(0, String::len);
+        for tc in m.tool_calls.iter().flatten() {
+            n += tc.function.name.len() + tc.function.arguments.len();
+        }
+        if n > limit {
+            return n;
+        }
+    }
+    if let Some(tools) = &req.tools {
+        n += serde_json::to_vec(tools).map_or(0, |v| v.len());
+    }
+    n
+}
+
+/// A prompt's tokens for an estimate made before or while a request runs: counted with the
+/// model's tokenizer, or four bytes a token when the prompt is longer than
+/// [`TOKENIZE_MAX_BYTES`] (so a huge prompt costs no tokenizer time on the request path).
+pub fn estimate_prompt(model: &str, req: &ChatRequest) -> u64 {
+    let bytes = prompt_bytes(req, TOKENIZE_MAX_BYTES);
+    if bytes > TOKENIZE_MAX_BYTES {
+        (bytes as u64).div_ceil(4)
+    } else {
+        count_prompt(model, req)
+    }
+}
+
 /// Prompt tokens of a chat request, with OpenAI's chat framing: 3 tokens per message, 1 more per
 /// `name`, and 3 to prime the reply. Tool definitions and tool calls are counted as their JSON.
 pub fn count_prompt(model: &str, req: &ChatRequest) -> u64 {
@@ -97,5 +131,29 @@ mod tests {
         .unwrap();
         // 3 (priming) + 3 (message) + 1 ("user") + 2 ("hello world")
         assert_eq!(count_prompt("gpt-4o", &req), 9);
+    }
+
+    #[test]
+    fn a_huge_prompt_is_estimated_by_its_bytes() {
+        let small: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "gpt-4o", "messages": [{"role": "user", "content": "hello world"}]
+        }))
+        .unwrap();
+        assert_eq!(
+            estimate_prompt("gpt-4o", &small),
+            count_prompt("gpt-4o", &small)
+        );
+        // A short message with megabytes of tool arguments is huge too.
+        let args = format!("{{\"blob\":\"{}\"}}", "ab ".repeat(400_000));
+        let huge: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "gpt-4o", "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                    "function": {"name": "f", "arguments": args}}]}
+            ]
+        }))
+        .unwrap();
+        let bytes = 2 + 1 + args.len();
+        assert_eq!(estimate_prompt("gpt-4o", &huge), (bytes as u64).div_ceil(4));
     }
 }

@@ -35,7 +35,7 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
     // end of the stream, so the start carries the tokenizer's count.
     let input_estimate = chat
         .is_stream()
-        .then(|| sluice_gateway::tokens::count_prompt(&chat.model, &chat));
+        .then(|| sluice_gateway::tokens::estimate_prompt(&chat.model, &chat));
     match state.gateway.chat(ctx, chat).await {
         Ok(ChatOutcome::Complete {
             completion,

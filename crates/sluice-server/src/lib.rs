@@ -156,19 +156,82 @@ pub fn router(state: SharedState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            this_machine_only,
+        ))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
 
-/// Gives every request an id (UUIDv7) and every response the `x-sluice-request-id` header.
+/// Gives every request an id (UUIDv7) and every response its headers: `x-sluice-request-id`,
+/// `x-request-id` (which the OpenAI SDKs read) and, on `/v1/messages`, `request-id` (which the
+/// Anthropic SDKs read).
 async fn request_id(mut req: Request, next: Next) -> Response {
     let id = sluice_types::ids::new_request_id();
     req.extensions_mut().insert(RequestId(id));
+    let anthropic = req.uri().path().ends_with("/messages");
     let mut resp = next.run(req).await;
     if let Ok(v) = HeaderValue::from_str(&id.hyphenated().to_string()) {
-        resp.headers_mut().insert("x-sluice-request-id", v);
+        let headers = resp.headers_mut();
+        if anthropic {
+            headers.insert("request-id", v.clone());
+        }
+        headers.insert("x-request-id", v.clone());
+        headers.insert("x-sluice-request-id", v);
     }
     resp
+}
+
+/// A gateway without an admin key listens on loopback and takes its local user for an admin, so
+/// it answers only requests meant for this machine: none addressed to another host name (a DNS
+/// rebinding page reaching it under its own name) and none sent by a browser from a page of
+/// another site (cross-site requests that would spend the providers' keys or mint keys).
+async fn this_machine_only(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    if state.admin_key.is_none()
+        && let Some(why) = foreign(req.headers())
+    {
+        return ApiError::openai(Error::new(ErrorCode::Forbidden, why)).into_response();
+    }
+    next.run(req).await
+}
+
+/// Why a request is not from this machine, if it is not.
+fn foreign(headers: &HeaderMap) -> Option<String> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(host) = text(header::HOST.as_str())
+        && !loopback_name(host)
+    {
+        return Some(format!(
+            "this gateway has no admin key, so it answers only requests addressed to this machine (localhost, 127.0.0.1), not `{host}`; set SLUICE_ADMIN_KEY to serve it under other names"
+        ));
+    }
+    let cross_site = match text(header::ORIGIN.as_str()) {
+        Some(origin) => !origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| loopback_name(rest.split('/').next().unwrap_or(rest))),
+        None => text("sec-fetch-site") == Some("cross-site"),
+    };
+    cross_site.then(|| {
+        "this gateway has no admin key, so it refuses requests a browser sends from a page of another site; set SLUICE_ADMIN_KEY (and send it) to allow them".to_string()
+    })
+}
+
+/// Whether `host` (`name[:port]` or `[v6][:port]`) names this machine.
+fn loopback_name(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    let lower = name.to_ascii_lowercase();
+    lower == "localhost"
+        || lower.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 pub use sluice_core::keys::constant_time_eq;
@@ -425,4 +488,32 @@ pub(crate) fn attribute_from_headers(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_of_this_machine_are_loopback() {
+        for ok in [
+            "127.0.0.1:4141",
+            "localhost",
+            "LOCALHOST:80",
+            "[::1]:4141",
+            "127.0.0.5",
+            "app.localhost:3000",
+        ] {
+            assert!(loopback_name(ok), "{ok}");
+        }
+        for no in [
+            "evil.example:4141",
+            "10.0.0.1:4141",
+            "localhost.evil.example",
+            "[2001:db8::1]:80",
+            "",
+        ] {
+            assert!(!loopback_name(no), "{no}");
+        }
+    }
 }

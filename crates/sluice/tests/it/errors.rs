@@ -212,3 +212,73 @@ async fn random_garbage_never_yields_a_500() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_open_gateway_answers_only_requests_meant_for_this_machine() {
+    // No admin key: the local user is an admin, so other sites and names are refused.
+    let s = Sluice::start(MOCK).await;
+    let http = reqwest::Client::new();
+    let chat = json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]});
+    let refused = |resp: reqwest::Response| async move {
+        let status = resp.status().as_u16();
+        let v: Value = resp.json().await.expect("JSON error");
+        (
+            status,
+            v["error"]["code"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    // DNS rebinding: the gateway reached under another name.
+    let r = http
+        .post(s.url("/api/keys"))
+        .header("host", "evil.example:4141")
+        .json(&json!({"name": "x", "role": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused(r).await, (403, "forbidden".to_string()));
+    // A page of another site posting to it.
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .header("origin", "https://evil.example")
+        .header("content-type", "text/plain")
+        .body(chat.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused(r).await, (403, "forbidden".to_string()));
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .header("sec-fetch-site", "cross-site")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Local clients, and pages served from this machine, are answered; every answer carries the
+    // request id under the names the SDKs read.
+    for origin in [
+        None,
+        Some("http://localhost:3000"),
+        Some("http://127.0.0.1:4141"),
+    ] {
+        let mut rb = http.post(s.url("/v1/chat/completions")).json(&chat);
+        if let Some(o) = origin {
+            rb = rb.header("origin", o);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), 200, "{origin:?}");
+        let id = request_id(&r);
+        assert_eq!(r.headers()["x-request-id"].to_str().unwrap(), id);
+    }
+    let r = http
+        .post(s.url("/v1/messages"))
+        .json(&json!({"model": "mock-echo", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["request-id"],
+        r.headers()["x-sluice-request-id"]
+    );
+}
