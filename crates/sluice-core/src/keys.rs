@@ -93,8 +93,10 @@ pub trait AuditStore: Send + Sync + 'static {
     async fn list_audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
-/// Spend limits in USD; `None` is no limit.
+/// Spend limits in USD; `None` is no limit. Unknown fields are refused: a misspelt limit would
+/// otherwise leave no limit at all.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Budget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daily_usd: Option<f64>,

@@ -872,6 +872,11 @@ impl Router {
                         "models.{name}.fallbacks.{class}: a model cannot fall back to itself"
                     ));
                 }
+                if groups[target].classifier.is_some() {
+                    return Err(format!(
+                        "models.{name}.fallbacks.{class}: `{target}` routes by complexity; fall back to a model with deployments (one of its tiers)"
+                    ));
+                }
             }
             if let Some(c) = &g.classifier {
                 for (i, t) in c.tiers().iter().enumerate() {
@@ -1006,6 +1011,25 @@ pub fn build_group(
             "deployments: a model with strategy \"complexity\" routes to its tiers' models; list deployments there"
                 .into(),
         );
+    }
+    if classifier.is_some() {
+        // A routed request runs with its tier's settings: these would be silently ignored.
+        for (key, set) in [
+            ("retries", cfg.retries != RetryConfig::default()),
+            ("fallbacks", cfg.fallbacks != FallbackConfig::default()),
+            ("timeouts", cfg.timeouts != TimeoutConfig::default()),
+            (
+                "circuit_breaker",
+                cfg.circuit_breaker != BreakerConfig::default(),
+            ),
+            ("health_check", cfg.health_check.is_some()),
+        ] {
+            if set {
+                return Err(format!(
+                    "{key}: not used with strategy \"complexity\" (a request runs with the settings of its tier's model); set {key} on the tier models"
+                ));
+            }
+        }
     }
     let mut seen = std::collections::HashSet::new();
     for (i, d) in deployments.iter().enumerate() {

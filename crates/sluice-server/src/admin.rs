@@ -126,10 +126,27 @@ pub async fn list_requests(
         Err(e) => return ApiError::openai(e).into_response(),
     };
     let limit = q.limit;
-    q.limit = limit + 1;
-    match state.store.list(&q).await {
-        Ok(mut rows) => {
-            let has_more = rows.len() > limit as usize;
+    // One more row tells whether another page follows; the store gives at most 1000 rows, so a
+    // page of 1000 asks for the row after it separately.
+    q.limit = (limit + 1).min(1000);
+    let listed = match state.store.list(&q).await {
+        Ok(rows) if rows.len() == limit as usize && q.limit == limit => {
+            let after = RecordQuery {
+                before: rows.last().map(|r| r.id),
+                limit: 1,
+                ..q.clone()
+            };
+            state
+                .store
+                .list(&after)
+                .await
+                .map(|more| (rows, !more.is_empty()))
+        }
+        Ok(rows) => Ok((rows, false)),
+        Err(e) => Err(e),
+    };
+    match listed.map(|(rows, more)| (rows.len() > limit as usize || more, rows)) {
+        Ok((has_more, mut rows)) => {
             rows.truncate(limit as usize);
             let next_before = if has_more {
                 rows.last().map(|r| r.id.hyphenated().to_string())

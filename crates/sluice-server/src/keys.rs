@@ -374,6 +374,18 @@ pub async fn rotate(
     if let Err(r) = may_manage(&state, cache, &actor, &id, "keys.rotate").await {
         return r;
     }
+    // A rotated key keeps its expiry: a new secret for an expired key would be refused at once.
+    match cache.store.get_key(&id).await {
+        Ok(Some(k)) if k.expires_at.is_some_and(|t| t <= Utc::now()) => {
+            return ApiError::openai(Error::invalid(format!(
+                "key `{id}` expired at {}; a rotated key keeps its expiry, so issue a new key instead (POST /api/keys)",
+                k.expires_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+            )))
+            .into_response();
+        }
+        Ok(_) => {}
+        Err(e) => return store_error(e),
+    }
     let fresh = match generate(Some(&id)) {
         Ok(f) => f,
         Err(e) => return ApiError::openai(Error::internal(e)).into_response(),

@@ -132,7 +132,9 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/models", get(openai::list_models))
         .route("/v1/models/{*id}", get(openai::get_model))
+        .route("/models/{*id}", get(openai::get_model))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/messages", post(anthropic::messages))
         .route_layer(middleware::from_fn_with_state(state.clone(), v1_auth));
     let api = Router::new()
         .route("/api/requests", get(admin::list_requests))
@@ -309,7 +311,7 @@ fn check_v1_key(state: &AppState, req: &mut Request) -> Result<(), Error> {
 
 async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     if let Err(e) = check_v1_key(&state, &mut req) {
-        let flavor = if req.uri().path() == "/v1/messages" {
+        let flavor = if req.uri().path().ends_with("/messages") {
             error::Flavor::Anthropic
         } else {
             error::Flavor::OpenAi

@@ -596,7 +596,7 @@ macro_rules! store_impl {
                             .bind(r.started_at)
                             .bind(r.finished_at)
                             .bind(text(&r.endpoint))
-                            .bind(text(&r.model))
+                            .bind(indexed(&r.model))
                             .bind(opt_text(&r.provider))
                             .bind(opt_text(&r.deployment))
                             .bind(i64::from(r.attempts))
@@ -607,13 +607,13 @@ macro_rules! store_impl {
                             .bind(r.stream)
                             .bind(r.latency_ms)
                             .bind(r.ttft_ms)
-                            .bind(clamp_i64(r.prompt_tokens))
-                            .bind(clamp_i64(r.completion_tokens))
-                            .bind(clamp_i64(r.cached_tokens))
+                            .bind(stored_tokens(r.prompt_tokens))
+                            .bind(stored_tokens(r.completion_tokens))
+                            .bind(stored_tokens(r.cached_tokens))
                             .bind(r.usage_source.as_str())
                             .bind(r.cost_usd)
                             .bind(opt_text(&r.finish_reason))
-                            .bind(opt_text(&r.user))
+                            .bind(r.user.as_deref().map(indexed))
                             .bind(opt_text(&r.session))
                             .bind(json_text(&r.tags))
                             .bind(json_text(&r.metadata))
@@ -621,14 +621,14 @@ macro_rules! store_impl {
                             .bind(r.response_body.as_ref().map(|b| b.get().to_string()))
                             .bind(json_text(&r.attempt_log))
                             .bind(r.route.as_ref().map(json_text))
-                            .bind(opt_text(&r.key_id))
+                            .bind(r.key_id.as_deref().map(indexed))
                             .bind(opt_text(&r.cache))
                             .bind(r.cost_saved_usd)
                             .bind(
                                 r.metadata
                                     .get("team")
                                     .and_then(serde_json::Value::as_str)
-                                    .map(text),
+                                    .map(indexed),
                             );
                     }
                     q.execute(&mut *tx).await.map_err(db_err)?;
@@ -652,16 +652,16 @@ macro_rules! store_impl {
                     "SELECT {COLUMNS} FROM requests WHERE 1 = 1"
                 ));
                 if let Some(m) = &q.model {
-                    qb.push(" AND model = ").push_bind(m.clone());
+                    qb.push(" AND model = ").push_bind(indexed(m));
                 }
                 if let Some(s) = q.status {
                     qb.push(" AND status = ").push_bind(s.as_str());
                 }
                 if let Some(u) = &q.user {
-                    qb.push(" AND user_id = ").push_bind(u.clone());
+                    qb.push(" AND user_id = ").push_bind(indexed(u));
                 }
                 if let Some(k) = &q.key {
-                    qb.push(" AND key_id = ").push_bind(k.clone());
+                    qb.push(" AND key_id = ").push_bind(indexed(k));
                 }
                 if let Some(t) = q.since {
                     qb.push(" AND id >= ").push_bind(v7_floor(t));
@@ -837,8 +837,31 @@ fn opt_text(s: &Option<String>) -> Option<String> {
     s.as_deref().map(text)
 }
 
+/// The most tokens a record stores per count: far beyond any real request, and low enough that
+/// millions of records still sum within a 64-bit integer (a broken upstream may report anything).
+const MAX_STORED_TOKENS: u64 = 1 << 40;
+
 fn clamp_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A token count as stored (see [`MAX_STORED_TOKENS`]).
+fn stored_tokens(v: u64) -> i64 {
+    v.min(MAX_STORED_TOKENS) as i64
+}
+
+/// The most bytes of an indexed text column (model, user, key id, team): PostgreSQL cannot index
+/// a much longer value, and one such record would fail its whole batch. Longer values are cut at
+/// a character boundary, when stored and when looked up alike.
+const MAX_INDEXED_BYTES: usize = 1024;
+
+/// An indexed text value as stored (see [`MAX_INDEXED_BYTES`]).
+fn indexed(s: &str) -> String {
+    let mut end = s.len().min(MAX_INDEXED_BYTES);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    text(&s[..end])
 }
 
 store_impl!(SqliteStore, sqlx::Sqlite, Placeholders::Anonymous);
@@ -1080,9 +1103,9 @@ macro_rules! usage_store_impl {
                 // Key and user ride the `(key_id, id)` and `(user_id, id)` indexes; a team is
                 // summed over the period's records (a range of the primary key).
                 let (column, value) = match who {
-                    Spender::Key(k) => ("key_id", text(k)),
-                    Spender::User(u) => ("user_id", text(u)),
-                    Spender::Team(t) => ($team, t.clone()),
+                    Spender::Key(k) => ("key_id", indexed(k)),
+                    Spender::User(u) => ("user_id", indexed(u)),
+                    Spender::Team(t) => ($team, indexed(t)),
                 };
                 let mut qb = sqlx::QueryBuilder::<$db>::new(
                     "SELECT CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) FROM requests WHERE ",
@@ -1092,6 +1115,11 @@ macro_rules! usage_store_impl {
                     .push_bind(value)
                     .push(" AND id >= ")
                     .push_bind(v7_floor(since));
+                if matches!(who, Spender::Team(_)) {
+                    // A team spends through its keys; a request without a key cannot charge a
+                    // team by naming it in its metadata.
+                    qb.push(" AND key_id IS NOT NULL");
+                }
                 qb.build_query_scalar::<f64>()
                     .fetch_one(&self.pool)
                     .await
@@ -1116,16 +1144,16 @@ macro_rules! usage_store_impl {
                     qb.push(" AND id < ").push_bind(v7_floor(t));
                 }
                 if let Some(k) = &q.key {
-                    qb.push(" AND key_id = ").push_bind(text(k));
+                    qb.push(" AND key_id = ").push_bind(indexed(k));
                 }
                 if let Some(u) = &q.user {
-                    qb.push(" AND user_id = ").push_bind(text(u));
+                    qb.push(" AND user_id = ").push_bind(indexed(u));
                 }
                 if let Some(t) = &q.team {
-                    qb.push(" AND ").push($team).push(" = ").push_bind(t.clone());
+                    qb.push(" AND ").push($team).push(" = ").push_bind(indexed(t));
                 }
                 if let Some(m) = &q.model {
-                    qb.push(" AND model = ").push_bind(text(m));
+                    qb.push(" AND model = ").push_bind(indexed(m));
                 }
                 if !dims.is_empty() {
                     qb.push(" GROUP BY ").push(dims.join(", "));

@@ -171,13 +171,86 @@ fn spill_batch(path: &PathBuf, batch: &[RequestRecord]) -> std::io::Result<()> {
     {
         std::fs::create_dir_all(dir)?;
     }
+    // The whole batch in one append: lines of several writers (replicas sharing the directory)
+    // do not interleave, and a failure leaves no half line before the next batch.
+    let mut lines = Vec::with_capacity(batch.len() * 512);
+    for r in batch {
+        serde_json::to_writer(&mut lines, r)?;
+        lines.push(b'\n');
+    }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;
-    for r in batch {
-        serde_json::to_writer(&mut f, r)?;
-        f.write_all(b"\n")?;
-    }
+    f.write_all(&lines)?;
     f.sync_data()
+}
+
+/// What [`replay_spill`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Records written to the store (a record already there counts and is left as it is).
+    pub records: u64,
+    /// Lines that were not a record (a line cut short by a crash), kept in `FILE.bad`.
+    pub bad_lines: u64,
+}
+
+/// Writes the records of a spill file (left by a writer whose store was down) to the store, then
+/// removes the file. It is claimed first by renaming it, so that two replicas sharing it do not
+/// both replay it; a claim left by a replay that stopped half way is taken up again. Writing a
+/// record twice is a no-op, so a replay may safely repeat. If the store fails, the records not
+/// yet written go back to the spill file and the error is returned.
+pub async fn replay_spill(
+    store: &dyn LogStore,
+    path: &std::path::Path,
+) -> Result<Replayed, String> {
+    let claimed = path.with_extension("jsonl.replaying");
+    if path.exists() && !claimed.exists() && std::fs::rename(path, &claimed).is_err() {
+        // Another replica claimed it first.
+        return Ok(Replayed::default());
+    }
+    if !claimed.exists() {
+        return Ok(Replayed::default());
+    }
+    let text = std::fs::read(&claimed).map_err(|e| format!("{}: {e}", claimed.display()))?;
+    let mut out = Replayed::default();
+    let mut records = Vec::new();
+    let mut bad = Vec::new();
+    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice::<RequestRecord>(line) {
+            Ok(r) => records.push(r),
+            Err(_) => {
+                bad.extend_from_slice(line);
+                bad.push(b'\n');
+                out.bad_lines += 1;
+            }
+        }
+    }
+    if !bad.is_empty() {
+        use std::io::Write;
+        let kept = path.with_extension("jsonl.bad");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&kept)
+            .map_err(|e| format!("{}: {e}", kept.display()))?;
+        f.write_all(&bad)
+            .map_err(|e| format!("{}: {e}", kept.display()))?;
+    }
+    for (i, chunk) in records.chunks(512).enumerate() {
+        if let Err(e) = store.insert_batch(chunk).await {
+            let rest = &records[i * 512..];
+            spill_batch(&path.to_path_buf(), rest)
+                .map_err(|se| format!("{e}; and putting the records back failed: {se}"))?;
+            let _ = std::fs::remove_file(&claimed);
+            return Err(format!(
+                "{e} ({} records stay in {})",
+                rest.len(),
+                path.display()
+            ));
+        }
+        out.records += chunk.len() as u64;
+    }
+    std::fs::remove_file(&claimed).map_err(|e| format!("{}: {e}", claimed.display()))?;
+    Ok(out)
 }

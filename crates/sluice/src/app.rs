@@ -118,12 +118,28 @@ pub async fn build_with(
         .await
         .with_context(|| format!("reading the virtual keys from {}", cfg.store.url))?;
     keys.spawn_refresher(sluice_server::keys::REFRESH_EVERY);
+    // Records a writer left in the spill file while the store was down go to the store now.
+    let spill = spill_path(&cfg.store.url);
+    match sluice_store::writer::replay_spill(store.as_ref(), &spill).await {
+        Ok(r) if r.records > 0 || r.bad_lines > 0 => tracing::warn!(
+            records = r.records,
+            unreadable_lines = r.bad_lines,
+            path = %spill.display(),
+            "request records from the spill file written to the store"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::error!(
+            error = %e,
+            path = %spill.display(),
+            "the spill file's request records could not be written to the store; they stay in it for the next start"
+        ),
+    }
     let (sink, rx) = LogSink::channel(cfg.store.queue_capacity);
     let writer = LogWriter::spawn_with(
         store.clone(),
         rx,
         cfg.store.batch_size,
-        spill_path(&cfg.store.url),
+        spill,
         Duration::from_millis(cfg.store.flush_interval_ms),
     );
     let bodies = match cfg.store.bodies {
@@ -210,13 +226,13 @@ async fn shutdown_signal() {
     }
 }
 
-/// Reloads the configuration on every SIGHUP.
+/// Reloads the configuration on every SIGHUP. A server on the embedded default has no file to
+/// reload: it says so and keeps running (SIGHUP must never stop it, which is the signal's default
+/// action, and would lose the queued records).
 fn reload_on_hangup(state: &Arc<AppState>) {
     #[cfg(unix)]
     {
-        let Some(reloader) = state.reloader.as_ref().map(Arc::downgrade) else {
-            return;
-        };
+        let reloader = state.reloader.as_ref().map(Arc::downgrade);
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
             return;
@@ -225,6 +241,12 @@ fn reload_on_hangup(state: &Arc<AppState>) {
         // must go when the server stops so that the log writer sees the queue end and drains.
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
+                let Some(reloader) = &reloader else {
+                    tracing::warn!(
+                        "SIGHUP: this server runs on the embedded default and has no configuration file to reload"
+                    );
+                    continue;
+                };
                 let Some(r) = reloader.upgrade() else { return };
                 match tokio::task::spawn_blocking(move || r.reload()).await {
                     Ok(Ok(summary)) => tracing::info!(%summary, "SIGHUP: configuration reloaded"),

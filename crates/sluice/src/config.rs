@@ -307,7 +307,7 @@ impl Config {
             }
         }
         raw.budgets.validate().map_err(|e| format!("budgets.{e}"))?;
-        raw.cache.validate().map_err(|e| format!("cache.{e}"))?;
+        raw.cache.validate()?;
         raw.state.validate().map_err(|e| format!("state.{e}"))?;
         let mut router = Router::new(groups)?;
         router.limits = raw.limits.clone();
@@ -454,6 +454,14 @@ mod tests {
         assert!(e.contains("providers.p") && e.contains("timeout"), "{e}");
         let e = check("[providers.p]\ntype = \"cohere\"\n").unwrap_err();
         assert!(e.contains("providers.p") && e.contains("cohere"), "{e}");
+        // A misspelt budget would otherwise be no budget at all.
+        let e = check("[budgets]\nper_user = { daily = 5.0 }\n").unwrap_err();
+        assert!(e.contains("budgets") && e.contains("daily"), "{e}");
+        let e = check("[budgets.teams.search]\nmonthly_limit = 1000\n").unwrap_err();
+        assert!(e.contains("monthly_limit"), "{e}");
+        // Errors of a section name their key once.
+        let e = check("[cache]\nttl_secs = 0\n").unwrap_err();
+        assert!(e.starts_with("cache.ttl_secs:"), "{e}");
     }
 
     #[test]
@@ -472,6 +480,25 @@ mod tests {
         assert!(e.contains("SLUICE_TEST_UNSET_KEY_1"), "{e}");
         let e = check("[server]\nlisten = \"nowhere\"\n").unwrap_err();
         assert!(e.starts_with("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn settings_a_complexity_model_would_ignore_are_refused() {
+        let base = "[providers.m]\ntype = \"mock\"\n[models.small]\ndeployments = [{ provider = \"m\", model = \"s\" }]\n[models.big]\ndeployments = [{ provider = \"m\", model = \"b\" }]\n";
+        let auto = "[models.auto]\nstrategy = \"complexity\"\ncomplexity = { tiers = [{ name = \"s\", model = \"small\", max_score = 0.5 }, { name = \"b\", model = \"big\" }] }\n";
+        check(&format!("{base}{auto}")).expect("a plain complexity model");
+        let e = check(&format!(
+            "{base}{auto}fallbacks = {{ default = [\"big\"] }}\n"
+        ))
+        .unwrap_err();
+        assert!(e.starts_with("models.auto.fallbacks:"), "{e}");
+        let e = check(&format!("{base}{auto}timeouts = {{ total_secs = 20 }}\n")).unwrap_err();
+        assert!(e.starts_with("models.auto.timeouts:"), "{e}");
+        let e = check(&format!(
+            "{base}{auto}[models.chat]\ndeployments = [{{ provider = \"m\", model = \"c\" }}]\nfallbacks = {{ default = [\"auto\"] }}\n"
+        ))
+        .unwrap_err();
+        assert!(e.starts_with("models.chat.fallbacks.default:"), "{e}");
     }
 
     #[test]

@@ -164,7 +164,7 @@ fn to_json(k: &VirtualKey, now: DateTime<Utc>) -> Value {
 }
 
 fn print_json(v: &Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
     );
@@ -282,7 +282,7 @@ fn print_table(keys: &[VirtualKey], now: DateTime<Utc>) {
                 out.push_str(&" ".repeat(w - cell.chars().count() + 2));
             }
         }
-        println!("{}", out.trim_end());
+        outln!("{}", out.trim_end());
     };
     line(&HEAD.map(String::from));
     for row in &rows {
@@ -332,7 +332,7 @@ fn print_details(k: &VirtualKey, now: DateTime<Utc>) {
         ),
     ];
     for (name, value) in fields {
-        println!("{:<16}{value}", format!("{name}:"));
+        outln!("{:<16}{value}", format!("{name}:"));
     }
 }
 
@@ -379,11 +379,11 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
     {
         return match command {
             KeysCommand::List { json: true } => {
-                println!("[]");
+                outln!("[]");
                 Ok(())
             }
             KeysCommand::List { json: false } => {
-                println!(
+                outln!(
                     "no keys yet (no store at {path}); issue one with `sluice keys create --name NAME`"
                 );
                 Ok(())
@@ -410,16 +410,14 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 v["key"] = Value::String(secret);
                 print_json(&v);
             } else {
-                println!("Created key {} ({}):", key.id, key.name);
-                println!();
-                println!("    {secret}");
-                println!();
-                println!(
+                outln!("Created key {} ({}):", key.id, key.name);
+                outln!();
+                outln!("    {secret}");
+                outln!();
+                outln!(
                     "This key will not be shown again: Sluice keeps only its hash, so copy it now."
                 );
-                println!(
-                    "Clients send it as `Authorization: Bearer <key>` (or `x-api-key: <key>`)."
-                );
+                outln!("Clients send it as `Authorization: Bearer <key>` (or `x-api-key: <key>`).");
             }
         }
         KeysCommand::List { json } => {
@@ -429,7 +427,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                     keys.iter().map(|k| to_json(k, now)).collect(),
                 ));
             } else if keys.is_empty() {
-                println!("no keys yet; issue one with `sluice keys create --name NAME`");
+                outln!("no keys yet; issue one with `sluice keys create --name NAME`");
             } else {
                 print_table(&keys, now);
             }
@@ -456,9 +454,10 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
             if json {
                 print_json(&to_json(&k, now));
             } else {
-                println!(
+                outln!(
                     "Revoked key {} ({}); it no longer works (running gateways stop accepting it within a second).",
-                    k.id, k.name
+                    k.id,
+                    k.name
                 );
             }
         }
@@ -486,14 +485,14 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 v["key"] = Value::String(fresh.key);
                 print_json(&v);
             } else {
-                println!("Rotated key {} ({}); its new secret:", k.id, k.name);
-                println!();
-                println!("    {}", fresh.key);
-                println!();
-                println!(
+                outln!("Rotated key {} ({}); its new secret:", k.id, k.name);
+                outln!();
+                outln!("    {}", fresh.key);
+                outln!();
+                outln!(
                     "This key will not be shown again: Sluice keeps only its hash, so copy it now."
                 );
-                println!(
+                outln!(
                     "The old key no longer works (running gateways stop accepting it within a second)."
                 );
             }

@@ -62,7 +62,7 @@ fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
 fn print(r: &RequestRecord, json: bool) {
     if json {
         if let Ok(s) = serde_json::to_string(r) {
-            println!("{s}");
+            outln!("{s}");
         }
         return;
     }
@@ -70,7 +70,7 @@ fn print(r: &RequestRecord, json: bool) {
         .ttft_ms
         .map(|t| format!("{t:.0}ms"))
         .unwrap_or_else(|| "-".into());
-    println!(
+    outln!(
         "{}  {}  {:<9} {:>3}  {:<18} {:<12} {:>7.0}ms ttft {:>6}  tok {:>5}/{:<5} ${:.6}{}{}",
         r.started_at.format("%Y-%m-%d %H:%M:%S%.3f"),
         r.id,
@@ -104,7 +104,9 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-pub async fn run(store_url: &str, max_connections: u32, args: LogsArgs) -> anyhow::Result<()> {
+/// Refuses a SQLite store whose file does not exist (a wrong directory or a misspelt `--store`),
+/// rather than creating an empty one and reporting nothing.
+pub(crate) fn require_log(store_url: &str) -> anyhow::Result<()> {
     if let Some(path) = store_url.strip_prefix("sqlite://") {
         let path = path.split('?').next().unwrap_or(path);
         if !std::path::Path::new(path).exists() {
@@ -113,6 +115,11 @@ pub async fn run(store_url: &str, max_connections: u32, args: LogsArgs) -> anyho
             );
         }
     }
+    Ok(())
+}
+
+pub async fn run(store_url: &str, max_connections: u32, args: LogsArgs) -> anyhow::Result<()> {
+    require_log(store_url)?;
     let store = sluice_store::open(store_url, max_connections)
         .await
         .with_context(|| format!("opening the store at {store_url}"))?;

@@ -6,6 +6,40 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// `println!` for the command line's output: when the reader has gone (`sluice logs | head`), the
+/// command ends quietly, as other Unix tools do, instead of panicking on the broken pipe.
+macro_rules! outln {
+    () => {
+        $crate::out_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::out_line(format_args!($($arg)*))
+    };
+}
+
+/// `print!` with the same care.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::out_text(format_args!($($arg)*))
+    };
+}
+
+/// Writes a line to stdout; exits quietly if the reader has gone.
+fn out_line(args: std::fmt::Arguments<'_>) {
+    out_text(format_args!("{args}\n"));
+}
+
+/// Writes to stdout; exits quietly if the reader has gone.
+fn out_text(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
 mod app;
 mod config;
 mod demo;

@@ -66,10 +66,10 @@ pub fn explain(
         Classifier::new(cfg).map_err(|e| anyhow::anyhow!("models.{name}.complexity.{e}"))?;
     let decision = classifier.classify_text(prompt);
     if json {
-        println!("{}", serde_json::to_string_pretty(&decision)?);
+        outln!("{}", serde_json::to_string_pretty(&decision)?);
     } else {
-        println!("model `{name}` (strategy complexity)");
-        println!("{}", decision.explain());
+        outln!("model `{name}` (strategy complexity)");
+        outln!("{}", decision.explain());
     }
     Ok(())
 }
@@ -94,6 +94,7 @@ pub async fn report(
         ),
         None => None,
     };
+    crate::logs::require_log(store_url)?;
     let store = sluice_store::open(store_url, 2)
         .await
         .with_context(|| format!("opening the store at {store_url}"))?;
@@ -136,19 +137,23 @@ pub async fn report(
         }
     }
     if by_tier.is_empty() {
-        println!(
+        outln!(
             "no completed complexity-routed requests in the log{}",
             since.map(|_| " for that period").unwrap_or("")
         );
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<16} {:>9} {:>14} {:>16} {:>14}",
-        "tier", "requests", "cost (USD)", "strongest (USD)", "saved (USD)"
+        "tier",
+        "requests",
+        "cost (USD)",
+        "strongest (USD)",
+        "saved (USD)"
     );
     let mut total = Tally::default();
     for (tier, t) in &by_tier {
-        println!(
+        outln!(
             "{:<16} {:>9} {:>14.6} {:>16.6} {:>14.6}",
             tier,
             t.requests,
@@ -166,9 +171,13 @@ pub async fn report(
     } else {
         0.0
     };
-    println!(
+    outln!(
         "{:<16} {:>9} {:>14.6} {:>16.6} {:>14.6}  ({pct:.1}% saved)",
-        "total", total.requests, total.cost, total.baseline, saved
+        "total",
+        total.requests,
+        total.cost,
+        total.baseline,
+        saved
     );
     Ok(())
 }

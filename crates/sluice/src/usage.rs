@@ -119,13 +119,14 @@ pub async fn run(url: &str, args: UsageArgs) -> anyhow::Result<()> {
             e.message
         )
     })?;
+    crate::logs::require_log(url)?;
     let stores = sluice_store::open_all(url, 2)
         .await
         .with_context(|| format!("opening the store at {url}"))?;
     let rows = stores.usage.usage(&q).await.context("reading usage")?;
     let total = UsageRow::total(&rows);
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "since": q.since,
@@ -144,12 +145,12 @@ pub async fn run(url: &str, args: UsageArgs) -> anyhow::Result<()> {
     let until = q
         .until
         .map_or_else(|| "now".into(), |t| t.format("%Y-%m-%d %H:%MZ").to_string());
-    println!("usage from {since} to {until}");
+    outln!("usage from {since} to {until}");
     if rows.is_empty() || total.requests == 0 {
-        println!("no requests in this period");
+        outln!("no requests in this period");
         return Ok(());
     }
-    print!("{}", table(&q.group_by, &rows, Some(&total)));
+    out!("{}", table(&q.group_by, &rows, Some(&total)));
     Ok(())
 }
 

@@ -752,3 +752,55 @@ pub async fn cache_entries(db: &TestDb) {
         );
     }
 }
+
+/// A value too long to index whole (a model, user or team of thousands of characters) is stored
+/// cut and found again by the same value, without failing the records batched with it; a
+/// request made without a key does not charge the team it names.
+pub async fn long_values_and_keyless_teams(db: &TestDb) {
+    let long_model = "m".repeat(2_000) + &"é".repeat(1_000);
+    let long_user = "u".repeat(5_000);
+    let long_team = "t".repeat(4_000);
+    let keyed = rec(t1(), "m1", Some("k-team"), Some("ann"), Some("squad"), 1.0);
+    let keyless = rec(t1(), "m1", None, Some("eve"), Some("squad"), 8.0);
+    let long = rec(
+        t2(),
+        &long_model,
+        Some("k-long"),
+        Some(&long_user),
+        Some(&long_team),
+        2.0,
+    );
+    let stores = open_with(db, &[keyed.clone(), keyless, long.clone()]).await;
+    assert_eq!(
+        spend(&stores, Spender::Team("squad".into()), t0()).await,
+        1.0,
+        "only the keyed request charges its team"
+    );
+    assert_eq!(
+        spend(&stores, Spender::User(long_user.clone()), t0()).await,
+        2.0
+    );
+    assert_eq!(
+        spend(&stores, Spender::Team(long_team.clone()), t0()).await,
+        2.0
+    );
+    let got = stores.log.get(long.id).await.expect("get").expect("stored");
+    assert!(
+        got.model.len() <= 1024 && long_model.starts_with(&got.model),
+        "{}",
+        got.model.len()
+    );
+    let found = stores
+        .log
+        .list(&RecordQuery {
+            model: Some(long_model.clone()),
+            user: Some(long_user.clone()),
+            limit: 10,
+            ..RecordQuery::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, long.id);
+    assert!(stores.log.get(keyed.id).await.expect("get").is_some());
+}

@@ -159,3 +159,59 @@ async fn writer_counts_batches_that_were_slow_to_write() {
     assert_eq!(stats.slow, 1, "only the first batch was slow: {stats:?}");
     assert!(stats.batches >= 15, "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spill_file_is_written_to_the_store_at_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill = dir.path().join("spill.jsonl");
+    let records: Vec<RequestRecord> = (0..3)
+        .map(|_| {
+            let mut r = record("m", Some("u"), RecordStatus::Ok);
+            r.id = Uuid::now_v7();
+            r
+        })
+        .collect();
+    {
+        let mut f = std::fs::File::create(&spill).unwrap();
+        for r in &records {
+            serde_json::to_writer(&mut f, r).unwrap();
+            f.write_all(b"\n").unwrap();
+        }
+        // A line cut short by a crash.
+        f.write_all(b"{\"id\":\"0190").unwrap();
+    }
+
+    // The store is down: nothing is lost, the records stay in the spill file.
+    let down = TestStore {
+        down: true,
+        ..TestStore::default()
+    };
+    let e = sluice_store::writer::replay_spill(&down, &spill)
+        .await
+        .expect_err("the store is down");
+    assert!(e.contains("3 records stay"), "{e}");
+    let kept = std::fs::read_to_string(&spill).expect("still spilled");
+    assert_eq!(kept.lines().count(), 3);
+    let bad = std::fs::read_to_string(dir.path().join("spill.jsonl.bad")).expect("kept aside");
+    assert_eq!(bad, "{\"id\":\"0190\n");
+
+    // The store is back: every record is written once, the file is gone, the cut line is kept
+    // aside. A second replay finds nothing.
+    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let store = sluice_store::SqliteStore::open(&url, 2)
+        .await
+        .expect("open");
+    let done = sluice_store::writer::replay_spill(&store, &spill)
+        .await
+        .expect("replayed");
+    assert_eq!((done.records, done.bad_lines), (3, 0));
+    assert!(!spill.exists());
+    assert_eq!(store.count().await.unwrap(), 3);
+    for r in &records {
+        assert!(store.get(r.id).await.unwrap().is_some());
+    }
+    let again = sluice_store::writer::replay_spill(&store, &spill)
+        .await
+        .expect("nothing to do");
+    assert_eq!(again.records, 0);
+}

@@ -160,6 +160,17 @@ async fn logs_prints_the_request_log() {
         err.contains("no request log") && err.contains("hint:"),
         "{err}"
     );
+    // The reports refuse a store that is not there too, and create none.
+    let missing = format!("sqlite://{}/none/x.db", dir.path().display());
+    for args in [
+        vec!["usage", "--store", missing.as_str()],
+        vec!["route", "report", "--store", missing.as_str()],
+    ] {
+        let (code, _, err) = run(&args, dir.path());
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("no request log"), "{args:?}: {err}");
+    }
+    assert!(!dir.path().join("none").exists());
 }
 
 const COMPLEXITY: &str = r#"
@@ -449,4 +460,93 @@ fn keys_are_managed_from_the_command_line() {
     let (code, out, err) = run(&["keys", "list"], dir.path());
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&id) && out.contains(&other_id), "{out}");
+}
+
+#[test]
+fn sighup_does_not_stop_a_server_on_the_embedded_default() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env_remove("SLUICE_CONFIG")
+        .env_remove("SLUICE_ADMIN_KEY")
+        .env("SLUICE_MODELS_DIR", &models)
+        .env("SLUICE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("listening on"));
+    assert!(started, "the server did not start");
+    let pid = child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, pid.as_str()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    signal("-HUP");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the server"
+    );
+    signal("-TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_early_ends_the_output_quietly() {
+    let s = Sluice::start(MOCK).await;
+    let http = reqwest::Client::new();
+    let long = "many words ".repeat(400);
+    let mut last = String::new();
+    for _ in 0..60 {
+        let r = http
+            .post(s.url("/v1/chat/completions"))
+            .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": long}]}))
+            .send()
+            .await
+            .unwrap();
+        last = request_id(&r);
+    }
+    s.record(&last).await;
+    let store = s.store_url.clone();
+    let dir = s.dir().to_path_buf();
+    // Far more than a pipe holds; the reader takes one line and closes it (`| head -1`).
+    let (code, err) = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(BIN)
+            .args(["logs", "--json", "-n", "60", "--store", &store])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.starts_with('{'), "{first}");
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

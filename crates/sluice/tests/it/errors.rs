@@ -144,6 +144,18 @@ async fn unknown_models_routes_and_methods() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The same without the /v1 prefix (an SDK given the bare base URL).
+    let r = http.get(s.url("/models/mock-echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["id"], "mock-echo");
+    let r = http
+        .post(s.url("/messages"))
+        .json(&json!({"model": "mock-echo", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["type"], "message");
 }
 
 #[tokio::test]

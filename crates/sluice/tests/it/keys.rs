@@ -170,6 +170,32 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
             .contains("expired"),
         "{body:#}"
     );
+    // An expired key is not rotated into a secret that would be refused at once.
+    let resp = reqwest::Client::new()
+        .post(s.url(&format!(
+            "/api/keys/{}/rotate",
+            short["id"].as_str().unwrap()
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{body:#}"
+    );
+    // A misspelt budget is refused, not taken for no budget.
+    let resp = reqwest::Client::new()
+        .post(s.url("/api/keys"))
+        .json(&json!({"name": "b", "budget": {"daily": 5}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
 
     // Bad specs are clear 400s.
     let resp = reqwest::Client::new()

@@ -141,3 +141,35 @@ async fn metrics_count_requests_tokens_cost_and_latency() {
         .unwrap_or_else(|| panic!("no log queue sample in\n{m}"));
     assert!(queued.trim().parse::<u64>().is_ok(), "{queued}");
 }
+
+#[tokio::test]
+async fn the_largest_page_still_says_when_more_follow() {
+    let s = Sluice::start(MOCK).await;
+    let http = reqwest::Client::new();
+    let body = json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]});
+    let mut last = String::new();
+    for chunk in 0..11 {
+        let sends = (0..91).map(|_| http.post(s.url("/v1/chat/completions")).json(&body).send());
+        for r in futures::future::join_all(sends).await {
+            let r = r.unwrap();
+            assert_eq!(r.status(), 200, "chunk {chunk}");
+            last = request_id(&r);
+        }
+    }
+    s.record(&last).await;
+    // 1,001 records: a page of 1,000 has more after it, and the next page holds the last one.
+    let start = std::time::Instant::now();
+    let page = loop {
+        let page = s.list("limit=1000").await;
+        if page["has_more"] == true || start.elapsed() > std::time::Duration::from_secs(10) {
+            break page;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(page["data"].as_array().unwrap().len(), 1000);
+    assert_eq!(page["has_more"], true, "1,001 records on a page of 1,000");
+    let before = page["next_before"].as_str().expect("next_before");
+    let rest = s.list(&format!("limit=1000&before={before}")).await;
+    assert_eq!(rest["data"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["has_more"], false);
+}
