@@ -2,9 +2,11 @@
 //! queue in batches into a store.
 //!
 //! It takes whatever is queued (up to the batch size) in one transaction, so batches grow with
-//! load and a lone request is written at once. A failed batch is retried with backoff; if the store
-//! stays down, the batch is appended to a spill file (JSON lines) beside the database instead of
-//! being dropped, and `sluice` says where. The task ends when every sender is gone and the queue is
+//! load and a lone request is written at once. A failed batch is retried with backoff (each try
+//! bounded in time); if the store stays down, the batch is appended to a spill file (JSON lines)
+//! beside the database instead of being dropped, and `sluice` says where. Until the store answers
+//! again, later batches go to the spill file at once (one tries the store each second), and when
+//! it does, the spill file is written to it. The task ends when every sender is gone and the queue is
 //! empty: that is the graceful-shutdown drain.
 
 use std::path::PathBuf;
@@ -66,6 +68,7 @@ impl LogWriter {
         let close_rx = close.clone();
         let handle = tokio::spawn(async move {
             let mut stats = WriterStats::default();
+            let mut outage: Option<tokio::time::Instant> = None;
             let mut batch = Vec::with_capacity(batch_size);
             let mut closed = false;
             loop {
@@ -85,7 +88,7 @@ impl LogWriter {
                                 }
                             }
                         }
-                        write_with_retry(&*store, &batch, &spill, &mut stats).await;
+                        write_batch(&store, &batch, &spill, &mut stats, &mut outage).await;
                         batch.clear();
                     }
                     _ = close_rx.notified(), if !closed => {
@@ -122,16 +125,78 @@ impl LogWriter {
     }
 }
 
-async fn write_with_retry(
-    store: &dyn LogStore,
+/// The longest one write attempt may take: a store that hangs (a network partition) is treated
+/// as down rather than holding the writer, and with it every request once the queue is full.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// While the store is down, how often a batch tries it; the others go to the spill file at once,
+/// so requests keep flowing at full speed during an outage.
+pub const OUTAGE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes a batch. Normally it is retried with backoff before it is spilled; once one has been
+/// spilled the store is taken for down, and until a write succeeds again a batch tries it once
+/// at most every [`OUTAGE_PROBE_EVERY`] and is otherwise spilled at once. When the store is back,
+/// the spill file is written to it in the background.
+async fn write_batch(
+    store: &Arc<dyn LogStore>,
     batch: &[RequestRecord],
     spill: &PathBuf,
     stats: &mut WriterStats,
+    outage: &mut Option<tokio::time::Instant>,
 ) {
+    if let Some(probed) = *outage {
+        let now = tokio::time::Instant::now();
+        if now.duration_since(probed) < OUTAGE_PROBE_EVERY {
+            spill_or_lose(spill, batch, stats, false);
+            return;
+        }
+        *outage = Some(now);
+        if try_write(&**store, batch, stats, 1).await {
+            *outage = None;
+            tracing::warn!("the store answers again; writing the spill file's records to it");
+            let (store, path) = (store.clone(), spill.clone());
+            tokio::spawn(async move {
+                match replay_spill(&*store, &path).await {
+                    Ok(r) => tracing::warn!(
+                        records = r.records,
+                        unreadable_lines = r.bad_lines,
+                        "spilled request records written to the store"
+                    ),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "the spilled request records could not be written yet; they stay in the spill file"
+                    ),
+                }
+            });
+        } else {
+            spill_or_lose(spill, batch, stats, false);
+        }
+        return;
+    }
+    if !try_write(&**store, batch, stats, 6).await {
+        spill_or_lose(spill, batch, stats, true);
+        *outage = Some(tokio::time::Instant::now());
+    }
+}
+
+/// Tries to write a batch up to `attempts` times with backoff; whether it was written.
+async fn try_write(
+    store: &dyn LogStore,
+    batch: &[RequestRecord],
+    stats: &mut WriterStats,
+    attempts: u32,
+) -> bool {
     let mut delay = Duration::from_millis(50);
-    for attempt in 1..=6 {
+    for attempt in 1..=attempts {
         let started = std::time::Instant::now();
-        match store.insert_batch(batch).await {
+        let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, store.insert_batch(batch)).await {
+            Ok(r) => r,
+            Err(_) => Err(sluice_core::record::StoreError::Database(format!(
+                "no answer within {} s",
+                ATTEMPT_TIMEOUT.as_secs()
+            ))),
+        };
+        match result {
             Ok(()) => {
                 stats.written += batch.len() as u64;
                 stats.batches += 1;
@@ -144,19 +209,31 @@ async fn write_with_retry(
                         "writing request records was slow; requests wait once the log queue is full"
                     );
                 }
-                return;
+                return true;
             }
             Err(e) => {
-                tracing::warn!(attempt, records = batch.len(), error = %e, "writing request records failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                tracing::warn!(attempt, records = batch.len(), error = %e, "writing request records failed");
+                if attempt < attempts {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
             }
         }
     }
+    false
+}
+
+/// Appends a batch to the spill file; `loud` logs it as an error (the first of an outage; the
+/// others are logged at debug level, so that an outage does not flood the log).
+fn spill_or_lose(spill: &PathBuf, batch: &[RequestRecord], stats: &mut WriterStats, loud: bool) {
     match spill_batch(spill, batch) {
         Ok(()) => {
             stats.spilled += batch.len() as u64;
-            tracing::error!(records = batch.len(), path = %spill.display(), "store unavailable; request records appended to the spill file");
+            if loud {
+                tracing::error!(records = batch.len(), path = %spill.display(), "store unavailable; request records go to the spill file until it answers again (they are written to it then)");
+            } else {
+                tracing::debug!(records = batch.len(), path = %spill.display(), "store still unavailable; request records appended to the spill file");
+            }
         }
         Err(e) => {
             tracing::error!(records = batch.len(), error = %e, path = %spill.display(), "store unavailable and the spill file cannot be written; records lost");

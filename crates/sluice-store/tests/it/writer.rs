@@ -21,6 +21,10 @@ use crate::fixtures::{full_record, record};
 struct TestStore {
     insert_calls: AtomicU64,
     down: bool,
+    /// Down until this is cleared (when `down` is false).
+    failing: std::sync::atomic::AtomicBool,
+    /// Records written.
+    written: AtomicU64,
     first_delay: Duration,
 }
 
@@ -28,7 +32,7 @@ struct TestStore {
 impl LogStore for TestStore {
     async fn insert_batch(&self, _records: &[RequestRecord]) -> Result<(), StoreError> {
         let call = self.insert_calls.fetch_add(1, Ordering::SeqCst);
-        if self.down {
+        if self.down || self.failing.load(Ordering::SeqCst) {
             return Err(StoreError::Database(
                 "connection refused (test store is down)".into(),
             ));
@@ -36,6 +40,8 @@ impl LogStore for TestStore {
         if call == 0 {
             tokio::time::sleep(self.first_delay).await;
         }
+        self.written
+            .fetch_add(_records.len() as u64, Ordering::SeqCst);
         Ok(())
     }
     async fn get(&self, _id: Uuid) -> Result<Option<RequestRecord>, StoreError> {
@@ -93,8 +99,9 @@ async fn writer_spills_when_the_store_stays_down() {
     assert_eq!(stats.spilled, SENT as u64, "{stats:?}");
     assert_eq!(stats.written, 0, "{stats:?}");
     assert_eq!(stats.batches, 0, "{stats:?}");
-    // Two batches, each tried 6 times before it is spilled.
-    assert_eq!(store.insert_calls.load(Ordering::SeqCst), 2 * 6);
+    // The first batch is tried 6 times before it is spilled; the second, right after, goes to
+    // the spill file at once (the store was found down less than a second ago).
+    assert_eq!(store.insert_calls.load(Ordering::SeqCst), 6);
 
     let text = std::fs::read_to_string(&spill).expect("spill file");
     let lines: Vec<&str> = text.lines().collect();
@@ -214,4 +221,60 @@ async fn a_spill_file_is_written_to_the_store_at_the_next_start() {
         .await
         .expect("nothing to do");
     assert_eq!(again.records, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_spills_at_once_and_the_spill_file_is_written_when_the_store_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill = dir.path().join("spill.jsonl");
+    let store = Arc::new(TestStore::default());
+    store.failing.store(true, Ordering::SeqCst);
+    let (sink, rx) = LogSink::channel(1024);
+    let writer = LogWriter::spawn(store.clone(), rx, 64, spill.clone());
+    let send = |n: usize| {
+        let sink = sink.clone();
+        async move {
+            for _ in 0..n {
+                let mut r = record("m", Some("u"), RecordStatus::Ok);
+                r.id = Uuid::now_v7();
+                sink.send(r).await;
+            }
+        }
+    };
+    // The first batch finds the store down (6 tries); the next ones are spilled without a try.
+    send(10).await;
+    let wait_for = |what: &'static str, cond: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let lines = || {
+        std::fs::read_to_string(&spill)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    wait_for("the first batch is spilled", &|| lines() == 10);
+    let tries = store.insert_calls.load(Ordering::SeqCst);
+    assert_eq!(tries, 6);
+    send(10).await;
+    wait_for("the second batch is spilled", &|| lines() == 20);
+    assert_eq!(
+        store.insert_calls.load(Ordering::SeqCst),
+        tries,
+        "no try within the second"
+    );
+
+    // The store is back: a batch after the probe interval is written, and so is the spill file.
+    store.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    send(5).await;
+    wait_for("everything reaches the store", &|| {
+        store.written.load(Ordering::SeqCst) == 25
+    });
+    wait_for("the spill file is gone", &|| !spill.exists());
+    drop(sink);
+    let stats = writer.drain(Duration::from_secs(10)).await;
+    assert_eq!((stats.spilled, stats.written), (20, 5), "{stats:?}");
 }
