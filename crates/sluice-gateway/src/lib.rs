@@ -262,9 +262,6 @@ impl RequestContext {
     /// the body names one, and its team and project in the metadata.
     pub fn attribute_key(&mut self, key: Arc<sluice_core::keys::VirtualKey>) {
         self.record.key_id = Some(key.id.clone());
-        if self.record.user.is_none() {
-            self.record.user.clone_from(&key.owner.user);
-        }
         for (k, v) in [("team", &key.owner.team), ("project", &key.owner.project)] {
             if let Some(v) = v {
                 if !self.record.metadata.is_object() {
@@ -1486,6 +1483,10 @@ fn attribute(rec: &mut RequestRecord, req: &ChatRequest) {
 /// its spend to another team or off its own.
 fn pin_key_owner(rec: &mut RequestRecord, key: Option<&sluice_core::keys::VirtualKey>) {
     let Some(k) = key else { return };
+    // The user a request names (header, then body) comes first; else the key owner's.
+    if rec.user.is_none() {
+        rec.user.clone_from(&k.owner.user);
+    }
     for (name, value) in [("team", &k.owner.team), ("project", &k.owner.project)] {
         match (value, &mut rec.metadata) {
             (Some(v), serde_json::Value::Object(m)) => {

@@ -101,6 +101,28 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
         "{by_key:#}"
     );
 
+    // A user the request names comes before the key owner's: the body's, and the header's
+    // before that.
+    let named = |user: Option<&str>, header: Option<&str>| {
+        let mut body =
+            json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]});
+        if let Some(u) = user {
+            body["user"] = json!(u);
+        }
+        let mut rb = reqwest::Client::new()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&body);
+        if let Some(h) = header {
+            rb = rb.header("x-sluice-user", h);
+        }
+        rb.send()
+    };
+    let r = named(Some("bob"), None).await.unwrap();
+    assert_eq!(s.record(&request_id(&r)).await["user"], "bob");
+    let r = named(Some("bob"), Some("carol")).await.unwrap();
+    assert_eq!(s.record(&request_id(&r)).await["user"], "carol");
+
     // The Anthropic route takes it as x-api-key.
     let resp = reqwest::Client::new()
         .post(s.url("/v1/messages"))
