@@ -740,22 +740,19 @@ impl Cache {
     }
 
     /// Deletes every entry, or those of one namespace, in both tiers. Returns the larger of the
-    /// two tiers' counts: at least that many distinct answers went. A failing persistent tier is
-    /// logged and counts 0.
-    pub async fn clear(&self, namespace: Option<&str>) -> u64 {
+    /// two tiers' counts: at least that many distinct answers went. `Err` when the shared tier
+    /// (Redis or the store) could not be cleared: its entries would still be served.
+    pub async fn clear(&self, namespace: Option<&str>) -> Result<u64, String> {
         self.flush().await;
         let in_memory = self.memory.clear(namespace);
         let stored = match &self.remote {
-            Some(r) => match r.cache_clear(namespace).await {
-                Ok(n) => n,
-                Err(err) => {
-                    tracing::warn!(namespace, error = %err, "clearing the cache store failed");
-                    0
-                }
-            },
+            Some(r) => r.cache_clear(namespace).await.map_err(|err| {
+                tracing::warn!(namespace, error = %err, "clearing the cache store failed");
+                err.to_string()
+            })?,
             None => 0,
         };
-        in_memory.max(stored)
+        Ok(in_memory.max(stored))
     }
 
     /// Deletes the persistent tier's expired entries (memory expires its own); returns how many.
@@ -1509,8 +1506,9 @@ mod tests {
             assert!(cache.lookup("k").await.is_some());
             if !hang {
                 cache.flush().await;
-                assert_eq!(cache.clear(None).await, 1);
-                assert!(cache.lookup("k").await.is_none());
+                // The shared tier could not be cleared: that is an error, not a success.
+                assert!(cache.clear(None).await.is_err());
+                assert!(cache.lookup("k").await.is_none(), "memory is cleared");
                 assert_eq!(cache.purge().await, 0);
             }
         }
@@ -1528,12 +1526,12 @@ mod tests {
             .entries
             .lock()
             .insert("a3".into(), answer("a3", "key:a"));
-        assert_eq!(cache.clear(Some("key:a")).await, 3);
+        assert_eq!(cache.clear(Some("key:a")).await.unwrap(), 3);
         for k in ["a1", "a2", "a3"] {
             assert!(cache.lookup(k).await.is_none(), "{k}");
         }
         assert!(cache.lookup("b1").await.is_some());
-        assert_eq!(cache.clear(None).await, 1);
+        assert_eq!(cache.clear(None).await.unwrap(), 1);
         assert!(remote.entries.lock().is_empty());
     }
 

@@ -175,18 +175,50 @@ pub async fn clear_cache(
         ))
         .into_response();
     };
-    let removed = cache.clear(params.namespace.as_deref()).await;
-    crate::keys::audit(
-        &state,
-        &actor,
-        "cache.clear",
-        params.namespace.as_deref(),
-        "ok",
-        serde_json::json!({ "removed": removed }),
-    )
-    .await;
-    Json(serde_json::json!({"cleared": true, "namespace": params.namespace, "removed": removed}))
-        .into_response()
+    if let Some(ns) = params.namespace.as_deref()
+        && !(ns == "global"
+            || ns.strip_prefix("key:").is_some_and(|k| !k.is_empty())
+            || ns.strip_prefix("team:").is_some_and(|t| !t.is_empty()))
+    {
+        return ApiError::openai(
+            Error::invalid(format!(
+                "namespace `{ns}` is not one: write `global`, `key:KEY_ID` or `team:TEAM`"
+            ))
+            .with_param("namespace"),
+        )
+        .into_response();
+    }
+    match cache.clear(params.namespace.as_deref()).await {
+        Ok(removed) => {
+            crate::keys::audit(
+                &state,
+                &actor,
+                "cache.clear",
+                params.namespace.as_deref(),
+                "ok",
+                serde_json::json!({ "removed": removed }),
+            )
+            .await;
+            Json(serde_json::json!({"cleared": true, "namespace": params.namespace, "removed": removed}))
+                .into_response()
+        }
+        Err(e) => {
+            crate::keys::audit(
+                &state,
+                &actor,
+                "cache.clear",
+                params.namespace.as_deref(),
+                "failed",
+                serde_json::json!({ "error": e }),
+            )
+            .await;
+            ApiError::openai(Error::new(
+                ErrorCode::Unavailable,
+                format!("the shared cache tier could not be cleared ({e}); its answers would still be served, so try again"),
+            ))
+            .into_response()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -248,6 +248,14 @@ async fn clients_control_the_cache_per_request() {
     let old = send(&s, ask("q2"), None, &[("cache-control", "max-age=1")]).await;
     assert_eq!(old.cache.as_deref(), Some("miss"));
 
+    // A namespace that is not one is refused rather than "cleared".
+    let bad = reqwest::Client::new()
+        .delete(s.url("/api/cache?namespace=kye:1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
     // DELETE /api/cache empties it.
     let cleared: Value = reqwest::Client::new()
         .delete(s.url("/api/cache"))
