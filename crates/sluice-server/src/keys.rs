@@ -193,6 +193,25 @@ pub async fn audit(
     }
 }
 
+/// Records an attempt refused before its caller was known to have any role.
+pub async fn audit_refusal(state: &crate::AppState, who: &str, what: &str, outcome: &str) {
+    let Some(store) = &state.audit else { return };
+    let entry = AuditEntry {
+        id: sluice_types::ids::new_request_id().hyphenated().to_string(),
+        at: Utc::now(),
+        actor: who.to_string(),
+        role: "none".to_string(),
+        action: "denied".to_string(),
+        target: Some(what.to_string()),
+        outcome: outcome.to_string(),
+        detail: serde_json::Value::Null,
+    };
+    tracing::info!(actor = %who, target = %what, outcome, "admin API refused");
+    if let Err(e) = store.append_audit(&entry).await {
+        tracing::error!(error = %e, "the audit log could not be written");
+    }
+}
+
 /// `GET /api/audit`: admin actions, newest first (`?limit=`, default 100).
 pub async fn audit_log(
     State(state): State<SharedState>,
@@ -302,6 +321,15 @@ pub async fn create(
         Err(e) => return ApiError::openai(e).into_response(),
     };
     if actor.role != Role::Admin && spec.role.is_some() {
+        audit(
+            &state,
+            &actor,
+            "keys.create",
+            None,
+            "forbidden",
+            serde_json::json!({"name": spec.name, "role": spec.role}),
+        )
+        .await;
         return ApiError::openai(Error::new(
             ErrorCode::Forbidden,
             "only an admin may create keys with an admin-API role",

@@ -398,7 +398,17 @@ fn permitted(role: Role, method: &axum::http::Method, path: &str) -> bool {
 async fn admin_auth(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     let actor = match admin_actor(&state, req.headers()) {
         Ok(a) => a,
-        Err(e) => return ApiError::openai(e).into_response(),
+        Err(e) => {
+            // A refused attempt at the door is recorded too, under the key it presented.
+            let who = match presented_key(req.headers()) {
+                Some(p) => sluice_core::keys::key_id(p)
+                    .map_or_else(|| "unknown-key".to_string(), |id| format!("key:{id}")),
+                None => "anonymous".to_string(),
+            };
+            let what = format!("{} {}", req.method(), req.uri().path());
+            keys::audit_refusal(&state, &who, &what, e.code.as_str()).await;
+            return ApiError::openai(e).into_response();
+        }
     };
     if !permitted(actor.role, req.method(), req.uri().path()) {
         let what = format!("{} {}", req.method(), req.uri().path());

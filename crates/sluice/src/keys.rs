@@ -248,15 +248,16 @@ fn clip(s: &str, n: usize) -> String {
 }
 
 fn print_table(keys: &[VirtualKey], now: DateTime<Utc>) {
-    const HEAD: [&str; 8] = [
-        "ID", "NAME", "OWNER", "MODELS", "LIMITS", "EXPIRES", "STATUS", "CREATED",
+    const HEAD: [&str; 9] = [
+        "ID", "NAME", "ROLE", "OWNER", "MODELS", "LIMITS", "EXPIRES", "STATUS", "CREATED",
     ];
-    let rows: Vec<[String; 8]> = keys
+    let rows: Vec<[String; 9]> = keys
         .iter()
         .map(|k| {
             [
                 k.id.clone(),
                 clip(&k.name, 32),
+                role_text(k).into(),
                 clip(&owner_text(&k.owner), 40),
                 clip(&models_text(k), 40),
                 limits_text(k),
@@ -290,6 +291,11 @@ fn print_table(keys: &[VirtualKey], now: DateTime<Utc>) {
     }
 }
 
+/// A key's admin-API role, or `client` for a key without one.
+fn role_text(k: &VirtualKey) -> &'static str {
+    k.role.map_or("client", Role::as_str)
+}
+
 fn print_details(k: &VirtualKey, now: DateTime<Utc>) {
     let budget = |v: Option<f64>| v.map_or_else(|| "none".into(), usd);
     let limit = |v: Option<u64>| v.map_or_else(|| "none".into(), |v| v.to_string());
@@ -297,6 +303,11 @@ fn print_details(k: &VirtualKey, now: DateTime<Utc>) {
         ("id", k.id.clone()),
         ("name", k.name.clone()),
         ("status", status(k, now).into()),
+        ("role", role_text(k).into()),
+        (
+            "created by",
+            k.created_by.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("owner", owner_text(&k.owner)),
         (
             "models",
@@ -349,10 +360,39 @@ fn missing_sqlite_file(url: &str) -> Option<String> {
 }
 
 async fn open(url: &str) -> anyhow::Result<Arc<dyn KeyStore>> {
-    let (_, keys) = sluice_store::open_stores(url, 2)
+    Ok(open_with_audit(url).await?.0)
+}
+
+async fn open_with_audit(
+    url: &str,
+) -> anyhow::Result<(Arc<dyn KeyStore>, Arc<dyn sluice_core::keys::AuditStore>)> {
+    let stores = sluice_store::open_all(url, 2)
         .await
         .with_context(|| format!("opening the store at {url}"))?;
-    Ok(keys)
+    Ok((stores.keys, stores.audit))
+}
+
+/// Records a key change made from the command line in the audit log, as the API's are (actor
+/// `cli`: whoever can run the command on the store is its admin).
+async fn audit(
+    log: &dyn sluice_core::keys::AuditStore,
+    action: &str,
+    target: &str,
+    detail: Value,
+) -> anyhow::Result<()> {
+    let entry = sluice_core::keys::AuditEntry {
+        id: sluice_types::ids::new_request_id().hyphenated().to_string(),
+        at: Utc::now(),
+        actor: "cli".into(),
+        role: "admin".into(),
+        action: action.into(),
+        target: Some(target.into()),
+        outcome: "ok".into(),
+        detail,
+    };
+    log.append_audit(&entry)
+        .await
+        .context("recording the change in the audit log")
 }
 
 /// The error for a key that does not exist (or cannot be rotated or revoked).
@@ -399,12 +439,20 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Create(args) => {
             let spec = spec(&args, now)?;
-            let (key, secret) = spec.issue(now).map_err(|e| anyhow!("{e}\n{CREATE_HINT}"))?;
-            let store = open(store_url).await?;
+            let (mut key, secret) = spec.issue(now).map_err(|e| anyhow!("{e}\n{CREATE_HINT}"))?;
+            key.created_by = Some("cli".into());
+            let (store, log) = open_with_audit(store_url).await?;
             store
                 .insert_key(&key)
                 .await
                 .context("storing the new key")?;
+            audit(
+                log.as_ref(),
+                "keys.create",
+                &key.id,
+                serde_json::json!({"name": key.name, "role": key.role, "models": key.models}),
+            )
+            .await?;
             if args.json {
                 let mut v = to_json(&key, now);
                 v["key"] = Value::String(secret);
@@ -443,10 +491,11 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Revoke { id, json } => {
-            let store = open(store_url).await?;
+            let (store, log) = open_with_audit(store_url).await?;
             if !store.revoke_key(&id, now).await? {
                 return Err(not_usable(store.as_ref(), &id, "revoked").await);
             }
+            audit(log.as_ref(), "keys.revoke", &id, Value::Null).await?;
             let k = store
                 .get_key(&id)
                 .await?
@@ -462,7 +511,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Rotate { id, json } => {
-            let store = open(store_url).await?;
+            let (store, log) = open_with_audit(store_url).await?;
             match store.get_key(&id).await? {
                 None => bail!("no key `{id}`\n{LIST_HINT}"),
                 Some(k) if k.check(now) == Err(KeyRejection::Expired) => bail!(
@@ -476,6 +525,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
             if !store.rotate_key(&id, &fresh.hash, now).await? {
                 return Err(not_usable(store.as_ref(), &id, "rotated").await);
             }
+            audit(log.as_ref(), "keys.rotate", &id, Value::Null).await?;
             let k = store
                 .get_key(&id)
                 .await?

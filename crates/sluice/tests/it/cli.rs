@@ -404,7 +404,26 @@ fn keys_are_managed_from_the_command_line() {
     let row = out.lines().find(|l| l.contains(&id)).expect("revoked row");
     assert!(row.contains("revoked"), "{out}");
     let row = out.lines().find(|l| l.contains(&other_id)).expect("row");
-    assert!(row.contains("active"), "{out}");
+    assert!(row.contains("active") && row.contains("client"), "{out}");
+
+    // Each change is in the audit log, by the command line.
+    let audit = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let stores = sluice_store::open_all(&store, 1).await.unwrap();
+        stores.audit.list_audit(100).await.unwrap()
+    });
+    let actions: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|e| (e.action.as_str(), e.target.as_deref().unwrap_or("")))
+        .collect();
+    for want in [
+        ("keys.create", id.as_str()),
+        ("keys.create", other_id.as_str()),
+        ("keys.rotate", id.as_str()),
+        ("keys.revoke", id.as_str()),
+    ] {
+        assert!(actions.contains(&want), "{want:?} in {actions:?}");
+    }
+    assert!(audit.iter().all(|e| e.actor == "cli" && e.outcome == "ok"));
 
     // Revoking or rotating again, or an unknown id: one line and a hint, status 2.
     for args in [
