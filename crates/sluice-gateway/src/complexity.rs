@@ -818,7 +818,16 @@ impl Scanner {
             }
         }
 
-        if c.is_alphanumeric() || c == '_' {
+        if unspaced(c) {
+            // Scripts written without spaces: each character counts as a word, and it ends an
+            // embedded Latin word (`用python写` holds the word `python`).
+            if !self.cur.is_empty() {
+                self.end_word(c);
+            }
+            self.cur.push(c);
+            self.word_alpha = true;
+            self.end_word(' ');
+        } else if c.is_alphanumeric() || c == '_' {
             if self.cur.is_empty() {
                 self.word_after_backslash = self.prev == '\\';
             }
@@ -938,6 +947,22 @@ enum Class {
     Reasoning,
     Domain,
     Social,
+}
+
+/// Whether `c` belongs to a script written without spaces between words (Chinese, Japanese
+/// kana, Thai, Lao, Khmer, Myanmar): the scanner counts such characters one by one.
+fn unspaced(c: char) -> bool {
+    matches!(c,
+        '\u{3040}'..='\u{30FF}'     // Hiragana, Katakana
+        | '\u{31F0}'..='\u{31FF}'   // Katakana extensions
+        | '\u{3400}'..='\u{4DBF}'   // CJK extension A
+        | '\u{4E00}'..='\u{9FFF}'   // CJK unified ideographs
+        | '\u{F900}'..='\u{FAFF}'   // CJK compatibility ideographs
+        | '\u{20000}'..='\u{2EBEF}' // CJK extensions B–F
+        | '\u{0E00}'..='\u{0EFF}'   // Thai, Lao
+        | '\u{1000}'..='\u{109F}'   // Myanmar
+        | '\u{1780}'..='\u{17FF}'   // Khmer
+    )
 }
 
 /// First words that make a short message a factual question.
@@ -1965,5 +1990,16 @@ mod tests {
         assert!(lex.words.len() > 300 && lex.phrases.len() > 30);
         let (_, errors) = parse_lexicon("code 0.5: a a\nnope 1: b\nmath 2: c\nmath 0.5: x_\nmath");
         assert_eq!(errors.len(), 5, "{errors:?}");
+    }
+
+    #[test]
+    fn scripts_without_spaces_are_counted_by_character_and_keep_their_latin_cues() {
+        let c = Classifier::new(&two_tiers()).expect("classifier");
+        let zh = c.classify_text("请帮我用python写一个快速排序算法并分析时间复杂度");
+        assert!(feature(&zh, "code").value > 0.0, "{zh:?}");
+        assert_eq!(feature(&zh, "small_talk").value, 0.0, "{zh:?}");
+        // A short greeting stays small talk.
+        let hi = c.classify_text("你好");
+        assert!(feature(&hi, "small_talk").value > 0.0, "{hi:?}");
     }
 }

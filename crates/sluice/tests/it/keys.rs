@@ -593,9 +593,11 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
     // Refusals at the door, and a developer's attempt at a role key, are recorded too.
     assert!(has("anonymous", "denied", "invalid_api_key"), "{log:#}");
     assert!(
-        entries.iter().any(|e| e["actor"] == format!("key:{client_id}")
-            && e["action"] == "denied"
-            && e["outcome"] == "forbidden"),
+        entries
+            .iter()
+            .any(|e| e["actor"] == format!("key:{client_id}")
+                && e["action"] == "denied"
+                && e["outcome"] == "forbidden"),
         "the client key's refused GET: {log:#}"
     );
     assert!(has("key:", "keys.create", "forbidden"), "{log:#}");
