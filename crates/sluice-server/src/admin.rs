@@ -3,7 +3,7 @@
 //! `POST /api/config/reload`.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -172,7 +172,10 @@ pub async fn list_requests(
     }
 }
 
-pub async fn get_request(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+pub async fn get_request(
+    State(state): State<SharedState>,
+    crate::IdPath(id): crate::IdPath,
+) -> Response {
     let Ok(uuid) = uuid::Uuid::parse_str(&id) else {
         return ApiError::openai(
             Error::new(ErrorCode::NotFound, format!("`{id}` is not a request id")).with_param("id"),

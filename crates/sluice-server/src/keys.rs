@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -296,7 +296,7 @@ pub async fn list(State(state): State<SharedState>) -> Response {
 }
 
 /// `GET /api/keys/{id}`.
-pub async fn get(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+pub async fn get(State(state): State<SharedState>, crate::IdPath(id): crate::IdPath) -> Response {
     let Some(cache) = &state.keys else {
         return no_keys();
     };
@@ -311,10 +311,15 @@ pub async fn get(State(state): State<SharedState>, Path(id): Path<String>) -> Re
 pub async fn create(
     State(state): State<SharedState>,
     Extension(actor): Extension<Actor>,
-    body: axum::body::Bytes,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> Response {
     let Some(cache) = &state.keys else {
         return no_keys();
+    };
+    let body = match crate::body::read(&headers, body, state.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return ApiError::openai(e).into_response(),
     };
     let spec: KeySpec = match crate::body::parse(&body) {
         Ok(s) => s,
@@ -364,7 +369,7 @@ pub async fn create(
 pub async fn revoke(
     State(state): State<SharedState>,
     Extension(actor): Extension<Actor>,
-    Path(id): Path<String>,
+    crate::IdPath(id): crate::IdPath,
 ) -> Response {
     let Some(cache) = &state.keys else {
         return no_keys();
@@ -394,7 +399,7 @@ pub async fn revoke(
 pub async fn rotate(
     State(state): State<SharedState>,
     Extension(actor): Extension<Actor>,
-    Path(id): Path<String>,
+    crate::IdPath(id): crate::IdPath,
 ) -> Response {
     let Some(cache) = &state.keys else {
         return no_keys();

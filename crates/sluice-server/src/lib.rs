@@ -118,6 +118,28 @@ impl std::fmt::Debug for AppState {
 
 pub type SharedState = Arc<AppState>;
 
+/// A path parameter (an id), whose rejection is an OpenAI-style 400 rather than axum's plain text
+/// (for example a percent-encoded byte that is not UTF-8).
+pub struct IdPath(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(id)) => Ok(IdPath(id)),
+            Err(e) => Err(ApiError::openai(Error::invalid(format!(
+                "the path is not valid: {}",
+                e.body_text()
+            )))
+            .into_response()),
+        }
+    }
+}
+
 /// The request id of this request, set by the id middleware.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestId(pub uuid::Uuid);

@@ -4,7 +4,7 @@ use std::convert::Infallible;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -206,7 +206,10 @@ pub async fn list_models(State(state): State<SharedState>) -> Response {
     .into_response()
 }
 
-pub async fn get_model(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+pub async fn get_model(
+    State(state): State<SharedState>,
+    crate::IdPath(id): crate::IdPath,
+) -> Response {
     if state.gateway.has_model(&id) {
         Json(model_object(&id)).into_response()
     } else {

@@ -144,6 +144,13 @@ async fn unknown_models_routes_and_methods() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // A path id that is not UTF-8 is a JSON 400 like any other bad input.
+    for path in ["/v1/models/%FF", "/api/requests/%FF", "/api/keys/%FF"] {
+        let r = http.get(s.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        let body: Value = r.json().await.expect("a JSON error");
+        assert_eq!(body["error"]["code"], "invalid_request", "{path}: {body}");
+    }
     // The same without the /v1 prefix (an SDK given the bare base URL).
     let r = http.get(s.url("/models/mock-echo")).send().await.unwrap();
     assert_eq!(r.status(), 200);
