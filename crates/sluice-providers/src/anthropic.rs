@@ -146,10 +146,11 @@ impl ChatProvider for Anthropic {
                             }
                             Err(e) => {
                                 done = true;
+                                let code = wire::stream_error_kind(&e.0).map(str::to_string);
                                 Err(ProviderError::Status {
-                                    status: 502,
+                                    status: http::stream_error_status(code.as_deref()),
                                     message: e.0,
-                                    code: None,
+                                    code,
                                     retry_after: None,
                                 })
                             }

@@ -551,6 +551,30 @@ pub fn error_message(body: &[u8]) -> (String, Option<String>) {
     (message, code)
 }
 
+/// The HTTP status an error reported inside a stream stands for, from its code or type (the
+/// stream itself answered 200): so that it is classed as the same error answered as a status
+/// would be (a rate limit, a prompt too long for the model, a bad request, an overloaded or
+/// failing server).
+pub fn stream_error_status(code: Option<&str>) -> u16 {
+    match code.unwrap_or_default() {
+        "rate_limit_exceeded"
+        | "rate_limit_error"
+        | "tokens"
+        | "requests"
+        | "RESOURCE_EXHAUSTED" => 429,
+        "context_length_exceeded"
+        | "invalid_request_error"
+        | "invalid_request"
+        | "INVALID_ARGUMENT"
+        | "exceed_context_size_error" => 400,
+        "overloaded_error" => 529,
+        "insufficient_quota" | "billing_error" => 402,
+        "authentication_error" | "invalid_api_key" => 401,
+        "permission_error" => 403,
+        _ => 502,
+    }
+}
+
 /// At most 200 characters of a body, for error messages.
 pub fn snippet(body: &[u8]) -> String {
     let s = String::from_utf8_lossy(body);
@@ -1140,5 +1164,39 @@ mod tests {
         assert_eq!(path_segment("100%"), "100%25");
         assert_eq!(path_segment("é"), "%C3%A9");
         assert_eq!(path("tunedModels/my model"), "tunedModels/my%20model");
+    }
+
+    #[test]
+    fn an_error_inside_a_stream_is_classed_by_its_code() {
+        use sluice_core::error::ErrorClass;
+        let class = |code: Option<&str>, message: &str| {
+            ProviderError::Status {
+                status: stream_error_status(code),
+                message: message.into(),
+                code: code.map(str::to_string),
+                retry_after: None,
+            }
+            .class()
+        };
+        assert_eq!(
+            class(Some("rate_limit_exceeded"), "slow down"),
+            ErrorClass::RateLimited
+        );
+        assert_eq!(
+            class(Some("overloaded_error"), "Overloaded"),
+            ErrorClass::ServerError
+        );
+        assert_eq!(
+            class(
+                Some("invalid_request_error"),
+                "prompt is too long: 300000 tokens > 200000 maximum"
+            ),
+            ErrorClass::ContextWindowExceeded
+        );
+        assert_eq!(
+            class(Some("invalid_request_error"), "bad field"),
+            ErrorClass::ClientError
+        );
+        assert_eq!(class(None, "something broke"), ErrorClass::ServerError);
     }
 }

@@ -319,7 +319,7 @@ fn openai_chunks(
                                 Ok(v) if v.get("error").is_some() => {
                                     let (message, code) = http::error_message(data.as_bytes());
                                     ProviderError::Status {
-                                        status: 502,
+                                        status: http::stream_error_status(code.as_deref()),
                                         message,
                                         code,
                                         retry_after: None,

@@ -546,6 +546,17 @@ fn finish_reason_for(stop_reason: &str) -> &'static str {
     }
 }
 
+/// How [`StreamDecoder`] words an `error` event: this prefix, the error's type, `): `, its message.
+pub const STREAM_ERROR_PREFIX: &str = "Anthropic stream error (";
+
+/// The type of an `error` event, from the message [`StreamDecoder`] made of it.
+pub fn stream_error_kind(message: &str) -> Option<&str> {
+    message
+        .strip_prefix(STREAM_ERROR_PREFIX)
+        .and_then(|rest| rest.split_once("): "))
+        .map(|(kind, _)| kind)
+}
+
 /// OpenAI `finish_reason` → Anthropic `stop_reason`. A plain stop with tool calls in the answer
 /// becomes `tool_use`, since Anthropic clients run tools on that reason.
 fn stop_reason_for(finish_reason: Option<&str>, has_tool_use: bool) -> &'static str {
@@ -1199,7 +1210,7 @@ impl StreamDecoder {
             }
             StreamEvent::Error { error } => {
                 return Err(err(format!(
-                    "Anthropic stream error ({}): {}",
+                    "{STREAM_ERROR_PREFIX}{}): {}",
                     error.kind, error.message
                 )));
             }
@@ -2093,6 +2104,19 @@ mod tests {
             json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 42}}),
             json!({"type": "message_stop"}),
         ])
+    }
+
+    #[test]
+    fn an_error_event_keeps_its_type() {
+        let mut decoder = StreamDecoder::new();
+        let ev: StreamEvent = serde_json::from_value(
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        )
+        .expect("event parses");
+        let e = decoder.on_event(ev).expect_err("an error");
+        assert_eq!(stream_error_kind(&e.0), Some("overloaded_error"));
+        assert!(e.0.ends_with("Overloaded"), "{e}");
+        assert_eq!(stream_error_kind("something else"), None);
     }
 
     #[test]
