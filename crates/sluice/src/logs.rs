@@ -1,5 +1,6 @@
 //! `sluice logs`: reads the request log straight from the store.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -126,23 +127,96 @@ pub async fn run(store_url: &str, max_connections: u32, args: LogsArgs) -> anyho
     let q = query(&args, args.limit.clamp(1, 1000))?;
     let mut rows = store.list(&q).await?;
     rows.reverse();
-    let mut last = rows.last().map(|r| r.id);
     for r in &rows {
         print(r, args.json);
     }
     if !args.follow {
         return Ok(());
     }
+    let mut seen: HashSet<uuid::Uuid> = rows.iter().map(|r| r.id).collect();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut fresh = store.list(&query(&args, 200)?).await?;
-        fresh.retain(|r| last.is_none_or(|l| r.id > l));
-        fresh.reverse();
-        for r in &fresh {
-            print(r, args.json);
+        for r in follow_step(store.as_ref(), &query(&args, 1000)?, &mut seen).await? {
+            print(&r, args.json);
         }
-        if let Some(r) = fresh.last() {
-            last = Some(r.id);
-        }
+    }
+}
+
+/// How far back `--follow` looks for records on each poll. A record is written when its request
+/// ends but ordered by when it started, so a long stream lands behind records already printed.
+const FOLLOW_WINDOW: chrono::TimeDelta = chrono::TimeDelta::minutes(2);
+
+/// One poll of `--follow`: the records of the last [`FOLLOW_WINDOW`] not printed yet, oldest
+/// first; `seen` remembers what was printed (and forgets what left the window).
+async fn follow_step(
+    store: &dyn sluice_core::record::LogStore,
+    q: &RecordQuery,
+    seen: &mut HashSet<uuid::Uuid>,
+) -> anyhow::Result<Vec<sluice_core::record::RequestRecord>> {
+    let now = chrono::Utc::now();
+    let window_start = now - FOLLOW_WINDOW;
+    let mut q = q.clone();
+    q.since = Some(q.since.map_or(window_start, |s| s.max(window_start)));
+    let mut fresh = store.list(&q).await?;
+    fresh.retain(|r| seen.insert(r.id));
+    fresh.reverse();
+    let forget = (now - FOLLOW_WINDOW * 2).timestamp_millis();
+    seen.retain(|id| {
+        id.get_timestamp()
+            .map(|t| t.to_unix())
+            .is_none_or(|(secs, nanos)| {
+                (secs as i64) * 1000 + i64::from(nanos / 1_000_000) >= forget
+            })
+    });
+    Ok(fresh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms_ago: i64) -> RequestRecord {
+        let t = chrono::Utc::now() - chrono::TimeDelta::milliseconds(ms_ago);
+        let mut r = RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false);
+        let ms = u64::try_from(t.timestamp_millis()).unwrap();
+        let tail: [u8; 10] = uuid::Uuid::now_v7().as_bytes()[6..].try_into().unwrap();
+        r.id = uuid::Builder::from_unix_timestamp_millis(ms, &tail).into_uuid();
+        r.status = RecordStatus::Ok;
+        r
+    }
+
+    #[tokio::test]
+    async fn follow_prints_a_record_written_after_a_later_started_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let store = sluice_store::open(&url, 1).await.unwrap();
+        let q = RecordQuery {
+            limit: 1000,
+            ..RecordQuery::default()
+        };
+        let mut seen = HashSet::new();
+        // A short request that started second is written first…
+        let short = at(1_000);
+        store
+            .insert_batch(std::slice::from_ref(&short))
+            .await
+            .unwrap();
+        let first = follow_step(store.as_ref(), &q, &mut seen).await.unwrap();
+        assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), [short.id]);
+        // …then a stream that started earlier ends and is written.
+        let long = at(30_000);
+        store
+            .insert_batch(std::slice::from_ref(&long))
+            .await
+            .unwrap();
+        let second = follow_step(store.as_ref(), &q, &mut seen).await.unwrap();
+        assert_eq!(second.iter().map(|r| r.id).collect::<Vec<_>>(), [long.id]);
+        // Nothing is printed twice.
+        assert!(
+            follow_step(store.as_ref(), &q, &mut seen)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }
