@@ -462,11 +462,27 @@ impl Budgets {
         worst: i64,
         now: DateTime<Utc>,
     ) -> Result<Result<Reservation, Error>, crate::shared::SharedError> {
-        let stale = shared.take_stale();
-        if let Err(e) = shared.redis().forget_ledgers(&stale).await {
-            shared.mark_stale(&stale);
-            return Err(e);
+        // Noted stale again unless forgotten: also if this request is abandoned meanwhile.
+        struct Taken<'a> {
+            shared: &'a Shared,
+            ledgers: Vec<String>,
+            forgotten: bool,
         }
+        impl Drop for Taken<'_> {
+            fn drop(&mut self) {
+                if !self.forgotten {
+                    self.shared.mark_stale(&self.ledgers);
+                }
+            }
+        }
+        let mut taken = Taken {
+            shared,
+            ledgers: shared.take_stale(),
+            forgotten: false,
+        };
+        shared.redis().forget_ledgers(&taken.ledgers).await?;
+        taken.forgotten = true;
+        drop(taken);
         self.reserve_shared(shared, limits, worst, now).await
     }
 

@@ -462,6 +462,7 @@ impl Gateway {
         if let Some(m) = model {
             ctx.record.model = m.to_string();
         }
+        pin_key_owner(&mut ctx.record, ctx.key.as_deref());
         let router = self.router();
         self.finisher(&router, ctx).fail(err).await;
     }
@@ -1184,16 +1185,14 @@ impl Call<EmbeddingResponse> for EmbedCall<'_> {
     }
 
     fn prompt_tokens(&self, d: &DeploymentState) -> u64 {
-        let model = d.dep.upstream_model();
-        let text: u64 = (self.0.input.texts().iter())
-            .map(|t| {
-                if t.len() > tokens::TOKENIZE_MAX_BYTES {
-                    (t.len() as u64).div_ceil(4)
-                } else {
-                    tokens::count_text(model, t)
-                }
-            })
-            .sum();
+        let texts = self.0.input.texts();
+        let bytes: usize = texts.iter().map(|t| t.len()).sum();
+        let text = if bytes > tokens::TOKENIZE_MAX_BYTES {
+            (bytes as u64).div_ceil(4)
+        } else {
+            let model = d.dep.upstream_model();
+            texts.iter().map(|t| tokens::count_text(model, t)).sum()
+        };
         text + self.0.input.token_ids()
     }
 }

@@ -157,7 +157,9 @@ impl OpenAi {
             headers,
             stream_usage: cfg.stream_usage,
             timeouts,
-            official: true,
+            // `max_completion_tokens` came with api-version 2024-09-01-preview; older versions
+            // refuse it and take `max_tokens` (ISO dates compare as text).
+            official: cfg.api_version.as_str() >= "2024-09-01",
         })
     }
 

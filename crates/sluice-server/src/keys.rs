@@ -193,23 +193,52 @@ pub async fn audit(
     }
 }
 
-/// Records an attempt refused before its caller was known to have any role.
-pub async fn audit_refusal(state: &crate::AppState, who: &str, what: &str, outcome: &str) {
-    let Some(store) = &state.audit else { return };
+/// At most this many refusals at the admin door are recorded a second (the others are counted
+/// in the log line of the next one recorded), so a flood of bad requests cannot fill the audit
+/// log or compete with the request log for the store.
+const REFUSALS_PER_SECOND: u32 = 10;
+
+/// Records an attempt refused before its caller was known to have any role, in the background.
+pub fn audit_refusal(state: &crate::AppState, who: &str, what: &str, outcome: &str) {
+    static WINDOW: Mutex<(i64, u32, u64)> = Mutex::new((0, 0, 0));
+    let Some(store) = state.audit.clone() else {
+        return;
+    };
+    let skipped = {
+        let mut w = WINDOW.lock();
+        let second = Utc::now().timestamp();
+        if w.0 != second {
+            w.0 = second;
+            w.1 = 0;
+        }
+        w.1 += 1;
+        if w.1 > REFUSALS_PER_SECOND {
+            w.2 += 1;
+            return;
+        }
+        std::mem::take(&mut w.2)
+    };
+    let what: String = what.chars().take(256).collect();
     let entry = AuditEntry {
         id: sluice_types::ids::new_request_id().hyphenated().to_string(),
         at: Utc::now(),
-        actor: who.to_string(),
+        actor: who.chars().take(64).collect(),
         role: "none".to_string(),
         action: "denied".to_string(),
-        target: Some(what.to_string()),
+        target: Some(what),
         outcome: outcome.to_string(),
-        detail: serde_json::Value::Null,
+        detail: if skipped > 0 {
+            serde_json::json!({"unrecorded_refusals_before": skipped})
+        } else {
+            serde_json::Value::Null
+        },
     };
-    tracing::info!(actor = %who, target = %what, outcome, "admin API refused");
-    if let Err(e) = store.append_audit(&entry).await {
-        tracing::error!(error = %e, "the audit log could not be written");
-    }
+    tracing::info!(actor = %entry.actor, target = ?entry.target, outcome, skipped, "admin API refused");
+    tokio::spawn(async move {
+        if let Err(e) = store.append_audit(&entry).await {
+            tracing::error!(error = %e, "the audit log could not be written");
+        }
+    });
 }
 
 /// `GET /api/audit`: admin actions, newest first (`?limit=`, default 100).

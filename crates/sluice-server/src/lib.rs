@@ -428,7 +428,7 @@ async fn admin_auth(State(state): State<SharedState>, mut req: Request, next: Ne
                 None => "anonymous".to_string(),
             };
             let what = format!("{} {}", req.method(), req.uri().path());
-            keys::audit_refusal(&state, &who, &what, e.code.as_str()).await;
+            keys::audit_refusal(&state, &who, &what, e.code.as_str());
             return ApiError::openai(e).into_response();
         }
     };

@@ -857,11 +857,13 @@ const MAX_INDEXED_BYTES: usize = 1024;
 
 /// An indexed text value as stored (see [`MAX_INDEXED_BYTES`]).
 fn indexed(s: &str) -> String {
+    let mut s = text(s);
     let mut end = s.len().min(MAX_INDEXED_BYTES);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    text(&s[..end])
+    s.truncate(end);
+    s
 }
 
 store_impl!(SqliteStore, sqlx::Sqlite, Placeholders::Anonymous);

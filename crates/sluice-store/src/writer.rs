@@ -129,9 +129,15 @@ impl LogWriter {
 /// as down rather than holding the writer, and with it every request once the queue is full.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the retries of one batch may go on before it is spilled.
+pub const RETRY_BUDGET: Duration = Duration::from_secs(5);
+
 /// While the store is down, how often a batch tries it; the others go to the spill file at once,
-/// so requests keep flowing at full speed during an outage.
+/// so requests keep flowing during an outage.
 pub const OUTAGE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The longest a probe during an outage may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Writes a batch. Normally it is retried with backoff before it is spilled; once one has been
 /// spilled the store is taken for down, and until a write succeeds again a batch tries it once
@@ -150,13 +156,12 @@ async fn write_batch(
             spill_or_lose(spill, batch, stats, false);
             return;
         }
-        *outage = Some(now);
-        if try_write(&**store, batch, stats, 1).await {
+        if try_write(&**store, batch, stats, 1, PROBE_TIMEOUT).await {
             *outage = None;
             tracing::warn!("the store answers again; writing the spill file's records to it");
             let (store, path) = (store.clone(), spill.clone());
             tokio::spawn(async move {
-                match replay_spill(&*store, &path).await {
+                match replay_spill_running(&*store, &path).await {
                     Ok(r) => tracing::warn!(
                         records = r.records,
                         unreadable_lines = r.bad_lines,
@@ -170,30 +175,35 @@ async fn write_batch(
             });
         } else {
             spill_or_lose(spill, batch, stats, false);
+            // The next probe a second after this one ended, however long it took.
+            *outage = Some(tokio::time::Instant::now());
         }
         return;
     }
-    if !try_write(&**store, batch, stats, 6).await {
+    if !try_write(&**store, batch, stats, 6, ATTEMPT_TIMEOUT).await {
         spill_or_lose(spill, batch, stats, true);
         *outage = Some(tokio::time::Instant::now());
     }
 }
 
-/// Tries to write a batch up to `attempts` times with backoff; whether it was written.
+/// Tries to write a batch up to `attempts` times with backoff, each try bounded by `limit` and
+/// all of them by [`RETRY_BUDGET`]; whether it was written.
 async fn try_write(
     store: &dyn LogStore,
     batch: &[RequestRecord],
     stats: &mut WriterStats,
     attempts: u32,
+    limit: Duration,
 ) -> bool {
     let mut delay = Duration::from_millis(50);
+    let first = std::time::Instant::now();
     for attempt in 1..=attempts {
         let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, store.insert_batch(batch)).await {
+        let result = match tokio::time::timeout(limit, store.insert_batch(batch)).await {
             Ok(r) => r,
             Err(_) => Err(sluice_core::record::StoreError::Database(format!(
-                "no answer within {} s",
-                ATTEMPT_TIMEOUT.as_secs()
+                "no answer within {:.1} s",
+                limit.as_secs_f64()
             ))),
         };
         match result {
@@ -213,6 +223,9 @@ async fn try_write(
             }
             Err(e) => {
                 tracing::warn!(attempt, records = batch.len(), error = %e, "writing request records failed");
+                if first.elapsed() >= RETRY_BUDGET {
+                    break;
+                }
                 if attempt < attempts {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
@@ -273,61 +286,125 @@ pub struct Replayed {
 }
 
 /// Writes the records of a spill file (left by a writer whose store was down) to the store, then
-/// removes the file. It is claimed first by renaming it, so that two replicas sharing it do not
-/// both replay it; a claim left by a replay that stopped half way is taken up again. Writing a
-/// record twice is a no-op, so a replay may safely repeat. If the store fails, the records not
-/// yet written go back to the spill file and the error is returned.
+/// removes it. The file is claimed first, by linking it under a second name (which fails if a
+/// claim exists), so that two replicas sharing it do not both replay it; a claim left by a replay
+/// that stopped half way is taken up by the next start. Records are read and written 512 at a
+/// time. Writing a record twice is a no-op, so a replay may safely repeat. If the store fails,
+/// the records not yet written go back to the spill file and the error is returned.
 pub async fn replay_spill(
     store: &dyn LogStore,
     path: &std::path::Path,
 ) -> Result<Replayed, String> {
+    replay(store, path, true).await
+}
+
+/// [`replay_spill`] while the server runs: a claim that exists belongs to another replica (or to
+/// a start that crashed, left for the next start), so it is not touched.
+pub async fn replay_spill_running(
+    store: &dyn LogStore,
+    path: &std::path::Path,
+) -> Result<Replayed, String> {
+    replay(store, path, false).await
+}
+
+async fn replay(
+    store: &dyn LogStore,
+    path: &std::path::Path,
+    take_over: bool,
+) -> Result<Replayed, String> {
+    use std::io::BufRead;
     let claimed = path.with_extension("jsonl.replaying");
-    if path.exists() && !claimed.exists() && std::fs::rename(path, &claimed).is_err() {
-        // Another replica claimed it first.
-        return Ok(Replayed::default());
-    }
-    if !claimed.exists() {
-        return Ok(Replayed::default());
-    }
-    let text = std::fs::read(&claimed).map_err(|e| format!("{}: {e}", claimed.display()))?;
     let mut out = Replayed::default();
-    let mut records = Vec::new();
-    let mut bad = Vec::new();
-    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        match serde_json::from_slice::<RequestRecord>(line) {
-            Ok(r) => records.push(r),
-            Err(_) => {
-                bad.extend_from_slice(line);
-                bad.push(b'\n');
-                out.bad_lines += 1;
+    loop {
+        if path.exists() {
+            match std::fs::hard_link(path, &claimed) {
+                Ok(()) => {
+                    // Ours now: new spills start a fresh file.
+                    std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+                Err(_) if take_over && claimed.exists() => {}
+                Err(_) => return Ok(out),
+            }
+        } else if !(take_over && claimed.exists()) {
+            return Ok(out);
+        }
+        let file =
+            std::fs::File::open(&claimed).map_err(|e| format!("{}: {e}", claimed.display()))?;
+        let mut lines = std::io::BufReader::new(file).split(b'\n');
+        let mut chunk = Vec::with_capacity(512);
+        let mut bad = Vec::new();
+        loop {
+            let line = match lines.next() {
+                Some(l) => Some(l.map_err(|e| format!("{}: {e}", claimed.display()))?),
+                None => None,
+            };
+            if let Some(line) = &line
+                && !line.is_empty()
+            {
+                match serde_json::from_slice::<RequestRecord>(line) {
+                    Ok(r) => chunk.push(r),
+                    Err(_) => {
+                        bad.extend_from_slice(line);
+                        bad.push(b'\n');
+                        out.bad_lines += 1;
+                    }
+                }
+            }
+            if chunk.len() < 512 && line.is_some() {
+                continue;
+            }
+            if !chunk.is_empty() {
+                if let Err(e) = store.insert_batch(&chunk).await {
+                    // Back to the spill file: this chunk and every line not read yet.
+                    let mut back = Vec::new();
+                    for r in &chunk {
+                        serde_json::to_writer(&mut back, r).map_err(|e| e.to_string())?;
+                        back.push(b'\n');
+                    }
+                    let mut left = chunk.len();
+                    for l in lines.by_ref() {
+                        let l = l.map_err(|e| format!("{}: {e}", claimed.display()))?;
+                        if !l.is_empty() {
+                            back.extend_from_slice(&l);
+                            back.push(b'\n');
+                            left += 1;
+                        }
+                    }
+                    append(path, &back)
+                        .map_err(|se| format!("{e}; and putting the records back failed: {se}"))?;
+                    keep_bad(path, &bad)?;
+                    let _ = std::fs::remove_file(&claimed);
+                    return Err(format!("{e} ({left} records stay in {})", path.display()));
+                }
+                out.records += chunk.len() as u64;
+                chunk.clear();
+            }
+            if line.is_none() {
+                break;
             }
         }
+        keep_bad(path, &bad)?;
+        std::fs::remove_file(&claimed).map_err(|e| format!("{}: {e}", claimed.display()))?;
+        // Spilled again meanwhile (or left beside an old claim): go round once more.
     }
-    if !bad.is_empty() {
-        use std::io::Write;
-        let kept = path.with_extension("jsonl.bad");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&kept)
-            .map_err(|e| format!("{}: {e}", kept.display()))?;
-        f.write_all(&bad)
-            .map_err(|e| format!("{}: {e}", kept.display()))?;
+}
+
+/// Appends bytes to a file, creating it.
+fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_data()
+}
+
+/// Keeps the lines that were not records in `FILE.bad`.
+fn keep_bad(path: &std::path::Path, bad: &[u8]) -> Result<(), String> {
+    if bad.is_empty() {
+        return Ok(());
     }
-    for (i, chunk) in records.chunks(512).enumerate() {
-        if let Err(e) = store.insert_batch(chunk).await {
-            let rest = &records[i * 512..];
-            spill_batch(&path.to_path_buf(), rest)
-                .map_err(|se| format!("{e}; and putting the records back failed: {se}"))?;
-            let _ = std::fs::remove_file(&claimed);
-            return Err(format!(
-                "{e} ({} records stay in {})",
-                rest.len(),
-                path.display()
-            ));
-        }
-        out.records += chunk.len() as u64;
-    }
-    std::fs::remove_file(&claimed).map_err(|e| format!("{}: {e}", claimed.display()))?;
-    Ok(out)
+    let kept = path.with_extension("jsonl.bad");
+    append(&kept, bad).map_err(|e| format!("{}: {e}", kept.display()))
 }

@@ -390,9 +390,12 @@ async fn audit(
         outcome: "ok".into(),
         detail,
     };
-    log.append_audit(&entry)
-        .await
-        .context("recording the change in the audit log")
+    // The change is made and its secret shown whatever happens here: a failure to record it
+    // is a warning, not a failed command (the key would be lost with its secret).
+    if let Err(e) = log.append_audit(&entry).await {
+        eprintln!("warning: the change could not be recorded in the audit log: {e}");
+    }
+    Ok(())
 }
 
 /// The error for a key that does not exist (or cannot be rotated or revoked).
