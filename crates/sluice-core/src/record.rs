@@ -50,6 +50,9 @@ pub enum UsageSource {
     Provider,
     /// Sluice counted them with the model's tokenizer.
     Tokenizer,
+    /// Sluice estimated them from the text's size (four bytes a token): the prompt of a call
+    /// the client's departure cut short.
+    Estimate,
     /// No tokens were processed (for example a request rejected before any call).
     None,
 }
@@ -59,6 +62,7 @@ impl UsageSource {
         match self {
             UsageSource::Provider => "provider",
             UsageSource::Tokenizer => "tokenizer",
+            UsageSource::Estimate => "estimate",
             UsageSource::None => "none",
         }
     }
@@ -67,6 +71,7 @@ impl UsageSource {
         match s {
             "provider" => UsageSource::Provider,
             "tokenizer" => UsageSource::Tokenizer,
+            "estimate" => UsageSource::Estimate,
             _ => UsageSource::None,
         }
     }

@@ -355,13 +355,16 @@ impl Finisher {
     }
 
     /// Charges the prompt of a provider call the client's departure cut short (when nothing
-    /// was counted yet): the upstream received it and bills it. `Drop` then writes the record as
-    /// cancelled, and the ledgers settle with this cost.
+    /// was counted yet), estimated from its size: the upstream received it and bills it. `Drop`
+    /// then writes the record as cancelled, and the ledgers settle with this cost. (An estimate,
+    /// not the tokenizer: the first cancellation would otherwise load tens of megabytes of
+    /// encodings that a gateway whose upstreams report usage never needs.)
     pub fn charge_prompt(&mut self, prompt_tokens: u64, price: Option<ModelPrice>) {
         if let Some(r) = self.record.as_mut()
             && r.usage_source == UsageSource::None
         {
             apply_usage(r, None, price, || (prompt_tokens, 0));
+            r.usage_source = UsageSource::Estimate;
         }
     }
 

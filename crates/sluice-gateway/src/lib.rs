@@ -1088,8 +1088,8 @@ trait Call<T>: Sync {
         false
     }
 
-    /// The prompt's tokens as `d`'s model counts them, for a call cut short by the client.
-    fn prompt_tokens(&self, d: &DeploymentState) -> u64;
+    /// The prompt's tokens estimated from its size, for a call cut short by the client.
+    fn prompt_estimate(&self) -> u64;
 }
 
 /// A provider call under way. Dropped while armed, the request went away mid-call: the prompt
@@ -1105,16 +1105,10 @@ struct OpenAttempt<'a, T> {
 impl<T> Drop for OpenAttempt<'_, T> {
     fn drop(&mut self) {
         if self.armed {
-            let tokens = self.call.prompt_tokens(self.dep);
+            let tokens = self.call.prompt_estimate();
             self.fin.charge_prompt(tokens, self.dep.dep.price);
         }
     }
-}
-
-/// A chat prompt's tokens with `d`'s tokenizer, or four bytes a token when it is too long to
-/// tokenize on the request path.
-fn chat_prompt_tokens(req: &ChatRequest, d: &DeploymentState) -> u64 {
-    tokens::estimate_prompt(d.dep.upstream_model(), req)
 }
 
 struct ChatCall<'r>(&'r ChatRequest);
@@ -1135,8 +1129,8 @@ impl Call<ChatCompletion> for ChatCall<'_> {
         })
     }
 
-    fn prompt_tokens(&self, d: &DeploymentState) -> u64 {
-        chat_prompt_tokens(self.0, d)
+    fn prompt_estimate(&self) -> u64 {
+        tokens::estimate_prompt_by_size(self.0)
     }
 }
 
@@ -1160,8 +1154,8 @@ impl Call<Opened> for StreamCall<'_> {
         true
     }
 
-    fn prompt_tokens(&self, d: &DeploymentState) -> u64 {
-        chat_prompt_tokens(self.0, d)
+    fn prompt_estimate(&self) -> u64 {
+        tokens::estimate_prompt_by_size(self.0)
     }
 }
 
@@ -1184,16 +1178,8 @@ impl Call<EmbeddingResponse> for EmbedCall<'_> {
         })
     }
 
-    fn prompt_tokens(&self, d: &DeploymentState) -> u64 {
-        let texts = self.0.input.texts();
-        let bytes: usize = texts.iter().map(|t| t.len()).sum();
-        let text = if bytes > tokens::TOKENIZE_MAX_BYTES {
-            (bytes as u64).div_ceil(4)
-        } else {
-            let model = d.dep.upstream_model();
-            texts.iter().map(|t| tokens::count_text(model, t)).sum()
-        };
-        text + self.0.input.token_ids()
+    fn prompt_estimate(&self) -> u64 {
+        embed_estimate(self.0)
     }
 }
 

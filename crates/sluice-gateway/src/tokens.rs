@@ -43,6 +43,11 @@ pub fn count_text(model: &str, text: &str) -> u64 {
 /// the request path count four bytes a token instead of running the tokenizer.
 pub const TOKENIZE_MAX_BYTES: usize = 64 * 1024;
 
+/// A prompt's tokens estimated from its size alone (four bytes a token), without the tokenizer.
+pub fn estimate_prompt_by_size(req: &ChatRequest) -> u64 {
+    (prompt_bytes(req, usize::MAX) as u64).div_ceil(4)
+}
+
 /// The bytes of a prompt the tokenizer would read, stopping once past `limit`.
 fn prompt_bytes(req: &ChatRequest, limit: usize) -> usize {
     let mut n = 0;

@@ -250,7 +250,8 @@ async fn a_client_leaving_a_plain_request_is_recorded_as_cancelled() {
             let prompt = rec["prompt_tokens"].as_u64().expect("prompt_tokens");
             assert!(prompt > 0, "{rec}");
             assert_eq!(rec["completion_tokens"], 0, "{rec}");
-            assert_eq!(rec["usage_source"], "tokenizer", "{rec}");
+            // Estimated from its size (four bytes a token): "hi" and the role framing.
+            assert_eq!(rec["usage_source"], "estimate", "{rec}");
             let cost = rec["cost_usd"].as_f64().expect("cost_usd");
             assert!((cost - prompt as f64 * 1000.0 / 1e6).abs() < 1e-9, "{rec}");
             break;
