@@ -85,6 +85,29 @@ pub struct AuditEntry {
     pub detail: Value,
 }
 
+impl AuditEntry {
+    /// An entry made now, with a fresh id.
+    pub fn new(
+        actor: &str,
+        role: &str,
+        action: &str,
+        target: Option<&str>,
+        outcome: &str,
+        detail: Value,
+    ) -> Self {
+        AuditEntry {
+            id: sluice_types::ids::new_request_id().hyphenated().to_string(),
+            at: Utc::now(),
+            actor: actor.to_string(),
+            role: role.to_string(),
+            action: action.to_string(),
+            target: target.map(str::to_string),
+            outcome: outcome.to_string(),
+            detail,
+        }
+    }
+}
+
 /// Where admin actions are kept.
 #[async_trait]
 pub trait AuditStore: Send + Sync + 'static {

@@ -127,8 +127,6 @@ struct State {
     store_body: bool,
     acc: ChunkAccumulator,
     usage: Option<Usage>,
-    /// The stream's id, model and creation time, from its first chunk.
-    ident: Option<(String, String, u64)>,
     done: bool,
 }
 
@@ -194,9 +192,6 @@ async fn step(mut st: State) -> Option<(StreamItem, State)> {
     loop {
         match st.upstream.next().await {
             Some(Ok(mut chunk)) => {
-                if st.ident.is_none() {
-                    st.ident = Some((chunk.id.clone(), chunk.model.clone(), chunk.created));
-                }
                 st.acc.push(&chunk);
                 if chunk.usage.is_some() {
                     st.usage.clone_from(&chunk.usage);
@@ -223,13 +218,14 @@ async fn step(mut st: State) -> Option<(StreamItem, State)> {
             }
             None => {
                 st.serving.report(None);
+                // The stream's id, model and time, for a usage chunk of Sluice's own.
+                let last = (st.client_wants_usage && st.usage.is_none())
+                    .then(|| st.acc.empty_chunk())
+                    .flatten();
                 let counted = st.finish(None).await;
                 // The client asked for usage and the upstream sent none: it gets Sluice's
                 // count, as the record has it, in the usual last chunk.
-                if st.client_wants_usage
-                    && let (Some(usage), Some((id, model, created))) = (counted, &st.ident)
-                {
-                    let mut chunk = ChatCompletionChunk::new(id, model, *created);
+                if let (Some(usage), Some(mut chunk)) = (counted, last) {
                     chunk.usage = Some(usage);
                     return Some((StreamItem::Chunk(chunk), st));
                 }
@@ -260,7 +256,6 @@ impl ChatStream {
             store_body,
             acc: ChunkAccumulator::default(),
             usage: None,
-            ident: None,
             done: false,
         };
         ChatStream {

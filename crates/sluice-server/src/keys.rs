@@ -177,16 +177,14 @@ pub async fn audit(
     detail: serde_json::Value,
 ) {
     let Some(store) = &state.audit else { return };
-    let entry = AuditEntry {
-        id: sluice_types::ids::new_request_id().hyphenated().to_string(),
-        at: Utc::now(),
-        actor: actor.name.clone(),
-        role: actor.role.as_str().to_string(),
-        action: action.to_string(),
-        target: target.map(str::to_string),
-        outcome: outcome.to_string(),
+    let entry = AuditEntry::new(
+        &actor.name,
+        actor.role.as_str(),
+        action,
+        target,
+        outcome,
         detail,
-    };
+    );
     tracing::info!(actor = %entry.actor, action, target = ?target, outcome, "admin action");
     if let Err(e) = store.append_audit(&entry).await {
         tracing::error!(error = %e, action, "the audit log could not be written");
@@ -219,20 +217,13 @@ pub fn audit_refusal(state: &crate::AppState, who: &str, what: &str, outcome: &s
         std::mem::take(&mut w.2)
     };
     let what: String = what.chars().take(256).collect();
-    let entry = AuditEntry {
-        id: sluice_types::ids::new_request_id().hyphenated().to_string(),
-        at: Utc::now(),
-        actor: who.chars().take(64).collect(),
-        role: "none".to_string(),
-        action: "denied".to_string(),
-        target: Some(what),
-        outcome: outcome.to_string(),
-        detail: if skipped > 0 {
-            serde_json::json!({"unrecorded_refusals_before": skipped})
-        } else {
-            serde_json::Value::Null
-        },
+    let who: String = who.chars().take(64).collect();
+    let detail = if skipped > 0 {
+        serde_json::json!({"unrecorded_refusals_before": skipped})
+    } else {
+        serde_json::Value::Null
     };
+    let entry = AuditEntry::new(&who, "none", "denied", Some(&what), outcome, detail);
     tracing::info!(actor = %entry.actor, target = ?entry.target, outcome, skipped, "admin API refused");
     tokio::spawn(async move {
         if let Err(e) = store.append_audit(&entry).await {

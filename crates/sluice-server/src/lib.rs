@@ -180,22 +180,22 @@ pub fn router(state: SharedState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            this_machine_only,
-        ))
-        .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(state.clone(), request_id))
         .with_state(state)
 }
 
 /// Gives every request an id (UUIDv7) and every response its headers: `x-sluice-request-id`,
 /// `x-request-id` (which the OpenAI SDKs read) and, on `/v1/messages`, `request-id` (which the
-/// Anthropic SDKs read).
-async fn request_id(mut req: Request, next: Next) -> Response {
+/// Anthropic SDKs read). On a gateway without an admin key it first refuses requests not meant
+/// for this machine (one layer for both: each layer costs every request a boxed future).
+async fn request_id(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     let id = sluice_types::ids::new_request_id();
     req.extensions_mut().insert(RequestId(id));
     let anthropic = req.uri().path().ends_with("/messages");
-    let mut resp = next.run(req).await;
+    let mut resp = match this_machine_only(&state, req.headers()) {
+        Some(refused) => refused,
+        None => next.run(req).await,
+    };
     if let Ok(v) = HeaderValue::from_str(&id.hyphenated().to_string()) {
         let headers = resp.headers_mut();
         if anthropic {
@@ -211,13 +211,12 @@ async fn request_id(mut req: Request, next: Next) -> Response {
 /// it answers only requests meant for this machine: none addressed to another host name (a DNS
 /// rebinding page reaching it under its own name) and none sent by a browser from a page of
 /// another site (cross-site requests that would spend the providers' keys or mint keys).
-async fn this_machine_only(State(state): State<SharedState>, req: Request, next: Next) -> Response {
-    if state.admin_key.is_none()
-        && let Some(why) = foreign(req.headers())
-    {
-        return ApiError::openai(Error::new(ErrorCode::Forbidden, why)).into_response();
+fn this_machine_only(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    if state.admin_key.is_some() {
+        return None;
     }
-    next.run(req).await
+    let why = foreign(headers)?;
+    Some(ApiError::openai(Error::new(ErrorCode::Forbidden, why)).into_response())
 }
 
 /// Why a request is not from this machine, if it is not.

@@ -188,36 +188,23 @@ pub async fn clear_cache(
         )
         .into_response();
     }
-    match cache.clear(params.namespace.as_deref()).await {
+    let cleared = cache.clear(params.namespace.as_deref()).await;
+    let (outcome, detail) = match &cleared {
+        Ok(removed) => ("ok", serde_json::json!({ "removed": removed })),
+        Err(e) => ("failed", serde_json::json!({ "error": e })),
+    };
+    let ns = params.namespace.as_deref();
+    crate::keys::audit(&state, &actor, "cache.clear", ns, outcome, detail).await;
+    match cleared {
         Ok(removed) => {
-            crate::keys::audit(
-                &state,
-                &actor,
-                "cache.clear",
-                params.namespace.as_deref(),
-                "ok",
-                serde_json::json!({ "removed": removed }),
-            )
-            .await;
-            Json(serde_json::json!({"cleared": true, "namespace": params.namespace, "removed": removed}))
+            Json(serde_json::json!({"cleared": true, "namespace": ns, "removed": removed}))
                 .into_response()
         }
-        Err(e) => {
-            crate::keys::audit(
-                &state,
-                &actor,
-                "cache.clear",
-                params.namespace.as_deref(),
-                "failed",
-                serde_json::json!({ "error": e }),
-            )
-            .await;
-            ApiError::openai(Error::new(
-                ErrorCode::Unavailable,
-                format!("the shared cache tier could not be cleared ({e}); its answers would still be served, so try again"),
-            ))
-            .into_response()
-        }
+        Err(e) => ApiError::openai(Error::new(
+            ErrorCode::Unavailable,
+            format!("the shared cache tier could not be cleared ({e}); its answers would still be served, so try again"),
+        ))
+        .into_response(),
     }
 }
 

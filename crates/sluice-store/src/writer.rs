@@ -146,7 +146,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 async fn write_batch(
     store: &Arc<dyn LogStore>,
     batch: &[RequestRecord],
-    spill: &PathBuf,
+    spill: &std::path::Path,
     stats: &mut WriterStats,
     outage: &mut Option<tokio::time::Instant>,
 ) {
@@ -159,7 +159,7 @@ async fn write_batch(
         if try_write(&**store, batch, stats, 1, PROBE_TIMEOUT).await {
             *outage = None;
             tracing::warn!("the store answers again; writing the spill file's records to it");
-            let (store, path) = (store.clone(), spill.clone());
+            let (store, path) = (store.clone(), spill.to_path_buf());
             tokio::spawn(async move {
                 match replay_spill_running(&*store, &path).await {
                     Ok(r) => tracing::warn!(
@@ -238,7 +238,12 @@ async fn try_write(
 
 /// Appends a batch to the spill file; `loud` logs it as an error (the first of an outage; the
 /// others are logged at debug level, so that an outage does not flood the log).
-fn spill_or_lose(spill: &PathBuf, batch: &[RequestRecord], stats: &mut WriterStats, loud: bool) {
+fn spill_or_lose(
+    spill: &std::path::Path,
+    batch: &[RequestRecord],
+    stats: &mut WriterStats,
+    loud: bool,
+) {
     match spill_batch(spill, batch) {
         Ok(()) => {
             stats.spilled += batch.len() as u64;
@@ -254,8 +259,7 @@ fn spill_or_lose(spill: &PathBuf, batch: &[RequestRecord], stats: &mut WriterSta
     }
 }
 
-fn spill_batch(path: &PathBuf, batch: &[RequestRecord]) -> std::io::Result<()> {
-    use std::io::Write;
+fn spill_batch(path: &std::path::Path, batch: &[RequestRecord]) -> std::io::Result<()> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
@@ -268,12 +272,7 @@ fn spill_batch(path: &PathBuf, batch: &[RequestRecord]) -> std::io::Result<()> {
         serde_json::to_writer(&mut lines, r)?;
         lines.push(b'\n');
     }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    f.write_all(&lines)?;
-    f.sync_data()
+    append(path, &lines)
 }
 
 /// What [`replay_spill`] did.

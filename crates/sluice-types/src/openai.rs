@@ -900,6 +900,12 @@ impl ChunkAccumulator {
         }
     }
 
+    /// A chunk without choices carrying the stream's id, model and creation time (`None`
+    /// before the first chunk).
+    pub fn empty_chunk(&self) -> Option<ChatCompletionChunk> {
+        (!self.id.is_empty()).then(|| ChatCompletionChunk::new(&self.id, &self.model, self.created))
+    }
+
     /// The usage the stream reported, if any.
     pub fn usage(&self) -> Option<&Usage> {
         self.usage.as_ref()

@@ -348,7 +348,7 @@ fn print_details(k: &VirtualKey, now: DateTime<Utc>) {
 }
 
 /// The SQLite file a URL names, when it does not exist yet.
-fn missing_sqlite_file(url: &str) -> Option<String> {
+pub(crate) fn missing_sqlite_file(url: &str) -> Option<String> {
     if url.contains(":memory:") || url.contains("mode=memory") {
         return None;
     }
@@ -380,16 +380,8 @@ async fn audit(
     target: &str,
     detail: Value,
 ) -> anyhow::Result<()> {
-    let entry = sluice_core::keys::AuditEntry {
-        id: sluice_types::ids::new_request_id().hyphenated().to_string(),
-        at: Utc::now(),
-        actor: "cli".into(),
-        role: "admin".into(),
-        action: action.into(),
-        target: Some(target.into()),
-        outcome: "ok".into(),
-        detail,
-    };
+    let entry =
+        sluice_core::keys::AuditEntry::new("cli", "admin", action, Some(target), "ok", detail);
     // The change is made and its secret shown whatever happens here: a failure to record it
     // is a warning, not a failed command (the key would be lost with its secret).
     if let Err(e) = log.append_audit(&entry).await {

@@ -108,13 +108,10 @@ fn truncate(s: &str, n: usize) -> String {
 /// Refuses a SQLite store whose file does not exist (a wrong directory or a misspelt `--store`),
 /// rather than creating an empty one and reporting nothing.
 pub(crate) fn require_log(store_url: &str) -> anyhow::Result<()> {
-    if let Some(path) = store_url.strip_prefix("sqlite://") {
-        let path = path.split('?').next().unwrap_or(path);
-        if !std::path::Path::new(path).exists() {
-            anyhow::bail!(
-                "no request log at {path}\nhint: start the gateway with `sluice serve` (same directory and config) and send a request first"
-            );
-        }
+    if let Some(path) = crate::keys::missing_sqlite_file(store_url) {
+        anyhow::bail!(
+            "no request log at {path}\nhint: start the gateway with `sluice serve` (same directory and config) and send a request first"
+        );
     }
     Ok(())
 }
