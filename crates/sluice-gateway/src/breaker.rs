@@ -4,9 +4,11 @@
 //! opens when the error rate reaches its threshold (once enough outcomes are in the window) or
 //! after a run of consecutive failures. Open, it rejects every request until its cooldown has
 //! passed; then it is half-open and lets a few trial requests ("probes") through: enough
-//! successful probes close it with a fresh window, a failed probe opens it again. A probe whose
-//! outcome never comes (the request was cancelled) gives its slot back after the cooldown, so the
-//! breaker cannot get stuck half-open.
+//! successful probes close it with a fresh window, a failed probe opens it again. Each probe
+//! carries a [`Probe`] ticket naming its half-open period: a request cancelled mid-call gives its
+//! slot back at once, one whose outcome never comes frees it after the cooldown (so the breaker
+//! cannot get stuck half-open), and an answer that arrives after its period ended (the breaker
+//! reopened meanwhile) does not count in a later one.
 //!
 //! Every time-dependent method takes `now`; each call holds one short mutex section.
 
@@ -181,8 +183,8 @@ impl std::fmt::Display for BreakerState {
 pub enum Admission {
     /// The request may go (the breaker is closed or disabled).
     Allowed,
-    /// The request may go as a half-open trial; report its outcome with `was_probe = true`.
-    Probe,
+    /// The request may go as a half-open trial; report its outcome with the ticket.
+    Probe(Probe),
     /// The breaker is open (or its probe slots are taken): try another deployment.
     Rejected,
 }
@@ -192,6 +194,21 @@ impl Admission {
     pub fn is_admitted(self) -> bool {
         !matches!(self, Admission::Rejected)
     }
+
+    /// The probe ticket, for a half-open trial.
+    pub fn probe(self) -> Option<Probe> {
+        match self {
+            Admission::Probe(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// A half-open trial's ticket: which half-open period admitted it, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    period: u64,
+    at: Instant,
 }
 
 /// A breaker's counters, for the admin API and logs.
@@ -233,6 +250,8 @@ struct Inner {
     probes: Vec<Instant>,
     /// Successful probes since the breaker went half-open.
     probe_successes: u32,
+    /// How many times the breaker has gone half-open: a probe's ticket names the period.
+    period: u64,
 }
 
 impl Inner {
@@ -244,7 +263,20 @@ impl Inner {
             self.phase = Phase::HalfOpen;
             self.probes.clear();
             self.probe_successes = 0;
+            self.period = self.period.wrapping_add(1);
         }
+    }
+
+    /// Frees the slot a probe of the current half-open period holds; whether it was one.
+    fn take_slot(&mut self, p: Probe) -> bool {
+        if self.phase != Phase::HalfOpen || p.period != self.period {
+            return false;
+        }
+        // A slot gone already expired; the probe still belongs to this period.
+        if let Some(i) = self.probes.iter().position(|&at| at == p.at) {
+            self.probes.remove(i);
+        }
+        true
     }
 
     fn open(&mut self, now: Instant) {
@@ -300,6 +332,7 @@ impl Breaker {
                 opened_times: 0,
                 probes: Vec::with_capacity(probes.min(16) as usize),
                 probe_successes: 0,
+                period: 0,
             }),
             cfg,
         }
@@ -332,7 +365,10 @@ impl Breaker {
                     .retain(|&at| now.saturating_duration_since(at) < cooldown);
                 if inner.probes.len() < self.max_probes() {
                     inner.probes.push(now);
-                    Admission::Probe
+                    Admission::Probe(Probe {
+                        period: inner.period,
+                        at: now,
+                    })
                 } else {
                     Admission::Rejected
                 }
@@ -341,23 +377,20 @@ impl Breaker {
     }
 
     /// Gives back a probe slot that [`admit`](Self::admit) handed out for a call that was not
-    /// made (the deployment was at capacity, or has no health check), so that the next request
-    /// can probe at once rather than after a cool-down.
-    pub fn release_probe(&self) {
-        let mut inner = self.inner.lock();
-        if inner.phase == Phase::HalfOpen {
-            // The newest slot: the one just handed out.
-            inner.probes.pop();
-        }
+    /// made (the deployment was at capacity, or has no health check) or taught nothing (the
+    /// request was cancelled mid-call), so that the next request can probe at once rather than
+    /// after a cool-down.
+    pub fn release_probe(&self, p: Probe) {
+        self.inner.lock().take_slot(p);
     }
 
     /// Reports an attempt's outcome: `success` when the deployment answered properly, a failure
     /// for a 5xx, timeout, connect or protocol error (client errors are not reported).
-    /// `was_probe` says whether [`admit`](Self::admit) returned [`Admission::Probe`] for it.
+    /// `probe` is the ticket [`admit`](Self::admit) gave it, if it was a trial.
     ///
     /// Outcomes reported while open (late answers to requests sent before it opened) change
-    /// nothing; while half-open only probes count.
-    pub fn record(&self, now: Instant, success: bool, was_probe: bool) {
+    /// nothing; while half-open only the probes of the current half-open period count.
+    pub fn record(&self, now: Instant, success: bool, probe: Option<Probe>) {
         let mut inner = self.inner.lock();
         if !self.cfg.enabled {
             count(&mut inner, now, success);
@@ -367,12 +400,8 @@ impl Breaker {
         match inner.phase {
             Phase::Open { .. } => {}
             Phase::HalfOpen => {
-                if !was_probe {
+                if !probe.is_some_and(|p| inner.take_slot(p)) {
                     return;
-                }
-                // Free the oldest slot: which probe answered does not matter.
-                if !inner.probes.is_empty() {
-                    inner.probes.remove(0);
                 }
                 if success {
                     inner.consecutive = 0;
@@ -484,9 +513,16 @@ mod tests {
         }
     }
 
+    /// Admits a probe at `t`, or fails.
+    fn probe(b: &Breaker, t: Instant) -> Probe {
+        b.admit(t)
+            .probe()
+            .unwrap_or_else(|| panic!("no probe: {:?}", b.snapshot(t)))
+    }
+
     fn open_it(b: &Breaker, now: Instant) {
         for _ in 0..b.config().consecutive_failures.max(1) {
-            b.record(now, false, false);
+            b.record(now, false, None);
         }
         assert_eq!(b.state(now), BreakerState::Open);
     }
@@ -584,7 +620,7 @@ mod tests {
     fn stays_closed_under_min_requests() {
         let (b, t0) = breaker(rate_cfg());
         for _ in 0..9 {
-            b.record(t0, false, false);
+            b.record(t0, false, None);
             assert_eq!(b.admit(t0), Admission::Allowed);
         }
         assert_eq!(b.state(t0), BreakerState::Closed);
@@ -599,17 +635,17 @@ mod tests {
     fn opens_at_the_error_rate() {
         let (b, t0) = breaker(rate_cfg());
         for _ in 0..6 {
-            b.record(t0, true, false);
+            b.record(t0, true, None);
         }
         for _ in 0..4 {
-            b.record(t0, false, false);
+            b.record(t0, false, None);
         }
         // 4 / 10 < 0.5.
         assert_eq!(b.state(t0), BreakerState::Closed);
-        b.record(t0 + secs(1), false, false);
+        b.record(t0 + secs(1), false, None);
         // 5 / 11 < 0.5.
         assert_eq!(b.state(t0 + secs(1)), BreakerState::Closed);
-        b.record(t0 + secs(1), false, false);
+        b.record(t0 + secs(1), false, None);
         // 6 / 12 = 0.5.
         assert_eq!(b.state(t0 + secs(1)), BreakerState::Open);
         assert_eq!(b.admit(t0 + secs(1)), Admission::Rejected);
@@ -629,13 +665,13 @@ mod tests {
             ..BreakerConfig::default()
         });
         for _ in 0..100 {
-            b.record(t0, true, false);
+            b.record(t0, true, None);
         }
         assert_eq!(b.state(t0), BreakerState::Closed);
-        b.record(t0, false, false);
+        b.record(t0, false, None);
         // 1 / 101 < 0.01.
         assert_eq!(b.state(t0), BreakerState::Closed);
-        b.record(t0, false, false);
+        b.record(t0, false, None);
         assert_eq!(b.state(t0), BreakerState::Open);
     }
 
@@ -646,18 +682,18 @@ mod tests {
             ..BreakerConfig::default()
         });
         for _ in 0..20 {
-            b.record(t0, true, false);
+            b.record(t0, true, None);
         }
         for _ in 0..4 {
-            b.record(t0, false, false);
+            b.record(t0, false, None);
         }
-        b.record(t0, true, false);
+        b.record(t0, true, None);
         for _ in 0..4 {
-            b.record(t0, false, false);
+            b.record(t0, false, None);
         }
         assert_eq!(b.snapshot(t0).consecutive_failures, 4);
         assert_eq!(b.state(t0), BreakerState::Closed);
-        b.record(t0, false, false);
+        b.record(t0, false, None);
         assert_eq!(b.state(t0), BreakerState::Open);
         assert_eq!(b.snapshot(t0).consecutive_failures, 5);
     }
@@ -670,9 +706,9 @@ mod tests {
             assert_eq!(b.admit(t0 + secs(s)), Admission::Rejected);
         }
         // Late answers from before it opened neither close nor extend it.
-        b.record(t0 + secs(10), true, false);
-        b.record(t0 + secs(10), false, false);
-        b.record(t0 + secs(10), true, true);
+        b.record(t0 + secs(10), true, None);
+        b.record(t0 + secs(10), false, None);
+        b.record(t0 + secs(10), true, Some(Probe { period: 0, at: t0 }));
         let s = b.snapshot(t0 + secs(10));
         assert_eq!(s.state, BreakerState::Open);
         assert_eq!(s.opened_times, 1);
@@ -692,13 +728,13 @@ mod tests {
         // The read-only view already shows half-open.
         assert_eq!(b.snapshot(t).state, BreakerState::HalfOpen);
         assert_eq!(b.snapshot(t).retry_in_secs, None);
-        assert_eq!(b.admit(t), Admission::Probe);
-        assert_eq!(b.admit(t), Admission::Probe);
+        probe(&b, t);
+        probe(&b, t);
         assert_eq!(b.admit(t), Admission::Rejected);
         assert_eq!(b.admit(t + secs(1)), Admission::Rejected);
         // Non-probe outcomes do not count while half-open.
-        b.record(t + secs(1), true, false);
-        b.record(t + secs(1), false, false);
+        b.record(t + secs(1), true, None);
+        b.record(t + secs(1), false, None);
         assert_eq!(b.state(t + secs(1)), BreakerState::HalfOpen);
         assert_eq!(b.admit(t + secs(1)), Admission::Rejected);
     }
@@ -708,15 +744,72 @@ mod tests {
         let (b, t0) = breaker(BreakerConfig::default());
         open_it(&b, t0);
         let t = t0 + secs(15);
-        assert_eq!(b.admit(t), Admission::Probe);
+        let p = probe(&b, t);
         assert_eq!(b.admit(t), Admission::Rejected);
-        b.release_probe();
-        assert_eq!(b.admit(t), Admission::Probe, "the slot came back");
+        b.release_probe(p);
+        let again = probe(&b, t);
+        // Giving back twice frees nothing more.
+        b.release_probe(p);
+        b.release_probe(again);
+        b.release_probe(again);
+        let p = probe(&b, t);
+        assert_eq!(b.admit(t), Admission::Rejected);
         // Giving back while closed changes nothing.
-        b.record(t, true, true);
+        b.record(t, true, Some(p));
         assert_eq!(b.state(t), BreakerState::Closed);
-        b.release_probe();
+        b.release_probe(p);
         assert_eq!(b.admit(t), Admission::Allowed);
+    }
+
+    #[test]
+    fn the_slot_given_back_is_the_probes_own() {
+        let (b, t0) = breaker(BreakerConfig {
+            half_open_probes: 2,
+            ..BreakerConfig::default()
+        });
+        open_it(&b, t0);
+        let t = t0 + secs(15);
+        let early = probe(&b, t);
+        let late = probe(&b, t + secs(10));
+        // The early probe is cancelled: its slot is free, the late one's is still held until
+        // its own cooldown runs out.
+        b.release_probe(early);
+        let third = probe(&b, t + secs(20));
+        assert_eq!(b.admit(t + secs(20)), Admission::Rejected);
+        // Past the early probe's cooldown nothing expires: its slot was already given back.
+        assert_eq!(b.admit(t + secs(24)), Admission::Rejected);
+        b.record(t + secs(24), true, Some(late));
+        b.record(t + secs(24), true, Some(third));
+        assert_eq!(b.state(t + secs(24)), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_probe_of_an_earlier_half_open_period_does_not_count() {
+        let (b, t0) = breaker(BreakerConfig {
+            half_open_successes: 2,
+            ..BreakerConfig::default()
+        });
+        open_it(&b, t0);
+        let t = t0 + secs(15);
+        let slow = probe(&b, t);
+        // The slow probe's slot expires; a second probe fails and reopens the breaker.
+        let second = probe(&b, t + secs(15));
+        b.record(t + secs(16), false, Some(second));
+        assert_eq!(b.state(t + secs(16)), BreakerState::Open);
+        // Half-open again; the slow probe answers now. It says nothing about this period.
+        let t2 = t + secs(31);
+        let fresh = probe(&b, t2);
+        b.record(t2, true, Some(slow));
+        b.record(t2, false, Some(slow));
+        let s = b.snapshot(t2);
+        assert_eq!(s.state, BreakerState::HalfOpen, "{s:?}");
+        assert_eq!(s.opened_times, 2);
+        // Its slot is not freed either: the fresh probe still holds the only one.
+        assert_eq!(b.admit(t2), Admission::Rejected);
+        b.record(t2, true, Some(fresh));
+        let next = probe(&b, t2);
+        b.record(t2, true, Some(next));
+        assert_eq!(b.state(t2), BreakerState::Closed);
     }
 
     #[test]
@@ -724,8 +817,8 @@ mod tests {
         let (b, t0) = breaker(BreakerConfig::default());
         open_it(&b, t0);
         let t = t0 + secs(20);
-        assert_eq!(b.admit(t), Admission::Probe);
-        b.record(t, true, true);
+        let p = probe(&b, t);
+        b.record(t, true, Some(p));
         assert_eq!(b.state(t), BreakerState::Closed);
         assert_eq!(b.admit(t), Admission::Allowed);
         let s = b.snapshot(t);
@@ -733,7 +826,7 @@ mod tests {
         assert_eq!(s.consecutive_failures, 0);
         assert_eq!(s.opened_times, 1);
         // A probe answering after it closed counts as an ordinary outcome.
-        b.record(t, false, true);
+        b.record(t, false, Some(p));
         assert_eq!(b.snapshot(t).window_failures, 1);
         assert_eq!(b.state(t), BreakerState::Closed);
     }
@@ -747,9 +840,9 @@ mod tests {
         open_it(&b, t0);
         let t = t0 + secs(15);
         for i in 0..3 {
-            assert_eq!(b.admit(t), Admission::Probe);
+            let p = probe(&b, t);
             assert_eq!(b.admit(t), Admission::Rejected);
-            b.record(t, true, true);
+            b.record(t, true, Some(p));
             let want = if i < 2 {
                 BreakerState::HalfOpen
             } else {
@@ -764,16 +857,16 @@ mod tests {
         let (b, t0) = breaker(BreakerConfig::default());
         open_it(&b, t0);
         let t = t0 + secs(15);
-        assert_eq!(b.admit(t), Admission::Probe);
+        let p = probe(&b, t);
         let failed_at = t + secs(3);
-        b.record(failed_at, false, true);
+        b.record(failed_at, false, Some(p));
         let s = b.snapshot(failed_at);
         assert_eq!(s.state, BreakerState::Open);
         assert_eq!(s.opened_times, 2);
         assert_eq!(s.retry_in_secs, Some(15.0));
         assert_eq!(b.admit(failed_at + secs(14)), Admission::Rejected);
-        assert_eq!(b.admit(failed_at + secs(15)), Admission::Probe);
-        b.record(failed_at + secs(16), false, true);
+        let p = probe(&b, failed_at + secs(15));
+        b.record(failed_at + secs(16), false, Some(p));
         assert_eq!(b.snapshot(failed_at + secs(16)).opened_times, 3);
     }
 
@@ -783,11 +876,11 @@ mod tests {
         open_it(&b, t0);
         let t = t0 + secs(15);
         // This probe's outcome is never reported.
-        assert_eq!(b.admit(t), Admission::Probe);
+        probe(&b, t);
         assert_eq!(b.admit(t + secs(14)), Admission::Rejected);
         assert_eq!(b.state(t + secs(14)), BreakerState::HalfOpen);
-        assert_eq!(b.admit(t + secs(15)), Admission::Probe);
-        b.record(t + secs(16), true, true);
+        let p = probe(&b, t + secs(15));
+        b.record(t + secs(16), true, Some(p));
         assert_eq!(b.state(t + secs(16)), BreakerState::Closed);
     }
 
@@ -795,16 +888,16 @@ mod tests {
     fn old_failures_expire_from_the_window() {
         let (b, t0) = breaker(rate_cfg());
         for _ in 0..9 {
-            b.record(t0, false, false);
+            b.record(t0, false, None);
         }
         assert_eq!(b.snapshot(t0 + secs(29)).window_failures, 9);
         assert_eq!(b.snapshot(t0 + secs(30)).window_requests, 0);
         // The tenth failure comes after the first nine left the window.
-        b.record(t0 + secs(30), false, false);
+        b.record(t0 + secs(30), false, None);
         assert_eq!(b.state(t0 + secs(30)), BreakerState::Closed);
         // Spread over the window they do count.
         for s in 1..10 {
-            b.record(t0 + secs(30 + s), false, false);
+            b.record(t0 + secs(30 + s), false, None);
         }
         assert_eq!(b.state(t0 + secs(39)), BreakerState::Open);
     }
@@ -817,14 +910,15 @@ mod tests {
         });
         for _ in 0..100 {
             assert_eq!(b.admit(t0), Admission::Allowed);
-            b.record(t0, false, false);
+            b.record(t0, false, None);
         }
         assert_eq!(b.state(t0), BreakerState::Closed);
         let s = b.snapshot(t0);
         assert_eq!(s.state, BreakerState::Closed);
         assert_eq!(s.window_failures, 100);
         assert_eq!(s.opened_times, 0);
-        assert!(Admission::Allowed.is_admitted() && Admission::Probe.is_admitted());
+        assert!(Admission::Allowed.is_admitted());
+        assert!(Admission::Probe(Probe { period: 1, at: t0 }).is_admitted());
         assert!(!Admission::Rejected.is_admitted());
     }
 
@@ -838,6 +932,6 @@ mod tests {
         });
         open_it(&b, t0);
         assert_eq!(b.admit(t0 + secs(14)), Admission::Rejected);
-        assert_eq!(b.admit(t0 + secs(15)), Admission::Probe);
+        probe(&b, t0 + secs(15));
     }
 }

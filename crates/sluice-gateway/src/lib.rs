@@ -308,7 +308,7 @@ struct Served<T> {
     /// For a stream, whose outcome is reported when it ends: how long it took to open, and
     /// whether the attempt was its breaker's half-open probe.
     opened_in: Duration,
-    probe: bool,
+    probe: Option<breaker::Probe>,
 }
 
 /// The gateway: the router (swapped whole on reload), where records go, and metrics.
@@ -1010,6 +1010,7 @@ impl Gateway {
                     fin: &mut *fin,
                     call,
                     dep: &dep,
+                    probe,
                     armed: true,
                 };
                 let result = call.call(group, &dep).await;
@@ -1022,13 +1023,13 @@ impl Gateway {
                     let mut probe = probe;
                     if !call.reports_at_end() {
                         dep.report(Instant::now(), elapsed, None, probe);
-                    } else if probe {
+                    } else if let Some(p) = probe {
                         // A trial stream that opened has shown the deployment answers: its
                         // probe slot is settled now rather than when the stream ends (a long
                         // stream would outlast the slot). Its end is then reported as any other
                         // request's.
-                        dep.probe_answered(Instant::now());
-                        probe = false;
+                        dep.probe_answered(Instant::now(), p);
+                        probe = None;
                     }
                     fin.log_attempt(elapsed, None);
                     fin.hold(in_flight, reservation);
@@ -1094,11 +1095,13 @@ trait Call<T>: Sync {
 
 /// A provider call under way. Dropped while armed, the request went away mid-call: the prompt
 /// was sent, so the record is charged for it (the provider bills it) before it closes as
-/// cancelled.
+/// cancelled, and a half-open probe's slot is given back (the call showed nothing about the
+/// deployment, and the next request may try it at once).
 struct OpenAttempt<'a, T> {
     fin: &'a mut Finisher,
     call: &'a dyn Call<T>,
     dep: &'a DeploymentState,
+    probe: Option<breaker::Probe>,
     armed: bool,
 }
 
@@ -1107,6 +1110,7 @@ impl<T> Drop for OpenAttempt<'_, T> {
         if self.armed {
             let tokens = self.call.prompt_estimate();
             self.fin.charge_prompt(tokens, self.dep.dep.price);
+            self.dep.release_probe(self.probe);
         }
     }
 }

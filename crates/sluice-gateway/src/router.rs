@@ -18,7 +18,7 @@ use sluice_core::error::{ErrorClass, MAX_RETRY_AFTER};
 use sluice_core::price::ModelPrice;
 
 use crate::Deployment;
-use crate::breaker::{Admission, Breaker, BreakerConfig, BreakerSnapshot, BreakerState};
+use crate::breaker::{Admission, Breaker, BreakerConfig, BreakerSnapshot, BreakerState, Probe};
 use crate::complexity::{Classifier, ComplexityConfig};
 use crate::window::{Charge, Ewma, RateWindow};
 
@@ -361,10 +361,13 @@ impl DeploymentState {
     /// Gives back what a [`Pick::Go`] took for an attempt that is not made: its probe slot, its
     /// request in the rpm window and its token reservation (the in-flight slot goes with its
     /// guard).
-    pub fn unpick(&self, probe: bool, rpm: Option<Charge>, tokens: Option<TokenReservation>) {
-        if probe {
-            self.live.breaker.release_probe();
-        }
+    pub fn unpick(
+        &self,
+        probe: Option<Probe>,
+        rpm: Option<Charge>,
+        tokens: Option<TokenReservation>,
+    ) {
+        self.release_probe(probe);
         if let (Some(w), Some(c)) = (&self.live.rpm, rpm) {
             w.reconcile(c, Instant::now(), -1);
         }
@@ -378,16 +381,13 @@ impl DeploymentState {
     pub async fn check_health(&self, timeout: Duration) -> bool {
         let now = Instant::now();
         let probe = match self.live.breaker.admit(now) {
-            Admission::Allowed => false,
-            Admission::Probe => true,
             Admission::Rejected => return true,
+            a => a.probe(),
         };
         let result = match tokio::time::timeout(timeout, self.dep.provider.health()).await {
             Ok(Err(sluice_core::ProviderError::Unsupported(_))) => {
                 // Nothing was learnt: the probe slot goes back for a request to use.
-                if probe {
-                    self.live.breaker.release_probe();
-                }
+                self.release_probe(probe);
                 return false;
             }
             Ok(r) => r.map_err(|e| e.to_string()),
@@ -471,7 +471,7 @@ impl DeploymentState {
         now: Instant,
         latency: Duration,
         failure: Option<(ErrorClass, Option<Duration>)>,
-        probe: bool,
+        probe: Option<Probe>,
     ) {
         self.live.requests.fetch_add(1, Ordering::Relaxed);
         match failure {
@@ -498,7 +498,7 @@ impl DeploymentState {
                 }
                 if class.is_deployment_fault() {
                     self.live.breaker.record(now, false, probe);
-                } else if probe {
+                } else if probe.is_some() {
                     // The deployment answered: as a probe, that is health.
                     self.live.breaker.record(now, true, probe);
                 }
@@ -511,8 +511,16 @@ impl DeploymentState {
 
     /// Settles a half-open probe as a success without reporting an attempt (a stream that
     /// opened; its attempt is reported when it ends).
-    pub fn probe_answered(&self, now: Instant) {
-        self.live.breaker.record(now, true, true);
+    pub fn probe_answered(&self, now: Instant, probe: Probe) {
+        self.live.breaker.record(now, true, Some(probe));
+    }
+
+    /// Gives back the slot of a probe whose call taught nothing: not made, or cancelled by the
+    /// client mid-call.
+    pub fn release_probe(&self, probe: Option<Probe>) {
+        if let Some(p) = probe {
+            self.live.breaker.release_probe(p);
+        }
     }
 
     pub fn breaker_state(&self, now: Instant) -> BreakerState {
@@ -615,7 +623,7 @@ pub enum Pick {
     /// Call this deployment. `probe`: the call is a half-open breaker's trial.
     Go {
         dep: Arc<DeploymentState>,
-        probe: bool,
+        probe: Option<Probe>,
         in_flight: InFlight,
         /// The request's place in the deployment's rpm window.
         rpm: Option<Charge>,
@@ -691,13 +699,12 @@ impl Group {
             };
             let d = &self.deployments[i];
             let probe = match d.live.breaker.admit(now) {
-                Admission::Allowed => false,
-                Admission::Probe => true,
                 Admission::Rejected => {
                     excluded[i] = true;
                     rate_limited = false;
                     continue;
                 }
+                a => a.probe(),
             };
             let rpm = match &d.live.rpm {
                 Some(w) => match w.charge(now, 1) {
@@ -1266,25 +1273,25 @@ mod tests {
         let d = &g.deployments[0];
         let now = Instant::now();
         let fail = Some((ErrorClass::ServerError, None));
-        d.report(now, Duration::from_millis(5), fail, false);
-        d.report(now, Duration::from_millis(5), fail, false);
+        d.report(now, Duration::from_millis(5), fail, None);
+        d.report(now, Duration::from_millis(5), fail, None);
         // A 429 and a bad request between them do not end the run of failures.
         d.report(
             now,
             Duration::from_millis(5),
             Some((ErrorClass::RateLimited, Some(Duration::from_millis(1)))),
-            false,
+            None,
         );
         d.report(
             now,
             Duration::from_millis(5),
             Some((ErrorClass::ClientError, None)),
-            false,
+            None,
         );
         let snap = d.live.breaker.snapshot(now);
         assert_eq!(snap.consecutive_failures, 2);
         assert_eq!(snap.window_requests, 2, "only the server errors count");
-        d.report(now, Duration::from_millis(5), fail, false);
+        d.report(now, Duration::from_millis(5), fail, None);
         assert_eq!(d.breaker_state(now), BreakerState::Open);
     }
 
@@ -1300,7 +1307,7 @@ mod tests {
         let g = group(Strategy::Weighted, vec![d], breaker);
         let t0 = Instant::now();
         let fail = Some((ErrorClass::ServerError, None));
-        g.deployments[0].report(t0, Duration::from_millis(5), fail, false);
+        g.deployments[0].report(t0, Duration::from_millis(5), fail, None);
         // Past the cool-down the breaker is half-open: one trial at a time.
         let t1 = t0 + Duration::from_secs(61);
         let Pick::Go {
@@ -1313,7 +1320,7 @@ mod tests {
         else {
             panic!("a half-open deployment takes a probe");
         };
-        assert!(probe && rpm.is_some() && tokens.is_some());
+        assert!(probe.is_some() && rpm.is_some() && tokens.is_some());
         let status = dep.status("g", t1);
         assert_eq!(status.rpm.map(|c| c.used), Some(1));
         assert_eq!(status.tpm.map(|c| c.used), Some(800));
@@ -1324,7 +1331,10 @@ mod tests {
         assert_eq!(status.rpm.map(|c| c.used), Some(0));
         assert_eq!(status.tpm.map(|c| c.used), Some(0));
         assert_eq!(status.in_flight, 0);
-        assert!(matches!(g.pick(t1, &[], 800), Pick::Go { probe: true, .. }));
+        assert!(matches!(
+            g.pick(t1, &[], 800),
+            Pick::Go { probe: Some(_), .. }
+        ));
     }
 
     #[test]
@@ -1350,8 +1360,8 @@ mod tests {
             BreakerConfig::default(),
         );
         let now = Instant::now();
-        g.deployments[0].report(now, Duration::from_millis(300), None, false);
-        g.deployments[1].report(now, Duration::from_millis(20), None, false);
+        g.deployments[0].report(now, Duration::from_millis(300), None, None);
+        g.deployments[1].report(now, Duration::from_millis(20), None, None);
         assert_eq!(counts(&g, 40).get("fast"), Some(&40));
     }
 
@@ -1386,8 +1396,8 @@ mod tests {
         );
         let now = Instant::now();
         let fail = Some((ErrorClass::ServerError, None));
-        g.deployments[0].report(now, Duration::from_millis(5), fail, false);
-        g.deployments[0].report(now, Duration::from_millis(5), fail, false);
+        g.deployments[0].report(now, Duration::from_millis(5), fail, None);
+        g.deployments[0].report(now, Duration::from_millis(5), fail, None);
         assert_eq!(g.deployments[0].breaker_state(now), BreakerState::Open);
         assert_eq!(pick_id(&g, &[]).as_deref(), Some("capped"));
         assert_eq!(pick_id(&g, &[]).as_deref(), Some("capped"));
@@ -1416,7 +1426,7 @@ mod tests {
             now,
             Duration::from_millis(5),
             Some((ErrorClass::RateLimited, Some(Duration::from_secs(30)))),
-            false,
+            None,
         );
         match g.pick(now, &[], 0) {
             Pick::Wait {
@@ -1448,14 +1458,14 @@ mod tests {
             now,
             Duration::from_millis(5),
             Some((ErrorClass::ServerError, Some(Duration::from_secs(20)))),
-            false,
+            None,
         );
         // A Retry-After far beyond any sensible wait (or one sent in milliseconds) is capped.
         g.deployments[1].report(
             now,
             Duration::from_millis(5),
             Some((ErrorClass::RateLimited, Some(Duration::MAX))),
-            false,
+            None,
         );
         let a = g.deployments[0].cooling(now).expect("a cools down");
         assert!(
@@ -1477,7 +1487,7 @@ mod tests {
             now,
             Duration::from_millis(5),
             Some((ErrorClass::ServerError, None)),
-            false,
+            None,
         );
         assert_eq!(g.deployments[0].cooling(now), None);
     }

@@ -97,8 +97,8 @@ pub struct Serving {
     pub dep: Arc<DeploymentState>,
     /// How long the stream took to open (to its first content): its latency sample.
     pub opened_in: Duration,
-    /// Whether the attempt is its breaker's half-open probe.
-    pub probe: bool,
+    /// The attempt's half-open probe ticket, if it is its breaker's trial.
+    pub probe: Option<crate::breaker::Probe>,
 }
 
 impl Serving {

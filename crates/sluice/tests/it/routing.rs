@@ -857,6 +857,69 @@ async fn breakers_open_on_failures_and_close_after_a_successful_probe() {
 }
 
 #[tokio::test]
+async fn a_trial_the_client_cancels_gives_its_slot_back_at_once() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep("flaky")],
+            &format!(
+                "{}{}",
+                sub(
+                    "m",
+                    "circuit_breaker",
+                    "consecutive_failures = 1\ncooldown_secs = 3"
+                ),
+                sub("m", "retries", "retries = 0")
+            ),
+        )],
+    )
+    .await;
+    let http = client();
+    up.set_fault("flaky", Some(models::FAULT_500));
+    assert_eq!(chat(&http, &s, "m", false).await.status, 502);
+    assert_eq!(breaker_state(&s, "m", "up/flaky").await, "open");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while breaker_state(&s, "m", "up/flaky").await != "half_open" {
+        assert!(
+            Instant::now() < deadline,
+            "the breaker never went half-open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The trial hangs and its client gives up.
+    up.set_fault("flaky", Some(models::FAULT_HANG));
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "m", "user": "trial", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gives up before the answer");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let page = s.list("user=trial").await;
+        if let Some(rec) = page["data"].as_array().and_then(|a| a.first()) {
+            assert_eq!(rec["status"], "cancelled", "{rec}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no cancelled record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The cancelled trial taught nothing: still half-open, and the next request may try the
+    // deployment at once (its slot is not held for the 3 s cooldown).
+    assert_eq!(breaker_state(&s, "m", "up/flaky").await, "half_open");
+    up.set_fault("flaky", None);
+    let a = chat(&http, &s, "m", false).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(breaker_state(&s, "m", "up/flaky").await, "closed");
+}
+
+#[tokio::test]
 async fn a_trial_stream_closes_the_breaker_once_it_opens() {
     let up = MockUpstream::start().await;
     let s = start(
