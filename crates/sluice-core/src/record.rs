@@ -289,6 +289,10 @@ pub struct RecordQuery {
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(String),
+    /// The store refused the data itself (a value it cannot hold, a constraint): sending the
+    /// same records again fails again, whereas a [`Database`](Self::Database) error may pass.
+    #[error("the database refused the data: {0}")]
+    Rejected(String),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
     #[error("{0}")]

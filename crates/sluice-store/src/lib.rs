@@ -138,7 +138,34 @@ fn is_locked(message: &str) -> bool {
 }
 
 fn db_err(e: sqlx::Error) -> StoreError {
+    if let Some(d) = e.as_database_error()
+        && refuses_data(d)
+    {
+        return StoreError::Rejected(e.to_string());
+    }
     StoreError::Database(e.to_string())
+}
+
+/// Whether a database error is about the data sent (it would fail again however often it is
+/// sent), rather than the database being unreachable, busy or out of space.
+fn refuses_data(d: &dyn sqlx::error::DatabaseError) -> bool {
+    if !matches!(d.kind(), sqlx::error::ErrorKind::Other) {
+        return true;
+    }
+    let Some(code) = d.code() else {
+        return false;
+    };
+    if d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        // SQLSTATE classes: 22 data exception, 23 integrity constraint violation, 54 program
+        // limit exceeded (an index row too large, say).
+        return ["22", "23", "54"].iter().any(|c| code.starts_with(c));
+    }
+    // SQLite's (extended) result code; its low byte is the primary code: SQLITE_TOOBIG 18,
+    // SQLITE_CONSTRAINT 19, SQLITE_MISMATCH 20, SQLITE_RANGE 25.
+    code.parse::<i64>()
+        .is_ok_and(|c| matches!(c & 0xff, 18 | 19 | 20 | 25))
 }
 
 /// Opens (creating where needed) and migrates the store at `url`.

@@ -6,14 +6,16 @@
 //! bounded in time); if the store stays down, the batch is appended to a spill file (JSON lines)
 //! beside the database instead of being dropped, and `sluice` says where. Until the store answers
 //! again, later batches go to the spill file at once (one tries the store each second), and when
-//! it does, the spill file is written to it. The task ends when every sender is gone and the queue is
-//! empty: that is the graceful-shutdown drain.
+//! it does, the spill file is written to it. A record the store refuses as data (a value it cannot
+//! hold) is set apart in `FILE.rejected` beside the spill file, and the rest of its batch is
+//! written: one bad record never keeps the others out. The task ends when every sender is gone and
+//! the queue is empty: that is the graceful-shutdown drain.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_core::record::{LogStore, RequestRecord};
+use sluice_core::record::{LogStore, RequestRecord, StoreError};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
@@ -23,6 +25,8 @@ pub struct WriterStats {
     pub written: u64,
     pub batches: u64,
     pub spilled: u64,
+    /// Records the store refused as data, kept in the spill file's `.rejected` file.
+    pub rejected: u64,
     /// Batches that took at least [`SLOW_WRITE`] to write (each one is also logged as a warning).
     pub slow: u64,
 }
@@ -102,6 +106,7 @@ impl LogWriter {
                 written = stats.written,
                 batches = stats.batches,
                 spilled = stats.spilled,
+                rejected = stats.rejected,
                 slow = stats.slow,
                 "request log writer drained"
             );
@@ -156,7 +161,7 @@ async fn write_batch(
             spill_or_lose(spill, batch, stats, false);
             return;
         }
-        if try_write(&**store, batch, stats, 1, PROBE_TIMEOUT).await {
+        if try_write(&**store, batch, spill, stats, 1, PROBE_TIMEOUT).await {
             *outage = None;
             tracing::warn!("the store answers again; writing the spill file's records to it");
             let (store, path) = (store.clone(), spill.to_path_buf());
@@ -165,6 +170,7 @@ async fn write_batch(
                     Ok(r) => tracing::warn!(
                         records = r.records,
                         unreadable_lines = r.bad_lines,
+                        refused_by_the_store = r.rejected,
                         "spilled request records written to the store"
                     ),
                     Err(e) => tracing::error!(
@@ -180,17 +186,19 @@ async fn write_batch(
         }
         return;
     }
-    if !try_write(&**store, batch, stats, 6, ATTEMPT_TIMEOUT).await {
+    if !try_write(&**store, batch, spill, stats, 6, ATTEMPT_TIMEOUT).await {
         spill_or_lose(spill, batch, stats, true);
         *outage = Some(tokio::time::Instant::now());
     }
 }
 
 /// Tries to write a batch up to `attempts` times with backoff, each try bounded by `limit` and
-/// all of them by [`RETRY_BUDGET`]; whether it was written.
+/// all of them by [`RETRY_BUDGET`]; whether it was written. Records the store refuses as data
+/// are set apart (see [`insert_isolating`]) and the batch counts as written.
 async fn try_write(
     store: &dyn LogStore,
     batch: &[RequestRecord],
+    spill: &std::path::Path,
     stats: &mut WriterStats,
     attempts: u32,
     limit: Duration,
@@ -199,17 +207,14 @@ async fn try_write(
     let first = std::time::Instant::now();
     for attempt in 1..=attempts {
         let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(limit, store.insert_batch(batch)).await {
-            Ok(r) => r,
-            Err(_) => Err(sluice_core::record::StoreError::Database(format!(
-                "no answer within {:.1} s",
-                limit.as_secs_f64()
-            ))),
-        };
-        match result {
-            Ok(()) => {
-                stats.written += batch.len() as u64;
+        match insert_isolating(store, batch, limit).await {
+            Ok(refused) => {
+                stats.written += (batch.len() - refused.len()) as u64;
                 stats.batches += 1;
+                if !refused.is_empty() {
+                    stats.rejected += refused.len() as u64;
+                    set_apart(spill, &refused);
+                }
                 let took = started.elapsed();
                 if took >= SLOW_WRITE {
                     stats.slow += 1;
@@ -236,6 +241,76 @@ async fn try_write(
     false
 }
 
+/// A record the store refused, and its reason.
+type Refused<'a> = (&'a RequestRecord, String);
+
+/// Writes `batch`, each insert bounded by `limit`. When the store refuses the data
+/// ([`StoreError::Rejected`]), the batch is split in halves until each refused record stands
+/// alone, and the others are written; those are returned with the store's reason. Any other
+/// error (the store is down or busy) is returned as it is: a retry sends the whole batch again,
+/// and what was written meanwhile is not written twice.
+pub async fn insert_isolating<'a>(
+    store: &dyn LogStore,
+    batch: &'a [RequestRecord],
+    limit: Duration,
+) -> Result<Vec<Refused<'a>>, StoreError> {
+    let mut refused = Vec::new();
+    let mut todo = vec![batch];
+    while let Some(part) = todo.pop() {
+        if part.is_empty() {
+            continue;
+        }
+        let result = match tokio::time::timeout(limit, store.insert_batch(part)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Database(format!(
+                "no answer within {:.1} s",
+                limit.as_secs_f64()
+            ))),
+        };
+        match result {
+            Ok(()) => {}
+            Err(StoreError::Rejected(why)) if part.len() == 1 => refused.push((&part[0], why)),
+            Err(StoreError::Rejected(_)) => {
+                let (a, b) = part.split_at(part.len() / 2);
+                todo.push(b);
+                todo.push(a);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(refused)
+}
+
+/// Keeps records the store refused in `FILE.rejected` beside the spill file (JSON lines, as
+/// spilled), and says so: they are not written again by themselves.
+fn set_apart(spill: &std::path::Path, refused: &[Refused<'_>]) {
+    let path = spill.with_extension("jsonl.rejected");
+    let mut lines = Vec::with_capacity(refused.len() * 512);
+    for (r, _) in refused {
+        if serde_json::to_writer(&mut lines, r).is_ok() {
+            lines.push(b'\n');
+        }
+    }
+    let first = refused.first().map(|(r, why)| (r.id, why.as_str()));
+    match append(&path, &lines) {
+        Ok(()) => tracing::error!(
+            records = refused.len(),
+            first_id = ?first.map(|f| f.0),
+            error = first.map_or("", |f| f.1),
+            path = %path.display(),
+            "the store refused request records; they are kept in the file named"
+        ),
+        Err(e) => tracing::error!(
+            records = refused.len(),
+            first_id = ?first.map(|f| f.0),
+            error = first.map_or("", |f| f.1),
+            file_error = %e,
+            path = %path.display(),
+            "the store refused request records, and they could not be kept; records lost"
+        ),
+    }
+}
+
 /// Appends a batch to the spill file; `loud` logs it as an error (the first of an outage; the
 /// others are logged at debug level, so that an outage does not flood the log).
 fn spill_or_lose(
@@ -260,11 +335,6 @@ fn spill_or_lose(
 }
 
 fn spill_batch(path: &std::path::Path, batch: &[RequestRecord]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir)?;
-    }
     // The whole batch in one append: lines of several writers (replicas sharing the directory)
     // do not interleave, and a failure leaves no half line before the next batch.
     let mut lines = Vec::with_capacity(batch.len() * 512);
@@ -282,14 +352,17 @@ pub struct Replayed {
     pub records: u64,
     /// Lines that were not a record (a line cut short by a crash), kept in `FILE.bad`.
     pub bad_lines: u64,
+    /// Records the store refused as data, kept in `FILE.rejected`.
+    pub rejected: u64,
 }
 
 /// Writes the records of a spill file (left by a writer whose store was down) to the store, then
 /// removes it. The file is claimed first, by linking it under a second name (which fails if a
 /// claim exists), so that two replicas sharing it do not both replay it; a claim left by a replay
 /// that stopped half way is taken up by the next start. Records are read and written 512 at a
-/// time. Writing a record twice is a no-op, so a replay may safely repeat. If the store fails,
-/// the records not yet written go back to the spill file and the error is returned.
+/// time. Writing a record twice is a no-op, so a replay may safely repeat. Records the store
+/// refuses as data go to `FILE.rejected`. If the store fails, the records not yet written go
+/// back to the spill file and the error is returned.
 pub async fn replay_spill(
     store: &dyn LogStore,
     path: &std::path::Path,
@@ -353,7 +426,16 @@ async fn replay(
                 continue;
             }
             if !chunk.is_empty() {
-                if let Err(e) = store.insert_batch(&chunk).await {
+                let written = match insert_isolating(store, &chunk, ATTEMPT_TIMEOUT).await {
+                    Ok(refused) => {
+                        if !refused.is_empty() {
+                            set_apart(path, &refused);
+                        }
+                        Ok(refused.len())
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = written {
                     // Back to the spill file: this chunk and every line not read yet.
                     let mut back = Vec::new();
                     for r in &chunk {
@@ -375,7 +457,9 @@ async fn replay(
                     let _ = std::fs::remove_file(&claimed);
                     return Err(format!("{e} ({left} records stay in {})", path.display()));
                 }
-                out.records += chunk.len() as u64;
+                let refused = written.unwrap_or(0) as u64;
+                out.rejected += refused;
+                out.records += chunk.len() as u64 - refused;
                 chunk.clear();
             }
             if line.is_none() {
@@ -388,9 +472,14 @@ async fn replay(
     }
 }
 
-/// Appends bytes to a file, creating it.
+/// Appends bytes to a file, creating it and its directory.
 fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -121,9 +121,10 @@ pub async fn build_with(
     // Records a writer left in the spill file while the store was down go to the store now.
     let spill = spill_path(&cfg.store.url);
     match sluice_store::writer::replay_spill(store.as_ref(), &spill).await {
-        Ok(r) if r.records > 0 || r.bad_lines > 0 => tracing::warn!(
+        Ok(r) if r.records > 0 || r.bad_lines > 0 || r.rejected > 0 => tracing::warn!(
             records = r.records,
             unreadable_lines = r.bad_lines,
+            refused_by_the_store = r.rejected,
             path = %spill.display(),
             "request records from the spill file written to the store"
         ),
@@ -330,6 +331,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     tracing::info!(
         written = stats.written,
         spilled = stats.spilled,
+        refused = stats.rejected,
         slow_batches = stats.slow,
         "request log drained"
     );
@@ -340,8 +342,17 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
             sluice_store::writer::SLOW_WRITE.as_secs()
         ),
     };
+    let refused = match stats.rejected {
+        0 => String::new(),
+        n => format!(
+            "; {n} refused by the store, kept in {}",
+            spill_path(&store_url)
+                .with_extension("jsonl.rejected")
+                .display()
+        ),
+    };
     println!(
-        "sluice stopped: {} request records written{slow}",
+        "sluice stopped: {} request records written{slow}{refused}",
         stats.written
     );
     Ok(())

@@ -631,6 +631,56 @@ pub async fn writer_drain_with_live_sender(db: &TestDb) {
     assert!(get(&store, late.id).await.is_none());
 }
 
+/// 7b. A record the database cannot hold (a NaN cost for SQLite, whose REAL column stores it as
+///     NULL; a date before 4713 BC for PostgreSQL) is refused as data, not as an outage, and the
+///     writer writes the rest of its batch and keeps it apart in `FILE.rejected`.
+pub async fn refused_records(db: &TestDb) {
+    let store = db.open().await;
+    let mut bad = record("bad", None, RecordStatus::Ok);
+    bad.cost_usd = f64::NAN;
+    bad.started_at = chrono::NaiveDate::from_ymd_opt(-5000, 1, 1)
+        .expect("date")
+        .and_hms_opt(0, 0, 0)
+        .expect("time")
+        .and_utc();
+    let e = store
+        .insert_batch(std::slice::from_ref(&bad))
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(e, sluice_core::record::StoreError::Rejected(_)),
+        "{e:?}"
+    );
+    let (sink, rx) = LogSink::channel(64);
+    let mut good = Vec::new();
+    for i in 0..20 {
+        if i == 7 {
+            sink.send(bad.clone()).await;
+        }
+        let r = record(MODELS[i % 3], None, RecordStatus::Ok);
+        good.push(r.id);
+        sink.send(r).await;
+    }
+    drop(sink);
+    let spill = db.spill_path();
+    let stats = LogWriter::spawn(store.clone(), rx, 64, spill.clone())
+        .drain(Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        (stats.written, stats.rejected, stats.spilled),
+        (20, 1, 0),
+        "{stats:?}"
+    );
+    assert_eq!(count(&store).await, 20);
+    for id in good {
+        assert!(get(&store, id).await.is_some());
+    }
+    let kept = std::fs::read_to_string(spill.with_extension("jsonl.rejected")).expect("kept");
+    assert_eq!(kept.lines().count(), 1, "{kept}");
+    assert!(kept.contains(&bad.id.to_string()), "{kept}");
+    assert!(!spill.exists());
+}
+
 /// 8a. Opening a store twice (migrating twice) works, and both see the same data.
 pub async fn reopen(db: &TestDb) {
     let first = db.open().await;

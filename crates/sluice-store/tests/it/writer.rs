@@ -26,6 +26,8 @@ struct TestStore {
     /// Records written.
     written: AtomicU64,
     first_delay: Duration,
+    /// A batch holding a record of this model is refused as data.
+    refuse_model: Option<&'static str>,
 }
 
 #[async_trait]
@@ -39,6 +41,11 @@ impl LogStore for TestStore {
         }
         if call == 0 {
             tokio::time::sleep(self.first_delay).await;
+        }
+        if let Some(m) = self.refuse_model
+            && _records.iter().any(|r| r.model == m)
+        {
+            return Err(StoreError::Rejected(format!("model {m} is refused")));
         }
         self.written
             .fetch_add(_records.len() as u64, Ordering::SeqCst);
@@ -277,4 +284,92 @@ async fn an_outage_spills_at_once_and_the_spill_file_is_written_when_the_store_i
     drop(sink);
     let stats = writer.drain(Duration::from_secs(10)).await;
     assert_eq!((stats.spilled, stats.written), (20, 5), "{stats:?}");
+}
+
+/// Records of `n` models in turn, each with a fresh id.
+fn records_of(models: &[&str], n: usize) -> Vec<RequestRecord> {
+    (0..n)
+        .map(|i| {
+            let mut r = record(models[i % models.len()], Some("u"), RecordStatus::Ok);
+            r.id = Uuid::now_v7();
+            r
+        })
+        .collect()
+}
+
+fn lines_of(path: &std::path::Path) -> Vec<RequestRecord> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a record"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_store_refuses_are_set_apart_and_the_rest_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill = dir.path().join("spill.jsonl");
+    let store = Arc::new(TestStore {
+        refuse_model: Some("poison"),
+        ..TestStore::default()
+    });
+    let (sink, rx) = LogSink::channel(256);
+    // 100 records, one in ten refused, all in one batch.
+    let sent = records_of(
+        &["m", "m", "m", "poison", "m", "m", "m", "m", "m", "m"],
+        100,
+    );
+    for r in &sent {
+        sink.send(r.clone()).await;
+    }
+    drop(sink);
+    let writer = LogWriter::spawn(store.clone(), rx, 128, spill.clone());
+    let stats = writer.drain(Duration::from_secs(30)).await;
+    assert_eq!(
+        (stats.written, stats.rejected, stats.spilled),
+        (90, 10, 0),
+        "{stats:?}"
+    );
+    assert_eq!(store.written.load(Ordering::SeqCst), 90);
+    // No retries: halving found the ten (a few dozen inserts, not one per record).
+    let calls = store.insert_calls.load(Ordering::SeqCst);
+    assert!(calls < 100, "{calls} inserts");
+    assert!(!spill.exists(), "nothing spilled");
+    let kept = lines_of(&dir.path().join("spill.jsonl.rejected"));
+    let mut want: Vec<Uuid> = sent
+        .iter()
+        .filter(|r| r.model == "poison")
+        .map(|r| r.id)
+        .collect();
+    let mut got: Vec<Uuid> = kept.iter().map(|r| r.id).collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_in_the_spill_file_does_not_hold_back_the_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill = dir.path().join("spill.jsonl");
+    let records = records_of(&["m", "poison", "m"], 600);
+    {
+        let mut f = std::fs::File::create(&spill).unwrap();
+        for r in &records {
+            serde_json::to_writer(&mut f, r).unwrap();
+            f.write_all(b"\n").unwrap();
+        }
+    }
+    let store = TestStore {
+        refuse_model: Some("poison"),
+        ..TestStore::default()
+    };
+    let done = sluice_store::writer::replay_spill(&store, &spill)
+        .await
+        .expect("replayed");
+    assert_eq!((done.records, done.rejected, done.bad_lines), (400, 200, 0));
+    assert_eq!(store.written.load(Ordering::SeqCst), 400);
+    assert!(!spill.exists(), "the spill file is done with");
+    let kept = lines_of(&dir.path().join("spill.jsonl.rejected"));
+    assert_eq!(kept.len(), 200);
+    assert!(kept.iter().all(|r| r.model == "poison"));
 }
