@@ -360,7 +360,29 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (6, TEAM_DDL_SQLITE, TEAM_DDL_PG),
     (7, PARTIAL_INDEXES_DDL, PARTIAL_INDEXES_DDL),
+    (8, SPEND_INDEXES_SQLITE, SPEND_INDEXES_PG),
 ];
+
+/// The user, key and team indexes also hold each record's cost (and, for a team, whether it
+/// came through a key), so a spender's spend is summed from the index alone: a total-period
+/// budget's first check reads a spender's whole history, which through the table took about
+/// 0.66 s per 500,000 records (a local SQLite measurement) and ran into the 2 s the budget check
+/// waits; from the index it took 0.056 s.
+const SPEND_INDEXES_SQLITE: &str = "DROP INDEX IF EXISTS requests_user;
+    CREATE INDEX requests_user ON requests (user_id, id, cost_usd) WHERE user_id IS NOT NULL;
+    DROP INDEX IF EXISTS requests_team;
+    CREATE INDEX requests_team ON requests (team, id, key_id, cost_usd) WHERE team IS NOT NULL;
+    DROP INDEX IF EXISTS requests_key;
+    CREATE INDEX requests_key ON requests (key_id, id, cost_usd) WHERE key_id IS NOT NULL;";
+
+/// [`SPEND_INDEXES_SQLITE`] for PostgreSQL, whose `INCLUDE` columns ride along without being
+/// part of the key.
+const SPEND_INDEXES_PG: &str = "DROP INDEX IF EXISTS requests_user;
+    CREATE INDEX requests_user ON requests (user_id, id) INCLUDE (cost_usd) WHERE user_id IS NOT NULL;
+    DROP INDEX IF EXISTS requests_team;
+    CREATE INDEX requests_team ON requests (team, id) INCLUDE (key_id, cost_usd) WHERE team IS NOT NULL;
+    DROP INDEX IF EXISTS requests_key;
+    CREATE INDEX requests_key ON requests (key_id, id) INCLUDE (cost_usd) WHERE key_id IS NOT NULL;";
 
 /// The user, team and key indexes hold only the records that have one. Most records have none
 /// of some (no virtual key, no user id), and every such record used to add an entry to each of
@@ -1411,7 +1433,7 @@ mod tests {
     }
 
     /// The user, team and key indexes leave out records without one (their definitions say so),
-    /// and the spend and listing queries (`column = value`) still use them.
+    /// and the spend queries (`column = value`) still use them, reading the index alone.
     #[tokio::test]
     async fn partial_indexes_serve_the_lookups() {
         let dir = tempfile::tempdir().unwrap();
@@ -1422,8 +1444,13 @@ mod tests {
             ("team", "requests_team"),
             ("key_id", "requests_key"),
         ] {
+            let keyed = if column == "team" {
+                " AND key_id IS NOT NULL"
+            } else {
+                ""
+            };
             let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "EXPLAIN QUERY PLAN SELECT SUM(cost_usd) FROM requests WHERE {column} = ? AND id >= ?"
+                "EXPLAIN QUERY PLAN SELECT SUM(cost_usd) FROM requests WHERE {column} = ? AND id >= ?{keyed}"
             )))
             .bind("x")
             .bind("0")
@@ -1432,7 +1459,9 @@ mod tests {
             .unwrap();
             let detail: Vec<&str> = plan.iter().map(|p| p.3.as_str()).collect();
             assert!(
-                detail.iter().any(|d| d.contains(index)),
+                detail
+                    .iter()
+                    .any(|d| d.contains(&format!("COVERING INDEX {index} "))),
                 "{column}: {detail:?}"
             );
             let sql: String = sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE name = ?")
@@ -1496,7 +1525,7 @@ mod tests {
                 .fetch_all(&store.pool)
                 .await
                 .unwrap();
-        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(versions, vec![1, 2, 3, 4, 5, 6, 7, 8]);
         let r = store.get(id).await.unwrap().expect("the old row survives");
         assert_eq!(r.key_id.as_deref(), Some("k1"));
         assert_eq!(r.cache, None);
