@@ -418,16 +418,17 @@ impl Gateway {
         self.metrics.log_queue(self.sink.queued());
         let router = self.router();
         let now = Instant::now();
-        for g in router.groups() {
-            for d in &g.deployments {
-                self.metrics.deployment_state(
-                    &g.name,
-                    &d.dep.id,
-                    d.breaker_state(now).gauge(),
-                    d.in_flight(),
-                );
-            }
-        }
+        self.metrics
+            .deployment_states(router.groups().flat_map(|g| {
+                g.deployments.iter().map(move |d| {
+                    (
+                        g.name.as_str(),
+                        d.dep.id.as_str(),
+                        d.breaker_state(now).gauge(),
+                        d.in_flight(),
+                    )
+                })
+            }));
     }
 
     fn finisher(&self, router: &Router, ctx: RequestContext) -> Finisher {

@@ -3,14 +3,14 @@
 //! provider name (or `none`), and the outcome.
 
 use parking_lot::RwLock;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sluice_core::record::RequestRecord;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
@@ -25,45 +25,74 @@ pub const BREAKER: &str = "sluice_deployment_breaker_state";
 pub const IN_FLIGHT: &str = "sluice_deployment_in_flight";
 pub const LOG_QUEUE: &str = "sluice_log_queue_records";
 
+/// A label value. The encoder writes values as they are, so this escapes what the exposition
+/// format requires (`\\`, `"` and line feeds): a model named `a"b` in the configuration would
+/// otherwise make the whole scrape unparseable.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Lv(String);
+
+impl Lv {
+    fn new(s: &str) -> Self {
+        Lv(s.to_string())
+    }
+}
+
+impl EncodeLabelValue for Lv {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        let mut rest = self.0.as_str();
+        while let Some(i) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..i])?;
+            encoder.write_str(match rest.as_bytes()[i] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[i + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
-    model: String,
-    deployment: String,
-    outcome: String,
+    model: Lv,
+    deployment: Lv,
+    outcome: Lv,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeploymentLabels {
-    model: String,
-    deployment: String,
+    model: Lv,
+    deployment: Lv,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
-    model: String,
-    provider: String,
-    endpoint: String,
-    status: String,
+    model: Lv,
+    provider: Lv,
+    endpoint: Lv,
+    status: Lv,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
-    model: String,
-    provider: String,
-    code: String,
+    model: Lv,
+    provider: Lv,
+    code: Lv,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
-    model: String,
-    provider: String,
-    kind: String,
+    model: Lv,
+    provider: Lv,
+    kind: Lv,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Route {
-    model: String,
-    provider: String,
+    model: Lv,
+    provider: Lv,
 }
 
 /// The `kind` label of the tokens counter, by index into [`RouteHandles::tokens`].
@@ -98,8 +127,8 @@ impl RouteHandles {
             .get_or_create(&Outcome {
                 model: self.labels.model.clone(),
                 provider: self.labels.provider.clone(),
-                endpoint: endpoint.to_string(),
-                status: status.to_string(),
+                endpoint: Lv::new(endpoint),
+                status: Lv::new(status),
             })
             .clone();
         let mut outcomes = self.outcomes.write();
@@ -137,6 +166,8 @@ pub struct Metrics {
     log_queue: Gauge,
     routes: RwLock<RouteMap>,
     attempt_handles: RwLock<AttemptMap>,
+    /// The deployments whose gauges are exposed (see [`Metrics::deployment_states`]).
+    deployments_shown: parking_lot::Mutex<HashSet<DeploymentLabels>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -228,6 +259,7 @@ impl Metrics {
             ttft,
             routes: RwLock::default(),
             attempt_handles: RwLock::default(),
+            deployments_shown: parking_lot::Mutex::default(),
         }
     }
 
@@ -245,9 +277,9 @@ impl Metrics {
         if let Some(code) = &rec.error_code {
             self.errors
                 .get_or_create(&ErrorLabels {
-                    model: model.to_string(),
-                    provider: provider.to_string(),
-                    code: code.clone(),
+                    model: Lv::new(model),
+                    provider: Lv::new(provider),
+                    code: Lv::new(code),
                 })
                 .inc();
         }
@@ -260,9 +292,9 @@ impl Metrics {
                     .get_or_init(|| {
                         self.tokens
                             .get_or_create(&TokenLabels {
-                                model: model.to_string(),
-                                provider: provider.to_string(),
-                                kind: TOKEN_KINDS[i].to_string(),
+                                model: Lv::new(model),
+                                provider: Lv::new(provider),
+                                kind: Lv::new(TOKEN_KINDS[i]),
                             })
                             .clone()
                     })
@@ -296,8 +328,8 @@ impl Metrics {
             return Arc::clone(h);
         }
         let labels = Route {
-            model: model.to_string(),
-            provider: provider.to_string(),
+            model: Lv::new(model),
+            provider: Lv::new(provider),
         };
         let made = Arc::new(RouteHandles {
             latency: self.latency.get_or_create(&labels).clone(),
@@ -333,9 +365,9 @@ impl Metrics {
         let c = self
             .attempts
             .get_or_create(&AttemptLabels {
-                model: group.to_string(),
-                deployment: deployment.to_string(),
-                outcome: outcome.to_string(),
+                model: Lv::new(group),
+                deployment: Lv::new(deployment),
+                outcome: Lv::new(outcome),
             })
             .clone();
         let mut handles = self.attempt_handles.write();
@@ -350,16 +382,32 @@ impl Metrics {
         c
     }
 
-    /// Sets a deployment's breaker-state and in-flight gauges.
-    pub fn deployment_state(&self, model: &str, deployment: &str, breaker: i64, in_flight: u32) {
-        let labels = DeploymentLabels {
-            model: model.to_string(),
-            deployment: deployment.to_string(),
-        };
-        self.breaker.get_or_create(&labels).set(breaker);
-        self.in_flight
-            .get_or_create(&labels)
-            .set(i64::from(in_flight));
+    /// Sets the breaker-state and in-flight gauges of every deployment configured now, given as
+    /// (model group, deployment id, breaker gauge value, requests in flight), and drops the
+    /// series of deployments no longer configured (after a reload), so that a removed
+    /// deployment's open breaker does not stay exposed.
+    pub fn deployment_states<'a>(
+        &self,
+        states: impl IntoIterator<Item = (&'a str, &'a str, i64, u32)>,
+    ) {
+        let mut shown = self.deployments_shown.lock();
+        let mut now = HashSet::with_capacity(shown.len());
+        for (model, deployment, breaker, in_flight) in states {
+            let labels = DeploymentLabels {
+                model: Lv::new(model),
+                deployment: Lv::new(deployment),
+            };
+            self.breaker.get_or_create(&labels).set(breaker);
+            self.in_flight
+                .get_or_create(&labels)
+                .set(i64::from(in_flight));
+            now.insert(labels);
+        }
+        for gone in shown.difference(&now) {
+            self.breaker.remove(gone);
+            self.in_flight.remove(gone);
+        }
+        *shown = now;
     }
 
     /// How many request records wait for the log writer.
@@ -413,5 +461,49 @@ mod tests {
         // Series never used are not exposed.
         assert!(!text.contains(r#"kind="prompt""#), "{text}");
         assert!(!text.contains("secret-name"), "{text}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        let mut r = record("fast \"v2\"\\x\ny", RecordStatus::Ok, 1);
+        r.provider = Some("p".into());
+        m.observe(&r, true);
+        m.deployment_states([("a\"b", "up/m\\1", 1, 0)]);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"sluice_requests_total{model="fast \"v2\"\\x\ny",provider="p","#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"sluice_deployment_breaker_state{model="a\"b",deployment="up/m\\1"} 1"#
+            ),
+            "{text}"
+        );
+        // Every sample line is one line with balanced quotes.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let unescaped_quotes = line
+                .replace("\\\\", "")
+                .replace("\\\"", "")
+                .matches('"')
+                .count();
+            assert_eq!(unescaped_quotes % 2, 0, "{line}");
+        }
+    }
+
+    #[test]
+    fn gauges_of_deployments_gone_are_dropped() {
+        let m = Metrics::new();
+        m.deployment_states([("g", "up/a", 1, 2), ("g", "up/b", 0, 0)]);
+        let text = m.encode();
+        assert!(text.contains(r#"sluice_deployment_breaker_state{model="g",deployment="up/a"} 1"#));
+        assert!(text.contains(r#"sluice_deployment_in_flight{model="g",deployment="up/a"} 2"#));
+        // Reloaded without up/a.
+        m.deployment_states([("g", "up/b", 2, 1)]);
+        let text = m.encode();
+        assert!(!text.contains("up/a"), "{text}");
+        assert!(text.contains(r#"sluice_deployment_breaker_state{model="g",deployment="up/b"} 2"#));
+        assert!(text.contains(r#"sluice_deployment_in_flight{model="g",deployment="up/b"} 1"#));
     }
 }

@@ -93,6 +93,13 @@ impl Gemini {
     }
 }
 
+/// Whether a stream event finishes the answer: a candidate has a `finishReason`, or the prompt
+/// was blocked (`promptFeedback.blockReason`, no candidates: nothing more comes).
+fn ends_stream(resp: &GenerateContentResponse) -> bool {
+    resp.candidates.iter().any(|c| c.finish_reason.is_some())
+        || (resp.candidates.is_empty() && resp.block_reason().is_some())
+}
+
 fn translate(req: &ChatRequest) -> Result<wire::GenerateContentRequest, ProviderError> {
     wire::request_from_openai(req).map_err(|e| ProviderError::Unsupported(e.0))
 }
@@ -149,7 +156,7 @@ impl ChatProvider for Gemini {
                             )))
                         }
                         Ok(resp) => {
-                            if resp.candidates.iter().any(|c| c.finish_reason.is_some()) {
+                            if ends_stream(&resp) {
                                 finished = true;
                             }
                             dec.on_response(resp).map_err(|e| {
@@ -168,5 +175,48 @@ impl ChatProvider for Gemini {
                 Err(e) => vec![Err(e)],
             })
         })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_whose_prompt_is_blocked_ends_with_its_usage() {
+        let event = r#"{"promptFeedback":{"blockReason":"SAFETY"},"usageMetadata":{"promptTokenCount":9,"totalTokenCount":9},"responseId":"blk-1"}"#;
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: {event}\r\n\r\n"
+        );
+        let (addr, _seen) = crate::http::tests::server(Box::leak(response.into_boxed_str())).await;
+        let base = format!("http://{addr}");
+        let cfg: GeminiConfig =
+            serde_json::from_value(serde_json::json!({"base_url": base, "api_key": "k"})).unwrap();
+        let provider = Gemini::new(&cfg).unwrap();
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "gemini-2.5-flash",
+            "messages": [{"role": "user", "content": "something blocked"}],
+            "stream": true,
+            "stream_options": {"include_usage": true}
+        }))
+        .unwrap();
+        let items: Vec<_> = provider.chat_stream(&req).await.unwrap().collect().await;
+        let chunks: Vec<_> = items
+            .into_iter()
+            .map(|i| i.unwrap_or_else(|e| panic!("the stream failed: {e}")))
+            .collect();
+        assert!(
+            chunks.iter().any(|c| c
+                .choices
+                .iter()
+                .any(|ch| ch.finish_reason.as_deref() == Some("content_filter"))),
+            "{chunks:?}"
+        );
+        let usage = chunks
+            .iter()
+            .rev()
+            .find_map(|c| c.usage.clone())
+            .expect("usage");
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (9, 0));
     }
 }

@@ -646,7 +646,7 @@ pub fn sse_events(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -692,7 +692,9 @@ mod tests {
 
     /// A server that answers every connection's first request with `response` and reports the
     /// request it read.
-    async fn server(response: &'static str) -> (String, mpsc::UnboundedReceiver<String>) {
+    pub(crate) async fn server(
+        response: &'static str,
+    ) -> (String, mpsc::UnboundedReceiver<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();

@@ -454,10 +454,13 @@ async fn admin_auth(State(state): State<SharedState>, mut req: Request, next: Ne
 
 async fn metrics(State(state): State<SharedState>) -> Response {
     state.gateway.refresh_gauges();
+    // The body is OpenMetrics text (`# EOF`, counters typed by their family name with samples
+    // named `…_total`), so it is labelled as such: a scraper reading it as the classic text format
+    // would take every counter for untyped.
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         state.gateway.metrics().encode(),
     )

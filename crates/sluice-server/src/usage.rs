@@ -61,15 +61,20 @@ pub fn parse_group_by(s: &str) -> Result<Vec<UsageDim>, String> {
 impl UsageParams {
     /// The store query these parameters ask for.
     pub fn to_query(&self, now: DateTime<Utc>) -> Result<UsageQuery, Error> {
-        let since = match &self.since {
-            Some(s) => parse_since(s, now).map_err(|e| Error::invalid(e).with_param("since"))?,
-            None => month_start(now),
-        };
         let until = match &self.until {
             Some(s) => {
                 Some(parse_since(s, now).map_err(|e| Error::invalid(e).with_param("until"))?)
             }
             None => None,
+        };
+        let since = match &self.since {
+            Some(s) => parse_since(s, now).map_err(|e| Error::invalid(e).with_param("since"))?,
+            // The month `until` falls in (the month before, when it is a month's first
+            // instant); this month without `until`.
+            None => match until {
+                Some(u) => month_start(u - chrono::TimeDelta::microseconds(1)),
+                None => month_start(now),
+            },
         };
         if until.is_some_and(|u| u <= since) {
             return Err(Error::invalid("`until` must be after `since`").with_param("until"));
@@ -239,5 +244,18 @@ mod tests {
             bad.to_query(now).unwrap_err().param.as_deref(),
             Some("until")
         );
+        // `until` alone: the month it falls in, not an empty range before this month.
+        let until = |u: &str| {
+            let q = UsageParams {
+                until: Some(u.into()),
+                ..UsageParams::default()
+            }
+            .to_query(now)
+            .unwrap();
+            q.since.unwrap().to_rfc3339()
+        };
+        assert_eq!(until("2026-03-10T00:00:00Z"), "2026-03-01T00:00:00+00:00");
+        assert_eq!(until("2026-03-01T00:00:00Z"), "2026-02-01T00:00:00+00:00");
+        assert_eq!(until("40d"), "2026-11-01T00:00:00+00:00");
     }
 }

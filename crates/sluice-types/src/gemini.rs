@@ -254,6 +254,14 @@ pub struct GenerationConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub response_schema: Option<Value>,
+    /// The same as JSON Schema: what an OpenAI `json_schema` response format is sent as.
+    /// Exclusive with `responseSchema`.
+    #[serde(
+        default,
+        alias = "response_json_schema",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub response_json_schema: Option<Value>,
     #[serde(
         default,
         alias = "presence_penalty",
@@ -296,9 +304,18 @@ pub struct FunctionDeclaration {
     /// What the function does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
-    /// The arguments' schema.
+    /// The arguments' schema in Gemini's OpenAPI subset (`Schema`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Value>,
+    /// The arguments' schema as JSON Schema (`additionalProperties`, `anyOf`, `$ref`…): what an
+    /// OpenAI tool's `parameters` are sent as. Exclusive with `parameters`.
+    #[serde(
+        default,
+        rename = "parametersJsonSchema",
+        alias = "parameters_json_schema",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub parameters_json_schema: Option<Value>,
     /// Fields this struct does not name.
     #[serde(flatten)]
     pub extra: Extra,
@@ -792,7 +809,10 @@ fn tools_from_openai(req: &ChatRequest) -> Result<Option<Vec<GeminiTool>>, Trans
         declarations.push(FunctionDeclaration {
             name: tool.function.name.clone(),
             description: tool.function.description.clone(),
-            parameters: tool
+            parameters: None,
+            // OpenAI's parameters are JSON Schema (strict mode puts `additionalProperties:
+            // false` on every object), which Gemini's `parameters` field refuses.
+            parameters_json_schema: tool
                 .function
                 .parameters
                 .clone()
@@ -806,8 +826,9 @@ fn tools_from_openai(req: &ChatRequest) -> Result<Option<Vec<GeminiTool>>, Trans
     }]))
 }
 
-/// `{"type": "object"}` with no properties: Gemini rejects an OBJECT schema without properties,
-/// and a function without parameters means the same.
+/// `{}`, or `{"type": "object"}` that admits no argument at all (no properties, no
+/// `additionalProperties` schema): a function without parameters, which Gemini takes as the
+/// field left out. An object with `additionalProperties` (a free-form map) is kept.
 fn is_empty_object_schema(schema: &Value) -> bool {
     let Some(obj) = schema.as_object() else {
         return false;
@@ -820,7 +841,10 @@ fn is_empty_object_schema(schema: &Value) -> bool {
         .get("properties")
         .and_then(Value::as_object)
         .is_none_or(Map::is_empty);
-    obj.is_empty() || (is_object && no_properties)
+    let no_map = obj
+        .get("additionalProperties")
+        .is_none_or(|a| *a == Value::Bool(false));
+    obj.is_empty() || (is_object && no_properties && no_map)
 }
 
 fn tool_config_from_openai(choice: &Value) -> Result<Option<ToolConfig>, TranslateError> {
@@ -882,7 +906,7 @@ fn generation_config_from_openai(req: &ChatRequest) -> Option<GenerationConfig> 
             Some("json_object") => gc.response_mime_type = Some("application/json".into()),
             Some("json_schema") => {
                 gc.response_mime_type = Some("application/json".into());
-                gc.response_schema = rf
+                gc.response_json_schema = rf
                     .get("json_schema")
                     .and_then(|j| j.get("schema"))
                     .filter(|s| !s.is_null())
@@ -1267,14 +1291,14 @@ mod tests {
                 "name": "get_weather",
                 "description": "Current weather for a city",
                 "strict": true,
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"]}
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"], "additionalProperties": false}
             }}, {"type": "function", "function": {
                 "name": "now",
-                "parameters": {"type": "object", "properties": {}}
+                "parameters": {"type": "object", "properties": {}, "additionalProperties": false}
             }}],
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
             "response_format": {"type": "json_schema", "json_schema": {"name": "summary", "strict": true, "schema": {
-                "type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]
+                "type": "object", "properties": {"summary": {"type": ["string", "null"]}}, "required": ["summary"], "additionalProperties": false
             }}},
             "temperature": 0.2,
             "top_p": 0.9,
@@ -1315,7 +1339,7 @@ mod tests {
             ],
             "tools": [{"functionDeclarations": [
                 {"name": "get_weather", "description": "Current weather for a city",
-                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"]}},
+                 "parametersJsonSchema": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"], "additionalProperties": false}},
                 {"name": "now"}
             ]}],
             "toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}},
@@ -1328,7 +1352,7 @@ mod tests {
                 "candidateCount": 1,
                 "seed": 7,
                 "responseMimeType": "application/json",
-                "responseSchema": {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}
+                "responseJsonSchema": {"type": "object", "properties": {"summary": {"type": ["string", "null"]}}, "required": ["summary"], "additionalProperties": false}
             }
         });
         assert_eq!(got, want);
@@ -1336,6 +1360,33 @@ mod tests {
         // The wire shape parses back to the same value.
         let back: GenerateContentRequest = serde_json::from_value(got).unwrap();
         assert_eq!(back, out);
+    }
+
+    #[test]
+    fn tool_schemas_go_as_json_schema_and_only_argumentless_ones_are_left_out() {
+        let params = |schema: Value| {
+            let req = chat(json!({
+                "model": "m",
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+            }));
+            let out = request_from_openai(&req).unwrap();
+            let tools = out.tools.unwrap();
+            let d = &tools[0].function_declarations[0];
+            assert_eq!(d.parameters, None);
+            d.parameters_json_schema.clone()
+        };
+        assert_eq!(params(json!({})), None);
+        assert_eq!(params(json!({"type": "object"})), None);
+        assert_eq!(
+            params(json!({"type": "object", "properties": {}, "additionalProperties": false})),
+            None
+        );
+        // A free-form map takes arguments.
+        let map = json!({"type": "object", "additionalProperties": {"type": "number"}});
+        assert_eq!(params(map.clone()), Some(map));
+        let any = json!({"type": "object", "additionalProperties": true});
+        assert_eq!(params(any.clone()), Some(any));
     }
 
     #[test]
@@ -1357,6 +1408,7 @@ mod tests {
             let gc = out.generation_config.unwrap();
             assert_eq!(gc.response_mime_type.as_deref(), Some("application/json"));
             assert_eq!(gc.response_schema, None);
+            assert_eq!(gc.response_json_schema, None);
         }
         let err = request_from_openai(&base(json!("sometimes"))).unwrap_err();
         assert!(err.0.contains("sometimes"), "{err}");

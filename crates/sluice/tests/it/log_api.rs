@@ -114,14 +114,14 @@ async fn metrics_count_requests_tokens_cost_and_latency() {
         .await
         .unwrap();
     let _ = r.text().await;
-    let m = http
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = http.get(s.url("/metrics")).send().await.unwrap();
+    // OpenMetrics, labelled as such.
+    assert_eq!(
+        m.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let m = m.text().await.unwrap();
+    assert!(m.ends_with("# EOF\n"), "{m}");
     let has = |needle: &str| assert!(m.contains(needle), "missing `{needle}` in\n{m}");
     has(
         r#"sluice_requests_total{model="priced",provider="mock",endpoint="chat.completions",status="ok"} 2"#,
