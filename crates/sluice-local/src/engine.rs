@@ -444,6 +444,8 @@ impl Scheduler {
         if let Some(cut) = find_stop(&seq.text, &seq.stop, seq.sent) {
             seq.text.truncate(cut);
             seq.stop.clear();
+            // Bytes held back for an unfinished character come after the stop: dropped.
+            let _ = seq.detok.finish();
             return Some(FinishReason::Stop);
         }
         if seq.generated >= seq.max_tokens {
@@ -470,12 +472,7 @@ impl Scheduler {
 
     fn finish(&mut self, mut seq: Seq, reason: FinishReason) {
         self.reserved -= seq.reserved;
-        if !seq.stop.is_empty() || reason == FinishReason::Length {
-            seq.text.push_str(&seq.detok.finish());
-            if let Some(cut) = find_stop(&seq.text, &seq.stop, seq.sent) {
-                seq.text.truncate(cut);
-            }
-        }
+        close_text(&mut seq.text, &mut seq.detok, &seq.stop, seq.sent);
         if seq.text.len() > seq.sent {
             let _ = seq
                 .events
@@ -486,6 +483,16 @@ impl Scheduler {
             completion_tokens: seq.generated,
             finish_reason: reason,
         });
+    }
+}
+
+/// The end of a sequence's text: what the detokenizer still holds (an unfinished character at
+/// the end-of-sequence token becomes U+FFFD, as [`decode`](crate::llama::GgufTokenizer::decode)
+/// gives it), cut at a stop string that it completes.
+fn close_text(text: &mut String, detok: &mut StreamDetokenizer, stop: &[String], sent: usize) {
+    text.push_str(&detok.finish());
+    if let Some(cut) = find_stop(text, stop, sent) {
+        text.truncate(cut);
     }
 }
 
@@ -514,5 +521,30 @@ mod tests {
         assert_eq!(find_stop("hello END more", &stops, 6), Some(6));
         assert_eq!(find_stop("a\n\nb", &stops, 1), Some(1));
         assert_eq!(find_stop("héllo", &[], 0), None);
+    }
+
+    #[test]
+    fn an_unfinished_character_at_the_end_is_not_lost() {
+        let t = crate::llama::tokenizer::tests::tiny_spm();
+        let byte = |b: u8| t.token_to_id(&format!("<0x{b:02X}>")).unwrap();
+        // "a" then the first two bytes of 你 (E4 BD A0); the sequence ends there.
+        let mut detok = t.stream_detokenizer();
+        let mut text = String::new();
+        for id in [byte(b'a'), byte(0xE4), byte(0xBD)] {
+            if let Some(piece) = detok.push(id) {
+                text.push_str(&piece);
+            }
+        }
+        assert_eq!(text, "a");
+        close_text(&mut text, &mut detok, &[], 1);
+        let ids = [byte(b'a'), byte(0xE4), byte(0xBD)];
+        assert_eq!(text, t.decode(&ids).unwrap());
+        assert_eq!(text, "a\u{FFFD}");
+        // A stop string the flushed text completes still cuts it.
+        let mut detok = t.stream_detokenizer();
+        let mut text = "x".to_string();
+        detok.push(byte(0xE4));
+        close_text(&mut text, &mut detok, &["\u{FFFD}".to_string()], 1);
+        assert_eq!(text, "x");
     }
 }

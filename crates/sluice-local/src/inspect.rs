@@ -37,6 +37,14 @@ pub fn gguf_parameters(path: &Path) -> Result<u64, String> {
     Ok(content
         .tensor_infos
         .values()
-        .map(|i| i.shape.elem_count() as u64)
-        .sum())
+        .map(|i| element_count(i.shape.dims()))
+        .fold(0, u64::saturating_add))
+}
+
+/// The number of elements of a tensor of these dimensions, saturating (a file may claim any
+/// dimensions, and the product must not overflow).
+pub(crate) fn element_count(dims: &[usize]) -> u64 {
+    dims.iter().fold(1u64, |n, &d| {
+        n.saturating_mul(u64::try_from(d).unwrap_or(u64::MAX))
+    })
 }

@@ -552,7 +552,9 @@ fn kv_cache_grows_in_chunks_and_respects_the_context() {
     assert!(grown.capacity() >= 300 && grown.capacity() % 256 == 0);
     let mut reserved = model.new_cache();
     reserved.reserve(300).unwrap();
-    assert_eq!(reserved.capacity(), 512);
+    // Exactly what was asked for: the engine accounts a sequence's KV memory by it.
+    assert_eq!(reserved.capacity(), 300);
+    assert_eq!(reserved.bytes(), 300 * reserved.bytes_per_token());
     model.prefill(&mut reserved, &long[..10]).unwrap();
     let no_growth = model.prefill(&mut reserved, &long[10..]).unwrap();
     assert_eq!(piecewise, no_growth);
@@ -626,6 +628,80 @@ fn load_errors_are_clear() {
     drop(f);
     let err = LlamaModel::load(&empty).unwrap_err();
     assert!(matches!(err, LocalError::InvalidModel(_)), "{err}");
+
+    // Absurd hyperparameters are refused before they size anything (they used to abort the
+    // process: a 2^62-wide head, a 2^40-wide embedding, 2^40 layers).
+    for (what, key, value) in [
+        ("head size", "llama.attention.key_length", 1u64 << 62),
+        ("width", "llama.embedding_length", 1 << 40),
+        ("layers", "llama.block_count", 1 << 40),
+    ] {
+        let path = dir
+            .path()
+            .join(format!("absurd-{}.gguf", what.replace(' ', "-")));
+        write_tiny_llama(&path, key, value);
+        let err = LlamaModel::load(&path).unwrap_err();
+        assert!(matches!(err, LocalError::InvalidModel(_)), "{what}: {err}");
+    }
+    // The same file with sane numbers gets past those checks (to the next missing tensor).
+    let sane = dir.path().join("sane.gguf");
+    write_tiny_llama(&sane, "llama.block_count", 1);
+    let err = LlamaModel::load(&sane).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("missing tensor output_norm.weight"),
+        "{err}"
+    );
+}
+
+/// A Llama GGUF with a one-token vocabulary, width 64, one head of 64, one layer, and only the
+/// embedding, the first query projection and the first norm as tensors; `key` is set to `value`.
+fn write_tiny_llama(path: &std::path::Path, key: &str, value: u64) {
+    use candle_core::DType;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let s = |v: &str| gguf_file::Value::String(v.into());
+    let mut md: Vec<(String, gguf_file::Value)> = vec![
+        ("general.architecture".into(), s("llama")),
+        ("tokenizer.ggml.model".into(), s("gpt2")),
+        (
+            "tokenizer.ggml.tokens".into(),
+            gguf_file::Value::Array(vec![s("a")]),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            gguf_file::Value::Array(vec![]),
+        ),
+        ("llama.block_count".into(), gguf_file::Value::U64(1)),
+        ("llama.embedding_length".into(), gguf_file::Value::U64(64)),
+        (
+            "llama.attention.head_count".into(),
+            gguf_file::Value::U64(1),
+        ),
+    ];
+    md.retain(|(k, _)| k != key);
+    md.push((key.into(), gguf_file::Value::U64(value)));
+    let zeros = |dims: &[usize]| {
+        QTensor::quantize(
+            &Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap()
+    };
+    let embed = zeros(&[1, 64]);
+    let q = zeros(&[64, 64]);
+    let norm = zeros(&[64]);
+    let mut f = std::fs::File::create(path).unwrap();
+    let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(
+        &mut f,
+        &md_refs,
+        &[
+            ("token_embd.weight", &embed),
+            ("blk.0.attn_q.weight", &q),
+            ("blk.0.attn_norm.weight", &norm),
+        ],
+    )
+    .unwrap();
 }
 
 #[test]

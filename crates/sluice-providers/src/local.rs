@@ -221,7 +221,7 @@ impl LocalChat {
             })?;
         let tokenizer = model.tokenizer();
         let tokens = tokenizer
-            .encode(&prompt, tokenizer.add_bos_token())
+            .encode_prompt(&prompt)
             .map_err(|e| ProviderError::Protocol(e.to_string()))?;
         let ctx = model.info().context_length;
         let max_tokens = match req.max_output_tokens() {
@@ -338,12 +338,7 @@ impl ChatProvider for LocalChat {
         let model = req.model.clone();
         let created = unix_now();
         let first = ChatCompletionChunk::role(&id, &model, created);
-        let events =
-            futures::stream::unfold(
-                rx,
-                |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) },
-            );
-        let chunks = events.flat_map(move |ev| {
+        let chunks = gen_events(rx).flat_map(move |ev| {
             let items: Vec<Result<ChatCompletionChunk, ProviderError>> = match ev {
                 GenEvent::Text(t) => vec![Ok(ChatCompletionChunk::text(&id, &model, created, t))],
                 GenEvent::Done {
@@ -370,6 +365,29 @@ impl ChatProvider for LocalChat {
         });
         Ok(Box::pin(futures::stream::iter([Ok(first)]).chain(chunks)))
     }
+}
+
+/// The engine's events for one request, ending after `Done` or `Error`. If the engine goes away
+/// before either (its thread died), the stream ends with an error rather than quietly, as if the
+/// answer were complete.
+fn gen_events(
+    rx: tokio::sync::mpsc::UnboundedReceiver<GenEvent>,
+) -> impl futures::Stream<Item = GenEvent> {
+    futures::stream::unfold((rx, false), |(mut rx, over)| async move {
+        if over {
+            return None;
+        }
+        match rx.recv().await {
+            Some(ev) => {
+                let last = matches!(ev, GenEvent::Done { .. } | GenEvent::Error(_));
+                Some((ev, (rx, last)))
+            }
+            None => Some((
+                GenEvent::Error("the local model engine stopped mid-generation".into()),
+                (rx, true),
+            )),
+        }
+    })
 }
 
 /// A local sentence-embedding model.
@@ -448,6 +466,28 @@ impl ChatProvider for LocalEmbeddings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_generation_the_engine_drops_ends_with_an_error() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(GenEvent::Text("par".into())).unwrap();
+        drop(tx);
+        let events: Vec<GenEvent> = gen_events(rx).collect().await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(matches!(&events[0], GenEvent::Text(t) if t == "par"));
+        assert!(matches!(&events[1], GenEvent::Error(e) if e.contains("stopped")));
+        // A finished one ends at its `Done`.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(GenEvent::Done {
+            prompt_tokens: 3,
+            completion_tokens: 1,
+            finish_reason: sluice_local::engine::FinishReason::Stop,
+        })
+        .unwrap();
+        drop(tx);
+        let events: Vec<GenEvent> = gen_events(rx).collect().await;
+        assert_eq!(events.len(), 1, "{events:?}");
+    }
 
     #[test]
     fn auto_weights_by_model_size() {

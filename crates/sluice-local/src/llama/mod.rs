@@ -49,7 +49,7 @@ mod model;
 pub(crate) mod q8;
 mod sampler;
 mod template;
-mod tokenizer;
+pub(crate) mod tokenizer;
 
 pub use error::LocalError;
 pub use model::{Batch, KvCache, LlamaModel, LoadOptions, ModelInfo, WeightFormat, Workspace};

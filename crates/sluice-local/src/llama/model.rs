@@ -431,8 +431,9 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    /// Preallocates room for `positions` positions in total (e.g. prompt
-    /// plus `max_tokens`), so the buffers do not grow during generation.
+    /// Preallocates room for exactly `positions` positions in total (e.g.
+    /// prompt plus `max_tokens`), so the buffers do not grow during generation
+    /// and hold no more than that: a batch's KV memory is what it accounted.
     pub fn reserve(&mut self, positions: usize) -> Result<(), LocalError> {
         if positions > self.max_len {
             return Err(LocalError::ContextOverflow {
@@ -440,7 +441,9 @@ impl KvCache {
                 limit: self.max_len,
             });
         }
-        self.grow_to(positions);
+        if positions > self.capacity {
+            self.resize_to(positions);
+        }
         Ok(())
     }
 
@@ -460,6 +463,11 @@ impl KvCache {
             .saturating_mul(CACHE_CHUNK)
             .min(self.max_len)
             .max(needed);
+        self.resize_to(new_cap);
+    }
+
+    /// Sets the buffers' room to `new_cap` positions, keeping the ones held.
+    fn resize_to(&mut self, new_cap: usize) {
         let len = new_cap * self.kv_dim();
         if self.layers.is_empty() {
             self.layers = (0..self.n_layer)
@@ -676,6 +684,35 @@ impl LlamaModel {
                 "key length {head_dim} and value length {v} differ"
             )));
         }
+        // The file's numbers may be anything: before they size a single allocation, they are
+        // checked against the shapes of the tensors the file holds (which are bounded by its
+        // size): the width against the embedding, the heads against the first query projection,
+        // and each layer must have its tensors.
+        let dims_of = |name: &str| -> Result<Vec<usize>, LocalError> {
+            content
+                .tensor_infos
+                .get(name)
+                .map(|i| i.shape.dims().to_vec())
+                .ok_or_else(|| LocalError::InvalidModel(format!("missing tensor {name}")))
+        };
+        let embed_dims = dims_of("token_embd.weight")?;
+        if embed_dims.len() != 2 || embed_dims[1] != hidden {
+            return Err(LocalError::InvalidModel(format!(
+                "tensor token_embd.weight has shape {embed_dims:?}, expected [vocabulary, {hidden}]"
+            )));
+        }
+        let q_dims = dims_of("blk.0.attn_q.weight")?;
+        if n_head
+            .checked_mul(head_dim)
+            .is_none_or(|q| q_dims != [q, hidden])
+        {
+            return Err(LocalError::InvalidModel(format!(
+                "tensor blk.0.attn_q.weight has shape {q_dims:?}, expected [{n_head} heads × {head_dim}, {hidden}]"
+            )));
+        }
+        for l in 0..n_layer {
+            dims_of(&format!("blk.{l}.attn_norm.weight"))?;
+        }
         let rope_dim = md.usize(&key("rope.dimension_count"))?.unwrap_or(head_dim);
         if rope_dim != head_dim {
             return Err(LocalError::InvalidModel(format!(
@@ -823,8 +860,8 @@ impl LlamaModel {
         let parameters = content
             .tensor_infos
             .values()
-            .map(|i| i.shape.elem_count() as u64)
-            .sum();
+            .map(|i| crate::inspect::element_count(i.shape.dims()))
+            .fold(0u64, u64::saturating_add);
         let name = match md.string("general.name")? {
             Some(n) if !n.trim().is_empty() => n.to_string(),
             _ => path
@@ -1412,9 +1449,9 @@ fn dominant_weight_type(content: &gguf_file::Content) -> String {
         if info.shape.rank() != 2 {
             continue;
         }
-        let n = info.shape.elem_count() as u64;
+        let n = crate::inspect::element_count(info.shape.dims());
         match counts.iter_mut().find(|(t, _)| *t == info.ggml_dtype) {
-            Some(c) => c.1 += n,
+            Some(c) => c.1 = c.1.saturating_add(n),
             None => counts.push((info.ggml_dtype, n)),
         }
     }

@@ -277,6 +277,23 @@ impl GgufTokenizer {
         Ok(out)
     }
 
+    /// Encodes a rendered chat prompt as the model expects it: with the BOS token first when the
+    /// model asks for one ([`Self::add_bos_token`]), unless the text already starts with it (a
+    /// chat template that writes `{{ bos_token }}`, as Llama 3's and Mistral's do), so that the
+    /// prompt never starts with two.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, LocalError> {
+        let mut ids = self.encode(text, self.add_bos)?;
+        if self.add_bos
+            && let Some(bos) = self.bos
+            && ids.len() >= 2
+            && ids[0] == bos
+            && ids[1] == bos
+        {
+            ids.remove(0);
+        }
+        Ok(ids)
+    }
+
     /// Decodes token ids into text, special tokens included. Byte sequences
     /// that are not valid UTF-8 become U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> Result<String, LocalError> {
@@ -619,7 +636,7 @@ fn from_values(values: Vec<(&str, Value)>) -> Result<GgufTokenizer, LocalError> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn strings(items: &[&str]) -> Value {
@@ -637,7 +654,7 @@ mod tests {
 
     /// A tiny SentencePiece vocabulary: `<unk> <s> </s>`, the 256 byte
     /// tokens, then a few pieces with scores.
-    fn tiny_spm() -> GgufTokenizer {
+    pub(crate) fn tiny_spm() -> GgufTokenizer {
         let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
         let mut types = vec![
             Value::I32(TYPE_UNKNOWN as i32),
@@ -692,6 +709,23 @@ mod tests {
         let ids = t.encode("hello world", false).unwrap();
         let text: String = ids.iter().filter_map(|&i| s.push(i)).collect();
         assert_eq!(text + &s.finish(), "hello world");
+    }
+
+    #[test]
+    fn a_prompt_gets_one_bos_whether_or_not_the_template_wrote_it() {
+        let t = tiny_spm();
+        let bos = t.bos_token_id().unwrap();
+        let ids = t.encode_prompt("hello").unwrap();
+        assert_eq!(ids[0], bos);
+        assert_ne!(ids[1], bos);
+        // `{{ bos_token }}hello`: the template's BOS is the one.
+        let from_template = t.encode_prompt("<s>hello").unwrap();
+        assert_eq!(from_template, ids);
+        // A model that wants none gets none added.
+        let mut none = tiny_spm();
+        none.add_bos = false;
+        assert_ne!(none.encode_prompt("hello").unwrap()[0], bos);
+        assert_eq!(none.encode_prompt("<s>hello").unwrap(), ids);
     }
 
     #[test]
