@@ -185,6 +185,20 @@ fn engine_error(e: EngineError) -> ProviderError {
 }
 
 impl LocalChat {
+    /// [`prepare`](Self::prepare) on the blocking pool: rendering the template and tokenizing a
+    /// prompt of megabytes takes CPU time that would stall every request sharing the async
+    /// worker it ran on.
+    async fn prepare_off_runtime(&self, req: &ChatRequest) -> Result<GenRequest, ProviderError> {
+        let this = LocalChat {
+            engine: self.engine.clone(),
+            default_max_tokens: self.default_max_tokens,
+        };
+        let req = req.clone();
+        tokio::task::spawn_blocking(move || this.prepare(&req))
+            .await
+            .map_err(|e| ProviderError::Connect(format!("preparing the prompt failed: {e}")))?
+    }
+
     /// The prompt tokens and generation settings for a request.
     fn prepare(&self, req: &ChatRequest) -> Result<GenRequest, ProviderError> {
         if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -285,7 +299,7 @@ impl ChatProvider for LocalChat {
     }
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
-        let gen_req = self.prepare(req)?;
+        let gen_req = self.prepare_off_runtime(req).await?;
         let mut rx = self.engine.submit(gen_req).map_err(engine_error)?;
         let mut text = String::new();
         while let Some(ev) = rx.recv().await {
@@ -332,7 +346,7 @@ impl ChatProvider for LocalChat {
     }
 
     async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
-        let gen_req = self.prepare(req)?;
+        let gen_req = self.prepare_off_runtime(req).await?;
         let rx = self.engine.submit(gen_req).map_err(engine_error)?;
         let id = completion_id();
         let model = req.model.clone();
