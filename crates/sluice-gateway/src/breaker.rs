@@ -5,10 +5,10 @@
 //! after a run of consecutive failures. Open, it rejects every request until its cooldown has
 //! passed; then it is half-open and lets a few trial requests ("probes") through: enough
 //! successful probes close it with a fresh window, a failed probe opens it again. Each probe
-//! carries a [`Probe`] ticket naming its half-open period: a request cancelled mid-call gives its
-//! slot back at once, one whose outcome never comes frees it after the cooldown (so the breaker
-//! cannot get stuck half-open), and an answer that arrives after its period ended (the breaker
-//! reopened meanwhile) does not count in a later one.
+//! holds a slot named by its [`Probe`] ticket: a call that taught nothing gives it back at once,
+//! one whose outcome never comes frees it after the cooldown (so the breaker cannot get stuck
+//! half-open), and only a ticket whose slot is still held counts: an answer that comes after its
+//! slot expired, or after the breaker reopened, says nothing about the deployment now.
 //!
 //! Every time-dependent method takes `now`; each call holds one short mutex section.
 
@@ -204,11 +204,10 @@ impl Admission {
     }
 }
 
-/// A half-open trial's ticket: which half-open period admitted it, and when.
+/// A half-open trial's ticket: the number of its slot, unique for the breaker's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Probe {
-    period: u64,
-    at: Instant,
+    id: u64,
 }
 
 /// A breaker's counters, for the admin API and logs.
@@ -246,12 +245,12 @@ struct Inner {
     phase: Phase,
     consecutive: u32,
     opened_times: u64,
-    /// When each probe in flight was admitted (half-open only).
-    probes: Vec<Instant>,
+    /// Each probe in flight (half-open only): its ticket number and when it was admitted.
+    probes: Vec<(u64, Instant)>,
     /// Successful probes since the breaker went half-open.
     probe_successes: u32,
-    /// How many times the breaker has gone half-open: a probe's ticket names the period.
-    period: u64,
+    /// The next probe's ticket number.
+    next_probe: u64,
 }
 
 impl Inner {
@@ -263,20 +262,22 @@ impl Inner {
             self.phase = Phase::HalfOpen;
             self.probes.clear();
             self.probe_successes = 0;
-            self.period = self.period.wrapping_add(1);
         }
     }
 
-    /// Frees the slot a probe of the current half-open period holds; whether it was one.
+    /// Frees the slot of probe `p`; whether it still held one (half-open, not expired, not
+    /// given back or reported already).
     fn take_slot(&mut self, p: Probe) -> bool {
-        if self.phase != Phase::HalfOpen || p.period != self.period {
+        if self.phase != Phase::HalfOpen {
             return false;
         }
-        // A slot gone already expired; the probe still belongs to this period.
-        if let Some(i) = self.probes.iter().position(|&at| at == p.at) {
-            self.probes.remove(i);
+        match self.probes.iter().position(|&(id, _)| id == p.id) {
+            Some(i) => {
+                self.probes.remove(i);
+                true
+            }
+            None => false,
         }
-        true
     }
 
     fn open(&mut self, now: Instant) {
@@ -332,7 +333,7 @@ impl Breaker {
                 opened_times: 0,
                 probes: Vec::with_capacity(probes.min(16) as usize),
                 probe_successes: 0,
-                period: 0,
+                next_probe: 0,
             }),
             cfg,
         }
@@ -362,13 +363,12 @@ impl Breaker {
                 let cooldown = self.cooldown;
                 inner
                     .probes
-                    .retain(|&at| now.saturating_duration_since(at) < cooldown);
+                    .retain(|&(_, at)| now.saturating_duration_since(at) < cooldown);
                 if inner.probes.len() < self.max_probes() {
-                    inner.probes.push(now);
-                    Admission::Probe(Probe {
-                        period: inner.period,
-                        at: now,
-                    })
+                    let id = inner.next_probe;
+                    inner.next_probe = id.wrapping_add(1);
+                    inner.probes.push((id, now));
+                    Admission::Probe(Probe { id })
                 } else {
                     Admission::Rejected
                 }
@@ -389,7 +389,7 @@ impl Breaker {
     /// `probe` is the ticket [`admit`](Self::admit) gave it, if it was a trial.
     ///
     /// Outcomes reported while open (late answers to requests sent before it opened) change
-    /// nothing; while half-open only the probes of the current half-open period count.
+    /// nothing; while half-open only probes whose slot is still held count.
     pub fn record(&self, now: Instant, success: bool, probe: Option<Probe>) {
         let mut inner = self.inner.lock();
         if !self.cfg.enabled {
@@ -708,7 +708,7 @@ mod tests {
         // Late answers from before it opened neither close nor extend it.
         b.record(t0 + secs(10), true, None);
         b.record(t0 + secs(10), false, None);
-        b.record(t0 + secs(10), true, Some(Probe { period: 0, at: t0 }));
+        b.record(t0 + secs(10), true, Some(Probe { id: 0 }));
         let s = b.snapshot(t0 + secs(10));
         assert_eq!(s.state, BreakerState::Open);
         assert_eq!(s.opened_times, 1);
@@ -748,12 +748,26 @@ mod tests {
         assert_eq!(b.admit(t), Admission::Rejected);
         b.release_probe(p);
         let again = probe(&b, t);
-        // Giving back twice frees nothing more.
+        assert_ne!(again, p, "tickets are unique, even at the same instant");
+        // Giving back twice frees nothing more: `again` keeps its slot.
         b.release_probe(p);
+        assert_eq!(b.admit(t), Admission::Rejected);
         b.release_probe(again);
         b.release_probe(again);
         let p = probe(&b, t);
         assert_eq!(b.admit(t), Admission::Rejected);
+        // A ticket reported twice counts once.
+        b.release_probe(p);
+        let (b2, t2) = breaker(BreakerConfig {
+            half_open_successes: 2,
+            ..BreakerConfig::default()
+        });
+        open_it(&b2, t2);
+        let one = probe(&b2, t2 + secs(15));
+        b2.record(t2 + secs(15), true, Some(one));
+        b2.record(t2 + secs(15), true, Some(one));
+        assert_eq!(b2.state(t2 + secs(15)), BreakerState::HalfOpen);
+        let p = probe(&b, t);
         // Giving back while closed changes nothing.
         b.record(t, true, Some(p));
         assert_eq!(b.state(t), BreakerState::Closed);
@@ -792,7 +806,8 @@ mod tests {
         open_it(&b, t0);
         let t = t0 + secs(15);
         let slow = probe(&b, t);
-        // The slow probe's slot expires; a second probe fails and reopens the breaker.
+        // The slow probe's slot expires: its answer would no longer count. A second probe
+        // fails and reopens the breaker.
         let second = probe(&b, t + secs(15));
         b.record(t + secs(16), false, Some(second));
         assert_eq!(b.state(t + secs(16)), BreakerState::Open);
@@ -918,7 +933,7 @@ mod tests {
         assert_eq!(s.window_failures, 100);
         assert_eq!(s.opened_times, 0);
         assert!(Admission::Allowed.is_admitted());
-        assert!(Admission::Probe(Probe { period: 1, at: t0 }).is_admitted());
+        assert!(Admission::Probe(Probe { id: 1 }).is_admitted());
         assert!(!Admission::Rejected.is_admitted());
     }
 

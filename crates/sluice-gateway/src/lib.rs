@@ -416,19 +416,23 @@ impl Gateway {
     /// queue.
     pub fn refresh_gauges(&self) {
         self.metrics.log_queue(self.sink.queued());
-        let router = self.router();
-        let now = Instant::now();
-        self.metrics
-            .deployment_states(router.groups().flat_map(|g| {
-                g.deployments.iter().map(move |d| {
-                    (
-                        g.name.as_str(),
-                        d.dep.id.as_str(),
-                        d.breaker_state(now).gauge(),
-                        d.in_flight(),
-                    )
+        self.metrics.deployment_states(|| {
+            let router = self.router();
+            let now = Instant::now();
+            router
+                .groups()
+                .flat_map(|g| {
+                    g.deployments.iter().map(move |d| {
+                        (
+                            g.name.clone(),
+                            d.dep.id.clone(),
+                            d.breaker_state(now).gauge(),
+                            d.in_flight(),
+                        )
+                    })
                 })
-            }));
+                .collect()
+        });
     }
 
     fn finisher(&self, router: &Router, ctx: RequestContext) -> Finisher {
@@ -1012,6 +1016,7 @@ impl Gateway {
                     call,
                     dep: &dep,
                     probe,
+                    started,
                     armed: true,
                 };
                 let result = call.call(group, &dep).await;
@@ -1096,13 +1101,15 @@ trait Call<T>: Sync {
 
 /// A provider call under way. Dropped while armed, the request went away mid-call: the prompt
 /// was sent, so the record is charged for it (the provider bills it) before it closes as
-/// cancelled, and a half-open probe's slot is given back (the call showed nothing about the
-/// deployment, and the next request may try it at once).
+/// cancelled. A half-open probe cancelled within the deployment's usual time showed nothing
+/// about it, and its slot is given back for the next request; one cancelled later keeps its slot
+/// until the cooldown (see [`DeploymentState::probe_patience`]).
 struct OpenAttempt<'a, T> {
     fin: &'a mut Finisher,
     call: &'a dyn Call<T>,
     dep: &'a DeploymentState,
     probe: Option<breaker::Probe>,
+    started: Instant,
     armed: bool,
 }
 
@@ -1111,7 +1118,9 @@ impl<T> Drop for OpenAttempt<'_, T> {
         if self.armed {
             let tokens = self.call.prompt_estimate();
             self.fin.charge_prompt(tokens, self.dep.dep.price);
-            self.dep.release_probe(self.probe);
+            if self.started.elapsed() < self.dep.probe_patience() {
+                self.dep.release_probe(self.probe);
+            }
         }
     }
 }

@@ -382,17 +382,18 @@ impl Metrics {
         c
     }
 
-    /// Sets the breaker-state and in-flight gauges of every deployment configured now, given as
-    /// (model group, deployment id, breaker gauge value, requests in flight), and drops the
-    /// series of deployments no longer configured (after a reload), so that a removed
-    /// deployment's open breaker does not stay exposed.
-    pub fn deployment_states<'a>(
-        &self,
-        states: impl IntoIterator<Item = (&'a str, &'a str, i64, u32)>,
-    ) {
+    /// Sets the breaker-state and in-flight gauges of every deployment configured now, given by
+    /// `states` as (model group, deployment id, breaker gauge value, requests in flight), and
+    /// drops the series of deployments no longer configured (after a reload), so that a removed
+    /// deployment's open breaker does not stay exposed. `states` is read while concurrent
+    /// refreshes wait, so that one that read an older configuration cannot bring its
+    /// deployments back after a newer one dropped them.
+    pub fn deployment_states(&self, states: impl FnOnce() -> Vec<(String, String, i64, u32)>) {
         let mut shown = self.deployments_shown.lock();
+        let states = states();
         let mut now = HashSet::with_capacity(shown.len());
         for (model, deployment, breaker, in_flight) in states {
+            let (model, deployment) = (model.as_str(), deployment.as_str());
             let labels = DeploymentLabels {
                 model: Lv::new(model),
                 deployment: Lv::new(deployment),
@@ -469,7 +470,7 @@ mod tests {
         let mut r = record("fast \"v2\"\\x\ny", RecordStatus::Ok, 1);
         r.provider = Some("p".into());
         m.observe(&r, true);
-        m.deployment_states([("a\"b", "up/m\\1", 1, 0)]);
+        m.deployment_states(|| vec![("a\"b".into(), "up/m\\1".into(), 1, 0)]);
         let text = m.encode();
         assert!(
             text.contains(r#"sluice_requests_total{model="fast \"v2\"\\x\ny",provider="p","#),
@@ -495,12 +496,17 @@ mod tests {
     #[test]
     fn gauges_of_deployments_gone_are_dropped() {
         let m = Metrics::new();
-        m.deployment_states([("g", "up/a", 1, 2), ("g", "up/b", 0, 0)]);
+        m.deployment_states(|| {
+            vec![
+                ("g".into(), "up/a".into(), 1, 2),
+                ("g".into(), "up/b".into(), 0, 0),
+            ]
+        });
         let text = m.encode();
         assert!(text.contains(r#"sluice_deployment_breaker_state{model="g",deployment="up/a"} 1"#));
         assert!(text.contains(r#"sluice_deployment_in_flight{model="g",deployment="up/a"} 2"#));
         // Reloaded without up/a.
-        m.deployment_states([("g", "up/b", 2, 1)]);
+        m.deployment_states(|| vec![("g".into(), "up/b".into(), 2, 1)]);
         let text = m.encode();
         assert!(!text.contains("up/a"), "{text}");
         assert!(text.contains(r#"sluice_deployment_breaker_state{model="g",deployment="up/b"} 2"#));

@@ -523,6 +523,22 @@ impl DeploymentState {
         }
     }
 
+    /// How long a call may run and still be said to have taught nothing when its client leaves:
+    /// twice the deployment's usual latency, at least [`PROBE_PATIENCE_FLOOR`]. A trial cancelled
+    /// later than that may well be hanging: its slot stays taken until the cooldown, so that the
+    /// next requests are not sent to the same hang one after another.
+    pub fn probe_patience(&self) -> Duration {
+        let usual = self
+            .live
+            .latency
+            .get()
+            .filter(|ms| ms.is_finite() && *ms > 0.0)
+            .map_or(Duration::ZERO, |ms| {
+                Duration::from_secs_f64((2.0 * ms / 1000.0).min(3600.0))
+            });
+        usual.max(PROBE_PATIENCE_FLOOR)
+    }
+
     pub fn breaker_state(&self, now: Instant) -> BreakerState {
         self.live.breaker.state(now)
     }
@@ -616,6 +632,9 @@ impl std::fmt::Debug for Group {
             .finish_non_exhaustive()
     }
 }
+
+/// The least [`DeploymentState::probe_patience`].
+pub const PROBE_PATIENCE_FLOOR: Duration = Duration::from_secs(1);
 
 /// The outcome of choosing a deployment for one attempt.
 #[derive(Debug)]

@@ -654,8 +654,9 @@ fn load_errors_are_clear() {
     );
 }
 
-/// A Llama GGUF with a one-token vocabulary, width 64, one head of 64, one layer, and only the
-/// embedding, the first query projection and the first norm as tensors; `key` is set to `value`.
+/// A Llama GGUF with a one-token vocabulary, width 64, two heads of 16, one layer, and only the
+/// embedding, the first query projection (32 × 64: not square, so a transposed check would
+/// fail) and the first norm as tensors; `key` is set to `value`.
 fn write_tiny_llama(path: &std::path::Path, key: &str, value: u64) {
     use candle_core::DType;
     use candle_core::quantized::{GgmlDType, QTensor};
@@ -675,7 +676,11 @@ fn write_tiny_llama(path: &std::path::Path, key: &str, value: u64) {
         ("llama.embedding_length".into(), gguf_file::Value::U64(64)),
         (
             "llama.attention.head_count".into(),
-            gguf_file::Value::U64(1),
+            gguf_file::Value::U64(2),
+        ),
+        (
+            "llama.attention.key_length".into(),
+            gguf_file::Value::U64(16),
         ),
     ];
     md.retain(|(k, _)| k != key);
@@ -688,7 +693,7 @@ fn write_tiny_llama(path: &std::path::Path, key: &str, value: u64) {
         .unwrap()
     };
     let embed = zeros(&[1, 64]);
-    let q = zeros(&[64, 64]);
+    let q = zeros(&[32, 64]);
     let norm = zeros(&[64]);
     let mut f = std::fs::File::create(path).unwrap();
     let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();

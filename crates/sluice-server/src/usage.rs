@@ -17,7 +17,8 @@ use crate::error::ApiError;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsageParams {
-    /// RFC 3339 or a duration back from now (`7d`); default: the start of the current month.
+    /// RFC 3339 or a duration back from now (`7d`); default: the start of the current month, or
+    /// of the month `until` falls in.
     pub since: Option<String>,
     /// RFC 3339 or a duration back from now; default: now.
     pub until: Option<String>,
@@ -72,7 +73,10 @@ impl UsageParams {
             // The month `until` falls in (the month before, when it is a month's first
             // instant); this month without `until`.
             None => match until {
-                Some(u) => month_start(u - chrono::TimeDelta::microseconds(1)),
+                Some(u) => month_start(
+                    u.checked_sub_signed(chrono::TimeDelta::microseconds(1))
+                        .unwrap_or(u),
+                ),
                 None => month_start(now),
             },
         };

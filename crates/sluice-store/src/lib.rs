@@ -163,9 +163,9 @@ fn refuses_data(d: &dyn sqlx::error::DatabaseError) -> bool {
         return ["22", "23", "54"].iter().any(|c| code.starts_with(c));
     }
     // SQLite's (extended) result code; its low byte is the primary code: SQLITE_TOOBIG 18,
-    // SQLITE_CONSTRAINT 19, SQLITE_MISMATCH 20, SQLITE_RANGE 25.
+    // SQLITE_CONSTRAINT 19, SQLITE_MISMATCH 20.
     code.parse::<i64>()
-        .is_ok_and(|c| matches!(c & 0xff, 18 | 19 | 20 | 25))
+        .is_ok_and(|c| matches!(c & 0xff, 18..=20))
 }
 
 /// Opens (creating where needed) and migrates the store at `url`.

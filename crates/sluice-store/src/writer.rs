@@ -161,7 +161,17 @@ async fn write_batch(
             spill_or_lose(spill, batch, stats, false);
             return;
         }
-        if try_write(&**store, batch, spill, stats, 1, PROBE_TIMEOUT).await {
+        if try_write(
+            &**store,
+            batch,
+            spill,
+            stats,
+            1,
+            PROBE_TIMEOUT,
+            PROBE_TIMEOUT,
+        )
+        .await
+        {
             *outage = None;
             tracing::warn!("the store answers again; writing the spill file's records to it");
             let (store, path) = (store.clone(), spill.to_path_buf());
@@ -186,15 +196,25 @@ async fn write_batch(
         }
         return;
     }
-    if !try_write(&**store, batch, spill, stats, 6, ATTEMPT_TIMEOUT).await {
+    if !try_write(
+        &**store,
+        batch,
+        spill,
+        stats,
+        6,
+        ATTEMPT_TIMEOUT,
+        RETRY_BUDGET,
+    )
+    .await
+    {
         spill_or_lose(spill, batch, stats, true);
         *outage = Some(tokio::time::Instant::now());
     }
 }
 
 /// Tries to write a batch up to `attempts` times with backoff, each try bounded by `limit` and
-/// all of them by [`RETRY_BUDGET`]; whether it was written. Records the store refuses as data
-/// are set apart (see [`insert_isolating`]) and the batch counts as written.
+/// all of them by `budget`; whether it was written. Records the store refuses as data are set
+/// apart (see [`insert_isolating`]) and the batch counts as written.
 async fn try_write(
     store: &dyn LogStore,
     batch: &[RequestRecord],
@@ -202,12 +222,14 @@ async fn try_write(
     stats: &mut WriterStats,
     attempts: u32,
     limit: Duration,
+    budget: Duration,
 ) -> bool {
     let mut delay = Duration::from_millis(50);
     let first = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + budget;
     for attempt in 1..=attempts {
         let started = std::time::Instant::now();
-        match insert_isolating(store, batch, limit).await {
+        match insert_isolating(store, batch, limit, deadline).await {
             Ok(refused) => {
                 stats.written += (batch.len() - refused.len()) as u64;
                 stats.batches += 1;
@@ -228,7 +250,7 @@ async fn try_write(
             }
             Err(e) => {
                 tracing::warn!(attempt, records = batch.len(), error = %e, "writing request records failed");
-                if first.elapsed() >= RETRY_BUDGET {
+                if first.elapsed() >= budget {
                     break;
                 }
                 if attempt < attempts {
@@ -244,15 +266,18 @@ async fn try_write(
 /// A record the store refused, and its reason.
 type Refused<'a> = (&'a RequestRecord, String);
 
-/// Writes `batch`, each insert bounded by `limit`. When the store refuses the data
-/// ([`StoreError::Rejected`]), the batch is split in halves until each refused record stands
-/// alone, and the others are written; those are returned with the store's reason. Any other
-/// error (the store is down or busy) is returned as it is: a retry sends the whole batch again,
-/// and what was written meanwhile is not written twice.
+/// Writes `batch`, each insert bounded by `limit` and all of them by `deadline`. When the store
+/// refuses the data ([`StoreError::Rejected`]), the batch is split in halves until each refused
+/// record stands alone, and the others are written; those are returned with the store's reason.
+/// Any other error (the store is down or busy), running out of time, or every record of a batch
+/// of several refused (then the data is not the cause: a schema changed under the writer, say)
+/// is returned as an error: a retry sends the whole batch again, and what was written meanwhile
+/// is not written twice.
 pub async fn insert_isolating<'a>(
     store: &dyn LogStore,
     batch: &'a [RequestRecord],
     limit: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<Vec<Refused<'a>>, StoreError> {
     let mut refused = Vec::new();
     let mut todo = vec![batch];
@@ -260,6 +285,13 @@ pub async fn insert_isolating<'a>(
         if part.is_empty() {
             continue;
         }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(StoreError::Database(
+                "out of time for this batch while setting refused records apart".into(),
+            ));
+        }
+        let limit = limit.min(deadline - now);
         let result = match tokio::time::timeout(limit, store.insert_batch(part)).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Database(format!(
@@ -277,6 +309,12 @@ pub async fn insert_isolating<'a>(
             }
             Err(e) => return Err(e),
         }
+    }
+    if batch.len() > 1 && refused.len() == batch.len() {
+        return Err(StoreError::Rejected(format!(
+            "every record of the batch was refused: {}",
+            refused[0].1
+        )));
     }
     Ok(refused)
 }
@@ -426,7 +464,9 @@ async fn replay(
                 continue;
             }
             if !chunk.is_empty() {
-                let written = match insert_isolating(store, &chunk, ATTEMPT_TIMEOUT).await {
+                let deadline = tokio::time::Instant::now() + RETRY_BUDGET;
+                let written = match insert_isolating(store, &chunk, ATTEMPT_TIMEOUT, deadline).await
+                {
                     Ok(refused) => {
                         if !refused.is_empty() {
                             set_apart(path, &refused);

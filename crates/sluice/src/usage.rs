@@ -7,7 +7,8 @@ use sluice_server::usage::{UsageParams, row_json};
 
 #[derive(Debug, clap::Args)]
 pub struct UsageArgs {
-    /// From this time (RFC 3339) or duration ago (7d); default: the start of this month (UTC).
+    /// From this time (RFC 3339) or duration ago (7d); default: the start of this month (UTC), or
+    /// of the month --until falls in.
     #[arg(long)]
     pub since: Option<String>,
     /// Up to this time (RFC 3339) or duration ago; default: now.

@@ -373,3 +373,30 @@ async fn a_refused_record_in_the_spill_file_does_not_hold_back_the_others() {
     assert_eq!(kept.len(), 200);
     assert!(kept.iter().all(|r| r.model == "poison"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_whole_is_spilled_not_set_apart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill = dir.path().join("spill.jsonl");
+    let store = Arc::new(TestStore {
+        refuse_model: Some("poison"),
+        ..TestStore::default()
+    });
+    let (sink, rx) = LogSink::channel(16);
+    for r in records_of(&["poison"], 3) {
+        sink.send(r).await;
+    }
+    drop(sink);
+    let stats = LogWriter::spawn(store.clone(), rx, 16, spill.clone())
+        .drain(Duration::from_secs(30))
+        .await;
+    // Every record refused: not the data's fault (a schema changed, say). They wait in the spill
+    // file for the store to take them, like records of an outage.
+    assert_eq!(
+        (stats.written, stats.rejected, stats.spilled),
+        (0, 0, 3),
+        "{stats:?}"
+    );
+    assert_eq!(lines_of(&spill).len(), 3);
+    assert!(!dir.path().join("spill.jsonl.rejected").exists());
+}

@@ -857,7 +857,7 @@ async fn breakers_open_on_failures_and_close_after_a_successful_probe() {
 }
 
 #[tokio::test]
-async fn a_trial_the_client_cancels_gives_its_slot_back_at_once() {
+async fn a_trial_the_client_cancels_soon_gives_its_slot_back_at_once() {
     let up = MockUpstream::start().await;
     let s = start(
         &up,
@@ -869,7 +869,7 @@ async fn a_trial_the_client_cancels_gives_its_slot_back_at_once() {
                 sub(
                     "m",
                     "circuit_breaker",
-                    "consecutive_failures = 1\ncooldown_secs = 3"
+                    "consecutive_failures = 1\ncooldown_secs = 4"
                 ),
                 sub("m", "retries", "retries = 0")
             ),
@@ -877,46 +877,65 @@ async fn a_trial_the_client_cancels_gives_its_slot_back_at_once() {
     )
     .await;
     let http = client();
-    up.set_fault("flaky", Some(models::FAULT_500));
-    assert_eq!(chat(&http, &s, "m", false).await.status, 502);
-    assert_eq!(breaker_state(&s, "m", "up/flaky").await, "open");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while breaker_state(&s, "m", "up/flaky").await != "half_open" {
-        assert!(
-            Instant::now() < deadline,
-            "the breaker never went half-open"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // The trial hangs and its client gives up.
-    up.set_fault("flaky", Some(models::FAULT_HANG));
-    let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
-    let r = impatient
-        .post(s.url("/v1/chat/completions"))
-        .json(&json!({"model": "m", "user": "trial", "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await;
-    assert!(r.is_err(), "the client gives up before the answer");
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let page = s.list("user=trial").await;
-        if let Some(rec) = page["data"].as_array().and_then(|a| a.first()) {
-            assert_eq!(rec["status"], "cancelled", "{rec}");
-            break;
+    // Opens the breaker, waits until it is half-open, then sends a trial to a hanging
+    // deployment whose client gives up after `patience`, and waits for its record.
+    let cancelled_trial = |patience: Duration, user: &'static str| {
+        let (s, up, http) = (&s, &up, &http);
+        async move {
+            up.set_fault("flaky", Some(models::FAULT_500));
+            assert_eq!(chat(http, s, "m", false).await.status, 502);
+            assert_eq!(breaker_state(s, "m", "up/flaky").await, "open");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while breaker_state(s, "m", "up/flaky").await != "half_open" {
+                assert!(
+                    Instant::now() < deadline,
+                    "the breaker never went half-open"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            up.set_fault("flaky", Some(models::FAULT_HANG));
+            let impatient = reqwest::Client::builder()
+                .timeout(patience)
+                .build()
+                .unwrap();
+            let sent = Instant::now();
+            let r = impatient
+                .post(s.url("/v1/chat/completions"))
+                .json(&json!({"model": "m", "user": user, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await;
+            assert!(r.is_err(), "the client gives up before the answer");
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let page = s.list(&format!("user={user}")).await;
+                if let Some(rec) = page["data"].as_array().and_then(|a| a.first()) {
+                    assert_eq!(rec["status"], "cancelled", "{rec}");
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no cancelled record");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(breaker_state(s, "m", "up/flaky").await, "half_open");
+            up.set_fault("flaky", None);
+            sent
         }
-        assert!(Instant::now() < deadline, "no cancelled record");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The cancelled trial taught nothing: still half-open, and the next request may try the
-    // deployment at once (its slot is not held for the 3 s cooldown).
-    assert_eq!(breaker_state(&s, "m", "up/flaky").await, "half_open");
-    up.set_fault("flaky", None);
+    };
+    // Cancelled within the deployment's usual time (at least 1 s): the trial taught nothing,
+    // and the next request may try the deployment at once (not after the 4 s cooldown).
+    cancelled_trial(Duration::from_millis(300), "soon").await;
     let a = chat(&http, &s, "m", false).await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(breaker_state(&s, "m", "up/flaky").await, "closed");
+    // Cancelled after that, it may be hanging: its slot stays taken until the cooldown, so the
+    // next request is not sent into the same hang.
+    let sent = cancelled_trial(Duration::from_millis(1500), "late").await;
+    let a = chat(&http, &s, "m", false).await;
+    if sent.elapsed() < Duration::from_millis(3800) {
+        assert_eq!(a.status, 503, "{}", a.text);
+        assert_eq!(a.error_code(), "no_healthy_deployment");
+    } else {
+        eprintln!("machine too slow: the trial's slot expired before the check");
+    }
 }
 
 #[tokio::test]
