@@ -531,9 +531,15 @@ fn byte_level_pre_tokenizer(pre: &str) -> Result<PreTokenization, LocalError> {
     })
 }
 
+/// The longest token (in bytes) that gets merges: each split of a token hashes
+/// both halves, so one huge token in a hostile file would cost quadratic time
+/// at load. Real pieces are a few dozen bytes at most.
+const MAX_MERGED_TOKEN_BYTES: usize = 1024;
+
 /// BPE merges for a SentencePiece vocabulary: every way of writing a normal
 /// token as the concatenation of two vocabulary entries, ranked by the
-/// token's score (higher first), as SentencePiece's BPE applies them.
+/// token's score (higher first), as SentencePiece's BPE applies them. Tokens
+/// over [`MAX_MERGED_TOKEN_BYTES`] get none.
 fn sentencepiece_merges(
     tokens: &[&str],
     types: &[i64],
@@ -542,7 +548,7 @@ fn sentencepiece_merges(
 ) -> Vec<(String, String)> {
     let mut ranked: Vec<(f32, u32, u32, u32)> = Vec::new();
     for (id, (tok, &ty)) in tokens.iter().zip(types).enumerate() {
-        if ty != TYPE_NORMAL && ty != TYPE_USER_DEFINED {
+        if (ty != TYPE_NORMAL && ty != TYPE_USER_DEFINED) || tok.len() > MAX_MERGED_TOKEN_BYTES {
             continue;
         }
         let score = scores.map_or(-(id as f32), |s| s[id]);
@@ -709,6 +715,24 @@ pub(crate) mod tests {
         let ids = t.encode("hello world", false).unwrap();
         let text: String = ids.iter().filter_map(|&i| s.push(i)).collect();
         assert_eq!(text + &s.finish(), "hello world");
+    }
+
+    #[test]
+    fn a_huge_token_gets_no_merges() {
+        let half = "a".repeat(MAX_MERGED_TOKEN_BYTES / 2 + 1);
+        let whole = half.repeat(2);
+        let fits = "a".repeat(MAX_MERGED_TOKEN_BYTES);
+        let small = "a".repeat(MAX_MERGED_TOKEN_BYTES / 2);
+        let tokens = [half.as_str(), whole.as_str(), small.as_str(), fits.as_str()];
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ((*t).to_string(), i as u32))
+            .collect();
+        let types = [TYPE_NORMAL; 4];
+        let merges = sentencepiece_merges(&tokens, &types, None, &vocab);
+        // `fits` is small + small; `whole` (over the limit) is half + half, and gets nothing.
+        assert_eq!(merges, vec![(small.clone(), small)]);
     }
 
     #[test]
