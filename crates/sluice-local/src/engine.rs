@@ -179,10 +179,15 @@ impl Engine {
         req: GenRequest,
     ) -> Result<mpsc::UnboundedReceiver<GenEvent>, EngineError> {
         let ctx = self.model.info().context_length;
-        let need = req.prompt.len() + req.max_tokens;
         if req.prompt.is_empty() {
             return Err(EngineError::InvalidInput("the prompt is empty".into()));
         }
+        if req.max_tokens == 0 {
+            return Err(EngineError::InvalidInput(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        let need = req.prompt.len().saturating_add(req.max_tokens);
         if need > ctx {
             return Err(EngineError::ContextLength(format!(
                 "the prompt has {} tokens and max_tokens is {}, together more than the model's context of {ctx} tokens",
@@ -309,14 +314,35 @@ impl Scheduler {
             }
             self.admit();
             if !self.active.is_empty() {
-                self.step();
+                let stepped =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+                if stepped.is_err() {
+                    // A bug in one step (in the model code, say): its sequences fail with an
+                    // error, and the engine goes on serving the others and the next requests.
+                    tracing::error!(
+                        sequences = self.active.len(),
+                        "the local model engine panicked during a step; its sequences failed"
+                    );
+                    self.fail_active("the local model failed (an internal error; see the log)");
+                }
             }
         }
+    }
+
+    /// Ends every active sequence with an error.
+    fn fail_active(&mut self, why: &str) {
+        for s in self.active.drain(..) {
+            let _ = s.events.send(GenEvent::Error(why.to_string()));
+        }
+        self.finished.clear();
+        self.reserved = 0;
     }
 
     /// Moves waiting requests into the batch while it has room and the memory bound allows. Their
     /// prompts run in the next steps, together with the other sequences' decode tokens.
     fn admit(&mut self) {
+        // Requests whose client left are dropped wherever they wait, not only at the front.
+        self.waiting.retain(|j| !j.events.is_closed());
         while self.active.len() < self.batch_limit() {
             let Some(job) = self.waiting.front() else {
                 return;
@@ -360,6 +386,10 @@ impl Scheduler {
     /// One forward pass over the batch: a chunk of prompt for sequences still prefilling, the last
     /// sampled token for the others. Sequences whose prompt is done sample their next token.
     fn step(&mut self) {
+        #[cfg(test)]
+        if tests::PANIC_NEXT_STEP.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            panic!("a step panic injected by a test");
+        }
         // Drop sequences whose client went away.
         let mut i = 0;
         while i < self.active.len() {
@@ -397,10 +427,7 @@ impl Scheduler {
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                for s in self.active.drain(..) {
-                    let _ = s.events.send(GenEvent::Error(e.to_string()));
-                }
-                self.reserved = 0;
+                self.fail_active(&e.to_string());
                 return;
             }
         };
@@ -511,8 +538,72 @@ fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// Makes the engine's next step panic.
+    pub(crate) static PANIC_NEXT_STEP: AtomicBool = AtomicBool::new(false);
+
+    fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenRequest {
+        GenRequest {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: 1,
+            },
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+
+    async fn outcome(mut rx: mpsc::UnboundedReceiver<GenEvent>) -> GenEvent {
+        loop {
+            match rx.recv().await.expect("an event") {
+                GenEvent::Text(_) => continue,
+                last => return last,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_step_fails_its_sequences_and_the_engine_goes_on() {
+        let Some(path) = std::env::var_os("SLUICE_SMOLLM2_GGUF") else {
+            eprintln!("SKIP: SLUICE_SMOLLM2_GGUF is not set");
+            return;
+        };
+        let model = Arc::new(LlamaModel::load(std::path::Path::new(&path)).expect("model"));
+        let engine = Engine::start(
+            model.clone(),
+            EngineConfig {
+                threads: 1,
+                ..EngineConfig::default()
+            },
+        )
+        .expect("engine");
+        let prompt = model.tokenizer().encode("Hello", false).unwrap();
+        // Bad requests are refused up front.
+        assert!(matches!(
+            engine.submit(greedy(prompt.clone(), 0)),
+            Err(EngineError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            engine.submit(greedy(prompt.clone(), usize::MAX)),
+            Err(EngineError::ContextLength(_))
+        ));
+        PANIC_NEXT_STEP.store(true, std::sync::atomic::Ordering::SeqCst);
+        let failed = engine.submit(greedy(prompt.clone(), 4)).unwrap();
+        assert!(
+            matches!(outcome(failed).await, GenEvent::Error(e) if e.contains("internal error"))
+        );
+        let next = engine.submit(greedy(prompt, 4)).unwrap();
+        assert!(
+            matches!(outcome(next).await, GenEvent::Done { completion_tokens, .. } if completion_tokens >= 1)
+        );
+    }
 
     #[test]
     fn stop_strings_are_found_across_pieces() {
