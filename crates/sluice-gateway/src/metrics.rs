@@ -393,10 +393,9 @@ impl Metrics {
         let states = states();
         let mut now = HashSet::with_capacity(shown.len());
         for (model, deployment, breaker, in_flight) in states {
-            let (model, deployment) = (model.as_str(), deployment.as_str());
             let labels = DeploymentLabels {
-                model: Lv::new(model),
-                deployment: Lv::new(deployment),
+                model: Lv(model),
+                deployment: Lv(deployment),
             };
             self.breaker.get_or_create(&labels).set(breaker);
             self.in_flight

@@ -319,34 +319,37 @@ pub async fn insert_isolating<'a>(
     Ok(refused)
 }
 
-/// Keeps records the store refused in `FILE.rejected` beside the spill file (JSON lines, as
-/// spilled), and says so: they are not written again by themselves.
+/// Where records the store refused are kept, beside the spill file `spill`.
+pub fn rejected_path(spill: &std::path::Path) -> PathBuf {
+    spill.with_extension("jsonl.rejected")
+}
+
+/// Records as JSON lines, as the spill file holds them.
+fn json_lines<'a>(
+    records: impl IntoIterator<Item = &'a RequestRecord>,
+) -> std::io::Result<Vec<u8>> {
+    let mut lines = Vec::new();
+    for r in records {
+        serde_json::to_writer(&mut lines, r)?;
+        lines.push(b'\n');
+    }
+    Ok(lines)
+}
+
+/// Keeps records the store refused in [`rejected_path`] (JSON lines, as spilled), and says so:
+/// they are not written again by themselves.
 fn set_apart(spill: &std::path::Path, refused: &[Refused<'_>]) {
-    let path = spill.with_extension("jsonl.rejected");
-    let mut lines = Vec::with_capacity(refused.len() * 512);
-    for (r, _) in refused {
-        if serde_json::to_writer(&mut lines, r).is_ok() {
-            lines.push(b'\n');
-        }
-    }
-    let first = refused.first().map(|(r, why)| (r.id, why.as_str()));
-    match append(&path, &lines) {
-        Ok(()) => tracing::error!(
-            records = refused.len(),
-            first_id = ?first.map(|f| f.0),
-            error = first.map_or("", |f| f.1),
-            path = %path.display(),
-            "the store refused request records; they are kept in the file named"
-        ),
-        Err(e) => tracing::error!(
-            records = refused.len(),
-            first_id = ?first.map(|f| f.0),
-            error = first.map_or("", |f| f.1),
-            file_error = %e,
-            path = %path.display(),
-            "the store refused request records, and they could not be kept; records lost"
-        ),
-    }
+    let path = rejected_path(spill);
+    let kept = json_lines(refused.iter().map(|(r, _)| *r)).and_then(|lines| append(&path, &lines));
+    let (first_id, reason) = (refused[0].0.id, refused[0].1.as_str());
+    tracing::error!(
+        records = refused.len(),
+        %first_id,
+        error = reason,
+        path = %path.display(),
+        file_error = kept.as_ref().err().map(tracing::field::display),
+        "the store refused request records; they are kept in the file named, unless file_error says they could not be"
+    );
 }
 
 /// Appends a batch to the spill file; `loud` logs it as an error (the first of an outage; the
@@ -375,12 +378,7 @@ fn spill_or_lose(
 fn spill_batch(path: &std::path::Path, batch: &[RequestRecord]) -> std::io::Result<()> {
     // The whole batch in one append: lines of several writers (replicas sharing the directory)
     // do not interleave, and a failure leaves no half line before the next batch.
-    let mut lines = Vec::with_capacity(batch.len() * 512);
-    for r in batch {
-        serde_json::to_writer(&mut lines, r)?;
-        lines.push(b'\n');
-    }
-    append(path, &lines)
+    append(path, &json_lines(batch)?)
 }
 
 /// What [`replay_spill`] did.
@@ -465,39 +463,36 @@ async fn replay(
             }
             if !chunk.is_empty() {
                 let deadline = tokio::time::Instant::now() + RETRY_BUDGET;
-                let written = match insert_isolating(store, &chunk, ATTEMPT_TIMEOUT, deadline).await
-                {
-                    Ok(refused) => {
+                let written = insert_isolating(store, &chunk, ATTEMPT_TIMEOUT, deadline)
+                    .await
+                    .map(|refused| {
                         if !refused.is_empty() {
                             set_apart(path, &refused);
                         }
-                        Ok(refused.len())
-                    }
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = written {
-                    // Back to the spill file: this chunk and every line not read yet.
-                    let mut back = Vec::new();
-                    for r in &chunk {
-                        serde_json::to_writer(&mut back, r).map_err(|e| e.to_string())?;
-                        back.push(b'\n');
-                    }
-                    let mut left = chunk.len();
-                    for l in lines.by_ref() {
-                        let l = l.map_err(|e| format!("{}: {e}", claimed.display()))?;
-                        if !l.is_empty() {
-                            back.extend_from_slice(&l);
-                            back.push(b'\n');
-                            left += 1;
+                        refused.len() as u64
+                    });
+                let refused = match written {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // Back to the spill file: this chunk and every line not read yet.
+                        let mut back = json_lines(&chunk).map_err(|e| e.to_string())?;
+                        let mut left = chunk.len();
+                        for l in lines.by_ref() {
+                            let l = l.map_err(|e| format!("{}: {e}", claimed.display()))?;
+                            if !l.is_empty() {
+                                back.extend_from_slice(&l);
+                                back.push(b'\n');
+                                left += 1;
+                            }
                         }
+                        append(path, &back).map_err(|se| {
+                            format!("{e}; and putting the records back failed: {se}")
+                        })?;
+                        keep_bad(path, &bad)?;
+                        let _ = std::fs::remove_file(&claimed);
+                        return Err(format!("{e} ({left} records stay in {})", path.display()));
                     }
-                    append(path, &back)
-                        .map_err(|se| format!("{e}; and putting the records back failed: {se}"))?;
-                    keep_bad(path, &bad)?;
-                    let _ = std::fs::remove_file(&claimed);
-                    return Err(format!("{e} ({left} records stay in {})", path.display()));
-                }
-                let refused = written.unwrap_or(0) as u64;
+                };
                 out.rejected += refused;
                 out.records += chunk.len() as u64 - refused;
                 chunk.clear();
