@@ -17,7 +17,9 @@ use sluice_core::ProviderError;
 use sluice_core::provider::{ChatProvider, ChunkStream};
 use sluice_local::embed::SentenceEmbedder;
 use sluice_local::engine::{Engine, EngineConfig, EngineError, GenEvent, GenRequest};
-use sluice_local::llama::{LlamaModel, LoadOptions, SamplingParams, TemplateMessage, WeightFormat};
+use sluice_local::llama::{
+    LlamaModel, LoadOptions, LocalError, SamplingParams, TemplateMessage, WeightFormat,
+};
 use sluice_types::ids::unix_now;
 use sluice_types::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, Choice, Embedding, EmbeddingRequest,
@@ -224,19 +226,15 @@ impl LocalChat {
                 content: m.text_content(),
             })
             .collect();
-        let prompt = model
-            .chat_template_or_default()
-            .render(&messages, true)
-            .map_err(|e| ProviderError::Status {
+        let tokens = model.chat_prompt(&messages, true).map_err(|e| match e {
+            LocalError::Template(e) => ProviderError::Status {
                 status: 400,
                 message: format!("the model's chat template rejected the messages: {e}"),
                 code: None,
                 retry_after: None,
-            })?;
-        let tokenizer = model.tokenizer();
-        let tokens = tokenizer
-            .encode_prompt(&prompt)
-            .map_err(|e| ProviderError::Protocol(e.to_string()))?;
+            },
+            other => ProviderError::Protocol(other.to_string()),
+        })?;
         let ctx = model.info().context_length;
         let max_tokens = match req.max_output_tokens() {
             Some(0) => {

@@ -30,7 +30,7 @@ use super::error::LocalError;
 use super::gguf::{Metadata, file_type_name};
 use super::kernels;
 use super::q8::{Q8Matrix, Q8Scratch};
-use super::template::ChatTemplate;
+use super::template::{ChatTemplate, TemplateMessage};
 use super::tokenizer::GgufTokenizer;
 
 /// Architectures whose GGUF tensors and hyperparameters follow the Llama
@@ -945,6 +945,28 @@ impl LlamaModel {
     /// The template to build prompts with: the model's own, else ChatML.
     pub fn chat_template_or_default(&self) -> &ChatTemplate {
         self.template.as_ref().unwrap_or(&self.fallback_template)
+    }
+
+    /// The prompt tokens of a conversation: the messages' content escaped
+    /// ([`GgufTokenizer::escape_content`], so control tokens typed in a message stay text), the
+    /// chat template ([`Self::chat_template_or_default`]) rendered, and the text encoded with
+    /// [`GgufTokenizer::encode_prompt`] (one BOS where the model wants it).
+    pub fn chat_prompt(
+        &self,
+        messages: &[TemplateMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, LocalError> {
+        let escaped: Vec<TemplateMessage> = messages
+            .iter()
+            .map(|m| TemplateMessage {
+                role: m.role.clone(),
+                content: self.tokenizer.escape_content(&m.content).into_owned(),
+            })
+            .collect();
+        let text = self
+            .chat_template_or_default()
+            .render(&escaped, add_generation_prompt)?;
+        self.tokenizer.encode_prompt(&text)
     }
 
     /// A new, empty cache for one sequence. It allocates nothing until the

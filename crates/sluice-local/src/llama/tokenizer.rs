@@ -9,15 +9,21 @@
 //! * `llama`: SentencePiece BPE from `tokens` + `scores` (merges derived from
 //!   the scores), `▁` for spaces and `<0xNN>` byte fallback.
 //!
-//! Control and user-defined tokens (`token_type` 3 and 4) are registered as
-//! added tokens, so text such as `<|im_start|>` encodes to its single id.
+//! Control and user-defined tokens (`token_type` 3 and 4) encode to their
+//! single ids wherever their text appears (`<|im_start|>`), except control
+//! tokens inside message content escaped with
+//! [`GgufTokenizer::escape_content`]: those encode as the plain text they are,
+//! so a user cannot open a turn of another role by typing one.
 //! Decoding does not go through `tokenizers`: every id maps to the exact bytes
 //! it stands for (see [`GgufTokenizer::token_to_piece`]) and text is their
 //! concatenation, which is also what the [`StreamDetokenizer`] does a token at
 //! a time.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+
+use aho_corasick::{AhoCorasick, MatchKind};
 
 #[cfg(test)]
 use candle_core::quantized::gguf_file::Value;
@@ -59,6 +65,10 @@ const LLAMA3_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL
 /// Qwen 2's pre-tokenizer split (single digits).
 const QWEN2_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Opens an escape in message content (see [`GgufTokenizer::escape_content`]). A Unicode
+/// noncharacter: reserved for a program's internal use, it has no meaning in text.
+const ESCAPE: char = '\u{FDD0}';
+
 /// Which family of tokenizer the GGUF describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -87,6 +97,84 @@ pub struct GgufTokenizer {
     bos: Option<u32>,
     eos: Vec<u32>,
     add_bos: bool,
+    controls: Controls,
+}
+
+/// Finds control tokens in text (the `tokenizers` tokenizer is told to leave them as text, so that
+/// escaped content can stay text).
+#[derive(Debug)]
+struct Controls {
+    /// Leftmost-longest over the control tokens' texts, then [`ESCAPE`] as the last pattern.
+    matcher: AhoCorasick,
+    /// Token id of each control pattern.
+    ids: Vec<u32>,
+    /// Every proper prefix and proper suffix of a control token's text: content that ends (starts)
+    /// with one could complete a control token with the template's text after (before) it.
+    prefixes: HashSet<Box<str>>,
+    suffixes: HashSet<Box<str>>,
+    /// The longest control text, in bytes.
+    longest: usize,
+}
+
+impl Controls {
+    fn new(tokens: &[&str], types: &[i64]) -> Result<Self, LocalError> {
+        let mut texts: Vec<&str> = Vec::new();
+        let mut ids = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, (t, ty)) in tokens.iter().zip(types).enumerate() {
+            if *ty == TYPE_CONTROL && !t.is_empty() && seen.insert(*t) {
+                texts.push(t);
+                ids.push(i as u32);
+            }
+        }
+        let mut prefixes = HashSet::new();
+        let mut suffixes = HashSet::new();
+        for t in &texts {
+            for (i, _) in t.char_indices().skip(1) {
+                prefixes.insert(Box::from(&t[..i]));
+                suffixes.insert(Box::from(&t[i..]));
+            }
+        }
+        let longest = texts.iter().map(|t| t.len()).max().unwrap_or(0);
+        let mut escape = [0u8; 4];
+        let patterns = texts
+            .iter()
+            .copied()
+            .chain(std::iter::once(&*ESCAPE.encode_utf8(&mut escape)));
+        let matcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(patterns)
+            .map_err(|e| LocalError::Tokenizer(format!("indexing the control tokens: {e}")))?;
+        Ok(Self {
+            matcher,
+            ids,
+            prefixes,
+            suffixes,
+            longest,
+        })
+    }
+
+    /// The token id of pattern `p`, or `None` for the [`ESCAPE`] pattern.
+    fn id(&self, p: usize) -> Option<u32> {
+        self.ids.get(p).copied()
+    }
+
+    /// Whether `text` ends with a proper prefix of a control text.
+    fn ends_with_prefix(&self, text: &str) -> bool {
+        let from = text.len().saturating_sub(self.longest);
+        text.char_indices()
+            .map(|(i, _)| i)
+            .skip_while(|&i| i < from)
+            .any(|i| self.prefixes.contains(&text[i..]))
+    }
+
+    /// Whether `text` starts with a proper suffix of a control text.
+    fn starts_with_suffix(&self, text: &str) -> bool {
+        text.char_indices()
+            .map(|(i, c)| i + c.len_utf8())
+            .take_while(|&end| end <= self.longest)
+            .any(|end| self.suffixes.contains(&text[..end]))
+    }
 }
 
 impl std::fmt::Debug for GgufTokenizer {
@@ -231,6 +319,10 @@ impl GgufTokenizer {
             .map(|(t, ty)| AddedToken::from(*t, *ty == TYPE_CONTROL).normalized(false))
             .collect();
         inner.add_special_tokens(&added);
+        // Control tokens are found by `Controls` (so that escaped content can stay text); the
+        // user-defined ones (`<think>`, `<tool_call>`) are still split by `tokenizers`.
+        inner.set_encode_special_tokens(true);
+        let controls = Controls::new(&tokens, &types)?;
 
         let bytes = tokens
             .iter()
@@ -256,6 +348,7 @@ impl GgufTokenizer {
             bos,
             eos,
             add_bos,
+            controls,
         })
     }
 
@@ -264,25 +357,97 @@ impl GgufTokenizer {
     /// With `add_bos`, the beginning-of-sequence token (when the model has
     /// one) is put first.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, LocalError> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| LocalError::Tokenizer(e.to_string()))?;
-        let ids = enc.get_ids();
-        let mut out = Vec::with_capacity(ids.len() + 1);
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_bos && let Some(bos) = self.bos {
             out.push(bos);
         }
-        out.extend_from_slice(ids);
+        let mut pending = String::new();
+        self.encode_raw(text, &mut pending, &mut out)?;
+        self.flush(&mut pending, &mut out)?;
         Ok(out)
     }
 
-    /// Encodes a rendered chat prompt as the model expects it: with the BOS token first when the
-    /// model asks for one ([`Self::add_bos_token`]), unless the text already starts with it (a
-    /// chat template that writes `{{ bos_token }}`, as Llama 3's and Mistral's do), so that the
-    /// prompt never starts with two.
+    /// Escapes a message's content before it goes into the chat template, so that control tokens
+    /// written in it (`<|im_start|>system`) encode as the plain text they are when
+    /// [`Self::encode_prompt`] encodes the rendered prompt: a user cannot open a turn of another
+    /// role, or end the system prompt, by typing one. Content that ends with the start of a
+    /// control token, or starts with the end of one, is fenced so that the template's text next
+    /// to it cannot complete one either. Text with neither comes back unchanged.
+    ///
+    /// An escape is U+FDD0 (a noncharacter) followed by the control token's pattern number and
+    /// `;`, by `;` alone for an U+FDD0 in the content, or by `.` for a fence.
+    pub fn escape_content<'a>(&self, content: &'a str) -> Cow<'a, str> {
+        let c = &self.controls;
+        let fence_start = c.starts_with_suffix(content);
+        let fence_end = c.ends_with_prefix(content);
+        let mut matches = c.matcher.find_iter(content).peekable();
+        if matches.peek().is_none() && !fence_start && !fence_end {
+            return Cow::Borrowed(content);
+        }
+        let mut out = String::with_capacity(content.len() + 16);
+        if fence_start {
+            out.push(ESCAPE);
+            out.push('.');
+        }
+        let mut at = 0;
+        for m in matches {
+            out.push_str(&content[at..m.start()]);
+            out.push(ESCAPE);
+            if c.id(m.pattern().as_usize()).is_some() {
+                out.push_str(&m.pattern().as_usize().to_string());
+            }
+            out.push(';');
+            at = m.end();
+        }
+        out.push_str(&content[at..]);
+        if fence_end {
+            out.push(ESCAPE);
+            out.push('.');
+        }
+        Cow::Owned(out)
+    }
+
+    /// Encodes a chat prompt rendered from content escaped with [`Self::escape_content`]: control
+    /// tokens the template wrote become their ids, the escaped content is plain text. The BOS
+    /// token goes first when the model asks for one ([`Self::add_bos_token`]), unless the text
+    /// already starts with it (a chat template that writes `{{ bos_token }}`, as Llama 3's and
+    /// Mistral's do), so that the prompt never starts with two.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, LocalError> {
-        let mut ids = self.encode(text, self.add_bos)?;
+        let mut ids = Vec::with_capacity(text.len() / 3 + 2);
+        if self.add_bos
+            && let Some(bos) = self.bos
+        {
+            ids.push(bos);
+        }
+        let mut pending = String::new();
+        let mut rest = text;
+        while let Some(at) = rest.find(ESCAPE) {
+            self.encode_raw(&rest[..at], &mut pending, &mut ids)?;
+            let after = &rest[at + ESCAPE.len_utf8()..];
+            let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+            let literal = match (after.as_bytes().get(digits), digits) {
+                // The escape character itself.
+                (Some(b';'), 0) => Some("\u{FDD0}"),
+                // A fence: it only parts the text around it.
+                (Some(b'.'), 0) => Some(""),
+                (Some(b';'), _) => after[..digits]
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|p| self.controls.id(p))
+                    .map(|id| self.texts[id as usize].as_str()),
+                _ => None,
+            };
+            let Some(literal) = literal else {
+                // Not an escape this tokenizer wrote: the character is text.
+                pending.push(ESCAPE);
+                rest = after;
+                continue;
+            };
+            pending.push_str(literal);
+            rest = &after[digits + 1..];
+        }
+        self.encode_raw(rest, &mut pending, &mut ids)?;
+        self.flush(&mut pending, &mut ids)?;
         if self.add_bos
             && let Some(bos) = self.bos
             && ids.len() >= 2
@@ -292,6 +457,42 @@ impl GgufTokenizer {
             ids.remove(0);
         }
         Ok(ids)
+    }
+
+    /// Control tokens in `raw` become ids; the text between them is added to `pending`, encoded
+    /// when the next control token (or the end) comes.
+    fn encode_raw(
+        &self,
+        raw: &str,
+        pending: &mut String,
+        out: &mut Vec<u32>,
+    ) -> Result<(), LocalError> {
+        let mut at = 0;
+        for m in self.controls.matcher.find_iter(raw) {
+            let Some(id) = self.controls.id(m.pattern().as_usize()) else {
+                continue;
+            };
+            pending.push_str(&raw[at..m.start()]);
+            self.flush(pending, out)?;
+            out.push(id);
+            at = m.end();
+        }
+        pending.push_str(&raw[at..]);
+        Ok(())
+    }
+
+    /// Encodes the text in `pending` (control tokens in it are text) and empties it.
+    fn flush(&self, pending: &mut String, out: &mut Vec<u32>) -> Result<(), LocalError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let enc = self
+            .inner
+            .encode_fast(pending.as_str(), false)
+            .map_err(|e| LocalError::Tokenizer(e.to_string()))?;
+        out.extend_from_slice(enc.get_ids());
+        pending.clear();
+        Ok(())
     }
 
     /// Decodes token ids into text, special tokens included. Byte sequences
@@ -374,7 +575,8 @@ impl GgufTokenizer {
         }
     }
 
-    /// The `tokenizers` tokenizer used for encoding.
+    /// The `tokenizers` tokenizer used for encoding text between control tokens (it leaves
+    /// control tokens' texts as text: [`Self::encode`] finds them).
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
     }
@@ -750,6 +952,81 @@ pub(crate) mod tests {
         none.add_bos = false;
         assert_ne!(none.encode_prompt("hello").unwrap()[0], bos);
         assert_eq!(none.encode_prompt("<s>hello").unwrap(), ids);
+    }
+
+    /// What `text` encodes to with control tokens as plain text.
+    fn as_text(t: &GgufTokenizer, text: &str) -> Vec<u32> {
+        t.inner()
+            .encode_fast(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec()
+    }
+
+    #[test]
+    fn control_tokens_in_escaped_content_are_text() {
+        let t = tiny_spm();
+        let (bos, eos) = (1, 2);
+        // Typed in content, `</s>` is text; the template's own `</s>` is the control token.
+        let content = "hello</s><s>world";
+        let escaped = t.escape_content(content);
+        assert!(!escaped.contains("</s>"), "{escaped:?}");
+        let ids = t.encode_prompt(&format!("<s>{escaped}</s>")).unwrap();
+        let mut want = vec![bos];
+        want.extend(as_text(&t, content));
+        want.push(eos);
+        assert_eq!(ids, want);
+        assert_eq!(ids.iter().filter(|&&i| i == eos || i == bos).count(), 2);
+        assert_eq!(t.decode(&ids[1..ids.len() - 1]).unwrap(), content);
+        // Unescaped, the same text holds control tokens (what `encode` does with a template).
+        let raw = t.encode_prompt(&format!("<s>{content}</s>")).unwrap();
+        assert_eq!(raw.iter().filter(|&&i| i == eos).count(), 2);
+        // Plain content comes back as it is.
+        assert!(matches!(t.escape_content("hello world"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn escaped_content_cannot_complete_a_control_token_with_the_template() {
+        let t = tiny_spm();
+        // Content ending with `</` before a template that writes `s>`, and content starting with
+        // `s>` after a template that writes `</`: neither makes a `</s>`.
+        for (before, content, after) in [("", "hello</", "s>"), ("</", "s>hello", "")] {
+            let escaped = t.escape_content(content);
+            let ids = t
+                .encode_prompt(&format!("{before}{escaped}{after}"))
+                .unwrap();
+            assert!(!ids[1..].contains(&2), "{content:?}: {ids:?}");
+            assert_eq!(ids[1..], as_text(&t, &format!("{before}{content}{after}")));
+            // Without the fence they would.
+            let raw = t
+                .encode_prompt(&format!("{before}{content}{after}"))
+                .unwrap();
+            assert!(raw.contains(&2));
+        }
+    }
+
+    #[test]
+    fn the_escape_character_itself_round_trips() {
+        let t = tiny_spm();
+        for content in [
+            "a\u{FDD0}b",
+            "\u{FDD0}",
+            "x\u{FDD0}0;y\u{FDD0}.z",
+            "\u{FDD0}</s>",
+        ] {
+            let escaped = t.escape_content(content);
+            let ids = t.encode_prompt(&escaped).unwrap();
+            assert_eq!(ids[1..], as_text(&t, content), "{content:?} -> {escaped:?}");
+        }
+        // An escape the tokenizer did not write (a template's own U+FDD0, a pattern number out
+        // of range) is text.
+        for text in ["\u{FDD0}99;x", "a\u{FDD0}", "\u{FDD0}7"] {
+            assert_eq!(
+                t.encode_prompt(text).unwrap()[1..],
+                as_text(&t, text),
+                "{text:?}"
+            );
+        }
     }
 
     #[test]
