@@ -30,6 +30,8 @@ pub struct Finisher {
     tokens: Option<TokenReservation>,
     /// For complexity routing: the strongest tier's price, to report the cost saved.
     baseline: Option<ModelPrice>,
+    /// Prompt tokens the provider reported writing to its cache (priced for the baseline too).
+    cache_writes: u64,
     /// The rate-limit admissions, settled with the real tokens at the end.
     limit: Vec<crate::limits::Admitted>,
     /// The admission by the limits kept in Redis.
@@ -57,6 +59,7 @@ impl Finisher {
             in_flight: None,
             tokens: None,
             baseline: None,
+            cache_writes: 0,
             limit: Vec::new(),
             shared_limit: None,
             budget: None,
@@ -221,7 +224,12 @@ impl Finisher {
         if let (Some(p), Some(serde_json::Value::Object(route))) = (self.baseline, r.route.as_mut())
             && r.status == RecordStatus::Ok
         {
-            let base = p.cost(r.prompt_tokens, r.completion_tokens, r.cached_tokens);
+            let base = p.cost_with_writes(
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.cached_tokens,
+                self.cache_writes,
+            );
             route.insert("baseline_cost_usd".into(), base.into());
             route.insert("saved_usd".into(), (base - r.cost_usd).into());
         }
@@ -266,7 +274,7 @@ impl Finisher {
             };
             let usage = completion.usage.clone();
             let model = dep.upstream_model();
-            apply_usage(r, usage, dep.price, || {
+            self.cache_writes = apply_usage(r, usage, dep.price, || {
                 (
                     tokens::count_prompt(model, req),
                     tokens::count_text(model, &completion.output_text()),
@@ -340,7 +348,7 @@ impl Finisher {
         error: Option<&Error>,
     ) {
         if let Some(r) = self.record.as_mut() {
-            apply_usage(r, usage, price, count);
+            self.cache_writes = apply_usage(r, usage, price, count);
             r.finish_reason = finish_reason;
             r.response_body = response_body;
             if let Some(e) = error {
@@ -377,7 +385,7 @@ impl Finisher {
         response_body: Option<RawJson>,
     ) {
         if let Some(r) = self.record.as_mut() {
-            apply_usage(r, usage, price, count);
+            self.cache_writes = apply_usage(r, usage, price, count);
             r.response_body = response_body;
         }
     }
@@ -409,13 +417,13 @@ fn round3(v: f64) -> f64 {
 }
 
 /// Sets tokens, their source and cost: the provider's usage when it reported one, else the
-/// tokenizer's count.
+/// tokenizer's count. Returns the prompt tokens the provider wrote to its cache.
 fn apply_usage(
     r: &mut RequestRecord,
     usage: Option<Usage>,
     price: Option<ModelPrice>,
     count: impl FnOnce() -> (u64, u64),
-) {
+) -> u64 {
     let mut writes = 0;
     match usage {
         Some(u) => {
@@ -443,6 +451,7 @@ fn apply_usage(
             )
         })
         .unwrap_or(0.0);
+    writes
 }
 
 #[cfg(test)]
@@ -468,5 +477,42 @@ mod tests {
             "{} vs {want}",
             r.cost_usd
         );
+    }
+
+    #[tokio::test]
+    async fn the_baseline_prices_the_same_cache_writes() {
+        let price = ModelPrice {
+            input: 3.0,
+            output: 15.0,
+            cached_input: Some(0.30),
+            cache_write_input: Some(3.75),
+        };
+        let cheap = ModelPrice {
+            input: 1.0,
+            output: 5.0,
+            cached_input: Some(0.10),
+            cache_write_input: Some(1.25),
+        };
+        for (served, saved) in [(price, 0.0), (cheap, 0.264)] {
+            let (sink, mut rx) = LogSink::channel(4);
+            let ctx = crate::RequestContext::new("chat.completions", true);
+            let mut f = Finisher::new(ctx, sink, Arc::new(Metrics::new()), true);
+            f.set_route(serde_json::json!({"tier": "t"}), Some(price));
+            let mut usage = Usage::new(151_000, 200, 50_000);
+            usage.set_cache_write_tokens(100_000);
+            f.finish_stream(
+                Some(usage),
+                Some(served),
+                || unreachable!(),
+                None,
+                None,
+                None,
+            )
+            .await;
+            let r = rx.recv().await.unwrap();
+            let route = r.route.unwrap();
+            let got = route["saved_usd"].as_f64().unwrap();
+            assert!((got - saved).abs() < 1e-9, "{route}");
+        }
     }
 }
