@@ -133,6 +133,7 @@ fn main() {
                 max_kv_bytes: 1 << 30,
                 threads,
                 batching,
+                ..EngineConfig::default()
             },
         )
         .expect("engine");

@@ -21,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
@@ -39,6 +40,9 @@ pub enum EngineError {
     ContextLength(String),
     #[error("{0}")]
     InvalidInput(String),
+    /// As many requests wait as the engine queues (`max_waiting`): try again shortly.
+    #[error("{0}")]
+    Busy(String),
     /// The engine thread is gone or could not start.
     #[error("{0}")]
     Unavailable(String),
@@ -55,6 +59,8 @@ pub struct EngineConfig {
     pub threads: usize,
     /// Admit new sequences into a running batch. Off: one sequence at a time.
     pub batching: bool,
+    /// Most requests waiting for a place in the batch; more are refused ([`EngineError::Busy`]).
+    pub max_waiting: usize,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +70,7 @@ impl Default for EngineConfig {
             max_kv_bytes: 1 << 30,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             batching: true,
+            max_waiting: 256,
         }
     }
 }
@@ -123,6 +130,11 @@ pub struct Engine {
     queue: std_mpsc::Sender<Job>,
     bytes_per_token: usize,
     max_kv_bytes: usize,
+    /// Requests submitted and not yet in the batch (nor dropped); the scheduler counts them down.
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    /// False once the engine thread has ended.
+    running: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -147,10 +159,15 @@ impl Engine {
             })?;
         let m = model.clone();
         let max_kv_bytes = cfg.max_kv_bytes;
+        let max_waiting = cfg.max_waiting.max(1);
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let running = Arc::new(AtomicBool::new(true));
+        let (w, r) = (waiting.clone(), running.clone());
         std::thread::Builder::new()
             .name("sluice-engine".into())
             .spawn(move || {
-                pool.install(|| Scheduler::new(m, cfg, bytes_per_token).run(rx));
+                let _running = Running(r);
+                pool.install(|| Scheduler::new(m, cfg, bytes_per_token, w).run(rx));
             })
             .map_err(|e| {
                 EngineError::Unavailable(format!("cannot start the engine thread: {e}"))
@@ -160,7 +177,21 @@ impl Engine {
             queue: tx,
             bytes_per_token,
             max_kv_bytes,
+            waiting,
+            max_waiting,
+            running,
         })
+    }
+
+    /// Whether the engine thread still runs (it ends only when every handle is dropped, or on a
+    /// fault outside a step).
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Requests waiting for a place in the batch.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     pub fn model(&self) -> &LlamaModel {
@@ -203,11 +234,34 @@ impl Engine {
                 self.max_kv_bytes as f64 / 1e6
             )));
         }
+        let queued = self
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_waiting).then_some(n + 1)
+            });
+        if queued.is_err() {
+            return Err(EngineError::Busy(format!(
+                "the local model has {} requests waiting for a place in its batch (max_waiting); try again shortly",
+                self.max_waiting
+            )));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
-        self.queue
-            .send(Job { req, events: tx })
-            .map_err(|_| EngineError::Unavailable("the local model engine has stopped".into()))?;
+        if self.queue.send(Job { req, events: tx }).is_err() {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Unavailable(
+                "the local model engine has stopped".into(),
+            ));
+        }
         Ok(rx)
+    }
+}
+
+/// Clears the engine's running flag when its thread ends, however it ends.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -268,6 +322,8 @@ struct Scheduler {
     cfg: EngineConfig,
     bytes_per_token: usize,
     waiting: VecDeque<Job>,
+    /// Shared with [`Engine::submit`]: jobs in the channel or in `waiting`.
+    queued: Arc<AtomicUsize>,
     active: Vec<Seq>,
     reserved: usize,
     /// Reused from step to step: the forward pass's buffers, the prompt tokens each sequence
@@ -278,12 +334,18 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    fn new(model: Arc<LlamaModel>, cfg: EngineConfig, bytes_per_token: usize) -> Self {
+    fn new(
+        model: Arc<LlamaModel>,
+        cfg: EngineConfig,
+        bytes_per_token: usize,
+        queued: Arc<AtomicUsize>,
+    ) -> Self {
         Scheduler {
             model,
             cfg,
             bytes_per_token,
             waiting: VecDeque::new(),
+            queued,
             active: Vec::new(),
             reserved: 0,
             ws: Workspace::new(),
@@ -342,15 +404,14 @@ impl Scheduler {
     /// prompts run in the next steps, together with the other sequences' decode tokens.
     fn admit(&mut self) {
         // Requests whose client left are dropped wherever they wait, not only at the front.
+        let before = self.waiting.len();
         self.waiting.retain(|j| !j.events.is_closed());
+        self.queued
+            .fetch_sub(before - self.waiting.len(), Ordering::AcqRel);
         while self.active.len() < self.batch_limit() {
             let Some(job) = self.waiting.front() else {
                 return;
             };
-            if job.events.is_closed() {
-                self.waiting.pop_front();
-                continue;
-            }
             let need = (job.req.prompt.len() + job.req.max_tokens) * self.bytes_per_token;
             if !self.active.is_empty() && self.reserved + need > self.cfg.max_kv_bytes {
                 return;
@@ -358,6 +419,7 @@ impl Scheduler {
             let Some(Job { req, events }) = self.waiting.pop_front() else {
                 return;
             };
+            self.queued.fetch_sub(1, Ordering::AcqRel);
             self.reserved += need;
             let mut cache = self.model.new_cache();
             // `submit` checked that prompt plus `max_tokens` fits the context.
@@ -570,7 +632,7 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn a_panicking_step_fails_its_sequences_and_the_engine_goes_on() {
+    async fn a_panicking_step_fails_its_sequences_and_the_engine_goes_on_and_bounds_its_queue() {
         let Some(path) = std::env::var_os("SLUICE_SMOLLM2_GGUF") else {
             eprintln!("SKIP: SLUICE_SMOLLM2_GGUF is not set");
             return;
@@ -599,10 +661,50 @@ pub(crate) mod tests {
         assert!(
             matches!(outcome(failed).await, GenEvent::Error(e) if e.contains("internal error"))
         );
-        let next = engine.submit(greedy(prompt, 4)).unwrap();
+        let next = engine.submit(greedy(prompt.clone(), 4)).unwrap();
         assert!(
             matches!(outcome(next).await, GenEvent::Done { completion_tokens, .. } if completion_tokens >= 1)
         );
+        assert!(engine.is_running());
+
+        // (In the same test: another engine stepping meanwhile could take the injected panic.)
+        // One sequence at a time and one waiting: a third request is refused as busy.
+        let engine = Engine::start(
+            model.clone(),
+            EngineConfig {
+                threads: 1,
+                batching: false,
+                max_waiting: 1,
+                ..EngineConfig::default()
+            },
+        )
+        .expect("engine");
+        let long = GenRequest {
+            ignore_eos: true,
+            ..greedy(prompt.clone(), 200)
+        };
+        let mut running = engine.submit(long.clone()).unwrap();
+        // Its first token: it is in the batch, no longer waiting.
+        assert!(matches!(running.recv().await, Some(GenEvent::Text(_))));
+        assert_eq!(engine.waiting(), 0);
+        let queued = engine.submit(greedy(prompt.clone(), 4)).unwrap();
+        assert_eq!(engine.waiting(), 1);
+        let busy = engine.submit(greedy(prompt.clone(), 4)).unwrap_err();
+        assert!(
+            matches!(&busy, EngineError::Busy(m) if m.contains("max_waiting")),
+            "{busy:?}"
+        );
+        // A waiting request whose client left frees its place.
+        drop(queued);
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while engine.waiting() > 0 {
+            assert!(Instant::now() < deadline, "the dropped request still waits");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let after = engine.submit(greedy(prompt, 4)).unwrap();
+        drop(running);
+        assert!(matches!(outcome(after).await, GenEvent::Done { .. }));
+        assert_eq!(engine.waiting(), 0);
     }
 
     #[test]

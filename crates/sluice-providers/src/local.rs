@@ -50,6 +50,10 @@ pub struct LocalConfig {
     /// Chat: `max_tokens` when the request sets none.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: usize,
+    /// Chat: most requests waiting for a place in the batch; more get a 429 (with
+    /// `Retry-After: 1`), which the router treats like a rate-limited deployment.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: usize,
     /// Chat: how the weights are held. `quantized` keeps the file's quantization (least memory);
     /// `f32` expands the matrices at load (4 bytes per weight), which on CPU is faster and makes
     /// batching pay; `q8_0` re-quantizes to 8 bits at load; `auto` (default) picks `f32` when that
@@ -102,6 +106,9 @@ fn yes() -> bool {
 fn default_max_tokens() -> usize {
     512
 }
+fn default_max_waiting() -> usize {
+    256
+}
 
 /// Sampling defaults when a request sets none (the usual defaults of local runtimes).
 const DEFAULT_TEMPERATURE: f32 = 0.8;
@@ -141,6 +148,9 @@ pub fn build(cfg: &LocalConfig) -> Result<Arc<dyn ChatProvider>, String> {
     if cfg.max_batch == 0 {
         return Err("max_batch: must be at least 1".into());
     }
+    if cfg.max_waiting == 0 {
+        return Err("max_waiting: must be at least 1".into());
+    }
     let engine = Engine::start(
         Arc::new(model),
         EngineConfig {
@@ -148,6 +158,7 @@ pub fn build(cfg: &LocalConfig) -> Result<Arc<dyn ChatProvider>, String> {
             max_kv_bytes: cfg.max_kv_mb.saturating_mul(1 << 20),
             threads,
             batching: cfg.batching,
+            max_waiting: cfg.max_waiting,
         },
     )
     .map_err(|e| e.to_string())?;
@@ -181,6 +192,12 @@ fn engine_error(e: EngineError) -> ProviderError {
             message: m,
             code: None,
             retry_after: None,
+        },
+        EngineError::Busy(m) => ProviderError::Status {
+            status: 429,
+            message: m,
+            code: Some("engine_busy".into()),
+            retry_after: Some(std::time::Duration::from_secs(1)),
         },
         other => ProviderError::Connect(other.to_string()),
     }
@@ -291,9 +308,15 @@ impl ChatProvider for LocalChat {
         "local"
     }
 
-    /// In-process: healthy while the process runs.
+    /// In-process: healthy while the engine thread runs.
     async fn health(&self) -> Result<(), ProviderError> {
-        Ok(())
+        if self.engine.is_running() {
+            Ok(())
+        } else {
+            Err(ProviderError::Connect(
+                "the local model engine has stopped".into(),
+            ))
+        }
     }
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
@@ -499,6 +522,15 @@ mod tests {
         drop(tx);
         let events: Vec<GenEvent> = gen_events(rx).collect().await;
         assert_eq!(events.len(), 1, "{events:?}");
+    }
+
+    #[test]
+    fn a_busy_engine_is_a_rate_limited_deployment() {
+        let e = engine_error(EngineError::Busy("full".into()));
+        assert_eq!(e.class(), sluice_core::error::ErrorClass::RateLimited);
+        assert_eq!(e.retry_after(), Some(std::time::Duration::from_secs(1)));
+        let e = engine_error(EngineError::Unavailable("gone".into()));
+        assert_eq!(e.class(), sluice_core::error::ErrorClass::ServerError);
     }
 
     #[test]
