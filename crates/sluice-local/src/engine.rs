@@ -218,6 +218,13 @@ impl Engine {
                 "max_tokens must be at least 1".into(),
             ));
         }
+        // Checked here so that a bad sequence never reaches a step, where it would fail the batch.
+        let vocab = self.model.tokenizer().vocab_size();
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::InvalidInput(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab}"
+            )));
+        }
         let need = req.prompt.len().saturating_add(req.max_tokens);
         if need > ctx {
             return Err(EngineError::ContextLength(format!(
@@ -655,6 +662,10 @@ pub(crate) mod tests {
         assert!(matches!(
             engine.submit(greedy(prompt.clone(), usize::MAX)),
             Err(EngineError::ContextLength(_))
+        ));
+        assert!(matches!(
+            engine.submit(greedy(vec![1, u32::MAX], 4)),
+            Err(EngineError::InvalidInput(m)) if m.contains("vocabulary")
         ));
         PANIC_NEXT_STEP.store(true, std::sync::atomic::Ordering::SeqCst);
         let failed = engine.submit(greedy(prompt.clone(), 4)).unwrap();
