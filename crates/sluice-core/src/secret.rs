@@ -45,9 +45,45 @@ impl fmt::Debug for SecretRef {
 
 impl<'de> Deserialize<'de> for SecretRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(SecretRef(String::deserialize(d)?))
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = SecretRef;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string (a secret, `env::VAR` or `file::PATH`)")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretRef, E> {
+                Ok(SecretRef(v.to_string()))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<SecretRef, E> {
+                Ok(SecretRef(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<SecretRef, E> {
+                Err(E::custom(NOT_TEXT))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<SecretRef, E> {
+                Err(E::custom(NOT_TEXT))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<SecretRef, E> {
+                Err(E::custom(NOT_TEXT))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<SecretRef, E> {
+                Err(E::custom(NOT_TEXT))
+            }
+        }
+        d.deserialize_any(Text)
     }
 }
+
+/// A secret written as a number (in a `SLUICE__…` variable, digits are read as one).
+const NOT_TEXT: &str = "a secret must be a string, and this one was read as a number or boolean; \
+    quote it (in a SLUICE__ variable: SLUICE__…='\"12345\"') or use `env::VAR`";
 
 impl SecretRef {
     pub fn literal(value: impl Into<String>) -> Self {

@@ -36,7 +36,7 @@ pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String>
     parse_time_or_duration(s, now, false, "15m")
 }
 
-/// Parses a time given as RFC 3339, or as a duration `N{s,m,h,d}` counted from `now` backwards
+/// Parses a time given as RFC 3339, as a date (its start, UTC), or as a duration `N{s,m,h,d}` counted from `now` backwards
 /// or (`forward`) forwards. `example` is the duration the error message suggests.
 pub fn parse_time_or_duration(
     s: &str,
@@ -48,15 +48,26 @@ pub fn parse_time_or_duration(
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
+    // A date alone: its start, UTC.
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is neither an RFC 3339 time nor a duration like {example}"))?;
+    let n: i64 = num.parse().map_err(|_| {
+        format!(
+            "`{s}` is neither an RFC 3339 time, a date (2026-12-05) nor a duration like {example}"
+        )
+    })?;
     let unit_secs = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
+        _ if num.is_empty() => {
+            return Err(format!(
+                "`{s}` is neither an RFC 3339 time, a date (2026-12-05) nor a duration like {example}"
+            ));
+        }
         _ => return Err(format!("`{s}`: the duration unit must be s, m, h or d")),
     };
     let delta = n
@@ -286,7 +297,13 @@ mod tests {
             now - chrono::Duration::days(2)
         );
         assert!(parse_since("2026-01-01T00:00:00Z", now).is_ok());
-        assert!(parse_since("soon", now).is_err());
-        assert!(parse_since("5y", now).is_err());
+        assert_eq!(
+            parse_since("2026-12-05", now).unwrap(),
+            "2026-12-05T00:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        let err = parse_since("soon", now).unwrap_err();
+        assert!(err.contains("a date"), "{err}");
+        assert!(parse_since("5y", now).unwrap_err().contains("unit"));
+        assert!(parse_since("2026-13-01", now).is_err());
     }
 }

@@ -75,7 +75,8 @@ impl sluice_server::Reload for Reloader {
         let mut providers = self.providers.lock();
         let raw = crate::config::load_raw(&self.source, &self.overrides)?;
         let old = self.gateway.router();
-        let cfg = Config::from_raw_reusing(self.source.clone(), raw, Some((&providers, &old)))?;
+        let cfg = Config::from_raw_reusing(self.source.clone(), raw, Some((&providers, &old)))
+            .map_err(|e| crate::config::in_source(e, &self.source))?;
         let models: Vec<String> = cfg.router.names().map(str::to_string).collect();
         let restart = if cfg.server != self.started_with.0
             || cfg.store != self.started_with.1
@@ -285,13 +286,13 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     reload_on_hangup(&state);
     let app = sluice_server::router(state.clone());
     drop(state);
-    println!(
+    sayln!(
         "sluice {} listening on http://{local}",
         env!("CARGO_PKG_VERSION")
     );
-    println!("  config: {source}");
-    println!("  store:  {store_url}");
-    println!(
+    sayln!("  config: {source}");
+    sayln!("  store:  {store_url}");
+    sayln!(
         "  models: {}",
         if models.is_empty() {
             "(none configured)".to_string()
@@ -300,11 +301,11 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         }
     );
     if mock_fallback {
-        println!(
+        sayln!(
             "  note:   no local models in {} — serving `mock-echo`, the mock provider (a test double that echoes your message, not a language model)",
             crate::models::models_dir(None).display()
         );
-        println!(
+        sayln!(
             "          run `sluice models pull all` to serve the local SmolLM2 chat model and MiniLM embedder"
         );
     }
@@ -351,7 +352,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
                 .display()
         ),
     };
-    println!(
+    sayln!(
         "sluice stopped: {} request records written{slow}{refused}",
         stats.written
     );

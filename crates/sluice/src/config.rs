@@ -133,8 +133,20 @@ pub fn load_raw(source: &Source, overrides: &Overrides) -> Result<RawConfig, Str
     match source {
         Source::File(p) => {
             if !p.is_file() {
+                let what = if p.is_dir() {
+                    "is a directory, not a file"
+                } else {
+                    "does not exist"
+                };
+                let from_env =
+                    std::env::var_os("SLUICE_CONFIG").is_some_and(|v| v == p.as_os_str());
+                let hint = if from_env {
+                    "unset SLUICE_CONFIG to use ./sluice.toml or the embedded default"
+                } else {
+                    "run without --config to use the embedded default"
+                };
                 return Err(format!(
-                    "config file `{}` does not exist (hint: run without --config to use the embedded default)",
+                    "config file `{}` {what} (hint: {hint})",
                     p.display()
                 ));
             }
@@ -153,21 +165,165 @@ pub fn load_raw(source: &Source, overrides: &Overrides) -> Result<RawConfig, Str
     if let Some(u) = &overrides.store_url {
         fig = fig.merge(("store.url", u.as_str()));
     }
-    fig.extract::<RawConfig>().map_err(figment_message)
+    fig.extract::<RawConfig>()
+        .map_err(|e| figment_message(with_provider_paths(&fig, e)))
 }
 
-/// One line per figment error, each with its key path.
+/// Errors inside a `[providers.NAME]` table come out of its `type`-tagged enum without the key
+/// they are about (`providers.p: invalid type…`): each such table is read again as the type it
+/// names, which finds the key (`providers.p.api_key: invalid type…`).
+fn with_provider_paths(fig: &Figment, err: figment::Error) -> figment::Error {
+    use sluice_providers::{anthropic, gemini, local, mock, openai};
+    let mut out: Option<figment::Error> = None;
+    for e in err {
+        let better = match e.path.as_slice() {
+            [providers, name] if providers == "providers" && !name.contains('.') => {
+                let table = fig.focus(&format!("providers.{name}"));
+                let kind: Option<String> = table.extract_inner("type").ok();
+                let found = match kind.as_deref() {
+                    Some("openai") => table.extract::<SkipType<openai::OpenAiConfig>>().err(),
+                    Some("azure") => table.extract::<SkipType<openai::AzureConfig>>().err(),
+                    Some("anthropic") => table
+                        .extract::<SkipType<anthropic::AnthropicConfig>>()
+                        .err(),
+                    Some("gemini") => table.extract::<SkipType<gemini::GeminiConfig>>().err(),
+                    Some("local") => table.extract::<SkipType<local::LocalConfig>>().err(),
+                    Some("mock") => table.extract::<SkipType<mock::MockConfig>>().err(),
+                    _ => None,
+                };
+                found.map(|mut f| {
+                    f.path.splice(0..0, [providers.clone(), name.clone()]);
+                    f
+                })
+            }
+            _ => None,
+        };
+        let e = better.unwrap_or(e);
+        out = Some(match out {
+            None => e,
+            Some(prev) => prev.chain(e),
+        });
+    }
+    out.unwrap_or_else(|| figment::Error::from("invalid configuration".to_string()))
+}
+
+/// Deserializes `T` from a table, leaving out its `type` key (which the tagged enum reads).
+struct SkipType<T>(#[allow(dead_code)] T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for SkipType<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize(skip_type::Table(d)).map(SkipType)
+    }
+}
+
+mod skip_type {
+    use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    /// A deserializer of a table whose `type` key is skipped.
+    pub struct Table<D>(pub D);
+
+    impl<'de, D: Deserializer<'de>> Deserializer<'de> for Table<D> {
+        type Error = D::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+            self.0.deserialize_map(Skip(v))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+            identifier ignored_any
+        }
+    }
+
+    struct Skip<V>(V);
+
+    impl<'de, V: Visitor<'de>> Visitor<'de> for Skip<V> {
+        type Value = V::Value;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            self.0.expecting(f)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+            self.0.visit_map(Entries(map))
+        }
+    }
+
+    struct Entries<A>(A);
+
+    impl<'de, A: MapAccess<'de>> MapAccess<'de> for Entries<A> {
+        type Error = A::Error;
+
+        fn next_key_seed<K: DeserializeSeed<'de>>(
+            &mut self,
+            seed: K,
+        ) -> Result<Option<K::Value>, A::Error> {
+            let mut seed = Some(seed);
+            loop {
+                match self.0.next_key_seed(Key(&mut seed))? {
+                    None => return Ok(None),
+                    Some(Some(k)) => return Ok(Some(k)),
+                    // `type`: skip its value.
+                    Some(None) => {
+                        self.0.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+        }
+
+        fn next_value_seed<S: DeserializeSeed<'de>>(
+            &mut self,
+            seed: S,
+        ) -> Result<S::Value, A::Error> {
+            self.0.next_value_seed(seed)
+        }
+    }
+
+    /// A key: `None` for `type`, else what the table's own seed makes of it.
+    struct Key<'a, K>(&'a mut Option<K>);
+
+    impl<'de, K: DeserializeSeed<'de>> DeserializeSeed<'de> for Key<'_, K> {
+        type Value = Option<K::Value>;
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            use serde::de::IntoDeserializer;
+            let name = String::deserialize(d)?;
+            if name == "type" {
+                return Ok(None);
+            }
+            let Some(seed) = self.0.take() else {
+                return Err(de::Error::custom("a key was read twice"));
+            };
+            seed.deserialize(name.into_deserializer()).map(Some)
+        }
+    }
+
+    use serde::Deserialize;
+}
+
+/// One line per figment error, each with its key path and where the value came from (the file,
+/// or the `SLUICE__…` variable).
 fn figment_message(err: figment::Error) -> String {
     err.into_iter()
         .map(|e| {
             let path = e.path.join(".");
-            let kind = e.kind.to_string();
-            let origin = e
-                .metadata
-                .as_ref()
-                .and_then(|m| m.source.as_ref())
-                .map(|s| format!(" (in {s})"))
-                .unwrap_or_default();
+            let kind = describe_kind(&e.kind);
+            let origin = match e.metadata.as_ref() {
+                Some(m) if m.source.is_some() => m
+                    .source
+                    .as_ref()
+                    .map(|s| format!(" (in {s})"))
+                    .unwrap_or_default(),
+                Some(m) if m.name.contains("environment variable") && !e.path.is_empty() => {
+                    let var: Vec<String> = e.path.iter().map(|k| k.to_ascii_uppercase()).collect();
+                    format!(
+                        " (from the environment variable SLUICE__{})",
+                        var.join("__")
+                    )
+                }
+                _ => String::new(),
+            };
             if path.is_empty() {
                 format!("{kind}{origin}")
             } else {
@@ -176,6 +332,75 @@ fn figment_message(err: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// A figment error's kind in one line, in the file's terms (keys and tables, not Rust types).
+fn describe_kind(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    let one_of = |names: &[&str]| {
+        if names.is_empty() {
+            "none are allowed here".to_string()
+        } else {
+            let names: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+            format!("expected one of {}", names.join(", "))
+        }
+    };
+    match kind {
+        Kind::UnknownField(found, expected) => {
+            format!("unknown key `{found}`; {}", one_of(expected))
+        }
+        Kind::UnknownVariant(found, expected) => {
+            format!("unknown value `{found}`; {}", one_of(expected))
+        }
+        Kind::InvalidType(actual, expected) => {
+            format!(
+                "invalid type: found {actual}, expected {}",
+                plain_type(expected)
+            )
+        }
+        Kind::InvalidValue(actual, expected) => {
+            format!(
+                "invalid value: found {actual}, expected {}",
+                plain_type(expected)
+            )
+        }
+        Kind::MissingField(name) => format!("missing key `{name}`"),
+        // Parse errors (TOML's carry a source snippet over several lines): one line, without the
+        // snippet.
+        other => other
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('|') && !is_snippet_line(l))
+            .collect::<Vec<_>>()
+            .join(": "),
+    }
+}
+
+/// `1 | [server` or `|        ^`: a line of a parse error's source snippet.
+fn is_snippet_line(line: &str) -> bool {
+    let digits = line.bytes().take_while(u8::is_ascii_digit).count();
+    digits > 0 && line[digits..].trim_start().starts_with('|')
+}
+
+/// Serde's name for an expected type, as a reader of the file would say it.
+fn plain_type(expected: &str) -> String {
+    match expected {
+        e if e.starts_with("struct ") || e == "a map" => "a table".into(),
+        "usize" | "u8" | "u16" | "u32" | "u64" => "a whole number of 0 or more".into(),
+        "isize" | "i8" | "i16" | "i32" | "i64" => "a whole number".into(),
+        "f32" | "f64" => "a number".into(),
+        e if e.starts_with("a sequence") => "a list".into(),
+        e => e.to_string(),
+    }
+}
+
+/// A validation error of a configuration read from a file names the file, as parse errors do.
+pub fn in_source(message: String, source: &Source) -> String {
+    match source {
+        Source::File(p) => format!("{message} (in {})", p.display()),
+        Source::EmbeddedDefault => message,
+    }
 }
 
 /// The validated configuration: every reference resolved, every provider built.
@@ -302,7 +527,11 @@ impl Config {
             if !raw.models.contains_key(m) {
                 return Err(format!(
                     "limits.models.{m}: no model `{m}`; configured models: {}",
-                    raw.models.keys().cloned().collect::<Vec<_>>().join(", ")
+                    if raw.models.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        raw.models.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
                 ));
             }
         }
@@ -328,7 +557,7 @@ impl Config {
     pub fn load(flag: Option<&Path>, overrides: &Overrides) -> Result<Config, String> {
         let source = locate(flag);
         let raw = load_raw(&source, overrides)?;
-        Config::from_raw(source, raw)
+        Config::from_raw(source.clone(), raw).map_err(|e| in_source(e, &source))
     }
 }
 

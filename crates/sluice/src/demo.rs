@@ -53,16 +53,17 @@ pub async fn run() -> anyhow::Result<()> {
             .await
     });
 
-    println!(
+    outln!(
         "Sluice demo — a real gateway on {base}, store {}",
         db.display()
     );
-    println!("Responses come from the built-in MOCK provider: a deterministic test double that");
-    println!(
+    outln!("Responses come from the built-in MOCK provider: a deterministic test double that");
+    outln!(
         "echoes your last message. It is not a language model; no API key or network is used.\n"
     );
 
-    let http = reqwest::Client::new();
+    // The demo talks to its own loopback gateway: never through a proxy from the environment.
+    let http = reqwest::Client::builder().no_proxy().build()?;
 
     step("GET /v1/models");
     let models: Value = http
@@ -75,7 +76,7 @@ pub async fn run() -> anyhow::Result<()> {
         .as_array()
         .map(|a| a.iter().filter_map(|m| m["id"].as_str()).collect())
         .unwrap_or_default();
-    println!("  models: {}", names.join(", "));
+    outln!("  models: {}", names.join(", "));
 
     step("POST /v1/chat/completions (priced-echo)");
     let resp = http
@@ -90,9 +91,9 @@ pub async fn run() -> anyhow::Result<()> {
     let id = header(&resp, "x-sluice-request-id");
     let cost = header(&resp, "x-sluice-cost-usd");
     let body: Value = resp.json().await?;
-    println!("  answer: {}", body["choices"][0]["message"]["content"]);
-    println!("  usage:  {}", body["usage"]);
-    println!("  x-sluice-request-id: {id}\n  x-sluice-cost-usd:   {cost}");
+    outln!("  answer: {}", body["choices"][0]["message"]["content"]);
+    outln!("  usage:  {}", body["usage"]);
+    outln!("  x-sluice-request-id: {id}\n  x-sluice-cost-usd:   {cost}");
 
     step("POST /v1/chat/completions, stream: true (40 tokens/s)");
     let resp = http
@@ -105,7 +106,7 @@ pub async fn run() -> anyhow::Result<()> {
         }))
         .send()
         .await?;
-    print!("  ");
+    out!("  ");
     let mut stream = resp.bytes_stream();
     let mut buf = String::new();
     while let Some(chunk) = stream.next().await {
@@ -116,16 +117,16 @@ pub async fn run() -> anyhow::Result<()> {
                 && let Ok(v) = serde_json::from_str::<Value>(data)
             {
                 if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
-                    print!("{t}");
+                    out!("{t}");
                     std::io::stdout().flush().ok();
                 }
                 if !v["usage"].is_null() {
-                    print!("\n  usage: {}", v["usage"]);
+                    out!("\n  usage: {}", v["usage"]);
                 }
             }
         }
     }
-    println!();
+    outln!();
 
     step("POST /v1/messages (Anthropic-compatible ingress)");
     let msg: Value = http
@@ -140,7 +141,7 @@ pub async fn run() -> anyhow::Result<()> {
         .await?
         .json()
         .await?;
-    println!("  {}", msg["content"][0]["text"]);
+    outln!("  {}", msg["content"][0]["text"]);
 
     step("Errors: an unknown model, and an upstream failure on demand");
     for (model, text) in [
@@ -154,7 +155,7 @@ pub async fn run() -> anyhow::Result<()> {
             .await?;
         let status = resp.status();
         let body: Value = resp.json().await?;
-        println!("  {status}: {}", body["error"]["message"]);
+        outln!("  {status}: {}", body["error"]["message"]);
     }
 
     step("The request log (GET /api/requests)");
@@ -166,7 +167,7 @@ pub async fn run() -> anyhow::Result<()> {
         .json()
         .await?;
     for r in log["data"].as_array().into_iter().flatten().rev() {
-        println!(
+        outln!(
             "  {:<16} {:<11} {:<9} {:>3}  tokens {:>2}/{:<2}  ttft {:>6}  cost ${:.8}",
             r["endpoint"].as_str().unwrap_or(""),
             r["model"].as_str().unwrap_or(""),
@@ -192,7 +193,7 @@ pub async fn run() -> anyhow::Result<()> {
     for line in metrics.lines().filter(|l| {
         l.starts_with("sluice_requests_total") || l.starts_with("sluice_cost_usd_total")
     }) {
-        println!("  {line}");
+        outln!("  {line}");
     }
 
     let _ = stop_tx.send(());
@@ -200,7 +201,7 @@ pub async fn run() -> anyhow::Result<()> {
     let state = running.state;
     drop(state);
     let stats = running.writer.drain(Duration::from_secs(5)).await;
-    println!(
+    outln!(
         "\nDone: {} request records written. Run `sluice serve` to start the gateway for real.",
         stats.written
     );
@@ -208,7 +209,7 @@ pub async fn run() -> anyhow::Result<()> {
 }
 
 fn step(title: &str) {
-    println!("\n▶ {title}");
+    outln!("\n▶ {title}");
 }
 
 fn header(resp: &reqwest::Response, name: &str) -> String {

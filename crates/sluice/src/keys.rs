@@ -448,6 +448,10 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 serde_json::json!({"name": key.name, "role": key.role, "models": key.models}),
             )
             .await?;
+            crate::output_at_stake(Some(format!(
+                "key {} was created but its secret, shown only once, did not reach the output; revoke it with `sluice keys revoke {}` and create another",
+                key.id, key.id
+            )));
             if args.json {
                 let mut v = to_json(&key, now);
                 v["key"] = Value::String(secret);
@@ -462,6 +466,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 );
                 outln!("Clients send it as `Authorization: Bearer <key>` (or `x-api-key: <key>`).");
             }
+            crate::output_at_stake(None);
         }
         KeysCommand::List { json } => {
             let keys = open(store_url).await?.list_keys().await?;
@@ -525,6 +530,10 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 .get_key(&id)
                 .await?
                 .with_context(|| format!("key `{id}` vanished after it was rotated"))?;
+            crate::output_at_stake(Some(format!(
+                "key {} was rotated but its new secret, shown only once, did not reach the output; rotate it again with `sluice keys rotate {}`",
+                k.id, k.id
+            )));
             if json {
                 let mut v = to_json(&k, now);
                 v["key"] = Value::String(fresh.key);
@@ -541,6 +550,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                     "The old key no longer works (running gateways stop accepting it within a second)."
                 );
             }
+            crate::output_at_stake(None);
         }
     }
     Ok(())

@@ -24,7 +24,8 @@ pub struct LogsArgs {
     #[arg(long)]
     pub since: Option<String>,
     /// How many records (newest last).
-    #[arg(long, short = 'n', default_value_t = 20)]
+    #[arg(long, short = 'n', default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub limit: u32,
     /// Keep printing new records as they arrive.
     #[arg(long, short = 'f')]
@@ -121,13 +122,28 @@ pub async fn run(store_url: &str, max_connections: u32, args: LogsArgs) -> anyho
     let store = sluice_store::open(store_url, max_connections)
         .await
         .with_context(|| format!("opening the store at {store_url}"))?;
-    let q = query(&args, args.limit.clamp(1, 1000))?;
+    let q = query(&args, args.limit)?;
     let mut rows = store.list(&q).await?;
     rows.reverse();
     for r in &rows {
         print(r, args.json);
     }
     if !args.follow {
+        if rows.is_empty() && !args.json {
+            let filtered = args.model.is_some()
+                || args.status.is_some()
+                || args.user.is_some()
+                || args.key.is_some()
+                || args.since.is_some();
+            outln!(
+                "{}",
+                if filtered {
+                    "no requests match these filters"
+                } else {
+                    "no requests logged yet; send one to the gateway (`sluice serve`) first"
+                }
+            );
+        }
         return Ok(());
     }
     let mut seen: HashSet<uuid::Uuid> = rows.iter().map(|r| r.id).collect();

@@ -24,20 +24,58 @@ macro_rules! out {
     };
 }
 
+/// `println!` for status lines of a long-running command (`serve`): a closed or full stdout does
+/// not stop it.
+macro_rules! sayln {
+    ($($arg:tt)*) => {
+        $crate::say_line(format_args!($($arg)*))
+    };
+}
+
 /// Writes a line to stdout; exits quietly if the reader has gone.
 fn out_line(args: std::fmt::Arguments<'_>) {
     out_text(format_args!("{args}\n"));
 }
 
-/// Writes to stdout; exits quietly if the reader has gone.
+/// What a failed write to stdout loses beyond the output itself (a new key's secret, shown once),
+/// said with the error.
+static OUTPUT_AT_STAKE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Sets (or clears) what the next writes to stdout must not lose silently.
+fn output_at_stake(what: Option<String>) {
+    *OUTPUT_AT_STAKE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = what;
+}
+
+/// Writes to stdout. If the reader has gone, exits quietly (as other Unix tools do) unless the
+/// output was the only copy of something ([`output_at_stake`]); any other failure (a full disk)
+/// is an error, exit status 1.
 fn out_text(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush())
-        && e.kind() == std::io::ErrorKind::BrokenPipe
-    {
-        std::process::exit(0);
+    let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) else {
+        return;
+    };
+    let stake = OUTPUT_AT_STAKE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    match stake {
+        Some(hint) => eprintln!("error: writing to stdout: {e}\nhint: {hint}"),
+        None if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        None => eprintln!("error: writing to stdout: {e}"),
     }
+    std::process::exit(1);
+}
+
+/// Writes a status line to stdout, ignoring a closed or full stdout.
+fn say_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_fmt(format_args!("{args}\n"))
+        .and_then(|()| stdout.flush());
 }
 
 mod app;
@@ -189,6 +227,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -243,8 +282,14 @@ async fn main() -> ExitCode {
             command: ConfigCommand::Check,
         } => match Config::load(cli.config.as_deref(), &Overrides::default()) {
             Ok(c) => {
+                // `serve` would refuse this configuration in this environment.
+                if let Ok(addr) = c.server.addr()
+                    && let Err(e) = app::check_exposure(addr, &app::admin_key())
+                {
+                    return fail(&format!("{e:#}"));
+                }
                 let providers = c.provider_kinds.len();
-                println!(
+                outln!(
                     "config OK ({}): {} provider{}, {} model{}; listen {}; store {}",
                     c.source,
                     providers,

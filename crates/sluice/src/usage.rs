@@ -66,12 +66,10 @@ fn table(dims: &[UsageDim], rows: &[UsageRow], total: Option<&UsageRow>) -> Stri
     for r in rows {
         lines.push(line(r.group.iter().map(cell).collect(), r));
     }
-    if let Some(t) = total {
+    // With no dimensions the one row is the total already.
+    if let Some(t) = total.filter(|_| !dims.is_empty()) {
         let mut label = vec!["TOTAL".to_string()];
         label.extend((1..dims.len()).map(|_| String::new()));
-        if dims.is_empty() {
-            label.clear();
-        }
         lines.push(line(label, t));
     }
     let cols = lines[0].len();
@@ -114,11 +112,16 @@ pub async fn run(url: &str, args: UsageArgs) -> anyhow::Result<()> {
         group_by: Some(args.group_by.clone()),
     };
     let q = params.to_query(chrono::Utc::now()).map_err(|e| {
-        anyhow::anyhow!(
-            "--{} {}",
-            e.param.as_deref().unwrap_or("args").replace('_', "-"),
-            e.message
-        )
+        // The API's words for its parameters, as this command's flags.
+        let message = ["since", "until", "key", "user", "team", "model", "group_by"]
+            .iter()
+            .fold(e.message.clone(), |m, p| {
+                m.replace(&format!("`{p}`"), &format!("--{}", p.replace('_', "-")))
+            });
+        match e.param.as_deref() {
+            Some(p) => anyhow::anyhow!("--{}: {message}", p.replace('_', "-")),
+            None => anyhow::anyhow!("{message}"),
+        }
     })?;
     crate::logs::require_log(url)?;
     let stores = sluice_store::open_all(url, 2)

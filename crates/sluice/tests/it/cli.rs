@@ -94,6 +94,102 @@ fn config_check_reports_key_paths() {
     assert!(out.contains("embedded default"), "{out}");
 }
 
+/// Every configuration error is one line naming the key and where its value came from.
+#[test]
+fn config_errors_name_the_key_and_its_origin_on_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, text: &str, env: &[(&str, &str)]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["config", "check", "--config"])
+            .arg(&path)
+            .current_dir(dir.path())
+            .env_remove("SLUICE_CONFIG")
+            .env_remove("SLUICE_ADMIN_KEY");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(err.lines().count(), 1, "{name}: {err}");
+        err
+    };
+    // A TOML syntax error: one line, no source snippet.
+    let err = check("syntax.toml", "[server\nlisten = 1\n", &[]);
+    assert!(
+        err.starts_with("error: TOML parse error at line 1") && err.contains("(in "),
+        "{err}"
+    );
+    // Inside a provider's table: the key itself, not just the table.
+    let err = check(
+        "provider.toml",
+        "[providers.p]\ntype = \"openai\"\ntimeouts = { connect_secs = \"x\" }\n",
+        &[],
+    );
+    assert!(
+        err.starts_with("error: providers.p.timeouts.connect_secs: invalid type"),
+        "{err}"
+    );
+    let err = check(
+        "weights.toml",
+        "[providers.l]\ntype = \"local\"\npath = \"/x\"\nweights = \"q4\"\n",
+        &[],
+    );
+    assert!(
+        err.starts_with("error: providers.l.weights: unknown value `q4`; expected one of `auto`"),
+        "{err}"
+    );
+    // A value from the environment names its variable; a secret read as a number says what to do.
+    let err = check(
+        "env.toml",
+        "[providers.p]\ntype = \"openai\"\n",
+        &[("SLUICE__PROVIDERS__P__API_KEY", "12345")],
+    );
+    assert!(
+        err.contains("providers.p.api_key: a secret must be a string"),
+        "{err}"
+    );
+    assert!(
+        err.contains("(from the environment variable SLUICE__PROVIDERS__P__API_KEY)"),
+        "{err}"
+    );
+    // Errors found after parsing name the file too.
+    let err = check("listen.toml", "[server]\nlisten = \"nowhere\"\n", &[]);
+    assert!(err.starts_with("error: server.listen:"), "{err}");
+    assert!(err.trim_end().ends_with("listen.toml)"), "{err}");
+}
+
+/// A new key's secret is printed once: if it cannot be, the command fails and says how to
+/// recover, instead of exiting 0 with the secret lost.
+#[test]
+fn a_secret_that_cannot_be_printed_is_an_error() {
+    if !std::path::Path::new("/dev/full").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/keys.db", dir.path().display());
+    let out = Command::new(BIN)
+        .args(["keys", "create", "--name", "lost", "--store", &store])
+        .current_dir(dir.path())
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error: writing to stdout"), "{err}");
+    assert!(err.contains("sluice keys revoke"), "{err}");
+    // Other output to a full disk is an error too, not a silent success.
+    let out = Command::new(BIN)
+        .args(["keys", "list", "--store", &store])
+        .current_dir(dir.path())
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
 #[test]
 fn environment_overrides_the_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -152,6 +248,28 @@ async fn logs_prints_the_request_log() {
     .unwrap();
     assert_eq!(code, 0);
     assert!(out.contains(&ids[2]) && !out.contains(&ids[0]), "{out}");
+    // Nothing matches: it says so (and `--json` stays empty); a count out of range is refused.
+    let store = s.store_url.clone();
+    let dir = s.dir().to_path_buf();
+    let (none, none_json, zero) = tokio::task::spawn_blocking(move || {
+        (
+            run(&["logs", "--store", &store, "--user", "nobody"], &dir),
+            run(
+                &["logs", "--json", "--store", &store, "--user", "nobody"],
+                &dir,
+            ),
+            run(&["logs", "--store", &store, "-n", "0"], &dir),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (none.0, none.1.trim()),
+        (0, "no requests match these filters")
+    );
+    assert_eq!((none_json.0, none_json.1.as_str()), (0, ""));
+    assert_eq!(zero.0, 2);
+    assert!(zero.2.contains("1..=1000"), "{}", zero.2);
 
     let dir = tempfile::tempdir().unwrap();
     let (code, _, err) = run(&["logs"], dir.path());
