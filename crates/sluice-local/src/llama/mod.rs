@@ -18,11 +18,11 @@
 //! use sluice_local::llama::{LlamaModel, Sampler, SamplingParams, TemplateMessage};
 //! # fn main() -> Result<(), sluice_local::llama::LocalError> {
 //! let model = LlamaModel::load("model.gguf".as_ref())?;
-//! let prompt = model.chat_template_or_default().render(
+//! // The chat template rendered, control tokens typed in the messages kept as text.
+//! let tokens = model.chat_prompt(
 //!     &[TemplateMessage::new("user", "What is the capital of France?")],
 //!     true,
 //! )?;
-//! let tokens = model.tokenizer().encode(&prompt, false)?;
 //! let mut cache = model.new_cache();
 //! let mut logits = model.prefill(&mut cache, &tokens)?;
 //! let mut sampler = Sampler::new(SamplingParams::greedy());
