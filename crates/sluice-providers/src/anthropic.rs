@@ -129,7 +129,6 @@ impl ChatProvider for Anthropic {
                     Err(e)
                 }
                 Some(Ok(ev)) => {
-                    let is_stop = ev.event == "message_stop";
                     match serde_json::from_str::<StreamEvent>(&ev.data) {
                         Err(e) => {
                             done = true;
@@ -139,22 +138,27 @@ impl ChatProvider for Anthropic {
                                 http::snippet(ev.data.as_bytes())
                             )))
                         }
-                        Ok(event) => match dec.on_event(event) {
-                            Ok(chunks) => {
-                                done = is_stop;
-                                Ok(chunks)
+                        Ok(event) => {
+                            // By the event's own `type` (a compatible server may send no
+                            // `event:` line).
+                            let is_stop = matches!(event, StreamEvent::MessageStop);
+                            match dec.on_event(event) {
+                                Ok(chunks) => {
+                                    done = is_stop;
+                                    Ok(chunks)
+                                }
+                                Err(e) => {
+                                    done = true;
+                                    let code = wire::stream_error_kind(&e.0).map(str::to_string);
+                                    Err(ProviderError::Status {
+                                        status: http::stream_error_status(code.as_deref()),
+                                        message: e.0,
+                                        code,
+                                        retry_after: None,
+                                    })
+                                }
                             }
-                            Err(e) => {
-                                done = true;
-                                let code = wire::stream_error_kind(&e.0).map(str::to_string);
-                                Err(ProviderError::Status {
-                                    status: http::stream_error_status(code.as_deref()),
-                                    message: e.0,
-                                    code,
-                                    retry_after: None,
-                                })
-                            }
-                        },
+                        }
                     }
                 }
             };

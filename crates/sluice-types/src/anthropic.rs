@@ -618,6 +618,17 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
     if req.n.is_some_and(|n| n > 1) {
         return Err(err("n > 1 is not supported by Anthropic models"));
     }
+    if let Some(kind) = req
+        .response_format
+        .as_ref()
+        .and_then(|rf| rf.get("type"))
+        .and_then(Value::as_str)
+        .filter(|k| *k != "text")
+    {
+        return Err(err(format!(
+            "response_format `{kind}` is not supported by Anthropic models (describe the JSON in the prompt, or use a tool with an input_schema)"
+        )));
+    }
 
     let mut system: Vec<String> = Vec::new();
     let mut messages: Vec<AnthropicMessage> = Vec::new();
@@ -705,10 +716,11 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
         None
     };
 
+    // Anthropic refuses stop sequences of whitespace alone (`"\n"`): they are left out.
     let stop: Vec<String> = req
         .stop_sequences()
         .into_iter()
-        .filter(|s| !s.is_empty())
+        .filter(|s| !s.trim().is_empty())
         .collect();
 
     Ok(MessagesRequest {
@@ -767,7 +779,8 @@ fn push_blocks(
 fn user_blocks(content: Option<&Content>, i: usize) -> Result<Vec<ContentBlock>, TranslateError> {
     match content {
         None => Ok(Vec::new()),
-        Some(Content::Text(s)) if s.is_empty() => Ok(Vec::new()),
+        // Anthropic refuses text blocks of whitespace alone.
+        Some(Content::Text(s)) if s.trim().is_empty() => Ok(Vec::new()),
         Some(Content::Text(s)) => Ok(vec![ContentBlock::text(s.clone())]),
         Some(Content::Parts(parts)) => {
             let mut blocks = Vec::new();
@@ -785,7 +798,7 @@ fn part_to_block(part: &ContentPart, i: usize) -> Result<Option<ContentBlock>, T
         "text" => Ok(part
             .text
             .as_ref()
-            .filter(|t| !t.is_empty())
+            .filter(|t| !t.trim().is_empty())
             .map(|t| ContentBlock::text(t.clone()))),
         "image_url" => {
             let url = part
@@ -857,7 +870,7 @@ fn parse_data_url(url: &str) -> Option<(String, String)> {
 fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<ContentBlock>, TranslateError> {
     let mut blocks = Vec::new();
     let text = m.text_content();
-    if !text.is_empty() {
+    if !text.trim().is_empty() {
         blocks.push(ContentBlock::text(text));
     }
     for tc in m.tool_calls.iter().flatten() {
@@ -1579,10 +1592,22 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
     let choice = resp.choices.first();
     let mut content = Vec::new();
     if let Some(c) = choice {
-        if let Some(text) = c.message.content.as_deref().filter(|t| !t.is_empty()) {
+        // No text blocks of whitespace alone (a client that sends the message back to an
+        // Anthropic model would be refused).
+        if let Some(text) = c
+            .message
+            .content
+            .as_deref()
+            .filter(|t| !t.trim().is_empty())
+        {
             content.push(ContentBlock::text(text));
         }
-        if let Some(refusal) = c.message.refusal.as_deref().filter(|t| !t.is_empty()) {
+        if let Some(refusal) = c
+            .message
+            .refusal
+            .as_deref()
+            .filter(|t| !t.trim().is_empty())
+        {
             content.push(ContentBlock::text(refusal));
         }
         for tc in c.message.tool_calls.iter().flatten() {
@@ -1675,8 +1700,11 @@ pub struct StreamEncoder {
     finished: bool,
     next_index: u32,
     open: Option<OpenBlock>,
-    /// OpenAI tool-call index → content-block index.
-    tools: HashMap<u32, u32>,
+    /// OpenAI tool-call index → content-block index and the call's id.
+    tools: HashMap<u32, (u32, Option<String>)>,
+    /// Whitespace that came before any visible text of a text block: sent with the first visible
+    /// text, dropped if none comes (a block of whitespace alone is refused when sent back).
+    held_whitespace: String,
     finish_reason: Option<String>,
     /// The stop sequence the completion ended on, when its finishing chunk named one.
     stop_sequence: Option<String>,
@@ -1696,6 +1724,7 @@ impl StreamEncoder {
             next_index: 0,
             open: None,
             tools: HashMap::new(),
+            held_whitespace: String::new(),
             finish_reason: None,
             stop_sequence: None,
             usage: None,
@@ -1823,6 +1852,19 @@ impl StreamEncoder {
     }
 
     fn text(&mut self, text: &str, out: &mut Vec<StreamEvent>) {
+        let mut held = String::new();
+        if !matches!(self.open, Some(OpenBlock::Text(_))) {
+            if text.trim().is_empty() {
+                self.held_whitespace.push_str(text);
+                return;
+            }
+            held = std::mem::take(&mut self.held_whitespace);
+        }
+        let text = if held.is_empty() {
+            text.to_string()
+        } else {
+            held + text
+        };
         let index = match self.open {
             Some(OpenBlock::Text(index)) => index,
             _ => {
@@ -1838,30 +1880,37 @@ impl StreamEncoder {
         };
         out.push(StreamEvent::ContentBlockDelta {
             index,
-            delta: BlockDelta::TextDelta {
-                text: text.to_string(),
-            },
+            delta: BlockDelta::TextDelta { text },
         });
     }
 
     fn tool_call(&mut self, call: &ToolCallDelta, out: &mut Vec<StreamEvent>) {
         let function = call.function.as_ref();
-        let index = match self.tools.get(&call.index) {
-            Some(&index) => index,
+        let id = call.id.as_deref().filter(|id| !id.is_empty());
+        let known = match self.tools.get(&call.index) {
+            // A different id at a known index is another call: some servers (Ollama) send every
+            // call at index 0.
+            Some((index, seen)) if id.is_none() || seen.as_deref() == id => Some(*index),
+            _ => None,
+        };
+        let index = match known {
+            Some(index) => index,
             None => {
                 self.close_open(out);
+                self.held_whitespace.clear();
                 let index = self.next_block();
-                let id = call
-                    .id
-                    .clone()
-                    .filter(|id| !id.is_empty())
-                    .unwrap_or_else(|| fresh_id("toolu_"));
+                let block_id = id.map_or_else(|| fresh_id("toolu_"), str::to_string);
                 let name = function.and_then(|f| f.name.clone()).unwrap_or_default();
                 out.push(StreamEvent::ContentBlockStart {
                     index,
-                    content_block: ContentBlock::tool_use(id, name, Value::Object(Map::new())),
+                    content_block: ContentBlock::tool_use(
+                        block_id,
+                        name,
+                        Value::Object(Map::new()),
+                    ),
                 });
-                self.tools.insert(call.index, index);
+                self.tools
+                    .insert(call.index, (index, id.map(str::to_string)));
                 self.open = Some(OpenBlock::Tool(index));
                 index
             }
@@ -2594,6 +2643,133 @@ mod tests {
 
         assert!(encoder.finish().is_empty(), "finish is idempotent");
         assert!(encoder.on_chunk(&text_then_tools_chunks()[1]).is_empty());
+    }
+
+    /// The blocks an encoder emits for `chunks`: (`text` or the tool's id, its text or arguments).
+    fn encoded_blocks(chunks: &[Value]) -> Vec<(String, String)> {
+        let mut encoder = StreamEncoder::new("c", "m");
+        let mut blocks: Vec<(String, String)> = Vec::new();
+        let mut events = Vec::new();
+        for c in chunks {
+            events.extend(encoder.on_chunk(&chunk(c.clone())));
+        }
+        events.extend(encoder.finish());
+        for ev in events {
+            match ev {
+                StreamEvent::ContentBlockStart {
+                    index,
+                    content_block,
+                } => {
+                    assert_eq!(index as usize, blocks.len());
+                    let kind = match content_block {
+                        ContentBlock::Text { .. } => "text".to_string(),
+                        ContentBlock::ToolUse { id, .. } => id,
+                        other => panic!("unexpected {other:?}"),
+                    };
+                    blocks.push((kind, String::new()));
+                }
+                StreamEvent::ContentBlockDelta { index, delta } => {
+                    let (BlockDelta::TextDelta { text: piece }
+                    | BlockDelta::InputJsonDelta {
+                        partial_json: piece,
+                    }) = delta
+                    else {
+                        panic!("unexpected delta");
+                    };
+                    blocks[index as usize].1.push_str(&piece);
+                }
+                _ => {}
+            }
+        }
+        blocks
+    }
+
+    #[test]
+    fn stream_encoder_opens_no_block_of_whitespace_alone() {
+        let delta =
+            |d: Value| json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": d}]});
+        // Whitespace before a tool call: no text block (it would be refused when sent back).
+        let blocks = encoded_blocks(&[
+            delta(json!({"content": "\n\n"})),
+            delta(
+                json!({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": "{}"}}]}),
+            ),
+        ]);
+        assert_eq!(blocks, [("call_1".to_string(), "{}".to_string())]);
+        // Whitespace before text goes with the text.
+        let blocks = encoded_blocks(&[
+            delta(json!({"content": "\n"})),
+            delta(json!({"content": " "})),
+            delta(json!({"content": "Hi"})),
+            delta(json!({"content": "\n"})),
+        ]);
+        assert_eq!(blocks, [("text".to_string(), "\n Hi\n".to_string())]);
+    }
+
+    #[test]
+    fn stream_encoder_separates_calls_that_share_an_index() {
+        // Ollama sends every call at index 0: a new id is a new call.
+        let call = |id: Option<&str>, args: &str| {
+            let mut c = json!({"index": 0, "function": {"arguments": args}});
+            if let Some(id) = id {
+                c["id"] = json!(id);
+                c["function"]["name"] = json!("f");
+            }
+            json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [c]}}]})
+        };
+        let blocks = encoded_blocks(&[
+            call(Some("a"), "{\"p\":"),
+            call(None, "\"x\"}"),
+            call(Some("b"), "{\"p\":\"y\"}"),
+        ]);
+        assert_eq!(
+            blocks,
+            [
+                ("a".to_string(), "{\"p\":\"x\"}".to_string()),
+                ("b".to_string(), "{\"p\":\"y\"}".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn egress_leaves_out_what_anthropic_refuses_and_refuses_what_it_cannot_do() {
+        let req = chat_request(json!({
+            "model": "claude", "stop": ["\n", " ", "END"],
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "\n"},
+                {"role": "user", "content": [{"type": "text", "text": "  "}, {"type": "text", "text": "Go"}]}
+            ]
+        }));
+        let body = serde_json::to_value(request_from_openai(&req).unwrap()).unwrap();
+        assert_eq!(body["stop_sequences"], json!(["END"]));
+        // The assistant's whitespace is gone; the user turns around it merge.
+        let messages = body["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 1, "{body:#}");
+        let texts: Vec<&str> = messages[0]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|b| b["text"].as_str())
+            .collect();
+        assert_eq!(texts, ["Hi", "Go"]);
+
+        for (field, value) in [
+            ("response_format", json!({"type": "json_object"})),
+            (
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+            ),
+        ] {
+            let mut body =
+                json!({"model": "claude", "messages": [{"role": "user", "content": "Hi"}]});
+            body[field] = value;
+            let e = request_from_openai(&chat_request(body)).unwrap_err();
+            assert!(e.0.contains("not supported by Anthropic"), "{field}: {e}");
+        }
+        let text = json!({"model": "claude", "response_format": {"type": "text"},
+                          "messages": [{"role": "user", "content": "Hi"}]});
+        assert!(request_from_openai(&chat_request(text)).is_ok());
     }
 
     #[test]

@@ -1134,6 +1134,78 @@ async fn anthropic_refuses_n_greater_than_one() {
     assert_eq!(rec["endpoint"], "chat.completions", "{rec:#}");
 }
 
+/// An Anthropic-compatible server that sends its stream events as `data:` lines alone (no
+/// `event:` names): the stream ends at the `message_stop` event, complete and without an error.
+#[tokio::test]
+async fn an_anthropic_stream_without_event_names_ends_at_message_stop() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                // The head, then the body its Content-Length announces.
+                loop {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let events = [
+                    json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 5, "output_tokens": 0}}}),
+                    json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}}),
+                    json!({"type": "content_block_stop", "index": 0}),
+                    json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 1}}),
+                    json!({"type": "message_stop"}),
+                ];
+                let body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(body.as_bytes()).await;
+                // Held open a while: the stream must end at `message_stop`, not at the close.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            });
+        }
+    });
+    let sluice = Sluice::start(&provider_config(
+        "anthropic",
+        &format!("http://{addr}"),
+        &[PLAIN],
+    ))
+    .await;
+    let (id, events) = chat_stream(
+        &sluice,
+        &json!({"model": format!("m-{PLAIN}"), "messages": user("Hi"), "stream": true}),
+    )
+    .await;
+    let chunks = chunks(&events);
+    assert_eq!(delta_text(&chunks), "Hello");
+    assert!(
+        chunks.iter().all(|c| c.get("error").is_none()),
+        "{chunks:#?}"
+    );
+    assert_eq!(events.last().map(|(_, d)| d.as_str()), Some("[DONE]"));
+    let rec = sluice.record(&id).await;
+    assert_eq!(rec["status"], "ok", "{rec:#}");
+}
+
 /// An OpenAI upstream gets the request as the client sent it, with only `model` replaced.
 #[tokio::test]
 async fn openai_upstream_receives_unknown_fields_untouched() {
