@@ -53,6 +53,7 @@ error_codes! {
     UpstreamError => 502, "upstream_error", "upstream_error";
     UpstreamProtocol => 502, "upstream_error", "upstream_protocol_error";
     UpstreamAuth => 502, "upstream_error", "upstream_auth_failed";
+    UpstreamOverloaded => 503, "upstream_error", "upstream_overloaded";
     Unavailable => 503, "server_error", "service_unavailable";
     NoHealthyDeployment => 503, "server_error", "no_healthy_deployment";
     StateUnavailable => 503, "server_error", "shared_state_unavailable";
@@ -153,6 +154,8 @@ impl ProviderError {
                     422 => ErrorCode::UnsupportedParameter,
                     429 => ErrorCode::UpstreamRateLimited,
                     408 | 504 => ErrorCode::UpstreamTimeout,
+                    // Anthropic's `overloaded_error`, OpenAI's "engine is overloaded".
+                    503 | 529 => ErrorCode::UpstreamOverloaded,
                     _ => ErrorCode::UpstreamError,
                 };
                 let msg = match code {
@@ -328,7 +331,10 @@ mod tests {
         assert_eq!(e(400).to_error("p").code, ErrorCode::UpstreamBadRequest);
         assert_eq!(e(401).to_error("p").code, ErrorCode::UpstreamAuth);
         assert_eq!(e(429).to_error("p").code.status(), 429);
-        assert_eq!(e(503).to_error("p").code.status(), 502);
+        assert_eq!(e(500).to_error("p").code.status(), 502);
+        assert_eq!(e(503).to_error("p").code, ErrorCode::UpstreamOverloaded);
+        assert_eq!(e(529).to_error("p").code, ErrorCode::UpstreamOverloaded);
+        assert_eq!(e(529).to_error("p").code.status(), 503);
         assert!(e(401).to_error("p").message.contains("api_key"));
     }
 

@@ -63,13 +63,25 @@ pub fn openai_body(e: &Error) -> ErrorBody {
 
 /// The Anthropic error body for an error.
 pub fn anthropic_body(e: &Error) -> ErrorResponse {
-    ErrorResponse::for_status(e.code.status(), public_message(e))
+    ErrorResponse::for_status(anthropic_status(e.code), public_message(e))
+}
+
+/// The HTTP status an Anthropic client gets for a code: an overloaded upstream is Anthropic's
+/// own 529 `overloaded_error`, which its SDKs know to retry.
+pub fn anthropic_status(code: ErrorCode) -> u16 {
+    match code {
+        ErrorCode::UpstreamOverloaded => 529,
+        c => c.status(),
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.error.code.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let code = match self.flavor {
+            Flavor::OpenAi => self.error.code.status(),
+            Flavor::Anthropic => anthropic_status(self.error.code),
+        };
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
         if self.error.code == ErrorCode::Internal {
             tracing::error!(error = %self.error.message, "internal error");
         }
@@ -92,5 +104,20 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overloaded_upstream_is_anthropics_529_for_anthropic_clients() {
+        let e = Error::new(ErrorCode::UpstreamOverloaded, "busy");
+        let r = ApiError::anthropic(e.clone()).into_response();
+        assert_eq!(r.status().as_u16(), 529);
+        assert_eq!(anthropic_body(&e).error.kind, "overloaded_error");
+        let r = ApiError::openai(e).into_response();
+        assert_eq!(r.status().as_u16(), 503);
     }
 }
