@@ -375,6 +375,24 @@ impl Gateway {
         self.router.read().clone()
     }
 
+    /// The prompt tokens of a request to a configured model the key may use, counted with the
+    /// tokenizer of the model's first deployment (as records count them when an upstream reports
+    /// no usage). Nothing is called and nothing is logged.
+    pub fn count_prompt_tokens(
+        &self,
+        key: Option<&sluice_core::keys::VirtualKey>,
+        req: &ChatRequest,
+    ) -> Result<u64, Error> {
+        allowed(key, &req.model)?;
+        let router = self.router();
+        let group = Self::resolve(&router, &req.model)?;
+        let model = group
+            .deployments
+            .first()
+            .map_or(req.model.as_str(), |d| d.dep.upstream_model());
+        Ok(tokens::estimate_prompt(model, req))
+    }
+
     /// Replaces the router atomically; in-flight requests finish on the old one.
     pub fn swap_router(&self, router: Router) {
         router.start_health_checks();

@@ -17,6 +17,34 @@ use crate::SharedState;
 use crate::error::{ApiError, anthropic_body};
 use crate::openai::{read_json, set_cost, set_headers, set_route, sse_response};
 
+/// `POST /v1/messages/count_tokens`: the prompt tokens of a Messages request (its body without
+/// `max_tokens`), counted with the tokenizer of the model's first deployment. Nothing is sent
+/// upstream and nothing is logged.
+pub async fn count_tokens(State(state): State<SharedState>, req: Request) -> Response {
+    match count(&state, req).await {
+        Ok(n) => Json(serde_json::json!({ "input_tokens": n })).into_response(),
+        Err(e) => ApiError::anthropic(e).into_response(),
+    }
+}
+
+async fn count(state: &SharedState, req: Request) -> Result<u64, Error> {
+    let (parts, body) = req.into_parts();
+    let key = parts
+        .extensions
+        .get::<crate::keys::KeyContext>()
+        .map(|k| k.0.clone());
+    let bytes = crate::body::read(&parts.headers, body, state.max_body_bytes).await?;
+    let mut value: serde_json::Value = crate::body::parse(&bytes)?;
+    // The count takes no `max_tokens`; the request type wants one.
+    if let Some(obj) = value.as_object_mut() {
+        obj.entry("max_tokens").or_insert(1.into());
+    }
+    let msg: MessagesRequest = serde_json::from_value(value)
+        .map_err(|e| Error::invalid(format!("the request is not a Messages request: {e}")))?;
+    let chat = wire::request_to_openai(&msg).map_err(|e| Error::invalid(e.0))?;
+    state.gateway.count_prompt_tokens(key.as_deref(), &chat)
+}
+
 pub async fn messages(State(state): State<SharedState>, req: Request) -> Response {
     let (ctx, msg) = match read_json::<MessagesRequest>(&state, req, "messages").await {
         Ok(v) => v,

@@ -157,6 +157,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/models/{*id}", get(openai::get_model))
         .route("/v1/messages", post(anthropic::messages))
         .route("/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/messages/count_tokens", post(anthropic::count_tokens))
         .route_layer(middleware::from_fn_with_state(state.clone(), v1_auth));
     let api = Router::new()
         .route("/api/requests", get(admin::list_requests))
@@ -468,15 +470,19 @@ async fn metrics(State(state): State<SharedState>) -> Response {
 }
 
 async fn not_found(req: Request) -> Response {
-    ApiError::openai(Error::new(
+    let path = req.uri().path();
+    let e = Error::new(
         ErrorCode::NotFound,
         format!(
-            "no route for {} {}; see /v1/chat/completions, /v1/messages, /v1/embeddings, /v1/models, /api/requests, /api/deployments, /metrics",
+            "no route for {} {path}; see /v1/chat/completions, /v1/messages, /v1/messages/count_tokens, /v1/embeddings, /v1/models, /api/requests, /api/deployments, /metrics",
             req.method(),
-            req.uri().path()
         ),
-    ))
-    .into_response()
+    );
+    // Under the Anthropic routes, an Anthropic SDK reads the answer.
+    if path.starts_with("/v1/messages/") || path.starts_with("/messages/") {
+        return ApiError::anthropic(e).into_response();
+    }
+    ApiError::openai(e).into_response()
 }
 
 async fn method_not_allowed(req: Request) -> Response {

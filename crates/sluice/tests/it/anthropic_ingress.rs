@@ -479,3 +479,61 @@ async fn malformed_json_is_invalid_request_error() {
     assert_eq!(rec["error_code"], "invalid_json", "{rec:#}");
     assert_eq!(upstream.request_count(), 0);
 }
+
+/// `POST /v1/messages/count_tokens`, as the Anthropic SDK's `messages.count_tokens()` calls it:
+/// the prompt's tokens, with nothing sent upstream or logged; errors in the Anthropic shape.
+#[tokio::test]
+async fn count_tokens_counts_without_calling_the_upstream() {
+    let (upstream, sluice) = setup().await;
+    let count = |body: Value| {
+        let url = sluice.url("/v1/messages/count_tokens");
+        async move {
+            let resp = reqwest::Client::new()
+                .post(url)
+                .header("x-api-key", "sk-ant-anything")
+                .header("anthropic-version", "2023-06-01")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let short =
+        json!({"model": format!("m-{PLAIN}"), "messages": [{"role": "user", "content": "Hello"}]});
+    let (status, body) = count(short.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let n = body["input_tokens"].as_u64().expect("input_tokens");
+    assert!(n > 0, "{body}");
+    // A system prompt and a longer message count more.
+    let long = json!({"model": format!("m-{PLAIN}"), "system": "You are terse.",
+                      "messages": [{"role": "user", "content": "Hello there, how are you doing today?"}]});
+    let (_, body) = count(long).await;
+    assert!(body["input_tokens"].as_u64().unwrap() > n, "{body}");
+    assert_eq!(upstream.request_count(), 0, "nothing reached the upstream");
+    assert_eq!(sluice.list("").await["data"].as_array().unwrap().len(), 0);
+
+    let (status, body) =
+        count(json!({"model": "nope", "messages": [{"role": "user", "content": "Hi"}]})).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(
+        (body["type"].as_str(), body["error"]["type"].as_str()),
+        (Some("error"), Some("not_found_error")),
+        "{body}"
+    );
+    let (status, body) = count(json!({"model": format!("m-{PLAIN}")})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+
+    // Any other path under the Anthropic routes is an Anthropic-shaped 404.
+    let resp = reqwest::Client::new()
+        .post(sluice.url("/v1/messages/batches"))
+        .json(&short)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "not_found_error", "{body}");
+}
