@@ -13,6 +13,7 @@ use serde::Deserialize;
 use sluice_core::ProviderError;
 use sluice_core::provider::{ChatProvider, ChunkStream};
 use sluice_core::secret::{Secret, SecretRef};
+use sluice_types::anthropic::THINKING_BLOCKS;
 use sluice_types::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse,
     StreamOptions,
@@ -211,13 +212,13 @@ impl ChatProvider for OpenAi {
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
         let url = self.url(&req.model, "chat")?;
-        let adjusted = self.official.then(|| for_official(req)).flatten();
+        let adjusted = self.adjusted(req);
         let request = http::post_json(&url, &self.headers, adjusted.as_ref().unwrap_or(req))?;
         self.client.json(request, self.timeouts.request).await
     }
 
     async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
-        let mut body = match self.official.then(|| for_official(req)).flatten() {
+        let mut body = match self.adjusted(req) {
             Some(b) => b,
             None => req.clone(),
         };
@@ -239,6 +240,26 @@ impl ChatProvider for OpenAi {
         let url = self.url(&req.model, "embeddings")?;
         let request = http::post_json(&url, &self.headers, req)?;
         self.client.json(request, self.timeouts.request).await
+    }
+}
+
+impl OpenAi {
+    /// The request as this upstream takes it, when it needs changing: [`for_official`] on
+    /// OpenAI's own API; and, on any, without the Anthropic thinking blocks an assistant message
+    /// may carry from `/v1/messages` (signed data only Anthropic reads).
+    fn adjusted(&self, req: &ChatRequest) -> Option<ChatRequest> {
+        let mut out = self.official.then(|| for_official(req)).flatten();
+        if req
+            .messages
+            .iter()
+            .any(|m| m.extra.contains_key(THINKING_BLOCKS))
+        {
+            let o = out.get_or_insert_with(|| req.clone());
+            for m in &mut o.messages {
+                m.extra.remove(THINKING_BLOCKS);
+            }
+        }
+        out
     }
 }
 
@@ -344,6 +365,37 @@ fn openai_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anthropic_thinking_blocks_are_not_sent_to_openai_compatible_servers() {
+        let local = OpenAi::new(&OpenAiConfig {
+            base_url: "http://localhost:8000/v1".into(),
+            api_key: None,
+            headers: BTreeMap::new(),
+            stream_usage: true,
+            timeouts: HttpSettings::default(),
+        })
+        .unwrap();
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "m", "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "ok", "reasoning_content": "r",
+                 "thinking_blocks": [{"type": "thinking", "thinking": "t", "signature": "s"}]},
+                {"role": "user", "content": "more"}
+            ]
+        }))
+        .unwrap();
+        let out = serde_json::to_value(local.adjusted(&req).expect("changed")).unwrap();
+        assert!(out["messages"][1].get("thinking_blocks").is_none(), "{out}");
+        // Everything else is as it was.
+        assert_eq!(out["messages"][1]["reasoning_content"], "r");
+        assert_eq!(out["messages"][2]["content"], "more");
+        let plain: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .unwrap();
+        assert!(local.adjusted(&plain).is_none());
+    }
 
     #[test]
     fn openais_own_api_gets_max_completion_tokens_and_no_top_k() {

@@ -504,6 +504,30 @@ pub fn error_type_for_status(status: u16) -> &'static str {
 // Shared helpers
 // ---------------------------------------------------------------------------------------------
 
+/// The field of an OpenAI-shaped assistant message (and stream delta) that carries Anthropic
+/// thinking blocks as they are (`thinking` with its `signature`, `redacted_thinking` with its
+/// `data`): Anthropic wants them back unchanged in the next turn of a tool-using conversation with
+/// extended thinking, and refuses the turn without them.
+pub const THINKING_BLOCKS: &str = "thinking_blocks";
+
+/// The thinking blocks an OpenAI-shaped message carries that Anthropic can take back: signed
+/// `thinking` blocks and `redacted_thinking` blocks (one with no signature came from another
+/// model, and Anthropic would refuse it).
+fn signed_thinking_blocks(extra: &Extra) -> Vec<ContentBlock> {
+    let Some(Value::Array(blocks)) = extra.get(THINKING_BLOCKS) else {
+        return Vec::new();
+    };
+    blocks
+        .iter()
+        .filter_map(|b| serde_json::from_value::<ContentBlock>(b.clone()).ok())
+        .filter(|b| match b {
+            ContentBlock::Thinking { signature, .. } => !signature.is_empty(),
+            ContentBlock::RedactedThinking { .. } => true,
+            _ => false,
+        })
+        .collect()
+}
+
 fn err(msg: impl Into<String>) -> TranslateError {
     TranslateError(msg.into())
 }
@@ -868,7 +892,8 @@ fn parse_data_url(url: &str) -> Option<(String, String)> {
 }
 
 fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<ContentBlock>, TranslateError> {
-    let mut blocks = Vec::new();
+    // Thinking comes first in an assistant turn.
+    let mut blocks = signed_thinking_blocks(&m.extra);
     let text = m.text_content();
     if !text.trim().is_empty() {
         blocks.push(ContentBlock::text(text));
@@ -980,7 +1005,14 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
     let mut text = String::new();
     let mut reasoning = String::new();
     let mut tool_calls = Vec::new();
+    let mut thinking_blocks = Vec::new();
     for block in resp.content {
+        if matches!(
+            block,
+            ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. }
+        ) {
+            thinking_blocks.push(serde_json::to_value(&block).unwrap_or(Value::Null));
+        }
         match block {
             ContentBlock::Text { text: t, .. } => text.push_str(&t),
             ContentBlock::ToolUse {
@@ -1000,6 +1032,9 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
     let mut message_extra = Extra::new();
     if !reasoning.is_empty() {
         message_extra.insert("reasoning_content".into(), Value::String(reasoning));
+    }
+    if !thinking_blocks.is_empty() {
+        message_extra.insert(THINKING_BLOCKS.into(), Value::Array(thinking_blocks));
     }
     let usage = resp.usage.as_ref().map(|u| {
         openai_usage(
@@ -1070,6 +1105,9 @@ pub struct StreamDecoder {
     cache_creation: u64,
     /// Content-block index → OpenAI tool-call index, and whether any of its arguments were sent.
     tool_blocks: HashMap<u32, (u32, bool)>,
+    /// Content-block index → the thinking block so far (its text and signature), sent whole as a
+    /// [`THINKING_BLOCKS`] delta when it stops.
+    thinking_blocks: HashMap<u32, (String, String)>,
     stopped: bool,
     /// Whether the stream reported any usage (absent usage is not zero usage).
     saw_usage: bool,
@@ -1092,6 +1130,7 @@ impl StreamDecoder {
             cache_read: 0,
             cache_creation: 0,
             tool_blocks: HashMap::new(),
+            thinking_blocks: HashMap::new(),
             stopped: false,
             saw_usage: false,
         }
@@ -1140,8 +1179,21 @@ impl StreamDecoder {
                 ContentBlock::Text { text, .. } if !text.is_empty() => {
                     out.push(self.text_chunk(text));
                 }
-                ContentBlock::Thinking { thinking, .. } if !thinking.is_empty() => {
-                    out.push(self.reasoning_chunk(thinking));
+                ContentBlock::Thinking {
+                    thinking,
+                    signature,
+                    ..
+                } => {
+                    self.thinking_blocks
+                        .insert(index, (thinking.clone(), signature));
+                    if !thinking.is_empty() {
+                        out.push(self.reasoning_chunk(thinking));
+                    }
+                }
+                ContentBlock::RedactedThinking { data, .. } => {
+                    out.push(self.thinking_blocks_chunk(json!({
+                        "type": "redacted_thinking", "data": data
+                    })));
                 }
                 ContentBlock::ToolUse {
                     id, name, input, ..
@@ -1171,7 +1223,15 @@ impl StreamDecoder {
                     out.push(self.text_chunk(text));
                 }
                 BlockDelta::ThinkingDelta { thinking } if !thinking.is_empty() => {
+                    if let Some((text, _)) = self.thinking_blocks.get_mut(&index) {
+                        text.push_str(&thinking);
+                    }
                     out.push(self.reasoning_chunk(thinking));
+                }
+                BlockDelta::SignatureDelta { signature } => {
+                    if let Some((_, sig)) = self.thinking_blocks.get_mut(&index) {
+                        sig.push_str(&signature);
+                    }
                 }
                 BlockDelta::InputJsonDelta { partial_json } => {
                     let (tool_index, sent) = self.tool_blocks.get_mut(&index).ok_or_else(|| {
@@ -1228,6 +1288,11 @@ impl StreamDecoder {
                 )));
             }
             StreamEvent::ContentBlockStop { index } => {
+                if let Some((thinking, signature)) = self.thinking_blocks.remove(&index) {
+                    out.push(self.thinking_blocks_chunk(json!({
+                        "type": "thinking", "thinking": thinking, "signature": signature
+                    })));
+                }
                 // A tool called without arguments streams none (an empty `partial_json` at
                 // most); its arguments are then the empty object, as in a whole response.
                 if let Some((tool_index, sent)) = self.tool_blocks.get_mut(&index)
@@ -1266,6 +1331,16 @@ impl StreamDecoder {
         delta
             .extra
             .insert("reasoning_content".into(), Value::String(thinking));
+        self.chunk(delta, None)
+    }
+
+    /// A chunk carrying one whole thinking block (in [`THINKING_BLOCKS`]), after its text was
+    /// streamed as `reasoning_content`.
+    fn thinking_blocks_chunk(&self, block: Value) -> ChatCompletionChunk {
+        let mut delta = Delta::default();
+        delta
+            .extra
+            .insert(THINKING_BLOCKS.into(), Value::Array(vec![block]));
         self.chunk(delta, None)
     }
 
@@ -1529,6 +1604,7 @@ fn is_base64_document(v: &Value) -> bool {
 fn assistant_to_openai(blocks: &[ContentBlock], i: usize) -> Result<Message, TranslateError> {
     let mut text = String::new();
     let mut tool_calls = Vec::new();
+    let mut thinking = Vec::new();
     for block in blocks {
         match block {
             ContentBlock::Text { text: t, .. } => text.push_str(t),
@@ -1542,7 +1618,10 @@ fn assistant_to_openai(blocks: &[ContentBlock], i: usize) -> Result<Message, Tra
                     arguments: arguments_json(input),
                 },
             }),
-            ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => {}
+            // Kept for an Anthropic upstream, which wants them back (signed) in a tool-use turn.
+            ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => {
+                thinking.push(serde_json::to_value(block).unwrap_or(Value::Null));
+            }
             other => {
                 return Err(err(format!(
                     "messages[{i}]: `{}` blocks in assistant messages are not supported",
@@ -1551,13 +1630,17 @@ fn assistant_to_openai(blocks: &[ContentBlock], i: usize) -> Result<Message, Tra
             }
         }
     }
+    let mut extra = Extra::new();
+    if !thinking.is_empty() {
+        extra.insert(THINKING_BLOCKS.into(), Value::Array(thinking));
+    }
     Ok(Message {
         role: Role::Assistant,
         content: (!text.is_empty() || tool_calls.is_empty()).then_some(Content::Text(text)),
         name: None,
         tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
         tool_call_id: None,
-        extra: Extra::new(),
+        extra,
     })
 }
 
@@ -1592,6 +1675,32 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
     let choice = resp.choices.first();
     let mut content = Vec::new();
     if let Some(c) = choice {
+        // Thinking first: the blocks an Anthropic upstream sent (signed), else the reasoning of
+        // another model as an unsigned block.
+        let blocks: Vec<ContentBlock> = match c.message.extra.get(THINKING_BLOCKS) {
+            Some(Value::Array(blocks)) => blocks
+                .iter()
+                .filter_map(|b| serde_json::from_value(b.clone()).ok())
+                .filter(|b| {
+                    matches!(
+                        b,
+                        ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. }
+                    )
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        if blocks.is_empty() {
+            if let Some(reasoning) = reasoning_text(&c.message.extra) {
+                content.push(ContentBlock::Thinking {
+                    thinking: reasoning.to_string(),
+                    signature: String::new(),
+                    extra: Extra::new(),
+                });
+            }
+        } else {
+            content.extend(blocks);
+        }
         // No text blocks of whitespace alone (a client that sends the message back to an
         // Anthropic model would be refused).
         if let Some(text) = c
@@ -1674,14 +1783,24 @@ fn tool_input(raw: &str) -> Value {
 enum OpenBlock {
     Text(u32),
     Tool(u32),
+    Thinking(u32),
 }
 
 impl OpenBlock {
     fn index(self) -> u32 {
         match self {
-            OpenBlock::Text(i) | OpenBlock::Tool(i) => i,
+            OpenBlock::Text(i) | OpenBlock::Tool(i) | OpenBlock::Thinking(i) => i,
         }
     }
+}
+
+/// The reasoning text of an OpenAI-shaped message or delta: `reasoning_content` (DeepSeek, vLLM,
+/// Sluice's own translations) or `reasoning` (OpenRouter, newer vLLM).
+fn reasoning_text(extra: &Extra) -> Option<&str> {
+    ["reasoning_content", "reasoning"]
+        .iter()
+        .find_map(|k| extra.get(*k).and_then(Value::as_str))
+        .filter(|t| !t.is_empty())
 }
 
 /// Translates OpenAI `chat.completion.chunk`s into Anthropic stream events (ingress streaming),
@@ -1750,6 +1869,14 @@ impl StreamEncoder {
         }
         for choice in chunk.choices.iter().filter(|c| c.index == 0) {
             let delta = &choice.delta;
+            if let Some(text) = reasoning_text(&delta.extra) {
+                self.thinking(text, &mut out);
+            }
+            if let Some(Value::Array(blocks)) = delta.extra.get(THINKING_BLOCKS) {
+                for b in blocks {
+                    self.thinking_block(b, &mut out);
+                }
+            }
             for text in [delta.content.as_deref(), delta.refusal.as_deref()]
                 .into_iter()
                 .flatten()
@@ -1882,6 +2009,80 @@ impl StreamEncoder {
             index,
             delta: BlockDelta::TextDelta { text },
         });
+    }
+
+    /// More reasoning: a `thinking` block's text.
+    fn thinking(&mut self, text: &str, out: &mut Vec<StreamEvent>) {
+        let index = match self.open {
+            Some(OpenBlock::Thinking(index)) => index,
+            _ => self.open_thinking(out),
+        };
+        out.push(StreamEvent::ContentBlockDelta {
+            index,
+            delta: BlockDelta::ThinkingDelta {
+                thinking: text.to_string(),
+            },
+        });
+    }
+
+    fn open_thinking(&mut self, out: &mut Vec<StreamEvent>) -> u32 {
+        self.close_open(out);
+        self.held_whitespace.clear();
+        let index = self.next_block();
+        out.push(StreamEvent::ContentBlockStart {
+            index,
+            content_block: ContentBlock::Thinking {
+                thinking: String::new(),
+                signature: String::new(),
+                extra: Extra::new(),
+            },
+        });
+        self.open = Some(OpenBlock::Thinking(index));
+        index
+    }
+
+    /// A whole thinking block from an Anthropic upstream (its text came as reasoning before): the
+    /// open thinking block gets its signature and closes; a redacted one is a block of its own.
+    fn thinking_block(&mut self, block: &Value, out: &mut Vec<StreamEvent>) {
+        match serde_json::from_value::<ContentBlock>(block.clone()) {
+            Ok(ContentBlock::Thinking {
+                thinking,
+                signature,
+                ..
+            }) => {
+                let index = match self.open {
+                    Some(OpenBlock::Thinking(index)) => index,
+                    _ => {
+                        let index = self.open_thinking(out);
+                        if !thinking.is_empty() {
+                            out.push(StreamEvent::ContentBlockDelta {
+                                index,
+                                delta: BlockDelta::ThinkingDelta { thinking },
+                            });
+                        }
+                        index
+                    }
+                };
+                if !signature.is_empty() {
+                    out.push(StreamEvent::ContentBlockDelta {
+                        index,
+                        delta: BlockDelta::SignatureDelta { signature },
+                    });
+                }
+                self.close_open(out);
+            }
+            Ok(redacted @ ContentBlock::RedactedThinking { .. }) => {
+                self.close_open(out);
+                self.held_whitespace.clear();
+                let index = self.next_block();
+                out.push(StreamEvent::ContentBlockStart {
+                    index,
+                    content_block: redacted,
+                });
+                out.push(StreamEvent::ContentBlockStop { index });
+            }
+            _ => {}
+        }
     }
 
     fn tool_call(&mut self, call: &ToolCallDelta, out: &mut Vec<StreamEvent>) {
@@ -2153,6 +2354,149 @@ mod tests {
             json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 42}}),
             json!({"type": "message_stop"}),
         ])
+    }
+
+    /// Extended thinking with tools, through Sluice from an Anthropic client to an Anthropic
+    /// upstream: the signed thinking block reaches the client whole (streamed or not), and the
+    /// client's next turn gives it back to the upstream unchanged, as Anthropic requires.
+    #[test]
+    fn signed_thinking_blocks_go_through_both_ways() {
+        let upstream = parse_events(vec![
+            json!({"type": "message_start", "message": {"id": "msg_t", "type": "message", "role": "assistant", "content": [], "model": "claude", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Need the "}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "weather."}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig-123"}}),
+            json!({"type": "content_block_stop", "index": 0}),
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "opaque"}}),
+            json!({"type": "content_block_stop", "index": 1}),
+            json!({"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}}),
+            json!({"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": "{\"city\":\"Paris\"}"}}),
+            json!({"type": "content_block_stop", "index": 2}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 20}}),
+            json!({"type": "message_stop"}),
+        ]);
+        let mut decoder = StreamDecoder::new();
+        let mut encoder = StreamEncoder::new("c", "claude");
+        let mut acc = ChunkAccumulator::default();
+        let mut events = Vec::new();
+        for ev in upstream {
+            for c in decoder.on_event(ev).unwrap() {
+                acc.push(&c);
+                events.extend(encoder.on_chunk(&c));
+            }
+        }
+        events.extend(encoder.finish());
+        // The client's stream: thinking (text, then signature), redacted thinking, the tool.
+        let blocks: Vec<Value> = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::ContentBlockStart { content_block, .. } => {
+                    Some(json!({"start": content_block.kind()}))
+                }
+                StreamEvent::ContentBlockDelta { delta, .. } => {
+                    Some(serde_json::to_value(delta).unwrap())
+                }
+                StreamEvent::ContentBlockStop { .. } => Some(json!("stop")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            blocks,
+            [
+                json!({"start": "thinking"}),
+                json!({"type": "thinking_delta", "thinking": "Need the "}),
+                json!({"type": "thinking_delta", "thinking": "weather."}),
+                json!({"type": "signature_delta", "signature": "sig-123"}),
+                json!("stop"),
+                json!({"start": "redacted_thinking"}),
+                json!("stop"),
+                json!({"start": "tool_use"}),
+                json!({"type": "input_json_delta", "partial_json": "{\"city\":\"Paris\"}"}),
+                json!("stop"),
+            ]
+        );
+        // Whole (not streamed), the same blocks come first.
+        let completion = acc.finish();
+        let whole = response_from_openai(&completion, "claude");
+        let whole = serde_json::to_value(&whole.content).unwrap();
+        assert_eq!(
+            whole[0],
+            json!({"type": "thinking", "thinking": "Need the weather.", "signature": "sig-123"})
+        );
+        assert_eq!(
+            whole[1],
+            json!({"type": "redacted_thinking", "data": "opaque"})
+        );
+        assert_eq!(whole[2]["type"], "tool_use");
+
+        // The client's next turn carries them back; the upstream gets them before the tool use.
+        let next: MessagesRequest = serde_json::from_value(json!({
+            "model": "claude", "max_tokens": 100,
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": whole},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}
+            ]
+        }))
+        .unwrap();
+        let chat = request_to_openai(&next).unwrap();
+        let upstream_body = serde_json::to_value(request_from_openai(&chat).unwrap()).unwrap();
+        let assistant = &upstream_body["messages"][1]["content"];
+        assert_eq!(assistant[0], whole[0], "{upstream_body:#}");
+        assert_eq!(assistant[1], whole[1], "{upstream_body:#}");
+        assert_eq!(assistant[2]["type"], "tool_use", "{upstream_body:#}");
+    }
+
+    /// Another model's reasoning reaches an Anthropic client as an unsigned thinking block; given
+    /// back, it is not sent to an Anthropic upstream (which would refuse it).
+    #[test]
+    fn unsigned_reasoning_is_shown_but_never_sent_to_anthropic() {
+        let completion: ChatCompletion = serde_json::from_value(json!({
+            "id": "c", "object": "chat.completion", "created": 1, "model": "deepseek-r1",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": "42", "reasoning_content": "Think."}}]
+        }))
+        .unwrap();
+        let out = serde_json::to_value(response_from_openai(&completion, "m").content).unwrap();
+        assert_eq!(
+            out[0],
+            json!({"type": "thinking", "thinking": "Think.", "signature": ""})
+        );
+        assert_eq!(out[1], json!({"type": "text", "text": "42"}));
+        let mut encoder = StreamEncoder::new("c", "m");
+        let chunk: ChatCompletionChunk = serde_json::from_value(json!({
+            "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"reasoning": "Hmm."}}]
+        }))
+        .unwrap();
+        let events = encoder.on_chunk(&chunk);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, StreamEvent::ContentBlockDelta {
+                delta: BlockDelta::ThinkingDelta { thinking }, ..
+            } if thinking == "Hmm.")),
+            "{events:?}"
+        );
+
+        let next: MessagesRequest = serde_json::from_value(json!({
+            "model": "claude", "max_tokens": 100,
+            "messages": [
+                {"role": "user", "content": "Q"},
+                {"role": "assistant", "content": out},
+                {"role": "user", "content": "More"}
+            ]
+        }))
+        .unwrap();
+        let body =
+            serde_json::to_value(request_from_openai(&request_to_openai(&next).unwrap()).unwrap())
+                .unwrap();
+        assert_eq!(
+            body["messages"][1]["content"],
+            json!([{"type": "text", "text": "42"}])
+        );
     }
 
     #[test]
