@@ -366,16 +366,21 @@ fn openai_chunks(
 mod tests {
     use super::*;
 
-    #[test]
-    fn anthropic_thinking_blocks_are_not_sent_to_openai_compatible_servers() {
-        let local = OpenAi::new(&OpenAiConfig {
+    /// A provider for an OpenAI-compatible server (not OpenAI's own API).
+    fn compatible_server() -> OpenAi {
+        OpenAi::new(&OpenAiConfig {
             base_url: "http://localhost:8000/v1".into(),
             api_key: None,
             headers: BTreeMap::new(),
             stream_usage: true,
             timeouts: HttpSettings::default(),
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn anthropic_thinking_blocks_are_not_sent_to_openai_compatible_servers() {
+        let local = compatible_server();
         let req: ChatRequest = serde_json::from_value(serde_json::json!({
             "model": "m", "messages": [
                 {"role": "user", "content": "hi"},
@@ -420,14 +425,7 @@ mod tests {
         assert!(is_openai_host("https://api.openai.com/v1"));
         assert!(!is_openai_host("http://127.0.0.1:8000/v1"));
         assert!(!is_openai_host("https://api.openai.com.example.net/v1"));
-        let local = OpenAi::new(&OpenAiConfig {
-            base_url: "http://localhost:8000/v1".into(),
-            api_key: None,
-            headers: BTreeMap::new(),
-            stream_usage: true,
-            timeouts: HttpSettings::default(),
-        })
-        .unwrap();
+        let local = compatible_server();
         assert!(
             !local.official,
             "compatible servers take max_tokens and top_k as they are"
