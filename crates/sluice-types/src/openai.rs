@@ -678,12 +678,21 @@ impl ChatCompletionChunk {
         }
     }
 
-    /// Whether the chunk carries any generated content (text, tool call or refusal).
+    /// Whether the chunk carries any generated content (text, tool call, refusal, or reasoning:
+    /// `reasoning_content` / `reasoning`, which a reasoning model may stream for a long time
+    /// before its answer).
     pub fn has_content(&self) -> bool {
         self.choices.iter().any(|c| {
             c.delta.content.as_deref().is_some_and(|s| !s.is_empty())
                 || c.delta.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
                 || c.delta.refusal.as_deref().is_some_and(|s| !s.is_empty())
+                || ["reasoning_content", "reasoning"].iter().any(|k| {
+                    c.delta
+                        .extra
+                        .get(*k)
+                        .and_then(Value::as_str)
+                        .is_some_and(|s| !s.is_empty())
+                })
         })
     }
 }
@@ -1134,6 +1143,23 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn reasoning_is_generated_content() {
+        let chunk = |delta: Value| -> ChatCompletionChunk {
+            serde_json::from_value(serde_json::json!({
+                "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": delta}]
+            }))
+            .unwrap()
+        };
+        assert!(chunk(serde_json::json!({"reasoning_content": "Let me think"})).has_content());
+        assert!(chunk(serde_json::json!({"reasoning": "Hmm"})).has_content());
+        assert!(
+            !chunk(serde_json::json!({"role": "assistant", "reasoning_content": ""})).has_content()
+        );
+        assert!(chunk(serde_json::json!({"content": "Hi"})).has_content());
+    }
     use serde_json::json;
 
     #[test]
