@@ -113,6 +113,8 @@ pub enum GenEvent {
         prompt_tokens: usize,
         completion_tokens: usize,
         finish_reason: FinishReason,
+        /// The stop string the text ended before, when one did.
+        stop_sequence: Option<String>,
     },
     Error(String),
 }
@@ -291,6 +293,8 @@ struct Seq {
     /// Text decoded so far, and how much of it was sent.
     text: String,
     sent: usize,
+    /// The stop string the text was cut at.
+    stopped_by: Option<String>,
     reserved: usize,
     events: mpsc::UnboundedSender<GenEvent>,
 }
@@ -446,6 +450,7 @@ impl Scheduler {
                 ignore_eos: req.ignore_eos,
                 text: String::new(),
                 sent: 0,
+                stopped_by: None,
                 reserved: need,
                 events,
             });
@@ -537,8 +542,9 @@ impl Scheduler {
         if let Some(piece) = seq.detok.push(tok) {
             seq.text.push_str(&piece);
         }
-        if let Some(cut) = find_stop(&seq.text, &seq.stop, seq.sent) {
+        if let Some((cut, which)) = find_stop(&seq.text, &seq.stop, seq.sent) {
             seq.text.truncate(cut);
+            seq.stopped_by = Some(std::mem::take(&mut seq.stop[which]));
             seq.stop.clear();
             // Bytes held back for an unfinished character come after the stop: dropped.
             let _ = seq.detok.finish();
@@ -568,7 +574,9 @@ impl Scheduler {
 
     fn finish(&mut self, mut seq: Seq, reason: FinishReason) {
         self.reserved -= seq.reserved;
-        close_text(&mut seq.text, &mut seq.detok, &seq.stop, seq.sent);
+        if let Some(which) = close_text(&mut seq.text, &mut seq.detok, &seq.stop, seq.sent) {
+            seq.stopped_by = Some(seq.stop[which].clone());
+        }
         if seq.text.len() > seq.sent {
             let _ = seq
                 .events
@@ -578,6 +586,7 @@ impl Scheduler {
             prompt_tokens: seq.prompt_len,
             completion_tokens: seq.generated,
             finish_reason: reason,
+            stop_sequence: seq.stopped_by.take(),
         });
     }
 }
@@ -585,15 +594,22 @@ impl Scheduler {
 /// The end of a sequence's text: what the detokenizer still holds (an unfinished character at
 /// the end-of-sequence token becomes U+FFFD, as [`decode`](crate::llama::GgufTokenizer::decode)
 /// gives it), cut at a stop string that it completes.
-fn close_text(text: &mut String, detok: &mut StreamDetokenizer, stop: &[String], sent: usize) {
+/// Returns the index of the stop string it cut at.
+fn close_text(
+    text: &mut String,
+    detok: &mut StreamDetokenizer,
+    stop: &[String],
+    sent: usize,
+) -> Option<usize> {
     text.push_str(&detok.finish());
-    if let Some(cut) = find_stop(text, stop, sent) {
-        text.truncate(cut);
-    }
+    let (cut, which) = find_stop(text, stop, sent)?;
+    text.truncate(cut);
+    Some(which)
 }
 
-/// The byte offset of the first stop string in `text`, searching from a little before `from`.
-fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
+/// The byte offset of the first stop string in `text`, searching from a little before `from`, and
+/// which stop string it is (the earliest; of two at one offset, the first listed).
+fn find_stop(text: &str, stops: &[String], from: usize) -> Option<(usize, usize)> {
     let longest = stops.iter().map(String::len).max()?;
     let mut start = from.saturating_sub(longest);
     while !text.is_char_boundary(start) {
@@ -601,8 +617,9 @@ fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
     }
     stops
         .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text[start..].find(s.as_str()).map(|i| start + i))
+        .enumerate()
+        .filter(|(_, s)| !s.is_empty())
+        .filter_map(|(k, s)| text[start..].find(s.as_str()).map(|i| (start + i, k)))
         .min()
 }
 
@@ -722,8 +739,9 @@ pub(crate) mod tests {
     fn stop_strings_are_found_across_pieces() {
         let stops = vec!["END".to_string(), "\n\n".to_string()];
         assert_eq!(find_stop("hello EN", &stops, 0), None);
-        assert_eq!(find_stop("hello END more", &stops, 6), Some(6));
-        assert_eq!(find_stop("a\n\nb", &stops, 1), Some(1));
+        assert_eq!(find_stop("hello END more", &stops, 6), Some((6, 0)));
+        assert_eq!(find_stop("a\n\nb", &stops, 1), Some((1, 1)));
+        assert_eq!(find_stop("x\n\nEND", &stops, 0), Some((1, 1)));
         assert_eq!(find_stop("héllo", &[], 0), None);
     }
 
@@ -740,7 +758,7 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(text, "a");
-        close_text(&mut text, &mut detok, &[], 1);
+        assert_eq!(close_text(&mut text, &mut detok, &[], 1), None);
         let ids = [byte(b'a'), byte(0xE4), byte(0xBD)];
         assert_eq!(text, t.decode(&ids).unwrap());
         assert_eq!(text, "a\u{FFFD}");
@@ -748,7 +766,10 @@ pub(crate) mod tests {
         let mut detok = t.stream_detokenizer();
         let mut text = "x".to_string();
         detok.push(byte(0xE4));
-        close_text(&mut text, &mut detok, &["\u{FFFD}".to_string()], 1);
+        assert_eq!(
+            close_text(&mut text, &mut detok, &["\u{FFFD}".to_string()], 1),
+            Some(0)
+        );
         assert_eq!(text, "x");
     }
 }

@@ -331,6 +331,7 @@ impl ChatProvider for LocalChat {
                     prompt_tokens,
                     completion_tokens,
                     finish_reason,
+                    stop_sequence,
                 } => {
                     return Ok(ChatCompletion {
                         id: completion_id(),
@@ -348,7 +349,7 @@ impl ChatProvider for LocalChat {
                             },
                             finish_reason: Some(finish_reason.as_openai().into()),
                             logprobs: None,
-                            extra: Extra::new(),
+                            extra: stop_reason_extra(stop_sequence),
                         }],
                         usage: Some(Usage::new(
                             prompt_tokens as u64,
@@ -380,13 +381,20 @@ impl ChatProvider for LocalChat {
                     prompt_tokens,
                     completion_tokens,
                     finish_reason,
+                    stop_sequence,
                 } => vec![
-                    Ok(ChatCompletionChunk::finish(
-                        &id,
-                        &model,
-                        created,
-                        finish_reason.as_openai(),
-                    )),
+                    Ok({
+                        let mut c = ChatCompletionChunk::finish(
+                            &id,
+                            &model,
+                            created,
+                            finish_reason.as_openai(),
+                        );
+                        if let Some(choice) = c.choices.first_mut() {
+                            choice.extra = stop_reason_extra(stop_sequence);
+                        }
+                        c
+                    }),
                     Ok(ChatCompletionChunk::usage_only(
                         &id,
                         &model,
@@ -400,6 +408,16 @@ impl ChatProvider for LocalChat {
         });
         Ok(Box::pin(futures::stream::iter([Ok(first)]).chain(chunks)))
     }
+}
+
+/// The stop string a generation ended before, as `stop_reason` on its choice (the field vLLM uses;
+/// `/v1/messages` clients get it as `stop_sequence`).
+fn stop_reason_extra(stop_sequence: Option<String>) -> Extra {
+    let mut extra = Extra::new();
+    if let Some(s) = stop_sequence {
+        extra.insert("stop_reason".into(), serde_json::Value::String(s));
+    }
+    extra
 }
 
 /// The engine's events for one request, ending after `Done` or `Error`. If the engine goes away
@@ -517,6 +535,7 @@ mod tests {
             prompt_tokens: 3,
             completion_tokens: 1,
             finish_reason: sluice_local::engine::FinishReason::Stop,
+            stop_sequence: None,
         })
         .unwrap();
         drop(tx);

@@ -112,6 +112,42 @@ async fn local_chat_answers_plain_and_streamed_identically() {
     assert_eq!(usage["completion_tokens"].as_u64(), Some(completion));
     let rec = s.record(&sid).await;
     assert!(rec["ttft_ms"].as_f64().unwrap() > 0.0);
+
+    // A stop string: the text ends before it, and the answer says which one it was.
+    let mut body = ask("What is the capital of France?", 24, false);
+    body["stop"] = json!(["Rome", "Paris"]);
+    let v: Value = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cut = answer.split("Paris").next().unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], cut, "{v:#}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["stop_reason"], "Paris", "{v:#}");
+    // An Anthropic client gets it as `stop_sequence`.
+    let m: Value = http
+        .post(s.url("/v1/messages"))
+        .json(&json!({
+            "model": "smol", "max_tokens": 24, "temperature": 0, "stop_sequences": ["Paris"],
+            "system": "You are a helpful assistant.",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (m["stop_reason"].as_str(), m["stop_sequence"].as_str()),
+        (Some("stop_sequence"), Some("Paris")),
+        "{m:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
