@@ -130,6 +130,10 @@ pub enum ProviderError {
     /// The request uses something this provider cannot do.
     #[error("{0}")]
     Unsupported(String),
+    /// The request is malformed in a way found while translating it for this provider (a tool
+    /// message without its `tool_call_id`): nothing was sent.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl ProviderError {
@@ -185,6 +189,7 @@ impl ProviderError {
                 format!("provider `{provider}` sent an invalid response: {m}"),
             ),
             ProviderError::Unsupported(m) => Error::new(ErrorCode::UnsupportedParameter, m.clone()),
+            ProviderError::Invalid(m) => Error::new(ErrorCode::InvalidRequest, m.clone()),
         }
     }
 }
@@ -259,7 +264,7 @@ impl ProviderError {
             },
             ProviderError::Timeout(_) => ErrorClass::Timeout,
             ProviderError::Connect(_) | ProviderError::Protocol(_) => ErrorClass::ServerError,
-            ProviderError::Unsupported(_) => ErrorClass::ClientError,
+            ProviderError::Unsupported(_) | ProviderError::Invalid(_) => ErrorClass::ClientError,
         }
     }
 

@@ -78,7 +78,7 @@ impl Anthropic {
 }
 
 fn translate(req: &ChatRequest, stream: bool) -> Result<wire::MessagesRequest, ProviderError> {
-    let mut body = wire::request_from_openai(req).map_err(|e| ProviderError::Unsupported(e.0))?;
+    let mut body = wire::request_from_openai(req).map_err(crate::translate_error)?;
     body.stream = stream.then_some(true);
     Ok(body)
 }

@@ -101,7 +101,7 @@ fn ends_stream(resp: &GenerateContentResponse) -> bool {
 }
 
 fn translate(req: &ChatRequest) -> Result<wire::GenerateContentRequest, ProviderError> {
-    wire::request_from_openai(req).map_err(|e| ProviderError::Unsupported(e.0))
+    wire::request_from_openai(req).map_err(crate::translate_error)
 }
 
 #[async_trait]

@@ -20,6 +20,14 @@ pub mod mock;
 pub mod openai;
 pub mod sse;
 
+/// A request that could not be translated for a provider: unsupported (422) or malformed (400).
+pub(crate) fn translate_error(e: sluice_types::TranslateError) -> sluice_core::ProviderError {
+    match e.1 {
+        sluice_types::TranslateKind::Unsupported => sluice_core::ProviderError::Unsupported(e.0),
+        sluice_types::TranslateKind::Invalid => sluice_core::ProviderError::Invalid(e.0),
+    }
+}
+
 /// One `[providers.NAME]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -529,7 +529,11 @@ fn signed_thinking_blocks(extra: &Extra) -> Vec<ContentBlock> {
 }
 
 fn err(msg: impl Into<String>) -> TranslateError {
-    TranslateError(msg.into())
+    TranslateError::unsupported(msg)
+}
+
+fn invalid(msg: impl Into<String>) -> TranslateError {
+    TranslateError::invalid(msg)
 }
 
 fn join_block_text(blocks: &[ContentBlock], sep: &str) -> String {
@@ -678,7 +682,7 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
                     .clone()
                     .filter(|id| !id.is_empty())
                     .ok_or_else(|| {
-                        err(format!("messages[{i}]: tool message has no tool_call_id"))
+                        invalid(format!("messages[{i}]: tool message has no tool_call_id"))
                     })?;
                 let content = match &m.content {
                     None => None,
@@ -829,7 +833,7 @@ fn part_to_block(part: &ContentPart, i: usize) -> Result<Option<ContentBlock>, T
                 .image_url
                 .as_ref()
                 .map(|u| u.url.as_str())
-                .ok_or_else(|| err(format!("messages[{i}]: image_url part has no url")))?;
+                .ok_or_else(|| invalid(format!("messages[{i}]: image_url part has no url")))?;
             Ok(Some(ContentBlock::Image {
                 source: image_source(url, i)?,
                 extra: Extra::new(),
@@ -847,8 +851,9 @@ fn part_to_block(part: &ContentPart, i: usize) -> Result<Option<ContentBlock>, T
                          Anthropic models"
                     ))
                 })?;
-            let (media_type, data) = parse_data_url(data_url)
-                .ok_or_else(|| err(format!("messages[{i}]: file_data is not a base64 data URL")))?;
+            let (media_type, data) = parse_data_url(data_url).ok_or_else(|| {
+                invalid(format!("messages[{i}]: file_data is not a base64 data URL"))
+            })?;
             Ok(Some(ContentBlock::Other(json!({
                 "type": "document",
                 "source": {"type": "base64", "media_type": media_type, "data": data}
@@ -863,7 +868,7 @@ fn part_to_block(part: &ContentPart, i: usize) -> Result<Option<ContentBlock>, T
 fn image_source(url: &str, i: usize) -> Result<ImageSource, TranslateError> {
     if url.starts_with("data:") {
         let (media_type, data) = parse_data_url(url).ok_or_else(|| {
-            err(format!(
+            invalid(format!(
                 "messages[{i}]: image data URL must be base64 with a media type"
             ))
         })?;
@@ -873,7 +878,7 @@ fn image_source(url: &str, i: usize) -> Result<ImageSource, TranslateError> {
             url: url.to_string(),
         })
     } else {
-        Err(err(format!(
+        Err(invalid(format!(
             "messages[{i}]: image URL must be a data: or http(s): URL"
         )))
     }
@@ -900,7 +905,7 @@ fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<ContentBlock>, Translat
     }
     for tc in m.tool_calls.iter().flatten() {
         let input = parse_tool_arguments(&tc.function.arguments).map_err(|why| {
-            err(format!(
+            invalid(format!(
                 "messages[{i}]: tool call `{}` ({}) has invalid arguments: {why}",
                 tc.id, tc.function.name
             ))
@@ -968,7 +973,7 @@ fn tool_choice_from_openai(
             "auto" => (ToolChoiceKind::Auto, None),
             "required" => (ToolChoiceKind::Any, None),
             "none" => (ToolChoiceKind::None, None),
-            other => return Err(err(format!("unknown tool_choice `{other}`"))),
+            other => return Err(invalid(format!("unknown tool_choice `{other}`"))),
         },
         Some(Value::Object(o)) => {
             let name = o
@@ -985,7 +990,7 @@ fn tool_choice_from_openai(
                 }
             }
         }
-        Some(_) => return Err(err("tool_choice must be a string or an object")),
+        Some(_) => return Err(invalid("tool_choice must be a string or an object")),
     };
     Ok(Some(ToolChoice {
         kind,
@@ -2222,6 +2227,11 @@ mod tests {
             ]
         }));
         let e = request_from_openai(&bad_args).expect_err("invalid arguments");
+        assert_eq!(
+            e.1,
+            crate::TranslateKind::Invalid,
+            "a malformed request: 400"
+        );
         assert!(e.0.contains("call_9") && e.0.contains("messages[1]"), "{e}");
 
         let n2 = chat_request(
@@ -2229,12 +2239,15 @@ mod tests {
         );
         assert_eq!(
             request_from_openai(&n2).expect_err("n > 1"),
-            TranslateError("n > 1 is not supported by Anthropic models".into())
+            TranslateError::unsupported("n > 1 is not supported by Anthropic models")
         );
 
         let no_id =
             chat_request(json!({"model": "m", "messages": [{"role": "tool", "content": "x"}]}));
-        assert!(request_from_openai(&no_id).is_err());
+        assert_eq!(
+            request_from_openai(&no_id).expect_err("no tool_call_id").1,
+            crate::TranslateKind::Invalid
+        );
 
         let plain = chat_request(json!({
             "model": "m",

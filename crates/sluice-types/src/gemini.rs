@@ -550,7 +550,7 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<GenerateContentRequest, 
                     let raw = tc.function.arguments.trim();
                     let raw = if raw.is_empty() { "{}" } else { raw };
                     let args: Value = serde_json::from_str(raw).map_err(|e| {
-                        TranslateError(format!(
+                        TranslateError::invalid(format!(
                             "messages[{i}]: tool call {:?} ({}) has arguments that are not valid \
                              JSON: {e}",
                             tc.id, tc.function.name
@@ -577,7 +577,7 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<GenerateContentRequest, 
                     .or(msg.name.as_deref())
                     .filter(|n| !n.is_empty())
                     .ok_or_else(|| {
-                        TranslateError(format!(
+                        TranslateError::invalid(format!(
                             "messages[{i}]: tool result for call {:?} does not follow an assistant \
                              tool call with that id, so its function name is unknown",
                             id.unwrap_or("")
@@ -661,8 +661,8 @@ fn user_parts(content: Option<&Content>, i: usize) -> Result<Vec<Part>, Translat
     };
     let mut out = Vec::with_capacity(parts.len());
     for (j, p) in parts.iter().enumerate() {
-        if let Some(part) =
-            user_part(p).map_err(|e| TranslateError(format!("messages[{i}].content[{j}]: {e}")))?
+        if let Some(part) = user_part(p)
+            .map_err(|e| TranslateError::unsupported(format!("messages[{i}].content[{j}]: {e}")))?
         {
             out.push(part);
         }
@@ -801,7 +801,7 @@ fn tools_from_openai(req: &ChatRequest) -> Result<Option<Vec<GeminiTool>>, Trans
     let mut declarations = Vec::with_capacity(tools.len());
     for (i, tool) in tools.iter().enumerate() {
         if tool.kind != "function" {
-            return Err(TranslateError(format!(
+            return Err(TranslateError::unsupported(format!(
                 "tools[{i}]: tool type {:?} cannot be sent to Gemini",
                 tool.kind
             )));
@@ -855,7 +855,7 @@ fn tool_config_from_openai(choice: &Value) -> Result<Option<ToolConfig>, Transla
             "none" => ("NONE", None),
             "required" => ("ANY", None),
             other => {
-                return Err(TranslateError(format!(
+                return Err(TranslateError::invalid(format!(
                     "tool_choice {other:?} is not one of auto, none, required"
                 )));
             }
@@ -867,12 +867,12 @@ fn tool_config_from_openai(choice: &Value) -> Result<Option<ToolConfig>, Transla
                 .and_then(Value::as_str)
                 .filter(|n| !n.is_empty())
                 .ok_or_else(|| {
-                    TranslateError("tool_choice object without function.name".to_string())
+                    TranslateError::invalid("tool_choice object without function.name")
                 })?;
             ("ANY", Some(vec![name.to_string()]))
         }
         _ => {
-            return Err(TranslateError(
+            return Err(TranslateError::invalid(
                 "tool_choice must be a string or an object".to_string(),
             ));
         }
@@ -1042,7 +1042,9 @@ fn embedded_error(resp: &GenerateContentResponse) -> Option<TranslateError> {
         Ok(detail) => GeminiError { error: detail }.to_string(),
         Err(_) => err.to_string(),
     };
-    Some(TranslateError(format!("Gemini returned an error: {msg}")))
+    Some(TranslateError::unsupported(format!(
+        "Gemini returned an error: {msg}"
+    )))
 }
 
 /// The answer text of a candidate: its non-thought text parts, concatenated.

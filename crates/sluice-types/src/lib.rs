@@ -15,9 +15,31 @@ pub mod ids;
 pub mod openai;
 
 /// A request or response that cannot be expressed in the other API's shape (for example `n > 1`
-/// for a provider that returns one choice). The message says what and why.
+/// for a provider that returns one choice), or a request that is wrong in itself (a tool message
+/// without its `tool_call_id`). The message says what and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TranslateError(pub String);
+pub struct TranslateError(pub String, pub TranslateKind);
+
+/// Why a translation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TranslateKind {
+    /// The other API cannot express it (a 422 to the client; another provider may).
+    Unsupported,
+    /// The request is malformed (a 400: no provider can serve it as it is).
+    Invalid,
+}
+
+impl TranslateError {
+    /// Something the other API cannot express.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        TranslateError(message.into(), TranslateKind::Unsupported)
+    }
+
+    /// A malformed request.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        TranslateError(message.into(), TranslateKind::Invalid)
+    }
+}
 
 impl std::fmt::Display for TranslateError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
