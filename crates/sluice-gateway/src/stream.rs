@@ -19,6 +19,9 @@ use crate::{Finisher, tokens};
 
 /// One item for the client.
 #[derive(Debug)]
+// Nearly every item is a chunk: boxing it would cost an allocation per chunk to shrink the rare
+// error.
+#[allow(clippy::large_enum_variant)]
 pub enum StreamItem {
     Chunk(ChatCompletionChunk),
     /// The stream failed after it started; the client gets an error event, then the end.

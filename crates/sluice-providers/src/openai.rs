@@ -271,15 +271,29 @@ fn is_openai_host(base: &str) -> bool {
 /// The request as OpenAI's own API (and Azure OpenAI) takes it, when it needs changing: they
 /// refuse `max_tokens` on reasoning models (o-series, GPT-5) but read `max_completion_tokens` on
 /// every chat model, so the limit moves there; and they refuse `top_k` (which an Anthropic
-/// client may send), which is left out.
+/// client may send), which is left out. `metadata` (which Sluice reads for attribution) is
+/// refused unless `store` is on, and then takes string values only: it goes only with `store`,
+/// without the values that are not strings.
 fn for_official(req: &ChatRequest) -> Option<ChatRequest> {
-    if req.max_tokens.is_none() && !req.extra.contains_key("top_k") {
+    let stored = req.extra.get("store").and_then(|v| v.as_bool()) == Some(true);
+    let metadata_refused = req
+        .metadata
+        .as_ref()
+        .is_some_and(|m| !stored || m.values().any(|v| !v.is_string()));
+    if req.max_tokens.is_none() && !req.extra.contains_key("top_k") && !metadata_refused {
         return None;
     }
     let mut out = req.clone();
     let max = out.max_tokens.take();
     out.max_completion_tokens = out.max_completion_tokens.or(max);
     out.extra.remove("top_k");
+    if stored {
+        if let Some(m) = out.metadata.as_mut() {
+            m.retain(|_, v| v.is_string());
+        }
+    } else {
+        out.metadata = None;
+    }
     Some(out)
 }
 
@@ -412,6 +426,19 @@ mod tests {
         let out = for_official(&req).expect("changed");
         let v = serde_json::to_value(&out).unwrap();
         assert_eq!(v["max_completion_tokens"], 1024);
+        // Attribution metadata goes only with `store`, and only its string values.
+        let with_meta = |store: bool| -> ChatRequest {
+            serde_json::from_value(serde_json::json!({
+                "model": "gpt-4o", "store": store,
+                "metadata": {"session_id": "s1", "tags": ["a", "b"]},
+                "messages": [{"role": "user", "content": "hi"}]
+            }))
+            .unwrap()
+        };
+        let v = serde_json::to_value(for_official(&with_meta(false)).unwrap()).unwrap();
+        assert!(v.get("metadata").is_none(), "{v}");
+        let v = serde_json::to_value(for_official(&with_meta(true)).unwrap()).unwrap();
+        assert_eq!(v["metadata"], serde_json::json!({"session_id": "s1"}));
         assert!(v.get("max_tokens").is_none(), "{v}");
         assert!(v.get("top_k").is_none(), "{v}");
         // A request that needs nothing is sent as it is.

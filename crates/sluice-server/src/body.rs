@@ -18,35 +18,55 @@ pub async fn read(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes
             ),
         )
     };
-    if let Some(len) = headers
+    if let Some(encoding) = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
+    {
+        let mut stream = body.into_data_stream();
+        drain(&mut stream).await;
+        return Err(Error::new(
+            ErrorCode::UnsupportedMediaType,
+            format!(
+                "request bodies encoded as `{encoding}` are not accepted; send the JSON uncompressed"
+            ),
+        ));
+    }
+    let announced = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit as u64
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut stream = body.into_data_stream();
+    if announced.is_some_and(|len| len > limit as u64) {
+        drain(&mut stream).await;
         return Err(too_large());
     }
-    let mut stream = body.into_data_stream();
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = stream.next().await {
         let frame =
             frame.map_err(|e| Error::invalid(format!("could not read the request body: {e}")))?;
         if buf.len() + frame.len() > limit {
-            // Read (and discard) a bounded amount of the rest, so that the client is still
-            // reading when the 413 arrives instead of meeting a closed connection.
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-            let mut discarded = 0usize;
-            while discarded < 64 * 1024 * 1024 {
-                match tokio::time::timeout_at(deadline, stream.next()).await {
-                    Ok(Some(Ok(f))) => discarded += f.len(),
-                    _ => break,
-                }
-            }
+            drain(&mut stream).await;
             return Err(too_large());
         }
         buf.extend_from_slice(&frame);
     }
     Ok(buf.freeze())
+}
+
+/// Reads (and discards) a bounded amount of a body that is refused, so that the client is still
+/// sending when the error arrives instead of meeting a closed connection (the SDKs would report a
+/// connection error and upload it again).
+async fn drain(stream: &mut axum::body::BodyDataStream) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut discarded = 0usize;
+    while discarded < 64 * 1024 * 1024 {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(f))) => discarded += f.len(),
+            _ => break,
+        }
+    }
 }
 
 /// Parses JSON into `T`, naming the offending parameter on type errors.

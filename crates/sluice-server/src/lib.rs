@@ -269,7 +269,12 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
     {
         let v = v.trim();
-        return Some(v.strip_prefix("Bearer ").unwrap_or(v).trim());
+        // The scheme is case-insensitive (RFC 7235): `Bearer`, `bearer`, `BEARER`.
+        let key = match v.split_once(' ') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest,
+            _ => v,
+        };
+        return Some(key.trim());
     }
     headers.get("x-api-key").and_then(|v| v.to_str().ok())
 }

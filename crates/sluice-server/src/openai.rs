@@ -193,13 +193,20 @@ fn model_object(name: &str) -> ModelObject {
     }
 }
 
-pub async fn list_models(State(state): State<SharedState>) -> Response {
+/// `GET /v1/models`: the configured models the caller's virtual key may use (all of them for a
+/// key without a model list, or with no key).
+pub async fn list_models(State(state): State<SharedState>, req: Request) -> Response {
+    let key = req
+        .extensions()
+        .get::<crate::keys::KeyContext>()
+        .map(|k| k.0.clone());
     Json(ModelList {
         object: "list".into(),
         data: state
             .gateway
             .model_names()
             .iter()
+            .filter(|m| key.as_ref().is_none_or(|k| k.allows_model(m)))
             .map(|m| model_object(m))
             .collect(),
     })

@@ -1029,6 +1029,7 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
                     name,
                     arguments: arguments_json(&input),
                 },
+                extra: Extra::new(),
             }),
             ContentBlock::Thinking { thinking, .. } => reasoning.push_str(&thinking),
             _ => {}
@@ -1219,6 +1220,7 @@ impl StreamDecoder {
                             name: Some(name),
                             arguments: Some(arguments),
                         }),
+                        extra: Extra::new(),
                     }));
                 }
                 _ => {}
@@ -1359,6 +1361,7 @@ impl StreamDecoder {
                 name: None,
                 arguments: Some(arguments),
             }),
+            extra: Extra::new(),
         })
     }
 
@@ -1571,7 +1574,11 @@ fn media_part(block: &ContentBlock, i: usize) -> Result<Option<ContentPart>, Tra
             Ok(Some(ContentPart {
                 kind: "image_url".into(),
                 text: None,
-                image_url: Some(ImageUrl { url, detail: None }),
+                image_url: Some(ImageUrl {
+                    url,
+                    detail: None,
+                    extra: Extra::new(),
+                }),
                 extra: Extra::new(),
             }))
         }
@@ -1622,6 +1629,7 @@ fn assistant_to_openai(blocks: &[ContentBlock], i: usize) -> Result<Message, Tra
                     name: name.clone(),
                     arguments: arguments_json(input),
                 },
+                extra: Extra::new(),
             }),
             // Kept for an Anthropic upstream, which wants them back (signed) in a tool-use turn.
             ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => {

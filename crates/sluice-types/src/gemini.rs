@@ -984,6 +984,7 @@ pub fn response_to_openai(
                     name: fc.name.clone(),
                     arguments: args_json(&fc.args),
                 },
+                extra: Extra::new(),
             })
             .collect();
         let finish = finish_reason_to_openai(cand.finish_reason.as_deref(), !tool_calls.is_empty());
@@ -1184,6 +1185,7 @@ impl StreamDecoder {
                         name: Some(fc.name.clone()),
                         arguments: Some(args_json(&fc.args)),
                     }),
+                    extra: Extra::new(),
                 });
                 state.tool_calls = state.tool_calls.saturating_add(1);
             }

@@ -345,13 +345,18 @@ pub struct ImageUrl {
     pub url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Other fields (`format`, vendor fields), kept.
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
-/// A tool the model may call.
+/// A tool the model may call: a `function` tool, or another type (`custom`, …) kept as sent in
+/// `extra` (its `function` is then absent).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Tool {
     #[serde(rename = "type", default = "function_kind")]
     pub kind: String,
+    #[serde(default, skip_serializing_if = "FunctionDef::is_absent")]
     pub function: FunctionDef,
     #[serde(flatten)]
     pub extra: Extra,
@@ -361,7 +366,7 @@ fn function_kind() -> String {
     "function".into()
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct FunctionDef {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -372,20 +377,42 @@ pub struct FunctionDef {
     pub extra: Extra,
 }
 
-/// A complete tool call in a message.
+impl FunctionDef {
+    /// A tool of another type than `function` has none.
+    pub fn is_absent(&self) -> bool {
+        self.name.is_empty()
+            && self.description.is_none()
+            && self.parameters.is_none()
+            && self.extra.is_empty()
+    }
+}
+
+/// A complete tool call in a message: a `function` call, or another type (`custom`, with its
+/// `custom` object in `extra`). Other fields (Gemini's `extra_content` with its thought
+/// signature) are kept in `extra` too.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ToolCall {
     pub id: String,
     #[serde(rename = "type", default = "function_kind")]
     pub kind: String,
+    #[serde(default, skip_serializing_if = "FunctionCall::is_absent")]
     pub function: FunctionCall,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct FunctionCall {
     pub name: String,
     /// JSON-encoded arguments, as the model produced them.
     pub arguments: String,
+}
+
+impl FunctionCall {
+    /// A call of another type than `function` has none.
+    pub fn is_absent(&self) -> bool {
+        self.name.is_empty() && self.arguments.is_empty()
+    }
 }
 
 /// `chat.completion` response body.
@@ -763,6 +790,9 @@ pub struct ToolCallDelta {
     pub kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<FunctionCallDelta>,
+    /// Other fields (a `custom` call's object, Gemini's `extra_content`), kept.
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 impl ToolCallDelta {
@@ -879,15 +909,21 @@ impl ChunkAccumulator {
                     acc.tool_calls.resize_with(ti + 1, || ToolCall {
                         id: String::new(),
                         kind: "function".into(),
-                        function: FunctionCall {
-                            name: String::new(),
-                            arguments: String::new(),
-                        },
+                        function: FunctionCall::default(),
+                        extra: Extra::new(),
                     });
                 }
                 let slot = &mut acc.tool_calls[ti];
                 if let Some(id) = &tc.id {
                     slot.id.clone_from(id);
+                }
+                if let Some(kind) = &tc.kind {
+                    slot.kind.clone_from(kind);
+                }
+                // Other fields (a custom call's object, a thought signature) as the last delta
+                // that carried each had them.
+                for (k, v) in &tc.extra {
+                    slot.extra.insert(k.clone(), v.clone());
                 }
                 if let Some(f) = &tc.function {
                     if let Some(n) = &f.name {
@@ -1143,6 +1179,80 @@ mod tests {
     }
 
     use super::*;
+
+    /// What an upstream or client sends comes out as it was: custom tools and tool calls, fields
+    /// on tool calls and image URLs, and the order of keys (Structured Outputs generate in schema
+    /// order).
+    #[test]
+    fn tools_tool_calls_and_key_order_round_trip() {
+        let req = serde_json::json!({
+            "model": "gpt-5",
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": "https://x/y.png", "format": "image/png"}}
+                ]},
+                {"role": "assistant", "tool_calls": [
+                    {"id": "c1", "type": "custom", "custom": {"name": "sql", "input": "SELECT 1"}},
+                    {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "{}"},
+                     "extra_content": {"google": {"thought_signature": "sig"}}}
+                ]},
+                {"role": "tool", "tool_call_id": "c1", "content": "1"}
+            ],
+            "tools": [
+                {"type": "custom", "custom": {"name": "sql", "description": "Run SQL"}},
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+            ],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {
+                "type": "object",
+                "properties": {"reasoning": {"type": "string"}, "answer": {"type": "string"}}
+            }}}
+        });
+        let parsed: ChatRequest = serde_json::from_value(req.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&parsed).unwrap(), req);
+        let out = serde_json::to_string(&parsed).unwrap();
+        assert!(
+            out.contains(
+                r#""properties":{"reasoning":{"type":"string"},"answer":{"type":"string"}}"#
+            ),
+            "{out}"
+        );
+
+        // A response with a custom call, and a streamed call's extra fields, gathered.
+        let resp = serde_json::json!({
+            "id": "r", "object": "chat.completion", "created": 1, "model": "gpt-5",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": null,
+                "tool_calls": [{"id": "c1", "type": "custom", "custom": {"name": "sql", "input": "SELECT 1"}}]
+            }}]
+        });
+        let parsed: ChatCompletion = serde_json::from_value(resp.clone()).unwrap();
+        let back = serde_json::to_value(&parsed).unwrap();
+        assert_eq!(
+            back["choices"][0]["message"]["tool_calls"],
+            resp["choices"][0]["message"]["tool_calls"]
+        );
+        let mut acc = ChunkAccumulator::default();
+        for delta in [
+            serde_json::json!({"tool_calls": [{"index": 0, "id": "c2", "type": "function",
+                "function": {"name": "f", "arguments": ""},
+                "extra_content": {"google": {"thought_signature": "sig"}}}]}),
+            serde_json::json!({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+        ] {
+            let chunk: ChatCompletionChunk = serde_json::from_value(serde_json::json!({
+                "id": "r", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": delta}]
+            }))
+            .unwrap();
+            acc.push(&chunk);
+        }
+        let done = serde_json::to_value(acc.finish()).unwrap();
+        assert_eq!(
+            done["choices"][0]["message"]["tool_calls"][0],
+            serde_json::json!({"id": "c2", "type": "function",
+                "function": {"name": "f", "arguments": "{}"},
+                "extra_content": {"google": {"thought_signature": "sig"}}})
+        );
+    }
 
     #[test]
     fn reasoning_is_generated_content() {

@@ -102,6 +102,33 @@ async fn huge_bodies_are_413() {
     )
     .await;
     assert_eq!(st, 413, "{v}");
+    // A body far larger than a socket holds, with its length announced (as the SDKs send it):
+    // the client still gets the 413, not a reset connection while it uploads.
+    let huge = json!({"model": "mock-echo", "messages": [{"role": "user", "content": "x".repeat(8 << 20)}]})
+        .to_string();
+    let (st, v, _) = post_raw(&s, "/v1/chat/completions", huge).await;
+    assert_eq!(st, 413, "{v}");
+    assert_error(&v, "payload_too_large");
+}
+
+#[tokio::test]
+async fn compressed_bodies_are_415() {
+    let s = Sluice::start(MOCK).await;
+    let resp = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f_u8, 0x8b, 0x08, 0x00])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 415);
+    let v: Value = resp.json().await.unwrap();
+    assert_error(&v, "unsupported_media_type");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("gzip"),
+        "{v}"
+    );
 }
 
 #[tokio::test]

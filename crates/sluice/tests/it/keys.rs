@@ -120,6 +120,34 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
     };
     let r = named(Some("bob"), None).await.unwrap();
     assert_eq!(s.record(&request_id(&r)).await["user"], "bob");
+    // The auth scheme is case-insensitive.
+    for scheme in ["bearer", "BEARER"] {
+        let r = reqwest::Client::new()
+            .post(s.url("/v1/chat/completions"))
+            .header("authorization", format!("{scheme} {key}"))
+            .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    // `/v1/models` lists what the key may use.
+    let models: Value = reqwest::Client::new()
+        .get(s.url("/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["mock-echo"], "{models:#}");
     let r = named(Some("bob"), Some("carol")).await.unwrap();
     assert_eq!(s.record(&request_id(&r)).await["user"], "carol");
 
