@@ -320,17 +320,21 @@ impl Reservation {
         if let Some((shared, ledgers, holder)) = self.shared.take() {
             let worst = self.shared_worst;
             let work = async move {
-                match shared
-                    .redis()
-                    .reconcile(&ledgers, &holder, worst, actual)
-                    .await
-                {
+                let redis = shared.redis().clone();
+                match redis.reconcile(&ledgers, &holder, worst, actual).await {
                     Ok(()) => shared.ok(),
                     Err(e) => {
-                        // Redis lacks this cost: the ledgers are built again from the log,
+                        // Redis may lack this cost: the ledgers are built again from the log,
                         // which has it, once Redis answers.
                         shared.mark_stale(&ledgers);
                         let _ = shared.on_failure("budgets", &e);
+                        // The hold is given back through the blip (a settlement is applied
+                        // once however often it is sent, so if the first one did arrive this
+                        // does nothing), rather than held against the budget until it lapses.
+                        let _ = crate::shared::with_retries(|| {
+                            redis.reconcile(&ledgers, &holder, worst, 0)
+                        })
+                        .await;
                     }
                 }
             };
@@ -360,7 +364,7 @@ fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<
     } else {
         String::new()
     };
-    Error::new(
+    let mut e = Error::new(
         ErrorCode::InsufficientQuota,
         format!(
             "{} has used its {} budget of ${:.2}: ${:.4} spent{in_flight}, and this request may cost up to ${:.4} (its max tokens at the model's price){resets}",
@@ -370,7 +374,21 @@ fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<
             usd(spent),
             usd(worst),
         ),
-    )
+    );
+    if spent.saturating_add(worst) > micros(l.usd) {
+        // What is spent already leaves no room: retrying before the period ends cannot help.
+        // `x-should-retry: false` stops the OpenAI and Anthropic SDKs' automatic retries.
+        e.retry_after = l
+            .period
+            .end(now)
+            .and_then(|t| (t - now).to_std().ok())
+            .map(|d| d.max(std::time::Duration::from_secs(1)));
+        e.headers.push(("x-should-retry", "false".into()));
+    } else {
+        // Requests in flight hold the room; they settle within moments.
+        e.retry_after = Some(std::time::Duration::from_secs(1));
+    }
+    e
 }
 
 impl Budgets {
@@ -717,27 +735,65 @@ mod tests {
         }
     }
 
+    /// Budgets over a Redis reached through a link a test can cut, with a $1.00 daily budget.
+    struct Blip {
+        _redis: sluice_testkit::redis::TempRedis,
+        link: sluice_testkit::partition::Partition,
+        shared: Arc<Shared>,
+        store: Arc<SetSpend>,
+        b: Budgets,
+        limits: [Limit; 1],
+        ledger: String,
+    }
+
+    impl Blip {
+        /// `None` (the test passes) where redis-server is not installed and not required.
+        async fn start() -> Option<Blip> {
+            use sluice_testkit::partition::Partition;
+            use sluice_testkit::redis::{TempRedis, redis_available};
+            if !redis_available() {
+                assert_ne!(std::env::var("SLUICE_REQUIRE_REDIS").as_deref(), Ok("1"));
+                return None;
+            }
+            let redis = TempRedis::start().expect("redis-server starts");
+            let link = Partition::start(&format!("127.0.0.1:{}", redis.port()))
+                .await
+                .unwrap();
+            let config = crate::state::StateConfig {
+                redis_url: Some(format!("redis://{}", link.addr())),
+                ..Default::default()
+            };
+            let shared = Arc::new(Shared::connect(&config).await.unwrap().unwrap());
+            let store = Arc::new(SetSpend(std::sync::atomic::AtomicI64::new(0)));
+            let b = Budgets::new(Some(store.clone()), Some(shared.clone()));
+            let limits = [daily(Spender::Key("k".into()), 1.00)];
+            let ledger = Budgets::ledger_id(&limits[0], Utc::now());
+            Some(Blip {
+                _redis: redis,
+                link,
+                shared,
+                store,
+                b,
+                limits,
+                ledger,
+            })
+        }
+    }
+
     #[tokio::test]
     async fn spend_redis_missed_while_unreachable_is_read_again_from_the_log() {
-        use sluice_testkit::partition::Partition;
-        use sluice_testkit::redis::{TempRedis, redis_available};
-        if !redis_available() {
-            assert_ne!(std::env::var("SLUICE_REQUIRE_REDIS").as_deref(), Ok("1"));
+        let Some(Blip {
+            _redis,
+            link,
+            shared,
+            store,
+            b,
+            limits,
+            ledger,
+        }) = Blip::start().await
+        else {
             return;
-        }
-        let redis = TempRedis::start().expect("redis-server starts");
-        let link = Partition::start(&format!("127.0.0.1:{}", redis.port()))
-            .await
-            .unwrap();
-        let config = crate::state::StateConfig {
-            redis_url: Some(format!("redis://{}", link.addr())),
-            ..Default::default()
         };
-        let shared = Arc::new(Shared::connect(&config).await.unwrap().unwrap());
-        let store = Arc::new(SetSpend(std::sync::atomic::AtomicI64::new(0)));
-        let b = Budgets::new(Some(store.clone()), Some(shared.clone()));
-        let limits = [daily(Spender::Key("k".into()), 1.00)];
-        let ledger = Budgets::ledger_id(&limits[0], Utc::now());
         let settled = || tokio::time::sleep(std::time::Duration::from_millis(300));
         let spent = || async {
             let (spent, _) = shared.redis().ledger(&ledger).await.unwrap().unwrap();
@@ -773,6 +829,42 @@ mod tests {
         b.reserve(&limits, 0.01).await.unwrap().unwrap().settle(0.0);
         settled().await;
         assert_eq!(spent().await, 400_000, "the $0.30 spent meanwhile counts");
+    }
+
+    /// A reservation whose settlement meets a Redis blip gives its hold back when Redis answers
+    /// again, instead of holding the budget until the hold lapses (15 minutes).
+    #[tokio::test]
+    async fn a_hold_is_given_back_after_a_blip() {
+        let Some(Blip {
+            _redis,
+            link,
+            shared,
+            store: _,
+            b,
+            limits,
+            ledger,
+        }) = Blip::start().await
+        else {
+            return;
+        };
+        let r = b.reserve(&limits, 0.50).await.unwrap().unwrap();
+        let (_, reserved) = shared.redis().ledger(&ledger).await.unwrap().unwrap();
+        assert_eq!(reserved, 500_000);
+        link.cut();
+        r.settle(0.20);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        link.mend();
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(Some((_, 0))) = shared.redis().ledger(&ledger).await {
+                break;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "the hold stayed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     /// Counts the spend reads.

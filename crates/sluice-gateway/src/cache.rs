@@ -643,12 +643,21 @@ impl fmt::Debug for Cache {
     }
 }
 
+/// The cache's shared tier: Redis when configured (shared by the replicas, whatever `persist`
+/// says), else the store when `persist` is on, else none.
+pub fn shared_tier(
+    persist: bool,
+    redis: Option<Arc<dyn CacheStore>>,
+    store: Arc<dyn CacheStore>,
+) -> Option<Arc<dyn CacheStore>> {
+    redis.or_else(|| persist.then_some(store))
+}
+
 impl Cache {
-    /// A cache with `config`'s memory bounds; `remote` is its persistent tier, used only when
-    /// `config.persist` is on.
+    /// A cache with `config`'s memory bounds and `remote` as its shared tier (Redis, or the store;
+    /// the caller leaves the store out when `config.persist` is off).
     pub fn new(config: CacheConfig, remote: Option<Arc<dyn CacheStore>>) -> Self {
         let memory = MemoryCache::new(config.max_entries, config.max_bytes);
-        let remote = remote.filter(|_| config.persist);
         Cache {
             config,
             memory,
@@ -845,6 +854,7 @@ pub fn replay(completion: &ChatCompletion, include_usage: bool) -> Vec<ChatCompl
                     name: Some(call.function.name.clone()),
                     arguments: Some(String::new()),
                 }),
+                extra: call.extra.clone(),
             }));
             for piece in pieces(&call.function.arguments) {
                 out.push(tool_delta(ToolCallDelta {
@@ -1470,24 +1480,18 @@ mod tests {
         assert_eq!(cache.purge().await, 1);
     }
 
-    #[tokio::test]
-    async fn without_persist_the_remote_is_not_used() {
-        let remote = Arc::new(FakeStore::default());
-        remote
-            .entries
-            .lock()
-            .insert("k".into(), answer("k", "global"));
-        let config = CacheConfig {
-            persist: false,
-            ..on()
+    #[test]
+    fn persist_off_leaves_out_the_store_but_not_redis() {
+        let redis: Arc<dyn CacheStore> = Arc::new(FakeStore::default());
+        let store: Arc<dyn CacheStore> = Arc::new(FakeStore::default());
+        let picked = |persist, redis: Option<&Arc<dyn CacheStore>>| {
+            shared_tier(persist, redis.cloned(), store.clone())
         };
-        let cache = Cache::new(config, Some(remote.clone()));
-        assert!(cache.lookup("k").await.is_none());
-        cache.store(answer("j", "global"));
-        cache.flush().await;
-        assert!(cache.lookup("j").await.is_some());
-        assert!(!remote.entries.lock().contains_key("j"));
-        assert_eq!(remote.gets.load(Ordering::SeqCst), 0);
+        assert!(picked(false, None).is_none());
+        assert!(Arc::ptr_eq(&picked(true, None).unwrap(), &store));
+        for persist in [false, true] {
+            assert!(Arc::ptr_eq(&picked(persist, Some(&redis)).unwrap(), &redis));
+        }
     }
 
     #[tokio::test]

@@ -295,8 +295,10 @@ impl Drop for SharedAdmission {
         let (shared, ids) = (self.shared.clone(), std::mem::take(&mut self.parallel));
         let holder = std::mem::take(&mut self.holder);
         spawn(async move {
-            if let Err(e) = shared.redis().release(&ids, &holder).await {
-                // The slot lapses on its own (`shared::HOLD_MS`).
+            // Retried through a Redis blip: a slot left held would refuse the subject's next
+            // requests until it lapses (`shared::HOLD_MS`).
+            let redis = shared.redis().clone();
+            if let Err(e) = crate::shared::with_retries(|| redis.release(&ids, &holder)).await {
                 let _ = shared.on_failure("rate limits", &e);
             }
         });

@@ -520,15 +520,23 @@ return 1
 /// KEYS: per ledger its hash and its holds. ARGV: the hold (`HOLDER:WORST`), actual. Drops
 /// the hold and adds `actual` to the spend of the ledgers that exist (one that is gone is
 /// loaded again from the log, which holds this cost, on next use).
+// KEYS[1] marks the reservation settled (a retry after a lost reply must not add the cost twice);
+// then (ledger, holds) pairs.
 const RECONCILE_LUA: &str = r#"
-for i = 1, #KEYS / 2 do
-  redis.call('ZREM', KEYS[2 * i], ARGV[1])
-  if redis.call('EXISTS', KEYS[2 * i - 1]) == 1 then
-    redis.call('HINCRBY', KEYS[2 * i - 1], 'spent', ARGV[2])
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
+  return 0
+end
+for i = 1, (#KEYS - 1) / 2 do
+  redis.call('ZREM', KEYS[2 * i + 1], ARGV[1])
+  if redis.call('EXISTS', KEYS[2 * i]) == 1 then
+    redis.call('HINCRBY', KEYS[2 * i], 'spent', ARGV[2])
   end
 end
 return 1
 "#;
+
+/// How long a settled reservation's mark is kept: longer than any retry of its settlement.
+const SETTLED_MARK_SECS: u64 = 3600;
 
 fn window_script(body: &str) -> Script {
     let source = format!("{WINDOW_LUA}\n{body}")
@@ -643,21 +651,37 @@ impl Drop for Undo<'_> {
         };
         let (state, holder) = (self.state.clone(), self.holder.to_string());
         runtime.spawn(async move {
-            // Redis may be down: retry for half a minute, then leave the holds to lapse.
-            for wait in [0u64, 1, 2, 4, 8, 16] {
-                tokio::time::sleep(Duration::from_secs(wait)).await;
-                let undone = match &held {
+            // Redis may be down: retried for half a minute, then the holds lapse.
+            let _ = with_retries(|| async {
+                match &held {
                     Held::Slots(ids) => state.release(ids, &holder).await,
                     Held::Budget { ledgers, worst } => {
                         state.reconcile(ledgers, &holder, *worst, 0).await
                     }
-                };
-                if undone.is_ok() {
-                    return;
                 }
-            }
+            })
+            .await;
         });
     }
+}
+
+/// Runs `op` until it succeeds, waiting 1, 2, 4, 8 and 16 s between tries (half a minute in
+/// all): for settlements that must not be lost to a Redis blip (each is idempotent). Returns the
+/// last error when every try failed.
+pub async fn with_retries<F, Fut>(mut op: F) -> Result<(), SharedError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), SharedError>>,
+{
+    let mut last = Ok(());
+    for wait in [0u64, 1, 2, 4, 8, 16] {
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        last = op().await;
+        if last.is_ok() {
+            return last;
+        }
+    }
+    last
 }
 
 /// A Redis connection and key prefix: the state replicas share. Cloning is cheap; clones share
@@ -1020,7 +1044,9 @@ impl RedisState {
         }
         let mut inv = RECONCILE.prepare_invoke();
         inv.arg(format!("{holder}:{}", clamp_micros(worst_micros)))
-            .arg(clamp_micros(actual_micros));
+            .arg(clamp_micros(actual_micros))
+            .arg(SETTLED_MARK_SECS);
+        inv.key(format!("{}:budget:settled:{holder}", self.prefix));
         for ledger in ledgers {
             inv.key(self.ledger_key(ledger)).key(self.holds_key(ledger));
         }

@@ -99,7 +99,9 @@ impl IntoResponse for ApiError {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
-        } else if status == StatusCode::TOO_MANY_REQUESTS {
+        } else if status == StatusCode::TOO_MANY_REQUESTS
+            && !resp.headers().contains_key("x-should-retry")
+        {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -152,12 +152,13 @@ pub async fn build_with(
         .await
         .map_err(anyhow::Error::msg)?
         .map(Arc::new);
-    // The cache's shared tier: Redis when configured, else the store (unless `persist = false`).
-    let remote: Option<Arc<dyn sluice_core::usage::CacheStore>> = match &shared {
-        Some(s) => Some(Arc::new(s.redis().clone())),
-        None if cfg.router.cache.persist => Some(stores.cache.clone()),
-        None => None,
-    };
+    let remote = sluice_gateway::cache::shared_tier(
+        cfg.router.cache.persist,
+        shared
+            .as_ref()
+            .map(|s| Arc::new(s.redis().clone()) as Arc<dyn sluice_core::usage::CacheStore>),
+        stores.cache.clone(),
+    );
     let cache = Arc::new(sluice_gateway::cache::Cache::new(
         cfg.router.cache.clone(),
         remote,

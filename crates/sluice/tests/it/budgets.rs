@@ -117,8 +117,31 @@ async fn a_key_budget_is_never_overshot_and_survives_a_restart() {
     let (status, body) = chat(&s2, &key, 10, None).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "insufficient_quota");
+    // Spent, not merely held by requests in flight: the SDKs are told not to retry, and when
+    // trying again makes sense (the next UTC day).
+    let ten_words = ["w"; 10].join(" ");
+    let resp = reqwest::Client::new()
+        .post(s2.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "pricey", "max_tokens": 20,
+                      "messages": [{"role": "user", "content": ten_words}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    let wait: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let midnight = 86_400 - chrono::Utc::now().timestamp() as u64 % 86_400;
+    assert!(
+        wait.abs_diff(midnight) <= 5,
+        "{wait} s vs {midnight} s to midnight"
+    );
 
-    wait_records(&s, &id, ok + 2).await;
+    wait_records(&s, &id, ok + 3).await;
 
     // Usage by key and team, by model and day.
     let by_key = usage(&s, "group_by=key,team").await;
@@ -129,8 +152,8 @@ async fn a_key_budget_is_never_overshot_and_survives_a_restart() {
         .find(|r| r["key"] == id.as_str())
         .unwrap_or_else(|| panic!("{by_key:#}"));
     assert_eq!(row["team"], "search");
-    assert_eq!(row["requests"], 5, "3 served and 2 refused: {row}");
-    assert_eq!(row["errors"], 2);
+    assert_eq!(row["requests"], 6, "3 served and 3 refused: {row}");
+    assert_eq!(row["errors"], 3);
     assert_eq!(row["prompt_tokens"], 30);
     let by_day = usage(&s, "group_by=model,day").await;
     let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
@@ -159,7 +182,7 @@ async fn a_key_budget_is_never_overshot_and_survives_a_restart() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).expect("usage json");
-    assert_eq!(v["total"]["requests"], 5, "{v:#}");
+    assert_eq!(v["total"]["requests"], 6, "{v:#}");
     let table = std::process::Command::new(BIN)
         .args(["usage", "--store", &s.store_url, "-g", "team,model"])
         .output()
