@@ -16,7 +16,7 @@ use sluice_core::secret::{Secret, SecretRef};
 use sluice_types::anthropic::THINKING_BLOCKS;
 use sluice_types::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse,
-    StreamOptions,
+    StreamOptions, ToolCallPlacer,
 };
 
 use crate::http::{self, HttpSettings, Timeouts};
@@ -304,12 +304,18 @@ fn openai_chunks(
 ) -> impl futures::Stream<Item = Result<ChatCompletionChunk, ProviderError>> + Send + 'static {
     struct State<S> {
         events: std::pin::Pin<Box<S>>,
-        finished: bool,
+        /// Choices that finished, and those seen that have not: a stream that ends without
+        /// `[DONE]` is whole only if every choice it started finished.
+        finished: std::collections::BTreeSet<u32>,
+        unfinished: std::collections::BTreeSet<u32>,
+        placer: ToolCallPlacer,
         done: bool,
     }
     let state = State {
         events: Box::pin(events),
-        finished: false,
+        finished: Default::default(),
+        unfinished: Default::default(),
+        placer: ToolCallPlacer::default(),
         done: false,
     };
     futures::stream::unfold(state, |mut st| async move {
@@ -320,7 +326,7 @@ fn openai_chunks(
             match st.events.next().await {
                 None => {
                     st.done = true;
-                    if st.finished {
+                    if !st.finished.is_empty() && st.unfinished.is_empty() {
                         return None;
                     }
                     return Some((
@@ -344,9 +350,14 @@ fn openai_chunks(
                     }
                     match serde_json::from_str::<ChatCompletionChunk>(data) {
                         Ok(mut chunk) => {
-                            chunk.place_unindexed_tool_calls();
-                            if chunk.choices.iter().any(|c| c.finish_reason.is_some()) {
-                                st.finished = true;
+                            st.placer.place(&mut chunk);
+                            for c in &chunk.choices {
+                                if c.finish_reason.is_some() {
+                                    st.finished.insert(c.index);
+                                    st.unfinished.remove(&c.index);
+                                } else if !st.finished.contains(&c.index) {
+                                    st.unfinished.insert(c.index);
+                                }
                             }
                             return Some((Ok(chunk), st));
                         }
@@ -379,6 +390,38 @@ fn openai_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chunks (or the error) `openai_chunks` gives for these SSE data lines.
+    async fn chunks_of(datas: &[&str]) -> Vec<Result<ChatCompletionChunk, ProviderError>> {
+        use futures::StreamExt;
+        let events: Vec<Result<http::Event, ProviderError>> = datas
+            .iter()
+            .map(|d| {
+                Ok(http::Event {
+                    event: "message".into(),
+                    data: (*d).to_string(),
+                    id: String::new(),
+                    retry: None,
+                })
+            })
+            .collect();
+        openai_chunks(futures::stream::iter(events)).collect().await
+    }
+
+    #[tokio::test]
+    async fn an_n_2_stream_cut_before_every_choice_finished_is_an_error() {
+        let both = r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}"#;
+        let first_done = r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+        let second_done = r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{},"finish_reason":"stop"}]}"#;
+        let cut = chunks_of(&[both, first_done]).await;
+        assert!(
+            matches!(cut.last(), Some(Err(ProviderError::Protocol(_)))),
+            "{cut:?}"
+        );
+        // Every choice finished: whole, even without `[DONE]`.
+        let whole = chunks_of(&[both, first_done, second_done]).await;
+        assert!(whole.iter().all(Result::is_ok), "{whole:?}");
+    }
 
     /// A provider for an OpenAI-compatible server (not OpenAI's own API).
     fn compatible_server() -> OpenAi {

@@ -804,15 +804,34 @@ impl ToolCallDelta {
     }
 }
 
-impl ChatCompletionChunk {
-    /// Gives the tool-call deltas that came without an index their position in their chunk (the
-    /// servers that leave it out send each call whole, in one chunk).
-    pub fn place_unindexed_tool_calls(&mut self) {
-        for c in &mut self.choices {
-            for (i, tc) in c.delta.tool_calls.iter_mut().flatten().enumerate() {
+/// Gives tool-call deltas that came without an index (some servers leave it out) their place
+/// across a stream: a delta with a new id is the choice's next call, one without an id goes on
+/// with the call before it.
+#[derive(Debug, Default)]
+pub struct ToolCallPlacer {
+    /// Choice index → the index and id of its last call.
+    last: std::collections::HashMap<u32, (u32, Option<String>)>,
+}
+
+impl ToolCallPlacer {
+    pub fn place(&mut self, chunk: &mut ChatCompletionChunk) {
+        for c in &mut chunk.choices {
+            for tc in c.delta.tool_calls.iter_mut().flatten() {
+                let id = tc.id.as_deref().filter(|id| !id.is_empty());
+                let last = self.last.get(&c.index);
                 if tc.index == ToolCallDelta::UNKNOWN_INDEX {
-                    tc.index = i as u32;
+                    tc.index = match last {
+                        None => 0,
+                        Some((i, seen)) if id.is_some() && id != seen.as_deref() => {
+                            i.saturating_add(1)
+                        }
+                        Some((i, _)) => *i,
+                    };
                 }
+                let id = id
+                    .map(str::to_string)
+                    .or_else(|| last.and_then(|(_, seen)| seen.clone()));
+                self.last.insert(c.index, (tc.index, id));
             }
         }
     }
@@ -1379,7 +1398,7 @@ mod tests {
             ]}, "finish_reason": "tool_calls"}]
         }))
         .expect("a chunk whose tool calls have no index still parses");
-        c.place_unindexed_tool_calls();
+        ToolCallPlacer::default().place(&mut c);
         let calls = c.choices[0].delta.tool_calls.as_ref().unwrap();
         assert_eq!((calls[0].index, calls[1].index), (0, 1));
         let mut acc = ChunkAccumulator::default();
@@ -1388,5 +1407,32 @@ mod tests {
         let calls = done.choices[0].message.tool_calls.as_ref().unwrap();
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[1].function.name, "g");
+
+        // Across chunks: a new id is the next call, a delta without one goes on with the last.
+        let mut placer = ToolCallPlacer::default();
+        let mut acc = ChunkAccumulator::default();
+        for call in [
+            json!({"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\":"}}),
+            json!({"function": {"arguments": "1}"}}),
+            json!({"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}),
+        ] {
+            let mut c: ChatCompletionChunk = serde_json::from_value(json!({
+                "id": "x", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]
+            }))
+            .unwrap();
+            placer.place(&mut c);
+            acc.push(&c);
+        }
+        let done = acc.finish();
+        let calls = done.choices[0].message.tool_calls.as_ref().unwrap();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(
+            (
+                calls[0].function.arguments.as_str(),
+                calls[1].function.name.as_str()
+            ),
+            ("{\"x\":1}", "g")
+        );
     }
 }
