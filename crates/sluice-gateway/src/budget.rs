@@ -249,10 +249,18 @@ struct Ledger {
     reserved: i64,
     /// When the period ends: the ledger is dropped after.
     ends: Option<DateTime<Utc>>,
+    /// When a request last used it: one idle for long, with nothing reserved, is dropped too
+    /// (read again from the store when needed), so ledgers of user names seen once do not pile
+    /// up.
+    used: Option<std::time::Instant>,
     /// Held while the spend is read from the store, so that requests arriving together (at
     /// the start of a period) read it once.
     loading: Arc<tokio::sync::Mutex<()>>,
 }
+
+/// A ledger unused this long, with nothing reserved, is dropped from memory: by then every cost
+/// it settled is in the store, which it is read from again when needed.
+const LEDGER_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The budgets' ledgers.
 pub struct Budgets {
@@ -261,6 +269,9 @@ pub struct Budgets {
     local: Mutex<HashMap<String, Arc<Mutex<Ledger>>>>,
     /// When ledgers of periods that are over were last dropped.
     swept: Mutex<std::time::Instant>,
+    /// How often ledgers are swept, and how long one may sit idle ([`LEDGER_IDLE`]).
+    sweep_every: std::time::Duration,
+    idle: std::time::Duration,
 }
 
 impl std::fmt::Debug for Budgets {
@@ -398,6 +409,8 @@ impl Budgets {
             shared,
             local: Mutex::new(HashMap::new()),
             swept: Mutex::new(std::time::Instant::now()),
+            sweep_every: std::time::Duration::from_secs(60),
+            idle: LEDGER_IDLE,
         }
     }
 
@@ -587,9 +600,16 @@ impl Budgets {
             // Ledgers of periods that are over are dropped, once a minute at most.
             {
                 let mut swept = self.swept.lock();
-                if swept.elapsed() >= std::time::Duration::from_secs(60) {
+                if swept.elapsed() >= self.sweep_every {
                     *swept = std::time::Instant::now();
-                    all.retain(|_, l| l.lock().ends.is_none_or(|e| e > now));
+                    all.retain(|_, l| {
+                        let held = Arc::strong_count(l) > 1;
+                        let g = l.lock();
+                        let idle = g.reserved == 0
+                            && !held
+                            && g.used.is_none_or(|t| t.elapsed() >= self.idle);
+                        g.ends.is_none_or(|e| e > now) && !idle
+                    });
                 }
             }
             limits
@@ -605,6 +625,7 @@ impl Budgets {
                             }))
                         })
                         .clone();
+                    ledger.lock().used = Some(std::time::Instant::now());
                     (id, ledger)
                 })
                 .collect()
@@ -865,6 +886,47 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
+    }
+
+    /// Ledgers of spenders seen once (a client naming a new user each time) do not pile up: an
+    /// idle one with nothing reserved is dropped, and read from the store again when needed.
+    #[tokio::test]
+    async fn idle_ledgers_are_dropped_and_read_again() {
+        let store = Arc::new(CountingSpend(std::sync::atomic::AtomicUsize::new(0)));
+        let mut b = Budgets::new(Some(store.clone()), None);
+        b.sweep_every = std::time::Duration::ZERO;
+        b.idle = std::time::Duration::from_millis(50);
+        for u in 0..100 {
+            let limits = [daily(Spender::User(format!("u{u}")), 1.00)];
+            b.reserve(&limits, 0.01)
+                .await
+                .unwrap()
+                .unwrap()
+                .settle(0.01);
+        }
+        let held = b
+            .reserve(&[daily(Spender::User("busy".into()), 1.00)], 0.01)
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+        b.reserve(&[daily(Spender::User("next".into()), 1.00)], 0.01)
+            .await
+            .unwrap()
+            .unwrap()
+            .settle(0.0);
+        // Only the one just used and the one with a reservation in flight are left.
+        assert_eq!(b.local.lock().len(), 2);
+        drop(held);
+        let reads = store.0.load(std::sync::atomic::Ordering::SeqCst);
+        b.reserve(&[daily(Spender::User("u0".into()), 1.00)], 0.01)
+            .await
+            .unwrap()
+            .unwrap()
+            .settle(0.0);
+        assert_eq!(
+            store.0.load(std::sync::atomic::Ordering::SeqCst),
+            reads + 1,
+            "read from the store again"
+        );
     }
 
     /// Counts the spend reads.
