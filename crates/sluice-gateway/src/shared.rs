@@ -27,8 +27,10 @@
 //! |------------------------|---------|--------------------------------------------------------|
 //! | `P:rl:SUBJECT:rpm`     | hash    | requests per epoch second (last 60 s; expires ~120 s) |
 //! | `P:rl:SUBJECT:tpm`     | hash    | tokens per epoch second (last 60 s; expires ~120 s)   |
-//! | `P:rl:SUBJECT:par`     | integer | requests in flight (expires 600 s after the last use)  |
-//! | `P:budget:LEDGER`      | hash    | `spent` and `reserved`, micro-USD                      |
+//! | `P:rl:SUBJECT:par`     | zset    | requests in flight by holder, scored by when each lapses (15 min); expires 900 s after the last use |
+//! | `P:budget:LEDGER`      | hash    | `spent`, micro-USD (expires with its period)           |
+//! | `P:budget:LEDGER:holds`| zset    | reservations in flight as `HOLDER:WORST`, scored by when each lapses (15 min) |
+//! | `P:budget:settled:HOLDER` | string | marks a reservation settled (one hour), so a retried settlement is applied once |
 //! | `P:cache:KEY`          | string  | a cache entry as JSON, with a TTL                      |
 //!
 //! The scripts touch several keys at once, so the keys must live on one Redis node (a single
