@@ -320,6 +320,8 @@ impl Reservation {
         self.settled = true;
         for l in &self.local {
             let mut l = l.lock();
+            // Used now: it is not dropped as idle before this cost is surely in the store.
+            l.used = Some(std::time::Instant::now());
             l.reserved = (l.reserved - self.worst).max(0);
             // Saturating: an absurd cost reported by a broken upstream pins the ledger at its
             // ceiling (spent, refusing more) rather than wrapping it negative (unlimited).

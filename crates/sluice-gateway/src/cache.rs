@@ -850,7 +850,8 @@ pub fn replay(completion: &ChatCompletion, include_usage: bool) -> Vec<ChatCompl
                 index,
                 id: Some(call.id.clone()),
                 kind: Some(call.kind.clone()),
-                function: Some(FunctionCallDelta {
+                // A call of another type (`custom`) has no function: its object is in `extra`.
+                function: (!call.function.is_absent()).then(|| FunctionCallDelta {
                     name: Some(call.function.name.clone()),
                     arguments: Some(String::new()),
                 }),

@@ -30,7 +30,7 @@
 //! | `P:rl:SUBJECT:par`     | zset    | requests in flight by holder, scored by when each lapses (15 min); expires 900 s after the last use |
 //! | `P:budget:LEDGER`      | hash    | `spent`, micro-USD (expires with its period)           |
 //! | `P:budget:LEDGER:holds`| zset    | reservations in flight as `HOLDER:WORST`, scored by when each lapses (15 min) |
-//! | `P:budget:settled:HOLDER` | string | marks a reservation settled (one hour), so a retried settlement is applied once |
+//! | `P:budget:settled:HOLDER` | string | marks a reservation settled (five minutes), so a retried settlement is applied once |
 //! | `P:cache:KEY`          | string  | a cache entry as JSON, with a TTL                      |
 //!
 //! The scripts touch several keys at once, so the keys must live on one Redis node (a single
@@ -537,8 +537,9 @@ end
 return 1
 "#;
 
-/// How long a settled reservation's mark is kept: longer than any retry of its settlement.
-const SETTLED_MARK_SECS: u64 = 3600;
+/// How long a settled reservation's mark is kept: longer than any retry of its settlement (half
+/// a minute, plus the command timeouts), short enough not to fill Redis under load.
+const SETTLED_MARK_SECS: u64 = 300;
 
 fn window_script(body: &str) -> Script {
     let source = format!("{WINDOW_LUA}\n{body}")

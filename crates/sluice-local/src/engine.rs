@@ -243,6 +243,11 @@ impl Engine {
                 self.max_kv_bytes as f64 / 1e6
             )));
         }
+        if !self.is_running() {
+            return Err(EngineError::Unavailable(
+                "the local model engine has stopped".into(),
+            ));
+        }
         let queued = self
             .waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {

@@ -39,7 +39,14 @@ pub async fn read(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes
         .and_then(|v| v.parse::<u64>().ok());
     let mut stream = body.into_data_stream();
     if announced.is_some_and(|len| len > limit as u64) {
-        drain(&mut stream).await;
+        // A client that waits for `100 Continue` has sent nothing: it gets the 413 at once.
+        let waits = headers
+            .get(header::EXPECT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        if !waits {
+            drain(&mut stream).await;
+        }
         return Err(too_large());
     }
     let mut buf = bytes::BytesMut::new();

@@ -213,14 +213,27 @@ pub async fn list_models(State(state): State<SharedState>, req: Request) -> Resp
     .into_response()
 }
 
+/// `GET /v1/models/{id}`: a model the caller's key may use; any other is not found (and the
+/// message lists only the models the key may use).
 pub async fn get_model(
     State(state): State<SharedState>,
     crate::IdPath(id): crate::IdPath,
+    req: Request,
 ) -> Response {
-    if state.gateway.has_model(&id) {
+    let key = req
+        .extensions()
+        .get::<crate::keys::KeyContext>()
+        .map(|k| k.0.clone());
+    let allowed = |m: &str| key.as_ref().is_none_or(|k| k.allows_model(m));
+    if state.gateway.has_model(&id) && allowed(&id) {
         Json(model_object(&id)).into_response()
     } else {
-        let names = state.gateway.model_names();
+        let names: Vec<String> = state
+            .gateway
+            .model_names()
+            .into_iter()
+            .filter(|m| allowed(m))
+            .collect();
         let mut resp = ApiError::openai(
             Error::new(
                 ErrorCode::ModelNotFound,

@@ -510,22 +510,71 @@ pub fn error_type_for_status(status: u16) -> &'static str {
 /// extended thinking, and refuses the turn without them.
 pub const THINKING_BLOCKS: &str = "thinking_blocks";
 
-/// The thinking blocks an OpenAI-shaped message carries that Anthropic can take back: signed
-/// `thinking` blocks and `redacted_thinking` blocks (one with no signature came from another
-/// model, and Anthropic would refuse it).
-fn signed_thinking_blocks(extra: &Extra) -> Vec<ContentBlock> {
+/// Where a stored thinking block stood in its turn, when tool calls came before it (interleaved
+/// thinking): how many. Left out when none did.
+const TOOL_CALLS_BEFORE: &str = "tool_calls_before";
+
+/// A thinking block as kept in [`THINKING_BLOCKS`]: the block, with how many tool calls came
+/// before it in its turn.
+fn stored_thinking(block: &ContentBlock, tool_calls_before: usize) -> Value {
+    let mut v = serde_json::to_value(block).unwrap_or(Value::Null);
+    if tool_calls_before > 0
+        && let Some(o) = v.as_object_mut()
+    {
+        o.insert(TOOL_CALLS_BEFORE.into(), tool_calls_before.into());
+    }
+    v
+}
+
+/// The thinking blocks kept in an OpenAI-shaped message's `extra`, each with how many tool calls
+/// came before it; with `signed_only`, only those Anthropic can take back (signed `thinking`,
+/// `redacted_thinking`: one with no signature came from another model, and Anthropic would
+/// refuse it).
+fn kept_thinking(extra: &Extra, signed_only: bool) -> Vec<(usize, ContentBlock)> {
     let Some(Value::Array(blocks)) = extra.get(THINKING_BLOCKS) else {
         return Vec::new();
     };
     blocks
         .iter()
-        .filter_map(|b| serde_json::from_value::<ContentBlock>(b.clone()).ok())
-        .filter(|b| match b {
-            ContentBlock::Thinking { signature, .. } => !signature.is_empty(),
-            ContentBlock::RedactedThinking { .. } => true,
-            _ => false,
+        .filter_map(|b| {
+            let mut b = b.clone();
+            let before = b
+                .as_object_mut()
+                .and_then(|o| o.shift_remove(TOOL_CALLS_BEFORE))
+                .and_then(|n| n.as_u64())
+                .unwrap_or(0) as usize;
+            let block = serde_json::from_value::<ContentBlock>(b).ok()?;
+            let keep = match &block {
+                ContentBlock::Thinking { signature, .. } => !signed_only || !signature.is_empty(),
+                ContentBlock::RedactedThinking { .. } => true,
+                _ => false,
+            };
+            keep.then_some((before, block))
         })
         .collect()
+}
+
+/// An assistant turn in Anthropic's order: thinking that came before any tool call, the text,
+/// then each tool call preceded by the thinking that came just before it.
+fn in_turn_order(
+    thinking: Vec<(usize, ContentBlock)>,
+    text: Vec<ContentBlock>,
+    tool_uses: Vec<ContentBlock>,
+) -> Vec<ContentBlock> {
+    let mut out = Vec::with_capacity(thinking.len() + text.len() + tool_uses.len());
+    let mut thinking = thinking.into_iter().peekable();
+    while let Some((_, b)) = thinking.next_if(|(before, _)| *before == 0) {
+        out.push(b);
+    }
+    out.extend(text);
+    for (k, tool_use) in tool_uses.into_iter().enumerate() {
+        while let Some((_, b)) = thinking.next_if(|(before, _)| *before <= k) {
+            out.push(b);
+        }
+        out.push(tool_use);
+    }
+    out.extend(thinking.map(|(_, b)| b));
+    out
 }
 
 fn err(msg: impl Into<String>) -> TranslateError {
@@ -897,12 +946,12 @@ fn parse_data_url(url: &str) -> Option<(String, String)> {
 }
 
 fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<ContentBlock>, TranslateError> {
-    // Thinking comes first in an assistant turn.
-    let mut blocks = signed_thinking_blocks(&m.extra);
+    let mut text_blocks = Vec::new();
     let text = m.text_content();
     if !text.trim().is_empty() {
-        blocks.push(ContentBlock::text(text));
+        text_blocks.push(ContentBlock::text(text));
     }
+    let mut blocks = Vec::new();
     for tc in m.tool_calls.iter().flatten() {
         let input = parse_tool_arguments(&tc.function.arguments).map_err(|why| {
             invalid(format!(
@@ -916,7 +965,12 @@ fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<ContentBlock>, Translat
             input,
         ));
     }
-    Ok(blocks)
+    // Thinking first, interleaved thinking before the tool call it came before.
+    Ok(in_turn_order(
+        kept_thinking(&m.extra, true),
+        text_blocks,
+        blocks,
+    ))
 }
 
 /// Parses OpenAI tool-call arguments into an Anthropic `input` object (empty or `null` → `{}`).
@@ -1016,7 +1070,7 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
             block,
             ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. }
         ) {
-            thinking_blocks.push(serde_json::to_value(&block).unwrap_or(Value::Null));
+            thinking_blocks.push(stored_thinking(&block, tool_calls.len()));
         }
         match block {
             ContentBlock::Text { text: t, .. } => text.push_str(&t),
@@ -1196,10 +1250,9 @@ impl StreamDecoder {
                         out.push(self.reasoning_chunk(thinking));
                     }
                 }
-                ContentBlock::RedactedThinking { data, .. } => {
-                    out.push(self.thinking_blocks_chunk(json!({
-                        "type": "redacted_thinking", "data": data
-                    })));
+                block @ ContentBlock::RedactedThinking { .. } => {
+                    let stored = stored_thinking(&block, self.tool_blocks.len());
+                    out.push(self.thinking_blocks_chunk(stored));
                 }
                 ContentBlock::ToolUse {
                     id, name, input, ..
@@ -1296,9 +1349,13 @@ impl StreamDecoder {
             }
             StreamEvent::ContentBlockStop { index } => {
                 if let Some((thinking, signature)) = self.thinking_blocks.remove(&index) {
-                    out.push(self.thinking_blocks_chunk(json!({
-                        "type": "thinking", "thinking": thinking, "signature": signature
-                    })));
+                    let block = ContentBlock::Thinking {
+                        thinking,
+                        signature,
+                        extra: Extra::new(),
+                    };
+                    let stored = stored_thinking(&block, self.tool_blocks.len());
+                    out.push(self.thinking_blocks_chunk(stored));
                 }
                 // A tool called without arguments streams none (an empty `partial_json` at
                 // most); its arguments are then the empty object, as in a whole response.
@@ -1633,7 +1690,7 @@ fn assistant_to_openai(blocks: &[ContentBlock], i: usize) -> Result<Message, Tra
             }),
             // Kept for an Anthropic upstream, which wants them back (signed) in a tool-use turn.
             ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => {
-                thinking.push(serde_json::to_value(block).unwrap_or(Value::Null));
+                thinking.push(stored_thinking(block, tool_calls.len()));
             }
             other => {
                 return Err(err(format!(
@@ -1690,30 +1747,20 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
     if let Some(c) = choice {
         // Thinking first: the blocks an Anthropic upstream sent (signed), else the reasoning of
         // another model as an unsigned block.
-        let blocks: Vec<ContentBlock> = match c.message.extra.get(THINKING_BLOCKS) {
-            Some(Value::Array(blocks)) => blocks
-                .iter()
-                .filter_map(|b| serde_json::from_value(b.clone()).ok())
-                .filter(|b| {
-                    matches!(
-                        b,
-                        ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. }
-                    )
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        if blocks.is_empty() {
-            if let Some(reasoning) = reasoning_text(&c.message.extra) {
-                content.push(ContentBlock::Thinking {
+        let mut thinking = kept_thinking(&c.message.extra, false);
+        if thinking.is_empty()
+            && let Some(reasoning) = reasoning_text(&c.message.extra)
+        {
+            thinking.push((
+                0,
+                ContentBlock::Thinking {
                     thinking: reasoning.to_string(),
                     signature: String::new(),
                     extra: Extra::new(),
-                });
-            }
-        } else {
-            content.extend(blocks);
+                },
+            ));
         }
+        let mut text_blocks = Vec::new();
         // No text blocks of whitespace alone (a client that sends the message back to an
         // Anthropic model would be refused).
         if let Some(text) = c
@@ -1722,7 +1769,7 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
             .as_deref()
             .filter(|t| !t.trim().is_empty())
         {
-            content.push(ContentBlock::text(text));
+            text_blocks.push(ContentBlock::text(text));
         }
         if let Some(refusal) = c
             .message
@@ -1730,20 +1777,22 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
             .as_deref()
             .filter(|t| !t.trim().is_empty())
         {
-            content.push(ContentBlock::text(refusal));
+            text_blocks.push(ContentBlock::text(refusal));
         }
+        let mut tool_uses = Vec::new();
         for tc in c.message.tool_calls.iter().flatten() {
             let id = if tc.id.is_empty() {
                 fresh_id("toolu_")
             } else {
                 tc.id.clone()
             };
-            content.push(ContentBlock::tool_use(
+            tool_uses.push(ContentBlock::tool_use(
                 id,
                 tc.function.name.clone(),
                 tool_input(&tc.function.arguments),
             ));
         }
+        content = in_turn_order(thinking, text_blocks, tool_uses);
     }
     let has_tool_use = content
         .iter()
@@ -1882,12 +1931,23 @@ impl StreamEncoder {
         }
         for choice in chunk.choices.iter().filter(|c| c.index == 0) {
             let delta = &choice.delta;
-            if let Some(text) = reasoning_text(&delta.extra) {
-                self.thinking(text, &mut out);
-            }
-            if let Some(Value::Array(blocks)) = delta.extra.get(THINKING_BLOCKS) {
-                for b in blocks {
-                    self.thinking_block(b, &mut out);
+            match delta.extra.get(THINKING_BLOCKS) {
+                // Whole blocks carry their own text (a replayed answer sends both at once).
+                Some(Value::Array(blocks)) if reasoning_text(&delta.extra).is_some() => {
+                    for b in blocks {
+                        self.close_open(&mut out);
+                        self.thinking_block(b, &mut out);
+                    }
+                }
+                Some(Value::Array(blocks)) => {
+                    for b in blocks {
+                        self.thinking_block(b, &mut out);
+                    }
+                }
+                _ => {
+                    if let Some(text) = reasoning_text(&delta.extra) {
+                        self.thinking(text, &mut out);
+                    }
                 }
             }
             for text in [delta.content.as_deref(), delta.refusal.as_deref()]
@@ -2057,7 +2117,11 @@ impl StreamEncoder {
     /// A whole thinking block from an Anthropic upstream (its text came as reasoning before): the
     /// open thinking block gets its signature and closes; a redacted one is a block of its own.
     fn thinking_block(&mut self, block: &Value, out: &mut Vec<StreamEvent>) {
-        match serde_json::from_value::<ContentBlock>(block.clone()) {
+        let mut block = block.clone();
+        if let Some(o) = block.as_object_mut() {
+            o.shift_remove(TOOL_CALLS_BEFORE);
+        }
+        match serde_json::from_value::<ContentBlock>(block) {
             Ok(ContentBlock::Thinking {
                 thinking,
                 signature,
@@ -2468,6 +2532,44 @@ mod tests {
         assert_eq!(assistant[0], whole[0], "{upstream_body:#}");
         assert_eq!(assistant[1], whole[1], "{upstream_body:#}");
         assert_eq!(assistant[2]["type"], "tool_use", "{upstream_body:#}");
+    }
+
+    /// Interleaved thinking (a thinking block before each tool call) keeps its order both ways.
+    #[test]
+    fn interleaved_thinking_keeps_its_place() {
+        let upstream: MessagesResponse = serde_json::from_value(json!({
+            "id": "msg_i", "type": "message", "role": "assistant", "model": "claude",
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": 5, "output_tokens": 9},
+            "content": [
+                {"type": "thinking", "thinking": "First.", "signature": "s1"},
+                {"type": "tool_use", "id": "t1", "name": "a", "input": {}},
+                {"type": "thinking", "thinking": "Then.", "signature": "s2"},
+                {"type": "tool_use", "id": "t2", "name": "b", "input": {}}
+            ]
+        }))
+        .unwrap();
+        let want = serde_json::to_value(&upstream.content).unwrap();
+        let completion = response_to_openai(upstream);
+        let client =
+            serde_json::to_value(response_from_openai(&completion, "claude").content).unwrap();
+        assert_eq!(client, want);
+        let next: MessagesRequest = serde_json::from_value(json!({
+            "model": "claude", "max_tokens": 100,
+            "messages": [
+                {"role": "user", "content": "Go"},
+                {"role": "assistant", "content": client},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": "1"},
+                    {"type": "tool_result", "tool_use_id": "t2", "content": "2"}
+                ]}
+            ]
+        }))
+        .unwrap();
+        let body =
+            serde_json::to_value(request_from_openai(&request_to_openai(&next).unwrap()).unwrap())
+                .unwrap();
+        assert_eq!(body["messages"][1]["content"], want, "{body:#}");
     }
 
     /// Another model's reasoning reaches an Anthropic client as an unsigned thinking block; given

@@ -662,7 +662,7 @@ fn user_parts(content: Option<&Content>, i: usize) -> Result<Vec<Part>, Translat
     let mut out = Vec::with_capacity(parts.len());
     for (j, p) in parts.iter().enumerate() {
         if let Some(part) = user_part(p)
-            .map_err(|e| TranslateError::unsupported(format!("messages[{i}].content[{j}]: {e}")))?
+            .map_err(|e| TranslateError(format!("messages[{i}].content[{j}]: {}", e.0), e.1))?
         {
             out.push(part);
         }
@@ -670,7 +670,7 @@ fn user_parts(content: Option<&Content>, i: usize) -> Result<Vec<Part>, Translat
     Ok(out)
 }
 
-fn user_part(p: &ContentPart) -> Result<Option<Part>, String> {
+fn user_part(p: &ContentPart) -> Result<Option<Part>, TranslateError> {
     match p.kind.as_str() {
         "text" => Ok(p.text.as_deref().filter(|t| !t.is_empty()).map(Part::text)),
         "image_url" => {
@@ -678,7 +678,7 @@ fn user_part(p: &ContentPart) -> Result<Option<Part>, String> {
                 .image_url
                 .as_ref()
                 .map(|u| u.url.as_str())
-                .ok_or("image_url part without an image_url")?;
+                .ok_or_else(|| TranslateError::invalid("image_url part without an image_url"))?;
             url_part(url).map(Some)
         }
         "input_audio" => {
@@ -686,7 +686,9 @@ fn user_part(p: &ContentPart) -> Result<Option<Part>, String> {
             let data = audio
                 .and_then(|a| a.get("data"))
                 .and_then(Value::as_str)
-                .ok_or("input_audio part without input_audio.data")?;
+                .ok_or_else(|| {
+                    TranslateError::invalid("input_audio part without input_audio.data")
+                })?;
             let format = audio
                 .and_then(|a| a.get("format"))
                 .and_then(Value::as_str)
@@ -706,21 +708,20 @@ fn user_part(p: &ContentPart) -> Result<Option<Part>, String> {
                 .and_then(Value::as_str)
             {
                 Some(data_url) => url_part(data_url).map(Some),
-                None => Err(
+                None => Err(TranslateError::unsupported(
                     "file parts must carry file_data (a data URL); OpenAI file ids \
-                             cannot be sent to Gemini"
-                        .to_string(),
-                ),
+                             cannot be sent to Gemini",
+                )),
             }
         }
-        other => Err(format!(
+        other => Err(TranslateError::unsupported(format!(
             "content part type {other:?} cannot be sent to Gemini"
-        )),
+        ))),
     }
 }
 
 /// A data URL becomes `inlineData`; any other URL becomes `fileData`.
-fn url_part(url: &str) -> Result<Part, String> {
+fn url_part(url: &str) -> Result<Part, TranslateError> {
     let is_data = url
         .get(..5)
         .is_some_and(|p| p.eq_ignore_ascii_case("data:"));
@@ -736,11 +737,13 @@ fn url_part(url: &str) -> Result<Part, String> {
     let rest = url.get(5..).unwrap_or("");
     let (meta, data) = rest
         .split_once(',')
-        .ok_or("malformed data URL: no ',' before the data")?;
+        .ok_or_else(|| TranslateError::invalid("malformed data URL: no ',' before the data"))?;
     let mut params = meta.split(';');
     let mime = params.next().unwrap_or("").trim();
     if !params.any(|p| p.trim().eq_ignore_ascii_case("base64")) {
-        return Err("only base64 data URLs can be sent to Gemini".to_string());
+        return Err(TranslateError::unsupported(
+            "only base64 data URLs can be sent to Gemini",
+        ));
     }
     Ok(Part {
         inline_data: Some(InlineData {

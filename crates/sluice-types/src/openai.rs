@@ -804,34 +804,82 @@ impl ToolCallDelta {
     }
 }
 
-/// Gives tool-call deltas that came without an index (some servers leave it out) their place
-/// across a stream: a delta with a new id is the choice's next call, one without an id goes on
-/// with the call before it.
+/// Places a stream's tool-call deltas, per choice: a delta without an index (some servers leave
+/// it out) is the next call when it brings a new id, a name for a call that has one, or is the
+/// second in its chunk, and otherwise goes on with the call before it; a delta with an index
+/// already used by a call of another id (Ollama sends every call at index 0) is a new call too.
+/// Other indices are kept as they are.
 #[derive(Debug, Default)]
 pub struct ToolCallPlacer {
-    /// Choice index → the index and id of its last call.
-    last: std::collections::HashMap<u32, (u32, Option<String>)>,
+    choices: std::collections::HashMap<u32, Placed>,
+}
+
+#[derive(Debug, Default)]
+struct Placed {
+    /// The server's index → the index given, and that call's id.
+    given: std::collections::HashMap<u32, (u32, Option<String>)>,
+    /// The index given to the last call, and whether it has a name.
+    last: Option<(u32, bool)>,
+    /// The lowest index not given yet.
+    next: u32,
+}
+
+impl Placed {
+    fn fresh(&mut self, wanted: Option<u32>) -> u32 {
+        let taken = |i: u32| self.given.values().any(|(g, _)| *g == i);
+        let i = match wanted {
+            Some(w) if !taken(w) => w,
+            _ => self.next,
+        };
+        self.next = self.next.max(i.saturating_add(1));
+        i
+    }
 }
 
 impl ToolCallPlacer {
     pub fn place(&mut self, chunk: &mut ChatCompletionChunk) {
         for c in &mut chunk.choices {
+            let placed = self.choices.entry(c.index).or_default();
+            let mut unindexed_in_chunk = 0;
             for tc in c.delta.tool_calls.iter_mut().flatten() {
-                let id = tc.id.as_deref().filter(|id| !id.is_empty());
-                let last = self.last.get(&c.index);
-                if tc.index == ToolCallDelta::UNKNOWN_INDEX {
-                    tc.index = match last {
-                        None => 0,
-                        Some((i, seen)) if id.is_some() && id != seen.as_deref() => {
-                            i.saturating_add(1)
+                let id = tc.id.clone().filter(|id| !id.is_empty());
+                let named = tc
+                    .function
+                    .as_ref()
+                    .and_then(|f| f.name.as_deref())
+                    .is_some_and(|n| !n.is_empty());
+                let server = tc.index;
+                let index = if server == ToolCallDelta::UNKNOWN_INDEX {
+                    unindexed_in_chunk += 1;
+                    let last_id = placed.given.get(&server).and_then(|(_, id)| id.clone());
+                    let new_call = match placed.last {
+                        None => true,
+                        Some((_, had_name)) => {
+                            unindexed_in_chunk > 1
+                                || (id.is_some() && id != last_id)
+                                || (id.is_none() && named && had_name)
                         }
-                        Some((i, _)) => *i,
                     };
-                }
-                let id = id
-                    .map(str::to_string)
-                    .or_else(|| last.and_then(|(_, seen)| seen.clone()));
-                self.last.insert(c.index, (tc.index, id));
+                    match placed.last {
+                        Some((i, _)) if !new_call => i,
+                        _ => placed.fresh(None),
+                    }
+                } else {
+                    match placed.given.get(&server) {
+                        Some((i, seen)) if id.is_none() || id == *seen => *i,
+                        _ => placed.fresh(Some(server)),
+                    }
+                };
+                let continues = placed.given.get(&server).is_some_and(|(i, _)| *i == index);
+                let id = match id {
+                    Some(id) => Some(id),
+                    None if continues => placed.given.get(&server).and_then(|(_, s)| s.clone()),
+                    None => None,
+                };
+                placed.given.insert(server, (index, id));
+                let had_name = named || placed.last.is_some_and(|(i, had)| i == index && had);
+                placed.last = Some((index, had_name));
+                tc.index = index;
             }
         }
     }
@@ -843,6 +891,26 @@ pub struct FunctionCallDelta {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arguments: Option<String>,
+}
+
+/// Adds a later delta's value of a field to what came before: strings are joined (streamed in
+/// pieces, like a custom tool call's `input`), objects merged key by key, anything else replaced.
+fn merge_streamed(have: &mut Value, more: &Value) {
+    match (have, more) {
+        (Value::String(h), Value::String(m)) => h.push_str(m),
+        (Value::Object(h), Value::Object(m)) => {
+            for (k, v) in m {
+                match h.get_mut(k) {
+                    Some(existing) => merge_streamed(existing, v),
+                    None => {
+                        h.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (_, Value::Null) => {}
+        (h, m) => *h = m.clone(),
+    }
 }
 
 /// Folds a stream of chunks back into one [`ChatCompletion`]: used when a provider only streams
@@ -939,10 +1007,15 @@ impl ChunkAccumulator {
                 if let Some(kind) = &tc.kind {
                     slot.kind.clone_from(kind);
                 }
-                // Other fields (a custom call's object, a thought signature) as the last delta
-                // that carried each had them.
+                // Other fields (a custom call's object, a thought signature), gathered as the
+                // arguments are: strings streamed in pieces are joined.
                 for (k, v) in &tc.extra {
-                    slot.extra.insert(k.clone(), v.clone());
+                    match slot.extra.get_mut(k) {
+                        Some(have) => merge_streamed(have, v),
+                        None => {
+                            slot.extra.insert(k.clone(), v.clone());
+                        }
+                    }
                 }
                 if let Some(f) = &tc.function {
                     if let Some(n) = &f.name {
@@ -1265,6 +1338,26 @@ mod tests {
             acc.push(&chunk);
         }
         let done = serde_json::to_value(acc.finish()).unwrap();
+        let mut custom = ChunkAccumulator::default();
+        for delta in [
+            serde_json::json!({"tool_calls": [{"index": 0, "id": "c3", "type": "custom",
+                "custom": {"name": "sql", "input": ""}}]}),
+            serde_json::json!({"tool_calls": [{"index": 0, "custom": {"input": "SELECT"}}]}),
+            serde_json::json!({"tool_calls": [{"index": 0, "custom": {"input": " 1"}}]}),
+        ] {
+            let chunk: ChatCompletionChunk = serde_json::from_value(serde_json::json!({
+                "id": "r", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": delta}]
+            }))
+            .unwrap();
+            custom.push(&chunk);
+        }
+        let custom = serde_json::to_value(custom.finish()).unwrap();
+        assert_eq!(
+            custom["choices"][0]["message"]["tool_calls"][0],
+            serde_json::json!({"id": "c3", "type": "custom",
+                "custom": {"name": "sql", "input": "SELECT 1"}})
+        );
         assert_eq!(
             done["choices"][0]["message"]["tool_calls"][0],
             serde_json::json!({"id": "c2", "type": "function",
@@ -1433,6 +1526,56 @@ mod tests {
                 calls[1].function.name.as_str()
             ),
             ("{\"x\":1}", "g")
+        );
+        // Every call at index 0, each with its id (Ollama); and two whole calls in one chunk with
+        // neither index nor id.
+        let gathered = |deltas: Vec<Value>| {
+            let mut placer = ToolCallPlacer::default();
+            let mut acc = ChunkAccumulator::default();
+            for calls in deltas {
+                let mut c: ChatCompletionChunk = serde_json::from_value(json!({
+                    "id": "x", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "delta": {"tool_calls": calls}}]
+                }))
+                .unwrap();
+                placer.place(&mut c);
+                acc.push(&c);
+            }
+            let done = acc.finish();
+            done.choices[0]
+                .message
+                .tool_calls
+                .clone()
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.id, c.function.name, c.function.arguments))
+                .collect::<Vec<_>>()
+        };
+        let s = |v: &str| v.to_string();
+        assert_eq!(
+            gathered(vec![
+                json!([{"index": 0, "id": "a", "function": {"name": "f", "arguments": "{\"p\":"}}]),
+                json!([{"index": 0, "function": {"arguments": "1}"}}]),
+                json!([{"index": 0, "id": "b", "function": {"name": "g", "arguments": "{}"}}]),
+            ]),
+            [(s("a"), s("f"), s("{\"p\":1}")), (s("b"), s("g"), s("{}"))]
+        );
+        assert_eq!(
+            gathered(vec![json!([
+                {"function": {"name": "f", "arguments": "{}"}},
+                {"function": {"name": "g", "arguments": "{}"}}
+            ])]),
+            [(s(""), s("f"), s("{}")), (s(""), s("g"), s("{}"))]
+        );
+        // Well-indexed calls keep their indices.
+        assert_eq!(
+            gathered(vec![
+                json!([{"index": 0, "id": "a", "function": {"name": "f", "arguments": ""}},
+                       {"index": 1, "id": "b", "function": {"name": "g", "arguments": ""}}]),
+                json!([{"index": 1, "function": {"arguments": "{}"}}]),
+                json!([{"index": 0, "function": {"arguments": "{}"}}]),
+            ]),
+            [(s("a"), s("f"), s("{}")), (s("b"), s("g"), s("{}"))]
         );
     }
 }

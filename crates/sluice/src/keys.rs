@@ -456,10 +456,13 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 let mut v = to_json(&key, now);
                 v["key"] = Value::String(secret);
                 print_json(&v);
+                crate::output_at_stake(None);
             } else {
                 outln!("Created key {} ({}):", key.id, key.name);
                 outln!();
                 outln!("    {secret}");
+                // The secret is out; what follows is advice.
+                crate::output_at_stake(None);
                 outln!();
                 outln!(
                     "This key will not be shown again: Sluice keeps only its hash, so copy it now."
@@ -538,10 +541,12 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 let mut v = to_json(&k, now);
                 v["key"] = Value::String(fresh.key);
                 print_json(&v);
+                crate::output_at_stake(None);
             } else {
                 outln!("Rotated key {} ({}); its new secret:", k.id, k.name);
                 outln!();
                 outln!("    {}", fresh.key);
+                crate::output_at_stake(None);
                 outln!();
                 outln!(
                     "This key will not be shown again: Sluice keeps only its hash, so copy it now."

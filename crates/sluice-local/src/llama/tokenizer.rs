@@ -357,8 +357,12 @@ impl GgufTokenizer {
             .iter()
             .zip(&types)
             .map(|(t, &ty)| {
+                // ChatML's markers too: a file whose own template does not compile is served
+                // with ChatML.
                 ty == TYPE_CONTROL
-                    || (ty == TYPE_USER_DEFINED && looks_like_markup(t) && template.contains(*t))
+                    || (ty == TYPE_USER_DEFINED
+                        && looks_like_markup(t)
+                        && (template.contains(*t) || super::template::CHATML_TEMPLATE.contains(*t)))
             })
             .collect();
         let added: Vec<AddedToken> = tokens

@@ -148,6 +148,19 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
         .filter_map(|m| m["id"].as_str())
         .collect();
     assert_eq!(ids, ["mock-echo"], "{models:#}");
+    let hidden = reqwest::Client::new()
+        .get(s.url("/v1/models/priced"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hidden.status(), 404);
+    let body: Value = hidden.json().await.unwrap();
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        !msg.contains("priced, ") && msg.ends_with("mock-echo"),
+        "{msg}"
+    );
     let r = named(Some("bob"), Some("carol")).await.unwrap();
     assert_eq!(s.record(&request_id(&r)).await["user"], "carol");
 
