@@ -184,6 +184,19 @@ impl Sluice {
         }
     }
 
+    /// `POST {path}` with a JSON body; returns the JSON answer, whatever its status.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Value {
+        reqwest::Client::new()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: the answer is not JSON: {e}"))
+    }
+
     /// `POST /api/keys` with `spec` (as the admin when there is an admin key); returns the
     /// answer: the key (shown once), its id and its fields.
     pub async fn create_key(&self, spec: Value) -> Value {

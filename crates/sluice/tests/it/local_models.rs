@@ -116,33 +116,22 @@ async fn local_chat_answers_plain_and_streamed_identically() {
     // A stop string: the text ends before it, and the answer says which one it was.
     let mut body = ask("What is the capital of France?", 24, false);
     body["stop"] = json!(["Rome", "Paris"]);
-    let v: Value = http
-        .post(s.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = s.post_json("/v1/chat/completions", &body).await;
     let cut = answer.split("Paris").next().unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], cut, "{v:#}");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["stop_reason"], "Paris", "{v:#}");
     // An Anthropic client gets it as `stop_sequence`.
-    let m: Value = http
-        .post(s.url("/v1/messages"))
-        .json(&json!({
-            "model": "smol", "max_tokens": 24, "temperature": 0, "stop_sequences": ["Paris"],
-            "system": "You are a helpful assistant.",
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let m = s
+        .post_json(
+            "/v1/messages",
+            &json!({
+                "model": "smol", "max_tokens": 24, "temperature": 0, "stop_sequences": ["Paris"],
+                "system": "You are a helpful assistant.",
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]
+            }),
+        )
+        .await;
     assert_eq!(
         (m["stop_reason"].as_str(), m["stop_sequence"].as_str()),
         (Some("stop_sequence"), Some("Paris")),
