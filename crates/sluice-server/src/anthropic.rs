@@ -29,10 +29,7 @@ pub async fn count_tokens(State(state): State<SharedState>, req: Request) -> Res
 
 async fn count(state: &SharedState, req: Request) -> Result<u64, Error> {
     let (parts, body) = req.into_parts();
-    let key = parts
-        .extensions
-        .get::<crate::keys::KeyContext>()
-        .map(|k| k.0.clone());
+    let key = crate::keys::KeyContext::of(&parts.extensions);
     let bytes = crate::body::read(&parts.headers, body, state.max_body_bytes).await?;
     let mut value: serde_json::Value = crate::body::parse(&bytes)?;
     // The count takes no `max_tokens`; the request type wants one.

@@ -135,6 +135,13 @@ impl KeyCache {
 #[derive(Debug, Clone)]
 pub struct KeyContext(pub Arc<VirtualKey>);
 
+impl KeyContext {
+    /// The virtual key a request was made with, if any.
+    pub fn of(extensions: &axum::http::Extensions) -> Option<Arc<VirtualKey>> {
+        extensions.get::<KeyContext>().map(|k| k.0.clone())
+    }
+}
+
 fn store_error(e: StoreError) -> Response {
     ApiError::openai(Error::new(
         ErrorCode::Unavailable,

@@ -196,10 +196,7 @@ fn model_object(name: &str) -> ModelObject {
 /// `GET /v1/models`: the configured models the caller's virtual key may use (all of them for a
 /// key without a model list, or with no key).
 pub async fn list_models(State(state): State<SharedState>, req: Request) -> Response {
-    let key = req
-        .extensions()
-        .get::<crate::keys::KeyContext>()
-        .map(|k| k.0.clone());
+    let key = crate::keys::KeyContext::of(req.extensions());
     Json(ModelList {
         object: "list".into(),
         data: state
@@ -220,10 +217,7 @@ pub async fn get_model(
     crate::IdPath(id): crate::IdPath,
     req: Request,
 ) -> Response {
-    let key = req
-        .extensions()
-        .get::<crate::keys::KeyContext>()
-        .map(|k| k.0.clone());
+    let key = crate::keys::KeyContext::of(req.extensions());
     let allowed = |m: &str| key.as_ref().is_none_or(|k| k.allows_model(m));
     if state.gateway.has_model(&id) && allowed(&id) {
         Json(model_object(&id)).into_response()

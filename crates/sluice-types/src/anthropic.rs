@@ -26,7 +26,7 @@ use crate::ids::{new_request_id, unix_now};
 use crate::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, Choice, ChunkChoice, Content, ContentPart,
     Delta, Extra, FunctionCall, FunctionCallDelta, FunctionDef, ImageUrl, Message, ResponseMessage,
-    Role, Stop, StreamOptions, Tool, ToolCall, ToolCallDelta, Usage,
+    Role, Stop, StreamOptions, Tool, ToolCall, ToolCallDelta, Usage, reasoning_text,
 };
 
 /// The `max_tokens` Sluice sends to Anthropic when the OpenAI request sets no cap (Anthropic
@@ -537,13 +537,7 @@ fn kept_thinking(extra: &Extra, signed_only: bool) -> Vec<(usize, ContentBlock)>
     blocks
         .iter()
         .filter_map(|b| {
-            let mut b = b.clone();
-            let before = b
-                .as_object_mut()
-                .and_then(|o| o.shift_remove(TOOL_CALLS_BEFORE))
-                .and_then(|n| n.as_u64())
-                .unwrap_or(0) as usize;
-            let block = serde_json::from_value::<ContentBlock>(b).ok()?;
+            let (before, block) = parse_stored_thinking(b)?;
             let keep = match &block {
                 ContentBlock::Thinking { signature, .. } => !signed_only || !signature.is_empty(),
                 ContentBlock::RedactedThinking { .. } => true,
@@ -552,6 +546,17 @@ fn kept_thinking(extra: &Extra, signed_only: bool) -> Vec<(usize, ContentBlock)>
             keep.then_some((before, block))
         })
         .collect()
+}
+
+/// A block as kept in [`THINKING_BLOCKS`], and how many tool calls came before it.
+fn parse_stored_thinking(stored: &Value) -> Option<(usize, ContentBlock)> {
+    let mut b = stored.clone();
+    let before = b
+        .as_object_mut()
+        .and_then(|o| o.shift_remove(TOOL_CALLS_BEFORE))
+        .and_then(|n| n.as_u64())
+        .unwrap_or(0) as usize;
+    Some((before, serde_json::from_value(b).ok()?))
 }
 
 /// An assistant turn in Anthropic's order: thinking that came before any tool call, the text,
@@ -1856,15 +1861,6 @@ impl OpenBlock {
     }
 }
 
-/// The reasoning text of an OpenAI-shaped message or delta: `reasoning_content` (DeepSeek, vLLM,
-/// Sluice's own translations) or `reasoning` (OpenRouter, newer vLLM).
-fn reasoning_text(extra: &Extra) -> Option<&str> {
-    ["reasoning_content", "reasoning"]
-        .iter()
-        .find_map(|k| extra.get(*k).and_then(Value::as_str))
-        .filter(|t| !t.is_empty())
-}
-
 /// Translates OpenAI `chat.completion.chunk`s into Anthropic stream events (ingress streaming),
 /// in Anthropic's exact order: `message_start`; per block `content_block_start`, deltas,
 /// `content_block_stop`; then `message_delta` and `message_stop` from [`StreamEncoder::finish`].
@@ -2117,12 +2113,8 @@ impl StreamEncoder {
     /// A whole thinking block from an Anthropic upstream (its text came as reasoning before): the
     /// open thinking block gets its signature and closes; a redacted one is a block of its own.
     fn thinking_block(&mut self, block: &Value, out: &mut Vec<StreamEvent>) {
-        let mut block = block.clone();
-        if let Some(o) = block.as_object_mut() {
-            o.shift_remove(TOOL_CALLS_BEFORE);
-        }
-        match serde_json::from_value::<ContentBlock>(block) {
-            Ok(ContentBlock::Thinking {
+        match parse_stored_thinking(block).map(|(_, b)| b) {
+            Some(ContentBlock::Thinking {
                 thinking,
                 signature,
                 ..
@@ -2148,7 +2140,7 @@ impl StreamEncoder {
                 }
                 self.close_open(out);
             }
-            Ok(redacted @ ContentBlock::RedactedThinking { .. }) => {
+            Some(redacted @ ContentBlock::RedactedThinking { .. }) => {
                 self.close_open(out);
                 self.held_whitespace.clear();
                 let index = self.next_block();

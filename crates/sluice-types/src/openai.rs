@@ -713,13 +713,7 @@ impl ChatCompletionChunk {
             c.delta.content.as_deref().is_some_and(|s| !s.is_empty())
                 || c.delta.tool_calls.as_ref().is_some_and(|t| !t.is_empty())
                 || c.delta.refusal.as_deref().is_some_and(|s| !s.is_empty())
-                || ["reasoning_content", "reasoning"].iter().any(|k| {
-                    c.delta
-                        .extra
-                        .get(*k)
-                        .and_then(Value::as_str)
-                        .is_some_and(|s| !s.is_empty())
-                })
+                || reasoning_text(&c.delta.extra).is_some()
         })
     }
 }
@@ -891,6 +885,15 @@ pub struct FunctionCallDelta {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arguments: Option<String>,
+}
+
+/// The reasoning text of a message or delta: `reasoning_content` (DeepSeek, vLLM, Sluice's own
+/// translations) or `reasoning` (OpenRouter, newer vLLM); `None` when empty.
+pub fn reasoning_text(extra: &Extra) -> Option<&str> {
+    ["reasoning_content", "reasoning"]
+        .iter()
+        .find_map(|k| extra.get(*k).and_then(Value::as_str))
+        .filter(|t| !t.is_empty())
 }
 
 /// Adds a later delta's value of a field to what came before: strings are joined (streamed in
