@@ -83,6 +83,67 @@ fn translate(req: &ChatRequest, stream: bool) -> Result<wire::MessagesRequest, P
     Ok(body)
 }
 
+const ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
+
+impl Anthropic {
+    /// The request to the Messages endpoint: the body without the client's beta flags, which go
+    /// in `anthropic-beta` after any configured ones.
+    fn post(
+        &self,
+        mut body: wire::MessagesRequest,
+    ) -> Result<::http::Request<http_body_util::Full<bytes::Bytes>>, ProviderError> {
+        let betas = match body.extra.shift_remove(wire::BETAS) {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::String(s)) => vec![s],
+            Some(serde_json::Value::Array(items)) => items
+                .into_iter()
+                .map(|v| match v {
+                    serde_json::Value::String(s) => Ok(s),
+                    _ => Err(()),
+                })
+                .collect::<Result<Vec<_>, ()>>()
+                .map_err(|()| bad_betas())?,
+            Some(_) => return Err(bad_betas()),
+        };
+        let mut request = http::post_json(&self.url, &self.headers, &body)?;
+        let betas: Vec<&str> = betas
+            .iter()
+            .flat_map(|b| b.split(','))
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+            .collect();
+        if !betas.is_empty() {
+            let mut all: Vec<&str> = Vec::new();
+            let configured = self
+                .headers
+                .get_all(&ANTHROPIC_BETA)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|b| !b.is_empty());
+            for b in configured.chain(betas) {
+                if !all.contains(&b) {
+                    all.push(b);
+                }
+            }
+            let value = HeaderValue::from_str(&all.join(",")).map_err(|_| {
+                ProviderError::Invalid("anthropic-beta holds a character a header cannot".into())
+            })?;
+            request.headers_mut().insert(ANTHROPIC_BETA, value);
+        }
+        Ok(request)
+    }
+}
+
+fn bad_betas() -> ProviderError {
+    ProviderError::Invalid(format!(
+        "`{}.{}` must be a list of strings",
+        wire::ANTHROPIC_FIELDS,
+        wire::BETAS
+    ))
+}
+
 #[async_trait]
 impl ChatProvider for Anthropic {
     fn kind(&self) -> &'static str {
@@ -100,15 +161,13 @@ impl ChatProvider for Anthropic {
     }
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {
-        let body = translate(req, false)?;
-        let request = http::post_json(&self.url, &self.headers, &body)?;
+        let request = self.post(translate(req, false)?)?;
         let msg: MessagesResponse = self.client.json(request, self.timeouts.request).await?;
         Ok(wire::response_to_openai(msg))
     }
 
     async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
-        let body = translate(req, true)?;
-        let mut request = http::post_json(&self.url, &self.headers, &body)?;
+        let mut request = self.post(translate(req, true)?)?;
         http::accept_event_stream(&mut request);
         let resp = self.client.send(request, self.timeouts.request).await?;
         let events = Box::pin(http::sse_events(resp, self.timeouts.stream_idle));

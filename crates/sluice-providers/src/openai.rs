@@ -13,9 +13,9 @@ use serde::Deserialize;
 use sluice_core::ProviderError;
 use sluice_core::provider::{ChatProvider, ChunkStream};
 use sluice_core::secret::{Secret, SecretRef};
-use sluice_types::anthropic::THINKING_BLOCKS;
+use sluice_types::anthropic::{ANTHROPIC_FIELDS, CACHE_CONTROL, THINKING_BLOCKS};
 use sluice_types::openai::{
-    ChatCompletion, ChatCompletionChunk, ChatRequest, EmbeddingRequest, EmbeddingResponse,
+    ChatCompletion, ChatCompletionChunk, ChatRequest, Content, EmbeddingRequest, EmbeddingResponse,
     StreamOptions, ToolCallPlacer,
 };
 
@@ -245,8 +245,10 @@ impl ChatProvider for OpenAi {
 
 impl OpenAi {
     /// The request as this upstream takes it, when it needs changing: [`for_official`] on
-    /// OpenAI's own API; and, on any, without the Anthropic thinking blocks an assistant message
-    /// may carry from `/v1/messages` (signed data only Anthropic reads).
+    /// OpenAI's own API; and, on any, without what only Anthropic reads: the thinking blocks an
+    /// assistant message may carry from `/v1/messages` (signed data) and a Messages request's own
+    /// top-level fields ([`ANTHROPIC_FIELDS`]). Caching breakpoints (`cache_control`) stay for
+    /// OpenAI-compatible servers, some of which read them.
     fn adjusted(&self, req: &ChatRequest) -> Option<ChatRequest> {
         let mut out = self.official.then(|| for_official(req)).flatten();
         if req
@@ -259,7 +261,50 @@ impl OpenAi {
                 m.extra.remove(THINKING_BLOCKS);
             }
         }
+        if req.extra.contains_key(ANTHROPIC_FIELDS) {
+            out.get_or_insert_with(|| req.clone())
+                .extra
+                .remove(ANTHROPIC_FIELDS);
+        }
         out
+    }
+}
+
+/// Whether a request carries a caching breakpoint anywhere OpenAI's shape lets one ride.
+fn has_cache_control(req: &ChatRequest) -> bool {
+    req.extra.contains_key(CACHE_CONTROL)
+        || req
+            .tools
+            .iter()
+            .flatten()
+            .any(|t| t.extra.contains_key(CACHE_CONTROL))
+        || req.messages.iter().any(|m| {
+            m.extra.contains_key(CACHE_CONTROL)
+                || matches!(&m.content, Some(Content::Parts(parts))
+                    if parts.iter().any(|p| p.extra.contains_key(CACHE_CONTROL)))
+                || m.tool_calls
+                    .iter()
+                    .flatten()
+                    .any(|tc| tc.extra.contains_key(CACHE_CONTROL))
+        })
+}
+
+/// Removes every caching breakpoint.
+fn strip_cache_control(req: &mut ChatRequest) {
+    req.extra.remove(CACHE_CONTROL);
+    for t in req.tools.iter_mut().flatten() {
+        t.extra.remove(CACHE_CONTROL);
+    }
+    for m in &mut req.messages {
+        m.extra.remove(CACHE_CONTROL);
+        if let Some(Content::Parts(parts)) = &mut m.content {
+            for p in parts {
+                p.extra.remove(CACHE_CONTROL);
+            }
+        }
+        for tc in m.tool_calls.iter_mut().flatten() {
+            tc.extra.remove(CACHE_CONTROL);
+        }
     }
 }
 
@@ -273,20 +318,26 @@ fn is_openai_host(base: &str) -> bool {
 /// every chat model, so the limit moves there; and they refuse `top_k` (which an Anthropic
 /// client may send), which is left out. `metadata` (which Sluice reads for attribution) is
 /// refused unless `store` is on, and then takes string values only: it goes only with `store`,
-/// without the values that are not strings.
+/// without the values that are not strings. Caching breakpoints (`cache_control`, from an
+/// Anthropic client or written for one) are left out: OpenAI caches prompt prefixes by itself.
 fn for_official(req: &ChatRequest) -> Option<ChatRequest> {
     let stored = req.extra.get("store").and_then(|v| v.as_bool()) == Some(true);
     let metadata_refused = req
         .metadata
         .as_ref()
         .is_some_and(|m| !stored || m.values().any(|v| !v.is_string()));
-    if req.max_tokens.is_none() && !req.extra.contains_key("top_k") && !metadata_refused {
+    let cached = has_cache_control(req);
+    if req.max_tokens.is_none() && !req.extra.contains_key("top_k") && !metadata_refused && !cached
+    {
         return None;
     }
     let mut out = req.clone();
     let max = out.max_tokens.take();
     out.max_completion_tokens = out.max_completion_tokens.or(max);
     out.extra.remove("top_k");
+    if cached {
+        strip_cache_control(&mut out);
+    }
     if stored {
         if let Some(m) = out.metadata.as_mut() {
             m.retain(|_, v| v.is_string());
@@ -500,5 +551,39 @@ mod tests {
             !local.official,
             "compatible servers take max_tokens and top_k as they are"
         );
+    }
+
+    /// What a `/v1/messages` client sends for Anthropic: its top-level fields reach no
+    /// OpenAI-type upstream; caching breakpoints reach compatible servers (some read them) but
+    /// not OpenAI's own API.
+    #[test]
+    fn anthropic_fields_and_breakpoints_by_upstream() {
+        let cc = serde_json::json!({"type": "ephemeral"});
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "m", "max_completion_tokens": 5,
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "s", "cache_control": cc}]},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}, "cache_control": cc}
+                ]},
+                {"role": "tool", "tool_call_id": "c", "content": "r", "cache_control": cc}
+            ],
+            "tools": [{"type": "function", "function": {"name": "f"}, "cache_control": cc}],
+            "cache_control": cc,
+            "anthropic": {"thinking": {"type": "enabled", "budget_tokens": 1024}}
+        }))
+        .unwrap();
+        let local = serde_json::to_value(compatible_server().adjusted(&req).unwrap()).unwrap();
+        assert!(local.get("anthropic").is_none(), "{local}");
+        assert_eq!(local["messages"][0]["content"][0]["cache_control"], cc);
+        assert_eq!(local["tools"][0]["cache_control"], cc);
+
+        let official = serde_json::to_value(for_official(&req).expect("changed")).unwrap();
+        assert!(
+            !official.to_string().contains("cache_control"),
+            "{official}"
+        );
+        assert_eq!(official["messages"][0]["content"][0]["text"], "s");
+        assert_eq!(official["messages"][2]["content"], "r");
     }
 }

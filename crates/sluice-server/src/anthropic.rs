@@ -43,6 +43,14 @@ async fn count(state: &SharedState, req: Request) -> Result<u64, Error> {
 }
 
 pub async fn messages(State(state): State<SharedState>, req: Request) -> Response {
+    // Beta flags go to an Anthropic upstream with the request.
+    let betas: Vec<String> = req
+        .headers()
+        .get_all("anthropic-beta")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect();
     let (ctx, msg) = match read_json::<MessagesRequest>(&state, req, "messages").await {
         Ok(v) => v,
         Err(e) => return ApiError::anthropic(e).into_response(),
@@ -55,6 +63,8 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
             return ApiError::anthropic(e).into_response();
         }
     };
+    let mut chat = chat;
+    wire::set_betas(&mut chat, betas.iter().map(String::as_str));
     let id = format!("msg_{}", ctx.id().simple());
     // Anthropic reports input tokens in `message_start`; the upstream's count only arrives at the
     // end of the stream, so the start carries the tokenizer's count.

@@ -14,7 +14,12 @@
 //! The main structs keep the fields they do not name in `extra`, and content blocks, image sources,
 //! deltas and stream events of types this module does not know parse into an `Other(Value)`
 //! variant instead of failing, so newer API features survive parsing. The translations never
-//! forward one API's unknown fields to the other API. Nothing here does I/O or panics on input.
+//! forward one API's unknown fields to the other API: a Messages request's own top-level fields
+//! (`thinking`, `cache_control`, `context_management`, …) travel in the OpenAI shape under
+//! [`ANTHROPIC_FIELDS`], which only an Anthropic upstream reads, and prompt-caching breakpoints
+//! (`cache_control` on blocks and tools) as `cache_control` on the matching OpenAI content parts,
+//! tools, tool calls and tool messages (the shape OpenAI-compatible gateways use for it). Nothing
+//! here does I/O or panics on input.
 
 use std::collections::HashMap;
 
@@ -510,6 +515,102 @@ pub fn error_type_for_status(status: u16) -> &'static str {
 /// extended thinking, and refuses the turn without them.
 pub const THINKING_BLOCKS: &str = "thinking_blocks";
 
+/// The field of an OpenAI-shaped request's `extra` that carries a Messages request's top-level
+/// fields with no OpenAI counterpart (`thinking`, `cache_control`, `context_management`,
+/// `service_tier`, …) and the client's `anthropic-beta` header values (as [`BETAS`]): an
+/// Anthropic upstream gets them back as sent; an OpenAI-compatible one never sees them.
+pub const ANTHROPIC_FIELDS: &str = "anthropic";
+
+/// Inside [`ANTHROPIC_FIELDS`] (and a translated request's `extra`): the `anthropic-beta` header
+/// values the client sent, which go upstream as that header, not in the body.
+pub const BETAS: &str = "betas";
+
+/// A prompt-caching breakpoint (`{"type": "ephemeral"}`, with an optional `ttl`): on Anthropic
+/// blocks and tools, and on the OpenAI content parts, tools, tool calls and messages that stand for
+/// them.
+pub const CACHE_CONTROL: &str = "cache_control";
+
+/// Top-level fields an OpenAI-shaped request may carry for an Anthropic upstream outside
+/// [`ANTHROPIC_FIELDS`] (the names OpenAI-compatible gateways use for them).
+const OPENAI_SHAPED_ANTHROPIC_FIELDS: [&str; 2] = ["thinking", CACHE_CONTROL];
+
+/// The Messages request fields Sluice writes itself, never taken from [`ANTHROPIC_FIELDS`].
+const TYPED_REQUEST_FIELDS: [&str; 12] = [
+    "model",
+    "messages",
+    "max_tokens",
+    "system",
+    "stop_sequences",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stream",
+    "tools",
+    "tool_choice",
+    "metadata",
+];
+
+/// A block's caching breakpoint, if it has one.
+fn block_cache_control(block: &ContentBlock) -> Option<&Value> {
+    let cc = match block {
+        ContentBlock::Text { extra, .. }
+        | ContentBlock::Image { extra, .. }
+        | ContentBlock::ToolUse { extra, .. }
+        | ContentBlock::ToolResult { extra, .. } => extra.get(CACHE_CONTROL),
+        ContentBlock::Other(v) => v.get(CACHE_CONTROL),
+        ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => None,
+    };
+    cc.filter(|v| !v.is_null())
+}
+
+/// Sets a block's caching breakpoint; `false` for a block that cannot take one (thinking blocks
+/// are cached with the turn around them, never marked themselves).
+fn set_block_cache_control(block: &mut ContentBlock, cc: Value) -> bool {
+    match block {
+        ContentBlock::Text { extra, .. }
+        | ContentBlock::Image { extra, .. }
+        | ContentBlock::ToolUse { extra, .. }
+        | ContentBlock::ToolResult { extra, .. } => {
+            extra.insert(CACHE_CONTROL.into(), cc);
+            true
+        }
+        ContentBlock::Other(Value::Object(o)) => {
+            o.insert(CACHE_CONTROL.into(), cc);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A message-level breakpoint (`cache_control` on an OpenAI message) goes on the last block of
+/// that message which can take one.
+fn mark_last_block(blocks: &mut [ContentBlock], cc: Option<&Value>) {
+    let Some(cc) = cc.filter(|v| !v.is_null()) else {
+        return;
+    };
+    for b in blocks.iter_mut().rev() {
+        if set_block_cache_control(b, cc.clone()) {
+            return;
+        }
+    }
+}
+
+/// `extra` holding only a breakpoint, when there is one.
+fn cache_control_extra(cc: Option<&Value>) -> Extra {
+    let mut extra = Extra::new();
+    if let Some(cc) = cc.filter(|v| !v.is_null()) {
+        extra.insert(CACHE_CONTROL.into(), cc.clone());
+    }
+    extra
+}
+
+/// A text part, with the breakpoint of the block it stands for.
+fn text_part(text: &str, cc: Option<&Value>) -> ContentPart {
+    let mut part = ContentPart::text(text);
+    part.extra = cache_control_extra(cc);
+    part
+}
+
 /// Where a stored thinking block stood in its turn, when tool calls came before it (interleaved
 /// thinking): how many. Left out when none did.
 const TOOL_CALLS_BEFORE: &str = "tool_calls_before";
@@ -693,9 +794,12 @@ fn anthropic_input(u: &Usage) -> (u64, u64, Option<u64>) {
 ///
 /// System and developer messages are joined into `system`; tool messages become `tool_result`
 /// blocks in user messages; consecutive messages of the same role are merged (Anthropic requires
-/// alternation), with tool results first in a merged user message. OpenAI-only fields are
-/// dropped. Fails on `n > 1`, tool-call arguments that are not a JSON object, tool messages
-/// without `tool_call_id`, and content or tools Anthropic cannot take.
+/// alternation), with tool results first in a merged user message. `cache_control` on a content
+/// part, tool, tool call or message becomes a breakpoint on the matching block or tool (a
+/// message's on its last block; a tool message's on its `tool_result`; any on a system message
+/// makes `system` a list of blocks); the top-level fields of [`anthropic_fields`] are kept.
+/// OpenAI-only fields are dropped. Fails on `n > 1`, tool-call arguments that are not a JSON
+/// object, tool messages without `tool_call_id`, and content or tools Anthropic cannot take.
 pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, TranslateError> {
     if req.n.is_some_and(|n| n > 1) {
         return Err(err("n > 1 is not supported by Anthropic models"));
@@ -713,6 +817,8 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
     }
 
     let mut system: Vec<String> = Vec::new();
+    // The system prompt as blocks, used when one of them is a caching breakpoint.
+    let mut system_blocks: Vec<ContentBlock> = Vec::new();
     let mut messages: Vec<AnthropicMessage> = Vec::new();
     for (i, m) in req.messages.iter().enumerate() {
         match m.role {
@@ -721,9 +827,13 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
                 if !text.is_empty() {
                     system.push(text);
                 }
+                let mut blocks = system_message_blocks(m);
+                mark_last_block(&mut blocks, m.extra.get(CACHE_CONTROL));
+                system_blocks.extend(blocks);
             }
             Role::User => {
-                let blocks = user_blocks(m.content.as_ref(), i)?;
+                let mut blocks = user_blocks(m.content.as_ref(), i)?;
+                mark_last_block(&mut blocks, m.extra.get(CACHE_CONTROL));
                 push_blocks(&mut messages, AnthropicRole::User, blocks);
             }
             Role::Assistant => {
@@ -738,6 +848,8 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
                     .ok_or_else(|| {
                         invalid(format!("messages[{i}]: tool message has no tool_call_id"))
                     })?;
+                // Anthropic takes a breakpoint on the `tool_result` block, not inside it.
+                let mut cc = m.extra.get(CACHE_CONTROL).filter(|v| !v.is_null()).cloned();
                 let content = match &m.content {
                     None => None,
                     Some(Content::Text(s)) => Some(ToolResultContent::Text(s.clone())),
@@ -746,15 +858,23 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
                         for p in parts {
                             blocks.extend(part_to_block(p, i)?);
                         }
+                        for b in &mut blocks {
+                            if let Some(inner) = take_block_cache_control(b) {
+                                cc.get_or_insert(inner);
+                            }
+                        }
                         Some(ToolResultContent::Blocks(blocks))
                     }
                 };
-                let block = ContentBlock::ToolResult {
+                let mut block = ContentBlock::ToolResult {
                     tool_use_id,
                     content,
                     is_error: None,
                     extra: Extra::new(),
                 };
+                if let Some(cc) = cc {
+                    set_block_cache_control(&mut block, cc);
+                }
                 push_blocks(&mut messages, AnthropicRole::User, vec![block]);
             }
             Role::Function => {
@@ -805,11 +925,19 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
         .filter(|s| !s.trim().is_empty())
         .collect();
 
+    let system = if system_blocks
+        .iter()
+        .any(|b| block_cache_control(b).is_some())
+    {
+        Some(SystemPrompt::Blocks(system_blocks))
+    } else {
+        (!system.is_empty()).then(|| SystemPrompt::Text(system.join("\n\n")))
+    };
     Ok(MessagesRequest {
         model: req.model.clone(),
         messages,
         max_tokens: req.max_output_tokens().unwrap_or(DEFAULT_MAX_TOKENS),
-        system: (!system.is_empty()).then(|| SystemPrompt::Text(system.join("\n\n"))),
+        system,
         stop_sequences: (!stop.is_empty()).then_some(stop),
         temperature: req.temperature,
         top_p: req.top_p,
@@ -825,8 +953,90 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
             user_id: Some(u.clone()),
             extra: Extra::new(),
         }),
-        extra: Extra::new(),
+        extra: anthropic_fields(req)?,
     })
+}
+
+/// Keeps a `/v1/messages` client's `anthropic-beta` header values (each may list several, comma
+/// separated) on its translated request, for an Anthropic upstream.
+pub fn set_betas<'a>(req: &mut ChatRequest, header_values: impl IntoIterator<Item = &'a str>) {
+    let betas: Vec<Value> = header_values
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+        .map(|b| Value::String(b.to_string()))
+        .collect();
+    if betas.is_empty() {
+        return;
+    }
+    let fields = req
+        .extra
+        .entry(ANTHROPIC_FIELDS)
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(o) = fields {
+        o.insert(BETAS.into(), Value::Array(betas));
+    }
+}
+
+/// The top-level Messages fields an OpenAI-shaped request carries for Anthropic: `thinking` and
+/// `cache_control` as OpenAI-compatible gateways name them, then whatever [`ANTHROPIC_FIELDS`]
+/// holds (a `/v1/messages` client's own fields, which win), less the fields Sluice writes.
+fn anthropic_fields(req: &ChatRequest) -> Result<Extra, TranslateError> {
+    let mut out = Extra::new();
+    for name in OPENAI_SHAPED_ANTHROPIC_FIELDS {
+        if let Some(v) = req.extra.get(name).filter(|v| !v.is_null()) {
+            out.insert(name.into(), v.clone());
+        }
+    }
+    match req.extra.get(ANTHROPIC_FIELDS) {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(fields)) => {
+            for (k, v) in fields {
+                if !TYPED_REQUEST_FIELDS.contains(&k.as_str()) {
+                    out.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        Some(_) => {
+            return Err(invalid(format!(
+                "`{ANTHROPIC_FIELDS}` must be an object of Messages API fields"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// A system message's text as blocks, each text part with its breakpoint; blank text left out.
+fn system_message_blocks(m: &Message) -> Vec<ContentBlock> {
+    match &m.content {
+        None => Vec::new(),
+        Some(Content::Text(s)) if s.trim().is_empty() => Vec::new(),
+        Some(Content::Text(s)) => vec![ContentBlock::text(s.clone())],
+        Some(Content::Parts(parts)) => parts
+            .iter()
+            .filter_map(|p| {
+                let text = p.text.as_deref().filter(|t| !t.trim().is_empty())?;
+                Some(ContentBlock::Text {
+                    text: text.to_string(),
+                    extra: cache_control_extra(p.extra.get(CACHE_CONTROL)),
+                })
+            })
+            .collect(),
+    }
+}
+
+/// Removes a block's breakpoint and returns it.
+fn take_block_cache_control(block: &mut ContentBlock) -> Option<Value> {
+    let cc = match block {
+        ContentBlock::Text { extra, .. }
+        | ContentBlock::Image { extra, .. }
+        | ContentBlock::ToolUse { extra, .. }
+        | ContentBlock::ToolResult { extra, .. } => extra.shift_remove(CACHE_CONTROL),
+        ContentBlock::Other(Value::Object(o)) => o.shift_remove(CACHE_CONTROL),
+        _ => None,
+    };
+    cc.filter(|v| !v.is_null())
 }
 
 /// Appends blocks to the last message when it has the same role, else starts a new message.
@@ -874,8 +1084,20 @@ fn user_blocks(content: Option<&Content>, i: usize) -> Result<Vec<ContentBlock>,
     }
 }
 
-/// One OpenAI content part as an Anthropic block (`None` for empty text).
+/// One OpenAI content part as an Anthropic block (`None` for empty text), with the part's
+/// caching breakpoint.
 fn part_to_block(part: &ContentPart, i: usize) -> Result<Option<ContentBlock>, TranslateError> {
+    let mut block = part_block(part, i)?;
+    if let (Some(b), Some(cc)) = (
+        block.as_mut(),
+        part.extra.get(CACHE_CONTROL).filter(|v| !v.is_null()),
+    ) {
+        set_block_cache_control(b, cc.clone());
+    }
+    Ok(block)
+}
+
+fn part_block(part: &ContentPart, i: usize) -> Result<Option<ContentBlock>, TranslateError> {
     match part.kind.as_str() {
         "text" => Ok(part
             .text
@@ -952,9 +1174,21 @@ fn parse_data_url(url: &str) -> Option<(String, String)> {
 
 fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<ContentBlock>, TranslateError> {
     let mut text_blocks = Vec::new();
-    let text = m.text_content();
-    if !text.trim().is_empty() {
-        text_blocks.push(ContentBlock::text(text));
+    match &m.content {
+        // Text parts with a breakpoint stay blocks of their own, so the mark keeps its place.
+        Some(Content::Parts(parts))
+            if parts
+                .iter()
+                .any(|p| p.extra.get(CACHE_CONTROL).is_some_and(|v| !v.is_null())) =>
+        {
+            text_blocks = system_message_blocks(m);
+        }
+        _ => {
+            let text = m.text_content();
+            if !text.trim().is_empty() {
+                text_blocks.push(ContentBlock::text(text));
+            }
+        }
     }
     let mut blocks = Vec::new();
     for tc in m.tool_calls.iter().flatten() {
@@ -964,18 +1198,17 @@ fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<ContentBlock>, Translat
                 tc.id, tc.function.name
             ))
         })?;
-        blocks.push(ContentBlock::tool_use(
-            tc.id.clone(),
-            tc.function.name.clone(),
+        blocks.push(ContentBlock::ToolUse {
+            id: tc.id.clone(),
+            name: tc.function.name.clone(),
             input,
-        ));
+            extra: cache_control_extra(tc.extra.get(CACHE_CONTROL)),
+        });
     }
     // Thinking first, interleaved thinking before the tool call it came before.
-    Ok(in_turn_order(
-        kept_thinking(&m.extra, true),
-        text_blocks,
-        blocks,
-    ))
+    let mut out = in_turn_order(kept_thinking(&m.extra, true), text_blocks, blocks);
+    mark_last_block(&mut out, m.extra.get(CACHE_CONTROL));
+    Ok(out)
 }
 
 /// Parses OpenAI tool-call arguments into an Anthropic `input` object (empty or `null` → `{}`).
@@ -1013,7 +1246,7 @@ fn tool_from_openai(tool: &Tool) -> Result<AnthropicTool, TranslateError> {
         name: tool.function.name.clone(),
         description: tool.function.description.clone(),
         input_schema,
-        extra: Extra::new(),
+        extra: cache_control_extra(tool.extra.get(CACHE_CONTROL)),
     })
 }
 
@@ -1448,16 +1681,41 @@ impl StreamDecoder {
 /// `system` becomes a system message; `tool_result` blocks become `tool` messages placed before
 /// the rest of their user message (an `is_error` result's text is prefixed with `"Error: "`; only
 /// the text of a result is kept); `tool_use` blocks become `tool_calls`; thinking blocks are
-/// dropped. `top_k` goes to `extra`, `metadata.user_id` to `user`, and a streamed request asks for
-/// the usage chunk. Anthropic-only fields are dropped. Fails on server tools, on blocks that have
-/// no OpenAI equivalent, and on a `tool` choice without a name.
+/// kept only as [`THINKING_BLOCKS`]. `top_k` goes to `extra`, `metadata.user_id` to `user`, and a
+/// streamed request asks for the usage chunk. The request's other top-level fields (`thinking`,
+/// `cache_control`, …) go to `extra` under [`ANTHROPIC_FIELDS`]; caching breakpoints on blocks and
+/// tools become `cache_control` on the parts, tools, tool calls and tool messages that stand for
+/// them (a system prompt or assistant text with one stays a list of parts). Fails on server tools,
+/// on blocks that have no OpenAI equivalent, and on a `tool` choice without a name.
 pub fn request_to_openai(req: &MessagesRequest) -> Result<ChatRequest, TranslateError> {
     let mut messages = Vec::new();
-    if let Some(system) = &req.system {
-        let text = system.to_text();
-        if !text.is_empty() {
-            messages.push(Message::text(Role::System, text));
+    match &req.system {
+        // Blocks with a caching breakpoint stay parts, each with its mark.
+        Some(SystemPrompt::Blocks(blocks))
+            if blocks.iter().any(|b| block_cache_control(b).is_some()) =>
+        {
+            let parts: Vec<ContentPart> = blocks
+                .iter()
+                .filter_map(|b| match b {
+                    ContentBlock::Text { text, extra } => {
+                        Some(text_part(text, extra.get(CACHE_CONTROL)))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !parts.is_empty() {
+                let mut m = Message::text(Role::System, String::new());
+                m.content = Some(Content::Parts(parts));
+                messages.push(m);
+            }
         }
+        Some(system) => {
+            let text = system.to_text();
+            if !text.is_empty() {
+                messages.push(Message::text(Role::System, text));
+            }
+        }
+        None => {}
     }
     for (i, m) in req.messages.iter().enumerate() {
         match (m.role, &m.content) {
@@ -1509,6 +1767,9 @@ pub fn request_to_openai(req: &MessagesRequest) -> Result<ChatRequest, Translate
     }
     if let Some(k) = req.top_k {
         extra.insert("top_k".into(), Value::from(k));
+    }
+    if !req.extra.is_empty() {
+        extra.insert(ANTHROPIC_FIELDS.into(), Value::Object(req.extra.clone()));
     }
 
     let stop = req
@@ -1583,10 +1844,13 @@ fn user_to_openai(
                 }
                 let mut msg = Message::text(Role::Tool, text);
                 msg.tool_call_id = Some(tool_use_id.clone());
+                msg.extra = cache_control_extra(block_cache_control(block));
                 // Tool messages must directly follow the assistant message that called the tools.
                 messages.push(msg);
             }
-            ContentBlock::Text { text, .. } => parts.push(ContentPart::text(text.clone())),
+            ContentBlock::Text { text, extra } => {
+                parts.push(text_part(text, extra.get(CACHE_CONTROL)));
+            }
             ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => {}
             other => match media_part(other, i)? {
                 Some(part) => parts.push(part),
@@ -1603,7 +1867,9 @@ fn user_to_openai(
     let parts = tool_media;
     if !parts.is_empty() {
         let content = match parts.as_slice() {
-            [only] if only.kind == "text" => Content::Text(only.text.clone().unwrap_or_default()),
+            [only] if only.kind == "text" && only.extra.is_empty() => {
+                Content::Text(only.text.clone().unwrap_or_default())
+            }
             _ => Content::Parts(parts),
         };
         messages.push(Message {
@@ -1618,8 +1884,17 @@ fn user_to_openai(
     Ok(())
 }
 
-/// An image or base64 document block as an OpenAI content part; `None` for any other block.
+/// An image or base64 document block as an OpenAI content part, with its caching breakpoint;
+/// `None` for any other block.
 fn media_part(block: &ContentBlock, i: usize) -> Result<Option<ContentPart>, TranslateError> {
+    let mut part = media_part_bare(block, i)?;
+    if let (Some(p), Some(cc)) = (part.as_mut(), block_cache_control(block)) {
+        p.extra.insert(CACHE_CONTROL.into(), cc.clone());
+    }
+    Ok(part)
+}
+
+fn media_part_bare(block: &ContentBlock, i: usize) -> Result<Option<ContentPart>, TranslateError> {
     match block {
         ContentBlock::Image { source, .. } => {
             let url = match source {
@@ -1677,13 +1952,21 @@ fn is_base64_document(v: &Value) -> bool {
 
 fn assistant_to_openai(blocks: &[ContentBlock], i: usize) -> Result<Message, TranslateError> {
     let mut text = String::new();
+    // The text blocks as parts, used when one of them is a caching breakpoint.
+    let mut text_parts = Vec::new();
     let mut tool_calls = Vec::new();
     let mut thinking = Vec::new();
     for block in blocks {
         match block {
-            ContentBlock::Text { text: t, .. } => text.push_str(t),
+            ContentBlock::Text { text: t, extra } => {
+                text.push_str(t);
+                text_parts.push(text_part(t, extra.get(CACHE_CONTROL)));
+            }
             ContentBlock::ToolUse {
-                id, name, input, ..
+                id,
+                name,
+                input,
+                extra,
             } => tool_calls.push(ToolCall {
                 id: id.clone(),
                 kind: "function".into(),
@@ -1691,7 +1974,7 @@ fn assistant_to_openai(blocks: &[ContentBlock], i: usize) -> Result<Message, Tra
                     name: name.clone(),
                     arguments: arguments_json(input),
                 },
-                extra: Extra::new(),
+                extra: cache_control_extra(extra.get(CACHE_CONTROL)),
             }),
             // Kept for an Anthropic upstream, which wants them back (signed) in a tool-use turn.
             ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => {
@@ -1709,9 +1992,14 @@ fn assistant_to_openai(blocks: &[ContentBlock], i: usize) -> Result<Message, Tra
     if !thinking.is_empty() {
         extra.insert(THINKING_BLOCKS.into(), Value::Array(thinking));
     }
+    let content = if text_parts.iter().any(|p| !p.extra.is_empty()) {
+        Some(Content::Parts(text_parts))
+    } else {
+        (!text.is_empty() || tool_calls.is_empty()).then_some(Content::Text(text))
+    };
     Ok(Message {
         role: Role::Assistant,
-        content: (!text.is_empty() || tool_calls.is_empty()).then_some(Content::Text(text)),
+        content,
         name: None,
         tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
         tool_call_id: None,
@@ -1736,7 +2024,7 @@ fn tool_to_openai(tool: &AnthropicTool) -> Result<Tool, TranslateError> {
             parameters: (!tool.input_schema.is_null()).then(|| tool.input_schema.clone()),
             extra: Extra::new(),
         },
-        extra: Extra::new(),
+        extra: cache_control_extra(tool.extra.get(CACHE_CONTROL)),
     })
 }
 
@@ -3329,6 +3617,150 @@ mod tests {
         .expect("parses");
         assert_eq!(parsed.error.kind, "not_found_error");
         assert_eq!(parsed.extra["request_id"], "req_1");
+    }
+
+    /// Prompt caching and extended thinking through `/v1/messages`: every breakpoint (system,
+    /// tools, text, images, tool calls, tool results) and the request's own top-level fields come
+    /// back out of the OpenAI shape as the client sent them.
+    #[test]
+    fn cache_breakpoints_and_top_level_fields_survive_the_round_trip() {
+        let cc = json!({"type": "ephemeral"});
+        let body = json!({
+            "model": "claude",
+            "max_tokens": 2048,
+            "system": [
+                {"type": "text", "text": "You are a coding agent."},
+                {"type": "text", "text": "Notes.", "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+            ],
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}, "cache_control": cc},
+                    {"type": "text", "text": "Open main.rs", "cache_control": cc}
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "Reading."},
+                    {"type": "text", "text": " Now.", "cache_control": cc},
+                    {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "main.rs"}, "cache_control": cc}
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "fn main() {}", "cache_control": cc},
+                    {"type": "text", "text": "Explain."}
+                ]}
+            ],
+            "tools": [
+                {"name": "read", "input_schema": {"type": "object"}},
+                {"name": "grep", "input_schema": {"type": "object"}, "cache_control": cc}
+            ],
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "cache_control": cc,
+            "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}
+        });
+        let chat = request_to_openai(&messages_request(body.clone())).expect("translates");
+
+        // The OpenAI shape: breakpoints on parts, tools, tool calls and the tool message.
+        let v = serde_json::to_value(&chat).unwrap();
+        assert_eq!(
+            v["messages"][0]["content"][1]["cache_control"]["ttl"], "1h",
+            "{v:#}"
+        );
+        assert_eq!(v["messages"][1]["content"][0]["cache_control"], cc, "{v:#}");
+        assert_eq!(v["messages"][1]["content"][1]["cache_control"], cc, "{v:#}");
+        assert_eq!(v["messages"][2]["content"][1]["cache_control"], cc, "{v:#}");
+        assert_eq!(
+            v["messages"][2]["tool_calls"][0]["cache_control"], cc,
+            "{v:#}"
+        );
+        assert_eq!(v["messages"][3]["role"], "tool", "{v:#}");
+        assert_eq!(v["messages"][3]["cache_control"], cc, "{v:#}");
+        assert_eq!(v["messages"][4]["content"], "Explain.", "{v:#}");
+        assert_eq!(v["tools"][1]["cache_control"], cc, "{v:#}");
+        assert!(v["tools"][0].get("cache_control").is_none(), "{v:#}");
+        assert_eq!(v[ANTHROPIC_FIELDS]["thinking"], body["thinking"], "{v:#}");
+        assert!(
+            v.get("thinking").is_none(),
+            "only under `{ANTHROPIC_FIELDS}`: {v:#}"
+        );
+
+        let back = serde_json::to_value(request_from_openai(&chat).expect("back")).unwrap();
+        assert_eq!(back, body);
+    }
+
+    /// An OpenAI-shaped client marks breakpoints the way OpenAI-compatible gateways take them:
+    /// on a message (its last block), on a system message (the system prompt becomes blocks), on
+    /// a tool message's parts (Anthropic takes it on the `tool_result`, never inside); top-level
+    /// `thinking` and `cache_control` go through, and `anthropic` adds fields but never replaces
+    /// what Sluice writes.
+    #[test]
+    fn openai_shaped_breakpoints_land_where_anthropic_takes_them() {
+        let cc = json!({"type": "ephemeral"});
+        let req = chat_request(json!({
+            "model": "m",
+            "max_tokens": 100,
+            "messages": [
+                {"role": "system", "content": "Be brief.", "cache_control": cc},
+                {"role": "user", "content": "Look it up.", "cache_control": cc},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ], "cache_control": cc},
+                {"role": "tool", "tool_call_id": "c1", "content": [
+                    {"type": "text", "text": "result", "cache_control": cc}
+                ]}
+            ],
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "anthropic": {"max_tokens": 5, "service_tier": "standard_only", "betas": ["b1"]}
+        }));
+        let out = serde_json::to_value(request_from_openai(&req).expect("translates")).unwrap();
+        assert_eq!(
+            out["system"],
+            json!([{"type": "text", "text": "Be brief.", "cache_control": cc}])
+        );
+        assert_eq!(
+            out["messages"][0]["content"],
+            json!([{"type": "text", "text": "Look it up.", "cache_control": cc}])
+        );
+        assert_eq!(
+            out["messages"][1]["content"][0]["cache_control"], cc,
+            "{out:#}"
+        );
+        let result = &out["messages"][2]["content"][0];
+        assert_eq!(result["type"], "tool_result", "{out:#}");
+        assert_eq!(result["cache_control"], cc, "{out:#}");
+        assert!(
+            result["content"][0].get("cache_control").is_none(),
+            "{out:#}"
+        );
+        assert_eq!(out["thinking"]["budget_tokens"], 1024, "{out:#}");
+        assert_eq!(out["service_tier"], "standard_only", "{out:#}");
+        assert_eq!(out["max_tokens"], 100, "Sluice's own field stays: {out:#}");
+        assert_eq!(
+            out[BETAS],
+            json!(["b1"]),
+            "for the provider's header: {out:#}"
+        );
+
+        // Without a breakpoint the system prompt stays one string.
+        let plain = chat_request(json!({"model": "m", "messages": [
+            {"role": "system", "content": "A"}, {"role": "system", "content": "B"},
+            {"role": "user", "content": "hi"}
+        ]}));
+        let out = serde_json::to_value(request_from_openai(&plain).unwrap()).unwrap();
+        assert_eq!(out["system"], "A\n\nB");
+
+        let bad = chat_request(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "anthropic": 5}),
+        );
+        let e = request_from_openai(&bad).expect_err("not an object");
+        assert_eq!(e.1, crate::TranslateKind::Invalid, "{e}");
+    }
+
+    #[test]
+    fn betas_from_headers_join_the_anthropic_fields() {
+        let mut req = chat_request(json!({"model": "m", "messages": []}));
+        set_betas(&mut req, ["a, b", "", "c"]);
+        assert_eq!(req.extra[ANTHROPIC_FIELDS][BETAS], json!(["a", "b", "c"]));
+        let mut none = chat_request(json!({"model": "m", "messages": []}));
+        set_betas(&mut none, [" "]);
+        assert!(none.extra.is_empty());
     }
 
     #[test]

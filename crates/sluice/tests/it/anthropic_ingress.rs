@@ -537,3 +537,124 @@ async fn count_tokens_counts_without_calling_the_upstream() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "not_found_error", "{body}");
 }
+
+/// A Claude Code–like request: caching breakpoints on the system prompt, a tool, a text block
+/// and a tool result, extended thinking, context management, and beta flags in `anthropic-beta`.
+fn agent_turn(model: &str) -> Value {
+    let cc = json!({"type": "ephemeral"});
+    json!({
+        "model": model,
+        "max_tokens": 2048,
+        "system": [
+            {"type": "text", "text": "You are a coding agent."},
+            {"type": "text", "text": "Project notes.", "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+        ],
+        "tools": [
+            {"name": "read", "description": "Read a file", "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}},
+            {"name": "grep", "input_schema": {"type": "object"}, "cache_control": cc}
+        ],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Open main.rs", "cache_control": cc}]},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Reading it."},
+                {"type": "tool_use", "id": "toolu_1", "name": "read", "input": {"path": "main.rs"}}
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "fn main() {}", "cache_control": cc},
+                {"type": "text", "text": "Explain it."}
+            ]}
+        ],
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}
+    })
+}
+
+const BETAS: &str = "context-management-2025-06-27, interleaved-thinking-2025-05-14";
+
+/// To an Anthropic upstream, prompt caching, thinking, context management and beta flags arrive
+/// as the client sent them (before, every breakpoint and top-level field was dropped, so nothing
+/// was ever cached and thinking never switched on).
+#[tokio::test]
+async fn breakpoints_thinking_and_betas_reach_an_anthropic_upstream() {
+    let upstream = MockUpstream::start().await;
+    let sluice = Sluice::start(&provider_config(
+        "anthropic",
+        &upstream.base_url(),
+        &[PLAIN],
+    ))
+    .await;
+    let body = agent_turn(&format!("m-{PLAIN}"));
+    let resp = messages_request(&sluice)
+        .header("anthropic-beta", BETAS)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST /v1/messages");
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    let req = only_request(&upstream);
+    assert_eq!(req.path, "/v1/messages", "{req:#?}");
+    for field in [
+        "max_tokens",
+        "system",
+        "tools",
+        "messages",
+        "thinking",
+        "context_management",
+    ] {
+        assert_eq!(
+            req.body[field], body[field],
+            "`{field}` as the client sent it: {:#}",
+            req.body
+        );
+    }
+    for absent in ["anthropic", "betas"] {
+        assert!(req.body.get(absent).is_none(), "{:#}", req.body);
+    }
+    let beta: Vec<&str> = req
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "anthropic-beta")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        beta,
+        ["context-management-2025-06-27,interleaved-thinking-2025-05-14"]
+    );
+}
+
+/// To an OpenAI-compatible upstream the breakpoints ride on the parts, tools and tool message
+/// that stand for the blocks (the shape such servers read them in), and the Messages request's
+/// own top-level fields stay behind.
+#[tokio::test]
+async fn an_openai_compatible_upstream_gets_breakpoints_but_no_anthropic_fields() {
+    let (upstream, sluice) = setup().await;
+    let resp = messages_request(&sluice)
+        .header("anthropic-beta", BETAS)
+        .json(&agent_turn("m-echo"))
+        .send()
+        .await
+        .expect("POST /v1/messages");
+    assert_eq!(resp.status(), 200);
+    let req = only_request(&upstream);
+    let body = &req.body;
+    for absent in ["anthropic", "thinking", "context_management", "betas"] {
+        assert!(body.get(absent).is_none(), "{body:#}");
+    }
+    let cc = json!({"type": "ephemeral"});
+    let messages = &body["messages"];
+    assert_eq!(messages[0]["role"], "system", "{body:#}");
+    assert_eq!(
+        messages[0]["content"][1]["cache_control"]["ttl"], "1h",
+        "{body:#}"
+    );
+    assert_eq!(messages[1]["content"][0]["cache_control"], cc, "{body:#}");
+    assert_eq!(messages[3]["role"], "tool", "{body:#}");
+    assert_eq!(messages[3]["cache_control"], cc, "{body:#}");
+    assert_eq!(body["tools"][1]["cache_control"], cc, "{body:#}");
+    assert!(
+        req.headers.iter().all(|(k, _)| k != "anthropic-beta"),
+        "{req:#?}"
+    );
+}
