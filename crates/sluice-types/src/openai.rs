@@ -498,12 +498,122 @@ pub struct ResponseMessage {
     pub extra: Extra,
 }
 
-deserialize_with_extra!(ResponseMessage {
+/// [`ResponseMessage`] as parsed, before its content chunks (if any) are folded.
+struct RawResponseMessage {
+    role: Role,
+    content: Option<ResponseText>,
+    tool_calls: Option<Vec<ToolCall>>,
+    refusal: Option<String>,
+    extra: Extra,
+}
+
+deserialize_with_extra!(RawResponseMessage {
     role: Role = "role" => default_with(assistant_role),
-    content: Option<String> = "content" => default,
+    content: Option<ResponseText> = "content" => default,
     tool_calls: Option<Vec<ToolCall>> = "tool_calls" => default,
     refusal: Option<String> = "refusal" => default,
 });
+
+impl<'de> Deserialize<'de> for ResponseMessage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawResponseMessage::deserialize(d)?;
+        let mut extra = raw.extra;
+        Ok(ResponseMessage {
+            role: raw.role,
+            content: raw.content.and_then(|c| c.fold_into(&mut extra)),
+            tool_calls: raw.tool_calls,
+            refusal: raw.refusal,
+            extra,
+        })
+    }
+}
+
+/// A response's (or delta's) `content`: a string, or — from Mistral's reasoning models — a list of
+/// chunks: `text` chunks are the content, `thinking` chunks (`{"type": "thinking", "thinking":
+/// [{"type": "text", "text": …}]}`) the reasoning; other chunks (references) carry no text.
+#[derive(Debug, Default)]
+struct ResponseText {
+    /// The text; `None` for a list without text chunks.
+    text: Option<String>,
+    thinking: Option<String>,
+}
+
+impl ResponseText {
+    /// The content, with the thinking added to `extra`'s `reasoning_content`.
+    fn fold_into(self, extra: &mut Extra) -> Option<String> {
+        if let Some(thinking) = self.thinking {
+            match extra.get_mut("reasoning_content") {
+                Some(Value::String(have)) => have.push_str(&thinking),
+                _ => {
+                    extra.insert("reasoning_content".into(), Value::String(thinking));
+                }
+            }
+        }
+        self.text
+    }
+
+    fn from_chunks(chunks: Vec<Value>) -> Self {
+        let mut out = ResponseText::default();
+        for chunk in &chunks {
+            match chunk.get("type").and_then(Value::as_str) {
+                Some("text") => {
+                    if let Some(t) = chunk.get("text").and_then(Value::as_str) {
+                        out.text.get_or_insert_with(String::new).push_str(t);
+                    }
+                }
+                Some("thinking") => {
+                    let thinking = out.thinking.get_or_insert_with(String::new);
+                    match chunk.get("thinking") {
+                        Some(Value::String(t)) => thinking.push_str(t),
+                        Some(Value::Array(inner)) => {
+                            for t in inner.iter().filter_map(|i| i.get("text")) {
+                                thinking.push_str(t.as_str().unwrap_or_default());
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+impl<'de> Deserialize<'de> for ResponseText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ResponseText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a list of content chunks")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ResponseText, E> {
+                Ok(ResponseText {
+                    text: Some(v.to_string()),
+                    thinking: None,
+                })
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<ResponseText, E> {
+                Ok(ResponseText {
+                    text: Some(v),
+                    thinking: None,
+                })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ResponseText, A::Error> {
+                let mut chunks = Vec::new();
+                while let Some(v) = seq.next_element::<Value>()? {
+                    chunks.push(v);
+                }
+                Ok(ResponseText::from_chunks(chunks))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 fn assistant_role() -> Role {
     Role::Assistant
@@ -765,12 +875,35 @@ pub struct Delta {
     pub extra: Extra,
 }
 
-deserialize_with_extra!(Delta {
+/// [`Delta`] as parsed, before its content chunks (if any) are folded.
+struct RawDelta {
+    role: Option<Role>,
+    content: Option<ResponseText>,
+    tool_calls: Option<Vec<ToolCallDelta>>,
+    refusal: Option<String>,
+    extra: Extra,
+}
+
+deserialize_with_extra!(RawDelta {
     role: Option<Role> = "role" => default,
-    content: Option<String> = "content" => default,
+    content: Option<ResponseText> = "content" => default,
     tool_calls: Option<Vec<ToolCallDelta>> = "tool_calls" => default,
     refusal: Option<String> = "refusal" => default,
 });
+
+impl<'de> Deserialize<'de> for Delta {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawDelta::deserialize(d)?;
+        let mut extra = raw.extra;
+        Ok(Delta {
+            role: raw.role,
+            content: raw.content.and_then(|c| c.fold_into(&mut extra)),
+            tool_calls: raw.tool_calls,
+            refusal: raw.refusal,
+            extra,
+        })
+    }
+}
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ToolCallDelta {
@@ -1580,5 +1713,43 @@ mod tests {
             ]),
             [(s("a"), s("f"), s("{}")), (s("b"), s("g"), s("{}"))]
         );
+    }
+
+    /// Mistral's reasoning models answer with `content` as a list of chunks: the text chunks are
+    /// the content and the thinking chunks the reasoning, whole or streamed (before, the answer
+    /// failed to parse and the client got a 502).
+    #[test]
+    fn content_chunks_fold_into_content_and_reasoning() {
+        let resp: ChatCompletion = serde_json::from_value(serde_json::json!({
+            "id": "c", "object": "chat.completion", "created": 1, "model": "magistral-medium",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": [{"type": "text", "text": "Two and "}, {"type": "text", "text": "two."}]},
+                {"type": "text", "text": "Four"},
+                {"type": "reference", "reference_ids": [1]},
+                {"type": "text", "text": "."}
+            ]}}]
+        }))
+        .expect("parses");
+        let m = &resp.choices[0].message;
+        assert_eq!(m.content.as_deref(), Some("Four."));
+        assert_eq!(reasoning_text(&m.extra), Some("Two and two."));
+
+        let thinking_only: ChatCompletionChunk = serde_json::from_value(serde_json::json!({
+            "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "Hm"}]}]}}]
+        }))
+        .expect("parses");
+        let d = &thinking_only.choices[0].delta;
+        assert_eq!(d.content, None);
+        assert_eq!(reasoning_text(&d.extra), Some("Hm"));
+
+        let plain: ChatCompletionChunk = serde_json::from_str(
+            r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"a\"b"}}]}"#,
+        )
+        .expect("parses");
+        assert_eq!(plain.choices[0].delta.content.as_deref(), Some("a\"b"));
+        let null: ResponseMessage = serde_json::from_str(r#"{"role":"assistant","content":null}"#).unwrap();
+        assert_eq!(null.content, None);
+        assert!(serde_json::from_str::<ResponseMessage>(r#"{"content":5}"#).is_err());
     }
 }
