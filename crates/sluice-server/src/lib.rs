@@ -159,6 +159,20 @@ pub fn router(state: SharedState) -> Router {
         .route("/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/messages/count_tokens", post(anthropic::count_tokens))
+        // Azure OpenAI's paths, for the `AzureOpenAI` clients of the OpenAI SDKs: by deployment,
+        // and the newer `/openai/v1` API.
+        .route(
+            "/openai/deployments/{deployment}/chat/completions",
+            post(openai::azure_chat_completions),
+        )
+        .route(
+            "/openai/deployments/{deployment}/embeddings",
+            post(openai::azure_embeddings),
+        )
+        .route("/openai/v1/chat/completions", post(openai::chat_completions))
+        .route("/openai/v1/embeddings", post(openai::embeddings))
+        .route("/openai/v1/models", get(openai::list_models))
+        .route("/openai/v1/models/{*id}", get(openai::get_model))
         .route_layer(middleware::from_fn_with_state(state.clone(), v1_auth));
     let api = Router::new()
         .route("/api/requests", get(admin::list_requests))
@@ -261,8 +275,8 @@ fn loopback_name(host: &str) -> bool {
 
 pub use sluice_core::keys::constant_time_eq;
 
-/// The key a client presented: `Authorization: Bearer …` (OpenAI SDKs) or `x-api-key` (Anthropic
-/// SDKs).
+/// The key a client presented: `Authorization: Bearer …` (OpenAI SDKs), `x-api-key` (Anthropic
+/// SDKs) or `api-key` (the OpenAI SDKs' Azure clients).
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
@@ -276,7 +290,10 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         };
         return Some(key.trim());
     }
-    headers.get("x-api-key").and_then(|v| v.to_str().ok())
+    ["x-api-key", "api-key"]
+        .iter()
+        .find_map(|h| headers.get(*h))
+        .and_then(|v| v.to_str().ok())
 }
 
 fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), Error> {

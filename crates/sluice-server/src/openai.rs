@@ -19,6 +19,46 @@ use crate::{RequestId, SharedState, attribute_from_headers, body};
 
 /// Reads a request: its id, `x-sluice-*` headers and JSON body, into its context and `T`. A
 /// request that cannot be read is recorded here and its error returned.
+/// The model a route's path names (Azure OpenAI's `/openai/deployments/{deployment}/…`): it
+/// replaces the body's `model`, as on Azure.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelFromPath(pub String);
+
+/// Parses a body whose `model` the path gives.
+fn with_model<T: serde::de::DeserializeOwned>(bytes: &[u8], model: &str) -> Result<T, Error> {
+    let mut v: serde_json::Value = body::parse(bytes)?;
+    match v.as_object_mut() {
+        Some(o) => {
+            o.insert("model".into(), serde_json::Value::String(model.to_string()));
+        }
+        None => return body::parse(bytes),
+    }
+    let patched = serde_json::to_vec(&v)
+        .map_err(|e| Error::invalid(format!("the request body cannot be read: {e}")))?;
+    body::parse(&patched)
+}
+
+/// `POST /openai/deployments/{deployment}/chat/completions`, the path the `AzureOpenAI` clients
+/// of the OpenAI SDKs call: the deployment is the model.
+pub async fn azure_chat_completions(
+    State(state): State<SharedState>,
+    crate::IdPath(deployment): crate::IdPath,
+    mut req: Request,
+) -> Response {
+    req.extensions_mut().insert(ModelFromPath(deployment));
+    chat_completions(State(state), req).await
+}
+
+/// `POST /openai/deployments/{deployment}/embeddings` (Azure OpenAI's path).
+pub async fn azure_embeddings(
+    State(state): State<SharedState>,
+    crate::IdPath(deployment): crate::IdPath,
+    mut req: Request,
+) -> Response {
+    req.extensions_mut().insert(ModelFromPath(deployment));
+    embeddings(State(state), req).await
+}
+
 pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     state: &SharedState,
     req: Request,
@@ -43,7 +83,11 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
             return Err(e);
         }
     };
-    match body::parse(&bytes) {
+    let parsed = match parts.extensions.get::<ModelFromPath>() {
+        Some(ModelFromPath(model)) => with_model(&bytes, model),
+        None => body::parse(&bytes),
+    };
+    match parsed {
         Ok(v) => {
             if state.gateway.stores_bodies() {
                 // The body as the client sent it: no re-serialization on the hot path.

@@ -175,6 +175,18 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // The OpenAI SDKs' Azure clients send it as api-key, and name the model in the path.
+    let azure = |model: &str| {
+        reqwest::Client::new()
+            .post(s.url(&format!(
+                "/openai/deployments/{model}/chat/completions?api-version=2024-10-21"
+            )))
+            .header("api-key", &key)
+            .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    assert_eq!(azure("mock-echo").await.unwrap().status(), 200);
+    assert_eq!(azure("priced").await.unwrap().status(), 403);
 
     // A model outside the key's list is refused and recorded.
     let (st, rid, body) = chat(&s, Some(&key), "priced").await;

@@ -112,6 +112,90 @@ async fn models_and_embeddings_through_the_sdk() {
     assert_eq!(emb.usage.prompt_tokens, 3);
 }
 
+/// The SDK's Azure client (`api-key` header, the deployment in the path, `api-version` in the
+/// query) works against Sluice: the deployment names the model, whatever the body says.
+#[tokio::test]
+async fn azure_clients_reach_models_by_deployment() {
+    use async_openai::config::AzureConfig;
+    let s = Sluice::start(MOCK).await;
+    let azure = |deployment: &str| {
+        Client::with_config(
+            AzureConfig::new()
+                .with_api_base(s.url(""))
+                .with_api_version("2024-10-21")
+                .with_deployment_id(deployment)
+                .with_api_key("unused-on-loopback"),
+        )
+    };
+    let resp = azure("priced")
+        .chat()
+        .create(chat(json!({
+            "model": "mock-echo",
+            "messages": [{"role": "user", "content": "ping pong"}]
+        })))
+        .await
+        .expect("completion");
+    assert_eq!(
+        resp.choices[0].message.content.as_deref(),
+        Some("ping pong")
+    );
+    let mut stream = azure("mock-echo")
+        .chat()
+        .create_stream(chat(json!({
+            "model": "mock-echo", "stream": true,
+            "messages": [{"role": "user", "content": "one two"}]
+        })))
+        .await
+        .expect("stream");
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("chunk");
+        if let Some(c) = chunk.choices.first().and_then(|c| c.delta.content.as_deref()) {
+            text.push_str(c);
+        }
+    }
+    assert_eq!(text, "one two");
+    let req: CreateEmbeddingRequest = serde_json::from_value(json!({
+        "model": "ignored", "input": ["alpha beta"], "dimensions": 8
+    }))
+    .unwrap();
+    let emb = azure("mock-echo")
+        .embeddings()
+        .create(req)
+        .await
+        .expect("embeddings");
+    assert_eq!(emb.data[0].embedding.len(), 8);
+
+    // The path's model is the one served and recorded; an unknown deployment is a 404.
+    let http = reqwest::Client::new();
+    let r = http
+        .post(s.url("/openai/deployments/priced/chat/completions?api-version=2024-10-21"))
+        .header("api-key", "k")
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rec = s.record(&request_id(&r)).await;
+    assert_eq!(rec["model"], "priced", "{rec:#}");
+    let r = http
+        .post(s.url("/openai/deployments/gpt-9/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // Azure's newer `/openai/v1` API takes the model in the body.
+    let r = http
+        .post(s.url("/openai/v1/chat/completions"))
+        .header("api-key", "k")
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 #[tokio::test]
 async fn sdk_sees_openai_shaped_errors() {
     let s = Sluice::start(MOCK).await;
