@@ -116,6 +116,8 @@ pub enum ProviderError {
         message: String,
         /// The upstream's own error code or type, when it sent one.
         code: Option<String>,
+        /// The request field the upstream named as the cause (OpenAI's `param`), when it did.
+        param: Option<String>,
         retry_after: Option<Duration>,
     },
     /// No answer (or no next chunk) within the configured time.
@@ -145,6 +147,7 @@ impl ProviderError {
                 status,
                 message,
                 code,
+                param,
                 retry_after,
             } => {
                 let code = match *status {
@@ -168,10 +171,18 @@ impl ProviderError {
                     ),
                     _ => format!("provider `{provider}` returned HTTP {status}: {message}"),
                 };
+                // The upstream's `param` names the offending field of a request it refused.
+                let param = match code {
+                    ErrorCode::UpstreamBadRequest
+                    | ErrorCode::UnsupportedParameter
+                    | ErrorCode::ContextLengthExceeded
+                    | ErrorCode::ContentPolicy => param.clone(),
+                    _ => None,
+                };
                 Error {
                     code,
                     message: msg,
-                    param: None,
+                    param,
                     retry_after: *retry_after,
                     headers: Vec::new(),
                 }
@@ -325,12 +336,36 @@ mod tests {
         }
     }
 
+    /// The field an upstream names as the cause of a refused request reaches the client; a
+    /// server fault's does not.
+    #[test]
+    fn an_upstream_param_is_passed_on_for_refused_requests() {
+        let e = |status| ProviderError::Status {
+            status,
+            message: "Invalid 'messages[0].content': string too long.".into(),
+            code: Some("string_above_max_length".into()),
+            param: Some("messages[0].content".into()),
+            retry_after: None,
+        };
+        assert_eq!(
+            e(400).to_error("p").param.as_deref(),
+            Some("messages[0].content")
+        );
+        assert_eq!(
+            e(422).to_error("p").param.as_deref(),
+            Some("messages[0].content")
+        );
+        assert_eq!(e(500).to_error("p").param, None);
+        assert_eq!(e(401).to_error("p").param, None);
+    }
+
     #[test]
     fn upstream_statuses_map_to_client_codes() {
         let e = |s| ProviderError::Status {
             status: s,
             message: "m".into(),
             code: None,
+            param: None,
             retry_after: None,
         };
         assert_eq!(e(400).to_error("p").code, ErrorCode::UpstreamBadRequest);
@@ -349,6 +384,7 @@ mod tests {
             status: s,
             message: "m".into(),
             code: None,
+            param: None,
             retry_after: None,
         };
         for s in [401, 403, 404, 500, 502, 503] {
@@ -369,6 +405,7 @@ mod tests {
             status,
             message: message.into(),
             code: code.map(str::to_string),
+            param: None,
             retry_after: None,
         };
         let overflows = [

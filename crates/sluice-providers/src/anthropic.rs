@@ -213,6 +213,7 @@ impl ChatProvider for Anthropic {
                                         status: http::stream_error_status(code.as_deref()),
                                         message: e.0,
                                         code,
+                                        param: None,
                                         retry_after: None,
                                     })
                                 }

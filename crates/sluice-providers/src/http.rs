@@ -495,6 +495,7 @@ pub async fn status_error(resp: Response<Incoming>, limit: Duration) -> Provider
         status,
         message,
         code,
+        param: error_param(&body),
         retry_after,
     }
 }
@@ -549,6 +550,21 @@ pub fn error_message(body: &[u8]) -> (String, Option<String>) {
                 .find_map(|k| field(k).and_then(|c| c.as_number()).map(|n| n.to_string()))
         });
     (message, code)
+}
+
+/// The request field an upstream error body names as the cause (`error.param`, OpenAI's shape),
+/// kept to 256 bytes.
+pub fn error_param(body: &[u8]) -> Option<String> {
+    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let param = v.get("error")?.get("param")?.as_str()?;
+    if param.is_empty() {
+        return None;
+    }
+    let mut end = param.len().min(256);
+    while !param.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(param[..end].to_string())
 }
 
 /// The HTTP status an error reported inside a stream stands for, from its code or type (the
@@ -650,6 +666,24 @@ pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    #[test]
+    fn error_param_is_read_from_openai_error_bodies() {
+        let body = br#"{"error":{"message":"bad","type":"invalid_request_error","param":"tools[0].function.name","code":"invalid_value"}}"#;
+        assert_eq!(error_param(body).as_deref(), Some("tools[0].function.name"));
+        assert_eq!(
+            error_param(br#"{"error":{"message":"x","param":null}}"#),
+            None
+        );
+        assert_eq!(
+            error_param(br#"{"error":{"message":"x","param":""}}"#),
+            None
+        );
+        assert_eq!(error_param(b"not json"), None);
+        let long = format!(r#"{{"error":{{"param":"{}"}}}}"#, "é".repeat(200));
+        let p = error_param(long.as_bytes()).unwrap();
+        assert!(p.len() <= 256 && p.chars().all(|c| c == 'é'), "{p}");
+    }
     use tokio::sync::mpsc;
 
     fn timeouts() -> Timeouts {
@@ -912,6 +946,7 @@ pub(crate) mod tests {
                 message,
                 code,
                 retry_after,
+                ..
             } => {
                 assert_eq!(status, 429);
                 assert_eq!(message, "slow down");
@@ -1176,6 +1211,7 @@ pub(crate) mod tests {
                 status: stream_error_status(code),
                 message: message.into(),
                 code: code.map(str::to_string),
+                param: None,
                 retry_after: None,
             }
             .class()

@@ -185,18 +185,21 @@ fn engine_error(e: EngineError) -> ProviderError {
             status: 400,
             message: m,
             code: Some("context_length_exceeded".into()),
+            param: None,
             retry_after: None,
         },
         EngineError::InvalidInput(m) => ProviderError::Status {
             status: 400,
             message: m,
             code: None,
+            param: None,
             retry_after: None,
         },
         EngineError::Busy(m) => ProviderError::Status {
             status: 429,
             message: m,
             code: Some("engine_busy".into()),
+            param: None,
             retry_after: Some(std::time::Duration::from_secs(1)),
         },
         other => ProviderError::Connect(other.to_string()),
@@ -248,6 +251,7 @@ impl LocalChat {
                 status: 400,
                 message: format!("the model's chat template rejected the messages: {e}"),
                 code: None,
+                param: None,
                 retry_after: None,
             },
             other => ProviderError::Protocol(other.to_string()),
@@ -259,6 +263,7 @@ impl LocalChat {
                     status: 400,
                     message: "max_tokens must be at least 1".into(),
                     code: None,
+                    param: None,
                     retry_after: None,
                 });
             }

@@ -111,6 +111,7 @@ impl Mock {
                 status,
                 message: format!("mock provider failure on demand (HTTP {status})"),
                 code: None,
+                param: None,
                 retry_after: (status == 429).then_some(Duration::from_secs(1)),
             });
         }
@@ -181,6 +182,7 @@ impl ChatProvider for Mock {
                 status,
                 message: format!("mock provider failure on demand (HTTP {status})"),
                 code: None,
+                param: None,
                 retry_after: None,
             }),
             None => Ok(()),

@@ -421,6 +421,7 @@ fn openai_chunks(
                                         status: http::stream_error_status(code.as_deref()),
                                         message,
                                         code,
+                                        param: http::error_param(data.as_bytes()),
                                         retry_after: None,
                                     }
                                 }

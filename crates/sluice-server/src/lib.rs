@@ -169,7 +169,10 @@ pub fn router(state: SharedState) -> Router {
             "/openai/deployments/{deployment}/embeddings",
             post(openai::azure_embeddings),
         )
-        .route("/openai/v1/chat/completions", post(openai::chat_completions))
+        .route(
+            "/openai/v1/chat/completions",
+            post(openai::chat_completions),
+        )
         .route("/openai/v1/embeddings", post(openai::embeddings))
         .route("/openai/v1/models", get(openai::list_models))
         .route("/openai/v1/models/{*id}", get(openai::get_model))

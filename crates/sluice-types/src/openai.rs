@@ -1748,7 +1748,8 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(plain.choices[0].delta.content.as_deref(), Some("a\"b"));
-        let null: ResponseMessage = serde_json::from_str(r#"{"role":"assistant","content":null}"#).unwrap();
+        let null: ResponseMessage =
+            serde_json::from_str(r#"{"role":"assistant","content":null}"#).unwrap();
         assert_eq!(null.content, None);
         assert!(serde_json::from_str::<ResponseMessage>(r#"{"content":5}"#).is_err());
     }

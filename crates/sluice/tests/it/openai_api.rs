@@ -150,7 +150,11 @@ async fn azure_clients_reach_models_by_deployment() {
     let mut text = String::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.expect("chunk");
-        if let Some(c) = chunk.choices.first().and_then(|c| c.delta.content.as_deref()) {
+        if let Some(c) = chunk
+            .choices
+            .first()
+            .and_then(|c| c.delta.content.as_deref())
+        {
             text.push_str(c);
         }
     }
