@@ -16,7 +16,7 @@ use sluice_core::secret::{Secret, SecretRef};
 use sluice_types::anthropic::{ANTHROPIC_FIELDS, CACHE_CONTROL, THINKING_BLOCKS};
 use sluice_types::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, Content, EmbeddingRequest, EmbeddingResponse,
-    StreamOptions, ToolCallPlacer,
+    Role, StreamOptions, ToolCallPlacer,
 };
 
 use crate::http::{self, HttpSettings, Timeouts};
@@ -38,6 +38,12 @@ pub struct OpenAiConfig {
     /// Turn off for servers that reject `stream_options`.
     #[serde(default = "yes")]
     pub stream_usage: bool,
+    /// Send prompt-caching breakpoints (`cache_control` on content parts, tools and messages,
+    /// from an Anthropic client or an OpenAI one) to this server: for gateways that read them
+    /// (OpenRouter, LiteLLM). Off by default: most servers have no use for them, and strict ones
+    /// refuse the field.
+    #[serde(default)]
+    pub forward_cache_control: bool,
     /// Timeouts (`[providers.NAME.timeouts]`).
     #[serde(default)]
     pub timeouts: HttpSettings,
@@ -104,6 +110,8 @@ pub struct OpenAi {
     timeouts: Timeouts,
     /// OpenAI's own API or Azure OpenAI, which refuse some fields other servers take.
     official: bool,
+    /// Whether `cache_control` breakpoints go to this server.
+    forward_cache_control: bool,
 }
 
 fn resolve(key: &Option<SecretRef>) -> Result<Option<Secret>, String> {
@@ -135,6 +143,7 @@ impl OpenAi {
             stream_usage: cfg.stream_usage,
             timeouts,
             official: is_openai_host(base),
+            forward_cache_control: cfg.forward_cache_control,
         })
     }
 
@@ -161,6 +170,7 @@ impl OpenAi {
             // `max_completion_tokens` came with api-version 2024-09-01-preview; older versions
             // refuse it and take `max_tokens` (ISO dates compare as text).
             official: cfg.api_version.as_str() >= "2024-09-01",
+            forward_cache_control: false,
         })
     }
 
@@ -247,8 +257,8 @@ impl OpenAi {
     /// The request as this upstream takes it, when it needs changing: [`for_official`] on
     /// OpenAI's own API; and, on any, without what only Anthropic reads: the thinking blocks an
     /// assistant message may carry from `/v1/messages` (signed data) and a Messages request's own
-    /// top-level fields ([`ANTHROPIC_FIELDS`]). Caching breakpoints (`cache_control`) stay for
-    /// OpenAI-compatible servers, some of which read them.
+    /// top-level fields ([`ANTHROPIC_FIELDS`]); and caching breakpoints (`cache_control`) unless
+    /// the provider forwards them.
     fn adjusted(&self, req: &ChatRequest) -> Option<ChatRequest> {
         let mut out = self.official.then(|| for_official(req)).flatten();
         if req
@@ -265,6 +275,9 @@ impl OpenAi {
             out.get_or_insert_with(|| req.clone())
                 .extra
                 .remove(ANTHROPIC_FIELDS);
+        }
+        if !self.forward_cache_control && has_cache_control(req) {
+            strip_cache_control(out.get_or_insert_with(|| req.clone()));
         }
         out
     }
@@ -289,7 +302,9 @@ fn has_cache_control(req: &ChatRequest) -> bool {
         })
 }
 
-/// Removes every caching breakpoint.
+/// Removes every caching breakpoint. Text that became a list of parts only to carry one (a
+/// system prompt or an assistant turn from an Anthropic client, a lone text part) is one string
+/// again, as servers that take only strings there want.
 fn strip_cache_control(req: &mut ChatRequest) {
     req.extra.remove(CACHE_CONTROL);
     for t in req.tools.iter_mut().flatten() {
@@ -297,13 +312,28 @@ fn strip_cache_control(req: &mut ChatRequest) {
     }
     for m in &mut req.messages {
         m.extra.remove(CACHE_CONTROL);
-        if let Some(Content::Parts(parts)) = &mut m.content {
-            for p in parts {
-                p.extra.remove(CACHE_CONTROL);
-            }
-        }
         for tc in m.tool_calls.iter_mut().flatten() {
             tc.extra.remove(CACHE_CONTROL);
+        }
+        let Some(Content::Parts(parts)) = &mut m.content else {
+            continue;
+        };
+        let mut marked = false;
+        for p in parts.iter_mut() {
+            marked |= p.extra.remove(CACHE_CONTROL).is_some();
+        }
+        let plain_text = parts
+            .iter()
+            .all(|p| p.kind == "text" && p.text.is_some() && p.extra.is_empty());
+        let joined_by = match m.role {
+            Role::Assistant => Some(""),
+            Role::System | Role::Developer => Some("\n"),
+            _ if parts.len() == 1 => Some(""),
+            _ => None,
+        };
+        if let (true, true, Some(sep)) = (marked, plain_text, joined_by) {
+            let text: Vec<&str> = parts.iter().filter_map(|p| p.text.as_deref()).collect();
+            m.content = Some(Content::Text(text.join(sep)));
         }
     }
 }
@@ -318,16 +348,18 @@ fn is_openai_host(base: &str) -> bool {
 /// every chat model, so the limit moves there; and they refuse `top_k` (which an Anthropic
 /// client may send), which is left out. `metadata` (which Sluice reads for attribution) is
 /// refused unless `store` is on, and then takes string values only: it goes only with `store`,
-/// without the values that are not strings. Caching breakpoints (`cache_control`, from an
-/// Anthropic client or written for one) are left out: OpenAI caches prompt prefixes by itself.
+/// without the values that are not strings. Anthropic's `thinking` (which a request may carry for
+/// a Claude deployment it fell back from) is left out.
 fn for_official(req: &ChatRequest) -> Option<ChatRequest> {
     let stored = req.extra.get("store").and_then(|v| v.as_bool()) == Some(true);
     let metadata_refused = req
         .metadata
         .as_ref()
         .is_some_and(|m| !stored || m.values().any(|v| !v.is_string()));
-    let cached = has_cache_control(req);
-    if req.max_tokens.is_none() && !req.extra.contains_key("top_k") && !metadata_refused && !cached
+    if req.max_tokens.is_none()
+        && !req.extra.contains_key("top_k")
+        && !req.extra.contains_key("thinking")
+        && !metadata_refused
     {
         return None;
     }
@@ -335,9 +367,7 @@ fn for_official(req: &ChatRequest) -> Option<ChatRequest> {
     let max = out.max_tokens.take();
     out.max_completion_tokens = out.max_completion_tokens.or(max);
     out.extra.remove("top_k");
-    if cached {
-        strip_cache_control(&mut out);
-    }
+    out.extra.remove("thinking");
     if stored {
         if let Some(m) = out.metadata.as_mut() {
             m.retain(|_, v| v.is_string());
@@ -482,6 +512,7 @@ mod tests {
             api_key: None,
             headers: BTreeMap::new(),
             stream_usage: true,
+            forward_cache_control: false,
             timeouts: HttpSettings::default(),
         })
         .unwrap()
@@ -555,36 +586,54 @@ mod tests {
     }
 
     /// What a `/v1/messages` client sends for Anthropic: its top-level fields reach no
-    /// OpenAI-type upstream; caching breakpoints reach compatible servers (some read them) but
-    /// not OpenAI's own API.
+    /// OpenAI-type upstream; caching breakpoints only one that forwards them (and text that
+    /// became parts to carry one is a string again without them); `thinking` never reaches
+    /// OpenAI's own API.
     #[test]
     fn anthropic_fields_and_breakpoints_by_upstream() {
         let cc = serde_json::json!({"type": "ephemeral"});
         let req: ChatRequest = serde_json::from_value(serde_json::json!({
             "model": "m", "max_completion_tokens": 5,
             "messages": [
-                {"role": "system", "content": [{"type": "text", "text": "s", "cache_control": cc}]},
-                {"role": "assistant", "content": null, "tool_calls": [
+                {"role": "system", "content": [{"type": "text", "text": "s1"}, {"type": "text", "text": "s2", "cache_control": cc}]},
+                {"role": "user", "content": [{"type": "text", "text": "u", "cache_control": cc}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b", "cache_control": cc}], "tool_calls": [
                     {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}, "cache_control": cc}
                 ]},
-                {"role": "tool", "tool_call_id": "c", "content": "r", "cache_control": cc}
+                {"role": "tool", "tool_call_id": "c", "content": "r", "cache_control": cc},
+                {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "https://i"}, "cache_control": cc}]}
             ],
             "tools": [{"type": "function", "function": {"name": "f"}, "cache_control": cc}],
             "cache_control": cc,
             "anthropic": {"thinking": {"type": "enabled", "budget_tokens": 1024}}
         }))
         .unwrap();
-        let local = serde_json::to_value(compatible_server().adjusted(&req).unwrap()).unwrap();
-        assert!(local.get("anthropic").is_none(), "{local}");
-        assert_eq!(local["messages"][0]["content"][0]["cache_control"], cc);
-        assert_eq!(local["tools"][0]["cache_control"], cc);
+        let server = compatible_server();
+        let plain = serde_json::to_value(server.adjusted(&req).unwrap()).unwrap();
+        assert!(plain.get("anthropic").is_none(), "{plain}");
+        assert!(!plain.to_string().contains("cache_control"), "{plain}");
+        assert_eq!(plain["messages"][0]["content"], "s1\ns2");
+        assert_eq!(plain["messages"][1]["content"], "u");
+        assert_eq!(plain["messages"][2]["content"], "ab");
+        assert_eq!(plain["messages"][3]["content"], "r");
+        assert_eq!(plain["messages"][4]["content"][1]["type"], "image_url");
 
-        let official = serde_json::to_value(for_official(&req).expect("changed")).unwrap();
-        assert!(
-            !official.to_string().contains("cache_control"),
-            "{official}"
-        );
-        assert_eq!(official["messages"][0]["content"][0]["text"], "s");
-        assert_eq!(official["messages"][2]["content"], "r");
+        let gateway = OpenAi {
+            forward_cache_control: true,
+            ..compatible_server()
+        };
+        let kept = serde_json::to_value(gateway.adjusted(&req).unwrap()).unwrap();
+        assert!(kept.get("anthropic").is_none(), "{kept}");
+        assert_eq!(kept["messages"][0]["content"][1]["cache_control"], cc);
+        assert_eq!(kept["tools"][0]["cache_control"], cc);
+        assert_eq!(kept["cache_control"], cc);
+
+        let thinking: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "gpt-4o", "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .unwrap();
+        let official = serde_json::to_value(for_official(&thinking).expect("changed")).unwrap();
+        assert!(official.get("thinking").is_none(), "{official}");
     }
 }

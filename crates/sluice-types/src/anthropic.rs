@@ -534,8 +534,12 @@ pub const CACHE_CONTROL: &str = "cache_control";
 /// [`ANTHROPIC_FIELDS`] (the names OpenAI-compatible gateways use for them).
 const OPENAI_SHAPED_ANTHROPIC_FIELDS: [&str; 2] = ["thinking", CACHE_CONTROL];
 
+/// Sluice's own per-request cache control (`{"cache": {"no_store": true}}`), on either route.
+const SLUICE_CACHE_FIELD: &str = "cache";
+
 /// The Messages request fields Sluice writes itself, never taken from [`ANTHROPIC_FIELDS`].
-const TYPED_REQUEST_FIELDS: [&str; 12] = [
+const TYPED_REQUEST_FIELDS: [&str; 13] = [
+    SLUICE_CACHE_FIELD,
     "model",
     "messages",
     "max_tokens",
@@ -933,10 +937,21 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
     } else {
         (!system.is_empty()).then(|| SystemPrompt::Text(system.join("\n\n")))
     };
+    let extra = anthropic_fields(req)?;
+    // Anthropic wants `max_tokens` above the thinking budget: without a cap from the client,
+    // the default cap comes on top of the budget.
+    let thinking_budget = extra
+        .get("thinking")
+        .and_then(|t| t.get("budget_tokens"))
+        .and_then(Value::as_u64)
+        .map(|b| u32::try_from(b).unwrap_or(u32::MAX));
+    let max_tokens = req.max_output_tokens().unwrap_or_else(|| {
+        thinking_budget.map_or(DEFAULT_MAX_TOKENS, |b| b.saturating_add(DEFAULT_MAX_TOKENS))
+    });
     Ok(MessagesRequest {
         model: req.model.clone(),
         messages,
-        max_tokens: req.max_output_tokens().unwrap_or(DEFAULT_MAX_TOKENS),
+        max_tokens,
         system,
         stop_sequences: (!stop.is_empty()).then_some(stop),
         temperature: req.temperature,
@@ -953,7 +968,7 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
             user_id: Some(u.clone()),
             extra: Extra::new(),
         }),
-        extra: anthropic_fields(req)?,
+        extra,
     })
 }
 
@@ -1768,8 +1783,13 @@ pub fn request_to_openai(req: &MessagesRequest) -> Result<ChatRequest, Translate
     if let Some(k) = req.top_k {
         extra.insert("top_k".into(), Value::from(k));
     }
-    if !req.extra.is_empty() {
-        extra.insert(ANTHROPIC_FIELDS.into(), Value::Object(req.extra.clone()));
+    let mut fields = req.extra.clone();
+    // Sluice's own per-request cache control is read by the gateway, not sent anywhere.
+    if let Some(cache) = fields.shift_remove(SLUICE_CACHE_FIELD) {
+        extra.insert(SLUICE_CACHE_FIELD.into(), cache);
+    }
+    if !fields.is_empty() {
+        extra.insert(ANTHROPIC_FIELDS.into(), Value::Object(fields));
     }
 
     let stop = req
@@ -3751,6 +3771,39 @@ mod tests {
         );
         let e = request_from_openai(&bad).expect_err("not an object");
         assert_eq!(e.1, crate::TranslateKind::Invalid, "{e}");
+    }
+
+    /// Without a cap from the client, thinking gets the default cap on top of its budget
+    /// (Anthropic refuses `max_tokens` at or under `budget_tokens`); Sluice's own `cache` object
+    /// stays Sluice's on `/v1/messages` too, never in what Anthropic gets.
+    #[test]
+    fn thinking_budget_raises_the_default_cap_and_cache_stays_sluices() {
+        let req = chat_request(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "thinking": {"type": "enabled", "budget_tokens": 8000}
+        }));
+        let out = request_from_openai(&req).unwrap();
+        assert_eq!(out.max_tokens, 8000 + DEFAULT_MAX_TOKENS);
+        let capped = chat_request(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000,
+            "thinking": {"type": "enabled", "budget_tokens": 8000}
+        }));
+        assert_eq!(request_from_openai(&capped).unwrap().max_tokens, 9000);
+
+        let msg = messages_request(json!({
+            "model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
+            "cache": {"no_store": true}, "service_tier": "auto"
+        }));
+        let chat = request_to_openai(&msg).unwrap();
+        assert_eq!(chat.extra["cache"], json!({"no_store": true}));
+        assert_eq!(
+            chat.extra[ANTHROPIC_FIELDS],
+            json!({"service_tier": "auto"})
+        );
+        let mut sneaky = chat.clone();
+        sneaky.extra[ANTHROPIC_FIELDS]["cache"] = json!({"ttl": 5});
+        let back = serde_json::to_value(request_from_openai(&sneaky).unwrap()).unwrap();
+        assert!(back.get("cache").is_none(), "{back:#}");
     }
 
     #[test]

@@ -624,11 +624,12 @@ async fn breakpoints_thinking_and_betas_reach_an_anthropic_upstream() {
     );
 }
 
-/// To an OpenAI-compatible upstream the breakpoints ride on the parts, tools and tool message
-/// that stand for the blocks (the shape such servers read them in), and the Messages request's
-/// own top-level fields stay behind.
+/// To an OpenAI-compatible upstream the Messages request's own top-level fields never go, nor
+/// (unless the provider forwards them) its breakpoints: the system prompt is one string again.
+/// With `forward_cache_control` the breakpoints ride on the parts, tools and tool message that
+/// stand for the blocks (the shape gateways such as OpenRouter read).
 #[tokio::test]
-async fn an_openai_compatible_upstream_gets_breakpoints_but_no_anthropic_fields() {
+async fn an_openai_compatible_upstream_gets_breakpoints_only_when_it_forwards_them() {
     let (upstream, sluice) = setup().await;
     let resp = messages_request(&sluice)
         .header("anthropic-beta", BETAS)
@@ -642,6 +643,29 @@ async fn an_openai_compatible_upstream_gets_breakpoints_but_no_anthropic_fields(
     for absent in ["anthropic", "thinking", "context_management", "betas"] {
         assert!(body.get(absent).is_none(), "{body:#}");
     }
+    assert!(!body.to_string().contains("cache_control"), "{body:#}");
+    assert_eq!(
+        body["messages"][0]["content"],
+        "You are a coding agent.\nProject notes."
+    );
+    assert_eq!(body["messages"][1]["content"], "Open main.rs");
+    assert!(
+        req.headers.iter().all(|(k, _)| k != "anthropic-beta"),
+        "{req:#?}"
+    );
+
+    let upstream = MockUpstream::start().await;
+    let sluice = Sluice::start(&format!(
+        "[providers.up]\ntype = \"openai\"\nbase_url = \"{}/v1\"\napi_key = \"k\"\nforward_cache_control = true\n\
+         [models.\"m-echo\"]\ndeployments = [{{ provider = \"up\", model = \"echo\" }}]\n",
+        upstream.base_url()
+    ))
+    .await;
+    let resp = send(&sluice, &agent_turn("m-echo")).await;
+    assert_eq!(resp.status(), 200);
+    let req = only_request(&upstream);
+    let body = &req.body;
+    assert!(body.get("anthropic").is_none(), "{body:#}");
     let cc = json!({"type": "ephemeral"});
     let messages = &body["messages"];
     assert_eq!(messages[0]["role"], "system", "{body:#}");
@@ -653,8 +677,4 @@ async fn an_openai_compatible_upstream_gets_breakpoints_but_no_anthropic_fields(
     assert_eq!(messages[3]["role"], "tool", "{body:#}");
     assert_eq!(messages[3]["cache_control"], cc, "{body:#}");
     assert_eq!(body["tools"][1]["cache_control"], cc, "{body:#}");
-    assert!(
-        req.headers.iter().all(|(k, _)| k != "anthropic-beta"),
-        "{req:#?}"
-    );
 }
