@@ -22,25 +22,46 @@ pub struct ModelPrice {
     /// for its 5-minute cache); defaults to `input`.
     #[serde(default)]
     pub cache_write_input: Option<f64>,
+    /// Price of prompt tokens written to a one-hour cache (Anthropic's `ttl: "1h"`, charged
+    /// 2 × input); defaults to twice `input`.
+    #[serde(default)]
+    pub cache_write_1h_input: Option<f64>,
+}
+
+/// Prompt tokens a call wrote to the provider's cache: all of them, and how many of those were
+/// written for an hour (Anthropic's `ttl: "1h"`, priced apart).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheWrites {
+    pub tokens: u64,
+    pub one_hour: u64,
 }
 
 impl ModelPrice {
     /// The cost of a call. `cached` is the part of `prompt` that was read from cache.
     pub fn cost(&self, prompt: u64, completion: u64, cached: u64) -> f64 {
-        self.cost_with_writes(prompt, completion, cached, 0)
+        self.cost_with_writes(prompt, completion, cached, CacheWrites::default())
     }
 
     /// The cost of a call of which `cached` prompt tokens were read from the cache and
     /// `writes` others written to it.
-    pub fn cost_with_writes(&self, prompt: u64, completion: u64, cached: u64, writes: u64) -> f64 {
+    pub fn cost_with_writes(
+        &self,
+        prompt: u64,
+        completion: u64,
+        cached: u64,
+        writes: CacheWrites,
+    ) -> f64 {
         let cached = cached.min(prompt);
-        let writes = writes.min(prompt - cached);
-        let fresh = prompt - cached - writes;
+        let all_writes = writes.tokens.min(prompt - cached);
+        let hour = writes.one_hour.min(all_writes);
+        let fresh = prompt - cached - all_writes;
         let cached_price = self.cached_input.unwrap_or(self.input);
         let write_price = self.cache_write_input.unwrap_or(self.input);
+        let hour_price = self.cache_write_1h_input.unwrap_or(self.input * 2.0);
         (fresh as f64 * self.input
             + cached as f64 * cached_price
-            + writes as f64 * write_price
+            + (all_writes - hour) as f64 * write_price
+            + hour as f64 * hour_price
             + completion as f64 * self.output)
             / 1_000_000.0
     }
@@ -151,17 +172,30 @@ mod tests {
             .lookup("claude-sonnet-4-5")
             .expect("priced");
         // 1,000 fresh + 100,000 written + 50,000 read, 200 out.
-        let c = p.cost_with_writes(151_000, 200, 50_000, 100_000);
+        let w = |tokens, one_hour| CacheWrites { tokens, one_hour };
+        let c = p.cost_with_writes(151_000, 200, 50_000, w(100_000, 0));
         let want = (1_000.0 * 3.0 + 100_000.0 * 3.75 + 50_000.0 * 0.30 + 200.0 * 15.0) / 1e6;
         assert!((c - want).abs() < 1e-12, "{c} vs {want}");
-        // Without a write price, writes cost as input; writes never exceed the prompt.
+        // Of which 40,000 written for an hour: twice the input price.
+        let c = p.cost_with_writes(151_000, 200, 50_000, w(100_000, 40_000));
+        let want =
+            (1_000.0 * 3.0 + 60_000.0 * 3.75 + 40_000.0 * 6.0 + 50_000.0 * 0.30 + 200.0 * 15.0)
+                / 1e6;
+        assert!((c - want).abs() < 1e-12, "{c} vs {want}");
+        // Without a write price, writes cost as input; writes never exceed the prompt, nor
+        // one-hour writes the writes.
         let plain = ModelPrice {
             input: 2.0,
             output: 4.0,
+            cache_write_1h_input: Some(2.0),
             ..ModelPrice::default()
         };
-        assert_eq!(plain.cost_with_writes(100, 0, 0, 50), plain.cost(100, 0, 0));
-        assert_eq!(plain.cost_with_writes(100, 0, 60, 500), 200.0 / 1e6);
+        assert_eq!(
+            plain.cost_with_writes(100, 0, 0, w(50, 0)),
+            plain.cost(100, 0, 0)
+        );
+        assert_eq!(plain.cost_with_writes(100, 0, 60, w(500, 500)), 200.0 / 1e6);
+        assert_eq!(plain.cost_with_writes(100, 0, 0, w(10, 50)), 200.0 / 1e6);
     }
 
     #[test]
@@ -171,6 +205,7 @@ mod tests {
             output: 10.0,
             cached_input: Some(1.25),
             cache_write_input: None,
+            cache_write_1h_input: None,
         };
         // 1000 prompt (400 cached) + 500 completion
         let c = p.cost(1000, 500, 400);

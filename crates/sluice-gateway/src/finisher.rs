@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use sluice_core::error::{Error, ErrorCode};
-use sluice_core::price::ModelPrice;
+use sluice_core::price::{CacheWrites, ModelPrice};
 use sluice_core::record::{LogSink, RawJson, RecordStatus, RequestRecord, UsageSource};
 use sluice_types::openai::{
     ChatCompletion, ChatRequest, EmbeddingRequest, EmbeddingResponse, Usage,
@@ -31,7 +31,7 @@ pub struct Finisher {
     /// For complexity routing: the strongest tier's price, to report the cost saved.
     baseline: Option<ModelPrice>,
     /// Prompt tokens the provider reported writing to its cache (priced for the baseline too).
-    cache_writes: u64,
+    cache_writes: CacheWrites,
     /// The rate-limit admissions, settled with the real tokens at the end.
     limit: Vec<crate::limits::Admitted>,
     /// The admission by the limits kept in Redis.
@@ -59,7 +59,7 @@ impl Finisher {
             in_flight: None,
             tokens: None,
             baseline: None,
-            cache_writes: 0,
+            cache_writes: CacheWrites::default(),
             limit: Vec::new(),
             shared_limit: None,
             budget: None,
@@ -423,14 +423,17 @@ fn apply_usage(
     usage: Option<Usage>,
     price: Option<ModelPrice>,
     count: impl FnOnce() -> (u64, u64),
-) -> u64 {
-    let mut writes = 0;
+) -> CacheWrites {
+    let mut writes = CacheWrites::default();
     match usage {
         Some(u) => {
             r.prompt_tokens = u.prompt_tokens;
             r.completion_tokens = u.completion_tokens;
             r.cached_tokens = u.cached_tokens();
-            writes = u.cache_write_tokens();
+            writes = CacheWrites {
+                tokens: u.cache_write_tokens(),
+                one_hour: u.cache_write_1h_tokens(),
+            };
             r.usage_source = UsageSource::Provider;
         }
         None => {
@@ -465,6 +468,7 @@ mod tests {
             output: 15.0,
             cached_input: Some(0.30),
             cache_write_input: Some(3.75),
+            cache_write_1h_input: None,
         };
         let mut usage = Usage::new(151_000, 200, 50_000);
         usage.set_cache_write_tokens(100_000);
@@ -472,6 +476,19 @@ mod tests {
         apply_usage(&mut r, Some(usage), Some(price), || unreachable!());
         assert_eq!((r.prompt_tokens, r.cached_tokens), (151_000, 50_000));
         let want = (1_000.0 * 3.0 + 100_000.0 * 3.75 + 50_000.0 * 0.30 + 200.0 * 15.0) / 1e6;
+        assert!(
+            (r.cost_usd - want).abs() < 1e-12,
+            "{} vs {want}",
+            r.cost_usd
+        );
+        // A quarter of them written for an hour: those at twice the input price.
+        let mut usage = Usage::new(151_000, 200, 50_000);
+        usage.set_cache_write_tokens(100_000);
+        usage.set_cache_write_1h_tokens(25_000);
+        apply_usage(&mut r, Some(usage), Some(price), || unreachable!());
+        let want =
+            (1_000.0 * 3.0 + 75_000.0 * 3.75 + 25_000.0 * 6.0 + 50_000.0 * 0.30 + 200.0 * 15.0)
+                / 1e6;
         assert!(
             (r.cost_usd - want).abs() < 1e-12,
             "{} vs {want}",
@@ -486,12 +503,14 @@ mod tests {
             output: 15.0,
             cached_input: Some(0.30),
             cache_write_input: Some(3.75),
+            cache_write_1h_input: None,
         };
         let cheap = ModelPrice {
             input: 1.0,
             output: 5.0,
             cached_input: Some(0.10),
             cache_write_input: Some(1.25),
+            cache_write_1h_input: None,
         };
         for (served, saved) in [(price, 0.0), (cheap, 0.264)] {
             let (sink, mut rx) = LogSink::channel(4);

@@ -90,6 +90,10 @@ pub struct DeploymentConfig {
     pub cached_input_cost_per_mtok: Option<f64>,
     #[serde(default)]
     pub cache_write_cost_per_mtok: Option<f64>,
+    /// Prompt tokens written to a one-hour cache (Anthropic's `ttl: "1h"`; default twice the
+    /// input price).
+    #[serde(default)]
+    pub cache_write_1h_cost_per_mtok: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -108,6 +112,10 @@ impl DeploymentConfig {
                 self.cached_input_cost_per_mtok,
             ),
             ("cache_write_cost_per_mtok", self.cache_write_cost_per_mtok),
+            (
+                "cache_write_1h_cost_per_mtok",
+                self.cache_write_1h_cost_per_mtok,
+            ),
         ] {
             if let Some(v) = v
                 && !(v.is_finite() && v >= 0.0)
@@ -133,7 +141,8 @@ impl DeploymentConfig {
         let overridden = self.input_cost_per_mtok.is_some()
             || self.output_cost_per_mtok.is_some()
             || self.cached_input_cost_per_mtok.is_some()
-            || self.cache_write_cost_per_mtok.is_some();
+            || self.cache_write_cost_per_mtok.is_some()
+            || self.cache_write_1h_cost_per_mtok.is_some();
         if !overridden {
             return Ok(base);
         }
@@ -143,6 +152,7 @@ impl DeploymentConfig {
             output: self.output_cost_per_mtok.unwrap_or(b.output),
             cached_input: self.cached_input_cost_per_mtok.or(b.cached_input),
             cache_write_input: self.cache_write_cost_per_mtok.or(b.cache_write_input),
+            cache_write_1h_input: self.cache_write_1h_cost_per_mtok.or(b.cache_write_1h_input),
         }))
     }
 

@@ -768,14 +768,47 @@ fn matched_stop_sequence<'a>(finish_reason: Option<&str>, extra: &'a Extra) -> O
     }
 }
 
-/// OpenAI usage from Anthropic's counts: the prompt includes cache reads and cache writes.
-fn openai_usage(input: u64, output: u64, cache_read: u64, cache_creation: u64) -> Usage {
+/// OpenAI usage from Anthropic's counts: the prompt includes cache reads and cache writes (of
+/// which `written_for_an_hour` at the one-hour price).
+fn openai_usage(
+    input: u64,
+    output: u64,
+    cache_read: u64,
+    cache_creation: u64,
+    written_for_an_hour: u64,
+) -> Usage {
     let prompt = input
         .saturating_add(cache_read)
         .saturating_add(cache_creation);
     let mut usage = Usage::new(prompt, output, cache_read);
     usage.set_cache_write_tokens(cache_creation);
+    usage.set_cache_write_1h_tokens(written_for_an_hour.min(cache_creation));
     usage
+}
+
+/// The `cache_creation` breakdown of Anthropic usage: the tokens written for an hour.
+fn one_hour_writes(usage_extra: &Extra) -> Option<u64> {
+    usage_extra
+        .get(CACHE_CREATION)?
+        .get("ephemeral_1h_input_tokens")?
+        .as_u64()
+}
+
+/// Anthropic usage's breakdown of the cache writes by lifetime.
+const CACHE_CREATION: &str = "cache_creation";
+
+/// The `cache_creation` breakdown for a `/v1/messages` client, when there were writes.
+fn cache_creation_extra(u: &Usage) -> Extra {
+    let mut extra = Extra::new();
+    let writes = u.cache_write_tokens();
+    if writes > 0 {
+        let hour = u.cache_write_1h_tokens().min(writes);
+        extra.insert(
+            CACHE_CREATION.into(),
+            json!({"ephemeral_5m_input_tokens": writes - hour, "ephemeral_1h_input_tokens": hour}),
+        );
+    }
+    extra
 }
 
 /// Anthropic's `input_tokens` (those neither read from nor written to the cache), cache reads
@@ -1355,6 +1388,7 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
             u.output_tokens,
             u.cache_read_input_tokens.unwrap_or(0),
             u.cache_creation_input_tokens.unwrap_or(0),
+            one_hour_writes(&u.extra).unwrap_or(0),
         )
     });
     ChatCompletion {
@@ -1416,6 +1450,8 @@ pub struct StreamDecoder {
     output_tokens: u64,
     cache_read: u64,
     cache_creation: u64,
+    /// Of the cache writes, those kept an hour.
+    cache_creation_1h: u64,
     /// Content-block index → OpenAI tool-call index, and whether any of its arguments were sent.
     tool_blocks: HashMap<u32, (u32, bool)>,
     /// Content-block index → the thinking block so far (its text and signature), sent whole as a
@@ -1442,6 +1478,7 @@ impl StreamDecoder {
             output_tokens: 0,
             cache_read: 0,
             cache_creation: 0,
+            cache_creation_1h: 0,
             tool_blocks: HashMap::new(),
             thinking_blocks: HashMap::new(),
             stopped: false,
@@ -1456,6 +1493,7 @@ impl StreamDecoder {
             self.output_tokens,
             self.cache_read,
             self.cache_creation,
+            self.cache_creation_1h,
         )
     }
 
@@ -1476,6 +1514,7 @@ impl StreamDecoder {
                     self.output_tokens = u.output_tokens;
                     self.cache_read = u.cache_read_input_tokens.unwrap_or(0);
                     self.cache_creation = u.cache_creation_input_tokens.unwrap_or(0);
+                    self.cache_creation_1h = one_hour_writes(&u.extra).unwrap_or(0);
                 }
                 out.push(self.chunk(
                     Delta {
@@ -1572,6 +1611,9 @@ impl StreamDecoder {
                     }
                     if let Some(n) = usage.cache_creation_input_tokens {
                         self.cache_creation = n;
+                    }
+                    if let Some(n) = one_hour_writes(&usage.extra) {
+                        self.cache_creation_1h = n;
                     }
                 }
                 if let Some(reason) = delta.stop_reason {
@@ -2128,7 +2170,7 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
                 output_tokens: u.completion_tokens,
                 cache_creation_input_tokens: writes,
                 cache_read_input_tokens: Some(cached),
-                extra: Extra::new(),
+                extra: cache_creation_extra(u),
             }
         });
     MessagesResponse {
@@ -2297,7 +2339,7 @@ impl StreamEncoder {
                     input_tokens: Some(input),
                     cache_creation_input_tokens: writes,
                     cache_read_input_tokens: Some(cached),
-                    extra: Extra::new(),
+                    extra: cache_creation_extra(u),
                 }
             }
             None => DeltaUsage {
@@ -2702,6 +2744,10 @@ mod tests {
                 back.cache_creation_input_tokens
             ),
             (100, Some(30), Some(20))
+        );
+        assert_eq!(
+            back.extra["cache_creation"],
+            json!({"ephemeral_5m_input_tokens": 20, "ephemeral_1h_input_tokens": 0})
         );
 
         for (stop, finish) in [
@@ -3804,6 +3850,56 @@ mod tests {
         sneaky.extra[ANTHROPIC_FIELDS]["cache"] = json!({"ttl": 5});
         let back = serde_json::to_value(request_from_openai(&sneaky).unwrap()).unwrap();
         assert!(back.get("cache").is_none(), "{back:#}");
+    }
+
+    /// Writes to the one-hour cache (`ttl: "1h"`) are counted apart, whole or streamed, so they
+    /// are priced at their own rate, and an Anthropic client gets the breakdown back.
+    #[test]
+    fn one_hour_cache_writes_are_counted_apart() {
+        let usage = json!({"input_tokens": 5, "output_tokens": 2, "cache_creation_input_tokens": 40,
+                           "cache_read_input_tokens": 0,
+                           "cache_creation": {"ephemeral_5m_input_tokens": 10, "ephemeral_1h_input_tokens": 30}});
+        let resp: MessagesResponse = serde_json::from_value(json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
+            "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+            "usage": usage
+        }))
+        .unwrap();
+        let out = response_to_openai(resp).usage.unwrap();
+        assert_eq!(
+            (out.cache_write_tokens(), out.cache_write_1h_tokens()),
+            (40, 30)
+        );
+        let back = response_from_openai(
+            &ChatCompletion {
+                usage: Some(out),
+                ..chat_completion_fixture()
+            },
+            "claude",
+        )
+        .usage
+        .unwrap();
+        assert_eq!(back.extra["cache_creation"], usage["cache_creation"]);
+
+        let mut dec = StreamDecoder::new();
+        dec.on_event(
+            serde_json::from_value(json!({"type": "message_start", "message": {
+                "id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
+                "content": [], "usage": usage}}))
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(dec.usage().cache_write_1h_tokens(), 30);
+    }
+
+    /// A minimal completion to build on.
+    fn chat_completion_fixture() -> ChatCompletion {
+        serde_json::from_value(json!({
+            "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "ok"}}]
+        }))
+        .unwrap()
     }
 
     #[test]

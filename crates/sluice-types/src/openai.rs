@@ -644,6 +644,10 @@ deserialize_with_extra!(Usage {
 /// The `prompt_tokens_details` field for prompt tokens written to a provider's cache.
 const CACHE_WRITE_TOKENS: &str = "cache_write_tokens";
 
+/// The `prompt_tokens_details` field for the part of the cache writes kept an hour (Anthropic's
+/// `ttl: "1h"`, priced apart).
+const CACHE_WRITE_1H_TOKENS: &str = "cache_write_1h_tokens";
+
 impl Usage {
     pub fn new(prompt: u64, completion: u64, cached: u64) -> Self {
         Usage {
@@ -674,6 +678,27 @@ impl Usage {
             .and_then(|d| d.extra.get(CACHE_WRITE_TOKENS))
             .and_then(Value::as_u64)
             .unwrap_or(0)
+    }
+
+    /// Of the cache writes, those kept an hour (`prompt_tokens_details.cache_write_1h_tokens`).
+    pub fn cache_write_1h_tokens(&self) -> u64 {
+        self.prompt_tokens_details
+            .as_ref()
+            .and_then(|d| d.extra.get(CACHE_WRITE_1H_TOKENS))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+
+    /// Notes `n` of the cache writes as kept an hour.
+    pub fn set_cache_write_1h_tokens(&mut self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Some(details) = self.prompt_tokens_details.as_mut() {
+            details
+                .extra
+                .insert(CACHE_WRITE_1H_TOKENS.into(), Value::from(n));
+        }
     }
 
     /// Notes `n` prompt tokens as written to the provider's prompt cache.
