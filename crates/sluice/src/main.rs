@@ -258,6 +258,18 @@ fn fail(message: &str) -> ExitCode {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that read no configuration refuse one rather than ignore it.
+    let own_config = match &cli.command {
+        Command::Demo => Some("sluice demo runs its own mock gateway"),
+        Command::Models { .. } => Some("sluice models works on the models directory (--dir)"),
+        _ => None,
+    };
+    if let (Some(why), Some(path)) = (own_config, &cli.config) {
+        return fail(&format!(
+            "--config {} does not apply here: {why}\nhint: leave out --config (-c)",
+            path.display()
+        ));
+    }
     match cli.command {
         Command::Serve { listen, store } => {
             init_tracing();

@@ -687,3 +687,21 @@ async fn a_reader_that_stops_early_ends_the_output_quietly() {
     assert_eq!(code, Some(0), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `demo` and `models` read no configuration: a `--config` is refused, not silently ignored.
+#[test]
+fn commands_without_a_configuration_refuse_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["demo", "-c", "mine.toml"][..],
+        &["models", "list", "--config", "mine.toml"][..],
+    ] {
+        let (code, _, err) = run(args, dir.path());
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: --config mine.toml does not apply here")
+                && err.contains("hint:"),
+            "{args:?}: {err}"
+        );
+    }
+}
