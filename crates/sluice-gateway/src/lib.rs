@@ -1401,10 +1401,14 @@ fn worst_chat_cost(req: &ChatRequest, router: &Router, group: &Group, default_ma
     if let Some(tools) = &req.tools {
         prompt += serde_json::to_string(tools).map_or(0, |s| s.len() as u64);
     }
+    // Without a cap, a Claude deployment asked to think generates up to its thinking budget on
+    // top of the default.
+    let uncapped =
+        sluice_types::anthropic::thinking_cap(req).map_or(default_max, |c| c.max(default_max));
     let completion = u64::from(
         req.max_completion_tokens
             .or(req.max_tokens)
-            .unwrap_or(default_max),
+            .unwrap_or(uncapped),
     ) * u64::from(req.n.unwrap_or(1).max(1));
     (prompt as f64 * input + completion as f64 * output) / 1e6
 }

@@ -109,7 +109,7 @@ pub struct OpenAi {
     stream_usage: bool,
     timeouts: Timeouts,
     /// OpenAI's own API or Azure OpenAI, which refuse some fields other servers take.
-    official: bool,
+    official: Option<CapField>,
     /// Whether `cache_control` breakpoints go to this server.
     forward_cache_control: bool,
 }
@@ -142,7 +142,7 @@ impl OpenAi {
             headers,
             stream_usage: cfg.stream_usage,
             timeouts,
-            official: is_openai_host(base),
+            official: is_openai_host(base).then_some(CapField::MaxCompletionTokens),
             forward_cache_control: cfg.forward_cache_control,
         })
     }
@@ -169,7 +169,11 @@ impl OpenAi {
             timeouts,
             // `max_completion_tokens` came with api-version 2024-09-01-preview; older versions
             // refuse it and take `max_tokens` (ISO dates compare as text).
-            official: cfg.api_version.as_str() >= "2024-09-01",
+            official: Some(if cfg.api_version.as_str() >= "2024-09-01" {
+                CapField::MaxCompletionTokens
+            } else {
+                CapField::MaxTokens
+            }),
             forward_cache_control: false,
         })
     }
@@ -260,7 +264,7 @@ impl OpenAi {
     /// top-level fields ([`ANTHROPIC_FIELDS`]); and caching breakpoints (`cache_control`) unless
     /// the provider forwards them.
     fn adjusted(&self, req: &ChatRequest) -> Option<ChatRequest> {
-        let mut out = self.official.then(|| for_official(req)).flatten();
+        let mut out = self.official.and_then(|cap| for_official(req, cap));
         if req
             .messages
             .iter()
@@ -276,7 +280,8 @@ impl OpenAi {
                 .extra
                 .remove(ANTHROPIC_FIELDS);
         }
-        if !self.forward_cache_control && has_cache_control(req) {
+        // OpenAI's own API refuses them whatever the setting says.
+        if (!self.forward_cache_control || self.official.is_some()) && has_cache_control(req) {
             strip_cache_control(out.get_or_insert_with(|| req.clone()));
         }
         out
@@ -343,20 +348,34 @@ fn is_openai_host(base: &str) -> bool {
     http::parse_uri(base).is_ok_and(|u| u.host() == Some("api.openai.com"))
 }
 
-/// The request as OpenAI's own API (and Azure OpenAI) takes it, when it needs changing: they
-/// refuse `max_tokens` on reasoning models (o-series, GPT-5) but read `max_completion_tokens` on
-/// every chat model, so the limit moves there; and they refuse `top_k` (which an Anthropic
-/// client may send), which is left out. `metadata` (which Sluice reads for attribution) is
-/// refused unless `store` is on, and then takes string values only: it goes only with `store`,
-/// without the values that are not strings. Anthropic's `thinking` (which a request may carry for
-/// a Claude deployment it fell back from) is left out.
-fn for_official(req: &ChatRequest) -> Option<ChatRequest> {
+/// The field in which OpenAI's own API (or an Azure OpenAI API version) takes the output-token
+/// cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CapField {
+    /// `max_completion_tokens`: every chat model reads it, and reasoning models (o-series,
+    /// GPT-5) refuse `max_tokens`. OpenAI, and Azure from api-version 2024-09-01.
+    MaxCompletionTokens,
+    /// `max_tokens`: older Azure API versions refuse `max_completion_tokens`.
+    MaxTokens,
+}
+
+/// The request as OpenAI's own API (and Azure OpenAI) takes it, when it needs changing: the
+/// output-token cap in the field the API version reads (`cap`); and they refuse `top_k` and
+/// `thinking` (which an Anthropic client, or a request that fell back from a Claude deployment,
+/// may carry), which are left out. `metadata` (which Sluice reads for attribution) is refused
+/// unless `store` is on, and then takes string values only: it goes only with `store`, without
+/// the values that are not strings.
+fn for_official(req: &ChatRequest, cap: CapField) -> Option<ChatRequest> {
     let stored = req.extra.get("store").and_then(|v| v.as_bool()) == Some(true);
     let metadata_refused = req
         .metadata
         .as_ref()
         .is_some_and(|m| !stored || m.values().any(|v| !v.is_string()));
-    if req.max_tokens.is_none()
+    let cap_moves = match cap {
+        CapField::MaxCompletionTokens => req.max_tokens.is_some(),
+        CapField::MaxTokens => req.max_completion_tokens.is_some(),
+    };
+    if !cap_moves
         && !req.extra.contains_key("top_k")
         && !req.extra.contains_key("thinking")
         && !metadata_refused
@@ -364,8 +383,16 @@ fn for_official(req: &ChatRequest) -> Option<ChatRequest> {
         return None;
     }
     let mut out = req.clone();
-    let max = out.max_tokens.take();
-    out.max_completion_tokens = out.max_completion_tokens.or(max);
+    match cap {
+        CapField::MaxCompletionTokens => {
+            let max = out.max_tokens.take();
+            out.max_completion_tokens = out.max_completion_tokens.or(max);
+        }
+        CapField::MaxTokens => {
+            let max = out.max_completion_tokens.take();
+            out.max_tokens = out.max_tokens.or(max);
+        }
+    }
     out.extra.remove("top_k");
     out.extra.remove("thinking");
     if stored {
@@ -549,7 +576,7 @@ mod tests {
             "messages": [{"role": "user", "content": "hi"}]
         }))
         .unwrap();
-        let out = for_official(&req).expect("changed");
+        let out = for_official(&req, CapField::MaxCompletionTokens).expect("changed");
         let v = serde_json::to_value(&out).unwrap();
         assert_eq!(v["max_completion_tokens"], 1024);
         // Attribution metadata goes only with `store`, and only its string values.
@@ -561,9 +588,15 @@ mod tests {
             }))
             .unwrap()
         };
-        let v = serde_json::to_value(for_official(&with_meta(false)).unwrap()).unwrap();
+        let v = serde_json::to_value(
+            for_official(&with_meta(false), CapField::MaxCompletionTokens).unwrap(),
+        )
+        .unwrap();
         assert!(v.get("metadata").is_none(), "{v}");
-        let v = serde_json::to_value(for_official(&with_meta(true)).unwrap()).unwrap();
+        let v = serde_json::to_value(
+            for_official(&with_meta(true), CapField::MaxCompletionTokens).unwrap(),
+        )
+        .unwrap();
         assert_eq!(v["metadata"], serde_json::json!({"session_id": "s1"}));
         assert!(v.get("max_tokens").is_none(), "{v}");
         assert!(v.get("top_k").is_none(), "{v}");
@@ -573,14 +606,14 @@ mod tests {
             "messages": [{"role": "user", "content": "hi"}]
         }))
         .unwrap();
-        assert!(for_official(&plain).is_none());
+        assert!(for_official(&plain, CapField::MaxCompletionTokens).is_none());
 
         assert!(is_openai_host("https://api.openai.com/v1"));
         assert!(!is_openai_host("http://127.0.0.1:8000/v1"));
         assert!(!is_openai_host("https://api.openai.com.example.net/v1"));
         let local = compatible_server();
         assert!(
-            !local.official,
+            local.official.is_none(),
             "compatible servers take max_tokens and top_k as they are"
         );
     }
@@ -633,7 +666,42 @@ mod tests {
             "messages": [{"role": "user", "content": "hi"}]
         }))
         .unwrap();
-        let official = serde_json::to_value(for_official(&thinking).expect("changed")).unwrap();
+        let official =
+            serde_json::to_value(for_official(&thinking, CapField::MaxTokens).expect("changed"))
+                .unwrap();
         assert!(official.get("thinking").is_none(), "{official}");
+
+        // Older Azure API versions: the cap goes back to `max_tokens`, and the fields no Azure
+        // version takes stay out.
+        let azure_2024_06 = OpenAi::azure(&AzureConfig {
+            base_url: "https://r.openai.azure.com".into(),
+            api_version: "2024-06-01".into(),
+            api_key: SecretRef::literal("k"),
+            headers: BTreeMap::new(),
+            stream_usage: true,
+            timeouts: HttpSettings::default(),
+        })
+        .unwrap();
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "gpt-4o", "max_completion_tokens": 50, "top_k": 5,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": cc}]}]
+        }))
+        .unwrap();
+        let v = serde_json::to_value(azure_2024_06.adjusted(&req).unwrap()).unwrap();
+        assert_eq!(v["max_tokens"], 50, "{v}");
+        assert!(
+            v.get("max_completion_tokens").is_none() && v.get("top_k").is_none(),
+            "{v}"
+        );
+        assert_eq!(v["messages"][0]["content"], "hi", "{v}");
+
+        // OpenAI's own API never gets breakpoints, whatever the provider says.
+        let openai = OpenAi {
+            forward_cache_control: true,
+            official: Some(CapField::MaxCompletionTokens),
+            ..compatible_server()
+        };
+        let v = serde_json::to_value(openai.adjusted(&req).unwrap()).unwrap();
+        assert!(!v.to_string().contains("cache_control"), "{v}");
     }
 }

@@ -306,7 +306,7 @@ fn check_key(state: &AppState, headers: &HeaderMap) -> Result<(), Error> {
     match presented_key(headers) {
         None => Err(Error::new(
             ErrorCode::Unauthorized,
-            "missing API key: send `Authorization: Bearer <key>` (or `x-api-key`)",
+            "missing API key: send `Authorization: Bearer <key>` (or `x-api-key`, `api-key`)",
         )),
         Some(k) if constant_time_eq(k.as_bytes(), expected.expose().as_bytes()) => Ok(()),
         Some(_) => Err(Error::new(
@@ -346,7 +346,7 @@ fn check_v1_key(state: &AppState, req: &mut Request) -> Result<(), Error> {
             ErrorCode::Unauthorized,
             match presented {
                 None => {
-                    "missing API key: this gateway issues virtual keys; send `Authorization: Bearer sk-sluice-…` (or `x-api-key`)"
+                    "missing API key: this gateway issues virtual keys; send `Authorization: Bearer sk-sluice-…` (or `x-api-key`, `api-key`)"
                 }
                 Some(_) => {
                     "invalid API key: this gateway accepts only its virtual keys (sk-sluice-…)"

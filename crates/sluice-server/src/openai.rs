@@ -17,25 +17,22 @@ use sluice_types::openai::{ChatRequest, EmbeddingRequest, ModelList, ModelObject
 use crate::error::{ApiError, openai_body};
 use crate::{RequestId, SharedState, attribute_from_headers, body};
 
-/// Reads a request: its id, `x-sluice-*` headers and JSON body, into its context and `T`. A
-/// request that cannot be read is recorded here and its error returned.
 /// The model a route's path names (Azure OpenAI's `/openai/deployments/{deployment}/…`): it
 /// replaces the body's `model`, as on Azure.
 #[derive(Debug, Clone)]
 pub(crate) struct ModelFromPath(pub String);
 
-/// Parses a body whose `model` the path gives.
-fn with_model<T: serde::de::DeserializeOwned>(bytes: &[u8], model: &str) -> Result<T, Error> {
-    let mut v: serde_json::Value = body::parse(bytes)?;
-    match v.as_object_mut() {
-        Some(o) => {
-            o.insert("model".into(), serde_json::Value::String(model.to_string()));
-        }
-        None => return body::parse(bytes),
+/// The body with `model` set to the path's (as served, parsed and recorded); a body that is not
+/// a JSON object is left as it is, for the parser to report.
+fn with_model(bytes: bytes::Bytes, model: &str) -> bytes::Bytes {
+    let Ok(serde_json::Value::Object(mut o)) = serde_json::from_slice(&bytes) else {
+        return bytes;
+    };
+    o.insert("model".into(), serde_json::Value::String(model.to_string()));
+    match serde_json::to_vec(&o) {
+        Ok(v) => v.into(),
+        Err(_) => bytes,
     }
-    let patched = serde_json::to_vec(&v)
-        .map_err(|e| Error::invalid(format!("the request body cannot be read: {e}")))?;
-    body::parse(&patched)
 }
 
 /// `POST /openai/deployments/{deployment}/chat/completions`, the path the `AzureOpenAI` clients
@@ -59,6 +56,8 @@ pub async fn azure_embeddings(
     embeddings(State(state), req).await
 }
 
+/// Reads a request: its id, `x-sluice-*` headers and JSON body, into its context and `T`. A
+/// request that cannot be read is recorded here and its error returned.
 pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     state: &SharedState,
     req: Request,
@@ -83,11 +82,15 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
             return Err(e);
         }
     };
-    let parsed = match parts.extensions.get::<ModelFromPath>() {
-        Some(ModelFromPath(model)) => with_model(&bytes, model),
-        None => body::parse(&bytes),
+    let path_model = parts
+        .extensions
+        .get::<ModelFromPath>()
+        .map(|m| m.0.as_str());
+    let bytes = match path_model {
+        Some(model) => with_model(bytes, model),
+        None => bytes,
     };
-    match parsed {
+    match body::parse(&bytes) {
         Ok(v) => {
             if state.gateway.stores_bodies() {
                 // The body as the client sent it: no re-serialization on the hot path.
@@ -98,7 +101,14 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
         Err(e) => {
             state
                 .gateway
-                .reject(ctx, body::sniff_model(&bytes).as_deref(), &e)
+                .reject(
+                    ctx,
+                    path_model
+                        .map(str::to_string)
+                        .or_else(|| body::sniff_model(&bytes))
+                        .as_deref(),
+                    &e,
+                )
                 .await;
             Err(e)
         }

@@ -769,20 +769,22 @@ fn matched_stop_sequence<'a>(finish_reason: Option<&str>, extra: &'a Extra) -> O
 }
 
 /// OpenAI usage from Anthropic's counts: the prompt includes cache reads and cache writes (of
-/// which `written_for_an_hour` at the one-hour price).
+/// which `written_for_an_hour` at the one-hour price, when Anthropic gave the breakdown).
 fn openai_usage(
     input: u64,
     output: u64,
     cache_read: u64,
     cache_creation: u64,
-    written_for_an_hour: u64,
+    written_for_an_hour: Option<u64>,
 ) -> Usage {
     let prompt = input
         .saturating_add(cache_read)
         .saturating_add(cache_creation);
     let mut usage = Usage::new(prompt, output, cache_read);
     usage.set_cache_write_tokens(cache_creation);
-    usage.set_cache_write_1h_tokens(written_for_an_hour.min(cache_creation));
+    if let Some(n) = written_for_an_hour {
+        usage.set_cache_write_1h_tokens(n.min(cache_creation));
+    }
     usage
 }
 
@@ -797,11 +799,11 @@ fn one_hour_writes(usage_extra: &Extra) -> Option<u64> {
 /// Anthropic usage's breakdown of the cache writes by lifetime.
 const CACHE_CREATION: &str = "cache_creation";
 
-/// The `cache_creation` breakdown for a `/v1/messages` client, when there were writes.
+/// The `cache_creation` breakdown for a `/v1/messages` client, when the upstream gave one.
 fn cache_creation_extra(u: &Usage) -> Extra {
     let mut extra = Extra::new();
     let writes = u.cache_write_tokens();
-    if writes > 0 {
+    if writes > 0 && u.cache_write_1h_reported() {
         let hour = u.cache_write_1h_tokens().min(writes);
         extra.insert(
             CACHE_CREATION.into(),
@@ -971,16 +973,9 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
         (!system.is_empty()).then(|| SystemPrompt::Text(system.join("\n\n")))
     };
     let extra = anthropic_fields(req)?;
-    // Anthropic wants `max_tokens` above the thinking budget: without a cap from the client,
-    // the default cap comes on top of the budget.
-    let thinking_budget = extra
-        .get("thinking")
-        .and_then(|t| t.get("budget_tokens"))
-        .and_then(Value::as_u64)
-        .map(|b| u32::try_from(b).unwrap_or(u32::MAX));
-    let max_tokens = req.max_output_tokens().unwrap_or_else(|| {
-        thinking_budget.map_or(DEFAULT_MAX_TOKENS, |b| b.saturating_add(DEFAULT_MAX_TOKENS))
-    });
+    let max_tokens = req
+        .max_output_tokens()
+        .unwrap_or_else(|| default_max_tokens(&extra));
     Ok(MessagesRequest {
         model: req.model.clone(),
         messages,
@@ -1003,6 +998,28 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
         }),
         extra,
     })
+}
+
+/// The output-token cap Anthropic gets for a request without one: [`DEFAULT_MAX_TOKENS`], on top
+/// of the thinking budget when there is one (Anthropic wants `max_tokens` above it). `fields` are
+/// the request's Anthropic fields ([`anthropic_fields`]).
+fn default_max_tokens(fields: &Extra) -> u32 {
+    let budget = fields
+        .get("thinking")
+        .and_then(|t| t.get("budget_tokens"))
+        .and_then(Value::as_u64)
+        .map(|b| u32::try_from(b).unwrap_or(u32::MAX));
+    budget.map_or(DEFAULT_MAX_TOKENS, |b| b.saturating_add(DEFAULT_MAX_TOKENS))
+}
+
+/// The most an Anthropic deployment may be asked to generate for a request without a cap of its
+/// own, when the request enables thinking: its budget and [`DEFAULT_MAX_TOKENS`] (for worst-case
+/// budget checks); `None` when it does not.
+pub fn thinking_cap(req: &ChatRequest) -> Option<u32> {
+    let fields = anthropic_fields(req).ok()?;
+    fields
+        .contains_key("thinking")
+        .then(|| default_max_tokens(&fields))
 }
 
 /// Keeps a `/v1/messages` client's `anthropic-beta` header values (each may list several, comma
@@ -1388,7 +1405,7 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
             u.output_tokens,
             u.cache_read_input_tokens.unwrap_or(0),
             u.cache_creation_input_tokens.unwrap_or(0),
-            one_hour_writes(&u.extra).unwrap_or(0),
+            one_hour_writes(&u.extra),
         )
     });
     ChatCompletion {
@@ -1450,8 +1467,8 @@ pub struct StreamDecoder {
     output_tokens: u64,
     cache_read: u64,
     cache_creation: u64,
-    /// Of the cache writes, those kept an hour.
-    cache_creation_1h: u64,
+    /// Of the cache writes, those kept an hour (when the stream gave the breakdown).
+    cache_creation_1h: Option<u64>,
     /// Content-block index → OpenAI tool-call index, and whether any of its arguments were sent.
     tool_blocks: HashMap<u32, (u32, bool)>,
     /// Content-block index → the thinking block so far (its text and signature), sent whole as a
@@ -1478,7 +1495,7 @@ impl StreamDecoder {
             output_tokens: 0,
             cache_read: 0,
             cache_creation: 0,
-            cache_creation_1h: 0,
+            cache_creation_1h: None,
             tool_blocks: HashMap::new(),
             thinking_blocks: HashMap::new(),
             stopped: false,
@@ -1514,7 +1531,7 @@ impl StreamDecoder {
                     self.output_tokens = u.output_tokens;
                     self.cache_read = u.cache_read_input_tokens.unwrap_or(0);
                     self.cache_creation = u.cache_creation_input_tokens.unwrap_or(0);
-                    self.cache_creation_1h = one_hour_writes(&u.extra).unwrap_or(0);
+                    self.cache_creation_1h = one_hour_writes(&u.extra);
                 }
                 out.push(self.chunk(
                     Delta {
@@ -1613,7 +1630,7 @@ impl StreamDecoder {
                         self.cache_creation = n;
                     }
                     if let Some(n) = one_hour_writes(&usage.extra) {
-                        self.cache_creation_1h = n;
+                        self.cache_creation_1h = Some(n);
                     }
                 }
                 if let Some(reason) = delta.stop_reason {
@@ -2745,9 +2762,9 @@ mod tests {
             ),
             (100, Some(30), Some(20))
         );
-        assert_eq!(
-            back.extra["cache_creation"],
-            json!({"ephemeral_5m_input_tokens": 20, "ephemeral_1h_input_tokens": 0})
+        assert!(
+            back.extra.get("cache_creation").is_none(),
+            "no breakdown was reported, none is made up"
         );
 
         for (stop, finish) in [
@@ -3830,6 +3847,9 @@ mod tests {
         }));
         let out = request_from_openai(&req).unwrap();
         assert_eq!(out.max_tokens, 8000 + DEFAULT_MAX_TOKENS);
+        assert_eq!(thinking_cap(&req), Some(8000 + DEFAULT_MAX_TOKENS));
+        let plain = chat_request(json!({"model": "m", "messages": []}));
+        assert_eq!(thinking_cap(&plain), None);
         let capped = chat_request(json!({
             "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000,
             "thinking": {"type": "enabled", "budget_tokens": 8000}

@@ -448,12 +448,16 @@ fn completion_object() -> String {
 }
 
 impl ChatCompletion {
-    /// The text of all choices' contents, concatenated (for token counting and logs).
+    /// The text of all choices' contents and reasoning, concatenated (for token counting and
+    /// logs; reasoning is billed as completion tokens).
     pub fn output_text(&self) -> String {
         let mut out = String::new();
         for c in &self.choices {
             if let Some(t) = &c.message.content {
                 out.push_str(t);
+            }
+            if let Some(reasoning) = reasoning_text(&c.message.extra) {
+                out.push_str(reasoning);
             }
             for tc in c.message.tool_calls.iter().flatten() {
                 out.push_str(&tc.function.name);
@@ -689,12 +693,19 @@ impl Usage {
             .unwrap_or(0)
     }
 
-    /// Notes `n` of the cache writes as kept an hour.
+    /// Whether the upstream said how its cache writes split by lifetime (Anthropic's
+    /// `cache_creation`), even if none were kept an hour.
+    pub fn cache_write_1h_reported(&self) -> bool {
+        self.prompt_tokens_details
+            .as_ref()
+            .is_some_and(|d| d.extra.contains_key(CACHE_WRITE_1H_TOKENS))
+    }
+
+    /// Notes `n` of the cache writes as kept an hour (recorded only beside some cache writes).
     pub fn set_cache_write_1h_tokens(&mut self, n: u64) {
-        if n == 0 {
-            return;
-        }
-        if let Some(details) = self.prompt_tokens_details.as_mut() {
+        if let Some(details) = self.prompt_tokens_details.as_mut()
+            && details.extra.contains_key(CACHE_WRITE_TOKENS)
+        {
             details
                 .extra
                 .insert(CACHE_WRITE_1H_TOKENS.into(), Value::from(n));

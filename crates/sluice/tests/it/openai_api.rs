@@ -182,6 +182,17 @@ async fn azure_clients_reach_models_by_deployment() {
     assert_eq!(r.status(), 200);
     let rec = s.record(&request_id(&r)).await;
     assert_eq!(rec["model"], "priced", "{rec:#}");
+    assert_eq!(rec["request_body"]["model"], "priced", "as served: {rec:#}");
+    // A body that cannot be read is recorded under the path's model.
+    let r = http
+        .post(s.url("/openai/deployments/priced/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{\"messages\": [")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(s.record(&request_id(&r)).await["model"], "priced");
     let r = http
         .post(s.url("/openai/deployments/gpt-9/chat/completions"))
         .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
