@@ -1095,6 +1095,9 @@ pub struct ChunkAccumulator {
     system_fingerprint: Option<String>,
     choices: Vec<AccChoice>,
     usage: Option<Usage>,
+    /// Fields of the chunks beyond OpenAI's (`service_tier`, Azure's `prompt_filter_results`):
+    /// the latest value of each, but for `obfuscation` (padding that only streams carry).
+    extra: Extra,
 }
 
 /// The most choices a stream is folded into (OpenAI's largest `n`), and the most tool calls per
@@ -1130,6 +1133,11 @@ impl ChunkAccumulator {
         }
         if let Some(u) = &chunk.usage {
             self.usage = Some(u.clone());
+        }
+        for (k, v) in &chunk.extra {
+            if k != "obfuscation" && !v.is_null() {
+                self.extra.insert(k.clone(), v.clone());
+            }
         }
         for c in &chunk.choices {
             let i = c.index as usize;
@@ -1269,7 +1277,7 @@ impl ChunkAccumulator {
                 .collect(),
             usage: self.usage,
             system_fingerprint: self.system_fingerprint,
-            extra: Extra::new(),
+            extra: self.extra,
         }
     }
 }
@@ -1632,7 +1640,7 @@ mod tests {
             "choices": [{"index": 0, "delta": {"reasoning_content": "Let me ", "annotations": [1]}}]
         })));
         acc.push(&chunk(json!({
-            "id": "x", "created": 1, "model": "m",
+            "id": "x", "created": 1, "model": "m", "service_tier": "default", "obfuscation": "pad",
             "choices": [{"index": 0, "delta": {"reasoning_content": "think.", "annotations": [2], "content": "42"}}]
         })));
         // A broken upstream's indexes: nothing is allocated for them, nothing else changes.
@@ -1651,6 +1659,9 @@ mod tests {
         assert!(msg.tool_calls.is_none());
         assert_eq!(msg.extra["reasoning_content"], "Let me think.");
         assert_eq!(msg.extra["annotations"], json!([1, 2]));
+        // Chunk-level fields are kept on the whole answer, stream padding is not.
+        assert_eq!(done.extra["service_tier"], "default");
+        assert!(!done.extra.contains_key("obfuscation"));
     }
 
     #[test]
