@@ -339,8 +339,10 @@ fn clip(s: &str) -> String {
 /// The cache key of `req` in `namespace`: hex SHA-256 over the namespace and the request's
 /// canonical JSON. The canonical JSON leaves out the fields that do not change the answer
 /// (`stream`, `stream_options`, `user`, `safety_identifier`, `metadata`, `store`,
-/// `service_tier`, `prompt_cache_key`, `cache`) and sorts object keys at every depth; every
-/// other field is kept, unknown ones included (tools, `tool_choice`, `response_format`,
+/// `service_tier`, `prompt_cache_key`, `cache`) and sorts object keys at every depth but inside
+/// JSON Schemas (a tool's `parameters`, a `response_format`'s `schema`), where the order of
+/// properties is the order the model writes them in; every other field is kept, unknown ones
+/// included (tools, `tool_choice`, `response_format`,
 /// `parallel_tool_calls`, `logit_bias`, `reasoning_effort`, a prompt reference and its version,
 /// …). Numbers are kept as written, so `1` and `1.0` in an unknown field make different keys: a
 /// miss, never a wrong hit.
@@ -368,8 +370,12 @@ fn canonical_json(req: &ChatRequest) -> Option<String> {
     Some(sorted(v).to_string())
 }
 
+/// The fields whose value is a JSON Schema: kept in their order.
+const SCHEMA_FIELDS: [&str; 3] = ["parameters", "schema", "input_schema"];
+
 /// `v` with every object's keys inserted in sorted order, which both of serde_json's map types
-/// (sorted, or in insertion order with `preserve_order`) then write in that order.
+/// (sorted, or in insertion order with `preserve_order`) then write in that order; JSON Schemas
+/// ([`SCHEMA_FIELDS`]) as they are.
 fn sorted(v: Value) -> Value {
     match v {
         Value::Object(m) => {
@@ -377,7 +383,12 @@ fn sorted(v: Value) -> Value {
             entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             let mut out = Map::with_capacity(entries.len());
             for (k, v) in entries {
-                out.insert(k, sorted(v));
+                let v = if SCHEMA_FIELDS.contains(&k.as_str()) {
+                    v
+                } else {
+                    sorted(v)
+                };
+                out.insert(k, v);
             }
             Value::Object(out)
         }
@@ -929,7 +940,7 @@ mod tests {
         // Same request written in another order, with every ignored field set.
         let b = req(json!({
             "logit_bias": {"42": 5, "50256": -100},
-            "tools": [{"function": {"parameters": {"properties": {"b": {"type": "integer"}, "a": {"type": "string"}}, "type": "object"}, "name": "f"}, "type": "function"}],
+            "tools": [{"function": {"parameters": {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}}}, "name": "f"}, "type": "function"}],
             "temperature": 0.0,
             "messages": [{"content": "be brief", "role": "system"}, {"content": "hi", "role": "user"}],
             "model": "gpt-4o",
@@ -950,7 +961,22 @@ mod tests {
         // Stable across releases unless the scheme is changed on purpose.
         assert_eq!(
             canonical_json(&a).unwrap(),
-            r#"{"logit_bias":{"42":5,"50256":-100},"messages":[{"content":"be brief","role":"system"},{"content":"hi","role":"user"}],"model":"gpt-4o","temperature":0.0,"tools":[{"function":{"name":"f","parameters":{"properties":{"a":{"type":"string"},"b":{"type":"integer"}},"type":"object"}},"type":"function"}]}"#
+            r#"{"logit_bias":{"42":5,"50256":-100},"messages":[{"content":"be brief","role":"system"},{"content":"hi","role":"user"}],"model":"gpt-4o","temperature":0.0,"tools":[{"function":{"name":"f","parameters":{"type":"object","properties":{"a":{"type":"string"},"b":{"type":"integer"}}}},"type":"function"}]}"#
+        );
+        // A schema's property order is the order the model writes the properties in: another
+        // order is another request.
+        let mut reordered = base();
+        reordered["tools"][0]["function"]["parameters"]["properties"] =
+            json!({"b": {"type": "integer"}, "a": {"type": "string"}});
+        assert_ne!(k, cache_key("key:1", &req(reordered)));
+        let schema = |props: Value| {
+            let mut v = base();
+            v["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object", "properties": props}}});
+            cache_key("key:1", &req(v))
+        };
+        assert_ne!(
+            schema(json!({"x": {"type": "string"}, "y": {"type": "string"}})),
+            schema(json!({"y": {"type": "string"}, "x": {"type": "string"}}))
         );
     }
 
