@@ -4,9 +4,10 @@
 # a 2 s warm-up and then wrk with plain chat completions. Each run prints requests/s, p99, Sluice's
 # CPU time per request (user + system, read from /proc before and after the timed part) and its
 # peak RSS. Runs alternate A, B, A, B… so that a machine whose speed drifts affects both builds
-# alike; compare the pairs, not runs from different days.
+# alike; compare the pairs, not runs from different days. MODE=stream sends streamed requests.
 #
-#   ./scripts/bench_ab.sh BINARY_A BINARY_B [PAIRS] [SECONDS] [CONNECTIONS]   (default 3, 6, 64)
+#   [MODE=stream] ./scripts/bench_ab.sh BINARY_A BINARY_B [PAIRS] [SECONDS] [CONNECTIONS]
+#                                                                    (default 3, 6, 64)
 #
 # Installs wrk from Debian if missing.
 set -euo pipefail
@@ -32,7 +33,12 @@ cleanup() { kill "${UP_PID:-}" "${SL_PID:-}" 2>/dev/null || true; wait 2>/dev/nu
 trap cleanup EXIT
 
 bench_upstream "$UP_PORT"
-bench_lua "$work/plain.lua" false
+MODE="${MODE:-plain}"
+case "$MODE" in
+  plain) bench_lua "$work/load.lua" false ;;
+  stream) bench_lua "$work/load.lua" true ;;
+  *) echo "MODE must be plain or stream, not $MODE" >&2; exit 2 ;;
+esac
 url="http://127.0.0.1:$SL_PORT/v1/chat/completions"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -43,11 +49,11 @@ one() { # label binary
   UPSTREAM_KEY=bench SLUICE_LOG=warn "$2" serve --config "$work/sluice.toml" >"$work/sluice.out" 2>&1 &
   SL_PID=$!
   bench_wait_ready "$SL_PORT"
-  wrk -t2 -c"$CONN" -d2s -s "$work/plain.lua" "$url" >/dev/null
+  wrk -t2 -c"$CONN" -d2s -s "$work/load.lua" "$url" >/dev/null
   local t0 t1 hz
   hz=$(getconf CLK_TCK)
   t0=$(cpu_ticks "$SL_PID")
-  wrk -t2 -c"$CONN" -d"${DUR}s" --latency -s "$work/plain.lua" "$url" >"$work/wrk.txt"
+  wrk -t2 -c"$CONN" -d"${DUR}s" --latency -s "$work/load.lua" "$url" >"$work/wrk.txt"
   t1=$(cpu_ticks "$SL_PID")
   local rss
   rss=$(awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$SL_PID/status")
