@@ -210,7 +210,7 @@ pub fn router(state: SharedState) -> Router {
 async fn request_id(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     let id = sluice_types::ids::new_request_id();
     req.extensions_mut().insert(RequestId(id));
-    let anthropic = req.uri().path().ends_with("/messages");
+    let anthropic = is_anthropic_route(req.uri().path());
     let mut resp = match this_machine_only(&state, req.headers()) {
         Some(refused) => refused,
         None => next.run(req).await,
@@ -359,7 +359,7 @@ fn check_v1_key(state: &AppState, req: &mut Request) -> Result<(), Error> {
 
 async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     if let Err(e) = check_v1_key(&state, &mut req) {
-        let flavor = if req.uri().path().ends_with("/messages") {
+        let flavor = if is_anthropic_route(req.uri().path()) {
             error::Flavor::Anthropic
         } else {
             error::Flavor::OpenAi
@@ -376,6 +376,12 @@ async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next)
         return ApiError { error: e, flavor }.into_response();
     }
     next.run(req).await
+}
+
+/// Whether an Anthropic SDK calls this path (`/v1/messages`, its `count_tokens`): its answers,
+/// errors included, are in Anthropic's shape and carry `request-id`.
+fn is_anthropic_route(path: &str) -> bool {
+    path.ends_with("/messages") || path.ends_with("/messages/count_tokens")
 }
 
 fn endpoint_of(path: &str) -> &'static str {

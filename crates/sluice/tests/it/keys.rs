@@ -86,6 +86,24 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
     assert_eq!(st, 401, "{body:#}");
     let (st, _, body) = chat(&s, Some(&format!("{key}x")), "mock-echo").await;
     assert_eq!(st, 401, "a wrong secret: {body:#}");
+    // The Anthropic SDK's routes answer in its shape, with its request-id header.
+    for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+        let resp = reqwest::Client::new()
+            .post(s.url(path))
+            .json(&json!({"model": "mock-echo", "max_tokens": 5,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{path}");
+        assert!(resp.headers().contains_key("request-id"), "{path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            (body["type"].as_str(), body["error"]["type"].as_str()),
+            (Some("error"), Some("authentication_error")),
+            "{path}: {body:#}"
+        );
+    }
 
     // The key works, and the record is attributed to it.
     let (st, rid, body) = chat(&s, Some(&key), "mock-echo").await;
