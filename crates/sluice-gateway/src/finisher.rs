@@ -377,15 +377,21 @@ impl Finisher {
     }
 
     /// Records what a cancelled stream produced so far; `Drop` then writes it as cancelled.
+    /// Without the upstream's usage, `estimate` gives the counts from sizes (the record says
+    /// `estimate`).
     pub fn note_partial(
         &mut self,
         usage: Option<Usage>,
         price: Option<ModelPrice>,
-        count: impl FnOnce() -> (u64, u64),
+        estimate: impl FnOnce() -> (u64, u64),
         response_body: Option<RawJson>,
     ) {
         if let Some(r) = self.record.as_mut() {
-            self.cache_writes = apply_usage(r, usage, price, count);
+            let estimated = usage.is_none();
+            self.cache_writes = apply_usage(r, usage, price, estimate);
+            if estimated {
+                r.usage_source = UsageSource::Estimate;
+            }
             r.response_body = response_body;
         }
     }
@@ -412,6 +418,10 @@ impl Drop for Finisher {
     }
 }
 
+/// The most tokens a record counts per field (as the store keeps them): far beyond any real
+/// request; a broken upstream may report anything.
+const MAX_TOKENS: u64 = 1 << 40;
+
 fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
@@ -425,21 +435,23 @@ fn apply_usage(
     count: impl FnOnce() -> (u64, u64),
 ) -> CacheWrites {
     let mut writes = CacheWrites::default();
+    // A broken upstream's absurd counts are priced as they are stored, not as sent.
+    let clamp = |n: u64| n.min(MAX_TOKENS);
     match usage {
         Some(u) => {
-            r.prompt_tokens = u.prompt_tokens;
-            r.completion_tokens = u.completion_tokens;
-            r.cached_tokens = u.cached_tokens();
+            r.prompt_tokens = clamp(u.prompt_tokens);
+            r.completion_tokens = clamp(u.completion_tokens);
+            r.cached_tokens = clamp(u.cached_tokens());
             writes = CacheWrites {
-                tokens: u.cache_write_tokens(),
-                one_hour: u.cache_write_1h_tokens(),
+                tokens: clamp(u.cache_write_tokens()),
+                one_hour: clamp(u.cache_write_1h_tokens()),
             };
             r.usage_source = UsageSource::Provider;
         }
         None => {
             let (p, c) = count();
-            r.prompt_tokens = p;
-            r.completion_tokens = c;
+            r.prompt_tokens = clamp(p);
+            r.completion_tokens = clamp(c);
             r.cached_tokens = 0;
             r.usage_source = UsageSource::Tokenizer;
         }

@@ -180,9 +180,31 @@ impl Drop for State {
             return;
         }
         // The client went away mid-stream: keep what was produced for the cancelled record.
-        // The deployment was answering, so for its breaker the attempt succeeded.
+        // The deployment was answering, so for its breaker the attempt succeeded. Chunks read
+        // before the client saw any count too.
         self.serving.report(None);
-        let (usage, counts, body) = self.outcome();
+        for chunk in std::mem::take(&mut self.upstream.pending) {
+            self.acc.push(&chunk);
+            if chunk.usage.is_some() {
+                self.usage = chunk.usage;
+            }
+        }
+        // Without the upstream's usage (it comes last), the counts are estimated from sizes:
+        // no tokenizer runs in `Drop`, on a runtime thread, for a request already gone.
+        let usage = self.usage.take();
+        let counts = if usage.is_none() {
+            (
+                tokens::estimate_prompt_by_size(&self.req),
+                (self.acc.output_text().len() as u64).div_ceil(4),
+            )
+        } else {
+            (0, 0)
+        };
+        let acc = std::mem::take(&mut self.acc);
+        let body = self
+            .store_body
+            .then(|| RawJson::of(&acc.finish()))
+            .flatten();
         self.fin
             .note_partial(usage, self.serving.dep.dep.price, || counts, body);
     }

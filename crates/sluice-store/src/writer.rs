@@ -507,9 +507,11 @@ async fn replay(
     }
 }
 
-/// Appends bytes to a file, creating it and its directory.
+/// Appends lines to a file, creating it and its directory. A file left ending in a partial line
+/// (a write cut short by a crash or a full disk) gets a line end first, so the cut line, not the
+/// next record, is the one that fails to parse on replay.
 fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
+    use std::io::{Read, Seek, SeekFrom, Write};
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
@@ -517,8 +519,18 @@ fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .open(path)?;
+    let len = f.seek(SeekFrom::End(0))?;
+    if len > 0 {
+        let mut last = [0u8; 1];
+        f.seek(SeekFrom::Start(len - 1))?;
+        f.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            f.write_all(b"\n")?;
+        }
+    }
     f.write_all(bytes)?;
     f.sync_data()
 }
@@ -530,4 +542,29 @@ fn keep_bad(path: &std::path::Path, bad: &[u8]) -> Result<(), String> {
     }
     let kept = path.with_extension("jsonl.bad");
     append(&kept, bad).map_err(|e| format!("{}: {e}", kept.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A spill file cut mid-line by a crash: the next batch starts on a line of its own, so only
+    /// the cut line is lost, not the record after it.
+    #[test]
+    fn appending_after_a_cut_line_starts_a_new_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.jsonl");
+        append(&path, b"{\"id\":1}\n{\"id\":2, \"cut").unwrap();
+        append(&path, b"{\"id\":3}\n").unwrap();
+        append(&path, b"{\"id\":4}\n").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            ["{\"id\":1}", "{\"id\":2, \"cut", "{\"id\":3}", "{\"id\":4}"]
+        );
+        // A fresh file gets no leading line end.
+        let fresh = dir.path().join("sub/new.jsonl");
+        append(&fresh, b"x\n").unwrap();
+        assert_eq!(std::fs::read(&fresh).unwrap(), b"x\n");
+    }
 }

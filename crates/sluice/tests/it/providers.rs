@@ -1107,6 +1107,11 @@ async fn cancelled_stream_cancels_upstream(kind: &str) {
     assert_eq!(rec["http_status"], 499, "{rec:#}");
     assert_eq!(rec["stream"], true, "{rec:#}");
     assert_eq!(rec["provider"], "up", "{rec:#}");
+    // What was sent before the client left is counted from sizes: no tokenizer runs for a
+    // request already gone.
+    assert_eq!(rec["usage_source"], "estimate", "{rec:#}");
+    assert!(rec["prompt_tokens"].as_u64() > Some(0), "{rec:#}");
+    assert!(rec["completion_tokens"].as_u64() > Some(0), "{rec:#}");
 }
 
 // ---------------------------------------------------------------------------------------------
