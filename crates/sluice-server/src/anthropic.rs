@@ -94,7 +94,10 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
             }
             let route = stream.route().to_string();
             let headers = stream.headers().to_vec();
-            let mut resp = sse_response(anthropic_sse(stream, enc));
+            let mut frame = b"event: error\ndata: ".to_vec();
+            let _ = serde_json::to_writer(&mut frame, &anthropic_body(&crate::shutting_down()));
+            frame.extend_from_slice(b"\n\n");
+            let mut resp = sse_response(&state, anthropic_sse(stream, enc), Bytes::from(frame));
             set_route(&mut resp, &route);
             set_headers(&mut resp, &headers);
             resp

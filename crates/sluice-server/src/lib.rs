@@ -58,7 +58,7 @@ fn default_max_body() -> usize {
     32 * 1024 * 1024
 }
 fn default_grace() -> u64 {
-    30
+    25
 }
 
 impl Default for ServerConfig {
@@ -99,6 +99,26 @@ pub struct AppState {
     pub audit: Option<Arc<dyn sluice_core::keys::AuditStore>>,
     /// Spend and usage from the request log (`/api/usage`).
     pub usage: Option<Arc<dyn sluice_core::usage::UsageStore>>,
+    /// Set once the shutdown grace period is over: the requests still running end at once (a
+    /// 503, or a stream cut with an error event), so that their records are written as
+    /// cancelled before the request log is drained.
+    pub abort: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+/// Resolves once the gateway gives up on the requests still running at shutdown ([`AppState::abort`]).
+pub(crate) async fn aborted(mut abort: tokio::sync::watch::Receiver<bool>) {
+    if abort.wait_for(|a| *a).await.is_err() {
+        // Never set, and gone: nothing will abort.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// What a request still running when the shutdown grace period ends is answered.
+pub(crate) fn shutting_down() -> Error {
+    Error::new(
+        ErrorCode::Unavailable,
+        "the gateway is shutting down and this request ran past its grace period; retry it",
+    )
 }
 
 /// Reloads the configuration: `Ok` with a one-line summary of what is now served, `Err` with the
@@ -213,7 +233,16 @@ async fn request_id(State(state): State<SharedState>, mut req: Request, next: Ne
     let anthropic = is_anthropic_route(req.uri().path());
     let mut resp = match this_machine_only(&state, req.headers()) {
         Some(refused) => refused,
-        None => next.run(req).await,
+        None => {
+            tokio::select! {
+                biased;
+                resp = next.run(req) => resp,
+                () = aborted(state.abort.subscribe()) => {
+                    let flavor = if anthropic { error::Flavor::Anthropic } else { error::Flavor::OpenAi };
+                    ApiError { error: shutting_down(), flavor }.into_response()
+                }
+            }
+        }
     };
     if let Ok(v) = HeaderValue::from_str(&id.hyphenated().to_string()) {
         let headers = resp.headers_mut();

@@ -147,7 +147,8 @@ pub async fn chat_completions(State(state): State<SharedState>, req: Request) ->
         Ok(ChatOutcome::Stream(stream)) => {
             let route = stream.route().to_string();
             let headers = stream.headers().to_vec();
-            let mut resp = sse_response(openai_sse(stream));
+            let frame = data_frame(&openai_body(&crate::shutting_down()));
+            let mut resp = sse_response(&state, openai_sse(stream), frame);
             set_route(&mut resp, &route);
             set_headers(&mut resp, &headers);
             resp
@@ -178,10 +179,20 @@ pub(crate) fn set_route(resp: &mut Response, route: &str) {
     }
 }
 
-/// A streaming response with the headers SSE clients and proxies need.
+/// A streaming response with the headers SSE clients and proxies need. When the shutdown grace
+/// period ends first ([`crate::aborted`]),
+/// the stream ends with `abort_frame` (an error event in the client's API) and is dropped, so
+/// its record is written as cancelled while the request log still takes records.
 pub(crate) fn sse_response(
+    state: &crate::AppState,
     body: impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+    abort_frame: Bytes,
 ) -> Response {
+    let body = UntilAbort {
+        body: Some(Box::pin(body)),
+        abort: Box::pin(crate::aborted(state.abort.subscribe())),
+        frame: Some(abort_frame),
+    };
     let mut resp = Response::new(Body::from_stream(body));
     let h = resp.headers_mut();
     h.insert(
@@ -191,6 +202,42 @@ pub(crate) fn sse_response(
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     resp
+}
+
+/// An event stream that ends with a last frame when the gateway aborts the requests still
+/// running at shutdown. The abort is looked at only while the stream waits, so a stream that
+/// has its next frame ready pays nothing for it.
+struct UntilAbort<S> {
+    body: Option<std::pin::Pin<Box<S>>>,
+    abort: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    frame: Option<Bytes>,
+}
+
+impl<S: futures::Stream<Item = Result<Bytes, Infallible>>> futures::Stream for UntilAbort<S> {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Poll::Ready(item) = body.as_mut().poll_next(cx) {
+            if item.is_none() {
+                this.body = None;
+            }
+            return Poll::Ready(item);
+        }
+        if this.abort.as_mut().poll(cx).is_ready() {
+            // Dropping the gateway's stream writes its record, as cancelled.
+            this.body = None;
+            return Poll::Ready(this.frame.take().map(Ok));
+        }
+        Poll::Pending
+    }
 }
 
 /// One SSE `data:` frame holding a JSON value.

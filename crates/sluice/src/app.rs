@@ -202,6 +202,7 @@ pub async fn build_with(
         keys: Some(keys),
         audit: Some(audit),
         usage: Some(usage),
+        abort: Arc::new(tokio::sync::watch::channel(false).0),
     });
     Ok(Running { state, writer })
 }
@@ -286,6 +287,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     let store = state.store.clone();
     reload_on_hangup(&state);
     let app = sluice_server::router(state.clone());
+    let abort = state.abort.clone();
     drop(state);
     sayln!(
         "sluice {} listening on http://{local}",
@@ -324,7 +326,13 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         _ = stop_rx.wait_for(|s| *s) => {
             tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
             if tokio::time::timeout(grace, &mut server).await.is_err() {
-                tracing::warn!("in-flight requests did not finish within the grace period");
+                // The requests still running end now, each writing its record as cancelled
+                // while the log still takes records.
+                tracing::warn!("in-flight requests did not finish within the grace period: ending them");
+                abort.send_replace(true);
+                if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+                    tracing::warn!("connections still open after the grace period");
+                }
             }
         }
     }

@@ -263,3 +263,78 @@ async fn a_client_leaving_a_plain_request_is_recorded_as_cancelled() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Requests still running when the shutdown grace period ends are ended then — a plain one with
+/// a 503, a stream with an error event — and each still gets its record (cancelled), written
+/// before the request log is drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_running_past_the_grace_period_still_get_records() {
+    let mut s = Sluice::start_opts(Opts {
+        config: r#"
+[providers.slow]
+type = "mock"
+latency_ms = 60000
+
+[providers.trickle]
+type = "mock"
+tokens_per_second = 2
+
+[models."slow"]
+deployments = [{ provider = "slow", model = "slow" }]
+
+[models."trickle"]
+deployments = [{ provider = "trickle", model = "trickle" }]
+"#,
+        env: vec![("SLUICE__SERVER__SHUTDOWN_GRACE_SECS", "1".to_string())],
+        ..Opts::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let plain = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}]}))
+        .send();
+    let plain = tokio::spawn(plain);
+    let mut stream = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "trickle", "stream": true,
+                      "messages": [{"role": "user", "content": "one two three four five six seven eight nine ten eleven twelve"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let stream_id = request_id(&stream);
+    // The stream is under way.
+    let first = stream.chunk().await.unwrap().expect("a first chunk");
+    assert!(!first.is_empty());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.sigterm();
+
+    let plain = plain.await.unwrap().expect("an answer");
+    assert_eq!(plain.status(), 503);
+    let plain_id = request_id(&plain);
+    let body: serde_json::Value = plain.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "service_unavailable", "{body}");
+    let mut rest = String::new();
+    while let Ok(Some(c)) = stream.chunk().await {
+        rest.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert!(
+        rest.contains("\"error\"") && rest.contains("shutting down") && !rest.contains("[DONE]"),
+        "{rest}"
+    );
+    let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(20)));
+    assert!(status.success(), "{status}; stderr:\n{}", s.stderr());
+
+    let store = sluice_store::open(&s.store_url, 2)
+        .await
+        .expect("open store");
+    for id in [&plain_id, &stream_id] {
+        let rec = store
+            .get(uuid::Uuid::parse_str(id).unwrap())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no record for {id}; stderr:\n{}", s.stderr()));
+        assert_eq!(rec.status.as_str(), "cancelled", "{id}");
+    }
+}
