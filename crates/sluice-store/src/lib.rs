@@ -52,6 +52,11 @@ pub struct StoreConfig {
     /// milliseconds (0 writes whatever is queued at once).
     #[serde(default = "default_flush")]
     pub flush_interval_ms: u64,
+    /// Where records go while the store is unavailable, written back when it answers again
+    /// (default: `spill.jsonl` beside the SQLite file, or `./sluice-data/spill.jsonl` for
+    /// PostgreSQL). In a container, a persistent volume.
+    #[serde(default)]
+    pub spill_path: Option<std::path::PathBuf>,
 }
 
 /// Which bodies records keep.
@@ -88,6 +93,7 @@ impl Default for StoreConfig {
             batch_size: default_batch(),
             max_connections: default_pool(),
             flush_interval_ms: default_flush(),
+            spill_path: None,
         }
     }
 }

@@ -39,9 +39,13 @@ pub fn check_exposure(addr: SocketAddr, admin_key: &Option<Secret>) -> anyhow::R
     Ok(())
 }
 
-/// Where records go if the store stays unavailable: beside the SQLite file, or under
-/// `./sluice-data/` for PostgreSQL.
-pub fn spill_path(url: &str) -> PathBuf {
+/// Where records go if the store stays unavailable: `store.spill_path`, else beside the SQLite
+/// file, or under `./sluice-data/` for PostgreSQL.
+pub fn spill_path(store: &sluice_store::StoreConfig) -> PathBuf {
+    if let Some(p) = &store.spill_path {
+        return p.clone();
+    }
+    let url = &store.url;
     if let Some(path) = url
         .strip_prefix("sqlite://")
         .map(|p| p.split('?').next().unwrap_or(p))
@@ -120,7 +124,7 @@ pub async fn build_with(
         .with_context(|| format!("reading the virtual keys from {}", cfg.store.url))?;
     keys.spawn_refresher(sluice_server::keys::REFRESH_EVERY);
     // Records a writer left in the spill file while the store was down go to the store now.
-    let spill = spill_path(&cfg.store.url);
+    let spill = spill_path(&cfg.store);
     match sluice_store::writer::replay_spill(store.as_ref(), &spill).await {
         Ok(r) if r.records > 0 || r.bad_lines > 0 || r.rejected > 0 => tracing::warn!(
             records = r.records,
@@ -276,6 +280,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     let mock_fallback = cfg.source == crate::config::Source::EmbeddedDefault
         && cfg.router.group("mock-echo").is_some();
     let store_url = cfg.store.url.clone();
+    let spill = spill_path(&cfg.store);
     let models: Vec<String> = cfg.router.names().map(str::to_string).collect();
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!(
@@ -356,9 +361,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         0 => String::new(),
         n => format!(
             "; {n} refused by the store, kept in {}",
-            spill_path(&store_url)
-                .with_extension("jsonl.rejected")
-                .display()
+            sluice_store::writer::rejected_path(&spill).display()
         ),
     };
     sayln!(

@@ -338,3 +338,29 @@ deployments = [{ provider = "trickle", model = "trickle" }]
         assert_eq!(rec.status.as_str(), "cancelled", "{id}");
     }
 }
+
+/// `[store] spill_path` names the spill file: records a gateway left there while its store was
+/// down are written to the store when the next one starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_spill_file_is_written_back_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let spill = dir.path().join("volume/records.jsonl");
+    std::fs::create_dir_all(spill.parent().unwrap()).unwrap();
+    let mut rec =
+        sluice_core::record::RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false);
+    rec.model = "spilled-model".into();
+    std::fs::write(
+        &spill,
+        format!("{}\n", serde_json::to_string(&rec).unwrap()),
+    )
+    .unwrap();
+    let s = Sluice::start_opts(Opts {
+        config: SLOW_MOCK,
+        store_extra: &format!("spill_path = {:?}", spill.display().to_string()),
+        ..Opts::default()
+    })
+    .await;
+    let got = s.record(&rec.id.to_string()).await;
+    assert_eq!(got["model"], "spilled-model", "{got:#}");
+    assert!(!spill.exists(), "the spill file is consumed");
+}
