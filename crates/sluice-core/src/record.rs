@@ -299,6 +299,18 @@ pub enum StoreError {
     Config(String),
 }
 
+/// What the log writer does with records, as it happens (the gateway's metrics implement it).
+pub trait WriterObserver: Send + Sync + 'static {
+    /// Records written to the store.
+    fn written(&self, records: u64);
+    /// Records put in the spill file while the store could not take them.
+    fn spilled(&self, records: u64);
+    /// Records the store refused as data (kept beside the spill file).
+    fn refused(&self, records: u64);
+    /// A batch that took over the writer's slow-write threshold.
+    fn slow_batch(&self);
+}
+
 /// Where request records live. SQLite and PostgreSQL implement it and pass the same suite.
 #[async_trait]
 pub trait LogStore: Send + Sync + 'static {

@@ -24,6 +24,10 @@ pub const ATTEMPTS: &str = "sluice_attempts";
 pub const BREAKER: &str = "sluice_deployment_breaker_state";
 pub const IN_FLIGHT: &str = "sluice_deployment_in_flight";
 pub const LOG_QUEUE: &str = "sluice_log_queue_records";
+pub const LOG_WRITTEN: &str = "sluice_log_records_written";
+pub const LOG_SPILLED: &str = "sluice_log_records_spilled";
+pub const LOG_REFUSED: &str = "sluice_log_records_refused";
+pub const LOG_SLOW: &str = "sluice_log_slow_batches";
 
 /// A label value. The encoder writes values as they are, so this escapes what the exposition
 /// format requires (`\\`, `"` and line feeds): a model named `a"b` in the configuration would
@@ -164,6 +168,10 @@ pub struct Metrics {
     breaker: Family<DeploymentLabels, Gauge>,
     in_flight: Family<DeploymentLabels, Gauge>,
     log_queue: Gauge,
+    log_written: Counter,
+    log_spilled: Counter,
+    log_refused: Counter,
+    log_slow: Counter,
     routes: RwLock<RouteMap>,
     attempt_handles: RwLock<AttemptMap>,
     /// The deployments whose gauges are exposed (see [`Metrics::deployment_states`]).
@@ -245,11 +253,39 @@ impl Metrics {
             "Request records queued for the log writer (requests wait when the queue is full)",
             log_queue.clone(),
         );
+        let log_written = Counter::default();
+        registry.register(
+            LOG_WRITTEN,
+            "Request records written to the store",
+            log_written.clone(),
+        );
+        let log_spilled = Counter::default();
+        registry.register(
+            LOG_SPILLED,
+            "Request records put in the spill file while the store could not take them (written back when it answers)",
+            log_spilled.clone(),
+        );
+        let log_refused = Counter::default();
+        registry.register(
+            LOG_REFUSED,
+            "Request records the store refused as data (kept in the spill file's .rejected file)",
+            log_refused.clone(),
+        );
+        let log_slow = Counter::default();
+        registry.register(
+            LOG_SLOW,
+            "Batches of request records that took over a second to write",
+            log_slow.clone(),
+        );
         Metrics {
             attempts,
             breaker,
             in_flight,
             log_queue,
+            log_written,
+            log_spilled,
+            log_refused,
+            log_slow,
             registry,
             requests,
             errors,
@@ -423,6 +459,21 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+impl sluice_core::record::WriterObserver for Metrics {
+    fn written(&self, records: u64) {
+        self.log_written.inc_by(records);
+    }
+    fn spilled(&self, records: u64) {
+        self.log_spilled.inc_by(records);
+    }
+    fn refused(&self, records: u64) {
+        self.log_refused.inc_by(records);
+    }
+    fn slow_batch(&self) {
+        self.log_slow.inc();
     }
 }
 

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_core::record::{LogStore, RequestRecord, StoreError};
+use sluice_core::record::{LogStore, RequestRecord, StoreError, WriterObserver};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
@@ -63,10 +63,23 @@ impl LogWriter {
     /// lingering would gather it into bursts that delay the requests being served meanwhile.
     pub fn spawn_with(
         store: Arc<dyn LogStore>,
+        rx: mpsc::Receiver<RequestRecord>,
+        batch_size: usize,
+        spill: PathBuf,
+        linger: Duration,
+    ) -> Self {
+        Self::spawn_observed(store, rx, batch_size, spill, linger, None)
+    }
+
+    /// Like [`LogWriter::spawn_with`], telling `observer` what becomes of the records (written,
+    /// spilled, refused, slow batches) as it happens.
+    pub fn spawn_observed(
+        store: Arc<dyn LogStore>,
         mut rx: mpsc::Receiver<RequestRecord>,
         batch_size: usize,
         spill: PathBuf,
         linger: Duration,
+        observer: Option<Arc<dyn WriterObserver>>,
     ) -> Self {
         let close = Arc::new(Notify::new());
         let close_rx = close.clone();
@@ -92,8 +105,12 @@ impl LogWriter {
                                 }
                             }
                         }
+                        let before = stats;
                         write_batch(&store, &batch, &spill, &mut stats, &mut outage).await;
                         batch.clear();
+                        if let Some(o) = &observer {
+                            report(o.as_ref(), before, stats);
+                        }
                     }
                     _ = close_rx.notified(), if !closed => {
                         // Accept nothing new; what is queued is still written.
@@ -127,6 +144,23 @@ impl LogWriter {
                 self.handle.await.unwrap_or_default()
             }
         }
+    }
+}
+
+/// Tells an observer what changed between two readings of the writer's counts.
+fn report(o: &dyn WriterObserver, before: WriterStats, after: WriterStats) {
+    let d = |a: u64, b: u64| b.saturating_sub(a);
+    if after.written > before.written {
+        o.written(d(before.written, after.written));
+    }
+    if after.spilled > before.spilled {
+        o.spilled(d(before.spilled, after.spilled));
+    }
+    if after.rejected > before.rejected {
+        o.refused(d(before.rejected, after.rejected));
+    }
+    for _ in before.slow..after.slow {
+        o.slow_batch();
     }
 }
 

@@ -141,12 +141,14 @@ pub async fn build_with(
         ),
     }
     let (sink, rx) = LogSink::channel(cfg.store.queue_capacity);
-    let writer = LogWriter::spawn_with(
+    let metrics = Arc::new(Metrics::new());
+    let writer = LogWriter::spawn_observed(
         store.clone(),
         rx,
         cfg.store.batch_size,
         spill,
         Duration::from_millis(cfg.store.flush_interval_ms),
+        Some(metrics.clone() as Arc<dyn sluice_core::record::WriterObserver>),
     );
     let bodies = match cfg.store.bodies {
         BodyModeConfig::Full => BodyMode::Full,
@@ -183,7 +185,7 @@ pub async fn build_with(
     }
     let usage = stores.usage.clone();
     let gateway = Arc::new(
-        Gateway::new(cfg.router, sink, Arc::new(Metrics::new()), bodies)
+        Gateway::new(cfg.router, sink, metrics, bodies)
             .with_state(Some(usage.clone()), shared)
             .with_cache(cache),
     );

@@ -140,6 +140,36 @@ async fn metrics_count_requests_tokens_cost_and_latency() {
         .find_map(|l| l.strip_prefix("sluice_log_queue_records "))
         .unwrap_or_else(|| panic!("no log queue sample in\n{m}"));
     assert!(queued.trim().parse::<u64>().is_ok(), "{queued}");
+    // The writer's counts: the four requests' records are written (each request waits for its
+    // record to be queued, not written: read again until they are).
+    let mut written = 0;
+    for _ in 0..100 {
+        let m = http
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for name in [
+            "sluice_log_records_spilled_total 0",
+            "sluice_log_records_refused_total 0",
+            "sluice_log_slow_batches_total",
+        ] {
+            assert!(m.contains(name), "missing `{name}` in\n{m}");
+        }
+        written = m
+            .lines()
+            .find_map(|l| l.strip_prefix("sluice_log_records_written_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no records-written sample in\n{m}"));
+        if written >= 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(written >= 4, "{written}");
 }
 
 #[tokio::test]
