@@ -94,16 +94,21 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
             }
             let route = stream.route().to_string();
             let headers = stream.headers().to_vec();
-            let mut frame = b"event: error\ndata: ".to_vec();
-            let _ = serde_json::to_writer(&mut frame, &anthropic_body(&crate::shutting_down()));
-            frame.extend_from_slice(b"\n\n");
-            let mut resp = sse_response(&state, anthropic_sse(stream, enc), Bytes::from(frame));
+            let mut resp = sse_response(&state, anthropic_sse(stream, enc), abort_frame);
             set_route(&mut resp, &route);
             set_headers(&mut resp, &headers);
             resp
         }
         Err(e) => ApiError::anthropic(e).into_response(),
     }
+}
+
+/// The last event of a Messages stream the shutdown ended.
+fn abort_frame() -> Bytes {
+    let mut frame = b"event: error\ndata: ".to_vec();
+    let _ = serde_json::to_writer(&mut frame, &anthropic_body(&crate::shutting_down()));
+    frame.extend_from_slice(b"\n\n");
+    Bytes::from(frame)
 }
 
 fn event_frame(ev: &StreamEvent) -> Bytes {

@@ -58,7 +58,7 @@ fn default_max_body() -> usize {
     32 * 1024 * 1024
 }
 fn default_grace() -> u64 {
-    25
+    20
 }
 
 impl Default for ServerConfig {
@@ -233,16 +233,30 @@ async fn request_id(State(state): State<SharedState>, mut req: Request, next: Ne
     let anthropic = is_anthropic_route(req.uri().path());
     let mut resp = match this_machine_only(&state, req.headers()) {
         Some(refused) => refused,
-        None => {
-            tokio::select! {
-                biased;
-                resp = next.run(req) => resp,
-                () = aborted(state.abort.subscribe()) => {
-                    let flavor = if anthropic { error::Flavor::Anthropic } else { error::Flavor::OpenAi };
-                    ApiError { error: shutting_down(), flavor }.into_response()
+        // Model calls still running when the shutdown grace period ends are ended then (their
+        // records are written as cancelled); admin calls run to their end.
+        None if is_model_route(req.uri().path()) => {
+            let flavor = if anthropic {
+                error::Flavor::Anthropic
+            } else {
+                error::Flavor::OpenAi
+            };
+            let abort = state.abort.subscribe();
+            if *abort.borrow() {
+                ApiError {
+                    error: shutting_down(),
+                    flavor,
+                }
+                .into_response()
+            } else {
+                tokio::select! {
+                    biased;
+                    resp = next.run(req) => resp,
+                    () = aborted(abort) => ApiError { error: shutting_down(), flavor }.into_response(),
                 }
             }
         }
+        None => next.run(req).await,
     };
     if let Ok(v) = HeaderValue::from_str(&id.hyphenated().to_string()) {
         let headers = resp.headers_mut();
@@ -405,6 +419,13 @@ async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next)
         return ApiError { error: e, flavor }.into_response();
     }
     next.run(req).await
+}
+
+/// Whether the path calls a model (chat, messages, embeddings), as opposed to the admin API.
+fn is_model_route(path: &str) -> bool {
+    path.ends_with("/chat/completions")
+        || path.ends_with("/messages")
+        || path.ends_with("/embeddings")
 }
 
 /// Whether an Anthropic SDK calls this path (`/v1/messages`, its `count_tokens`): its answers,

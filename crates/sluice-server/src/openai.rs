@@ -147,8 +147,7 @@ pub async fn chat_completions(State(state): State<SharedState>, req: Request) ->
         Ok(ChatOutcome::Stream(stream)) => {
             let route = stream.route().to_string();
             let headers = stream.headers().to_vec();
-            let frame = data_frame(&openai_body(&crate::shutting_down()));
-            let mut resp = sse_response(&state, openai_sse(stream), frame);
+            let mut resp = sse_response(&state, openai_sse(stream), openai_abort_frame);
             set_route(&mut resp, &route);
             set_headers(&mut resp, &headers);
             resp
@@ -181,12 +180,13 @@ pub(crate) fn set_route(resp: &mut Response, route: &str) {
 
 /// A streaming response with the headers SSE clients and proxies need. When the shutdown grace
 /// period ends first ([`crate::aborted`]),
-/// the stream ends with `abort_frame` (an error event in the client's API) and is dropped, so
+/// the stream ends with the frame `abort_frame` makes (an error event in the client's API; made
+/// only then) and is dropped, so
 /// its record is written as cancelled while the request log still takes records.
 pub(crate) fn sse_response(
     state: &crate::AppState,
     body: impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
-    abort_frame: Bytes,
+    abort_frame: fn() -> Bytes,
 ) -> Response {
     let body = UntilAbort {
         body: Some(Box::pin(body)),
@@ -210,7 +210,7 @@ pub(crate) fn sse_response(
 struct UntilAbort<S> {
     body: Option<std::pin::Pin<Box<S>>>,
     abort: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    frame: Option<Bytes>,
+    frame: Option<fn() -> Bytes>,
 }
 
 impl<S: futures::Stream<Item = Result<Bytes, Infallible>>> futures::Stream for UntilAbort<S> {
@@ -234,10 +234,15 @@ impl<S: futures::Stream<Item = Result<Bytes, Infallible>>> futures::Stream for U
         if this.abort.as_mut().poll(cx).is_ready() {
             // Dropping the gateway's stream writes its record, as cancelled.
             this.body = None;
-            return Poll::Ready(this.frame.take().map(Ok));
+            return Poll::Ready(this.frame.take().map(|make| Ok(make())));
         }
         Poll::Pending
     }
+}
+
+/// The last frame of an OpenAI stream the shutdown ended.
+fn openai_abort_frame() -> Bytes {
+    data_frame(&openai_body(&crate::shutting_down()))
 }
 
 /// One SSE `data:` frame holding a JSON value.

@@ -114,6 +114,15 @@ impl StoreConfig {
         if self.max_connections == 0 {
             return Err("max_connections: must be at least 1".into());
         }
+        if let Some(p) = &self.spill_path
+            && (p.as_os_str().is_empty() || p.is_dir())
+        {
+            return Err(format!(
+                "spill_path: {} is a directory; name a file in it (for example {})",
+                p.display(),
+                p.join("spill.jsonl").display()
+            ));
+        }
         Ok(())
     }
 }

@@ -337,7 +337,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
                 // while the log still takes records.
                 tracing::warn!("in-flight requests did not finish within the grace period: ending them");
                 abort.send_replace(true);
-                if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+                if tokio::time::timeout(Duration::from_secs(1), &mut server).await.is_err() {
                     tracing::warn!("connections still open after the grace period");
                 }
             }

@@ -705,3 +705,24 @@ fn commands_without_a_configuration_refuse_one() {
         );
     }
 }
+
+/// `store.spill_path` names a file: a directory is refused before anything could be spilled
+/// into nothing.
+#[test]
+fn a_spill_path_that_is_a_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("sluice.toml"),
+        format!(
+            "[store]\nspill_path = {:?}\n",
+            dir.path().display().to_string()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["config", "check", "-c", "sluice.toml"], dir.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("spill_path") && err.contains("is a directory"),
+        "{err}"
+    );
+}
