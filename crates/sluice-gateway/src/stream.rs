@@ -134,17 +134,21 @@ struct State {
 }
 
 impl State {
-    /// What the stream produced: the reported usage, else the tokenizer's counts (prompt,
-    /// completion), and the assembled body when bodies are stored. Consumes the gathered text.
-    fn outcome(&mut self) -> (Option<Usage>, (u64, u64), Option<RawJson>) {
+    /// What the stream produced: the reported usage, else the counts (prompt, completion) —
+    /// the tokenizer's, or with `by_size` four bytes a token — and the assembled body when
+    /// bodies are stored. Consumes the gathered text.
+    fn outcome(&mut self, by_size: bool) -> (Option<Usage>, (u64, u64), Option<RawJson>) {
         let usage = self.usage.take();
-        let counts = if usage.is_none() {
-            (
+        let counts = match (&usage, by_size) {
+            (Some(_), _) => (0, 0),
+            (None, false) => (
                 tokens::count_prompt(&self.req.model, &self.req),
                 tokens::count_text(&self.req.model, &self.acc.output_text()),
-            )
-        } else {
-            (0, 0)
+            ),
+            (None, true) => (
+                tokens::estimate_prompt_by_size(&self.req),
+                (self.acc.output_text().len() as u64).div_ceil(4),
+            ),
         };
         let acc = std::mem::take(&mut self.acc);
         let body = self
@@ -158,7 +162,7 @@ impl State {
     async fn finish(&mut self, error: Option<&Error>) -> Option<Usage> {
         self.done = true;
         let finish_reason = self.acc.finish_reason().map(str::to_string);
-        let (usage, counts, body) = self.outcome();
+        let (usage, counts, body) = self.outcome(false);
         let counted = usage.is_none().then(|| Usage::new(counts.0, counts.1, 0));
         self.fin
             .finish_stream(
@@ -191,20 +195,7 @@ impl Drop for State {
         }
         // Without the upstream's usage (it comes last), the counts are estimated from sizes:
         // no tokenizer runs in `Drop`, on a runtime thread, for a request already gone.
-        let usage = self.usage.take();
-        let counts = if usage.is_none() {
-            (
-                tokens::estimate_prompt_by_size(&self.req),
-                (self.acc.output_text().len() as u64).div_ceil(4),
-            )
-        } else {
-            (0, 0)
-        };
-        let acc = std::mem::take(&mut self.acc);
-        let body = self
-            .store_body
-            .then(|| RawJson::of(&acc.finish()))
-            .flatten();
+        let (usage, counts, body) = self.outcome(true);
         self.fin
             .note_partial(usage, self.serving.dep.dep.price, || counts, body);
     }
