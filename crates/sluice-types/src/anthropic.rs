@@ -554,36 +554,43 @@ const TYPED_REQUEST_FIELDS: [&str; 13] = [
     "metadata",
 ];
 
-/// A block's caching breakpoint, if it has one.
-fn block_cache_control(block: &ContentBlock) -> Option<&Value> {
-    let cc = match block {
-        ContentBlock::Text { extra, .. }
-        | ContentBlock::Image { extra, .. }
-        | ContentBlock::ToolUse { extra, .. }
-        | ContentBlock::ToolResult { extra, .. } => extra.get(CACHE_CONTROL),
-        ContentBlock::Other(v) => v.get(CACHE_CONTROL),
-        ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => None,
-    };
-    cc.filter(|v| !v.is_null())
-}
-
-/// Sets a block's caching breakpoint; `false` for a block that cannot take one (thinking blocks
-/// are cached with the turn around them, never marked themselves).
-fn set_block_cache_control(block: &mut ContentBlock, cc: Value) -> bool {
+/// The fields of a block that can carry a caching breakpoint; `None` for thinking blocks (cached
+/// with the turn around them, never marked themselves).
+fn markable_fields(block: &ContentBlock) -> Option<&Extra> {
     match block {
         ContentBlock::Text { extra, .. }
         | ContentBlock::Image { extra, .. }
         | ContentBlock::ToolUse { extra, .. }
-        | ContentBlock::ToolResult { extra, .. } => {
-            extra.insert(CACHE_CONTROL.into(), cc);
-            true
-        }
-        ContentBlock::Other(Value::Object(o)) => {
-            o.insert(CACHE_CONTROL.into(), cc);
-            true
-        }
-        _ => false,
+        | ContentBlock::ToolResult { extra, .. } => Some(extra),
+        ContentBlock::Other(Value::Object(o)) => Some(o),
+        _ => None,
     }
+}
+
+/// [`markable_fields`], to change.
+fn markable_fields_mut(block: &mut ContentBlock) -> Option<&mut Extra> {
+    match block {
+        ContentBlock::Text { extra, .. }
+        | ContentBlock::Image { extra, .. }
+        | ContentBlock::ToolUse { extra, .. }
+        | ContentBlock::ToolResult { extra, .. } => Some(extra),
+        ContentBlock::Other(Value::Object(o)) => Some(o),
+        _ => None,
+    }
+}
+
+/// A block's caching breakpoint, if it has one.
+fn block_cache_control(block: &ContentBlock) -> Option<&Value> {
+    markable_fields(block)?
+        .get(CACHE_CONTROL)
+        .filter(|v| !v.is_null())
+}
+
+/// Sets a block's caching breakpoint; `false` for a block that cannot take one.
+fn set_block_cache_control(block: &mut ContentBlock, cc: Value) -> bool {
+    markable_fields_mut(block)
+        .map(|f| f.insert(CACHE_CONTROL.into(), cc))
+        .is_some()
 }
 
 /// A message-level breakpoint (`cache_control` on an OpenAI message) goes on the last block of
@@ -866,7 +873,7 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
                 if !text.is_empty() {
                     system.push(text);
                 }
-                let mut blocks = system_message_blocks(m);
+                let mut blocks = text_part_blocks(m);
                 mark_last_block(&mut blocks, m.extra.get(CACHE_CONTROL));
                 system_blocks.extend(blocks);
             }
@@ -1072,8 +1079,8 @@ fn anthropic_fields(req: &ChatRequest) -> Result<Extra, TranslateError> {
     Ok(out)
 }
 
-/// A system message's text as blocks, each text part with its breakpoint; blank text left out.
-fn system_message_blocks(m: &Message) -> Vec<ContentBlock> {
+/// A message's text as text blocks, each text part with its breakpoint; blank text left out.
+fn text_part_blocks(m: &Message) -> Vec<ContentBlock> {
     match &m.content {
         None => Vec::new(),
         Some(Content::Text(s)) if s.trim().is_empty() => Vec::new(),
@@ -1093,15 +1100,9 @@ fn system_message_blocks(m: &Message) -> Vec<ContentBlock> {
 
 /// Removes a block's breakpoint and returns it.
 fn take_block_cache_control(block: &mut ContentBlock) -> Option<Value> {
-    let cc = match block {
-        ContentBlock::Text { extra, .. }
-        | ContentBlock::Image { extra, .. }
-        | ContentBlock::ToolUse { extra, .. }
-        | ContentBlock::ToolResult { extra, .. } => extra.shift_remove(CACHE_CONTROL),
-        ContentBlock::Other(Value::Object(o)) => o.shift_remove(CACHE_CONTROL),
-        _ => None,
-    };
-    cc.filter(|v| !v.is_null())
+    markable_fields_mut(block)?
+        .shift_remove(CACHE_CONTROL)
+        .filter(|v| !v.is_null())
 }
 
 /// Appends blocks to the last message when it has the same role, else starts a new message.
@@ -1246,7 +1247,7 @@ fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<ContentBlock>, Translat
                 .iter()
                 .any(|p| p.extra.get(CACHE_CONTROL).is_some_and(|v| !v.is_null())) =>
         {
-            text_blocks = system_message_blocks(m);
+            text_blocks = text_part_blocks(m);
         }
         _ => {
             let text = m.text_content();

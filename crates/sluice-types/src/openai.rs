@@ -677,28 +677,27 @@ impl Usage {
     /// Prompt tokens written to the provider's prompt cache
     /// (`prompt_tokens_details.cache_write_tokens`), part of `prompt_tokens`.
     pub fn cache_write_tokens(&self) -> u64 {
-        self.prompt_tokens_details
-            .as_ref()
-            .and_then(|d| d.extra.get(CACHE_WRITE_TOKENS))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
+        self.detail(CACHE_WRITE_TOKENS).unwrap_or(0)
     }
 
     /// Of the cache writes, those kept an hour (`prompt_tokens_details.cache_write_1h_tokens`).
     pub fn cache_write_1h_tokens(&self) -> u64 {
-        self.prompt_tokens_details
-            .as_ref()
-            .and_then(|d| d.extra.get(CACHE_WRITE_1H_TOKENS))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
+        self.detail(CACHE_WRITE_1H_TOKENS).unwrap_or(0)
     }
 
     /// Whether the upstream said how its cache writes split by lifetime (Anthropic's
     /// `cache_creation`), even if none were kept an hour.
     pub fn cache_write_1h_reported(&self) -> bool {
+        self.detail(CACHE_WRITE_1H_TOKENS).is_some()
+    }
+
+    /// A count Sluice keeps in `prompt_tokens_details` beside OpenAI's.
+    fn detail(&self, key: &str) -> Option<u64> {
         self.prompt_tokens_details
-            .as_ref()
-            .is_some_and(|d| d.extra.contains_key(CACHE_WRITE_1H_TOKENS))
+            .as_ref()?
+            .extra
+            .get(key)
+            .and_then(Value::as_u64)
     }
 
     /// Notes `n` of the cache writes as kept an hour (recorded only beside some cache writes).
