@@ -177,7 +177,16 @@ impl DeploymentConfig {
             tpm: self.tpm,
             tags: self.tags.clone(),
             adapter: self.adapter.clone(),
-            fingerprint: format!("{self:?}"),
+            fingerprint: format!(
+                "{}\u{1f}{}\u{1f}{}\u{1f}{:?}\u{1f}{}\u{1f}{}",
+                self.provider,
+                self.model,
+                self.id(),
+                self.adapter,
+                self.rpm.is_some(),
+                self.tpm.is_some()
+            ),
+            config: format!("{self:?}"),
         }
     }
 }
@@ -212,8 +221,12 @@ pub struct Deployment {
     pub tpm: Option<u64>,
     pub tags: Vec<String>,
     pub adapter: Option<String>,
-    /// The configuration it was built from, to carry its live state over a reload.
+    /// What makes it the same deployment across a reload (provider, model, id, adapter, and
+    /// which capacities it has), so that it keeps its live state when only its weight, tags,
+    /// prices or capacity figures change.
     pub fingerprint: String,
+    /// The whole configuration it was built from.
+    pub config: String,
 }
 
 impl Deployment {
@@ -874,6 +887,14 @@ impl Gateway {
         } else {
             0
         };
+        // A request larger than a whole minute's tokens would never fit: refused outright, not
+        // let through whenever a window happens to be empty.
+        if let Some(s) = subjects
+            .iter()
+            .find(|s| s.spec.tpm.is_some_and(|t| estimate > t))
+        {
+            return Err(limits::too_large(s, estimate));
+        }
         if let Some(shared) = &self.shared
             && shared.bypass("rate limits").transpose()?.is_none()
         {

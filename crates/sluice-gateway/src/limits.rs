@@ -85,12 +85,44 @@ pub struct Subject {
     pub spec: LimitSpec,
 }
 
+/// The windows and the in-flight count go over to the limiter that replaces this one when the
+/// limits change (a reload, an edited key): what was counted still counts under the new limits.
 struct KeyLimiter {
-    signature: Signature,
-    rpm: Option<RateWindow>,
-    tpm: Option<RateWindow>,
+    rpm: Option<Arc<RateWindow>>,
+    tpm: Option<Arc<RateWindow>>,
     max_parallel: Option<u32>,
-    in_flight: AtomicU32,
+    /// Counted whether or not a max_parallel applies, so that one set later starts right.
+    in_flight: Arc<AtomicU32>,
+}
+
+impl KeyLimiter {
+    fn signature(&self) -> Signature {
+        (
+            self.rpm.as_ref().map(|w| w.limit()),
+            self.tpm.as_ref().map(|w| w.limit()),
+            self.max_parallel,
+        )
+    }
+
+    /// A limiter for `spec` that keeps what `old` (the same subject's, under other limits) has
+    /// counted.
+    fn new(spec: &LimitSpec, old: Option<&KeyLimiter>) -> KeyLimiter {
+        let window = |old: Option<&Arc<RateWindow>>, limit: Option<u64>| {
+            limit.map(|l| match old {
+                Some(w) => {
+                    w.set_limit(l);
+                    w.clone()
+                }
+                None => Arc::new(RateWindow::new(l)),
+            })
+        };
+        KeyLimiter {
+            rpm: window(old.and_then(|o| o.rpm.as_ref()), spec.rpm),
+            tpm: window(old.and_then(|o| o.tpm.as_ref()), spec.tpm),
+            max_parallel: spec.max_parallel,
+            in_flight: old.map_or_else(Arc::default, |o| o.in_flight.clone()),
+        }
+    }
 }
 
 /// The limiters of every key seen, by key id.
@@ -161,9 +193,7 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        if self.limiter.max_parallel.is_some() {
-            self.limiter.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.limiter.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -209,6 +239,22 @@ fn refusal(
         ),
     };
     limited(message, wait, headers)
+}
+
+/// The refusal of a request estimated at more tokens than `subject`'s whole tokens-per-minute
+/// limit (OpenAI's "request too large"): no wait makes room for it, so no `Retry-After`, and
+/// `x-should-retry: false` keeps the SDKs from retrying it.
+pub fn too_large(subject: &Subject, tokens: u64) -> Error {
+    let limit = subject.spec.tpm.unwrap_or_default();
+    let mut e = Error::new(
+        ErrorCode::RateLimited,
+        format!(
+            "request too large for {}: estimated at {tokens} tokens (prompt plus max_tokens), over its whole limit of {limit} tokens per minute; shorten the prompt or lower max_tokens",
+            subject.label
+        ),
+    );
+    e.headers.push(("x-should-retry", "false".into()));
+    e
 }
 
 /// `x-ratelimit-*` headers from a window's state as Redis reported it.
@@ -400,17 +446,10 @@ impl KeyLimits {
     fn limiter(&self, id: &str, spec: &LimitSpec) -> Arc<KeyLimiter> {
         let signature = spec.signature();
         if let Some(l) = self.limiters.read().get(id)
-            && l.signature == signature
+            && l.signature() == signature
         {
             return l.clone();
         }
-        let fresh = Arc::new(KeyLimiter {
-            signature,
-            rpm: spec.rpm.map(RateWindow::new),
-            tpm: spec.tpm.map(RateWindow::new),
-            max_parallel: spec.max_parallel,
-            in_flight: AtomicU32::new(0),
-        });
         let mut all = self.limiters.write();
         if all.len() >= self.sweep_at.load(Ordering::Relaxed) {
             sweep(&mut all, Instant::now());
@@ -419,8 +458,9 @@ impl KeyLimits {
         }
         match all.get(id) {
             // Another request made it first with the same limits: share it.
-            Some(l) if l.signature == signature => l.clone(),
-            _ => {
+            Some(l) if l.signature() == signature => l.clone(),
+            old => {
+                let fresh = Arc::new(KeyLimiter::new(spec, old.map(|o| &**o)));
                 all.insert(id.to_string(), fresh.clone());
                 fresh
             }
@@ -467,19 +507,19 @@ impl KeyLimits {
         use crate::shared::LimitKind;
         let l = self.limiter(&subject.id, &subject.spec);
         let now = Instant::now();
-        if let Some(max) = l.max_parallel {
-            let before = l.in_flight.fetch_add(1, Ordering::Relaxed);
-            if before >= max {
-                l.in_flight.fetch_sub(1, Ordering::Relaxed);
-                return Err(refusal(
-                    subject,
-                    LimitKind::Parallel,
-                    u64::from(max),
-                    tokens,
-                    None,
-                    Vec::new(),
-                ));
-            }
+        let before = l.in_flight.fetch_add(1, Ordering::Relaxed);
+        if let Some(max) = l.max_parallel
+            && before >= max
+        {
+            l.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(refusal(
+                subject,
+                LimitKind::Parallel,
+                u64::from(max),
+                tokens,
+                None,
+                Vec::new(),
+            ));
         }
         // From here on, dropping `admitted` releases the in-flight slot.
         let mut admitted = Admitted {
@@ -694,6 +734,48 @@ mod tests {
         assert_eq!(l.tpm.as_ref().unwrap().used(now), 100);
         assert_eq!(l.in_flight.load(Ordering::Relaxed), 1);
         drop(first);
+        assert_eq!(l.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn changed_limits_keep_what_was_counted() {
+        let limits = KeyLimits::default();
+        let subject = |rpm: u64, tpm: Option<u64>| Subject {
+            id: "global".into(),
+            label: "this gateway".into(),
+            spec: LimitSpec {
+                rpm: Some(rpm),
+                tpm,
+                max_parallel: Some(2),
+            },
+        };
+        let held: Vec<_> = (0..2)
+            .map(|_| limits.admit_all(&[subject(10, None)], 0).expect("admitted"))
+            .collect();
+        // A reload raises rpm: the two in flight still count against max_parallel…
+        let e = limits.admit_all(&[subject(11, None)], 0).unwrap_err();
+        assert!(e.message.contains("max_parallel"), "{}", e.message);
+        drop(held);
+        // … and the two requests of this minute against the new rpm: 9 more fit, not 11.
+        for _ in 0..9 {
+            drop(limits.admit_all(&[subject(11, None)], 0).expect("under 11"));
+        }
+        let e = limits.admit_all(&[subject(11, None)], 0).unwrap_err();
+        assert!(
+            e.message.contains("11 requests per minute"),
+            "{}",
+            e.message
+        );
+        // A limit added later starts counting then; the existing ones keep their counts.
+        drop(
+            limits
+                .admit_all(&[subject(12, Some(100))], 60)
+                .expect("the 12th"),
+        );
+        let l = limits.limiter("global", &subject(12, Some(100)).spec);
+        let now = Instant::now();
+        assert_eq!(l.rpm.as_ref().unwrap().used(now), 12);
+        assert_eq!(l.tpm.as_ref().unwrap().used(now), 60);
         assert_eq!(l.in_flight.load(Ordering::Relaxed), 0);
     }
 

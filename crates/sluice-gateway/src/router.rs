@@ -346,11 +346,18 @@ impl DeploymentState {
         }
     }
 
-    /// The same deployment served through `dep` (a rebuilt provider, say), keeping what
-    /// `previous` has learnt and holds: breaker, latency, capacity windows, cool-down, in-flight
-    /// calls and health. The caller checks that the deployment, its provider's configuration and
-    /// its breaker settings are unchanged.
+    /// The same deployment served through `dep` (a rebuilt provider, new weight, prices or
+    /// capacity figures), keeping what `previous` has learnt and holds: breaker, latency, capacity
+    /// windows, cool-down, in-flight calls and health. The caller checks that the deployment's
+    /// identity (its fingerprint), its provider's configuration and its breaker settings are
+    /// unchanged.
     pub fn carry_over(previous: &DeploymentState, dep: Deployment) -> Self {
+        // New capacity figures apply to what the windows have counted.
+        for (w, limit) in [(&previous.live.rpm, dep.rpm), (&previous.live.tpm, dep.tpm)] {
+            if let (Some(w), Some(limit)) = (w, limit) {
+                w.set_limit(limit);
+            }
+        }
         DeploymentState {
             dep,
             live: previous.live.clone(),
@@ -1123,6 +1130,7 @@ mod tests {
             tags: Vec::new(),
             adapter: None,
             fingerprint: id.to_string(),
+            config: id.to_string(),
         }
     }
 

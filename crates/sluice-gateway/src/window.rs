@@ -146,7 +146,8 @@ pub struct Charge {
 /// per-minute limit.
 #[derive(Debug)]
 pub struct RateWindow {
-    limit: u64,
+    /// Changed in place when a reload changes the limit: the counts stay.
+    limit: AtomicU64,
     inner: Mutex<Buckets<1>>,
 }
 
@@ -159,14 +160,20 @@ impl RateWindow {
     /// A window counting seconds from `base`.
     pub(crate) fn with_base(limit_per_minute: u64, base: Instant) -> Self {
         RateWindow {
-            limit: limit_per_minute,
+            limit: AtomicU64::new(limit_per_minute),
             inner: Mutex::new(Buckets::new(MINUTE_SECS, base)),
         }
     }
 
     /// The per-minute limit.
     pub fn limit(&self) -> u64 {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Sets a new per-minute limit, keeping what the window has counted (a reload that changes
+    /// a limit must not hand out a fresh minute).
+    pub fn set_limit(&self, limit_per_minute: u64) {
+        self.limit.store(limit_per_minute, Ordering::Relaxed);
     }
 
     /// The sum over the trailing 60 seconds.
@@ -180,7 +187,7 @@ impl RateWindow {
     pub fn charge(&self, now: Instant, n: u64) -> Option<Charge> {
         let mut b = self.inner.lock();
         let used = b.totals(now)[0];
-        if used.saturating_add(n) <= self.limit || used == 0 {
+        if used.saturating_add(n) <= self.limit() || used == 0 {
             Some(Charge {
                 second: b.add(now, 0, n),
             })
@@ -223,14 +230,11 @@ impl RateWindow {
     pub fn wait_for(&self, now: Instant, n: u64) -> Option<Duration> {
         let mut b = self.inner.lock();
         let used = b.totals(now)[0];
-        if used.saturating_add(n) <= self.limit || used == 0 {
+        let limit = self.limit();
+        if used.saturating_add(n) <= limit || used == 0 {
             return Some(Duration::ZERO);
         }
-        let need = if n > self.limit {
-            used
-        } else {
-            used + n - self.limit
-        };
+        let need = if n > limit { used } else { used + n - limit };
         b.expiry_of(now, 0, need)
     }
 }

@@ -25,6 +25,9 @@ use crate::error::ApiError;
 /// How often replicas pick up keys written elsewhere.
 pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
 
+/// Every how many polls all keys are read again (at [`REFRESH_EVERY`], every 30 s).
+pub const RELOAD_EVERY: u32 = 60;
+
 /// The keys, by id.
 pub struct KeyCache {
     store: Arc<dyn KeyStore>,
@@ -35,6 +38,8 @@ pub struct KeyCache {
     /// Whether any key is active, as of the last change or poll (keys that expire in between
     /// count as active until the next poll, at most [`REFRESH_EVERY`] later).
     any_active: std::sync::atomic::AtomicBool,
+    /// Polls made, for the periodic full read.
+    polls: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -60,13 +65,20 @@ impl KeyCache {
             keys: RwLock::new(keys),
             since: Mutex::new(started - chrono::Duration::seconds(5)),
             any_active: std::sync::atomic::AtomicBool::new(false),
+            polls: std::sync::atomic::AtomicU32::new(0),
         });
         cache.recount();
         Ok(cache)
     }
 
-    /// Picks up keys written since the last poll.
+    /// Picks up keys written since the last poll; every [`RELOAD_EVERY`] polls, reads them all.
     pub async fn refresh(&self) -> Result<(), StoreError> {
+        let poll = self
+            .polls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if poll % RELOAD_EVERY == RELOAD_EVERY - 1 {
+            return self.reload().await;
+        }
         let started = Utc::now();
         let since = *self.since.lock();
         let changed = self.store.keys_changed_since(since).await?;
@@ -76,6 +88,20 @@ impl KeyCache {
                 keys.insert(k.id.clone(), Arc::new(k));
             }
         }
+        self.recount();
+        *self.since.lock() = started - chrono::Duration::seconds(5);
+        Ok(())
+    }
+
+    /// Reads every key again: a change whose `updated_at` fell behind the polls (a write that
+    /// waited on a lock, a writer whose clock is behind) is seen here at the latest.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let started = Utc::now();
+        let all = self.store.list_keys().await?;
+        *self.keys.write() = all
+            .into_iter()
+            .map(|k| (k.id.clone(), Arc::new(k)))
+            .collect();
         self.recount();
         *self.since.lock() = started - chrono::Duration::seconds(5);
         Ok(())
@@ -247,7 +273,16 @@ pub async fn audit_log(
     let Some(store) = &state.audit else {
         return no_keys();
     };
-    let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(100);
+    let limit = match q.get("limit").map(|l| l.parse::<u32>()) {
+        None => 100,
+        Some(Ok(l)) if (1..=1000).contains(&l) => l,
+        Some(_) => {
+            return ApiError::openai(
+                Error::invalid("limit must be between 1 and 1000").with_param("limit"),
+            )
+            .into_response();
+        }
+    };
     match store.list_audit(limit).await {
         Ok(entries) => Json(serde_json::json!({"object": "list", "data": entries})).into_response(),
         Err(e) => store_error(e),
@@ -466,4 +501,89 @@ pub async fn rotate(
         Err(e) => return store_error(e),
     }
     answer_key(cache, &id, Some(fresh.key)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys in memory, written with whatever `updated_at` the caller gives.
+    #[derive(Default)]
+    struct Memory(Mutex<Vec<VirtualKey>>);
+
+    #[async_trait::async_trait]
+    impl KeyStore for Memory {
+        async fn insert_key(&self, key: &VirtualKey) -> Result<(), StoreError> {
+            self.0.lock().push(key.clone());
+            Ok(())
+        }
+        async fn get_key(&self, id: &str) -> Result<Option<VirtualKey>, StoreError> {
+            Ok(self.0.lock().iter().find(|k| k.id == id).cloned())
+        }
+        async fn list_keys(&self) -> Result<Vec<VirtualKey>, StoreError> {
+            Ok(self.0.lock().clone())
+        }
+        async fn keys_changed_since(
+            &self,
+            since: DateTime<Utc>,
+        ) -> Result<Vec<VirtualKey>, StoreError> {
+            Ok(self
+                .0
+                .lock()
+                .iter()
+                .filter(|k| k.updated_at >= since)
+                .cloned()
+                .collect())
+        }
+        async fn rotate_key(
+            &self,
+            id: &str,
+            hash: &str,
+            at: DateTime<Utc>,
+        ) -> Result<bool, StoreError> {
+            let mut keys = self.0.lock();
+            let Some(k) = keys.iter_mut().find(|k| k.id == id) else {
+                return Ok(false);
+            };
+            k.hash = hash.to_string();
+            k.updated_at = at;
+            Ok(true)
+        }
+        async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool, StoreError> {
+            let mut keys = self.0.lock();
+            let Some(k) = keys.iter_mut().find(|k| k.id == id) else {
+                return Ok(false);
+            };
+            k.revoked_at = Some(at);
+            k.updated_at = at;
+            Ok(true)
+        }
+    }
+
+    /// A revocation written with a time the polls have passed already (a write that waited on
+    /// a lock, a writer whose clock is behind) still takes effect: at the periodic full read.
+    #[tokio::test]
+    async fn a_change_the_polls_missed_is_picked_up_by_the_full_read() {
+        let store = Arc::new(Memory::default());
+        let (key, secret) = KeySpec {
+            name: "k".into(),
+            ..KeySpec::default()
+        }
+        .issue(Utc::now())
+        .unwrap();
+        store.insert_key(&key).await.unwrap();
+        let cache = KeyCache::load(store.clone()).await.unwrap();
+        assert!(cache.check(&secret).is_ok());
+        let stale = Utc::now() - chrono::Duration::seconds(60);
+        assert!(store.revoke_key(&key.id, stale).await.unwrap());
+        cache.refresh().await.unwrap();
+        assert!(
+            cache.check(&secret).is_ok(),
+            "the poll does not see a change dated before it"
+        );
+        for _ in 1..RELOAD_EVERY {
+            cache.refresh().await.unwrap();
+        }
+        assert_eq!(cache.check(&secret).unwrap_err(), KeyRejection::Revoked);
+    }
 }

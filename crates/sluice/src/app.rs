@@ -70,7 +70,14 @@ pub struct Reloader {
     overrides: Overrides,
     gateway: Arc<Gateway>,
     providers: Mutex<BuiltProviders>,
-    started_with: (ServerConfig, StoreConfig, StateConfig),
+    started_with: (ServerConfig, StoreConfig, StateConfig, CacheFixed),
+}
+
+/// What of `[cache]` is fixed when the server starts: its memory bounds and `persist`.
+type CacheFixed = (u64, u64, bool);
+
+fn cache_fixed(c: &sluice_gateway::cache::CacheConfig) -> CacheFixed {
+    (c.max_entries, c.max_bytes, c.persist)
 }
 
 impl sluice_server::Reload for Reloader {
@@ -85,8 +92,9 @@ impl sluice_server::Reload for Reloader {
         let restart = if cfg.server != self.started_with.0
             || cfg.store != self.started_with.1
             || cfg.state != self.started_with.2
+            || cache_fixed(&cfg.router.cache) != self.started_with.3
         {
-            "; [server], [store] and [state] changes take effect at the next restart"
+            "; [server], [store], [state] and [cache] max_entries, max_bytes and persist changes take effect at the next restart"
         } else {
             ""
         };
@@ -184,6 +192,7 @@ pub async fn build_with(
         });
     }
     let usage = stores.usage.clone();
+    let cache_at_start = cache_fixed(&cfg.router.cache);
     let gateway = Arc::new(
         Gateway::new(cfg.router, sink, metrics, bodies)
             .with_state(Some(usage.clone()), shared)
@@ -195,7 +204,12 @@ pub async fn build_with(
             overrides,
             gateway: gateway.clone(),
             providers: Mutex::new(cfg.providers),
-            started_with: (cfg.server.clone(), cfg.store.clone(), cfg.state.clone()),
+            started_with: (
+                cfg.server.clone(),
+                cfg.store.clone(),
+                cfg.state.clone(),
+                cache_at_start,
+            ),
         })),
         _ => None,
     };

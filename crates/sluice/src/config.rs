@@ -495,9 +495,10 @@ impl Config {
                     ));
                 }
                 let dep = d.build(Arc::clone(provider), price);
-                // The same deployment of an unchanged provider, with the same breaker and health
-                // checks, keeps what it has learnt: breaker, latency, capacity windows,
-                // cool-down, in-flight calls. (A provider is rebuilt even when unchanged, so that
+                // The same deployment (provider, model, id, adapter; its weight, tags, prices
+                // and capacity figures may change) of an unchanged provider, with the same
+                // breaker and health checks, keeps what it has learnt: breaker, latency,
+                // capacity windows, cool-down, in-flight calls. (A provider is rebuilt even when unchanged, so that
                 // a rotated key file is read again.)
                 let provider_unchanged = previous
                     .and_then(|(prev, _)| prev.get(&d.provider))
@@ -513,7 +514,12 @@ impl Config {
                                 .is_some_and(|g| g.health_check == mc.health_check)
                     });
                 let state = match old {
-                    Some(old) if Arc::ptr_eq(&old.dep.provider, provider) => old,
+                    Some(old)
+                        if Arc::ptr_eq(&old.dep.provider, provider)
+                            && old.dep.config == dep.config =>
+                    {
+                        old
+                    }
                     Some(old) => Arc::new(DeploymentState::carry_over(&old, dep)),
                     None => Arc::new(DeploymentState::new(dep, mc.circuit_breaker.clone())),
                 };
@@ -583,7 +589,7 @@ mod tests {
     #[test]
     fn a_reload_keeps_the_live_state_of_unchanged_deployments() {
         use sluice_gateway::router::Pick;
-        let text = |base: &str| {
+        let with = |base: &str, extra: &str| {
             format!(
                 r#"
                 [providers.up]
@@ -591,10 +597,11 @@ mod tests {
                 base_url = "{base}"
                 api_key = "literal-key-for-test"
                 [models.m]
-                deployments = [{{ provider = "up", model = "x", rpm = 1 }}]
+                deployments = [{{ provider = "up", model = "x", {extra} }}]
                 "#
             )
         };
+        let text = |base: &str| with(base, "rpm = 1");
         let same = text("http://127.0.0.1:9/v1");
         let first = Config::from_raw(Source::EmbeddedDefault, raw(&same)).unwrap();
         let group = first.router.group("m").unwrap();
@@ -626,13 +633,31 @@ mod tests {
                 .dep
                 .provider
         ));
+        // A new capacity figure, weight or price: still the same deployment, whose counts stay
+        // (the request of this minute counts against the new rpm) and whose call is still in
+        // flight; the new figures apply.
+        let edited = Config::from_raw_reusing(
+            Source::EmbeddedDefault,
+            raw(&with(
+                "http://127.0.0.1:9/v1",
+                "rpm = 2, weight = 3, input_cost_per_mtok = 1.5",
+            )),
+            Some((&second.providers, &second.router)),
+        )
+        .unwrap();
+        let status = &edited.router.status()[0];
+        assert_eq!(status.in_flight, 1);
+        assert_eq!(status.rpm.as_ref().map(|c| (c.used, c.limit)), Some((1, 2)));
+        let dep = &edited.router.group("m").unwrap().deployments[0].dep;
+        assert_eq!(dep.weight, 3.0);
+        assert_eq!(dep.price.map(|p| p.input), Some(1.5));
         drop(in_flight);
-        assert_eq!(second.router.status()[0].in_flight, 0);
+        assert_eq!(edited.router.status()[0].in_flight, 0);
         // A changed provider starts afresh.
         let third = Config::from_raw_reusing(
             Source::EmbeddedDefault,
             raw(&text("http://127.0.0.1:10/v1")),
-            Some((&second.providers, &second.router)),
+            Some((&edited.providers, &edited.router)),
         )
         .unwrap();
         assert_eq!(

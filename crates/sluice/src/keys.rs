@@ -414,7 +414,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
     {
         return match command {
             KeysCommand::List { json: true } => {
-                outln!("[]");
+                print_json(&serde_json::json!({"object": "list", "data": []}));
                 Ok(())
             }
             KeysCommand::List { json: false } => {
@@ -437,6 +437,9 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
             let (mut key, secret) = spec.issue(now).map_err(|e| anyhow!("{e}\n{CREATE_HINT}"))?;
             key.created_by = Some("cli".into());
             let (store, log) = open_with_audit(store_url).await?;
+            // Running gateways poll for keys by the time they were written: the time now, after
+            // the store was opened (and perhaps waited for), not when the command began.
+            key.updated_at = Utc::now().max(key.updated_at);
             store
                 .insert_key(&key)
                 .await
@@ -474,9 +477,11 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::List { json } => {
             let keys = open(store_url).await?.list_keys().await?;
             if json {
-                print_json(&Value::Array(
-                    keys.iter().map(|k| to_json(k, now)).collect(),
-                ));
+                // The shape of `GET /api/keys`.
+                print_json(&serde_json::json!({
+                    "object": "list",
+                    "data": keys.iter().map(|k| to_json(k, now)).collect::<Vec<_>>(),
+                }));
             } else if keys.is_empty() {
                 outln!("no keys yet; issue one with `sluice keys create --name NAME`");
             } else {
@@ -495,6 +500,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::Revoke { id, json } => {
             let (store, log) = open_with_audit(store_url).await?;
+            let now = Utc::now();
             if !store.revoke_key(&id, now).await? {
                 return Err(not_usable(store.as_ref(), &id, "revoked").await);
             }
@@ -515,6 +521,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::Rotate { id, json } => {
             let (store, log) = open_with_audit(store_url).await?;
+            let now = Utc::now();
             match store.get_key(&id).await? {
                 None => bail!("no key `{id}`\n{LIST_HINT}"),
                 Some(k) if k.check(now) == Err(KeyRejection::Expired) => bail!(

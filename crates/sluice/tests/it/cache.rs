@@ -189,14 +189,24 @@ async fn a_model_removed_by_a_reload_is_not_served_from_the_cache() {
     );
     // The model is renamed away.
     let file = s.dir().join("sluice.toml");
-    let text = std::fs::read_to_string(&file).expect("read config");
-    std::fs::write(&file, text.replacen("[models.cached]", "[models.other]", 1)).expect("write");
-    let r = reqwest::Client::new()
-        .post(s.url("/api/config/reload"))
-        .send()
-        .await
-        .expect("reload");
-    assert_eq!(r.status(), 200);
+    // Edits the configuration file, reloads, and gives the reload's summary.
+    let edit_and_reload = |from: &'static str, to: &'static str| {
+        let text = std::fs::read_to_string(&file).expect("read config");
+        std::fs::write(&file, text.replacen(from, to, 1)).expect("write");
+        let url = s.url("/api/config/reload");
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .send()
+                .await
+                .expect("reload");
+            assert_eq!(r.status(), 200);
+            let answer: Value = r.json().await.expect("reload answer");
+            answer["summary"].as_str().unwrap_or_default().to_string()
+        }
+    };
+    let summary = edit_and_reload("[models.cached]", "[models.other]").await;
+    assert!(!summary.contains("restart"), "{summary}");
     let gone = send(&s, ask("kept"), None, &[]).await;
     assert_eq!(gone.status, 404, "{}", gone.body);
     assert_eq!(
@@ -206,6 +216,14 @@ async fn a_model_removed_by_a_reload_is_not_served_from_the_cache() {
         gone.body
     );
     assert_eq!(gone.cache, None);
+
+    // `persist` is fixed at start: a reload that changes it says so.
+    let summary = edit_and_reload("enabled = true", "enabled = true\npersist = false").await;
+    assert!(
+        summary
+            .contains("max_entries, max_bytes and persist changes take effect at the next restart"),
+        "{summary}"
+    );
 }
 
 #[tokio::test]

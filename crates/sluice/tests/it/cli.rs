@@ -482,8 +482,13 @@ fn keys_are_managed_from_the_command_line() {
     let (code, out, _) = keys(&["list", "--json"]);
     assert_eq!(code, 0);
     let listed: serde_json::Value = serde_json::from_str(&out).expect("JSON");
-    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed:#}");
-    assert_eq!(listed[0]["id"], other_id.as_str(), "newest first");
+    assert_eq!(listed["object"], "list", "the shape of GET /api/keys");
+    assert_eq!(
+        listed["data"].as_array().map(Vec::len),
+        Some(2),
+        "{listed:#}"
+    );
+    assert_eq!(listed["data"][0]["id"], other_id.as_str(), "newest first");
     assert!(!out.contains("sk-sluice-"), "{out}");
 
     let (code, out, err) = keys(&["show", &id, "--json"]);
@@ -583,7 +588,7 @@ fn keys_are_managed_from_the_command_line() {
     let (_, out, _) = keys(&["list", "--json"]);
     let listed: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(
-        listed.as_array().map(Vec::len),
+        listed["data"].as_array().map(Vec::len),
         Some(2),
         "refused keys are not stored"
     );

@@ -458,6 +458,31 @@ async fn key_limits_answer_429_with_retry_after_and_ratelimit_headers() {
     assert_eq!(post(one.clone()).await, 429, "a second request in flight");
     assert_eq!(first.await.unwrap(), 200);
     assert_eq!(post(one).await, 200, "the slot was released");
+
+    // A request estimated at more than a whole minute's tokens would never fit: refused outright
+    // (it used to pass whenever the window was empty), with no Retry-After to wait for and
+    // `x-should-retry: false` for the SDKs.
+    let small = create(&s, json!({"name": "small", "tpm": 100})).await;
+    let small = small["key"].as_str().unwrap().to_string();
+    let ask = |max_tokens: u32| {
+        http.post(s.url("/v1/chat/completions"))
+            .bearer_auth(&small)
+            .json(&json!({"model": "mock-echo", "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    let resp = ask(500).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(header(&resp, "retry-after").is_none());
+    assert_eq!(header(&resp, "x-should-retry").as_deref(), Some("false"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(code(&body), "rate_limit_exceeded", "{body:#}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("request too large") && message.contains("100 tokens per minute"),
+        "{message}"
+    );
+    assert_eq!(ask(50).await.unwrap().status(), 200, "one that fits passes");
 }
 
 /// Roles on the admin API: admin does everything, developer manages its own keys, viewer reads;
@@ -639,6 +664,21 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
     // The admin sees who did what.
     let (st, log) = call(reqwest::Method::GET, "/api/audit", admin, None).await;
     assert_eq!(st, 200, "{log:#}");
+    // A limit out of range is refused as `/api/requests` refuses it (it was quietly 100).
+    for bad in ["0", "abc", "5000"] {
+        let (st, body) = call(
+            reqwest::Method::GET,
+            &format!("/api/audit?limit={bad}"),
+            admin,
+            None,
+        )
+        .await;
+        assert_eq!(st, 400, "limit={bad}: {body:#}");
+        assert_eq!(body["error"]["param"], "limit", "{body:#}");
+    }
+    let (st, two) = call(reqwest::Method::GET, "/api/audit?limit=2", admin, None).await;
+    assert_eq!(st, 200, "{two:#}");
+    assert_eq!(two["data"].as_array().map(Vec::len), Some(2), "{two:#}");
     let entries = log["data"].as_array().expect("entries");
     let has = |actor_prefix: &str, action: &str, outcome: &str| {
         entries.iter().any(|e| {
