@@ -121,6 +121,25 @@ fn resolve(key: &Option<SecretRef>) -> Result<Option<Secret>, String> {
 }
 
 impl OpenAi {
+    /// The body of a streamed request: asking for the usage chunk where the server takes
+    /// `stream_options`, and without any `stream_options` (a client's own, or those a
+    /// `/v1/messages` request carries) where it does not: Sluice counts the tokens then.
+    fn stream_body(&self, req: &ChatRequest) -> ChatRequest {
+        let mut body = match self.adjusted(req) {
+            Some(b) => b,
+            None => req.clone(),
+        };
+        body.stream = Some(true);
+        if !self.stream_usage {
+            body.stream_options = None;
+        } else if !body.wants_stream_usage() {
+            body.stream_options
+                .get_or_insert_with(StreamOptions::default)
+                .include_usage = Some(true);
+        }
+        body
+    }
+
     pub fn new(cfg: &OpenAiConfig) -> Result<Self, String> {
         let timeouts = cfg.timeouts.timeouts()?;
         let base = crate::base_url(&cfg.base_url)?;
@@ -232,16 +251,7 @@ impl ChatProvider for OpenAi {
     }
 
     async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
-        let mut body = match self.adjusted(req) {
-            Some(b) => b,
-            None => req.clone(),
-        };
-        body.stream = Some(true);
-        if self.stream_usage && !body.wants_stream_usage() {
-            body.stream_options
-                .get_or_insert_with(StreamOptions::default)
-                .include_usage = Some(true);
-        }
+        let body = self.stream_body(req);
         let url = self.url(&req.model, "chat")?;
         let mut request = http::post_json(&url, &self.headers, &body)?;
         http::accept_event_stream(&mut request);
@@ -543,6 +553,34 @@ mod tests {
             timeouts: HttpSettings::default(),
         })
         .unwrap()
+    }
+
+    #[test]
+    fn stream_options_go_only_to_servers_that_take_them() {
+        let req = |options: serde_json::Value| -> ChatRequest {
+            let mut v = serde_json::json!({"model": "m", "stream": true,
+                "messages": [{"role": "user", "content": "hi"}]});
+            if !options.is_null() {
+                v["stream_options"] = options;
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let asked = serde_json::json!({"include_usage": true});
+        let taking = compatible_server();
+        for r in [req(serde_json::Value::Null), req(asked.clone())] {
+            let body = serde_json::to_value(taking.stream_body(&r)).unwrap();
+            assert_eq!(body["stream_options"]["include_usage"], true, "{body}");
+        }
+        let refusing = OpenAi {
+            stream_usage: false,
+            ..compatible_server()
+        };
+        // Nor those of a client (or of a `/v1/messages` request, which always asks).
+        for r in [req(serde_json::Value::Null), req(asked)] {
+            let body = serde_json::to_value(refusing.stream_body(&r)).unwrap();
+            assert!(body.get("stream_options").is_none(), "{body}");
+            assert_eq!(body["stream"], true);
+        }
     }
 
     #[test]

@@ -2213,6 +2213,16 @@ fn tool_input(raw: &str) -> Value {
     }
 }
 
+/// A piece of a streamed answer on its way to a [`StreamEncoder`]'s blocks.
+#[derive(Debug)]
+enum Piece {
+    Text(String),
+    Thinking(String),
+    /// A whole thinking block; `true`: it stands alone (the open block closes before it).
+    ThinkingBlock(Value, bool),
+    Tool(ToolCallDelta),
+}
+
 /// Which kind of content block is open in a [`StreamEncoder`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OpenBlock {
@@ -2234,8 +2244,13 @@ impl OpenBlock {
 /// `content_block_stop`; then `message_delta` and `message_stop` from [`StreamEncoder::finish`].
 ///
 /// Only choice 0 is used. Text and refusal deltas go to text blocks, each OpenAI tool-call index
-/// to its own `tool_use` block; block indices count up from 0. A late delta for a tool whose
-/// block was already closed is still sent with that block's index.
+/// to its own `tool_use` block; block indices count up from 0.
+///
+/// A tool block stays open while its arguments are not yet a whole JSON value: OpenAI streams
+/// may interleave the arguments of parallel calls, or send text between them, and a block once
+/// stopped cannot take more (a client acting on `content_block_stop` would run the tool with the
+/// arguments so far). What comes meanwhile for other blocks is queued, in order, and sent after
+/// that block closes.
 #[derive(Debug)]
 pub struct StreamEncoder {
     id: String,
@@ -2247,6 +2262,12 @@ pub struct StreamEncoder {
     open: Option<OpenBlock>,
     /// OpenAI tool-call index → content-block index and the call's id.
     tools: HashMap<u32, (u32, Option<String>)>,
+    /// The arguments so far of the open tool block.
+    live_arguments: String,
+    /// Content that came while a tool block with unfinished arguments was open.
+    queued: Vec<Piece>,
+    /// Sending the queue: nothing is queued again.
+    draining: bool,
     /// Whitespace that came before any visible text of a text block: sent with the first visible
     /// text, dropped if none comes (a block of whitespace alone is refused when sent back).
     held_whitespace: String,
@@ -2269,6 +2290,9 @@ impl StreamEncoder {
             next_index: 0,
             open: None,
             tools: HashMap::new(),
+            live_arguments: String::new(),
+            queued: Vec::new(),
+            draining: false,
             held_whitespace: String::new(),
             finish_reason: None,
             stop_sequence: None,
@@ -2299,18 +2323,17 @@ impl StreamEncoder {
                 // Whole blocks carry their own text (a replayed answer sends both at once).
                 Some(Value::Array(blocks)) if reasoning_text(&delta.extra).is_some() => {
                     for b in blocks {
-                        self.close_open(&mut out);
-                        self.thinking_block(b, &mut out);
+                        self.put(Piece::ThinkingBlock(b.clone(), true), &mut out);
                     }
                 }
                 Some(Value::Array(blocks)) => {
                     for b in blocks {
-                        self.thinking_block(b, &mut out);
+                        self.put(Piece::ThinkingBlock(b.clone(), false), &mut out);
                     }
                 }
                 _ => {
                     if let Some(text) = reasoning_text(&delta.extra) {
-                        self.thinking(text, &mut out);
+                        self.put(Piece::Thinking(text.to_string()), &mut out);
                     }
                 }
             }
@@ -2319,10 +2342,10 @@ impl StreamEncoder {
                 .flatten()
                 .filter(|t| !t.is_empty())
             {
-                self.text(text, &mut out);
+                self.put(Piece::Text(text.to_string()), &mut out);
             }
             for call in delta.tool_calls.iter().flatten() {
-                self.tool_call(call, &mut out);
+                self.put(Piece::Tool(call.clone()), &mut out);
             }
             if let Some(reason) = &choice.finish_reason {
                 self.finish_reason = Some(reason.clone());
@@ -2342,6 +2365,14 @@ impl StreamEncoder {
             return out;
         }
         self.start(&mut out);
+        if !self.queued.is_empty() {
+            // The tool block held open is as whole as it will get.
+            self.close_open(&mut out);
+            self.draining = true;
+            for piece in std::mem::take(&mut self.queued) {
+                self.emit(piece, &mut out);
+            }
+        }
         self.close_open(&mut out);
         self.finished = true;
         let stop_sequence = self.stop_sequence.take().filter(|_| self.tools.is_empty());
@@ -2399,6 +2430,83 @@ impl StreamEncoder {
                 extra: Extra::new(),
             },
         });
+    }
+
+    /// Sends `piece` now, or queues it behind the open tool block while that block's arguments
+    /// are unfinished (see the type's documentation).
+    fn put(&mut self, piece: Piece, out: &mut Vec<StreamEvent>) {
+        let must_wait = !self.draining
+            && match &piece {
+                // Its own arguments go to the open block; a late delta of a closed one goes to
+                // its block (only a broken upstream sends one after the arguments were whole).
+                Piece::Tool(call) if self.known_tool(call).is_some() => false,
+                _ => {
+                    !self.queued.is_empty()
+                        || (matches!(self.open, Some(OpenBlock::Tool(_)))
+                            && serde_json::from_str::<serde::de::IgnoredAny>(&self.live_arguments)
+                                .is_err())
+                }
+            };
+        if !must_wait {
+            return self.emit(piece, out);
+        }
+        // Pieces of one block are joined in the queue.
+        match (self.queued.last_mut(), piece) {
+            (Some(Piece::Text(have)), Piece::Text(more))
+            | (Some(Piece::Thinking(have)), Piece::Thinking(more)) => have.push_str(&more),
+            (_, Piece::Tool(call)) => {
+                let id = call.id.as_deref().filter(|id| !id.is_empty());
+                let same = self.queued.iter_mut().rev().find_map(|p| match p {
+                    Piece::Tool(q)
+                        if q.index == call.index && (id.is_none() || q.id.as_deref() == id) =>
+                    {
+                        Some(q)
+                    }
+                    _ => None,
+                });
+                match same {
+                    Some(q) => {
+                        let more = call.function.as_ref();
+                        let have = q.function.get_or_insert_with(Default::default);
+                        if let Some(n) = more.and_then(|f| f.name.as_deref())
+                            && have.name.is_none()
+                        {
+                            have.name = Some(n.to_string());
+                        }
+                        if let Some(a) = more.and_then(|f| f.arguments.as_deref()) {
+                            have.arguments.get_or_insert_with(String::new).push_str(a);
+                        }
+                    }
+                    None => self.queued.push(Piece::Tool(call)),
+                }
+            }
+            (_, piece) => self.queued.push(piece),
+        }
+    }
+
+    fn emit(&mut self, piece: Piece, out: &mut Vec<StreamEvent>) {
+        match piece {
+            Piece::Text(text) => self.text(&text, out),
+            Piece::Thinking(text) => self.thinking(&text, out),
+            Piece::ThinkingBlock(block, fresh) => {
+                if fresh {
+                    self.close_open(out);
+                }
+                self.thinking_block(&block, out);
+            }
+            Piece::Tool(call) => self.tool_call(&call, out),
+        }
+    }
+
+    /// The block of a tool call already started.
+    fn known_tool(&self, call: &ToolCallDelta) -> Option<u32> {
+        let id = call.id.as_deref().filter(|id| !id.is_empty());
+        match self.tools.get(&call.index) {
+            // A different id at a known index is another call: some servers (Ollama) send every
+            // call at index 0.
+            Some((index, seen)) if id.is_none() || seen.as_deref() == id => Some(*index),
+            _ => None,
+        }
     }
 
     fn close_open(&mut self, out: &mut Vec<StreamEvent>) {
@@ -2525,13 +2633,7 @@ impl StreamEncoder {
     fn tool_call(&mut self, call: &ToolCallDelta, out: &mut Vec<StreamEvent>) {
         let function = call.function.as_ref();
         let id = call.id.as_deref().filter(|id| !id.is_empty());
-        let known = match self.tools.get(&call.index) {
-            // A different id at a known index is another call: some servers (Ollama) send every
-            // call at index 0.
-            Some((index, seen)) if id.is_none() || seen.as_deref() == id => Some(*index),
-            _ => None,
-        };
-        let index = match known {
+        let index = match self.known_tool(call) {
             Some(index) => index,
             None => {
                 self.close_open(out);
@@ -2550,6 +2652,7 @@ impl StreamEncoder {
                 self.tools
                     .insert(call.index, (index, id.map(str::to_string)));
                 self.open = Some(OpenBlock::Tool(index));
+                self.live_arguments.clear();
                 index
             }
         };
@@ -2557,6 +2660,9 @@ impl StreamEncoder {
             .and_then(|f| f.arguments.as_deref())
             .filter(|a| !a.is_empty())
         {
+            if self.open == Some(OpenBlock::Tool(index)) {
+                self.live_arguments.push_str(arguments);
+            }
             out.push(StreamEvent::ContentBlockDelta {
                 index,
                 delta: BlockDelta::InputJsonDelta {
@@ -2896,6 +3002,146 @@ mod tests {
         assert_eq!(assistant[0], whole[0], "{upstream_body:#}");
         assert_eq!(assistant[1], whole[1], "{upstream_body:#}");
         assert_eq!(assistant[2]["type"], "tool_use", "{upstream_body:#}");
+    }
+
+    /// Interleaved arguments of parallel tool calls, and text between a call's argument pieces:
+    /// every delta goes to the block that is open, and a tool block stops only once its
+    /// arguments are whole (they used to follow its `content_block_stop`).
+    #[test]
+    fn a_tool_block_stays_open_until_its_arguments_are_whole() {
+        let chunk = |delta: Value, finish: Option<&str>| -> ChatCompletionChunk {
+            serde_json::from_value(json!({
+                "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
+            }))
+            .unwrap()
+        };
+        let call = |i: u32, id: Option<&str>, name: Option<&str>, args: &str| {
+            let mut c = json!({"index": i, "function": {"arguments": args}});
+            if let Some(id) = id {
+                c["id"] = json!(id);
+                c["type"] = json!("function");
+            }
+            if let Some(n) = name {
+                c["function"]["name"] = json!(n);
+            }
+            c
+        };
+        let trace = |chunks: Vec<ChatCompletionChunk>| -> Vec<Value> {
+            let mut encoder = StreamEncoder::new("c", "m");
+            let mut events = Vec::new();
+            for c in &chunks {
+                events.extend(encoder.on_chunk(c));
+            }
+            events.extend(encoder.finish());
+            let mut open: Option<u32> = None;
+            let mut out = Vec::new();
+            for e in &events {
+                match e {
+                    StreamEvent::ContentBlockStart {
+                        index,
+                        content_block,
+                    } => {
+                        assert!(open.is_none(), "block {index} starts inside another");
+                        open = Some(*index);
+                        let v = serde_json::to_value(content_block).unwrap();
+                        out.push(json!({"start": index, "type": v["type"], "id": v["id"]}));
+                    }
+                    StreamEvent::ContentBlockDelta { index, delta } => {
+                        assert_eq!(open, Some(*index), "a delta for a block not open");
+                        let v = serde_json::to_value(delta).unwrap();
+                        out.push(v.get("partial_json").or(v.get("text")).cloned().unwrap());
+                    }
+                    StreamEvent::ContentBlockStop { index } => {
+                        assert_eq!(open.take(), Some(*index));
+                        out.push(json!({"stop": index}));
+                    }
+                    StreamEvent::MessageDelta { delta, .. } => {
+                        out.push(json!({"stop_reason": delta.stop_reason}));
+                    }
+                    _ => {}
+                }
+            }
+            out
+        };
+        // Two calls started at once, their arguments after.
+        let got = trace(vec![
+            chunk(
+                json!({"tool_calls": [call(0, Some("a"), Some("f"), ""), call(1, Some("b"), Some("g"), "")]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [call(0, None, None, "{\"x\":1}")]}),
+                None,
+            ),
+            chunk(json!({"tool_calls": [call(1, None, None, "{}")]}), None),
+            chunk(json!({}), Some("tool_calls")),
+        ]);
+        assert_eq!(
+            got,
+            [
+                json!({"start": 0, "type": "tool_use", "id": "a"}),
+                json!("{\"x\":1}"),
+                json!({"stop": 0}),
+                json!({"start": 1, "type": "tool_use", "id": "b"}),
+                json!("{}"),
+                json!({"stop": 1}),
+                json!({"stop_reason": "tool_use"}),
+            ]
+        );
+        // Text between two pieces of a call's arguments comes after the call; a call streamed
+        // whole before the next one starts is sent as it comes.
+        let got = trace(vec![
+            chunk(
+                json!({"tool_calls": [call(0, Some("a"), Some("f"), "{\"x\"")]}),
+                None,
+            ),
+            chunk(json!({"content": "Hi"}), None),
+            chunk(json!({"tool_calls": [call(0, None, None, ":1}")]}), None),
+            chunk(
+                json!({"tool_calls": [call(1, Some("b"), Some("g"), "{}")]}),
+                None,
+            ),
+            chunk(json!({}), Some("tool_calls")),
+        ]);
+        assert_eq!(
+            got,
+            [
+                json!({"start": 0, "type": "tool_use", "id": "a"}),
+                json!("{\"x\""),
+                json!(":1}"),
+                json!({"stop": 0}),
+                json!({"start": 1, "type": "text", "id": null}),
+                json!("Hi"),
+                json!({"stop": 1}),
+                json!({"start": 2, "type": "tool_use", "id": "b"}),
+                json!("{}"),
+                json!({"stop": 2}),
+                json!({"stop_reason": "tool_use"}),
+            ]
+        );
+        let got = trace(vec![
+            chunk(
+                json!({"tool_calls": [call(0, Some("a"), Some("f"), "{}")]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [call(1, Some("b"), Some("g"), "{\"y\"")]}),
+                None,
+            ),
+            chunk(json!({"tool_calls": [call(1, None, None, ":2}")]}), None),
+        ]);
+        assert_eq!(
+            got[..6],
+            [
+                json!({"start": 0, "type": "tool_use", "id": "a"}),
+                json!("{}"),
+                json!({"stop": 0}),
+                json!({"start": 1, "type": "tool_use", "id": "b"}),
+                json!("{\"y\""),
+                json!(":2}"),
+            ]
+        );
     }
 
     /// Interleaved thinking (a thinking block before each tool call) keeps its order both ways.

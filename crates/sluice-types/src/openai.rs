@@ -1064,6 +1064,27 @@ pub fn reasoning_text(extra: &Extra) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Adds a chunk's log probabilities to those of the chunks before: the token lists (`content`,
+/// `refusal`) are joined, other fields take the latest value.
+fn join_logprobs(have: &mut Option<Value>, more: &Value) {
+    match (have.as_mut(), more) {
+        (Some(Value::Object(h)), Value::Object(m)) => {
+            for (k, v) in m {
+                match (h.get_mut(k), v) {
+                    (Some(Value::Array(list)), Value::Array(more)) => {
+                        list.extend(more.iter().cloned());
+                    }
+                    (_, Value::Null) => {}
+                    _ => {
+                        h.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        _ => *have = Some(more.clone()),
+    }
+}
+
 /// Adds a later delta's value of a field to what came before: strings are joined (streamed in
 /// pieces, like a custom tool call's `input`), objects merged key by key, anything else replaced.
 fn merge_streamed(have: &mut Value, more: &Value) {
@@ -1112,6 +1133,8 @@ struct AccChoice {
     refusal: Option<String>,
     tool_calls: Vec<ToolCall>,
     finish_reason: Option<String>,
+    /// The choice's log probabilities: the chunks' `content` and `refusal` lists, joined.
+    logprobs: Option<Value>,
     /// Fields of the deltas beyond OpenAI's (such as `reasoning_content`): strings are joined,
     /// arrays extended, anything else replaced.
     extra: Extra,
@@ -1205,6 +1228,9 @@ impl ChunkAccumulator {
                     }
                 }
             }
+            if let Some(lp) = c.logprobs.as_ref().filter(|v| !v.is_null()) {
+                join_logprobs(&mut acc.logprobs, lp);
+            }
             if c.finish_reason.is_some() {
                 acc.finish_reason.clone_from(&c.finish_reason);
             }
@@ -1227,13 +1253,17 @@ impl ChunkAccumulator {
         self.usage.as_ref()
     }
 
-    /// The generated text so far across all choices (tool-call names and arguments included).
+    /// The generated text so far across all choices: content, reasoning, refusal, tool-call names
+    /// and arguments.
     pub fn output_text(&self) -> String {
         let mut out = String::new();
         for c in &self.choices {
             out.push_str(&c.content);
-            if let Some(Value::String(reasoning)) = c.extra.get("reasoning_content") {
+            if let Some(reasoning) = reasoning_text(&c.extra) {
                 out.push_str(reasoning);
+            }
+            if let Some(refusal) = &c.refusal {
+                out.push_str(refusal);
             }
             for tc in &c.tool_calls {
                 out.push_str(&tc.function.name);
@@ -1270,7 +1300,7 @@ impl ChunkAccumulator {
                         extra: c.extra,
                     },
                     finish_reason: c.finish_reason,
-                    logprobs: None,
+                    logprobs: c.logprobs,
                     extra: c.choice_extra,
                 })
                 .collect(),
@@ -1627,6 +1657,43 @@ mod tests {
         let tc = &done.choices[0].message.tool_calls.as_ref().unwrap()[0];
         assert_eq!(tc.function.arguments, "{\"a\":1}");
         assert_eq!(done.choices[0].finish_reason.as_deref(), Some("tool_calls"));
+    }
+
+    /// A streamed answer folded whole (for the cache and the record) keeps its log
+    /// probabilities, and its reasoning (under either name) and refusal count as output.
+    #[test]
+    fn accumulator_joins_logprobs_and_counts_reasoning_and_refusals() {
+        let chunk =
+            |v: serde_json::Value| -> ChatCompletionChunk { serde_json::from_value(v).unwrap() };
+        let mut acc = ChunkAccumulator::default();
+        for (text, token) in [("a", "a"), ("b", "b")] {
+            acc.push(&chunk(json!({
+                "id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": {"content": text},
+                    "logprobs": {"content": [{"token": token, "logprob": -0.5, "bytes": [97], "top_logprobs": []}], "refusal": null}}]
+            })));
+        }
+        acc.push(&chunk(json!({
+            "id": "x", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}]
+        })));
+        let done = acc.finish();
+        let lp = done.choices[0].logprobs.as_ref().expect("logprobs kept");
+        let tokens: Vec<_> = lp["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(tokens, ["a", "b"]);
+        assert!(lp["refusal"].is_null());
+
+        let mut acc = ChunkAccumulator::default();
+        acc.push(&chunk(json!({
+            "id": "x", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"reasoning": "think ", "refusal": "no"}}]
+        })));
+        assert_eq!(acc.output_text(), "think no");
     }
 
     #[test]
