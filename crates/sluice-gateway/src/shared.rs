@@ -915,7 +915,9 @@ impl RedisState {
             return Ok(());
         }
         let mut inv = SETTLE.prepare_invoke();
-        inv.arg(second).arg(delta);
+        // A count an upstream got absurdly wrong must not overflow the bucket in Redis.
+        inv.arg(second)
+            .arg(delta.clamp(-(MAX_AMOUNT as i64), MAX_AMOUNT as i64));
         for id in subjects {
             inv.key(self.limit_key(id, "tpm"));
         }
@@ -1025,7 +1027,7 @@ impl RedisState {
     ) -> Result<bool, SharedError> {
         let mut inv = INIT.prepare_invoke();
         inv.key(self.ledger_key(ledger))
-            .arg(spent_micros)
+            .arg(clamp_micros(spent_micros))
             .arg(ttl_secs);
         let mut conn = self.conn.clone();
         let created: i64 = Self::bounded("budget ledger init", inv.invoke_async(&mut conn)).await?;
@@ -1411,6 +1413,14 @@ mod tests {
         assert!(!admitted(&s.admit(&subjects, 1).await.expect("admit")));
         // A request without tokens is not held back by tpm (like the in-process limits).
         assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
+        // A count an upstream got absurdly wrong (u64::MAX tokens) settles, twice, without
+        // overflowing the bucket (Redis refused it, and the refusal took Redis for down).
+        for _ in 0..2 {
+            s.settle(&ids, later, i64::MAX - 10)
+                .await
+                .expect("settle clamped");
+        }
+        assert!(!admitted(&s.admit(&subjects, 1).await.expect("admit")));
     }
 
     #[tokio::test]

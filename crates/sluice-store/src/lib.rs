@@ -412,14 +412,20 @@ const PARTIAL_INDEXES_DDL: &str = "DROP INDEX IF EXISTS requests_user;
 
 /// The team of each record in its own indexed column (team budgets read a team's spend since a
 /// point in time), filled from the metadata of the records already stored.
+/// As on the write path: only a string is a team, and one longer than [`MAX_INDEXED_BYTES`] is
+/// left out (it would not fit PostgreSQL's index, and the migration would fail).
 const TEAM_DDL_SQLITE: &str = "ALTER TABLE requests ADD COLUMN team TEXT;
-    UPDATE requests SET team = CAST(json_extract(metadata, '$.team') AS TEXT)
-        WHERE json_valid(metadata) AND json_type(metadata) = 'object';
+    UPDATE requests SET team = json_extract(metadata, '$.team')
+        WHERE json_valid(metadata) AND json_type(metadata) = 'object'
+            AND json_type(metadata, '$.team') = 'text'
+            AND length(CAST(json_extract(metadata, '$.team') AS BLOB)) <= 1024;
     CREATE INDEX IF NOT EXISTS requests_team ON requests (team, id);";
 
 const TEAM_DDL_PG: &str = r"ALTER TABLE requests ADD COLUMN team TEXT;
     UPDATE requests SET team = metadata::jsonb ->> 'team'
-        WHERE strpos(metadata, E'\\u0000') = 0 AND left(ltrim(metadata), 1) = '{';
+        WHERE strpos(metadata, E'\\u0000') = 0 AND left(ltrim(metadata), 1) = '{'
+            AND jsonb_typeof(metadata::jsonb -> 'team') = 'string'
+            AND octet_length(metadata::jsonb ->> 'team') <= 1024;
     CREATE INDEX IF NOT EXISTS requests_team ON requests (team, id);";
 
 /// Virtual keys (only their hashes), and the key each request was made with.
@@ -1489,6 +1495,86 @@ mod tests {
                 "{sql}"
             );
         }
+    }
+
+    /// A PostgreSQL database at version 5 whose records name teams of every shape migrates: a
+    /// team too long for the index (a keyless client's metadata) is left out rather than
+    /// failing the migration (and with it every replica's start), and only strings are teams.
+    #[tokio::test]
+    async fn a_version_5_postgres_database_with_odd_teams_migrates() {
+        if !sluice_testkit::postgres::postgres_available() {
+            eprintln!("skipping: PostgreSQL is not installed");
+            return;
+        }
+        let pg = sluice_testkit::postgres::TempPostgres::start().expect("postgres starts");
+        let url = pg.url();
+        let old = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL);",
+        )
+        .execute(&old)
+        .await
+        .unwrap();
+        for (version, _, ddl) in MIGRATIONS.iter().filter(|m| m.0 <= 5) {
+            sqlx::raw_sql(*ddl).execute(&old).await.unwrap();
+            sqlx::query("INSERT INTO schema_migrations VALUES ($1, now())")
+                .bind(version)
+                .execute(&old)
+                .await
+                .unwrap();
+        }
+        // Random, so that compression cannot make it fit.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let long: String = (0..10_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'a' + (x % 26) as u8)
+            })
+            .collect();
+        let teams = [
+            serde_json::json!({"team": "ml"}),
+            serde_json::json!({"team": long}),
+            serde_json::json!({"team": true}),
+        ];
+        let mut ids = Vec::new();
+        for metadata in &teams {
+            let id = Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO requests (id, started_at, finished_at, endpoint, model, attempts, status,
+                 http_status, stream, latency_ms, prompt_tokens, completion_tokens, cached_tokens,
+                 usage_source, cost_usd, tags, metadata, attempt_log)
+                 VALUES ($1, now(), now(), 'chat.completions', 'm', 1, 'ok', 200, false, 5.0, 1, 2,
+                 0, 'provider', 0.5, '[]', $2, '[]')",
+            )
+            .bind(id.hyphenated().to_string())
+            .bind(metadata.to_string())
+            .execute(&old)
+            .await
+            .unwrap();
+            ids.push(id.hyphenated().to_string());
+        }
+        old.close().await;
+
+        let store = PgStore::open(&url, 2)
+            .await
+            .expect("the migration succeeds");
+        let mut got = Vec::new();
+        for id in &ids {
+            let team: Option<String> =
+                sqlx::query_scalar("SELECT team FROM requests WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&store.pool)
+                    .await
+                    .unwrap();
+            got.push(team);
+        }
+        assert_eq!(got, [Some("ml".to_string()), None, None]);
     }
 
     /// A database at version 4 (keys and audit log, no cache) gains the cache columns and table:

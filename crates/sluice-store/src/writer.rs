@@ -85,7 +85,7 @@ impl LogWriter {
         let close_rx = close.clone();
         let handle = tokio::spawn(async move {
             let mut stats = WriterStats::default();
-            let mut outage: Option<tokio::time::Instant> = None;
+            let mut health = Health::default();
             let mut batch = Vec::with_capacity(batch_size);
             let mut closed = false;
             loop {
@@ -106,7 +106,7 @@ impl LogWriter {
                             }
                         }
                         let before = stats;
-                        write_batch(&store, &batch, &spill, &mut stats, &mut outage).await;
+                        write_batch(&store, &batch, &spill, &mut stats, &mut health).await;
                         batch.clear();
                         if let Some(o) = &observer {
                             report(o.as_ref(), before, stats);
@@ -178,17 +178,76 @@ pub const OUTAGE_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// The longest a probe during an outage may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// While the store answers, how often the writer looks for a spill file that is still there (a
+/// replay that failed half way, or one left by the start) and writes it to the store again.
+pub const REPLAY_AGAIN_EVERY: Duration = Duration::from_secs(5);
+
+/// What the writer knows of the store's health.
+#[derive(Default)]
+struct Health {
+    /// Since when the store is taken for down (the last probe).
+    outage: Option<tokio::time::Instant>,
+    /// A replay of the spill file is running.
+    replaying: Arc<std::sync::atomic::AtomicBool>,
+    /// When to look for a spill file left over next.
+    look_again: Option<tokio::time::Instant>,
+}
+
+impl Health {
+    /// Writes the spill file to the store in the background, unless a replay is running.
+    fn replay(&mut self, store: &Arc<dyn LogStore>, spill: &std::path::Path) {
+        use std::sync::atomic::Ordering;
+        self.look_again = Some(tokio::time::Instant::now() + REPLAY_AGAIN_EVERY);
+        if self.replaying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (store, path, running) = (store.clone(), spill.to_path_buf(), self.replaying.clone());
+        tokio::spawn(async move {
+            match replay_spill_running(&*store, &path).await {
+                Ok(r) if r.records + r.bad_lines + r.rejected > 0 => tracing::warn!(
+                    records = r.records,
+                    unreadable_lines = r.bad_lines,
+                    refused_by_the_store = r.rejected,
+                    "spilled request records written to the store"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!(
+                    error = %e,
+                    retry_in_secs = REPLAY_AGAIN_EVERY.as_secs(),
+                    "the spilled request records could not be written yet; they stay in the spill file"
+                ),
+            }
+            running.store(false, Ordering::Release);
+        });
+    }
+
+    /// After a batch was written: a spill file still there is written again, every
+    /// [`REPLAY_AGAIN_EVERY`] at most.
+    fn after_write(&mut self, store: &Arc<dyn LogStore>, spill: &std::path::Path) {
+        let now = tokio::time::Instant::now();
+        if self.look_again.is_some_and(|at| now < at) {
+            return;
+        }
+        self.look_again = Some(now + REPLAY_AGAIN_EVERY);
+        if spill.exists() {
+            self.replay(store, spill);
+        }
+    }
+}
+
 /// Writes a batch. Normally it is retried with backoff before it is spilled; once one has been
 /// spilled the store is taken for down, and until a write succeeds again a batch tries it once
 /// at most every [`OUTAGE_PROBE_EVERY`] and is otherwise spilled at once. When the store is back,
-/// the spill file is written to it in the background.
+/// the spill file is written to it in the background, and written again while it is still there
+/// (a replay that failed half way).
 async fn write_batch(
     store: &Arc<dyn LogStore>,
     batch: &[RequestRecord],
     spill: &std::path::Path,
     stats: &mut WriterStats,
-    outage: &mut Option<tokio::time::Instant>,
+    health: &mut Health,
 ) {
+    let outage = &mut health.outage;
     if let Some(probed) = *outage {
         let now = tokio::time::Instant::now();
         if now.duration_since(probed) < OUTAGE_PROBE_EVERY {
@@ -208,21 +267,7 @@ async fn write_batch(
         {
             *outage = None;
             tracing::warn!("the store answers again; writing the spill file's records to it");
-            let (store, path) = (store.clone(), spill.to_path_buf());
-            tokio::spawn(async move {
-                match replay_spill_running(&*store, &path).await {
-                    Ok(r) => tracing::warn!(
-                        records = r.records,
-                        unreadable_lines = r.bad_lines,
-                        refused_by_the_store = r.rejected,
-                        "spilled request records written to the store"
-                    ),
-                    Err(e) => tracing::error!(
-                        error = %e,
-                        "the spilled request records could not be written yet; they stay in the spill file"
-                    ),
-                }
-            });
+            health.replay(store, spill);
         } else {
             spill_or_lose(spill, batch, stats, false);
             // The next probe a second after this one ended, however long it took.
@@ -243,6 +288,8 @@ async fn write_batch(
     {
         spill_or_lose(spill, batch, stats, true);
         *outage = Some(tokio::time::Instant::now());
+    } else {
+        health.after_write(store, spill);
     }
 }
 
@@ -454,18 +501,43 @@ async fn replay(
     path: &std::path::Path,
     take_over: bool,
 ) -> Result<Replayed, String> {
+    replay_linking(store, path, take_over, |from, to| {
+        std::fs::hard_link(from, to)
+    })
+    .await
+}
+
+/// [`replay`], claiming the file with `link` (a test stands in a file system without hard links).
+async fn replay_linking(
+    store: &dyn LogStore,
+    path: &std::path::Path,
+    take_over: bool,
+    link: impl Fn(&std::path::Path, &std::path::Path) -> std::io::Result<()>,
+) -> Result<Replayed, String> {
     use std::io::BufRead;
     let claimed = path.with_extension("jsonl.replaying");
     let mut out = Replayed::default();
     loop {
         if path.exists() {
-            match std::fs::hard_link(path, &claimed) {
+            match link(path, &claimed) {
                 Ok(()) => {
                     // Ours now: new spills start a fresh file.
                     std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
                 }
-                Err(_) if take_over && claimed.exists() => {}
-                Err(_) => return Ok(out),
+                // Claimed by another replica, or left by a replay that stopped half way.
+                Err(_) if claimed.exists() => {
+                    if !take_over {
+                        return Ok(out);
+                    }
+                }
+                // No claim, and yet no link: a file system without hard links (some network
+                // mounts). Claimed by renaming it instead.
+                Err(e) => std::fs::rename(path, &claimed).map_err(|re| {
+                    format!(
+                        "{}: cannot claim it for writing to the store (linking: {e}; renaming: {re})",
+                        path.display()
+                    )
+                })?,
             }
         } else if !(take_over && claimed.exists()) {
             return Ok(out);
@@ -581,6 +653,60 @@ fn keep_bad(path: &std::path::Path, bad: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_core::record::RecordQuery;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A store that counts what it is given.
+    #[derive(Default)]
+    struct Counting(AtomicU64);
+
+    #[async_trait::async_trait]
+    impl LogStore for Counting {
+        async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
+            self.0.fetch_add(records.len() as u64, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn get(&self, _id: uuid::Uuid) -> Result<Option<RequestRecord>, StoreError> {
+            Ok(None)
+        }
+        async fn list(&self, _query: &RecordQuery) -> Result<Vec<RequestRecord>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn count(&self) -> Result<u64, StoreError> {
+            Ok(self.0.load(Ordering::SeqCst))
+        }
+    }
+
+    /// On a file system without hard links the spill file is claimed by renaming it (it used to
+    /// be taken for claimed by another replica, and never written to the store); a claim that
+    /// exists is still left to its owner.
+    #[tokio::test]
+    async fn a_spill_file_is_replayed_where_hard_links_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.jsonl");
+        let records: Vec<_> = (0..3)
+            .map(|_| RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false))
+            .collect();
+        append(&path, &json_lines(&records).unwrap()).unwrap();
+        let no_links = |_: &std::path::Path, _: &std::path::Path| {
+            Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+        };
+        let store = Counting::default();
+        let claim = path.with_extension("jsonl.replaying");
+        std::fs::write(&claim, b"").unwrap();
+        let r = replay_linking(&store, &path, false, no_links)
+            .await
+            .unwrap();
+        assert_eq!(r.records, 0, "another replica's claim is left alone");
+        assert!(path.exists());
+        std::fs::remove_file(&claim).unwrap();
+        let r = replay_linking(&store, &path, false, no_links)
+            .await
+            .unwrap();
+        assert_eq!(r.records, 3);
+        assert_eq!(store.0.load(Ordering::SeqCst), 3);
+        assert!(!path.exists() && !claim.exists());
+    }
 
     /// A spill file cut mid-line by a crash: the next batch starts on a line of its own, so only
     /// the cut line is lost, not the record after it.

@@ -28,6 +28,8 @@ struct TestStore {
     first_delay: Duration,
     /// A batch holding a record of this model is refused as data.
     refuse_model: Option<&'static str>,
+    /// The next batch of exactly this many records fails (once), as in a blip of the store.
+    fail_batch_of: AtomicU64,
 }
 
 #[async_trait]
@@ -41,6 +43,13 @@ impl LogStore for TestStore {
         }
         if call == 0 {
             tokio::time::sleep(self.first_delay).await;
+        }
+        if self
+            .fail_batch_of
+            .compare_exchange(_records.len() as u64, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            return Err(StoreError::Database("connection reset (a blip)".into()));
         }
         if let Some(m) = self.refuse_model
             && _records.iter().any(|r| r.model == m)
@@ -230,14 +239,27 @@ async fn a_spill_file_is_written_to_the_store_at_the_next_start() {
     assert_eq!(again.records, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_spills_at_once_and_the_spill_file_is_written_when_the_store_is_back() {
+/// A writer (batches of 64) on a store that fails until `failing` is cleared, spilling to
+/// `spill.jsonl` in a fresh directory.
+fn writer_on_a_failing_store() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Arc<TestStore>,
+    LogSink,
+    LogWriter,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let spill = dir.path().join("spill.jsonl");
     let store = Arc::new(TestStore::default());
     store.failing.store(true, Ordering::SeqCst);
     let (sink, rx) = LogSink::channel(1024);
     let writer = LogWriter::spawn(store.clone(), rx, 64, spill.clone());
+    (dir, spill, store, sink, writer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_spills_at_once_and_the_spill_file_is_written_when_the_store_is_back() {
+    let (_dir, spill, store, sink, writer) = writer_on_a_failing_store();
     let send = |n: usize| {
         let sink = sink.clone();
         async move {
@@ -284,6 +306,48 @@ async fn an_outage_spills_at_once_and_the_spill_file_is_written_when_the_store_i
     drop(sink);
     let stats = writer.drain(Duration::from_secs(10)).await;
     assert_eq!((stats.spilled, stats.written), (20, 5), "{stats:?}");
+}
+
+/// A replay that fails half way (the store blinked while it ran) is tried again while the
+/// store answers: the spill file does not wait for the next outage or restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_failed_is_tried_again() {
+    let (_dir, spill, store, sink, writer) = writer_on_a_failing_store();
+    for r in records_of(&["m"], 10) {
+        sink.send(r).await;
+    }
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&spill).map_or(0, |t| t.lines().count()) < 10 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never spilled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The store is back, but the replay's first write (the 10 spilled records) fails.
+    store.fail_batch_of.store(10, Ordering::SeqCst);
+    store.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    while store.written.load(Ordering::SeqCst) < 10 + sent || spill.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the spill file was not written again: {} written, {sent} sent since",
+            store.written.load(Ordering::SeqCst)
+        );
+        // Traffic goes on: one record at a time, so no batch is 10 long.
+        for r in records_of(&["m"], 1) {
+            sink.send(r).await;
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        store.fail_batch_of.load(Ordering::SeqCst),
+        0,
+        "the blip happened"
+    );
+    drop(sink);
+    let stats = writer.drain(Duration::from_secs(10)).await;
+    assert_eq!(stats.spilled, 10, "{stats:?}");
 }
 
 /// Records of `n` models in turn, each with a fresh id.
