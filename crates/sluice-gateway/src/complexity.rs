@@ -45,9 +45,11 @@
 //! one-character terms dropped, a trailing plural `s` removed) and turned into an L2-normalized
 //! TF-IDF vector (`idf = ln((1 + N) / (1 + df)) + 1`). A request's last user message is
 //! vectorized with that vocabulary (unknown words ignored) and compared by cosine with every
-//! example; the `k` most similar with similarity > 0 vote:
-//! `knn = Σ sim_i × tier_i / (tiers − 1) / Σ sim_i` (0 with one tier), and the final score is
-//! `(1 − knn_weight) × heuristic + knn_weight × knn`. Without a neighbour the heuristic stands.
+//! example; the `k` most similar with similarity > 0 vote: `knn = Σ sim_i × pos_i / Σ sim_i`,
+//! where an example of the first tier is at 0, of the last at 1, and of a tier between them at
+//! the middle of that tier's score band (so the votes of one tier alone land in it), and the
+//! final score is `(1 − knn_weight) × heuristic + knn_weight × knn`. Without a neighbour the
+//! heuristic stands.
 //!
 //! The final score, rounded to 3 decimals, goes to the first tier whose `max_score` is at least
 //! the score; the last tier takes everything else.
@@ -360,6 +362,20 @@ impl Classifier {
         }
     }
 
+    /// Where an example of tier `i` (of `span + 1`) votes: 0 for the first tier, 1 for the last,
+    /// and the middle of its own score band for a tier between them, so that the votes of one
+    /// tier's examples alone land in that tier whatever its thresholds.
+    fn vote_position(&self, i: usize, span: usize) -> f64 {
+        if span == 0 || i == 0 {
+            return 0.0;
+        }
+        if i >= span {
+            return 1.0;
+        }
+        let bound = |j: usize| self.tiers.get(j).and_then(|t| t.max_score).unwrap_or(1.0);
+        (bound(i - 1) + bound(i)) / 2.0
+    }
+
     fn knn(&self, focus: &Message) -> (Option<f64>, Vec<Neighbour>) {
         let Some(query) = self.index.vectorize(focus) else {
             return (None, Vec::new());
@@ -384,11 +400,7 @@ impl Classifier {
             let Some(ex) = self.index.examples.get(i) else {
                 continue;
             };
-            let pos = if span == 0 {
-                0.0
-            } else {
-                ex.tier_index as f64 / span as f64
-            };
+            let pos = self.vote_position(ex.tier_index, span);
             num += sim * pos;
             den += sim;
             neighbours.push(Neighbour {
@@ -1876,6 +1888,33 @@ mod tests {
         let unknown = c.classify_text("Prove the integral of x^2 dx converges");
         assert_eq!(unknown.knn_score, None);
         assert_eq!(unknown.score, unknown.heuristic_score);
+    }
+
+    /// A middle tier's examples vote inside that tier's band, whatever its thresholds (they
+    /// voted at an even grid: 0.5 of three tiers, inside the first tier's band here).
+    #[test]
+    fn a_middle_tier_example_votes_inside_its_band() {
+        let mut cfg = config(vec![
+            tier("small", "s", Some(0.6)),
+            tier("medium", "m", Some(0.8)),
+            tier("strong", "l", None),
+        ]);
+        cfg.knn_weight = 1.0;
+        cfg.examples = vec![
+            ExampleConfig {
+                text: "convert this csv file to yaml".into(),
+                tier: "medium".into(),
+            },
+            ExampleConfig {
+                text: "good morning friend".into(),
+                tier: "small".into(),
+            },
+        ];
+        let c = Classifier::new(&cfg).expect("valid");
+        let d = c.classify_text("convert this csv file to yaml");
+        assert_eq!(d.knn_score, Some(0.7));
+        assert_eq!(d.tier, "medium", "{}", d.explain());
+        assert_eq!(c.classify_text("good morning").tier, "small");
     }
 
     #[test]

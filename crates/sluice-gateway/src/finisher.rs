@@ -9,11 +9,23 @@ use sluice_core::error::{Error, ErrorCode};
 use sluice_core::price::{CacheWrites, ModelPrice};
 use sluice_core::record::{LogSink, RawJson, RecordStatus, RequestRecord, UsageSource};
 use sluice_types::openai::{
-    ChatCompletion, ChatRequest, EmbeddingRequest, EmbeddingResponse, Usage,
+    ChatCompletion, ChatRequest, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, Usage,
 };
 
 use crate::router::{InFlight, TokenReservation};
 use crate::{Deployment, RequestContext, metrics::Metrics, tokens};
+
+/// What a complexity-routed request is measured against: the strongest tier.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Baseline {
+    /// Not routed by complexity, or the strongest tier has no price.
+    #[default]
+    None,
+    /// Routed to a lower tier: what the strongest tier charges.
+    Price(ModelPrice),
+    /// Routed to the strongest tier: its cost is the baseline, nothing is saved.
+    Served,
+}
 
 /// Owns a request's record until it is complete.
 pub struct Finisher {
@@ -29,7 +41,7 @@ pub struct Finisher {
     /// Its tokens-per-minute reservation, settled with the real count when the record closes.
     tokens: Option<TokenReservation>,
     /// For complexity routing: the strongest tier's price, to report the cost saved.
-    baseline: Option<ModelPrice>,
+    baseline: Baseline,
     /// Prompt tokens the provider reported writing to its cache (priced for the baseline too).
     cache_writes: CacheWrites,
     /// The rate-limit admissions, settled with the real tokens at the end.
@@ -58,7 +70,7 @@ impl Finisher {
             attempt_open: None,
             in_flight: None,
             tokens: None,
-            baseline: None,
+            baseline: Baseline::None,
             cache_writes: CacheWrites::default(),
             limit: Vec::new(),
             shared_limit: None,
@@ -116,9 +128,9 @@ impl Finisher {
         self.limit = admitted;
     }
 
-    /// Notes how the router chose; with a baseline price, the record also gets what the strongest
-    /// tier would have cost and the difference.
-    pub fn set_route(&mut self, route: serde_json::Value, baseline: Option<ModelPrice>) {
+    /// Notes how the router chose; with a baseline, the record also gets what the strongest tier
+    /// would have cost and the difference.
+    pub fn set_route(&mut self, route: serde_json::Value, baseline: Baseline) {
         if let Some(r) = self.rec() {
             r.route = Some(route);
         }
@@ -221,15 +233,19 @@ impl Finisher {
         if let Some(fill) = self.fill.take() {
             fill.complete(&mut r);
         }
-        if let (Some(p), Some(serde_json::Value::Object(route))) = (self.baseline, r.route.as_mut())
+        if let Some(serde_json::Value::Object(route)) = r.route.as_mut()
             && r.status == RecordStatus::Ok
+            && let Some(base) = match self.baseline {
+                Baseline::None => None,
+                Baseline::Price(p) => Some(p.cost_with_writes(
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.cached_tokens,
+                    self.cache_writes,
+                )),
+                Baseline::Served => Some(r.cost_usd),
+            }
         {
-            let base = p.cost_with_writes(
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.cached_tokens,
-                self.cache_writes,
-            );
             route.insert("baseline_cost_usd".into(), base.into());
             route.insert("saved_usd".into(), (base - r.cost_usd).into());
         }
@@ -307,18 +323,24 @@ impl Finisher {
     }
 
     /// Completes the record of an embeddings call; returns its cost.
+    /// Completes the record of an embeddings call; returns its cost, and the usage Sluice
+    /// counted when the upstream reported none (for the client's answer).
     pub async fn embedded(
         &mut self,
         req: &EmbeddingRequest,
         dep: &Deployment,
         resp: &EmbeddingResponse,
-    ) -> f64 {
-        let cost = {
+    ) -> (f64, Option<EmbeddingUsage>) {
+        let (cost, counted) = {
             let Some(r) = self.record.as_mut() else {
-                return 0.0;
+                return (0.0, None);
             };
-            let reported = resp.usage.prompt_tokens > 0 || resp.usage.total_tokens > 0;
-            let usage = reported.then(|| Usage::new(resp.usage.prompt_tokens, 0, 0));
+            // Some OpenAI-shaped APIs report only the total (all of it input).
+            let reported = match resp.usage.prompt_tokens {
+                0 => resp.usage.total_tokens,
+                n => n,
+            };
+            let usage = (reported > 0).then(|| Usage::new(reported, 0, 0));
             let model = dep.upstream_model();
             apply_usage(r, usage, dep.price, || {
                 let n: u64 = req
@@ -329,12 +351,16 @@ impl Finisher {
                     .sum();
                 (n + req.input.token_ids(), 0)
             });
-            r.cost_usd
+            let counted = (reported == 0).then_some(EmbeddingUsage {
+                prompt_tokens: r.prompt_tokens,
+                total_tokens: r.prompt_tokens,
+            });
+            (r.cost_usd, counted)
         };
         if let Some(r) = self.close() {
             self.sink.send(r).await;
         }
-        cost
+        (cost, counted)
     }
 
     /// Completes the record of a stream. `error` is set when the stream failed after it started.
@@ -508,6 +534,76 @@ mod tests {
         );
     }
 
+    /// Embedding usage: an upstream that reports only `total_tokens` is taken at its word (it
+    /// was recorded as 0 tokens, $0); one that reports nothing is counted, and the count goes
+    /// back to the client.
+    #[tokio::test]
+    async fn embedding_usage_from_the_total_or_counted() {
+        let dep = crate::DeploymentConfig {
+            provider: "p".into(),
+            model: "text-embedding-3-small".into(),
+            id: None,
+            weight: 1.0,
+            rpm: None,
+            tpm: None,
+            tags: Vec::new(),
+            adapter: None,
+            input_cost_per_mtok: Some(1.0),
+            output_cost_per_mtok: None,
+            cached_input_cost_per_mtok: None,
+            cache_write_cost_per_mtok: None,
+            cache_write_1h_cost_per_mtok: None,
+        };
+        let price = dep
+            .price(sluice_core::price::PriceTable::builtin())
+            .unwrap();
+        let provider = Arc::new(
+            sluice_providers::mock::Mock::new(&sluice_providers::mock::MockConfig::default())
+                .unwrap(),
+        );
+        let dep = dep.build(provider, price);
+        let req: EmbeddingRequest = serde_json::from_value(serde_json::json!({
+            "model": "e", "input": ["one two three", "four"]
+        }))
+        .unwrap();
+        let answer = |usage: serde_json::Value| -> EmbeddingResponse {
+            serde_json::from_value(serde_json::json!({
+                "object": "list", "model": "e", "usage": usage,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.5]},
+                         {"object": "embedding", "index": 1, "embedding": [0.5]}]
+            }))
+            .unwrap()
+        };
+        for (usage, tokens, counted) in [
+            (serde_json::json!({"total_tokens": 7}), Some(7), false),
+            (
+                serde_json::json!({"prompt_tokens": 5, "total_tokens": 5}),
+                Some(5),
+                false,
+            ),
+            (serde_json::Value::Null, None, true),
+        ] {
+            let (sink, mut rx) = LogSink::channel(4);
+            let ctx = crate::RequestContext::new("embeddings", false);
+            let mut f = Finisher::new(ctx, sink, Arc::new(Metrics::new()), true);
+            let (cost, back) = f.embedded(&req, &dep, &answer(usage.clone())).await;
+            let r = rx.recv().await.unwrap();
+            if let Some(t) = tokens {
+                assert_eq!(r.prompt_tokens, t, "{usage}");
+            }
+            assert!(r.prompt_tokens > 0, "{usage}");
+            assert!(
+                (cost - r.prompt_tokens as f64 / 1e6).abs() < 1e-15,
+                "{usage}"
+            );
+            assert_eq!(
+                back.map(|u| u.prompt_tokens),
+                counted.then_some(r.prompt_tokens),
+                "{usage}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn the_baseline_prices_the_same_cache_writes() {
         let price = ModelPrice {
@@ -528,7 +624,7 @@ mod tests {
             let (sink, mut rx) = LogSink::channel(4);
             let ctx = crate::RequestContext::new("chat.completions", true);
             let mut f = Finisher::new(ctx, sink, Arc::new(Metrics::new()), true);
-            f.set_route(serde_json::json!({"tier": "t"}), Some(price));
+            f.set_route(serde_json::json!({"tier": "t"}), Baseline::Price(price));
             let mut usage = Usage::new(151_000, 200, 50_000);
             usage.set_cache_write_tokens(100_000);
             f.finish_stream(

@@ -588,11 +588,15 @@ impl Gateway {
             let decision = classifier.classify(&req);
             let tiers = classifier.tiers();
             // The strongest tier is the baseline the savings are measured against.
-            let baseline = tiers
-                .last()
-                .and_then(|t| router.group(&t.model))
-                .and_then(|g| g.deployments.first())
-                .and_then(|d| d.dep.price);
+            let strongest = tiers.last().map(|t| t.model.as_str());
+            let baseline = if strongest == Some(decision.model.as_str()) {
+                finisher::Baseline::Served
+            } else {
+                strongest
+                    .and_then(|m| router.group(m))
+                    .and_then(|g| tier_price(g))
+                    .map_or(finisher::Baseline::None, finisher::Baseline::Price)
+            };
             fin.set_route(
                 serde_json::json!({
                     "strategy": "complexity",
@@ -770,6 +774,15 @@ impl Gateway {
             fin.fail(&e).await;
             return Err(e);
         }
+        if req.input.len() > MAX_EMBEDDING_INPUTS {
+            let e = Error::invalid(format!(
+                "`input` holds {} inputs; at most {MAX_EMBEDDING_INPUTS} per request: split it into several requests",
+                req.input.len()
+            ))
+            .with_param("input");
+            fin.fail(&e).await;
+            return Err(e);
+        }
         if let Err(e) = allowed(key.as_deref(), &req.model) {
             fin.fail(&e).await;
             return Err(e);
@@ -825,8 +838,14 @@ impl Gateway {
             .await;
         match served {
             Ok(s) => {
-                let cost = fin.embedded(&req, &s.dep.dep, &s.value).await;
-                Ok((s.value, cost, headers))
+                let mut resp = s.value;
+                let (cost, counted) = fin.embedded(&req, &s.dep.dep, &resp).await;
+                if let Some(usage) = counted {
+                    // The upstream reported none: the client gets Sluice's count, as the record
+                    // has it.
+                    resp.usage = usage;
+                }
+                Ok((resp, cost, headers))
             }
             Err(e) => {
                 fin.fail(&e).await;
@@ -1368,6 +1387,21 @@ fn estimate_tokens(req: &ChatRequest) -> u64 {
     (prompt_chars as u64).div_ceil(4).saturating_add(completion)
 }
 
+/// What a model group charges, for the savings of complexity routing: under the `cost` strategy
+/// its cheapest deployment (an unpriced one is free), else its priced deployment of the largest
+/// weight (the one that serves the most).
+fn tier_price(group: &Group) -> Option<ModelPrice> {
+    let deps = group.deployments.iter().map(|d| &d.dep);
+    if group.strategy == router::Strategy::Cost {
+        return deps
+            .map(|d| d.price.unwrap_or_default())
+            .min_by(|a, b| (a.input + a.output).total_cmp(&(b.input + b.output)));
+    }
+    deps.filter_map(|d| d.price.map(|p| (d.weight, p)))
+        .reduce(|best, next| if next.0 > best.0 { next } else { best })
+        .map(|(_, p)| p)
+}
+
 /// The dearest input and output prices (USD per million tokens) among the deployments that may
 /// serve a request to `group`: its own and those of the groups it falls back to.
 fn dearest(router: &Router, group: &Group) -> (f64, f64) {
@@ -1434,11 +1468,26 @@ fn worst_chat_cost(req: &ChatRequest, router: &Router, group: &Group, default_ma
     (prompt as f64 * input + completion as f64 * output) / 1e6
 }
 
-/// An embedding request's tokens before the call: a quarter of its text's bytes, plus the token
-/// ids it gives as such.
+/// The most inputs one embeddings request may hold (OpenAI's limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// An embedding request's tokens before the call: a quarter of each text's bytes, plus the token
+/// ids it gives as such; at least one token an input (a model wraps even an empty one in its
+/// special tokens).
 fn embed_estimate(req: &EmbeddingRequest) -> u64 {
-    let bytes: usize = req.input.texts().iter().map(|t| t.len()).sum();
-    (bytes as u64).div_ceil(4) + req.input.token_ids()
+    let texts: u64 = req
+        .input
+        .texts()
+        .iter()
+        .map(|t| (t.len() as u64).div_ceil(4).max(1))
+        .sum();
+    let ids = match &req.input {
+        sluice_types::openai::EmbeddingInput::TokenLists(lists) => {
+            lists.iter().map(|l| (l.len() as u64).max(1)).sum()
+        }
+        other => other.token_ids(),
+    };
+    texts + ids
 }
 
 /// A request's tokens for the tokens-per-minute rate limits: its prompt counted with the

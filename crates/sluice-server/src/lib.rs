@@ -567,10 +567,17 @@ async fn not_found(req: Request) -> Response {
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    let mut resp = ApiError::openai(Error::new(
+    let path = req.uri().path();
+    let e = Error::new(
         ErrorCode::MethodNotAllowed,
-        format!("{} is not allowed on {}", req.method(), req.uri().path()),
-    ))
+        format!("{} is not allowed on {path}", req.method()),
+    );
+    // The Anthropic routes answer in Anthropic's shape, as their 404s do.
+    let mut resp = if is_anthropic_route(path) {
+        ApiError::anthropic(e)
+    } else {
+        ApiError::openai(e)
+    }
     .into_response();
     *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
     resp

@@ -1374,10 +1374,19 @@ pub struct EmbeddingResponse {
     pub object: String,
     pub data: Vec<Embedding>,
     pub model: String,
-    #[serde(default)]
+    /// Absent or `null` reads as zero (counted by Sluice then).
+    #[serde(default, deserialize_with = "null_as_default")]
     pub usage: EmbeddingUsage,
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 fn list_object() -> String {

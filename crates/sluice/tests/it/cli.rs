@@ -298,8 +298,12 @@ type = "mock"
 [models."small"]
 deployments = [{ provider = "mock", model = "gpt-4o-mini" }]
 
+# The strong tier's price is that of the deployment that serves it (not the first listed).
 [models."strong"]
-deployments = [{ provider = "mock", model = "gpt-4o" }]
+deployments = [
+  { provider = "mock", model = "gpt-4o", id = "rare", weight = 0, input_cost_per_mtok = 100.0, output_cost_per_mtok = 100.0 },
+  { provider = "mock", model = "gpt-4o", id = "usual" },
+]
 
 [models."auto"]
 strategy = "complexity"

@@ -163,6 +163,12 @@ async fn unknown_models_routes_and_methods() {
         .unwrap();
     assert_eq!(r.status(), 405);
     assert_error(&r.json().await.unwrap(), "method_not_allowed");
+    // On an Anthropic route, in Anthropic's shape (as its 404s).
+    let r = http.get(s.url("/v1/messages")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "error", "{body:#}");
+    assert!(body["error"]["message"].is_string(), "{body:#}");
     let r = http.get(s.url("/v1/models/gpt-9")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     let r = http

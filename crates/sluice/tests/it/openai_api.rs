@@ -110,6 +110,24 @@ async fn models_and_embeddings_through_the_sdk() {
     assert_eq!(emb.data[0].embedding.len(), 12);
     assert_ne!(emb.data[0].embedding, emb.data[1].embedding);
     assert_eq!(emb.usage.prompt_tokens, 3);
+
+    // OpenAI's limit of inputs per request holds here too (a local model would otherwise embed
+    // millions of them in one call).
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/embeddings"))
+        .json(&json!({"model": "mock-echo", "input": vec!["a"; 2049]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "input", "{body:#}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2048")),
+        "{body:#}"
+    );
 }
 
 /// The SDK's Azure client (`api-key` header, the deployment in the path, `api-version` in the
