@@ -42,7 +42,8 @@
 //! # kNN
 //!
 //! When the table has `examples`, each is split into lowercase alphanumeric terms (stop words and
-//! one-character terms dropped, a trailing plural `s` removed) and turned into an L2-normalized
+//! one-character terms dropped, a trailing plural `s` removed; in scripts written without spaces,
+//! pairs of neighbouring characters) and turned into an L2-normalized
 //! TF-IDF vector (`idf = ln((1 + N) / (1 + df)) + 1`). A request's last user message is
 //! vectorized with that vocabulary (unknown words ignored) and compared by cosine with every
 //! example; the `k` most similar with similarity > 0 vote: `knn = Σ sim_i × pos_i / Σ sim_i`,
@@ -297,6 +298,14 @@ impl Classifier {
                     names.join(", ")
                 ));
             };
+            let mut terms = 0usize;
+            for_each_term(&ex.text, &mut String::new(), &mut |_| terms += 1);
+            if terms == 0 {
+                return Err(format!(
+                    "examples[{i}].text: `{}` has no word the examples are compared by (stop words and one-letter words are left out); give a longer example",
+                    ex.text
+                ));
+            }
             labelled.push((tier, ex.text.as_str()));
         }
         Ok(Classifier {
@@ -323,9 +332,11 @@ impl Classifier {
     }
 
     fn classify_messages(&self, messages: &[Message]) -> Decision {
+        // The last user turn, not a message that only carries what a tool returned (images a
+        // `/v1/messages` tool result held).
         let focus = messages
             .iter()
-            .rposition(|m| m.role == Role::User)
+            .rposition(|m| m.role == Role::User && !sluice_types::anthropic::is_tool_media(m))
             .or_else(|| messages.len().checked_sub(1))
             .and_then(|i| messages.get(i));
         let (heuristic, features) = heuristic(messages, focus);
@@ -442,6 +453,28 @@ fn for_each_text(msg: &Message, mut f: impl FnMut(&str)) {
 // Heuristic
 // ---------------------------------------------------------------------------------------------
 
+/// Tokens counted for an image (a 1024×1024 image at high detail, as OpenAI prices it).
+const IMAGE_TOKENS: usize = 765;
+
+/// What a part that is not text adds to `length`, as bytes of text (four to a token): an image
+/// its [`IMAGE_TOKENS`]; a document or audio given inline its decoded size (three quarters of
+/// its base64); one given by reference an image's worth.
+fn media_bytes(part: &sluice_types::openai::ContentPart) -> usize {
+    fn strings(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::String(s) => s.len(),
+            serde_json::Value::Array(a) => a.iter().map(strings).sum(),
+            serde_json::Value::Object(o) => o.values().map(strings).sum(),
+            _ => 0,
+        }
+    }
+    if part.image_url.is_some() {
+        return IMAGE_TOKENS * 4;
+    }
+    let inline = part.extra.values().map(strings).sum::<usize>() * 3 / 4;
+    inline.max(IMAGE_TOKENS * 4)
+}
+
 const W_LENGTH: f64 = 0.40;
 const W_CODE: f64 = 0.70;
 const W_MATH: f64 = 0.60;
@@ -477,13 +510,20 @@ fn heuristic(messages: &[Message], focus: Option<&Message>) -> (f64, Vec<Feature
     let mut user_turns = 0usize;
     for m in messages {
         for_each_text(m, |t| bytes += t.len());
+        if let Some(Content::Parts(parts)) = &m.content {
+            bytes += parts
+                .iter()
+                .filter(|p| p.text.is_none())
+                .map(media_bytes)
+                .sum::<usize>();
+        }
         if let Some(calls) = &m.tool_calls {
             bytes += calls
                 .iter()
                 .map(|c| c.function.arguments.len())
                 .sum::<usize>();
         }
-        if m.role == Role::User {
+        if m.role == Role::User && !sluice_types::anthropic::is_tool_media(m) {
             user_turns += 1;
         }
     }
@@ -763,6 +803,57 @@ impl Default for Scanner {
 const MAX_SCAN_BYTES: usize = 64 * 1024;
 
 const MATH_GLYPHS: &str = "∫∑∏√∞≤≥≠≈∂∇π∈∀∃±θλσμ";
+/// LaTeX commands that count without an argument after them.
+const LATEX_COMMANDS: &[&str] = &[
+    "alpha",
+    "approx",
+    "beta",
+    "cap",
+    "cdot",
+    "cdots",
+    "cos",
+    "cup",
+    "delta",
+    "epsilon",
+    "exists",
+    "forall",
+    "frac",
+    "gamma",
+    "geq",
+    "in",
+    "infty",
+    "int",
+    "lambda",
+    "langle",
+    "ldots",
+    "leq",
+    "lim",
+    "log",
+    "mathbb",
+    "mathbf",
+    "mathrm",
+    "mu",
+    "nabla",
+    "neq",
+    "omega",
+    "partial",
+    "phi",
+    "pi",
+    "pm",
+    "prod",
+    "rangle",
+    "rightarrow",
+    "sigma",
+    "sin",
+    "sqrt",
+    "subset",
+    "sum",
+    "tan",
+    "theta",
+    "times",
+    "to",
+    "vec",
+];
 const ARITHMETIC_OPS: &str = "+-*/^=×÷";
 
 impl Scanner {
@@ -920,7 +1011,12 @@ impl Scanner {
             if next == '(' && !self.word_after_backslash {
                 self.calls += 1;
             }
-            if self.word_after_backslash && word.len() >= 2 {
+            // A LaTeX command: a known one, or one taking an argument (`\frac{`, `\hat{`,
+            // `\sum_`); not any backslash-word (`C:\Users\Anna`, `\n`).
+            if self.word_after_backslash
+                && word.len() >= 2
+                && (matches!(next, '{' | '_' | '^') || LATEX_COMMANDS.contains(&word.as_str()))
+            {
                 self.latex += 1;
             } else if let Some((cue, class, weight)) = lookup(&word) {
                 self.evidence(class).add(cue, weight);
@@ -1198,10 +1294,34 @@ const STOPWORDS: &[&str] = &[
 ];
 
 /// Calls `f` with each kNN term of `text`: lowercase alphanumeric words of two or more
-/// characters, stop words dropped, a trailing plural `s` removed.
+/// characters, stop words dropped, a trailing plural `s` removed; in scripts written without
+/// spaces (Chinese, Japanese, Thai, …), each pair of neighbouring characters (a character alone
+/// when it has no neighbour in its script).
 fn for_each_term(text: &str, buf: &mut String, f: &mut impl FnMut(&str)) {
     buf.clear();
+    // The previous character of an unspaced run, and whether it began the run.
+    let mut run: Option<(char, bool)> = None;
+    let mut pair = String::new();
+    let end_run = |run: &mut Option<(char, bool)>, f: &mut dyn FnMut(&str)| {
+        if let Some((c, true)) = run.take() {
+            f(c.encode_utf8(&mut [0; 4]));
+        }
+    };
     for c in text.chars() {
+        if unspaced(c) {
+            emit_term(buf, f);
+            if let Some((p, _)) = run {
+                pair.clear();
+                pair.push(p);
+                pair.push(c);
+                f(&pair);
+                run = Some((c, false));
+            } else {
+                run = Some((c, true));
+            }
+            continue;
+        }
+        end_run(&mut run, f);
         if c.is_alphanumeric() {
             for l in c.to_lowercase() {
                 buf.push(l);
@@ -1212,6 +1332,7 @@ fn for_each_term(text: &str, buf: &mut String, f: &mut impl FnMut(&str)) {
             emit_term(buf, f);
         }
     }
+    end_run(&mut run, f);
     emit_term(buf, f);
 }
 
@@ -1888,6 +2009,98 @@ mod tests {
         let unknown = c.classify_text("Prove the integral of x^2 dx converges");
         assert_eq!(unknown.knn_score, None);
         assert_eq!(unknown.score, unknown.heuristic_score);
+    }
+
+    /// Examples in scripts written without spaces are compared by character pairs (a sentence
+    /// was one term, so no two sentences ever matched); an example with no term is refused.
+    #[test]
+    fn unspaced_scripts_are_compared_by_character_pairs() {
+        let mut cfg = two_tiers();
+        cfg.examples = vec![ExampleConfig {
+            text: "请帮我写一个快速排序算法".into(),
+            tier: "strong".into(),
+        }];
+        let c = Classifier::new(&cfg).expect("valid");
+        let d = c.classify_text("请帮我写一个冒泡排序算法");
+        assert_eq!(d.knn_score, Some(1.0), "{}", d.explain());
+        let mut terms = Vec::new();
+        for_each_term("用python写 a 排", &mut String::new(), &mut |t| {
+            terms.push(t.to_string())
+        });
+        assert_eq!(terms, ["用", "python", "写", "排"]);
+
+        cfg.examples = vec![ExampleConfig {
+            text: "Who are you?".into(),
+            tier: "small".into(),
+        }];
+        let e = Classifier::new(&cfg).unwrap_err();
+        assert!(e.starts_with("examples[0].text:"), "{e}");
+    }
+
+    /// A long document or a few images given as parts count toward `length` (they counted as
+    /// nothing: "summarize this contract" with a 2 MB PDF went to the small tier).
+    #[test]
+    fn documents_and_images_count_toward_length() {
+        let c = Classifier::new(&two_tiers()).expect("valid");
+        let pdf = "JVBERi0xLjcK".repeat(200_000);
+        let msg: Message = serde_json::from_value(serde_json::json!({
+            "role": "user", "content": [
+                {"type": "text", "text": "Summarize this contract."},
+                {"type": "file", "file": {"filename": "c.pdf", "file_data": format!("data:application/pdf;base64,{pdf}")}}
+            ]
+        }))
+        .unwrap();
+        let d = c.classify(&request(vec![msg]));
+        assert!(feature(&d, "length").value > 0.5, "{}", d.explain());
+        assert_eq!(d.tier, "strong", "{}", d.explain());
+        let image: Message = serde_json::from_value(serde_json::json!({
+            "role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+            ]
+        }))
+        .unwrap();
+        let d = c.classify(&request(vec![image]));
+        assert!(feature(&d, "length").value > 0.0, "{}", d.explain());
+    }
+
+    /// Behind a `/v1/messages` tool result with an image, the task is still the user's last own
+    /// words, not the message carrying the image.
+    #[test]
+    fn tool_media_messages_are_not_the_users_turn() {
+        let c = Classifier::new(&two_tiers()).expect("valid");
+        let task = "Refactor this Python function to use a dataclass:\n```python\ndef f(x):\n    return {'a': x}\n```";
+        let messages: Vec<Message> = serde_json::from_value(serde_json::json!([
+            {"role": "user", "content": task},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "toolu_1", "type": "function", "function": {"name": "screenshot", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "done"},
+            {"role": "user", "content": [
+                {"type": "text", "text": format!("{}toolu_1]", sluice_types::anthropic::TOOL_MEDIA_LINE)},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+            ]}
+        ]))
+        .unwrap();
+        let alone = c.classify(&request(vec![Message::text(Role::User, task)]));
+        let d = c.classify(&request(messages));
+        assert_eq!(
+            feature(&d, "code").value,
+            feature(&alone, "code").value,
+            "{}",
+            d.explain()
+        );
+        assert_eq!(feature(&d, "depth").value, feature(&alone, "depth").value);
+    }
+
+    /// Backslashes in a Windows path or an escape are not LaTeX.
+    #[test]
+    fn backslash_words_are_latex_only_when_they_look_it() {
+        let mut s = Scanner::default();
+        s.feed("Where is C:\\Users\\Anna\\Desktop\\photos? It printed \\u00e9 and \\n.");
+        assert_eq!(s.latex, 0, "{s:?}");
+        let mut s = Scanner::default();
+        s.feed("Show \\sum_{i=1}^n i = \\frac{n(n+1)}{2} and \\alpha \\leq \\hat{x}");
+        assert_eq!(s.latex, 5, "{s:?}");
     }
 
     /// A middle tier's examples vote inside that tier's band, whatever its thresholds (they

@@ -1917,7 +1917,7 @@ fn user_to_openai(
                     }
                     if !media.is_empty() {
                         tool_media.push(ContentPart::text(format!(
-                            "[Attached by the result of tool call {tool_use_id}]"
+                            "{TOOL_MEDIA_LINE}{tool_use_id}]"
                         )));
                         tool_media.extend(media);
                     }
@@ -1962,6 +1962,19 @@ fn user_to_openai(
         });
     }
     Ok(())
+}
+
+/// The line before the images and documents a tool returned, in the user message that carries
+/// them (an OpenAI tool message holds only text); the call's id and `]` follow.
+pub const TOOL_MEDIA_LINE: &str = "[Attached by the result of tool call ";
+
+/// Whether a user message only carries what tools returned (see [`TOOL_MEDIA_LINE`]): no words
+/// of the user's own.
+pub fn is_tool_media(m: &Message) -> bool {
+    m.role == Role::User
+        && matches!(&m.content, Some(Content::Parts(parts))
+            if parts.iter().any(|p| p.text.as_deref().is_some_and(|t| t.starts_with(TOOL_MEDIA_LINE)))
+                && parts.iter().all(|p| p.text.as_deref().is_none_or(|t| t.starts_with(TOOL_MEDIA_LINE))))
 }
 
 /// An image or base64 document block as an OpenAI content part, with its caching breakpoint;
