@@ -774,6 +774,22 @@ impl Gateway {
             fin.fail(&e).await;
             return Err(e);
         }
+        let bad = match (req.encoding_format.as_deref(), req.dimensions) {
+            (Some(f), _) if f != "float" && f != "base64" => Some(
+                Error::invalid(format!(
+                    "`encoding_format` must be `float` or `base64`, got `{f}`"
+                ))
+                .with_param("encoding_format"),
+            ),
+            (_, Some(0)) => {
+                Some(Error::invalid("`dimensions` must be at least 1").with_param("dimensions"))
+            }
+            _ => None,
+        };
+        if let Some(e) = bad {
+            fin.fail(&e).await;
+            return Err(e);
+        }
         if req.input.len() > MAX_EMBEDDING_INPUTS {
             let e = Error::invalid(format!(
                 "`input` holds {} inputs; at most {MAX_EMBEDDING_INPUTS} per request: split it into several requests",

@@ -124,6 +124,9 @@ pub fn build(cfg: &LocalConfig) -> Result<Arc<dyn ChatProvider>, String> {
             path.display()
         ));
     }
+    if cfg.threads == Some(0) {
+        return Err("threads: must be at least 1".into());
+    }
     if path.is_dir() {
         let embedder = SentenceEmbedder::load(path).map_err(|e| format!("path: {e}"))?;
         return Ok(Arc::new(LocalEmbeddings {
@@ -141,7 +144,6 @@ pub fn build(cfg: &LocalConfig) -> Result<Arc<dyn ChatProvider>, String> {
     let model =
         LlamaModel::load_with(path, LoadOptions { weights }).map_err(|e| format!("path: {e}"))?;
     let threads = match cfg.threads {
-        Some(0) => return Err("threads: must be at least 1".into()),
         Some(n) => n,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };

@@ -111,6 +111,22 @@ async fn models_and_embeddings_through_the_sdk() {
     assert_ne!(emb.data[0].embedding, emb.data[1].embedding);
     assert_eq!(emb.usage.prompt_tokens, 3);
 
+    // A bad value is a 400 naming its parameter, whichever provider serves the model (it was a
+    // 422 without one from the mock and local providers).
+    for (field, value) in [("encoding_format", json!("int8")), ("dimensions", json!(0))] {
+        let mut body = json!({"model": "mock-echo", "input": "a"});
+        body[field] = value;
+        let r = reqwest::Client::new()
+            .post(s.url("/v1/embeddings"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{field}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["param"], field, "{body:#}");
+    }
+
     // OpenAI's limit of inputs per request holds here too (a local model would otherwise embed
     // millions of them in one call).
     let r = reqwest::Client::new()
