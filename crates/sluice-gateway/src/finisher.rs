@@ -52,6 +52,9 @@ pub struct Finisher {
     budget: Option<crate::budget::Reservation>,
     /// Where to put the answer in the cache when the request succeeds.
     fill: Option<crate::caching::Fill>,
+    /// Set when the gateway ends the calls still running at shutdown: a record closed unfinished
+    /// then says so, not that the client left.
+    aborting: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Finisher {
@@ -76,7 +79,14 @@ impl Finisher {
             shared_limit: None,
             budget: None,
             fill: None,
+            aborting: None,
         }
+    }
+
+    /// Records a call left unfinished while `flag` is set as ended by the shutdown.
+    pub fn with_abort_flag(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.aborting = Some(flag);
+        self
     }
 
     /// Keeps an admission by the limits kept in Redis until the record closes.
@@ -426,6 +436,10 @@ impl Finisher {
 impl Drop for Finisher {
     fn drop(&mut self) {
         let open = self.attempt_open.take();
+        let shutdown = self
+            .aborting
+            .as_ref()
+            .is_some_and(|a| a.load(std::sync::atomic::Ordering::Acquire));
         if let Some(r) = self.rec() {
             if let Some(started) = open
                 && let Some(a) = r.attempt_log.last_mut()
@@ -433,10 +447,20 @@ impl Drop for Finisher {
                 a.latency_ms = round3(started.elapsed().as_secs_f64() * 1000.0);
             }
             r.status = RecordStatus::Cancelled;
-            r.http_status = ErrorCode::ClientClosed.status();
-            r.error_code = Some(ErrorCode::ClientClosed.as_str().to_string());
-            r.error_message =
-                Some("the client closed the connection before the response was complete".into());
+            let (code, message) = if shutdown {
+                (
+                    ErrorCode::Unavailable,
+                    "the gateway ended this call at shutdown, when its grace period was over",
+                )
+            } else {
+                (
+                    ErrorCode::ClientClosed,
+                    "the client closed the connection before the response was complete",
+                )
+            };
+            r.http_status = code.status();
+            r.error_code = Some(code.as_str().to_string());
+            r.error_message = Some(message.into());
         }
         if let Some(r) = self.close() {
             self.sink.send_detached(r);

@@ -344,6 +344,8 @@ pub struct Gateway {
     sink: LogSink,
     metrics: Arc<Metrics>,
     bodies: BodyMode,
+    /// Set by [`Gateway::end_calls`] at shutdown.
+    aborting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -367,6 +369,7 @@ impl Gateway {
             sink,
             metrics,
             bodies,
+            aborting: Arc::default(),
         }
     }
 
@@ -479,6 +482,15 @@ impl Gateway {
     fn finisher(&self, router: &Router, ctx: RequestContext) -> Finisher {
         let known = router.group(&ctx.record.model).is_some();
         Finisher::new(ctx, self.sink.clone(), self.metrics.clone(), known)
+            .with_abort_flag(self.aborting.clone())
+    }
+
+    /// Notes that the server is ending the calls still running (the shutdown grace period is
+    /// over): their records say so (503 `service_unavailable`, cancelled), not that their
+    /// clients left.
+    pub fn end_calls(&self) {
+        self.aborting
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     fn resolve(router: &Router, model: &str) -> Result<Arc<Group>, Error> {

@@ -309,6 +309,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     reload_on_hangup(&state);
     let app = sluice_server::router(state.clone());
     let abort = state.abort.clone();
+    let gateway = state.gateway.clone();
     drop(state);
     sayln!(
         "sluice {} listening on http://{local}",
@@ -348,8 +349,9 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
             tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
             if tokio::time::timeout(grace, &mut server).await.is_err() {
                 // The requests still running end now, each writing its record as cancelled
-                // while the log still takes records.
+                // by the shutdown while the log still takes records.
                 tracing::warn!("in-flight requests did not finish within the grace period: ending them");
+                gateway.end_calls();
                 abort.send_replace(true);
                 if tokio::time::timeout(Duration::from_secs(1), &mut server).await.is_err() {
                     tracing::warn!("connections still open after the grace period");

@@ -265,8 +265,8 @@ async fn a_client_leaving_a_plain_request_is_recorded_as_cancelled() {
 }
 
 /// Requests still running when the shutdown grace period ends are ended then — a plain one with
-/// a 503, a stream with an error event — and each still gets its record (cancelled), written
-/// before the request log is drained.
+/// a 503, a stream with an error event — and each still gets its record (cancelled, 503
+/// `service_unavailable` as its client was told), written before the request log is drained.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_running_past_the_grace_period_still_get_records() {
     let mut s = Sluice::start_opts(Opts {
@@ -336,6 +336,13 @@ deployments = [{ provider = "trickle", model = "trickle" }]
             .unwrap()
             .unwrap_or_else(|| panic!("no record for {id}; stderr:\n{}", s.stderr()));
         assert_eq!(rec.status.as_str(), "cancelled", "{id}");
+        // Ended by the shutdown, as the client was told: not a client that left.
+        assert_eq!(rec.http_status, 503, "{id}");
+        assert_eq!(
+            rec.error_code.as_deref(),
+            Some("service_unavailable"),
+            "{id}"
+        );
     }
 }
 
