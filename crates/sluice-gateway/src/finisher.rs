@@ -15,16 +15,14 @@ use sluice_types::openai::{
 use crate::router::{InFlight, TokenReservation};
 use crate::{Deployment, RequestContext, metrics::Metrics, tokens};
 
-/// What a complexity-routed request is measured against: the strongest tier.
-#[derive(Debug, Clone, Copy, Default)]
-pub enum Baseline {
-    /// Not routed by complexity, or the strongest tier has no price.
-    #[default]
-    None,
-    /// Routed to a lower tier: what the strongest tier charges.
-    Price(ModelPrice),
-    /// Routed to the strongest tier: its cost is the baseline, nothing is saved.
-    Served,
+/// What a complexity-routed request is measured against: the strongest tier, by its model group
+/// and what it charges (`None`: no price known). A request that group served saves nothing,
+/// whichever of its deployments served it; one served by another (a lower tier, or a fallback)
+/// is measured against the price.
+#[derive(Debug, Clone, Default)]
+pub struct Baseline {
+    pub group: String,
+    pub price: Option<ModelPrice>,
 }
 
 /// Owns a request's record until it is complete.
@@ -73,7 +71,7 @@ impl Finisher {
             attempt_open: None,
             in_flight: None,
             tokens: None,
-            baseline: Baseline::None,
+            baseline: Baseline::default(),
             cache_writes: CacheWrites::default(),
             limit: Vec::new(),
             shared_limit: None,
@@ -245,15 +243,22 @@ impl Finisher {
         }
         if let Some(serde_json::Value::Object(route)) = r.route.as_mut()
             && r.status == RecordStatus::Ok
-            && let Some(base) = match self.baseline {
-                Baseline::None => None,
-                Baseline::Price(p) => Some(p.cost_with_writes(
-                    r.prompt_tokens,
-                    r.completion_tokens,
-                    r.cached_tokens,
-                    self.cache_writes,
-                )),
-                Baseline::Served => Some(r.cost_usd),
+            && !self.baseline.group.is_empty()
+            && let Some(base) = if r
+                .attempt_log
+                .last()
+                .is_some_and(|a| a.group == self.baseline.group)
+            {
+                Some(r.cost_usd)
+            } else {
+                self.baseline.price.map(|p| {
+                    p.cost_with_writes(
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.cached_tokens,
+                        self.cache_writes,
+                    )
+                })
             }
         {
             route.insert("baseline_cost_usd".into(), base.into());
@@ -558,34 +563,39 @@ mod tests {
         );
     }
 
-    /// Embedding usage: an upstream that reports only `total_tokens` is taken at its word (it
-    /// was recorded as 0 tokens, $0); one that reports nothing is counted, and the count goes
-    /// back to the client.
-    #[tokio::test]
-    async fn embedding_usage_from_the_total_or_counted() {
-        let dep = crate::DeploymentConfig {
+    /// A deployment of a mock provider at `price`.
+    fn deployment(price: Option<ModelPrice>) -> Deployment {
+        let provider = Arc::new(
+            sluice_providers::mock::Mock::new(&sluice_providers::mock::MockConfig::default())
+                .unwrap(),
+        );
+        crate::DeploymentConfig {
             provider: "p".into(),
-            model: "text-embedding-3-small".into(),
+            model: "m".into(),
             id: None,
             weight: 1.0,
             rpm: None,
             tpm: None,
             tags: Vec::new(),
             adapter: None,
-            input_cost_per_mtok: Some(1.0),
+            input_cost_per_mtok: None,
             output_cost_per_mtok: None,
             cached_input_cost_per_mtok: None,
             cache_write_cost_per_mtok: None,
             cache_write_1h_cost_per_mtok: None,
-        };
-        let price = dep
-            .price(sluice_core::price::PriceTable::builtin())
-            .unwrap();
-        let provider = Arc::new(
-            sluice_providers::mock::Mock::new(&sluice_providers::mock::MockConfig::default())
-                .unwrap(),
-        );
-        let dep = dep.build(provider, price);
+        }
+        .build(provider, price)
+    }
+
+    /// Embedding usage: an upstream that reports only `total_tokens` is taken at its word (it
+    /// was recorded as 0 tokens, $0); one that reports nothing is counted, and the count goes
+    /// back to the client.
+    #[tokio::test]
+    async fn embedding_usage_from_the_total_or_counted() {
+        let dep = deployment(Some(ModelPrice {
+            input: 1.0,
+            ..ModelPrice::default()
+        }));
         let req: EmbeddingRequest = serde_json::from_value(serde_json::json!({
             "model": "e", "input": ["one two three", "four"]
         }))
@@ -644,11 +654,28 @@ mod tests {
             cache_write_input: Some(1.25),
             cache_write_1h_input: None,
         };
-        for (served, saved) in [(price, 0.0), (cheap, 0.264)] {
+        // (the price served at, the group that served, what was saved): the strongest tier's
+        // group saves nothing whichever of its deployments served (a cheaper one too); any other
+        // group (a lower tier, a fallback) is measured against the strongest tier's price.
+        for (served, group, saved) in [
+            (price, None, 0.0),
+            (cheap, None, 0.264),
+            (cheap, Some("strong"), 0.0),
+            (cheap, Some("fallback"), 0.264),
+        ] {
             let (sink, mut rx) = LogSink::channel(4);
             let ctx = crate::RequestContext::new("chat.completions", true);
             let mut f = Finisher::new(ctx, sink, Arc::new(Metrics::new()), true);
-            f.set_route(serde_json::json!({"tier": "t"}), Baseline::Price(price));
+            if let Some(g) = group {
+                f.attempt(g, &deployment(Some(served)), Instant::now());
+            }
+            f.set_route(
+                serde_json::json!({"tier": "t"}),
+                Baseline {
+                    group: "strong".into(),
+                    price: Some(price),
+                },
+            );
             let mut usage = Usage::new(151_000, 200, 50_000);
             usage.set_cache_write_tokens(100_000);
             f.finish_stream(

@@ -600,15 +600,13 @@ impl Gateway {
             let decision = classifier.classify(&req);
             let tiers = classifier.tiers();
             // The strongest tier is the baseline the savings are measured against.
-            let strongest = tiers.last().map(|t| t.model.as_str());
-            let baseline = if strongest == Some(decision.model.as_str()) {
-                finisher::Baseline::Served
-            } else {
-                strongest
-                    .and_then(|m| router.group(m))
-                    .and_then(|g| tier_price(g))
-                    .map_or(finisher::Baseline::None, finisher::Baseline::Price)
-            };
+            let baseline = tiers
+                .last()
+                .map(|t| finisher::Baseline {
+                    group: t.model.clone(),
+                    price: router.group(&t.model).and_then(|g| tier_price(g)),
+                })
+                .unwrap_or_default();
             fin.set_route(
                 serde_json::json!({
                     "strategy": "complexity",

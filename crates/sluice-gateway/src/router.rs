@@ -350,18 +350,27 @@ impl DeploymentState {
     /// capacity figures), keeping what `previous` has learnt and holds: breaker, latency, capacity
     /// windows, cool-down, in-flight calls and health. The caller checks that the deployment's
     /// identity (its fingerprint), its provider's configuration and its breaker settings are
-    /// unchanged.
+    /// unchanged. Its capacity figures apply to the windows it shares with `previous` once the
+    /// new configuration is taken: [`apply_capacity`](Self::apply_capacity).
     pub fn carry_over(previous: &DeploymentState, dep: Deployment) -> Self {
-        // New capacity figures apply to what the windows have counted.
-        for (w, limit) in [(&previous.live.rpm, dep.rpm), (&previous.live.tpm, dep.tpm)] {
-            if let (Some(w), Some(limit)) = (w, limit) {
-                w.set_limit(limit);
-            }
-        }
         DeploymentState {
             dep,
             live: previous.live.clone(),
             health_running: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Sets the deployment's rpm/tpm figures on its windows, keeping what they counted: for a
+    /// state carried over a reload, once the new configuration has been taken whole (a reload
+    /// refused later must leave the running windows as they were).
+    pub fn apply_capacity(&self) {
+        for (w, limit) in [
+            (&self.live.rpm, self.dep.rpm),
+            (&self.live.tpm, self.dep.tpm),
+        ] {
+            if let (Some(w), Some(limit)) = (w, limit) {
+                w.set_limit(limit);
+            }
         }
     }
 

@@ -40,6 +40,8 @@ pub struct KeyCache {
     any_active: std::sync::atomic::AtomicBool,
     /// Polls made, for the periodic full read.
     polls: std::sync::atomic::AtomicU32,
+    /// When this replica last wrote each key it wrote since the last full read began.
+    written: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for KeyCache {
@@ -66,6 +68,7 @@ impl KeyCache {
             since: Mutex::new(started - chrono::Duration::seconds(5)),
             any_active: std::sync::atomic::AtomicBool::new(false),
             polls: std::sync::atomic::AtomicU32::new(0),
+            written: Mutex::new(HashMap::new()),
         });
         cache.recount();
         Ok(cache)
@@ -96,12 +99,33 @@ impl KeyCache {
     /// Reads every key again: a change whose `updated_at` fell behind the polls (a write that
     /// waited on a lock, a writer whose clock is behind) is seen here at the latest.
     pub async fn reload(&self) -> Result<(), StoreError> {
+        self.reload_from(std::time::Instant::now()).await
+    }
+
+    /// [`reload`](Self::reload), keeping the keys this replica wrote from `began` on.
+    async fn reload_from(&self, began: std::time::Instant) -> Result<(), StoreError> {
         let started = Utc::now();
         let all = self.store.list_keys().await?;
-        *self.keys.write() = all
+        let mut fresh: HashMap<String, Arc<VirtualKey>> = all
             .into_iter()
             .map(|k| (k.id.clone(), Arc::new(k)))
             .collect();
+        {
+            let mut keys = self.keys.write();
+            let mut written = self.written.lock();
+            // A key this replica wrote while the list was read (a revocation, a rotation, a new
+            // key) may be newer than the list's: it stays. (Other replicas' writes of that time
+            // come with the next poll, which looks back to before this read.)
+            for (id, at) in written.iter() {
+                if *at >= began
+                    && let Some(k) = keys.get(id)
+                {
+                    fresh.insert(id.clone(), k.clone());
+                }
+            }
+            written.retain(|_, at| *at >= began);
+            *keys = fresh;
+        }
         self.recount();
         *self.since.lock() = started - chrono::Duration::seconds(5);
         Ok(())
@@ -131,7 +155,12 @@ impl KeyCache {
 
     /// Puts a key written by this replica in place at once.
     pub fn upsert(&self, k: VirtualKey) {
-        self.keys.write().insert(k.id.clone(), Arc::new(k));
+        let mut keys = self.keys.write();
+        self.written
+            .lock()
+            .insert(k.id.clone(), std::time::Instant::now());
+        keys.insert(k.id.clone(), Arc::new(k));
+        drop(keys);
         self.recount();
     }
 
@@ -585,5 +614,36 @@ mod tests {
             cache.refresh().await.unwrap();
         }
         assert_eq!(cache.check(&secret).unwrap_err(), KeyRejection::Revoked);
+
+        // What this replica wrote while the list was being read is not undone by the list.
+        let (other, other_secret) = KeySpec {
+            name: "o".into(),
+            ..KeySpec::default()
+        }
+        .issue(Utc::now())
+        .unwrap();
+        store.insert_key(&other).await.unwrap();
+        cache.reload().await.unwrap();
+        assert!(cache.check(&other_secret).is_ok());
+        let mut revoked = other.clone();
+        revoked.revoked_at = Some(Utc::now());
+        // Revoked here while a full read is under way (the read began before it, and the
+        // store does not have the revocation yet).
+        let began = std::time::Instant::now();
+        cache.upsert(revoked);
+        assert!(
+            store
+                .get_key(&other.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked_at
+                .is_none()
+        );
+        cache.reload_from(began).await.unwrap();
+        assert_eq!(
+            cache.check(&other_secret).unwrap_err(),
+            KeyRejection::Revoked
+        );
     }
 }

@@ -202,7 +202,15 @@ impl Health {
             return;
         }
         let (store, path, running) = (store.clone(), spill.to_path_buf(), self.replaying.clone());
+        /// Clears the flag however the replay ends (a panic too).
+        struct Done(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
         tokio::spawn(async move {
+            let _done = Done(running);
             match replay_spill_running(&*store, &path).await {
                 Ok(r) if r.records + r.bad_lines + r.rejected > 0 => tracing::warn!(
                     records = r.records,
@@ -217,7 +225,6 @@ impl Health {
                     "the spilled request records could not be written yet; they stay in the spill file"
                 ),
             }
-            running.store(false, Ordering::Release);
         });
     }
 
@@ -531,13 +538,34 @@ async fn replay_linking(
                     }
                 }
                 // No claim, and yet no link: a file system without hard links (some network
-                // mounts). Claimed by renaming it instead.
-                Err(e) => std::fs::rename(path, &claimed).map_err(|re| {
-                    format!(
-                        "{}: cannot claim it for writing to the store (linking: {e}; renaming: {re})",
-                        path.display()
-                    )
-                })?,
+                // mounts). The claim is taken by creating it (which fails if another replica
+                // made one meanwhile), then the file is renamed over it.
+                Err(e) => {
+                    match std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&claimed)
+                    {
+                        Ok(_) => {}
+                        Err(ce) if ce.kind() == std::io::ErrorKind::AlreadyExists => {
+                            if !take_over {
+                                return Ok(out);
+                            }
+                        }
+                        Err(ce) => {
+                            return Err(format!(
+                                "{}: cannot claim it for writing to the store (linking: {e}; creating the claim: {ce})",
+                                path.display()
+                            ));
+                        }
+                    }
+                    std::fs::rename(path, &claimed).map_err(|re| {
+                        format!(
+                            "{}: cannot claim it for writing to the store (linking: {e}; renaming: {re})",
+                            path.display()
+                        )
+                    })?;
+                }
             }
         } else if !(take_over && claimed.exists()) {
             return Ok(out);

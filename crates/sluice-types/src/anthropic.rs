@@ -2262,8 +2262,8 @@ impl OpenBlock {
 /// A tool block stays open while its arguments are not yet a whole JSON value: OpenAI streams
 /// may interleave the arguments of parallel calls, or send text between them, and a block once
 /// stopped cannot take more (a client acting on `content_block_stop` would run the tool with the
-/// arguments so far). What comes meanwhile for other blocks is queued, in order, and sent after
-/// that block closes.
+/// arguments so far). What comes meanwhile for other blocks is queued, in order, and sent when
+/// that block's arguments are whole (or at the end).
 #[derive(Debug)]
 pub struct StreamEncoder {
     id: String,
@@ -2461,7 +2461,20 @@ impl StreamEncoder {
                 }
             };
         if !must_wait {
-            return self.emit(piece, out);
+            self.emit(piece, out);
+            // The open tool's arguments are whole now: it closes, and what waited behind it
+            // goes out (or waits again behind the next tool still unfinished).
+            if !self.queued.is_empty()
+                && !self.draining
+                && matches!(self.open, Some(OpenBlock::Tool(_)))
+                && serde_json::from_str::<serde::de::IgnoredAny>(&self.live_arguments).is_ok()
+            {
+                self.close_open(out);
+                for piece in std::mem::take(&mut self.queued) {
+                    self.put(piece, out);
+                }
+            }
+            return;
         }
         // Pieces of one block are joined in the queue.
         match (self.queued.last_mut(), piece) {
@@ -3077,6 +3090,24 @@ mod tests {
             }
             out
         };
+        // The first call closes as soon as its arguments are whole, not at the end.
+        let mut encoder = StreamEncoder::new("c", "m");
+        encoder.on_chunk(&chunk(
+            json!({"tool_calls": [call(0, Some("a"), Some("f"), ""), call(1, Some("b"), Some("g"), "")]}),
+            None,
+        ));
+        let now = encoder.on_chunk(&chunk(
+            json!({"tool_calls": [call(0, None, None, "{\"x\":1}")]}),
+            None,
+        ));
+        assert!(
+            now.iter()
+                .any(|e| matches!(e, StreamEvent::ContentBlockStop { index: 0 }))
+                && now
+                    .iter()
+                    .any(|e| matches!(e, StreamEvent::ContentBlockStart { index: 1, .. })),
+            "{now:?}"
+        );
         // Two calls started at once, their arguments after.
         let got = trace(vec![
             chunk(

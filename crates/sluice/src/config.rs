@@ -545,6 +545,12 @@ impl Config {
         raw.cache.validate()?;
         raw.state.validate().map_err(|e| format!("state.{e}"))?;
         let mut router = Router::new(groups)?;
+        // Taken whole: new capacity figures apply to the windows carried over.
+        for name in router.names() {
+            for d in router.group(name).map_or(&[][..], |g| &g.deployments[..]) {
+                d.apply_capacity();
+            }
+        }
         router.limits = raw.limits.clone();
         router.budgets = raw.budgets.clone();
         router.cache = raw.cache.clone();
@@ -653,6 +659,21 @@ mod tests {
         assert_eq!(dep.price.map(|p| p.input), Some(1.5));
         drop(in_flight);
         assert_eq!(edited.router.status()[0].in_flight, 0);
+        // A reload refused for another reason leaves the running figures as they were.
+        let refused =
+            with("http://127.0.0.1:9/v1", "rpm = 50") + "\n[limits.models.nowhere]\nrpm = 1\n";
+        assert!(
+            Config::from_raw_reusing(
+                Source::EmbeddedDefault,
+                raw(&refused),
+                Some((&edited.providers, &edited.router)),
+            )
+            .is_err()
+        );
+        assert_eq!(
+            edited.router.status()[0].rpm.as_ref().map(|c| c.limit),
+            Some(2)
+        );
         // A changed provider starts afresh.
         let third = Config::from_raw_reusing(
             Source::EmbeddedDefault,
