@@ -309,7 +309,8 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     reload_on_hangup(&state);
     let app = sluice_server::router(state.clone());
     let abort = state.abort.clone();
-    let gateway = state.gateway.clone();
+    // Weak: the gateway holds the log queue open, which must close once the server is done.
+    let gateway = Arc::downgrade(&state.gateway);
     drop(state);
     sayln!(
         "sluice {} listening on http://{local}",
@@ -351,7 +352,9 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
                 // The requests still running end now, each writing its record as cancelled
                 // by the shutdown while the log still takes records.
                 tracing::warn!("in-flight requests did not finish within the grace period: ending them");
-                gateway.end_calls();
+                if let Some(g) = gateway.upgrade() {
+                    g.end_calls();
+                }
                 abort.send_replace(true);
                 if tokio::time::timeout(Duration::from_secs(1), &mut server).await.is_err() {
                     tracing::warn!("connections still open after the grace period");
