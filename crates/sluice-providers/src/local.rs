@@ -127,11 +127,15 @@ pub fn build(cfg: &LocalConfig) -> Result<Arc<dyn ChatProvider>, String> {
     if cfg.threads == Some(0) {
         return Err("threads: must be at least 1".into());
     }
+    if cfg.max_waiting == 0 {
+        return Err("max_waiting: must be at least 1".into());
+    }
     if path.is_dir() {
         let embedder = SentenceEmbedder::load(path).map_err(|e| format!("path: {e}"))?;
-        return Ok(Arc::new(LocalEmbeddings {
-            embedder: Arc::new(embedder),
-        }));
+        return Ok(Arc::new(LocalEmbeddings::new(
+            Arc::new(embedder),
+            cfg.max_waiting,
+        )));
     }
     let weights = match cfg.weights {
         WeightMode::Quantized => WeightFormat::AsStored,
@@ -149,9 +153,6 @@ pub fn build(cfg: &LocalConfig) -> Result<Arc<dyn ChatProvider>, String> {
     };
     if cfg.max_batch == 0 {
         return Err("max_batch: must be at least 1".into());
-    }
-    if cfg.max_waiting == 0 {
-        return Err("max_waiting: must be at least 1".into());
     }
     let engine = Engine::start(
         Arc::new(model),
@@ -450,10 +451,69 @@ fn gen_events(
     })
 }
 
-/// A local sentence-embedding model.
+/// A local sentence-embedding model, one request at a time (see [`Turns`]).
 #[derive(Debug)]
 pub struct LocalEmbeddings {
     embedder: Arc<SentenceEmbedder>,
+    turns: Turns,
+}
+
+impl LocalEmbeddings {
+    pub fn new(embedder: Arc<SentenceEmbedder>, max_waiting: usize) -> Self {
+        LocalEmbeddings {
+            embedder,
+            turns: Turns::new(max_waiting),
+        }
+    }
+}
+
+/// Work that runs one at a time (the encoder's matrix work already uses every core), with at
+/// most `max_waiting` waiting for their turn: one more is answered 429, so that a burst cannot
+/// pile up work and memory.
+#[derive(Debug)]
+struct Turns {
+    one: Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
+}
+
+impl Turns {
+    fn new(max_waiting: usize) -> Self {
+        Turns {
+            one: Arc::new(tokio::sync::Semaphore::new(1)),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            max_waiting,
+        }
+    }
+
+    /// Waits for a turn, or refuses when `max_waiting` already wait. The turn lasts as long as
+    /// the permit.
+    async fn take(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ProviderError> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        if let Ok(p) = self.one.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(engine_error(EngineError::Busy(format!(
+                "{} embedding requests are waiting for this local model (max_waiting); retry shortly",
+                self.max_waiting
+            ))));
+        }
+        /// Counts the request out of the waiting ones however the wait ends.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _waiting = Waiting(&self.waiting);
+        self.one
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ProviderError::Connect("the local embedding model was stopped".into()))
+    }
 }
 
 #[async_trait]
@@ -494,7 +554,10 @@ impl ChatProvider for LocalEmbeddings {
             )));
         }
         let embedder = self.embedder.clone();
+        let turn = self.turns.take().await?;
         let (vectors, counts) = tokio::task::spawn_blocking(move || {
+            // Held until the work ends, even if the client has gone: the next waits for it.
+            let _turn = turn;
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             embedder.embed(&refs)
         })
@@ -526,6 +589,41 @@ impl ChatProvider for LocalEmbeddings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One at a time, `max_waiting` waiting, the next refused with a 429 to retry; a waiter that
+    /// gives up frees its place.
+    #[tokio::test]
+    async fn embedding_turns_are_bounded() {
+        let turns = Arc::new(Turns::new(2));
+        let running = turns.take().await.expect("the first runs at once");
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let t = turns.clone();
+                tokio::spawn(async move { t.take().await.map(drop) })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        match turns.take().await {
+            Err(ProviderError::Status {
+                status: 429,
+                retry_after: Some(_),
+                ..
+            }) => {}
+            other => panic!("a fourth is refused: {other:?}"),
+        }
+        waiters[0].abort();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let again = {
+            let t = turns.clone();
+            tokio::spawn(async move { t.take().await.map(drop) })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        drop(running);
+        again.await.unwrap().expect("the place given up was taken");
+        for w in waiters.into_iter().skip(1) {
+            w.await.unwrap().expect("waited its turn");
+        }
+    }
 
     #[tokio::test]
     async fn a_generation_the_engine_drops_ends_with_an_error() {
