@@ -139,7 +139,9 @@ impl Mock {
                 .iter()
                 .map(|m| m.text_content().split_whitespace().count())
                 .sum();
-            Usage::new(prompt as u64, text.split_whitespace().count() as u64, 0)
+            // Every choice's words, as OpenAI counts `n` choices.
+            let n = u64::from(req.n.unwrap_or(1).max(1));
+            Usage::new(prompt as u64, text.split_whitespace().count() as u64 * n, 0)
         })
     }
 
@@ -232,16 +234,31 @@ impl ChatProvider for Mock {
         let model = req.model.clone();
         let usage = self.usage(req, &text);
         let finish = Self::finish_reason(req, &text);
-        let mut chunks = vec![ChatCompletionChunk::role(&id, &model, created)];
+        // Each of the `n` choices, piece by piece in turn.
+        let n = req.n.unwrap_or(1).max(1);
+        let of = |mut chunk: ChatCompletionChunk, i: u32| {
+            for c in &mut chunk.choices {
+                c.index = i;
+            }
+            chunk
+        };
+        let mut chunks: Vec<_> = (0..n)
+            .map(|i| of(ChatCompletionChunk::role(&id, &model, created), i))
+            .collect();
         for piece in text.split_inclusive(char::is_whitespace) {
-            chunks.push(ChatCompletionChunk::text(
-                &id,
-                &model,
-                created,
-                piece.to_string(),
+            for i in 0..n {
+                chunks.push(of(
+                    ChatCompletionChunk::text(&id, &model, created, piece.to_string()),
+                    i,
+                ));
+            }
+        }
+        for i in 0..n {
+            chunks.push(of(
+                ChatCompletionChunk::finish(&id, &model, created, finish),
+                i,
             ));
         }
-        chunks.push(ChatCompletionChunk::finish(&id, &model, created, finish));
         if let Some(u) = usage {
             chunks.push(ChatCompletionChunk::usage_only(&id, &model, created, u));
         }
@@ -368,6 +385,29 @@ mod tests {
         }
         assert_eq!(acc.output_text(), "hello there world");
         assert_eq!(acc.usage().unwrap().prompt_tokens, 3);
+    }
+
+    /// `n` choices, whole and streamed (each with its index), and usage counting every one.
+    #[tokio::test]
+    async fn n_choices_whole_and_streamed() {
+        let m = Mock::new(&MockConfig::default()).unwrap();
+        let mut r = req("two words");
+        r.n = Some(2);
+        let whole = m.chat(&r).await.unwrap();
+        assert_eq!(whole.choices.len(), 2);
+        assert_eq!(whole.usage.as_ref().unwrap().completion_tokens, 4);
+        let mut acc = ChunkAccumulator::default();
+        let mut s = m.chat_stream(&r).await.unwrap();
+        while let Some(c) = s.next().await {
+            acc.push(&c.unwrap());
+        }
+        let done = acc.finish();
+        assert_eq!(done.choices.len(), 2);
+        for c in &done.choices {
+            assert_eq!(c.message.content.as_deref(), Some("two words"));
+            assert_eq!(c.finish_reason.as_deref(), Some("stop"));
+        }
+        assert_eq!(done.usage.unwrap().completion_tokens, 4);
     }
 
     #[tokio::test]

@@ -290,11 +290,22 @@ pub async fn embeddings(State(state): State<SharedState>, req: Request) -> Respo
     }
 }
 
+/// `created` of the models: when this process first listed them (a Unix time, as clients expect;
+/// 0 read as 1970).
+fn models_created() -> u64 {
+    static AT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    })
+}
+
 fn model_object(name: &str) -> ModelObject {
     ModelObject {
         id: name.to_string(),
         object: "model".into(),
-        created: 0,
+        created: models_created(),
         owned_by: "sluice".into(),
     }
 }

@@ -822,14 +822,14 @@ fn cache_creation_extra(u: &Usage) -> Extra {
 
 /// Anthropic's `input_tokens` (those neither read from nor written to the cache), cache reads
 /// and cache writes, from OpenAI usage.
-fn anthropic_input(u: &Usage) -> (u64, u64, Option<u64>) {
+fn anthropic_input(u: &Usage) -> (u64, u64, u64) {
     let cached = u.cached_tokens();
     let writes = u.cache_write_tokens();
     let input = u
         .prompt_tokens
         .saturating_sub(cached)
         .saturating_sub(writes);
-    (input, cached, (writes > 0).then_some(writes))
+    (input, cached, writes)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2199,7 +2199,8 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
             AnthropicUsage {
                 input_tokens: input,
                 output_tokens: u.completion_tokens,
-                cache_creation_input_tokens: writes,
+                // Both always, as Anthropic gives them (0 when nothing was cached).
+                cache_creation_input_tokens: Some(writes),
                 cache_read_input_tokens: Some(cached),
                 extra: cache_creation_extra(u),
             }
@@ -2399,7 +2400,7 @@ impl StreamEncoder {
                 DeltaUsage {
                     output_tokens: u.completion_tokens,
                     input_tokens: Some(input),
-                    cache_creation_input_tokens: writes,
+                    cache_creation_input_tokens: Some(writes),
                     cache_read_input_tokens: Some(cached),
                     extra: cache_creation_extra(u),
                 }
@@ -2438,6 +2439,8 @@ impl StreamEncoder {
                 usage: Some(AnthropicUsage {
                     input_tokens: self.input_tokens,
                     output_tokens: 0,
+                    cache_creation_input_tokens: Some(0),
+                    cache_read_input_tokens: Some(0),
                     ..AnthropicUsage::default()
                 }),
                 extra: Extra::new(),
@@ -3736,7 +3739,8 @@ mod tests {
             json!({"type": "message_start", "message": {
                 "id": "msg_chatcmpl-1", "type": "message", "role": "assistant", "content": [],
                 "model": "claude-alias", "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": 0, "output_tokens": 0}
+                "usage": {"input_tokens": 0, "output_tokens": 0,
+                          "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
             }})
         );
         assert_eq!(
@@ -3755,7 +3759,8 @@ mod tests {
             serde_json::to_value(&events[12]).expect("serializes"),
             json!({"type": "message_delta",
                    "delta": {"stop_reason": "tool_use", "stop_sequence": null},
-                   "usage": {"output_tokens": 9, "input_tokens": 10, "cache_read_input_tokens": 2}})
+                   "usage": {"output_tokens": 9, "input_tokens": 10,
+                             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2}})
         );
         assert_eq!(
             serde_json::to_value(&events[13]).expect("serializes"),

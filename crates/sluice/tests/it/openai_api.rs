@@ -101,6 +101,8 @@ async fn models_and_embeddings_through_the_sdk() {
     let models = c.models().list().await.expect("models");
     let ids: Vec<_> = models.data.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["mock-echo", "priced", "unmetered"]);
+    // A Unix time (it was 0: 1970 to every client that shows it).
+    assert!(models.data.iter().all(|m| m.created > 1_700_000_000));
     let req: CreateEmbeddingRequest = serde_json::from_value(json!({
         "model": "mock-echo", "input": ["alpha beta", "gamma"], "dimensions": 12
     }))
