@@ -13,7 +13,7 @@ use serde::Deserialize;
 use sluice_core::ProviderError;
 use sluice_core::provider::{ChatProvider, ChunkStream};
 use sluice_core::secret::{Secret, SecretRef};
-use sluice_types::anthropic::{ANTHROPIC_FIELDS, CACHE_CONTROL, THINKING_BLOCKS};
+use sluice_types::anthropic::{ANTHROPIC_FIELDS, CACHE_CONTROL, THINKING_BLOCKS, TOOL_IS_ERROR};
 use sluice_types::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, Content, EmbeddingRequest, EmbeddingResponse,
     Role, StreamOptions, ToolCallPlacer,
@@ -270,7 +270,8 @@ impl ChatProvider for OpenAi {
 impl OpenAi {
     /// The request as this upstream takes it, when it needs changing: [`for_official`] on
     /// OpenAI's own API; and, on any, without what only Anthropic reads: the thinking blocks an
-    /// assistant message may carry from `/v1/messages` (signed data) and a Messages request's own
+    /// assistant message may carry from `/v1/messages` (signed data), a tool message's
+    /// `is_error`, and a Messages request's own
     /// top-level fields ([`ANTHROPIC_FIELDS`]); and caching breakpoints (`cache_control`) unless
     /// the provider forwards them.
     fn adjusted(&self, req: &ChatRequest) -> Option<ChatRequest> {
@@ -278,11 +279,12 @@ impl OpenAi {
         if req
             .messages
             .iter()
-            .any(|m| m.extra.contains_key(THINKING_BLOCKS))
+            .any(|m| m.extra.contains_key(THINKING_BLOCKS) || m.extra.contains_key(TOOL_IS_ERROR))
         {
             let o = out.get_or_insert_with(|| req.clone());
             for m in &mut o.messages {
                 m.extra.remove(THINKING_BLOCKS);
+                m.extra.remove(TOOL_IS_ERROR);
             }
         }
         if req.extra.contains_key(ANTHROPIC_FIELDS) {
@@ -591,12 +593,15 @@ mod tests {
                 {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "ok", "reasoning_content": "r",
                  "thinking_blocks": [{"type": "thinking", "thinking": "t", "signature": "s"}]},
-                {"role": "user", "content": "more"}
+                {"role": "user", "content": "more"},
+                {"role": "tool", "tool_call_id": "c", "content": "Error: boom", "is_error": true}
             ]
         }))
         .unwrap();
         let out = serde_json::to_value(local.adjusted(&req).expect("changed")).unwrap();
         assert!(out["messages"][1].get("thinking_blocks").is_none(), "{out}");
+        assert!(out["messages"][3].get("is_error").is_none(), "{out}");
+        assert_eq!(out["messages"][3]["content"], "Error: boom");
         // Everything else is as it was.
         assert_eq!(out["messages"][1]["reasoning_content"], "r");
         assert_eq!(out["messages"][2]["content"], "more");

@@ -515,6 +515,14 @@ pub fn error_type_for_status(status: u16) -> &'static str {
 /// extended thinking, and refuses the turn without them.
 pub const THINKING_BLOCKS: &str = "thinking_blocks";
 
+/// The field of an OpenAI tool message that says its `tool_result` was an error (`is_error`),
+/// so that an Anthropic upstream gets the flag back; OpenAI-type upstreams never see it (their
+/// model reads the `"Error: "` the text starts with).
+pub const TOOL_IS_ERROR: &str = "is_error";
+
+/// The prefix of an error result's text in an OpenAI tool message.
+const ERROR_PREFIX: &str = "Error: ";
+
 /// The field of an OpenAI-shaped request's `extra` that carries a Messages request's top-level
 /// fields with no OpenAI counterpart (`thinking`, `cache_control`, `context_management`,
 /// `service_tier`, …) and the client's `anthropic-beta` header values (as [`BETAS`]): an
@@ -896,8 +904,13 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
                     })?;
                 // Anthropic takes a breakpoint on the `tool_result` block, not inside it.
                 let mut cc = m.extra.get(CACHE_CONTROL).filter(|v| !v.is_null()).cloned();
+                let is_error = m.extra.get(TOOL_IS_ERROR) == Some(&Value::Bool(true));
                 let content = match &m.content {
                     None => None,
+                    // The flag says it: the prefix the text got for OpenAI-type models goes.
+                    Some(Content::Text(s)) if is_error => Some(ToolResultContent::Text(
+                        s.strip_prefix(ERROR_PREFIX).unwrap_or(s).to_string(),
+                    )),
                     Some(Content::Text(s)) => Some(ToolResultContent::Text(s.clone())),
                     Some(Content::Parts(parts)) => {
                         let mut blocks = Vec::new();
@@ -915,7 +928,7 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
                 let mut block = ContentBlock::ToolResult {
                     tool_use_id,
                     content,
-                    is_error: None,
+                    is_error: is_error.then_some(true),
                     extra: Extra::new(),
                 };
                 if let Some(cc) = cc {
@@ -1904,7 +1917,7 @@ fn user_to_openai(
                     .map(ToolResultContent::to_text)
                     .unwrap_or_default();
                 let text = if *is_error == Some(true) {
-                    format!("Error: {text}")
+                    format!("{ERROR_PREFIX}{text}")
                 } else {
                     text
                 };
@@ -1925,6 +1938,9 @@ fn user_to_openai(
                 let mut msg = Message::text(Role::Tool, text);
                 msg.tool_call_id = Some(tool_use_id.clone());
                 msg.extra = cache_control_extra(block_cache_control(block));
+                if *is_error == Some(true) {
+                    msg.extra.insert(TOOL_IS_ERROR.into(), Value::Bool(true));
+                }
                 // Tool messages must directly follow the assistant message that called the tools.
                 messages.push(msg);
             }
@@ -3492,6 +3508,13 @@ mod tests {
         assert_eq!(chat.messages[1].role, Role::Tool);
         assert_eq!(chat.messages[1].tool_call_id.as_deref(), Some("t1"));
         assert_eq!(chat.messages[1].text_content(), "Error: boom");
+        // An Anthropic upstream gets the flag back, and the text as it was.
+        let back = serde_json::to_value(request_from_openai(&chat).unwrap()).unwrap();
+        assert_eq!(
+            back["messages"][0]["content"][0],
+            json!({"type": "tool_result", "tool_use_id": "t1", "content": "boom", "is_error": true}),
+            "{back:#}"
+        );
         assert_eq!(chat.tool_choice, None, "no tools, no tool_choice");
         assert_eq!(chat.stream_options, None);
 
