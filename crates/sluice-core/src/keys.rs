@@ -253,10 +253,16 @@ impl KeySpec {
         if self.models.iter().any(|m| m.trim().is_empty()) {
             return Err("models: names must not be empty".into());
         }
-        if self.rpm == Some(0) || self.tpm == Some(0) || self.max_parallel == Some(0) {
-            return Err(
-                "rpm/tpm/max_parallel: a limit must be at least 1 (leave it out for none)".into(),
-            );
+        for (k, zero) in [
+            ("rpm", self.rpm == Some(0)),
+            ("tpm", self.tpm == Some(0)),
+            ("max_parallel", self.max_parallel == Some(0)),
+        ] {
+            if zero {
+                return Err(format!(
+                    "{k}: a limit must be at least 1 (leave it out for none)"
+                ));
+            }
         }
         for (k, v) in [
             ("budget.daily_usd", self.budget.daily_usd),
@@ -274,7 +280,10 @@ impl KeySpec {
         if let Some(t) = self.expires_at
             && t <= now
         {
-            return Err(format!("expires_at: {t} is in the past"));
+            return Err(format!(
+                "expires_at: {} is in the past",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ));
         }
         if !(self.metadata.is_null() || self.metadata.is_object()) {
             return Err("metadata: must be a JSON object".into());

@@ -52,6 +52,16 @@ pub fn parse_time_or_duration(
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
     }
+    // A time without an offset: UTC.
+    for f in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, f) {
+            return Ok(t.and_utc());
+        }
+    }
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: i64 = num.parse().map_err(|_| {
         format!(
@@ -66,6 +76,17 @@ pub fn parse_time_or_duration(
         _ if num.is_empty() => {
             return Err(format!(
                 "`{s}` is neither an RFC 3339 time, a date (2026-12-05) nor a duration like {example}"
+            ));
+        }
+        // Shaped like a date or a time, but not a valid one.
+        _ if unit.starts_with(['-', ':', 'T']) => {
+            return Err(format!(
+                "`{s}` is not a valid date or time; write a date (2026-12-05), a time (2026-12-05T10:00:00, UTC unless it has an offset) or a duration like {example}"
+            ));
+        }
+        _ if unit.starts_with('.') => {
+            return Err(format!(
+                "`{s}`: a duration is a whole number and a unit (s, m, h or d), like 90m"
             ));
         }
         _ => return Err(format!("`{s}`: the duration unit must be s, m, h or d")),
@@ -304,6 +325,18 @@ mod tests {
         let err = parse_since("soon", now).unwrap_err();
         assert!(err.contains("a date"), "{err}");
         assert!(parse_since("5y", now).unwrap_err().contains("unit"));
-        assert!(parse_since("2026-13-01", now).is_err());
+        // A bad date is said to be one (it read as a wrong duration unit), a time without an
+        // offset is UTC, a fraction of a unit is refused as such.
+        let err = parse_since("2026-13-01", now).unwrap_err();
+        assert!(err.contains("not a valid date"), "{err}");
+        assert_eq!(
+            parse_since("2026-12-05T10:00:00", now).unwrap(),
+            "2026-12-05T10:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        assert!(
+            parse_since("1.5h", now)
+                .unwrap_err()
+                .contains("whole number")
+        );
     }
 }

@@ -87,7 +87,7 @@ impl sluice_server::Reload for Reloader {
         let raw = crate::config::load_raw(&self.source, &self.overrides)?;
         let old = self.gateway.router();
         let cfg = Config::from_raw_reusing(self.source.clone(), raw, Some((&providers, &old)))
-            .map_err(|e| crate::config::in_source(e, &self.source))?;
+            .map_err(|e| crate::config::in_source(e, &self.source, &self.overrides))?;
         let models: Vec<String> = cfg.router.names().map(str::to_string).collect();
         let restart = if cfg.server != self.started_with.0
             || cfg.store != self.started_with.1

@@ -396,7 +396,23 @@ fn plain_type(expected: &str) -> String {
 }
 
 /// A validation error of a configuration read from a file names the file, as parse errors do.
-pub fn in_source(message: String, source: &Source) -> String {
+pub fn in_source(message: String, source: &Source, overrides: &Overrides) -> String {
+    // The key the message is about, and where its value came from: a flag, a variable, the file.
+    let key = message.split(':').next().unwrap_or_default();
+    let flag = match key {
+        "server.listen" if overrides.listen.is_some() => Some("--listen"),
+        k if k.starts_with("store.url") && overrides.store_url.is_some() => Some("--store"),
+        _ => None,
+    };
+    if let Some(flag) = flag {
+        return format!("{message} (from {flag})");
+    }
+    if !key.is_empty() && !key.contains([' ', '[']) {
+        let var = format!("SLUICE__{}", key.replace('.', "__").to_uppercase());
+        if std::env::var_os(&var).is_some() {
+            return format!("{message} (from the environment variable {var})");
+        }
+    }
     match source {
         Source::File(p) => format!("{message} (in {})", p.display()),
         Source::EmbeddedDefault => message,
@@ -569,7 +585,7 @@ impl Config {
     pub fn load(flag: Option<&Path>, overrides: &Overrides) -> Result<Config, String> {
         let source = locate(flag);
         let raw = load_raw(&source, overrides)?;
-        Config::from_raw(source.clone(), raw).map_err(|e| in_source(e, &source))
+        Config::from_raw(source.clone(), raw).map_err(|e| in_source(e, &source, overrides))
     }
 }
 

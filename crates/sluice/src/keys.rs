@@ -16,13 +16,13 @@ pub enum KeysCommand {
     Create(Box<CreateArgs>),
     /// Every key, newest first, revoked ones included (never a key itself).
     List {
-        /// Print the keys as a JSON array.
+        /// Print the keys as JSON: `{"object": "list", "data": [...]}`, as `GET /api/keys`.
         #[arg(long)]
         json: bool,
     },
     /// One key's details.
     Show {
-        /// The key's id (the 16 hex characters after `sk-sluice-`).
+        /// The key's id (the 16 hex characters after `sk-sluice-`; the whole key works too).
         id: String,
         /// Print the key as JSON.
         #[arg(long)]
@@ -407,8 +407,52 @@ async fn not_usable(store: &dyn KeyStore, id: &str, doing: &str) -> anyhow::Erro
     }
 }
 
+/// A key's field named in an error (as the API names it) as the flag of `keys create`.
+fn as_flags(error: &str) -> String {
+    const FLAGS: &[(&str, &str)] = &[
+        ("budget.daily_usd:", "--budget-daily:"),
+        ("budget.monthly_usd:", "--budget-monthly:"),
+        ("budget.total_usd:", "--budget-total:"),
+        ("max_parallel:", "--max-parallel:"),
+        ("expires_at:", "--expires:"),
+        ("rpm:", "--rpm:"),
+        ("tpm:", "--tpm:"),
+        ("models:", "--models:"),
+        ("name:", "--name:"),
+        ("metadata:", "--metadata:"),
+        ("role:", "--role:"),
+    ];
+    FLAGS
+        .iter()
+        .find_map(|(field, flag)| {
+            error
+                .strip_prefix(field)
+                .map(|rest| format!("{flag}{rest}"))
+        })
+        .unwrap_or_else(|| error.to_string())
+}
+
+/// A key given whole where its id is asked for (`sk-sluice-<id>-<secret>`) stands for its id:
+/// the secret is never repeated in a message.
+fn by_id(mut command: KeysCommand) -> anyhow::Result<KeysCommand> {
+    if let KeysCommand::Show { id, .. }
+    | KeysCommand::Revoke { id, .. }
+    | KeysCommand::Rotate { id, .. } = &mut command
+        && id.starts_with(sluice_core::keys::KEY_PREFIX)
+    {
+        match sluice_core::keys::key_id(id) {
+            Some(short) => *id = short.to_string(),
+            None => bail!(
+                "that is not the shape of a Sluice key (sk-sluice-<16 hex characters>-<secret>)\nhint: pass the key's id (the 16 hex characters after `sk-sluice-`); `sluice keys list` shows them"
+            ),
+        }
+    }
+    Ok(command)
+}
+
 pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
     let now = Utc::now();
+    let command = by_id(command)?;
     if !matches!(command, KeysCommand::Create(_))
         && let Some(path) = missing_sqlite_file(store_url)
     {
@@ -434,7 +478,9 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Create(args) => {
             let spec = spec(&args, now)?;
-            let (mut key, secret) = spec.issue(now).map_err(|e| anyhow!("{e}\n{CREATE_HINT}"))?;
+            let (mut key, secret) = spec
+                .issue(now)
+                .map_err(|e| anyhow!("{}\n{CREATE_HINT}", as_flags(&e)))?;
             key.created_by = Some("cli".into());
             let (store, log) = open_with_audit(store_url).await?;
             // Running gateways poll for keys by the time they were written: the time now, after

@@ -122,9 +122,12 @@ pub async fn run(store_url: &str, max_connections: u32, args: LogsArgs) -> anyho
     let store = sluice_store::open(store_url, max_connections)
         .await
         .with_context(|| format!("opening the store at {store_url}"))?;
-    let q = query(&args, args.limit)?;
-    let mut rows = store.list(&q).await?;
-    rows.reverse();
+    let (rows, mut seen) = first_page(
+        store.as_ref(),
+        &query(&args, args.limit)?,
+        args.follow.then(|| query(&args, 1000)).transpose()?,
+    )
+    .await?;
     for r in &rows {
         print(r, args.json);
     }
@@ -146,13 +149,31 @@ pub async fn run(store_url: &str, max_connections: u32, args: LogsArgs) -> anyho
         }
         return Ok(());
     }
-    let mut seen: HashSet<uuid::Uuid> = rows.iter().map(|r| r.id).collect();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         for r in follow_step(store.as_ref(), &query(&args, 1000)?, &mut seen).await? {
             print(&r, args.json);
         }
     }
+}
+
+/// The newest records of `q`, oldest first, and what counts as printed. Following (`follow`,
+/// the query each poll runs), every record already in the follow window counts as printed, so
+/// that after the last `-n` the follower prints only what is written from then on (it printed
+/// the older records of the window next, out of time order).
+async fn first_page(
+    store: &dyn sluice_core::record::LogStore,
+    q: &RecordQuery,
+    follow: Option<RecordQuery>,
+) -> anyhow::Result<(Vec<RequestRecord>, HashSet<uuid::Uuid>)> {
+    let mut seen = HashSet::new();
+    if let Some(f) = &follow {
+        follow_step(store, f, &mut seen).await?;
+    }
+    let mut rows = store.list(q).await?;
+    rows.reverse();
+    seen.extend(rows.iter().map(|r| r.id));
+    Ok((rows, seen))
 }
 
 /// How far back `--follow` looks for records on each poll. A record is written when its request
@@ -196,6 +217,43 @@ mod tests {
         r.id = uuid::Builder::from_unix_timestamp_millis(ms, &tail).into_uuid();
         r.status = RecordStatus::Ok;
         r
+    }
+
+    /// `-f -n 2`: the two newest, then only what is written later (not the older records of the
+    /// follow window).
+    #[tokio::test]
+    async fn follow_after_the_last_n_prints_only_new_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let store = sluice_store::open(&url, 1).await.unwrap();
+        let old: Vec<_> = (0..5).map(|i| at(10_000 - i * 1_000)).collect();
+        store.insert_batch(&old).await.unwrap();
+        let page = |limit| RecordQuery {
+            limit,
+            ..RecordQuery::default()
+        };
+        let (rows, mut seen) = first_page(store.as_ref(), &page(2), Some(page(1000)))
+            .await
+            .unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [old[3].id, old[4].id]
+        );
+        assert!(
+            follow_step(store.as_ref(), &page(1000), &mut seen)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let new = at(0);
+        store
+            .insert_batch(std::slice::from_ref(&new))
+            .await
+            .unwrap();
+        let next = follow_step(store.as_ref(), &page(1000), &mut seen)
+            .await
+            .unwrap();
+        assert_eq!(next.iter().map(|r| r.id).collect::<Vec<_>>(), [new.id]);
     }
 
     #[tokio::test]

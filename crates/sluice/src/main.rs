@@ -203,7 +203,7 @@ enum RouteCommand {
     },
     /// Cost of complexity-routed requests in the log against always using the strongest tier.
     Report {
-        /// Only since this time (RFC 3339) or duration ago (30s, 15m, 2h, 7d).
+        /// Only since this time (RFC 3339) or duration ago (30s, 15m, 2h, 7d); default: the whole log.
         #[arg(long)]
         since: Option<String>,
         /// Only this (complexity-routed) model.

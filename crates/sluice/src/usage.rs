@@ -20,10 +20,13 @@ pub struct UsageArgs {
     /// Only this virtual key (its id).
     #[arg(long)]
     pub key: Option<String>,
+    /// Only this user (the request's user: header, body `user`, or key owner)
     #[arg(long)]
     pub user: Option<String>,
+    /// Only this team (its keys' owner team)
     #[arg(long)]
     pub team: Option<String>,
+    /// Only this model (as clients asked for it)
     #[arg(long)]
     pub model: Option<String>,
     /// JSON instead of a table.

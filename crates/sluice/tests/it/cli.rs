@@ -159,6 +159,35 @@ fn config_errors_name_the_key_and_its_origin_on_one_line() {
     let err = check("listen.toml", "[server]\nlisten = \"nowhere\"\n", &[]);
     assert!(err.starts_with("error: server.listen:"), "{err}");
     assert!(err.trim_end().ends_with("listen.toml)"), "{err}");
+    // … unless the value came from a variable or a flag: then that is named (the file was).
+    let err = check(
+        "fine.toml",
+        "[server]\nlisten = \"127.0.0.1:4141\"\n",
+        &[("SLUICE__SERVER__LISTEN", "abc")],
+    );
+    assert!(
+        err.trim_end()
+            .ends_with("(from the environment variable SLUICE__SERVER__LISTEN)"),
+        "{err}"
+    );
+    let (code, _, err) = run(
+        &[
+            "serve",
+            "--config",
+            dir.path().join("fine.toml").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:99999",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.lines()
+            .next()
+            .unwrap_or_default()
+            .ends_with("(from --listen)"),
+        "{err}"
+    );
 }
 
 /// A new key's secret is printed once: if it cannot be, the command fails and says how to
@@ -514,6 +543,17 @@ fn keys_are_managed_from_the_command_line() {
         out.contains("ci bot") && !out.contains("sk-sluice-"),
         "{out}"
     );
+    // The whole key stands for its id, and its secret is never repeated (it was, in the
+    // error); a string shaped otherwise is refused without echoing it.
+    let (code, out, err) = keys(&["show", &key]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ci bot") && !out.contains(&key), "{out}");
+    let (code, _, err) = keys(&["show", "sk-sluice-nothex-secretpart"]);
+    assert_ne!(code, 0);
+    assert!(
+        !err.contains("secretpart") && err.contains("hint:"),
+        "{err}"
+    );
 
     let (code, out, err) = keys(&["rotate", &id]);
     assert_eq!(code, 0, "{err}");
@@ -571,16 +611,30 @@ fn keys_are_managed_from_the_command_line() {
     assert!(err.contains("--name"), "{err}");
     let (code, _, err) = keys(&["create", "--name", "x", "--rpm", "0"]);
     assert_eq!(code, 2);
+    // Errors name the flag given, not the API's field.
     assert!(
-        err.starts_with("error: rpm/tpm/max_parallel: a limit must be at least 1"),
+        err.starts_with("error: --rpm: a limit must be at least 1"),
         "{err}"
     );
     for (flag, value, says) in [
-        ("--metadata", "[1]", "metadata: must be a JSON object"),
+        ("--metadata", "[1]", "--metadata: must be a JSON object"),
         ("--metadata", "{", "--metadata is not valid JSON"),
-        ("--expires", "2001-01-01T00:00:00Z", "is in the past"),
+        (
+            "--expires",
+            "2001-01-01T00:00:00Z",
+            "--expires: 2001-01-01T00:00:00Z is in the past",
+        ),
         ("--expires", "-5d", "--expires"),
-        ("--budget-total", "-1", "budget.total_usd"),
+        (
+            "--budget-total",
+            "-1",
+            "--budget-total: must be a non-negative",
+        ),
+        (
+            "--max-parallel",
+            "0",
+            "--max-parallel: a limit must be at least 1",
+        ),
     ] {
         let (code, _, err) = keys(&["create", "--name", "x", flag, value]);
         assert_eq!(code, 2, "{flag} {value}: {err}");
