@@ -193,6 +193,25 @@ impl KeyRejection {
 }
 
 impl VirtualKey {
+    /// `active`, `revoked` or `expired` at `now`.
+    pub fn status(&self, now: DateTime<Utc>) -> &'static str {
+        match self.check(now) {
+            Ok(()) => "active",
+            Err(KeyRejection::Revoked) => "revoked",
+            Err(KeyRejection::Expired) => "expired",
+            Err(KeyRejection::Unknown) => "unknown",
+        }
+    }
+
+    /// The key as the API and the CLI show it: its fields (never its hash) and its `status`.
+    pub fn to_json(&self, now: DateTime<Utc>) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(map) = v.as_object_mut() {
+            map.insert("status".into(), self.status(now).into());
+        }
+        v
+    }
+
     /// Whether the key may be used now.
     pub fn check(&self, now: DateTime<Utc>) -> Result<(), KeyRejection> {
         if self.revoked_at.is_some_and(|t| t <= now) {

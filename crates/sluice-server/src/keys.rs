@@ -356,7 +356,7 @@ async fn may_manage(
 
 /// A key's fields as answered, with the key itself when it is being shown (once).
 fn key_body(k: &VirtualKey, secret: Option<String>) -> serde_json::Value {
-    let mut body = serde_json::to_value(k).unwrap_or_default();
+    let mut body = k.to_json(Utc::now());
     if let Some(secret) = secret {
         body["key"] = serde_json::Value::String(secret);
     }
@@ -381,7 +381,11 @@ pub async fn list(State(state): State<SharedState>) -> Response {
         return no_keys();
     };
     match cache.store.list_keys().await {
-        Ok(keys) => Json(serde_json::json!({"object": "list", "data": keys})).into_response(),
+        Ok(keys) => {
+            let now = Utc::now();
+            let data: Vec<_> = keys.iter().map(|k| k.to_json(now)).collect();
+            Json(serde_json::json!({"object": "list", "data": data})).into_response()
+        }
         Err(e) => store_error(e),
     }
 }
@@ -392,7 +396,7 @@ pub async fn get(State(state): State<SharedState>, crate::IdPath(id): crate::IdP
         return no_keys();
     };
     match cache.store.get_key(&id).await {
-        Ok(Some(k)) => Json(k).into_response(),
+        Ok(Some(k)) => Json(k.to_json(Utc::now())).into_response(),
         Ok(None) => not_found(&id),
         Err(e) => store_error(e),
     }

@@ -148,16 +148,19 @@ pub async fn usage(
             return unavailable("reading usage");
         }
     };
-    let total = UsageRow::total(&rows);
-    Json(serde_json::json!({
+    Json(report_json(&q, &rows)).into_response()
+}
+
+/// The usage report as `GET /api/usage` answers it (and `sluice usage --json` prints it).
+pub fn report_json(q: &UsageQuery, rows: &[UsageRow]) -> serde_json::Value {
+    serde_json::json!({
         "object": "usage",
         "since": q.since,
         "until": q.until,
         "group_by": q.group_by.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
         "data": rows.iter().map(|r| row_json(&q.group_by, r)).collect::<Vec<_>>(),
-        "total": row_json(&[], &total),
-    }))
-    .into_response()
+        "total": row_json(&[], &UsageRow::total(rows)),
+    })
 }
 
 /// Query parameters of `DELETE /api/cache`.

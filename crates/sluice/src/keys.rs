@@ -146,21 +146,12 @@ fn spec(args: &CreateArgs, now: DateTime<Utc>) -> anyhow::Result<KeySpec> {
 
 /// `active`, `revoked` or `expired`.
 fn status(k: &VirtualKey, now: DateTime<Utc>) -> &'static str {
-    match k.check(now) {
-        Ok(()) => "active",
-        Err(KeyRejection::Revoked) => "revoked",
-        Err(KeyRejection::Expired) => "expired",
-        Err(KeyRejection::Unknown) => "unknown",
-    }
+    k.status(now)
 }
 
-/// A key as JSON (never its hash), with its status.
+/// A key as JSON (never its hash), with its status: as the API shows it.
 fn to_json(k: &VirtualKey, now: DateTime<Utc>) -> Value {
-    let mut v = serde_json::to_value(k).unwrap_or_default();
-    if let Some(map) = v.as_object_mut() {
-        map.insert("status".into(), Value::String(status(k, now).into()));
-    }
-    v
+    k.to_json(now)
 }
 
 fn print_json(v: &Value) {

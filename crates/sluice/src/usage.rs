@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use sluice_core::usage::{UsageDim, UsageRow};
-use sluice_server::usage::{UsageParams, row_json};
+use sluice_server::usage::UsageParams;
 
 #[derive(Debug, clap::Args)]
 pub struct UsageArgs {
@@ -133,15 +133,10 @@ pub async fn run(url: &str, args: UsageArgs) -> anyhow::Result<()> {
     let rows = stores.usage.usage(&q).await.context("reading usage")?;
     let total = UsageRow::total(&rows);
     if args.json {
+        // The shape of `GET /api/usage`.
         outln!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "since": q.since,
-                "until": q.until,
-                "group_by": q.group_by.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
-                "data": rows.iter().map(|r| row_json(&q.group_by, r)).collect::<Vec<_>>(),
-                "total": row_json(&[], &total),
-            }))?
+            serde_json::to_string_pretty(&sluice_server::usage::report_json(&q, &rows))?
         );
         return Ok(());
     }

@@ -183,6 +183,7 @@ async fn a_key_budget_is_never_overshot_and_survives_a_restart() {
     );
     let v: Value = serde_json::from_slice(&out.stdout).expect("usage json");
     assert_eq!(v["total"]["requests"], 6, "{v:#}");
+    assert_eq!(v["object"], "usage", "the shape of GET /api/usage: {v:#}");
     let table = std::process::Command::new(BIN)
         .args(["usage", "--store", &s.store_url, "-g", "team,model"])
         .output()

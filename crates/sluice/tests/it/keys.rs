@@ -71,6 +71,15 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
         !text.contains(&key),
         "the key leaks from the list: {list:#}"
     );
+    // Each with its status, as `sluice keys list --json` shows it.
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["status"] == "active"),
+        "{list:#}"
+    );
 
     // Now keys are in force: none, or a foreign one, is refused.
     let (st, _, body) = chat(&s, None, "mock-echo").await;
@@ -232,6 +241,8 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    let revoked: Value = resp.json().await.unwrap();
+    assert_eq!(revoked["status"], "revoked", "{revoked:#}");
     let (st, _, body) = chat(&s, Some(&new_key), "mock-echo").await;
     assert_eq!(st, 401);
     assert!(
