@@ -586,6 +586,26 @@ impl SqliteStore {
 
 impl PgStore {
     pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        // One connection first, without the pool's retries: a server that refuses or a wrong
+        // password is said at once, with its reason (the pool waits out its timeout and says
+        // only that it timed out).
+        {
+            use sqlx::Connection;
+            let cannot = |why: String| {
+                StoreError::Database(format!(
+                    "cannot connect to PostgreSQL: {why}; check that the server runs and the URL (host, port, user, password, database) is right"
+                ))
+            };
+            match tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(url))
+                .await
+            {
+                Ok(Ok(c)) => {
+                    let _ = c.close().await;
+                }
+                Ok(Err(e)) => return Err(cannot(e.to_string())),
+                Err(_) => return Err(cannot("no answer within 10 s".into())),
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
@@ -1495,6 +1515,18 @@ mod tests {
                 "{sql}"
             );
         }
+    }
+
+    /// A server that refuses the connection is said to, with the reason (the pool's retries
+    /// ended in "pool timed out while waiting for an open connection" after 10 s).
+    #[tokio::test]
+    async fn a_refused_postgres_connection_says_why() {
+        let e = PgStore::open("postgres://u@127.0.0.1:1/db", 1)
+            .await
+            .err()
+            .expect("nothing listens on port 1");
+        let e = e.to_string();
+        assert!(e.contains("refused") && !e.contains("timed out"), "{e}");
     }
 
     /// A PostgreSQL database at version 5 whose records name teams of every shape migrates: a
