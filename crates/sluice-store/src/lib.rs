@@ -1521,10 +1521,9 @@ mod tests {
     /// ended in "pool timed out while waiting for an open connection" after 10 s).
     #[tokio::test]
     async fn a_refused_postgres_connection_says_why() {
-        let e = PgStore::open("postgres://u@127.0.0.1:1/db", 1)
-            .await
-            .err()
-            .expect("nothing listens on port 1");
+        let Err(e) = PgStore::open("postgres://u@127.0.0.1:1/db", 1).await else {
+            panic!("nothing listens on port 1");
+        };
         let e = e.to_string();
         assert!(e.contains("refused") && !e.contains("timed out"), "{e}");
     }

@@ -144,16 +144,6 @@ fn spec(args: &CreateArgs, now: DateTime<Utc>) -> anyhow::Result<KeySpec> {
     })
 }
 
-/// `active`, `revoked` or `expired`.
-fn status(k: &VirtualKey, now: DateTime<Utc>) -> &'static str {
-    k.status(now)
-}
-
-/// A key as JSON (never its hash), with its status: as the API shows it.
-fn to_json(k: &VirtualKey, now: DateTime<Utc>) -> Value {
-    k.to_json(now)
-}
-
 fn print_json(v: &Value) {
     outln!(
         "{}",
@@ -253,7 +243,7 @@ fn print_table(keys: &[VirtualKey], now: DateTime<Utc>) {
                 clip(&models_text(k), 40),
                 limits_text(k),
                 k.expires_at.map_or_else(|| "never".into(), short_time),
-                status(k, now).into(),
+                k.status(now).into(),
                 short_time(k.created_at),
             ]
         })
@@ -293,7 +283,7 @@ fn print_details(k: &VirtualKey, now: DateTime<Utc>) {
     let fields: Vec<(&str, String)> = vec![
         ("id", k.id.clone()),
         ("name", k.name.clone()),
-        ("status", status(k, now).into()),
+        ("status", k.status(now).into()),
         ("role", role_text(k).into()),
         (
             "created by",
@@ -493,7 +483,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 key.id, key.id
             )));
             if args.json {
-                let mut v = to_json(&key, now);
+                let mut v = key.to_json(now);
                 v["key"] = Value::String(secret);
                 print_json(&v);
                 crate::output_at_stake(None);
@@ -517,7 +507,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 // The shape of `GET /api/keys`.
                 print_json(&serde_json::json!({
                     "object": "list",
-                    "data": keys.iter().map(|k| to_json(k, now)).collect::<Vec<_>>(),
+                    "data": keys.iter().map(|k| k.to_json(now)).collect::<Vec<_>>(),
                 }));
             } else if keys.is_empty() {
                 outln!("no keys yet; issue one with `sluice keys create --name NAME`");
@@ -530,7 +520,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 bail!("no key `{id}`\n{LIST_HINT}");
             };
             if json {
-                print_json(&to_json(&k, now));
+                print_json(&k.to_json(now));
             } else {
                 print_details(&k, now);
             }
@@ -547,7 +537,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 .await?
                 .with_context(|| format!("key `{id}` vanished after it was revoked"))?;
             if json {
-                print_json(&to_json(&k, now));
+                print_json(&k.to_json(now));
             } else {
                 outln!(
                     "Revoked key {} ({}); it no longer works (running gateways stop accepting it within a second).",
@@ -582,7 +572,7 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
                 k.id, k.id
             )));
             if json {
-                let mut v = to_json(&k, now);
+                let mut v = k.to_json(now);
                 v["key"] = Value::String(fresh.key);
                 print_json(&v);
                 crate::output_at_stake(None);
