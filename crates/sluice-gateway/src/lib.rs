@@ -779,33 +779,7 @@ impl Gateway {
         self.keep_request_body(&mut ctx, &req);
         let key = ctx.key.clone();
         let mut fin = self.finisher(&router, ctx);
-        if req.input.is_empty() {
-            let e = Error::invalid("`input` must not be empty").with_param("input");
-            fin.fail(&e).await;
-            return Err(e);
-        }
-        let bad = match (req.encoding_format.as_deref(), req.dimensions) {
-            (Some(f), _) if f != "float" && f != "base64" => Some(
-                Error::invalid(format!(
-                    "`encoding_format` must be `float` or `base64`, got `{f}`"
-                ))
-                .with_param("encoding_format"),
-            ),
-            (_, Some(0)) => {
-                Some(Error::invalid("`dimensions` must be at least 1").with_param("dimensions"))
-            }
-            _ => None,
-        };
-        if let Some(e) = bad {
-            fin.fail(&e).await;
-            return Err(e);
-        }
-        if req.input.len() > MAX_EMBEDDING_INPUTS {
-            let e = Error::invalid(format!(
-                "`input` holds {} inputs; at most {MAX_EMBEDDING_INPUTS} per request: split it into several requests",
-                req.input.len()
-            ))
-            .with_param("input");
+        if let Some(e) = embed_request_error(&req) {
             fin.fail(&e).await;
             return Err(e);
         }
@@ -1492,6 +1466,35 @@ fn worst_chat_cost(req: &ChatRequest, router: &Router, group: &Group, default_ma
             .unwrap_or(uncapped),
     ) * u64::from(req.n.unwrap_or(1).max(1));
     (prompt as f64 * input + completion as f64 * output) / 1e6
+}
+
+/// What is wrong with an embeddings request whatever serves it, if anything.
+fn embed_request_error(req: &EmbeddingRequest) -> Option<Error> {
+    let n = req.input.len();
+    if n == 0 {
+        return Some(Error::invalid("`input` must not be empty").with_param("input"));
+    }
+    if n > MAX_EMBEDDING_INPUTS {
+        return Some(
+            Error::invalid(format!(
+                "`input` holds {n} inputs; at most {MAX_EMBEDDING_INPUTS} per request: split it into several requests"
+            ))
+            .with_param("input"),
+        );
+    }
+    if let Some(f) = req.encoding_format.as_deref()
+        && f != "float"
+        && f != "base64"
+    {
+        return Some(
+            Error::invalid(format!(
+                "`encoding_format` must be `float` or `base64`, got `{f}`"
+            ))
+            .with_param("encoding_format"),
+        );
+    }
+    (req.dimensions == Some(0))
+        .then(|| Error::invalid("`dimensions` must be at least 1").with_param("dimensions"))
 }
 
 /// The most inputs one embeddings request may hold (OpenAI's limit).
