@@ -267,7 +267,13 @@ fn openai_sse(
             return None;
         }
         match s.next().await {
-            Some(StreamItem::Chunk(c)) => Some((Ok(data_frame(&c)), (s, false))),
+            Some(StreamItem::Chunk(mut c)) => {
+                // Sluice's own note for `/v1/messages` clients.
+                if !c.extra.is_empty() {
+                    c.extra.shift_remove(sluice_types::anthropic::START_USAGE);
+                }
+                Some((Ok(data_frame(&c)), (s, false)))
+            }
             Some(StreamItem::Error(e)) => Some((Ok(data_frame(&openai_body(&e))), (s, true))),
             None => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (s, true))),
         }

@@ -515,6 +515,12 @@ pub fn error_type_for_status(status: u16) -> &'static str {
 /// extended thinking, and refuses the turn without them.
 pub const THINKING_BLOCKS: &str = "thinking_blocks";
 
+/// The field of the first chunk of a stream from an Anthropic upstream that carries the usage
+/// of its `message_start` (the input and cache counts, known from the start), so that a
+/// `/v1/messages` client's `message_start` has them too. Only Sluice reads it: it is taken out
+/// before a chunk reaches an OpenAI client, the cache or the record.
+pub const START_USAGE: &str = "sluice_start_usage";
+
 /// The field of an OpenAI tool message that says its `tool_result` was an error (`is_error`),
 /// so that an Anthropic upstream gets the flag back; OpenAI-type upstreams never see it (their
 /// model reads the `"Error: "` the text starts with).
@@ -1539,6 +1545,10 @@ impl StreamDecoder {
             StreamEvent::MessageStart { message } => {
                 self.id = message.id;
                 self.model = message.model;
+                let start_usage = message
+                    .usage
+                    .as_ref()
+                    .and_then(|u| serde_json::to_value(u).ok());
                 if let Some(u) = message.usage {
                     self.saw_usage = true;
                     self.input_tokens = u.input_tokens;
@@ -1547,13 +1557,17 @@ impl StreamDecoder {
                     self.cache_creation = u.cache_creation_input_tokens.unwrap_or(0);
                     self.cache_creation_1h = one_hour_writes(&u.extra);
                 }
-                out.push(self.chunk(
+                let mut first = self.chunk(
                     Delta {
                         role: Some(Role::Assistant),
                         ..Delta::default()
                     },
                     None,
-                ));
+                );
+                if let Some(u) = start_usage {
+                    first.extra.insert(START_USAGE.into(), u);
+                }
+                out.push(first);
             }
             StreamEvent::ContentBlockStart {
                 index,
@@ -2298,6 +2312,8 @@ pub struct StreamEncoder {
     queued: Vec<Piece>,
     /// Sending the queue: nothing is queued again.
     draining: bool,
+    /// The upstream's own `message_start` usage, when it is Anthropic ([`START_USAGE`]).
+    start_usage: Option<AnthropicUsage>,
     /// Whitespace that came before any visible text of a text block: sent with the first visible
     /// text, dropped if none comes (a block of whitespace alone is refused when sent back).
     held_whitespace: String,
@@ -2323,6 +2339,7 @@ impl StreamEncoder {
             live_arguments: String::new(),
             queued: Vec::new(),
             draining: false,
+            start_usage: None,
             held_whitespace: String::new(),
             finish_reason: None,
             stop_sequence: None,
@@ -2342,6 +2359,11 @@ impl StreamEncoder {
         let mut out = Vec::new();
         if self.finished {
             return out;
+        }
+        if !self.started
+            && let Some(u) = chunk.extra.get(START_USAGE)
+        {
+            self.start_usage = AnthropicUsage::deserialize(u).ok();
         }
         self.start(&mut out);
         if let Some(u) = &chunk.usage {
@@ -2452,13 +2474,14 @@ impl StreamEncoder {
                 model: self.model.clone(),
                 stop_reason: None,
                 stop_sequence: None,
-                usage: Some(AnthropicUsage {
+                // An Anthropic upstream's own counts; else Sluice's count of the input.
+                usage: Some(self.start_usage.take().unwrap_or(AnthropicUsage {
                     input_tokens: self.input_tokens,
                     output_tokens: 0,
                     cache_creation_input_tokens: Some(0),
                     cache_read_input_tokens: Some(0),
                     ..AnthropicUsage::default()
-                }),
+                })),
                 extra: Extra::new(),
             },
         });
@@ -2954,6 +2977,55 @@ mod tests {
             json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 42}}),
             json!({"type": "message_stop"}),
         ])
+    }
+
+    /// From an Anthropic upstream to a `/v1/messages` client, `message_start` carries the
+    /// upstream's own input and cache counts (it carried Sluice's count, without the cache);
+    /// the note that brings them goes nowhere else (not into the folded answer).
+    #[test]
+    fn message_start_keeps_the_upstreams_usage() {
+        let upstream = parse_events(vec![
+            json!({"type": "message_start", "message": {"id": "msg_u", "type": "message", "role": "assistant", "content": [], "model": "claude", "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 50, "cache_creation_input_tokens": 200, "cache_read_input_tokens": 1000, "output_tokens": 1}}}),
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
+            json!({"type": "content_block_stop", "index": 0}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 3}}),
+            json!({"type": "message_stop"}),
+        ]);
+        let mut decoder = StreamDecoder::new();
+        let mut encoder = StreamEncoder::new("c", "claude").with_input_tokens(7);
+        let mut acc = ChunkAccumulator::default();
+        let mut events = Vec::new();
+        for ev in upstream {
+            for c in decoder.on_event(ev).unwrap() {
+                acc.push(&c);
+                events.extend(encoder.on_chunk(&c));
+            }
+        }
+        let StreamEvent::MessageStart { message } = &events[0] else {
+            panic!("{events:?}");
+        };
+        let u = message.usage.as_ref().unwrap();
+        assert_eq!(
+            (
+                u.input_tokens,
+                u.cache_creation_input_tokens,
+                u.cache_read_input_tokens,
+                u.output_tokens
+            ),
+            (50, Some(200), Some(1000), 1)
+        );
+        let folded = serde_json::to_value(acc.finish()).unwrap();
+        assert!(!folded.to_string().contains(START_USAGE), "{folded}");
+
+        // Without the upstream's counts (an OpenAI-type upstream), Sluice's.
+        let mut encoder = StreamEncoder::new("c", "m").with_input_tokens(7);
+        let first = encoder.on_chunk(&ChatCompletionChunk::role("x", "m", 1));
+        let StreamEvent::MessageStart { message } = &first[0] else {
+            panic!("{first:?}");
+        };
+        assert_eq!(message.usage.as_ref().unwrap().input_tokens, 7);
     }
 
     /// Extended thinking with tools, through Sluice from an Anthropic client to an Anthropic

@@ -1116,7 +1116,8 @@ pub struct ChunkAccumulator {
     choices: Vec<AccChoice>,
     usage: Option<Usage>,
     /// Fields of the chunks beyond OpenAI's (`service_tier`, Azure's `prompt_filter_results`):
-    /// the latest value of each, but for `obfuscation` (padding that only streams carry).
+    /// the latest value of each, but for `obfuscation` (padding that only streams carry) and
+    /// Sluice's own [`START_USAGE`](crate::anthropic::START_USAGE).
     extra: Extra,
 }
 
@@ -1157,7 +1158,7 @@ impl ChunkAccumulator {
             self.usage = Some(u.clone());
         }
         for (k, v) in &chunk.extra {
-            if k != "obfuscation" && !v.is_null() {
+            if k != "obfuscation" && k != crate::anthropic::START_USAGE && !v.is_null() {
                 self.extra.insert(k.clone(), v.clone());
             }
         }

@@ -672,6 +672,11 @@ async fn stream_with_usage(kind: &str) {
             .all(|c| c["object"] == "chat.completion.chunk"),
         "{chunks:#?}"
     );
+    // Sluice's note of an Anthropic upstream's start usage is for `/v1/messages` clients only.
+    assert!(
+        chunks.iter().all(|c| c.get("sluice_start_usage").is_none()),
+        "{chunks:#?}"
+    );
     assert_eq!(delta_text(&chunks), want.text, "{kind}: streamed text");
     assert_eq!(stream_finish_reason(&chunks).as_deref(), Some("stop"));
     let usage_at = chunks
