@@ -2487,6 +2487,13 @@ impl StreamEncoder {
         });
     }
 
+    /// Whether the open tool block's arguments are a whole JSON value (`None`: no tool block is
+    /// open).
+    fn open_tool_whole(&self) -> Option<bool> {
+        matches!(self.open, Some(OpenBlock::Tool(_)))
+            .then(|| serde_json::from_str::<serde::de::IgnoredAny>(&self.live_arguments).is_ok())
+    }
+
     /// Sends `piece` now, or queues it behind the open tool block while that block's arguments
     /// are unfinished (see the type's documentation).
     fn put(&mut self, piece: Piece, out: &mut Vec<StreamEvent>) {
@@ -2495,22 +2502,13 @@ impl StreamEncoder {
                 // Its own arguments go to the open block; a late delta of a closed one goes to
                 // its block (only a broken upstream sends one after the arguments were whole).
                 Piece::Tool(call) if self.known_tool(call).is_some() => false,
-                _ => {
-                    !self.queued.is_empty()
-                        || (matches!(self.open, Some(OpenBlock::Tool(_)))
-                            && serde_json::from_str::<serde::de::IgnoredAny>(&self.live_arguments)
-                                .is_err())
-                }
+                _ => !self.queued.is_empty() || self.open_tool_whole() == Some(false),
             };
         if !must_wait {
             self.emit(piece, out);
             // The open tool's arguments are whole now: it closes, and what waited behind it
             // goes out (or waits again behind the next tool still unfinished).
-            if !self.queued.is_empty()
-                && !self.draining
-                && matches!(self.open, Some(OpenBlock::Tool(_)))
-                && serde_json::from_str::<serde::de::IgnoredAny>(&self.live_arguments).is_ok()
-            {
+            if !self.queued.is_empty() && !self.draining && self.open_tool_whole() == Some(true) {
                 self.close_open(out);
                 for piece in std::mem::take(&mut self.queued) {
                     self.put(piece, out);
