@@ -6,9 +6,10 @@
 //! passed; then it is half-open and lets a few trial requests ("probes") through: enough
 //! successful probes close it with a fresh window, a failed probe opens it again. Each probe
 //! holds a slot named by its [`Probe`] ticket: a call that taught nothing gives it back at once,
-//! one whose outcome never comes frees it after the cooldown (so the breaker cannot get stuck
-//! half-open), and only a ticket whose slot is still held counts: an answer that comes after its
-//! slot expired, or after the breaker reopened, says nothing about the deployment now.
+//! one whose outcome has not come after the cooldown frees its slot for another probe (so the
+//! breaker cannot get stuck half-open). Its answer still counts if it comes while the breaker is
+//! half-open in the same period (a deployment slower than the cooldown can still close it); one
+//! that comes after the breaker reopened says nothing about the deployment now.
 //!
 //! Every time-dependent method takes `now`; each call holds one short mutex section.
 
@@ -25,6 +26,8 @@ pub const MAX_WINDOW_SECS: u64 = 600;
 pub const MAX_COOLDOWN_SECS: f64 = 86_400.0;
 /// The most concurrent half-open probes.
 pub const MAX_HALF_OPEN_PROBES: u32 = 10_000;
+/// The most probes whose slot expired that a half-open breaker still waits to hear from.
+const MAX_EXPIRED_PROBES: usize = 64;
 
 fn default_enabled() -> bool {
     true
@@ -247,6 +250,9 @@ struct Inner {
     opened_times: u64,
     /// Each probe in flight (half-open only): its ticket number and when it was admitted.
     probes: Vec<(u64, Instant)>,
+    /// Probes of this half-open period whose slot expired before they answered (the newest
+    /// [`MAX_EXPIRED_PROBES`]): their answer still counts.
+    expired: Vec<u64>,
     /// Successful probes since the breaker went half-open.
     probe_successes: u32,
     /// The next probe's ticket number.
@@ -261,22 +267,44 @@ impl Inner {
         {
             self.phase = Phase::HalfOpen;
             self.probes.clear();
+            self.expired.clear();
             self.probe_successes = 0;
         }
     }
 
-    /// Frees the slot of probe `p`; whether it still held one (half-open, not expired, not
-    /// given back or reported already).
+    /// Frees the slot of probe `p`; whether it was a probe of this half-open period not given
+    /// back or reported already (its slot held, or expired while it was still out).
     fn take_slot(&mut self, p: Probe) -> bool {
         if self.phase != Phase::HalfOpen {
             return false;
         }
-        match self.probes.iter().position(|&(id, _)| id == p.id) {
+        if let Some(i) = self.probes.iter().position(|&(id, _)| id == p.id) {
+            self.probes.remove(i);
+            return true;
+        }
+        match self.expired.iter().position(|&id| id == p.id) {
             Some(i) => {
-                self.probes.remove(i);
+                self.expired.remove(i);
                 true
             }
             None => false,
+        }
+    }
+
+    /// Frees the slots held longer than `ttl`; their probes' answers still count.
+    fn expire_probes(&mut self, now: Instant, ttl: Duration) {
+        let mut i = 0;
+        while i < self.probes.len() {
+            let (id, at) = self.probes[i];
+            if now.saturating_duration_since(at) < ttl {
+                i += 1;
+                continue;
+            }
+            self.probes.remove(i);
+            if self.expired.len() == MAX_EXPIRED_PROBES {
+                self.expired.remove(0);
+            }
+            self.expired.push(id);
         }
     }
 
@@ -284,6 +312,7 @@ impl Inner {
         self.phase = Phase::Open { since: now };
         self.opened_times = self.opened_times.saturating_add(1);
         self.probes.clear();
+        self.expired.clear();
         self.probe_successes = 0;
     }
 
@@ -292,6 +321,7 @@ impl Inner {
         self.window.clear();
         self.consecutive = 0;
         self.probes.clear();
+        self.expired.clear();
         self.probe_successes = 0;
     }
 
@@ -332,6 +362,7 @@ impl Breaker {
                 consecutive: 0,
                 opened_times: 0,
                 probes: Vec::with_capacity(probes.min(16) as usize),
+                expired: Vec::new(),
                 probe_successes: 0,
                 next_probe: 0,
             }),
@@ -348,8 +379,9 @@ impl Breaker {
     }
 
     /// Whether a request may go to this deployment now. Open past the cooldown becomes half-open;
-    /// half-open allows at most `half_open_probes` probes in flight, and a probe whose outcome is
-    /// never reported frees its slot after `cooldown_secs`. A disabled breaker always allows.
+    /// half-open allows at most `half_open_probes` probes in flight, and a probe whose outcome has
+    /// not come after `cooldown_secs` frees its slot (its answer still counts when it comes). A
+    /// disabled breaker always allows.
     pub fn admit(&self, now: Instant) -> Admission {
         if !self.cfg.enabled {
             return Admission::Allowed;
@@ -360,10 +392,7 @@ impl Breaker {
             Phase::Closed => Admission::Allowed,
             Phase::Open { .. } => Admission::Rejected,
             Phase::HalfOpen => {
-                let cooldown = self.cooldown;
-                inner
-                    .probes
-                    .retain(|&(_, at)| now.saturating_duration_since(at) < cooldown);
+                inner.expire_probes(now, self.cooldown);
                 if inner.probes.len() < self.max_probes() {
                     let id = inner.next_probe;
                     inner.next_probe = id.wrapping_add(1);
@@ -389,7 +418,7 @@ impl Breaker {
     /// `probe` is the ticket [`admit`](Self::admit) gave it, if it was a trial.
     ///
     /// Outcomes reported while open (late answers to requests sent before it opened) change
-    /// nothing; while half-open only probes whose slot is still held count.
+    /// nothing; while half-open only this period's probes count, once each.
     pub fn record(&self, now: Instant, success: bool, probe: Option<Probe>) {
         let mut inner = self.inner.lock();
         if !self.cfg.enabled {
@@ -795,6 +824,40 @@ mod tests {
         b.record(t + secs(24), true, Some(late));
         b.record(t + secs(24), true, Some(third));
         assert_eq!(b.state(t + secs(24)), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_probe_slower_than_the_cooldown_still_closes_it() {
+        let (b, t0) = breaker(BreakerConfig::default());
+        open_it(&b, t0);
+        // Every answer takes 40 s, the cooldown is 15 s: each probe's slot expires before it
+        // answers and the next request takes it.
+        let t = t0 + secs(15);
+        let first = probe(&b, t);
+        let second = probe(&b, t + secs(16));
+        let third = probe(&b, t + secs(32));
+        assert_eq!(b.admit(t + secs(33)), Admission::Rejected);
+        b.record(t + secs(40), true, Some(first));
+        assert_eq!(b.state(t + secs(40)), BreakerState::Closed);
+        // The others answer after it closed: ordinary outcomes.
+        b.record(t + secs(56), true, Some(second));
+        b.record(t + secs(72), true, Some(third));
+        assert_eq!(b.snapshot(t + secs(72)).window_requests, 2);
+
+        // A slow probe that fails reopens it; its answer counts once.
+        let (b, t0) = breaker(BreakerConfig {
+            half_open_successes: 2,
+            ..BreakerConfig::default()
+        });
+        open_it(&b, t0);
+        let t = t0 + secs(15);
+        let slow = probe(&b, t);
+        let next = probe(&b, t + secs(20));
+        b.record(t + secs(30), true, Some(slow));
+        b.record(t + secs(30), true, Some(slow));
+        assert_eq!(b.state(t + secs(30)), BreakerState::HalfOpen);
+        b.record(t + secs(31), true, Some(next));
+        assert_eq!(b.state(t + secs(31)), BreakerState::Closed);
     }
 
     #[test]

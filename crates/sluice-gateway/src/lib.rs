@@ -1040,6 +1040,7 @@ impl Gateway {
                     router::Pick::Wait {
                         after,
                         rate_limited,
+                        breakers_open,
                     } => {
                         let budget = group.max_wait().saturating_sub(waited);
                         match after {
@@ -1051,8 +1052,9 @@ impl Gateway {
                                 continue;
                             }
                             _ => {
-                                return Err(last
-                                    .unwrap_or_else(|| no_deployment(group, after, rate_limited)));
+                                return Err(last.unwrap_or_else(|| {
+                                    no_deployment(group, after, rate_limited, breakers_open)
+                                }));
                             }
                         }
                     }
@@ -1145,7 +1147,7 @@ impl Gateway {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| no_deployment(group, None, false)))
+        Err(last.unwrap_or_else(|| no_deployment(group, None, false, true)))
     }
 }
 
@@ -1268,19 +1270,26 @@ impl Call<EmbeddingResponse> for EmbedCall<'_> {
 /// At most this many model groups (the asked one and its fallbacks) serve one request.
 const MAX_GROUPS_PER_REQUEST: usize = 8;
 
-/// The error when no deployment of a group can take a request now.
+/// The error when no deployment of a group can take a request now: a 429 when capacity or a 429
+/// blocks any of them (the group takes requests again soon), else a 503.
 fn no_deployment(
     group: &Group,
     after: Option<Duration>,
     rate_limited: bool,
+    breakers_open: bool,
 ) -> (Error, ErrorClass) {
     let wait = after.map(|d| Duration::from_secs(d.as_secs_f64().ceil().max(1.0) as u64));
     if rate_limited {
         let mut e = Error::new(
             ErrorCode::RateLimited,
             format!(
-                "every deployment of model `{}` is at its capacity or cooling down after a 429; retry later",
-                group.name
+                "every deployment of model `{}` is at its capacity or cooling down after a 429{}; retry later",
+                group.name,
+                if breakers_open {
+                    ", or has its circuit breaker open"
+                } else {
+                    ""
+                }
             ),
         );
         e.retry_after = wait.or(Some(Duration::from_secs(1)));
@@ -1357,7 +1366,18 @@ async fn open_stream(
         let mut s = d.dep.provider.chat_stream(up).await?;
         let mut pending = Vec::new();
         loop {
-            match s.next().await {
+            // Gaps before the first content (after the role chunk, say) are within the model's
+            // `stream_idle_secs` too.
+            let next = match t.stream_idle() {
+                Some(idle) => tokio::time::timeout(idle, s.next()).await.map_err(|_| {
+                    ProviderError::Timeout(
+                        "the stream stalled longer than the model's timeouts.stream_idle_secs"
+                            .to_string(),
+                    )
+                })?,
+                None => s.next().await,
+            };
+            match next {
                 Some(Ok(c)) => {
                     let started = c.has_content()
                         || c.usage.is_some()

@@ -178,7 +178,8 @@ impl TimeoutConfig {
 
 /// `[models.NAME.health_check]`: probe each deployment in the background (for OpenAI-compatible
 /// and Anthropic upstreams: list the models; no tokens are spent). Failures count against the
-/// deployment's circuit breaker like failed requests, and once the breaker's cool-down has passed
+/// deployment's circuit breaker like failed requests' (server errors and timeouts do; a 429 or a
+/// client error does not), and once the breaker's cool-down has passed
 /// a successful check is its half-open probe, so a recovered deployment closes without a user
 /// request risking it.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -269,6 +270,8 @@ pub struct DeploymentState {
 struct Live {
     in_flight: AtomicU32,
     latency: Ewma,
+    /// When `latency` last took a sample, in milliseconds past `epoch` plus one (0: never).
+    latency_at_ms: AtomicU64,
     rpm: Option<RateWindow>,
     tpm: Option<RateWindow>,
     breaker: Breaker,
@@ -331,6 +334,7 @@ impl DeploymentState {
                 tpm: dep.tpm.map(RateWindow::new),
                 in_flight: AtomicU32::new(0),
                 latency: Ewma::new(0.2),
+                latency_at_ms: AtomicU64::new(0),
                 breaker: Breaker::new(breaker),
                 cooling_until_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
@@ -406,16 +410,27 @@ impl DeploymentState {
                 self.release_probe(probe);
                 return false;
             }
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {:.1} s", timeout.as_secs_f64())),
+            Ok(r) => r.map_err(|e| (e.class().is_deployment_fault(), e.to_string())),
+            Err(_) => Err((
+                true,
+                format!("no answer within {:.1} s", timeout.as_secs_f64()),
+            )),
         };
         self.live.health_checks.fetch_add(1, Ordering::Relaxed);
         if result.is_err() {
             self.live.health_failures.fetch_add(1, Ordering::Relaxed);
         }
-        self.live
-            .breaker
-            .record(Instant::now(), result.is_ok(), probe);
+        match result {
+            Ok(()) => self.live.breaker.record(Instant::now(), true, probe),
+            Err((true, _)) => self.live.breaker.record(Instant::now(), false, probe),
+            // A 429 or a client error counts as a request's would: the deployment answered
+            // (health, for a probe), and nothing otherwise.
+            Err((false, _)) if probe.is_some() => {
+                self.live.breaker.record(Instant::now(), true, probe)
+            }
+            Err((false, _)) => {}
+        }
+        let result = result.map_err(|(_, e)| e);
         *self.live.health.lock() = Some((Instant::now(), result));
         true
     }
@@ -437,6 +452,29 @@ impl DeploymentState {
             .unwrap_or(u64::MAX)
     }
 
+    /// Adds a latency sample; an average older than [`LATENCY_MEMORY`] is forgotten, so the
+    /// sample starts it afresh.
+    fn observe_latency(&self, now: Instant, ms: f64) {
+        let at = self.ms_since_epoch(now).saturating_add(1);
+        let last = self.live.latency_at_ms.swap(at, Ordering::Relaxed);
+        if last == 0 || at.saturating_sub(last) > LATENCY_MEMORY_MS {
+            self.live.latency.reset(ms);
+        } else {
+            self.live.latency.observe(ms);
+        }
+    }
+
+    /// The latency average, in milliseconds; `None` before the first sample or when the last is
+    /// older than [`LATENCY_MEMORY`] (the deployment counts as not measured, and is tried again).
+    pub fn latency_ms(&self, now: Instant) -> Option<f64> {
+        let last = self.live.latency_at_ms.load(Ordering::Relaxed);
+        let at = self.ms_since_epoch(now).saturating_add(1);
+        if last == 0 || at.saturating_sub(last) > LATENCY_MEMORY_MS {
+            return None;
+        }
+        self.live.latency.get()
+    }
+
     /// How long the deployment still cools down after a 429 (or a failure with `Retry-After`).
     fn cooling(&self, now: Instant) -> Option<Duration> {
         let until = self.live.cooling_until_ms.load(Ordering::Relaxed);
@@ -444,31 +482,33 @@ impl DeploymentState {
         (until > at).then(|| Duration::from_millis(until - at))
     }
 
-    /// Why the deployment cannot take a request now, with how long until it might.
-    fn blocked(&self, now: Instant, tokens: u64) -> Option<Option<Duration>> {
+    /// Whether the deployment cannot take a request now: how long until it might, and whether
+    /// capacity or a 429 blocks it (`true`) rather than its open breaker.
+    fn blocked(&self, now: Instant, tokens: u64) -> Option<(Option<Duration>, bool)> {
         if let Some(d) = self.cooling(now) {
-            return Some(Some(d));
+            return Some((Some(d), true));
         }
         if self.live.breaker.state(now) == BreakerState::Open {
-            return Some(
+            return Some((
                 self.live
                     .breaker
                     .snapshot(now)
                     .retry_in_secs
                     .map(Duration::from_secs_f64),
-            );
+                false,
+            ));
         }
         if let Some(w) = &self.live.rpm
             && w.used(now) + 1 > w.limit()
         {
-            return Some(w.wait_for(now, 1));
+            return Some((w.wait_for(now, 1), true));
         }
         if let Some(w) = &self.live.tpm
             && tokens > 0
             && w.used(now) > 0
             && w.used(now) + tokens > w.limit()
         {
-            return Some(w.wait_for(now, tokens));
+            return Some((w.wait_for(now, tokens), true));
         }
         None
     }
@@ -492,7 +532,7 @@ impl DeploymentState {
         self.live.requests.fetch_add(1, Ordering::Relaxed);
         match failure {
             None => {
-                self.live.latency.observe(latency.as_secs_f64() * 1000.0);
+                self.observe_latency(now, latency.as_secs_f64() * 1000.0);
                 self.live.breaker.record(now, true, probe);
             }
             Some((class, retry_after)) => {
@@ -513,6 +553,12 @@ impl DeploymentState {
                         .fetch_max(until, Ordering::Relaxed);
                 }
                 if class.is_deployment_fault() {
+                    // A failure cost its client at least as long as an answer would have: it
+                    // counts as a sample of twice the longer of its own time and the average,
+                    // so that a deployment that times out or fails often looks slow, not fast.
+                    let ms = latency.as_secs_f64() * 1000.0;
+                    let slow = ms.max(self.latency_ms(now).unwrap_or(0.0)) * 2.0;
+                    self.observe_latency(now, slow.min(MAX_LATENCY_SAMPLE_MS));
                     self.live.breaker.record(now, false, probe);
                 } else if probe.is_some() {
                     // The deployment answered: as a probe, that is health.
@@ -573,11 +619,7 @@ impl DeploymentState {
             in_flight: self.in_flight(),
             requests: self.live.requests.load(Ordering::Relaxed),
             failures: self.live.failures.load(Ordering::Relaxed),
-            latency_ewma_ms: self
-                .live
-                .latency
-                .get()
-                .map(|v| (v * 1000.0).round() / 1000.0),
+            latency_ewma_ms: self.latency_ms(now).map(|v| (v * 1000.0).round() / 1000.0),
             rpm: self.live.rpm.as_ref().map(|w| Capacity {
                 limit: w.limit(),
                 used: w.used(now),
@@ -649,6 +691,13 @@ impl std::fmt::Debug for Group {
     }
 }
 
+/// How long a deployment's latency average lasts without a sample: past it the deployment counts
+/// as not measured (the `latency` strategy tries it again) and its next sample starts afresh.
+pub const LATENCY_MEMORY: Duration = Duration::from_secs(30);
+const LATENCY_MEMORY_MS: u64 = LATENCY_MEMORY.as_millis() as u64;
+/// The largest latency sample, in milliseconds (an hour).
+const MAX_LATENCY_SAMPLE_MS: f64 = 3_600_000.0;
+
 /// The least [`DeploymentState::probe_patience`].
 pub const PROBE_PATIENCE_FLOOR: Duration = Duration::from_secs(1);
 
@@ -665,11 +714,13 @@ pub enum Pick {
         tokens: Option<TokenReservation>,
     },
     /// Every deployment is blocked; the soonest may take requests after this long (`None`: not
-    /// within a minute). `rate_limited` tells whether capacity or 429s (rather than open
-    /// breakers) block them all.
+    /// within a minute). `rate_limited`: capacity or a 429 blocks at least one of them (so the
+    /// group takes requests again soon); `breakers_open`: an open (or busy half-open) circuit
+    /// breaker blocks at least one.
     Wait {
         after: Option<Duration>,
         rate_limited: bool,
+        breakers_open: bool,
     },
 }
 
@@ -705,12 +756,14 @@ impl Group {
         let n = self.deployments.len();
         let mut excluded = vec![false; n];
         let mut soonest: Option<Duration> = None;
-        let mut rate_limited = true;
+        let (mut rate_limited, mut breakers_open) = (false, false);
         for (i, d) in self.deployments.iter().enumerate() {
-            if let Some(wait) = d.blocked(now, tokens) {
+            if let Some((wait, capacity)) = d.blocked(now, tokens) {
                 excluded[i] = true;
-                if d.live.breaker.state(now) == BreakerState::Open {
-                    rate_limited = false;
+                if capacity {
+                    rate_limited = true;
+                } else {
+                    breakers_open = true;
                 }
                 if let Some(w) = wait {
                     soonest = Some(soonest.map_or(w, |s| s.min(w)));
@@ -726,17 +779,18 @@ impl Group {
             } else {
                 untried
             };
-            let Some(i) = self.choose(&candidates) else {
+            let Some(i) = self.choose(&candidates, now) else {
                 return Pick::Wait {
                     after: soonest,
                     rate_limited,
+                    breakers_open,
                 };
             };
             let d = &self.deployments[i];
             let probe = match d.live.breaker.admit(now) {
                 Admission::Rejected => {
                     excluded[i] = true;
-                    rate_limited = false;
+                    breakers_open = true;
                     continue;
                 }
                 a => a.probe(),
@@ -746,6 +800,7 @@ impl Group {
                     Some(c) => Some(c),
                     None => {
                         excluded[i] = true;
+                        rate_limited = true;
                         if let Some(wt) = w.wait_for(now, 1) {
                             soonest = Some(soonest.map_or(wt, |s| s.min(wt)));
                         }
@@ -764,6 +819,7 @@ impl Group {
                     }),
                     None => {
                         excluded[i] = true;
+                        rate_limited = true;
                         if let Some(wt) = w.wait_for(now, tokens) {
                             soonest = Some(soonest.map_or(wt, |s| s.min(wt)));
                         }
@@ -785,7 +841,7 @@ impl Group {
     }
 
     /// The strategy's choice among `candidates` (indices into `deployments`).
-    fn choose(&self, candidates: &[usize]) -> Option<usize> {
+    fn choose(&self, candidates: &[usize], now: Instant) -> Option<usize> {
         match candidates {
             [] => return None,
             [only] => return Some(*only),
@@ -811,12 +867,10 @@ impl Group {
                 }
             }
             Strategy::RoundRobin => {
-                let start = self.rr.fetch_add(1, Ordering::Relaxed) % deps.len();
-                // The first candidate at or after the turn's position.
-                *candidates
-                    .iter()
-                    .find(|&&i| i >= start)
-                    .unwrap_or(&candidates[0])
+                // Turns over the deployments that can take the request now, so that one left
+                // out shares its turns evenly rather than handing them all to its neighbour.
+                let turn = self.rr.fetch_add(1, Ordering::Relaxed);
+                candidates[turn % candidates.len()]
             }
             Strategy::LeastBusy => {
                 // One read of each counter: other requests move them meanwhile, and the ties
@@ -847,9 +901,10 @@ impl Group {
                     b += 1;
                 }
                 let (a, b) = (candidates[a], candidates[b]);
-                // No sample yet counts as fastest, so every deployment gets measured.
-                let la = deps[a].live.latency.get().unwrap_or(0.0);
-                let lb = deps[b].live.latency.get().unwrap_or(0.0);
+                // No recent sample counts as fastest, so every deployment gets measured, and
+                // one that was slow is tried again once its average is forgotten.
+                let la = deps[a].latency_ms(now).unwrap_or(0.0);
+                let lb = deps[b].latency_ms(now).unwrap_or(0.0);
                 if la <= lb { a } else { b }
             }
             Strategy::Cost => {
@@ -1211,6 +1266,101 @@ mod tests {
     }
 
     #[test]
+    fn round_robin_shares_a_skipped_deployments_turns_evenly() {
+        let g = group(
+            Strategy::RoundRobin,
+            vec![
+                dep("a", 1.0, None, None),
+                dep("b", 1.0, None, None),
+                dep("c", 1.0, None, None),
+            ],
+            BreakerConfig::default(),
+        );
+        // b cools down after a 429: a and c take turns (it used to be a, c, c).
+        g.deployments[1].report(
+            Instant::now(),
+            Duration::from_millis(5),
+            Some((ErrorClass::RateLimited, Some(Duration::from_secs(60)))),
+            None,
+        );
+        let seq: Vec<String> = (0..6).map(|_| pick_id(&g, &[]).unwrap()).collect();
+        let a = seq.iter().filter(|id| *id == "a").count();
+        assert_eq!((a, seq.len() - a), (3, 3), "{seq:?}");
+        assert!(!seq.iter().any(|id| id == "b"), "{seq:?}");
+    }
+
+    #[test]
+    fn latency_counts_failures_as_slow() {
+        let g = group(
+            Strategy::Latency,
+            vec![
+                dep("flaky", 1.0, None, None),
+                dep("steady", 1.0, None, None),
+            ],
+            BreakerConfig::default(),
+        );
+        let now = Instant::now();
+        // flaky answers in 200 ms but timed out after 10 s once; steady takes 400 ms.
+        g.deployments[0].report(now, Duration::from_millis(200), None, None);
+        g.deployments[0].report(
+            now,
+            Duration::from_secs(10),
+            Some((ErrorClass::Timeout, None)),
+            None,
+        );
+        g.deployments[1].report(now, Duration::from_millis(400), None, None);
+        assert!(g.deployments[0].latency_ms(now).unwrap() > 4_000.0);
+        assert_eq!(counts(&g, 40).get("steady"), Some(&40));
+        // A fast server error counts as slow too.
+        g.deployments[1].report(
+            now,
+            Duration::from_millis(3),
+            Some((ErrorClass::ServerError, None)),
+            None,
+        );
+        assert!(g.deployments[1].latency_ms(now).unwrap() > 400.0);
+        // A client error says nothing about latency.
+        let before = g.deployments[1].latency_ms(now);
+        g.deployments[1].report(
+            now,
+            Duration::from_millis(3),
+            Some((ErrorClass::ClientError, None)),
+            None,
+        );
+        assert_eq!(g.deployments[1].latency_ms(now), before);
+    }
+
+    #[test]
+    fn latency_forgets_an_old_average() {
+        let g = group(
+            Strategy::Latency,
+            vec![
+                dep("was_slow", 1.0, None, None),
+                dep("fast", 1.0, None, None),
+            ],
+            BreakerConfig::default(),
+        );
+        let t = Instant::now();
+        g.deployments[0].report(t, Duration::from_millis(3000), None, None);
+        g.deployments[1].report(t, Duration::from_millis(20), None, None);
+        let later = t + LATENCY_MEMORY + Duration::from_secs(1);
+        // The slow average is forgotten: the deployment counts as unmeasured and is tried.
+        assert_eq!(g.deployments[0].latency_ms(later), None);
+        g.deployments[1].report(later, Duration::from_millis(20), None, None);
+        match g.pick(later, &[], 0) {
+            Pick::Go { dep, .. } => assert_eq!(dep.dep.id, "was_slow"),
+            Pick::Wait { .. } => panic!("no pick"),
+        }
+        // Its next sample starts the average afresh rather than blending with 3000 ms.
+        g.deployments[0].report(later, Duration::from_millis(10), None, None);
+        assert_eq!(g.deployments[0].latency_ms(later), Some(10.0));
+        match g.pick(later, &[], 0) {
+            Pick::Go { dep, .. } => assert_eq!(dep.dep.id, "was_slow"),
+            Pick::Wait { .. } => panic!("no pick"),
+        }
+    }
+
+    #[test]
     fn cost_takes_the_cheapest() {
         let g = group(
             Strategy::Cost,
@@ -1440,11 +1590,17 @@ mod tests {
         // `capped` is at its 2 requests a minute and `bad` is open: nothing is admissible, and
         // the soonest change is the rpm window freeing up within the minute.
         match g.pick(Instant::now(), &[], 0) {
-            Pick::Wait { after, .. } => {
+            Pick::Wait {
+                after,
+                rate_limited,
+                breakers_open,
+            } => {
                 assert!(
                     after.is_some_and(|d| d <= Duration::from_secs(60)),
                     "{after:?}"
-                )
+                );
+                // Both blockers are named: the group takes requests again within the minute.
+                assert!(rate_limited && breakers_open);
             }
             Pick::Go { dep, .. } => panic!("picked {}", dep.dep.id),
         }
@@ -1468,8 +1624,9 @@ mod tests {
             Pick::Wait {
                 after,
                 rate_limited,
+                breakers_open,
             } => {
-                assert!(rate_limited);
+                assert!(rate_limited && !breakers_open);
                 let d = after.expect("a wait");
                 assert!(
                     d > Duration::from_secs(29) && d <= Duration::from_secs(30),
@@ -1573,6 +1730,40 @@ mod tests {
         assert_eq!(s.health.unwrap().checks, 3);
         assert_eq!(s.breaker.state, BreakerState::Open);
         assert_eq!(s.breaker.opened_times, 2);
+
+        // A check answered 429 (an account-wide rate limit) says the deployment answers, as a
+        // request's 429 would: it never opens the breaker, and as the half-open probe it closes
+        // it.
+        let mut limited = dep("limited", 1.0, None, None);
+        limited.provider = Arc::new(
+            Mock::new(&MockConfig {
+                fail_status: Some(429),
+                ..MockConfig::default()
+            })
+            .unwrap(),
+        );
+        let limited = DeploymentState::new(
+            limited,
+            BreakerConfig {
+                consecutive_failures: 2,
+                cooldown_secs: 0.05,
+                ..BreakerConfig::default()
+            },
+        );
+        for _ in 0..3 {
+            assert!(limited.check_health(Duration::from_secs(1)).await);
+        }
+        let s = limited.status("g", Instant::now());
+        assert_eq!(s.breaker.state, BreakerState::Closed, "{s:?}");
+        let h = s.health.expect("a health status");
+        assert!(!h.ok && h.failures == 3 && h.error.is_some_and(|e| e.contains("429")));
+        let fail = Some((ErrorClass::ServerError, None));
+        limited.report(Instant::now(), Duration::from_millis(5), fail, None);
+        limited.report(Instant::now(), Duration::from_millis(5), fail, None);
+        assert_eq!(limited.breaker_state(Instant::now()), BreakerState::Open);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(limited.check_health(Duration::from_secs(1)).await);
+        assert_eq!(limited.breaker_state(Instant::now()), BreakerState::Closed);
     }
 
     #[test]

@@ -290,6 +290,13 @@ impl Ewma {
             });
     }
 
+    /// Starts the average afresh at `ms` (ignored when not finite).
+    pub fn reset(&self, ms: f64) {
+        if ms.is_finite() {
+            self.bits.store(ms.to_bits(), Ordering::Release);
+        }
+    }
+
     /// The average, or `None` before the first sample.
     pub fn get(&self) -> Option<f64> {
         let v = f64::from_bits(self.bits.load(Ordering::Acquire));

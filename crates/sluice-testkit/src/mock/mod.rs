@@ -68,6 +68,11 @@ pub mod models {
     /// A normal answer without any usage (`usage` / `usageMetadata` omitted,
     /// no usage chunk in streams).
     pub const FAULT_NO_USAGE: &str = "fault-no-usage";
+    /// Streaming: the first event of the normal stream (the role chunk,
+    /// `message_start`), then only SSE comments (`: keep-alive`) every 200 ms
+    /// for a minute. Non-streaming: the response headers, then nothing for an
+    /// hour.
+    pub const FAULT_STALL: &str = "fault-stall";
 
     /// Every `fault-*` name.
     pub const ALL_FAULTS: &[&str] = &[
@@ -83,6 +88,7 @@ pub mod models {
         FAULT_BAD_SSE,
         FAULT_CUT,
         FAULT_NO_USAGE,
+        FAULT_STALL,
     ];
 }
 
@@ -471,6 +477,7 @@ pub(crate) enum Fault {
     BadSse,
     Cut,
     NoUsage,
+    Stall,
 }
 
 impl Fault {
@@ -488,6 +495,7 @@ impl Fault {
             models::FAULT_BAD_SSE => Fault::BadSse,
             models::FAULT_CUT => Fault::Cut,
             models::FAULT_NO_USAGE => Fault::NoUsage,
+            models::FAULT_STALL => Fault::Stall,
             _ => return None,
         })
     }
@@ -569,7 +577,7 @@ async fn pre_fault(flavor: Flavor, fault: Option<Fault>) -> Option<Response> {
             )
                 .into_response(),
         ),
-        Fault::BadSse | Fault::Cut | Fault::NoUsage => None,
+        Fault::BadSse | Fault::Cut | Fault::NoUsage | Fault::Stall => None,
     }
 }
 
@@ -636,6 +644,12 @@ fn deliver(shared: &Arc<Shared>, flavor: Flavor, fault: Option<Fault>, answer: A
                 true,
             )
         }
+        Answer::Json(text) if fault == Some(Fault::Stall) => body_stream(
+            shared,
+            "application/json",
+            vec![Ev::after(Duration::from_secs(3600), text)],
+            false,
+        ),
         Answer::Json(text) => json_text(StatusCode::OK, text),
         Answer::Stream(events) => {
             let content_type = flavor.sse_content_type();
@@ -652,6 +666,16 @@ fn deliver(shared: &Arc<Shared>, flavor: Flavor, fault: Option<Fault>, answer: A
                     events.into_iter().take(2).collect(),
                     true,
                 ),
+                Some(Fault::Stall) => {
+                    let keep_alive =
+                        (0..300).map(|_| Ev::after(Duration::from_millis(200), ": keep-alive\n\n"));
+                    body_stream(
+                        shared,
+                        content_type,
+                        events.into_iter().take(1).chain(keep_alive).collect(),
+                        false,
+                    )
+                }
                 _ => body_stream(shared, content_type, events, false),
             }
         }

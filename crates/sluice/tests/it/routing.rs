@@ -642,6 +642,38 @@ async fn a_stream_without_a_first_token_fails_over_invisibly() {
 }
 
 #[tokio::test]
+async fn a_stream_that_stalls_after_its_role_chunk_fails_over_on_the_idle_timeout() {
+    // The upstream sends the role chunk, then only keep-alive comments: the provider's own idle
+    // timer (30 s here) sees bytes; the model's stream_idle_secs sees no chunk.
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep(models::FAULT_STALL), dep("good")],
+            &format!(
+                "strategy = \"round_robin\"\n{}",
+                sub("m", "timeouts", "stream_idle_secs = 1")
+            ),
+        )],
+    )
+    .await;
+    let t = Instant::now();
+    let a = chat(&client(), &s, "m", true).await;
+    let took = t.elapsed();
+    a.assert_normal_stream();
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    let rec = s.record(&a.id).await;
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("m", "up/fault-stall", "timeout"),
+            step("m", "up/good", "ok")
+        ]
+    );
+}
+
+#[tokio::test]
 async fn a_streams_total_time_counts_from_the_start_of_its_attempt() {
     // 2 s to open, then two words a second: the 3 s total ends it a second after it opened, not
     // three seconds after.
