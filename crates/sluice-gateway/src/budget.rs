@@ -333,6 +333,12 @@ impl Reservation {
         if let Some((shared, ledgers, holder)) = self.shared.take() {
             let worst = self.shared_worst;
             let work = async move {
+                if worst == 0 && shared.bypass("budgets").is_some() {
+                    // Reserved locally while Redis was down, and it still is: nothing is held
+                    // there, and the ledgers are built again from the log once it answers.
+                    shared.mark_stale(&ledgers);
+                    return;
+                }
                 let redis = shared.redis().clone();
                 match redis.reconcile(&ledgers, &holder, worst, actual).await {
                     Ok(()) => shared.ok(),
@@ -341,13 +347,15 @@ impl Reservation {
                         // which has it, once Redis answers.
                         shared.mark_stale(&ledgers);
                         let _ = shared.on_failure("budgets", &e);
-                        // The hold is given back through the blip (a settlement is applied
-                        // once however often it is sent, so if the first one did arrive this
-                        // does nothing), rather than held against the budget until it lapses.
-                        let _ = crate::shared::with_retries(|| {
-                            redis.reconcile(&ledgers, &holder, worst, 0)
-                        })
-                        .await;
+                        // A hold is given back through the blip (a settlement is applied once
+                        // however often it is sent, so if the first one did arrive this does
+                        // nothing), rather than held against the budget until it lapses.
+                        if worst > 0 {
+                            let _ = crate::shared::with_retries(|| {
+                                redis.reconcile(&ledgers, &holder, worst, 0)
+                            })
+                            .await;
+                        }
                     }
                 }
             };

@@ -17,7 +17,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -642,6 +642,10 @@ pub struct Cache {
     remote: Option<Arc<dyn CacheStore>>,
     puts: Arc<Semaphore>,
     warnings: Arc<Throttle>,
+    /// Clears running now, and begun so far: a lookup keeps what it read from the shared tier
+    /// in memory only if no clear ran meanwhile.
+    clearing: AtomicUsize,
+    clears: AtomicU64,
 }
 
 impl fmt::Debug for Cache {
@@ -675,6 +679,8 @@ impl Cache {
             remote,
             puts: Arc::new(Semaphore::new(MAX_REMOTE_PUTS as usize)),
             warnings: Arc::new(Throttle::new()),
+            clearing: AtomicUsize::new(0),
+            clears: AtomicU64::new(0),
         }
     }
 
@@ -703,10 +709,17 @@ impl Cache {
             return Some(e);
         }
         let remote = self.remote.as_ref()?;
+        let clears = self.clears.load(Ordering::Acquire);
         match tokio::time::timeout(REMOTE_GET_TIMEOUT, remote.cache_get(key, now)).await {
             Ok(Ok(Some(e))) if e.key == key && e.expires_at > now => {
                 let e = Arc::new(e);
-                self.memory.insert(e.clone());
+                // An entry read while a clear ran may be one it deletes: it answers this
+                // request, but memory does not keep it.
+                if self.clearing.load(Ordering::Acquire) == 0
+                    && self.clears.load(Ordering::Acquire) == clears
+                {
+                    self.memory.insert(e.clone());
+                }
                 Some(e)
             }
             Ok(Ok(_)) => None,
@@ -763,6 +776,15 @@ impl Cache {
     /// two tiers' counts: at least that many distinct answers went. `Err` when the shared tier
     /// (Redis or the store) could not be cleared: its entries would still be served.
     pub async fn clear(&self, namespace: Option<&str>) -> Result<u64, String> {
+        struct Clearing<'a>(&'a Cache);
+        impl Drop for Clearing<'_> {
+            fn drop(&mut self) {
+                self.0.clearing.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.clearing.fetch_add(1, Ordering::AcqRel);
+        self.clears.fetch_add(1, Ordering::AcqRel);
+        let _clearing = Clearing(self);
         self.flush().await;
         let in_memory = self.memory.clear(namespace);
         let stored = match &self.remote {
@@ -772,6 +794,9 @@ impl Cache {
             })?,
             None => 0,
         };
+        // Again: a lookup that read the shared tier just before the clear began may have put
+        // its entry in memory meanwhile.
+        self.memory.clear(namespace);
         Ok(in_memory.max(stored))
     }
 
@@ -1381,6 +1406,8 @@ mod tests {
         entries: Mutex<HashMap<String, CacheEntry>>,
         gets: AtomicUsize,
         stale: bool,
+        /// When set, a clear waits for a permit before deleting.
+        clear_gate: Option<Arc<Semaphore>>,
     }
 
     #[async_trait::async_trait]
@@ -1405,6 +1432,9 @@ mod tests {
             Ok((before - m.len()) as u64)
         }
         async fn cache_clear(&self, namespace: Option<&str>) -> Result<u64, StoreError> {
+            if let Some(gate) = &self.clear_gate {
+                gate.acquire().await.expect("gate open").forget();
+            }
             let mut m = self.entries.lock();
             let before = m.len();
             m.retain(|_, e| namespace.is_some_and(|ns| e.namespace != ns));
@@ -1491,6 +1521,38 @@ mod tests {
         cache.flush().await;
         assert!(!remote.entries.lock().contains_key("z"));
         assert!(cache.lookup("z").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lookup_during_a_clear_does_not_keep_what_the_clear_deletes() {
+        let gate = Arc::new(Semaphore::new(0));
+        let remote = Arc::new(FakeStore {
+            clear_gate: Some(gate.clone()),
+            ..FakeStore::default()
+        });
+        remote
+            .entries
+            .lock()
+            .insert("k".into(), answer("k", "global"));
+        let cache = Arc::new(Cache::new(on(), Some(remote.clone())));
+        let clearing = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.clear(None).await }
+        });
+        while cache.clearing.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The shared tier still holds the entry: this lookup is answered from it, but memory
+        // does not keep it.
+        assert!(cache.lookup("k").await.is_some());
+        gate.add_permits(1);
+        assert_eq!(clearing.await.unwrap(), Ok(1));
+        assert!(remote.entries.lock().is_empty());
+        assert!(
+            cache.lookup("k").await.is_none(),
+            "the cleared answer is still served from memory"
+        );
     }
 
     #[tokio::test]

@@ -8,12 +8,17 @@
 //! seconds, and once more when Redis is back); `closed` answers 503
 //! `shared_state_unavailable`.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sluice_core::error::{Error, ErrorCode};
+use sluice_core::record::StoreError;
+use sluice_core::usage::{CacheEntry, CacheStore};
 
 use crate::shared::{RedisState, SharedError};
 
@@ -94,7 +99,7 @@ pub struct Shared {
     failures: AtomicU64,
     /// Budget ledgers a cost could not be added to while Redis was unreachable: forgotten (and
     /// so built again from the request log) once it answers.
-    stale_ledgers: Mutex<Vec<String>>,
+    stale_ledgers: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -123,7 +128,7 @@ impl Shared {
             last_warn: Mutex::new(None),
             retry_at: Mutex::new(None),
             failures: AtomicU64::new(0),
-            stale_ledgers: Mutex::new(Vec::new()),
+            stale_ledgers: Mutex::new(HashSet::new()),
         };
         if let Err(e) = shared.redis.ping().await {
             if shared.policy == FailurePolicy::Closed {
@@ -157,7 +162,7 @@ impl Shared {
         let mut stale = self.stale_ledgers.lock();
         for l in ledgers {
             if !stale.contains(l) {
-                stale.push(l.clone());
+                stale.insert(l.clone());
             }
         }
     }
@@ -165,6 +170,8 @@ impl Shared {
     /// Takes the ledgers noted by [`mark_stale`](Self::mark_stale).
     pub fn take_stale(&self) -> Vec<String> {
         std::mem::take(&mut *self.stale_ledgers.lock())
+            .into_iter()
+            .collect()
     }
 
     /// Notes a successful call (logs the recovery after a failure).
@@ -212,7 +219,7 @@ impl Shared {
     }
 
     /// Notes a failed call and logs it (at most every few seconds).
-    fn failed(&self, err: &SharedError) {
+    fn failed(&self, err: &dyn std::fmt::Display) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         self.down.store(true, Ordering::Relaxed);
         let now = Instant::now();
@@ -238,6 +245,64 @@ impl Shared {
     pub fn on_failure(&self, what: &str, err: &SharedError) -> Result<(), Error> {
         self.failed(err);
         self.verdict(what)
+    }
+
+    /// Notes a cache call's outcome like any other call's.
+    fn noted<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &r {
+            Ok(_) => self.ok(),
+            Err(e) => self.failed(e),
+        }
+        r
+    }
+}
+
+/// The longest a cache read waits on Redis before it counts as a miss (and a Redis failure).
+const CACHE_GET_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// The cache's shared tier in Redis, under the same failure policy as limits and budgets: while
+/// Redis is down and its backoff runs, reads are misses and writes are skipped (the answer stays
+/// in this replica's memory) without waiting on it, whatever the policy (the cache never
+/// refuses a request). Clearing always tries Redis: a clear that did not happen must say so.
+#[async_trait]
+impl CacheStore for Shared {
+    async fn cache_get(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<CacheEntry>, StoreError> {
+        if self.bypass("the cache").is_some() {
+            return Ok(None);
+        }
+        match tokio::time::timeout(CACHE_GET_TIMEOUT, self.redis.cache_get(key, now)).await {
+            Ok(r) => self.noted(r),
+            Err(_) => {
+                let e = StoreError::Database(format!(
+                    "Redis did not answer a cache read within {} ms",
+                    CACHE_GET_TIMEOUT.as_millis()
+                ));
+                self.failed(&e);
+                Err(e)
+            }
+        }
+    }
+
+    async fn cache_put(&self, entry: &CacheEntry) -> Result<(), StoreError> {
+        if self.bypass("the cache").is_some() {
+            return Ok(());
+        }
+        self.noted(self.redis.cache_put(entry).await)
+    }
+
+    async fn cache_purge(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
+        if self.bypass("the cache").is_some() {
+            return Ok(0);
+        }
+        self.noted(self.redis.cache_purge(now).await)
+    }
+
+    async fn cache_clear(&self, namespace: Option<&str>) -> Result<u64, StoreError> {
+        self.noted(self.redis.cache_clear(namespace).await)
     }
 }
 
@@ -297,5 +362,25 @@ mod tests {
         assert!(matches!(open.bypass("limits"), Some(Ok(()))));
         let err = open.redis().ping().await.unwrap_err();
         assert!(open.on_failure("limits", &err).is_ok(), "fail open");
+    }
+
+    #[tokio::test]
+    async fn the_cache_tier_does_not_wait_on_a_down_redis() {
+        let s = Shared::connect(&config(FailurePolicy::Closed))
+            .await
+            .unwrap()
+            .unwrap();
+        let before = s.failures();
+        // Within the backoff a read is a miss without a call, whatever the policy.
+        assert!(matches!(s.cache_get("k", Utc::now()).await, Ok(None)));
+        assert!(matches!(s.cache_purge(Utc::now()).await, Ok(0)));
+        assert_eq!(s.failures(), before);
+        // Past it, one read probes Redis; its failure counts.
+        *s.retry_at.lock() = Some(Instant::now() - Duration::from_millis(1));
+        assert!(s.cache_get("k", Utc::now()).await.is_err());
+        assert_eq!(s.failures(), before + 1);
+        // A clear always tries, and says it failed.
+        assert!(s.cache_clear(None).await.is_err());
+        assert_eq!(s.failures(), before + 2);
     }
 }

@@ -170,7 +170,7 @@ pub async fn build_with(
         cfg.router.cache.persist,
         shared
             .as_ref()
-            .map(|s| Arc::new(s.redis().clone()) as Arc<dyn sluice_core::usage::CacheStore>),
+            .map(|s| s.clone() as Arc<dyn sluice_core::usage::CacheStore>),
         stores.cache.clone(),
     );
     let cache = Arc::new(sluice_gateway::cache::Cache::new(
@@ -306,6 +306,9 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     let Running { state, writer } = build_with(cfg, key, Some(overrides)).await?;
     let store = state.store.clone();
+    // Answers still being written to the cache's shared tier at shutdown finish before the
+    // store closes.
+    let cache = state.gateway.cache().cloned();
     reload_on_hangup(&state);
     let app = sluice_server::router(state.clone());
     let abort = state.abort.clone();
@@ -363,6 +366,13 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         }
     }
     let stats = writer.drain(Duration::from_secs(5)).await;
+    if let Some(cache) = cache
+        && tokio::time::timeout(Duration::from_secs(5), cache.flush())
+            .await
+            .is_err()
+    {
+        tracing::warn!("cache writes still in flight after 5 s: those answers are not kept");
+    }
     store.close().await;
     tracing::info!(
         written = stats.written,
