@@ -1072,7 +1072,9 @@ pub fn set_betas<'a>(req: &mut ChatRequest, header_values: impl IntoIterator<Ite
 
 /// The top-level Messages fields an OpenAI-shaped request carries for Anthropic: `thinking` and
 /// `cache_control` as OpenAI-compatible gateways name them, then whatever [`ANTHROPIC_FIELDS`]
-/// holds (a `/v1/messages` client's own fields, which win), less the fields Sluice writes.
+/// holds (a `/v1/messages` client's own fields, which win), less the fields Sluice writes; and
+/// without a `thinking` of its own, the one its `reasoning_effort` stands for
+/// ([`ChatRequest::reasoning_budget`]).
 fn anthropic_fields(req: &ChatRequest) -> Result<Extra, TranslateError> {
     let mut out = Extra::new();
     for name in OPENAI_SHAPED_ANTHROPIC_FIELDS {
@@ -1095,8 +1097,28 @@ fn anthropic_fields(req: &ChatRequest) -> Result<Extra, TranslateError> {
             )));
         }
     }
+    if !out.contains_key("thinking")
+        && let Some(budget) = req.reasoning_budget().map_err(invalid)?
+    {
+        // OpenAI's output cap counts the reasoning too, and Anthropic wants `max_tokens` above
+        // the budget: the budget fits under the client's cap, and without room for Anthropic's
+        // least budget there is no thinking (as for `none`).
+        let budget = match req.max_output_tokens() {
+            Some(cap) => budget.min(cap.saturating_sub(1)),
+            None => budget,
+        };
+        if budget >= MIN_THINKING_BUDGET {
+            out.insert(
+                "thinking".into(),
+                json!({"type": "enabled", "budget_tokens": budget}),
+            );
+        }
+    }
     Ok(out)
 }
+
+/// The least thinking budget Anthropic takes, in tokens.
+const MIN_THINKING_BUDGET: u32 = 1024;
 
 /// A message's text as text blocks, each text part with its breakpoint; blank text left out.
 fn text_part_blocks(m: &Message) -> Vec<ContentBlock> {
@@ -4160,6 +4182,59 @@ mod tests {
     /// An OpenAI-shaped client marks breakpoints the way OpenAI-compatible gateways take them:
     /// on a message (its last block), on a system message (the system prompt becomes blocks), on
     /// a tool message's parts (Anthropic takes it on the `tool_result`, never inside); top-level
+    #[test]
+    fn reasoning_effort_becomes_a_thinking_budget() {
+        let out = |body: Value| {
+            request_from_openai(&chat_request(body))
+                .map(|r| serde_json::to_value(r).expect("serializes"))
+        };
+        let msgs = json!([{"role": "user", "content": "Prove it."}]);
+        // No cap: the budget, with Anthropic's default output on top of it.
+        let o = out(json!({"model": "m", "messages": msgs, "reasoning_effort": "high"})).unwrap();
+        assert_eq!(
+            o["thinking"],
+            json!({"type": "enabled", "budget_tokens": 24576})
+        );
+        assert_eq!(o["max_tokens"], 24576 + DEFAULT_MAX_TOKENS, "{o:#}");
+        assert!(o.get("reasoning_effort").is_none(), "{o:#}");
+        // A cap: the reasoning fits under it, as OpenAI counts it.
+        let o = out(
+            json!({"model": "m", "messages": msgs, "reasoning_effort": "medium",
+            "max_completion_tokens": 2000}),
+        )
+        .unwrap();
+        assert_eq!(o["thinking"]["budget_tokens"], 1999, "{o:#}");
+        assert_eq!(o["max_tokens"], 2000, "{o:#}");
+        // No room for the least budget, or `none`: no thinking.
+        for body in [
+            json!({"model": "m", "messages": msgs, "reasoning_effort": "low", "max_tokens": 1024}),
+            json!({"model": "m", "messages": msgs, "reasoning_effort": "none"}),
+            json!({"model": "m", "messages": msgs, "reasoning_effort": null}),
+        ] {
+            let o = out(body).unwrap();
+            assert!(o.get("thinking").is_none(), "{o:#}");
+        }
+        // The client's own `thinking` wins.
+        let o = out(
+            json!({"model": "m", "messages": msgs, "reasoning_effort": "high",
+            "thinking": {"type": "enabled", "budget_tokens": 2048}}),
+        )
+        .unwrap();
+        assert_eq!(o["thinking"]["budget_tokens"], 2048, "{o:#}");
+        // The worst case counts the budget.
+        let req = chat_request(json!({"model": "m", "messages": msgs, "reasoning_effort": "low"}));
+        assert_eq!(thinking_cap(&req), Some(1024 + DEFAULT_MAX_TOKENS));
+        // An effort with no budget is the client's mistake.
+        let e = out(json!({"model": "m", "messages": msgs, "reasoning_effort": "extreme"}))
+            .unwrap_err();
+        assert_eq!(e.1, crate::TranslateKind::Invalid);
+        assert!(
+            e.0.contains("`medium`") && e.0.contains("extreme"),
+            "{}",
+            e.0
+        );
+    }
+
     /// `thinking` and `cache_control` go through, and `anthropic` adds fields but never replaces
     /// what Sluice writes.
     #[test]

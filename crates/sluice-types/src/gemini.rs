@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use crate::TranslateError;
@@ -609,7 +609,7 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<GenerateContentRequest, 
             parts: system_parts,
             extra: Extra::new(),
         }),
-        generation_config: generation_config_from_openai(req),
+        generation_config: generation_config_from_openai(req)?,
         tools,
         tool_config,
         safety_settings: None,
@@ -890,7 +890,11 @@ fn tool_config_from_openai(choice: &Value) -> Result<Option<ToolConfig>, Transla
     }))
 }
 
-fn generation_config_from_openai(req: &ChatRequest) -> Option<GenerationConfig> {
+/// The generation settings; `reasoning_effort` becomes a `thinkingConfig` budget
+/// ([`ChatRequest::reasoning_budget`]; `none` is a budget of 0, no thinking).
+fn generation_config_from_openai(
+    req: &ChatRequest,
+) -> Result<Option<GenerationConfig>, TranslateError> {
     let stop = req.stop_sequences();
     let mut gc = GenerationConfig {
         temperature: req.temperature,
@@ -918,7 +922,11 @@ fn generation_config_from_openai(req: &ChatRequest) -> Option<GenerationConfig> 
             _ => {}
         }
     }
-    (gc != GenerationConfig::default()).then_some(gc)
+    if let Some(budget) = req.reasoning_budget().map_err(TranslateError::invalid)? {
+        gc.extra
+            .insert("thinkingConfig".into(), json!({"thinkingBudget": budget}));
+    }
+    Ok((gc != GenerationConfig::default()).then_some(gc))
 }
 
 /// A non-negative whole number that fits in `u32` (`40` or `40.0`).
@@ -1272,6 +1280,28 @@ mod tests {
         assert_eq!(model_path("gemini-2.5-flash"), "models/gemini-2.5-flash");
         assert_eq!(model_path("models/gemini-2.5-pro"), "models/gemini-2.5-pro");
         assert_eq!(model_path("tunedModels/my-tune"), "tunedModels/my-tune");
+    }
+
+    #[test]
+    fn reasoning_effort_becomes_a_thinking_budget() {
+        let gc = |effort: Value| {
+            let req = chat(
+                json!({"model": "gemini-2.5-flash", "reasoning_effort": effort,
+                "messages": [{"role": "user", "content": "Why?"}]}),
+            );
+            request_from_openai(&req).map(|r| serde_json::to_value(r.generation_config).unwrap())
+        };
+        assert_eq!(
+            gc(json!("medium")).unwrap(),
+            json!({"thinkingConfig": {"thinkingBudget": 8192}})
+        );
+        assert_eq!(
+            gc(json!("none")).unwrap(),
+            json!({"thinkingConfig": {"thinkingBudget": 0}})
+        );
+        assert_eq!(gc(Value::Null).unwrap(), Value::Null);
+        let e = gc(json!(3)).unwrap_err();
+        assert_eq!(e.1, crate::TranslateKind::Invalid);
     }
 
     #[test]

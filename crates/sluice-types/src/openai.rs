@@ -94,6 +94,22 @@ macro_rules! deserialize_with_extra {
     };
 }
 
+/// The request field naming how hard a reasoning model thinks.
+pub const REASONING_EFFORT: &str = "reasoning_effort";
+
+/// The thinking budget each `reasoning_effort` stands for with upstreams that take a budget:
+/// `low`, `medium` and `high` as Google documents them for Gemini's OpenAI-compatible API (1,024,
+/// 8,192 and 24,576 tokens); `minimal` the least Anthropic takes; `xhigh` 32,768; `none` no
+/// thinking.
+pub const REASONING_BUDGETS: [(&str, u32); 6] = [
+    ("none", 0),
+    ("minimal", 1024),
+    ("low", 1024),
+    ("medium", 8192),
+    ("high", 24576),
+    ("xhigh", 32768),
+];
+
 /// `POST /v1/chat/completions` request body.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatRequest {
@@ -167,6 +183,32 @@ impl ChatRequest {
     /// The completion-token cap the client set, under either name.
     pub fn max_output_tokens(&self) -> Option<u32> {
         self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// `reasoning_effort` as a thinking budget in tokens, for upstreams that take a budget
+    /// rather than a level (Anthropic, Gemini): `Ok(None)` when the request names none (or
+    /// `null`), `Ok(Some(0))` for `none` (no thinking). See [`REASONING_BUDGETS`].
+    pub fn reasoning_budget(&self) -> Result<Option<u32>, String> {
+        match self.extra.get(REASONING_EFFORT) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(effort)) => REASONING_BUDGETS
+                .iter()
+                .find(|(name, _)| name == effort)
+                .map(|&(_, budget)| Some(budget))
+                .ok_or_else(|| {
+                    format!(
+                        "`{REASONING_EFFORT}` must be one of {}; got {effort:?}",
+                        REASONING_BUDGETS
+                            .iter()
+                            .map(|(n, _)| format!("`{n}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }),
+            Some(other) => Err(format!(
+                "`{REASONING_EFFORT}` must be a string such as \"medium\"; got {other}"
+            )),
+        }
     }
 
     /// The stop sequences as a list.
