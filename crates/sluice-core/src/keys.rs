@@ -212,9 +212,10 @@ impl VirtualKey {
         v
     }
 
-    /// Whether the key may be used now.
+    /// Whether the key may be used now. A revocation is in force as soon as it is seen, whatever
+    /// the clock of the replica that wrote it (revocations are never dated ahead).
     pub fn check(&self, now: DateTime<Utc>) -> Result<(), KeyRejection> {
-        if self.revoked_at.is_some_and(|t| t <= now) {
+        if self.revoked_at.is_some() {
             return Err(KeyRejection::Revoked);
         }
         if self.expires_at.is_some_and(|t| t <= now) {
@@ -456,6 +457,12 @@ mod tests {
             ..vk.clone()
         };
         assert_eq!(revoked.check(now), Err(KeyRejection::Revoked));
+        // Revoked by a replica whose clock runs ahead: in force here at once.
+        let ahead = VirtualKey {
+            revoked_at: Some(now + chrono::Duration::minutes(2)),
+            ..vk.clone()
+        };
+        assert_eq!(ahead.check(now), Err(KeyRejection::Revoked));
         // The hash never leaves through serialization.
         assert!(!serde_json::to_string(&vk).unwrap().contains(&vk.hash));
         // Rotation keeps the id, changes the secret.

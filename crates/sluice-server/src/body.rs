@@ -37,18 +37,11 @@ pub async fn read(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut stream = body.into_data_stream();
     if announced.is_some_and(|len| len > limit as u64) {
-        // A client that waits for `100 Continue` has sent nothing: it gets the 413 at once.
-        let waits = headers
-            .get(header::EXPECT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
-        if !waits {
-            drain(&mut stream).await;
-        }
+        discard(headers, body).await;
         return Err(too_large());
     }
+    let mut stream = body.into_data_stream();
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = stream.next().await {
         let frame =
@@ -60,6 +53,19 @@ pub async fn read(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes
         buf.extend_from_slice(&frame);
     }
     Ok(buf.freeze())
+}
+
+/// Discards the body of a request refused before it was read (a wrong key, an unknown route, a
+/// body too large), so that a client still uploading gets the error rather than a reset
+/// connection. A client that waits for `100 Continue` has sent nothing: it gets the error at once.
+pub async fn discard(headers: &HeaderMap, body: Body) {
+    let waits = headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if !waits {
+        drain(&mut body.into_data_stream()).await;
+    }
 }
 
 /// Reads (and discards) a bounded amount of a body that is refused, so that the client is still

@@ -231,16 +231,20 @@ async fn request_id(State(state): State<SharedState>, mut req: Request, next: Ne
     let id = sluice_types::ids::new_request_id();
     req.extensions_mut().insert(RequestId(id));
     let anthropic = is_anthropic_route(req.uri().path());
-    let mut resp = match this_machine_only(&state, req.headers()) {
-        Some(refused) => refused,
+    let flavor = if anthropic {
+        error::Flavor::Anthropic
+    } else {
+        error::Flavor::OpenAi
+    };
+    let mut resp = match this_machine_only(&state, req.headers(), flavor) {
+        Some(refused) => {
+            let (parts, body) = req.into_parts();
+            body::discard(&parts.headers, body).await;
+            refused
+        }
         // Model calls still running when the shutdown grace period ends are ended then (their
         // records are written as cancelled); admin calls run to their end.
         None if is_model_route(req.uri().path()) => {
-            let flavor = if anthropic {
-                error::Flavor::Anthropic
-            } else {
-                error::Flavor::OpenAi
-            };
             let abort = state.abort.subscribe();
             if *abort.borrow() {
                 ApiError {
@@ -273,12 +277,22 @@ async fn request_id(State(state): State<SharedState>, mut req: Request, next: Ne
 /// it answers only requests meant for this machine: none addressed to another host name (a DNS
 /// rebinding page reaching it under its own name) and none sent by a browser from a page of
 /// another site (cross-site requests that would spend the providers' keys or mint keys).
-fn this_machine_only(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+fn this_machine_only(
+    state: &AppState,
+    headers: &HeaderMap,
+    flavor: error::Flavor,
+) -> Option<Response> {
     if state.admin_key.is_some() {
         return None;
     }
     let why = foreign(headers)?;
-    Some(ApiError::openai(Error::new(ErrorCode::Forbidden, why)).into_response())
+    Some(
+        ApiError {
+            error: Error::new(ErrorCode::Forbidden, why),
+            flavor,
+        }
+        .into_response(),
+    )
 }
 
 /// Why a request is not from this machine, if it is not.
@@ -416,6 +430,8 @@ async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next)
         if endpoint != "models" {
             state.gateway.reject(ctx, None, &e).await;
         }
+        let (parts, body) = req.into_parts();
+        body::discard(&parts.headers, body).await;
         return ApiError { error: e, flavor }.into_response();
     }
     next.run(req).await
@@ -551,12 +567,14 @@ async fn metrics(State(state): State<SharedState>) -> Response {
 }
 
 async fn not_found(req: Request) -> Response {
-    let path = req.uri().path();
+    let (parts, body) = req.into_parts();
+    body::discard(&parts.headers, body).await;
+    let path = parts.uri.path();
     let e = Error::new(
         ErrorCode::NotFound,
         format!(
             "no route for {} {path}; see /v1/chat/completions, /v1/messages, /v1/messages/count_tokens, /v1/embeddings, /v1/models, /api/requests, /api/deployments, /metrics",
-            req.method(),
+            parts.method,
         ),
     );
     // Under the Anthropic routes, an Anthropic SDK reads the answer.
@@ -567,10 +585,12 @@ async fn not_found(req: Request) -> Response {
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    let path = req.uri().path();
+    let (parts, body) = req.into_parts();
+    body::discard(&parts.headers, body).await;
+    let path = parts.uri.path();
     let e = Error::new(
         ErrorCode::MethodNotAllowed,
-        format!("{} is not allowed on {path}", req.method()),
+        format!("{} is not allowed on {path}", parts.method),
     );
     // The Anthropic routes answer in Anthropic's shape, as their 404s do.
     let mut resp = if is_anthropic_route(path) {
@@ -588,26 +608,32 @@ pub(crate) fn attribute_from_headers(
     ctx: &mut RequestContext,
     headers: &HeaderMap,
 ) -> Result<(), Error> {
-    let get = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
+    // UTF-8 as sent (raw bytes are allowed in header values); anything else is refused rather
+    // than taken for an absent header, which would put the spend on the wrong user.
+    let get = |name: &str| -> Result<Option<&str>, Error> {
+        let Some(v) = headers.get(name) else {
+            return Ok(None);
+        };
+        let text = std::str::from_utf8(v.as_bytes()).map_err(|_| {
+            Error::invalid(format!(
+                "header {name} is not UTF-8 text; send UTF-8 (or percent-encode the value)"
+            ))
+        })?;
+        Ok(Some(text.trim()).filter(|s| !s.is_empty()))
     };
-    if let Some(c) = get("cache-control") {
+    if let Some(c) = get("cache-control")? {
         ctx.cache_control = Some(c.to_string());
     }
-    if let Some(u) = get("x-sluice-user") {
+    if let Some(u) = get("x-sluice-user")? {
         ctx.record.user = Some(u.to_string());
     }
-    if let Some(s) = get("x-sluice-session") {
+    if let Some(s) = get("x-sluice-session")? {
         ctx.record.session = Some(s.to_string());
     }
-    if let Some(t) = get("x-sluice-tags") {
+    if let Some(t) = get("x-sluice-tags")? {
         ctx.record.tags = sluice_gateway::split_tags(t);
     }
-    if let Some(m) = get("x-sluice-metadata") {
+    if let Some(m) = get("x-sluice-metadata")? {
         match serde_json::from_str(m) {
             Ok(v @ serde_json::Value::Object(_)) => ctx.record.metadata = v,
             _ => {

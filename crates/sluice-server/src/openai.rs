@@ -73,7 +73,10 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     }
     let read = match attribute_from_headers(&mut ctx, &parts.headers) {
         Ok(()) => body::read(&parts.headers, body_stream, state.max_body_bytes).await,
-        Err(e) => Err(e),
+        Err(e) => {
+            body::discard(&parts.headers, body_stream).await;
+            Err(e)
+        }
     };
     let bytes = match read {
         Ok(b) => b,

@@ -112,6 +112,37 @@ async fn huge_bodies_are_413() {
 }
 
 #[tokio::test]
+async fn refusals_before_the_body_is_read_reach_a_client_still_uploading() {
+    let s = Sluice::start(MOCK).await;
+    let huge = json!({"model": "mock-echo", "messages": [{"role": "user", "content": "x".repeat(8 << 20)}]})
+        .to_string();
+    // An unknown route: the JSON 404, not a reset connection.
+    let (st, v, _) = post_raw(&s, "/v1/responses", huge.clone()).await;
+    assert_eq!(st, 404, "{v}");
+    assert_error(&v, "not_found");
+    // A request not meant for this machine (no admin key): the 403.
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .header("host", "evil.example:4141")
+        .header("content-type", "application/json")
+        .body(huge.clone())
+        .send()
+        .await
+        .expect("an answer, not a reset connection");
+    assert_eq!(r.status(), 403);
+    // A bad attribution header, refused before the body is read: the 400.
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .header("x-sluice-metadata", "[]")
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .expect("an answer, not a reset connection");
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
 async fn compressed_bodies_are_415() {
     let s = Sluice::start(MOCK).await;
     let resp = reqwest::Client::new()
@@ -228,6 +259,39 @@ async fn upstream_rate_limits_carry_retry_after_and_bad_headers_are_400() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+
+    // Attribution headers in raw UTF-8 are read; other bytes (Latin-1) are refused, not ignored.
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .header(
+            "x-sluice-user",
+            reqwest::header::HeaderValue::from_bytes("José".as_bytes()).unwrap(),
+        )
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = request_id(&r);
+    assert_eq!(s.record(&id).await["user"], "José");
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .header(
+            "x-sluice-user",
+            reqwest::header::HeaderValue::from_bytes(b"Jos\xe9").unwrap(),
+        )
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("x-sluice-user") && m.contains("UTF-8")),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -306,6 +370,18 @@ async fn an_open_gateway_answers_only_requests_meant_for_this_machine() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+    // On the Anthropic routes the refusal is in Anthropic's shape.
+    let r = http
+        .post(s.url("/v1/messages"))
+        .header("host", "evil.example:4141")
+        .json(&json!({"model": "mock-echo", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "permission_error", "{v}");
     // Local clients, and pages served from this machine, are answered; every answer carries the
     // request id under the names the SDKs read.
     for origin in [
