@@ -113,7 +113,9 @@ impl PriceTable {
     }
 
     /// The price of a model: exact name, then without a `provider/` prefix, then the longest
-    /// entry the name starts with at a `-` boundary (dated snapshots).
+    /// entry the name is a snapshot of (the entry, `-`, then a [`snapshot_suffix`]: a date or
+    /// version stamp, `latest`, `preview`), never another product of the family (`o1-pro` is
+    /// not `o1`, nor `claude-opus-4-5` `claude-opus-4`).
     pub fn lookup(&self, model: &str) -> Option<ModelPrice> {
         if let Some(p) = self.models.get(model) {
             return Some(*p);
@@ -125,13 +127,37 @@ impl PriceTable {
         self.models
             .iter()
             .filter(|(name, _)| {
-                bare.len() > name.len()
-                    && bare.starts_with(name.as_str())
-                    && bare.as_bytes()[name.len()] == b'-'
+                bare.strip_prefix(name.as_str())
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(snapshot_suffix)
             })
             .max_by_key(|(name, _)| name.len())
             .map(|(_, p)| *p)
     }
+}
+
+/// Whether what follows a model name marks a snapshot of the same model at the same price: a
+/// date (`2024-08-06`, `20241022`), an `MMDD` or three-digit version stamp (`0125`, `002`),
+/// `latest`, or `preview`/`exp`, each optionally followed by such a date (`preview-05-20`).
+fn snapshot_suffix(rest: &str) -> bool {
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    let date = |s: &str| {
+        let parts: Vec<&str> = s.split('-').collect();
+        match parts[..] {
+            [one] => digits(one, 8) || digits(one, 4) || digits(one, 3),
+            [y, m, d] => digits(y, 4) && digits(m, 2) && digits(d, 2),
+            // `preview-05-20`, `preview-09-2025`
+            [a, b] => digits(a, 2) && (digits(b, 2) || digits(b, 4)),
+            _ => false,
+        }
+    };
+    if rest == "latest" || date(rest) {
+        return true;
+    }
+    ["preview", "exp"].iter().any(|tag| {
+        rest.strip_prefix(tag)
+            .is_some_and(|r| r.is_empty() || r.strip_prefix('-').is_some_and(date))
+    })
 }
 
 #[cfg(test)]
@@ -164,6 +190,29 @@ mod tests {
         );
         assert!(t.lookup("gpt-4o-mini").unwrap().input < t.lookup("gpt-4o").unwrap().input);
         assert_eq!(t.lookup("my-own-model"), None);
+        assert_eq!(t.lookup("gpt-3.5-turbo-0125"), t.lookup("gpt-3.5-turbo"));
+        assert_eq!(
+            t.lookup("gemini-2.5-flash-preview-05-20"),
+            t.lookup("gemini-2.5-flash")
+        );
+        assert_eq!(
+            t.lookup("gemini-2.0-flash-001"),
+            t.lookup("gemini-2.0-flash")
+        );
+        assert_eq!(t.lookup("o3-mini-2025-01-31"), t.lookup("o3-mini"));
+        // Other products of a family are not priced as the family: o1-mini is not o1 (14×
+        // over), o3-pro not o3 (10× under), claude-opus-4-5 not claude-opus-4.
+        for other in [
+            "o1-mini",
+            "o1-pro",
+            "o3-pro",
+            "gpt-5-pro",
+            "gpt-5-codex",
+            "claude-opus-4-5-20251101",
+            "gpt-4o-audio-preview-2024-12-17",
+        ] {
+            assert_eq!(t.lookup(other), None, "{other}");
+        }
     }
 
     #[test]

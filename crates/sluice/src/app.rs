@@ -287,6 +287,24 @@ fn reload_on_hangup(state: &Arc<AppState>) {
     let _ = state;
 }
 
+/// The remote deployments with no price (a local or mock model costs nothing anyway), as
+/// `model (upstream model)`.
+fn unpriced_deployments(router: &sluice_gateway::router::Router) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in router.names() {
+        for d in router.group(name).map_or(&[][..], |g| &g.deployments[..]) {
+            let kind = d.dep.provider.kind();
+            if d.dep.price.is_none() && !matches!(kind, "local" | "mock") {
+                let item = format!("{name} ({})", d.dep.model);
+                if !out.contains(&item) {
+                    out.push(item);
+                }
+            }
+        }
+    }
+    out
+}
+
 pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     let addr = cfg.server.addr().map_err(anyhow::Error::msg)?;
     let key = admin_key();
@@ -298,6 +316,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     let store_url = cfg.store.url.clone();
     let spill = spill_path(&cfg.store);
     let models: Vec<String> = cfg.router.names().map(str::to_string).collect();
+    let unpriced = unpriced_deployments(&cfg.router);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!(
             "cannot listen on {addr} (is another process using it? set server.listen or --listen)"
@@ -329,6 +348,12 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
             models.join(", ")
         }
     );
+    if !unpriced.is_empty() {
+        sayln!(
+            "  note:   no price for {}: their cost is recorded as 0 (set input_cost_per_mtok and output_cost_per_mtok on the deployment)",
+            unpriced.join(", ")
+        );
+    }
     if mock_fallback {
         sayln!(
             "  note:   no local models in {} — serving `mock-echo`, the mock provider (a test double that echoes your message, not a language model)",

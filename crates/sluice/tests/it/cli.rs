@@ -663,6 +663,47 @@ fn keys_are_managed_from_the_command_line() {
 }
 
 #[test]
+fn serve_names_the_deployments_it_cannot_price() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("sluice.toml"),
+        "[providers.up]\ntype = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\napi_key = \"k\"\n\
+         [models.\"fast\"]\ndeployments = [{ provider = \"up\", model = \"gpt-4o-mini-2024-07-18\" }]\n\
+         [models.\"mini\"]\ndeployments = [{ provider = \"up\", model = \"o1-mini\" }]\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "sqlite::memory:",
+        ])
+        .current_dir(dir.path())
+        .env_remove("SLUICE_CONFIG")
+        .env_remove("SLUICE_ADMIN_KEY")
+        .env("SLUICE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let note = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .take(20)
+        .find(|l| l.contains("no price"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let note = note.expect("a note naming the unpriced deployments");
+    // o1-mini is not priced as o1; a dated snapshot of gpt-4o-mini is priced.
+    assert!(note.contains("mini (o1-mini)"), "{note}");
+    assert!(!note.contains("fast"), "{note}");
+}
+
+#[test]
 fn sighup_does_not_stop_a_server_on_the_embedded_default() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
