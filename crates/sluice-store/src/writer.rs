@@ -608,7 +608,15 @@ async fn replay_linking(
                 let refused = match written {
                     Ok(n) => n,
                     Err(e) => {
-                        // Back to the spill file: this chunk and every line not read yet.
+                        // Back to the spill file: this chunk and every line not read yet, a
+                        // few megabytes at a time (the rest of a spill can be gigabytes). A
+                        // crash meanwhile leaves some lines in both files: the claim is replayed
+                        // again, and a record already stored is skipped.
+                        let put_back = |back: &[u8]| {
+                            append(path, back).map_err(|se| {
+                                format!("{e}; and putting the records back failed: {se}")
+                            })
+                        };
                         let mut back = json_lines(&chunk).map_err(|e| e.to_string())?;
                         let mut left = chunk.len();
                         for l in lines.by_ref() {
@@ -618,10 +626,12 @@ async fn replay_linking(
                                 back.push(b'\n');
                                 left += 1;
                             }
+                            if back.len() >= PUT_BACK_BYTES {
+                                put_back(&back)?;
+                                back.clear();
+                            }
                         }
-                        append(path, &back).map_err(|se| {
-                            format!("{e}; and putting the records back failed: {se}")
-                        })?;
+                        put_back(&back)?;
                         keep_bad(path, &bad)?;
                         let _ = std::fs::remove_file(&claimed);
                         return Err(format!("{e} ({left} records stay in {})", path.display()));
@@ -640,6 +650,9 @@ async fn replay_linking(
         // Spilled again meanwhile (or left beside an old claim): go round once more.
     }
 }
+
+/// How much of a spill file a failed replay holds in memory at once while putting it back.
+const PUT_BACK_BYTES: usize = 4 << 20;
 
 /// Appends lines to a file, creating it and its directory. A file left ending in a partial line
 /// (a write cut short by a crash or a full disk) gets a line end first, so the cut line, not the

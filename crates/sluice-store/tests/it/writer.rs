@@ -239,6 +239,45 @@ async fn a_spill_file_is_written_to_the_store_at_the_next_start() {
     assert_eq!(again.records, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_replay_puts_a_large_spill_back_whole_and_in_order() {
+    // Over 4 MB of records: put back in several appends.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill = dir.path().join("spill.jsonl");
+    let body = format!("{{\"text\":\"{}\"}}", "x".repeat(4000));
+    let ids: Vec<Uuid> = (0..1500).map(|_| Uuid::now_v7()).collect();
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&spill).unwrap());
+        for id in &ids {
+            let mut r = record("m", Some("u"), RecordStatus::Ok);
+            r.id = *id;
+            r.request_body = Some(sluice_core::record::RawJson::from_text(body.clone()).unwrap());
+            serde_json::to_writer(&mut f, &r).unwrap();
+            f.write_all(b"\n").unwrap();
+        }
+    }
+    let before = std::fs::metadata(&spill).unwrap().len();
+    assert!(before > 6 << 20, "{before}");
+    let down = TestStore {
+        down: true,
+        ..TestStore::default()
+    };
+    let e = sluice_store::writer::replay_spill(&down, &spill)
+        .await
+        .expect_err("the store is down");
+    assert!(e.contains("1500 records stay"), "{e}");
+    let kept: Vec<Uuid> = std::fs::read_to_string(&spill)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<RequestRecord>(l)
+                .expect("whole lines")
+                .id
+        })
+        .collect();
+    assert_eq!(kept, ids);
+}
+
 /// A writer (batches of 64) on a store that fails until `failing` is cleared, spilling to
 /// `spill.jsonl` in a fresh directory.
 fn writer_on_a_failing_store() -> (
