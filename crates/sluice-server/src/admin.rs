@@ -158,6 +158,11 @@ pub async fn list_requests(
         Err(e) => return ApiError::openai(e).into_response(),
     };
     let limit = q.limit;
+    // The window's start as a time: a client paging with a relative `since` sends this back with
+    // `next_before`, so that later pages do not lose the oldest rows as `now` moves on.
+    let since = q
+        .since
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
     // One more row tells whether another page follows; the store gives at most 1000 rows, so a
     // page of 1000 asks for the row after it separately.
     q.limit = (limit + 1).min(1000);
@@ -190,6 +195,7 @@ pub async fn list_requests(
                 "data": rows,
                 "has_more": has_more,
                 "next_before": next_before,
+                "since": since,
             }))
             .into_response()
         }

@@ -23,7 +23,7 @@ pub struct UsageArgs {
     /// Only this user (the request's user: header, body `user`, or key owner)
     #[arg(long)]
     pub user: Option<String>,
-    /// Only this team (its keys' owner team)
+    /// Only this team: its keys' owner team; a request without a key, its metadata's `team`
     #[arg(long)]
     pub team: Option<String>,
     /// Only this model (as clients asked for it)

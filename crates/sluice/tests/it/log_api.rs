@@ -46,6 +46,20 @@ async fn request_log_filters_and_pages() {
     assert_eq!(errors["data"].as_array().unwrap().len(), 1);
     let recent = s.list("since=1h").await;
     assert_eq!(recent["data"].as_array().unwrap().len(), 7);
+    // The window's start comes back as a time, to page with.
+    let start = recent["since"].as_str().expect("since");
+    let start = chrono::DateTime::parse_from_rfc3339(start).expect("RFC 3339");
+    let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    assert!(
+        (start.to_utc() - hour_ago).num_seconds().abs() < 60,
+        "{start}"
+    );
+    let q = format!(
+        "since={}",
+        recent["since"].as_str().unwrap().replace('+', "%2B")
+    );
+    assert_eq!(s.list(&q).await["data"].as_array().unwrap().len(), 7);
+    assert!(s.list("limit=1").await["since"].is_null());
     let future = s.list("since=2999-01-01T00:00:00Z").await;
     assert_eq!(future["data"].as_array().unwrap().len(), 0);
 
