@@ -49,6 +49,10 @@ pub struct ServerConfig {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// Web origins (`https://app.example.com`, `http://localhost:3000`, or `*`) whose pages may
+    /// call the API from a browser (CORS). Default: none.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
 }
 
 fn default_listen() -> String {
@@ -67,11 +71,73 @@ impl Default for ServerConfig {
             listen: default_listen(),
             max_body_bytes: default_max_body(),
             shutdown_grace_secs: default_grace(),
+            cors_origins: Vec::new(),
         }
     }
 }
 
 impl ServerConfig {
+    /// The CORS policy for `cors_origins`: `None` without any. The error names the key.
+    pub fn cors(&self) -> Result<Option<tower_http::cors::CorsLayer>, String> {
+        use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+        if self.cors_origins.is_empty() {
+            return Ok(None);
+        }
+        let any = self.cors_origins.iter().any(|o| o == "*");
+        let mut origins = Vec::new();
+        for o in &self.cors_origins {
+            if o == "*" {
+                continue;
+            }
+            let well_formed = o.split_once("://").is_some_and(|(scheme, host)| {
+                matches!(scheme, "http" | "https")
+                    && !host.is_empty()
+                    && !host.contains(['/', '?', '#', ' '])
+            });
+            let value = HeaderValue::from_str(o).ok().filter(|_| well_formed);
+            origins.push(value.ok_or_else(|| {
+                format!(
+                    "cors_origins: `{o}` is not an origin; write scheme://host[:port] without a path (e.g. http://localhost:3000), or \"*\""
+                )
+            })?);
+        }
+        let allow = if any {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(origins)
+        };
+        let expose: Vec<header::HeaderName> = [
+            "x-request-id",
+            "x-sluice-request-id",
+            "request-id",
+            "x-sluice-route",
+            "x-sluice-cache",
+            "x-sluice-cost-usd",
+            "x-should-retry",
+            "retry-after",
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-requests",
+            "x-ratelimit-reset-tokens",
+        ]
+        .into_iter()
+        .map(header::HeaderName::from_static)
+        .collect();
+        Ok(Some(
+            CorsLayer::new()
+                .allow_origin(allow)
+                .allow_methods([http::Method::GET, http::Method::POST, http::Method::DELETE])
+                // The SDKs send `authorization`, `x-api-key`, `anthropic-version`,
+                // `x-stainless-*`…: whatever the preflight asks for (a `*` would not cover
+                // `authorization`).
+                .allow_headers(AllowHeaders::mirror_request())
+                .expose_headers(expose)
+                .max_age(std::time::Duration::from_secs(600)),
+        ))
+    }
+
     /// The listen address, parsed.
     pub fn addr(&self) -> Result<SocketAddr, String> {
         self.listen.parse().map_err(|_| {
@@ -91,6 +157,8 @@ pub struct AppState {
     /// Sluice only listens on loopback.
     pub admin_key: Option<Secret>,
     pub max_body_bytes: usize,
+    /// Browser access (`server.cors_origins`); `None`: no CORS headers.
+    pub cors: Option<tower_http::cors::CorsLayer>,
     /// Re-reads the configuration and swaps the router (`POST /api/config/reload`, SIGHUP).
     pub reloader: Option<Arc<dyn Reload>>,
     /// Virtual keys. When any is active (or the admin key is set), `/v1` requires a key.
@@ -209,7 +277,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/api/cache", axum::routing::delete(usage::clear_cache))
         .route("/api/config/reload", post(admin::reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_auth));
-    Router::new()
+    let app = Router::new()
         .merge(v1)
         .merge(api)
         .route("/metrics", get(metrics))
@@ -219,8 +287,14 @@ pub fn router(state: SharedState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), request_id))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.clone(), request_id));
+    // Outermost: a preflight is answered before any key check (it carries no key).
+    let cors = state.cors.clone();
+    let app = app.with_state(state);
+    match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
 }
 
 /// Gives every request an id (UUIDv7) and every response its headers: `x-sluice-request-id`,

@@ -218,6 +218,10 @@ pub async fn build_with(
         store,
         admin_key,
         max_body_bytes: cfg.server.max_body_bytes,
+        cors: cfg
+            .server
+            .cors()
+            .map_err(|e| anyhow::anyhow!("server.{e}"))?,
         reloader,
         keys: Some(keys),
         audit: Some(audit),

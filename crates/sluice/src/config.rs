@@ -461,6 +461,7 @@ impl Config {
         previous: Option<(&BuiltProviders, &Router)>,
     ) -> Result<Config, String> {
         raw.server.addr().map_err(|e| format!("server.{e}"))?;
+        raw.server.cors().map_err(|e| format!("server.{e}"))?;
         if raw.server.max_body_bytes < 1024 {
             return Err("server.max_body_bytes: must be at least 1024".into());
         }

@@ -72,6 +72,22 @@ fn config_check_reports_key_paths() {
         "{err}"
     );
 
+    let cors = dir.path().join("cors.toml");
+    std::fs::write(
+        &cors,
+        "[server]\ncors_origins = [\"https://app.example.com/path\"]\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(
+        &["config", "check", "--config", cors.to_str().unwrap()],
+        dir.path(),
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("error: server.cors_origins:") && err.contains("/path"),
+        "{err}"
+    );
+
     let typo = dir.path().join("typo.toml");
     std::fs::write(&typo, "[server]\nlisten = \"127.0.0.1:1\"\nmax_body = 3\n").unwrap();
     let (code, _, err) = run(

@@ -330,6 +330,71 @@ async fn random_garbage_never_yields_a_500() {
 }
 
 #[tokio::test]
+async fn browsers_of_the_configured_origins_may_call_the_api() {
+    let s = Sluice::start_opts(Opts {
+        config: MOCK,
+        server_extra: "cors_origins = [\"https://app.example.com\"]",
+        admin_key: Some("sk-admin-cors"),
+        ..Opts::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    // The preflight carries no key, and is answered before any key check.
+    let r = http
+        .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type, x-stainless-os",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    let allowed = h["access-control-allow-headers"].to_str().unwrap();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("x-stainless-os"),
+        "{allowed}"
+    );
+    assert!(
+        h["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+    // The call itself: the page may read the answer and Sluice's headers.
+    let r = http
+        .post(s.url("/v1/chat/completions"))
+        .header("origin", "https://app.example.com")
+        .bearer_auth("sk-admin-cors")
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let exposed = r.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+    // Another site's page gets no grant.
+    let r = http
+        .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
 async fn an_open_gateway_answers_only_requests_meant_for_this_machine() {
     // No admin key: the local user is an admin, so other sites and names are refused.
     let s = Sluice::start(MOCK).await;
