@@ -100,6 +100,14 @@ fn ends_stream(resp: &GenerateContentResponse) -> bool {
         || (resp.candidates.is_empty() && resp.block_reason().is_some())
 }
 
+/// An error Gemini sent as a 200 body or stream event (`{"error": {code, message, status}}`),
+/// classed by its status and code like one answered with that status.
+fn embedded_error(resp: &GenerateContentResponse) -> Option<ProviderError> {
+    let err = resp.extra.get("error").filter(|e| !e.is_null())?;
+    let body = serde_json::json!({ "error": err }).to_string();
+    Some(http::stream_error(body.as_bytes()))
+}
+
 fn translate(req: &ChatRequest) -> Result<wire::GenerateContentRequest, ProviderError> {
     wire::request_from_openai(req).map_err(crate::translate_error)
 }
@@ -114,6 +122,9 @@ impl ChatProvider for Gemini {
         let body = translate(req)?;
         let request = self.post(&req.model, "generateContent", &body)?;
         let out: GenerateContentResponse = self.client.json(request, self.timeouts.request).await?;
+        if let Some(e) = embedded_error(&out) {
+            return Err(e);
+        }
         wire::response_to_openai(out, &req.model).map_err(|e| ProviderError::Protocol(e.0))
     }
 
@@ -155,15 +166,21 @@ impl ChatProvider for Gemini {
                                 http::snippet(ev.data.as_bytes())
                             )))
                         }
-                        Ok(resp) => {
-                            if ends_stream(&resp) {
-                                finished = true;
-                            }
-                            dec.on_response(resp).map_err(|e| {
+                        Ok(resp) => match embedded_error(&resp) {
+                            Some(e) => {
                                 done = true;
-                                ProviderError::Protocol(e.0)
-                            })
-                        }
+                                Err(e)
+                            }
+                            None => {
+                                if ends_stream(&resp) {
+                                    finished = true;
+                                }
+                                dec.on_response(resp).map_err(|e| {
+                                    done = true;
+                                    ProviderError::Protocol(e.0)
+                                })
+                            }
+                        },
                     },
                 };
                 Some((item, (events, dec, done, finished)))
@@ -218,5 +235,35 @@ mod tests {
             .find_map(|c| c.usage.clone())
             .expect("usage");
         assert_eq!((usage.prompt_tokens, usage.completion_tokens), (9, 0));
+    }
+
+    #[tokio::test]
+    async fn an_error_inside_the_stream_is_classed_by_its_status() {
+        let event = r#"{"error":{"code":429,"message":"Resource has been exhausted","status":"RESOURCE_EXHAUSTED"}}"#;
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: {event}\r\n\r\n"
+        );
+        let (addr, _seen) = crate::http::tests::server(Box::leak(response.into_boxed_str())).await;
+        let cfg: GeminiConfig = serde_json::from_value(
+            serde_json::json!({"base_url": format!("http://{addr}"), "api_key": "k"}),
+        )
+        .unwrap();
+        let provider = Gemini::new(&cfg).unwrap();
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "gemini-2.5-flash",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": true
+        }))
+        .unwrap();
+        let items: Vec<_> = provider.chat_stream(&req).await.unwrap().collect().await;
+        let err = items
+            .into_iter()
+            .find_map(Result::err)
+            .expect("the stream fails");
+        assert_eq!(
+            err.class(),
+            sluice_core::error::ErrorClass::RateLimited,
+            "{err:?}"
+        );
     }
 }

@@ -591,6 +591,42 @@ pub fn stream_error_status(code: Option<&str>) -> u16 {
     }
 }
 
+/// The error an upstream reported inside a stream that answered 200 (an SSE event's JSON): its
+/// message, code and the HTTP status it stands for, so that it is classed as the same error
+/// answered as a status would be. The status comes from a known code or type
+/// ([`stream_error_status`]), else from a numeric `code` or `status` that is an HTTP error status
+/// (vLLM's `"code": 400`, OpenRouter's `429`), else from TGI's `error_type` (`validation` is a
+/// 422, `overloaded` a 503); otherwise it is a 502.
+pub fn stream_error(data: &[u8]) -> ProviderError {
+    let (message, code) = error_message(data);
+    let mut status = stream_error_status(code.as_deref());
+    if status == 502
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(data)
+    {
+        let err = v.get("error").filter(|e| e.is_object()).unwrap_or(&v);
+        let numeric = ["code", "status"]
+            .iter()
+            .filter_map(|k| err.get(k).and_then(serde_json::Value::as_u64))
+            .find(|n| (400..=599).contains(n))
+            .and_then(|n| u16::try_from(n).ok());
+        let tgi = match v.get("error_type").and_then(serde_json::Value::as_str) {
+            Some("validation") => Some(422),
+            Some("overloaded") => Some(503),
+            _ => None,
+        };
+        if let Some(s) = numeric.or(tgi) {
+            status = s;
+        }
+    }
+    ProviderError::Status {
+        status,
+        message,
+        code,
+        param: error_param(data),
+        retry_after: None,
+    }
+}
+
 /// At most 200 characters of a body, for error messages.
 pub fn snippet(body: &[u8]) -> String {
     let s = String::from_utf8_lossy(body);
@@ -1206,6 +1242,51 @@ pub(crate) mod tests {
         assert_eq!(path_segment("100%"), "100%25");
         assert_eq!(path_segment("é"), "%C3%A9");
         assert_eq!(path("tunedModels/my model"), "tunedModels/my%20model");
+    }
+
+    #[test]
+    fn an_error_inside_a_stream_is_classed_by_its_number_when_its_code_says_nothing() {
+        use sluice_core::error::ErrorClass;
+        let class = |data: &str| stream_error(data.as_bytes()).class();
+        // vLLM: a prompt too long, as a 400 with its exception's name for a type.
+        assert_eq!(
+            class(
+                r#"{"error":{"message":"This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.","type":"BadRequestError","param":null,"code":400}}"#
+            ),
+            ErrorClass::ContextWindowExceeded
+        );
+        // OpenRouter: numeric codes.
+        assert_eq!(
+            class(r#"{"error":{"code":429,"message":"Rate limit exceeded"}}"#),
+            ErrorClass::RateLimited
+        );
+        // TGI: a bare message with its error type.
+        assert_eq!(
+            class(
+                r#"{"error":"Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 4000 `inputs` tokens and 500 `max_new_tokens`","error_type":"validation"}"#
+            ),
+            ErrorClass::ContextWindowExceeded
+        );
+        assert_eq!(
+            class(r#"{"error":"Model is overloaded","error_type":"overloaded"}"#),
+            ErrorClass::ServerError
+        );
+        assert!(matches!(
+            stream_error(br#"{"error":"Model is overloaded","error_type":"overloaded"}"#),
+            ProviderError::Status { status: 503, .. }
+        ));
+        // Gemini: its status names the class.
+        assert_eq!(
+            class(
+                r#"{"error":{"code":429,"message":"Resource has been exhausted","status":"RESOURCE_EXHAUSTED"}}"#
+            ),
+            ErrorClass::RateLimited
+        );
+        // Nothing telling: a server error.
+        assert!(matches!(
+            stream_error(br#"{"error":{"message":"boom"}}"#),
+            ProviderError::Status { status: 502, .. }
+        ));
     }
 
     #[test]

@@ -61,8 +61,10 @@ pub struct AzureConfig {
     pub api_key: SecretRef,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    #[serde(default = "yes")]
-    pub stream_usage: bool,
+    /// Whether streams ask for the usage chunk (`stream_options`); by default, from api-version
+    /// 2024-09-01 on (older versions refuse the field).
+    #[serde(default)]
+    pub stream_usage: Option<bool>,
     /// Timeouts (`[providers.NAME.timeouts]`).
     #[serde(default)]
     pub timeouts: HttpSettings,
@@ -176,6 +178,9 @@ impl OpenAi {
             HeaderName::from_static("api-key"),
             crate::secret_header(key.expose())?,
         );
+        // `max_completion_tokens` and `stream_options` came with api-version 2024-09-01-preview;
+        // older versions refuse them (ISO dates compare as text).
+        let recent = cfg.api_version.as_str() >= "2024-09-01";
         Ok(OpenAi {
             kind: "azure",
             client: http::Client::new(&timeouts)?,
@@ -184,11 +189,9 @@ impl OpenAi {
                 api_version: http::path_segment(&cfg.api_version).into_owned(),
             },
             headers,
-            stream_usage: cfg.stream_usage,
+            stream_usage: cfg.stream_usage.unwrap_or(recent),
             timeouts,
-            // `max_completion_tokens` came with api-version 2024-09-01-preview; older versions
-            // refuse it and take `max_tokens` (ISO dates compare as text).
-            official: Some(if cfg.api_version.as_str() >= "2024-09-01" {
+            official: Some(if recent {
                 CapField::MaxCompletionTokens
             } else {
                 CapField::MaxTokens
@@ -466,9 +469,31 @@ fn openai_chunks(
                         continue;
                     }
                     if data == "[DONE]" {
+                        if st.finished.is_empty() && st.unfinished.is_empty() {
+                            // Not one chunk: no answer at all.
+                            st.done = true;
+                            return Some((
+                                Err(ProviderError::Protocol(
+                                    "stream ended ([DONE]) without any chunk".into(),
+                                )),
+                                st,
+                            ));
+                        }
                         return None;
                     }
+                    // An error as its own event (llama.cpp's server sends an `error:` field,
+                    // which the decoder makes an `error` event).
+                    if ev.event == "error" {
+                        st.done = true;
+                        return Some((Err(http::stream_error(data.as_bytes())), st));
+                    }
                     match serde_json::from_str::<ChatCompletionChunk>(data) {
+                        // A chunk that carries an error (OpenRouter reports errors during
+                        // generation so, with `finish_reason: "error"`).
+                        Ok(chunk) if chunk.extra.get("error").is_some_and(|e| !e.is_null()) => {
+                            st.done = true;
+                            return Some((Err(http::stream_error(data.as_bytes())), st));
+                        }
                         Ok(mut chunk) => {
                             st.placer.place(&mut chunk);
                             for c in &chunk.choices {
@@ -485,14 +510,7 @@ fn openai_chunks(
                             st.done = true;
                             let err = match serde_json::from_str::<serde_json::Value>(data) {
                                 Ok(v) if v.get("error").is_some() => {
-                                    let (message, code) = http::error_message(data.as_bytes());
-                                    ProviderError::Status {
-                                        status: http::stream_error_status(code.as_deref()),
-                                        message,
-                                        code,
-                                        param: http::error_param(data.as_bytes()),
-                                        retry_after: None,
-                                    }
+                                    http::stream_error(data.as_bytes())
                                 }
                                 _ => ProviderError::Protocol(format!(
                                     "stream event is not a chat.completion.chunk ({parse_err}): {}",
@@ -542,6 +560,49 @@ mod tests {
         // Every choice finished: whole, even without `[DONE]`.
         let whole = chunks_of(&[both, first_done, second_done]).await;
         assert!(whole.iter().all(Result::is_ok), "{whole:?}");
+    }
+
+    #[tokio::test]
+    async fn errors_inside_a_stream_in_every_shape_end_it_as_errors() {
+        use futures::StreamExt;
+        use sluice_core::error::ErrorClass;
+        let ev = |event: &str, data: &str| {
+            Ok(http::Event {
+                event: event.into(),
+                data: data.into(),
+                id: String::new(),
+                retry: None,
+            })
+        };
+        let run = |events: Vec<Result<http::Event, ProviderError>>| async move {
+            openai_chunks(futures::stream::iter(events))
+                .collect::<Vec<_>>()
+                .await
+        };
+        // llama.cpp: an `error` event, then [DONE]: the error, not an empty success.
+        let out = run(vec![
+            ev(
+                "error",
+                r#"{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error"}"#,
+            ),
+            ev("message", "[DONE]"),
+        ])
+        .await;
+        let err = out.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(err.class(), ErrorClass::ContextWindowExceeded, "{err:?}");
+        // OpenRouter: a chunk that carries an error and finishes with "error".
+        let chunk = r#"{"id":"gen-1","object":"chat.completion.chunk","created":1,"model":"m","error":{"code":502,"message":"Provider disconnected"},"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]}"#;
+        let out = run(vec![ev("message", chunk), ev("message", "[DONE]")]).await;
+        assert_eq!(out.len(), 1, "{out:?}");
+        let err = out[0].as_ref().unwrap_err();
+        assert_eq!(err.class(), ErrorClass::ServerError, "{err:?}");
+        assert!(err.to_string().contains("Provider disconnected"), "{err}");
+        // Nothing but [DONE]: no answer.
+        let out = run(vec![ev("message", "[DONE]")]).await;
+        assert!(
+            matches!(out.as_slice(), [Err(ProviderError::Protocol(_))]),
+            "{out:?}"
+        );
     }
 
     /// A provider for an OpenAI-compatible server (not OpenAI's own API).
@@ -721,10 +782,18 @@ mod tests {
             api_version: "2024-06-01".into(),
             api_key: SecretRef::literal("k"),
             headers: BTreeMap::new(),
-            stream_usage: true,
+            stream_usage: None,
             timeouts: HttpSettings::default(),
         })
         .unwrap();
+        // Nor do its streams ask for the usage chunk (`stream_options` is refused there).
+        let streamed: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .unwrap();
+        let v = serde_json::to_value(azure_2024_06.stream_body(&streamed)).unwrap();
+        assert!(v.get("stream_options").is_none(), "{v}");
         let req: ChatRequest = serde_json::from_value(serde_json::json!({
             "model": "gpt-4o", "max_completion_tokens": 50, "top_k": 5,
             "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": cc}]}]

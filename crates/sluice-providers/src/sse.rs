@@ -122,6 +122,17 @@ impl Decoder {
                     self.has_data = true;
                 }
                 "event" => self.event = value.to_string(),
+                // Not a field of the standard: llama.cpp's server reports a stream's error as
+                // `error: {json}` (then `data: [DONE]`). It becomes an `error` event of its own,
+                // so that the error is not lost.
+                "error" => {
+                    if self.has_data {
+                        self.data.clear();
+                    }
+                    self.event = "error".to_string();
+                    self.data.push_str(value);
+                    self.has_data = true;
+                }
                 "id" if !value.contains('\0') => self.id = value.to_string(),
                 "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
                     self.retry = value.parse().ok().map(Duration::from_millis);
@@ -231,6 +242,20 @@ mod tests {
         }
         let events = decode(&[b"data: a\xFFb\n\n", b"data: next\n\n"]);
         assert_eq!(datas(&events), ["a\u{fffd}b", "next"]);
+    }
+
+    #[test]
+    fn an_error_field_is_an_error_event() {
+        // llama.cpp's server: the error as a field of its own, then the end marker.
+        let events =
+            decode(&[b"error: {\"code\":400,\"message\":\"too long\"}\n\ndata: [DONE]\n\n"]);
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].event, "error");
+        assert_eq!(events[0].data, "{\"code\":400,\"message\":\"too long\"}");
+        assert_eq!(
+            (events[1].event.as_str(), events[1].data.as_str()),
+            ("message", "[DONE]")
+        );
     }
 
     #[test]
