@@ -48,9 +48,12 @@
 //! vectorized with that vocabulary (unknown words ignored) and compared by cosine with every
 //! example; the `k` most similar with similarity > 0 vote: `knn = Σ sim_i × pos_i / Σ sim_i`,
 //! where an example of the first tier is at 0, of the last at 1, and of a tier between them at
-//! the middle of that tier's score band (so the votes of one tier alone land in it), and the
-//! final score is `(1 − knn_weight) × heuristic + knn_weight × knn`. Without a neighbour the
-//! heuristic stands.
+//! the middle of that tier's score band (so the votes of one tier alone land in it). The vote's
+//! weight grows with how close the nearest example is: `w = knn_weight + (1 − knn_weight) × s`,
+//! with `s` the best similarity, so a request that is an example's own text (`s = 1`) goes to that
+//! example's tier whatever the heuristic says, and a distant match weighs `knn_weight`
+//! (`knn_weight = 0` turns the examples off). The final score is `(1 − w) × heuristic + w × knn`.
+//! Without a neighbour the heuristic stands.
 //!
 //! The final score, rounded to 3 decimals, goes to the first tier whose `max_score` is at least
 //! the score; the last tier takes everything else.
@@ -121,6 +124,9 @@ pub struct Decision {
     pub score: f64,
     pub heuristic_score: f64,
     pub knn_score: Option<f64>,
+    /// The weight the kNN vote had in the score (it grows with the nearest example's
+    /// similarity), rounded to 3 decimals; `None` without a vote.
+    pub knn_weight: Option<f64>,
     /// Every feature, in a fixed order.
     pub features: Vec<Feature>,
     /// The nearest examples that voted (empty without examples).
@@ -173,9 +179,10 @@ impl Decision {
             Some(k) => {
                 let _ = writeln!(
                     out,
-                    "  heuristic {:.3} blended with knn {:.3} from {} neighbour(s)",
+                    "  heuristic {:.3} blended with knn {:.3} (weight {:.3}) from {} neighbour(s)",
                     self.heuristic_score,
                     k,
+                    self.knn_weight.unwrap_or_default(),
                     self.neighbours.len()
                 );
             }
@@ -341,15 +348,17 @@ impl Classifier {
             .and_then(|i| messages.get(i));
         let (heuristic, features) = heuristic(messages, focus);
         let heuristic = round3(heuristic);
-        let (knn, neighbours) = match focus {
-            Some(m) if !self.index.examples.is_empty() => self.knn(m),
-            _ => (None, Vec::new()),
+        let (knn, neighbours, nearest) = match focus {
+            Some(m) if !self.index.examples.is_empty() && self.knn_weight > 0.0 => self.knn(m),
+            _ => (None, Vec::new(), 0.0),
         };
-        let score = match knn {
-            Some(k) => {
-                round3(((1.0 - self.knn_weight) * heuristic + self.knn_weight * k).clamp(0.0, 1.0))
-            }
-            None => heuristic,
+        // The closer the nearest example, the more the examples decide: an example's own text
+        // goes to its tier.
+        let weight =
+            knn.map(|_| self.knn_weight + (1.0 - self.knn_weight) * nearest.clamp(0.0, 1.0));
+        let score = match (knn, weight) {
+            (Some(k), Some(w)) => round3(((1.0 - w) * heuristic + w * k).clamp(0.0, 1.0)),
+            _ => heuristic,
         };
         let last = self.tiers.len().saturating_sub(1);
         let tier_index = self.tiers[..last]
@@ -368,6 +377,7 @@ impl Classifier {
             score,
             heuristic_score: heuristic,
             knn_score: knn,
+            knn_weight: weight.map(round3),
             features,
             neighbours,
         }
@@ -387,9 +397,10 @@ impl Classifier {
         (bound(i - 1) + bound(i)) / 2.0
     }
 
-    fn knn(&self, focus: &Message) -> (Option<f64>, Vec<Neighbour>) {
+    /// The examples' vote, the neighbours that cast it, and the best similarity.
+    fn knn(&self, focus: &Message) -> (Option<f64>, Vec<Neighbour>, f64) {
         let Some(query) = self.index.vectorize(focus) else {
-            return (None, Vec::new());
+            return (None, Vec::new(), 0.0);
         };
         let mut scored: Vec<(f64, usize)> = self
             .index
@@ -400,9 +411,10 @@ impl Classifier {
             .filter(|(s, _)| *s > 1e-12)
             .collect();
         if scored.is_empty() {
-            return (None, Vec::new());
+            return (None, Vec::new(), 0.0);
         }
         scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let nearest = scored[0].0;
         scored.truncate(self.k);
         let span = self.tiers.len().saturating_sub(1);
         let (mut num, mut den) = (0.0, 0.0);
@@ -425,9 +437,9 @@ impl Classifier {
             });
         }
         if den <= 0.0 {
-            return (None, Vec::new());
+            return (None, Vec::new(), 0.0);
         }
-        (Some(round3(num / den)), neighbours)
+        (Some(round3(num / den)), neighbours, nearest)
     }
 }
 
@@ -1998,7 +2010,14 @@ mod tests {
         assert!(after.neighbours[0].text.contains("kubernetes"));
         let sims: Vec<f64> = after.neighbours.iter().map(|n| n.similarity).collect();
         assert!(sims.windows(2).all(|w| w[0] >= w[1]), "{sims:?}");
-        assert_eq!(after.score, round3(0.5 * after.heuristic_score + 0.5 * 1.0));
+        let w = after.knn_weight.expect("a weight");
+        assert!(w > 0.5 && w < 1.0, "{w}");
+        assert_eq!(
+            after.score,
+            round3((1.0 - w) * after.heuristic_score + w * 1.0),
+            "{}",
+            after.explain()
+        );
         let e = after.explain();
         assert!(e.contains("kubernetes") && e.contains("knn 1.000"), "{e}");
 
@@ -2105,6 +2124,44 @@ mod tests {
 
     /// A middle tier's examples vote inside that tier's band, whatever its thresholds (they
     /// voted at an even grid: 0.5 of three tiers, inside the first tier's band here).
+    /// An example's own text goes to the example's tier with the default weight, even with no
+    /// heuristic cue and three tiers (it was halved toward the first tier: the strong example
+    /// went to the middle tier, the middle one to the first).
+    #[test]
+    fn an_examples_own_text_goes_to_its_tier() {
+        let mut cfg = config(vec![
+            tier("small", "s", Some(0.3)),
+            tier("mid", "m", Some(0.6)),
+            tier("strong", "l", None),
+        ]);
+        let ex = |text: &str, tier: &str| ExampleConfig {
+            text: text.into(),
+            tier: tier.into(),
+        };
+        cfg.examples = vec![
+            ex("write a helm chart for this service", "strong"),
+            ex("summarize this email", "mid"),
+            ex("thanks, that's all", "small"),
+        ];
+        let c = Classifier::new(&cfg).expect("valid");
+        for e in &cfg.examples {
+            let d = c.classify_text(&e.text);
+            assert_eq!(d.tier, e.tier, "{}", d.explain());
+            assert_eq!(d.knn_weight, Some(1.0), "{}", d.explain());
+        }
+        // A distant match weighs less than a close one.
+        let d = c.classify_text("please summarize the attached quarterly report for my team");
+        let w = d.knn_weight.expect("a vote");
+        assert!(w > 0.5 && w < 1.0, "{w}");
+        // knn_weight = 0 turns the examples off.
+        cfg.knn_weight = 0.0;
+        let d = Classifier::new(&cfg)
+            .unwrap()
+            .classify_text("write a helm chart for this service");
+        assert_eq!((d.knn_score, d.knn_weight), (None, None));
+        assert!(d.neighbours.is_empty());
+    }
+
     #[test]
     fn a_middle_tier_example_votes_inside_its_band() {
         let mut cfg = config(vec![

@@ -615,6 +615,7 @@ impl Gateway {
                     "score": decision.score,
                     "heuristic_score": decision.heuristic_score,
                     "knn_score": decision.knn_score,
+                    "knn_weight": decision.knn_weight,
                     "features": decision.features,
                     "baseline_model": tiers.last().map(|t| t.model.clone()),
                 }),
