@@ -165,6 +165,16 @@ impl Finisher {
         self.set_attempt_outcome(Some((class, err)));
     }
 
+    /// Marks the serving attempt cancelled: its client left while the stream was still under
+    /// way (for the deployment's breaker it succeeded; on the record it did not finish).
+    pub fn cancel_served_attempt(&mut self) {
+        if let Some(a) = self.rec().and_then(|r| r.attempt_log.last_mut()) {
+            a.outcome = "cancelled".to_string();
+            a.error_code = None;
+            a.error = None;
+        }
+    }
+
     /// The latest attempt's outcome: `ok`, or the failure's class and error.
     fn set_attempt_outcome(&mut self, failure: Option<(sluice_core::error::ErrorClass, &Error)>) {
         if let Some(a) = self.rec().and_then(|r| r.attempt_log.last_mut()) {

@@ -185,8 +185,10 @@ impl Drop for State {
         }
         // The client went away mid-stream: keep what was produced for the cancelled record.
         // The deployment was answering, so for its breaker the attempt succeeded. Chunks read
-        // before the client saw any count too.
+        // before the client saw any count too. On the record, the attempt was under way when the
+        // client left: cancelled.
         self.serving.report(None);
+        self.fin.cancel_served_attempt();
         for chunk in std::mem::take(&mut self.upstream.pending) {
             self.acc.push(&chunk);
             if chunk.usage.is_some() {

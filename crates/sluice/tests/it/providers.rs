@@ -1112,6 +1112,8 @@ async fn cancelled_stream_cancels_upstream(kind: &str) {
     assert_eq!(rec["http_status"], 499, "{rec:#}");
     assert_eq!(rec["stream"], true, "{rec:#}");
     assert_eq!(rec["provider"], "up", "{rec:#}");
+    // The attempt was under way when the client left.
+    assert_eq!(rec["attempt_log"][0]["outcome"], "cancelled", "{rec:#}");
     // What was sent before the client left is counted from sizes: no tokenizer runs for a
     // request already gone.
     assert_eq!(rec["usage_source"], "estimate", "{rec:#}");
