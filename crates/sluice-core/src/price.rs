@@ -136,6 +136,30 @@ impl PriceTable {
     }
 }
 
+/// A dollar amount for people: cents (`$12.50`, `$5`), and below a cent as many decimals as it
+/// needs, up to six (`$0.004`, `$0.0001`), so that a small budget is not shown as `$0`.
+pub fn format_usd(v: f64) -> String {
+    if !v.is_finite() {
+        return format!("${v}");
+    }
+    let s = if v == 0.0 || v.abs() >= 0.01 {
+        let s = format!("{v:.2}");
+        match s.strip_suffix(".00") {
+            Some(whole) => whole.to_string(),
+            None => s,
+        }
+    } else {
+        let s = format!("{v:.6}");
+        let s = s.trim_end_matches('0');
+        if s.ends_with('.') || s == "-0." || s.parse::<f64>() == Ok(0.0) {
+            format!("{v:.6}")
+        } else {
+            s.to_string()
+        }
+    };
+    format!("${s}")
+}
+
 /// Whether what follows a model name marks a snapshot of the same model at the same price: a
 /// date (`2024-08-06`, `20241022`), an `MMDD` or three-digit version stamp (`0125`, `002`),
 /// `latest`, or `preview`/`exp`, each optionally followed by such a date (`preview-05-20`).
@@ -213,6 +237,18 @@ mod tests {
         ] {
             assert_eq!(t.lookup(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn small_amounts_keep_their_digits() {
+        assert_eq!(format_usd(12.5), "$12.50");
+        assert_eq!(format_usd(5.0), "$5");
+        assert_eq!(format_usd(0.0), "$0");
+        assert_eq!(format_usd(0.01), "$0.01");
+        assert_eq!(format_usd(0.004), "$0.004");
+        assert_eq!(format_usd(0.0001), "$0.0001");
+        assert_eq!(format_usd(0.0049), "$0.0049");
+        assert_eq!(format_usd(0.0000001), "$0.000000");
     }
 
     #[test]

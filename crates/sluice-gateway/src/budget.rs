@@ -385,13 +385,28 @@ fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<
     } else {
         String::new()
     };
+    let budget = sluice_core::price::format_usd(l.usd);
+    if worst > micros(l.usd) {
+        // The request alone is over the whole budget: no reset makes room for it.
+        let mut e = Error::new(
+            ErrorCode::InsufficientQuota,
+            format!(
+                "request too large for the {} budget of {} of {}: it may cost up to ${:.4} (its max tokens at the model's price); lower max_tokens (or max_completion_tokens), shorten the prompt, or raise the budget",
+                l.period.adjective(),
+                budget,
+                l.spender.label(),
+                usd(worst),
+            ),
+        );
+        e.headers.push(("x-should-retry", "false".into()));
+        return e;
+    }
     let mut e = Error::new(
         ErrorCode::InsufficientQuota,
         format!(
-            "{} has used its {} budget of ${:.2}: ${:.4} spent{in_flight}, and this request may cost up to ${:.4} (its max tokens at the model's price){resets}",
+            "{} has used its {} budget of {budget}: ${:.4} spent{in_flight}, and this request may cost up to ${:.4} (its max tokens at the model's price){resets}",
             l.spender.label(),
             l.period.adjective(),
-            l.usd,
             usd(spent),
             usd(worst),
         ),
@@ -719,7 +734,7 @@ mod tests {
         let r2 = b.reserve(&limits, 0.20).await.unwrap().unwrap();
         let e = b.reserve(&limits, 0.20).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InsufficientQuota);
-        assert!(e.message.contains("daily budget of $1.00"), "{}", e.message);
+        assert!(e.message.contains("daily budget of $1:"), "{}", e.message);
         assert!(e.message.contains("$0.4000 reserved"), "{}", e.message);
         // The first cost far less than its worst case: room again.
         r1.settle(0.01);
@@ -737,6 +752,27 @@ mod tests {
             b.reserve(&limits, 0.000_001).await.is_err(),
             "exactly spent"
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_whole_budget_is_too_large_not_waiting_for_a_reset() {
+        let b = Budgets::new(Some(Arc::new(FixedSpend(0.0))), None);
+        let limits = [daily(Spender::Key("k".into()), 0.01)];
+        let e = b.reserve(&limits, 0.02).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientQuota);
+        assert!(
+            e.message
+                .starts_with("request too large for the daily budget of $0.01"),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("has used"), "{}", e.message);
+        assert_eq!(e.retry_after, None);
+        assert!(e.headers.contains(&("x-should-retry", "false".into())));
+        // A budget below a cent keeps its digits in the message.
+        let limits = [daily(Spender::Key("k".into()), 0.0001)];
+        let e = b.reserve(&limits, 0.02).await.unwrap_err();
+        assert!(e.message.contains("$0.0001"), "{}", e.message);
     }
 
     #[tokio::test]

@@ -176,11 +176,7 @@ fn models_text(k: &VirtualKey) -> String {
 }
 
 fn usd(v: f64) -> String {
-    let s = format!("{v:.2}");
-    match s.strip_suffix(".00") {
-        Some(whole) => format!("${whole}"),
-        None => format!("${s}"),
-    }
+    sluice_core::price::format_usd(v)
 }
 
 fn limits_text(k: &VirtualKey) -> String {
