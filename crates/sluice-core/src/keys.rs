@@ -171,6 +171,8 @@ pub struct VirtualKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyRejection {
     Unknown,
+    /// The key exists, but this is not its secret (a typo, or the key was rotated).
+    NotItsSecret,
     Revoked,
     Expired,
 }
@@ -181,6 +183,9 @@ impl KeyRejection {
         match self {
             KeyRejection::Unknown => {
                 "invalid API key: no such Sluice key (check for a typo, or create one with `sluice keys create`)"
+            }
+            KeyRejection::NotItsSecret => {
+                "invalid API key: this key's id exists but its secret does not match (a typo, or the key was rotated: the new secret was shown once, when it was)"
             }
             KeyRejection::Revoked => {
                 "this API key has been revoked; ask the gateway's operator for a new one"
@@ -199,7 +204,7 @@ impl VirtualKey {
             Ok(()) => "active",
             Err(KeyRejection::Revoked) => "revoked",
             Err(KeyRejection::Expired) => "expired",
-            Err(KeyRejection::Unknown) => "unknown",
+            Err(KeyRejection::Unknown | KeyRejection::NotItsSecret) => "unknown",
         }
     }
 

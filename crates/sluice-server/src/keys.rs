@@ -174,10 +174,17 @@ impl KeyCache {
             .cloned()
             .ok_or(KeyRejection::Unknown)?;
         if !k.matches(presented) {
-            return Err(KeyRejection::Unknown);
+            return Err(KeyRejection::NotItsSecret);
         }
         k.check(Utc::now())?;
         Ok(k)
+    }
+
+    /// The key whose whole secret was presented, whatever its status (for the record of a
+    /// refused request: the holder of a revoked key is still that key's holder).
+    pub fn holder(&self, presented: &str) -> Option<Arc<VirtualKey>> {
+        let k = self.keys.read().get(key_id(presented)?).cloned()?;
+        k.matches(presented).then_some(k)
     }
 
     /// Whether any key is in force: then every `/v1` request needs a key.

@@ -501,6 +501,13 @@ async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next)
         if let Some(id) = id {
             ctx.record.id = id;
         }
+        // A revoked or expired key's holder: its record names the key, so that its use shows
+        // under `?key=`.
+        if let (Some(cache), Some(p)) = (&state.keys, presented_key(req.headers()))
+            && let Some(k) = cache.holder(p)
+        {
+            ctx.attribute_key(k);
+        }
         if endpoint != "models" {
             state.gateway.reject(ctx, None, &e).await;
         }

@@ -231,7 +231,13 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
     let new_key = rotated["key"].as_str().unwrap().to_string();
     assert_ne!(new_key, key);
     assert_eq!(rotated["id"], id.as_str());
-    assert_eq!(chat(&s, Some(&key), "mock-echo").await.0, 401);
+    let (st, rid, body) = chat(&s, Some(&key), "mock-echo").await;
+    assert_eq!(st, 401);
+    // The old secret is told apart from a key that does not exist; its record names no key
+    // (whoever sent it does not hold the key now).
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("rotated"), "{message}");
+    assert!(s.record(&rid).await["key_id"].is_null());
     assert_eq!(chat(&s, Some(&new_key), "mock-echo").await.0, 200);
 
     // Revocation.
@@ -243,7 +249,7 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
     assert_eq!(resp.status(), 200);
     let revoked: Value = resp.json().await.unwrap();
     assert_eq!(revoked["status"], "revoked", "{revoked:#}");
-    let (st, _, body) = chat(&s, Some(&new_key), "mock-echo").await;
+    let (st, rid, body) = chat(&s, Some(&new_key), "mock-echo").await;
     assert_eq!(st, 401);
     assert!(
         body["error"]["message"]
@@ -252,6 +258,8 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
             .contains("revoked"),
         "{body:#}"
     );
+    // The refused request of a revoked key's holder is on the key's record.
+    assert_eq!(s.record(&rid).await["key_id"], id.as_str());
     let again = reqwest::Client::new()
         .delete(s.url(&format!("/api/keys/{id}")))
         .send()
