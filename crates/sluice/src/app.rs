@@ -261,6 +261,9 @@ fn reload_on_hangup(state: &Arc<AppState>) {
     #[cfg(unix)]
     {
         let reloader = state.reloader.as_ref().map(Arc::downgrade);
+        // A reload by signal is an admin action like one by the API: it goes in the audit log,
+        // by `sighup`.
+        let audit = state.audit.clone();
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
             return;
@@ -276,13 +279,36 @@ fn reload_on_hangup(state: &Arc<AppState>) {
                     continue;
                 };
                 let Some(r) = reloader.upgrade() else { return };
-                match tokio::task::spawn_blocking(move || r.reload()).await {
-                    Ok(Ok(summary)) => tracing::info!(%summary, "SIGHUP: configuration reloaded"),
-                    Ok(Err(e)) => tracing::error!(
-                        error = %e,
-                        "SIGHUP: the configuration was not reloaded; the running one stays"
-                    ),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: the reload task failed"),
+                let (outcome, detail) = match tokio::task::spawn_blocking(move || r.reload()).await
+                {
+                    Ok(Ok(summary)) => {
+                        tracing::info!(%summary, "SIGHUP: configuration reloaded");
+                        ("ok", serde_json::json!({ "summary": summary }))
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(
+                            error = %e,
+                            "SIGHUP: the configuration was not reloaded; the running one stays"
+                        );
+                        ("rejected", serde_json::json!({ "error": e }))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: the reload task failed");
+                        continue;
+                    }
+                };
+                if let Some(store) = &audit {
+                    let entry = sluice_core::keys::AuditEntry::new(
+                        "sighup",
+                        sluice_core::keys::Role::Admin.as_str(),
+                        "config.reload",
+                        None,
+                        outcome,
+                        detail,
+                    );
+                    if let Err(e) = store.append_audit(&entry).await {
+                        tracing::error!(error = %e, "the audit log could not be written");
+                    }
                 }
             }
         });

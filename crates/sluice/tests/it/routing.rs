@@ -1496,6 +1496,22 @@ async fn sighup_reloads_the_configuration() {
         chat_ok(&http, &s, "m").await;
     }
     assert_eq!(up.count_for("one"), one);
+    // The reload is in the audit log, by the signal.
+    let log: Value = http
+        .get(s.url("/api/audit"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = log["data"].as_array().expect("entries");
+    assert!(
+        entries.iter().any(|e| e["actor"] == "sighup"
+            && e["action"] == "config.reload"
+            && e["outcome"] == "ok"),
+        "{log:#}"
+    );
 }
 
 #[tokio::test]
