@@ -415,8 +415,16 @@ fn by_id(mut command: KeysCommand) -> anyhow::Result<KeysCommand> {
     if let KeysCommand::Show { id, .. }
     | KeysCommand::Revoke { id, .. }
     | KeysCommand::Rotate { id, .. } = &mut command
-        && id.starts_with(sluice_core::keys::KEY_PREFIX)
     {
+        id_of(id)?;
+    }
+    Ok(command)
+}
+
+/// Replaces a whole key (`sk-sluice-<id>-<secret>`) by its id, in place (`keys show`, `logs
+/// --key`, `usage --key`); anything else is left as it is.
+pub fn id_of(id: &mut String) -> anyhow::Result<()> {
+    if id.starts_with(sluice_core::keys::KEY_PREFIX) {
         match sluice_core::keys::key_id(id) {
             Some(short) => *id = short.to_string(),
             None => bail!(
@@ -424,7 +432,7 @@ fn by_id(mut command: KeysCommand) -> anyhow::Result<KeysCommand> {
             ),
         }
     }
-    Ok(command)
+    Ok(())
 }
 
 pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
@@ -616,6 +624,25 @@ mod tests {
             assert!(parse_expires(bad, now).is_err(), "{bad}");
         }
         assert!(parse_expires("9999999999999d", now).is_err());
+    }
+
+    #[test]
+    fn a_whole_key_stands_for_its_id() {
+        let (k, secret) = KeySpec {
+            name: "n".into(),
+            ..KeySpec::default()
+        }
+        .issue(Utc::now())
+        .unwrap();
+        let mut given = secret.clone();
+        id_of(&mut given).unwrap();
+        assert_eq!(given, k.id);
+        let mut plain = k.id.clone();
+        id_of(&mut plain).unwrap();
+        assert_eq!(plain, k.id);
+        let mut bad = "sk-sluice-nothex".to_string();
+        let e = id_of(&mut bad).unwrap_err().to_string();
+        assert!(e.contains("not the shape") && !e.contains("nothex"), "{e}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub struct LogsArgs {
     /// Only this user.
     #[arg(long)]
     pub user: Option<String>,
-    /// Only requests made with this virtual key (its id).
+    /// Only requests made with this virtual key (its id; the whole key works too).
     #[arg(long)]
     pub key: Option<String>,
     /// Only since this time (RFC 3339) or duration ago (30s, 15m, 2h, 7d).
@@ -117,7 +117,10 @@ pub(crate) fn require_log(store_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(store_url: &str, max_connections: u32, args: LogsArgs) -> anyhow::Result<()> {
+pub async fn run(store_url: &str, max_connections: u32, mut args: LogsArgs) -> anyhow::Result<()> {
+    if let Some(k) = args.key.as_mut() {
+        crate::keys::id_of(k)?;
+    }
     require_log(store_url)?;
     let store = sluice_store::open(store_url, max_connections)
         .await

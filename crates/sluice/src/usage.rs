@@ -17,7 +17,7 @@ pub struct UsageArgs {
     /// Group by these, comma-separated: key, user, team, model, day; or none.
     #[arg(long, short = 'g', default_value = "key")]
     pub group_by: String,
-    /// Only this virtual key (its id).
+    /// Only this virtual key (its id; the whole key works too).
     #[arg(long)]
     pub key: Option<String>,
     /// Only this user (the request's user: header, body `user`, or key owner)
@@ -104,7 +104,10 @@ fn table(dims: &[UsageDim], rows: &[UsageRow], total: Option<&UsageRow>) -> Stri
     out
 }
 
-pub async fn run(url: &str, args: UsageArgs) -> anyhow::Result<()> {
+pub async fn run(url: &str, mut args: UsageArgs) -> anyhow::Result<()> {
+    if let Some(k) = args.key.as_mut() {
+        crate::keys::id_of(k)?;
+    }
     let params = UsageParams {
         since: args.since.clone(),
         until: args.until.clone(),
