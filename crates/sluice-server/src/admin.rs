@@ -151,7 +151,7 @@ pub async fn list_requests(
 ) -> Response {
     let Query(params) = match params {
         Ok(p) => p,
-        Err(e) => return ApiError::openai(Error::invalid(e.body_text())).into_response(),
+        Err(e) => return ApiError::openai(crate::query_error(&e)).into_response(),
     };
     let mut q = match params.to_query() {
         Ok(q) => q,

@@ -103,17 +103,26 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
             let inner = e.into_inner();
             match inner.classify() {
                 serde_json::error::Category::Data => {
-                    let param = if path == "." || path.is_empty() {
-                        None
-                    } else {
-                        Some(path)
-                    };
-                    let msg = match &param {
-                        Some(p) => format!("invalid value for `{p}`: {}", strip_position(&inner)),
-                        None => format!("invalid request body: {}", strip_position(&inner)),
+                    let at = (path != "." && !path.is_empty()).then_some(path);
+                    let detail = plain_words(&strip_position(&inner));
+                    // A missing field is named by the message, not the path (which stops at
+                    // the object that lacks it).
+                    if let Some(field) = missing_field(&detail) {
+                        let param = match &at {
+                            Some(p) => format!("{p}.{field}"),
+                            None => field.to_string(),
+                        };
+                        let mut err =
+                            Error::invalid(format!("missing required parameter `{param}`"));
+                        err.param = Some(param);
+                        return Err(err);
+                    }
+                    let msg = match &at {
+                        Some(p) => format!("invalid value for `{p}`: {detail}"),
+                        None => format!("invalid request body: {detail}"),
                     };
                     let mut err = Error::invalid(msg);
-                    err.param = param;
+                    err.param = at;
                     Err(err)
                 }
                 _ => Err(Error::new(
@@ -128,6 +137,63 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
             }
         }
     }
+}
+
+/// The field a "missing field `x`" message names.
+fn missing_field(detail: &str) -> Option<&str> {
+    detail
+        .strip_prefix("missing field `")?
+        .strip_suffix('`')
+        .filter(|f| !f.is_empty())
+}
+
+/// serde's wording with Rust's own names put in JSON's terms: `struct ChatRequest` is an
+/// object, `u32` a whole number from 0 to 4294967295, and so on.
+fn plain_words(detail: &str) -> String {
+    let mut out = detail.to_string();
+    // `expected struct Name` / `expected a struct Name`
+    while let Some(i) = out.find("struct ") {
+        let rest = &out[i + "struct ".len()..];
+        let end = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let before = out[..i].trim_end_matches("a ").to_string();
+        out = format!("{before}a JSON object{}", &rest[end..]);
+    }
+    for (rust, json) in [
+        ("u8", "a whole number from 0 to 255"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u32", "a whole number from 0 to 4294967295"),
+        ("u64", "a whole number from 0 to 18446744073709551615"),
+        ("i32", "a whole number from -2147483648 to 2147483647"),
+        ("i64", "a whole number"),
+        ("f32", "a number"),
+        ("f64", "a number"),
+        ("usize", "a whole number"),
+        ("a sequence", "an array"),
+        ("sequence", "array"),
+        ("a map", "an object"),
+    ] {
+        out = replace_word(&out, rust, json);
+    }
+    out
+}
+
+/// Replaces `word` where it stands alone (not inside another word).
+fn replace_word(text: &str, word: &str, with: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(word) {
+        let before = rest[..i].chars().next_back();
+        let after = rest[i + word.len()..].chars().next();
+        let alone = !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
+            && !after.is_some_and(|c| c.is_alphanumeric() || c == '_');
+        out.push_str(&rest[..i]);
+        out.push_str(if alone { with } else { word });
+        rest = &rest[i + word.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// serde_json's message without its " at line L column C" suffix.
@@ -169,6 +235,39 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].role"));
         let e = parse::<ChatRequest>(br#"{"messages": []}"#).unwrap_err();
-        assert!(e.message.contains("model"), "{}", e.message);
+        assert_eq!(e.message, "missing required parameter `model`");
+        assert_eq!(e.param.as_deref(), Some("model"));
+        let e =
+            parse::<ChatRequest>(br#"{"model": "m", "messages": [{"content": "x"}]}"#).unwrap_err();
+        assert_eq!(
+            e.param.as_deref(),
+            Some("messages[0].role"),
+            "{}",
+            e.message
+        );
+    }
+
+    /// Messages speak JSON, not Rust: no struct names or integer types.
+    #[test]
+    fn type_errors_speak_json() {
+        let e = parse::<ChatRequest>(b"[]").unwrap_err();
+        assert_eq!(
+            e.message,
+            "invalid request body: invalid type: sequence, expected a JSON object"
+                .replace("sequence", "array")
+        );
+        let e =
+            parse::<ChatRequest>(br#"{"model": "m", "messages": [], "max_tokens": 1000000000000}"#)
+                .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        assert!(
+            e.message.contains("a whole number from 0 to 4294967295") && !e.message.contains("u32"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            replace_word("u32 or u320 or (u32)", "u32", "N"),
+            "N or u320 or (N)"
+        );
     }
 }

@@ -684,6 +684,24 @@ async fn method_not_allowed(req: Request) -> Response {
     resp
 }
 
+/// The 400 for a query string that does not parse: the parameter it names, in the API's words
+/// (`limit=abc` is "invalid value for `limit`: …", with `param`).
+pub(crate) fn query_error(e: &axum::extract::rejection::QueryRejection) -> Error {
+    let text = e.body_text();
+    let detail = text
+        .strip_prefix("Failed to deserialize query string: ")
+        .unwrap_or(&text);
+    match detail.split_once(": ") {
+        Some((name, why))
+            if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            Error::invalid(format!("invalid value for query parameter `{name}`: {why}"))
+                .with_param(name)
+        }
+        _ => Error::invalid(format!("invalid query string: {detail}")),
+    }
+}
+
 /// Fills the record's attribution from `x-sluice-*` headers.
 pub(crate) fn attribute_from_headers(
     ctx: &mut RequestContext,

@@ -128,7 +128,7 @@ pub async fn usage(
 ) -> Response {
     let Query(params) = match params {
         Ok(p) => p,
-        Err(e) => return ApiError::openai(Error::invalid(e.body_text())).into_response(),
+        Err(e) => return ApiError::openai(crate::query_error(&e)).into_response(),
     };
     let q = match params.to_query(Utc::now()) {
         Ok(q) => q,
@@ -179,7 +179,7 @@ pub async fn clear_cache(
 ) -> Response {
     let Query(params) = match params {
         Ok(p) => p,
-        Err(e) => return ApiError::openai(Error::invalid(e.body_text())).into_response(),
+        Err(e) => return ApiError::openai(crate::query_error(&e)).into_response(),
     };
     let Some(cache) = state.gateway.cache() else {
         return ApiError::openai(Error::invalid(

@@ -1,6 +1,6 @@
 //! `/api/requests` and `/metrics`.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::harness::{Sluice, request_id};
 use crate::openai_api::MOCK;
@@ -86,6 +86,7 @@ async fn request_log_filters_and_pages() {
         "since=soon",
         "before=xyz",
         "colour=red",
+        "limit=abc",
     ] {
         let r = http
             .get(s.url(&format!("/api/requests?{bad}")))
@@ -93,6 +94,12 @@ async fn request_log_filters_and_pages() {
             .await
             .unwrap();
         assert_eq!(r.status(), 400, "{bad}");
+        let v: Value = r.json().await.unwrap();
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(!message.contains("deserialize"), "{bad}: {message}");
+        if bad == "limit=abc" {
+            assert_eq!(v["error"]["param"], "limit", "{v}");
+        }
     }
     let r = http
         .get(s.url("/api/requests/not-an-id"))
