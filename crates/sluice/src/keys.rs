@@ -435,7 +435,13 @@ pub fn id_of(id: &mut String) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
+/// `sluice keys …` on the store at `store_url`; `configured` are the models of the configuration
+/// (a key for a model none serves gets a warning).
+pub async fn run(
+    store_url: &str,
+    configured: &[String],
+    command: KeysCommand,
+) -> anyhow::Result<()> {
     let now = Utc::now();
     let command = by_id(command)?;
     if !matches!(command, KeysCommand::Create(_))
@@ -463,6 +469,29 @@ pub async fn run(store_url: &str, command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Create(args) => {
             let spec = spec(&args, now)?;
+            let unknown: Vec<&str> = spec
+                .models
+                .iter()
+                .filter(|m| !configured.contains(m))
+                .map(String::as_str)
+                .collect();
+            if !unknown.is_empty() {
+                eprintln!(
+                    "warning: the configuration has no model {}; the key can use {} only once a configuration serves {} (configured: {})",
+                    unknown
+                        .iter()
+                        .map(|m| format!("`{m}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if unknown.len() == 1 { "it" } else { "them" },
+                    if unknown.len() == 1 { "it" } else { "them" },
+                    if configured.is_empty() {
+                        "none".to_string()
+                    } else {
+                        configured.join(", ")
+                    }
+                );
+            }
             let (mut key, secret) = spec
                 .issue(now)
                 .map_err(|e| anyhow!("{}\n{CREATE_HINT}", as_flags(&e)))?;

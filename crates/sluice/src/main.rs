@@ -212,6 +212,9 @@ enum RouteCommand {
         /// Store URL (default: store.url of the configuration).
         #[arg(long)]
         store: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -344,7 +347,8 @@ async fn main() -> ExitCode {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             };
-            match keys::run(&raw.store.url, command).await {
+            let models: Vec<String> = raw.models.keys().cloned().collect();
+            match keys::run(&raw.store.url, &models, command).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
             }
@@ -364,9 +368,9 @@ async fn main() -> ExitCode {
                     model,
                     json,
                 } => route::explain(&raw, model.as_deref(), &prompt, json),
-                RouteCommand::Report { since, model, .. } => {
-                    route::report(&raw.store.url, since.as_deref(), model.as_deref()).await
-                }
+                RouteCommand::Report {
+                    since, model, json, ..
+                } => route::report(&raw, since.as_deref(), model.as_deref(), json).await,
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

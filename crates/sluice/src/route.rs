@@ -83,10 +83,19 @@ struct Tally {
 
 /// `sluice route report`: cost of complexity-routed requests against the strongest tier.
 pub async fn report(
-    store_url: &str,
+    raw: &RawConfig,
     since: Option<&str>,
     model: Option<&str>,
+    json: bool,
 ) -> anyhow::Result<()> {
+    // A model of the configuration must route by complexity; one that is not configured (any
+    // more) may still be in the log.
+    if let Some(m) = model
+        && raw.models.contains_key(m)
+    {
+        complexity_model(raw, Some(m))?;
+    }
+    let store_url = raw.store.url.as_str();
     let since = match since {
         Some(s) => Some(
             sluice_server::admin::parse_since(s, chrono::Utc::now())
@@ -135,6 +144,40 @@ pub async fn report(
         if page.len() < 1000 {
             break;
         }
+    }
+    if json {
+        let mut total = Tally::default();
+        let tiers: Vec<serde_json::Value> = by_tier
+            .iter()
+            .map(|(tier, t)| {
+                total.requests += t.requests;
+                total.cost += t.cost;
+                total.baseline += t.baseline;
+                serde_json::json!({
+                    "tier": tier,
+                    "requests": t.requests,
+                    "cost_usd": t.cost,
+                    "baseline_cost_usd": t.baseline,
+                    "saved_usd": t.baseline - t.cost,
+                })
+            })
+            .collect();
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "object": "route_report",
+                "since": since.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                "model": model,
+                "tiers": tiers,
+                "total": {
+                    "requests": total.requests,
+                    "cost_usd": total.cost,
+                    "baseline_cost_usd": total.baseline,
+                    "saved_usd": total.baseline - total.cost,
+                },
+            }))?
+        );
+        return Ok(());
     }
     if by_tier.is_empty() {
         outln!(

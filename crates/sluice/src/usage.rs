@@ -34,8 +34,21 @@ pub struct UsageArgs {
     pub json: bool,
 }
 
+/// A group's value; none, or an empty one (a request refused before its model was read), is `-`.
 fn cell(v: &Option<String>) -> String {
-    v.clone().unwrap_or_else(|| "-".into())
+    v.clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// A period's end for the header: to the minute, or to the second when it has seconds.
+fn when(t: chrono::DateTime<chrono::Utc>) -> String {
+    use chrono::Timelike;
+    if t.second() == 0 && t.nanosecond() == 0 {
+        t.format("%Y-%m-%d %H:%MZ").to_string()
+    } else {
+        t.format("%Y-%m-%d %H:%M:%SZ").to_string()
+    }
 }
 
 fn table(dims: &[UsageDim], rows: &[UsageRow], total: Option<&UsageRow>) -> String {
@@ -143,13 +156,8 @@ pub async fn run(url: &str, mut args: UsageArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let since = q.since.map_or_else(
-        || "the start".into(),
-        |t| t.format("%Y-%m-%d %H:%MZ").to_string(),
-    );
-    let until = q
-        .until
-        .map_or_else(|| "now".into(), |t| t.format("%Y-%m-%d %H:%MZ").to_string());
+    let since = q.since.map_or_else(|| "the start".into(), when);
+    let until = q.until.map_or_else(|| "now".into(), when);
     outln!("usage from {since} to {until}");
     if rows.is_empty() || total.requests == 0 {
         outln!("no requests in this period");
@@ -162,6 +170,16 @@ pub async fn run(url: &str, mut args: UsageArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn periods_keep_their_seconds_and_empty_groups_show_a_dash() {
+        let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+        assert_eq!(when(t("2026-12-05T23:08:00Z")), "2026-12-05 23:08Z");
+        assert_eq!(when(t("2026-12-05T23:08:42Z")), "2026-12-05 23:08:42Z");
+        assert_eq!(cell(&Some(String::new())), "-");
+        assert_eq!(cell(&None), "-");
+        assert_eq!(cell(&Some("m".into())), "m");
+    }
 
     #[test]
     fn the_table_aligns_groups_and_sums() {

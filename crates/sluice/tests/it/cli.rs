@@ -449,19 +449,34 @@ async fn complexity_routing_explain_and_report() {
         "{out}"
     );
 
-    // A model that is not complexity-routed gets a clear one-line error with a hint.
-    let (code, _, err) = run(
+    let (code, out, err) = run(&["route", "report", "--config", cfg, "--json"], s.dir());
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    let tiers = report["tiers"].as_array().expect("tiers");
+    let requests: u64 = tiers.iter().filter_map(|t| t["requests"].as_u64()).sum();
+    assert_eq!(
+        report["total"]["requests"].as_u64(),
+        Some(requests),
+        "{report:#}"
+    );
+    assert_eq!(requests, ids.len() as u64, "{report:#}");
+
+    // A model that is not complexity-routed gets a clear one-line error with a hint, from
+    // explain and report alike.
+    for args in [
         &[
             "route", "explain", "--config", cfg, "--model", "small", "hi",
-        ],
-        s.dir(),
-    );
-    assert_eq!(code, 2);
-    assert!(
-        err.starts_with("error: model `small` uses strategy"),
-        "{err}"
-    );
-    assert!(err.contains("hint:"), "{err}");
+        ][..],
+        &["route", "report", "--config", cfg, "--model", "small"][..],
+    ] {
+        let (code, _, err) = run(args, s.dir());
+        assert_eq!(code, 2, "{args:?}");
+        assert!(
+            err.starts_with("error: model `small` uses strategy"),
+            "{err}"
+        );
+        assert!(err.contains("hint:"), "{err}");
+    }
 }
 
 /// `sluice keys`: create, list, show, rotate and revoke virtual keys straight in the store.
@@ -500,6 +515,11 @@ fn keys_are_managed_from_the_command_line() {
         r#"{"ticket": "OPS-1"}"#,
     ]);
     assert_eq!(code, 0, "{err}");
+    // A model no configuration here serves is created, with a warning naming it.
+    assert!(
+        err.contains("warning: the configuration has no model `gpt-4o-mini`"),
+        "{err}"
+    );
     let key = out
         .split_whitespace()
         .find(|w| w.starts_with("sk-sluice-"))
