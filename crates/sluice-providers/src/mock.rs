@@ -97,7 +97,8 @@ impl Mock {
         })
     }
 
-    fn answer(&self, req: &ChatRequest) -> Result<String, ProviderError> {
+    /// The answer's text, and the stop sequence it was cut at, if any.
+    fn answer(&self, req: &ChatRequest) -> Result<(String, Option<String>), ProviderError> {
         let last_user = req
             .messages
             .iter()
@@ -120,16 +121,33 @@ impl Mock {
             MockMode::Fixed => self.cfg.text.clone().unwrap_or_default(),
         };
         let stops = req.stop_sequences();
-        if let Some(pos) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+        let mut matched = None;
+        if let Some((pos, stop)) = stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()).map(|p| (p, s)))
+            .min_by_key(|(p, _)| *p)
+        {
             text.truncate(pos);
+            matched = Some(stop.clone());
         }
         if let Some(max) = req.max_output_tokens() {
             let words: Vec<&str> = text.split_inclusive(char::is_whitespace).collect();
             if words.len() > max as usize {
                 text = words[..max as usize].concat();
+                matched = None;
             }
         }
-        Ok(text)
+        Ok((text, matched))
+    }
+
+    /// The choice fields of an answer cut at a stop sequence: `stop_reason`, the sequence, as
+    /// vLLM names it (so that an Anthropic client gets `stop_reason: "stop_sequence"`).
+    fn stop_extra(matched: Option<&String>, finish: &str) -> Extra {
+        let mut extra = Extra::new();
+        if let Some(s) = matched.filter(|_| finish == "stop") {
+            extra.insert("stop_reason".into(), s.clone().into());
+        }
+        extra
     }
 
     fn usage(&self, req: &ChatRequest, text: &str) -> Option<Usage> {
@@ -195,7 +213,7 @@ impl ChatProvider for Mock {
         if self.cfg.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(self.cfg.latency_ms)).await;
         }
-        let text = self.answer(req)?;
+        let (text, matched) = self.answer(req)?;
         let n = req.n.unwrap_or(1).max(1);
         let finish = Self::finish_reason(req, &text);
         Ok(ChatCompletion {
@@ -215,7 +233,7 @@ impl ChatProvider for Mock {
                     },
                     finish_reason: Some(finish.into()),
                     logprobs: None,
-                    extra: Extra::new(),
+                    extra: Self::stop_extra(matched.as_ref(), finish),
                 })
                 .collect(),
             usage: self.usage(req, &text),
@@ -228,7 +246,7 @@ impl ChatProvider for Mock {
         if self.cfg.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(self.cfg.latency_ms)).await;
         }
-        let text = self.answer(req)?;
+        let (text, matched) = self.answer(req)?;
         let id = new_id();
         let created = unix_now();
         let model = req.model.clone();
@@ -254,10 +272,11 @@ impl ChatProvider for Mock {
             }
         }
         for i in 0..n {
-            chunks.push(of(
-                ChatCompletionChunk::finish(&id, &model, created, finish),
-                i,
-            ));
+            let mut last = of(ChatCompletionChunk::finish(&id, &model, created, finish), i);
+            for c in &mut last.choices {
+                c.extra = Self::stop_extra(matched.as_ref(), finish);
+            }
+            chunks.push(last);
         }
         if let Some(u) = usage {
             chunks.push(ChatCompletionChunk::usage_only(&id, &model, created, u));

@@ -421,6 +421,39 @@ async fn system_prompt_becomes_the_first_openai_message() {
     );
 }
 
+/// The mock provider names the stop sequence it cut an answer at, as vLLM does: an Anthropic
+/// client gets `stop_reason: "stop_sequence"` and the sequence, whole or streamed.
+#[tokio::test]
+async fn a_stop_sequence_is_reported_as_one() {
+    let sluice = Sluice::start(crate::openai_api::MOCK).await;
+    let body = json!({
+        "model": "mock-echo", "max_tokens": 50, "stop_sequences": ["two"],
+        "messages": [{"role": "user", "content": "one two three"}]
+    });
+    let (_, msg) = message_ok(&sluice, &body).await;
+    assert_eq!(msg["content"][0]["text"], "one ", "{msg:#}");
+    assert_eq!(msg["stop_reason"], "stop_sequence", "{msg:#}");
+    assert_eq!(msg["stop_sequence"], "two", "{msg:#}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (_, events) = message_stream(&sluice, &streamed).await;
+    let delta = events
+        .iter()
+        .find(|(name, _)| name == "message_delta")
+        .map(|(_, d)| d.clone())
+        .expect("message_delta");
+    assert_eq!(delta["delta"]["stop_reason"], "stop_sequence", "{delta:#}");
+    assert_eq!(delta["delta"]["stop_sequence"], "two", "{delta:#}");
+    // Without a match, the turn ends as usual.
+    let plain = json!({
+        "model": "mock-echo", "max_tokens": 50, "stop_sequences": ["four"],
+        "messages": [{"role": "user", "content": "one two three"}]
+    });
+    let (_, msg) = message_ok(&sluice, &plain).await;
+    assert_eq!(msg["stop_reason"], "end_turn", "{msg:#}");
+    assert!(msg["stop_sequence"].is_null(), "{msg:#}");
+}
+
 #[tokio::test]
 async fn unknown_model_is_not_found_error() {
     let (upstream, sluice) = setup().await;
