@@ -466,26 +466,7 @@ fn for_each_text(msg: &Message, mut f: impl FnMut(&str)) {
 // ---------------------------------------------------------------------------------------------
 
 /// Tokens counted for an image (a 1024×1024 image at high detail, as OpenAI prices it).
-const IMAGE_TOKENS: usize = 765;
-
-/// What a part that is not text adds to `length`, as bytes of text (four to a token): an image
-/// its [`IMAGE_TOKENS`]; a document or audio given inline its decoded size (three quarters of
-/// its base64); one given by reference an image's worth.
-fn media_bytes(part: &sluice_types::openai::ContentPart) -> usize {
-    fn strings(v: &serde_json::Value) -> usize {
-        match v {
-            serde_json::Value::String(s) => s.len(),
-            serde_json::Value::Array(a) => a.iter().map(strings).sum(),
-            serde_json::Value::Object(o) => o.values().map(strings).sum(),
-            _ => 0,
-        }
-    }
-    if part.image_url.is_some() {
-        return IMAGE_TOKENS * 4;
-    }
-    let inline = part.extra.values().map(strings).sum::<usize>() * 3 / 4;
-    inline.max(IMAGE_TOKENS * 4)
-}
+use crate::tokens::media_bytes;
 
 const W_LENGTH: f64 = 0.40;
 const W_CODE: f64 = 0.70;

@@ -1396,16 +1396,16 @@ async fn open_stream(
     with_timeout(t.opening(), read).await
 }
 
-/// A request's size in tokens for tokens-per-minute capacity: the prompt (about four characters
-/// a token) plus the most it may generate, for each of its `n` choices.
+/// A request's size in tokens for tokens-per-minute capacity: the prompt (about four bytes a
+/// token: messages, tool calls, tool definitions, media) plus the most it may generate, for each
+/// of its `n` choices.
 fn estimate_tokens(req: &ChatRequest) -> u64 {
-    let prompt_chars: usize = req.messages.iter().map(|m| m.text_len()).sum();
     let completion = req
         .max_completion_tokens
         .or(req.max_tokens)
         .map_or(DEFAULT_COMPLETION_ESTIMATE, u64::from)
         .saturating_mul(u64::from(req.n.unwrap_or(1).max(1)));
-    (prompt_chars as u64).div_ceil(4).saturating_add(completion)
+    tokens::estimate_prompt_by_size(req).saturating_add(completion)
 }
 
 /// What a model group charges, for the savings of complexity routing: under the `cost` strategy

@@ -305,17 +305,26 @@ impl Drop for InFlight {
     }
 }
 
-/// A tokens-per-minute reservation made before a call, settled with the real count after it.
+/// A tokens-per-minute reservation made before a call, settled with the real count after it; one
+/// dropped unsettled (its client left during the call) is given back.
 #[derive(Debug)]
 pub struct TokenReservation {
     dep: Arc<DeploymentState>,
     reserved: u64,
     charge: Charge,
+    settled: bool,
 }
 
 impl TokenReservation {
     /// Replaces the estimate with the real count.
-    pub fn settle(self, actual: u64) {
+    pub fn settle(mut self, actual: u64) {
+        self.settle_with(actual);
+    }
+
+    fn settle_with(&mut self, actual: u64) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
         if let Some(w) = &self.dep.live.tpm {
             let delta = i64::try_from(actual).unwrap_or(i64::MAX)
                 - i64::try_from(self.reserved).unwrap_or(i64::MAX);
@@ -323,6 +332,12 @@ impl TokenReservation {
                 w.reconcile(self.charge, Instant::now(), delta);
             }
         }
+    }
+}
+
+impl Drop for TokenReservation {
+    fn drop(&mut self) {
+        self.settle_with(0);
     }
 }
 
@@ -816,6 +831,7 @@ impl Group {
                         dep: d.clone(),
                         reserved: tokens,
                         charge,
+                        settled: false,
                     }),
                     None => {
                         excluded[i] = true;
@@ -1479,6 +1495,27 @@ mod tests {
         assert_eq!(snap.window_requests, 2, "only the server errors count");
         d.report(now, Duration::from_millis(5), fail, None);
         assert_eq!(d.breaker_state(now), BreakerState::Open);
+    }
+
+    #[test]
+    fn a_token_reservation_dropped_unsettled_is_given_back() {
+        let mut d = dep("a", 1.0, None, None);
+        d.tpm = Some(1000);
+        let g = group(Strategy::Weighted, vec![d], BreakerConfig::default());
+        let now = Instant::now();
+        let Pick::Go { dep, tokens, .. } = g.pick(now, &[], 800) else {
+            panic!("a pick");
+        };
+        assert_eq!(dep.status("g", now).tpm.map(|c| c.used), Some(800));
+        // The client left during the call: the handler's future, and the reservation, are gone.
+        drop(tokens);
+        assert_eq!(dep.status("g", now).tpm.map(|c| c.used), Some(0));
+        // A settled one is settled once.
+        let Pick::Go { tokens, .. } = g.pick(now, &[], 800) else {
+            panic!("a pick");
+        };
+        tokens.expect("a reservation").settle(300);
+        assert_eq!(dep.status("g", now).tpm.map(|c| c.used), Some(300));
     }
 
     #[test]

@@ -43,9 +43,47 @@ pub fn count_text(model: &str, text: &str) -> u64 {
 /// the request path count four bytes a token instead of running the tokenizer.
 pub const TOKENIZE_MAX_BYTES: usize = 64 * 1024;
 
-/// A prompt's tokens estimated from its size alone (four bytes a token), without the tokenizer.
+/// The tokens an image counts for in estimates (OpenAI's price of a high-detail 1024×1024
+/// image).
+pub const IMAGE_TOKENS: usize = 765;
+
+/// What a content part that is not text counts for, as bytes of text (four to a token): an image
+/// its [`IMAGE_TOKENS`]; a document or audio given inline its decoded size (three quarters of
+/// its base64); one given by reference an image's worth.
+pub fn media_bytes(part: &sluice_types::openai::ContentPart) -> usize {
+    fn strings(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::String(s) => s.len(),
+            serde_json::Value::Array(a) => a.iter().map(strings).sum(),
+            serde_json::Value::Object(o) => o.values().map(strings).sum(),
+            _ => 0,
+        }
+    }
+    if part.image_url.is_some() {
+        return IMAGE_TOKENS * 4;
+    }
+    let inline = part.extra.values().map(strings).sum::<usize>() * 3 / 4;
+    inline.max(IMAGE_TOKENS * 4)
+}
+
+/// The bytes the media parts (images, documents, audio) of a prompt count for.
+fn prompt_media_bytes(req: &ChatRequest) -> usize {
+    req.messages
+        .iter()
+        .filter_map(|m| match &m.content {
+            Some(Content::Parts(parts)) => Some(parts),
+            _ => None,
+        })
+        .flatten()
+        .filter(|p| p.text.is_none())
+        .map(media_bytes)
+        .sum()
+}
+
+/// A prompt's tokens estimated from its size alone (four bytes a token), without the tokenizer:
+/// messages, tool calls, tool definitions and media.
 pub fn estimate_prompt_by_size(req: &ChatRequest) -> u64 {
-    (prompt_bytes(req, usize::MAX) as u64).div_ceil(4)
+    (prompt_bytes(req, usize::MAX).saturating_add(prompt_media_bytes(req)) as u64).div_ceil(4)
 }
 
 /// The bytes of a prompt the tokenizer would read, stopping once past `limit`.
@@ -68,13 +106,14 @@ fn prompt_bytes(req: &ChatRequest, limit: usize) -> usize {
 
 /// A prompt's tokens for an estimate made before or while a request runs: counted with the
 /// model's tokenizer, or four bytes a token when the prompt is longer than
-/// [`TOKENIZE_MAX_BYTES`] (so a huge prompt costs no tokenizer time on the request path).
+/// [`TOKENIZE_MAX_BYTES`] (so a huge prompt costs no tokenizer time on the request path); media
+/// parts count as [`media_bytes`].
 pub fn estimate_prompt(model: &str, req: &ChatRequest) -> u64 {
-    let bytes = prompt_bytes(req, TOKENIZE_MAX_BYTES);
-    if bytes > TOKENIZE_MAX_BYTES {
-        (bytes as u64).div_ceil(4)
+    if prompt_bytes(req, TOKENIZE_MAX_BYTES) > TOKENIZE_MAX_BYTES {
+        // All of it: the count above stops once past the limit.
+        estimate_prompt_by_size(req)
     } else {
-        count_prompt(model, req)
+        count_prompt(model, req).saturating_add((prompt_media_bytes(req) as u64).div_ceil(4))
     }
 }
 
@@ -160,5 +199,37 @@ mod tests {
         .unwrap();
         let bytes = 2 + 1 + args.len();
         assert_eq!(estimate_prompt("gpt-4o", &huge), (bytes as u64).div_ceil(4));
+
+        // Long history in many messages, each under the limit: all of it counts (the count
+        // stopped at the limit, so 200 KB read as about 17k tokens).
+        let turn = "word ".repeat(2_000);
+        let messages: Vec<serde_json::Value> = (0..20)
+            .map(|_| serde_json::json!({"role": "user", "content": turn}))
+            .collect();
+        let long: ChatRequest =
+            serde_json::from_value(serde_json::json!({"model": "gpt-4o", "messages": messages}))
+                .unwrap();
+        assert_eq!(
+            estimate_prompt("gpt-4o", &long),
+            (20 * turn.len() as u64).div_ceil(4)
+        );
+    }
+
+    #[test]
+    fn media_parts_count_in_estimates() {
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "gpt-4o", "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is in these?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/b.png"}}
+            ]}]
+        }))
+        .unwrap();
+        let text_only = count_prompt("gpt-4o", &req);
+        assert_eq!(
+            estimate_prompt("gpt-4o", &req),
+            text_only + 2 * IMAGE_TOKENS as u64
+        );
+        assert!(estimate_prompt_by_size(&req) >= 2 * IMAGE_TOKENS as u64);
     }
 }
