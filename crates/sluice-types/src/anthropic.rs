@@ -1237,16 +1237,31 @@ fn part_block(part: &ContentPart, i: usize) -> Result<Option<ContentBlock>, Tran
             let (media_type, data) = parse_data_url(data_url).ok_or_else(|| {
                 invalid(format!("messages[{i}]: file_data is not a base64 data URL"))
             })?;
-            Ok(Some(ContentBlock::Other(json!({
+            let mut doc = json!({
                 "type": "document",
                 "source": {"type": "base64", "media_type": media_type, "data": data}
-            }))))
+            });
+            // A file's name is the document's title, unless it is the one Sluice gave a
+            // document without a title.
+            if let Some(name) = part
+                .extra
+                .get("file")
+                .and_then(|f| f.get("filename"))
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty() && *n != DEFAULT_DOCUMENT_NAME)
+            {
+                doc["title"] = Value::String(name.to_string());
+            }
+            Ok(Some(ContentBlock::Other(doc)))
         }
         other => Err(err(format!(
             "messages[{i}]: content part type `{other}` is not supported by Anthropic models"
         ))),
     }
 }
+
+/// The file name an OpenAI `file` part gets for a document without a `title`.
+const DEFAULT_DOCUMENT_NAME: &str = "document.pdf";
 
 fn image_source(url: &str, i: usize) -> Result<ImageSource, TranslateError> {
     if url.starts_with("data:") {
@@ -1925,10 +1940,27 @@ pub fn request_to_openai(req: &MessagesRequest) -> Result<ChatRequest, Translate
         tools,
         tool_choice,
         response_format: None,
-        user: req.metadata.as_ref().and_then(|m| m.user_id.clone()),
+        user: req
+            .metadata
+            .as_ref()
+            .and_then(|m| m.user_id.as_deref())
+            .map(openai_user),
         metadata: None,
         extra,
     })
+}
+
+/// The most characters OpenAI takes in a request's `user`.
+const OPENAI_USER_MAX_CHARS: usize = 64;
+
+/// A Messages `metadata.user_id` as an OpenAI `user`: its first 64 characters, the most OpenAI
+/// takes (Claude Code's ids run past 150: `user_<hash>_account_…_session_…`, whose start names
+/// the user).
+fn openai_user(user_id: &str) -> String {
+    match user_id.char_indices().nth(OPENAI_USER_MAX_CHARS) {
+        Some((end, _)) => user_id[..end].to_string(),
+        None => user_id.to_string(),
+    }
 }
 
 fn user_to_openai(
@@ -2073,9 +2105,13 @@ fn media_part_bare(block: &ContentBlock, i: usize) -> Result<Option<ContentPart>
                 "file_data".into(),
                 Value::String(format!("data:{media_type};base64,{data}")),
             );
-            if let Some(title) = v.get("title").and_then(Value::as_str) {
-                file.insert("filename".into(), Value::String(title.to_string()));
-            }
+            // OpenAI wants a file name beside inline data; Anthropic's `title` is optional.
+            let filename = v
+                .get("title")
+                .and_then(Value::as_str)
+                .filter(|t| !t.trim().is_empty())
+                .unwrap_or(DEFAULT_DOCUMENT_NAME);
+            file.insert("filename".into(), Value::String(filename.to_string()));
             let mut part_extra = Extra::new();
             part_extra.insert("file".into(), Value::Object(file));
             Ok(Some(ContentPart {
@@ -3518,6 +3554,38 @@ mod tests {
 
     fn messages_request(body: Value) -> MessagesRequest {
         serde_json::from_value(body).expect("valid messages request")
+    }
+
+    /// Claude Code's long user ids fit OpenAI's `user`; a document without a title still has
+    /// the file name OpenAI wants, and a file's name comes back as the document's title.
+    #[test]
+    fn user_ids_and_untitled_documents_fit_openai() {
+        let long = format!("user_{}_account_x_session_y", "a".repeat(64));
+        let pdf = json!({"type": "document", "source": {"type": "base64",
+            "media_type": "application/pdf", "data": "JVBERi0x"}});
+        let req = messages_request(json!({
+            "model": "m", "max_tokens": 5,
+            "metadata": {"user_id": long},
+            "messages": [{"role": "user", "content": [pdf, {"type": "text", "text": "Sum it up."}]}]
+        }));
+        let chat = request_to_openai(&req).expect("translates");
+        let user = chat.user.as_deref().expect("a user");
+        assert_eq!(user.chars().count(), 64);
+        assert!(long.starts_with(user));
+        let v = serde_json::to_value(&chat).unwrap();
+        let file = &v["messages"][0]["content"][0]["file"];
+        assert_eq!(file["filename"], "document.pdf", "{v:#}");
+        // Back to Anthropic: the placeholder is no title; a real name is.
+        let back = serde_json::to_value(request_from_openai(&chat).unwrap()).unwrap();
+        let doc = &back["messages"][0]["content"][0];
+        assert_eq!(doc["type"], "document", "{back:#}");
+        assert!(doc.get("title").is_none(), "{back:#}");
+        let mut named = chat.clone();
+        if let Some(Content::Parts(parts)) = &mut named.messages[0].content {
+            parts[0].extra["file"]["filename"] = json!("q3-report.pdf");
+        }
+        let back = serde_json::to_value(request_from_openai(&named).unwrap()).unwrap();
+        assert_eq!(back["messages"][0]["content"][0]["title"], "q3-report.pdf");
     }
 
     #[test]
