@@ -81,6 +81,9 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
         }) => {
             let mut out = wire::response_from_openai(&completion, &msg.model);
             out.id = id;
+            if !msg.wants_thinking() {
+                wire::without_thinking(&mut out);
+            }
             let mut resp = Json(out).into_response();
             set_cost(&mut resp, cost_usd);
             set_route(&mut resp, &route);
@@ -89,6 +92,9 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
         }
         Ok(ChatOutcome::Stream(stream)) => {
             let mut enc = StreamEncoder::new(&id, &msg.model);
+            if !msg.wants_thinking() {
+                enc = enc.without_thinking();
+            }
             if let Some(n) = input_estimate {
                 enc = enc.with_input_tokens(n);
             }

@@ -76,6 +76,26 @@ impl MessagesRequest {
     pub fn is_stream(&self) -> bool {
         self.stream.unwrap_or(false)
     }
+
+    /// Whether the client turned extended thinking on (`thinking` of a type other than
+    /// `disabled`): only then does the answer carry thinking blocks, as Anthropic's does.
+    pub fn wants_thinking(&self) -> bool {
+        self.extra
+            .get("thinking")
+            .and_then(|t| t.get("type"))
+            .and_then(Value::as_str)
+            .is_some_and(|t| t != "disabled")
+    }
+}
+
+/// Takes the thinking blocks out of an answer (for a client that did not turn thinking on).
+pub fn without_thinking(resp: &mut MessagesResponse) {
+    resp.content.retain(|b| {
+        !matches!(
+            b,
+            ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. }
+        )
+    });
 }
 
 /// `system`: a string or a list of text blocks.
@@ -2370,6 +2390,8 @@ pub struct StreamEncoder {
     queued: Vec<Piece>,
     /// Sending the queue: nothing is queued again.
     draining: bool,
+    /// Whether reasoning goes out as thinking blocks (the client turned thinking on).
+    thinking: bool,
     /// The upstream's own `message_start` usage, when it is Anthropic ([`START_USAGE`]).
     start_usage: Option<AnthropicUsage>,
     /// Whitespace that came before any visible text of a text block: sent with the first visible
@@ -2397,12 +2419,20 @@ impl StreamEncoder {
             live_arguments: String::new(),
             queued: Vec::new(),
             draining: false,
+            thinking: true,
             start_usage: None,
             held_whitespace: String::new(),
             finish_reason: None,
             stop_sequence: None,
             usage: None,
         }
+    }
+
+    /// Leaves reasoning out of the stream (a client that did not turn thinking on gets no
+    /// thinking blocks, as from Anthropic).
+    pub fn without_thinking(mut self) -> Self {
+        self.thinking = false;
+        self
     }
 
     /// Sets the `input_tokens` reported in `message_start` (for example a local count), used
@@ -2429,7 +2459,7 @@ impl StreamEncoder {
         }
         for choice in chunk.choices.iter().filter(|c| c.index == 0) {
             let delta = &choice.delta;
-            match delta.extra.get(THINKING_BLOCKS) {
+            match delta.extra.get(THINKING_BLOCKS).filter(|_| self.thinking) {
                 // Whole blocks carry their own text (a replayed answer sends both at once).
                 Some(Value::Array(blocks)) if reasoning_text(&delta.extra).is_some() => {
                     for b in blocks {
@@ -2441,6 +2471,7 @@ impl StreamEncoder {
                         self.put(Piece::ThinkingBlock(b.clone(), false), &mut out);
                     }
                 }
+                _ if !self.thinking => {}
                 _ => {
                     if let Some(text) = reasoning_text(&delta.extra) {
                         self.put(Piece::Thinking(text.to_string()), &mut out);
@@ -3375,6 +3406,52 @@ mod tests {
 
     /// Another model's reasoning reaches an Anthropic client as an unsigned thinking block; given
     /// back, it is not sent to an Anthropic upstream (which would refuse it).
+    /// A client that did not turn thinking on gets no thinking blocks, whole or streamed, even
+    /// from a model that reasons anyway (as from Anthropic, which sends them only when asked).
+    #[test]
+    fn thinking_blocks_only_for_a_client_that_asked_for_thinking() {
+        let req = |thinking: Value| -> MessagesRequest {
+            let mut body = json!({"model": "m", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}]});
+            if !thinking.is_null() {
+                body["thinking"] = thinking;
+            }
+            serde_json::from_value(body).unwrap()
+        };
+        assert!(!req(Value::Null).wants_thinking());
+        assert!(!req(json!({"type": "disabled"})).wants_thinking());
+        assert!(req(json!({"type": "enabled", "budget_tokens": 1024})).wants_thinking());
+
+        let completion: ChatCompletion = serde_json::from_value(json!({
+            "id": "c", "object": "chat.completion", "created": 1, "model": "deepseek-r1",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": "42", "reasoning_content": "Think."}}]
+        }))
+        .unwrap();
+        let mut out = response_from_openai(&completion, "m");
+        without_thinking(&mut out);
+        let content = serde_json::to_value(&out.content).unwrap();
+        assert_eq!(content, json!([{"type": "text", "text": "42"}]));
+
+        let mut encoder = StreamEncoder::new("c", "m").without_thinking();
+        let chunk: ChatCompletionChunk = serde_json::from_value(json!({
+            "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"reasoning_content": "Hmm.", "content": "Yes"}}]
+        }))
+        .unwrap();
+        let mut events = encoder.on_chunk(&chunk);
+        events.extend(encoder.finish());
+        let starts: Vec<&ContentBlock> = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::ContentBlockStart { content_block, .. } => Some(content_block),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(starts.len(), 1, "{events:?}");
+        assert!(matches!(starts[0], ContentBlock::Text { .. }), "{events:?}");
+    }
+
     #[test]
     fn unsigned_reasoning_is_shown_but_never_sent_to_anthropic() {
         let completion: ChatCompletion = serde_json::from_value(json!({
