@@ -465,7 +465,6 @@ fn for_each_text(msg: &Message, mut f: impl FnMut(&str)) {
 // Heuristic
 // ---------------------------------------------------------------------------------------------
 
-/// Tokens counted for an image (a 1024×1024 image at high detail, as OpenAI prices it).
 use crate::tokens::media_bytes;
 
 const W_LENGTH: f64 = 0.40;
@@ -2103,8 +2102,6 @@ mod tests {
         assert_eq!(s.latex, 5, "{s:?}");
     }
 
-    /// A middle tier's examples vote inside that tier's band, whatever its thresholds (they
-    /// voted at an even grid: 0.5 of three tiers, inside the first tier's band here).
     /// An example's own text goes to the example's tier with the default weight, even with no
     /// heuristic cue and three tiers (it was halved toward the first tier: the strong example
     /// went to the middle tier, the middle one to the first).
@@ -2143,6 +2140,8 @@ mod tests {
         assert!(d.neighbours.is_empty());
     }
 
+    /// A middle tier's examples vote inside that tier's band, whatever its thresholds (they
+    /// voted at an even grid: 0.5 of three tiers, inside the first tier's band here).
     #[test]
     fn a_middle_tier_example_votes_inside_its_band() {
         let mut cfg = config(vec![

@@ -1367,9 +1367,10 @@ async fn open_stream(
         let mut s = d.dep.provider.chat_stream(up).await?;
         let mut pending = Vec::new();
         loop {
-            // Gaps before the first content (after the role chunk, say) are within the model's
-            // `stream_idle_secs` too.
-            let next = match t.stream_idle() {
+            // Gaps between chunks before the first content (after the role chunk, say) are
+            // within the model's `stream_idle_secs` too; the wait for the first chunk is the
+            // first-token limit's.
+            let next = match t.stream_idle().filter(|_| !pending.is_empty()) {
                 Some(idle) => tokio::time::timeout(idle, s.next()).await.map_err(|_| {
                     ProviderError::Timeout(
                         "the stream stalled longer than the model's timeouts.stream_idle_secs"

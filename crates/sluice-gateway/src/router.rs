@@ -272,6 +272,11 @@ struct Live {
     latency: Ewma,
     /// When `latency` last took a sample, in milliseconds past `epoch` plus one (0: never).
     latency_at_ms: AtomicU64,
+    /// A request went to re-measure a forgotten average: its sample starts the average afresh.
+    remeasuring: std::sync::atomic::AtomicBool,
+    /// The average of answers alone (failures count as slow in `latency`, not here): how long a
+    /// half-open probe may take before its cancelled client says nothing.
+    answer_latency: Ewma,
     rpm: Option<RateWindow>,
     tpm: Option<RateWindow>,
     breaker: Breaker,
@@ -350,6 +355,8 @@ impl DeploymentState {
                 in_flight: AtomicU32::new(0),
                 latency: Ewma::new(0.2),
                 latency_at_ms: AtomicU64::new(0),
+                remeasuring: std::sync::atomic::AtomicBool::new(false),
+                answer_latency: Ewma::new(0.2),
                 breaker: Breaker::new(breaker),
                 cooling_until_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
@@ -472,7 +479,8 @@ impl DeploymentState {
     fn observe_latency(&self, now: Instant, ms: f64) {
         let at = self.ms_since_epoch(now).saturating_add(1);
         let last = self.live.latency_at_ms.swap(at, Ordering::Relaxed);
-        if last == 0 || at.saturating_sub(last) > LATENCY_MEMORY_MS {
+        let remeasured = self.live.remeasuring.swap(false, Ordering::Relaxed);
+        if remeasured || last == 0 || at.saturating_sub(last) > LATENCY_MEMORY_MS {
             self.live.latency.reset(ms);
         } else {
             self.live.latency.observe(ms);
@@ -488,6 +496,17 @@ impl DeploymentState {
             return None;
         }
         self.live.latency.get()
+    }
+
+    /// Notes that a request goes to re-measure a forgotten average: until it answers, the old
+    /// average stands (so the others are not all sent here meanwhile), and its sample then
+    /// starts the average afresh.
+    fn remeasure(&self, now: Instant) {
+        if self.live.latency.get().is_some() && self.latency_ms(now).is_none() {
+            self.live.remeasuring.store(true, Ordering::Relaxed);
+            let at = self.ms_since_epoch(now).saturating_add(1);
+            self.live.latency_at_ms.store(at, Ordering::Relaxed);
+        }
     }
 
     /// How long the deployment still cools down after a 429 (or a failure with `Retry-After`).
@@ -547,7 +566,9 @@ impl DeploymentState {
         self.live.requests.fetch_add(1, Ordering::Relaxed);
         match failure {
             None => {
-                self.observe_latency(now, latency.as_secs_f64() * 1000.0);
+                let ms = latency.as_secs_f64() * 1000.0;
+                self.observe_latency(now, ms);
+                self.live.answer_latency.observe(ms);
                 self.live.breaker.record(now, true, probe);
             }
             Some((class, retry_after)) => {
@@ -607,7 +628,7 @@ impl DeploymentState {
     pub fn probe_patience(&self) -> Duration {
         let usual = self
             .live
-            .latency
+            .answer_latency
             .get()
             .filter(|ms| ms.is_finite() && *ms > 0.0)
             .map_or(Duration::ZERO, |ms| {
@@ -921,7 +942,9 @@ impl Group {
                 // one that was slow is tried again once its average is forgotten.
                 let la = deps[a].latency_ms(now).unwrap_or(0.0);
                 let lb = deps[b].latency_ms(now).unwrap_or(0.0);
-                if la <= lb { a } else { b }
+                let chosen = if la <= lb { a } else { b };
+                deps[chosen].remeasure(now);
+                chosen
             }
             Strategy::Cost => {
                 let cost = |i: usize| deps[i].dep.price.map(|p| p.input + p.output).unwrap_or(0.0);
@@ -1365,6 +1388,13 @@ mod tests {
         g.deployments[1].report(later, Duration::from_millis(20), None, None);
         match g.pick(later, &[], 0) {
             Pick::Go { dep, .. } => assert_eq!(dep.dep.id, "was_slow"),
+            Pick::Wait { .. } => panic!("no pick"),
+        }
+        // One request re-measures it; until it answers, the old average stands and the others
+        // go to the fast one.
+        assert_eq!(g.deployments[0].latency_ms(later), Some(3000.0));
+        match g.pick(later, &[], 0) {
+            Pick::Go { dep, .. } => assert_eq!(dep.dep.id, "fast"),
             Pick::Wait { .. } => panic!("no pick"),
         }
         // Its next sample starts the average afresh rather than blending with 3000 ms.

@@ -187,19 +187,22 @@ impl Shared {
     /// (call it: it is up, or this call probes it), else the failure policy's answer — `Ok`
     /// (use local state) or the 503.
     pub fn bypass(&self, what: &str) -> Option<Result<(), Error>> {
+        self.backing_off().then(|| self.verdict(what))
+    }
+
+    /// Whether Redis is down and this call should not wait on it (one call per backoff probes).
+    fn backing_off(&self) -> bool {
         if !self.down.load(Ordering::Relaxed) {
-            return None;
+            return false;
         }
         let now = Instant::now();
-        {
-            let mut at = self.retry_at.lock();
-            if at.is_none_or(|t| now >= t) {
-                // This call probes; the others keep bypassing for another round.
-                *at = Some(now + BACKOFF);
-                return None;
-            }
+        let mut at = self.retry_at.lock();
+        if at.is_none_or(|t| now >= t) {
+            // This call probes; the others keep bypassing for another round.
+            *at = Some(now + BACKOFF);
+            return false;
         }
-        Some(self.verdict(what))
+        true
     }
 
     fn verdict(&self, what: &str) -> Result<(), Error> {
@@ -247,11 +250,12 @@ impl Shared {
         self.verdict(what)
     }
 
-    /// Notes a cache call's outcome like any other call's.
+    /// Notes a cache call that Redis answered (it is up). A failed one is not noted: a slow read
+    /// of a large entry, or a write Redis refuses (too large, out of memory), says nothing
+    /// about limits and budgets, which must not fall back for it.
     fn noted<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
-        match &r {
-            Ok(_) => self.ok(),
-            Err(e) => self.failed(e),
+        if r.is_ok() {
+            self.ok();
         }
         r
     }
@@ -260,10 +264,12 @@ impl Shared {
 /// The longest a cache read waits on Redis before it counts as a miss (and a Redis failure).
 const CACHE_GET_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// The cache's shared tier in Redis, under the same failure policy as limits and budgets: while
-/// Redis is down and its backoff runs, reads are misses and writes are skipped (the answer stays
-/// in this replica's memory) without waiting on it, whatever the policy (the cache never
-/// refuses a request). Clearing always tries Redis: a clear that did not happen must say so.
+/// The cache's shared tier in Redis, under the same backoff as limits and budgets: while Redis is
+/// down (as their calls found) and its backoff runs, reads are misses and writes are skipped
+/// (the answer stays in this replica's memory) without waiting on it, whatever the policy (the
+/// cache never refuses a request). A cache call that fails is a miss or a skipped write, and
+/// does not mark Redis down. Clearing always tries Redis: a clear that did not happen must say
+/// so.
 #[async_trait]
 impl CacheStore for Shared {
     async fn cache_get(
@@ -271,31 +277,27 @@ impl CacheStore for Shared {
         key: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<CacheEntry>, StoreError> {
-        if self.bypass("the cache").is_some() {
+        if self.backing_off() {
             return Ok(None);
         }
         match tokio::time::timeout(CACHE_GET_TIMEOUT, self.redis.cache_get(key, now)).await {
             Ok(r) => self.noted(r),
-            Err(_) => {
-                let e = StoreError::Database(format!(
-                    "Redis did not answer a cache read within {} ms",
-                    CACHE_GET_TIMEOUT.as_millis()
-                ));
-                self.failed(&e);
-                Err(e)
-            }
+            Err(_) => Err(StoreError::Database(format!(
+                "Redis did not answer a cache read within {} ms",
+                CACHE_GET_TIMEOUT.as_millis()
+            ))),
         }
     }
 
     async fn cache_put(&self, entry: &CacheEntry) -> Result<(), StoreError> {
-        if self.bypass("the cache").is_some() {
+        if self.backing_off() {
             return Ok(());
         }
         self.noted(self.redis.cache_put(entry).await)
     }
 
     async fn cache_purge(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        if self.bypass("the cache").is_some() {
+        if self.backing_off() {
             return Ok(0);
         }
         self.noted(self.redis.cache_purge(now).await)
@@ -375,12 +377,12 @@ mod tests {
         assert!(matches!(s.cache_get("k", Utc::now()).await, Ok(None)));
         assert!(matches!(s.cache_purge(Utc::now()).await, Ok(0)));
         assert_eq!(s.failures(), before);
-        // Past it, one read probes Redis; its failure counts.
+        // Past it, one read probes Redis: a miss with its error, which does not mark Redis down
+        // for limits and budgets (a cache error says nothing about them).
         *s.retry_at.lock() = Some(Instant::now() - Duration::from_millis(1));
         assert!(s.cache_get("k", Utc::now()).await.is_err());
-        assert_eq!(s.failures(), before + 1);
+        assert_eq!(s.failures(), before);
         // A clear always tries, and says it failed.
         assert!(s.cache_clear(None).await.is_err());
-        assert_eq!(s.failures(), before + 2);
     }
 }

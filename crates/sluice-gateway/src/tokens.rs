@@ -99,9 +99,28 @@ fn prompt_bytes(req: &ChatRequest, limit: usize) -> usize {
         }
     }
     if let Some(tools) = &req.tools {
-        n += serde_json::to_vec(tools).map_or(0, |v| v.len());
+        n += json_len(tools);
     }
     n
+}
+
+/// The length of a value's JSON, counted without building it.
+fn json_len(v: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    match serde_json::to_writer(&mut c, v) {
+        Ok(()) => c.0,
+        Err(_) => 0,
+    }
 }
 
 /// A prompt's tokens for an estimate made before or while a request runs: counted with the

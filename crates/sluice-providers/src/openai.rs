@@ -299,9 +299,20 @@ impl OpenAi {
         if (!self.forward_cache_control || self.official.is_some()) && has_cache_control(req) {
             strip_cache_control(out.get_or_insert_with(|| req.clone()));
         }
+        // OpenAI refuses a `user` over 64 characters (OpenRouter over 128); a `/v1/messages`
+        // client's `metadata.user_id` (Claude Code's run past 150) goes as its first 64. The
+        // record keeps the whole id.
+        if let Some(user) = &req.user
+            && let Some((end, _)) = user.char_indices().nth(USER_MAX_CHARS)
+        {
+            out.get_or_insert_with(|| req.clone()).user = Some(user[..end].to_string());
+        }
         out
     }
 }
+
+/// The most characters OpenAI takes in a request's `user`.
+const USER_MAX_CHARS: usize = 64;
 
 /// Whether a request carries a caching breakpoint anywhere OpenAI's shape lets one ride.
 fn has_cache_control(req: &ChatRequest) -> bool {
@@ -603,6 +614,24 @@ mod tests {
             matches!(out.as_slice(), [Err(ProviderError::Protocol(_))]),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn a_user_over_64_characters_goes_as_its_first_64() {
+        let long = format!("user_{}_account_x_session_y", "é".repeat(70));
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "m", "user": long, "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .unwrap();
+        let sent = compatible_server().adjusted(&req).expect("adjusted");
+        let user = sent.user.expect("a user");
+        assert_eq!(user.chars().count(), 64);
+        assert!(long.starts_with(&user));
+        let short: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "m", "user": "ann", "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .unwrap();
+        assert!(compatible_server().adjusted(&short).is_none());
     }
 
     /// A provider for an OpenAI-compatible server (not OpenAI's own API).

@@ -147,18 +147,30 @@ fn missing_field(detail: &str) -> Option<&str> {
         .filter(|f| !f.is_empty())
 }
 
-/// serde's wording with Rust's own names put in JSON's terms: `struct ChatRequest` is an
-/// object, `u32` a whole number from 0 to 4294967295, and so on.
+/// serde's wording with Rust's own names put in JSON's terms: what it expected (`struct
+/// ChatRequest` is a JSON object, `u32` a whole number from 0 to 4294967295, …) and the kind of
+/// value it found (`sequence` is an array, `map` an object). A value the client sent, quoted in
+/// the message, is left as it is.
 fn plain_words(detail: &str) -> String {
-    let mut out = detail.to_string();
-    // `expected struct Name` / `expected a struct Name`
-    while let Some(i) = out.find("struct ") {
-        let rest = &out[i + "struct ".len()..];
+    let (head, tail) = match detail.rfind("expected ") {
+        Some(i) => detail.split_at(i),
+        None => (detail, ""),
+    };
+    let mut head = head.to_string();
+    for (rust, json) in [
+        ("invalid type: sequence", "invalid type: array"),
+        ("invalid type: map", "invalid type: object"),
+    ] {
+        if let Some(rest) = head.strip_prefix(rust) {
+            head = format!("{json}{rest}");
+        }
+    }
+    let mut tail = tail.to_string();
+    if let Some(rest) = tail.strip_prefix("expected struct ") {
         let end = rest
             .find(|c: char| !(c.is_alphanumeric() || c == '_'))
             .unwrap_or(rest.len());
-        let before = out[..i].trim_end_matches("a ").to_string();
-        out = format!("{before}a JSON object{}", &rest[end..]);
+        tail = format!("expected a JSON object{}", &rest[end..]);
     }
     for (rust, json) in [
         ("u8", "a whole number from 0 to 255"),
@@ -171,12 +183,11 @@ fn plain_words(detail: &str) -> String {
         ("f64", "a number"),
         ("usize", "a whole number"),
         ("a sequence", "an array"),
-        ("sequence", "array"),
         ("a map", "an object"),
     ] {
-        out = replace_word(&out, rust, json);
+        tail = replace_word(&tail, rust, json);
     }
-    out
+    head + &tail
 }
 
 /// Replaces `word` where it stands alone (not inside another word).
@@ -268,6 +279,11 @@ mod tests {
         assert_eq!(
             replace_word("u32 or u320 or (u32)", "u32", "N"),
             "N or u320 or (N)"
+        );
+        // The client's own words, quoted before what was expected, stay as they are.
+        assert_eq!(
+            plain_words("unknown variant `data struct u32`, expected one of `a`, `b`"),
+            "unknown variant `data struct u32`, expected one of `a`, `b`"
         );
     }
 }

@@ -1119,6 +1119,7 @@ fn anthropic_fields(req: &ChatRequest) -> Result<Extra, TranslateError> {
     }
     if !out.contains_key("thinking")
         && let Some(budget) = req.reasoning_budget().map_err(invalid)?
+        && thinking_fits(req)
     {
         // OpenAI's output cap counts the reasoning too, and Anthropic wants `max_tokens` above
         // the budget: the budget fits under the client's cap, and without room for Anthropic's
@@ -1139,6 +1140,27 @@ fn anthropic_fields(req: &ChatRequest) -> Result<Extra, TranslateError> {
 
 /// The least thinking budget Anthropic takes, in tokens.
 const MIN_THINKING_BUDGET: u32 = 1024;
+
+/// Whether Anthropic takes extended thinking with the rest of this request: not with a
+/// `temperature` other than 1, `top_k` or a forced tool choice, nor after an assistant turn that
+/// called tools without the thinking blocks Anthropic signed for it (an OpenAI client's agent
+/// loop). Where it does not, `reasoning_effort` turns no thinking on, rather than making a
+/// request that worked a refused one.
+fn thinking_fits(req: &ChatRequest) -> bool {
+    let forced = match &req.tool_choice {
+        Some(Value::String(s)) => s == "required",
+        Some(Value::Object(_)) => true,
+        _ => false,
+    };
+    req.temperature.is_none_or(|t| t == 1.0)
+        && !req.extra.contains_key("top_k")
+        && !forced
+        && !req.messages.iter().any(|m| {
+            m.role == Role::Assistant
+                && m.tool_calls.as_ref().is_some_and(|c| !c.is_empty())
+                && kept_thinking(&m.extra, true).is_empty()
+        })
+}
 
 /// A message's text as text blocks, each text part with its breakpoint; blank text left out.
 fn text_part_blocks(m: &Message) -> Vec<ContentBlock> {
@@ -1960,27 +1982,10 @@ pub fn request_to_openai(req: &MessagesRequest) -> Result<ChatRequest, Translate
         tools,
         tool_choice,
         response_format: None,
-        user: req
-            .metadata
-            .as_ref()
-            .and_then(|m| m.user_id.as_deref())
-            .map(openai_user),
+        user: req.metadata.as_ref().and_then(|m| m.user_id.clone()),
         metadata: None,
         extra,
     })
-}
-
-/// The most characters OpenAI takes in a request's `user`.
-const OPENAI_USER_MAX_CHARS: usize = 64;
-
-/// A Messages `metadata.user_id` as an OpenAI `user`: its first 64 characters, the most OpenAI
-/// takes (Claude Code's ids run past 150: `user_<hash>_account_…_session_…`, whose start names
-/// the user).
-fn openai_user(user_id: &str) -> String {
-    match user_id.char_indices().nth(OPENAI_USER_MAX_CHARS) {
-        Some((end, _)) => user_id[..end].to_string(),
-        None => user_id.to_string(),
-    }
 }
 
 fn user_to_openai(
@@ -3404,8 +3409,6 @@ mod tests {
         assert_eq!(body["messages"][1]["content"], want, "{body:#}");
     }
 
-    /// Another model's reasoning reaches an Anthropic client as an unsigned thinking block; given
-    /// back, it is not sent to an Anthropic upstream (which would refuse it).
     /// A client that did not turn thinking on gets no thinking blocks, whole or streamed, even
     /// from a model that reasons anyway (as from Anthropic, which sends them only when asked).
     #[test]
@@ -3452,6 +3455,8 @@ mod tests {
         assert!(matches!(starts[0], ContentBlock::Text { .. }), "{events:?}");
     }
 
+    /// Another model's reasoning reaches an Anthropic client as an unsigned thinking block; given
+    /// back, it is not sent to an Anthropic upstream (which would refuse it).
     #[test]
     fn unsigned_reasoning_is_shown_but_never_sent_to_anthropic() {
         let completion: ChatCompletion = serde_json::from_value(json!({
@@ -3633,8 +3638,8 @@ mod tests {
         serde_json::from_value(body).expect("valid messages request")
     }
 
-    /// Claude Code's long user ids fit OpenAI's `user`; a document without a title still has
-    /// the file name OpenAI wants, and a file's name comes back as the document's title.
+    /// A document without a title still has the file name OpenAI wants, and a file's name comes
+    /// back as the document's title; the user id stays whole (the OpenAI provider cuts it).
     #[test]
     fn user_ids_and_untitled_documents_fit_openai() {
         let long = format!("user_{}_account_x_session_y", "a".repeat(64));
@@ -3646,9 +3651,7 @@ mod tests {
             "messages": [{"role": "user", "content": [pdf, {"type": "text", "text": "Sum it up."}]}]
         }));
         let chat = request_to_openai(&req).expect("translates");
-        let user = chat.user.as_deref().expect("a user");
-        assert_eq!(user.chars().count(), 64);
-        assert!(long.starts_with(user));
+        assert_eq!(chat.user.as_deref(), Some(long.as_str()));
         let v = serde_json::to_value(&chat).unwrap();
         let file = &v["messages"][0]["content"][0]["file"];
         assert_eq!(file["filename"], "document.pdf", "{v:#}");
@@ -4324,9 +4327,7 @@ mod tests {
         assert_eq!(back, body);
     }
 
-    /// An OpenAI-shaped client marks breakpoints the way OpenAI-compatible gateways take them:
-    /// on a message (its last block), on a system message (the system prompt becomes blocks), on
-    /// a tool message's parts (Anthropic takes it on the `tool_result`, never inside); top-level
+    /// `reasoning_effort` becomes a thinking budget under the client's cap.
     #[test]
     fn reasoning_effort_becomes_a_thinking_budget() {
         let out = |body: Value| {
@@ -4359,6 +4360,32 @@ mod tests {
             let o = out(body).unwrap();
             assert!(o.get("thinking").is_none(), "{o:#}");
         }
+        // Where Anthropic would refuse thinking, the effort turns none on.
+        for extra in [
+            json!({"temperature": 0.2}),
+            json!({"top_k": 5}),
+            json!({"tool_choice": "required",
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+        ] {
+            let mut body = json!({"model": "m", "messages": msgs, "reasoning_effort": "high"});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let o = out(body).unwrap();
+            assert!(o.get("thinking").is_none(), "{extra}: {o:#}");
+        }
+        let loop_history = json!([
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}
+        ]);
+        let o = out(
+            json!({"model": "m", "messages": loop_history, "reasoning_effort": "high",
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+        )
+        .unwrap();
+        assert!(o.get("thinking").is_none(), "{o:#}");
         // The client's own `thinking` wins.
         let o = out(
             json!({"model": "m", "messages": msgs, "reasoning_effort": "high",
@@ -4380,6 +4407,9 @@ mod tests {
         );
     }
 
+    /// An OpenAI-shaped client marks breakpoints the way OpenAI-compatible gateways take them:
+    /// on a message (its last block), on a system message (the system prompt becomes blocks), on
+    /// a tool message's parts (Anthropic takes it on the `tool_result`, never inside); top-level
     /// `thinking` and `cache_control` go through, and `anthropic` adds fields but never replaces
     /// what Sluice writes.
     #[test]
