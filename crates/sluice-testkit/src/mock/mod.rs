@@ -73,6 +73,10 @@ pub mod models {
     /// for a minute. Non-streaming: the response headers, then nothing for an
     /// hour.
     pub const FAULT_STALL: &str = "fault-stall";
+    /// Streaming: the response headers at once, then the normal stream after
+    /// 1.5 s (a model that thinks before its first chunk). Non-streaming:
+    /// answered normally.
+    pub const FAULT_LATE_FIRST: &str = "fault-late-first";
 
     /// Every `fault-*` name.
     pub const ALL_FAULTS: &[&str] = &[
@@ -89,6 +93,7 @@ pub mod models {
         FAULT_CUT,
         FAULT_NO_USAGE,
         FAULT_STALL,
+        FAULT_LATE_FIRST,
     ];
 }
 
@@ -478,6 +483,7 @@ pub(crate) enum Fault {
     Cut,
     NoUsage,
     Stall,
+    LateFirst,
 }
 
 impl Fault {
@@ -496,6 +502,7 @@ impl Fault {
             models::FAULT_CUT => Fault::Cut,
             models::FAULT_NO_USAGE => Fault::NoUsage,
             models::FAULT_STALL => Fault::Stall,
+            models::FAULT_LATE_FIRST => Fault::LateFirst,
             _ => return None,
         })
     }
@@ -577,7 +584,7 @@ async fn pre_fault(flavor: Flavor, fault: Option<Fault>) -> Option<Response> {
             )
                 .into_response(),
         ),
-        Fault::BadSse | Fault::Cut | Fault::NoUsage | Fault::Stall => None,
+        Fault::BadSse | Fault::Cut | Fault::NoUsage | Fault::Stall | Fault::LateFirst => None,
     }
 }
 
@@ -666,6 +673,13 @@ fn deliver(shared: &Arc<Shared>, flavor: Flavor, fault: Option<Fault>, answer: A
                     events.into_iter().take(2).collect(),
                     true,
                 ),
+                Some(Fault::LateFirst) => {
+                    let mut events = events;
+                    if let Some(first) = events.first_mut() {
+                        first.delay = Duration::from_millis(1500);
+                    }
+                    body_stream(shared, content_type, events, false)
+                }
                 Some(Fault::Stall) => {
                     let keep_alive =
                         (0..300).map(|_| Ev::after(Duration::from_millis(200), ": keep-alive\n\n"));

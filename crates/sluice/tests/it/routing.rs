@@ -673,6 +673,36 @@ async fn a_stream_that_stalls_after_its_role_chunk_fails_over_on_the_idle_timeou
     );
 }
 
+/// The wait for the first chunk is the first-token limit's, not `stream_idle_secs`': a model that
+/// thinks 1.5 s before its first chunk is not cut by a 1 s idle limit.
+#[tokio::test]
+async fn stream_idle_secs_leaves_the_wait_for_the_first_chunk_alone() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[model(
+            "m",
+            &[dep(models::FAULT_LATE_FIRST)],
+            &format!(
+                "{}{}",
+                sub("m", "timeouts", "stream_idle_secs = 1"),
+                sub("m", "retries", "retries = 0")
+            ),
+        )],
+    )
+    .await;
+    let t = Instant::now();
+    let a = chat(&client(), &s, "m", true).await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t.elapsed()
+    );
+    a.assert_normal_stream();
+    let rec = s.record(&a.id).await;
+    assert_eq!(path(&rec), vec![step("m", "up/fault-late-first", "ok")]);
+}
+
 #[tokio::test]
 async fn a_streams_total_time_counts_from_the_start_of_its_attempt() {
     // 2 s to open, then two words a second: the 3 s total ends it a second after it opened, not
