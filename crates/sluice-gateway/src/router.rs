@@ -477,10 +477,10 @@ impl DeploymentState {
     /// Adds a latency sample; an average older than [`LATENCY_MEMORY`] is forgotten, so the
     /// sample starts it afresh.
     fn observe_latency(&self, now: Instant, ms: f64) {
-        let at = self.ms_since_epoch(now).saturating_add(1);
+        let at = self.latency_stamp(now);
         let last = self.live.latency_at_ms.swap(at, Ordering::Relaxed);
         let remeasured = self.live.remeasuring.swap(false, Ordering::Relaxed);
-        if remeasured || last == 0 || at.saturating_sub(last) > LATENCY_MEMORY_MS {
+        if remeasured || forgotten(last, at) {
             self.live.latency.reset(ms);
         } else {
             self.live.latency.observe(ms);
@@ -491,11 +491,15 @@ impl DeploymentState {
     /// older than [`LATENCY_MEMORY`] (the deployment counts as not measured, and is tried again).
     pub fn latency_ms(&self, now: Instant) -> Option<f64> {
         let last = self.live.latency_at_ms.load(Ordering::Relaxed);
-        let at = self.ms_since_epoch(now).saturating_add(1);
-        if last == 0 || at.saturating_sub(last) > LATENCY_MEMORY_MS {
+        if forgotten(last, self.latency_stamp(now)) {
             return None;
         }
         self.live.latency.get()
+    }
+
+    /// `now` as a latency sample's time: milliseconds past `epoch`, plus one (0 is "never").
+    fn latency_stamp(&self, now: Instant) -> u64 {
+        self.ms_since_epoch(now).saturating_add(1)
     }
 
     /// Notes that a request goes to re-measure a forgotten average: until it answers, the old
@@ -504,7 +508,7 @@ impl DeploymentState {
     fn remeasure(&self, now: Instant) {
         if self.live.latency.get().is_some() && self.latency_ms(now).is_none() {
             self.live.remeasuring.store(true, Ordering::Relaxed);
-            let at = self.ms_since_epoch(now).saturating_add(1);
+            let at = self.latency_stamp(now);
             self.live.latency_at_ms.store(at, Ordering::Relaxed);
         }
     }
@@ -731,6 +735,12 @@ impl std::fmt::Debug for Group {
 /// as not measured (the `latency` strategy tries it again) and its next sample starts afresh.
 pub const LATENCY_MEMORY: Duration = Duration::from_secs(30);
 const LATENCY_MEMORY_MS: u64 = LATENCY_MEMORY.as_millis() as u64;
+/// Whether a latency average last sampled at `last` is forgotten at `at` (never sampled, or
+/// longer ago than [`LATENCY_MEMORY`]).
+fn forgotten(last: u64, at: u64) -> bool {
+    last == 0 || at.saturating_sub(last) > LATENCY_MEMORY_MS
+}
+
 /// The largest latency sample, in milliseconds (an hour).
 const MAX_LATENCY_SAMPLE_MS: f64 = 3_600_000.0;
 

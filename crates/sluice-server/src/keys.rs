@@ -246,6 +246,19 @@ pub async fn audit(
     detail: serde_json::Value,
 ) {
     let Some(store) = &state.audit else { return };
+    record_audit(store.as_ref(), actor, action, target, outcome, detail).await;
+}
+
+/// Writes an admin action to `store` (for an action with no request behind it, such as a reload
+/// by SIGHUP); a failure to record is logged.
+pub async fn record_audit(
+    store: &dyn sluice_core::keys::AuditStore,
+    actor: &Actor,
+    action: &str,
+    target: Option<&str>,
+    outcome: &str,
+    detail: serde_json::Value,
+) {
     let entry = AuditEntry::new(
         &actor.name,
         actor.role.as_str(),

@@ -298,17 +298,19 @@ fn reload_on_hangup(state: &Arc<AppState>) {
                     }
                 };
                 if let Some(store) = &audit {
-                    let entry = sluice_core::keys::AuditEntry::new(
-                        "sighup",
-                        sluice_core::keys::Role::Admin.as_str(),
+                    let actor = sluice_core::keys::Actor {
+                        name: "sighup".into(),
+                        role: sluice_core::keys::Role::Admin,
+                    };
+                    sluice_server::keys::record_audit(
+                        store.as_ref(),
+                        &actor,
                         "config.reload",
                         None,
                         outcome,
                         detail,
-                    );
-                    if let Err(e) = store.append_audit(&entry).await {
-                        tracing::error!(error = %e, "the audit log could not be written");
-                    }
+                    )
+                    .await;
                 }
             }
         });

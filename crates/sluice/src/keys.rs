@@ -9,6 +9,7 @@ use serde_json::Value;
 use sluice_core::keys::{
     Budget, KeyRejection, KeySpec, KeyStore, Owner, Role, VirtualKey, generate,
 };
+use sluice_core::price::format_usd;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum KeysCommand {
@@ -175,10 +176,6 @@ fn models_text(k: &VirtualKey) -> String {
     }
 }
 
-fn usd(v: f64) -> String {
-    sluice_core::price::format_usd(v)
-}
-
 fn limits_text(k: &VirtualKey) -> String {
     let mut parts = Vec::new();
     if let Some(v) = k.rpm {
@@ -191,13 +188,13 @@ fn limits_text(k: &VirtualKey) -> String {
         parts.push(format!("parallel={v}"));
     }
     if let Some(v) = k.budget.daily_usd {
-        parts.push(format!("{}/day", usd(v)));
+        parts.push(format!("{}/day", format_usd(v)));
     }
     if let Some(v) = k.budget.monthly_usd {
-        parts.push(format!("{}/month", usd(v)));
+        parts.push(format!("{}/month", format_usd(v)));
     }
     if let Some(v) = k.budget.total_usd {
-        parts.push(format!("{} total", usd(v)));
+        parts.push(format!("{} total", format_usd(v)));
     }
     if parts.is_empty() {
         "-".into()
@@ -274,7 +271,7 @@ fn role_text(k: &VirtualKey) -> &'static str {
 }
 
 fn print_details(k: &VirtualKey, now: DateTime<Utc>) {
-    let budget = |v: Option<f64>| v.map_or_else(|| "none".into(), usd);
+    let budget = |v: Option<f64>| v.map_or_else(|| "none".into(), format_usd);
     let limit = |v: Option<u64>| v.map_or_else(|| "none".into(), |v| v.to_string());
     let fields: Vec<(&str, String)> = vec![
         ("id", k.id.clone()),
