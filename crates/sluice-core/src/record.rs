@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc};
 use uuid::Uuid;
 
 /// How a request ended.
@@ -325,22 +327,105 @@ pub trait LogStore: Send + Sync + 'static {
     async fn close(&self) {}
 }
 
+/// The most record bytes (bodies and error text) the log queue holds by default before senders
+/// wait: with bodies of up to 32 MiB, a count alone would let a slow store take gigabytes.
+pub const DEFAULT_QUEUE_BYTES: u64 = 128 * 1024 * 1024;
+
+/// The unit the queue's byte budget is counted in: a record is charged one unit for itself and
+/// one per KiB of its bodies and error text.
+const UNIT: u64 = 1024;
+
+impl RequestRecord {
+    /// What the record weighs in the log queue, in [`UNIT`]s: one for the record itself and one
+    /// per KiB of its bodies and error message (the parts that can be large).
+    fn queue_units(&self) -> u64 {
+        let body = |b: &Option<RawJson>| b.as_ref().map_or(0, |b| b.get().len());
+        let bytes = body(&self.request_body)
+            + body(&self.response_body)
+            + self.error_message.as_ref().map_or(0, String::len);
+        1 + bytes as u64 / UNIT
+    }
+}
+
+/// A queued record and the units it was charged.
+struct Queued {
+    record: RequestRecord,
+    units: u32,
+}
+
 /// The hot path's handle on the log queue. Cloning is cheap.
+///
+/// The queue is bounded twice: by records (`capacity`) and by bytes, so that a slow store under
+/// requests with large bodies cannot take more memory than the budget. A record larger than the
+/// whole budget is let in once the queue has room for the budget.
 #[derive(Clone, Debug)]
 pub struct LogSink {
-    tx: mpsc::Sender<RequestRecord>,
+    tx: mpsc::Sender<Queued>,
+    room: Arc<Semaphore>,
+    budget: u32,
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queued")
+            .field("id", &self.record.id)
+            .field("units", &self.units)
+            .finish()
+    }
+}
+
+/// The writer's end of the log queue.
+pub struct LogQueue {
+    rx: mpsc::Receiver<Queued>,
+    room: Arc<Semaphore>,
+    scratch: Vec<Queued>,
+    /// Units of the records taken and not yet given back by [`LogQueue::done`].
+    taken: u64,
 }
 
 impl LogSink {
-    /// A sink and the receiving end of its bounded queue.
-    pub fn channel(capacity: usize) -> (LogSink, mpsc::Receiver<RequestRecord>) {
+    /// A sink and the receiving end of its bounded queue, with the default byte budget
+    /// ([`DEFAULT_QUEUE_BYTES`]).
+    pub fn channel(capacity: usize) -> (LogSink, LogQueue) {
+        Self::bounded(capacity, DEFAULT_QUEUE_BYTES)
+    }
+
+    /// A sink whose queue holds at most `capacity` records and about `max_bytes` of bodies and
+    /// error text (at least 1 KiB).
+    pub fn bounded(capacity: usize, max_bytes: u64) -> (LogSink, LogQueue) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (LogSink { tx }, rx)
+        let budget = u32::try_from((max_bytes / UNIT).max(1)).unwrap_or(u32::MAX);
+        let room = Arc::new(Semaphore::new(budget as usize));
+        (
+            LogSink {
+                tx,
+                room: room.clone(),
+                budget,
+            },
+            LogQueue {
+                rx,
+                room,
+                scratch: Vec::new(),
+                taken: 0,
+            },
+        )
     }
 
     /// Records queued and not yet taken by the writer (including sends waiting for room).
     pub fn queued(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Bytes of the records queued or being written (as charged: 1 KiB per record plus its
+    /// bodies and error text).
+    pub fn queued_bytes(&self) -> u64 {
+        (self.budget as u64).saturating_sub(self.room.available_permits() as u64) * UNIT
+    }
+
+    fn units_of(&self, record: &RequestRecord) -> u32 {
+        u32::try_from(record.queue_units())
+            .unwrap_or(u32::MAX)
+            .min(self.budget)
     }
 
     /// Queues a record. Waits only when the queue is full (backpressure), never on the database.
@@ -349,16 +434,24 @@ impl LogSink {
     /// shutdown's grace ran out), the record is handed to [`send_detached`](Self::send_detached)
     /// rather than lost.
     pub async fn send(&self, record: RequestRecord) {
+        let units = self.units_of(&record);
         let mut waiting = Waiting {
             sink: self,
             record: Some(record),
+            units,
+            charged: false,
         };
+        // The semaphore is never closed; an error cannot happen.
+        if let Ok(permit) = self.room.acquire_many(units).await {
+            permit.forget();
+            waiting.charged = true;
+        }
         let permit = self.tx.reserve().await;
         let Some(record) = waiting.record.take() else {
             return;
         };
         match permit {
-            Ok(permit) => permit.send(record),
+            Ok(permit) => permit.send(Queued { record, units }),
             // Only after the writer is gone, which happens after shutdown has drained every sender.
             Err(_) => eprintln!(
                 "sluice: request log writer is closed; record {} not stored",
@@ -370,28 +463,92 @@ impl LogSink {
     /// Queues a record from a context that cannot wait (a `Drop`): tries at once, and if the queue
     /// is full hands the send to a task, which keeps the writer open until it is done.
     pub fn send_detached(&self, record: RequestRecord) {
-        match self.tx.try_send(record) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(record)) => {
-                let tx = self.tx.clone();
-                match tokio::runtime::Handle::try_current() {
-                    Ok(handle) => {
-                        handle.spawn(async move {
-                            let _ = tx.send(record).await;
-                        });
-                    }
-                    Err(_) => {
-                        let _ = tx.blocking_send(record);
-                    }
+        let units = self.units_of(&record);
+        self.detached(record, units, false);
+    }
+
+    /// Sends `record`, whose `units` are already taken from the byte budget if `charged`.
+    fn detached(&self, record: RequestRecord, units: u32, charged: bool) {
+        let charged = charged
+            || match self.room.try_acquire_many(units) {
+                Ok(permit) => {
+                    permit.forget();
+                    true
+                }
+                Err(_) => false,
+            };
+        let queued = Queued { record, units };
+        let queued = if charged {
+            match self.tx.try_send(queued) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(queued)) => queued,
+                Err(mpsc::error::TrySendError::Closed(queued)) => {
+                    eprintln!(
+                        "sluice: request log writer is closed; record {} not stored",
+                        queued.record.id
+                    );
+                    return;
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(record)) => {
-                eprintln!(
-                    "sluice: request log writer is closed; record {} not stored",
-                    record.id
-                );
+        } else {
+            queued
+        };
+        let tx = self.tx.clone();
+        let room = self.room.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    if !charged && let Ok(permit) = room.acquire_many(queued.units).await {
+                        permit.forget();
+                    }
+                    let _ = tx.send(queued).await;
+                });
+            }
+            Err(_) => {
+                // No runtime to wait in: an uncharged record goes in over the byte budget (with
+                // nothing for the writer to give back) rather than being lost.
+                let mut queued = queued;
+                if !charged {
+                    queued.units = 0;
+                }
+                let _ = tx.blocking_send(queued);
             }
         }
+    }
+}
+
+impl LogQueue {
+    /// Receives the next record (`None` once every sender is gone and the queue is empty).
+    pub async fn recv(&mut self) -> Option<RequestRecord> {
+        let q = self.rx.recv().await?;
+        self.taken += q.units as u64;
+        Some(q.record)
+    }
+
+    /// Receives up to `limit` records into `out` (waiting for the first); 0 once the queue is
+    /// closed and empty.
+    pub async fn recv_many(&mut self, out: &mut Vec<RequestRecord>, limit: usize) -> usize {
+        let n = self.rx.recv_many(&mut self.scratch, limit).await;
+        for q in self.scratch.drain(..) {
+            self.taken += q.units as u64;
+            out.push(q.record);
+        }
+        n
+    }
+
+    /// Tells the queue that the records received so far are written (or spilled): their bytes
+    /// no longer count against the budget.
+    pub fn done(&mut self) {
+        let taken = std::mem::take(&mut self.taken);
+        if taken > 0 {
+            self.room
+                .add_permits(usize::try_from(taken).unwrap_or(usize::MAX));
+        }
+    }
+
+    /// Accepts no new records; what is queued can still be received.
+    pub fn close(&mut self) {
+        self.rx.close();
     }
 }
 
@@ -399,12 +556,15 @@ impl LogSink {
 struct Waiting<'a> {
     sink: &'a LogSink,
     record: Option<RequestRecord>,
+    units: u32,
+    /// Whether the record's units are taken from the byte budget already.
+    charged: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if let Some(record) = self.record.take() {
-            self.sink.send_detached(record);
+            self.sink.detached(record, self.units, self.charged);
         }
     }
 }
@@ -428,6 +588,76 @@ mod queue_tests {
         assert_eq!(sink.queued(), 3);
         rx.recv().await.expect("a record");
         assert_eq!(sink.queued(), 2);
+    }
+
+    fn with_body(kib: usize) -> RequestRecord {
+        let mut r = RequestRecord::start(Uuid::now_v7(), "chat.completions", false);
+        let text = format!("\"{}\"", "x".repeat(kib * 1024));
+        r.request_body = Some(RawJson::from_text(text).expect("json"));
+        r
+    }
+
+    #[tokio::test]
+    async fn large_bodies_wait_for_the_byte_budget_not_only_for_a_slot() {
+        // Room for 1,000 records but only 1 MiB of bodies.
+        let (sink, mut rx) = LogSink::bounded(1000, 1024 * 1024);
+        sink.send(with_body(600)).await;
+        assert_eq!(sink.queued_bytes(), 601 * 1024);
+        // A second 600 KiB record does not fit beside the first: it waits…
+        let second = with_body(600);
+        let id = second.id;
+        let sink2 = sink.clone();
+        let mut waiting = tokio::spawn(async move { sink2.send(second).await });
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(100), &mut waiting)
+                .await
+                .is_err(),
+            "the send should wait for bytes"
+        );
+        // …even once the writer has taken the first, until it is written.
+        rx.recv().await.expect("the first record");
+        tokio::task::yield_now().await;
+        assert_eq!(sink.queued(), 0, "the second is not queued yet");
+        rx.done();
+        waiting.await.expect("the send finishes");
+        assert_eq!(rx.recv().await.expect("the second record").id, id);
+        rx.done();
+        assert_eq!(sink.queued_bytes(), 0, "everything given back");
+    }
+
+    #[tokio::test]
+    async fn a_record_larger_than_the_whole_budget_goes_in_alone() {
+        let (sink, mut rx) = LogSink::bounded(10, 1024 * 1024);
+        let big = with_body(3 * 1024);
+        let id = big.id;
+        tokio::time::timeout(std::time::Duration::from_secs(2), sink.send(big))
+            .await
+            .expect("a record over the budget is not refused forever");
+        assert_eq!(sink.queued_bytes(), 1024 * 1024);
+        assert_eq!(rx.recv().await.expect("a record").id, id);
+        rx.done();
+        assert_eq!(sink.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_send_is_charged_once() {
+        // One slot: the second send has its bytes but waits for the slot, then is abandoned.
+        let (sink, mut rx) = LogSink::bounded(1, 1024 * 1024);
+        sink.send(with_body(10)).await;
+        let gave_up = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            sink.send(with_body(20)),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the send should have been waiting");
+        assert_eq!(sink.queued_bytes(), (11 + 21) * 1024);
+        rx.recv().await.expect("first");
+        let second = tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv())
+            .await
+            .expect("the abandoned record arrives");
+        assert!(second.is_some());
+        rx.done();
+        assert_eq!(sink.queued_bytes(), 0);
     }
 
     #[tokio::test]

@@ -459,7 +459,8 @@ impl Gateway {
     /// Refreshes the gauges read at a scrape: deployments (breaker state, in-flight) and the log
     /// queue.
     pub fn refresh_gauges(&self) {
-        self.metrics.log_queue(self.sink.queued());
+        self.metrics
+            .log_queue(self.sink.queued(), self.sink.queued_bytes());
         self.metrics.deployment_states(|| {
             let router = self.router();
             let now = Instant::now();

@@ -24,6 +24,7 @@ pub const ATTEMPTS: &str = "sluice_attempts";
 pub const BREAKER: &str = "sluice_deployment_breaker_state";
 pub const IN_FLIGHT: &str = "sluice_deployment_in_flight";
 pub const LOG_QUEUE: &str = "sluice_log_queue_records";
+pub const LOG_QUEUE_BYTES: &str = "sluice_log_queue_bytes";
 pub const LOG_WRITTEN: &str = "sluice_log_records_written";
 pub const LOG_SPILLED: &str = "sluice_log_records_spilled";
 pub const LOG_REFUSED: &str = "sluice_log_records_refused";
@@ -168,6 +169,7 @@ pub struct Metrics {
     breaker: Family<DeploymentLabels, Gauge>,
     in_flight: Family<DeploymentLabels, Gauge>,
     log_queue: Gauge,
+    log_queue_bytes: Gauge,
     log_written: Counter,
     log_spilled: Counter,
     log_refused: Counter,
@@ -253,6 +255,12 @@ impl Metrics {
             "Request records queued for the log writer (requests wait when the queue is full)",
             log_queue.clone(),
         );
+        let log_queue_bytes = Gauge::default();
+        registry.register(
+            LOG_QUEUE_BYTES,
+            "Bytes of request records queued for the log writer or being written (1 KiB per record plus its bodies; requests wait when store.queue_bytes is reached)",
+            log_queue_bytes.clone(),
+        );
         let log_written = Counter::default();
         registry.register(
             LOG_WRITTEN,
@@ -282,6 +290,7 @@ impl Metrics {
             breaker,
             in_flight,
             log_queue,
+            log_queue_bytes,
             log_written,
             log_spilled,
             log_refused,
@@ -446,10 +455,12 @@ impl Metrics {
         *shown = now;
     }
 
-    /// How many request records wait for the log writer.
-    pub fn log_queue(&self, records: usize) {
+    /// How many request records wait for the log writer, and their bytes.
+    pub fn log_queue(&self, records: usize, bytes: u64) {
         self.log_queue
             .set(i64::try_from(records).unwrap_or(i64::MAX));
+        self.log_queue_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition of every metric.

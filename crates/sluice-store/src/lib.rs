@@ -42,6 +42,10 @@ pub struct StoreConfig {
     /// Records the log queue holds before senders wait.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
+    /// Bytes of bodies and error text the log queue holds before senders wait (each record also
+    /// counts 1 KiB for itself).
+    #[serde(default = "default_queue_bytes")]
+    pub queue_bytes: u64,
     /// Most records written in one transaction.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
@@ -74,6 +78,9 @@ pub fn default_url() -> String {
 fn default_queue() -> usize {
     16_384
 }
+fn default_queue_bytes() -> u64 {
+    sluice_core::record::DEFAULT_QUEUE_BYTES
+}
 fn default_batch() -> usize {
     512
 }
@@ -90,6 +97,7 @@ impl Default for StoreConfig {
             url: default_url(),
             bodies: BodyModeConfig::default(),
             queue_capacity: default_queue(),
+            queue_bytes: default_queue_bytes(),
             batch_size: default_batch(),
             max_connections: default_pool(),
             flush_interval_ms: default_flush(),
@@ -104,6 +112,9 @@ impl StoreConfig {
         backend_of(&self.url).map_err(|e| format!("url: {e}"))?;
         if self.queue_capacity == 0 {
             return Err("queue_capacity: must be at least 1".into());
+        }
+        if self.queue_bytes < 1024 * 1024 {
+            return Err("queue_bytes: must be at least 1048576 (1 MiB)".into());
         }
         if self.batch_size == 0 || self.batch_size > 2000 {
             return Err("batch_size: must be between 1 and 2000".into());
@@ -1391,6 +1402,19 @@ mod tests {
 
     /// Batches split into the largest statements first, then powers of two: every record in
     /// exactly one statement, and only `INSERT_SIZES` distinct statements.
+    #[test]
+    fn the_queue_byte_budget_is_checked() {
+        let parse = |t: &str| serde_json::from_str::<StoreConfig>(t).expect("parses");
+        assert_eq!(
+            StoreConfig::default().queue_bytes,
+            128 * 1024 * 1024,
+            "the default"
+        );
+        assert_eq!(parse(r#"{"queue_bytes": 1048576}"#).validate(), Ok(()));
+        let err = parse(r#"{"queue_bytes": 1000}"#).validate().unwrap_err();
+        assert!(err.starts_with("queue_bytes: must be at least"), "{err}");
+    }
+
     #[test]
     fn batches_split_into_a_few_statement_sizes() {
         let columns = COLUMNS.split(',').count();

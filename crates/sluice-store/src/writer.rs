@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_core::record::{LogStore, RequestRecord, StoreError, WriterObserver};
-use tokio::sync::{Notify, mpsc};
+use sluice_core::record::{LogQueue, LogStore, RequestRecord, StoreError, WriterObserver};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 /// What the writer did, reported when it ends.
@@ -49,7 +49,7 @@ impl LogWriter {
     /// Starts draining `rx` into `store`. `spill` is where batches go if the store stays down.
     pub fn spawn(
         store: Arc<dyn LogStore>,
-        rx: mpsc::Receiver<RequestRecord>,
+        rx: LogQueue,
         batch_size: usize,
         spill: PathBuf,
     ) -> Self {
@@ -63,7 +63,7 @@ impl LogWriter {
     /// lingering would gather it into bursts that delay the requests being served meanwhile.
     pub fn spawn_with(
         store: Arc<dyn LogStore>,
-        rx: mpsc::Receiver<RequestRecord>,
+        rx: LogQueue,
         batch_size: usize,
         spill: PathBuf,
         linger: Duration,
@@ -75,7 +75,7 @@ impl LogWriter {
     /// spilled, refused, slow batches) as it happens.
     pub fn spawn_observed(
         store: Arc<dyn LogStore>,
-        mut rx: mpsc::Receiver<RequestRecord>,
+        mut rx: LogQueue,
         batch_size: usize,
         spill: PathBuf,
         linger: Duration,
@@ -108,6 +108,7 @@ impl LogWriter {
                         let before = stats;
                         write_batch(&store, &batch, &spill, &mut stats, &mut health).await;
                         batch.clear();
+                        rx.done();
                         if let Some(o) = &observer {
                             report(o.as_ref(), before, stats);
                         }

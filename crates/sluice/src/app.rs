@@ -148,7 +148,7 @@ pub async fn build_with(
             "the spill file's request records could not be written to the store; they stay in it for the next start"
         ),
     }
-    let (sink, rx) = LogSink::channel(cfg.store.queue_capacity);
+    let (sink, rx) = LogSink::bounded(cfg.store.queue_capacity, cfg.store.queue_bytes);
     let metrics = Arc::new(Metrics::new());
     let writer = LogWriter::spawn_observed(
         store.clone(),

@@ -183,6 +183,42 @@ async fn writer_counts_batches_that_were_slow_to_write() {
     assert!(stats.batches >= 15, "{stats:?}");
 }
 
+/// Records with large bodies: the queue's byte budget (1 MiB) holds about two of them, so the
+/// senders wait for the writer to write, and every byte is given back once all are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_budget_makes_large_records_wait_and_is_given_back_when_written() {
+    let store = Arc::new(TestStore::default());
+    let (sink, rx) = LogSink::bounded(1000, 1024 * 1024);
+    let writer = LogWriter::spawn(store.clone(), rx, 64, std::env::temp_dir().join("unused"));
+    let body = sluice_core::record::RawJson::from_text(format!("\"{}\"", "b".repeat(400 * 1024)))
+        .expect("json");
+    let mut most = 0;
+    for _ in 0..20 {
+        let mut r = record("m", None, RecordStatus::Ok);
+        r.request_body = Some(body.clone());
+        sink.send(r).await;
+        most = most.max(sink.queued_bytes());
+    }
+    assert!(most <= 1024 * 1024, "held {most} bytes, over the budget");
+    for _ in 0..200 {
+        if store.written.load(Ordering::SeqCst) == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The last batch's bytes are given back just after its write returns.
+    for _ in 0..200 {
+        if sink.queued_bytes() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sink.queued_bytes(), 0, "bytes still held after every write");
+    drop(sink);
+    let stats = writer.drain(Duration::from_secs(30)).await;
+    assert_eq!(stats.written, 20, "{stats:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spill_file_is_written_to_the_store_at_the_next_start() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -155,12 +155,14 @@ async fn metrics_count_requests_tokens_cost_and_latency() {
     has(r#"sluice_request_duration_seconds_count{model="priced",provider="mock"} 3"#);
     has(r#"sluice_time_to_first_token_seconds_count{model="mock-echo",provider="mock"} 1"#);
     has("sluice_cost_usd_total{model=\"priced\",provider=\"mock\"}");
-    has("# TYPE sluice_log_queue_records gauge");
-    let queued = m
-        .lines()
-        .find_map(|l| l.strip_prefix("sluice_log_queue_records "))
-        .unwrap_or_else(|| panic!("no log queue sample in\n{m}"));
-    assert!(queued.trim().parse::<u64>().is_ok(), "{queued}");
+    for gauge in ["sluice_log_queue_records", "sluice_log_queue_bytes"] {
+        has(&format!("# TYPE {gauge} gauge"));
+        let sample = m
+            .lines()
+            .find_map(|l| l.strip_prefix(gauge)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {gauge} sample in\n{m}"));
+        assert!(sample.trim().parse::<u64>().is_ok(), "{gauge}: {sample}");
+    }
     // The writer's counts: the four requests' records are written (each request waits for its
     // record to be queued, not written: read again until they are).
     let mut written = 0;
