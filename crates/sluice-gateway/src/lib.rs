@@ -637,7 +637,13 @@ impl Gateway {
         }
         if let Err(e) = self
             .reserve_budget(&router, key.as_deref(), &mut fin, || {
-                worst_chat_cost(&req, &router, &group, router.budgets.default_max_tokens)
+                worst_chat_cost(
+                    &req,
+                    &router,
+                    &group,
+                    key.as_deref(),
+                    router.budgets.default_max_tokens,
+                )
             })
             .await
         {
@@ -648,9 +654,10 @@ impl Gateway {
         // Estimated for every request: a fallback group may have tokens-per-minute limits
         // even when the first has none.
         let tokens = estimate_tokens(&req);
+        let key = key.as_deref();
         if stream {
             let served = self
-                .attempts(&router, group, &mut fin, tokens, &StreamCall(&req))
+                .attempts(&router, group, &mut fin, key, tokens, &StreamCall(&req))
                 .await;
             match served {
                 Ok(s) => {
@@ -692,7 +699,7 @@ impl Gateway {
             }
         } else {
             let served = self
-                .attempts(&router, group, &mut fin, tokens, &ChatCall(&req))
+                .attempts(&router, group, &mut fin, key, tokens, &ChatCall(&req))
                 .await;
             match served {
                 Ok(s) => {
@@ -821,7 +828,7 @@ impl Gateway {
             .reserve_budget(&router, key.as_deref(), &mut fin, || {
                 // Every byte of text a token at most, and every token id given one.
                 let bytes: usize = req.input.texts().iter().map(|t| t.len()).sum();
-                let (input, _) = dearest(&router, &group);
+                let (input, _) = dearest(&router, &group, key.as_deref());
                 (bytes as u64 + req.input.token_ids()) as f64 * input / 1e6
             })
             .await
@@ -834,6 +841,7 @@ impl Gateway {
                 &router,
                 group,
                 &mut fin,
+                key.as_deref(),
                 embed_estimate(&req),
                 &EmbedCall(&req),
             )
@@ -961,11 +969,15 @@ impl Gateway {
     /// Runs the attempts of a request: the group's deployments by its strategy, with retries
     /// and backoff, then the fallback groups for the class of the error that ended them. Every
     /// attempt goes on the record.
+    ///
+    /// A fallback model the request's virtual key may not use is skipped: a key limited to some
+    /// models is never served by another.
     async fn attempts<T>(
         &self,
         router: &Router,
         first: Arc<Group>,
         fin: &mut Finisher,
+        key: Option<&sluice_core::keys::VirtualKey>,
         tokens: u64,
         call: &dyn Call<T>,
     ) -> Result<Served<T>, Error> {
@@ -982,6 +994,7 @@ impl Gateway {
                     for name in group.fallbacks.for_class(class) {
                         if visited.len() < MAX_GROUPS_PER_REQUEST
                             && !visited.contains(name)
+                            && key.is_none_or(|k| k.allows_model(name))
                             && let Some(g) = router.group(name)
                             && g.classifier.is_none()
                         {
@@ -1426,8 +1439,13 @@ fn tier_price(group: &Group) -> Option<ModelPrice> {
 }
 
 /// The dearest input and output prices (USD per million tokens) among the deployments that may
-/// serve a request to `group`: its own and those of the groups it falls back to.
-fn dearest(router: &Router, group: &Group) -> (f64, f64) {
+/// serve a request to `group`: its own and those of the groups it falls back to (the ones `key`
+/// may use).
+fn dearest(
+    router: &Router,
+    group: &Group,
+    key: Option<&sluice_core::keys::VirtualKey>,
+) -> (f64, f64) {
     let mut seen: Vec<&str> = vec![group.name.as_str()];
     let mut queue = vec![group];
     let (mut input, mut output) = (0.0f64, 0.0f64);
@@ -1441,6 +1459,7 @@ fn dearest(router: &Router, group: &Group) -> (f64, f64) {
         for (_, name) in g.fallbacks.all() {
             if seen.len() < MAX_GROUPS_PER_REQUEST
                 && !seen.contains(&name.as_str())
+                && key.is_none_or(|k| k.allows_model(name))
                 && let Some(next) = router.group(name)
             {
                 seen.push(name.as_str());
@@ -1460,8 +1479,14 @@ const WORST_TOKENS_PER_PART: u64 = 2_000;
 /// tokenizer never makes a token of less than one byte), plus a few per message and a generous
 /// allowance per image, plus its maximum completion (`max_completion_tokens`, `max_tokens`, else
 /// `default_max_tokens`) for each of its `n` choices, at the dearest prices it may be served at.
-fn worst_chat_cost(req: &ChatRequest, router: &Router, group: &Group, default_max: u32) -> f64 {
-    let (input, output) = dearest(router, group);
+fn worst_chat_cost(
+    req: &ChatRequest,
+    router: &Router,
+    group: &Group,
+    key: Option<&sluice_core::keys::VirtualKey>,
+    default_max: u32,
+) -> f64 {
+    let (input, output) = dearest(router, group, key);
     if input == 0.0 && output == 0.0 {
         return 0.0;
     }

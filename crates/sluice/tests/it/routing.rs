@@ -548,6 +548,71 @@ async fn a_deployment_that_refuses_sluices_key_is_failed_over_and_counted_agains
     }
 }
 
+/// A virtual key limited to some models is never served by a fallback model outside its list:
+/// the fallback is skipped and the client gets the failure; a key allowed the fallback gets it.
+#[tokio::test]
+async fn fallbacks_a_key_may_not_use_are_skipped() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[
+            model(
+                "cheap",
+                &[dep(models::FAULT_500)],
+                &sub("cheap", "fallbacks", "default = [\"dear\"]"),
+            ),
+            model("dear", &[dep("dear-good")], ""),
+        ],
+    )
+    .await;
+    let key_for = |models: Value| {
+        let s = &s;
+        async move {
+            s.create_key(json!({"name": "k", "models": models})).await["key"]
+                .as_str()
+                .expect("key")
+                .to_string()
+        }
+    };
+    let limited = key_for(json!(["cheap"])).await;
+    let both = key_for(json!(["cheap", "dear"])).await;
+    let send = |key: String| {
+        let s = &s;
+        async move {
+            answer(
+                client()
+                    .post(s.url("/v1/chat/completions"))
+                    .bearer_auth(key)
+                    .json(
+                        &json!({"model": "cheap", "messages": [{"role": "user", "content": "hi"}]}),
+                    )
+                    .send()
+                    .await
+                    .expect("POST"),
+            )
+            .await
+        }
+    };
+    let a = send(limited).await;
+    assert_eq!(a.status, 502, "{}", a.text);
+    let rec = s.record(&a.id).await;
+    assert!(
+        path(&rec).iter().all(|(group, _, _)| group == "cheap"),
+        "{rec:#}"
+    );
+    assert_eq!(up.count_for("dear-good"), 0);
+
+    let b = send(both).await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    let rec = s.record(&b.id).await;
+    assert_eq!(
+        path(&rec).last().map(|p| p.0.as_str()),
+        Some("dear"),
+        "{rec:#}"
+    );
+    assert_eq!(up.count_for("dear-good"), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Timeouts
 // ---------------------------------------------------------------------------------------------
