@@ -289,6 +289,14 @@ impl KeySpec {
                 ));
             }
         }
+        // Stores keep limits as signed 64-bit integers.
+        for (k, v) in [("rpm", self.rpm), ("tpm", self.tpm)] {
+            if let Some(v) = v
+                && v > i64::MAX as u64
+            {
+                return Err(format!("{k}: at most {} (got {v})", i64::MAX));
+            }
+        }
         for (k, v) in [
             ("budget.daily_usd", self.budget.daily_usd),
             ("budget.monthly_usd", self.budget.monthly_usd),
@@ -474,6 +482,19 @@ mod tests {
         let r = generate(Some(&k.id)).unwrap();
         assert_eq!(r.id, k.id);
         assert_ne!(r.key, k.key);
+    }
+
+    #[test]
+    fn limits_a_store_cannot_hold_are_refused() {
+        let spec = |rpm: u64| KeySpec {
+            name: "k".into(),
+            rpm: Some(rpm),
+            ..serde_json::from_str(r#"{"name": "k"}"#).unwrap()
+        };
+        let now = Utc::now();
+        assert_eq!(spec(i64::MAX as u64).validate(now), Ok(()));
+        let err = spec(u64::MAX).validate(now).unwrap_err();
+        assert!(err.starts_with("rpm: at most 9223372036854775807"), "{err}");
     }
 
     #[test]

@@ -136,27 +136,30 @@ impl PriceTable {
     }
 }
 
-/// A dollar amount for people: cents (`$12.50`, `$5`), and below a cent as many decimals as it
-/// needs, up to six (`$0.004`, `$0.0001`), so that a small budget is not shown as `$0`.
+/// A dollar amount for people, exact to ten significant digits and never rounded to a cent: whole
+/// dollars (`$5`), at least two decimals otherwise (`$12.50`, `$12.999`), and as many as a small
+/// amount needs (`$0.004`, `$0.00000002`), so that a budget or a cost is shown as it is set.
 pub fn format_usd(v: f64) -> String {
     if !v.is_finite() {
         return format!("${v}");
     }
-    let s = if v == 0.0 || v.abs() >= 0.01 {
-        let s = format!("{v:.2}");
-        match s.strip_suffix(".00") {
-            Some(whole) => whole.to_string(),
-            None => s,
-        }
-    } else {
-        let s = format!("{v:.6}");
-        let s = s.trim_end_matches('0');
-        if s.ends_with('.') || s == "-0." || s.parse::<f64>() == Ok(0.0) {
-            format!("{v:.6}")
-        } else {
-            s.to_string()
-        }
+    if v == 0.0 {
+        return "$0".into();
+    }
+    // Ten significant digits; a float's noise (0.1 + 0.2) is below them.
+    let magnitude = v.abs().log10().floor() as i32;
+    let decimals = (9 - magnitude).clamp(2, 15) as usize;
+    let s = format!("{v:.decimals$}");
+    let s = s.trim_end_matches('0');
+    let s = match s.strip_suffix('.') {
+        Some(whole) => whole.to_string(),
+        None if s.len() - s.find('.').unwrap_or(s.len()) == 2 => format!("{s}0"),
+        None => s.to_string(),
     };
+    if s == "-0" || s.parse::<f64>() == Ok(0.0) {
+        // Below the fifteenth decimal.
+        return format!("${v:e}");
+    }
     format!("${s}")
 }
 
@@ -248,7 +251,14 @@ mod tests {
         assert_eq!(format_usd(0.004), "$0.004");
         assert_eq!(format_usd(0.0001), "$0.0001");
         assert_eq!(format_usd(0.0049), "$0.0049");
-        assert_eq!(format_usd(0.0000001), "$0.000000");
+        assert_eq!(format_usd(0.0000001), "$0.0000001");
+        assert_eq!(format_usd(2e-8), "$0.00000002");
+        assert_eq!(format_usd(7.5e-7), "$0.00000075");
+        assert_eq!(format_usd(12.999), "$12.999");
+        assert_eq!(format_usd(0.1 + 0.2), "$0.30");
+        assert_eq!(format_usd(1234.5), "$1234.50");
+        assert_eq!(format_usd(-3.0), "$-3");
+        assert_eq!(format_usd(1e-20), "$1e-20");
     }
 
     #[test]

@@ -281,6 +281,9 @@ pub struct RecordQuery {
     /// Requests made with this virtual key.
     pub key: Option<String>,
     pub since: Option<DateTime<Utc>>,
+    /// Only records of requests that finished at or after this time (what `logs --follow`
+    /// follows: a record is written when its request ends).
+    pub finished_since: Option<DateTime<Utc>>,
     pub before: Option<Uuid>,
     pub limit: u32,
 }

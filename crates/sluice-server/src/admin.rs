@@ -139,6 +139,7 @@ impl ListParams {
             user: self.user.clone(),
             key: self.key.clone(),
             since,
+            finished_since: None,
             before,
             limit,
         })

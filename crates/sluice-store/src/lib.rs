@@ -767,6 +767,9 @@ macro_rules! store_impl {
                 if let Some(t) = q.since {
                     qb.push(" AND id >= ").push_bind(v7_floor(t));
                 }
+                if let Some(t) = q.finished_since {
+                    qb.push(" AND finished_at >= ").push_bind(t);
+                }
                 if let Some(b) = q.before {
                     qb.push(" AND id < ").push_bind(b.hyphenated().to_string());
                 }

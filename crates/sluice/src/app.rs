@@ -123,13 +123,23 @@ pub async fn build_with(
 ) -> anyhow::Result<Running> {
     let stores = sluice_store::open_all(&cfg.store.url, cfg.store.max_connections)
         .await
-        .with_context(|| format!("opening the store at {}", cfg.store.url))?;
+        .with_context(|| {
+            format!(
+                "opening the store at {}",
+                crate::display::redact_url(&cfg.store.url)
+            )
+        })?;
     let store: Arc<dyn LogStore> = stores.log.clone();
     let key_store = stores.keys.clone();
     let audit = stores.audit.clone();
     let keys = sluice_server::keys::KeyCache::load(key_store)
         .await
-        .with_context(|| format!("reading the virtual keys from {}", cfg.store.url))?;
+        .with_context(|| {
+            format!(
+                "reading the virtual keys from {}",
+                crate::display::redact_url(&cfg.store.url)
+            )
+        })?;
     keys.spawn_refresher(sluice_server::keys::REFRESH_EVERY);
     // Records a writer left in the spill file while the store was down go to the store now.
     let spill = spill_path(&cfg.store);
@@ -345,7 +355,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     let source = cfg.source.to_string();
     let mock_fallback = cfg.source == crate::config::Source::EmbeddedDefault
         && cfg.router.group("mock-echo").is_some();
-    let store_url = cfg.store.url.clone();
+    let store_url = crate::display::redact_url(&cfg.store.url);
     let spill = spill_path(&cfg.store);
     let models: Vec<String> = cfg.router.names().map(str::to_string).collect();
     let unpriced = unpriced_deployments(&cfg.router);

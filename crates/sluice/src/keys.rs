@@ -11,6 +11,8 @@ use sluice_core::keys::{
 };
 use sluice_core::price::format_usd;
 
+use crate::display::{clean, clip};
+
 #[derive(Debug, clap::Subcommand)]
 pub enum KeysCommand {
     /// Issue a key. It is printed once: the store keeps only its hash.
@@ -211,16 +213,6 @@ fn long_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
 }
 
-fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(n - 1).collect();
-        t.push('…');
-        t
-    }
-}
-
 fn print_table(keys: &[VirtualKey], now: DateTime<Utc>) {
     const HEAD: [&str; 9] = [
         "ID", "NAME", "ROLE", "OWNER", "MODELS", "LIMITS", "EXPIRES", "STATUS", "CREATED",
@@ -317,7 +309,7 @@ fn print_details(k: &VirtualKey, now: DateTime<Utc>) {
         ),
     ];
     for (name, value) in fields {
-        outln!("{:<16}{value}", format!("{name}:"));
+        outln!("{:<16}{}", format!("{name}:"), clean(&value));
     }
 }
 
@@ -342,7 +334,7 @@ async fn open_with_audit(
 ) -> anyhow::Result<(Arc<dyn KeyStore>, Arc<dyn sluice_core::keys::AuditStore>)> {
     let stores = sluice_store::open_all(url, 2)
         .await
-        .with_context(|| format!("opening the store at {url}"))?;
+        .with_context(|| format!("opening the store at {}", crate::display::redact_url(url)))?;
     Ok((stores.keys, stores.audit))
 }
 
@@ -369,12 +361,12 @@ async fn not_usable(store: &dyn KeyStore, id: &str, doing: &str) -> anyhow::Erro
     match store.get_key(id).await {
         Ok(Some(k)) if k.revoked_at.is_some() => anyhow!(
             "key `{id}` ({}) was revoked at {}\nhint: a revoked key stays revoked; issue a new one with `sluice keys create --name NAME`",
-            k.name,
+            clean(&k.name),
             k.revoked_at.map(long_time).unwrap_or_default()
         ),
         Ok(Some(k)) => anyhow!(
             "key `{id}` ({}) could not be {doing}: it changed while this command ran\nhint: try again; `sluice keys show {id}` shows its state",
-            k.name
+            clean(&k.name)
         ),
         Ok(None) => anyhow!("no key `{id}`\n{LIST_HINT}"),
         Err(e) => anyhow!(e).context(format!("reading key `{id}`")),
@@ -433,10 +425,11 @@ pub fn id_of(id: &mut String) -> anyhow::Result<()> {
 }
 
 /// `sluice keys …` on the store at `store_url`; `configured` are the models of the configuration
+/// (`None` when it was not read: a `--store` given with a configuration that does not load)
 /// (a key for a model none serves gets a warning).
 pub async fn run(
     store_url: &str,
-    configured: &[String],
+    configured: Option<&[String]>,
     command: KeysCommand,
 ) -> anyhow::Result<()> {
     let now = Utc::now();
@@ -466,13 +459,15 @@ pub async fn run(
     match command {
         KeysCommand::Create(args) => {
             let spec = spec(&args, now)?;
+            let checked = configured.is_some();
+            let configured = configured.unwrap_or_default();
             let unknown: Vec<&str> = spec
                 .models
                 .iter()
                 .filter(|m| !configured.contains(m))
                 .map(String::as_str)
                 .collect();
-            if !unknown.is_empty() {
+            if checked && !unknown.is_empty() {
                 eprintln!(
                     "warning: the configuration has no model {}; the key can use {} only once a configuration serves {} (configured: {})",
                     unknown
@@ -572,7 +567,7 @@ pub async fn run(
                 outln!(
                     "Revoked key {} ({}); it no longer works (running gateways stop accepting it within a second).",
                     k.id,
-                    k.name
+                    clean(&k.name)
                 );
             }
         }
@@ -583,7 +578,7 @@ pub async fn run(
                 None => bail!("no key `{id}`\n{LIST_HINT}"),
                 Some(k) if k.check(now) == Err(KeyRejection::Expired) => bail!(
                     "key `{id}` ({}) expired at {}; a rotated key keeps its expiry\nhint: issue a new key with `sluice keys create --name NAME`",
-                    k.name,
+                    clean(&k.name),
                     k.expires_at.map(long_time).unwrap_or_default()
                 ),
                 Some(_) => {}
@@ -607,7 +602,7 @@ pub async fn run(
                 print_json(&v);
                 crate::output_at_stake(None);
             } else {
-                outln!("Rotated key {} ({}); its new secret:", k.id, k.name);
+                outln!("Rotated key {} ({}); its new secret:", k.id, clean(&k.name));
                 outln!();
                 outln!("    {}", fresh.key);
                 crate::output_at_stake(None);

@@ -1,9 +1,10 @@
 //! `sluice logs`: reads the request log straight from the store.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::Context;
+
+use crate::display::{clean, clip};
 use sluice_core::record::{RecordQuery, RecordStatus, RequestRecord};
 
 #[derive(Debug, clap::Args)]
@@ -56,6 +57,7 @@ fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
         user: args.user.clone(),
         key: args.key.clone(),
         since,
+        finished_since: None,
         before: None,
         limit,
     })
@@ -73,13 +75,13 @@ fn print(r: &RequestRecord, json: bool) {
         .map(|t| format!("{t:.0}ms"))
         .unwrap_or_else(|| "-".into());
     outln!(
-        "{}  {}  {:<9} {:>3}  {:<18} {:<12} {:>7.0}ms ttft {:>6}  tok {:>5}/{:<5} ${:.6}{}{}",
+        "{}  {}  {:<9} {:>3}  {:<18} {:<12} {:>7.0}ms ttft {:>6}  tok {:>5}/{:<5} ${:.8}{}{}",
         r.started_at.format("%Y-%m-%d %H:%M:%S%.3f"),
         r.id,
         r.status.as_str(),
         r.http_status,
-        truncate(&r.model, 18),
-        truncate(r.provider.as_deref().unwrap_or("-"), 12),
+        clip(&r.model, 18),
+        clip(r.provider.as_deref().unwrap_or("-"), 12),
         r.latency_ms,
         ttft,
         r.prompt_tokens,
@@ -87,23 +89,13 @@ fn print(r: &RequestRecord, json: bool) {
         r.cost_usd,
         r.user
             .as_deref()
-            .map(|u| format!("  user={u}"))
+            .map(|u| format!("  user={}", clean(u)))
             .unwrap_or_default(),
         r.error_code
             .as_deref()
-            .map(|c| format!("  error={c}"))
+            .map(|c| format!("  error={}", clean(c)))
             .unwrap_or_default(),
     );
-}
-
-fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(n - 1).collect();
-        t.push('…');
-        t
-    }
 }
 
 /// Refuses a SQLite store whose file does not exist (a wrong directory or a misspelt `--store`),
@@ -121,16 +113,19 @@ pub async fn run(store_url: &str, max_connections: u32, mut args: LogsArgs) -> a
     if let Some(k) = args.key.as_mut() {
         crate::keys::id_of(k)?;
     }
+    // The flags are checked before the store is looked for or opened.
+    let first = query(&args, args.limit)?;
+    let follow = args.follow.then(|| query(&args, 1000)).transpose()?;
     require_log(store_url)?;
     let store = sluice_store::open(store_url, max_connections)
         .await
-        .with_context(|| format!("opening the store at {store_url}"))?;
-    let (rows, mut seen) = first_page(
-        store.as_ref(),
-        &query(&args, args.limit)?,
-        args.follow.then(|| query(&args, 1000)).transpose()?,
-    )
-    .await?;
+        .with_context(|| {
+            format!(
+                "opening the store at {}",
+                crate::display::redact_url(store_url)
+            )
+        })?;
+    let (rows, mut follower) = first_page(store.as_ref(), &first, follow).await?;
     for r in &rows {
         print(r, args.json);
     }
@@ -154,58 +149,105 @@ pub async fn run(store_url: &str, max_connections: u32, mut args: LogsArgs) -> a
     }
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        for r in follow_step(store.as_ref(), &query(&args, 1000)?, &mut seen).await? {
-            print(&r, args.json);
+        let (fresh, cut) = follower.poll(store.as_ref(), &query(&args, 1000)?).await?;
+        for r in &fresh {
+            print(r, args.json);
+        }
+        if cut {
+            eprintln!(
+                "warning: more than {} requests ended since the last poll; some were not printed (narrow with --model, --user, --key or --status)",
+                FOLLOW_PAGES * FOLLOW_PAGE as usize
+            );
         }
     }
 }
 
-/// The newest records of `q`, oldest first, and what counts as printed. Following (`follow`,
-/// the query each poll runs), every record already in the follow window counts as printed, so
-/// that after the last `-n` the follower prints only what is written from then on (it printed
-/// the older records of the window next, out of time order).
+/// The newest records of `q`, oldest first, and, when following, what the follower starts from:
+/// every record already in the follow window counts as printed, so that after the last `-n` the
+/// follower prints only what ends from then on.
 async fn first_page(
     store: &dyn sluice_core::record::LogStore,
     q: &RecordQuery,
     follow: Option<RecordQuery>,
-) -> anyhow::Result<(Vec<RequestRecord>, HashSet<uuid::Uuid>)> {
-    let mut seen = HashSet::new();
+) -> anyhow::Result<(Vec<RequestRecord>, Follower)> {
+    let mut follower = Follower::default();
     if let Some(f) = &follow {
-        follow_step(store, f, &mut seen).await?;
+        follower.poll(store, f).await?;
     }
     let mut rows = store.list(q).await?;
     rows.reverse();
-    seen.extend(rows.iter().map(|r| r.id));
-    Ok((rows, seen))
+    for r in &rows {
+        follower.seen.insert(r.id, r.finished_at);
+    }
+    Ok((rows, follower))
 }
 
-/// How far back `--follow` looks for records on each poll. A record is written when its request
-/// ends but ordered by when it started, so a long stream lands behind records already printed.
+/// How far back by start time `--follow` looks: a request that ran longer than this is not
+/// printed when it ends (the bound keeps each poll's scan short).
 const FOLLOW_WINDOW: chrono::TimeDelta = chrono::TimeDelta::minutes(2);
 
-/// One poll of `--follow`: the records of the last [`FOLLOW_WINDOW`] not printed yet, oldest
-/// first; `seen` remembers what was printed (and forgets what left the window).
-async fn follow_step(
-    store: &dyn sluice_core::record::LogStore,
-    q: &RecordQuery,
-    seen: &mut HashSet<uuid::Uuid>,
-) -> anyhow::Result<Vec<sluice_core::record::RequestRecord>> {
-    let now = chrono::Utc::now();
-    let window_start = now - FOLLOW_WINDOW;
-    let mut q = q.clone();
-    q.since = Some(q.since.map_or(window_start, |s| s.max(window_start)));
-    let mut fresh = store.list(&q).await?;
-    fresh.retain(|r| seen.insert(r.id));
-    fresh.reverse();
-    let forget = (now - FOLLOW_WINDOW * 2).timestamp_millis();
-    seen.retain(|id| {
-        id.get_timestamp()
-            .map(|t| t.to_unix())
-            .is_none_or(|(secs, nanos)| {
-                (secs as i64) * 1000 + i64::from(nanos / 1_000_000) >= forget
-            })
-    });
-    Ok(fresh)
+/// How far before the latest end time seen each poll reads again: records are written a little
+/// after their requests end (the writer's batches), and replicas' clocks differ a little.
+const FOLLOW_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(3);
+
+/// Records read per query, and the most queries per poll.
+const FOLLOW_PAGE: u32 = 1000;
+const FOLLOW_PAGES: usize = 20;
+
+/// What `--follow` remembers between polls. It follows the requests by when they ended (a record
+/// is written when its request ends), as the store's clock says: each poll reads the records that
+/// ended since shortly before the latest end it saw, page by page, and prints those not printed.
+#[derive(Default)]
+struct Follower {
+    /// The latest end time seen.
+    cursor: Option<chrono::DateTime<chrono::Utc>>,
+    /// The records printed, with their end times (forgotten once a poll can no longer read them).
+    seen: std::collections::HashMap<uuid::Uuid, chrono::DateTime<chrono::Utc>>,
+}
+
+impl Follower {
+    /// The records of `q` not printed yet, oldest first, and whether there were more than one
+    /// poll reads.
+    async fn poll(
+        &mut self,
+        store: &dyn sluice_core::record::LogStore,
+        q: &RecordQuery,
+    ) -> anyhow::Result<(Vec<RequestRecord>, bool)> {
+        let reference = self.cursor.unwrap_or_else(chrono::Utc::now);
+        let window_start = reference - FOLLOW_WINDOW;
+        let mut q = q.clone();
+        q.since = Some(q.since.map_or(window_start, |s| s.max(window_start)));
+        q.finished_since = self.cursor.map(|c| c - FOLLOW_OVERLAP);
+        q.limit = FOLLOW_PAGE;
+        q.before = None;
+        let mut fresh = Vec::new();
+        let mut cut = false;
+        for page in 0..FOLLOW_PAGES {
+            let rows = store.list(&q).await?;
+            let full = rows.len() == FOLLOW_PAGE as usize;
+            q.before = rows.last().map(|r| r.id);
+            for r in rows {
+                if self.cursor.is_none_or(|c| r.finished_at > c) {
+                    self.cursor = Some(r.finished_at);
+                }
+                if let std::collections::hash_map::Entry::Vacant(e) = self.seen.entry(r.id) {
+                    e.insert(r.finished_at);
+                    fresh.push(r);
+                }
+            }
+            if !full {
+                break;
+            }
+            cut = page + 1 == FOLLOW_PAGES;
+        }
+        if let Some(c) = self.cursor {
+            let forget = c - FOLLOW_OVERLAP * 2;
+            self.seen.retain(|_, ended| *ended >= forget);
+        }
+        // Printed in the order the requests ended.
+        fresh.sort_by_key(|r| (r.finished_at, r.id));
+        Ok((fresh, cut))
+    }
 }
 
 #[cfg(test)]
@@ -222,6 +264,22 @@ mod tests {
         r
     }
 
+    /// A store in a temporary directory, and the query `--follow` polls with.
+    async fn follow_store() -> (
+        tempfile::TempDir,
+        std::sync::Arc<dyn sluice_core::record::LogStore>,
+        RecordQuery,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("s.db").display());
+        let store = sluice_store::open(&url, 1).await.unwrap();
+        let q = RecordQuery {
+            limit: 1000,
+            ..RecordQuery::default()
+        };
+        (dir, store, q)
+    }
+
     /// `-f -n 2`: the two newest, then only what is written later (not the older records of the
     /// follow window).
     #[tokio::test]
@@ -235,7 +293,7 @@ mod tests {
             limit,
             ..RecordQuery::default()
         };
-        let (rows, mut seen) = first_page(store.as_ref(), &page(2), Some(page(1000)))
+        let (rows, mut follower) = first_page(store.as_ref(), &page(2), Some(page(1000)))
             .await
             .unwrap();
         assert_eq!(
@@ -243,9 +301,11 @@ mod tests {
             [old[3].id, old[4].id]
         );
         assert!(
-            follow_step(store.as_ref(), &page(1000), &mut seen)
+            follower
+                .poll(store.as_ref(), &page(1000))
                 .await
                 .unwrap()
+                .0
                 .is_empty()
         );
         let new = at(0);
@@ -253,29 +313,21 @@ mod tests {
             .insert_batch(std::slice::from_ref(&new))
             .await
             .unwrap();
-        let next = follow_step(store.as_ref(), &page(1000), &mut seen)
-            .await
-            .unwrap();
+        let (next, _) = follower.poll(store.as_ref(), &page(1000)).await.unwrap();
         assert_eq!(next.iter().map(|r| r.id).collect::<Vec<_>>(), [new.id]);
     }
 
     #[tokio::test]
     async fn follow_prints_a_record_written_after_a_later_started_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("s.db").display());
-        let store = sluice_store::open(&url, 1).await.unwrap();
-        let q = RecordQuery {
-            limit: 1000,
-            ..RecordQuery::default()
-        };
-        let mut seen = HashSet::new();
+        let (_dir, store, q) = follow_store().await;
+        let mut follower = Follower::default();
         // A short request that started second is written first…
         let short = at(1_000);
         store
             .insert_batch(std::slice::from_ref(&short))
             .await
             .unwrap();
-        let first = follow_step(store.as_ref(), &q, &mut seen).await.unwrap();
+        let (first, _) = follower.poll(store.as_ref(), &q).await.unwrap();
         assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), [short.id]);
         // …then a stream that started earlier ends and is written.
         let long = at(30_000);
@@ -283,13 +335,53 @@ mod tests {
             .insert_batch(std::slice::from_ref(&long))
             .await
             .unwrap();
-        let second = follow_step(store.as_ref(), &q, &mut seen).await.unwrap();
+        let (second, _) = follower.poll(store.as_ref(), &q).await.unwrap();
         assert_eq!(second.iter().map(|r| r.id).collect::<Vec<_>>(), [long.id]);
         // Nothing is printed twice.
         assert!(
-            follow_step(store.as_ref(), &q, &mut seen)
+            follower
+                .poll(store.as_ref(), &q)
                 .await
                 .unwrap()
+                .0
+                .is_empty()
+        );
+    }
+
+    /// More requests end between two polls than one query reads, and one of them started before
+    /// all the others: every one is printed, once.
+    #[tokio::test]
+    async fn follow_reads_every_record_of_a_busy_poll() {
+        let (_dir, store, q) = follow_store().await;
+        let mut follower = Follower::default();
+        let earlier = at(5_000);
+        store
+            .insert_batch(std::slice::from_ref(&earlier))
+            .await
+            .unwrap();
+        assert_eq!(follower.poll(store.as_ref(), &q).await.unwrap().0.len(), 1);
+        // A request that started 90 s ago ends among 2,500 short ones.
+        let mut burst: Vec<_> = (0..2_500)
+            .map(|i| at(2_000 - i64::from(i % 1_000)))
+            .collect();
+        burst.push(at(90_000));
+        for chunk in burst.chunks(500) {
+            store.insert_batch(chunk).await.unwrap();
+        }
+        let (got, cut) = follower.poll(store.as_ref(), &q).await.unwrap();
+        assert!(!cut);
+        let mut got: Vec<_> = got.iter().map(|r| r.id).collect();
+        got.sort();
+        let mut want: Vec<_> = burst.iter().map(|r| r.id).collect();
+        want.sort();
+        assert_eq!(got.len(), want.len());
+        assert_eq!(got, want);
+        assert!(
+            follower
+                .poll(store.as_ref(), &q)
+                .await
+                .unwrap()
+                .0
                 .is_empty()
         );
     }

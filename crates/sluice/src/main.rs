@@ -81,6 +81,7 @@ fn say_line(args: std::fmt::Arguments<'_>) {
 mod app;
 mod config;
 mod demo;
+mod display;
 mod keys;
 mod logs;
 mod models;
@@ -249,6 +250,24 @@ fn raw_config(
     )
 }
 
+/// The store a read-only command works on: `--store` as given (the configuration is not read, so
+/// an error elsewhere in it does not stop `logs` or `usage`), else the configuration's.
+fn store_url(config: Option<&std::path::Path>, store: Option<String>) -> Result<String, String> {
+    match store {
+        Some(url) => Ok(url),
+        None => raw_config(config, None)
+            .map(|raw| raw.store.url)
+            .map_err(|e| config_error(&e)),
+    }
+}
+
+/// A configuration error met by a command that only needs the store.
+fn config_error(e: &str) -> String {
+    format!(
+        "{e}\nhint: fix the configuration (`sluice config check` shows the error) or name the store with --store URL"
+    )
+}
+
 fn fail(message: &str) -> ExitCode {
     let mut lines = message.lines();
     eprintln!("error: {}", lines.next().unwrap_or(""));
@@ -316,39 +335,45 @@ async fn main() -> ExitCode {
                         "s"
                     },
                     c.server.listen,
-                    c.store.url
+                    display::redact_url(&c.store.url)
                 );
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),
         },
         Command::Logs { store, args } => {
-            let raw = match raw_config(cli.config.as_deref(), store) {
-                Ok(r) => r,
+            let url = match store_url(cli.config.as_deref(), store) {
+                Ok(u) => u,
                 Err(e) => return fail(&e),
             };
-            match logs::run(&raw.store.url, 2, args).await {
+            match logs::run(&url, 2, args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
             }
         }
         Command::Usage { store, args } => {
-            let raw = match raw_config(cli.config.as_deref(), store) {
-                Ok(r) => r,
+            let url = match store_url(cli.config.as_deref(), store) {
+                Ok(u) => u,
                 Err(e) => return fail(&e),
             };
-            match usage::run(&raw.store.url, args).await {
+            match usage::run(&url, args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
             }
         }
         Command::Keys { command, store } => {
-            let raw = match raw_config(cli.config.as_deref(), store) {
-                Ok(r) => r,
-                Err(e) => return fail(&e),
+            // With --store, the configuration only names the models for a warning: one that
+            // does not load does not stop key work (revoking a leaked key after a bad edit).
+            let raw = raw_config(cli.config.as_deref(), store.clone());
+            let (url, models) = match (raw, store) {
+                (Ok(raw), _) => (
+                    raw.store.url,
+                    Some(raw.models.into_keys().collect::<Vec<_>>()),
+                ),
+                (Err(_), Some(url)) => (url, None),
+                (Err(e), None) => return fail(&config_error(&e)),
             };
-            let models: Vec<String> = raw.models.keys().cloned().collect();
-            match keys::run(&raw.store.url, &models, command).await {
+            match keys::run(&url, models.as_deref(), command).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("{e:#}")),
             }

@@ -11,24 +11,34 @@ use sluice_gateway::router::Strategy;
 use crate::config::RawConfig;
 
 /// The complexity-routed model to use: `--model`, else the only one configured.
-fn complexity_model<'a>(raw: &'a RawConfig, model: Option<&str>) -> anyhow::Result<&'a str> {
-    let routed: Vec<&str> = raw
-        .models
+/// The configuration's models that route by complexity.
+fn routed(raw: &RawConfig) -> Vec<&str> {
+    raw.models
         .iter()
         .filter(|(_, m)| m.strategy == Strategy::Complexity)
         .map(|(n, _)| n.as_str())
-        .collect();
+        .collect()
+}
+
+/// The error for a model that is not configured (`where_` says where it was looked for).
+fn unknown_model(raw: &RawConfig, m: &str, where_: &str) -> anyhow::Error {
+    let routed = routed(raw);
+    anyhow::anyhow!(
+        "no model `{m}` in the {where_}\nhint: models routed by complexity: {}",
+        if routed.is_empty() {
+            "(none)".to_string()
+        } else {
+            routed.join(", ")
+        }
+    )
+}
+
+fn complexity_model<'a>(raw: &'a RawConfig, model: Option<&str>) -> anyhow::Result<&'a str> {
+    let routed = routed(raw);
     match model {
         Some(m) => {
             let Some((name, cfg)) = raw.models.get_key_value(m) else {
-                bail!(
-                    "no model `{m}` in the configuration\nhint: models routed by complexity: {}",
-                    if routed.is_empty() {
-                        "(none)".to_string()
-                    } else {
-                        routed.join(", ")
-                    }
-                );
+                return Err(unknown_model(raw, m, "configuration"));
             };
             if cfg.strategy != Strategy::Complexity {
                 bail!(
@@ -104,11 +114,15 @@ pub async fn report(
         None => None,
     };
     crate::logs::require_log(store_url)?;
-    let store = sluice_store::open(store_url, 2)
-        .await
-        .with_context(|| format!("opening the store at {store_url}"))?;
+    let store = sluice_store::open(store_url, 2).await.with_context(|| {
+        format!(
+            "opening the store at {}",
+            crate::display::redact_url(store_url)
+        )
+    })?;
     let mut by_tier: BTreeMap<String, Tally> = BTreeMap::new();
     let mut before = None;
+    let mut logged = false;
     loop {
         let page = store
             .list(&RecordQuery {
@@ -120,6 +134,7 @@ pub async fn report(
             })
             .await?;
         let Some(last) = page.last() else { break };
+        logged = true;
         before = Some(last.id);
         for r in &page {
             let Some(route) = r.route.as_ref() else {
@@ -144,6 +159,13 @@ pub async fn report(
         if page.len() < 1000 {
             break;
         }
+    }
+    // A model neither configured nor in the log is most likely misspelt.
+    if let Some(m) = model
+        && !logged
+        && !raw.models.contains_key(m)
+    {
+        return Err(unknown_model(raw, m, "configuration or the log"));
     }
     if json {
         let mut total = Tally::default();
@@ -187,7 +209,7 @@ pub async fn report(
         return Ok(());
     }
     outln!(
-        "{:<16} {:>9} {:>14} {:>16} {:>14}",
+        "{:<16} {:>9} {:>16} {:>18} {:>16}",
         "tier",
         "requests",
         "cost (USD)",
@@ -197,7 +219,7 @@ pub async fn report(
     let mut total = Tally::default();
     for (tier, t) in &by_tier {
         outln!(
-            "{:<16} {:>9} {:>14.6} {:>16.6} {:>14.6}",
+            "{:<16} {:>9} {:>16.8} {:>18.8} {:>16.8}",
             tier,
             t.requests,
             t.cost,
@@ -215,7 +237,7 @@ pub async fn report(
         0.0
     };
     outln!(
-        "{:<16} {:>9} {:>14.6} {:>16.6} {:>14.6}  ({pct:.1}% saved)",
+        "{:<16} {:>9} {:>16.8} {:>18.8} {:>16.8}  ({pct:.1}% saved)",
         "total",
         total.requests,
         total.cost,

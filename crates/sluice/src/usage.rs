@@ -36,9 +36,9 @@ pub struct UsageArgs {
 
 /// A group's value; none, or an empty one (a request refused before its model was read), is `-`.
 fn cell(v: &Option<String>) -> String {
-    v.clone()
+    v.as_deref()
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "-".into())
+        .map_or_else(|| "-".into(), |s| crate::display::clean(s).into_owned())
 }
 
 /// A period's end for the header: to the minute, or to the second when it has seconds.
@@ -73,8 +73,8 @@ fn table(dims: &[UsageDim], rows: &[UsageRow], total: Option<&UsageRow>) -> Stri
             r.cache_hits.to_string(),
             r.prompt_tokens.to_string(),
             r.completion_tokens.to_string(),
-            format!("{:.6}", r.cost_usd),
-            format!("{:.6}", r.cost_saved_usd),
+            format!("{:.8}", r.cost_usd),
+            format!("{:.8}", r.cost_saved_usd),
         ]);
         v
     };
@@ -145,7 +145,7 @@ pub async fn run(url: &str, mut args: UsageArgs) -> anyhow::Result<()> {
     crate::logs::require_log(url)?;
     let stores = sluice_store::open_all(url, 2)
         .await
-        .with_context(|| format!("opening the store at {url}"))?;
+        .with_context(|| format!("opening the store at {}", crate::display::redact_url(url)))?;
     let rows = stores.usage.usage(&q).await.context("reading usage")?;
     let total = UsageRow::total(&rows);
     if args.json {
@@ -202,7 +202,16 @@ mod tests {
         assert!(lines[2].starts_with("a-much-longer-key"), "{t}");
         assert_eq!(
             lines[3].split_whitespace().collect::<Vec<_>>(),
-            ["TOTAL", "12", "0", "1", "120", "60", "1.750000", "0.000000"],
+            [
+                "TOTAL",
+                "12",
+                "0",
+                "1",
+                "120",
+                "60",
+                "1.75000000",
+                "0.00000000"
+            ],
             "{t}"
         );
     }

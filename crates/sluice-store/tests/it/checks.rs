@@ -146,6 +146,61 @@ fn expect(records: &[RequestRecord], keep: impl Fn(&RequestRecord) -> bool) -> V
         .collect()
 }
 
+/// 3b. `finished_since`: by when requests ended, whatever their ids say (a long request that
+///     started first and ended last), to the microsecond, including a time of whole seconds.
+pub async fn finished_since(db: &TestDb) {
+    let store = db.open().await;
+    let base = chrono::DateTime::parse_from_rfc3339("2026-12-06T01:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    // Started in id order; ended: the first last, at whole seconds and in between.
+    let ends = [
+        base + TimeDelta::seconds(3),
+        base + TimeDelta::seconds(1),
+        base + TimeDelta::microseconds(1_500_000),
+        base + TimeDelta::microseconds(999_999),
+    ];
+    let mut records = Vec::new();
+    for end in ends {
+        let mut r = record("alpha", None, RecordStatus::Ok);
+        r.started_at = base;
+        r.finished_at = end;
+        records.push(r);
+    }
+    insert(&store, &records).await;
+    let since = |t| {
+        let store = &store;
+        async move {
+            let mut got = ids(&list(
+                store,
+                &RecordQuery {
+                    finished_since: Some(t),
+                    ..q()
+                },
+            )
+            .await);
+            got.reverse();
+            got
+        }
+    };
+    let id = |i: usize| records[i].id;
+    assert_eq!(since(base).await, vec![id(0), id(1), id(2), id(3)]);
+    assert_eq!(
+        since(base + TimeDelta::seconds(1)).await,
+        vec![id(0), id(1), id(2)]
+    );
+    assert_eq!(
+        since(base + TimeDelta::microseconds(1_000_001)).await,
+        vec![id(0), id(2)]
+    );
+    assert_eq!(
+        since(base + TimeDelta::microseconds(1_500_000)).await,
+        vec![id(0), id(2)]
+    );
+    assert_eq!(since(base + TimeDelta::seconds(2)).await, vec![id(0)]);
+    assert!(since(base + TimeDelta::seconds(4)).await.is_empty());
+}
+
 /// 3. Listing: newest first, each filter alone and combined, `since`, paging with `before`,
 ///    and `limit`.
 pub async fn listing(db: &TestDb) {

@@ -477,6 +477,86 @@ async fn complexity_routing_explain_and_report() {
         );
         assert!(err.contains("hint:"), "{err}");
     }
+    // A model neither configured nor in the log is a misspelling, not an empty report.
+    let (code, _, err) = run(
+        &["route", "report", "--config", cfg, "--model", "atuo"],
+        s.dir(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.starts_with("error: no model `atuo` in the configuration or the log"),
+        "{err}"
+    );
+    assert!(
+        err.contains("hint: models routed by complexity: auto"),
+        "{err}"
+    );
+}
+
+/// Values a client chose are printed with their control characters escaped: a user id cannot
+/// forge a line of `sluice logs` or send escape codes to the terminal. `logs` and `usage` with
+/// `--store` do not read the configuration, so an error in it does not stop them.
+#[tokio::test]
+async fn logs_escape_what_clients_sent_and_read_a_named_store_whatever_the_config() {
+    let s = Sluice::start(crate::openai_api::MOCK).await;
+    let resp = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(
+            &json!({"model": "mock-echo", "user": "eve\n2026-01-01 FAKE \u{1b}[31mRED",
+                      "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    s.record(&request_id(&resp)).await;
+    let store = format!("sqlite://{}", s.dir().join("sluice.db").display());
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(broken.path().join("sluice.toml"), "[server]\nlisen = 1\n").unwrap();
+    let (code, out, err) = run(&["logs", "--store", &store], broken.path());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 1, "one record, one line: {out}");
+    assert!(
+        out.contains("user=eve\\n2026-01-01 FAKE \\u{1b}[31mRED"),
+        "{out}"
+    );
+    assert!(!out.contains('\u{1b}'), "{out:?}");
+    let (code, out, err) = run(&["usage", "--store", &store, "-g", "user"], broken.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains('\u{1b}') && out.contains("eve\\n2026"),
+        "{out:?}"
+    );
+    // Without --store the configuration is needed, and its error says how to get past it.
+    let (code, _, err) = run(&["logs"], broken.path());
+    assert_eq!(code, 2);
+    assert!(err.starts_with("error: server.lisen"), "{err}");
+    assert!(err.contains("or name the store with --store"), "{err}");
+}
+
+/// A password in the store URL is never printed: `config check` and a store that cannot be
+/// opened show it as `***`.
+#[test]
+fn store_passwords_are_not_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("sluice.toml"),
+        "[store]\nurl = \"postgres://app:hunter2@127.0.0.1:1/sluice\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(&["config", "check"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("postgres://app:***@127.0.0.1:1/sluice"),
+        "{out}"
+    );
+    let (code, out, err) = run(&["logs"], dir.path());
+    assert_eq!(code, 2);
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+    assert!(err.contains("postgres://app:***@"), "{err}");
 }
 
 /// `sluice keys`: create, list, show, rotate and revoke virtual keys straight in the store.

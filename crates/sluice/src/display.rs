@@ -1,0 +1,102 @@
+//! Text the CLI prints that comes from elsewhere: values clients chose (a model name, a user id)
+//! and store URLs that may hold a password.
+
+use std::borrow::Cow;
+
+/// `s` with its control characters escaped (`\n`, `\u{1b}`…), so that a value a client sent
+/// cannot break a table, forge a line or send escape codes to the operator's terminal.
+pub fn clean(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `s` for a table cell: control characters escaped, at most `n` characters (the last one `…`
+/// when cut).
+pub fn clip(s: &str, n: usize) -> String {
+    let s = clean(s);
+    if s.chars().count() <= n {
+        s.into_owned()
+    } else {
+        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// A store URL fit to print: a password in it (`postgres://user:secret@host/db`, or a
+/// `password=` parameter) is shown as `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let authority_end = out[rest..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@')
+            && let Some(colon) = out[rest..rest + at].find(':')
+        {
+            out.replace_range(rest + colon + 1..rest + at, "***");
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(clean("alice"), "alice");
+        assert!(matches!(clean("ünïcode ok"), Cow::Borrowed(_)));
+        assert_eq!(clean("eve\n2026 FAKE"), "eve\\n2026 FAKE");
+        assert_eq!(clean("x\u{1b}[2Jy"), "x\\u{1b}[2Jy");
+        assert_eq!(clean("a\tb\u{7f}\u{9b}"), "a\\tb\\u{7f}\\u{9b}");
+    }
+
+    #[test]
+    fn passwords_in_store_urls_are_hidden() {
+        assert_eq!(
+            redact_url("postgres://app:hunter2@db.internal:5432/sluice"),
+            "postgres://app:***@db.internal:5432/sluice"
+        );
+        assert_eq!(
+            redact_url("postgres://app:p%40ss@db/sluice?sslmode=require"),
+            "postgres://app:***@db/sluice?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgresql://db/sluice?user=app&password=hunter2&sslmode=verify-full"),
+            "postgresql://db/sluice?user=app&password=***&sslmode=verify-full"
+        );
+        // Nothing to hide.
+        for url in [
+            "postgres://app@db/sluice",
+            "sqlite://./sluice-data/sluice.db",
+            "sqlite::memory:",
+            "sqlite:///tmp/a@b:c/sluice.db",
+        ] {
+            assert_eq!(redact_url(url), url);
+        }
+    }
+}
