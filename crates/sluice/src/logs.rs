@@ -24,6 +24,12 @@ pub struct LogsArgs {
     /// Only since this time (RFC 3339) or duration ago (30s, 15m, 2h, 7d).
     #[arg(long)]
     pub since: Option<String>,
+    /// Only requests that started before this time (RFC 3339) or duration ago.
+    #[arg(long, conflicts_with_all = ["before", "follow"])]
+    pub until: Option<String>,
+    /// Only requests that started before this one (a request id): the next page back.
+    #[arg(long, value_name = "ID", conflicts_with = "follow")]
+    pub before: Option<uuid::Uuid>,
     /// How many records (newest last).
     #[arg(long, short = 'n', default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -51,6 +57,16 @@ fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
                 .map_err(|e| anyhow::anyhow!("--since {e}"))?,
         ),
     };
+    let before = match &args.until {
+        None => args.before,
+        Some(s) => {
+            let t = sluice_server::admin::parse_since(s, chrono::Utc::now())
+                .map_err(|e| anyhow::anyhow!("--until {e}"))?;
+            // The first id of that millisecond: every request that started earlier is before it.
+            let ms = u64::try_from(t.timestamp_millis()).unwrap_or(0);
+            Some(uuid::Builder::from_unix_timestamp_millis(ms, &[0; 10]).into_uuid())
+        }
+    };
     Ok(RecordQuery {
         model: args.model.clone(),
         status,
@@ -58,7 +74,7 @@ fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
         key: args.key.clone(),
         since,
         finished_since: None,
-        before: None,
+        before,
         limit,
     })
 }
@@ -130,12 +146,20 @@ pub async fn run(store_url: &str, max_connections: u32, mut args: LogsArgs) -> a
         print(r, args.json);
     }
     if !args.follow {
+        if rows.len() == args.limit as usize
+            && !args.json
+            && let Some(oldest) = rows.first()
+        {
+            eprintln!("(older records may follow: add --before {})", oldest.id);
+        }
         if rows.is_empty() && !args.json {
             let filtered = args.model.is_some()
                 || args.status.is_some()
                 || args.user.is_some()
                 || args.key.is_some()
-                || args.since.is_some();
+                || args.since.is_some()
+                || args.until.is_some()
+                || args.before.is_some();
             outln!(
                 "{}",
                 if filtered {

@@ -315,6 +315,43 @@ async fn logs_prints_the_request_log() {
     assert_eq!((none_json.0, none_json.1.as_str()), (0, ""));
     assert_eq!(zero.0, 2);
     assert!(zero.2.contains("1..=1000"), "{}", zero.2);
+    // Paging back: a full page says how to see older records, and --before shows them.
+    let store = s.store_url.clone();
+    let dir = s.dir().to_path_buf();
+    let first = ids[1].clone();
+    let (page, back, until) = tokio::task::spawn_blocking(move || {
+        (
+            run(&["logs", "--store", &store, "-n", "2"], &dir),
+            run(&["logs", "--store", &store, "--before", &first], &dir),
+            run(
+                &["logs", "--store", &store, "--until", "2000-01-01T00:00:00Z"],
+                &dir,
+            ),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(page.0, 0, "{}", page.2);
+    assert!(
+        page.1.contains(&ids[1]) && page.1.contains(&ids[2]) && !page.1.contains(&ids[0]),
+        "{}",
+        page.1
+    );
+    assert!(
+        page.2.contains(&format!("--before {}", ids[1])),
+        "{}",
+        page.2
+    );
+    assert_eq!(back.0, 0, "{}", back.2);
+    assert!(
+        back.1.contains(&ids[0]) && !back.1.contains(&ids[1]),
+        "{}",
+        back.1
+    );
+    assert_eq!(
+        (until.0, until.1.trim()),
+        (0, "no requests match these filters")
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let (code, _, err) = run(&["logs"], dir.path());
