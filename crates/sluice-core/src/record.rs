@@ -456,10 +456,7 @@ impl LogSink {
         match permit {
             Ok(permit) => permit.send(Queued { record, units }),
             // Only after the writer is gone, which happens after shutdown has drained every sender.
-            Err(_) => eprintln!(
-                "sluice: request log writer is closed; record {} not stored",
-                record.id
-            ),
+            Err(_) => closed(&record),
         }
     }
 
@@ -486,10 +483,7 @@ impl LogSink {
                 Ok(()) => return,
                 Err(mpsc::error::TrySendError::Full(queued)) => queued,
                 Err(mpsc::error::TrySendError::Closed(queued)) => {
-                    eprintln!(
-                        "sluice: request log writer is closed; record {} not stored",
-                        queued.record.id
-                    );
+                    closed(&queued.record);
                     return;
                 }
             }
@@ -504,7 +498,9 @@ impl LogSink {
                     if !charged && let Ok(permit) = room.acquire_many(queued.units).await {
                         permit.forget();
                     }
-                    let _ = tx.send(queued).await;
+                    if let Err(lost) = tx.send(queued).await {
+                        closed(&lost.0.record);
+                    }
                 });
             }
             Err(_) => {
@@ -514,7 +510,9 @@ impl LogSink {
                 if !charged {
                     queued.units = 0;
                 }
-                let _ = tx.blocking_send(queued);
+                if let Err(lost) = tx.blocking_send(queued) {
+                    closed(&lost.0.record);
+                }
             }
         }
     }
@@ -553,6 +551,15 @@ impl LogQueue {
     pub fn close(&mut self) {
         self.rx.close();
     }
+}
+
+/// Says that a record could not be queued: the writer is gone (after shutdown closed the
+/// queue to requests that outlived its patience).
+fn closed(record: &RequestRecord) {
+    eprintln!(
+        "sluice: request log writer is closed; record {} ({} {}) not stored",
+        record.id, record.endpoint, record.model
+    );
 }
 
 /// A record whose [`LogSink::send`] waits for room; sent detached if the wait is abandoned.

@@ -413,13 +413,22 @@ pub fn rejected_path(spill: &std::path::Path) -> PathBuf {
     spill.with_extension("jsonl.rejected")
 }
 
-/// Records as JSON lines, as the spill file holds them.
+/// Records as JSON lines, as the spill file holds them. A body kept as the client sent it may
+/// hold line breaks between its tokens (pretty-printed JSON); they become spaces, which JSON
+/// reads the same (a line break inside a string is always escaped), so that a record is always
+/// one line.
 fn json_lines<'a>(
     records: impl IntoIterator<Item = &'a RequestRecord>,
 ) -> std::io::Result<Vec<u8>> {
     let mut lines = Vec::new();
     for r in records {
+        let start = lines.len();
         serde_json::to_writer(&mut lines, r)?;
+        for b in &mut lines[start..] {
+            if *b == b'\n' || *b == b'\r' {
+                *b = b' ';
+            }
+        }
         lines.push(b'\n');
     }
     Ok(lines)
@@ -575,6 +584,7 @@ async fn replay_linking(
             std::fs::File::open(&claimed).map_err(|e| format!("{}: {e}", claimed.display()))?;
         let mut lines = std::io::BufReader::new(file).split(b'\n');
         let mut chunk = Vec::with_capacity(512);
+        let mut chunk_bytes = 0;
         let mut bad = Vec::new();
         loop {
             let line = match lines.next() {
@@ -593,7 +603,10 @@ async fn replay_linking(
                     }
                 }
             }
-            if chunk.len() < 512 && line.is_some() {
+            if let Some(line) = &line {
+                chunk_bytes += line.len();
+            }
+            if chunk.len() < 512 && chunk_bytes < REPLAY_CHUNK_BYTES && line.is_some() {
                 continue;
             }
             if !chunk.is_empty() {
@@ -641,6 +654,7 @@ async fn replay_linking(
                 out.rejected += refused;
                 out.records += chunk.len() as u64 - refused;
                 chunk.clear();
+                chunk_bytes = 0;
             }
             if line.is_none() {
                 break;
@@ -651,6 +665,11 @@ async fn replay_linking(
         // Spilled again meanwhile (or left beside an old claim): go round once more.
     }
 }
+
+/// The most a replay writes in one go: 512 records, or fewer when their lines add up to this
+/// many bytes (records with large bodies), so that memory stays bounded and one insert fits its
+/// time limit.
+const REPLAY_CHUNK_BYTES: usize = 8 << 20;
 
 /// How much of a spill file a failed replay holds in memory at once while putting it back.
 const PUT_BACK_BYTES: usize = 4 << 20;
@@ -698,18 +717,20 @@ mod tests {
     use sluice_core::record::RecordQuery;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    /// A store that counts what it is given.
+    /// A store that counts what it is given (and keeps the largest batch and the records).
     #[derive(Default)]
-    struct Counting(AtomicU64);
+    struct Counting(AtomicU64, AtomicU64, std::sync::Mutex<Vec<RequestRecord>>);
 
     #[async_trait::async_trait]
     impl LogStore for Counting {
         async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
             self.0.fetch_add(records.len() as u64, Ordering::SeqCst);
+            self.1.fetch_max(records.len() as u64, Ordering::SeqCst);
+            self.2.lock().unwrap().extend_from_slice(records);
             Ok(())
         }
-        async fn get(&self, _id: uuid::Uuid) -> Result<Option<RequestRecord>, StoreError> {
-            Ok(None)
+        async fn get(&self, id: uuid::Uuid) -> Result<Option<RequestRecord>, StoreError> {
+            Ok(self.2.lock().unwrap().iter().find(|r| r.id == id).cloned())
         }
         async fn list(&self, _query: &RecordQuery) -> Result<Vec<RequestRecord>, StoreError> {
             Ok(Vec::new())
@@ -768,5 +789,65 @@ mod tests {
         let fresh = dir.path().join("sub/new.jsonl");
         append(&fresh, b"x\n").unwrap();
         assert_eq!(std::fs::read(&fresh).unwrap(), b"x\n");
+    }
+
+    /// A body kept as the client sent it, pretty-printed over several lines, is spilled as one
+    /// line and comes back whole (it was split into unreadable lines and lost).
+    #[tokio::test]
+    async fn a_pretty_printed_body_spills_as_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.jsonl");
+        let mut r = RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false);
+        let body = b"{\r\n  \"model\": \"m\",\n  \"messages\": [\"a\\nb\"]\n}\n";
+        r.request_body = sluice_core::record::RawJson::from_bytes(body);
+        assert!(r.request_body.as_ref().unwrap().get().contains('\n'));
+        spill_batch(&path, std::slice::from_ref(&r)).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+        let store = Counting::default();
+        let got = replay_spill(&store, &path).await.unwrap();
+        assert_eq!((got.records, got.bad_lines), (1, 0));
+        let back = store.get(r.id).await.unwrap().expect("replayed");
+        assert_eq!(
+            back.request_body.unwrap().to_value(),
+            serde_json::json!({"model": "m", "messages": ["a\nb"]})
+        );
+    }
+
+    /// Records with large bodies are replayed a few at a time (512 at once could take gigabytes).
+    #[tokio::test]
+    async fn a_replay_of_large_records_goes_in_small_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.jsonl");
+        let body = sluice_core::record::RawJson::from_text(format!("\"{}\"", "x".repeat(1 << 20)))
+            .unwrap();
+        let records: Vec<_> = (0..20)
+            .map(|_| {
+                let mut r = RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false);
+                r.request_body = Some(body.clone());
+                r
+            })
+            .collect();
+        spill_batch(&path, &records).unwrap();
+        let store = Counting::default();
+        let got = replay_spill(&store, &path).await.unwrap();
+        assert_eq!(got.records, 20);
+        let largest = store.1.load(Ordering::SeqCst);
+        assert!(largest <= 8, "a chunk of {largest} records of 1 MiB");
+    }
+
+    /// A cost or latency goes through the spill file unchanged to the last bit.
+    #[tokio::test]
+    async fn numbers_survive_the_spill_file_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.jsonl");
+        let mut r = RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false);
+        r.cost_usd = 0.09144338512092887;
+        r.latency_ms = 123.456_789_012_345_67;
+        spill_batch(&path, std::slice::from_ref(&r)).unwrap();
+        let store = Counting::default();
+        replay_spill(&store, &path).await.unwrap();
+        let back = store.get(r.id).await.unwrap().expect("replayed");
+        assert_eq!(back.cost_usd.to_bits(), r.cost_usd.to_bits());
+        assert_eq!(back.latency_ms.to_bits(), r.latency_ms.to_bits());
     }
 }

@@ -141,22 +141,29 @@ pub async fn build_with(
             )
         })?;
     keys.spawn_refresher(sluice_server::keys::REFRESH_EVERY);
-    // Records a writer left in the spill file while the store was down go to the store now.
+    // Records a writer left in the spill file while the store was down go to the store, in the
+    // background: after a long outage that can be millions of records, and the gateway serves
+    // meanwhile (a claim a crashed start left is taken over; the writer's own replays leave it).
     let spill = spill_path(&cfg.store);
-    match sluice_store::writer::replay_spill(store.as_ref(), &spill).await {
-        Ok(r) if r.records > 0 || r.bad_lines > 0 || r.rejected > 0 => tracing::warn!(
-            records = r.records,
-            unreadable_lines = r.bad_lines,
-            refused_by_the_store = r.rejected,
-            path = %spill.display(),
-            "request records from the spill file written to the store"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::error!(
-            error = %e,
-            path = %spill.display(),
-            "the spill file's request records could not be written to the store; they stay in it for the next start"
-        ),
+    {
+        let (store, spill) = (store.clone(), spill.clone());
+        tokio::spawn(async move {
+            match sluice_store::writer::replay_spill(store.as_ref(), &spill).await {
+                Ok(r) if r.records > 0 || r.bad_lines > 0 || r.rejected > 0 => tracing::warn!(
+                    records = r.records,
+                    unreadable_lines = r.bad_lines,
+                    refused_by_the_store = r.rejected,
+                    path = %spill.display(),
+                    "request records from the spill file written to the store"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!(
+                    error = %e,
+                    path = %spill.display(),
+                    "the spill file's request records could not be written to the store yet; the writer tries again while the store answers"
+                ),
+            }
+        });
     }
     let (sink, rx) = LogSink::bounded(cfg.store.queue_capacity, cfg.store.queue_bytes);
     let metrics = Arc::new(Metrics::new());
