@@ -256,7 +256,14 @@ struct Ledger {
     /// Held while the spend is read from the store, so that requests arriving together (at
     /// the start of a period) read it once.
     loading: Arc<tokio::sync::Mutex<()>>,
+    /// The last failed read of the spend and when it ended: requests that waited for it are
+    /// refused with its error at once (each one reading again, for up to 2 s, would make the
+    /// last of N wait 2N s), until [`RETRY_SPEND_READ`] has passed.
+    failed: Option<(std::time::Instant, Error)>,
 }
+
+/// How long a failed read of a ledger's spend answers for the requests behind it.
+const RETRY_SPEND_READ: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A ledger unused this long, with nothing reserved, is dropped from memory: by then every cost
 /// it settled is in the store, which it is read from again when needed.
@@ -662,9 +669,26 @@ impl Budgets {
             let gate = ledger.lock().loading.clone();
             let _loading = gate.lock().await;
             if ledger.lock().spent.is_none() {
-                let spent = self.stored_spend(l, now).await?;
-                let mut g = ledger.lock();
-                g.spent = Some(spent + std::mem::take(&mut g.early));
+                let recent = ledger
+                    .lock()
+                    .failed
+                    .as_ref()
+                    .filter(|(at, _)| at.elapsed() < RETRY_SPEND_READ)
+                    .map(|(_, e)| e.clone());
+                if let Some(e) = recent {
+                    return Err(e);
+                }
+                match self.stored_spend(l, now).await {
+                    Ok(spent) => {
+                        let mut g = ledger.lock();
+                        g.spent = Some(spent + std::mem::take(&mut g.early));
+                        g.failed = None;
+                    }
+                    Err(e) => {
+                        ledger.lock().failed = Some((std::time::Instant::now(), e.clone()));
+                        return Err(e);
+                    }
+                }
             }
         }
         // Check every ledger, then charge them all, under all their locks (taken in one order).
@@ -787,6 +811,46 @@ mod tests {
         r2.settle(1e30);
         let e = b.reserve(&limits, 0.01).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InsufficientQuota);
+    }
+
+    /// A store that does not answer (a database that hangs).
+    struct Hangs;
+
+    #[async_trait]
+    impl UsageStore for Hangs {
+        async fn spend(&self, _: &Spender, _: DateTime<Utc>) -> Result<f64, StoreError> {
+            std::future::pending().await
+        }
+        async fn usage(&self, _: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Requests that wait behind a spend read that timed out are refused with its error, not
+    /// each after a read of its own (the last of 10 waited 20 s).
+    #[tokio::test]
+    async fn requests_behind_a_failed_spend_read_fail_together() {
+        let b = Arc::new(Budgets::new(Some(Arc::new(Hangs)), None));
+        let limits = [daily(Spender::Key("k".into()), 1.00)];
+        let started = tokio::time::Instant::now();
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let (b, limits) = (b.clone(), limits.clone());
+                tokio::spawn(async move {
+                    let e = b.reserve(&limits, 0.01).await.unwrap_err();
+                    assert_eq!(e.code, ErrorCode::Unavailable);
+                    tokio::time::Instant::now()
+                })
+            })
+            .collect();
+        for t in tasks {
+            let done = t.await.unwrap();
+            assert!(
+                done - started < std::time::Duration::from_secs(3),
+                "refused after {:?}",
+                done - started
+            );
+        }
     }
 
     /// A store whose spend the test sets (micro-USD).
