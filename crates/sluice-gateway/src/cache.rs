@@ -340,8 +340,9 @@ fn clip(s: &str) -> String {
 /// canonical JSON. The canonical JSON leaves out the fields that do not change the answer
 /// (`stream`, `stream_options`, `user`, `safety_identifier`, `metadata`, `store`,
 /// `service_tier`, `prompt_cache_key`, `cache`) and sorts object keys at every depth but inside
-/// JSON Schemas (a tool's `parameters`, a `response_format`'s `schema`), where the order of
-/// properties is the order the model writes them in; every other field is kept, unknown ones
+/// JSON Schemas (a tool's `parameters`, a `response_format`'s `schema`, any object with
+/// `properties` such as vLLM's `guided_json`), where the order of properties is the order the
+/// model writes them in; every other field is kept, unknown ones
 /// included (tools, `tool_choice`, `response_format`,
 /// `parallel_tool_calls`, `logit_bias`, `reasoning_effort`, a prompt reference and its version,
 /// …). Numbers are kept as written, so `1` and `1.0` in an unknown field make different keys: a
@@ -375,9 +376,11 @@ const SCHEMA_FIELDS: [&str; 3] = ["parameters", "schema", "input_schema"];
 
 /// `v` with every object's keys inserted in sorted order, which both of serde_json's map types
 /// (sorted, or in insertion order with `preserve_order`) then write in that order; JSON Schemas
-/// ([`SCHEMA_FIELDS`]) as they are.
+/// ([`SCHEMA_FIELDS`], and any object with `properties`, such as vLLM's `guided_json`) as they
+/// are.
 fn sorted(v: Value) -> Value {
     match v {
+        Value::Object(m) if m.contains_key("properties") => Value::Object(m),
         Value::Object(m) => {
             let mut entries: Vec<(String, Value)> = m.into_iter().collect();
             entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -1002,6 +1005,16 @@ mod tests {
         assert_ne!(
             schema(json!({"x": {"type": "string"}, "y": {"type": "string"}})),
             schema(json!({"y": {"type": "string"}, "x": {"type": "string"}}))
+        );
+        // So is a server's own field, which may be a schema too (vLLM's guided_json).
+        let guided = |props: Value| {
+            let mut v = base();
+            v["guided_json"] = json!({"type": "object", "properties": props});
+            cache_key("key:1", &req(v))
+        };
+        assert_ne!(
+            guided(json!({"x": {"type": "string"}, "y": {"type": "string"}})),
+            guided(json!({"y": {"type": "string"}, "x": {"type": "string"}}))
         );
     }
 

@@ -44,10 +44,18 @@ impl std::fmt::Debug for Fill {
 }
 
 impl Fill {
-    /// Stores the record's answer (a successful one that ended normally), with its usage and
-    /// what it cost, then drops the body from the record unless bodies are kept.
+    /// Stores the record's answer (a successful one that ended normally, from the model group
+    /// the request was routed to), with its usage and what it cost, then drops the body from the
+    /// record unless bodies are kept. A fallback model's answer is not stored: it would be served
+    /// for the model asked after that model recovers, and to keys that may not use the fallback.
     pub(crate) fn complete(self, r: &mut RequestRecord) {
+        let fell_back =
+            r.attempt_log.first().map(|a| &a.group) != r.attempt_log.last().map(|a| &a.group);
+        if fell_back && r.status == RecordStatus::Ok {
+            tracing::debug!(request_id = %r.id, "the answer is not cached: a fallback model served it");
+        }
         if r.status == RecordStatus::Ok
+            && !fell_back
             && let Some(body) = &r.response_body
         {
             match with_usage(body.get(), r) {

@@ -751,7 +751,11 @@ impl Gateway {
             .choices
             .first()
             .and_then(|c| c.finish_reason.clone());
-        let raw = RawJson::from_text(entry.body.clone()).ok();
+        // An answer of its own: a fresh id and time (clients keep or deduplicate answers by id).
+        let mut completion = completion;
+        completion.id = format!("chatcmpl-{}", fin.id().simple());
+        completion.created = u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0);
+        let raw = RawJson::of(&*completion);
         let kept = if self.bodies == BodyMode::Full {
             raw.clone()
         } else {

@@ -518,7 +518,7 @@ impl KeyLimits {
                 u64::from(max),
                 tokens,
                 None,
-                Vec::new(),
+                Self::headers(&l, now),
             ));
         }
         // From here on, dropping `admitted` releases the in-flight slot.
@@ -708,6 +708,17 @@ mod tests {
         drop(a);
         let c = limits.admit(&k, 0).unwrap();
         drop((b, c));
+        // A refusal carries the key's other windows, as a refusal by Redis does.
+        let k = key(Some(10), None, Some(1));
+        let _held = limits.admit(&k, 0).unwrap();
+        let e = limits.admit(&k, 0).unwrap_err();
+        assert!(
+            e.headers
+                .iter()
+                .any(|(n, v)| *n == "x-ratelimit-limit-requests" && v == "10"),
+            "{:?}",
+            e.headers
+        );
     }
 
     #[test]

@@ -102,6 +102,16 @@ async fn repeated_requests_are_served_from_the_cache() {
         second.json()["choices"][0]["message"]["content"],
         first.json()["choices"][0]["message"]["content"]
     );
+    // An answer of its own: a fresh id and time.
+    assert_ne!(second.json()["id"], first.json()["id"]);
+    assert!(
+        second.json()["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("chatcmpl-")),
+        "{}",
+        second.body
+    );
+    assert!(second.json()["created"].as_u64() >= first.json()["created"].as_u64());
     let miss = s.record(&first.id).await;
     let hit = s.record(&second.id).await;
     assert_eq!(miss["cache"], "miss");
@@ -173,6 +183,32 @@ async fn repeated_requests_are_served_from_the_cache() {
         send(&s, seeded, None, &[]).await.cache.as_deref(),
         Some("hit")
     );
+}
+
+/// An answer a fallback model gave is not cached for the model asked: it would be served for
+/// that model after it recovers, and to keys that may not use the fallback.
+#[tokio::test]
+async fn a_fallback_answer_is_not_cached() {
+    let up = MockUpstream::start().await;
+    let extra = format!(
+        r#"
+[models.failing]
+deployments = [{{ provider = "up", model = "{}" }}]
+retries = {{ retries = 0 }}
+fallbacks = {{ default = ["cached"] }}
+"#,
+        sluice_testkit::models::FAULT_500
+    );
+    let cfg = config(&up.base_url(), "").replace("[cache]", &format!("{extra}\n[cache]"));
+    let s = Sluice::start(&cfg).await;
+    let ask_failing = json!({"model": "failing", "temperature": 0,
+                             "messages": [{"role": "user", "content": "who answers?"}]});
+    for _ in 0..2 {
+        let a = send(&s, ask_failing.clone(), None, &[]).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.cache.as_deref(), Some("miss"), "{}", a.body);
+    }
+    assert_eq!(up.count_for("echo"), 2, "the fallback answered both");
 }
 
 #[tokio::test]
