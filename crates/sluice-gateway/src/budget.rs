@@ -357,11 +357,20 @@ impl Reservation {
                         // A hold is given back through the blip (a settlement is applied once
                         // however often it is sent, so if the first one did arrive this does
                         // nothing), rather than held against the budget until it lapses.
-                        if worst > 0 {
-                            let _ = crate::shared::with_retries(|| {
+                        if worst > 0
+                            && crate::shared::with_retries(|| {
                                 redis.reconcile(&ledgers, &holder, worst, 0)
                             })
-                            .await;
+                            .await
+                            .is_err()
+                        {
+                            // Sent again once Redis answers (it would hold the budget for
+                            // shared::HOLD_MS otherwise).
+                            shared.defer(crate::state::Deferred::GiveBack {
+                                ledgers,
+                                holder,
+                                worst,
+                            });
                         }
                     }
                 }
@@ -572,6 +581,7 @@ impl Budgets {
             match shared.redis().reserve(&items, &holder).await? {
                 Reserve::Ok => {
                     shared.ok();
+                    shared.send_deferred();
                     return Ok(Ok(Reservation {
                         local: Vec::new(),
                         shared: Some((

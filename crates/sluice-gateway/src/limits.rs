@@ -346,6 +346,10 @@ impl Drop for SharedAdmission {
             let redis = shared.redis().clone();
             if let Err(e) = crate::shared::with_retries(|| redis.release(&ids, &holder)).await {
                 let _ = shared.on_failure("rate limits", &e);
+                shared.defer(crate::state::Deferred::Release {
+                    subjects: ids,
+                    holder,
+                });
             }
         });
     }
@@ -369,7 +373,9 @@ pub async fn admit_shared(
             .find(|h| !h.is_empty())
             .unwrap_or_default()
     };
-    match shared.redis().admit(&specs, tokens).await? {
+    let answer = shared.redis().admit(&specs, tokens).await?;
+    shared.send_deferred();
+    match answer {
         SharedAdmit::Admitted {
             second,
             windows,
@@ -484,18 +490,42 @@ impl KeyLimits {
     /// and gives back what the limits it passed took.
     pub fn admit_all(&self, subjects: &[Subject], tokens: u64) -> Result<Vec<Admitted>, Error> {
         let mut held: Vec<Admitted> = Vec::with_capacity(subjects.len());
-        for s in subjects.iter().filter(|s| !s.spec.is_empty()) {
+        let subjects: Vec<&Subject> = subjects.iter().filter(|s| !s.spec.is_empty()).collect();
+        for (i, s) in subjects.iter().enumerate() {
             match self.admit_one(s, tokens) {
                 Ok(a) => held.push(a),
-                Err(e) => {
+                Err(mut e) => {
                     for a in held {
                         a.cancel();
+                    }
+                    // `Retry-After` says when the request can pass: the longest wait of any
+                    // limit without room, not only the first one's.
+                    let now = Instant::now();
+                    for rest in &subjects[i + 1..] {
+                        if let Some(wait) = self.wait_of(rest, tokens, now) {
+                            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                            if e.retry_after.is_some_and(|r| r.as_secs() < secs) {
+                                e.retry_after = Some(Duration::from_secs(secs));
+                            }
+                        }
                     }
                     return Err(e);
                 }
             }
         }
         Ok(held)
+    }
+
+    /// How long until `subject`'s windows have room for a request of `tokens`, taking nothing.
+    fn wait_of(&self, subject: &Subject, tokens: u64, now: Instant) -> Option<Duration> {
+        let l = self.limiter(&subject.id, &subject.spec);
+        let rpm = l.rpm.as_ref().and_then(|w| w.wait_for(now, 1));
+        let tpm = l
+            .tpm
+            .as_ref()
+            .filter(|_| tokens > 0)
+            .and_then(|w| w.wait_for(now, tokens));
+        rpm.into_iter().chain(tpm).max()
     }
 
     /// Lets a request of `tokens` (estimated) through `key`'s limits, or says when to retry.
@@ -719,6 +749,98 @@ mod tests {
             "{:?}",
             e.headers
         );
+    }
+
+    /// A request refused by a limit that frees up soon, while another limit stays full for
+    /// longer, is told to retry after the longer wait.
+    #[test]
+    fn retry_after_is_the_longest_wait_of_any_full_limit() {
+        let limits = KeyLimits::default();
+        let k = KeyLimits::key_subject(&key(Some(1), None, None));
+        let global = Subject {
+            id: "global".into(),
+            label: "the gateway".into(),
+            spec: LimitSpec {
+                tpm: Some(100),
+                ..LimitSpec::default()
+            },
+        };
+        // The key's one request now; two seconds later the global tpm fills.
+        let kl = limits.limiter(&k.id, &k.spec);
+        kl.rpm.as_ref().unwrap().add(Instant::now(), 1);
+        std::thread::sleep(Duration::from_secs(2));
+        let g = limits.limiter(&global.id, &global.spec);
+        g.tpm.as_ref().unwrap().add(Instant::now(), 100);
+        let e = limits.admit_all(&[k, global], 10).unwrap_err();
+        // The key's minute ends in 58 s, the gateway's in 60 s.
+        let after = e.retry_after.expect("retry-after").as_secs();
+        assert!(
+            (59..=60).contains(&after),
+            "retry after {after} s: {}",
+            e.message
+        );
+    }
+
+    /// A slot whose release Redis never took (an outage longer than the retries) is released
+    /// once Redis answers again, not held against the subject until it lapses 15 minutes on.
+    #[tokio::test]
+    async fn a_release_lost_to_an_outage_is_sent_again_when_redis_answers() {
+        use sluice_testkit::redis::{TempRedis, redis_available};
+        if !redis_available() {
+            assert_ne!(std::env::var("SLUICE_REQUIRE_REDIS").as_deref(), Ok("1"));
+            return;
+        }
+        let redis = TempRedis::start().expect("redis-server starts");
+        let config = crate::state::StateConfig {
+            redis_url: Some(format!("redis://127.0.0.1:{}", redis.port())),
+            ..Default::default()
+        };
+        let shared = Arc::new(
+            crate::state::Shared::connect(&config)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+        let one = |id: &str| Subject {
+            id: id.into(),
+            label: id.into(),
+            spec: LimitSpec {
+                max_parallel: Some(1),
+                ..LimitSpec::default()
+            },
+        };
+        let (mut held, _) = admit_shared(&shared, &[one("key:a")], 0)
+            .await
+            .unwrap()
+            .unwrap();
+        // Its release was lost: the retries ran out while Redis was unreachable.
+        let lost = crate::state::Deferred::Release {
+            subjects: std::mem::take(&mut held.parallel),
+            holder: held.holder.clone(),
+        };
+        drop(held);
+        assert!(
+            admit_shared(&shared, &[one("key:a")], 0)
+                .await
+                .unwrap()
+                .is_err(),
+            "the slot is still held"
+        );
+        shared.defer(lost);
+        // Any call Redis answers sends it again.
+        let _other = admit_shared(&shared, &[one("key:b")], 0)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut freed = false;
+        for _ in 0..100 {
+            if let Ok(Ok(_)) = admit_shared(&shared, &[one("key:a")], 0).await {
+                freed = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(freed, "the deferred release was not sent");
     }
 
     #[test]

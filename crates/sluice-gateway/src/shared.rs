@@ -359,6 +359,25 @@ for i = 1, n do
   end
 end
 
+-- A refusal's retry time is the longest wait of any limit without room, not the first one's.
+if refused ~= nil then
+  for i = 1, n do
+    local st = subjects[i]
+    local waits = {}
+    if st.rpm >= 0 and not fits(st.rw, st.rpm, 1) then
+      waits[#waits + 1] = wait_ms(st.rw, st.rpm, 1, now_ms)
+    end
+    if st.tpm >= 0 and tokens > 0 and not fits(st.tw, st.tpm, tokens) then
+      waits[#waits + 1] = wait_ms(st.tw, st.tpm, tokens, now_ms)
+    end
+    for _, w in ipairs(waits) do
+      if w > refused[4] then
+        refused[4] = w
+      end
+    end
+  end
+end
+
 local out
 if refused == nil then
   for i = 1, n do
@@ -1312,22 +1331,25 @@ mod tests {
         secs
     }
 
+    /// Sets buckets (second, count) of a window hash.
+    async fn seed(s: &RedisState, key: &str, buckets: &[(i64, i64)]) {
+        let mut conn = s.conn.clone();
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(key);
+        for (second, n) in buckets {
+            cmd.arg(second).arg(n);
+        }
+        let () = cmd.query_async(&mut conn).await.expect("seed");
+    }
+
     #[tokio::test]
     async fn old_buckets_leave_the_window() {
         let Some(redis) = server() else { return };
         let s = state(&redis, "t").await;
         let now = server_second(&s).await;
         // Seed the window as if requests had come 60 s (just out) and 59 s ago (still in).
+        seed(&s, "t:rl:key:k:rpm", &[(now - 60, 5), (now - 59, 2)]).await;
         let mut conn = s.conn.clone();
-        let () = redis::cmd("HSET")
-            .arg("t:rl:key:k:rpm")
-            .arg(now - 60)
-            .arg(5)
-            .arg(now - 59)
-            .arg(2)
-            .query_async(&mut conn)
-            .await
-            .expect("seed");
         let subjects = [("key:k".to_string(), spec(Some(3), None, None))];
         let SharedAdmit::Admitted {
             second, windows, ..
@@ -1356,6 +1378,34 @@ mod tests {
                 );
             }
             other => panic!("full: {other:?}"),
+        }
+    }
+
+    /// Refused by a key whose minute frees up in about a second while the gateway's tokens stay
+    /// full for about 55 s: the retry time is the longer wait.
+    #[tokio::test]
+    async fn a_refusal_waits_for_the_slowest_full_limit() {
+        let Some(redis) = server() else { return };
+        let s = state(&redis, "t").await;
+        let now = server_second(&s).await;
+        seed(&s, "t:rl:key:k:rpm", &[(now - 59, 1)]).await;
+        seed(&s, "t:rl:global:tpm", &[(now - 5, 100)]).await;
+        let subjects = [
+            ("key:k".to_string(), spec(Some(1), None, None)),
+            ("global".to_string(), spec(None, Some(100), None)),
+        ];
+        match s.admit(&subjects, 10).await.expect("admit") {
+            SharedAdmit::Refused {
+                index,
+                kind,
+                retry_after_ms,
+                ..
+            } => {
+                assert_eq!((index, kind), (0, LimitKind::Rpm), "the key refuses first");
+                let wait = retry_after_ms.expect("a wait");
+                assert!((50_000..=56_000).contains(&wait), "{wait}");
+            }
+            other => panic!("both full: {other:?}"),
         }
     }
 

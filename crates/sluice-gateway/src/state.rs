@@ -9,6 +9,7 @@
 //! `shared_state_unavailable`.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -100,7 +101,32 @@ pub struct Shared {
     /// Budget ledgers a cost could not be added to while Redis was unreachable: forgotten (and
     /// so built again from the request log) once it answers.
     stale_ledgers: Mutex<HashSet<String>>,
+    /// Slots and budget holds whose giving back Redis did not take through an outage longer
+    /// than the retries: sent again once it answers, rather than left to lapse after
+    /// [`HOLD_MS`](crate::shared::HOLD_MS) while they refuse requests that fit.
+    deferred: Mutex<Vec<Deferred>>,
+    has_deferred: AtomicBool,
+    sending: AtomicBool,
 }
+
+/// A giving back that Redis did not take, kept to send again.
+#[derive(Debug, Clone)]
+pub enum Deferred {
+    /// In-flight slots held by `holder` on these subjects.
+    Release {
+        subjects: Vec<String>,
+        holder: String,
+    },
+    /// A budget hold of `worst` micro-USD by `holder` on these ledgers.
+    GiveBack {
+        ledgers: Vec<String>,
+        holder: String,
+        worst: i64,
+    },
+}
+
+/// The most give-backs kept through an outage (beyond it, the oldest lapse by themselves).
+const MAX_DEFERRED: usize = 100_000;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,6 +155,9 @@ impl Shared {
             retry_at: Mutex::new(None),
             failures: AtomicU64::new(0),
             stale_ledgers: Mutex::new(HashSet::new()),
+            deferred: Mutex::new(Vec::new()),
+            has_deferred: AtomicBool::new(false),
+            sending: AtomicBool::new(false),
         };
         if let Err(e) = shared.redis.ping().await {
             if shared.policy == FailurePolicy::Closed {
@@ -172,6 +201,55 @@ impl Shared {
         std::mem::take(&mut *self.stale_ledgers.lock())
             .into_iter()
             .collect()
+    }
+
+    /// Keeps a giving back that failed, to send again once Redis answers
+    /// ([`send_deferred`](Self::send_deferred)).
+    pub fn defer(&self, d: Deferred) {
+        let mut all = self.deferred.lock();
+        if all.len() >= MAX_DEFERRED {
+            all.remove(0);
+        }
+        all.push(d);
+        self.has_deferred.store(true, Ordering::Release);
+    }
+
+    /// After a call Redis answered: sends the deferred give-backs again, in the background
+    /// (those that fail again stay deferred). Cheap when there are none.
+    pub fn send_deferred(self: &Arc<Self>) {
+        if !self.has_deferred.load(Ordering::Acquire) || self.sending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        let work = async move {
+            let todo = {
+                let mut all = me.deferred.lock();
+                me.has_deferred.store(false, Ordering::Release);
+                std::mem::take(&mut *all)
+            };
+            for d in todo {
+                let sent = match &d {
+                    Deferred::Release { subjects, holder } => {
+                        me.redis.release(subjects, holder).await
+                    }
+                    Deferred::GiveBack {
+                        ledgers,
+                        holder,
+                        worst,
+                    } => me.redis.reconcile(ledgers, holder, *worst, 0).await,
+                };
+                if sent.is_err() {
+                    me.defer(d);
+                }
+            }
+            me.sending.store(false, Ordering::Release);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(work);
+            }
+            Err(_) => self.sending.store(false, Ordering::Release),
+        }
     }
 
     /// Notes a successful call (logs the recovery after a failure).
