@@ -61,6 +61,18 @@ error_codes! {
     ClientClosed => 499, "client_error", "client_closed_request";
 }
 
+impl ErrorCode {
+    /// The HTTP status answered on `endpoint` (a record's): on Anthropic's Messages API
+    /// (`messages`) an overloaded upstream is Anthropic's own 529 `overloaded_error`, which its
+    /// SDKs know to retry; elsewhere [`status`](Self::status).
+    pub fn status_on(self, endpoint: &str) -> u16 {
+        match self {
+            ErrorCode::UpstreamOverloaded if endpoint.starts_with("messages") => 529,
+            c => c.status(),
+        }
+    }
+}
+
 /// The longest `Retry-After` Sluice honours, from any provider: an upstream asking for more (or
 /// sending milliseconds where seconds are meant) would otherwise take a deployment out of
 /// service for hours.

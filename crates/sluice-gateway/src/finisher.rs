@@ -284,7 +284,8 @@ impl Finisher {
         } else {
             RecordStatus::Error
         };
-        r.http_status = err.code.status();
+        // The status the client got: Anthropic's clients get 529 for an overloaded upstream.
+        r.http_status = err.code.status_on(&r.endpoint);
         r.error_code = Some(err.code.as_str().to_string());
         r.error_message = Some(err.message.clone());
     }

@@ -69,10 +69,7 @@ pub fn anthropic_body(e: &Error) -> ErrorResponse {
 /// The HTTP status an Anthropic client gets for a code: an overloaded upstream is Anthropic's
 /// own 529 `overloaded_error`, which its SDKs know to retry.
 pub fn anthropic_status(code: ErrorCode) -> u16 {
-    match code {
-        ErrorCode::UpstreamOverloaded => 529,
-        c => c.status(),
-    }
+    code.status_on("messages")
 }
 
 impl IntoResponse for ApiError {

@@ -319,10 +319,87 @@ fn model_object(name: &str) -> ModelObject {
     }
 }
 
+/// Whether the caller is an Anthropic client (its SDKs send `anthropic-version`): the model
+/// endpoints then answer in Anthropic's shape.
+fn anthropic_client(req: &Request) -> bool {
+    req.headers().contains_key("anthropic-version")
+}
+
+/// A model in Anthropic's shape.
+fn anthropic_model(name: &str) -> serde_json::Value {
+    let created = chrono::DateTime::from_timestamp(models_created() as i64, 0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    serde_json::json!({"type": "model", "id": name, "display_name": name, "created_at": created})
+}
+
+/// Anthropic's paging of the model list: `limit` (1–1000, default 20), `after_id`, `before_id`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnthropicModelPage {
+    limit: Option<u32>,
+    after_id: Option<String>,
+    before_id: Option<String>,
+}
+
+/// `GET /v1/models` for an Anthropic client: `{"data", "has_more", "first_id", "last_id"}`.
+fn anthropic_model_list(names: Vec<String>, page: &AnthropicModelPage) -> Response {
+    let limit = page.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return ApiError::anthropic(
+            Error::invalid("limit: must be between 1 and 1000").with_param("limit"),
+        )
+        .into_response();
+    }
+    let position = |id: &str| names.iter().position(|n| n == id);
+    let (from, to) = match (&page.after_id, &page.before_id) {
+        (Some(a), _) => (position(a).map_or(names.len(), |i| i + 1), names.len()),
+        (None, Some(b)) => (0, position(b).unwrap_or(0)),
+        (None, None) => (0, names.len()),
+    };
+    let from = from.min(to);
+    let limit = limit as usize;
+    // Before an id, the page is the one just before it.
+    let (start, end) = if page.after_id.is_none() && page.before_id.is_some() {
+        (to.saturating_sub(limit).max(from), to)
+    } else {
+        (from, (from + limit).min(to))
+    };
+    let data: Vec<serde_json::Value> = names[start..end]
+        .iter()
+        .map(|m| anthropic_model(m))
+        .collect();
+    let has_more = if page.after_id.is_none() && page.before_id.is_some() {
+        start > from
+    } else {
+        end < to
+    };
+    Json(serde_json::json!({
+        "data": data,
+        "has_more": has_more,
+        "first_id": names[start..end].first(),
+        "last_id": names[start..end].last(),
+    }))
+    .into_response()
+}
+
 /// `GET /v1/models`: the configured models the caller's virtual key may use (all of them for a
-/// key without a model list, or with no key).
+/// key without a model list, or with no key). An Anthropic client gets Anthropic's shape.
 pub async fn list_models(State(state): State<SharedState>, req: Request) -> Response {
     let key = crate::keys::KeyContext::of(req.extensions());
+    if anthropic_client(&req) {
+        let page = match axum::extract::Query::<AnthropicModelPage>::try_from_uri(req.uri()) {
+            Ok(axum::extract::Query(p)) => p,
+            Err(e) => return ApiError::anthropic(crate::query_error(&e)).into_response(),
+        };
+        let names: Vec<String> = state
+            .gateway
+            .model_names()
+            .into_iter()
+            .filter(|m| key.as_ref().is_none_or(|k| k.allows_model(m)))
+            .collect();
+        return anthropic_model_list(names, &page);
+    }
     Json(ModelList {
         object: "list".into(),
         data: state
@@ -346,7 +423,11 @@ pub async fn get_model(
     let key = crate::keys::KeyContext::of(req.extensions());
     let allowed = |m: &str| key.as_ref().is_none_or(|k| k.allows_model(m));
     if state.gateway.has_model(&id) && allowed(&id) {
-        Json(model_object(&id)).into_response()
+        if anthropic_client(&req) {
+            Json(anthropic_model(&id)).into_response()
+        } else {
+            Json(model_object(&id)).into_response()
+        }
     } else {
         let names: Vec<String> = state
             .gateway
@@ -354,16 +435,19 @@ pub async fn get_model(
             .into_iter()
             .filter(|m| allowed(m))
             .collect();
-        let mut resp = ApiError::openai(
-            Error::new(
-                ErrorCode::ModelNotFound,
-                format!(
-                    "model `{id}` is not configured; configured models: {}",
-                    names.join(", ")
-                ),
-            )
-            .with_param("model"),
+        let e = Error::new(
+            ErrorCode::ModelNotFound,
+            format!(
+                "model `{id}` is not configured; configured models: {}",
+                names.join(", ")
+            ),
         )
+        .with_param("model");
+        let mut resp = if anthropic_client(&req) {
+            ApiError::anthropic(e)
+        } else {
+            ApiError::openai(e)
+        }
         .into_response();
         *resp.status_mut() = StatusCode::NOT_FOUND;
         resp

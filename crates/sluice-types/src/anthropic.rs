@@ -694,12 +694,18 @@ fn kept_thinking(extra: &Extra, signed_only: bool) -> Vec<(usize, ContentBlock)>
         .collect()
 }
 
+/// A streamed [`THINKING_BLOCKS`] entry's place in the list (not part of the block).
+const LIST_INDEX: &str = "index";
+
 /// A block as kept in [`THINKING_BLOCKS`], and how many tool calls came before it.
 fn parse_stored_thinking(stored: &Value) -> Option<(usize, ContentBlock)> {
     let mut b = stored.clone();
-    let before = b
-        .as_object_mut()
-        .and_then(|o| o.shift_remove(TOOL_CALLS_BEFORE))
+    let o = b.as_object_mut();
+    let before = o
+        .and_then(|o| {
+            o.shift_remove(LIST_INDEX);
+            o.shift_remove(TOOL_CALLS_BEFORE)
+        })
         .and_then(|n| n.as_u64())
         .unwrap_or(0) as usize;
     Some((before, serde_json::from_value(b).ok()?))
@@ -1573,6 +1579,8 @@ pub struct StreamDecoder {
     /// Content-block index → the thinking block so far (its text and signature), sent whole as a
     /// [`THINKING_BLOCKS`] delta when it stops.
     thinking_blocks: HashMap<u32, (String, String)>,
+    /// Thinking blocks sent so far: each one's `index` in the [`THINKING_BLOCKS`] list.
+    thinking_sent: u32,
     stopped: bool,
     /// Whether the stream reported any usage (absent usage is not zero usage).
     saw_usage: bool,
@@ -1597,6 +1605,7 @@ impl StreamDecoder {
             cache_creation_1h: None,
             tool_blocks: HashMap::new(),
             thinking_blocks: HashMap::new(),
+            thinking_sent: 0,
             stopped: false,
             saw_usage: false,
         }
@@ -1818,8 +1827,13 @@ impl StreamDecoder {
     }
 
     /// A chunk carrying one whole thinking block (in [`THINKING_BLOCKS`]), after its text was
-    /// streamed as `reasoning_content`.
-    fn thinking_blocks_chunk(&self, block: Value) -> ChatCompletionChunk {
+    /// streamed as `reasoning_content`. Each entry has its `index` in the list, as the OpenAI
+    /// SDKs' stream helpers merge list deltas by it (without, a second block broke them).
+    fn thinking_blocks_chunk(&mut self, mut block: Value) -> ChatCompletionChunk {
+        if let Some(o) = block.as_object_mut() {
+            o.insert(LIST_INDEX.into(), self.thinking_sent.into());
+        }
+        self.thinking_sent += 1;
         let mut delta = Delta::default();
         delta
             .extra
@@ -3144,13 +3158,22 @@ mod tests {
         let mut encoder = StreamEncoder::new("c", "claude");
         let mut acc = ChunkAccumulator::default();
         let mut events = Vec::new();
+        let mut listed = Vec::new();
         for ev in upstream {
             for c in decoder.on_event(ev).unwrap() {
                 acc.push(&c);
                 events.extend(encoder.on_chunk(&c));
+                for choice in &c.choices {
+                    if let Some(Value::Array(blocks)) = choice.delta.extra.get(THINKING_BLOCKS) {
+                        listed.extend(blocks.iter().map(|b| b["index"].clone()));
+                    }
+                }
             }
         }
         events.extend(encoder.finish());
+        // Each streamed entry of the OpenAI-shaped list has its index (the OpenAI SDKs' stream
+        // helpers merge list deltas by it).
+        assert_eq!(listed, [json!(0), json!(1)]);
         // The client's stream: thinking (text, then signature), redacted thinking, the tool.
         let blocks: Vec<Value> = events
             .iter()

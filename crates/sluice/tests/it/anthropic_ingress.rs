@@ -499,6 +499,46 @@ async fn missing_max_tokens_is_invalid_request_error() {
     assert_eq!(upstream.request_count(), 0);
 }
 
+/// `max_tokens: 0` is refused, as Anthropic does (it answered an empty `end_turn`).
+#[tokio::test]
+async fn zero_max_tokens_is_invalid_request_error() {
+    let (upstream, sluice) = setup().await;
+    let resp = send(
+        &sluice,
+        &json!({"model": "m-echo", "max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    let (body, _) = expect_error(&sluice, resp, 400, "invalid_request_error").await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens"),
+        "{body:#}"
+    );
+    assert_eq!(upstream.request_count(), 0);
+}
+
+/// An overloaded upstream is Anthropic's 529 `overloaded_error` for the client, and the record
+/// says 529 too (it said 503).
+#[tokio::test]
+async fn an_overloaded_upstream_is_529_for_the_client_and_on_the_record() {
+    let upstream = MockUpstream::start().await;
+    let sluice = Sluice::start(&provider_config(
+        "openai",
+        &upstream.base_url(),
+        &[sluice_testkit::models::FAULT_503],
+    ))
+    .await;
+    let resp = send(
+        &sluice,
+        &json!({"model": format!("m-{}", sluice_testkit::models::FAULT_503), "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    expect_error(&sluice, resp, 529, "overloaded_error").await;
+}
+
 #[tokio::test]
 async fn malformed_json_is_invalid_request_error() {
     let (upstream, sluice) = setup().await;

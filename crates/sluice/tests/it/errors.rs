@@ -475,3 +475,95 @@ async fn an_open_gateway_answers_only_requests_meant_for_this_machine() {
         r.headers()["x-sluice-request-id"]
     );
 }
+
+/// The Anthropic SDK's `models.list()` and `models.retrieve()` (requests with
+/// `anthropic-version`) get Anthropic's shape and paging; other clients OpenAI's.
+#[tokio::test]
+async fn anthropic_clients_list_models_in_anthropics_shape() {
+    let s = Sluice::start(MOCK).await;
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        http.get(s.url(path))
+            .header("anthropic-version", "2023-06-01")
+            .send()
+    };
+    let all: Value = get("/v1/models").await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = all["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["mock-echo", "priced", "unmetered"], "{all:#}");
+    assert_eq!(all["data"][0]["type"], "model");
+    assert_eq!(all["data"][0]["display_name"], "mock-echo");
+    assert!(
+        all["data"][0]["created_at"]
+            .as_str()
+            .is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok()),
+        "{all:#}"
+    );
+    assert_eq!(
+        (&all["has_more"], &all["first_id"], &all["last_id"]),
+        (&json!(false), &json!("mock-echo"), &json!("unmetered"))
+    );
+    let page: Value = get("/v1/models?limit=2")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        (&page["has_more"], &page["last_id"]),
+        (&json!(true), &json!("priced"))
+    );
+    let next: Value = get("/v1/models?limit=2&after_id=priced")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(next["data"][0]["id"], "unmetered");
+    assert_eq!(next["has_more"], false);
+    let before: Value = get("/v1/models?limit=1&before_id=unmetered")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&before["data"][0]["id"], &before["has_more"]),
+        (&json!("priced"), &json!(true))
+    );
+    let bad = get("/v1/models?limit=0").await.unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(bad.json::<Value>().await.unwrap()["type"], "error");
+
+    let one: Value = get("/v1/models/priced")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["type"], "model", "{one:#}");
+    assert_eq!(one["id"], "priced");
+    let missing = get("/v1/models/claude-9").await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(
+        (&body["type"], &body["error"]["type"]),
+        (&json!("error"), &json!("not_found_error")),
+        "{body:#}"
+    );
+    // Without the header: OpenAI's shape.
+    let openai: Value = http
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(openai["object"], "list");
+}
