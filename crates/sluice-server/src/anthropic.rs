@@ -55,13 +55,14 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
         Ok(v) => v,
         Err(e) => return ApiError::anthropic(e).into_response(),
     };
-    let chat = match (msg.max_tokens > 0)
-        .then(|| wire::request_to_openai(&msg))
-        .unwrap_or_else(|| {
-            Err(sluice_types::TranslateError::invalid(
-                "max_tokens: must be at least 1",
-            ))
-        }) {
+    let translated = if msg.max_tokens > 0 {
+        wire::request_to_openai(&msg)
+    } else {
+        Err(sluice_types::TranslateError::invalid(
+            "max_tokens: must be at least 1",
+        ))
+    };
+    let chat = match translated {
         Ok(c) => c,
         Err(e) => {
             let e = Error::invalid(e.0);

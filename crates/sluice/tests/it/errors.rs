@@ -482,19 +482,27 @@ async fn an_open_gateway_answers_only_requests_meant_for_this_machine() {
 async fn anthropic_clients_list_models_in_anthropics_shape() {
     let s = Sluice::start(MOCK).await;
     let http = reqwest::Client::new();
-    let get = |path: &str| {
-        http.get(s.url(path))
-            .header("anthropic-version", "2023-06-01")
-            .send()
+    // (status, body) of a GET, as the Anthropic SDK sends it or not.
+    let get = |path: &str, anthropic: bool| {
+        let mut rb = http.get(s.url(path));
+        if anthropic {
+            rb = rb.header("anthropic-version", "2023-06-01");
+        }
+        async move {
+            let r = rb.send().await.expect("GET");
+            (r.status().as_u16(), r.json::<Value>().await.expect("JSON"))
+        }
     };
-    let all: Value = get("/v1/models").await.unwrap().json().await.unwrap();
-    let ids: Vec<&str> = all["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["mock-echo", "priced", "unmetered"], "{all:#}");
+    let ids = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, all) = get("/v1/models", true).await;
+    assert_eq!(ids(&all), ["mock-echo", "priced", "unmetered"], "{all:#}");
     assert_eq!(all["data"][0]["type"], "model");
     assert_eq!(all["data"][0]["display_name"], "mock-echo");
     assert!(
@@ -503,67 +511,48 @@ async fn anthropic_clients_list_models_in_anthropics_shape() {
             .is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok()),
         "{all:#}"
     );
+    let paging = |v: &Value| {
+        (
+            v["has_more"].clone(),
+            v["first_id"].clone(),
+            v["last_id"].clone(),
+        )
+    };
     assert_eq!(
-        (&all["has_more"], &all["first_id"], &all["last_id"]),
-        (&json!(false), &json!("mock-echo"), &json!("unmetered"))
+        paging(&all),
+        (json!(false), json!("mock-echo"), json!("unmetered"))
     );
-    let page: Value = get("/v1/models?limit=2")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    let (_, page) = get("/v1/models?limit=2", true).await;
     assert_eq!(
-        (&page["has_more"], &page["last_id"]),
-        (&json!(true), &json!("priced"))
+        paging(&page),
+        (json!(true), json!("mock-echo"), json!("priced"))
     );
-    let next: Value = get("/v1/models?limit=2&after_id=priced")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(next["data"][0]["id"], "unmetered");
-    assert_eq!(next["has_more"], false);
-    let before: Value = get("/v1/models?limit=1&before_id=unmetered")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, next) = get("/v1/models?limit=2&after_id=priced", true).await;
     assert_eq!(
-        (&before["data"][0]["id"], &before["has_more"]),
-        (&json!("priced"), &json!(true))
+        (ids(&next), &next["has_more"]),
+        (vec!["unmetered".to_string()], &json!(false))
     );
-    let bad = get("/v1/models?limit=0").await.unwrap();
-    assert_eq!(bad.status(), 400);
-    assert_eq!(bad.json::<Value>().await.unwrap()["type"], "error");
+    let (_, before) = get("/v1/models?limit=1&before_id=unmetered", true).await;
+    assert_eq!(
+        (ids(&before), &before["has_more"]),
+        (vec!["priced".to_string()], &json!(true))
+    );
+    let (status, bad) = get("/v1/models?limit=0", true).await;
+    assert_eq!((status, &bad["type"]), (400, &json!("error")));
 
-    let one: Value = get("/v1/models/priced")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(one["type"], "model", "{one:#}");
-    assert_eq!(one["id"], "priced");
-    let missing = get("/v1/models/claude-9").await.unwrap();
-    assert_eq!(missing.status(), 404);
-    let body: Value = missing.json().await.unwrap();
+    let (_, one) = get("/v1/models/priced", true).await;
     assert_eq!(
-        (&body["type"], &body["error"]["type"]),
+        (&one["type"], &one["id"]),
+        (&json!("model"), &json!("priced")),
+        "{one:#}"
+    );
+    let (status, missing) = get("/v1/models/claude-9", true).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        (&missing["type"], &missing["error"]["type"]),
         (&json!("error"), &json!("not_found_error")),
-        "{body:#}"
+        "{missing:#}"
     );
     // Without the header: OpenAI's shape.
-    let openai: Value = http
-        .get(s.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(openai["object"], "list");
+    assert_eq!(get("/v1/models", false).await.1["object"], "list");
 }
