@@ -130,6 +130,9 @@ struct State {
     store_body: bool,
     acc: ChunkAccumulator,
     usage: Option<Usage>,
+    /// The prompt tokens an Anthropic upstream reported at the start of the stream: the
+    /// record's count when the stream fails before its final usage.
+    start_prompt: Option<u64>,
     done: bool,
 }
 
@@ -142,11 +145,13 @@ impl State {
         let counts = match (&usage, by_size) {
             (Some(_), _) => (0, 0),
             (None, false) => (
-                tokens::count_prompt(&self.req.model, &self.req),
+                self.start_prompt
+                    .unwrap_or_else(|| tokens::count_prompt(&self.req.model, &self.req)),
                 tokens::count_text(&self.req.model, &self.acc.output_text()),
             ),
             (None, true) => (
-                tokens::estimate_prompt_by_size(&self.req),
+                self.start_prompt
+                    .unwrap_or_else(|| tokens::estimate_prompt_by_size(&self.req)),
                 (self.acc.output_text().len() as u64).div_ceil(4),
             ),
         };
@@ -191,6 +196,9 @@ impl Drop for State {
         self.fin.cancel_served_attempt();
         for chunk in std::mem::take(&mut self.upstream.pending) {
             self.acc.push(&chunk);
+            if self.start_prompt.is_none() {
+                self.start_prompt = sluice_types::anthropic::start_prompt_tokens(&chunk);
+            }
             if chunk.usage.is_some() {
                 self.usage = chunk.usage;
             }
@@ -213,6 +221,9 @@ async fn step(mut st: State) -> Option<(StreamItem, State)> {
                 st.acc.push(&chunk);
                 if chunk.usage.is_some() {
                     st.usage.clone_from(&chunk.usage);
+                }
+                if st.start_prompt.is_none() {
+                    st.start_prompt = sluice_types::anthropic::start_prompt_tokens(&chunk);
                 }
                 if !st.client_wants_usage {
                     if chunk.choices.is_empty() && chunk.usage.is_some() {
@@ -274,6 +285,7 @@ impl ChatStream {
             store_body,
             acc: ChunkAccumulator::default(),
             usage: None,
+            start_prompt: None,
             done: false,
         };
         ChatStream {

@@ -541,6 +541,18 @@ pub const THINKING_BLOCKS: &str = "thinking_blocks";
 /// before a chunk reaches an OpenAI client, the cache or the record.
 pub const START_USAGE: &str = "sluice_start_usage";
 
+/// The prompt tokens (input, cache reads and cache writes: OpenAI's `prompt_tokens`) of a
+/// chunk's [`START_USAGE`]: what an Anthropic upstream counted before it streamed anything, kept
+/// for a stream that fails before its final usage.
+pub fn start_prompt_tokens(chunk: &ChatCompletionChunk) -> Option<u64> {
+    let u = AnthropicUsage::deserialize(chunk.extra.get(START_USAGE)?).ok()?;
+    Some(
+        u.input_tokens
+            .saturating_add(u.cache_read_input_tokens.unwrap_or(0))
+            .saturating_add(u.cache_creation_input_tokens.unwrap_or(0)),
+    )
+}
+
 /// The field of an OpenAI tool message that says its `tool_result` was an error (`is_error`),
 /// so that an Anthropic upstream gets the flag back; OpenAI-type upstreams never see it (their
 /// model reads the `"Error: "` the text starts with).

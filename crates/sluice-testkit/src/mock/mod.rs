@@ -77,6 +77,11 @@ pub mod models {
     /// 1.5 s (a model that thinks before its first chunk). Non-streaming:
     /// answered normally.
     pub const FAULT_LATE_FIRST: &str = "fault-late-first";
+    /// Streaming: the normal stream without its last two events (OpenAI: the usage chunk and
+    /// `[DONE]`; Anthropic: `message_delta` with the usage, and `message_stop`), then the
+    /// connection is aborted: content reached the client, the final usage never comes.
+    /// Non-streaming: as `fault-cut`.
+    pub const FAULT_CUT_LATE: &str = "fault-cut-late";
 
     /// Every `fault-*` name.
     pub const ALL_FAULTS: &[&str] = &[
@@ -94,6 +99,7 @@ pub mod models {
         FAULT_NO_USAGE,
         FAULT_STALL,
         FAULT_LATE_FIRST,
+        FAULT_CUT_LATE,
     ];
 }
 
@@ -484,6 +490,7 @@ pub(crate) enum Fault {
     NoUsage,
     Stall,
     LateFirst,
+    CutLate,
 }
 
 impl Fault {
@@ -503,6 +510,7 @@ impl Fault {
             models::FAULT_NO_USAGE => Fault::NoUsage,
             models::FAULT_STALL => Fault::Stall,
             models::FAULT_LATE_FIRST => Fault::LateFirst,
+            models::FAULT_CUT_LATE => Fault::CutLate,
             _ => return None,
         })
     }
@@ -584,7 +592,12 @@ async fn pre_fault(flavor: Flavor, fault: Option<Fault>) -> Option<Response> {
             )
                 .into_response(),
         ),
-        Fault::BadSse | Fault::Cut | Fault::NoUsage | Fault::Stall | Fault::LateFirst => None,
+        Fault::BadSse
+        | Fault::Cut
+        | Fault::CutLate
+        | Fault::NoUsage
+        | Fault::Stall
+        | Fault::LateFirst => None,
     }
 }
 
@@ -639,7 +652,7 @@ async fn generate(
 /// Sends an answer, applying the faults that break the body.
 fn deliver(shared: &Arc<Shared>, flavor: Flavor, fault: Option<Fault>, answer: Answer) -> Response {
     match answer {
-        Answer::Json(text) if fault == Some(Fault::Cut) => {
+        Answer::Json(text) if matches!(fault, Some(Fault::Cut | Fault::CutLate)) => {
             let mut half = text.len() / 2;
             while !text.is_char_boundary(half) {
                 half -= 1;
@@ -673,6 +686,15 @@ fn deliver(shared: &Arc<Shared>, flavor: Flavor, fault: Option<Fault>, answer: A
                     events.into_iter().take(2).collect(),
                     true,
                 ),
+                Some(Fault::CutLate) => {
+                    let keep = events.len().saturating_sub(2);
+                    body_stream(
+                        shared,
+                        content_type,
+                        events.into_iter().take(keep).collect(),
+                        true,
+                    )
+                }
                 Some(Fault::LateFirst) => {
                     let mut events = events;
                     if let Some(first) = events.first_mut() {

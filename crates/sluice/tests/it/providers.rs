@@ -26,6 +26,7 @@ const MODELS: &[&str] = &[
     "fault-garbage",
     "fault-hang",
     "fault-cut",
+    "fault-cut-late",
     "fault-no-usage",
 ];
 
@@ -1330,4 +1331,29 @@ async fn upstreams_are_reached_through_the_proxy_the_environment_names() {
     chat_ok(&sluice, &body).await;
     assert!(seen.try_recv().is_err(), "NO_PROXY hosts bypass the proxy");
     assert_eq!(upstream.request_count(), 2);
+}
+
+/// A Claude stream cut after its content, before its final usage: the record keeps the prompt
+/// tokens Anthropic reported in `message_start` (it fell back to Sluice's own count).
+#[tokio::test]
+async fn a_claude_stream_cut_late_keeps_the_upstreams_prompt_count() {
+    let (_upstream, sluice) = setup("anthropic").await;
+    let prompt = user("what is the weather like in Paris today, and tomorrow?");
+    // The same recorded answer, whole (fault models replay the recorded stream).
+    let (whole, _) = chat_stream(
+        &sluice,
+        &json!({"model": format!("m-{PLAIN}"), "messages": prompt, "stream": true}),
+    )
+    .await;
+    let whole = sluice.record(&whole).await;
+    assert_eq!(whole["usage_source"], "provider", "{whole:#}");
+    let (cut, events) = chat_stream(
+        &sluice,
+        &json!({"model": "m-fault-cut-late", "messages": prompt, "stream": true}),
+    )
+    .await;
+    assert!(events.iter().all(|(_, d)| d != "[DONE]"), "{events:#?}");
+    let cut = sluice.record(&cut).await;
+    assert_eq!(cut["status"], "error", "{cut:#}");
+    assert_eq!(cut["prompt_tokens"], whole["prompt_tokens"], "{cut:#}");
 }
