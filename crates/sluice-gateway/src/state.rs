@@ -107,6 +107,11 @@ pub struct Shared {
     deferred: Mutex<Vec<Deferred>>,
     has_deferred: AtomicBool,
     sending: AtomicBool,
+    /// The cache tier's own backoff: a cache call that failed (a Redis that hangs only for the
+    /// cache's calls, with no limit or budget to find it down) makes the next second's cache
+    /// calls skip Redis but one, rather than each wait out its timeout.
+    cache_down: AtomicBool,
+    cache_retry_at: Mutex<Option<Instant>>,
 }
 
 /// A giving back that Redis did not take, kept to send again.
@@ -158,6 +163,8 @@ impl Shared {
             deferred: Mutex::new(Vec::new()),
             has_deferred: AtomicBool::new(false),
             sending: AtomicBool::new(false),
+            cache_down: AtomicBool::new(false),
+            cache_retry_at: Mutex::new(None),
         };
         if let Err(e) = shared.redis.ping().await {
             if shared.policy == FailurePolicy::Closed {
@@ -332,10 +339,35 @@ impl Shared {
     /// of a large entry, or a write Redis refuses (too large, out of memory), says nothing
     /// about limits and budgets, which must not fall back for it.
     fn noted<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
-        if r.is_ok() {
-            self.ok();
+        match &r {
+            Ok(_) => {
+                self.ok();
+                self.cache_down.store(false, Ordering::Relaxed);
+            }
+            Err(_) => {
+                *self.cache_retry_at.lock() = Some(Instant::now() + BACKOFF);
+                self.cache_down.store(true, Ordering::Relaxed);
+            }
         }
         r
+    }
+
+    /// Whether a cache call should leave Redis alone: it is down for limits and budgets, or a
+    /// cache call failed less than [`BACKOFF`] ago (one call per backoff probes it).
+    fn cache_backing_off(&self) -> bool {
+        if self.backing_off() {
+            return true;
+        }
+        if !self.cache_down.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = Instant::now();
+        let mut at = self.cache_retry_at.lock();
+        if at.is_none_or(|t| now >= t) {
+            *at = Some(now + BACKOFF);
+            return false;
+        }
+        true
     }
 }
 
@@ -346,8 +378,8 @@ const CACHE_GET_TIMEOUT: Duration = Duration::from_millis(200);
 /// down (as their calls found) and its backoff runs, reads are misses and writes are skipped
 /// (the answer stays in this replica's memory) without waiting on it, whatever the policy (the
 /// cache never refuses a request). A cache call that fails is a miss or a skipped write, and
-/// does not mark Redis down. Clearing always tries Redis: a clear that did not happen must say
-/// so.
+/// does not mark Redis down for limits and budgets, but starts the cache's own backoff. Clearing
+/// always tries Redis: a clear that did not happen must say so.
 #[async_trait]
 impl CacheStore for Shared {
     async fn cache_get(
@@ -355,27 +387,29 @@ impl CacheStore for Shared {
         key: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<CacheEntry>, StoreError> {
-        if self.backing_off() {
+        if self.cache_backing_off() {
             return Ok(None);
         }
-        match tokio::time::timeout(CACHE_GET_TIMEOUT, self.redis.cache_get(key, now)).await {
-            Ok(r) => self.noted(r),
+        let r = match tokio::time::timeout(CACHE_GET_TIMEOUT, self.redis.cache_get(key, now)).await
+        {
+            Ok(r) => r,
             Err(_) => Err(StoreError::Database(format!(
                 "Redis did not answer a cache read within {} ms",
                 CACHE_GET_TIMEOUT.as_millis()
             ))),
-        }
+        };
+        self.noted(r)
     }
 
     async fn cache_put(&self, entry: &CacheEntry) -> Result<(), StoreError> {
-        if self.backing_off() {
+        if self.cache_backing_off() {
             return Ok(());
         }
         self.noted(self.redis.cache_put(entry).await)
     }
 
     async fn cache_purge(&self, now: DateTime<Utc>) -> Result<u64, StoreError> {
-        if self.backing_off() {
+        if self.cache_backing_off() {
             return Ok(0);
         }
         self.noted(self.redis.cache_purge(now).await)
@@ -462,5 +496,40 @@ mod tests {
         assert_eq!(s.failures(), before);
         // A clear always tries, and says it failed.
         assert!(s.cache_clear(None).await.is_err());
+    }
+
+    /// A Redis that stops answering while only the cache calls it (no limit or budget to find
+    /// it down): one read waits out its timeout, the next second's reads are misses at once.
+    #[tokio::test]
+    async fn a_hanging_redis_delays_one_cache_read_per_backoff() {
+        use sluice_testkit::redis::{TempRedis, redis_available};
+        if !redis_available() {
+            assert_ne!(std::env::var("SLUICE_REQUIRE_REDIS").as_deref(), Ok("1"));
+            return;
+        }
+        let redis = TempRedis::start().expect("redis-server starts");
+        let link =
+            sluice_testkit::partition::Partition::start(&format!("127.0.0.1:{}", redis.port()))
+                .await
+                .unwrap();
+        let s = Shared::connect(&StateConfig {
+            redis_url: Some(format!("redis://{}", link.addr())),
+            ..StateConfig::default()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(matches!(s.cache_get("k", Utc::now()).await, Ok(None)));
+        link.mute();
+        let started = Instant::now();
+        for _ in 0..20 {
+            let _ = s.cache_get("k", Utc::now()).await;
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(900),
+            "20 reads took {took:?} (each waited on Redis)"
+        );
+        assert!(!s.is_down(), "limits and budgets still use Redis");
     }
 }
