@@ -277,17 +277,7 @@ impl Shared {
 
     /// Whether Redis is down and this call should not wait on it (one call per backoff probes).
     fn backing_off(&self) -> bool {
-        if !self.down.load(Ordering::Relaxed) {
-            return false;
-        }
-        let now = Instant::now();
-        let mut at = self.retry_at.lock();
-        if at.is_none_or(|t| now >= t) {
-            // This call probes; the others keep bypassing for another round.
-            *at = Some(now + BACKOFF);
-            return false;
-        }
-        true
+        waits(&self.down, &self.retry_at)
     }
 
     fn verdict(&self, what: &str) -> Result<(), Error> {
@@ -355,20 +345,23 @@ impl Shared {
     /// Whether a cache call should leave Redis alone: it is down for limits and budgets, or a
     /// cache call failed less than [`BACKOFF`] ago (one call per backoff probes it).
     fn cache_backing_off(&self) -> bool {
-        if self.backing_off() {
-            return true;
-        }
-        if !self.cache_down.load(Ordering::Relaxed) {
-            return false;
-        }
-        let now = Instant::now();
-        let mut at = self.cache_retry_at.lock();
-        if at.is_none_or(|t| now >= t) {
-            *at = Some(now + BACKOFF);
-            return false;
-        }
-        true
+        self.backing_off() || waits(&self.cache_down, &self.cache_retry_at)
     }
+}
+
+/// Whether a call should leave Redis alone: it is `down` and its backoff (`retry_at`) runs. One
+/// call per backoff probes it: the one that finds the backoff over, which starts another round.
+fn waits(down: &AtomicBool, retry_at: &Mutex<Option<Instant>>) -> bool {
+    if !down.load(Ordering::Relaxed) {
+        return false;
+    }
+    let now = Instant::now();
+    let mut at = retry_at.lock();
+    if at.is_none_or(|t| now >= t) {
+        *at = Some(now + BACKOFF);
+        return false;
+    }
+    true
 }
 
 /// The longest a cache read waits on Redis before it counts as a miss (and a Redis failure).
