@@ -129,6 +129,10 @@ impl KeyLimiter {
 #[derive(Default)]
 pub struct KeyLimits {
     limiters: RwLock<HashMap<String, Arc<KeyLimiter>>>,
+    /// Held while a request is admitted: a request refused by its second limit gives back what
+    /// its first took, and no other admission may see that charge meanwhile (it would be refused
+    /// by a limit with room), as Redis's one-script admission sees none.
+    admitting: parking_lot::Mutex<()>,
     /// The number of limiters at which idle ones are swept out next (ids come from clients, as
     /// `user` values, so the map must not grow without bound).
     sweep_at: std::sync::atomic::AtomicUsize,
@@ -491,6 +495,7 @@ impl KeyLimits {
     pub fn admit_all(&self, subjects: &[Subject], tokens: u64) -> Result<Vec<Admitted>, Error> {
         let mut held: Vec<Admitted> = Vec::with_capacity(subjects.len());
         let subjects: Vec<&Subject> = subjects.iter().filter(|s| !s.spec.is_empty()).collect();
+        let _admitting = self.admitting.lock();
         for (i, s) in subjects.iter().enumerate() {
             match self.admit_one(s, tokens) {
                 Ok(a) => held.push(a),
@@ -530,6 +535,7 @@ impl KeyLimits {
 
     /// Lets a request of `tokens` (estimated) through `key`'s limits, or says when to retry.
     pub fn admit(&self, key: &VirtualKey, tokens: u64) -> Result<Admitted, Error> {
+        let _admitting = self.admitting.lock();
         self.admit_one(&Self::key_subject(key), tokens)
     }
 
@@ -841,6 +847,42 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert!(freed, "the deferred release was not sent");
+    }
+
+    /// A request refused by its second limit took its first limit's slot for a moment; no other
+    /// request may be refused for that slot (one admission at a time, as in Redis's script).
+    #[test]
+    fn a_passing_refusal_never_refuses_another_request() {
+        let limits = Arc::new(KeyLimits::default());
+        let one = |id: &str| Subject {
+            id: id.into(),
+            label: id.into(),
+            spec: LimitSpec {
+                max_parallel: Some(1),
+                ..LimitSpec::default()
+            },
+        };
+        // Model `x` is busy for the whole test: every request for it is refused by it.
+        let _busy = limits.admit_all(&[one("model:x")], 0).expect("x's one slot");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuser = {
+            let (limits, stop) = (limits.clone(), stop.clone());
+            let subjects = [one("key:k"), one("model:x")];
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    assert!(limits.admit_all(&subjects, 0).is_err());
+                }
+            })
+        };
+        let mut refused = 0;
+        for _ in 0..200_000 {
+            if limits.admit_all(&[one("key:k")], 0).is_err() {
+                refused += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        refuser.join().unwrap();
+        assert_eq!(refused, 0, "key k had room every time");
     }
 
     #[test]
