@@ -272,6 +272,7 @@ async fn write_batch(
             PROBE_TIMEOUT,
         )
         .await
+            != Tried::Failed
         {
             *outage = None;
             tracing::warn!("the store answers again; writing the spill file's records to it");
@@ -283,7 +284,7 @@ async fn write_batch(
         }
         return;
     }
-    if !try_write(
+    match try_write(
         &**store,
         batch,
         spill,
@@ -294,16 +295,33 @@ async fn write_batch(
     )
     .await
     {
-        spill_or_lose(spill, batch, stats, true);
-        *outage = Some(tokio::time::Instant::now());
-    } else {
-        health.after_write(store, spill);
+        Tried::Written => health.after_write(store, spill),
+        // The store answered, refusing the whole batch (a schema changed under the writer,
+        // say): kept in the spill file, with no retry (the same batch would be refused again)
+        // and no outage (the next batch is tried as usual).
+        Tried::Refused => spill_or_lose(spill, batch, stats, true),
+        Tried::Failed => {
+            spill_or_lose(spill, batch, stats, true);
+            *outage = Some(tokio::time::Instant::now());
+        }
     }
 }
 
+/// What came of [`try_write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tried {
+    /// Written (records the store refused as data set apart).
+    Written,
+    /// The store refused every record of a batch of several: not the data's fault.
+    Refused,
+    /// The store did not answer, or failed, through every try.
+    Failed,
+}
+
 /// Tries to write a batch up to `attempts` times with backoff, each try bounded by `limit` and
-/// all of them by `budget`; whether it was written. Records the store refuses as data are set
-/// apart (see [`insert_isolating`]) and the batch counts as written.
+/// all of them by `budget`. Records the store refuses as data are set apart (see
+/// [`insert_isolating`]) and the batch counts as written; a batch refused whole is not tried
+/// again.
 async fn try_write(
     store: &dyn LogStore,
     batch: &[RequestRecord],
@@ -312,7 +330,7 @@ async fn try_write(
     attempts: u32,
     limit: Duration,
     budget: Duration,
-) -> bool {
+) -> Tried {
     let mut delay = Duration::from_millis(50);
     let first = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + budget;
@@ -335,7 +353,11 @@ async fn try_write(
                         "writing request records was slow; requests wait once the log queue is full"
                     );
                 }
-                return true;
+                return Tried::Written;
+            }
+            Err(e @ StoreError::Rejected(_)) => {
+                tracing::warn!(records = batch.len(), error = %e, "the store refused every record of a batch; it goes to the spill file");
+                return Tried::Refused;
             }
             Err(e) => {
                 tracing::warn!(attempt, records = batch.len(), error = %e, "writing request records failed");
@@ -349,7 +371,7 @@ async fn try_write(
             }
         }
     }
-    false
+    Tried::Failed
 }
 
 /// A record the store refused, and its reason.
