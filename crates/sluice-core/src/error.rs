@@ -303,8 +303,9 @@ impl ProviderError {
 fn is_content_policy(code: Option<&str>, message: &str) -> bool {
     matches!(
         code,
-        Some("content_policy_violation" | "content_filter" | "content_filtered")
+        Some("content_policy_violation" | "content_filter" | "content_filtered" | "invalid_prompt")
     ) || message.contains("content management policy")
+        || message.contains("usage policy")
         || message.contains("content_policy")
         || message.contains("content filter")
 }

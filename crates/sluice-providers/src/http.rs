@@ -492,12 +492,48 @@ pub async fn status_error(resp: Response<Incoming>, limit: Duration) -> Provider
     };
     let (message, code) = error_message(&body);
     ProviderError::Status {
-        status,
+        status: account_status(status, code.as_deref(), &message, &body),
+        retry_after: retry_after.or_else(|| retry_delay(&body)),
         message,
         code,
         param: error_param(&body),
-        retry_after,
     }
+}
+
+/// An error status that says less than its body: a key the upstream does not know (Gemini
+/// answers 400 `API_KEY_INVALID`) is a 401, and an account out of credit (OpenAI's 429
+/// `insufficient_quota`, Anthropic's 400 "credit balance is too low", `billing_error`) a 402 —
+/// faults of the deployment, which another deployment may not share, not of the request nor a
+/// rate that clears in a second.
+fn account_status(status: u16, code: Option<&str>, message: &str, body: &[u8]) -> u16 {
+    if matches!(code, Some("insufficient_quota" | "billing_error"))
+        || message.contains("credit balance is too low")
+    {
+        return 402;
+    }
+    if status == 400
+        && (message.contains("API key not valid") || memchr_find(body, b"\"API_KEY_INVALID\""))
+    {
+        return 401;
+    }
+    status
+}
+
+fn memchr_find(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Gemini's wait before a retry, which it sends in the body rather than a `Retry-After` header:
+/// `error.details[]` with `"@type": "type.googleapis.com/google.rpc.RetryInfo"` and a
+/// `retryDelay` such as `"36s"` or `"1.5s"` (capped as a header's is).
+fn retry_delay(body: &[u8]) -> Option<Duration> {
+    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    v.get("error")?
+        .get("details")?
+        .as_array()?
+        .iter()
+        .filter_map(|d| d.get("retryDelay")?.as_str()?.strip_suffix('s'))
+        .find_map(|secs| parse_retry_after(secs, chrono::Utc::now()))
 }
 
 /// A `Retry-After` value: delay seconds (a decimal fraction is accepted) or an HTTP date, capped
@@ -998,6 +1034,59 @@ pub(crate) mod tests {
         }
     }
 
+    /// Bodies that say more than their status: a key the upstream does not know, an account
+    /// out of credit, Gemini's retry delay, a usage-policy refusal.
+    #[tokio::test]
+    async fn an_error_body_can_tell_more_than_its_status() {
+        use sluice_core::error::ErrorClass;
+        let cases: [(&str, &str, u16, ErrorClass, Option<u64>); 5] = [
+            (
+                "400 Bad Request",
+                r#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID"}]}}"#,
+                401,
+                ErrorClass::ServerError,
+                None,
+            ),
+            (
+                "429 Too Many Requests",
+                r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#,
+                402,
+                ErrorClass::ServerError,
+                None,
+            ),
+            (
+                "400 Bad Request",
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API."}}"#,
+                402,
+                ErrorClass::ServerError,
+                None,
+            ),
+            (
+                "429 Too Many Requests",
+                r#"{"error":{"code":429,"message":"Resource exhausted","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"36s"}]}}"#,
+                429,
+                ErrorClass::RateLimited,
+                Some(36),
+            ),
+            (
+                "400 Bad Request",
+                r#"{"error":{"message":"Invalid prompt: your prompt was flagged as potentially violating our usage policy.","type":"invalid_request_error","code":"invalid_prompt"}}"#,
+                400,
+                ErrorClass::ContentPolicy,
+                None,
+            ),
+        ];
+        for (status_line, body, status, class, wait) in cases {
+            let err = error_for(status_line, body).await;
+            assert_eq!(err.class(), class, "{body}: {err:?}");
+            assert_eq!(err.retry_after(), wait.map(Duration::from_secs), "{body}");
+            match err {
+                ProviderError::Status { status: got, .. } => assert_eq!(got, status, "{body}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_body_cut_short_is_reported_as_broken_off() {
         let (addr, _seen) = server(
@@ -1182,21 +1271,26 @@ pub(crate) mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_oversized_error_body_is_not_read_whole() {
-        let body = format!("{{\"error\":{{\"message\":\"{}\"}}}}", "x".repeat(100_000));
+    /// The error a `GET` answered `status_line` with `body` gives.
+    async fn error_for(status_line: &str, body: &str) -> ProviderError {
         let response = format!(
-            "HTTP/1.1 500 Internal Server Error\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {status_line}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
         let (addr, _seen) = server(Box::leak(response.into_boxed_str())).await;
-        let err = fetch(
+        fetch(
             &direct(),
             &format!("http://{addr}/v1/models"),
             Duration::from_secs(5),
         )
         .await
-        .unwrap_err();
+        .unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn an_oversized_error_body_is_not_read_whole() {
+        let body = format!("{{\"error\":{{\"message\":\"{}\"}}}}", "x".repeat(100_000));
+        let err = error_for("500 Internal Server Error", &body).await;
         assert_status_without_body(err, 500);
     }
 

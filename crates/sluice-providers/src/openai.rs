@@ -250,7 +250,12 @@ impl ChatProvider for OpenAi {
         let url = self.url(&req.model, "chat")?;
         let adjusted = self.adjusted(req);
         let request = http::post_json(&url, &self.headers, adjusted.as_ref().unwrap_or(req))?;
-        self.client.json(request, self.timeouts.request).await
+        let mut completion: ChatCompletion =
+            self.client.json(request, self.timeouts.request).await?;
+        for c in &mut completion.choices {
+            openai_finish_reason(&mut c.finish_reason);
+        }
+        Ok(completion)
     }
 
     async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
@@ -507,6 +512,9 @@ fn openai_chunks(
                         }
                         Ok(mut chunk) => {
                             st.placer.place(&mut chunk);
+                            for c in &mut chunk.choices {
+                                openai_finish_reason(&mut c.finish_reason);
+                            }
                             for c in &chunk.choices {
                                 if c.finish_reason.is_some() {
                                     st.finished.insert(c.index);
@@ -537,9 +545,25 @@ fn openai_chunks(
     })
 }
 
+/// A finish reason in OpenAI's words: Mistral's `model_length` (the model's context was full)
+/// is OpenAI's `length`, which clients test for.
+fn openai_finish_reason(reason: &mut Option<String>) {
+    if reason.as_deref() == Some("model_length") {
+        *reason = Some("length".into());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn mistrals_model_length_is_openais_length() {
+        let chunk = r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"model_length"}]}"#;
+        let got = chunks_of(&[chunk, "[DONE]"]).await;
+        let chunk = got[0].as_ref().expect("a chunk");
+        assert_eq!(chunk.choices[0].finish_reason.as_deref(), Some("length"));
+    }
 
     /// The chunks (or the error) `openai_chunks` gives for these SSE data lines.
     async fn chunks_of(datas: &[&str]) -> Vec<Result<ChatCompletionChunk, ProviderError>> {

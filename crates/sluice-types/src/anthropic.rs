@@ -1160,7 +1160,8 @@ fn anthropic_fields(req: &ChatRequest) -> Result<Extra, TranslateError> {
 const MIN_THINKING_BUDGET: u32 = 1024;
 
 /// Whether Anthropic takes extended thinking with the rest of this request: not with a
-/// `temperature` other than 1, `top_k` or a forced tool choice, nor after an assistant turn that
+/// `temperature` other than 1, a `top_p` below 0.95, `top_k` or a forced tool choice, nor after
+/// an assistant turn that
 /// called tools without the thinking blocks Anthropic signed for it (an OpenAI client's agent
 /// loop). Where it does not, `reasoning_effort` turns no thinking on, rather than making a
 /// request that worked a refused one.
@@ -1171,6 +1172,7 @@ fn thinking_fits(req: &ChatRequest) -> bool {
         _ => false,
     };
     req.temperature.is_none_or(|t| t == 1.0)
+        && req.top_p.is_none_or(|p| p >= 0.95)
         && !req.extra.contains_key("top_k")
         && !forced
         && !req.messages.iter().any(|m| {
@@ -4398,6 +4400,7 @@ mod tests {
         // Where Anthropic would refuse thinking, the effort turns none on.
         for extra in [
             json!({"temperature": 0.2}),
+            json!({"top_p": 0.9}),
             json!({"top_k": 5}),
             json!({"tool_choice": "required",
                 "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
