@@ -28,6 +28,9 @@ pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
 /// Every how many polls all keys are read again (at [`REFRESH_EVERY`], every 30 s).
 pub const RELOAD_EVERY: u32 = 60;
 
+/// The longest one poll of the key store may take before it is given up.
+pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The keys, by id.
 pub struct KeyCache {
     store: Arc<dyn KeyStore>,
@@ -139,15 +142,24 @@ impl KeyCache {
             .store(any, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Polls the store every `every` for as long as the cache is in use.
+    /// Polls the store every `every` for as long as the cache is in use. A poll that does not
+    /// answer within [`REFRESH_TIMEOUT`] (a connection that hangs) is given up and the next one
+    /// tried, so that one stuck query does not stop revocations from reaching this replica.
     pub fn spawn_refresher(self: &Arc<Self>, every: Duration) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(cache) = weak.upgrade() else { return };
-                if let Err(e) = cache.refresh().await {
-                    tracing::warn!(error = %e, "refreshing virtual keys failed; using the last known keys");
+                match tokio::time::timeout(REFRESH_TIMEOUT, cache.refresh()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "refreshing virtual keys failed; using the last known keys");
+                    }
+                    Err(_) => tracing::warn!(
+                        seconds = REFRESH_TIMEOUT.as_secs(),
+                        "refreshing virtual keys got no answer in time; using the last known keys"
+                    ),
                 }
             }
         });
@@ -523,7 +535,7 @@ pub async fn rotate(
         return r;
     }
     // A rotated key keeps its expiry: a new secret for an expired key would be refused at once.
-    match cache.store.get_key(&id).await {
+    let before = match cache.store.get_key(&id).await {
         Ok(Some(k)) if k.expires_at.is_some_and(|t| t <= Utc::now()) => {
             return ApiError::openai(Error::invalid(format!(
                 "key `{id}` expired at {}; a rotated key keeps its expiry, so issue a new key instead (POST /api/keys)",
@@ -531,14 +543,15 @@ pub async fn rotate(
             )))
             .into_response();
         }
-        Ok(_) => {}
+        Ok(k) => k,
         Err(e) => return store_error(e),
-    }
+    };
     let fresh = match generate(Some(&id)) {
         Ok(f) => f,
         Err(e) => return ApiError::openai(Error::internal(e)).into_response(),
     };
-    match cache.store.rotate_key(&id, &fresh.hash, Utc::now()).await {
+    let at = Utc::now();
+    match cache.store.rotate_key(&id, &fresh.hash, at).await {
         Ok(true) => {
             audit(
                 &state,
@@ -553,16 +566,33 @@ pub async fn rotate(
         Ok(false) => return not_active(&id),
         Err(e) => return store_error(e),
     }
-    answer_key(cache, &id, Some(fresh.key)).await
+    // The rotation is done: its new secret is answered even if the key cannot be read back
+    // (else the old secret would stop working and the new one be lost).
+    match cache.store.get_key(&id).await {
+        Ok(Some(k)) => {
+            cache.upsert(k.clone());
+            Json(key_body(&k, Some(fresh.key))).into_response()
+        }
+        _ => match before {
+            Some(mut k) => {
+                k.hash = fresh.hash;
+                k.updated_at = at;
+                cache.upsert(k.clone());
+                Json(key_body(&k, Some(fresh.key))).into_response()
+            }
+            None => not_found(&id),
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Keys in memory, written with whatever `updated_at` the caller gives.
+    /// Keys in memory, written with whatever `updated_at` the caller gives; while `hang` is
+    /// set, the next poll for changes never answers (and clears it).
     #[derive(Default)]
-    struct Memory(Mutex<Vec<VirtualKey>>);
+    struct Memory(Mutex<Vec<VirtualKey>>, std::sync::atomic::AtomicBool);
 
     #[async_trait::async_trait]
     impl KeyStore for Memory {
@@ -580,6 +610,9 @@ mod tests {
             &self,
             since: DateTime<Utc>,
         ) -> Result<Vec<VirtualKey>, StoreError> {
+            if self.1.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             Ok(self
                 .0
                 .lock()
@@ -613,10 +646,8 @@ mod tests {
         }
     }
 
-    /// A revocation written with a time the polls have passed already (a write that waited on
-    /// a lock, a writer whose clock is behind) still takes effect: at the periodic full read.
-    #[tokio::test]
-    async fn a_change_the_polls_missed_is_picked_up_by_the_full_read() {
+    /// A store holding one fresh key, its cache, the key and its secret.
+    async fn one_key() -> (Arc<Memory>, Arc<KeyCache>, VirtualKey, String) {
         let store = Arc::new(Memory::default());
         let (key, secret) = KeySpec {
             name: "k".into(),
@@ -626,6 +657,14 @@ mod tests {
         .unwrap();
         store.insert_key(&key).await.unwrap();
         let cache = KeyCache::load(store.clone()).await.unwrap();
+        (store, cache, key, secret)
+    }
+
+    /// A revocation written with a time the polls have passed already (a write that waited on
+    /// a lock, a writer whose clock is behind) still takes effect: at the periodic full read.
+    #[tokio::test]
+    async fn a_change_the_polls_missed_is_picked_up_by_the_full_read() {
+        let (store, cache, key, secret) = one_key().await;
         assert!(cache.check(&secret).is_ok());
         let stale = Utc::now() - chrono::Duration::seconds(60);
         assert!(store.revoke_key(&key.id, stale).await.unwrap());
@@ -669,5 +708,24 @@ mod tests {
             cache.check(&other_secret).unwrap_err(),
             KeyRejection::Revoked
         );
+    }
+
+    /// A poll that never answers (a connection that hangs) is given up: a key revoked meanwhile
+    /// is refused once the next poll runs, not never.
+    #[tokio::test]
+    async fn a_hanging_poll_does_not_stop_revocations() {
+        let (store, cache, key, secret) = one_key().await;
+        store.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        cache.spawn_refresher(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(store.revoke_key(&key.id, Utc::now()).await.unwrap());
+        let started = std::time::Instant::now();
+        while cache.check(&secret).is_ok() {
+            assert!(
+                started.elapsed() < REFRESH_TIMEOUT + Duration::from_secs(2),
+                "the revocation never took effect"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

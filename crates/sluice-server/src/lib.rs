@@ -305,13 +305,19 @@ async fn request_id(State(state): State<SharedState>, mut req: Request, next: Ne
     let id = sluice_types::ids::new_request_id();
     req.extensions_mut().insert(RequestId(id));
     let anthropic = is_anthropic_route(req.uri().path());
-    let flavor = if anthropic {
-        error::Flavor::Anthropic
-    } else {
-        error::Flavor::OpenAi
-    };
+    let flavor = error_flavor(&req);
     let mut resp = match this_machine_only(&state, req.headers(), flavor) {
         Some(refused) => {
+            // A refusal at the admin API's door is in the audit log, as any other is.
+            if req.uri().path().starts_with("/api") {
+                let who = match presented_key(req.headers()) {
+                    Some(p) => sluice_core::keys::key_id(p)
+                        .map_or_else(|| "unknown-key".to_string(), |id| format!("key:{id}")),
+                    None => "anonymous".to_string(),
+                };
+                let what = format!("{} {}", req.method(), req.uri().path());
+                keys::audit_refusal(&state, &who, &what, ErrorCode::Forbidden.as_str());
+            }
             let (parts, body) = req.into_parts();
             body::discard(&parts.headers, body).await;
             refused
@@ -490,11 +496,7 @@ fn check_v1_key(state: &AppState, req: &mut Request) -> Result<(), Error> {
 
 async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
     if let Err(e) = check_v1_key(&state, &mut req) {
-        let flavor = if is_anthropic_route(req.uri().path()) {
-            error::Flavor::Anthropic
-        } else {
-            error::Flavor::OpenAi
-        };
+        let flavor = error_flavor(&req);
         let id = req.extensions().get::<RequestId>().map(|r| r.0);
         let endpoint = endpoint_of(req.uri().path());
         let mut ctx = RequestContext::new(endpoint, false);
@@ -518,21 +520,49 @@ async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next)
     next.run(req).await
 }
 
+/// Whether the path reads the model list (`/v1/models/{id}`, whose id may hold slashes and end
+/// like another route: `/v1/models/x/chat/completions` is a model's id).
+fn is_models_path(path: &str) -> bool {
+    ["/v1/models", "/models", "/openai/v1/models"]
+        .iter()
+        .any(|p| {
+            path.strip_prefix(p)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+}
+
 /// Whether the path calls a model (chat, messages, embeddings), as opposed to the admin API.
 fn is_model_route(path: &str) -> bool {
-    path.ends_with("/chat/completions")
-        || path.ends_with("/messages")
-        || path.ends_with("/embeddings")
+    !is_models_path(path)
+        && (path.ends_with("/chat/completions")
+            || path.ends_with("/messages")
+            || path.ends_with("/embeddings"))
+}
+
+/// The shape of a request's errors: Anthropic's on its routes, and on the model routes for a
+/// client that sends `anthropic-version` (the Anthropic SDK's `models.list()`); else OpenAI's.
+fn error_flavor(req: &Request) -> error::Flavor {
+    let path = req.uri().path();
+    if is_anthropic_route(path)
+        || (is_models_path(path) && req.headers().contains_key("anthropic-version"))
+    {
+        error::Flavor::Anthropic
+    } else {
+        error::Flavor::OpenAi
+    }
 }
 
 /// Whether an Anthropic SDK calls this path (`/v1/messages`, its `count_tokens`): its answers,
 /// errors included, are in Anthropic's shape and carry `request-id`.
 fn is_anthropic_route(path: &str) -> bool {
-    path.ends_with("/messages") || path.ends_with("/messages/count_tokens")
+    !is_models_path(path)
+        && (path.ends_with("/messages") || path.ends_with("/messages/count_tokens"))
 }
 
 fn endpoint_of(path: &str) -> &'static str {
-    if path.ends_with("/messages") {
+    if is_models_path(path) {
+        "models"
+    } else if path.ends_with("/messages") {
         "messages"
     } else if path.ends_with("/embeddings") {
         "embeddings"
@@ -587,7 +617,7 @@ fn admin_actor(state: &AppState, headers: &HeaderMap) -> Result<Actor, Error> {
 /// What each role may do: admins everything; developers read everything and manage keys (their
 /// own, checked by the key routes); viewers only read. The audit log is for admins.
 fn permitted(role: Role, method: &axum::http::Method, path: &str) -> bool {
-    let read = method == axum::http::Method::GET;
+    let read = method == axum::http::Method::GET || method == axum::http::Method::HEAD;
     match role {
         Role::Admin => true,
         _ if path.starts_with("/api/audit") => false,
@@ -748,6 +778,26 @@ pub(crate) fn attribute_from_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model id may hold slashes and end like another route: it is still a models path.
+    #[test]
+    fn model_ids_are_not_taken_for_model_calls() {
+        for path in [
+            "/v1/models/x/chat/completions",
+            "/models/x/messages",
+            "/openai/v1/models/a/embeddings",
+        ] {
+            assert_eq!(endpoint_of(path), "models", "{path}");
+            assert!(!is_model_route(path) && !is_anthropic_route(path), "{path}");
+        }
+        assert_eq!(endpoint_of("/v1/chat/completions"), "chat.completions");
+        assert_eq!(endpoint_of("/v1/messages"), "messages");
+        assert_eq!(
+            endpoint_of("/openai/deployments/gpt-4o/chat/completions"),
+            "chat.completions"
+        );
+        assert!(!is_models_path("/v1/modelsx/chat/completions"));
+    }
 
     #[test]
     fn only_names_of_this_machine_are_loopback() {

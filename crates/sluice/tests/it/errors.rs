@@ -447,6 +447,16 @@ async fn an_open_gateway_answers_only_requests_meant_for_this_machine() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["type"], "error", "{v}");
     assert_eq!(v["error"]["type"], "permission_error", "{v}");
+    // The refusal at the admin API's door is in the audit log.
+    let audit = s.get_json("/api/audit").await;
+    assert!(
+        audit["data"].as_array().is_some_and(|entries| entries
+            .iter()
+            .any(|e| e["action"] == "denied"
+                && e["target"] == "POST /api/keys"
+                && e["outcome"] == "forbidden")),
+        "{audit:#}"
+    );
     // Local clients, and pages served from this machine, are answered; every answer carries the
     // request id under the names the SDKs read.
     for origin in [
@@ -555,4 +565,14 @@ async fn anthropic_clients_list_models_in_anthropics_shape() {
     );
     // Without the header: OpenAI's shape.
     assert_eq!(get("/v1/models", false).await.1["object"], "list");
+    // Refused at the door (a request for another host), in Anthropic's shape too.
+    let r = http
+        .get(s.url("/v1/models"))
+        .header("anthropic-version", "2023-06-01")
+        .header("host", "evil.example:4141")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["type"], "error");
 }

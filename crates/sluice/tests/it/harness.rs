@@ -210,6 +210,17 @@ impl Sluice {
         resp.json().await.expect("key json")
     }
 
+    /// The JSON answer of a `GET` of `path` (with the admin key when there is one).
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.admin(reqwest::Client::new().get(self.url(path)))
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
     /// `GET /api/requests?{query}`.
     pub async fn list(&self, query: &str) -> Value {
         let http = reqwest::Client::new();

@@ -578,30 +578,16 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
             .contains("client key")
     );
 
-    // The viewer reads, and nothing else.
-    assert_eq!(
-        call(reqwest::Method::GET, "/api/requests", Some(&viewer), None)
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        call(reqwest::Method::GET, "/api/keys", Some(&viewer), None)
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        call(
-            reqwest::Method::GET,
-            "/api/deployments",
-            Some(&viewer),
-            None
-        )
-        .await
-        .0,
-        200
-    );
+    // The viewer reads, and nothing else (HEAD is a read too).
+    for (method, path) in [
+        (reqwest::Method::GET, "/api/requests"),
+        (reqwest::Method::HEAD, "/api/deployments"),
+        (reqwest::Method::GET, "/api/keys"),
+        (reqwest::Method::GET, "/api/deployments"),
+    ] {
+        let (st, _) = call(method.clone(), path, Some(&viewer), None).await;
+        assert_eq!(st, 200, "{method} {path}");
+    }
     let (st, body) = call(
         reqwest::Method::POST,
         "/api/keys",
