@@ -248,6 +248,12 @@ fn not_active(id: &str) -> Response {
     .into_response()
 }
 
+tokio::task_local! {
+    /// Whether the admin request under way has written its audit entry (its handler did): the
+    /// admin middleware records a failed write that was not.
+    pub static AUDITED: std::cell::Cell<bool>;
+}
+
 /// Records an admin action; a failure to record is logged, not answered.
 pub async fn audit(
     state: &crate::AppState,
@@ -257,6 +263,7 @@ pub async fn audit(
     outcome: &str,
     detail: serde_json::Value,
 ) {
+    let _ = AUDITED.try_with(|a| a.set(true));
     let Some(store) = &state.audit else { return };
     record_audit(store.as_ref(), actor, action, target, outcome, detail).await;
 }

@@ -658,8 +658,45 @@ async fn admin_auth(State(state): State<SharedState>, mut req: Request, next: Ne
         ))
         .into_response();
     }
-    req.extensions_mut().insert(actor);
-    next.run(req).await
+    req.extensions_mut().insert(actor.clone());
+    let write = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    let what = format!("{} {}", req.method(), req.uri().path());
+    // The action and its audit entry run to their end even if the client leaves (a reload that
+    // swapped the router is in the audit log whoever waited for it). A write that failed, and
+    // that its handler did not record itself, is recorded with the error's code.
+    let work = keys::AUDITED.scope(std::cell::Cell::new(false), async move {
+        let resp = next.run(req).await;
+        let audited = keys::AUDITED.with(std::cell::Cell::get);
+        let failed = resp.status().is_client_error() || resp.status().is_server_error();
+        if !(write && failed && !audited) {
+            return resp;
+        }
+        let (parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let code = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+            .unwrap_or_else(|| parts.status.as_u16().to_string());
+        keys::audit(
+            &state,
+            &actor,
+            "failed",
+            Some(&what),
+            &code,
+            serde_json::Value::Null,
+        )
+        .await;
+        Response::from_parts(parts, axum::body::Body::from(bytes))
+    });
+    match tokio::spawn(work).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::openai(Error::internal("the admin action failed")).into_response(),
+    }
 }
 
 async fn metrics(State(state): State<SharedState>) -> Response {

@@ -666,6 +666,16 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
         403
     );
 
+    // A write that fails is recorded with its error's code: revoking a key that is gone.
+    let (st, _) = call(
+        reqwest::Method::DELETE,
+        &format!("/api/keys/{own_id}"),
+        admin,
+        None,
+    )
+    .await;
+    assert_eq!(st, 404);
+
     // The admin sees who did what.
     let (st, log) = call(reqwest::Method::GET, "/api/audit", admin, None).await;
     assert_eq!(st, 200, "{log:#}");
@@ -717,6 +727,13 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
         "the client key's refused GET: {log:#}"
     );
     assert!(has("key:", "keys.create", "forbidden"), "{log:#}");
+    assert!(
+        entries.iter().any(|e| e["actor"] == "admin-key"
+            && e["action"] == "failed"
+            && e["target"] == format!("DELETE /api/keys/{own_id}")
+            && e["outcome"] == "not_found"),
+        "the failed revocation: {log:#}"
+    );
     assert!(
         entries
             .iter()
