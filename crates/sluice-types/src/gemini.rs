@@ -28,6 +28,34 @@ use crate::openai::{
     ToolCall, ToolCallDelta, Usage,
 };
 
+/// A function call's `thoughtSignature`, kept on the OpenAI tool call as Google's own
+/// OpenAI-compatible API does (`extra_content.google.thought_signature`), so that a client that
+/// sends the call back gives Gemini its own signature.
+fn signature_extra(part: &Part) -> Extra {
+    let mut extra = Extra::new();
+    if let Some(sig) = part
+        .thought_signature
+        .as_deref()
+        .filter(|s| !s.is_empty() && *s != SKIP_THOUGHT_SIGNATURE)
+    {
+        extra.insert(
+            "extra_content".into(),
+            serde_json::json!({"google": {"thought_signature": sig}}),
+        );
+    }
+    extra
+}
+
+/// The signature an OpenAI tool call carries back (see [`signature_extra`]).
+fn call_signature(tc: &ToolCall) -> Option<&str> {
+    tc.extra
+        .get("extra_content")?
+        .get("google")?
+        .get("thought_signature")?
+        .as_str()
+        .filter(|s| !s.is_empty())
+}
+
 /// The `thoughtSignature` Gemini documents for function calls it did not generate itself (history
 /// from another model, or replayed through an API that cannot carry the real signature). Gemini 3
 /// models reject a model turn whose first function call has no signature; OpenAI tool calls have
@@ -543,7 +571,10 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<GenerateContentRequest, 
             }
             Role::Assistant => {
                 let mut parts = text_parts(msg.content.as_ref());
-                let mut signed = false;
+                // Gemini signs the first call of a turn; calls it did not make get the
+                // signature it documents for history it did not generate.
+                let calls = msg.tool_calls.iter().flatten();
+                let mut signed = calls.clone().any(|tc| call_signature(tc).is_some());
                 for tc in msg.tool_calls.iter().flatten() {
                     // A call made without arguments may carry an empty string (some servers
                     // stream none): the empty object, as Anthropic's egress reads it too.
@@ -563,7 +594,9 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<GenerateContentRequest, 
                             args,
                             id: non_empty(&tc.id),
                         }),
-                        thought_signature: (!signed).then(|| SKIP_THOUGHT_SIGNATURE.to_string()),
+                        thought_signature: call_signature(tc)
+                            .map(str::to_string)
+                            .or_else(|| (!signed).then(|| SKIP_THOUGHT_SIGNATURE.to_string())),
                         ..Part::default()
                     });
                     signed = true;
@@ -987,15 +1020,15 @@ pub fn response_to_openai(
         let text = candidate_text(parts);
         let tool_calls: Vec<ToolCall> = parts
             .iter()
-            .filter_map(|p| p.function_call.as_ref())
-            .map(|fc| ToolCall {
+            .filter_map(|p| Some((p.function_call.as_ref()?, p)))
+            .map(|(fc, p)| ToolCall {
                 id: call_id(fc),
                 kind: "function".into(),
                 function: FunctionCall {
                     name: fc.name.clone(),
                     arguments: args_json(&fc.args),
                 },
-                extra: Extra::new(),
+                extra: signature_extra(p),
             })
             .collect();
         let finish = finish_reason_to_openai(cand.finish_reason.as_deref(), !tool_calls.is_empty());
@@ -1187,7 +1220,10 @@ impl StreamDecoder {
                 delta.content = Some(text);
             }
             let mut calls = Vec::new();
-            for fc in parts.iter().filter_map(|p| p.function_call.as_ref()) {
+            for (fc, p) in parts
+                .iter()
+                .filter_map(|p| Some((p.function_call.as_ref()?, p)))
+            {
                 calls.push(ToolCallDelta {
                     index: state.tool_calls,
                     id: Some(call_id(fc)),
@@ -1196,7 +1232,7 @@ impl StreamDecoder {
                         name: Some(fc.name.clone()),
                         arguments: Some(args_json(&fc.args)),
                     }),
-                    extra: Extra::new(),
+                    extra: signature_extra(p),
                 });
                 state.tool_calls = state.tool_calls.saturating_add(1);
             }
@@ -1605,6 +1641,26 @@ mod tests {
         assert_eq!(calls[1].id, "fc-7");
         assert_eq!(calls[1].function.arguments, r#"{"tz":"Europe/Paris"}"#);
         assert_eq!(done.usage.unwrap().total_tokens, 62);
+        // The first call's signature is kept as Google's OpenAI layer keeps it, and goes back to
+        // Gemini with the call (not the dummy signature for history it did not make).
+        assert_eq!(
+            calls[0].extra.get("extra_content"),
+            Some(&json!({"google": {"thought_signature": "CiQB0e2Kb1"}}))
+        );
+        assert!(calls[1].extra.get("extra_content").is_none());
+        let mut next: ChatRequest = serde_json::from_value(json!({
+            "model": "gemini-2.5-pro",
+            "messages": [{"role": "user", "content": "Weather and time?"}]
+        }))
+        .unwrap();
+        let mut turn = crate::openai::Message::text(Role::Assistant, String::new());
+        turn.content = None;
+        turn.tool_calls = Some(calls.clone());
+        next.messages.push(turn);
+        let body = serde_json::to_value(request_from_openai(&next).unwrap()).unwrap();
+        let parts = &body["contents"][1]["parts"];
+        assert_eq!(parts[0]["thoughtSignature"], "CiQB0e2Kb1", "{body:#}");
+        assert!(parts[1].get("thoughtSignature").is_none(), "{body:#}");
     }
 
     #[test]
