@@ -304,6 +304,24 @@ impl OpenAi {
         if (!self.forward_cache_control || self.official.is_some()) && has_cache_control(req) {
             strip_cache_control(out.get_or_insert_with(|| req.clone()));
         }
+        // A Gemini thought signature on a tool call is Google's; OpenAI's own API is not given it.
+        if self.official.is_some()
+            && req.messages.iter().any(|m| {
+                m.tool_calls
+                    .iter()
+                    .flatten()
+                    .any(|c| c.extra.contains_key(GOOGLE_EXTRA))
+            })
+        {
+            let o = out.get_or_insert_with(|| req.clone());
+            for c in o
+                .messages
+                .iter_mut()
+                .flat_map(|m| m.tool_calls.iter_mut().flatten())
+            {
+                c.extra.remove(GOOGLE_EXTRA);
+            }
+        }
         // OpenAI refuses a `user` over 64 characters (OpenRouter over 128); a `/v1/messages`
         // client's `metadata.user_id` (Claude Code's run past 150) goes as its first 64. The
         // record keeps the whole id.
@@ -315,6 +333,9 @@ impl OpenAi {
         out
     }
 }
+
+/// Where Gemini's OpenAI-compatible shape keeps a tool call's thought signature.
+const GOOGLE_EXTRA: &str = "extra_content";
 
 /// The most characters OpenAI takes in a request's `user`.
 const USER_MAX_CHARS: usize = 64;
@@ -669,6 +690,37 @@ mod tests {
             timeouts: HttpSettings::default(),
         })
         .unwrap()
+    }
+
+    /// A Gemini thought signature on a tool call goes to OpenAI-compatible servers (Google's
+    /// own OpenAI layer reads it) but not to OpenAI's own API.
+    #[test]
+    fn gemini_signatures_on_tool_calls_are_not_sent_to_openai() {
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "gpt-4o",
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function",
+                    "function": {"name": "f", "arguments": "{}"},
+                    "extra_content": {"google": {"thought_signature": "sig"}}}]},
+                {"role": "tool", "tool_call_id": "c", "content": "r"}
+            ]
+        }))
+        .unwrap();
+        assert!(compatible_server().adjusted(&req).is_none());
+        let openai = OpenAi::new(&OpenAiConfig {
+            base_url: "https://api.openai.com/v1".into(),
+            api_key: None,
+            headers: BTreeMap::new(),
+            stream_usage: true,
+            forward_cache_control: false,
+            timeouts: HttpSettings::default(),
+        })
+        .unwrap();
+        let sent = serde_json::to_value(openai.adjusted(&req).expect("changed")).unwrap();
+        let call = &sent["messages"][1]["tool_calls"][0];
+        assert!(call.get("extra_content").is_none(), "{sent:#}");
+        assert_eq!(call["id"], "c");
     }
 
     #[test]
