@@ -553,6 +553,14 @@ impl LogQueue {
     }
 }
 
+impl Drop for LogQueue {
+    /// A writer gone for good: senders waiting for bytes are told the queue is closed rather
+    /// than left waiting.
+    fn drop(&mut self) {
+        self.room.close();
+    }
+}
+
 /// Says that a record could not be queued: the writer is gone (after shutdown closed the
 /// queue to requests that outlived its patience).
 fn closed(record: &RequestRecord) {

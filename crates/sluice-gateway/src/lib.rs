@@ -654,7 +654,10 @@ impl Gateway {
         // Estimated for every request: a fallback group may have tokens-per-minute limits
         // even when the first has none.
         let tokens = estimate_tokens(&req);
-        let key = key.as_deref();
+        let key = Caller {
+            key: key.as_deref(),
+            asked: &req.model,
+        };
         if stream {
             let served = self
                 .attempts(&router, group, &mut fin, key, tokens, &StreamCall(&req))
@@ -832,7 +835,14 @@ impl Gateway {
             .reserve_budget(&router, key.as_deref(), &mut fin, || {
                 // Every byte of text a token at most, and every token id given one.
                 let bytes: usize = req.input.texts().iter().map(|t| t.len()).sum();
-                let (input, _) = dearest(&router, &group, key.as_deref());
+                let (input, _) = dearest(
+                    &router,
+                    &group,
+                    Caller {
+                        key: key.as_deref(),
+                        asked: &req.model,
+                    },
+                );
                 (bytes as u64 + req.input.token_ids()) as f64 * input / 1e6
             })
             .await
@@ -845,7 +855,10 @@ impl Gateway {
                 &router,
                 group,
                 &mut fin,
-                key.as_deref(),
+                Caller {
+                    key: key.as_deref(),
+                    asked: &req.model,
+                },
                 embed_estimate(&req),
                 &EmbedCall(&req),
             )
@@ -981,7 +994,7 @@ impl Gateway {
         router: &Router,
         first: Arc<Group>,
         fin: &mut Finisher,
-        key: Option<&sluice_core::keys::VirtualKey>,
+        key: Caller<'_>,
         tokens: u64,
         call: &dyn Call<T>,
     ) -> Result<Served<T>, Error> {
@@ -998,7 +1011,7 @@ impl Gateway {
                     for name in group.fallbacks.for_class(class) {
                         if visited.len() < MAX_GROUPS_PER_REQUEST
                             && !visited.contains(name)
-                            && key.is_none_or(|k| k.allows_model(name))
+                            && key.may_use(router, name)
                             && let Some(g) = router.group(name)
                             && g.classifier.is_none()
                         {
@@ -1445,11 +1458,7 @@ fn tier_price(group: &Group) -> Option<ModelPrice> {
 /// The dearest input and output prices (USD per million tokens) among the deployments that may
 /// serve a request to `group`: its own and those of the groups it falls back to (the ones `key`
 /// may use).
-fn dearest(
-    router: &Router,
-    group: &Group,
-    key: Option<&sluice_core::keys::VirtualKey>,
-) -> (f64, f64) {
+fn dearest(router: &Router, group: &Group, key: Caller<'_>) -> (f64, f64) {
     let mut seen: Vec<&str> = vec![group.name.as_str()];
     let mut queue = vec![group];
     let (mut input, mut output) = (0.0f64, 0.0f64);
@@ -1463,7 +1472,7 @@ fn dearest(
         for (_, name) in g.fallbacks.all() {
             if seen.len() < MAX_GROUPS_PER_REQUEST
                 && !seen.contains(&name.as_str())
-                && key.is_none_or(|k| k.allows_model(name))
+                && key.may_use(router, name)
                 && let Some(next) = router.group(name)
             {
                 seen.push(name.as_str());
@@ -1490,6 +1499,10 @@ fn worst_chat_cost(
     key: Option<&sluice_core::keys::VirtualKey>,
     default_max: u32,
 ) -> f64 {
+    let key = Caller {
+        key,
+        asked: &req.model,
+    };
     let (input, output) = dearest(router, group, key);
     if input == 0.0 && output == 0.0 {
         return 0.0;
@@ -1587,6 +1600,28 @@ const MAX_N: u32 = 128;
 
 /// Completion tokens assumed for capacity when a request sets no maximum.
 const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
+
+/// Who a request is served for: its virtual key, and the model it asked for.
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    key: Option<&'a sluice_core::keys::VirtualKey>,
+    asked: &'a str,
+}
+
+impl Caller<'_> {
+    /// Whether model group `name` may serve the request: with no key, or one whose list names
+    /// it, or a tier of the complexity model asked for (a key allowed that model may be served by
+    /// any of its tiers).
+    fn may_use(&self, router: &Router, name: &str) -> bool {
+        self.key.is_none_or(|k| {
+            k.allows_model(name)
+                || router
+                    .group(self.asked)
+                    .and_then(|g| g.classifier.as_ref())
+                    .is_some_and(|c| c.tiers().iter().any(|t| t.model == name))
+        })
+    }
+}
 
 /// Whether the request's virtual key may use `model`.
 fn allowed(key: Option<&sluice_core::keys::VirtualKey>, model: &str) -> Result<(), Error> {

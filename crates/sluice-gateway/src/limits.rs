@@ -495,6 +495,9 @@ impl KeyLimits {
     pub fn admit_all(&self, subjects: &[Subject], tokens: u64) -> Result<Vec<Admitted>, Error> {
         let mut held: Vec<Admitted> = Vec::with_capacity(subjects.len());
         let subjects: Vec<&Subject> = subjects.iter().filter(|s| !s.spec.is_empty()).collect();
+        if subjects.is_empty() {
+            return Ok(held);
+        }
         let _admitting = self.admitting.lock();
         for (i, s) in subjects.iter().enumerate() {
             match self.admit_one(s, tokens) {
@@ -504,9 +507,10 @@ impl KeyLimits {
                         a.cancel();
                     }
                     // `Retry-After` says when the request can pass: the longest wait of any
-                    // limit without room, not only the first one's.
+                    // limit without room (the refusing subject's other window included), not
+                    // only the first one's.
                     let now = Instant::now();
-                    for rest in &subjects[i + 1..] {
+                    for rest in &subjects[i..] {
                         if let Some(wait) = self.wait_of(rest, tokens, now) {
                             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
                             if e.retry_after.is_some_and(|r| r.as_secs() < secs) {
@@ -763,6 +767,11 @@ mod tests {
     fn retry_after_is_the_longest_wait_of_any_full_limit() {
         let limits = KeyLimits::default();
         let k = KeyLimits::key_subject(&key(Some(1), None, None));
+        // A key whose own tokens fill later than its one request.
+        let both = KeyLimits::key_subject(&VirtualKey {
+            id: "both".into(),
+            ..key(Some(1), Some(100), None)
+        });
         let global = Subject {
             id: "global".into(),
             label: "the gateway".into(),
@@ -774,17 +783,22 @@ mod tests {
         // The key's one request now; two seconds later the global tpm fills.
         let kl = limits.limiter(&k.id, &k.spec);
         kl.rpm.as_ref().unwrap().add(Instant::now(), 1);
+        let bl = limits.limiter(&both.id, &both.spec);
+        bl.rpm.as_ref().unwrap().add(Instant::now(), 1);
         std::thread::sleep(Duration::from_secs(2));
         let g = limits.limiter(&global.id, &global.spec);
         g.tpm.as_ref().unwrap().add(Instant::now(), 100);
-        let e = limits.admit_all(&[k, global], 10).unwrap_err();
-        // The key's minute ends in 58 s, the gateway's in 60 s.
-        let after = e.retry_after.expect("retry-after").as_secs();
-        assert!(
-            (59..=60).contains(&after),
-            "retry after {after} s: {}",
-            e.message
-        );
+        bl.tpm.as_ref().unwrap().add(Instant::now(), 100);
+        // The keys' minutes end in 58 s, the gateway's tokens' and the second key's in 60 s.
+        for subjects in [vec![k, global], vec![both]] {
+            let e = limits.admit_all(&subjects, 10).unwrap_err();
+            let after = e.retry_after.expect("retry-after").as_secs();
+            assert!(
+                (59..=60).contains(&after),
+                "retry after {after} s: {}",
+                e.message
+            );
+        }
     }
 
     /// A slot whose release Redis never took (an outage longer than the retries) is released
@@ -863,7 +877,9 @@ mod tests {
             },
         };
         // Model `x` is busy for the whole test: every request for it is refused by it.
-        let _busy = limits.admit_all(&[one("model:x")], 0).expect("x's one slot");
+        let _busy = limits
+            .admit_all(&[one("model:x")], 0)
+            .expect("x's one slot");
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refuser = {
             let (limits, stop) = (limits.clone(), stop.clone());

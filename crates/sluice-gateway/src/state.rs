@@ -104,7 +104,7 @@ pub struct Shared {
     /// Slots and budget holds whose giving back Redis did not take through an outage longer
     /// than the retries: sent again once it answers, rather than left to lapse after
     /// [`HOLD_MS`](crate::shared::HOLD_MS) while they refuse requests that fit.
-    deferred: Mutex<Vec<Deferred>>,
+    deferred: Mutex<std::collections::VecDeque<Deferred>>,
     has_deferred: AtomicBool,
     sending: AtomicBool,
     /// The cache tier's own backoff: a cache call that failed (a Redis that hangs only for the
@@ -160,7 +160,7 @@ impl Shared {
             retry_at: Mutex::new(None),
             failures: AtomicU64::new(0),
             stale_ledgers: Mutex::new(HashSet::new()),
-            deferred: Mutex::new(Vec::new()),
+            deferred: Mutex::new(std::collections::VecDeque::new()),
             has_deferred: AtomicBool::new(false),
             sending: AtomicBool::new(false),
             cache_down: AtomicBool::new(false),
@@ -215,9 +215,9 @@ impl Shared {
     pub fn defer(&self, d: Deferred) {
         let mut all = self.deferred.lock();
         if all.len() >= MAX_DEFERRED {
-            all.remove(0);
+            all.pop_front();
         }
-        all.push(d);
+        all.push_back(d);
         self.has_deferred.store(true, Ordering::Release);
     }
 
@@ -234,7 +234,8 @@ impl Shared {
                 me.has_deferred.store(false, Ordering::Release);
                 std::mem::take(&mut *all)
             };
-            for d in todo {
+            let mut todo = todo.into_iter();
+            while let Some(d) = todo.next() {
                 let sent = match &d {
                     Deferred::Release { subjects, holder } => {
                         me.redis.release(subjects, holder).await
@@ -246,7 +247,12 @@ impl Shared {
                     } => me.redis.reconcile(ledgers, holder, *worst, 0).await,
                 };
                 if sent.is_err() {
+                    // Redis failed again: the rest waits for the next call it answers, rather
+                    // than each waiting out a timeout now.
                     me.defer(d);
+                    for rest in todo.by_ref() {
+                        me.defer(rest);
+                    }
                 }
             }
             me.sending.store(false, Ordering::Release);
@@ -329,17 +335,19 @@ impl Shared {
     /// of a large entry, or a write Redis refuses (too large, out of memory), says nothing
     /// about limits and budgets, which must not fall back for it.
     fn noted<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
-        match &r {
-            Ok(_) => {
-                self.ok();
-                self.cache_down.store(false, Ordering::Relaxed);
-            }
-            Err(_) => {
-                *self.cache_retry_at.lock() = Some(Instant::now() + BACKOFF);
-                self.cache_down.store(true, Ordering::Relaxed);
-            }
+        if r.is_ok() {
+            self.ok();
+            self.cache_down.store(false, Ordering::Relaxed);
         }
         r
+    }
+
+    /// A cache read Redis did not answer in time: the cache's calls leave Redis alone for a
+    /// [`BACKOFF`] but one (an error Redis answered, such as a write refused at `maxmemory`,
+    /// says Redis is there and starts none).
+    fn cache_hung(&self) {
+        *self.cache_retry_at.lock() = Some(Instant::now() + BACKOFF);
+        self.cache_down.store(true, Ordering::Relaxed);
     }
 
     /// Whether a cache call should leave Redis alone: it is down for limits and budgets, or a
@@ -371,8 +379,9 @@ const CACHE_GET_TIMEOUT: Duration = Duration::from_millis(200);
 /// down (as their calls found) and its backoff runs, reads are misses and writes are skipped
 /// (the answer stays in this replica's memory) without waiting on it, whatever the policy (the
 /// cache never refuses a request). A cache call that fails is a miss or a skipped write, and
-/// does not mark Redis down for limits and budgets, but starts the cache's own backoff. Clearing
-/// always tries Redis: a clear that did not happen must say so.
+/// does not mark Redis down for limits and budgets; a read Redis does not answer in time starts
+/// the cache's own backoff. Clearing always tries Redis: a clear that did not happen must say
+/// so.
 #[async_trait]
 impl CacheStore for Shared {
     async fn cache_get(
@@ -383,15 +392,16 @@ impl CacheStore for Shared {
         if self.cache_backing_off() {
             return Ok(None);
         }
-        let r = match tokio::time::timeout(CACHE_GET_TIMEOUT, self.redis.cache_get(key, now)).await
-        {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Database(format!(
-                "Redis did not answer a cache read within {} ms",
-                CACHE_GET_TIMEOUT.as_millis()
-            ))),
-        };
-        self.noted(r)
+        match tokio::time::timeout(CACHE_GET_TIMEOUT, self.redis.cache_get(key, now)).await {
+            Ok(r) => self.noted(r),
+            Err(_) => {
+                self.cache_hung();
+                Err(StoreError::Database(format!(
+                    "Redis did not answer a cache read within {} ms",
+                    CACHE_GET_TIMEOUT.as_millis()
+                )))
+            }
+        }
     }
 
     async fn cache_put(&self, entry: &CacheEntry) -> Result<(), StoreError> {

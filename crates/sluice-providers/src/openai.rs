@@ -114,6 +114,9 @@ pub struct OpenAi {
     official: Option<CapField>,
     /// Whether `cache_control` breakpoints go to this server.
     forward_cache_control: bool,
+    /// Google's OpenAI-compatible API, the one server that reads a tool call's
+    /// `extra_content` (Gemini's thought signature).
+    google: bool,
 }
 
 fn resolve(key: &Option<SecretRef>) -> Result<Option<Secret>, String> {
@@ -165,6 +168,8 @@ impl OpenAi {
             timeouts,
             official: is_openai_host(base).then_some(CapField::MaxCompletionTokens),
             forward_cache_control: cfg.forward_cache_control,
+            google: http::parse_uri(base)
+                .is_ok_and(|u| u.host() == Some("generativelanguage.googleapis.com")),
         })
     }
 
@@ -197,6 +202,7 @@ impl OpenAi {
                 CapField::MaxTokens
             }),
             forward_cache_control: false,
+            google: false,
         })
     }
 
@@ -304,8 +310,9 @@ impl OpenAi {
         if (!self.forward_cache_control || self.official.is_some()) && has_cache_control(req) {
             strip_cache_control(out.get_or_insert_with(|| req.clone()));
         }
-        // A Gemini thought signature on a tool call is Google's; OpenAI's own API is not given it.
-        if self.official.is_some()
+        // A Gemini thought signature on a tool call is Google's: other servers are not given
+        // it (some refuse fields they do not know).
+        if !self.google
             && req.messages.iter().any(|m| {
                 m.tool_calls
                     .iter()
@@ -679,10 +686,10 @@ mod tests {
         assert!(compatible_server().adjusted(&short).is_none());
     }
 
-    /// A provider for an OpenAI-compatible server (not OpenAI's own API).
-    fn compatible_server() -> OpenAi {
+    /// A provider for the server at `base`.
+    fn server_at(base: &str) -> OpenAi {
         OpenAi::new(&OpenAiConfig {
-            base_url: "http://localhost:8000/v1".into(),
+            base_url: base.into(),
             api_key: None,
             headers: BTreeMap::new(),
             stream_usage: true,
@@ -692,10 +699,15 @@ mod tests {
         .unwrap()
     }
 
-    /// A Gemini thought signature on a tool call goes to OpenAI-compatible servers (Google's
-    /// own OpenAI layer reads it) but not to OpenAI's own API.
+    /// A provider for an OpenAI-compatible server (not OpenAI's own API).
+    fn compatible_server() -> OpenAi {
+        server_at("http://localhost:8000/v1")
+    }
+
+    /// A Gemini thought signature on a tool call goes to Google's OpenAI-compatible API, which
+    /// reads it, and to no other server.
     #[test]
-    fn gemini_signatures_on_tool_calls_are_not_sent_to_openai() {
+    fn gemini_signatures_on_tool_calls_go_only_to_google() {
         let req: ChatRequest = serde_json::from_value(serde_json::json!({
             "model": "gpt-4o",
             "messages": [
@@ -707,20 +719,17 @@ mod tests {
             ]
         }))
         .unwrap();
-        assert!(compatible_server().adjusted(&req).is_none());
-        let openai = OpenAi::new(&OpenAiConfig {
-            base_url: "https://api.openai.com/v1".into(),
-            api_key: None,
-            headers: BTreeMap::new(),
-            stream_usage: true,
-            forward_cache_control: false,
-            timeouts: HttpSettings::default(),
-        })
-        .unwrap();
-        let sent = serde_json::to_value(openai.adjusted(&req).expect("changed")).unwrap();
-        let call = &sent["messages"][1]["tool_calls"][0];
-        assert!(call.get("extra_content").is_none(), "{sent:#}");
-        assert_eq!(call["id"], "c");
+        assert!(
+            server_at("https://generativelanguage.googleapis.com/v1beta/openai")
+                .adjusted(&req)
+                .is_none()
+        );
+        for server in [compatible_server(), server_at("https://api.openai.com/v1")] {
+            let sent = serde_json::to_value(server.adjusted(&req).expect("changed")).unwrap();
+            let call = &sent["messages"][1]["tool_calls"][0];
+            assert!(call.get("extra_content").is_none(), "{sent:#}");
+            assert_eq!(call["id"], "c");
+        }
     }
 
     #[test]

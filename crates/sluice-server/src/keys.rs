@@ -31,6 +31,22 @@ pub const RELOAD_EVERY: u32 = 60;
 /// The longest one poll of the key store may take before it is given up.
 pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The longest a read of every key may take (a large key table reads for longer than a poll).
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `read`, or an error once `limit` has passed without an answer.
+async fn bounded<T>(
+    limit: Duration,
+    read: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, read).await.unwrap_or_else(|_| {
+        Err(StoreError::Database(format!(
+            "the key store gave no answer within {} s",
+            limit.as_secs()
+        )))
+    })
+}
+
 /// The keys, by id.
 pub struct KeyCache {
     store: Arc<dyn KeyStore>,
@@ -87,7 +103,7 @@ impl KeyCache {
         }
         let started = Utc::now();
         let since = *self.since.lock();
-        let changed = self.store.keys_changed_since(since).await?;
+        let changed = bounded(REFRESH_TIMEOUT, self.store.keys_changed_since(since)).await?;
         {
             let mut keys = self.keys.write();
             for k in changed {
@@ -108,7 +124,7 @@ impl KeyCache {
     /// [`reload`](Self::reload), keeping the keys this replica wrote from `began` on.
     async fn reload_from(&self, began: std::time::Instant) -> Result<(), StoreError> {
         let started = Utc::now();
-        let all = self.store.list_keys().await?;
+        let all = bounded(RELOAD_TIMEOUT, self.store.list_keys()).await?;
         let mut fresh: HashMap<String, Arc<VirtualKey>> = all
             .into_iter()
             .map(|k| (k.id.clone(), Arc::new(k)))
@@ -144,22 +160,16 @@ impl KeyCache {
 
     /// Polls the store every `every` for as long as the cache is in use. A poll that does not
     /// answer within [`REFRESH_TIMEOUT`] (a connection that hangs) is given up and the next one
-    /// tried, so that one stuck query does not stop revocations from reaching this replica.
+    /// tried, so that one stuck query does not stop revocations from reaching this replica; a
+    /// full read gets [`RELOAD_TIMEOUT`].
     pub fn spawn_refresher(self: &Arc<Self>, every: Duration) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(cache) = weak.upgrade() else { return };
-                match tokio::time::timeout(REFRESH_TIMEOUT, cache.refresh()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "refreshing virtual keys failed; using the last known keys");
-                    }
-                    Err(_) => tracing::warn!(
-                        seconds = REFRESH_TIMEOUT.as_secs(),
-                        "refreshing virtual keys got no answer in time; using the last known keys"
-                    ),
+                if let Err(e) = cache.refresh().await {
+                    tracing::warn!(error = %e, "refreshing virtual keys failed; using the last known keys");
                 }
             }
         });

@@ -334,8 +334,8 @@ fn anthropic_model(name: &str) -> serde_json::Value {
 }
 
 /// Anthropic's paging of the model list: `limit` (1–1000, default 20), `after_id`, `before_id`.
+/// Other parameters (the SDK's `beta=true` for `client.beta.models.list()`) are ignored.
 #[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AnthropicModelPage {
     limit: Option<u32>,
     after_id: Option<String>,

@@ -72,6 +72,36 @@ pub enum BodyModeConfig {
     None,
 }
 
+/// A store URL fit to print: a password in it (`postgres://user:secret@host/db`, or a
+/// `password=` parameter) is shown as `***`. The user part runs to the last `@` after the
+/// scheme, so a password holding `/`, `?` or `#` is hidden whole. SQLite URLs hold none.
+pub fn redact_url(url: &str) -> String {
+    if url.starts_with("sqlite:") {
+        return url.to_string();
+    }
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        if let Some(at) = out[rest..].rfind('@')
+            && let Some(colon) = out[rest..rest + at].find(':')
+        {
+            out.replace_range(rest + colon + 1..rest + at, "***");
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
+}
+
 pub fn default_url() -> String {
     "sqlite://./sluice-data/sluice.db".into()
 }
@@ -151,7 +181,8 @@ fn backend_of(url: &str) -> Result<Backend, String> {
         Ok(Backend::Postgres)
     } else {
         Err(format!(
-            "`{url}` is not a store URL; use sqlite://PATH, sqlite::memory: or postgres://USER@HOST:PORT/DB"
+            "`{}` is not a store URL; use sqlite://PATH, sqlite::memory: or postgres://USER@HOST:PORT/DB",
+            redact_url(url)
         ))
     }
 }

@@ -262,7 +262,7 @@ async fn write_batch(
             spill_or_lose(spill, batch, stats, false);
             return;
         }
-        if try_write(
+        match try_write(
             &**store,
             batch,
             spill,
@@ -272,15 +272,21 @@ async fn write_batch(
             PROBE_TIMEOUT,
         )
         .await
-            != Tried::Failed
         {
-            *outage = None;
-            tracing::warn!("the store answers again; writing the spill file's records to it");
-            health.replay(store, spill);
-        } else {
-            spill_or_lose(spill, batch, stats, false);
-            // The next probe a second after this one ended, however long it took.
-            *outage = Some(tokio::time::Instant::now());
+            Tried::Failed => {
+                spill_or_lose(spill, batch, stats, false);
+                // The next probe a second after this one ended, however long it took.
+                *outage = Some(tokio::time::Instant::now());
+            }
+            answered => {
+                // The store answered (a batch it refused whole is kept in the spill file).
+                if answered == Tried::Refused {
+                    spill_or_lose(spill, batch, stats, true);
+                }
+                *outage = None;
+                tracing::warn!("the store answers again; writing the spill file's records to it");
+                health.replay(store, spill);
+            }
         }
         return;
     }

@@ -377,6 +377,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     // Answers still being written to the cache's shared tier at shutdown finish before the
     // store closes.
     let cache = state.gateway.cache().cloned();
+    let last_cache = cache.clone();
     reload_on_hangup(&state);
     let app = sluice_server::router(state.clone());
     let abort = state.abort.clone();
@@ -451,6 +452,16 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         }
     };
     let (stats, ()) = tokio::join!(writer.drain(Duration::from_secs(5)), flush);
+    // Requests that ended while the log drained may have started cache writes since.
+    if let Some(cache) = last_cache
+        && tokio::time::timeout(Duration::from_secs(1), cache.flush())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            "cache writes still in flight at the end of shutdown: those answers are not kept"
+        );
+    }
     store.close().await;
     tracing::info!(
         written = stats.written,

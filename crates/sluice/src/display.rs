@@ -33,33 +33,9 @@ pub fn clip(s: &str, n: usize) -> String {
     }
 }
 
-/// A store URL fit to print: a password in it (`postgres://user:secret@host/db`, or a
-/// `password=` parameter) is shown as `***`.
+/// A store URL fit to print (see [`sluice_store::redact_url`]).
 pub fn redact_url(url: &str) -> String {
-    let mut out = url.to_string();
-    if let Some(scheme_end) = out.find("://") {
-        let rest = scheme_end + 3;
-        let authority_end = out[rest..]
-            .find(['/', '?', '#'])
-            .map_or(out.len(), |i| rest + i);
-        if let Some(at) = out[rest..authority_end].rfind('@')
-            && let Some(colon) = out[rest..rest + at].find(':')
-        {
-            out.replace_range(rest + colon + 1..rest + at, "***");
-        }
-    }
-    if let Some(q) = out.find('?') {
-        let (head, query) = out.split_at(q + 1);
-        let query: Vec<String> = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                _ => pair.to_string(),
-            })
-            .collect();
-        out = format!("{head}{}", query.join("&"));
-    }
-    out
+    sluice_store::redact_url(url)
 }
 
 #[cfg(test)]
@@ -98,5 +74,14 @@ mod tests {
         ] {
             assert_eq!(redact_url(url), url);
         }
+        // A password holding the characters that end an authority.
+        assert_eq!(
+            redact_url("postgres://app:p/a?s#s@db/sluice"),
+            "postgres://app:***@db/sluice"
+        );
+        assert_eq!(
+            redact_url("postgress://app:secret@db/x"),
+            "postgress://app:***@db/x"
+        );
     }
 }

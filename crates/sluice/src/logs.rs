@@ -210,9 +210,11 @@ async fn first_page(
 /// printed when it ends (the bound keeps each poll's scan short).
 const FOLLOW_WINDOW: chrono::TimeDelta = chrono::TimeDelta::minutes(2);
 
-/// How far before the latest end time seen each poll reads again: records are written a little
-/// after their requests end (the writer's batches), and replicas' clocks differ a little.
-const FOLLOW_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(3);
+/// How far before the latest end time seen each poll reads again: records are written a while
+/// after their requests end (the writer's batches, a slow write's retries, another replica's
+/// queue), and replicas' clocks differ. What was printed is remembered, so reading again prints
+/// nothing twice.
+const FOLLOW_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 
 /// Records read per query, and the most queries per poll.
 const FOLLOW_PAGE: u32 = 1000;

@@ -383,6 +383,47 @@ async fn an_outage_spills_at_once_and_the_spill_file_is_written_when_the_store_i
     assert_eq!((stats.spilled, stats.written), (20, 5), "{stats:?}");
 }
 
+/// A probe batch the store refuses whole during an outage is kept in the spill file (it was
+/// neither written nor spilled: lost), and the store counts as answering again. (One thread:
+/// the three records are queued before the writer runs, so they are one batch.)
+#[tokio::test]
+async fn a_probe_batch_refused_whole_is_spilled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spill = dir.path().join("spill.jsonl");
+    let store = Arc::new(TestStore {
+        refuse_model: Some("poison"),
+        ..TestStore::default()
+    });
+    store.failing.store(true, Ordering::SeqCst);
+    let (sink, rx) = LogSink::channel(64);
+    let writer = LogWriter::spawn(store.clone(), rx, 16, spill.clone());
+    for r in records_of(&["m"], 2) {
+        sink.send(r).await;
+    }
+    let start = std::time::Instant::now();
+    while lines_of(&spill).len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never spilled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    store.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for r in records_of(&["poison"], 3) {
+        sink.send(r).await;
+    }
+    drop(sink);
+    let stats = writer.drain(Duration::from_secs(30)).await;
+    assert_eq!(stats.spilled, 5, "{stats:?}");
+    // Kept: in the spill file, or set apart by its replay (which wrote the rest).
+    let rejected = dir.path().join("spill.jsonl.rejected");
+    let poison = [spill, rejected]
+        .iter()
+        .filter(|p| p.exists())
+        .flat_map(|p| lines_of(p))
+        .filter(|r| r.model == "poison")
+        .count();
+    assert_eq!(poison, 3, "the refused probe batch is kept");
+}
+
 /// A replay that fails half way (the store blinked while it ran) is tried again while the
 /// store answers: the spill file does not wait for the next outage or restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

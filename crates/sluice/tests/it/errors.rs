@@ -532,7 +532,7 @@ async fn anthropic_clients_list_models_in_anthropics_shape() {
         paging(&all),
         (json!(false), json!("mock-echo"), json!("unmetered"))
     );
-    let (_, page) = get("/v1/models?limit=2", true).await;
+    let (_, page) = get("/v1/models?limit=2&beta=true", true).await;
     assert_eq!(
         paging(&page),
         (json!(true), json!("mock-echo"), json!("priced"))

@@ -613,6 +613,54 @@ async fn fallbacks_a_key_may_not_use_are_skipped() {
     assert_eq!(up.count_for("dear-good"), 1);
 }
 
+/// A key allowed a complexity model may be served by any of its tiers, a tier's fallback to
+/// another tier included.
+#[tokio::test]
+async fn a_complexity_keys_tier_falls_back_to_another_tier() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[
+            model(
+                "small",
+                &[dep(models::FAULT_500)],
+                &sub("small", "fallbacks", "default = [\"strong\"]"),
+            ),
+            model("strong", &[dep("strong-good")], ""),
+            format!(
+                "[models.\"auto\"]\nstrategy = \"complexity\"\n{}",
+                sub(
+                    "auto",
+                    "complexity",
+                    "tiers = [{ name = \"small\", model = \"small\", max_score = 0.35 }, { name = \"strong\", model = \"strong\" }]"
+                )
+            ),
+        ],
+    )
+    .await;
+    let key = s.create_key(json!({"name": "k", "models": ["auto"]})).await["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let a = answer(
+        client()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "auto", "messages": [{"role": "user", "content": "hi there, thanks!"}]}))
+            .send()
+            .await
+            .expect("POST"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let rec = s.record(&a.id).await;
+    assert_eq!(
+        path(&rec).last().map(|p| p.0.as_str()),
+        Some("strong"),
+        "{rec:#}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Timeouts
 // ---------------------------------------------------------------------------------------------
