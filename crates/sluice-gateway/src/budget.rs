@@ -397,7 +397,10 @@ fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<
         None => "; raise it to go on".into(),
     };
     let in_flight = if reserved > 0 {
-        format!(" and ${:.4} reserved by requests in flight", usd(reserved))
+        format!(
+            " and {} reserved by requests in flight",
+            sluice_core::price::format_usd(usd(reserved))
+        )
     } else {
         String::new()
     };
@@ -407,11 +410,11 @@ fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<
         let mut e = Error::new(
             ErrorCode::InsufficientQuota,
             format!(
-                "request too large for the {} budget of {} of {}: it may cost up to ${:.4} (its max tokens at the model's price); lower max_tokens (or max_completion_tokens), shorten the prompt, or raise the budget",
+                "request too large for the {} budget of {} of {}: it may cost up to {} (its max tokens at the model's price); lower max_tokens (or max_completion_tokens), shorten the prompt, or raise the budget",
                 l.period.adjective(),
                 budget,
                 l.spender.label(),
-                usd(worst),
+                sluice_core::price::format_usd(usd(worst)),
             ),
         );
         e.headers.push(("x-should-retry", "false".into()));
@@ -420,11 +423,11 @@ fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<
     let mut e = Error::new(
         ErrorCode::InsufficientQuota,
         format!(
-            "{} has used its {} budget of {budget}: ${:.4} spent{in_flight}, and this request may cost up to ${:.4} (its max tokens at the model's price){resets}",
+            "{} has used its {} budget of {budget}: {} spent{in_flight}, and this request may cost up to {} (its max tokens at the model's price){resets}",
             l.spender.label(),
             l.period.adjective(),
-            usd(spent),
-            usd(worst),
+            sluice_core::price::format_usd(usd(spent)),
+            sluice_core::price::format_usd(usd(worst)),
         ),
     );
     if spent.saturating_add(worst) > micros(l.usd) {
@@ -769,7 +772,7 @@ mod tests {
         let e = b.reserve(&limits, 0.20).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InsufficientQuota);
         assert!(e.message.contains("daily budget of $1:"), "{}", e.message);
-        assert!(e.message.contains("$0.4000 reserved"), "{}", e.message);
+        assert!(e.message.contains("$0.40 reserved"), "{}", e.message);
         // The first cost far less than its worst case: room again.
         r1.settle(0.01);
         let r3 = b.reserve(&limits, 0.20).await.unwrap().unwrap();

@@ -118,6 +118,12 @@ impl LogWriter {
                         rx.close();
                         closed = true;
                     }
+                    // No batch came for a while after records were spilled: the store is tried
+                    // by writing the spill file to it (it was tried only by the next batch, so
+                    // an idle gateway kept its records in the file).
+                    () = tokio::time::sleep(REPLAY_AGAIN_EVERY), if health.outage.is_some() => {
+                        health.replay(&store, &spill);
+                    }
                 }
             }
             tracing::debug!(

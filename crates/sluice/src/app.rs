@@ -484,8 +484,15 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
             sluice_store::writer::rejected_path(&spill).display()
         ),
     };
+    let spilled = match stats.spilled {
+        0 => String::new(),
+        n => format!(
+            "; {n} in the spill file {} (written to the store at the next start)",
+            spill.display()
+        ),
+    };
     sayln!(
-        "sluice stopped: {} request records written{slow}{refused}",
+        "sluice stopped: {} request records written{spilled}{slow}{refused}",
         stats.written
     );
     Ok(())

@@ -25,7 +25,7 @@ pub struct LogsArgs {
     #[arg(long)]
     pub since: Option<String>,
     /// Only requests that started before this time (RFC 3339) or duration ago.
-    #[arg(long, conflicts_with_all = ["before", "follow"])]
+    #[arg(long, conflicts_with = "follow")]
     pub until: Option<String>,
     /// Only requests that started before this one (a request id): the next page back.
     #[arg(long, value_name = "ID", conflicts_with = "follow")]
@@ -57,8 +57,8 @@ fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
                 .map_err(|e| anyhow::anyhow!("--since {e}"))?,
         ),
     };
-    let before = match &args.until {
-        None => args.before,
+    let until = match &args.until {
+        None => None,
         Some(s) => {
             let t = sluice_server::admin::parse_since(s, chrono::Utc::now())
                 .map_err(|e| anyhow::anyhow!("--until {e}"))?;
@@ -66,6 +66,11 @@ fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
             let ms = u64::try_from(t.timestamp_millis()).unwrap_or(0);
             Some(uuid::Builder::from_unix_timestamp_millis(ms, &[0; 10]).into_uuid())
         }
+    };
+    // Both: the earlier bound (a page back within a period).
+    let before = match (until, args.before) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     };
     Ok(RecordQuery {
         model: args.model.clone(),

@@ -383,6 +383,32 @@ async fn an_outage_spills_at_once_and_the_spill_file_is_written_when_the_store_i
     assert_eq!((stats.spilled, stats.written), (20, 5), "{stats:?}");
 }
 
+/// Records spilled during an outage reach the store once it answers again even when no other
+/// request comes (they waited in the spill file for the next batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_writer_writes_the_spill_file_back() {
+    let (_dir, spill, store, sink, writer) = writer_on_a_failing_store();
+    for r in records_of(&["m"], 2) {
+        sink.send(r).await;
+    }
+    let start = std::time::Instant::now();
+    while lines_of(&spill).len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never spilled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    store.failing.store(false, Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    while store.written.load(Ordering::SeqCst) < 2 || spill.exists() {
+        assert!(
+            start.elapsed() < sluice_store::writer::REPLAY_AGAIN_EVERY * 3,
+            "the spill file waited for traffic"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(sink);
+    writer.drain(Duration::from_secs(10)).await;
+}
+
 /// A probe batch the store refuses whole during an outage is kept in the spill file (it was
 /// neither written nor spilled: lost), and the store counts as answering again. (One thread:
 /// the three records are queued before the writer runs, so they are one batch.)

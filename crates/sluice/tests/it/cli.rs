@@ -324,7 +324,15 @@ async fn logs_prints_the_request_log() {
             run(&["logs", "--store", &store, "-n", "2"], &dir),
             run(&["logs", "--store", &store, "--before", &first], &dir),
             run(
-                &["logs", "--store", &store, "--until", "2000-01-01T00:00:00Z"],
+                &[
+                    "logs",
+                    "--store",
+                    &store,
+                    "--until",
+                    "2000-01-01T00:00:00Z",
+                    "--before",
+                    &first,
+                ],
                 &dir,
             ),
         )
