@@ -383,19 +383,24 @@ async fn an_outage_spills_at_once_and_the_spill_file_is_written_when_the_store_i
     assert_eq!((stats.spilled, stats.written), (20, 5), "{stats:?}");
 }
 
+/// Sends two records to a writer whose store is down, and waits until they are spilled.
+async fn spill_two(sink: &LogSink, spill: &std::path::Path) {
+    for r in records_of(&["m"], 2) {
+        sink.send(r).await;
+    }
+    let start = std::time::Instant::now();
+    while lines_of(spill).len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "never spilled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Records spilled during an outage reach the store once it answers again even when no other
 /// request comes (they waited in the spill file for the next batch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_writer_writes_the_spill_file_back() {
     let (_dir, spill, store, sink, writer) = writer_on_a_failing_store();
-    for r in records_of(&["m"], 2) {
-        sink.send(r).await;
-    }
-    let start = std::time::Instant::now();
-    while lines_of(&spill).len() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(10), "never spilled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    spill_two(&sink, &spill).await;
     store.failing.store(false, Ordering::SeqCst);
     let start = std::time::Instant::now();
     while store.written.load(Ordering::SeqCst) < 2 || spill.exists() {
@@ -423,14 +428,7 @@ async fn a_probe_batch_refused_whole_is_spilled() {
     store.failing.store(true, Ordering::SeqCst);
     let (sink, rx) = LogSink::channel(64);
     let writer = LogWriter::spawn(store.clone(), rx, 16, spill.clone());
-    for r in records_of(&["m"], 2) {
-        sink.send(r).await;
-    }
-    let start = std::time::Instant::now();
-    while lines_of(&spill).len() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(10), "never spilled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    spill_two(&sink, &spill).await;
     store.failing.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for r in records_of(&["poison"], 3) {
