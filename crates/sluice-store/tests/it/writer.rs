@@ -437,7 +437,17 @@ async fn a_probe_batch_refused_whole_is_spilled() {
     drop(sink);
     let stats = writer.drain(Duration::from_secs(30)).await;
     assert_eq!(stats.spilled, 5, "{stats:?}");
-    // Kept: in the spill file, or set apart by its replay (which wrote the rest).
+    // Kept: in the spill file, or set apart by its replay (which wrote the rest), once the
+    // replay the store's answer started is over.
+    let claim = dir.path().join("spill.jsonl.replaying");
+    let start = std::time::Instant::now();
+    while claim.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the replay never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let rejected = dir.path().join("spill.jsonl.rejected");
     let poison = [spill, rejected]
         .iter()
@@ -604,12 +614,21 @@ async fn a_batch_refused_whole_is_spilled_not_set_apart() {
     drop(sink);
     let stats = writer.drain(Duration::from_secs(30)).await;
     // Every record refused: not the data's fault (a schema changed, say). They wait in the spill
-    // file for the store to take them, like records of an outage.
+    // file for the store to take them, like records of an outage (the write that followed
+    // started a replay of the file, which the store refuses too and which puts them back).
     assert_eq!(
         (stats.written, stats.rejected, stats.spilled),
         (1, 0, 3),
         "{stats:?}"
     );
-    assert_eq!(lines_of(&spill).len(), 3);
+    let claim = dir.path().join("spill.jsonl.replaying");
+    let start = std::time::Instant::now();
+    while lines_of(&spill).len() != 3 || claim.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the refused records are not back in the spill file"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(!dir.path().join("spill.jsonl.rejected").exists());
 }
