@@ -650,6 +650,15 @@ impl KeyLimits {
 mod tests {
     use super::*;
 
+    /// A subject named `id` with these limits.
+    fn subject(id: &str, spec: LimitSpec) -> Subject {
+        Subject {
+            id: id.into(),
+            label: id.into(),
+            spec,
+        }
+    }
+
     fn key(rpm: Option<u64>, tpm: Option<u64>, par: Option<u32>) -> VirtualKey {
         let now = chrono::Utc::now();
         VirtualKey {
@@ -772,14 +781,13 @@ mod tests {
             id: "both".into(),
             ..key(Some(1), Some(100), None)
         });
-        let global = Subject {
-            id: "global".into(),
-            label: "the gateway".into(),
-            spec: LimitSpec {
+        let global = subject(
+            "global",
+            LimitSpec {
                 tpm: Some(100),
                 ..LimitSpec::default()
             },
-        };
+        );
         // The key's one request now; two seconds later the global tpm fills.
         let kl = limits.limiter(&k.id, &k.spec);
         kl.rpm.as_ref().unwrap().add(Instant::now(), 1);
@@ -821,13 +829,14 @@ mod tests {
                 .unwrap()
                 .unwrap(),
         );
-        let one = |id: &str| Subject {
-            id: id.into(),
-            label: id.into(),
-            spec: LimitSpec {
-                max_parallel: Some(1),
-                ..LimitSpec::default()
-            },
+        let one = |id: &str| {
+            subject(
+                id,
+                LimitSpec {
+                    max_parallel: Some(1),
+                    ..LimitSpec::default()
+                },
+            )
         };
         let (mut held, _) = admit_shared(&shared, &[one("key:a")], 0)
             .await
@@ -868,13 +877,14 @@ mod tests {
     #[test]
     fn a_passing_refusal_never_refuses_another_request() {
         let limits = Arc::new(KeyLimits::default());
-        let one = |id: &str| Subject {
-            id: id.into(),
-            label: id.into(),
-            spec: LimitSpec {
-                max_parallel: Some(1),
-                ..LimitSpec::default()
-            },
+        let one = |id: &str| {
+            subject(
+                id,
+                LimitSpec {
+                    max_parallel: Some(1),
+                    ..LimitSpec::default()
+                },
+            )
         };
         // Model `x` is busy for the whole test: every request for it is refused by it.
         let _busy = limits
