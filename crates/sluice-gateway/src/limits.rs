@@ -659,6 +659,17 @@ mod tests {
         }
     }
 
+    /// A subject named `id` with one request in flight at most.
+    fn one(id: &str) -> Subject {
+        subject(
+            id,
+            LimitSpec {
+                max_parallel: Some(1),
+                ..LimitSpec::default()
+            },
+        )
+    }
+
     fn key(rpm: Option<u64>, tpm: Option<u64>, par: Option<u32>) -> VirtualKey {
         let now = chrono::Utc::now();
         VirtualKey {
@@ -829,15 +840,6 @@ mod tests {
                 .unwrap()
                 .unwrap(),
         );
-        let one = |id: &str| {
-            subject(
-                id,
-                LimitSpec {
-                    max_parallel: Some(1),
-                    ..LimitSpec::default()
-                },
-            )
-        };
         let (mut held, _) = admit_shared(&shared, &[one("key:a")], 0)
             .await
             .unwrap()
@@ -877,15 +879,6 @@ mod tests {
     #[test]
     fn a_passing_refusal_never_refuses_another_request() {
         let limits = Arc::new(KeyLimits::default());
-        let one = |id: &str| {
-            subject(
-                id,
-                LimitSpec {
-                    max_parallel: Some(1),
-                    ..LimitSpec::default()
-                },
-            )
-        };
         // Model `x` is busy for the whole test: every request for it is refused by it.
         let _busy = limits
             .admit_all(&[one("model:x")], 0)
