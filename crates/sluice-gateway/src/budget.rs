@@ -226,17 +226,20 @@ pub fn limits_for(
     out
 }
 
-/// USD as integer micro-dollars (ledgers count in them, so sums are exact).
-pub fn micros(usd: f64) -> i64 {
+/// USD as integer nano-dollars. Ledgers count in them, so sums are exact, and a whole
+/// nano-dollar is fine enough for the cheapest call priced (one token of an embedding model at
+/// $0.02 per million tokens is 20 of them): rounding each cost to the nearest moves a ledger by
+/// at most half a nano-dollar per request.
+pub fn nanos(usd: f64) -> i64 {
     if usd.is_finite() {
-        (usd * 1e6).round().clamp(0.0, i64::MAX as f64) as i64
+        (usd * 1e9).round().clamp(0.0, i64::MAX as f64) as i64
     } else {
         i64::MAX
     }
 }
 
-fn usd(micros: i64) -> f64 {
-    micros as f64 / 1e6
+fn usd(nanos: i64) -> f64 {
+    nanos as f64 / 1e9
 }
 
 /// One ledger in process.
@@ -305,7 +308,7 @@ pub struct Reservation {
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reservation")
-            .field("worst_micros", &self.worst)
+            .field("worst_nanos", &self.worst)
             .field(
                 "ledgers",
                 &(self.local.len() + self.shared.as_ref().map_or(0, |s| s.1.len())),
@@ -317,7 +320,7 @@ impl std::fmt::Debug for Reservation {
 impl Reservation {
     /// Replaces the reservation by the request's real cost.
     pub fn settle(mut self, cost_usd: f64) {
-        self.finish(micros(cost_usd));
+        self.finish(nanos(cost_usd));
     }
 
     fn finish(&mut self, actual: i64) {
@@ -405,7 +408,7 @@ fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<
         String::new()
     };
     let budget = sluice_core::price::format_usd(l.usd);
-    if worst > micros(l.usd) {
+    if worst > nanos(l.usd) {
         // The request alone is over the whole budget: no reset makes room for it.
         let mut e = Error::new(
             ErrorCode::InsufficientQuota,
@@ -430,7 +433,7 @@ fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<
             sluice_core::price::format_usd(usd(worst)),
         ),
     );
-    if spent.saturating_add(worst) > micros(l.usd) {
+    if spent.saturating_add(worst) > nanos(l.usd) {
         // What is spent already leaves no room: retrying before the period ends cannot help.
         // `x-should-retry: false` stops the OpenAI and Anthropic SDKs' automatic retries.
         e.retry_after = l
@@ -476,7 +479,7 @@ impl Budgets {
                 "no answer within 2 s".into(),
             ))
         });
-        read.map(micros).map_err(|e| {
+        read.map(nanos).map_err(|e| {
             let mut err = Error::new(
                 ErrorCode::Unavailable,
                 format!("cannot read spend from the store to check the budget: {e}"),
@@ -498,7 +501,7 @@ impl Budgets {
             return Ok(None);
         }
         let now = Utc::now();
-        let worst = micros(worst_usd);
+        let worst = nanos(worst_usd);
         let Some(shared) = &self.shared else {
             return self.reserve_local(limits, worst, now).await.map(Some);
         };
@@ -573,8 +576,8 @@ impl Budgets {
             .iter()
             .map(|l| BudgetItem {
                 ledger: Self::ledger_id(l, now),
-                limit_micros: micros(l.usd),
-                worst_micros: worst,
+                limit_nanos: nanos(l.usd),
+                worst_nanos: worst,
                 ttl_secs: l.period.ttl_secs(),
             })
             .collect();
@@ -599,15 +602,15 @@ impl Budgets {
                 }
                 Reserve::Refused {
                     index,
-                    spent_micros,
-                    reserved_micros,
+                    spent_nanos,
+                    reserved_nanos,
                 } => {
                     shared.ok();
                     let l = &limits[index.min(limits.len() - 1)];
                     return Ok(Err(insufficient(
                         l,
-                        spent_micros,
-                        reserved_micros,
+                        spent_nanos,
+                        reserved_nanos,
                         worst,
                         now,
                     )));
@@ -712,7 +715,7 @@ impl Budgets {
             order.iter().map(|&i| (i, ledgers[i].1.lock())).collect();
         for (i, g) in &guards {
             let spent = g.spent.unwrap_or(0);
-            if spent.saturating_add(g.reserved).saturating_add(worst) > micros(limits[*i].usd) {
+            if spent.saturating_add(g.reserved).saturating_add(worst) > nanos(limits[*i].usd) {
                 return Err(insufficient(&limits[*i], spent, g.reserved, worst, now));
             }
         }
@@ -812,6 +815,22 @@ mod tests {
         assert!(e.message.contains("$0.0001"), "{}", e.message);
     }
 
+    /// Costs far below a micro-dollar add up: each of these calls costs $0.00000004 (two tokens
+    /// of an embedding model at $0.02 per million), and rounded to whole micro-dollars each
+    /// added nothing, so the budget let any number through.
+    #[tokio::test]
+    async fn costs_far_below_a_micro_dollar_add_up() {
+        let b = Budgets::new(Some(Arc::new(FixedSpend(0.0))), None);
+        let limits = [daily(Spender::Key("k".into()), 0.000_01)];
+        let mut served = 0;
+        while let Ok(r) = b.reserve(&limits, 0.000_000_04).await {
+            r.unwrap().settle(0.000_000_04);
+            served += 1;
+            assert!(served <= 1000, "the budget never filled");
+        }
+        assert_eq!(served, 250, "$0.00001 holds 250 calls of $0.00000004");
+    }
+
     #[tokio::test]
     async fn an_absurd_cost_pins_the_ledger_rather_than_wrapping_it() {
         let b = Budgets::new(Some(Arc::new(FixedSpend(0.0))), None);
@@ -866,13 +885,13 @@ mod tests {
         }
     }
 
-    /// A store whose spend the test sets (micro-USD).
+    /// A store whose spend the test sets (nano-USD).
     struct SetSpend(std::sync::atomic::AtomicI64);
 
     #[async_trait]
     impl UsageStore for SetSpend {
         async fn spend(&self, _: &Spender, _: DateTime<Utc>) -> Result<f64, StoreError> {
-            Ok(self.0.load(std::sync::atomic::Ordering::SeqCst) as f64 / 1e6)
+            Ok(self.0.load(std::sync::atomic::Ordering::SeqCst) as f64 / 1e9)
         }
         async fn usage(&self, _: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
             Ok(Vec::new())
@@ -924,6 +943,38 @@ mod tests {
         }
     }
 
+    /// A shared ledger counts a cost far below a micro-dollar (it counted whole micro-dollars,
+    /// so this one added nothing).
+    #[tokio::test]
+    async fn a_shared_ledger_counts_costs_below_a_micro_dollar() {
+        let Some(Blip {
+            _redis,
+            link: _link,
+            shared,
+            b,
+            limits,
+            ledger,
+            ..
+        }) = Blip::start().await
+        else {
+            return;
+        };
+        for _ in 0..3 {
+            b.reserve(&limits, 0.000_000_4)
+                .await
+                .unwrap()
+                .unwrap()
+                .settle(0.000_000_04);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let (spent, reserved) = shared.redis().ledger(&ledger).await.unwrap().unwrap();
+        assert_eq!(
+            (spent, reserved),
+            (120, 0),
+            "three costs of 40 nano-dollars"
+        );
+    }
+
     #[tokio::test]
     async fn spend_redis_missed_while_unreachable_is_read_again_from_the_log() {
         let Some(Blip {
@@ -949,9 +1000,11 @@ mod tests {
             .unwrap()
             .unwrap()
             .settle(0.10);
-        store.0.store(100_000, std::sync::atomic::Ordering::SeqCst);
+        store
+            .0
+            .store(100_000_000, std::sync::atomic::Ordering::SeqCst);
         settled().await;
-        assert_eq!(spent().await, 100_000);
+        assert_eq!(spent().await, 100_000_000);
 
         // Redis cannot be reached: the reservation fails open, and the $0.30 it settles never
         // reaches Redis; the log has it.
@@ -959,7 +1012,9 @@ mod tests {
         let r = b.reserve(&limits, 0.05).await.unwrap().unwrap();
         assert!(shared.is_down());
         r.settle(0.30);
-        store.0.store(400_000, std::sync::atomic::Ordering::SeqCst);
+        store
+            .0
+            .store(400_000_000, std::sync::atomic::Ordering::SeqCst);
         settled().await;
 
         // Redis answers again: the next reservation builds the ledger again from the log.
@@ -972,7 +1027,11 @@ mod tests {
         }
         b.reserve(&limits, 0.01).await.unwrap().unwrap().settle(0.0);
         settled().await;
-        assert_eq!(spent().await, 400_000, "the $0.30 spent meanwhile counts");
+        assert_eq!(
+            spent().await,
+            400_000_000,
+            "the $0.30 spent meanwhile counts"
+        );
     }
 
     /// A reservation whose settlement meets a Redis blip gives its hold back when Redis answers
@@ -993,7 +1052,7 @@ mod tests {
         };
         let r = b.reserve(&limits, 0.50).await.unwrap().unwrap();
         let (_, reserved) = shared.redis().ledger(&ledger).await.unwrap().unwrap();
-        assert_eq!(reserved, 500_000);
+        assert_eq!(reserved, 500_000_000);
         link.cut();
         r.settle(0.20);
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;

@@ -28,9 +28,9 @@
 //! | `P:rl:SUBJECT:rpm`     | hash    | requests per epoch second (last 60 s; expires ~120 s) |
 //! | `P:rl:SUBJECT:tpm`     | hash    | tokens per epoch second (last 60 s; expires ~120 s)   |
 //! | `P:rl:SUBJECT:par`     | zset    | requests in flight by holder, scored by when each lapses (15 min); expires 900 s after the last use |
-//! | `P:budget:LEDGER`      | hash    | `spent`, micro-USD (expires with its period)           |
-//! | `P:budget:LEDGER:holds`| zset    | reservations in flight as `HOLDER:WORST`, scored by when each lapses (15 min) |
-//! | `P:budget:settled:HOLDER` | string | marks a reservation settled (five minutes), so a retried settlement is applied once |
+//! | `P:budget_nusd:LEDGER` | hash    | `spent`, nano-USD (expires with its period)            |
+//! | `P:budget_nusd:LEDGER:holds` | zset | reservations in flight as `HOLDER:WORST` (nano-USD), scored by when each lapses (15 min) |
+//! | `P:budget_nusd:settled:HOLDER` | string | marks a reservation settled (five minutes), so a retried settlement is applied once |
 //! | `P:cache:KEY`          | string  | a cache entry as JSON, with a TTL                      |
 //!
 //! The scripts touch several keys at once, so the keys must live on one Redis node (a single
@@ -67,11 +67,11 @@ const PARALLEL_TTL_SECS: u64 = HOLD_MS / 1000;
 /// (a request that runs longer keeps going; only its hold lapses, and its cost is still
 /// reconciled).
 pub const HOLD_MS: u64 = 15 * 60 * 1000;
-/// The largest token estimate or cost (micro-USD) sent to a script: far beyond any real
-/// request, and safe in Redis's integers and Lua's doubles.
+/// The largest token estimate or cost (nano-USD: $1.1 million) sent to a script: far beyond any
+/// real request, and safe in Redis's integers and Lua's doubles.
 const MAX_AMOUNT: u64 = 1 << 50;
 
-fn clamp_micros(v: i64) -> i64 {
+fn clamp_amount(v: i64) -> i64 {
     v.clamp(0, MAX_AMOUNT as i64)
 }
 
@@ -216,10 +216,10 @@ pub enum SharedAdmit {
 pub struct BudgetItem {
     /// Names the budget and its period, e.g. `key:abc:day:2026-12-02`.
     pub ledger: String,
-    /// The budget, micro-USD.
-    pub limit_micros: i64,
-    /// The most this request can cost, micro-USD.
-    pub worst_micros: i64,
+    /// The budget, nano-USD.
+    pub limit_nanos: i64,
+    /// The most this request can cost, nano-USD.
+    pub worst_nanos: i64,
     /// How long the ledger should live once created (at least the rest of its period); for
     /// [`RedisState::init`] after [`Reserve::NeedInit`].
     pub ttl_secs: u64,
@@ -238,8 +238,8 @@ pub enum Reserve {
     /// changed.
     Refused {
         index: usize,
-        spent_micros: i64,
-        reserved_micros: i64,
+        spent_nanos: i64,
+        reserved_nanos: i64,
     },
 }
 
@@ -815,12 +815,12 @@ impl RedisState {
     }
 
     fn ledger_key(&self, ledger: &str) -> String {
-        format!("{}:budget:{ledger}", self.prefix)
+        format!("{}:budget_nusd:{ledger}", self.prefix)
     }
 
     /// The set of a ledger's holds (reservations in flight).
     fn holds_key(&self, ledger: &str) -> String {
-        format!("{}:budget:{ledger}:holds", self.prefix)
+        format!("{}:budget_nusd:{ledger}:holds", self.prefix)
     }
 
     fn cache_key(&self, key: &str) -> String {
@@ -976,7 +976,7 @@ impl RedisState {
             holder,
             held: Some(Held::Budget {
                 ledgers: items.iter().map(|i| i.ledger.clone()).collect(),
-                worst: items[0].worst_micros,
+                worst: items[0].worst_nanos,
             }),
         };
         let mut inv = RESERVE.prepare_invoke();
@@ -984,8 +984,8 @@ impl RedisState {
         for item in items {
             inv.key(self.ledger_key(&item.ledger))
                 .key(self.holds_key(&item.ledger))
-                .arg(item.limit_micros)
-                .arg(clamp_micros(item.worst_micros))
+                .arg(item.limit_nanos)
+                .arg(clamp_amount(item.worst_nanos))
                 .arg(item.ttl_secs);
         }
         let mut conn = self.conn.clone();
@@ -1006,8 +1006,8 @@ impl RedisState {
             )),
             [2, i, spent, reserved] => Ok(Reserve::Refused {
                 index: index(*i)?,
-                spent_micros: *spent,
-                reserved_micros: *reserved,
+                spent_nanos: *spent,
+                reserved_nanos: *reserved,
             }),
             _ => Err(SharedError::Reply {
                 op: OP,
@@ -1035,42 +1035,42 @@ impl RedisState {
         Ok(())
     }
 
-    /// Creates `ledger` with `spent_micros` spent and nothing reserved, expiring after
+    /// Creates `ledger` with `spent_nanos` spent and nothing reserved, expiring after
     /// `ttl_secs` (0: never), unless it exists already (another replica was first). Returns
     /// whether it created it.
     pub async fn init(
         &self,
         ledger: &str,
-        spent_micros: i64,
+        spent_nanos: i64,
         ttl_secs: u64,
     ) -> Result<bool, SharedError> {
         let mut inv = INIT.prepare_invoke();
         inv.key(self.ledger_key(ledger))
-            .arg(clamp_micros(spent_micros))
+            .arg(clamp_amount(spent_nanos))
             .arg(ttl_secs);
         let mut conn = self.conn.clone();
         let created: i64 = Self::bounded("budget ledger init", inv.invoke_async(&mut conn)).await?;
         Ok(created == 1)
     }
 
-    /// After a call: takes `worst_micros` off each ledger's reservation (not below zero) and
-    /// adds `actual_micros` to its spend, atomically. Ledgers that no longer exist are left
+    /// After a call: takes `worst_nanos` off each ledger's reservation (not below zero) and
+    /// adds `actual_nanos` to its spend, atomically. Ledgers that no longer exist are left
     /// alone: they are loaded again from the request log, which holds this cost, on next use.
     pub async fn reconcile(
         &self,
         ledgers: &[String],
         holder: &str,
-        worst_micros: i64,
-        actual_micros: i64,
+        worst_nanos: i64,
+        actual_nanos: i64,
     ) -> Result<(), SharedError> {
         if ledgers.is_empty() {
             return Ok(());
         }
         let mut inv = RECONCILE.prepare_invoke();
-        inv.arg(format!("{holder}:{}", clamp_micros(worst_micros)))
-            .arg(clamp_micros(actual_micros))
+        inv.arg(format!("{holder}:{}", clamp_amount(worst_nanos)))
+            .arg(clamp_amount(actual_nanos))
             .arg(SETTLED_MARK_SECS);
-        inv.key(format!("{}:budget:settled:{holder}", self.prefix));
+        inv.key(format!("{}:budget_nusd:settled:{holder}", self.prefix));
         for ledger in ledgers {
             inv.key(self.ledger_key(ledger)).key(self.holds_key(ledger));
         }
@@ -1631,8 +1631,8 @@ mod tests {
         let s = state(&redis, "t").await;
         let item = |ledger: &str, limit: i64, worst: i64| BudgetItem {
             ledger: ledger.into(),
-            limit_micros: limit,
-            worst_micros: worst,
+            limit_nanos: limit,
+            worst_nanos: worst,
             ttl_secs: 3600,
         };
         let items = [
@@ -1660,8 +1660,8 @@ mod tests {
             s.reserve(&items, "r3").await.expect("reserve"),
             Reserve::Refused {
                 index: 0,
-                spent_micros: 200,
-                reserved_micros: 600
+                spent_nanos: 200,
+                reserved_nanos: 600
             }
         );
         // Nothing was reserved on the team ledger by the refusal.

@@ -122,7 +122,7 @@ pub enum Deferred {
         subjects: Vec<String>,
         holder: String,
     },
-    /// A budget hold of `worst` micro-USD by `holder` on these ledgers.
+    /// A budget hold of `worst` nano-USD by `holder` on these ledgers.
     GiveBack {
         ledgers: Vec<String>,
         holder: String,
