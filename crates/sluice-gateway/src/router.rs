@@ -443,7 +443,13 @@ impl DeploymentState {
             self.live.health_failures.fetch_add(1, Ordering::Relaxed);
         }
         match result {
-            Ok(()) => self.live.breaker.record(Instant::now(), true, probe),
+            // As the half-open probe, an answer shows the deployment is back. While closed, a
+            // passing check counts nothing: the check (listing models) does not exercise the
+            // path requests take, so it must not end a run of failed requests (a retired model
+            // answering 404 to every request, behind a models list that still answers, would
+            // then never open the breaker).
+            Ok(()) if probe.is_some() => self.live.breaker.record(Instant::now(), true, probe),
+            Ok(()) => {}
             Err((true, _)) => self.live.breaker.record(Instant::now(), false, probe),
             // A 429 or a client error counts as a request's would: the deployment answered
             // (health, for a probe), and nothing otherwise.
@@ -1841,6 +1847,30 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert!(limited.check_health(Duration::from_secs(1)).await);
         assert_eq!(limited.breaker_state(Instant::now()), BreakerState::Closed);
+    }
+
+    /// Passing checks between failed requests do not end their run: the check lists models,
+    /// which may answer while every request fails (a retired model answering 404).
+    #[tokio::test]
+    async fn passing_checks_do_not_keep_a_failing_deployment_in_rotation() {
+        let up = DeploymentState::new(
+            dep("up", 1.0, None, None),
+            BreakerConfig {
+                consecutive_failures: 3,
+                ..BreakerConfig::default()
+            },
+        );
+        let fail = Some((ErrorClass::ServerError, None));
+        for _ in 0..3 {
+            assert!(up.check_health(Duration::from_secs(1)).await);
+            assert_eq!(up.breaker_state(Instant::now()), BreakerState::Closed);
+            up.report(Instant::now(), Duration::from_millis(5), fail, None);
+        }
+        assert_eq!(
+            up.breaker_state(Instant::now()),
+            BreakerState::Open,
+            "three failed requests in a row, checks passing between them"
+        );
     }
 
     #[test]
