@@ -1045,6 +1045,10 @@ impl Gateway {
     ) -> Result<Served<T>, (Error, ErrorClass)> {
         let n = group.deployments.len();
         let mut tried = vec![false; n];
+        // Deployments that refused the request before sending it (a feature they lack, such as
+        // tools on a local model): never picked again for it, and their refusals cost no retry.
+        let mut refused = vec![false; n];
+        let mut refusal: Option<(Error, ErrorClass)> = None;
         let max_attempts = 1 + group.retry.retries;
         let mut made = 0;
         let mut repeats = 0;
@@ -1053,6 +1057,10 @@ impl Gateway {
         let mut backed_off_before = 0;
         let mut last: Option<(Error, ErrorClass)> = None;
         while made < max_attempts {
+            if refused.iter().all(|&r| r) {
+                // No deployment of the group can serve it: the client hears why.
+                break;
+            }
             // Once every deployment has been tried, the next attempt is a retry of one: back off
             // before picking, so that the wait holds no in-flight slot, capacity or probe.
             if made > 0 && backed_off_before != made && tried.iter().all(|&t| t) {
@@ -1061,7 +1069,7 @@ impl Gateway {
                 backed_off_before = made;
             }
             let (dep, probe, in_flight, rpm, reservation) =
-                match group.pick(Instant::now(), &tried, tokens) {
+                match group.pick_among(Instant::now(), &tried, &refused, tokens) {
                     router::Pick::Go {
                         dep,
                         probe,
@@ -1150,6 +1158,24 @@ impl Gateway {
                         probe,
                     });
                 }
+                Err(e @ ProviderError::Unsupported(_)) => {
+                    // Refused before anything was sent: the deployment's health, latency and
+                    // capacity are untouched, and another deployment may serve the request.
+                    let err = e.to_error(&dep.dep.provider_name);
+                    tracing::info!(
+                        request_id = %fin.id(),
+                        group = %group.name,
+                        deployment = %dep.dep.id,
+                        error = %e,
+                        "deployment cannot serve the request"
+                    );
+                    dep.unpick(probe, rpm, reservation);
+                    drop(in_flight);
+                    fin.log_attempt(elapsed, Some((ErrorClass::ClientError, &err)));
+                    refused[index] = true;
+                    made -= 1;
+                    refusal.get_or_insert((err, ErrorClass::ClientError));
+                }
                 Err(e) => {
                     let class = e.class();
                     dep.report(
@@ -1179,7 +1205,9 @@ impl Gateway {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| no_deployment(group, None, false, true)))
+        Err(last
+            .or(refusal)
+            .unwrap_or_else(|| no_deployment(group, None, false, true)))
     }
 }
 

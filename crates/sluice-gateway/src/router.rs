@@ -805,11 +805,21 @@ impl Group {
     /// avoided while an untried one is admissible. `tokens` is the request's estimated size for
     /// tokens-per-minute capacity (0 when no deployment has one).
     pub fn pick(&self, now: Instant, tried: &[bool], tokens: u64) -> Pick {
+        self.pick_among(now, tried, &[], tokens)
+    }
+
+    /// [`pick`](Self::pick), never choosing a deployment marked in `refused` (one that cannot
+    /// serve this request at all: it refused it before sending, for a feature it lacks).
+    pub fn pick_among(&self, now: Instant, tried: &[bool], refused: &[bool], tokens: u64) -> Pick {
         let n = self.deployments.len();
         let mut excluded = vec![false; n];
         let mut soonest: Option<Duration> = None;
         let (mut rate_limited, mut breakers_open) = (false, false);
         for (i, d) in self.deployments.iter().enumerate() {
+            if refused.get(i).copied().unwrap_or(false) {
+                excluded[i] = true;
+                continue;
+            }
             if let Some((wait, capacity)) = d.blocked(now, tokens) {
                 excluded[i] = true;
                 if capacity {

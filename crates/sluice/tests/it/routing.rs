@@ -1158,6 +1158,98 @@ async fn a_trial_stream_closes_the_breaker_once_it_opens() {
     assert_eq!(d["breaker"]["window_requests"], 1, "{d:#}");
 }
 
+/// A deployment that cannot serve a request (it refuses it before sending: `n > 1` to an Anthropic
+/// deployment) hands it to one that can, without a retry spent; and as the half-open trial the
+/// refusal shows nothing about the deployment's health, so the breaker stays unclosed. It used
+/// to end the request with 422 and close the breaker of a dead upstream.
+#[tokio::test]
+async fn a_deployment_that_cannot_serve_a_request_hands_it_on() {
+    let up = MockUpstream::start().await;
+    let claude = format!(
+        "[providers.claude]\ntype = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"k\"\n",
+        up.base_url()
+    );
+    let s = Sluice::start(&format!(
+        "{}{claude}{}",
+        provider(&up),
+        model(
+            "m",
+            &[
+                format!(
+                    "{{ provider = \"claude\", model = \"{}\", weight = 1000 }}",
+                    models::FAULT_500
+                ),
+                dep(models::ECHO),
+            ],
+            &format!(
+                "{}{}",
+                sub("m", "retries", "retries = 0"),
+                sub(
+                    "m",
+                    "circuit_breaker",
+                    "consecutive_failures = 1\ncooldown_secs = 0.3"
+                ),
+            ),
+        )
+    ))
+    .await;
+    let claude_id = format!("claude/{}", models::FAULT_500);
+    let echo_id = format!("up/{}", models::ECHO);
+    let http = client();
+    // Retries 0 and the dead Claude deployment first: it fails and its breaker opens (no
+    // retry is left for the echo deployment).
+    let a = chat(&http, &s, "m", false).await;
+    assert_eq!(a.status, 502, "{}", a.text);
+    assert_eq!(breaker_state(&s, "m", &claude_id).await, "open");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Half-open now: the next request is its trial, and it asks for two choices.
+    let resp = http
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "n": 2
+        }))
+        .send()
+        .await
+        .expect("POST");
+    let a = answer(resp).await;
+    assert_eq!(a.status, 200, "served by the echo deployment: {}", a.text);
+    let log = attempt_log(&s.record(&a.id).await);
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0].deployment, claude_id);
+    assert_eq!(log[0].error_code.as_deref(), Some("unsupported_parameter"));
+    assert_eq!(log[1].deployment, echo_id);
+    assert_eq!(log[1].outcome, "ok", "{log:?}");
+    assert_ne!(
+        breaker_state(&s, "m", &claude_id).await,
+        "closed",
+        "a refusal before sending is no trial of the upstream"
+    );
+    // A request no deployment can serve is refused with the reason.
+    let only_claude = Sluice::start(&format!(
+        "{claude}{}",
+        model(
+            "c",
+            &[format!(
+                "{{ provider = \"claude\", model = \"{}\" }}",
+                models::ECHO
+            )],
+            ""
+        )
+    ))
+    .await;
+    let resp = http
+        .post(only_claude.url("/v1/chat/completions"))
+        .json(&json!({"model": "c", "messages": [{"role": "user", "content": "hi"}], "n": 2}))
+        .send()
+        .await
+        .expect("POST");
+    let a = answer(resp).await;
+    assert_eq!(a.status, 422, "{}", a.text);
+    assert_eq!(a.error_code(), "unsupported_parameter");
+}
+
 #[tokio::test]
 async fn no_healthy_deployment_when_every_breaker_is_open() {
     let up = MockUpstream::start().await;
