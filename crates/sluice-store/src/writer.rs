@@ -525,12 +525,18 @@ pub struct Replayed {
 }
 
 /// Writes the records of a spill file (left by a writer whose store was down) to the store, then
-/// removes it. The file is claimed first, by linking it under a second name (which fails if a
-/// claim exists), so that two replicas sharing it do not both replay it; a claim left by a replay
-/// that stopped half way is taken up by the next start. Records are read and written 512 at a
-/// time. Writing a record twice is a no-op, so a replay may safely repeat. Records the store
-/// refuses as data go to `FILE.rejected`. If the store fails, the records not yet written go
-/// back to the spill file and the error is returned.
+/// removes it.
+///
+/// One replay runs at a time among the processes sharing the file: each holds a lock on
+/// `FILE.lock` while it runs, and one that finds it held leaves the file to its holder. The store
+/// is tried with the file's first record before anything moves, so a store still down costs a
+/// single insert (a failed replay puts every line it has not written back, which for a large
+/// file is a copy of gigabytes). The file is then claimed, by linking it under a second name
+/// (renaming it where hard links fail), so that new spills start a fresh file; a claim left by a
+/// replay that stopped half way is taken up by the next replay that holds the lock. Records are
+/// read and written 512 at a time. Writing a record twice is a no-op, so a replay may safely
+/// repeat. Records the store refuses as data go to `FILE.rejected`. If the store fails, the
+/// records not yet written go back to the spill file and the error is returned.
 pub async fn replay_spill(
     store: &dyn LogStore,
     path: &std::path::Path,
@@ -538,8 +544,8 @@ pub async fn replay_spill(
     replay(store, path, true).await
 }
 
-/// [`replay_spill`] while the server runs: a claim that exists belongs to another replica (or to
-/// a start that crashed, left for the next start), so it is not touched.
+/// [`replay_spill`] while the server runs. Where the file system has no locks, a claim that
+/// exists may belong to another replica's replay, so it is left for the next start.
 pub async fn replay_spill_running(
     store: &dyn LogStore,
     path: &std::path::Path,
@@ -568,12 +574,27 @@ async fn replay_linking(
     use std::io::BufRead;
     let claimed = path.with_extension("jsonl.replaying");
     let mut out = Replayed::default();
+    let lock = match replay_lock(path) {
+        Ok(Some(lock)) => Some(lock),
+        // Another process is replaying the file.
+        Ok(None) => return Ok(out),
+        Err(e) => {
+            tracing::debug!(error = %e, path = %path.display(), "no lock for the spill file's replay; its claim alone keeps replays apart");
+            None
+        }
+    };
+    // Holding the lock, no other replay runs: a claim that exists was left half way.
+    let take_over = take_over || lock.is_some();
+    if path.exists() {
+        try_store(store, path).await?;
+    }
     loop {
         if path.exists() {
             match link(path, &claimed) {
                 Ok(()) => {
                     // Ours now: new spills start a fresh file.
                     std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                    fence_appends(&claimed);
                 }
                 // Claimed by another replica, or left by a replay that stopped half way.
                 Err(_) if claimed.exists() => {
@@ -609,6 +630,7 @@ async fn replay_linking(
                             path.display()
                         )
                     })?;
+                    fence_appends(&claimed);
                 }
             }
         } else if !(take_over && claimed.exists()) {
@@ -700,6 +722,105 @@ async fn replay_linking(
     }
 }
 
+/// Takes the lock that keeps replays of the spill file `path` apart (`FILE.lock`, created if
+/// missing; released when the returned file closes). `Ok(None)`: another process holds it. An
+/// error: the file system has no locks.
+fn replay_lock(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
+    let lock_path = path.with_extension("jsonl.lock");
+    if let Some(dir) = lock_path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Tries the store with the first record of the spill file `path`, before the file is claimed:
+/// a store that does not take it leaves the file where it is. A record the store refuses as data
+/// shows the store answers (the replay sets it apart); a file whose first lines are no record
+/// is replayed without a try.
+async fn try_store(store: &dyn LogStore, path: &std::path::Path) -> Result<(), String> {
+    use std::io::BufRead;
+    let first = (|| {
+        let file = std::fs::File::open(path).ok()?;
+        std::io::BufReader::new(file)
+            .split(b'\n')
+            .take(16)
+            .map_while(Result::ok)
+            .find_map(|line| serde_json::from_slice::<RequestRecord>(&line).ok())
+    })();
+    let Some(first) = first else {
+        return Ok(());
+    };
+    let tried = match tokio::time::timeout(
+        ATTEMPT_TIMEOUT,
+        store.insert_batch(std::slice::from_ref(&first)),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Database(format!(
+            "no answer within {:.1} s",
+            ATTEMPT_TIMEOUT.as_secs_f64()
+        ))),
+    };
+    match tried {
+        Ok(()) | Err(StoreError::Rejected(_)) => Ok(()),
+        Err(e) => Err(format!("{e} (the records stay in {})", path.display())),
+    }
+}
+
+/// Waits for appends to a spill file just claimed that began before it was claimed: an append
+/// holds the file's lock while it writes, and checks after taking it that the file is still the
+/// spill file (see [`open_for_append`]), so once this has had the lock no more lines go into the
+/// claim.
+fn fence_appends(claimed: &std::path::Path) {
+    if let Ok(f) = std::fs::File::open(claimed) {
+        let _ = f.lock();
+    }
+}
+
+/// Opens `path` to append to it, holding its lock: a file claimed by a replay (unlinked from
+/// `path`) between the open and the lock is let go and `path` opened again, so that no line is
+/// written into a file already read.
+fn open_for_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    loop {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        match f.lock() {
+            Ok(()) => {}
+            // No locks on this file system: appends and claims are kept apart by timing alone.
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => return Ok(f),
+            Err(e) => return Err(e),
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let mine = f.metadata()?;
+            match std::fs::metadata(path) {
+                Ok(now) if now.ino() == mine.ino() && now.dev() == mine.dev() => return Ok(f),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        #[cfg(not(unix))]
+        return Ok(f);
+    }
+}
+
 /// The most a replay writes in one go: 512 records, or fewer when their lines add up to this
 /// many bytes (records with large bodies), so that memory stays bounded and one insert fits its
 /// time limit.
@@ -718,11 +839,7 @@ fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .open(path)?;
+    let mut f = open_for_append(path)?;
     let len = f.seek(SeekFrom::End(0))?;
     if len > 0 {
         let mut last = [0u8; 1];
@@ -775,8 +892,10 @@ mod tests {
     }
 
     /// On a file system without hard links the spill file is claimed by renaming it (it used to
-    /// be taken for claimed by another replica, and never written to the store); a claim that
-    /// exists is still left to its owner.
+    /// be taken for claimed by another replica, and never written to the store). While another
+    /// process replays (holds the lock) nothing is touched; a claim left behind by a replay that
+    /// stopped half way is taken up by the next one (a running server left it for the next
+    /// start, so its records stayed out of the store while it ran).
     #[tokio::test]
     async fn a_spill_file_is_replayed_where_hard_links_fail() {
         let dir = tempfile::tempdir().unwrap();
@@ -790,19 +909,94 @@ mod tests {
         };
         let store = Counting::default();
         let claim = path.with_extension("jsonl.replaying");
-        std::fs::write(&claim, b"").unwrap();
+        let left = RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false);
+        std::fs::write(&claim, json_lines([&left]).unwrap()).unwrap();
+        let other = replay_lock(&path).unwrap().expect("the lock is free");
         let r = replay_linking(&store, &path, false, no_links)
             .await
             .unwrap();
-        assert_eq!(r.records, 0, "another replica's claim is left alone");
-        assert!(path.exists());
-        std::fs::remove_file(&claim).unwrap();
+        assert_eq!(r.records, 0, "another process's replay is left alone");
+        assert!(path.exists() && claim.exists());
+        drop(other);
         let r = replay_linking(&store, &path, false, no_links)
             .await
             .unwrap();
-        assert_eq!(r.records, 3);
-        assert_eq!(store.0.load(Ordering::SeqCst), 3);
+        assert_eq!(r.records, 4, "the claim left behind, then the spill file");
+        assert_eq!(
+            store.0.load(Ordering::SeqCst),
+            5,
+            "the spill file's first record tried, then the four"
+        );
+        assert!(store.get(left.id).await.unwrap().is_some());
         assert!(!path.exists() && !claim.exists());
+    }
+
+    /// A replay on a store that is still down tries one record and moves nothing (it claimed
+    /// the file and copied every line back, gigabytes for a large file, every few seconds of an
+    /// outage).
+    #[tokio::test]
+    async fn a_replay_on_a_store_still_down_moves_nothing() {
+        struct Down(AtomicU64);
+        #[async_trait::async_trait]
+        impl LogStore for Down {
+            async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
+                self.0.fetch_add(records.len() as u64, Ordering::SeqCst);
+                Err(StoreError::Database("connection refused".into()))
+            }
+            async fn get(&self, _: uuid::Uuid) -> Result<Option<RequestRecord>, StoreError> {
+                Ok(None)
+            }
+            async fn list(&self, _: &RecordQuery) -> Result<Vec<RequestRecord>, StoreError> {
+                Ok(Vec::new())
+            }
+            async fn count(&self) -> Result<u64, StoreError> {
+                Ok(0)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.jsonl");
+        let records: Vec<_> = (0..1000)
+            .map(|_| RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false))
+            .collect();
+        spill_batch(&path, &records).unwrap();
+        let before = std::fs::metadata(&path).unwrap();
+        let store = Down(AtomicU64::new(0));
+        let e = replay_spill_running(&store, &path).await.unwrap_err();
+        assert!(e.contains("connection refused"), "{e}");
+        assert_eq!(store.0.load(Ordering::SeqCst), 1, "one record tried");
+        let after = std::fs::metadata(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(after.ino(), before.ino(), "the same file, not a copy");
+        }
+        assert!(!path.with_extension("jsonl.replaying").exists());
+    }
+
+    /// An append that opened the spill file just before a replay claimed it lets the claimed
+    /// file go and writes to a fresh spill file (its lines went into a file already read, which
+    /// the replay then removed).
+    #[test]
+    fn an_append_never_lands_in_a_claimed_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.jsonl");
+        append(&path, b"{\"id\":1}\n").unwrap();
+        // The appender has the file open and waits for its lock, which the replay's fence
+        // holds while it claims the file.
+        let held = std::fs::File::open(&path).unwrap();
+        held.lock().unwrap();
+        let appender = {
+            let path = path.clone();
+            std::thread::spawn(move || append(&path, b"{\"id\":2}\n"))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let claim = path.with_extension("jsonl.replaying");
+        std::fs::hard_link(&path, &claim).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        drop(held);
+        appender.join().unwrap().unwrap();
+        assert_eq!(std::fs::read(&claim).unwrap(), b"{\"id\":1}\n");
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"id\":2}\n");
     }
 
     /// A spill file cut mid-line by a crash: the next batch starts on a line of its own, so only

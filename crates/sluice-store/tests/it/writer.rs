@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::fixtures::{full_record, record};
 
-/// A store that keeps nothing: with `down`, its `insert_batch` always fails; else the first call
+/// A store that keeps only ids: with `down`, its `insert_batch` always fails; else the first call
 /// takes `first_delay` and every call succeeds.
 #[derive(Default)]
 struct TestStore {
@@ -30,6 +30,8 @@ struct TestStore {
     refuse_model: Option<&'static str>,
     /// The next batch of exactly this many records fails (once), as in a blip of the store.
     fail_batch_of: AtomicU64,
+    /// The ids written: a record written again is a no-op, as in the real stores.
+    ids: std::sync::Mutex<std::collections::HashSet<Uuid>>,
 }
 
 #[async_trait]
@@ -56,8 +58,9 @@ impl LogStore for TestStore {
         {
             return Err(StoreError::Rejected(format!("model {m} is refused")));
         }
-        self.written
-            .fetch_add(_records.len() as u64, Ordering::SeqCst);
+        let mut ids = self.ids.lock().unwrap();
+        let fresh = _records.iter().filter(|r| ids.insert(r.id)).count();
+        self.written.fetch_add(fresh as u64, Ordering::SeqCst);
         Ok(())
     }
     async fn get(&self, _id: Uuid) -> Result<Option<RequestRecord>, StoreError> {
@@ -240,19 +243,19 @@ async fn a_spill_file_is_written_to_the_store_at_the_next_start() {
         f.write_all(b"{\"id\":\"0190").unwrap();
     }
 
-    // The store is down: nothing is lost, the records stay in the spill file.
+    // The store is down: nothing is lost or moved, the records stay in the spill file (one was
+    // tried).
     let down = TestStore {
         down: true,
         ..TestStore::default()
     };
+    let before = std::fs::read(&spill).unwrap();
     let e = sluice_store::writer::replay_spill(&down, &spill)
         .await
         .expect_err("the store is down");
-    assert!(e.contains("3 records stay"), "{e}");
-    let kept = std::fs::read_to_string(&spill).expect("still spilled");
-    assert_eq!(kept.lines().count(), 3);
-    let bad = std::fs::read_to_string(dir.path().join("spill.jsonl.bad")).expect("kept aside");
-    assert_eq!(bad, "{\"id\":\"0190\n");
+    assert!(e.contains("the records stay in"), "{e}");
+    assert_eq!(down.insert_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(std::fs::read(&spill).expect("still spilled"), before);
 
     // The store is back: every record is written once, the file is gone, the cut line is kept
     // aside. A second replay finds nothing.
@@ -263,8 +266,10 @@ async fn a_spill_file_is_written_to_the_store_at_the_next_start() {
     let done = sluice_store::writer::replay_spill(&store, &spill)
         .await
         .expect("replayed");
-    assert_eq!((done.records, done.bad_lines), (3, 0));
+    assert_eq!((done.records, done.bad_lines), (3, 1));
     assert!(!spill.exists());
+    let bad = std::fs::read_to_string(dir.path().join("spill.jsonl.bad")).expect("kept aside");
+    assert_eq!(bad, "{\"id\":\"0190\n");
     assert_eq!(store.count().await.unwrap(), 3);
     for r in &records {
         assert!(store.get(r.id).await.unwrap().is_some());
@@ -294,13 +299,12 @@ async fn a_failed_replay_puts_a_large_spill_back_whole_and_in_order() {
     }
     let before = std::fs::metadata(&spill).unwrap().len();
     assert!(before > 6 << 20, "{before}");
-    let down = TestStore {
-        down: true,
-        ..TestStore::default()
-    };
+    // The store takes the record tried first, then fails on the first chunk (512 records).
+    let down = TestStore::default();
+    down.fail_batch_of.store(512, Ordering::SeqCst);
     let e = sluice_store::writer::replay_spill(&down, &spill)
         .await
-        .expect_err("the store is down");
+        .expect_err("the store failed");
     assert!(e.contains("1500 records stay"), "{e}");
     let kept: Vec<Uuid> = std::fs::read_to_string(&spill)
         .unwrap()
