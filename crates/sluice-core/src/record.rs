@@ -286,6 +286,9 @@ pub struct RecordQuery {
     pub finished_since: Option<DateTime<Utc>>,
     pub before: Option<Uuid>,
     pub limit: u32,
+    /// Leave the request and response bodies out (`None` in the records): a reader that shows
+    /// summaries does not pull up to 32 MiB a record from the store.
+    pub without_bodies: bool,
 }
 
 /// Errors of a store.

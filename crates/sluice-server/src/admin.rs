@@ -142,6 +142,7 @@ impl ListParams {
             finished_since: None,
             before,
             limit,
+            without_bodies: false,
         })
     }
 }
@@ -172,6 +173,7 @@ pub async fn list_requests(
             let after = RecordQuery {
                 before: rows.last().map(|r| r.id),
                 limit: 1,
+                without_bodies: true,
                 ..q.clone()
             };
             state

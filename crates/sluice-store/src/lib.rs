@@ -520,6 +520,13 @@ const COLUMNS: &str = "id, started_at, finished_at, endpoint, model, provider, d
     tags, metadata, request_body, response_body, attempt_log, route, key_id, cache, cost_saved_usd, \
     team";
 
+/// [`COLUMNS`] with the bodies left out (read as NULL).
+const COLUMNS_WITHOUT_BODIES: &str = "id, started_at, finished_at, endpoint, model, provider, \
+    deployment, attempts, status, http_status, error_code, error_message, stream, latency_ms, \
+    ttft_ms, prompt_tokens, completion_tokens, cached_tokens, usage_source, cost_usd, \
+    finish_reason, user_id, session_id, tags, metadata, CAST(NULL AS TEXT) AS request_body, \
+    CAST(NULL AS TEXT) AS response_body, attempt_log, route, key_id, cache, cost_saved_usd, team";
+
 impl SqliteStore {
     pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)
@@ -780,8 +787,13 @@ macro_rules! store_impl {
             }
 
             async fn list(&self, q: &RecordQuery) -> Result<Vec<RequestRecord>, StoreError> {
+                let columns = if q.without_bodies {
+                    COLUMNS_WITHOUT_BODIES
+                } else {
+                    COLUMNS
+                };
                 let mut qb = sqlx::QueryBuilder::<$db>::new(format!(
-                    "SELECT {COLUMNS} FROM requests WHERE 1 = 1"
+                    "SELECT {columns} FROM requests WHERE 1 = 1"
                 ));
                 if let Some(m) = &q.model {
                     qb.push(" AND model = ").push_bind(indexed(m));

@@ -81,6 +81,8 @@ fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
         finished_since: None,
         before,
         limit,
+        // Printed whole only as JSON.
+        without_bodies: !args.json,
     })
 }
 

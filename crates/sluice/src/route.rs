@@ -130,6 +130,7 @@ pub async fn report(
                 since,
                 before,
                 limit: 1000,
+                without_bodies: true,
                 ..RecordQuery::default()
             })
             .await?;

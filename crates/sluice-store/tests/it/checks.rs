@@ -74,6 +74,28 @@ pub async fn round_trip(db: &TestDb) {
             .unwrap_or_else(|| panic!("list returned unknown id {}", got.id));
         assert_same_record(got, want);
     }
+    // Without bodies: the same records, bodies left out.
+    let summaries = list(
+        &store,
+        &RecordQuery {
+            limit: 10,
+            without_bodies: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(summaries.len(), 3);
+    assert!(full.request_body.is_some() && full.response_body.is_some());
+    for got in &summaries {
+        let mut want = [&full, &cancelled, &minimal]
+            .into_iter()
+            .find(|w| w.id == got.id)
+            .unwrap_or_else(|| panic!("list returned unknown id {}", got.id))
+            .clone();
+        want.request_body = None;
+        want.response_body = None;
+        assert_same_record(got, &want);
+    }
     assert_eq!(count(&store).await, 3);
 }
 
