@@ -274,6 +274,10 @@ struct Live {
     latency_at_ms: AtomicU64,
     /// A request went to re-measure a forgotten average: its sample starts the average afresh.
     remeasuring: std::sync::atomic::AtomicBool,
+    /// When a request went to take the first sample of a deployment never measured (as
+    /// `latency_at_ms`; 0: none): until it answers, or for [`LATENCY_MEMORY`] at most, the others
+    /// do not go there too.
+    measuring_since_ms: AtomicU64,
     /// The average of answers alone (failures count as slow in `latency`, not here): how long a
     /// half-open probe may take before its cancelled client says nothing.
     answer_latency: Ewma,
@@ -355,6 +359,7 @@ impl DeploymentState {
                 in_flight: AtomicU32::new(0),
                 latency: Ewma::new(0.2),
                 latency_at_ms: AtomicU64::new(0),
+                measuring_since_ms: AtomicU64::new(0),
                 remeasuring: std::sync::atomic::AtomicBool::new(false),
                 answer_latency: Ewma::new(0.2),
                 breaker: Breaker::new(breaker),
@@ -512,10 +517,29 @@ impl DeploymentState {
     /// average stands (so the others are not all sent here meanwhile), and its sample then
     /// starts the average afresh.
     fn remeasure(&self, now: Instant) {
-        if self.live.latency.get().is_some() && self.latency_ms(now).is_none() {
+        if self.live.latency.get().is_none() {
+            let at = self.latency_stamp(now);
+            self.live.measuring_since_ms.store(at, Ordering::Relaxed);
+        } else if self.latency_ms(now).is_none() {
             self.live.remeasuring.store(true, Ordering::Relaxed);
             let at = self.latency_stamp(now);
             self.live.latency_at_ms.store(at, Ordering::Relaxed);
+        }
+    }
+
+    /// What the `latency` strategy compares: the average; none (0) for a deployment to be
+    /// measured; and for one never measured whose first request has not answered yet, last
+    /// place (the others are not all sent there meanwhile, for as long as its first answer
+    /// takes).
+    fn latency_rank(&self, now: Instant) -> f64 {
+        if let Some(ms) = self.latency_ms(now) {
+            return ms;
+        }
+        let since = self.live.measuring_since_ms.load(Ordering::Relaxed);
+        if self.live.latency.get().is_none() && !forgotten(since, self.latency_stamp(now)) {
+            f64::INFINITY
+        } else {
+            0.0
         }
     }
 
@@ -966,8 +990,8 @@ impl Group {
                 let (a, b) = (candidates[a], candidates[b]);
                 // No recent sample counts as fastest, so every deployment gets measured, and
                 // one that was slow is tried again once its average is forgotten.
-                let la = deps[a].latency_ms(now).unwrap_or(0.0);
-                let lb = deps[b].latency_ms(now).unwrap_or(0.0);
+                let la = deps[a].latency_rank(now);
+                let lb = deps[b].latency_rank(now);
                 let chosen = if la <= lb { a } else { b };
                 deps[chosen].remeasure(now);
                 chosen
@@ -1393,6 +1417,47 @@ mod tests {
             None,
         );
         assert_eq!(g.deployments[1].latency_ms(now), before);
+    }
+
+    /// A deployment never measured gets one request to measure it; until that answers, the
+    /// others go by their averages (all went to it until its first answer, which a cold
+    /// deployment may take seconds to give).
+    #[test]
+    fn a_deployment_never_measured_gets_one_request_until_it_answers() {
+        let g = group(
+            Strategy::Latency,
+            vec![dep("known", 1.0, None, None), dep("new", 1.0, None, None)],
+            BreakerConfig::default(),
+        );
+        let t = Instant::now();
+        g.deployments[0].report(t, Duration::from_millis(50), None, None);
+        let picked = |at| match g.pick(at, &[], 0) {
+            Pick::Go { dep, .. } => dep.dep.id.clone(),
+            Pick::Wait { .. } => panic!("no pick"),
+        };
+        assert_eq!(picked(t), "new", "measured first");
+        for _ in 0..20 {
+            assert_eq!(picked(t), "known", "its first answer is awaited");
+        }
+        // Its first answer places it.
+        g.deployments[1].report(t, Duration::from_millis(10), None, None);
+        assert_eq!(picked(t), "new");
+        // A first request that never answered (cancelled) is given up after the memory.
+        let h = group(
+            Strategy::Latency,
+            vec![dep("known", 1.0, None, None), dep("new", 1.0, None, None)],
+            BreakerConfig::default(),
+        );
+        h.deployments[0].report(t, Duration::from_millis(50), None, None);
+        let pick_h = |at| match h.pick(at, &[], 0) {
+            Pick::Go { dep, .. } => dep.dep.id.clone(),
+            Pick::Wait { .. } => panic!("no pick"),
+        };
+        assert_eq!(pick_h(t), "new");
+        assert_eq!(pick_h(t), "known");
+        let later = t + LATENCY_MEMORY + Duration::from_secs(1);
+        h.deployments[0].report(later, Duration::from_millis(50), None, None);
+        assert_eq!(pick_h(later), "new", "measured again");
     }
 
     #[test]
