@@ -1419,45 +1419,44 @@ mod tests {
         assert_eq!(g.deployments[1].latency_ms(now), before);
     }
 
+    /// The id of the deployment `g` picks at `at` for an attempt.
+    fn picked(g: &Group, at: Instant) -> String {
+        match g.pick(at, &[], 0) {
+            Pick::Go { dep, .. } => dep.dep.id.clone(),
+            Pick::Wait { .. } => panic!("no pick"),
+        }
+    }
+
     /// A deployment never measured gets one request to measure it; until that answers, the
     /// others go by their averages (all went to it until its first answer, which a cold
     /// deployment may take seconds to give).
     #[test]
     fn a_deployment_never_measured_gets_one_request_until_it_answers() {
-        let g = group(
-            Strategy::Latency,
-            vec![dep("known", 1.0, None, None), dep("new", 1.0, None, None)],
-            BreakerConfig::default(),
-        );
         let t = Instant::now();
-        g.deployments[0].report(t, Duration::from_millis(50), None, None);
-        let picked = |at| match g.pick(at, &[], 0) {
-            Pick::Go { dep, .. } => dep.dep.id.clone(),
-            Pick::Wait { .. } => panic!("no pick"),
+        let known_and_new = || {
+            let g = group(
+                Strategy::Latency,
+                vec![dep("known", 1.0, None, None), dep("new", 1.0, None, None)],
+                BreakerConfig::default(),
+            );
+            g.deployments[0].report(t, Duration::from_millis(50), None, None);
+            g
         };
-        assert_eq!(picked(t), "new", "measured first");
+        let g = known_and_new();
+        assert_eq!(picked(&g, t), "new", "measured first");
         for _ in 0..20 {
-            assert_eq!(picked(t), "known", "its first answer is awaited");
+            assert_eq!(picked(&g, t), "known", "its first answer is awaited");
         }
         // Its first answer places it.
         g.deployments[1].report(t, Duration::from_millis(10), None, None);
-        assert_eq!(picked(t), "new");
+        assert_eq!(picked(&g, t), "new");
         // A first request that never answered (cancelled) is given up after the memory.
-        let h = group(
-            Strategy::Latency,
-            vec![dep("known", 1.0, None, None), dep("new", 1.0, None, None)],
-            BreakerConfig::default(),
-        );
-        h.deployments[0].report(t, Duration::from_millis(50), None, None);
-        let pick_h = |at| match h.pick(at, &[], 0) {
-            Pick::Go { dep, .. } => dep.dep.id.clone(),
-            Pick::Wait { .. } => panic!("no pick"),
-        };
-        assert_eq!(pick_h(t), "new");
-        assert_eq!(pick_h(t), "known");
+        let h = known_and_new();
+        assert_eq!(picked(&h, t), "new");
+        assert_eq!(picked(&h, t), "known");
         let later = t + LATENCY_MEMORY + Duration::from_secs(1);
         h.deployments[0].report(later, Duration::from_millis(50), None, None);
-        assert_eq!(pick_h(later), "new", "measured again");
+        assert_eq!(picked(&h, later), "new", "measured again");
     }
 
     #[test]
@@ -1477,24 +1476,15 @@ mod tests {
         // The slow average is forgotten: the deployment counts as unmeasured and is tried.
         assert_eq!(g.deployments[0].latency_ms(later), None);
         g.deployments[1].report(later, Duration::from_millis(20), None, None);
-        match g.pick(later, &[], 0) {
-            Pick::Go { dep, .. } => assert_eq!(dep.dep.id, "was_slow"),
-            Pick::Wait { .. } => panic!("no pick"),
-        }
+        assert_eq!(picked(&g, later), "was_slow");
         // One request re-measures it; until it answers, the old average stands and the others
         // go to the fast one.
         assert_eq!(g.deployments[0].latency_ms(later), Some(3000.0));
-        match g.pick(later, &[], 0) {
-            Pick::Go { dep, .. } => assert_eq!(dep.dep.id, "fast"),
-            Pick::Wait { .. } => panic!("no pick"),
-        }
+        assert_eq!(picked(&g, later), "fast");
         // Its next sample starts the average afresh rather than blending with 3000 ms.
         g.deployments[0].report(later, Duration::from_millis(10), None, None);
         assert_eq!(g.deployments[0].latency_ms(later), Some(10.0));
-        match g.pick(later, &[], 0) {
-            Pick::Go { dep, .. } => assert_eq!(dep.dep.id, "was_slow"),
-            Pick::Wait { .. } => panic!("no pick"),
-        }
+        assert_eq!(picked(&g, later), "was_slow");
     }
 
     #[test]
