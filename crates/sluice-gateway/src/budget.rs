@@ -975,6 +975,41 @@ mod tests {
         );
     }
 
+    /// A shared ledger of millions of dollars, rebuilt from the log, holds its whole spend (the
+    /// amounts sent to Redis were capped at $1.1 million, so a $3 million budget with $2 million
+    /// spent took a $1.5 million request).
+    #[tokio::test]
+    async fn a_large_shared_budget_holds_after_its_ledger_is_rebuilt() {
+        let Some(Blip {
+            _redis,
+            link: _link,
+            b,
+            store,
+            ..
+        }) = Blip::start().await
+        else {
+            return;
+        };
+        store
+            .0
+            .store(2_000_000_000_000_000, std::sync::atomic::Ordering::SeqCst);
+        let limits = [Limit {
+            spender: Spender::Team("big".into()),
+            period: Period::Total,
+            usd: 3_000_000.0,
+        }];
+        let e = b.reserve(&limits, 1_500_000.0).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientQuota);
+        assert!(e.message.contains("$2000000 spent"), "{}", e.message);
+        b.reserve(&limits, 900_000.0)
+            .await
+            .unwrap()
+            .unwrap()
+            .settle(900_000.0);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(b.reserve(&limits, 200_000.0).await.is_err(), "$2.9M spent");
+    }
+
     #[tokio::test]
     async fn spend_redis_missed_while_unreachable_is_read_again_from_the_log() {
         let Some(Blip {

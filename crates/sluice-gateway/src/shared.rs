@@ -67,12 +67,18 @@ const PARALLEL_TTL_SECS: u64 = HOLD_MS / 1000;
 /// (a request that runs longer keeps going; only its hold lapses, and its cost is still
 /// reconciled).
 pub const HOLD_MS: u64 = 15 * 60 * 1000;
-/// The largest token estimate or cost (nano-USD: $1.1 million) sent to a script: far beyond any
-/// real request, and safe in Redis's integers and Lua's doubles.
+/// The largest token estimate sent to a script: far beyond any real request, and safe in
+/// Redis's integers and Lua's doubles.
 const MAX_AMOUNT: u64 = 1 << 50;
 
+/// The largest amount of money (nano-USD: $2.3 billion) sent to a budget script: a spend, a
+/// worst case or a cost. Redis keeps a ledger's spend as an exact 64-bit integer (this leaves
+/// room for several such amounts to add up); the scripts compare amounts as doubles, exact to
+/// the nano-dollar up to $9 million and to a few nano-dollars in a billion beyond.
+const MAX_NANOS: i64 = 1 << 61;
+
 fn clamp_amount(v: i64) -> i64 {
-    v.clamp(0, MAX_AMOUNT as i64)
+    v.clamp(0, MAX_NANOS)
 }
 
 /// A fresh id for one request's holds.
