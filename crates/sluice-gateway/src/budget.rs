@@ -765,6 +765,15 @@ mod tests {
         }
     }
 
+    /// Reserves `worst` on `limits` and settles the reservation at `cost`.
+    async fn spend(b: &Budgets, limits: &[Limit], worst: f64, cost: f64) {
+        b.reserve(limits, worst)
+            .await
+            .expect("room in the budget")
+            .expect("a budget applies")
+            .settle(cost);
+    }
+
     #[tokio::test]
     async fn reservations_fit_under_the_budget_and_settle_to_the_real_cost() {
         let b = Budgets::new(Some(Arc::new(FixedSpend(0.50))), None);
@@ -783,11 +792,7 @@ mod tests {
         r3.settle(0.20);
         // 0.50 + 0.01 + 0.20 + 0.20 = 0.91 spent: 0.09 fits, 0.10 does not.
         assert!(b.reserve(&limits, 0.10).await.is_err());
-        b.reserve(&limits, 0.09)
-            .await
-            .unwrap()
-            .unwrap()
-            .settle(0.09);
+        spend(&b, &limits, 0.09, 0.09).await;
         assert!(
             b.reserve(&limits, 0.000_001).await.is_err(),
             "exactly spent"
@@ -960,11 +965,7 @@ mod tests {
             return;
         };
         for _ in 0..3 {
-            b.reserve(&limits, 0.000_000_4)
-                .await
-                .unwrap()
-                .unwrap()
-                .settle(0.000_000_04);
+            spend(&b, &limits, 0.000_000_4, 0.000_000_04).await;
         }
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let (spent, reserved) = shared.redis().ledger(&ledger).await.unwrap().unwrap();
@@ -1001,11 +1002,7 @@ mod tests {
         let e = b.reserve(&limits, 1_500_000.0).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InsufficientQuota);
         assert!(e.message.contains("$2000000 spent"), "{}", e.message);
-        b.reserve(&limits, 900_000.0)
-            .await
-            .unwrap()
-            .unwrap()
-            .settle(900_000.0);
+        spend(&b, &limits, 900_000.0, 900_000.0).await;
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(b.reserve(&limits, 200_000.0).await.is_err(), "$2.9M spent");
     }
@@ -1030,11 +1027,7 @@ mod tests {
             spent
         };
         // $0.10 through Redis; the log has it too.
-        b.reserve(&limits, 0.05)
-            .await
-            .unwrap()
-            .unwrap()
-            .settle(0.10);
+        spend(&b, &limits, 0.05, 0.10).await;
         store
             .0
             .store(100_000_000, std::sync::atomic::Ordering::SeqCst);
@@ -1115,11 +1108,7 @@ mod tests {
         b.idle = std::time::Duration::from_millis(50);
         for u in 0..100 {
             let limits = [daily(Spender::User(format!("u{u}")), 1.00)];
-            b.reserve(&limits, 0.01)
-                .await
-                .unwrap()
-                .unwrap()
-                .settle(0.01);
+            spend(&b, &limits, 0.01, 0.01).await;
         }
         let held = b
             .reserve(&[daily(Spender::User("busy".into()), 1.00)], 0.01)
