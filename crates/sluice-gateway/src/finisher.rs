@@ -317,9 +317,10 @@ impl Finisher {
             let usage = completion.usage.clone();
             let model = dep.upstream_model();
             self.cache_writes = apply_usage(r, usage, dep.price, || {
-                (
+                Usage::new(
                     tokens::count_prompt(model, req),
                     tokens::count_text(model, &completion.output_text()),
+                    0,
                 )
             });
             r.finish_reason = completion
@@ -375,7 +376,7 @@ impl Finisher {
                     .iter()
                     .map(|t| tokens::count_text(model, t))
                     .sum();
-                (n + req.input.token_ids(), 0)
+                Usage::new(n + req.input.token_ids(), 0, 0)
             });
             let counted = (reported == 0).then_some(EmbeddingUsage {
                 prompt_tokens: r.prompt_tokens,
@@ -394,7 +395,7 @@ impl Finisher {
         &mut self,
         usage: Option<Usage>,
         price: Option<ModelPrice>,
-        count: impl FnOnce() -> (u64, u64),
+        count: impl FnOnce() -> Usage,
         finish_reason: Option<String>,
         response_body: Option<RawJson>,
         error: Option<&Error>,
@@ -423,7 +424,7 @@ impl Finisher {
         if let Some(r) = self.record.as_mut()
             && r.usage_source == UsageSource::None
         {
-            apply_usage(r, None, price, || (prompt_tokens, 0));
+            apply_usage(r, None, price, || Usage::new(prompt_tokens, 0, 0));
             r.usage_source = UsageSource::Estimate;
         }
     }
@@ -435,7 +436,7 @@ impl Finisher {
         &mut self,
         usage: Option<Usage>,
         price: Option<ModelPrice>,
-        estimate: impl FnOnce() -> (u64, u64),
+        estimate: impl FnOnce() -> Usage,
         response_body: Option<RawJson>,
     ) {
         if let Some(r) = self.record.as_mut() {
@@ -493,35 +494,28 @@ fn round3(v: f64) -> f64 {
 }
 
 /// Sets tokens, their source and cost: the provider's usage when it reported one, else the
-/// tokenizer's count. Returns the prompt tokens the provider wrote to its cache.
+/// tokenizer's count (with the prompt's cache reads and writes when the provider told them
+/// before it stopped). Returns the prompt tokens the provider wrote to its cache.
 fn apply_usage(
     r: &mut RequestRecord,
     usage: Option<Usage>,
     price: Option<ModelPrice>,
-    count: impl FnOnce() -> (u64, u64),
+    count: impl FnOnce() -> Usage,
 ) -> CacheWrites {
-    let mut writes = CacheWrites::default();
     // A broken upstream's absurd counts are priced as they are stored, not as sent.
     let clamp = |n: u64| n.min(MAX_TOKENS);
-    match usage {
-        Some(u) => {
-            r.prompt_tokens = clamp(u.prompt_tokens);
-            r.completion_tokens = clamp(u.completion_tokens);
-            r.cached_tokens = clamp(u.cached_tokens());
-            writes = CacheWrites {
-                tokens: clamp(u.cache_write_tokens()),
-                one_hour: clamp(u.cache_write_1h_tokens()),
-            };
-            r.usage_source = UsageSource::Provider;
-        }
-        None => {
-            let (p, c) = count();
-            r.prompt_tokens = clamp(p);
-            r.completion_tokens = clamp(c);
-            r.cached_tokens = 0;
-            r.usage_source = UsageSource::Tokenizer;
-        }
-    }
+    let (u, source) = match usage {
+        Some(u) => (u, UsageSource::Provider),
+        None => (count(), UsageSource::Tokenizer),
+    };
+    r.prompt_tokens = clamp(u.prompt_tokens);
+    r.completion_tokens = clamp(u.completion_tokens);
+    r.cached_tokens = clamp(u.cached_tokens());
+    let writes = CacheWrites {
+        tokens: clamp(u.cache_write_tokens()),
+        one_hour: clamp(u.cache_write_1h_tokens()),
+    };
+    r.usage_source = source;
     r.cost_usd = price
         .map(|p| {
             p.cost_with_writes(

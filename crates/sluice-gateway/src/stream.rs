@@ -132,7 +132,9 @@ struct State {
     usage: Option<Usage>,
     /// The prompt tokens an Anthropic upstream reported at the start of the stream: the
     /// record's count when the stream fails before its final usage.
-    start_prompt: Option<u64>,
+    /// The prompt's usage an Anthropic upstream sent before anything else
+    /// ([`sluice_types::anthropic::START_USAGE`]).
+    start_prompt: Option<Usage>,
     done: bool,
 }
 
@@ -140,20 +142,27 @@ impl State {
     /// What the stream produced: the reported usage, else the counts (prompt, completion) —
     /// the tokenizer's, or with `by_size` four bytes a token — and the assembled body when
     /// bodies are stored. Consumes the gathered text.
-    fn outcome(&mut self, by_size: bool) -> (Option<Usage>, (u64, u64), Option<RawJson>) {
+    fn outcome(&mut self, by_size: bool) -> (Option<Usage>, Usage, Option<RawJson>) {
         let usage = self.usage.take();
         let counts = match (&usage, by_size) {
-            (Some(_), _) => (0, 0),
-            (None, false) => (
-                self.start_prompt
-                    .unwrap_or_else(|| tokens::count_prompt(&self.req.model, &self.req)),
-                tokens::count_text(&self.req.model, &self.acc.output_text()),
-            ),
-            (None, true) => (
-                self.start_prompt
-                    .unwrap_or_else(|| tokens::estimate_prompt_by_size(&self.req)),
-                (self.acc.output_text().len() as u64).div_ceil(4),
-            ),
+            (Some(_), _) => Usage::default(),
+            (None, _) => {
+                let completion = if by_size {
+                    (self.acc.output_text().len() as u64).div_ceil(4)
+                } else {
+                    tokens::count_text(&self.req.model, &self.acc.output_text())
+                };
+                // The upstream's own count of the prompt, cache reads and writes included,
+                // when it sent one at the start.
+                let mut counts = match self.start_prompt.take() {
+                    Some(start) => start,
+                    None if by_size => Usage::new(tokens::estimate_prompt_by_size(&self.req), 0, 0),
+                    None => Usage::new(tokens::count_prompt(&self.req.model, &self.req), 0, 0),
+                };
+                counts.completion_tokens = completion;
+                counts.total_tokens = counts.prompt_tokens.saturating_add(completion);
+                counts
+            }
         };
         let acc = std::mem::take(&mut self.acc);
         let body = self
@@ -168,7 +177,7 @@ impl State {
         self.done = true;
         let finish_reason = self.acc.finish_reason().map(str::to_string);
         let (usage, counts, body) = self.outcome(false);
-        let counted = usage.is_none().then(|| Usage::new(counts.0, counts.1, 0));
+        let counted = usage.is_none().then(|| counts.clone());
         self.fin
             .finish_stream(
                 usage,
@@ -197,7 +206,7 @@ impl Drop for State {
         for chunk in std::mem::take(&mut self.upstream.pending) {
             self.acc.push(&chunk);
             if self.start_prompt.is_none() {
-                self.start_prompt = sluice_types::anthropic::start_prompt_tokens(&chunk);
+                self.start_prompt = sluice_types::anthropic::start_prompt_usage(&chunk);
             }
             if chunk.usage.is_some() {
                 self.usage = chunk.usage;
@@ -223,7 +232,7 @@ async fn step(mut st: State) -> Option<(StreamItem, State)> {
                     st.usage.clone_from(&chunk.usage);
                 }
                 if st.start_prompt.is_none() {
-                    st.start_prompt = sluice_types::anthropic::start_prompt_tokens(&chunk);
+                    st.start_prompt = sluice_types::anthropic::start_prompt_usage(&chunk);
                 }
                 if !st.client_wants_usage {
                     if chunk.choices.is_empty() && chunk.usage.is_some() {

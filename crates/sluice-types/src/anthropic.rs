@@ -541,16 +541,19 @@ pub const THINKING_BLOCKS: &str = "thinking_blocks";
 /// before a chunk reaches an OpenAI client, the cache or the record.
 pub const START_USAGE: &str = "sluice_start_usage";
 
-/// The prompt tokens (input, cache reads and cache writes: OpenAI's `prompt_tokens`) of a
-/// chunk's [`START_USAGE`]: what an Anthropic upstream counted before it streamed anything, kept
-/// for a stream that fails before its final usage.
-pub fn start_prompt_tokens(chunk: &ChatCompletionChunk) -> Option<u64> {
+/// The prompt's usage in a chunk's [`START_USAGE`], in OpenAI's terms (`prompt_tokens` with
+/// the cache reads and writes in it and their breakdown; no completion): what an Anthropic
+/// upstream counted before it streamed anything, kept for a stream that fails before its final
+/// usage, so that the prompt is priced with its cache reads and writes as such.
+pub fn start_prompt_usage(chunk: &ChatCompletionChunk) -> Option<Usage> {
     let u = AnthropicUsage::deserialize(chunk.extra.get(START_USAGE)?).ok()?;
-    Some(
-        u.input_tokens
-            .saturating_add(u.cache_read_input_tokens.unwrap_or(0))
-            .saturating_add(u.cache_creation_input_tokens.unwrap_or(0)),
-    )
+    Some(openai_usage(
+        u.input_tokens,
+        0,
+        u.cache_read_input_tokens.unwrap_or(0),
+        u.cache_creation_input_tokens.unwrap_or(0),
+        one_hour_writes(&u.extra),
+    ))
 }
 
 /// The field of an OpenAI tool message that says its `tool_result` was an error (`is_error`),

@@ -1147,15 +1147,17 @@ async fn anthropic_refuses_n_greater_than_one() {
     assert_eq!(rec["endpoint"], "chat.completions", "{rec:#}");
 }
 
-/// An Anthropic-compatible server that sends its stream events as `data:` lines alone (no
-/// `event:` names): the stream ends at the `message_stop` event, complete and without an error.
-#[tokio::test]
-async fn an_anthropic_stream_without_event_names_ends_at_message_stop() {
+/// A scripted Anthropic-compatible upstream: to every request it answers a stream of these
+/// events as `data:` lines alone (no `event:` names), then holds the connection open a while
+/// before closing it.
+async fn scripted_anthropic(events: Vec<Value>) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
+            let body = body.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 8192];
@@ -1177,26 +1179,33 @@ async fn an_anthropic_stream_without_event_names_ends_at_message_stop() {
                         }
                     }
                 }
-                let events = [
-                    json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 5, "output_tokens": 0}}}),
-                    json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}}),
-                    json!({"type": "content_block_stop", "index": 0}),
-                    json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 1}}),
-                    json!({"type": "message_stop"}),
-                ];
-                let body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
                 let head = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()
                 );
                 let _ = conn.write_all(head.as_bytes()).await;
                 let _ = conn.write_all(body.as_bytes()).await;
-                // Held open a while: the stream must end at `message_stop`, not at the close.
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             });
         }
     });
+    addr
+}
+
+/// An Anthropic-compatible server that sends its stream events as `data:` lines alone (no
+/// `event:` names): the stream ends at the `message_stop` event, complete and without an error.
+#[tokio::test]
+async fn an_anthropic_stream_without_event_names_ends_at_message_stop() {
+    let addr = scripted_anthropic(vec![
+        json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 5, "output_tokens": 0}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}}),
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 1}}),
+        json!({"type": "message_stop"}),
+    ])
+    .await;
+    // Held open after `message_stop`: the stream must end there, not at the close.
     let sluice = Sluice::start(&provider_config(
         "anthropic",
         &format!("http://{addr}"),
@@ -1217,6 +1226,44 @@ async fn an_anthropic_stream_without_event_names_ends_at_message_stop() {
     assert_eq!(events.last().map(|(_, d)| d.as_str()), Some("[DONE]"));
     let rec = sluice.record(&id).await;
     assert_eq!(rec["status"], "ok", "{rec:#}");
+}
+
+/// A Claude stream cut before its final usage, whose prompt was mostly read from the cache: the
+/// record keeps `message_start`'s cache reads and writes and prices them as such (the whole
+/// prompt was priced as plain input, 6.3 times the cost here).
+#[tokio::test]
+async fn a_cut_claude_stream_prices_its_cache_reads_as_such() {
+    let addr = scripted_anthropic(vec![
+        json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "cache_read_input_tokens": 20000, "cache_creation_input_tokens": 1000, "output_tokens": 1}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello there"}}),
+    ])
+    .await;
+    let sluice = Sluice::start(&format!(
+        "[providers.up]\ntype = \"anthropic\"\nbase_url = \"http://{addr}\"\napi_key = \"k\"\n\
+         [models.\"c\"]\ndeployments = [{{ provider = \"up\", model = \"claude-x\", \
+         input_cost_per_mtok = 3, output_cost_per_mtok = 15, cached_input_cost_per_mtok = 0.3, \
+         cache_write_cost_per_mtok = 3.75 }}]\n"
+    ))
+    .await;
+    let (id, _) = chat_stream(
+        &sluice,
+        &json!({"model": "c", "messages": user("Hi"), "stream": true}),
+    )
+    .await;
+    let rec = sluice.record(&id).await;
+    assert_eq!(rec["status"], "error", "{rec:#}");
+    assert_eq!(rec["prompt_tokens"], 21_100, "{rec:#}");
+    assert_eq!(rec["cached_tokens"], 20_000, "{rec:#}");
+    let completion = rec["completion_tokens"]
+        .as_f64()
+        .expect("completion_tokens");
+    let want = (100.0 * 3.0 + 20_000.0 * 0.3 + 1_000.0 * 3.75 + completion * 15.0) / 1e6;
+    let cost = rec["cost_usd"].as_f64().expect("cost_usd");
+    assert!(
+        (cost - want).abs() < 1e-12,
+        "{cost} against {want}: {rec:#}"
+    );
 }
 
 /// An OpenAI upstream gets the request as the client sent it, with only `model` replaced.
