@@ -46,6 +46,10 @@ pub struct Finisher {
     limit: Vec<crate::limits::Admitted>,
     /// The admission by the limits kept in Redis.
     shared_limit: Option<crate::limits::SharedAdmission>,
+    /// That admission once the record closed, its in-flight slots still to give back: the
+    /// async ends give them back before the client has its answer (see [`Self::let_go`]),
+    /// `Drop` in the background.
+    closing_limit: Option<crate::limits::SharedAdmission>,
     /// The budgets' reservation, settled with the real cost at the end.
     budget: Option<crate::budget::Reservation>,
     /// Where to put the answer in the cache when the request succeeds.
@@ -75,6 +79,7 @@ impl Finisher {
             cache_writes: CacheWrites::default(),
             limit: Vec::new(),
             shared_limit: None,
+            closing_limit: None,
             budget: None,
             fill: None,
             aborting: None,
@@ -244,6 +249,7 @@ impl Finisher {
         }
         if let Some(mut l) = self.shared_limit.take() {
             l.settle(tokens);
+            self.closing_limit = Some(l);
         }
         if let Some(b) = self.budget.take() {
             b.settle(r.cost_usd);
@@ -278,6 +284,16 @@ impl Finisher {
         Some(r)
     }
 
+    /// Gives back the request's in-flight slots kept in Redis, waiting a moment for Redis to
+    /// take them: a client that sends its next request as soon as it has this answer would
+    /// otherwise find its `max_parallel` still full. A release that takes longer (Redis slow or
+    /// down) goes on in the background.
+    async fn let_go(&mut self) {
+        if let Some(l) = self.closing_limit.take() {
+            l.release_within(RELEASE_WAIT).await;
+        }
+    }
+
     fn set_error(r: &mut RequestRecord, err: &Error) {
         r.status = if err.code == ErrorCode::ClientClosed {
             RecordStatus::Cancelled
@@ -296,6 +312,7 @@ impl Finisher {
             Self::set_error(r, err);
         }
         if let Some(r) = self.close() {
+            self.let_go().await;
             self.sink.send(r).await;
         }
     }
@@ -333,6 +350,7 @@ impl Finisher {
             (r.cost_usd, counted)
         };
         if let Some(r) = self.close() {
+            self.let_go().await;
             self.sink.send(r).await;
         }
         counted
@@ -345,6 +363,7 @@ impl Finisher {
             r.response_body = body;
         }
         if let Some(r) = self.close() {
+            self.let_go().await;
             self.sink.send(r).await;
         }
     }
@@ -385,6 +404,7 @@ impl Finisher {
             (r.cost_usd, counted)
         };
         if let Some(r) = self.close() {
+            self.let_go().await;
             self.sink.send(r).await;
         }
         (cost, counted)
@@ -411,6 +431,7 @@ impl Finisher {
             }
         }
         if let Some(r) = self.close() {
+            self.let_go().await;
             self.sink.send(r).await;
         }
     }
@@ -484,6 +505,9 @@ impl Drop for Finisher {
         }
     }
 }
+
+/// How long an answer waits for Redis to take back its in-flight slots.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The most tokens a record counts per field (as the store keeps them): far beyond any real
 /// request; a broken upstream may report anything.

@@ -292,7 +292,8 @@ fn shared_headers(w: &crate::shared::WindowState) -> Vec<(&'static str, String)>
 }
 
 /// A request let through the limits kept in Redis: its token estimate is settled and its
-/// in-flight slots released (in the background) when its record closes.
+/// in-flight slots released when its record closes (before its answer ends, unless Redis is
+/// slow to take them).
 pub struct SharedAdmission {
     shared: Arc<crate::state::Shared>,
     /// Subjects with a tokens-per-minute limit.
@@ -337,14 +338,24 @@ impl SharedAdmission {
     }
 }
 
-impl Drop for SharedAdmission {
-    fn drop(&mut self) {
+impl SharedAdmission {
+    /// Gives back the in-flight slots, waiting up to `wait` for Redis to take them; past that
+    /// the release goes on in the background (as when the admission is dropped).
+    pub async fn release_within(mut self, wait: std::time::Duration) {
+        if let Some(release) = self.release() {
+            let _ = tokio::time::timeout(wait, release).await;
+        }
+    }
+
+    /// Starts giving back the in-flight slots (once); the task's handle.
+    fn release(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         if self.parallel.is_empty() {
-            return;
+            return None;
         }
         let (shared, ids) = (self.shared.clone(), std::mem::take(&mut self.parallel));
         let holder = std::mem::take(&mut self.holder);
-        spawn(async move {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        Some(handle.spawn(async move {
             // Retried through a Redis blip: a slot left held would refuse the subject's next
             // requests until it lapses (`shared::HOLD_MS`).
             let redis = shared.redis().clone();
@@ -355,7 +366,13 @@ impl Drop for SharedAdmission {
                     holder,
                 });
             }
-        });
+        }))
+    }
+}
+
+impl Drop for SharedAdmission {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -1,6 +1,7 @@
 //! Two `sluice serve` replicas sharing one real Redis and one real PostgreSQL: a global rpm limit
 //! of N admits exactly N across both, a budget is not overshot, an answer cached by one is a hit
-//! on the other, a key revoked on one is refused by the other within a second; and when Redis
+//! on the other, a key revoked on one is refused by the other within a second, a key's
+//! max_parallel slot is free again once its answer is in; and when Redis
 //! goes away, fail-open carries on with local limits (logged loudly) while fail-closed answers
 //! 503 until it is back.
 
@@ -225,7 +226,31 @@ async fn replicas_share_limits_budgets_cache_and_keys_through_redis() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 
-    // 5. Redis goes away. Fail-open (a and b): requests go on under local limits, logged
+    // 5. A key with max_parallel = 1 used one request at a time, plain and streamed: each answer
+    // gives its slot back before it ends, so none is refused (the slot was given back in the
+    // background, and the next request often found it still held).
+    let created = a
+        .create_key(json!({"name": "serial", "max_parallel": 1}))
+        .await;
+    let serial = created["key"].as_str().unwrap().to_string();
+    // One connection, kept alive, as an SDK's: the next request follows the answer at once.
+    let http = reqwest::Client::new();
+    for i in 0..40 {
+        let mut body = ask("pricey", &format!("one at a time {i}"));
+        body["stream"] = json!(i % 2 == 1);
+        let resp = http
+            .post(a.url("/v1/chat/completions"))
+            .bearer_auth(&serial)
+            .json(&body)
+            .send()
+            .await
+            .expect("chat");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("the whole answer");
+        assert_eq!(status, 200, "request {i}: {text}");
+    }
+
+    // 6. Redis goes away. Fail-open (a and b): requests go on under local limits, logged
     // loudly. Fail-closed (c): 503 until Redis is back.
     let closed_cfg = config(&redis.url(), "closed");
     let c = Sluice::start_opts(Opts {
