@@ -242,6 +242,30 @@ mod tests {
         }
     }
 
+    /// Snapshots OpenAI prices apart from their family have their own price (they were priced
+    /// as the family: gpt-4o-2024-05-13 at half its price, gpt-3.5-turbo-0613 at a third).
+    #[test]
+    fn snapshots_priced_apart_from_their_family() {
+        let t = PriceTable::builtin();
+        let io = |m: &str| t.lookup(m).map(|p| (p.input, p.output));
+        for (model, price) in [
+            ("gpt-4o-2024-05-13", (5.0, 15.0)),
+            ("gpt-3.5-turbo-1106", (1.0, 2.0)),
+            ("gpt-3.5-turbo-0613", (1.5, 2.0)),
+            ("gpt-3.5-turbo-16k-0613", (3.0, 4.0)),
+            ("gpt-4-0613", (30.0, 60.0)),
+            ("gpt-4-32k-0613", (60.0, 120.0)),
+            ("gpt-4-1106-preview", (10.0, 30.0)),
+            ("gpt-4-turbo-2024-04-09", (10.0, 30.0)),
+            ("gpt-3.5-turbo-0125", (0.5, 1.5)),
+            ("gpt-4o-2024-08-06", (2.5, 10.0)),
+        ] {
+            assert_eq!(io(model), Some(price), "{model}");
+        }
+        // The older ones have no cached-input price of the family's.
+        assert_eq!(t.lookup("gpt-4o-2024-05-13").unwrap().cached_input, None);
+    }
+
     #[test]
     fn small_amounts_keep_their_digits() {
         assert_eq!(format_usd(12.5), "$12.50");
