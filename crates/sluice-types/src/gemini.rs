@@ -458,17 +458,24 @@ pub struct UsageMetadata {
     pub cached_content_token_count: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thoughts_token_count: Option<u64>,
-    /// Fields this struct does not name (`promptTokensDetails`, `toolUsePromptTokenCount`, …).
+    /// What tools (code execution, search grounding) put before the model, read as input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_use_prompt_token_count: Option<u64>,
+    /// Fields this struct does not name (`promptTokensDetails`, …).
     #[serde(flatten)]
     pub extra: Extra,
 }
 
 impl UsageMetadata {
     /// The OpenAI usage: completion tokens include thought tokens (also reported as
-    /// `completion_tokens_details.reasoning_tokens`); cached tokens go to
-    /// `prompt_tokens_details.cached_tokens`.
+    /// `completion_tokens_details.reasoning_tokens`); prompt tokens include what tools put before
+    /// the model (`toolUsePromptTokenCount`, billed as input), as Gemini's `totalTokenCount`
+    /// does; cached tokens go to `prompt_tokens_details.cached_tokens`.
     pub fn to_openai(&self) -> Usage {
-        let prompt = self.prompt_token_count.unwrap_or(0);
+        let prompt = self
+            .prompt_token_count
+            .unwrap_or(0)
+            .saturating_add(self.tool_use_prompt_token_count.unwrap_or(0));
         let thoughts = self.thoughts_token_count.unwrap_or(0);
         let completion = self
             .candidates_token_count
@@ -1884,6 +1891,22 @@ mod tests {
         assert_eq!(chunks.len(), 2);
         assert_eq!(chunks[0].model, "m");
         assert!(dec.finish().is_empty());
+    }
+
+    /// Tokens that tools put before the model count as prompt (they were dropped: 3,000 tokens
+    /// of a code execution's results out of the tokens and the cost).
+    #[test]
+    fn tool_use_prompt_tokens_count_as_prompt() {
+        let u: UsageMetadata = serde_json::from_value(json!({
+            "promptTokenCount": 1000,
+            "candidatesTokenCount": 200,
+            "toolUsePromptTokenCount": 3000,
+            "totalTokenCount": 4200
+        }))
+        .unwrap();
+        let o = u.to_openai();
+        assert_eq!((o.prompt_tokens, o.completion_tokens), (4000, 200));
+        assert_eq!(o.total_tokens, 4200);
     }
 
     #[test]
