@@ -1549,7 +1549,7 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
                 .as_deref()
                 .map(|r| finish_reason_for(r).to_string()),
             logprobs: None,
-            extra: stop_sequence_extra(resp.stop_sequence),
+            extra: stop_extra(resp.stop_reason.as_deref(), resp.stop_sequence),
         }],
         usage,
         system_fingerprint: None,
@@ -1557,13 +1557,33 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
     }
 }
 
-/// The choice's extra fields that carry the stop sequence the message ended on.
-fn stop_sequence_extra(stop_sequence: Option<String>) -> Extra {
+/// The choice's extra fields that carry the stop sequence the message ended on, and Anthropic's
+/// stop reason where OpenAI's `finish_reason` cannot say it ([`UPSTREAM_STOP_REASON`]).
+fn stop_extra(stop_reason: Option<&str>, stop_sequence: Option<String>) -> Extra {
     let mut extra = Extra::new();
     if let Some(s) = stop_sequence {
         extra.insert(STOP_SEQUENCE_FIELD.into(), Value::String(s));
     }
+    if let Some(r) = stop_reason.filter(|r| {
+        !matches!(
+            *r,
+            "end_turn" | "stop_sequence" | "max_tokens" | "tool_use" | "refusal"
+        )
+    }) {
+        extra.insert(UPSTREAM_STOP_REASON.into(), Value::String(r.to_string()));
+    }
     extra
+}
+
+/// The choice field that keeps an Anthropic stop reason OpenAI's `finish_reason` has no word for
+/// (`pause_turn`: a server tool's long turn paused, to be continued by sending the answer back;
+/// `model_context_window_exceeded`), so that a `/v1/messages` client gets it as sent. OpenAI
+/// clients see it beside the nearest `finish_reason` (`stop`, `length`).
+pub const UPSTREAM_STOP_REASON: &str = "anthropic_stop_reason";
+
+/// The Anthropic stop reason an OpenAI choice keeps ([`UPSTREAM_STOP_REASON`]).
+fn upstream_stop_reason(extra: &Extra) -> Option<&str> {
+    extra.get(UPSTREAM_STOP_REASON).and_then(Value::as_str)
 }
 
 /// Compact JSON of a tool input, `{}` when absent.
@@ -1598,6 +1618,9 @@ pub struct StreamDecoder {
     thinking_blocks: HashMap<u32, (String, String)>,
     /// Thinking blocks sent so far: each one's `index` in the [`THINKING_BLOCKS`] list.
     thinking_sent: u32,
+    /// Content blocks of kinds OpenAI's shape has no place for (Anthropic's server tools:
+    /// `server_tool_use`, `mcp_tool_use`, their results): their deltas are passed over.
+    other_blocks: std::collections::HashSet<u32>,
     stopped: bool,
     /// Whether the stream reported any usage (absent usage is not zero usage).
     saw_usage: bool,
@@ -1623,6 +1646,7 @@ impl StreamDecoder {
             tool_blocks: HashMap::new(),
             thinking_blocks: HashMap::new(),
             thinking_sent: 0,
+            other_blocks: std::collections::HashSet::new(),
             stopped: false,
             saw_usage: false,
         }
@@ -1718,8 +1742,13 @@ impl StreamDecoder {
                         extra: Extra::new(),
                     }));
                 }
-                _ => {}
+                ContentBlock::Text { .. } => {}
+                _ => {
+                    self.other_blocks.insert(index);
+                }
             },
+            // A server tool's input or result: nothing of it reaches the OpenAI shape.
+            StreamEvent::ContentBlockDelta { index, .. } if self.other_blocks.contains(&index) => {}
             StreamEvent::ContentBlockDelta { index, delta } => match delta {
                 BlockDelta::TextDelta { text } if !text.is_empty() => {
                     out.push(self.text_chunk(text));
@@ -1771,7 +1800,7 @@ impl StreamDecoder {
                         Delta::default(),
                         Some(finish_reason_for(&reason).to_string()),
                     );
-                    chunk.choices[0].extra = stop_sequence_extra(delta.stop_sequence);
+                    chunk.choices[0].extra = stop_extra(Some(&reason), delta.stop_sequence);
                     out.push(chunk);
                 }
             }
@@ -2331,9 +2360,11 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
     let stop_sequence = choice
         .and_then(|c| matched_stop_sequence(finish_reason, &c.extra))
         .filter(|_| !has_tool_use);
-    let stop_reason = match stop_sequence {
-        Some(_) => "stop_sequence",
-        None => stop_reason_for(finish_reason, has_tool_use),
+    let kept = choice.and_then(|c| upstream_stop_reason(&c.extra));
+    let stop_reason = match (stop_sequence, kept) {
+        (Some(_), _) => "stop_sequence",
+        (None, Some(kept)) => kept,
+        (None, None) => stop_reason_for(finish_reason, has_tool_use),
     };
     let usage = resp
         .usage
@@ -2436,6 +2467,8 @@ pub struct StreamEncoder {
     finish_reason: Option<String>,
     /// The stop sequence the completion ended on, when its finishing chunk named one.
     stop_sequence: Option<String>,
+    /// Anthropic's own stop reason, when its finishing chunk kept one ([`UPSTREAM_STOP_REASON`]).
+    upstream_stop: Option<String>,
     usage: Option<Usage>,
 }
 
@@ -2460,6 +2493,7 @@ impl StreamEncoder {
             held_whitespace: String::new(),
             finish_reason: None,
             stop_sequence: None,
+            upstream_stop: None,
             usage: None,
         }
     }
@@ -2528,6 +2562,7 @@ impl StreamEncoder {
                 self.finish_reason = Some(reason.clone());
                 self.stop_sequence =
                     matched_stop_sequence(Some(reason), &choice.extra).map(str::to_string);
+                self.upstream_stop = upstream_stop_reason(&choice.extra).map(str::to_string);
             }
         }
         out
@@ -2553,9 +2588,11 @@ impl StreamEncoder {
         self.close_open(&mut out);
         self.finished = true;
         let stop_sequence = self.stop_sequence.take().filter(|_| self.tools.is_empty());
-        let stop_reason = match stop_sequence {
-            Some(_) => "stop_sequence",
-            None => stop_reason_for(self.finish_reason.as_deref(), !self.tools.is_empty()),
+        let kept = self.upstream_stop.take();
+        let stop_reason = match (&stop_sequence, kept.as_deref()) {
+            (Some(_), _) => "stop_sequence",
+            (None, Some(kept)) => kept,
+            (None, None) => stop_reason_for(self.finish_reason.as_deref(), !self.tools.is_empty()),
         };
         let usage = match &self.usage {
             Some(u) => {
@@ -3589,6 +3626,67 @@ mod tests {
         assert_eq!(calls[1].function.arguments, "{\"city\":\"Oslo\"}");
     }
 
+    /// Decodes an Anthropic stream to OpenAI chunks and encodes those for a `/v1/messages`
+    /// client: the chunks folded, and the client's events.
+    fn through(
+        upstream: Vec<StreamEvent>,
+        mut encoder: StreamEncoder,
+    ) -> (crate::openai::ChatCompletion, Vec<StreamEvent>) {
+        let mut decoder = StreamDecoder::new();
+        let mut acc = ChunkAccumulator::default();
+        let mut events = Vec::new();
+        for ev in upstream {
+            for c in decoder.on_event(ev).expect("no error") {
+                acc.push(&c);
+                events.extend(encoder.on_chunk(&c));
+            }
+        }
+        events.extend(encoder.finish());
+        (acc.finish(), events)
+    }
+
+    /// A Claude stream with a server tool's blocks (`server_tool_use` with its input deltas, its
+    /// result) decodes to the text around them, and `pause_turn` reaches a `/v1/messages` client
+    /// as sent, streamed and whole (the input deltas failed the stream with 502, and the turn
+    /// ended as `end_turn`, so the client never continued it).
+    #[test]
+    fn server_tool_blocks_pass_over_and_pause_turn_survives() {
+        let upstream = parse_events(vec![
+            json!({"type": "message_start", "message": {"id": "m1", "type": "message", "role": "assistant", "content": [], "model": "claude", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Searching."}}),
+            json!({"type": "content_block_stop", "index": 0}),
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}}),
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"query\": \"x\"}"}}),
+            json!({"type": "content_block_stop", "index": 1}),
+            json!({"type": "content_block_start", "index": 2, "content_block": {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []}}),
+            json!({"type": "content_block_stop", "index": 2}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "pause_turn", "stop_sequence": null}, "usage": {"output_tokens": 9}}),
+            json!({"type": "message_stop"}),
+        ]);
+        let (done, events) = through(upstream, StreamEncoder::new("c", "claude"));
+        assert_eq!(
+            done.choices[0].message.content.as_deref(),
+            Some("Searching.")
+        );
+        assert!(done.choices[0].message.tool_calls.is_none());
+        assert_eq!(done.choices[0].finish_reason.as_deref(), Some("stop"));
+        assert_eq!(
+            done.choices[0].extra.get(UPSTREAM_STOP_REASON),
+            Some(&json!("pause_turn"))
+        );
+        let streamed = events.iter().find_map(|e| match e {
+            StreamEvent::MessageDelta { delta, .. } => delta.stop_reason.clone(),
+            _ => None,
+        });
+        assert_eq!(streamed.as_deref(), Some("pause_turn"));
+        let whole = response_from_openai(&done, "claude");
+        assert_eq!(whole.stop_reason.as_deref(), Some("pause_turn"));
+        // A stop reason OpenAI can say is not repeated.
+        assert!(stop_extra(Some("end_turn"), None).is_empty());
+        assert!(stop_extra(Some("max_tokens"), None).is_empty());
+    }
+
     #[test]
     fn stream_decoder_folds_to_the_expected_completion() {
         let events = recorded_stream();
@@ -3870,17 +3968,7 @@ mod tests {
             json!({"type": "message_delta", "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"}, "usage": {"output_tokens": 6}}),
             json!({"type": "message_stop"}),
         ]);
-        let mut decoder = StreamDecoder::new();
-        let mut encoder = StreamEncoder::new("m2", "claude");
-        let mut out = Vec::new();
-        let mut acc = ChunkAccumulator::default();
-        for ev in events {
-            for c in decoder.on_event(ev).expect("no error") {
-                acc.push(&c);
-                out.extend(encoder.on_chunk(&c));
-            }
-        }
-        out.extend(encoder.finish());
+        let (folded, out) = through(events, StreamEncoder::new("m2", "claude"));
         let delta = out
             .iter()
             .find_map(|e| match e {
@@ -3891,7 +3979,7 @@ mod tests {
         assert_eq!(delta.stop_reason.as_deref(), Some("stop_sequence"));
         assert_eq!(delta.stop_sequence.as_deref(), Some("END"));
         // And a cached copy of the stream keeps it too.
-        let whole = response_from_openai(&acc.finish(), "claude");
+        let whole = response_from_openai(&folded, "claude");
         assert_eq!(whole.stop_sequence.as_deref(), Some("END"));
 
         // A plain end names none.
