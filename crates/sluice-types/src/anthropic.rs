@@ -830,6 +830,23 @@ fn matched_stop_sequence<'a>(finish_reason: Option<&str>, extra: &'a Extra) -> O
     }
 }
 
+/// A tool call's id as Anthropic takes it (`^[a-zA-Z0-9_-]+$`): ids from other servers (Kimi's
+/// `functions.get_weather:0`) have every other character replaced by `_` and a hash of the whole
+/// id appended, so that the call and its result, translated alike, still match, and two ids that
+/// differ only in such characters stay apart. Ids Anthropic takes are kept as they are.
+fn anthropic_tool_id(id: &str) -> String {
+    let fits = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if !id.is_empty() && id.chars().all(fits) {
+        return id.to_string();
+    }
+    // FNV-1a: the same on every replica and every version.
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let kept: String = id.chars().map(|c| if fits(c) { c } else { '_' }).collect();
+    format!("{kept}_{hash:016x}")
+}
+
 /// OpenAI usage from Anthropic's counts: the prompt includes cache reads and cache writes (of
 /// which `written_for_an_hour` at the one-hour price, when Anthropic gave the breakdown).
 fn openai_usage(
@@ -944,8 +961,9 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
             Role::Tool => {
                 let tool_use_id = m
                     .tool_call_id
-                    .clone()
+                    .as_deref()
                     .filter(|id| !id.is_empty())
+                    .map(anthropic_tool_id)
                     .ok_or_else(|| {
                         invalid(format!("messages[{i}]: tool message has no tool_call_id"))
                     })?;
@@ -1386,7 +1404,7 @@ fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<ContentBlock>, Translat
             ))
         })?;
         blocks.push(ContentBlock::ToolUse {
-            id: tc.id.clone(),
+            id: anthropic_tool_id(&tc.id),
             name: tc.function.name.clone(),
             input,
             extra: cache_control_extra(tc.extra.get(CACHE_CONTROL)),
@@ -3624,6 +3642,58 @@ mod tests {
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].function.arguments, "{}");
         assert_eq!(calls[1].function.arguments, "{\"city\":\"Oslo\"}");
+    }
+
+    /// Tool-call ids Anthropic refuses (`functions.get_weather:0` from a Kimi-style server, in a
+    /// conversation that moves to Claude) are made valid, the call's and its result's alike
+    /// (they went as they were, and Anthropic answered 400).
+    #[test]
+    fn tool_call_ids_are_made_valid_for_anthropic() {
+        let req: ChatRequest = serde_json::from_value(json!({
+            "model": "claude",
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "functions.get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+                    {"id": "call_ok-1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+                ]},
+                {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "call_ok-1", "content": "rainy"}
+            ]
+        }))
+        .unwrap();
+        let out = serde_json::to_value(request_from_openai(&req).unwrap()).unwrap();
+        let uses: Vec<&str> = out["messages"][1]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap())
+            .collect();
+        let results: Vec<&str> = out["messages"][2]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["tool_use_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(uses, results);
+        assert_eq!(uses[1], "call_ok-1", "a valid id is kept");
+        assert!(
+            uses[0].starts_with("functions_get_weather_0_"),
+            "{}",
+            uses[0]
+        );
+        assert!(
+            uses[0]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+            "{}",
+            uses[0]
+        );
+        assert_ne!(
+            anthropic_tool_id("a.b"),
+            anthropic_tool_id("a:b"),
+            "ids that differ stay apart"
+        );
     }
 
     /// Decodes an Anthropic stream to OpenAI chunks and encodes those for a `/v1/messages`
