@@ -3663,18 +3663,15 @@ mod tests {
         }))
         .unwrap();
         let out = serde_json::to_value(request_from_openai(&req).unwrap()).unwrap();
-        let uses: Vec<&str> = out["messages"][1]["content"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["id"].as_str().unwrap())
-            .collect();
-        let results: Vec<&str> = out["messages"][2]["content"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["tool_use_id"].as_str().unwrap())
-            .collect();
+        let ids = |message: usize, field: &str| -> Vec<String> {
+            out["messages"][message]["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b[field].as_str().unwrap().to_string())
+                .collect()
+        };
+        let (uses, results) = (ids(1, "id"), ids(2, "tool_use_id"));
         assert_eq!(uses, results);
         assert_eq!(uses[1], "call_ok-1", "a valid id is kept");
         assert!(
