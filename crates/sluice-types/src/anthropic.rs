@@ -916,7 +916,8 @@ fn anthropic_input(u: &Usage) -> (u64, u64, u64) {
 /// part, tool, tool call or message becomes a breakpoint on the matching block or tool (a
 /// message's on its last block; a tool message's on its `tool_result`; any on a system message
 /// makes `system` a list of blocks); the top-level fields of [`anthropic_fields`] are kept.
-/// OpenAI-only fields are dropped. Fails on `n > 1`, tool-call arguments that are not a JSON
+/// Other OpenAI-only fields are dropped. Fails on `n > 1`, OpenAI's legacy `functions` and
+/// `function_call`, audio output, `web_search_options`, tool-call arguments that are not a JSON
 /// object, tool messages without `tool_call_id`, and content or tools Anthropic cannot take.
 pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, TranslateError> {
     if req.n.is_some_and(|n| n > 1) {
@@ -932,6 +933,27 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
         return Err(err(format!(
             "response_format `{kind}` is not supported by Anthropic models (describe the JSON in the prompt, or use a tool with an input_schema)"
         )));
+    }
+    let set = |field: &str| req.extra.get(field).is_some_and(|v| !v.is_null());
+    for field in ["functions", "function_call"] {
+        if set(field) {
+            return Err(err(format!(
+                "`{field}` (OpenAI's legacy function calling) is not supported for Anthropic models; use `tools` and `tool_choice`"
+            )));
+        }
+    }
+    let audio_out = req
+        .extra
+        .get("modalities")
+        .and_then(Value::as_array)
+        .is_some_and(|m| m.iter().any(|m| m == "audio"));
+    if audio_out || set("audio") {
+        return Err(err("audio output is not supported by Anthropic models"));
+    }
+    if set("web_search_options") {
+        return Err(err(
+            "`web_search_options` is not supported for Anthropic models (give the request Anthropic's web search tool instead)",
+        ));
     }
 
     let mut system: Vec<String> = Vec::new();
@@ -3642,6 +3664,41 @@ mod tests {
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].function.arguments, "{}");
         assert_eq!(calls[1].function.arguments, "{\"city\":\"Oslo\"}");
+    }
+
+    /// OpenAI fields Anthropic has nothing for are refused, not dropped (a forced legacy
+    /// function was never called).
+    #[test]
+    fn openai_fields_anthropic_cannot_do_are_refused() {
+        for (extra, says) in [
+            (
+                json!({"functions": [{"name": "f", "parameters": {}}], "function_call": {"name": "f"}}),
+                "functions",
+            ),
+            (json!({"function_call": "auto"}), "function_call"),
+            (json!({"modalities": ["text", "audio"]}), "audio"),
+            (
+                json!({"audio": {"voice": "alloy", "format": "wav"}}),
+                "audio",
+            ),
+            (json!({"web_search_options": {}}), "web_search_options"),
+        ] {
+            let mut body =
+                json!({"model": "claude", "messages": [{"role": "user", "content": "hi"}]});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let req: ChatRequest = serde_json::from_value(body).unwrap();
+            let e = request_from_openai(&req).expect_err(says);
+            assert_eq!(e.1, crate::TranslateKind::Unsupported, "{says}");
+            assert!(e.0.contains(says), "{says}: {}", e.0);
+        }
+        // Text-only modalities are fine.
+        let req: ChatRequest = serde_json::from_value(json!({
+            "model": "claude", "modalities": ["text"], "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .unwrap();
+        assert!(request_from_openai(&req).is_ok());
     }
 
     /// Tool-call ids Anthropic refuses (`functions.get_weather:0` from a Kimi-style server, in a
