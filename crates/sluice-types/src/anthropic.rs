@@ -1079,6 +1079,12 @@ pub fn request_from_openai(req: &ChatRequest) -> Result<MessagesRequest, Transla
     } else {
         (!system.is_empty()).then(|| SystemPrompt::Text(system.join("\n\n")))
     };
+    if messages.is_empty() {
+        // Anthropic answers a bare `messages: []` with a 400 that names nothing the client sent.
+        return Err(err(
+            "Anthropic models need a user or assistant message with content, and this request has none (only a system prompt, or only empty text)",
+        ));
+    }
     let extra = anthropic_fields(req)?;
     let max_tokens = req
         .max_output_tokens()
@@ -1998,7 +2004,15 @@ pub fn request_to_openai(req: &MessagesRequest) -> Result<ChatRequest, Translate
         }
         None => {}
     }
+    let last = req.messages.len().saturating_sub(1);
     for (i, m) in req.messages.iter().enumerate() {
+        if matches!(&m.content, MessageContent::Blocks(b) if b.is_empty())
+            && !(i == last && m.role == AnthropicRole::Assistant)
+        {
+            return Err(invalid(format!(
+                "messages[{i}]: content must not be empty (every message needs content, but for an optional final assistant message)"
+            )));
+        }
         match (m.role, &m.content) {
             (role, MessageContent::Text(s)) => messages.push(Message::text(
                 match role {
@@ -3664,6 +3678,47 @@ mod tests {
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].function.arguments, "{}");
         assert_eq!(calls[1].function.arguments, "{\"city\":\"Oslo\"}");
+    }
+
+    /// A `/v1/messages` request with a message of no blocks is told which (it was told the
+    /// request had no message at all).
+    #[test]
+    fn an_empty_message_on_v1_messages_is_named() {
+        let req: MessagesRequest = serde_json::from_value(json!({
+            "model": "m", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}, {"role": "user", "content": []}]
+        }))
+        .unwrap();
+        let e = request_to_openai(&req).expect_err("empty content");
+        assert_eq!(e.1, crate::TranslateKind::Invalid);
+        assert!(
+            e.0.starts_with("messages[1]: content must not be empty"),
+            "{}",
+            e.0
+        );
+        // A final assistant message may be empty (a prefill of nothing).
+        let req: MessagesRequest = serde_json::from_value(json!({
+            "model": "m", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}]
+        }))
+        .unwrap();
+        assert!(request_to_openai(&req).is_ok());
+    }
+
+    /// A conversation with no message Anthropic can take (only empty text, or only a system
+    /// prompt) is refused by Sluice with the reason (it went as `messages: []`).
+    #[test]
+    fn a_conversation_with_nothing_for_anthropic_is_refused() {
+        for messages in [
+            json!([{"role": "user", "content": ""}]),
+            json!([{"role": "user", "content": "   "}]),
+            json!([{"role": "system", "content": "be brief"}]),
+        ] {
+            let req: ChatRequest =
+                serde_json::from_value(json!({"model": "claude", "messages": messages})).unwrap();
+            let e = request_from_openai(&req).expect_err("nothing to send");
+            assert!(e.0.contains("has none"), "{messages}: {}", e.0);
+        }
     }
 
     /// OpenAI fields Anthropic has nothing for are refused, not dropped (a forced legacy
