@@ -26,9 +26,10 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use sluice_core::error::Error;
 use sluice_core::usage::{CacheEntry, CacheStore};
+use sluice_types::anthropic::{THINKING_BLOCKS, TOOL_CALLS_BEFORE};
 use sluice_types::openai::{
-    ChatCompletion, ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, FunctionCallDelta, Role,
-    ToolCallDelta,
+    ChatCompletion, ChatCompletionChunk, ChatRequest, ChunkChoice, Delta, Extra, FunctionCallDelta,
+    Role, ToolCallDelta,
 };
 use tokio::sync::Semaphore;
 
@@ -825,7 +826,8 @@ impl Cache {
 /// when the completion has none). Every chunk carries the completion's id, created, model,
 /// system fingerprint and unknown top-level fields (e.g. `service_tier`). A choice's logprobs
 /// go whole on its first content chunk (or its finish chunk), the message's unknown fields
-/// (e.g. `annotations`) on the role chunk's delta.
+/// (e.g. `annotations`) on the role chunk's delta, but thinking blocks that came between tool
+/// calls (interleaved thinking), which go in a chunk of their own before the call they preceded.
 ///
 /// Earlier chunks leave `usage` out rather than writing `"usage": null`, which
 /// [`ChatCompletionChunk`] cannot express; clients read both the same way.
@@ -841,12 +843,47 @@ pub fn replay(completion: &ChatCompletion, include_usage: bool) -> Vec<ChatCompl
         let msg = &choice.message;
         let i = choice.index;
         let mut logprobs = choice.logprobs.clone();
+        // Thinking blocks that came between tool calls (Anthropic's interleaved thinking) go
+        // where they stood, not all up front: a client sends the signed blocks back in order.
+        let (mut role_extra, mut later) = (msg.extra.clone(), Vec::new());
+        if let Some(Value::Array(blocks)) = msg.extra.get(THINKING_BLOCKS) {
+            let before = |b: &Value| {
+                b.get(TOOL_CALLS_BEFORE)
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+            };
+            if blocks.iter().any(|b| before(b) > 0) {
+                let (first, rest): (Vec<Value>, Vec<Value>) =
+                    blocks.iter().cloned().partition(|b| before(b) == 0);
+                role_extra.insert(THINKING_BLOCKS.into(), Value::Array(first));
+                later = rest.into_iter().map(|b| (before(&b), b)).collect();
+            }
+        }
+        let thinking_after = |calls: u64, later: &[(u64, Value)]| {
+            let blocks: Vec<Value> = later
+                .iter()
+                .filter(|(n, _)| *n == calls)
+                .map(|(_, b)| b.clone())
+                .collect();
+            (!blocks.is_empty()).then(|| {
+                let mut extra = Extra::new();
+                extra.insert(THINKING_BLOCKS.into(), Value::Array(blocks));
+                chunk(Some(ChunkChoice::new(
+                    i,
+                    Delta {
+                        extra,
+                        ..Delta::default()
+                    },
+                    None,
+                )))
+            })
+        };
         out.push(chunk(Some(ChunkChoice::new(
             i,
             Delta {
                 role: Some(Role::Assistant),
                 content: msg.content.as_ref().map(|_| String::new()),
-                extra: msg.extra.clone(),
+                extra: role_extra,
                 ..Delta::default()
             },
             None,
@@ -873,7 +910,9 @@ pub fn replay(completion: &ChatCompletion, include_usage: bool) -> Vec<ChatCompl
                 None,
             ))));
         }
+        let calls = msg.tool_calls.as_ref().map_or(0, Vec::len);
         for (t, call) in msg.tool_calls.iter().flatten().enumerate() {
+            out.extend(thinking_after(t as u64, &later));
             let index = u32::try_from(t).unwrap_or(u32::MAX);
             let tool_delta = |d: ToolCallDelta| {
                 chunk(Some(ChunkChoice::new(
@@ -907,6 +946,13 @@ pub fn replay(completion: &ChatCompletion, include_usage: bool) -> Vec<ChatCompl
                 }));
             }
         }
+        // Thinking after the last call (or said to follow calls that are not there).
+        let stray: Vec<(u64, Value)> = later
+            .into_iter()
+            .filter(|(n, _)| *n >= calls as u64)
+            .map(|(_, b)| (0, b))
+            .collect();
+        out.extend(thinking_after(0, &stray));
         let mut last = ChunkChoice::new(i, Delta::default(), choice.finish_reason.clone());
         last.logprobs = logprobs;
         last.extra = choice.extra.clone();
@@ -1738,6 +1784,57 @@ mod tests {
             .filter_map(|c| c.logprobs.as_ref())
             .collect();
         assert_eq!(logprobs, vec![c.choices[0].logprobs.as_ref().unwrap()]);
+    }
+
+    /// A cached answer with interleaved thinking (a signed block between two tool calls) streams
+    /// to a `/v1/messages` client in its turn's order (every thinking block came first, so the
+    /// client sent them back out of order), and folds back to the same list for OpenAI clients.
+    #[test]
+    fn replay_keeps_interleaved_thinking_in_place() {
+        let c: ChatCompletion = serde_json::from_value(json!({
+            "id": "c", "object": "chat.completion", "created": 1, "model": "claude",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant",
+                "content": "Looking.",
+                "reasoning_content": "AB",
+                "thinking_blocks": [
+                    {"type": "thinking", "thinking": "A", "signature": "sa"},
+                    {"type": "thinking", "thinking": "B", "signature": "sb", "tool_calls_before": 1}
+                ],
+                "tool_calls": [
+                    {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                    {"id": "t2", "type": "function", "function": {"name": "g", "arguments": "{}"}}
+                ]
+            }}]
+        }))
+        .unwrap();
+        let chunks = replay(&c, false);
+        let mut encoder = sluice_types::anthropic::StreamEncoder::new("c", "claude");
+        let mut events = Vec::new();
+        let mut acc = ChunkAccumulator::default();
+        for ch in &chunks {
+            acc.push(ch);
+            events.extend(encoder.on_chunk(ch));
+        }
+        events.extend(encoder.finish());
+        let order: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e {
+                sluice_types::anthropic::StreamEvent::ContentBlockStart {
+                    content_block, ..
+                } => Some(content_block.kind().to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            order,
+            ["thinking", "text", "tool_use", "thinking", "tool_use"]
+        );
+        let back = acc.finish();
+        assert_eq!(
+            back.choices[0].message.extra["thinking_blocks"],
+            c.choices[0].message.extra["thinking_blocks"]
+        );
     }
 
     #[test]

@@ -673,7 +673,7 @@ fn text_part(text: &str, cc: Option<&Value>) -> ContentPart {
 
 /// Where a stored thinking block stood in its turn, when tool calls came before it (interleaved
 /// thinking): how many. Left out when none did.
-const TOOL_CALLS_BEFORE: &str = "tool_calls_before";
+pub const TOOL_CALLS_BEFORE: &str = "tool_calls_before";
 
 /// A thinking block as kept in [`THINKING_BLOCKS`]: the block, with how many tool calls came
 /// before it in its turn.
