@@ -2157,12 +2157,7 @@ fn user_to_openai(
             ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => {}
             other => match media_part(other, i)? {
                 Some(part) => parts.push(part),
-                None => {
-                    return Err(err(format!(
-                        "messages[{i}]: `{}` blocks in user messages are not supported",
-                        other.kind()
-                    )));
-                }
+                None => return Err(err(unsupported_block(other, i))),
             },
         }
     }
@@ -2235,6 +2230,9 @@ fn media_part_bare(block: &ContentBlock, i: usize) -> Result<Option<ContentPart>
                 extra: Extra::new(),
             }))
         }
+        ContentBlock::Other(v) if text_document(v).is_some() => {
+            Ok(text_document(v).map(|text| ContentPart::text(&text)))
+        }
         ContentBlock::Other(v) if is_base64_document(v) => {
             let source = &v["source"];
             let media_type = source["media_type"].as_str().unwrap_or("application/pdf");
@@ -2262,6 +2260,45 @@ fn media_part_bare(block: &ContentBlock, i: usize) -> Result<Option<ContentPart>
         }
         _ => Ok(None),
     }
+}
+
+/// Why a user message's block cannot go through OpenAI's shape.
+fn unsupported_block(block: &ContentBlock, i: usize) -> String {
+    match block {
+        ContentBlock::Other(v) if v.get("type").and_then(Value::as_str) == Some("document") => {
+            let source = v
+                .pointer("/source/type")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown");
+            format!(
+                "messages[{i}]: `document` blocks with a `{source}` source are not supported (base64 PDFs and plain text are)"
+            )
+        }
+        other => format!(
+            "messages[{i}]: `{}` blocks in user messages are not supported",
+            other.kind()
+        ),
+    }
+}
+
+/// A `document` block of plain text (`source.type: "text"`): its text, after its title.
+fn text_document(v: &Value) -> Option<String> {
+    if v.get("type").and_then(Value::as_str) != Some("document")
+        || v.pointer("/source/type").and_then(Value::as_str) != Some("text")
+    {
+        return None;
+    }
+    let data = v.pointer("/source/data").and_then(Value::as_str)?;
+    Some(
+        match v
+            .get("title")
+            .and_then(Value::as_str)
+            .filter(|t| !t.trim().is_empty())
+        {
+            Some(title) => format!("{title}\n\n{data}"),
+            None => data.to_string(),
+        },
+    )
 }
 
 fn is_base64_document(v: &Value) -> bool {
@@ -3678,6 +3715,36 @@ mod tests {
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].function.arguments, "{}");
         assert_eq!(calls[1].function.arguments, "{\"city\":\"Oslo\"}");
+    }
+
+    /// A plain-text `document` goes as text after its title; a document of a source OpenAI's
+    /// shape cannot carry is refused naming the source (every document but a base64 PDF was
+    /// refused as if documents were not supported at all).
+    #[test]
+    fn text_documents_go_as_text_and_others_name_their_source() {
+        let req: MessagesRequest = serde_json::from_value(json!({
+            "model": "m", "max_tokens": 10,
+            "messages": [{"role": "user", "content": [
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "The grass is green."}, "title": "Facts"},
+                {"type": "text", "text": "What colour is the grass?"}
+            ]}]
+        }))
+        .unwrap();
+        let chat = request_to_openai(&req).unwrap();
+        let body = serde_json::to_value(&chat.messages[0]).unwrap();
+        assert_eq!(
+            body["content"][0],
+            json!({"type": "text", "text": "Facts\n\nThe grass is green."})
+        );
+        let req: MessagesRequest = serde_json::from_value(json!({
+            "model": "m", "max_tokens": 10,
+            "messages": [{"role": "user", "content": [
+                {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}
+            ]}]
+        }))
+        .unwrap();
+        let e = request_to_openai(&req).expect_err("a URL source");
+        assert!(e.0.contains("with a `url` source"), "{}", e.0);
     }
 
     /// A `/v1/messages` request with a message of no blocks is told which (it was told the
