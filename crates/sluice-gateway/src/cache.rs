@@ -853,8 +853,19 @@ pub fn replay(completion: &ChatCompletion, include_usage: bool) -> Vec<ChatCompl
                     .unwrap_or(0)
             };
             if blocks.iter().any(|b| before(b) > 0) {
-                let (first, rest): (Vec<Value>, Vec<Value>) =
-                    blocks.iter().cloned().partition(|b| before(b) == 0);
+                // Each entry says its place in the whole list: the OpenAI SDKs' stream helpers
+                // merge list deltas by `index`, and refuse a second one without it.
+                let (first, rest): (Vec<Value>, Vec<Value>) = blocks
+                    .iter()
+                    .enumerate()
+                    .map(|(n, b)| {
+                        let mut b = b.clone();
+                        if let Some(o) = b.as_object_mut() {
+                            o.insert("index".into(), n.into());
+                        }
+                        b
+                    })
+                    .partition(|b| before(b) == 0);
                 role_extra.insert(THINKING_BLOCKS.into(), Value::Array(first));
                 later = rest.into_iter().map(|b| (before(&b), b)).collect();
             }
@@ -1830,10 +1841,24 @@ mod tests {
             order,
             ["thinking", "text", "tool_use", "thinking", "tool_use"]
         );
+        // Every entry of the two list deltas has its place in the whole list.
+        let listed: Vec<Value> = chunks
+            .iter()
+            .filter_map(|ch| ch.choices[0].delta.extra.get("thinking_blocks"))
+            .flat_map(|v| v.as_array().unwrap().iter().map(|b| b["index"].clone()))
+            .collect();
+        assert_eq!(listed, [json!(0), json!(1)]);
         let back = acc.finish();
+        let texts = |v: &Value| -> Vec<Value> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["thinking"].clone())
+                .collect()
+        };
         assert_eq!(
-            back.choices[0].message.extra["thinking_blocks"],
-            c.choices[0].message.extra["thinking_blocks"]
+            texts(&back.choices[0].message.extra["thinking_blocks"]),
+            texts(&c.choices[0].message.extra["thinking_blocks"])
         );
     }
 

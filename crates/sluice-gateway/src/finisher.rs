@@ -287,7 +287,8 @@ impl Finisher {
     /// Gives back the request's in-flight slots kept in Redis, waiting a moment for Redis to
     /// take them: a client that sends its next request as soon as it has this answer would
     /// otherwise find its `max_parallel` still full. A release that takes longer (Redis slow or
-    /// down) goes on in the background.
+    /// down) goes on in the background. Called after the record is handed to the log: a request
+    /// dropped during the wait (its client gone) loses nothing.
     async fn let_go(&mut self) {
         if let Some(l) = self.closing_limit.take() {
             l.release_within(RELEASE_WAIT).await;
@@ -312,8 +313,8 @@ impl Finisher {
             Self::set_error(r, err);
         }
         if let Some(r) = self.close() {
-            self.let_go().await;
             self.sink.send(r).await;
+            self.let_go().await;
         }
     }
 
@@ -350,8 +351,8 @@ impl Finisher {
             (r.cost_usd, counted)
         };
         if let Some(r) = self.close() {
-            self.let_go().await;
             self.sink.send(r).await;
+            self.let_go().await;
         }
         counted
     }
@@ -363,8 +364,8 @@ impl Finisher {
             r.response_body = body;
         }
         if let Some(r) = self.close() {
-            self.let_go().await;
             self.sink.send(r).await;
+            self.let_go().await;
         }
     }
 
@@ -404,8 +405,8 @@ impl Finisher {
             (r.cost_usd, counted)
         };
         if let Some(r) = self.close() {
-            self.let_go().await;
             self.sink.send(r).await;
+            self.let_go().await;
         }
         (cost, counted)
     }
@@ -431,8 +432,8 @@ impl Finisher {
             }
         }
         if let Some(r) = self.close() {
-            self.let_go().await;
             self.sink.send(r).await;
+            self.let_go().await;
         }
     }
 

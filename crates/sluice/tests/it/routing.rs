@@ -1176,13 +1176,16 @@ async fn a_deployment_that_cannot_serve_a_request_hands_it_on() {
             "m",
             &[
                 format!(
-                    "{{ provider = \"claude\", model = \"{}\", weight = 1000 }}",
+                    "{{ provider = \"claude\", model = \"{}\", input_cost_per_mtok = 1, output_cost_per_mtok = 1 }}",
                     models::FAULT_500
                 ),
-                dep(models::ECHO),
+                dep_with(
+                    models::ECHO,
+                    "input_cost_per_mtok = 9, output_cost_per_mtok = 9",
+                ),
             ],
             &format!(
-                "{}{}",
+                "strategy = \"cost\"\n{}{}",
                 sub("m", "retries", "retries = 0"),
                 sub(
                     "m",
@@ -1196,8 +1199,8 @@ async fn a_deployment_that_cannot_serve_a_request_hands_it_on() {
     let claude_id = format!("claude/{}", models::FAULT_500);
     let echo_id = format!("up/{}", models::ECHO);
     let http = client();
-    // Retries 0 and the dead Claude deployment first: it fails and its breaker opens (no
-    // retry is left for the echo deployment).
+    // Retries 0 and the dead Claude deployment first (the cheaper): it fails and its breaker
+    // opens (no retry is left for the echo deployment).
     let a = chat(&http, &s, "m", false).await;
     assert_eq!(a.status, 502, "{}", a.text);
     assert_eq!(breaker_state(&s, "m", &claude_id).await, "open");
