@@ -18,8 +18,10 @@ use crate::record::StoreError;
 /// What every virtual key starts with.
 pub const KEY_PREFIX: &str = "sk-sluice-";
 
-/// Who a key belongs to, for attribution and (later) budgets and limits.
+/// Who a key belongs to, for attribution, team budgets and usage by team. Unknown fields are
+/// refused: a misspelt `team` would leave the key outside its team's budget.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Owner {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -482,6 +484,18 @@ mod tests {
         let r = generate(Some(&k.id)).unwrap();
         assert_eq!(r.id, k.id);
         assert_ne!(r.key, k.key);
+    }
+
+    /// A misspelt owner field is refused (it was dropped, and the key stood outside its team's
+    /// budget).
+    #[test]
+    fn a_misspelt_owner_field_is_refused() {
+        let e = serde_json::from_str::<KeySpec>(r#"{"name": "k", "owner": {"teams": "ml"}}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown field `teams`"), "{e}");
+        let ok: KeySpec =
+            serde_json::from_str(r#"{"name": "k", "owner": {"team": "ml", "user": "u"}}"#).unwrap();
+        assert_eq!(ok.owner.team.as_deref(), Some("ml"));
     }
 
     #[test]

@@ -219,11 +219,16 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
     ) -> Result<Self, Self::Rejection> {
         match axum::extract::Path::<String>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(id)) => Ok(IdPath(id)),
-            Err(e) => Err(ApiError::openai(Error::invalid(format!(
-                "the path is not valid: {}",
-                e.body_text()
-            )))
-            .into_response()),
+            Err(e) => {
+                let e = Error::invalid(format!("the path is not valid: {}", e.body_text()));
+                // An Anthropic SDK (`GET /v1/models/{id}`) reads errors in its own shape.
+                Err(if parts.headers.contains_key("anthropic-version") {
+                    ApiError::anthropic(e)
+                } else {
+                    ApiError::openai(e)
+                }
+                .into_response())
+            }
         }
     }
 }
@@ -675,7 +680,9 @@ async fn admin_auth(State(state): State<SharedState>, mut req: Request, next: Ne
             return resp;
         }
         let (parts, body) = resp.into_parts();
-        let bytes = axum::body::to_bytes(body, 64 * 1024)
+        // Sluice's own error body, already in memory: read whole (one quoting a long value the
+        // client sent can be large, and cutting it left the client an empty body).
+        let bytes = axum::body::to_bytes(body, usize::MAX)
             .await
             .unwrap_or_default();
         let code = serde_json::from_slice::<serde_json::Value>(&bytes)

@@ -1050,7 +1050,8 @@ macro_rules! key_store_impl {
                 let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                     "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"
                 )))
-                .bind(id)
+                // A NUL (which no id holds) would be refused by PostgreSQL: no such key.
+                .bind(text(id))
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(db_err)?;
@@ -1092,7 +1093,7 @@ macro_rules! key_store_impl {
                 )
                 .bind(hash)
                 .bind(at)
-                .bind(id)
+                .bind(text(id))
                 .execute(&self.pool)
                 .await
                 .map_err(db_err)?;
@@ -1104,7 +1105,7 @@ macro_rules! key_store_impl {
                     "UPDATE api_keys SET revoked_at = $1, updated_at = $1 WHERE id = $2 AND revoked_at IS NULL",
                 )
                 .bind(at)
-                .bind(id)
+                .bind(text(id))
                 .execute(&self.pool)
                 .await
                 .map_err(db_err)?;

@@ -437,10 +437,15 @@ pub async fn keys_revoke(db: &TestDb) {
             .expect("revoke_key")
     );
     assert_same_key(&get_key(&store, &key.id).await.expect("revoked key"), &want);
-    for id in ["0000000000000000", "", "' OR 1=1 --"] {
+    // No such keys, a NUL among them (PostgreSQL refused it: 503 instead of 404).
+    for id in ["0000000000000000", "", "' OR 1=1 --", "a\0b"] {
         assert!(
             !store.revoke_key(id, revoked_at).await.expect("revoke_key"),
             "revoke_key({id:?})"
+        );
+        assert!(
+            store.get_key(id).await.expect("get_key").is_none(),
+            "get_key({id:?})"
         );
     }
     assert_same_key(

@@ -215,6 +215,20 @@ async fn unknown_models_routes_and_methods() {
         let body: Value = r.json().await.expect("a JSON error");
         assert_eq!(body["error"]["code"], "invalid_request", "{path}: {body}");
     }
+    // An Anthropic SDK gets it in Anthropic's shape.
+    let r = http
+        .get(s.url("/v1/models/%FF"))
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.expect("a JSON error");
+    assert_eq!(
+        (&body["type"], &body["error"]["type"]),
+        (&json!("error"), &json!("invalid_request_error")),
+        "{body}"
+    );
     // The same without the /v1 prefix (an SDK given the bare base URL).
     let r = http.get(s.url("/models/mock-echo")).send().await.unwrap();
     assert_eq!(r.status(), 200);

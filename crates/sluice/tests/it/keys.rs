@@ -342,6 +342,40 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
 
 /// A key created on one replica works on another sharing the store within a second, and a
 /// revocation on one is enforced by the other within a second.
+/// A failed admin write whose error is long (serde quotes the field the client sent) keeps its
+/// body when it is audited (past 64 KiB it was cut to nothing), and a misspelt owner field is
+/// refused (a key with `teams` stood outside its team's budget).
+#[tokio::test]
+async fn failed_admin_writes_keep_their_error() {
+    let s = Sluice::start(MOCK).await;
+    // Each write fails: 400 with its error in the body.
+    let refused = |spec: Value| {
+        let url = s.url("/api/keys");
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&spec)
+                .send()
+                .await
+                .expect("POST /api/keys");
+            assert_eq!(r.status(), 400);
+            r.json::<Value>().await.expect("the error body")
+        }
+    };
+    let mut spec = serde_json::Map::new();
+    spec.insert("name".into(), json!("x"));
+    spec.insert("f".repeat(70_000), json!(1));
+    let body = refused(Value::Object(spec)).await;
+    assert_eq!(code(&body), "invalid_request", "{body:#}");
+    let body = refused(json!({"name": "svc", "owner": {"teams": "ml"}})).await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("teams")),
+        "{body:#}"
+    );
+}
+
 #[tokio::test]
 async fn keys_propagate_between_replicas() {
     let a = Sluice::start(MOCK).await;
