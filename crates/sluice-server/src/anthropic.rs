@@ -74,10 +74,14 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
     wire::set_betas(&mut chat, betas.iter().map(String::as_str));
     let id = format!("msg_{}", ctx.id().simple());
     // Anthropic reports input tokens in `message_start`; the upstream's count only arrives at the
-    // end of the stream, so the start carries the tokenizer's count.
-    let input_estimate = chat
-        .is_stream()
-        .then(|| sluice_gateway::tokens::estimate_prompt(&chat.model, &chat));
+    // end of the stream, so the start carries the tokenizer's count: that of the model's first
+    // deployment, as `count_tokens` gives it.
+    let input_estimate = chat.is_stream().then(|| {
+        state
+            .gateway
+            .count_prompt_tokens(None, &chat)
+            .unwrap_or_else(|_| sluice_gateway::tokens::estimate_prompt(&chat.model, &chat))
+    });
     match state.gateway.chat(ctx, chat).await {
         Ok(ChatOutcome::Complete {
             completion,

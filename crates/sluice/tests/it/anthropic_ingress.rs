@@ -553,6 +553,36 @@ async fn malformed_json_is_invalid_request_error() {
     assert_eq!(upstream.request_count(), 0);
 }
 
+/// A stream's `message_start` counts the prompt with the tokenizer of the model's first
+/// deployment, as `count_tokens` does (it used the name the client gave, whose tokenizer may
+/// differ: `m-gpt-4` is served by `gpt-4`, counted with cl100k_base).
+#[tokio::test]
+async fn message_start_counts_the_prompt_as_count_tokens_does() {
+    let upstream = MockUpstream::start().await;
+    let sluice = Sluice::start(&provider_config("openai", &upstream.base_url(), &["gpt-4"])).await;
+    let text = "Ünïcödé façades, naïve café déjà vu: 東京タワー, Ελληνικά, русский текст; 12345.67";
+    let mut body = json!({"model": "m-gpt-4", "max_tokens": 16,
+                          "messages": [{"role": "user", "content": text}]});
+    let counted: Value = reqwest::Client::new()
+        .post(sluice.url("/v1/messages/count_tokens"))
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["stream"] = json!(true);
+    let (_, events) = message_stream(&sluice, &body).await;
+    let (name, start) = &events[0];
+    assert_eq!(name, "message_start");
+    assert_eq!(
+        start["message"]["usage"]["input_tokens"], counted["input_tokens"],
+        "{start:#} against {counted:#}"
+    );
+}
+
 /// `POST /v1/messages/count_tokens`, as the Anthropic SDK's `messages.count_tokens()` calls it:
 /// the prompt's tokens, with nothing sent upstream or logged; errors in the Anthropic shape.
 #[tokio::test]
