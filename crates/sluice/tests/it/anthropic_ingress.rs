@@ -553,6 +553,20 @@ async fn malformed_json_is_invalid_request_error() {
     assert_eq!(upstream.request_count(), 0);
 }
 
+/// `POST /v1/messages/count_tokens` with the headers an Anthropic SDK sends: status and body.
+async fn count_tokens(sluice: &Sluice, body: Value) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(sluice.url("/v1/messages/count_tokens"))
+        .header("x-api-key", "sk-ant-anything")
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json::<Value>().await.unwrap())
+}
+
 /// A stream's `message_start` counts the prompt with the tokenizer of the model's first
 /// deployment, as `count_tokens` does (it used the name the client gave, whose tokenizer may
 /// differ: `m-gpt-4` is served by `gpt-4`, counted with cl100k_base).
@@ -563,16 +577,7 @@ async fn message_start_counts_the_prompt_as_count_tokens_does() {
     let text = "Ünïcödé façades, naïve café déjà vu: 東京タワー, Ελληνικά, русский текст; 12345.67";
     let mut body = json!({"model": "m-gpt-4", "max_tokens": 16,
                           "messages": [{"role": "user", "content": text}]});
-    let counted: Value = reqwest::Client::new()
-        .post(sluice.url("/v1/messages/count_tokens"))
-        .header("anthropic-version", "2023-06-01")
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, counted) = count_tokens(&sluice, body.clone()).await;
     body["stream"] = json!(true);
     let (_, events) = message_stream(&sluice, &body).await;
     let (name, start) = &events[0];
@@ -588,21 +593,7 @@ async fn message_start_counts_the_prompt_as_count_tokens_does() {
 #[tokio::test]
 async fn count_tokens_counts_without_calling_the_upstream() {
     let (upstream, sluice) = setup().await;
-    let count = |body: Value| {
-        let url = sluice.url("/v1/messages/count_tokens");
-        async move {
-            let resp = reqwest::Client::new()
-                .post(url)
-                .header("x-api-key", "sk-ant-anything")
-                .header("anthropic-version", "2023-06-01")
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            (status, resp.json::<Value>().await.unwrap())
-        }
-    };
+    let count = |body: Value| count_tokens(&sluice, body);
     let short =
         json!({"model": format!("m-{PLAIN}"), "messages": [{"role": "user", "content": "Hello"}]});
     let (status, body) = count(short.clone()).await;
