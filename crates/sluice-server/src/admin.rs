@@ -48,6 +48,18 @@ pub fn parse_time_or_duration(
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
+    // An offset without its colon (`+0000`), or a space for the `T`.
+    for f in [
+        "%Y-%m-%dT%H:%M:%S%.f%z",
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+        "%Y-%m-%d %H:%M:%S%.f%z",
+    ] {
+        if let Ok(t) = DateTime::parse_from_str(s, f) {
+            return Ok(t.with_timezone(&Utc));
+        }
+    }
+    // `Z` after a time without seconds, as `sluice usage` prints its period (`2026-12-01 00:00Z`).
+    let s = s.strip_suffix('Z').filter(|t| t.len() == 16).unwrap_or(s);
     // A date alone: its start, UTC.
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
@@ -57,6 +69,7 @@ pub fn parse_time_or_duration(
         "%Y-%m-%dT%H:%M:%S%.f",
         "%Y-%m-%d %H:%M:%S%.f",
         "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M",
     ] {
         if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, f) {
             return Ok(t.and_utc());
@@ -347,5 +360,17 @@ mod tests {
                 .unwrap_err()
                 .contains("whole number")
         );
+        // The forms people type and that Sluice prints: minutes without seconds, `sluice
+        // usage`'s own `…00:00Z`, an offset without its colon.
+        let ten = "2026-12-05T10:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        for s in [
+            "2026-12-05 10:00",
+            "2026-12-05 10:00Z",
+            "2026-12-05T10:00:00+0000",
+            "2026-12-05T11:00:00+0100",
+            "2026-12-05 10:00:00+00:00",
+        ] {
+            assert_eq!(parse_since(s, now).unwrap(), ten, "{s}");
+        }
     }
 }

@@ -21,12 +21,16 @@ use sluice_store::StoreConfig;
 
 use crate::config::{BuiltProviders, Config, Overrides, Source};
 
-/// The admin key from `SLUICE_ADMIN_KEY`, if set.
-pub fn admin_key() -> Option<Secret> {
-    std::env::var("SLUICE_ADMIN_KEY")
-        .ok()
-        .filter(|k| !k.trim().is_empty())
-        .map(|k| Secret::new(k.trim()))
+/// The admin key from `SLUICE_ADMIN_KEY`, if set. One that is not UTF-8 is an error, not
+/// unset: the API would be open while the operator thinks a key guards it.
+pub fn admin_key() -> anyhow::Result<Option<Secret>> {
+    match std::env::var("SLUICE_ADMIN_KEY") {
+        Ok(k) => Ok(Some(k.trim()).filter(|k| !k.is_empty()).map(Secret::new)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => bail!(
+            "SLUICE_ADMIN_KEY is not valid UTF-8\nhint: use printable characters (for example the output of `openssl rand -hex 32`)"
+        ),
+    }
 }
 
 /// Refuses to expose an unauthenticated gateway beyond this machine.
@@ -48,7 +52,9 @@ pub fn spill_path(store: &sluice_store::StoreConfig) -> PathBuf {
     let url = &store.url;
     if let Some(path) = url
         .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
         .map(|p| p.split('?').next().unwrap_or(p))
+        .filter(|p| !p.contains(":memory:"))
         && let Some(dir) = std::path::Path::new(path).parent()
     {
         return dir.join("spill.jsonl");
@@ -356,7 +362,7 @@ fn unpriced_deployments(router: &sluice_gateway::router::Router) -> Vec<String> 
 
 pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     let addr = cfg.server.addr().map_err(anyhow::Error::msg)?;
-    let key = admin_key();
+    let key = admin_key()?;
     check_exposure(addr, &key)?;
     let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
     let source = cfg.source.to_string();
@@ -496,4 +502,28 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         stats.written
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The spill file goes beside the SQLite file for either URL form (`sqlite:PATH` put it in
+    /// `./sluice-data`), and under `./sluice-data` for an in-memory or PostgreSQL store.
+    #[test]
+    fn the_spill_file_goes_beside_the_sqlite_file() {
+        let at = |url: &str| {
+            spill_path(&sluice_store::StoreConfig {
+                url: url.into(),
+                ..sluice_store::StoreConfig::default()
+            })
+        };
+        let beside = PathBuf::from("/data/spill.jsonl");
+        assert_eq!(at("sqlite:///data/s.db"), beside);
+        assert_eq!(at("sqlite:/data/s.db"), beside);
+        assert_eq!(at("sqlite:/data/s.db?mode=rwc"), beside);
+        let default = PathBuf::from("sluice-data").join("spill.jsonl");
+        assert_eq!(at("sqlite::memory:"), default);
+        assert_eq!(at("postgres://u@h/db"), default);
+    }
 }

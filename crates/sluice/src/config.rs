@@ -108,7 +108,8 @@ pub fn locate(flag: Option<&Path>) -> Source {
     if let Some(p) = flag {
         return Source::File(p.to_path_buf());
     }
-    if let Ok(p) = std::env::var("SLUICE_CONFIG")
+    // Any path, UTF-8 or not (one that is not was taken for unset).
+    if let Some(p) = std::env::var_os("SLUICE_CONFIG")
         && !p.is_empty()
     {
         return Source::File(PathBuf::from(p));

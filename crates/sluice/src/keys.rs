@@ -459,9 +459,13 @@ pub async fn run(
     match command {
         KeysCommand::Create(args) => {
             let spec = spec(&args, now)?;
+            // The flags first: a warning about models is no use before an error about them.
+            let (mut key, secret) = spec
+                .issue(now)
+                .map_err(|e| anyhow!("{}\n{CREATE_HINT}", as_flags(&e)))?;
             let checked = configured.is_some();
             let configured = configured.unwrap_or_default();
-            let unknown: Vec<&str> = spec
+            let unknown: Vec<&str> = key
                 .models
                 .iter()
                 .filter(|m| !configured.contains(m))
@@ -472,7 +476,7 @@ pub async fn run(
                     "warning: the configuration has no model {}; the key can use {} only once a configuration serves {} (configured: {})",
                     unknown
                         .iter()
-                        .map(|m| format!("`{m}`"))
+                        .map(|m| format!("`{}`", clean(m)))
                         .collect::<Vec<_>>()
                         .join(", "),
                     if unknown.len() == 1 { "it" } else { "them" },
@@ -484,9 +488,6 @@ pub async fn run(
                     }
                 );
             }
-            let (mut key, secret) = spec
-                .issue(now)
-                .map_err(|e| anyhow!("{}\n{CREATE_HINT}", as_flags(&e)))?;
             key.created_by = Some("cli".into());
             let (store, log) = open_with_audit(store_url).await?;
             // Running gateways poll for keys by the time they were written: the time now, after
@@ -513,7 +514,7 @@ pub async fn run(
                 print_json(&v);
                 crate::output_at_stake(None);
             } else {
-                outln!("Created key {} ({}):", key.id, key.name);
+                outln!("Created key {} ({}):", key.id, clean(&key.name));
                 outln!();
                 outln!("    {secret}");
                 // The secret is out; what follows is advice.

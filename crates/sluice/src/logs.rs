@@ -62,6 +62,11 @@ fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
         Some(s) => {
             let t = sluice_server::admin::parse_since(s, chrono::Utc::now())
                 .map_err(|e| anyhow::anyhow!("--until {e}"))?;
+            if since.is_some_and(|since| t <= since) {
+                anyhow::bail!(
+                    "--until must be after --since\nhint: durations count back from now: --since 3h --until 2h is the hour that ended two hours ago"
+                );
+            }
             // The first id of that millisecond: every request that started earlier is before it.
             let ms = u64::try_from(t.timestamp_millis()).unwrap_or(0);
             Some(uuid::Builder::from_unix_timestamp_millis(ms, &[0; 10]).into_uuid())
@@ -99,7 +104,7 @@ fn print(r: &RequestRecord, json: bool) {
         .unwrap_or_else(|| "-".into());
     outln!(
         "{}  {}  {:<9} {:>3}  {:<18} {:<12} {:>7.0}ms ttft {:>6}  tok {:>5}/{:<5} ${:.8}{}{}",
-        r.started_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+        r.started_at.format("%Y-%m-%d %H:%M:%S%.3fZ"),
         r.id,
         r.status.as_str(),
         r.http_status,

