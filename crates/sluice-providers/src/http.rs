@@ -80,7 +80,8 @@ impl HttpSettings {
     pub fn timeouts(&self) -> Result<Timeouts, String> {
         let d = |name: &str, v: f64| {
             if v.is_finite() && v > 0.0 {
-                Ok(Duration::from_secs_f64(v))
+                Duration::try_from_secs_f64(v)
+                    .map_err(|_| format!("{name} is too large ({v} seconds)"))
             } else {
                 Err(format!(
                     "{name} must be a positive number of seconds, got {v}"
@@ -140,10 +141,12 @@ impl Client {
             .and_then(|b| b.with_platform_verifier())
             .map_err(|e| format!("cannot set up TLS: {e}"))?
             .with_no_client_auth();
+        // HTTP/1.1 only: the pool opens one HTTP/2 connection per host and never a second, so
+        // past the server's stream limit (often 100) requests would queue behind long streams.
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
-            .enable_all_versions()
+            .enable_http1()
             .wrap_connector(Connector {
                 tcp,
                 proxies: proxies.clone(),
@@ -312,6 +315,13 @@ pub async fn json_body<T: serde::de::DeserializeOwned>(
         Ok(Ok(b)) => b.to_bytes(),
     };
     serde_json::from_slice(&bytes).map_err(|e| {
+        // An error in a 200 body (OpenRouter reports errors during generation so): classed by
+        // its code, not taken for a broken upstream.
+        if serde_json::from_slice::<serde_json::Value>(&bytes)
+            .is_ok_and(|v| v.get("error").is_some_and(|e| !e.is_null()))
+        {
+            return stream_error(&bytes);
+        }
         ProviderError::Protocol(format!(
             "response body is not the expected JSON ({e}): {}",
             snippet(&bytes)
@@ -736,6 +746,18 @@ pub fn sse_events(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// A timeout too large for a duration is a configuration error (it panicked at load).
+    #[test]
+    fn a_timeout_too_large_is_refused() {
+        let e = HttpSettings {
+            request_secs: 1e20,
+            ..HttpSettings::default()
+        }
+        .timeouts()
+        .expect_err("refused");
+        assert!(e.contains("too large"), "{e}");
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

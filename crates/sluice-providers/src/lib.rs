@@ -69,7 +69,12 @@ impl ProviderConfig {
 /// A base URL without its trailing slash, checked to be http(s).
 pub(crate) fn base_url(url: &str) -> Result<&str, String> {
     let base = url.trim_end_matches('/');
-    if base.starts_with("http://") || base.starts_with("https://") {
+    if base.contains(['?', '#']) {
+        // The paths Sluice appends would land inside the query.
+        Err(format!(
+            "base_url: `{base}` has a query or fragment; give the API root alone (a key goes in api_key or headers)"
+        ))
+    } else if base.starts_with("http://") || base.starts_with("https://") {
         Ok(base)
     } else {
         Err(format!(

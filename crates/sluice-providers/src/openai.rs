@@ -35,9 +35,9 @@ pub struct OpenAiConfig {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Ask streams for a final usage chunk even when the client did not, so usage is exact.
-    /// Turn off for servers that reject `stream_options`.
-    #[serde(default = "yes")]
-    pub stream_usage: bool,
+    /// Off for servers that reject `stream_options`; by default on, but for Mistral's API.
+    #[serde(default)]
+    pub stream_usage: Option<bool>,
     /// Send prompt-caching breakpoints (`cache_control` on content parts, tools and messages,
     /// from an Anthropic client or an OpenAI one) to this server: for gateways that read them
     /// (OpenRouter, LiteLLM). Off by default: most servers have no use for them, and strict ones
@@ -76,10 +76,6 @@ fn default_openai_base() -> String {
 fn default_azure_version() -> String {
     "2024-10-21".into()
 }
-fn yes() -> bool {
-    true
-}
-
 #[derive(Debug)]
 enum Urls {
     /// `{base}/chat/completions`, parsed once.
@@ -164,7 +160,7 @@ impl OpenAi {
                 models: parse_url(format!("{base}/models"))?,
             })),
             headers,
-            stream_usage: cfg.stream_usage,
+            stream_usage: cfg.stream_usage.unwrap_or(!is_mistral_host(base)),
             timeouts,
             official: is_openai_host(base).then_some(CapField::MaxCompletionTokens),
             forward_cache_control: cfg.forward_cache_control,
@@ -258,6 +254,11 @@ impl ChatProvider for OpenAi {
         let request = http::post_json(&url, &self.headers, adjusted.as_ref().unwrap_or(req))?;
         let mut completion: ChatCompletion =
             self.client.json(request, self.timeouts.request).await?;
+        // An answer that carries an error (OpenRouter's, during generation) is that error.
+        if let Some(e) = completion.extra.get("error").filter(|e| !e.is_null()) {
+            let body = serde_json::to_vec(&serde_json::json!({ "error": e })).unwrap_or_default();
+            return Err(http::stream_error(&body));
+        }
         for c in &mut completion.choices {
             openai_finish_reason(&mut c.finish_reason);
         }
@@ -402,9 +403,19 @@ fn strip_cache_control(req: &mut ChatRequest) {
     }
 }
 
-/// Whether a base URL is OpenAI's own API.
+/// Whether a base URL is OpenAI's own API (or one of its data-residency hosts,
+/// `eu.api.openai.com`).
 fn is_openai_host(base: &str) -> bool {
-    http::parse_uri(base).is_ok_and(|u| u.host() == Some("api.openai.com"))
+    http::parse_uri(base).is_ok_and(|u| {
+        u.host()
+            .is_some_and(|h| h == "api.openai.com" || h.ends_with(".api.openai.com"))
+    })
+}
+
+/// Whether a base URL is Mistral's own API, which refuses `stream_options` (its last chunk
+/// carries the usage anyway).
+fn is_mistral_host(base: &str) -> bool {
+    http::parse_uri(base).is_ok_and(|u| u.host() == Some("api.mistral.ai"))
 }
 
 /// The field in which OpenAI's own API (or an Azure OpenAI API version) takes the output-token
@@ -688,15 +699,47 @@ mod tests {
 
     /// A provider for the server at `base`.
     fn server_at(base: &str) -> OpenAi {
+        configured(base, Some(true))
+    }
+
+    fn configured(base: &str, stream_usage: Option<bool>) -> OpenAi {
         OpenAi::new(&OpenAiConfig {
             base_url: base.into(),
             api_key: None,
             headers: BTreeMap::new(),
-            stream_usage: true,
+            stream_usage,
             forward_cache_control: false,
             timeouts: HttpSettings::default(),
         })
         .unwrap()
+    }
+
+    /// Mistral's API refuses `stream_options` (every stream failed with 422 unless
+    /// `stream_usage = false` was set); OpenAI's data-residency hosts are OpenAI's API; a base
+    /// URL with a query is refused (the paths went inside it).
+    #[test]
+    fn hosts_get_what_they_take() {
+        assert!(!configured("https://api.mistral.ai/v1", None).stream_usage);
+        assert!(configured("https://api.mistral.ai/v1", Some(true)).stream_usage);
+        assert!(configured("http://localhost:8000/v1", None).stream_usage);
+        for base in [
+            "https://api.openai.com/v1",
+            "https://eu.api.openai.com/v1",
+            "https://us.api.openai.com/v1",
+        ] {
+            assert!(is_openai_host(base), "{base}");
+        }
+        assert!(!is_openai_host("https://api.openai.com.evil.example/v1"));
+        let e = OpenAi::new(&OpenAiConfig {
+            base_url: "https://gw.example/v1?key=x".into(),
+            api_key: None,
+            headers: BTreeMap::new(),
+            stream_usage: None,
+            forward_cache_control: false,
+            timeouts: HttpSettings::default(),
+        })
+        .expect_err("a query is refused");
+        assert!(e.contains("query"), "{e}");
     }
 
     /// A provider for an OpenAI-compatible server (not OpenAI's own API).

@@ -1151,10 +1151,16 @@ async fn anthropic_refuses_n_greater_than_one() {
 /// events as `data:` lines alone (no `event:` names), then holds the connection open a while
 /// before closing it.
 async fn scripted_anthropic(events: Vec<Value>) -> std::net::SocketAddr {
+    let body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    scripted("text/event-stream", body).await
+}
+
+/// A scripted upstream: to every request it answers 200 with this body, then holds the
+/// connection open a while before closing it.
+async fn scripted(content_type: &'static str, body: String) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let body = body.clone();
@@ -1180,7 +1186,7 @@ async fn scripted_anthropic(events: Vec<Value>) -> std::net::SocketAddr {
                     }
                 }
                 let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()
                 );
                 let _ = conn.write_all(head.as_bytes()).await;
@@ -1226,6 +1232,42 @@ async fn an_anthropic_stream_without_event_names_ends_at_message_stop() {
     assert_eq!(events.last().map(|(_, d)| d.as_str()), Some("[DONE]"));
     let rec = sluice.record(&id).await;
     assert_eq!(rec["status"], "ok", "{rec:#}");
+}
+
+/// An answer of 200 that carries an error (OpenRouter reports errors during generation so) is
+/// that error: a rate limit is a 429 (it was a broken upstream, 502, counted against the
+/// breaker), and one beside a completion is not taken for an empty answer.
+#[tokio::test]
+async fn an_error_in_a_200_answer_is_that_error() {
+    for (body, status) in [
+        (
+            json!({"error": {"code": 429, "message": "Rate limit exceeded upstream"}}),
+            429,
+        ),
+        (
+            json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "error"}],
+                   "error": {"code": 502, "message": "provider returned error"}}),
+            502,
+        ),
+    ] {
+        let addr = scripted("application/json", body.to_string()).await;
+        let sluice = Sluice::start(&provider_config(
+            "openai",
+            &format!("http://{addr}"),
+            &[PLAIN],
+        ))
+        .await;
+        let resp = reqwest::Client::new()
+            .post(sluice.url("/v1/chat/completions"))
+            .json(&json!({"model": format!("m-{PLAIN}"), "messages": user("Hi")}))
+            .send()
+            .await
+            .unwrap();
+        let got = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        assert_eq!(got, status, "{body}: {text}");
+    }
 }
 
 /// A Claude stream cut before its final usage, whose prompt was mostly read from the cache: the
