@@ -170,7 +170,11 @@ impl ChatProvider for Anthropic {
         let mut request = self.post(translate(req, true)?)?;
         http::accept_event_stream(&mut request);
         let resp = self.client.send(request, self.timeouts.request).await?;
-        let events = Box::pin(http::sse_events(resp, self.timeouts.stream_idle));
+        let events = Box::pin(http::sse_events(
+            resp,
+            self.timeouts.request,
+            self.timeouts.stream_idle,
+        ));
         let state = (events, StreamDecoder::new(), false);
         let chunks = futures::stream::unfold(state, |(mut events, mut dec, mut done)| async move {
             if done {

@@ -133,7 +133,11 @@ impl ChatProvider for Gemini {
         let mut request = self.post(&req.model, "streamGenerateContent?alt=sse", &body)?;
         http::accept_event_stream(&mut request);
         let resp = self.client.send(request, self.timeouts.request).await?;
-        let events = Box::pin(http::sse_events(resp, self.timeouts.stream_idle));
+        let events = Box::pin(http::sse_events(
+            resp,
+            self.timeouts.request,
+            self.timeouts.stream_idle,
+        ));
         let state = (events, StreamDecoder::new(&req.model), false, false);
         let chunks = futures::stream::unfold(
             state,

@@ -683,11 +683,14 @@ pub fn snippet(body: &[u8]) -> String {
     }
 }
 
-/// The SSE events of a streamed response. The body may be silent for at most `idle`: any bytes
-/// count, so an upstream's keep-alive comments keep a slow stream open. The stream ends after its
-/// first error.
+/// The SSE events of a streamed response. Its first bytes may take up to `first` (a reasoning
+/// model can think for minutes before it streams anything, and some servers send nothing
+/// meanwhile); after them the body may be silent for at most `idle`: any bytes count, so an
+/// upstream's keep-alive comments keep a slow stream open. The stream ends after its first
+/// error.
 pub fn sse_events(
     resp: Response<Incoming>,
+    first: Duration,
     idle: Duration,
 ) -> impl Stream<Item = Result<Event, ProviderError>> + Send + 'static {
     struct State {
@@ -695,12 +698,14 @@ pub fn sse_events(
         decoder: crate::sse::Decoder,
         ready: std::collections::VecDeque<Event>,
         ended: bool,
+        started: bool,
     }
     let state = State {
         body: BodyDataStream::new(resp.into_body()),
         decoder: crate::sse::Decoder::new(),
         ready: std::collections::VecDeque::new(),
         ended: false,
+        started: false,
     };
     futures::stream::unfold(state, move |mut st| async move {
         loop {
@@ -710,12 +715,15 @@ pub fn sse_events(
             if st.ended {
                 return None;
             }
-            match tokio::time::timeout(idle, st.body.next()).await {
+            let limit = if st.started { idle } else { first.max(idle) };
+            let next = tokio::time::timeout(limit, st.body.next()).await;
+            st.started = true;
+            match next {
                 Err(_) => {
                     st.ended = true;
                     let err = ProviderError::Timeout(format!(
                         "stream was silent for {:.1}s",
-                        idle.as_secs_f64()
+                        limit.as_secs_f64()
                     ));
                     return Some((Err(err), st));
                 }
@@ -1139,12 +1147,23 @@ pub(crate) mod tests {
         )
         .await;
         let client = direct();
-        let resp = fetch(&client, &format!("http://{addr}/s"), Duration::from_secs(5))
-            .await
-            .unwrap();
-        let events: Vec<_> = sse_events(resp, Duration::from_secs(5)).collect().await;
+        let events = events_from(&client, &addr, 5000, 5000).await;
         let data: Vec<String> = events.into_iter().map(|e| e.unwrap().data).collect();
         assert_eq!(data, ["{\"id\":\"x\"}", "caf\u{e9}"]);
+    }
+
+    /// The events of the stream at `addr`, read with these limits (milliseconds).
+    async fn events_from(
+        client: &Client,
+        addr: &str,
+        first_ms: u64,
+        idle_ms: u64,
+    ) -> Vec<Result<Event, ProviderError>> {
+        let resp = fetch(client, &format!("http://{addr}/s"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let ms = Duration::from_millis;
+        sse_events(resp, ms(first_ms), ms(idle_ms)).collect().await
     }
 
     /// A server that answers with an event-stream head, then writes `parts` `gap` apart.
@@ -1175,22 +1194,28 @@ pub(crate) mod tests {
         parts.push(b"data: late\n\n");
         let addr = trickling(parts, Duration::from_millis(100)).await;
         let client = direct();
-        let resp = fetch(&client, &format!("http://{addr}/s"), Duration::from_secs(5))
-            .await
-            .unwrap();
-        let events: Vec<_> = sse_events(resp, Duration::from_millis(300)).collect().await;
+        let events = events_from(&client, &addr, 300, 300).await;
         assert_eq!(events.len(), 1, "{events:?}");
         assert_eq!(events[0].as_ref().unwrap().data, "late");
 
         // The same event after a silence longer than the idle limit.
         let addr = trickling(vec![b"data: too late\n\n"], Duration::from_millis(600)).await;
-        let resp = fetch(&client, &format!("http://{addr}/s"), Duration::from_secs(5))
-            .await
-            .unwrap();
-        let events: Vec<_> = sse_events(resp, Duration::from_millis(300)).collect().await;
+        let events = events_from(&client, &addr, 300, 300).await;
         assert_eq!(events.len(), 1, "{events:?}");
         assert!(
             matches!(events[0], Err(ProviderError::Timeout(_))),
+            "{events:?}"
+        );
+
+        // The first bytes have the longer first limit (a model thinking before it streams: the
+        // idle limit ended such streams); later silences the idle one.
+        let parts: Vec<&'static [u8]> = vec![b"data: thought\n\n", b"data: later\n\n"];
+        let addr = trickling(parts, Duration::from_millis(600)).await;
+        let events = events_from(&client, &addr, 2000, 300).await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0].as_ref().unwrap().data, "thought");
+        assert!(
+            matches!(events[1], Err(ProviderError::Timeout(_))),
             "{events:?}"
         );
     }
@@ -1200,10 +1225,7 @@ pub(crate) mod tests {
         let parts: Vec<&'static [u8]> = vec![b"data: a\xFFb\n\n", b"data: [DONE]\n\n"];
         let addr = trickling(parts, Duration::from_millis(10)).await;
         let client = direct();
-        let resp = fetch(&client, &format!("http://{addr}/s"), Duration::from_secs(5))
-            .await
-            .unwrap();
-        let events: Vec<_> = sse_events(resp, Duration::from_millis(500)).collect().await;
+        let events = events_from(&client, &addr, 500, 500).await;
         let data: Vec<String> = events.into_iter().map(|e| e.unwrap().data).collect();
         assert_eq!(data, ["a\u{fffd}b", "[DONE]"]);
     }

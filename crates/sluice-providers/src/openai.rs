@@ -271,7 +271,7 @@ impl ChatProvider for OpenAi {
         let mut request = http::post_json(&url, &self.headers, &body)?;
         http::accept_event_stream(&mut request);
         let resp = self.client.send(request, self.timeouts.request).await?;
-        let events = http::sse_events(resp, self.timeouts.stream_idle);
+        let events = http::sse_events(resp, self.timeouts.request, self.timeouts.stream_idle);
         Ok(Box::pin(openai_chunks(events)))
     }
 
