@@ -494,10 +494,10 @@ pub async fn status_error(resp: Response<Incoming>, limit: Duration) -> Provider
         .get(header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_ERROR_BODY);
-    let body = match tokio::time::timeout(limit, body.collect()).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        // Too long, broken or too slow: the status alone still says what happened.
+    // Up to 64 KiB of it: a longer body (one echoing a long input) keeps its start, whose
+    // snippet still says what happened; a broken or too slow one, nothing (the status alone).
+    let body = match tokio::time::timeout(limit, error_body_start(resp.into_body())).await {
+        Ok(Some(b)) => b,
         _ => Bytes::new(),
     };
     let (message, code) = error_message(&body);
@@ -529,6 +529,33 @@ fn account_status(status: u16, code: Option<&str>, message: &str, body: &[u8]) -
     status
 }
 
+/// The first [`MAX_ERROR_BODY`] bytes of a body; `None` when it breaks.
+async fn error_body_start(mut body: Incoming) -> Option<Bytes> {
+    let mut out = Vec::new();
+    while out.len() < MAX_ERROR_BODY {
+        match body.frame().await {
+            None => break,
+            Some(Err(_)) => return None,
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let room = MAX_ERROR_BODY - out.len();
+                    out.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+        }
+    }
+    Some(Bytes::from(out))
+}
+
+/// An error body's JSON, looking inside a list around it (Gemini's OpenAI-compatible API answers
+/// `[{"error": …}]`).
+fn error_json(body: &[u8]) -> Option<serde_json::Value> {
+    match serde_json::from_slice::<serde_json::Value>(body).ok()? {
+        serde_json::Value::Array(mut items) if !items.is_empty() => Some(items.swap_remove(0)),
+        v => Some(v),
+    }
+}
+
 fn memchr_find(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -537,7 +564,7 @@ fn memchr_find(haystack: &[u8], needle: &[u8]) -> bool {
 /// `error.details[]` with `"@type": "type.googleapis.com/google.rpc.RetryInfo"` and a
 /// `retryDelay` such as `"36s"` or `"1.5s"` (capped as a header's is).
 fn retry_delay(body: &[u8]) -> Option<Duration> {
-    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let v = error_json(body)?;
     v.get("error")?
         .get("details")?
         .as_array()?
@@ -566,7 +593,7 @@ pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Opt
 
 /// The message and code of an upstream error body.
 pub fn error_message(body: &[u8]) -> (String, Option<String>) {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+    let Some(v) = error_json(body) else {
         let text = snippet(body);
         return (
             if text.is_empty() {
@@ -601,7 +628,7 @@ pub fn error_message(body: &[u8]) -> (String, Option<String>) {
 /// The request field an upstream error body names as the cause (`error.param`, OpenAI's shape),
 /// kept to 256 bytes.
 pub fn error_param(body: &[u8]) -> Option<String> {
-    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let v = error_json(body)?;
     let param = v.get("error")?.get("param")?.as_str()?;
     if param.is_empty() {
         return None;
@@ -1331,11 +1358,37 @@ pub(crate) mod tests {
         .unwrap_err()
     }
 
+    /// An error body over 64 KiB (one echoing a long input) is not read whole, and its start
+    /// still says something (it was dropped for "(empty body)").
     #[tokio::test]
-    async fn an_oversized_error_body_is_not_read_whole() {
+    async fn an_oversized_error_body_is_read_only_to_its_start() {
         let body = format!("{{\"error\":{{\"message\":\"{}\"}}}}", "x".repeat(100_000));
         let err = error_for("500 Internal Server Error", &body).await;
-        assert_status_without_body(err, 500);
+        match err {
+            ProviderError::Status {
+                status, message, ..
+            } => {
+                assert_eq!(status, 500);
+                assert!(
+                    message.starts_with("{\"error\":{\"message\":\"xxx"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Gemini's OpenAI-compatible API wraps its error in a list: its message, status and retry
+    /// delay are read from inside it.
+    #[test]
+    fn an_error_in_a_list_is_read() {
+        let body = br#"[{"error": {"code": 429, "message": "Quota exceeded", "status": "RESOURCE_EXHAUSTED",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]}}]"#;
+        assert_eq!(
+            error_message(body),
+            ("Quota exceeded".into(), Some("RESOURCE_EXHAUSTED".into()))
+        );
+        assert_eq!(retry_delay(body), Some(Duration::from_secs(7)));
     }
 
     #[test]
