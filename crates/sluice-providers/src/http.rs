@@ -48,10 +48,11 @@ pub struct HttpSettings {
     /// Seconds to wait for a connection.
     #[serde(default = "default_connect")]
     pub connect_secs: f64,
-    /// Seconds a whole non-streamed call may take (for streams: until the response starts).
+    /// Seconds a whole non-streamed call may take (for streams: until the response starts, and
+    /// again until its first bytes).
     #[serde(default = "default_request")]
     pub request_secs: f64,
-    /// Seconds of silence after which a stream is abandoned.
+    /// Seconds of silence after which a stream is abandoned, once its first bytes came.
     #[serde(default = "default_idle")]
     pub stream_idle_secs: f64,
 }
@@ -96,7 +97,8 @@ impl HttpSettings {
     }
 }
 
-/// The pooled HTTP client of one provider: HTTP/1.1 and HTTP/2 (ALPN) over rustls, with the
+/// The pooled HTTP client of one provider: HTTP/1.1 (one connection per request in flight) over
+/// rustls, with the
 /// platform's certificate verifier, `TCP_NODELAY`, a connect timeout, and idle connections kept
 /// for 90 s.
 ///

@@ -55,13 +55,15 @@ pub fn embedded_default(models_dir: &Path) -> String {
     let mut out = String::new();
     let chat = models_dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let embed = models_dir.join("all-MiniLM-L6-v2");
-    if chat.is_file() {
+    // A configuration names its files in UTF-8: a directory whose path is not cannot be named.
+    let nameable = models_dir.to_str().is_some();
+    if nameable && chat.is_file() {
         out.push_str(&format!(
             "[providers.local-chat]\ntype = \"local\"\npath = {}\n\n[models.\"smollm2-135m\"]\ndeployments = [{{ provider = \"local-chat\", model = \"smollm2-135m\" }}]\n\n",
             toml_string(&chat)
         ));
     }
-    if embed.join("model.safetensors").is_file() {
+    if nameable && embed.join("model.safetensors").is_file() {
         out.push_str(&format!(
             "[providers.local-embed]\ntype = \"local\"\npath = {}\n\n[models.\"minilm-l6\"]\ndeployments = [{{ provider = \"local-embed\", model = \"minilm-l6\" }}]\n\n",
             toml_string(&embed)

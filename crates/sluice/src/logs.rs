@@ -43,6 +43,8 @@ pub struct LogsArgs {
 }
 
 fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
+    // One now for both bounds: `--since 1h --until 1h` is an empty period, refused.
+    let now = chrono::Utc::now();
     let status = match &args.status {
         None => None,
         Some(s) => Some(
@@ -53,14 +55,14 @@ fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
     let since = match &args.since {
         None => None,
         Some(s) => Some(
-            sluice_server::admin::parse_since(s, chrono::Utc::now())
+            sluice_server::admin::parse_since(s, now)
                 .map_err(|e| anyhow::anyhow!("--since {e}"))?,
         ),
     };
     let until = match &args.until {
         None => None,
         Some(s) => {
-            let t = sluice_server::admin::parse_since(s, chrono::Utc::now())
+            let t = sluice_server::admin::parse_since(s, now)
                 .map_err(|e| anyhow::anyhow!("--until {e}"))?;
             if since.is_some_and(|since| t <= since) {
                 anyhow::bail!(

@@ -66,6 +66,12 @@ fn a_period_that_ends_before_it_starts_is_refused() {
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--until must be after --since"), "{err}");
+    // An empty period too (each bound was read at its own now).
+    let (code, _, err) = run(
+        &["logs", "--store", &store, "--since", "1h", "--until", "1h"],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{err}");
     let (code, _, err) = run(
         &["usage", "--store", &store, "--since", "1d", "--until", "2d"],
         dir.path(),
@@ -81,14 +87,19 @@ fn a_period_that_ends_before_it_starts_is_refused() {
 fn keys_create_checks_flags_first() {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("sqlite://{}", dir.path().join("k.db").display());
+    // With a configuration file, whose models a key's are compared with: the bad flag is
+    // refused before any warning.
+    let with_file = tempfile::tempdir().unwrap();
+    std::fs::write(with_file.path().join("sluice.toml"), MOCK).unwrap();
     let (code, _, err) = run(
         &[
             "keys", "--store", &store, "create", "--name", "x", "--models", "",
         ],
-        dir.path(),
+        with_file.path(),
     );
     assert_eq!(code, 2, "{err}");
     assert!(!err.contains("warning"), "{err}");
+    assert!(err.contains("--models"), "{err}");
     let (code, out, err) = run(
         &[
             "keys", "--store", &store, "create", "--name", "a\nb", "--models", "my-model",

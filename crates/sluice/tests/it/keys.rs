@@ -340,8 +340,6 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
     }
 }
 
-/// A key created on one replica works on another sharing the store within a second, and a
-/// revocation on one is enforced by the other within a second.
 /// A failed admin write whose error is long (serde quotes the field the client sent) keeps its
 /// body when it is audited (past 64 KiB it was cut to nothing), and a misspelt owner field is
 /// refused (a key with `teams` stood outside its team's budget).
@@ -376,6 +374,8 @@ async fn failed_admin_writes_keep_their_error() {
     );
 }
 
+/// A key created on one replica works on another sharing the store within a second, and a
+/// revocation on one is enforced by the other within a second.
 #[tokio::test]
 async fn keys_propagate_between_replicas() {
     let a = Sluice::start(MOCK).await;
