@@ -20,16 +20,40 @@ pub fn clean(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// `s` for a table cell: control characters escaped, at most `n` characters (the last one `…`
+/// How many terminal columns `s` takes: East Asian wide characters (CJK) two, combining marks
+/// none. Tables pad by it, so that rows with such names line up.
+pub fn width(s: &str) -> usize {
+    unicode_width::UnicodeWidthStr::width(s)
+}
+
+/// `s` for a table cell: control characters escaped, at most `n` columns wide (the last one `…`
 /// when cut).
 pub fn clip(s: &str, n: usize) -> String {
     let s = clean(s);
-    if s.chars().count() <= n {
-        s.into_owned()
+    if width(&s) <= n {
+        return s.into_owned();
+    }
+    let mut t = String::new();
+    let mut used = 0;
+    for c in s.chars() {
+        let w = unicode_width::UnicodeWidthChar::width(c).unwrap_or(0);
+        if used + w > n.saturating_sub(1) {
+            break;
+        }
+        used += w;
+        t.push(c);
+    }
+    t.push('…');
+    t
+}
+
+/// `s` padded with spaces to `n` columns, on the right (`left`) or on the left.
+pub fn pad(s: &str, n: usize, left: bool) -> String {
+    let fill = " ".repeat(n.saturating_sub(width(s)));
+    if left {
+        format!("{s}{fill}")
     } else {
-        let mut t: String = s.chars().take(n.saturating_sub(1)).collect();
-        t.push('…');
-        t
+        format!("{fill}{s}")
     }
 }
 
@@ -41,6 +65,19 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Wide characters take two columns: a cell of them is cut and padded by columns, so that a
+    /// table's rows line up (they were counted as one each).
+    #[test]
+    fn cells_are_measured_in_columns() {
+        assert_eq!(width("模型"), 4);
+        assert_eq!(width("abc"), 3);
+        assert_eq!(clip("模型-宽字符", 6), "模型-…");
+        assert_eq!(width(&clip("模型-宽字符", 6)), 6);
+        assert_eq!(clip("short", 6), "short");
+        assert_eq!(pad("模型", 6, true), "模型  ");
+        assert_eq!(pad("7", 3, false), "  7");
+    }
 
     #[test]
     fn control_characters_are_escaped() {

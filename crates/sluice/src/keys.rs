@@ -233,10 +233,10 @@ fn print_table(keys: &[VirtualKey], now: DateTime<Utc>) {
             ]
         })
         .collect();
-    let mut widths = HEAD.map(|h| h.chars().count());
+    let mut widths = HEAD.map(|h| crate::display::width(h));
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+            *w = (*w).max(crate::display::width(cell));
         }
     }
     let line = |cells: &[String]| {
@@ -246,7 +246,7 @@ fn print_table(keys: &[VirtualKey], now: DateTime<Utc>) {
                 out.push_str(cell);
             } else {
                 out.push_str(cell);
-                out.push_str(&" ".repeat(w - cell.chars().count() + 2));
+                out.push_str(&" ".repeat(w - crate::display::width(cell) + 2));
             }
         }
         outln!("{}", out.trim_end());

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::display::{clean, clip};
+use crate::display::{clean, clip, pad};
 use sluice_core::record::{RecordQuery, RecordStatus, RequestRecord};
 
 #[derive(Debug, clap::Args)]
@@ -105,13 +105,13 @@ fn print(r: &RequestRecord, json: bool) {
         .map(|t| format!("{t:.0}ms"))
         .unwrap_or_else(|| "-".into());
     outln!(
-        "{}  {}  {:<9} {:>3}  {:<18} {:<12} {:>7.0}ms ttft {:>6}  tok {:>5}/{:<5} ${:.8}{}{}",
+        "{}  {}  {:<9} {:>3}  {} {} {:>7.0}ms ttft {:>6}  tok {:>5}/{:<5} ${:.8}{}{}",
         r.started_at.format("%Y-%m-%d %H:%M:%S%.3fZ"),
         r.id,
         r.status.as_str(),
         r.http_status,
-        clip(&r.model, 18),
-        clip(r.provider.as_deref().unwrap_or("-"), 12),
+        pad(&clip(&r.model, 18), 18, true),
+        pad(&clip(r.provider.as_deref().unwrap_or("-"), 12), 12, true),
         r.latency_ms,
         ttft,
         r.prompt_tokens,

@@ -220,8 +220,8 @@ pub async fn report(
     let mut total = Tally::default();
     for (tier, t) in &by_tier {
         outln!(
-            "{:<16} {:>9} {:>16.8} {:>18.8} {:>16.8}",
-            tier,
+            "{} {:>9} {:>16.8} {:>18.8} {:>16.8}",
+            crate::display::pad(&crate::display::clean(tier), 16, true),
             t.requests,
             t.cost,
             t.baseline,

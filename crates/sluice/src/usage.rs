@@ -93,7 +93,7 @@ fn table(dims: &[UsageDim], rows: &[UsageRow], total: Option<&UsageRow>) -> Stri
         .map(|c| {
             lines
                 .iter()
-                .map(|l| l.get(c).map_or(0, |s| s.chars().count()))
+                .map(|l| l.get(c).map_or(0, |s| crate::display::width(s)))
                 .max()
                 .unwrap_or(0)
         })
@@ -103,13 +103,7 @@ fn table(dims: &[UsageDim], rows: &[UsageRow], total: Option<&UsageRow>) -> Stri
         let cells: Vec<String> = l
             .iter()
             .enumerate()
-            .map(|(i, s)| {
-                if i < dims.len() {
-                    format!("{s:<w$}", w = widths[i])
-                } else {
-                    format!("{s:>w$}", w = widths[i])
-                }
-            })
+            .map(|(i, s)| crate::display::pad(s, widths[i], i < dims.len()))
             .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
