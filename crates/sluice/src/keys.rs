@@ -233,7 +233,7 @@ fn print_table(keys: &[VirtualKey], now: DateTime<Utc>) {
             ]
         })
         .collect();
-    let mut widths = HEAD.map(|h| crate::display::width(h));
+    let mut widths = HEAD.map(crate::display::width);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(crate::display::width(cell));
