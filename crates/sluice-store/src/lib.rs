@@ -225,6 +225,32 @@ fn refuses_data(d: &dyn sqlx::error::DatabaseError) -> bool {
         .is_ok_and(|c| matches!(c & 0xff, 18..=20))
 }
 
+/// For a SQLite URL whose file exists: whether it holds a Sluice store (its migrations table),
+/// read without changing it, so that a command that only reads never turns another program's
+/// database into one. `None` for other stores, an in-memory one, a missing file, or a file that
+/// cannot be read now.
+pub async fn sqlite_holds_sluice(url: &str) -> Option<bool> {
+    use sqlx::ConnectOptions;
+    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
+    let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+        .ok()?
+        .read_only(true)
+        .create_if_missing(false);
+    if !opts.get_filename().is_file() {
+        return None;
+    }
+    let mut conn = opts.connect().await.ok()?;
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .ok()?;
+    Some(tables > 0)
+}
+
 /// Opens (creating where needed) and migrates the store at `url`.
 pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn LogStore>, StoreError> {
     Ok(open_stores(url, max_connections).await?.0)

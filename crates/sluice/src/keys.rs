@@ -434,6 +434,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let now = Utc::now();
     let command = by_id(command)?;
+    if matches!(command, KeysCommand::List { .. } | KeysCommand::Show { .. }) {
+        crate::logs::refuse_foreign(store_url).await?;
+    }
     if !matches!(command, KeysCommand::Create(_))
         && let Some(path) = missing_sqlite_file(store_url)
     {

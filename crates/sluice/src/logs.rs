@@ -129,11 +129,23 @@ fn print(r: &RequestRecord, json: bool) {
 }
 
 /// Refuses a SQLite store whose file does not exist (a wrong directory or a misspelt `--store`),
-/// rather than creating an empty one and reporting nothing.
-pub(crate) fn require_log(store_url: &str) -> anyhow::Result<()> {
+/// rather than creating an empty one and reporting nothing, and one whose file is not a Sluice
+/// store (reading it would add Sluice's tables to another program's database).
+pub(crate) async fn require_log(store_url: &str) -> anyhow::Result<()> {
     if let Some(path) = crate::keys::missing_sqlite_file(store_url) {
         anyhow::bail!(
             "no request log at {path}\nhint: start the gateway with `sluice serve` (same directory and config) and send a request first"
+        );
+    }
+    refuse_foreign(store_url).await
+}
+
+/// Refuses a SQLite file that exists but is not a Sluice store.
+pub(crate) async fn refuse_foreign(store_url: &str) -> anyhow::Result<()> {
+    if sluice_store::sqlite_holds_sluice(store_url).await == Some(false) {
+        anyhow::bail!(
+            "{} is not a Sluice store (it has none of Sluice's tables), and this command changes nothing\nhint: name the gateway's store (its `[store] url`) with --store",
+            crate::display::redact_url(store_url)
         );
     }
     Ok(())
@@ -146,7 +158,7 @@ pub async fn run(store_url: &str, max_connections: u32, mut args: LogsArgs) -> a
     // The flags are checked before the store is looked for or opened.
     let first = query(&args, args.limit)?;
     let follow = args.follow.then(|| query(&args, 1000)).transpose()?;
-    require_log(store_url)?;
+    require_log(store_url).await?;
     let store = sluice_store::open(store_url, max_connections)
         .await
         .with_context(|| {

@@ -113,7 +113,7 @@ pub async fn report(
         ),
         None => None,
     };
-    crate::logs::require_log(store_url)?;
+    crate::logs::require_log(store_url).await?;
     let store = sluice_store::open(store_url, 2).await.with_context(|| {
         format!(
             "opening the store at {}",

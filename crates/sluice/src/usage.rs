@@ -141,7 +141,7 @@ pub async fn run(url: &str, mut args: UsageArgs) -> anyhow::Result<()> {
             _ => anyhow::anyhow!("{message}"),
         }
     })?;
-    crate::logs::require_log(url)?;
+    crate::logs::require_log(url).await?;
     let stores = sluice_store::open_all(url, 2)
         .await
         .with_context(|| format!("opening the store at {}", crate::display::redact_url(url)))?;

@@ -54,6 +54,27 @@ fn env_values_that_are_not_utf8_are_not_ignored() {
     assert!(err.contains("SLUICE_ADMIN_KEY is not valid UTF-8"), "{err}");
 }
 
+/// A command that only reads refuses a SQLite file that is not a Sluice store, and leaves it as
+/// it was (it added Sluice's tables to it).
+#[test]
+fn read_commands_leave_other_databases_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.db");
+    std::fs::write(&other, b"").unwrap();
+    let store = format!("sqlite://{}", other.display());
+    for args in [
+        vec!["logs", "--store", &store],
+        vec!["usage", "--store", &store],
+        vec!["keys", "--store", &store, "list"],
+        vec!["route", "report", "--store", &store],
+    ] {
+        let (code, _, err) = run(&args, dir.path());
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("is not a Sluice store"), "{args:?}: {err}");
+        assert_eq!(std::fs::metadata(&other).unwrap().len(), 0, "{args:?}");
+    }
+}
+
 /// `logs` refuses a period that ends before it starts (it answered "no requests match"), and
 /// `usage` names the flag of such an error once.
 #[test]
