@@ -446,8 +446,28 @@ pub struct ToolCall {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct FunctionCall {
     pub name: String,
-    /// JSON-encoded arguments, as the model produced them.
+    /// JSON-encoded arguments, as the model produced them (a server that sends them as a JSON
+    /// object, as TGI before 3.1 did, has them encoded here).
+    #[serde(deserialize_with = "arguments_text")]
     pub arguments: String,
+}
+
+/// Tool-call arguments as JSON text: a string as it is, any other JSON value (an object some
+/// servers send) encoded.
+fn arguments_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => s,
+        Value::Null => String::new(),
+        other => other.to_string(),
+    })
+}
+
+fn arguments_text_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Null => None,
+        Value::String(s) => Some(s),
+        other => Some(other.to_string()),
+    })
 }
 
 impl FunctionCall {
@@ -1093,7 +1113,11 @@ impl ToolCallPlacer {
 pub struct FunctionCallDelta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "arguments_text_opt"
+    )]
     pub arguments: Option<String>,
 }
 
@@ -1532,6 +1556,34 @@ mod tests {
     }
 
     use super::*;
+
+    /// Tool-call arguments sent as a JSON object (TGI before 3.1, some llama.cpp builds) are
+    /// taken as their JSON text (the whole answer failed as a broken upstream).
+    #[test]
+    fn tool_arguments_sent_as_an_object_are_encoded() {
+        let c: ChatCompletion = serde_json::from_value(serde_json::json!({
+            "id": "x", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": null,
+                "tool_calls": [{"id": "c", "type": "function",
+                    "function": {"name": "f", "arguments": {"city": "Paris"}}}]
+            }}]
+        }))
+        .unwrap();
+        let call = &c.choices[0].message.tool_calls.as_ref().unwrap()[0];
+        assert_eq!(call.function.arguments, r#"{"city":"Paris"}"#);
+        let chunk: ChatCompletionChunk = serde_json::from_value(serde_json::json!({
+            "id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0,
+                "function": {"arguments": {"a": 1}}}]}}]
+        }))
+        .unwrap();
+        let delta = &chunk.choices[0].delta.tool_calls.as_ref().unwrap()[0];
+        assert_eq!(
+            delta.function.as_ref().unwrap().arguments.as_deref(),
+            Some(r#"{"a":1}"#)
+        );
+    }
 
     /// What an upstream or client sends comes out as it was: custom tools and tool calls, fields
     /// on tool calls and image URLs, and the order of keys (Structured Outputs generate in schema
