@@ -32,6 +32,7 @@ deployments = [{ provider = "mock", model = "gpt-4o-mini" }]
 
 pub async fn run() -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("creating a temporary directory for the demo store")?;
+    crate::remove_at_exit(Some(dir.path().to_path_buf()));
     let db = dir.path().join("demo.db");
     let raw: RawConfig = figment::Figment::new()
         .merge(figment::providers::Toml::string(DEMO_CONFIG))
@@ -205,6 +206,7 @@ pub async fn run() -> anyhow::Result<()> {
         "\nDone: {} request records written. Run `sluice serve` to start the gateway for real.",
         stats.written
     );
+    crate::remove_at_exit(None);
     Ok(())
 }
 

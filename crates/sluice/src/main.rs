@@ -41,6 +41,29 @@ fn out_line(args: std::fmt::Arguments<'_>) {
 /// said with the error.
 static OUTPUT_AT_STAKE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
+/// A temporary directory to remove however the process ends (the demo's store): a quiet exit on a
+/// closed stdout skips the destructors that would.
+static REMOVE_AT_EXIT: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
+/// Sets (or clears) the directory removed if the process exits early ([`REMOVE_AT_EXIT`]).
+fn remove_at_exit(dir: Option<std::path::PathBuf>) {
+    *REMOVE_AT_EXIT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = dir;
+}
+
+/// Exits with `code`, removing the directory registered with [`remove_at_exit`] first.
+fn exit(code: i32) -> ! {
+    let dir = REMOVE_AT_EXIT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    std::process::exit(code)
+}
+
 /// Sets (or clears) what the next writes to stdout must not lose silently.
 fn output_at_stake(what: Option<String>) {
     *OUTPUT_AT_STAKE
@@ -63,10 +86,10 @@ fn out_text(args: std::fmt::Arguments<'_>) {
         .take();
     match stake {
         Some(hint) => eprintln!("error: writing to stdout: {e}\nhint: {hint}"),
-        None if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        None if e.kind() == std::io::ErrorKind::BrokenPipe => exit(0),
         None => eprintln!("error: writing to stdout: {e}"),
     }
-    std::process::exit(1);
+    exit(1);
 }
 
 /// Writes a status line to stdout, ignoring a closed or full stdout.

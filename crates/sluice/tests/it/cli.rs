@@ -54,6 +54,31 @@ fn env_values_that_are_not_utf8_are_not_ignored() {
     assert!(err.contains("SLUICE_ADMIN_KEY is not valid UTF-8"), "{err}");
 }
 
+/// `sluice demo | head -3` leaves no temporary store behind (the quiet exit on the closed pipe
+/// skipped its removal).
+#[test]
+fn a_demo_cut_short_by_its_reader_leaves_nothing_behind() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .arg("demo")
+        .env("TMPDIR", tmp.path())
+        .env_remove("SLUICE_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..3 {
+        lines.next().expect("a line").unwrap();
+    }
+    drop(lines);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// A command that only reads refuses a SQLite file that is not a Sluice store, and leaves it as
 /// it was (it added Sluice's tables to it).
 #[test]
