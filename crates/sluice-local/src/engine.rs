@@ -227,6 +227,12 @@ impl Engine {
                 "token id {bad} is outside the model's vocabulary of {vocab}"
             )));
         }
+        if req.prompt.len() >= ctx {
+            return Err(EngineError::ContextLength(format!(
+                "the prompt alone has {} tokens, and the model's context holds {ctx}",
+                req.prompt.len()
+            )));
+        }
         let need = req.prompt.len().saturating_add(req.max_tokens);
         if need > ctx {
             return Err(EngineError::ContextLength(format!(
@@ -238,9 +244,9 @@ impl Engine {
         let bytes = need.saturating_mul(self.bytes_per_token);
         if bytes > self.max_kv_bytes {
             return Err(EngineError::ContextLength(format!(
-                "the request needs {:.1} MB of KV cache, more than the engine's bound of {:.1} MB (max_kv_mb)",
-                bytes as f64 / 1e6,
-                self.max_kv_bytes as f64 / 1e6
+                "the request needs {:.1} MiB of KV cache, more than the engine's bound of {:.1} MiB (max_kv_mb)",
+                bytes as f64 / (1 << 20) as f64,
+                self.max_kv_bytes as f64 / (1 << 20) as f64
             )));
         }
         if !self.is_running() {

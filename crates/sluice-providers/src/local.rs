@@ -226,6 +226,8 @@ impl LocalChat {
 
     /// The prompt tokens and generation settings for a request.
     fn prepare(&self, req: &ChatRequest) -> Result<GenRequest, ProviderError> {
+        const MAX_STOPS: usize = 16;
+        const MAX_STOP_BYTES: usize = 1024;
         if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(unsupported("tool calling"));
         }
@@ -236,6 +238,29 @@ impl LocalChat {
             && rf.get("type").and_then(|t| t.as_str()) != Some("text")
         {
             return Err(unsupported("response_format other than text"));
+        }
+        // What it cannot read or give is refused, not dropped, so that a model group can send
+        // the request to a deployment that can (an image went unseen, and the model made up its
+        // description).
+        if let Some(kind) = req.messages.iter().find_map(non_text_part) {
+            return Err(unsupported(&format!(
+                "`{kind}` content (it reads text only)"
+            )));
+        }
+        if req
+            .extra
+            .get("logprobs")
+            .is_some_and(|v| v.as_bool() == Some(true))
+            || req.extra.get("top_logprobs").is_some_and(|v| !v.is_null())
+        {
+            return Err(unsupported("logprobs"));
+        }
+        let stops = req.stop_sequences();
+        if stops.len() > MAX_STOPS || stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            // Each is searched for after every token, on the thread that decodes for everyone.
+            return Err(ProviderError::Invalid(format!(
+                "stop: at most {MAX_STOPS} sequences of at most {MAX_STOP_BYTES} bytes each for a local model"
+            )));
         }
         let model = self.engine.model();
         let messages: Vec<TemplateMessage> = req
@@ -277,11 +302,12 @@ impl LocalChat {
         };
         let temperature = req.temperature.map_or(DEFAULT_TEMPERATURE, |t| t as f32);
         let top_p = req.top_p.map_or(DEFAULT_TOP_P, |p| p as f32);
+        // A negative `top_k` (vLLM's and llama.cpp's -1) means no limit, as 0 does here.
         let top_k = req
             .extra
             .get("top_k")
-            .and_then(|v| v.as_u64())
-            .map_or(DEFAULT_TOP_K, |k| k as usize);
+            .and_then(|v| v.as_i64())
+            .map_or(DEFAULT_TOP_K, |k| usize::try_from(k).unwrap_or(0));
         let seed = req.seed.map_or_else(random_seed, |s| s as u64);
         Ok(GenRequest {
             prompt: tokens,
@@ -292,7 +318,7 @@ impl LocalChat {
                 top_k,
                 seed,
             },
-            stop: req.stop_sequences(),
+            stop: stops,
             ignore_eos: false,
         })
     }
@@ -310,10 +336,32 @@ fn completion_id() -> String {
     format!("chatcmpl-{}", sluice_types::ids::new_request_id().simple())
 }
 
+/// The type of the first content part of a message that is not text (`image_url`,
+/// `input_audio`, `file`), if any.
+fn non_text_part(m: &sluice_types::openai::Message) -> Option<String> {
+    match &m.content {
+        Some(sluice_types::openai::Content::Parts(parts)) => parts
+            .iter()
+            .find(|p| p.kind != "text")
+            .map(|p| p.kind.clone()),
+        _ => None,
+    }
+}
+
 #[async_trait]
 impl ChatProvider for LocalChat {
     fn kind(&self) -> &'static str {
         "local"
+    }
+
+    /// A chat model embeds nothing: the deployment's `path` names a GGUF file.
+    async fn embed(
+        &self,
+        _req: &sluice_types::openai::EmbeddingRequest,
+    ) -> Result<sluice_types::openai::EmbeddingResponse, ProviderError> {
+        Err(ProviderError::Unsupported(
+            "this local model is a chat model (a GGUF file); embeddings need a local provider whose path is a sentence-transformers model directory".into(),
+        ))
     }
 
     /// In-process: healthy while the engine thread runs.

@@ -222,6 +222,50 @@ async fn seeded_sampling_is_reproducible_and_bad_requests_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 422, "an embedding model does not chat");
+
+    // What the chat model cannot read or give is refused (so a group can send it elsewhere),
+    // not dropped; a flood of stop sequences is refused; a negative top_k means no limit.
+    let post_to = |path: &str, body: Value| {
+        let http = http.clone();
+        let url = s.url(path);
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let post = |body: Value| post_to("/v1/chat/completions", body);
+    let image = json!({"model": "smol", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this image?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    ]}]});
+    // 422 with a message that says why.
+    let refused = |(status, v): (u16, Value), why: &str| {
+        assert_eq!(status, 422, "{v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{v}");
+    };
+    refused(post(image).await, "image_url");
+    refused(
+        post(json!({"model": "smol", "max_tokens": 4, "logprobs": true,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .await,
+        "logprobs",
+    );
+    let stops: Vec<String> = (0..100).map(|i| format!("stop{i}")).collect();
+    let (status, v) = post(json!({"model": "smol", "max_tokens": 4, "stop": stops,
+        "messages": [{"role": "user", "content": "hi"}]}))
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = post(json!({"model": "smol", "max_tokens": 4, "top_k": -1,
+        "messages": [{"role": "user", "content": "hi"}]}))
+    .await;
+    assert_eq!(status, 200, "{v}");
+    // Embeddings from the chat model say why not.
+    refused(
+        post_to("/v1/embeddings", json!({"model": "smol", "input": "hi"})).await,
+        "chat model",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
