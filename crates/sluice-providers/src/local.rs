@@ -337,12 +337,12 @@ fn completion_id() -> String {
 }
 
 /// The type of the first content part of a message that is not text (`image_url`,
-/// `input_audio`, `file`), if any.
+/// `input_audio`, `file`), if any. An assistant's `refusal` part is text too.
 fn non_text_part(m: &sluice_types::openai::Message) -> Option<String> {
     match &m.content {
         Some(sluice_types::openai::Content::Parts(parts)) => parts
             .iter()
-            .find(|p| p.kind != "text")
+            .find(|p| p.kind != "text" && p.kind != "refusal")
             .map(|p| p.kind.clone()),
         _ => None,
     }
@@ -637,6 +637,21 @@ impl ChatProvider for LocalEmbeddings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_parts_that_are_not_text_are_refused() {
+        let message = |content: serde_json::Value| -> sluice_types::openai::Message {
+            serde_json::from_value(serde_json::json!({"role": "assistant", "content": content}))
+                .unwrap()
+        };
+        let text = message(serde_json::json!([{"type": "text", "text": "a"},
+            {"type": "refusal", "refusal": "no"}]));
+        assert_eq!(non_text_part(&text), None);
+        let image = message(serde_json::json!([{"type": "text", "text": "a"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]));
+        assert_eq!(non_text_part(&image).as_deref(), Some("image_url"));
+        assert_eq!(non_text_part(&message(serde_json::json!("plain"))), None);
+    }
 
     /// One at a time, `max_waiting` waiting, the next refused with a 429 to retry; a waiter that
     /// gives up frees its place.
