@@ -1007,6 +1007,29 @@ pub fn finish_reason_to_openai(reason: Option<&str>, has_calls: bool) -> &'stati
     }
 }
 
+/// A finish reason that says the model failed to give an answer (a malformed or unexpected
+/// function call, too many calls, or an unstated reason): with nothing produced, the answer is
+/// an upstream error (retried, or failed over), not an empty success.
+fn failed_generation(reason: &str) -> bool {
+    matches!(
+        reason,
+        "MALFORMED_FUNCTION_CALL" | "UNEXPECTED_TOOL_CALL" | "TOO_MANY_TOOL_CALLS" | "OTHER"
+    )
+}
+
+/// The error for a candidate that ended on a [`failed_generation`] reason with nothing produced.
+fn failed_candidate(reason: &str, cand: &Candidate) -> TranslateError {
+    let said = cand
+        .extra
+        .get("finishMessage")
+        .and_then(Value::as_str)
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default();
+    TranslateError::invalid(format!(
+        "Gemini ended the answer without one (finishReason {reason}{said})"
+    ))
+}
+
 /// Translates a Gemini `generateContent` response into an OpenAI chat completion.
 ///
 /// One choice per candidate; thought parts are left out of the content; function calls become
@@ -1038,6 +1061,13 @@ pub fn response_to_openai(
                 extra: signature_extra(p),
             })
             .collect();
+        if let Some(reason) = cand.finish_reason.as_deref()
+            && failed_generation(reason)
+            && text.is_empty()
+            && tool_calls.is_empty()
+        {
+            return Err(failed_candidate(reason, cand));
+        }
         let finish = finish_reason_to_openai(cand.finish_reason.as_deref(), !tool_calls.is_empty());
         choices.push(Choice {
             index: cand.index.unwrap_or_else(|| position_index(pos)),
@@ -1155,6 +1185,8 @@ struct ChoiceState {
     started: bool,
     tool_calls: u32,
     finished: bool,
+    /// Whether any text came.
+    produced: bool,
 }
 
 impl StreamDecoder {
@@ -1224,6 +1256,7 @@ impl StreamDecoder {
             }
             let text = candidate_text(parts);
             if !text.is_empty() {
+                state.produced = true;
                 delta.content = Some(text);
             }
             let mut calls = Vec::new();
@@ -1251,6 +1284,14 @@ impl StreamDecoder {
             }
 
             let reason = cand.finish_reason.as_deref().filter(|r| !r.is_empty());
+            if let Some(reason) = reason
+                && failed_generation(reason)
+                && !state.finished
+                && !state.produced
+                && state.tool_calls == 0
+            {
+                return Err(failed_candidate(reason, cand));
+            }
             if let Some(reason) = reason
                 && !state.finished
             {
@@ -1689,6 +1730,24 @@ mod tests {
             "stop"
         );
         assert_eq!(finish_reason_to_openai(Some("OTHER"), false), "stop");
+    }
+
+    /// A candidate that ended on a failure reason with nothing produced is an error, whole or
+    /// streamed (it was an empty success, not retried); one that produced text keeps it.
+    #[test]
+    fn a_failed_generation_is_an_error() {
+        let failed = serde_json::json!({"candidates": [{"content": {"role": "model", "parts": []},
+            "finishReason": "MALFORMED_FUNCTION_CALL", "finishMessage": "bad call"}]});
+        let e = response_to_openai(gemini(failed.clone()), "m").expect_err("an error");
+        assert!(e.0.contains("MALFORMED_FUNCTION_CALL: bad call"), "{}", e.0);
+        let mut dec = StreamDecoder::new("m");
+        assert!(dec.on_response(gemini(failed)).is_err());
+        let said = serde_json::json!({"candidates": [{"content": {"role": "model",
+            "parts": [{"text": "Partly"}]}, "finishReason": "OTHER"}]});
+        let ok = response_to_openai(gemini(said.clone()), "m").unwrap();
+        assert_eq!(ok.choices[0].message.content.as_deref(), Some("Partly"));
+        let mut dec = StreamDecoder::new("m");
+        assert!(dec.on_response(gemini(said)).is_ok());
     }
 
     #[test]
