@@ -374,7 +374,7 @@ pub fn list(dir: &Path) -> anyhow::Result<()> {
         };
         let quant = if path.is_file() {
             sluice_local::inspect::gguf_quantization(&path).unwrap_or_else(|_| "?".into())
-        } else if m.kind == Kind::Embedding {
+        } else if m.kind == Kind::Embedding && path.exists() {
             "f32".into()
         } else {
             "-".into()

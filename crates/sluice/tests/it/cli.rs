@@ -79,6 +79,26 @@ fn a_demo_cut_short_by_its_reader_leaves_nothing_behind() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// `models list` on an empty directory shows nothing it cannot know: a model not pulled has no
+/// quantization (the embedding model showed `f32`).
+#[test]
+fn models_not_pulled_show_no_quantization() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    let (code, out, err) = run(
+        &["models", "list", "--dir", models.to_str().unwrap()],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.contains("not pulled")).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    for row in rows {
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        // name, kind, "not", "pulled", size, quant, path
+        assert_eq!(cells[4..6], ["-", "-"], "{row}");
+    }
+}
+
 /// A command that only reads refuses a SQLite file that is not a Sluice store, and leaves it as
 /// it was (it added Sluice's tables to it).
 #[test]
