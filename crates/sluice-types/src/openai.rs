@@ -455,11 +455,7 @@ pub struct FunctionCall {
 /// Tool-call arguments as JSON text: a string as it is, any other JSON value (an object some
 /// servers send) encoded.
 fn arguments_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    Ok(match Value::deserialize(d)? {
-        Value::String(s) => s,
-        Value::Null => String::new(),
-        other => other.to_string(),
-    })
+    Ok(arguments_text_opt(d)?.unwrap_or_default())
 }
 
 fn arguments_text_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
