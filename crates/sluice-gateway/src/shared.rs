@@ -712,11 +712,54 @@ where
     last
 }
 
+/// The shared connection, sending a command once more when it failed on a connection that had
+/// already dropped: after Redis restarts (or a proxy in front of it closes idle connections) the
+/// first command finds the old connection closed, and the manager reconnects only after that
+/// failure. Without the second try every replica would count that command as a Redis failure
+/// (its limits and budgets go local for a while, or requests are refused with
+/// `on_redis_failure = "closed"`) although Redis is up.
+#[derive(Clone)]
+struct Conn(ConnectionManager);
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            match self.0.send_packed_command(cmd).await {
+                Err(e) if e.is_connection_dropped() => self.0.send_packed_command(cmd).await,
+                answer => answer,
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            match self.0.send_packed_commands(pipeline, offset, count).await {
+                Err(e) if e.is_connection_dropped() => {
+                    self.0.send_packed_commands(pipeline, offset, count).await
+                }
+                answer => answer,
+            }
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
 /// A Redis connection and key prefix: the state replicas share. Cloning is cheap; clones share
 /// the connection.
 #[derive(Clone)]
 pub struct RedisState {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: Arc<str>,
 }
 
@@ -763,7 +806,7 @@ impl RedisState {
         })?
         .map_err(|e| format!("cannot connect to Redis at `state.redis_url`: {e}"))?;
         Ok(RedisState {
-            conn,
+            conn: Conn(conn),
             prefix: Arc::from(prefix),
         })
     }
@@ -776,7 +819,7 @@ impl RedisState {
         let conn = ConnectionManager::new_lazy_with_config(client, Self::config())
             .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
         Ok(RedisState {
-            conn,
+            conn: Conn(conn),
             prefix: Arc::from(prefix),
         })
     }
@@ -1875,6 +1918,22 @@ mod tests {
         while let Err(e) = lazy.ping().await {
             assert!(Instant::now() < deadline, "lazy still failing: {e}");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_call_after_a_redis_restart_succeeds() {
+        let Some(mut redis) = server() else { return };
+        let s = state(&redis, "t").await;
+        let subjects = [("key:k".to_string(), spec(Some(100), None, None))];
+        assert!(admitted(&s.admit(&subjects, 0).await.expect("admit")));
+        for _ in 0..2 {
+            redis.stop();
+            redis.restart().expect("restart");
+            // Redis answers again (restart waits for PING); the old connection is closed.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let a = s.admit(&subjects, 0).await.expect("the first call after the restart");
+            assert!(admitted(&a));
         }
     }
 
