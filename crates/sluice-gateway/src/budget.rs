@@ -351,7 +351,10 @@ impl Reservation {
                 }
                 let redis = shared.redis().clone();
                 match redis.reconcile(&ledgers, &holder, worst, actual).await {
-                    Ok(()) => shared.ok(),
+                    Ok(()) => {
+                        shared.ok();
+                        shared.catch_up();
+                    }
                     Err(e) => {
                         // Redis may lack this cost: the ledgers are built again from the log,
                         // which has it, once Redis answers.
@@ -531,8 +534,9 @@ impl Budgets {
         Ok(Some(r))
     }
 
-    /// [`reserve_shared`](Self::reserve_shared) after forgetting the ledgers that missed a cost
-    /// while Redis was unreachable.
+    /// [`reserve_shared`](Self::reserve_shared) after forgetting those of the request's ledgers
+    /// that missed a cost while Redis was unreachable (the others are forgotten in the
+    /// background, [`Shared::catch_up`]).
     async fn reserve_fresh(
         &self,
         shared: &Arc<Shared>,
@@ -553,9 +557,10 @@ impl Budgets {
                 }
             }
         }
+        let ids: Vec<String> = limits.iter().map(|l| Self::ledger_id(l, now)).collect();
         let mut taken = Taken {
             shared,
-            ledgers: shared.take_stale(),
+            ledgers: shared.take_stale_of(&ids),
             forgotten: false,
         };
         shared.redis().forget_ledgers(&taken.ledgers).await?;
@@ -587,7 +592,7 @@ impl Budgets {
             match shared.redis().reserve(&items, &holder).await? {
                 Reserve::Ok => {
                     shared.ok();
-                    shared.send_deferred();
+                    shared.catch_up();
                     return Ok(Ok(Reservation {
                         local: Vec::new(),
                         shared: Some((
@@ -606,6 +611,9 @@ impl Budgets {
                     reserved_nanos,
                 } => {
                     shared.ok();
+                    // Also what keeps this refusal from lasting: a hold Redis missed giving
+                    // back during an outage is sent again now.
+                    shared.catch_up();
                     let l = &limits[index.min(limits.len() - 1)];
                     return Ok(Err(insufficient(
                         l,
@@ -915,16 +923,12 @@ mod tests {
     }
 
     impl Blip {
-        /// `None` (the test passes) where redis-server is not installed and not required.
-        async fn start() -> Option<Blip> {
-            use sluice_testkit::partition::Partition;
-            use sluice_testkit::redis::{TempRedis, redis_available};
-            if !redis_available() {
-                assert_ne!(std::env::var("SLUICE_REQUIRE_REDIS").as_deref(), Ok("1"));
-                return None;
-            }
-            let redis = TempRedis::start().expect("redis-server starts");
-            let link = Partition::start(&format!("127.0.0.1:{}", redis.port()))
+        /// A gateway's budgets over the Redis on `port`, reached through a link a test can cut.
+        async fn replica(
+            port: u16,
+            store: &Arc<SetSpend>,
+        ) -> (sluice_testkit::partition::Partition, Arc<Shared>, Budgets) {
+            let link = sluice_testkit::partition::Partition::start(&format!("127.0.0.1:{port}"))
                 .await
                 .unwrap();
             let config = crate::state::StateConfig {
@@ -932,8 +936,20 @@ mod tests {
                 ..Default::default()
             };
             let shared = Arc::new(Shared::connect(&config).await.unwrap().unwrap());
-            let store = Arc::new(SetSpend(std::sync::atomic::AtomicI64::new(0)));
             let b = Budgets::new(Some(store.clone()), Some(shared.clone()));
+            (link, shared, b)
+        }
+
+        /// `None` (the test passes) where redis-server is not installed and not required.
+        async fn start() -> Option<Blip> {
+            use sluice_testkit::redis::{TempRedis, redis_available};
+            if !redis_available() {
+                assert_ne!(std::env::var("SLUICE_REQUIRE_REDIS").as_deref(), Ok("1"));
+                return None;
+            }
+            let redis = TempRedis::start().expect("redis-server starts");
+            let store = Arc::new(SetSpend(std::sync::atomic::AtomicI64::new(0)));
+            let (link, shared, b) = Self::replica(redis.port(), &store).await;
             let limits = [daily(Spender::Key("k".into()), 1.00)];
             let ledger = Budgets::ledger_id(&limits[0], Utc::now());
             Some(Blip {
@@ -1060,6 +1076,92 @@ mod tests {
             400_000_000,
             "the $0.30 spent meanwhile counts"
         );
+    }
+
+    /// A cost one replica settled while it could not reach Redis is not lost to the other
+    /// replicas: the ledger is dropped from Redis after any call Redis answers again (or when
+    /// that replica stops), and built again from the log. Only that replica's next budget
+    /// reservation dropped it, and a replica that stopped first forgot it: the others kept
+    /// trusting a short ledger.
+    #[tokio::test]
+    async fn a_cost_one_replica_missed_reaches_the_others() {
+        let Some(Blip {
+            _redis,
+            link: link_a,
+            shared: shared_a,
+            store,
+            b: a,
+            limits,
+            ledger,
+        }) = Blip::start().await
+        else {
+            return;
+        };
+        let (link_b, shared_b, b) = Blip::replica(_redis.port(), &store).await;
+        let settled = || tokio::time::sleep(std::time::Duration::from_millis(300));
+        let set_log = |usd: f64| {
+            store
+                .0
+                .store(nanos(usd), std::sync::atomic::Ordering::SeqCst)
+        };
+        // Replica A spends $0.10 through Redis.
+        spend(&a, &limits, 0.05, 0.10).await;
+        set_log(0.10);
+        // Replica B cannot reach Redis: it fails open, and its $0.50 is only in the log.
+        link_b.cut();
+        let r = b.reserve(&limits, 0.05).await.unwrap().unwrap();
+        r.settle(0.50);
+        set_log(0.60);
+        settled().await;
+        assert_eq!(shared_b.stale_count(), 1);
+        // Redis answers B again, and B stops before another request.
+        link_b.mend();
+        shared_b
+            .catch_up_before_exit(std::time::Duration::from_secs(2))
+            .await;
+        assert_eq!(shared_b.stale_count(), 0);
+        // Replica A now counts the $0.50: $0.45 more is refused.
+        let e = a.reserve(&limits, 0.45).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientQuota, "{e}");
+        a.reserve(&limits, 0.35).await.unwrap().unwrap().settle(0.0);
+        settled().await;
+        let (spent, _) = shared_a.redis().ledger(&ledger).await.unwrap().unwrap();
+        assert_eq!(spent, nanos(0.60));
+        drop(link_a);
+    }
+
+    /// A give-back Redis missed through an outage is sent again after a call Redis answers, a
+    /// refusal too: it was sent only after a reservation that fitted, so a hold that left no
+    /// room refused every request until it lapsed (15 minutes).
+    #[tokio::test]
+    async fn a_missed_give_back_is_sent_after_a_refusal() {
+        let Some(t) = Blip::start().await else { return };
+        let (shared, b, limits, ledger) = (&t.shared, &t.b, &t.limits, &t.ledger);
+        // A hold of $0.60 whose giving back failed through the retries (as in a long outage).
+        let mut r = b.reserve(limits, 0.60).await.unwrap().unwrap();
+        let (_, ledgers, holder) = r.shared.take().expect("held in Redis");
+        r.settled = true;
+        drop(r);
+        shared.defer(crate::state::Deferred::GiveBack {
+            ledgers,
+            holder,
+            worst: nanos(0.60),
+        });
+        let e = b.reserve(limits, 0.50).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InsufficientQuota, "{e}");
+        let start = std::time::Instant::now();
+        loop {
+            let (_, reserved) = shared.redis().ledger(ledger).await.unwrap().unwrap();
+            if reserved == 0 {
+                break;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "the hold stayed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        b.reserve(limits, 0.50).await.unwrap().unwrap().settle(0.0);
     }
 
     /// A reservation whose settlement meets a Redis blip gives its hold back when Redis answers

@@ -486,6 +486,11 @@ impl Gateway {
             .with_abort_flag(self.aborting.clone())
     }
 
+    /// The state shared with other replicas (Redis), when configured.
+    pub fn shared(&self) -> Option<&Arc<state::Shared>> {
+        self.shared.as_ref()
+    }
+
     /// Notes that the server is ending the calls still running (the shutdown grace period is
     /// over): their records say so (503 `service_unavailable`, cancelled), not that their
     /// clients left.

@@ -395,7 +395,7 @@ pub async fn admit_shared(
             .unwrap_or_default()
     };
     let answer = shared.redis().admit(&specs, tokens).await?;
-    shared.send_deferred();
+    shared.catch_up();
     match answer {
         SharedAdmit::Admitted {
             second,

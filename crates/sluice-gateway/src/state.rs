@@ -101,6 +101,7 @@ pub struct Shared {
     /// Budget ledgers a cost could not be added to while Redis was unreachable: forgotten (and
     /// so built again from the request log) once it answers.
     stale_ledgers: Mutex<HashSet<String>>,
+    has_stale: AtomicBool,
     /// Slots and budget holds whose giving back Redis did not take through an outage longer
     /// than the retries: sent again once it answers, rather than left to lapse after
     /// [`HOLD_MS`](crate::shared::HOLD_MS) while they refuse requests that fit.
@@ -133,6 +134,9 @@ pub enum Deferred {
 /// The most give-backs kept through an outage (beyond it, the oldest lapse by themselves).
 const MAX_DEFERRED: usize = 100_000;
 
+/// How many stale ledgers one Redis call forgets.
+const FORGET_AT_ONCE: usize = 500;
+
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
@@ -160,6 +164,7 @@ impl Shared {
             retry_at: Mutex::new(None),
             failures: AtomicU64::new(0),
             stale_ledgers: Mutex::new(HashSet::new()),
+            has_stale: AtomicBool::new(false),
             deferred: Mutex::new(std::collections::VecDeque::new()),
             has_deferred: AtomicBool::new(false),
             sending: AtomicBool::new(false),
@@ -193,25 +198,46 @@ impl Shared {
         self.down.load(Ordering::Relaxed)
     }
 
-    /// Notes budget ledgers that miss a cost (its reconciliation failed).
+    /// Notes budget ledgers that miss a cost (its reconciliation failed): they are forgotten
+    /// in Redis, and so built again from the request log, after the next call Redis answers
+    /// ([`catch_up`](Self::catch_up)).
     pub fn mark_stale(&self, ledgers: &[String]) {
+        if ledgers.is_empty() {
+            return;
+        }
         let mut stale = self.stale_ledgers.lock();
         for l in ledgers {
             if !stale.contains(l) {
                 stale.insert(l.clone());
             }
         }
+        self.has_stale.store(true, Ordering::Release);
     }
 
-    /// Takes the ledgers noted by [`mark_stale`](Self::mark_stale).
-    pub fn take_stale(&self) -> Vec<String> {
-        std::mem::take(&mut *self.stale_ledgers.lock())
-            .into_iter()
-            .collect()
+    /// Takes those of `ledgers` noted by [`mark_stale`](Self::mark_stale).
+    pub fn take_stale_of(&self, ledgers: &[String]) -> Vec<String> {
+        if !self.has_stale.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut stale = self.stale_ledgers.lock();
+        let taken: Vec<String> = ledgers
+            .iter()
+            .filter(|l| stale.remove(*l))
+            .cloned()
+            .collect();
+        if stale.is_empty() {
+            self.has_stale.store(false, Ordering::Release);
+        }
+        taken
+    }
+
+    /// How many ledgers are noted stale.
+    pub fn stale_count(&self) -> usize {
+        self.stale_ledgers.lock().len()
     }
 
     /// Keeps a giving back that failed, to send again once Redis answers
-    /// ([`send_deferred`](Self::send_deferred)).
+    /// ([`catch_up`](Self::catch_up)).
     pub fn defer(&self, d: Deferred) {
         let mut all = self.deferred.lock();
         if all.len() >= MAX_DEFERRED {
@@ -221,40 +247,19 @@ impl Shared {
         self.has_deferred.store(true, Ordering::Release);
     }
 
-    /// After a call Redis answered: sends the deferred give-backs again, in the background
-    /// (those that fail again stay deferred). Cheap when there are none.
-    pub fn send_deferred(self: &Arc<Self>) {
-        if !self.has_deferred.load(Ordering::Acquire) || self.sending.swap(true, Ordering::AcqRel) {
+    /// After a call Redis answered: in the background, forgets the ledgers noted stale (each is
+    /// built again from the request log on next use, by every replica) and sends the deferred
+    /// give-backs again. What fails again waits for the next call Redis answers. Cheap when
+    /// there is nothing to do.
+    pub fn catch_up(self: &Arc<Self>) {
+        if !self.has_deferred.load(Ordering::Acquire) && !self.has_stale.load(Ordering::Acquire)
+            || self.sending.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let me = self.clone();
         let work = async move {
-            let todo = {
-                let mut all = me.deferred.lock();
-                me.has_deferred.store(false, Ordering::Release);
-                std::mem::take(&mut *all)
-            };
-            let mut todo = todo.into_iter();
-            while let Some(d) = todo.next() {
-                let sent = match &d {
-                    Deferred::Release { subjects, holder } => {
-                        me.redis.release(subjects, holder).await
-                    }
-                    Deferred::GiveBack {
-                        ledgers,
-                        holder,
-                        worst,
-                    } => me.redis.reconcile(ledgers, holder, *worst, 0).await,
-                };
-                if sent.is_err() {
-                    // Redis failed again: the rest waits for the next call it answers, rather
-                    // than each waiting out a timeout now.
-                    me.defer(d);
-                    for rest in todo.by_ref() {
-                        me.defer(rest);
-                    }
-                }
-            }
+            me.catch_up_now().await;
             me.sending.store(false, Ordering::Release);
         };
         match tokio::runtime::Handle::try_current() {
@@ -262,6 +267,94 @@ impl Shared {
                 h.spawn(work);
             }
             Err(_) => self.sending.store(false, Ordering::Release),
+        }
+    }
+
+    /// The work of [`catch_up`](Self::catch_up); says whether everything went through.
+    async fn catch_up_now(&self) -> bool {
+        let stale: Vec<String> = {
+            let mut all = self.stale_ledgers.lock();
+            self.has_stale.store(false, Ordering::Release);
+            std::mem::take(&mut *all).into_iter().collect()
+        };
+        // In slices: a long outage with per-user budgets can leave very many.
+        let mut slices = stale.chunks(FORGET_AT_ONCE);
+        while let Some(slice) = slices.next() {
+            if self.redis.forget_ledgers(slice).await.is_err() {
+                self.mark_stale(slice);
+                for rest in slices {
+                    self.mark_stale(rest);
+                }
+                return false;
+            }
+        }
+        let todo = {
+            let mut all = self.deferred.lock();
+            self.has_deferred.store(false, Ordering::Release);
+            std::mem::take(&mut *all)
+        };
+        let mut todo = todo.into_iter();
+        while let Some(d) = todo.next() {
+            let sent = match &d {
+                Deferred::Release { subjects, holder } => {
+                    self.redis.release(subjects, holder).await
+                }
+                Deferred::GiveBack {
+                    ledgers,
+                    holder,
+                    worst,
+                } => self.redis.reconcile(ledgers, holder, *worst, 0).await,
+            };
+            if sent.is_err() {
+                // Redis failed again: the rest waits for the next call it answers, rather
+                // than each waiting out a timeout now.
+                self.defer(d);
+                for rest in todo.by_ref() {
+                    self.defer(rest);
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// At shutdown: does what [`catch_up`](Self::catch_up) would (waiting up to `patience` for
+    /// one already running), and logs the stale ledgers left (a replica that stops forgets what
+    /// it noted).
+    pub async fn catch_up_before_exit(&self, patience: Duration) {
+        // A catch-up running in the background finishes first. Each Redis call is bounded, and
+        // the work stops at the first that fails.
+        let deadline = Instant::now() + patience;
+        let mut ours = false;
+        while Instant::now() < deadline {
+            if !self.sending.swap(true, Ordering::AcqRel) {
+                ours = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if ours {
+            if self.has_deferred.load(Ordering::Acquire) || self.has_stale.load(Ordering::Acquire) {
+                self.catch_up_now().await;
+            }
+            self.sending.store(false, Ordering::Release);
+        }
+        let stale: Vec<String> = {
+            let all = self.stale_ledgers.lock();
+            let mut some: Vec<String> = all.iter().take(10).cloned().collect();
+            some.sort();
+            if all.len() > some.len() {
+                some.push(format!("and {} more", all.len() - some.len()));
+            }
+            some
+        };
+        if !stale.is_empty() {
+            tracing::error!(
+                ledgers = %stale.join(", "),
+                keys = %format!("{}:budget_nusd:LEDGER", self.redis.prefix()),
+                "budget ledgers in Redis miss costs settled while it was unreachable, and this replica stops before it could drop them: \
+                 until they expire, their budgets may let that much more through; delete those keys in Redis to have them built again from the request log"
+            );
         }
     }
 

@@ -389,6 +389,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     let abort = state.abort.clone();
     // Weak: the gateway holds the log queue open, which must close once the server is done.
     let gateway = Arc::downgrade(&state.gateway);
+    let shared = state.gateway.shared().cloned();
     drop(state);
     sayln!(
         "sluice {} listening on http://{local}",
@@ -458,6 +459,11 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         }
     };
     let (stats, ()) = tokio::join!(writer.drain(Duration::from_secs(5)), flush);
+    // Budget ledgers that missed costs during a Redis outage are dropped from Redis now if it
+    // answers (a replica that stops forgets which they were).
+    if let Some(shared) = shared {
+        shared.catch_up_before_exit(Duration::from_secs(2)).await;
+    }
     // Requests that ended while the log drained may have started cache writes since.
     if let Some(cache) = last_cache
         && tokio::time::timeout(Duration::from_secs(1), cache.flush())
