@@ -739,8 +739,13 @@ struct Scanner {
     word_underscore: bool,
     word_camel: bool,
     word_after_backslash: bool,
+    /// Inside a Windows path (`D:\app\log`) until the next space: its backslash-words are not
+    /// LaTeX commands (`\log`, `\in`).
+    in_path: bool,
     last_lower: bool,
     prev: char,
+    /// The two characters before `prev`.
+    before_prev: [char; 2],
     prev_nonspace: char,
     ticks: usize,
     at_line_start: bool,
@@ -779,8 +784,10 @@ impl Default for Scanner {
             word_underscore: false,
             word_camel: false,
             word_after_backslash: false,
+            in_path: false,
             last_lower: false,
             prev: '\n',
+            before_prev: ['\n'; 2],
             prev_nonspace: '\n',
             ticks: 0,
             at_line_start: true,
@@ -948,10 +955,21 @@ impl Scanner {
             self.symbol(c);
         }
 
-        if !c.is_whitespace() {
+        if c.is_whitespace() {
+            self.in_path = false;
+        } else {
             self.line_last = c;
             self.prev_nonspace = c;
+            // A drive letter opens a path: `D:\` after a space or the start.
+            if c == '\\'
+                && self.prev == ':'
+                && self.before_prev[1].is_ascii_alphabetic()
+                && !self.before_prev[0].is_alphanumeric()
+            {
+                self.in_path = true;
+            }
         }
+        self.before_prev = [self.before_prev[1], self.prev];
         self.prev = c;
     }
 
@@ -1006,6 +1024,7 @@ impl Scanner {
             // A LaTeX command: a known one, or one taking an argument (`\frac{`, `\hat{`,
             // `\sum_`); not any backslash-word (`C:\Users\Anna`, `\n`).
             if self.word_after_backslash
+                && !self.in_path
                 && word.len() >= 2
                 && (matches!(next, '{' | '_' | '^') || LATEX_COMMANDS.contains(&word.as_str()))
             {
@@ -1345,6 +1364,8 @@ fn emit_term(buf: &mut String, f: &mut impl FnMut(&str)) {
 struct KnnIndex {
     vocab: HashMap<String, u32>,
     idf: Vec<f64>,
+    /// The idf of a word no example has (a document frequency of 0).
+    unseen_idf: f64,
     examples: Vec<IndexedExample>,
 }
 
@@ -1386,41 +1407,51 @@ impl KnnIndex {
             counted.push(counts);
         }
         let n = examples.len() as f64;
-        let idf: Vec<f64> = df
-            .iter()
-            .map(|&d| ((1.0 + n) / (1.0 + f64::from(d))).ln() + 1.0)
-            .collect();
+        let idf_of = |d: u32| ((1.0 + n) / (1.0 + f64::from(d))).ln() + 1.0;
+        let idf: Vec<f64> = df.iter().map(|&d| idf_of(d)).collect();
+        let unseen_idf = idf_of(0);
         let examples = examples
             .iter()
             .zip(counted)
             .map(|(&(tier_index, text), counts)| IndexedExample {
                 tier_index,
                 text: text.chars().take(80).collect(),
-                vector: weigh(counts, &idf),
+                vector: weigh(counts, &idf, unseen_idf),
             })
             .collect();
         KnnIndex {
             vocab,
             idf,
+            unseen_idf,
             examples,
         }
     }
 
     /// The TF-IDF vector of a message's text; `None` when no word is in the vocabulary.
+    /// Words the examples do not have count too, with the weight of a word no example has:
+    /// they match no example, but they make the text's vector longer, so a long request that
+    /// merely contains an example's words is not taken for that example.
     fn vectorize(&self, msg: &Message) -> Option<Vec<(u32, f64)>> {
         let mut ids = Vec::new();
+        let mut unseen: HashMap<String, u32> = HashMap::new();
+        let mut known = false;
         let mut buf = String::new();
         for_each_text(msg, |text| {
             for_each_term(text, &mut buf, &mut |t| {
                 if let Some(&id) = self.vocab.get(t) {
+                    known = true;
+                    ids.push(id);
+                } else {
+                    let next = u32::try_from(self.idf.len() + unseen.len()).unwrap_or(u32::MAX);
+                    let id = *unseen.entry(t.to_string()).or_insert(next);
                     ids.push(id);
                 }
             });
         });
-        if ids.is_empty() {
+        if !known {
             return None;
         }
-        let v = weigh(count_ids(&mut ids), &self.idf);
+        let v = weigh(count_ids(&mut ids), &self.idf, self.unseen_idf);
         if v.is_empty() { None } else { Some(v) }
     }
 }
@@ -1438,10 +1469,11 @@ fn count_ids(ids: &mut [u32]) -> Vec<(u32, f64)> {
     out
 }
 
-/// Counts times idf, L2-normalized.
-fn weigh(mut counts: Vec<(u32, f64)>, idf: &[f64]) -> Vec<(u32, f64)> {
+/// Counts times idf, L2-normalized. An id past the vocabulary is a word no example has, weighed
+/// by `unseen`.
+fn weigh(mut counts: Vec<(u32, f64)>, idf: &[f64], unseen: f64) -> Vec<(u32, f64)> {
     for (id, w) in counts.iter_mut() {
-        *w *= idf.get(*id as usize).copied().unwrap_or(1.0);
+        *w *= idf.get(*id as usize).copied().unwrap_or(unseen);
     }
     let norm = counts.iter().map(|(_, w)| w * w).sum::<f64>().sqrt();
     if norm > 0.0 {
@@ -2010,6 +2042,26 @@ mod tests {
         assert_eq!(unknown.score, unknown.heuristic_score);
     }
 
+    /// A long request that merely contains an example's words is not that example: words no
+    /// example has count in the request's vector (they were dropped, so this maximally complex
+    /// request matched "thanks so much for the help" closely and went to the small tier).
+    #[test]
+    fn an_example_inside_a_long_request_is_a_distant_match() {
+        let c = Classifier::new(&kube_config()).expect("valid");
+        let d = c.classify_text(
+            "Prove step by step that the sum of the first n odd numbers is n^2, then implement \
+             a Rust function that checks it for every n below a million, and analyse the \
+             contract's liability clause for the vendor. Thanks so much for the help!",
+        );
+        let nearest = d.neighbours.first().expect("a neighbour");
+        assert!(nearest.similarity < 0.5, "{}", d.explain());
+        assert_eq!(d.tier, "strong", "{}", d.explain());
+        // The example's own text still matches itself.
+        let own = c.classify_text("thanks so much for the help");
+        assert!(own.neighbours[0].similarity > 0.999, "{}", own.explain());
+        assert_eq!(own.tier, "small");
+    }
+
     /// Examples in scripts written without spaces are compared by character pairs (a sentence
     /// was one term, so no two sentences ever matched); an example with no term is refused.
     #[test]
@@ -2097,9 +2149,17 @@ mod tests {
         let mut s = Scanner::default();
         s.feed("Where is C:\\Users\\Anna\\Desktop\\photos? It printed \\u00e9 and \\n.");
         assert_eq!(s.latex, 0, "{s:?}");
+        // Path segments that are LaTeX names (`\\log`, `\\in`, `\\int`) are still a path.
+        let mut s = Scanner::default();
+        s.feed("Why can't I open D:\\app\\log\\in\\today.csv or \"e:\\int\\cap\\x\"?");
+        assert_eq!(s.latex, 0, "{s:?}");
         let mut s = Scanner::default();
         s.feed("Show \\sum_{i=1}^n i = \\frac{n(n+1)}{2} and \\alpha \\leq \\hat{x}");
         assert_eq!(s.latex, 5, "{s:?}");
+        // A path ends at a space; a colon before a backslash elsewhere is no path.
+        let mut s = Scanner::default();
+        s.feed("D:\\data then \\log x, and f:\\in; x\\in\\mathbb{R}, ab:\\cap");
+        assert_eq!(s.latex, 4, "{s:?}");
     }
 
     /// An example's own text goes to the example's tier with the default weight, even with no
@@ -2188,6 +2248,15 @@ mod tests {
             idx.vectorize(&Message::text(Role::User, "the zebra"))
                 .is_none()
         );
+        // A word no example has weighs as a document frequency of 0 would: ln(3/1)+1.
+        let q = idx
+            .vectorize(&Message::text(Role::User, "apple zebra"))
+            .expect("known word");
+        let zebra = (3.0f64).ln() + 1.0;
+        let norm = (apple * apple + zebra * zebra).sqrt();
+        assert_eq!(q.len(), 2);
+        assert!((q[0].1 - apple / norm).abs() < 1e-12, "{q:?}");
+        assert!((q[1].1 - zebra / norm).abs() < 1e-12, "{q:?}");
     }
 
     #[test]
