@@ -1066,13 +1066,9 @@ impl Gateway {
                 // No deployment of the group can serve it: the client hears why.
                 break;
             }
-            // Once every deployment has been tried, the next attempt is a retry of one: back off
-            // before picking, so that the wait holds no in-flight slot, capacity or probe.
-            if made > 0 && backed_off_before != made && tried.iter().all(|&t| t) {
-                repeats += 1;
-                tokio::time::sleep(group.backoff(repeats)).await;
-                backed_off_before = made;
-            }
+            // A retry of a deployment already tried backs off first (below, once the pick shows
+            // there is one to retry: when every deployment is blocked beyond the wait allowed,
+            // the fallbacks come at once, not after a backoff).
             let (dep, probe, in_flight, rpm, reservation) =
                 match group.pick_among(Instant::now(), &tried, &refused, tokens) {
                     router::Pick::Go {
@@ -1088,12 +1084,20 @@ impl Gateway {
                         breakers_open,
                     } => {
                         let budget = group.max_wait().saturating_sub(waited);
+                        // With a fallback for what the request would fail with, it goes there
+                        // now rather than waiting for a cool-down or a capacity window.
+                        let class = match &last {
+                            Some((_, class)) => *class,
+                            None => blocked_class(rate_limited),
+                        };
+                        let fallback = !group.fallbacks.for_class(class).is_empty();
                         match after {
-                            Some(d) if d <= budget => {
-                                // Wake just after the blocker clears.
+                            Some(d) if d <= budget && !fallback => {
+                                // Wake just after the blocker clears; the wait is the backoff.
                                 let d = d + Duration::from_millis(5);
                                 tokio::time::sleep(d).await;
                                 waited += d;
+                                backed_off_before = made;
                                 continue;
                             }
                             _ => {
@@ -1110,8 +1114,8 @@ impl Gateway {
                 .position(|d| Arc::ptr_eq(d, &dep))
                 .unwrap_or(0);
             if tried[index] && backed_off_before != made {
-                // An untried deployment was blocked, so a tried one came up: back off now, having
-                // given back what the pick took, and pick again.
+                // A retry: back off now, having given back what the pick took (the wait holds no
+                // in-flight slot, capacity or probe), and pick again.
                 dep.unpick(probe, rpm, reservation);
                 drop(in_flight);
                 repeats += 1;
@@ -1337,6 +1341,15 @@ const MAX_GROUPS_PER_REQUEST: usize = 8;
 
 /// The error when no deployment of a group can take a request now: a 429 when capacity or a 429
 /// blocks any of them (the group takes requests again soon), else a 503.
+/// The class of the error [`no_deployment`] answers with.
+fn blocked_class(rate_limited: bool) -> ErrorClass {
+    if rate_limited {
+        ErrorClass::RateLimited
+    } else {
+        ErrorClass::ServerError
+    }
+}
+
 fn no_deployment(
     group: &Group,
     after: Option<Duration>,
@@ -1358,7 +1371,7 @@ fn no_deployment(
             ),
         );
         e.retry_after = wait.or(Some(Duration::from_secs(1)));
-        (e, ErrorClass::RateLimited)
+        (e, blocked_class(true))
     } else {
         let mut e = Error::new(
             ErrorCode::NoHealthyDeployment,
@@ -1368,7 +1381,7 @@ fn no_deployment(
             ),
         );
         e.retry_after = wait;
-        (e, ErrorClass::ServerError)
+        (e, blocked_class(false))
     }
 }
 

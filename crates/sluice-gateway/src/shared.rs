@@ -1932,7 +1932,10 @@ mod tests {
             redis.restart().expect("restart");
             // Redis answers again (restart waits for PING); the old connection is closed.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let a = s.admit(&subjects, 0).await.expect("the first call after the restart");
+            let a = s
+                .admit(&subjects, 0)
+                .await
+                .expect("the first call after the restart");
             assert!(admitted(&a));
         }
     }

@@ -390,6 +390,89 @@ async fn a_lone_rate_limited_deployment_is_retried_after_its_retry_after() {
     assert_eq!(up.count_for(models::FAULT_429), 2);
 }
 
+/// When a retry cannot come within `max_wait_secs` (a 429's cool-down), the fallback is taken at
+/// once: the backoff was slept first, for nothing (2 s here, per request).
+#[tokio::test]
+async fn a_fallback_does_not_wait_for_a_backoff_that_leads_nowhere() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[
+            model(
+                "m",
+                &[dep(models::FAULT_429)],
+                &format!(
+                    "{}{}",
+                    sub(
+                        "m",
+                        "retries",
+                        "retries = 2\nbackoff_ms = 2000\nmax_wait_secs = 0"
+                    ),
+                    sub("m", "fallbacks", "rate_limited = [\"b\"]")
+                ),
+            ),
+            model("b", &[dep("b-good")], ""),
+        ],
+    )
+    .await;
+    let a = chat_ok(&client(), &s, "m").await;
+    let rec = s.record(&a.id).await;
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("m", "up/fault-429", "rate_limited"),
+            step("b", "up/b-good", "ok")
+        ]
+    );
+    let log = attempt_log(&rec);
+    let gap = log[1].started_ms - log[0].started_ms;
+    assert!(gap < 500.0, "the fallback waited {gap} ms: {rec:#}");
+}
+
+/// With every breaker open and a fallback for the failure, requests go to the fallback at once
+/// instead of waiting out the cool-down for a trial (5 s a request here).
+#[tokio::test]
+async fn open_breakers_send_requests_to_the_fallback_at_once() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[
+            model(
+                "d",
+                &[dep(models::FAULT_500)],
+                &format!(
+                    "{}{}{}",
+                    sub("d", "retries", "retries = 0"),
+                    sub(
+                        "d",
+                        "circuit_breaker",
+                        "consecutive_failures = 1\ncooldown_secs = 5"
+                    ),
+                    sub("d", "fallbacks", "server_error = [\"b\"]")
+                ),
+            ),
+            model("b", &[dep("b-good")], ""),
+        ],
+    )
+    .await;
+    let http = client();
+    let a = chat_ok(&http, &s, "d").await;
+    assert_eq!(path(&s.record(&a.id).await).len(), 2);
+    assert_eq!(breaker_state(&s, "d", "up/fault-500").await, "open");
+    let t = Instant::now();
+    let a = chat_ok(&http, &s, "d").await;
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        path(&s.record(&a.id).await),
+        vec![step("b", "up/b-good", "ok")]
+    );
+    assert_eq!(up.count_for(models::FAULT_500), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fallbacks by error class
 // ---------------------------------------------------------------------------------------------
