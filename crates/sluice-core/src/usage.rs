@@ -171,8 +171,14 @@ pub trait CacheStore: Send + Sync + 'static {
     async fn cache_put(&self, entry: &CacheEntry) -> Result<(), StoreError>;
     /// Deletes entries expired at `now`; returns how many.
     async fn cache_purge(&self, now: DateTime<Utc>) -> Result<u64, StoreError>;
-    /// Deletes every entry, or those of one namespace; returns how many.
+    /// Deletes every entry, or those of one namespace; returns how many. Also moves the
+    /// [generation](Self::cache_generation) on.
     async fn cache_clear(&self, namespace: Option<&str>) -> Result<u64, StoreError>;
+    /// A number every clear changes, so that replicas can tell that another one cleared the
+    /// shared tier and drop their own copies in memory. `None` where the tier has none.
+    async fn cache_generation(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
 }
 
 #[cfg(test)]

@@ -804,6 +804,30 @@ impl Cache {
         Ok(in_memory.max(stored))
     }
 
+    /// Drops this replica's memory copies once another replica cleared the shared tier (its
+    /// [generation](CacheStore::cache_generation) moved on since `seen`), so that a clear reaches
+    /// every replica. For a background task, every second; does nothing without a shared tier.
+    pub async fn follow_clears(&self, seen: &mut Option<u64>) {
+        let Some(remote) = &self.remote else { return };
+        if let Ok(Some(now)) = remote.cache_generation().await {
+            if seen.is_some_and(|before| before != now) {
+                // Like a clear here: a lookup that read the shared tier meanwhile keeps nothing.
+                self.clears.fetch_add(1, Ordering::AcqRel);
+                let dropped = self.memory.clear(None);
+                tracing::debug!(
+                    dropped,
+                    "the cache was cleared elsewhere; memory copies dropped"
+                );
+            }
+            *seen = Some(now);
+        }
+    }
+
+    /// Whether the cache has a shared tier.
+    pub fn is_shared(&self) -> bool {
+        self.remote.is_some()
+    }
+
     /// Deletes the persistent tier's expired entries (memory expires its own); returns how many.
     /// For a periodic background task.
     pub async fn purge(&self) -> u64 {
@@ -1478,6 +1502,7 @@ mod tests {
         stale: bool,
         /// When set, a clear waits for a permit before deleting.
         clear_gate: Option<Arc<Semaphore>>,
+        generation: AtomicU64,
     }
 
     #[async_trait::async_trait]
@@ -1508,7 +1533,11 @@ mod tests {
             let mut m = self.entries.lock();
             let before = m.len();
             m.retain(|_, e| namespace.is_some_and(|ns| e.namespace != ns));
+            self.generation.fetch_add(1, Ordering::SeqCst);
             Ok((before - m.len()) as u64)
+        }
+        async fn cache_generation(&self) -> Result<Option<u64>, StoreError> {
+            Ok(Some(self.generation.load(Ordering::SeqCst)))
         }
     }
 
@@ -1696,6 +1725,29 @@ mod tests {
         assert!(cache.lookup("b1").await.is_some());
         assert_eq!(cache.clear(None).await.unwrap(), 1);
         assert!(remote.entries.lock().is_empty());
+    }
+
+    /// A clear on one replica reaches another's memory tier (it served its copy until the
+    /// entry expired, an hour by default).
+    #[tokio::test]
+    async fn a_clear_elsewhere_empties_this_replicas_memory() {
+        let remote = Arc::new(FakeStore::default());
+        let a = Cache::new(on(), Some(remote.clone()));
+        let b = Cache::new(on(), Some(remote.clone()));
+        let mut seen = None;
+        b.follow_clears(&mut seen).await;
+        a.store(answer("k", "global"));
+        a.flush().await;
+        assert!(b.lookup("k").await.is_some(), "copied into b's memory");
+        b.follow_clears(&mut seen).await;
+        assert!(
+            b.memory().get("k", Utc::now()).is_some(),
+            "nothing cleared yet"
+        );
+        assert_eq!(a.clear(None).await.unwrap(), 1);
+        b.follow_clears(&mut seen).await;
+        assert!(b.memory().get("k", Utc::now()).is_none());
+        assert!(b.lookup("k").await.is_none());
     }
 
     #[test]

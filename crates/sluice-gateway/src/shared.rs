@@ -876,6 +876,12 @@ impl RedisState {
         format!("{}:cache:{key}", self.prefix)
     }
 
+    /// The cache's generation, moved on by every clear (outside the `cache:` keys a clear
+    /// deletes).
+    fn cache_generation_key(&self) -> String {
+        format!("{}:cache_generation", self.prefix)
+    }
+
     /// Lets a request estimated at `tokens` through the limits of every subject (id and
     /// limits, e.g. `("key:abc", spec)`), or refuses it, atomically: either every subject is
     /// charged (a request, the tokens when it has a `tpm` limit and `tokens > 0`, and an
@@ -1221,6 +1227,36 @@ impl CacheStore for RedisState {
     }
 
     async fn cache_clear(&self, namespace: Option<&str>) -> Result<u64, StoreError> {
+        let deleted = self.delete_cache_entries(namespace).await?;
+        // After the deletion: a replica that drops its memory copies on the new generation then
+        // finds nothing here to copy again.
+        let mut conn = self.conn.clone();
+        let _: u64 = Self::bounded(
+            "cache clear",
+            redis::cmd("INCR")
+                .arg(self.cache_generation_key())
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(deleted)
+    }
+
+    async fn cache_generation(&self) -> Result<Option<u64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let g: Option<u64> = Self::bounded(
+            "cache generation read",
+            redis::cmd("GET")
+                .arg(self.cache_generation_key())
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(Some(g.unwrap_or(0)))
+    }
+}
+
+impl RedisState {
+    /// Deletes the cache's entries, or those of one namespace; returns how many.
+    async fn delete_cache_entries(&self, namespace: Option<&str>) -> Result<u64, StoreError> {
         let pattern = format!("{}:cache:*", glob_escape(&self.prefix));
         let mut conn = self.conn.clone();
         let mut cursor: u64 = 0;
@@ -1854,11 +1890,17 @@ mod tests {
             .await
             .expect("put");
         s.init("keep", 0, 0).await.expect("init");
+        let generation = || async { s.cache_generation().await.expect("generation") };
+        assert_eq!(generation().await, Some(0));
         assert_eq!(s.cache_clear(Some("ns2")).await.expect("clear"), 400);
+        // Every clear moves the generation on; other prefixes have their own.
+        assert_eq!(generation().await, Some(1));
+        assert_eq!(other.cache_generation().await.expect("generation"), Some(0));
         assert_eq!(s.cache_get("k0", Utc::now()).await.expect("get"), None);
         assert!(s.cache_get("k1", Utc::now()).await.expect("get").is_some());
         assert_eq!(s.cache_clear(Some("ns2")).await.expect("clear"), 0);
         assert_eq!(s.cache_clear(None).await.expect("clear"), 800);
+        assert_eq!(generation().await, Some(3));
         assert!(
             other
                 .cache_get("k0", Utc::now())

@@ -514,6 +514,13 @@ impl CacheStore for Shared {
     async fn cache_clear(&self, namespace: Option<&str>) -> Result<u64, StoreError> {
         self.noted(self.redis.cache_clear(namespace).await)
     }
+
+    async fn cache_generation(&self) -> Result<Option<u64>, StoreError> {
+        if self.cache_backing_off() {
+            return Ok(None);
+        }
+        self.noted(self.redis.cache_generation().await)
+    }
 }
 
 #[cfg(test)]

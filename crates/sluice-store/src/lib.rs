@@ -1376,6 +1376,15 @@ usage_store_impl!(PgStore, sqlx::Postgres, TEAM_PG, DAY_PG);
 
 const CACHE_COLUMNS: &str = "key, namespace, model, body, cost_usd, created_at, expires_at";
 
+/// The key of the cache's generation row (see `CacheStore::cache_generation`): no entry's key
+/// (a hex digest) looks like it.
+const CACHE_GENERATION_KEY: &str = "sluice:generation";
+
+/// The generation row's expiry: never (so that purges leave it).
+fn never_expires() -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp(253_402_300_799, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 macro_rules! cache_store_impl {
     ($store:ty) => {
         #[async_trait]
@@ -1440,17 +1449,48 @@ macro_rules! cache_store_impl {
             }
 
             async fn cache_clear(&self, namespace: Option<&str>) -> Result<u64, StoreError> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
                 let done = match namespace {
                     Some(ns) => {
-                        sqlx::query("DELETE FROM cache_entries WHERE namespace = $1")
+                        sqlx::query("DELETE FROM cache_entries WHERE namespace = $1 AND key <> $2")
                             .bind(text(ns))
-                            .execute(&self.pool)
+                            .bind(CACHE_GENERATION_KEY)
+                            .execute(&mut *tx)
                             .await
                     }
-                    None => sqlx::query("DELETE FROM cache_entries").execute(&self.pool).await,
+                    None => {
+                        sqlx::query("DELETE FROM cache_entries WHERE key <> $1")
+                            .bind(CACHE_GENERATION_KEY)
+                            .execute(&mut *tx)
+                            .await
+                    }
                 }
                 .map_err(db_err)?;
+                // The generation is a row of its own that never expires, its number in `body`.
+                sqlx::query(
+                    "INSERT INTO cache_entries (key, namespace, model, body, cost_usd, created_at, expires_at) \
+                     VALUES ($1, '', '', '1', 0, $2, $3) \
+                     ON CONFLICT (key) DO UPDATE SET \
+                     body = CAST(CAST(cache_entries.body AS BIGINT) + 1 AS TEXT), created_at = excluded.created_at",
+                )
+                .bind(CACHE_GENERATION_KEY)
+                .bind(Utc::now())
+                .bind(never_expires())
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                tx.commit().await.map_err(db_err)?;
                 Ok(done.rows_affected())
+            }
+
+            async fn cache_generation(&self) -> Result<Option<u64>, StoreError> {
+                let body: Option<String> =
+                    sqlx::query_scalar("SELECT body FROM cache_entries WHERE key = $1")
+                        .bind(CACHE_GENERATION_KEY)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(db_err)?;
+                Ok(Some(body.and_then(|b| b.parse().ok()).unwrap_or(0)))
             }
         }
     };

@@ -214,6 +214,19 @@ pub async fn build_with(
             }
         });
     }
+    if cache.is_shared() {
+        // A clear on another replica reaches this one's memory tier within a second.
+        let cache = Arc::downgrade(&cache);
+        tokio::spawn(async move {
+            let mut seen = None;
+            loop {
+                let Some(cache) = cache.upgrade() else { return };
+                cache.follow_clears(&mut seen).await;
+                drop(cache);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
     let usage = stores.usage.clone();
     let cache_at_start = cache_fixed(&cfg.router.cache);
     let gateway = Arc::new(

@@ -721,10 +721,18 @@ pub async fn cache_entries(db: &TestDb) {
     let a4 = entry("a4", "ns-a", now, TimeDelta::seconds(60));
     cache_put(cache, &a3).await;
     cache_put(cache, &a4).await;
+    // Every clear moves the generation on (for replicas to drop their memory copies).
+    let generation = || async {
+        (cache.cache_generation().await)
+            .expect("cache_generation")
+            .expect("kept")
+    };
+    assert_eq!(generation().await, 0);
     assert_eq!(
         cache.cache_clear(Some("nope")).await.expect("cache_clear"),
         0
     );
+    assert_eq!(generation().await, 1);
     assert_eq!(
         cache.cache_clear(Some("ns-a")).await.expect("cache_clear"),
         2
@@ -740,6 +748,11 @@ pub async fn cache_entries(db: &TestDb) {
     assert_eq!(cache_get(cache, "a1", now).await, None);
     assert_eq!(cache_get(cache, "b1", now).await, None);
     assert_eq!(cache.cache_clear(None).await.expect("cache_clear"), 0);
+    assert_eq!(generation().await, 5);
+    // The generation never expires.
+    let far = now + TimeDelta::days(365 * 100);
+    assert_eq!(cache.cache_purge(far).await.expect("cache_purge"), 0);
+    assert_eq!(generation().await, 5);
 
     // Entries last across opens where the database is shared.
     cache_put(cache, &fresh).await;

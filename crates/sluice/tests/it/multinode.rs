@@ -186,6 +186,26 @@ async fn replicas_share_limits_budgets_cache_and_keys_through_redis() {
     assert_eq!((status, cache.as_deref()), (200, Some("miss")), "{body}");
     let (status, cache, body) = post(&b, plain, &q).await;
     assert_eq!((status, cache.as_deref()), (200, Some("hit")), "{body}");
+    // Cleared on a, it is gone from b's memory within a couple of seconds.
+    let r = reqwest::Client::new()
+        .delete(a.url("/api/cache"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cleared = Instant::now();
+    loop {
+        let (status, cache, body) = post(&b, plain, &q).await;
+        assert_eq!(status, 200, "{body}");
+        if cache.as_deref() == Some("miss") {
+            break;
+        }
+        assert!(
+            cleared.elapsed() < Duration::from_secs(3),
+            "b still serves the cleared answer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // 4. A key revoked on a is refused by b within a second.
     let created = a.create_key(json!({"name": "doomed"})).await;
