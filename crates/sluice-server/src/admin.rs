@@ -281,6 +281,21 @@ pub async fn deployments(State(state): State<SharedState>) -> Response {
 
 /// `POST /api/config/reload`: re-reads the configuration file and swaps the router; requests in
 /// flight finish on the old one. An invalid file is answered 400 and changes nothing.
+/// This process as `HOST:PID`: a reload changes only the replica that took it, so its answer
+/// and audit entry say which one that was.
+fn replica() -> &'static str {
+    static REPLICA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    REPLICA.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| "localhost".to_string());
+        format!("{host}:{}", std::process::id())
+    })
+}
+
 pub async fn reload(
     State(state): State<SharedState>,
     axum::Extension(actor): axum::Extension<sluice_core::keys::Actor>,
@@ -300,10 +315,11 @@ pub async fn reload(
                 "config.reload",
                 None,
                 "ok",
-                serde_json::json!({ "summary": summary }),
+                serde_json::json!({ "summary": summary, "replica": replica() }),
             )
             .await;
-            Json(serde_json::json!({"reloaded": true, "summary": summary})).into_response()
+            Json(serde_json::json!({"reloaded": true, "summary": summary, "replica": replica()}))
+                .into_response()
         }
         Ok(Err(e)) => {
             crate::keys::audit(
@@ -312,7 +328,7 @@ pub async fn reload(
                 "config.reload",
                 None,
                 "rejected",
-                serde_json::json!({ "error": e }),
+                serde_json::json!({ "error": e, "replica": replica() }),
             )
             .await;
             ApiError::openai(Error::invalid(format!(

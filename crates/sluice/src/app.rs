@@ -90,6 +90,19 @@ impl sluice_server::Reload for Reloader {
     fn reload(&self) -> Result<String, String> {
         // One reload at a time; the lock also guards the providers kept from the last one.
         let mut providers = self.providers.lock();
+        if let Source::File(p) = &self.source
+            && !p.is_file()
+        {
+            return Err(format!(
+                "config file `{}` {} (hint: put it back, then reload again)",
+                p.display(),
+                if p.is_dir() {
+                    "is a directory now, not a file"
+                } else {
+                    "no longer exists"
+                }
+            ));
+        }
         let raw = crate::config::load_raw(&self.source, &self.overrides)?;
         let old = self.gateway.router();
         let cfg = Config::from_raw_reusing(self.source.clone(), raw, Some((&providers, &old)))
@@ -509,10 +522,14 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
             sluice_store::writer::rejected_path(&spill).display()
         ),
     };
-    let spilled = match stats.spilled {
-        0 => String::new(),
-        n => format!(
-            "; {n} in the spill file {} (written to the store at the next start)",
+    // What went to the spill file may have been written to the store since (a replay once it
+    // answered): what is left is what the file still holds.
+    let waiting = spill_lines(&spill);
+    let spilled = match (stats.spilled, waiting) {
+        (0, 0) => String::new(),
+        (n, 0) => format!("; {n} spilled while the store was down, since written to it"),
+        (_, w) => format!(
+            "; {w} in the spill file {} (written to the store at the next start)",
             spill.display()
         ),
     };
@@ -523,9 +540,39 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How many records the spill file holds (its lines; 0 when there is none).
+fn spill_lines(spill: &std::path::Path) -> u64 {
+    use std::io::BufRead;
+    let Ok(file) = std::fs::File::open(spill) else {
+        return 0;
+    };
+    let mut n = 0;
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = Vec::new();
+    while reader
+        .read_until(b'\n', &mut line)
+        .is_ok_and(|read| read > 0)
+    {
+        if line.iter().any(|b| !b.is_ascii_whitespace()) {
+            n += 1;
+        }
+        line.clear();
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spill_lines_counts_records_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.jsonl");
+        assert_eq!(spill_lines(&path), 0);
+        std::fs::write(&path, "{\"a\":1}\n\n{\"b\":2}\n{\"cut\"").unwrap();
+        assert_eq!(spill_lines(&path), 3);
+    }
 
     /// The spill file goes beside the SQLite file for either URL form (`sqlite:PATH` put it in
     /// `./sluice-data`), and under `./sluice-data` for an in-memory or PostgreSQL store.

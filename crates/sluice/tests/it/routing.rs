@@ -1720,6 +1720,13 @@ async fn reload_swaps_the_router_and_keeps_it_on_a_bad_file() {
     let (status, v) = reload(&s).await;
     assert_eq!(status, 200, "{v:#}");
     assert_eq!(v["reloaded"], true, "{v:#}");
+    // Which replica reloaded (only the one that took the call does).
+    let replica = v["replica"].as_str().expect("replica");
+    assert!(
+        replica.ends_with(&format!(":{}", s.pid())),
+        "{replica} (pid {})",
+        s.pid()
+    );
     chat_ok(&http, &s, "m").await;
     assert_eq!(up.count_for("two"), 1);
     assert_eq!(up.count_for("one"), 1);
@@ -1742,6 +1749,16 @@ async fn reload_swaps_the_router_and_keeps_it_on_a_bad_file() {
     assert_eq!(up.count_for("two"), 2);
     assert_eq!(up.count_for("three"), 0);
     assert_eq!(deployment(&s, "m", "up/two").await["model"], "two");
+
+    // The file gone: said so, with no start-up hint, and the running configuration stays.
+    std::fs::remove_file(s.dir().join("sluice.toml")).expect("remove config");
+    let (status, v) = reload(&s).await;
+    assert_eq!(status, 400, "{v:#}");
+    let message = v["error"]["message"].as_str().expect("message");
+    assert!(message.contains("no longer exists"), "{message}");
+    assert!(!message.contains("--config"), "{message}");
+    chat_ok(&http, &s, "m").await;
+    assert_eq!(up.count_for("two"), 3);
 }
 
 #[tokio::test]
