@@ -210,7 +210,7 @@ impl Decision {
     }
 }
 
-fn header_safe(s: &str) -> String {
+pub(crate) fn header_safe(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-/:@+".contains(c) {

@@ -675,7 +675,7 @@ impl Gateway {
                     // the deployment that serves it.
                     let mut up = req;
                     up.model = s.dep.dep.upstream_model().to_string();
-                    let header = route_header(&route, &s.group, &s.dep, fin.attempts());
+                    let header = route_header(&route, &s.group.name, &s.dep.dep.id, fin.attempts());
                     let assemble = self.bodies == BodyMode::Full || fin.fills_cache();
                     Ok(ChatOutcome::Stream(
                         ChatStream::new(
@@ -711,7 +711,7 @@ impl Gateway {
                 .await;
             match served {
                 Ok(s) => {
-                    let header = route_header(&route, &s.group, &s.dep, fin.attempts());
+                    let header = route_header(&route, &s.group.name, &s.dep.dep.id, fin.attempts());
                     let mut completion = Box::new(s.value);
                     // Serialized once: for the record and, as is, for the response.
                     let mut raw = RawJson::of(&*completion);
@@ -1386,29 +1386,19 @@ fn no_deployment(
 }
 
 /// `x-sluice-route`: the complexity decision (when there was one), then where it went.
-fn route_header(decision: &str, group: &Group, dep: &DeploymentState, attempts: u32) -> String {
+fn route_header(decision: &str, group: &str, deployment: &str, attempts: u32) -> String {
+    // Header values are visible ASCII, and `;` and `=` separate its fields: names are written
+    // as the complexity decision writes them (anything else as `_`).
     let served = format!(
         "group={}; deployment={}; attempts={attempts}",
-        group.name, dep.dep.id
+        complexity::header_safe(group),
+        complexity::header_safe(deployment)
     );
-    let v = if decision.is_empty() {
+    if decision.is_empty() {
         served
     } else {
         format!("{decision}; {served}")
-    };
-    // Header values are visible ASCII; model and deployment names almost always are already.
-    if v.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-        return v;
     }
-    v.chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect()
 }
 
 /// The request as sent to a deployment.
@@ -1775,4 +1765,28 @@ pub fn split_tags(s: &str) -> Vec<String> {
         .filter(|t| !t.is_empty())
         .map(str::to_string)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names that are not header-safe are written as the complexity part writes them: a model
+    /// `café; x=1` made a value no parser could split (and a `?` for each non-ASCII letter).
+    #[test]
+    fn the_route_header_keeps_its_fields_apart() {
+        assert_eq!(
+            route_header("", "chat", "openai/gpt-4o+support@v3", 2),
+            "group=chat; deployment=openai/gpt-4o+support@v3; attempts=2"
+        );
+        assert_eq!(
+            route_header(
+                "tier=small; model=s; score=0.100",
+                "café; x=1",
+                "dé ploy",
+                1
+            ),
+            "tier=small; model=s; score=0.100; group=caf___x_1; deployment=d__ploy; attempts=1"
+        );
+    }
 }
