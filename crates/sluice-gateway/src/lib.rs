@@ -147,12 +147,22 @@ impl DeploymentConfig {
             return Ok(base);
         }
         let b = base.unwrap_or_default();
+        // A new input price carries the table's cache prices along in proportion (a cache read
+        // at 50 % or 10 % of input stays so), unless they are given too: kept as they were, a
+        // lower input price made cache reads dearer than plain input.
+        let along = |table: Option<f64>| match self.input_cost_per_mtok {
+            Some(input) if b.input > 0.0 => table.map(|p| p * input / b.input),
+            _ => table,
+        };
         Ok(Some(ModelPrice {
             input: self.input_cost_per_mtok.unwrap_or(b.input),
             output: self.output_cost_per_mtok.unwrap_or(b.output),
-            cached_input: self.cached_input_cost_per_mtok.or(b.cached_input),
-            cache_write_input: self.cache_write_cost_per_mtok.or(b.cache_write_input),
-            cache_write_1h_input: self.cache_write_1h_cost_per_mtok.or(b.cache_write_1h_input),
+            cached_input: self.cached_input_cost_per_mtok.or(along(b.cached_input)),
+            cache_write_input: self
+                .cache_write_cost_per_mtok
+                .or(along(b.cache_write_input)),
+            cache_write_1h_input: (self.cache_write_1h_cost_per_mtok)
+                .or(along(b.cache_write_1h_input)),
         }))
     }
 

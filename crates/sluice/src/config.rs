@@ -808,5 +808,36 @@ mod tests {
             .unwrap();
         assert_eq!(p.output, 1.0);
         assert_eq!(p.input, 2.5);
+        assert_eq!(p.cached_input, Some(1.25));
+    }
+
+    /// A new input price carries the table's cache prices along in proportion, unless they are
+    /// given (gpt-4o at $1.00 input read its cache at the table's $1.25, dearer than input).
+    #[test]
+    fn an_input_price_override_scales_the_cache_prices() {
+        let price = |keys: &str, model: &str| {
+            let c = check(&format!(
+                "[providers.m]\ntype = \"mock\"\n[models.x]\ndeployments = [{{ provider = \"m\", model = \"{model}\", {keys} }}]\n"
+            ))
+            .unwrap();
+            c.router.group("x").unwrap().deployments[0]
+                .dep
+                .price
+                .unwrap()
+        };
+        let p = price("input_cost_per_mtok = 1.0", "gpt-4o");
+        assert_eq!((p.input, p.cached_input), (1.0, Some(0.5)));
+        let p = price(
+            "input_cost_per_mtok = 1.0, cached_input_cost_per_mtok = 0.9",
+            "gpt-4o",
+        );
+        assert_eq!(p.cached_input, Some(0.9));
+        // Anthropic: reads at 10 % and writes at 125 % of input (one-hour writes, not in the
+        // table, are twice the input price when charged).
+        let p = price("input_cost_per_mtok = 2.0", "claude-3-5-haiku-20241022");
+        let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-9;
+        assert!(close(p.cached_input, 0.2), "{p:?}");
+        assert!(close(p.cache_write_input, 2.5), "{p:?}");
+        assert_eq!(p.cache_write_1h_input, None);
     }
 }
