@@ -104,15 +104,25 @@ impl KeyCache {
         let started = Utc::now();
         let since = *self.since.lock();
         let changed = bounded(REFRESH_TIMEOUT, self.store.keys_changed_since(since)).await?;
-        {
-            let mut keys = self.keys.write();
-            for k in changed {
-                keys.insert(k.id.clone(), Arc::new(k));
-            }
-        }
+        self.merge(changed);
         self.recount();
         *self.since.lock() = started - chrono::Duration::seconds(5);
         Ok(())
+    }
+
+    /// Takes the keys a poll read, but not over a newer version this replica wrote meanwhile: a
+    /// row read just before a local revocation or rotation must not put the old key back.
+    fn merge(&self, changed: Vec<VirtualKey>) {
+        let mut keys = self.keys.write();
+        for k in changed {
+            if keys
+                .get(&k.id)
+                .is_some_and(|have| have.updated_at > k.updated_at)
+            {
+                continue;
+            }
+            keys.insert(k.id.clone(), Arc::new(k));
+        }
     }
 
     /// Reads every key again: a change whose `updated_at` fell behind the polls (a write that
@@ -725,6 +735,23 @@ mod tests {
             cache.check(&other_secret).unwrap_err(),
             KeyRejection::Revoked
         );
+    }
+
+    /// A poll that read a key just before this replica revoked it does not put the old version
+    /// back (the key worked again here until the next poll).
+    #[tokio::test]
+    async fn a_poll_older_than_a_local_write_does_not_undo_it() {
+        let (store, cache, key, secret) = one_key().await;
+        // The poll's answer, as read before the revocation below.
+        let before = store.keys_changed_since(key.updated_at).await.unwrap();
+        let mut revoked = key.clone();
+        let at = Utc::now() + chrono::Duration::milliseconds(1);
+        revoked.revoked_at = Some(at);
+        revoked.updated_at = at;
+        cache.upsert(revoked);
+        assert_eq!(cache.check(&secret).unwrap_err(), KeyRejection::Revoked);
+        cache.merge(before);
+        assert_eq!(cache.check(&secret).unwrap_err(), KeyRejection::Revoked);
     }
 
     /// A poll that never answers (a connection that hangs) is given up: a key revoked meanwhile
