@@ -257,8 +257,10 @@ impl Finisher {
         if let Some(fill) = self.fill.take() {
             fill.complete(&mut r);
         }
+        // Answered, or charged all the same (a stream its client left): what the strongest tier
+        // would have cost for those tokens.
         if let Some(serde_json::Value::Object(route)) = r.route.as_mut()
-            && r.status == RecordStatus::Ok
+            && (r.status == RecordStatus::Ok || r.cost_usd > 0.0)
             && !self.baseline.group.is_empty()
             && let Some(base) = if r
                 .attempt_log
@@ -687,11 +689,17 @@ mod tests {
         // (the price served at, the group that served, what was saved): the strongest tier's
         // group saves nothing whichever of its deployments served (a cheaper one too); any other
         // group (a lower tier, a fallback) is measured against the strongest tier's price.
-        for (served, group, saved) in [
-            (price, None, 0.0),
-            (cheap, None, 0.264),
-            (cheap, Some("strong"), 0.0),
-            (cheap, Some("fallback"), 0.264),
+        // The last: a stream its client left, charged all the same, is measured too.
+        let left = sluice_core::error::Error::new(
+            sluice_core::error::ErrorCode::ClientClosed,
+            "the client closed the connection",
+        );
+        for (served, group, saved, error) in [
+            (price, None, 0.0, None),
+            (cheap, None, 0.264, None),
+            (cheap, Some("strong"), 0.0, None),
+            (cheap, Some("fallback"), 0.264, None),
+            (cheap, None, 0.264, Some(&left)),
         ] {
             let (sink, mut rx) = LogSink::channel(4);
             let ctx = crate::RequestContext::new("chat.completions", true);
@@ -714,10 +722,11 @@ mod tests {
                 || unreachable!(),
                 None,
                 None,
-                None,
+                error,
             )
             .await;
             let r = rx.recv().await.unwrap();
+            assert_eq!(r.status == RecordStatus::Ok, error.is_none());
             let route = r.route.unwrap();
             let got = route["saved_usd"].as_f64().unwrap();
             assert!((got - saved).abs() < 1e-9, "{route}");

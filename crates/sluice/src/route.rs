@@ -120,7 +120,8 @@ pub async fn report(
             crate::display::redact_url(store_url)
         )
     })?;
-    let mut by_tier: BTreeMap<String, Tally> = BTreeMap::new();
+    // By model and tier: tiers of different complexity models are different models.
+    let mut by_tier: BTreeMap<(String, String), Tally> = BTreeMap::new();
     let mut before = None;
     let mut logged = false;
     loop {
@@ -152,7 +153,7 @@ pub async fn report(
                 .and_then(|t| t.as_str())
                 .unwrap_or("?")
                 .to_string();
-            let t = by_tier.entry(tier).or_default();
+            let t = by_tier.entry((r.model.clone(), tier)).or_default();
             t.requests += 1;
             t.cost += r.cost_usd;
             t.baseline += baseline;
@@ -172,11 +173,12 @@ pub async fn report(
         let mut total = Tally::default();
         let tiers: Vec<serde_json::Value> = by_tier
             .iter()
-            .map(|(tier, t)| {
+            .map(|((model, tier), t)| {
                 total.requests += t.requests;
                 total.cost += t.cost;
                 total.baseline += t.baseline;
                 serde_json::json!({
+                    "model": model,
                     "tier": tier,
                     "requests": t.requests,
                     "cost_usd": t.cost,
@@ -204,13 +206,19 @@ pub async fn report(
     }
     if by_tier.is_empty() {
         outln!(
-            "no completed complexity-routed requests in the log{}",
+            "no complexity-routed requests in the log{}",
             since.map(|_| " for that period").unwrap_or("")
         );
         return Ok(());
     }
+    let model_width = (by_tier.keys())
+        .map(|(m, _)| crate::display::width(&crate::display::clean(m)))
+        .max()
+        .unwrap_or(0)
+        .clamp(5, 32);
     outln!(
-        "{:<16} {:>9} {:>16} {:>18} {:>16}",
+        "{} {:<16} {:>9} {:>16} {:>18} {:>16}",
+        crate::display::pad("model", model_width, true),
         "tier",
         "requests",
         "cost (USD)",
@@ -218,9 +226,10 @@ pub async fn report(
         "saved (USD)"
     );
     let mut total = Tally::default();
-    for (tier, t) in &by_tier {
+    for ((model, tier), t) in &by_tier {
         outln!(
-            "{} {:>9} {:>16.8} {:>18.8} {:>16.8}",
+            "{} {} {:>9} {:>16.8} {:>18.8} {:>16.8}",
+            crate::display::pad(&crate::display::clip(model, model_width), model_width, true),
             crate::display::pad(&crate::display::clean(tier), 16, true),
             t.requests,
             t.cost,
@@ -238,8 +247,9 @@ pub async fn report(
         0.0
     };
     outln!(
-        "{:<16} {:>9} {:>16.8} {:>18.8} {:>16.8}  ({pct:.1}% saved)",
-        "total",
+        "{} {:<16} {:>9} {:>16.8} {:>18.8} {:>16.8}  ({pct:.1}% saved)",
+        crate::display::pad("total", model_width, true),
+        "",
         total.requests,
         total.cost,
         total.baseline,

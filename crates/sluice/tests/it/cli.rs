@@ -651,11 +651,18 @@ async fn complexity_routing_explain_and_report() {
         out.contains("small") && out.contains("strong") && out.contains("saved"),
         "{out}"
     );
+    // Rows name their complexity model (tiers of different models were merged by name).
+    assert!(out.starts_with("model"), "{out}");
+    assert!(
+        out.lines().nth(1).is_some_and(|l| l.starts_with("auto ")),
+        "{out}"
+    );
 
     let (code, out, err) = run(&["route", "report", "--config", cfg, "--json"], s.dir());
     assert_eq!(code, 0, "{err}");
     let report: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
     let tiers = report["tiers"].as_array().expect("tiers");
+    assert!(tiers.iter().all(|t| t["model"] == "auto"), "{report:#}");
     let requests: u64 = tiers.iter().filter_map(|t| t["requests"].as_u64()).sum();
     assert_eq!(
         report["total"]["requests"].as_u64(),
