@@ -689,7 +689,16 @@ impl DeploymentState {
             in_flight: self.in_flight(),
             requests: self.live.requests.load(Ordering::Relaxed),
             failures: self.live.failures.load(Ordering::Relaxed),
-            latency_ewma_ms: self.latency_ms(now).map(|v| (v * 1000.0).round() / 1000.0),
+            // The last average however old (the strategy forgets one older than 30 s, and so
+            // tries the deployment again), with its age.
+            latency_ewma_ms: (self.live.latency_at_ms.load(Ordering::Relaxed) != 0)
+                .then(|| self.live.latency.get())
+                .flatten()
+                .map(|v| (v * 1000.0).round() / 1000.0),
+            latency_sampled_secs_ago: match self.live.latency_at_ms.load(Ordering::Relaxed) {
+                0 => None,
+                last => Some(self.latency_stamp(now).saturating_sub(last) / 1000),
+            },
             rpm: self.live.rpm.as_ref().map(|w| Capacity {
                 limit: w.limit(),
                 used: w.used(now),
@@ -728,6 +737,9 @@ pub struct DeploymentStatus {
     pub requests: u64,
     pub failures: u64,
     pub latency_ewma_ms: Option<f64>,
+    /// How long ago the last latency sample was taken (the latency strategy forgets an average
+    /// older than 30 s).
+    pub latency_sampled_secs_ago: Option<u64>,
     pub rpm: Option<Capacity>,
     pub tpm: Option<Capacity>,
     pub cooling_secs: Option<f64>,

@@ -258,6 +258,9 @@ pub async fn deployments(State(state): State<SharedState>) -> Response {
     let models: Vec<serde_json::Value> = router
         .groups()
         .map(|g| {
+            // A complexity model only picks a tier: retries, timeouts and fallbacks are the
+            // tiers' own (its configuration refuses them), so none are shown for it.
+            let own = g.classifier.is_none();
             serde_json::json!({
                 "model": g.name,
                 "strategy": g.strategy.as_str(),
@@ -266,9 +269,9 @@ pub async fn deployments(State(state): State<SharedState>) -> Response {
                     .iter()
                     .map(|t| serde_json::json!({"name": t.name, "model": t.model, "max_score": t.max_score}))
                     .collect::<Vec<_>>()),
-                "fallbacks": g.fallbacks,
-                "retries": g.retry,
-                "timeouts": g.timeouts,
+                "fallbacks": own.then_some(&g.fallbacks),
+                "retries": own.then_some(&g.retry),
+                "timeouts": own.then_some(&g.timeouts),
             })
         })
         .collect();
@@ -279,8 +282,6 @@ pub async fn deployments(State(state): State<SharedState>) -> Response {
     .into_response()
 }
 
-/// `POST /api/config/reload`: re-reads the configuration file and swaps the router; requests in
-/// flight finish on the old one. An invalid file is answered 400 and changes nothing.
 /// This process as `HOST:PID`: a reload changes only the replica that took it, so its answer
 /// and audit entry say which one that was.
 fn replica() -> &'static str {
@@ -296,6 +297,8 @@ fn replica() -> &'static str {
     })
 }
 
+/// `POST /api/config/reload`: re-reads the configuration file and swaps the router; requests in
+/// flight finish on the old one. An invalid file is answered 400 and changes nothing.
 pub async fn reload(
     State(state): State<SharedState>,
     axum::Extension(actor): axum::Extension<sluice_core::keys::Actor>,

@@ -742,6 +742,19 @@ async fn a_complexity_keys_tier_falls_back_to_another_tier() {
         Some("strong"),
         "{rec:#}"
     );
+    // The complexity model shows its tiers, and no retries, timeouts or fallbacks of its own.
+    let all: Value = serde_json::from_str(&admin_get(&s, "/api/deployments").await).unwrap();
+    let auto = (all["models"].as_array().unwrap().iter())
+        .find(|m| m["model"] == "auto")
+        .expect("auto");
+    assert_eq!(auto["tiers"].as_array().map(Vec::len), Some(2), "{auto:#}");
+    for absent in ["retries", "timeouts", "fallbacks"] {
+        assert!(auto[absent].is_null(), "{auto:#}");
+    }
+    let small = (all["models"].as_array().unwrap().iter())
+        .find(|m| m["model"] == "small")
+        .expect("small");
+    assert!(small["retries"].is_object(), "{small:#}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1561,6 +1574,12 @@ async fn latency_strategy_prefers_the_fast_deployment() {
     let d = deployment(&s, "m", "up/fault-slow").await;
     assert!(
         d["latency_ewma_ms"].as_f64().is_some_and(|l| l >= 250.0),
+        "{d:#}"
+    );
+    assert!(
+        d["latency_sampled_secs_ago"]
+            .as_u64()
+            .is_some_and(|a| a < 30),
         "{d:#}"
     );
 }
