@@ -29,6 +29,7 @@ use sluice_gateway::{Gateway, RequestContext};
 pub mod admin;
 pub mod anthropic;
 pub mod body;
+pub mod conn;
 pub mod error;
 pub mod keys;
 pub mod openai;
@@ -53,6 +54,10 @@ pub struct ServerConfig {
     /// call the API from a browser (CORS). Default: none.
     #[serde(default)]
     pub cors_origins: Vec<String>,
+    /// Seconds a client may leave an answer unread (its receive window full, nothing taken)
+    /// before its connection is closed and the request's slots are given back (default 60).
+    #[serde(default = "default_client_stall")]
+    pub client_stall_secs: u64,
 }
 
 fn default_listen() -> String {
@@ -64,6 +69,9 @@ fn default_max_body() -> usize {
 fn default_grace() -> u64 {
     20
 }
+fn default_client_stall() -> u64 {
+    60
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -72,6 +80,7 @@ impl Default for ServerConfig {
             max_body_bytes: default_max_body(),
             shutdown_grace_secs: default_grace(),
             cors_origins: Vec::new(),
+            client_stall_secs: default_client_stall(),
         }
     }
 }

@@ -404,6 +404,10 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         )
     })?;
     let local = listener.local_addr()?;
+    let listener = sluice_server::conn::GuardedListener::new(
+        listener,
+        Duration::from_secs(cfg.server.client_stall_secs),
+    );
     let Running { state, writer } = build_with(cfg, key, Some(overrides)).await?;
     let store = state.store.clone();
     // Answers still being written to the cache's shared tier at shutdown finish before the

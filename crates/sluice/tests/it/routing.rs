@@ -761,6 +761,59 @@ async fn a_complexity_keys_tier_falls_back_to_another_tier() {
 // Timeouts
 // ---------------------------------------------------------------------------------------------
 
+/// A client that stops reading a stream (its connection open, its receive window full) is cut
+/// off after `server.client_stall_secs`: the deployment's in-flight slot comes back and the
+/// record says the client left. The stream was only polled as fast as the client read, so it
+/// held everything until the client closed, its timeouts never firing.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_stream_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let up = MockUpstream::start().await;
+    let s = Sluice::start_opts(crate::harness::Opts {
+        config: &format!("{}{}", provider(&up), model("m", &[dep(models::ECHO)], "")),
+        server_extra: "client_stall_secs = 1",
+        ..Default::default()
+    })
+    .await;
+    // The echo model streams a chunk per word: tens of megabytes, far more than the sockets
+    // hold.
+    let words = "word ".repeat(200_000);
+    let body = json!({"model": "m", "stream": true,
+                      "messages": [{"role": "user", "content": words}]})
+    .to_string();
+    let url = s.url("/v1/chat/completions");
+    let addr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(body.as_bytes()).await.unwrap();
+    // Never read: the stream fills the buffers, then stalls.
+    let started = Instant::now();
+    loop {
+        let d = deployment(&s, "m", "up/echo").await;
+        if d["requests"] == 1 && d["in_flight"] == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the stalled stream still holds its slot: {d:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let list: Value = serde_json::from_str(&admin_get(&s, "/api/requests?limit=1").await).unwrap();
+    let rec = &list["data"][0];
+    assert_eq!(rec["error_code"], "client_closed_request", "{rec:#}");
+    drop(tcp);
+}
+
 #[tokio::test]
 async fn a_hanging_deployment_times_out_per_attempt() {
     let up = MockUpstream::start().await;

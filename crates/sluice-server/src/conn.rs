@@ -1,0 +1,210 @@
+//! Accepted connections: `TCP_NODELAY` set (a streamed answer's small writes are not held back
+//! waiting for the client's acknowledgement of the previous one), and a limit on how long a
+//! write may wait for a client that stopped reading.
+//!
+//! A streamed answer is produced only as fast as the client takes it: while the client's
+//! receive window is full, the response body is not polled, so nothing the gateway does for
+//! that request moves on (its timeouts included), and it keeps its in-flight slot, `max_parallel`
+//! slot, budget hold and upstream stream. A connection whose writes have made no progress for
+//! `server.client_stall_secs` is closed instead: the request ends as its client having left,
+//! and everything it held is given back.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A listener whose connections are [`Guarded`].
+#[derive(Debug)]
+pub struct GuardedListener {
+    inner: TcpListener,
+    stall: Duration,
+}
+
+impl GuardedListener {
+    /// Wraps `inner`; a write that cannot go on for `stall` fails its connection.
+    pub fn new(inner: TcpListener, stall: Duration) -> Self {
+        GuardedListener { inner, stall }
+    }
+}
+
+impl axum::serve::Listener for GuardedListener {
+    type Io = Guarded;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        // Best effort: a socket that refuses it still works, with Nagle's delays.
+        let _ = io.set_nodelay(true);
+        (Guarded::new(io, self.stall), addr)
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection whose writes fail once they have waited `stall` without progress.
+#[derive(Debug)]
+pub struct Guarded {
+    io: TcpStream,
+    stall: Duration,
+    /// Armed when a write first has to wait; disarmed by any progress.
+    blocked: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Guarded {
+    fn new(io: TcpStream, stall: Duration) -> Self {
+        Guarded {
+            io,
+            stall,
+            blocked: None,
+        }
+    }
+
+    /// After the socket said "not now": waits, unless it has said so for `stall` already.
+    fn wait<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let stall = self.stall;
+        let timer = self
+            .blocked
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client took nothing for {:.1} s (server.client_stall_secs)",
+                    stall.as_secs_f64()
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn went<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Pending => self.wait(cx),
+            ready => {
+                self.blocked = None;
+                ready
+            }
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.went(r, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.went(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.went(r, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.went(r, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair(stall: Duration) -> (Guarded, TcpStream) {
+        // A small send buffer (accepted sockets inherit it): a write waits for the reader after
+        // tens of kilobytes, not megabytes, so progress shows every few milliseconds.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(32 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut guarded = GuardedListener::new(listener, stall);
+        let client = tokio::spawn(async move { TcpStream::connect(addr).await.unwrap() });
+        let (server, _) = axum::serve::Listener::accept(&mut guarded).await;
+        (server, client.await.unwrap())
+    }
+
+    /// Writes to a client that reads nothing fail after the stall limit instead of waiting
+    /// forever; the socket has TCP_NODELAY.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_cut_off() {
+        let (mut server, _client) = pair(Duration::from_millis(300)).await;
+        assert!(server.io.nodelay().unwrap());
+        let chunk = vec![b'x'; 64 * 1024];
+        let started = std::time::Instant::now();
+        let e = loop {
+            match tokio::time::timeout(Duration::from_secs(10), server.write_all(&chunk)).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => break e,
+                Err(_) => panic!("the write waited past the stall limit"),
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("client_stall_secs"), "{e}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+
+    /// A slow reader that keeps taking data is never cut off: progress restarts the clock.
+    #[tokio::test]
+    async fn a_slow_reader_that_keeps_reading_is_served() {
+        let (mut server, mut client) = pair(Duration::from_secs(1)).await;
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut total = 0;
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n,
+                }
+            }
+        });
+        let chunk = vec![b'y'; 64 * 1024];
+        // Far more than the socket buffers hold, over more than the stall limit (4 MiB at about
+        // 1.6 MB/s).
+        for _ in 0..64 {
+            server
+                .write_all(&chunk)
+                .await
+                .expect("a reading client is served");
+        }
+        server.shutdown().await.unwrap();
+        drop(server);
+        assert_eq!(reader.await.unwrap(), 64 * 64 * 1024);
+    }
+}
