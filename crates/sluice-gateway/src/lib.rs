@@ -1016,22 +1016,32 @@ impl Gateway {
         let mut visited = vec![first.name.clone()];
         let mut queue = std::collections::VecDeque::from([first]);
         let mut last = None;
+        // A fallback group this request may still go to: not tried, allowed to its key, not a
+        // complexity model, within the groups a request may visit.
+        let usable = |visited: &[String], name: &String| {
+            (visited.len() < MAX_GROUPS_PER_REQUEST && !visited.contains(name))
+                .then(|| router.group(name))
+                .flatten()
+                .filter(|g| g.classifier.is_none() && key.may_use(router, name))
+        };
         while let Some(group) = queue.pop_front() {
-            match self.try_group(&group, fin, tokens, call).await {
+            // Whether a failure of `class` here would have somewhere else to go.
+            let elsewhere = |class: ErrorClass| {
+                !queue.is_empty()
+                    || (group.fallbacks.for_class(class).iter())
+                        .any(|name| usable(&visited, name).is_some())
+            };
+            match self.try_group(&group, fin, tokens, call, &elsewhere).await {
                 Ok(s) => return Ok(s),
                 Err((err, class)) => {
                     if class == ErrorClass::ClientError {
                         return Err(err);
                     }
                     for name in group.fallbacks.for_class(class) {
-                        if visited.len() < MAX_GROUPS_PER_REQUEST
-                            && !visited.contains(name)
-                            && key.may_use(router, name)
-                            && let Some(g) = router.group(name)
-                            && g.classifier.is_none()
-                        {
+                        if let Some(g) = usable(&visited, name) {
+                            let g = g.clone();
                             visited.push(name.clone());
-                            queue.push_back(g.clone());
+                            queue.push_back(g);
                         }
                     }
                     if !queue.is_empty() {
@@ -1050,13 +1060,15 @@ impl Gateway {
         Err(last.unwrap_or_else(|| Error::internal("no deployment was tried")))
     }
 
-    /// The attempts within one group.
+    /// The attempts within one group. `elsewhere` says whether a failure of a class has another
+    /// group to go to (then a blocked group is left at once rather than waited for).
     async fn try_group<T>(
         &self,
         group: &Arc<Group>,
         fin: &mut Finisher,
         tokens: u64,
         call: &dyn Call<T>,
+        elsewhere: &(dyn Fn(ErrorClass) -> bool + Sync),
     ) -> Result<Served<T>, (Error, ErrorClass)> {
         let n = group.deployments.len();
         let mut tried = vec![false; n];
@@ -1100,7 +1112,7 @@ impl Gateway {
                             Some((_, class)) => *class,
                             None => blocked_class(rate_limited),
                         };
-                        let fallback = !group.fallbacks.for_class(class).is_empty();
+                        let fallback = elsewhere(class);
                         match after {
                             Some(d) if d <= budget && !fallback => {
                                 // Wake just after the blocker clears; the wait is the backoff.

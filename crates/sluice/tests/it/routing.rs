@@ -696,6 +696,47 @@ async fn fallbacks_a_key_may_not_use_are_skipped() {
     assert_eq!(up.count_for("dear-good"), 1);
 }
 
+/// A fallback the request cannot take (its key may not use it) is no reason to leave a blocked
+/// group at once: the request waits for the cool-down and retries, as without a fallback.
+#[tokio::test]
+async fn a_fallback_the_key_may_not_use_does_not_cut_the_wait_short() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[
+            model(
+                "m",
+                &[dep(models::FAULT_429)],
+                &format!(
+                    "{}{}",
+                    sub("m", "retries", "retries = 1"),
+                    sub("m", "fallbacks", "rate_limited = [\"b\"]")
+                ),
+            ),
+            model("b", &[dep("b-good")], ""),
+        ],
+    )
+    .await;
+    let key = s.create_key(json!({"name": "k", "models": ["m"]})).await["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let a = answer(
+        client()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("POST"),
+    )
+    .await;
+    assert_eq!(a.status, 429, "{}", a.text);
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["attempts"], 2, "{rec:#}");
+    assert_eq!(up.count_for("b-good"), 0);
+}
+
 /// A key allowed a complexity model may be served by any of its tiers, a tier's fallback to
 /// another tier included.
 #[tokio::test]
