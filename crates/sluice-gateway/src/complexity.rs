@@ -960,11 +960,13 @@ impl Scanner {
         } else {
             self.line_last = c;
             self.prev_nonspace = c;
-            // A drive letter opens a path: `D:\` after a space or the start.
+            // A drive letter opens a path: `D:\` after a space, a quote, a bracket or the start
+            // (not `$f:\mathbb`).
             if c == '\\'
                 && self.prev == ':'
                 && self.before_prev[1].is_ascii_alphabetic()
-                && !self.before_prev[0].is_alphanumeric()
+                && (self.before_prev[0].is_whitespace()
+                    || matches!(self.before_prev[0], '"' | '\'' | '`' | '(' | '[' | '<'))
             {
                 self.in_path = true;
             }
@@ -1024,9 +1026,9 @@ impl Scanner {
             // A LaTeX command: a known one, or one taking an argument (`\frac{`, `\hat{`,
             // `\sum_`); not any backslash-word (`C:\Users\Anna`, `\n`).
             if self.word_after_backslash
-                && !self.in_path
                 && word.len() >= 2
-                && (matches!(next, '{' | '_' | '^') || LATEX_COMMANDS.contains(&word.as_str()))
+                && (matches!(next, '{' | '_' | '^')
+                    || (!self.in_path && LATEX_COMMANDS.contains(&word.as_str())))
             {
                 self.latex += 1;
             } else if let Some((cue, class, weight)) = lookup(&word) {
@@ -1436,14 +1438,24 @@ impl KnnIndex {
         let mut unseen: HashMap<String, u32> = HashMap::new();
         let mut known = false;
         let mut buf = String::new();
+        // Like the features, from the first MAX_SCAN_BYTES of text: a match has long been
+        // decided by then, and a huge prompt costs no more.
+        let mut budget = MAX_SCAN_BYTES;
         for_each_text(msg, |text| {
-            for_each_term(text, &mut buf, &mut |t| {
+            let mut end = text.len().min(budget);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            budget -= end;
+            for_each_term(&text[..end], &mut buf, &mut |t| {
                 if let Some(&id) = self.vocab.get(t) {
                     known = true;
                     ids.push(id);
+                } else if let Some(&id) = unseen.get(t) {
+                    ids.push(id);
                 } else {
-                    let next = u32::try_from(self.idf.len() + unseen.len()).unwrap_or(u32::MAX);
-                    let id = *unseen.entry(t.to_string()).or_insert(next);
+                    let id = u32::try_from(self.idf.len() + unseen.len()).unwrap_or(u32::MAX);
+                    unseen.insert(t.to_string(), id);
                     ids.push(id);
                 }
             });
@@ -2160,6 +2172,10 @@ mod tests {
         let mut s = Scanner::default();
         s.feed("D:\\data then \\log x, and f:\\in; x\\in\\mathbb{R}, ab:\\cap");
         assert_eq!(s.latex, 4, "{s:?}");
+        // A math colon is no drive letter, and a command taking an argument is LaTeX anywhere.
+        let mut s = Scanner::default();
+        s.feed("Let $f:\\mathbb{R}\\to\\mathbb{R}$ be continuous, and C:\\x\\frac{1}{2}");
+        assert_eq!(s.latex, 4, "{s:?}");
     }
 
     /// An example's own text goes to the example's tier with the default weight, even with no
@@ -2257,6 +2273,14 @@ mod tests {
         assert_eq!(q.len(), 2);
         assert!((q[0].1 - apple / norm).abs() < 1e-12, "{q:?}");
         assert!((q[1].1 - zebra / norm).abs() < 1e-12, "{q:?}");
+        // A huge prompt is read as far as the features are (64 KiB), not whole.
+        let huge: String = std::iter::once("apple".to_string())
+            .chain((0..300_000).map(|i| format!(" w{i}")))
+            .collect();
+        let q = idx
+            .vectorize(&Message::text(Role::User, &huge))
+            .expect("known word");
+        assert!(q.len() < 20_000, "{}", q.len());
     }
 
     #[test]
