@@ -650,6 +650,8 @@ pub struct Cache {
     /// in memory only if no clear ran meanwhile.
     clearing: AtomicUsize,
     clears: AtomicU64,
+    /// The shared tier's generation last seen (see [`follow_clears`](Self::follow_clears)).
+    generation: parking_lot::Mutex<Option<u64>>,
 }
 
 impl fmt::Debug for Cache {
@@ -685,6 +687,7 @@ impl Cache {
             warnings: Arc::new(Throttle::new()),
             clearing: AtomicUsize::new(0),
             clears: AtomicU64::new(0),
+            generation: parking_lot::Mutex::new(None),
         }
     }
 
@@ -801,15 +804,24 @@ impl Cache {
         // Again: a lookup that read the shared tier just before the clear began may have put
         // its entry in memory meanwhile.
         self.memory.clear(namespace);
+        // This clear's own generation is no news to this replica (its memory is cleared), so
+        // the next poll does not drop the rest of memory for it.
+        if let Some(r) = &self.remote
+            && let Ok(Some(now)) = r.cache_generation().await
+        {
+            *self.generation.lock() = Some(now);
+        }
         Ok(in_memory.max(stored))
     }
 
     /// Drops this replica's memory copies once another replica cleared the shared tier (its
-    /// [generation](CacheStore::cache_generation) moved on since `seen`), so that a clear reaches
-    /// every replica. For a background task, every second; does nothing without a shared tier.
-    pub async fn follow_clears(&self, seen: &mut Option<u64>) {
+    /// [generation](CacheStore::cache_generation) moved on since last seen), so that a clear
+    /// reaches every replica. For a background task, every second; does nothing without a
+    /// shared tier.
+    pub async fn follow_clears(&self) {
         let Some(remote) = &self.remote else { return };
         if let Ok(Some(now)) = remote.cache_generation().await {
+            let mut seen = self.generation.lock();
             if seen.is_some_and(|before| before != now) {
                 // Like a clear here: a lookup that read the shared tier meanwhile keeps nothing.
                 self.clears.fetch_add(1, Ordering::AcqRel);
@@ -1734,18 +1746,22 @@ mod tests {
         let remote = Arc::new(FakeStore::default());
         let a = Cache::new(on(), Some(remote.clone()));
         let b = Cache::new(on(), Some(remote.clone()));
-        let mut seen = None;
-        b.follow_clears(&mut seen).await;
+        b.follow_clears().await;
+        a.follow_clears().await;
         a.store(answer("k", "global"));
         a.flush().await;
         assert!(b.lookup("k").await.is_some(), "copied into b's memory");
-        b.follow_clears(&mut seen).await;
+        b.follow_clears().await;
         assert!(
             b.memory().get("k", Utc::now()).is_some(),
             "nothing cleared yet"
         );
-        assert_eq!(a.clear(None).await.unwrap(), 1);
-        b.follow_clears(&mut seen).await;
+        // a clears one namespace; what it keeps in memory stays there after its own poll.
+        a.store(answer("other", "key:x"));
+        assert_eq!(a.clear(Some("global")).await.unwrap(), 1);
+        a.follow_clears().await;
+        assert!(a.memory().get("other", Utc::now()).is_some());
+        b.follow_clears().await;
         assert!(b.memory().get("k", Utc::now()).is_none());
         assert!(b.lookup("k").await.is_none());
     }

@@ -272,6 +272,9 @@ struct Live {
     latency: Ewma,
     /// When `latency` last took a sample, in milliseconds past `epoch` plus one (0: never).
     latency_at_ms: AtomicU64,
+    /// When the last latency sample came (same clock; 0: never). Unlike `latency_at_ms`, not
+    /// moved by a re-measurement that has not answered yet.
+    sampled_at_ms: AtomicU64,
     /// A request went to re-measure a forgotten average: its sample starts the average afresh.
     remeasuring: std::sync::atomic::AtomicBool,
     /// When a request went to take the first sample of a deployment never measured (as
@@ -359,6 +362,7 @@ impl DeploymentState {
                 in_flight: AtomicU32::new(0),
                 latency: Ewma::new(0.2),
                 latency_at_ms: AtomicU64::new(0),
+                sampled_at_ms: AtomicU64::new(0),
                 measuring_since_ms: AtomicU64::new(0),
                 remeasuring: std::sync::atomic::AtomicBool::new(false),
                 answer_latency: Ewma::new(0.2),
@@ -489,6 +493,7 @@ impl DeploymentState {
     /// sample starts it afresh.
     fn observe_latency(&self, now: Instant, ms: f64) {
         let at = self.latency_stamp(now);
+        self.live.sampled_at_ms.store(at, Ordering::Relaxed);
         let last = self.live.latency_at_ms.swap(at, Ordering::Relaxed);
         let remeasured = self.live.remeasuring.swap(false, Ordering::Relaxed);
         if remeasured || forgotten(last, at) {
@@ -691,11 +696,11 @@ impl DeploymentState {
             failures: self.live.failures.load(Ordering::Relaxed),
             // The last average however old (the strategy forgets one older than 30 s, and so
             // tries the deployment again), with its age.
-            latency_ewma_ms: (self.live.latency_at_ms.load(Ordering::Relaxed) != 0)
+            latency_ewma_ms: (self.live.sampled_at_ms.load(Ordering::Relaxed) != 0)
                 .then(|| self.live.latency.get())
                 .flatten()
                 .map(|v| (v * 1000.0).round() / 1000.0),
-            latency_sampled_secs_ago: match self.live.latency_at_ms.load(Ordering::Relaxed) {
+            latency_sampled_secs_ago: match self.live.sampled_at_ms.load(Ordering::Relaxed) {
                 0 => None,
                 last => Some(self.latency_stamp(now).saturating_sub(last) / 1000),
             },

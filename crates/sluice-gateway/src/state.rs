@@ -272,22 +272,56 @@ impl Shared {
 
     /// The work of [`catch_up`](Self::catch_up); says whether everything went through.
     async fn catch_up_now(&self) -> bool {
-        let stale: Vec<String> = {
-            let mut all = self.stale_ledgers.lock();
-            self.has_stale.store(false, Ordering::Release);
-            std::mem::take(&mut *all).into_iter().collect()
-        };
-        // In slices: a long outage with per-user budgets can leave very many.
-        let mut slices = stale.chunks(FORGET_AT_ONCE);
-        while let Some(slice) = slices.next() {
-            if self.redis.forget_ledgers(slice).await.is_err() {
-                self.mark_stale(slice);
-                for rest in slices {
-                    self.mark_stale(rest);
+        self.forget_stale().await && self.send_deferred_now().await
+    }
+
+    /// Forgets the stale ledgers in Redis, a slice at a time (a long outage with per-user
+    /// budgets can leave very many); a slice Redis did not take, or whose call was abandoned, is
+    /// noted stale again. Says whether all went.
+    async fn forget_stale(&self) -> bool {
+        /// Notes the slice stale again unless it was forgotten.
+        struct Slice<'a> {
+            shared: &'a Shared,
+            ledgers: Vec<String>,
+            done: bool,
+        }
+        impl Drop for Slice<'_> {
+            fn drop(&mut self) {
+                if !self.done {
+                    self.shared.mark_stale(&self.ledgers);
                 }
-                return false;
             }
         }
+        loop {
+            let ledgers: Vec<String> = {
+                let mut all = self.stale_ledgers.lock();
+                let slice: Vec<String> = all.iter().take(FORGET_AT_ONCE).cloned().collect();
+                for l in &slice {
+                    all.remove(l);
+                }
+                if all.is_empty() {
+                    self.has_stale.store(false, Ordering::Release);
+                }
+                slice
+            };
+            if ledgers.is_empty() {
+                return true;
+            }
+            let mut slice = Slice {
+                shared: self,
+                ledgers,
+                done: false,
+            };
+            if self.redis.forget_ledgers(&slice.ledgers).await.is_err() {
+                return false;
+            }
+            slice.done = true;
+        }
+    }
+
+    /// Sends the deferred give-backs again; those Redis does not take stay deferred. Says
+    /// whether all went.
+    async fn send_deferred_now(&self) -> bool {
         let todo = {
             let mut all = self.deferred.lock();
             self.has_deferred.store(false, Ordering::Release);
@@ -318,9 +352,9 @@ impl Shared {
         true
     }
 
-    /// At shutdown: does what [`catch_up`](Self::catch_up) would (waiting up to `patience` for
-    /// one already running), and logs the stale ledgers left (a replica that stops forgets what
-    /// it noted).
+    /// At shutdown: forgets the stale ledgers in Redis, within `patience` (a catch-up already
+    /// running finishes first), and logs those left (a replica that stops forgets what it
+    /// noted).
     pub async fn catch_up_before_exit(&self, patience: Duration) {
         // A catch-up running in the background finishes first. Each Redis call is bounded, and
         // the work stops at the first that fails.
@@ -334,9 +368,10 @@ impl Shared {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if ours {
-            if self.has_deferred.load(Ordering::Acquire) || self.has_stale.load(Ordering::Acquire) {
-                self.catch_up_now().await;
-            }
+            // Only the ledgers: give-backs left over lapse by themselves (15 minutes), and
+            // shutdown must stay within its bound.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = tokio::time::timeout(left, self.forget_stale()).await;
             self.sending.store(false, Ordering::Release);
         }
         let stale: Vec<String> = {

@@ -102,23 +102,24 @@ impl KeyCache {
             return self.reload().await;
         }
         let started = Utc::now();
+        let began = std::time::Instant::now();
         let since = *self.since.lock();
         let changed = bounded(REFRESH_TIMEOUT, self.store.keys_changed_since(since)).await?;
-        self.merge(changed);
+        self.merge(changed, began);
         self.recount();
         *self.since.lock() = started - chrono::Duration::seconds(5);
         Ok(())
     }
 
-    /// Takes the keys a poll read, but not over a newer version this replica wrote meanwhile: a
-    /// row read just before a local revocation or rotation must not put the old key back.
-    fn merge(&self, changed: Vec<VirtualKey>) {
+    /// Takes the keys a poll that began at `began` read, but not those this replica wrote since
+    /// (by its own clock, not by `updated_at`, which other replicas' clocks write): a row read
+    /// just before a local revocation or rotation must not put the old key back. The next poll
+    /// looks back far enough to bring the store's version of those.
+    fn merge(&self, changed: Vec<VirtualKey>, began: std::time::Instant) {
         let mut keys = self.keys.write();
+        let written = self.written.lock();
         for k in changed {
-            if keys
-                .get(&k.id)
-                .is_some_and(|have| have.updated_at > k.updated_at)
-            {
+            if written.get(&k.id).is_some_and(|at| *at >= began) {
                 continue;
             }
             keys.insert(k.id.clone(), Arc::new(k));
@@ -743,6 +744,7 @@ mod tests {
     async fn a_poll_older_than_a_local_write_does_not_undo_it() {
         let (store, cache, key, secret) = one_key().await;
         // The poll's answer, as read before the revocation below.
+        let began = std::time::Instant::now();
         let before = store.keys_changed_since(key.updated_at).await.unwrap();
         let mut revoked = key.clone();
         let at = Utc::now() + chrono::Duration::milliseconds(1);
@@ -750,7 +752,7 @@ mod tests {
         revoked.updated_at = at;
         cache.upsert(revoked);
         assert_eq!(cache.check(&secret).unwrap_err(), KeyRejection::Revoked);
-        cache.merge(before);
+        cache.merge(before, began);
         assert_eq!(cache.check(&secret).unwrap_err(), KeyRejection::Revoked);
     }
 

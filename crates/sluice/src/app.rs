@@ -231,10 +231,9 @@ pub async fn build_with(
         // A clear on another replica reaches this one's memory tier within a second.
         let cache = Arc::downgrade(&cache);
         tokio::spawn(async move {
-            let mut seen = None;
             loop {
                 let Some(cache) = cache.upgrade() else { return };
-                cache.follow_clears(&mut seen).await;
+                cache.follow_clears().await;
                 drop(cache);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -477,7 +476,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
             }
         }
     }
-    // The request log drains while the cache's last writes finish: both within the same 5 s,
+    // The request log drains while the cache's last writes finish: all within the same 5 s,
     // so that shutdown stays within the bound the configuration documents.
     let flush = async {
         if let Some(cache) = cache
@@ -488,12 +487,14 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
             tracing::warn!("cache writes still in flight after 5 s: those answers are not kept");
         }
     };
-    let (stats, ()) = tokio::join!(writer.drain(Duration::from_secs(5)), flush);
-    // Budget ledgers that missed costs during a Redis outage are dropped from Redis now if it
-    // answers (a replica that stops forgets which they were).
-    if let Some(shared) = shared {
-        shared.catch_up_before_exit(Duration::from_secs(2)).await;
-    }
+    // And budget ledgers that missed costs during a Redis outage are dropped from Redis, if it
+    // answers (a replica that stops forgets which they were), within the same 5 s.
+    let forget = async {
+        if let Some(shared) = shared {
+            shared.catch_up_before_exit(Duration::from_secs(5)).await;
+        }
+    };
+    let (stats, (), ()) = tokio::join!(writer.drain(Duration::from_secs(5)), flush, forget);
     // Requests that ended while the log drained may have started cache writes since.
     if let Some(cache) = last_cache
         && tokio::time::timeout(Duration::from_secs(1), cache.flush())
