@@ -141,6 +141,17 @@ impl Finisher {
         self.limit = admitted;
     }
 
+    /// Gives back what the rate limits counted for this request (a budget refused it before it
+    /// went anywhere): it counts against no `rpm` or `tpm`.
+    pub fn give_back_limits(&mut self) {
+        for l in std::mem::take(&mut self.limit) {
+            l.cancel();
+        }
+        if let Some(l) = self.shared_limit.as_mut() {
+            l.cancel();
+        }
+    }
+
     /// Notes how the router chose; with a baseline, the record also gets what the strongest tier
     /// would have cost and the difference.
     pub fn set_route(&mut self, route: serde_json::Value, baseline: Baseline) {

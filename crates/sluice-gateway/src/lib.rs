@@ -662,6 +662,7 @@ impl Gateway {
             })
             .await
         {
+            fin.give_back_limits();
             fin.fail(&e).await;
             return Err(e);
         }
@@ -862,6 +863,7 @@ impl Gateway {
             })
             .await
         {
+            fin.give_back_limits();
             fin.fail(&e).await;
             return Err(e);
         }

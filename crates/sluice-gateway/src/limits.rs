@@ -169,8 +169,9 @@ impl std::fmt::Debug for Admitted {
 }
 
 impl Admitted {
-    /// Gives back what the admission took (the request was refused by another limit).
-    fn cancel(mut self) {
+    /// Gives back what the admission took (the request was refused by another limit, or by a
+    /// budget).
+    pub fn cancel(mut self) {
         let now = Instant::now();
         if let (Some(w), Some(c)) = (&self.limiter.rpm, self.rpm.take()) {
             w.reconcile(c, now, -1);
@@ -296,6 +297,8 @@ fn shared_headers(w: &crate::shared::WindowState) -> Vec<(&'static str, String)>
 /// slow to take them).
 pub struct SharedAdmission {
     shared: Arc<crate::state::Shared>,
+    /// Subjects with a requests-per-minute limit.
+    rpm: Vec<String>,
     /// Subjects with a tokens-per-minute limit.
     tpm: Vec<String>,
     /// Subjects with a max_parallel limit.
@@ -321,6 +324,33 @@ fn spawn(work: impl std::future::Future<Output = ()> + Send + 'static) {
 }
 
 impl SharedAdmission {
+    /// Gives back the request and tokens the admission counted (the request was refused by a
+    /// budget), in the background; its in-flight slots go when it is dropped.
+    pub fn cancel(&mut self) {
+        let (shared, second) = (self.shared.clone(), self.second);
+        let rpm = std::mem::take(&mut self.rpm);
+        let tpm = if self.reserved > 0 {
+            self.tpm.clone()
+        } else {
+            Vec::new()
+        };
+        let tokens = i64::try_from(std::mem::take(&mut self.reserved)).unwrap_or(i64::MAX);
+        if rpm.is_empty() && tpm.is_empty() {
+            return;
+        }
+        spawn(async move {
+            // Taken from the second charged only, as a token settlement's are.
+            let redis = shared.redis();
+            let done = async {
+                redis.give_back_request(&rpm, second).await?;
+                redis.settle(&tpm, second, -tokens).await
+            };
+            if let Err(e) = done.await {
+                let _ = shared.on_failure("rate limits", &e);
+            }
+        });
+    }
+
     /// Replaces the token estimate with the real count.
     pub fn settle(&mut self, actual: u64) {
         let delta = i64::try_from(actual).unwrap_or(i64::MAX)
@@ -414,6 +444,7 @@ pub async fn admit_shared(
             Ok(Ok((
                 SharedAdmission {
                     shared: shared.clone(),
+                    rpm: ids(|s| s.rpm.is_some()),
                     tpm: ids(|s| s.tpm.is_some()),
                     parallel: ids(|s| s.max_parallel.is_some()),
                     holder,

@@ -433,9 +433,9 @@ end
 return out
 "#;
 
-/// KEYS: tpm windows. ARGV: the second charged, delta. A positive delta is added to the current
-/// second (the tokens were just counted); a negative one is taken from the second charged only,
-/// while it is in the window, never below zero.
+/// KEYS: rpm or tpm windows. ARGV: the second charged, delta. A positive delta is added to the
+/// current second (the tokens were just counted); a negative one is taken from the second
+/// charged only, while it is in the window, never below zero.
 const SETTLE_LUA: &str = r#"
 local second = tonumber(ARGV[1])
 local delta = tonumber(ARGV[2])
@@ -985,6 +985,27 @@ impl RedisState {
         second: i64,
         delta: i64,
     ) -> Result<(), SharedError> {
+        self.settle_window(subjects, "tpm", second, delta).await
+    }
+
+    /// Gives back the request an admission counted on the `rpm` windows of `subjects` (it was
+    /// refused by a budget), from the second charged.
+    pub async fn give_back_request(
+        &self,
+        subjects: &[String],
+        second: i64,
+    ) -> Result<(), SharedError> {
+        self.settle_window(subjects, "rpm", second, -1).await
+    }
+
+    /// [`settle`](Self::settle) on the `kind` windows (`rpm` or `tpm`).
+    async fn settle_window(
+        &self,
+        subjects: &[String],
+        kind: &str,
+        second: i64,
+        delta: i64,
+    ) -> Result<(), SharedError> {
         if subjects.is_empty() || delta == 0 {
             return Ok(());
         }
@@ -993,7 +1014,7 @@ impl RedisState {
         inv.arg(second)
             .arg(delta.clamp(-(MAX_AMOUNT as i64), MAX_AMOUNT as i64));
         for id in subjects {
-            inv.key(self.limit_key(id, "tpm"));
+            inv.key(self.limit_key(id, kind));
         }
         let mut conn = self.conn.clone();
         let _: i64 = Self::bounded("token settlement", inv.invoke_async(&mut conn)).await?;

@@ -300,3 +300,41 @@ async fn user_and_team_budgets_from_the_config() {
         .unwrap();
     assert_eq!(resp.status(), 400);
 }
+
+/// A request a budget refuses counts against no rate limit, in process and in Redis: a key out
+/// of budget kept hearing `insufficient_quota` until its refusals had used its rpm, then heard
+/// `rate_limit_exceeded` instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_a_budget_refuses_uses_no_rate_limit() {
+    let redis = if sluice_testkit::redis::redis_available() {
+        Some(tokio::task::block_in_place(sluice_testkit::redis::TempRedis::start).expect("redis"))
+    } else {
+        assert_ne!(
+            std::env::var("SLUICE_REQUIRE_REDIS").as_deref(),
+            Ok("1"),
+            "redis-server is required (SLUICE_REQUIRE_REDIS=1) but was not found"
+        );
+        None
+    };
+    let mut setups = vec![PRICED.to_string()];
+    if let Some(r) = &redis {
+        setups.push(format!("{PRICED}\n[state]\nredis_url = \"{}\"\n", r.url()));
+    }
+    for config in setups {
+        let s = Sluice::start(&config).await;
+        // A worst case of about $0.21 never fits in $0.01.
+        let (key, _) = create_key(
+            &s,
+            json!({"name": "poor", "rpm": 3, "tpm": 1000, "budget": {"total_usd": 0.01}}),
+        )
+        .await;
+        for i in 0..6 {
+            let (status, body) = chat(&s, &key, 1, None).await;
+            assert_eq!(status, 429, "{body}");
+            assert_eq!(
+                body["error"]["code"], "insufficient_quota",
+                "request {i}: {body} ({config})"
+            );
+        }
+    }
+}
