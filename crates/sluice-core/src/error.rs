@@ -43,6 +43,7 @@ error_codes! {
     ModelNotFound => 404, "invalid_request_error", "model_not_found";
     NotFound => 404, "invalid_request_error", "not_found";
     MethodNotAllowed => 405, "invalid_request_error", "method_not_allowed";
+    RequestTimeout => 408, "invalid_request_error", "request_timeout";
     PayloadTooLarge => 413, "invalid_request_error", "payload_too_large";
     UnsupportedMediaType => 415, "invalid_request_error", "unsupported_media_type";
     UnsupportedParameter => 422, "invalid_request_error", "unsupported_parameter";

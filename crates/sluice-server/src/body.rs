@@ -8,8 +8,27 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use sluice_core::error::{Error, ErrorCode};
 
+/// How long a request body may send nothing before the request is refused (408).
+pub const BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The most JSON values (numbers, strings, arrays, objects...) a request body may hold. Parsed,
+/// a value takes tens of bytes however short its text (`0,` is two): a body of 30 MiB of small
+/// numbers took gigabytes. A million is far more than any real request holds (OpenAI's
+/// embeddings take 300,000 tokens at most); long texts and images are one value each.
+pub const MAX_JSON_VALUES: usize = 1_000_000;
+
 /// Reads a whole body, refusing more than `limit` bytes.
 pub async fn read(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes::Bytes, Error> {
+    read_idle(headers, body, limit, BODY_IDLE).await
+}
+
+/// [`read`], refusing a body that sends nothing for `idle`.
+async fn read_idle(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    idle: std::time::Duration,
+) -> Result<bytes::Bytes, Error> {
     let too_large = || {
         Error::new(
             ErrorCode::PayloadTooLarge,
@@ -43,7 +62,19 @@ pub async fn read(headers: &HeaderMap, body: Body, limit: usize) -> Result<bytes
     }
     let mut stream = body.into_data_stream();
     let mut buf = bytes::BytesMut::new();
-    while let Some(frame) = stream.next().await {
+    loop {
+        // A client that stops sending its body does not hold the request (and its connection)
+        // for ever.
+        let Ok(next) = tokio::time::timeout(idle, stream.next()).await else {
+            return Err(Error::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the request body stopped arriving: nothing for {} s",
+                    idle.as_secs_f64()
+                ),
+            ));
+        };
+        let Some(frame) = next else { break };
         let frame =
             frame.map_err(|e| Error::invalid(format!("could not read the request body: {e}")))?;
         if buf.len() + frame.len() > limit {
@@ -82,12 +113,48 @@ async fn drain(stream: &mut axum::body::BodyDataStream) {
     }
 }
 
+/// About how many values a JSON text holds: one more than its commas and openings outside
+/// strings (`,`, `[`, `{`), which is at least the number of values besides object keys. One
+/// pass, no allocation.
+fn json_values(bytes: &[u8]) -> usize {
+    let mut n = 1usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b',' | b'[' | b'{' => n += 1,
+                _ => {}
+            }
+        }
+    }
+    n
+}
+
 /// Parses JSON into `T`, naming the offending parameter on type errors.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(Error::new(
             ErrorCode::InvalidJson,
             "request body is empty; send a JSON object",
+        ));
+    }
+    let values = json_values(bytes);
+    if values > MAX_JSON_VALUES {
+        return Err(Error::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "request body holds {values} JSON values, more than the {MAX_JSON_VALUES} accepted"
+            ),
         ));
     }
     // The plain parse is the hot path; only a body that fails is parsed again with its path
@@ -226,6 +293,37 @@ pub fn sniff_model(bytes: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
     use sluice_types::openai::ChatRequest;
+
+    /// A body of many small values is refused before it is parsed (30 MiB of `0,` took
+    /// gigabytes); long strings are one value each.
+    #[test]
+    fn a_body_of_too_many_values_is_refused() {
+        assert_eq!(json_values(br#"{"a":[0,1,2],"b":"x,[{"}"#), 6);
+        assert_eq!(json_values(br#""\",[""#), 1);
+        let many = format!(r#"{{"model":"m","x":[{}0]}}"#, "0,".repeat(MAX_JSON_VALUES));
+        let e = parse::<serde_json::Value>(many.as_bytes()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PayloadTooLarge, "{e}");
+        assert!(e.message.contains("JSON values"), "{e}");
+        let long = format!(r#"{{"model":"m","text":"{}"}}"#, "a,[{".repeat(1_000_000));
+        assert!(parse::<serde_json::Value>(long.as_bytes()).is_ok());
+    }
+
+    /// A body that stops arriving is refused with 408, not waited for.
+    #[tokio::test]
+    async fn a_stalled_body_times_out() {
+        let body = Body::from_stream(futures::stream::pending::<
+            Result<bytes::Bytes, std::io::Error>,
+        >());
+        let e = read_idle(
+            &HeaderMap::new(),
+            body,
+            1024,
+            std::time::Duration::from_millis(50),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::RequestTimeout, "{e}");
+    }
 
     #[test]
     fn malformed_json_is_invalid_json() {

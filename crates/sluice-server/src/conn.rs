@@ -94,7 +94,74 @@ impl Guarded {
     }
 }
 
-use std::future::Future as _;
+use std::future::Future;
+
+/// How long a connection waiting for a request's head (its line and headers) may take to send
+/// all of it: one that trickles it, or sends nothing after connecting or after its last
+/// answer (an idle keep-alive connection), is closed, so that idle sockets cannot use up the
+/// gateway's connections.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `app` on `listener` (HTTP/1.1) until `signal` completes, then stops accepting, asks
+/// every connection to finish its request in flight and close, and returns once all have.
+/// Request heads must arrive within [`HEADER_READ_TIMEOUT`].
+pub async fn serve(
+    listener: GuardedListener,
+    app: axum::Router,
+    signal: impl Future<Output = ()> + Send + 'static,
+) {
+    serve_with(listener, app, signal, HEADER_READ_TIMEOUT).await;
+}
+
+/// [`serve`] with another limit on reading a request's head.
+async fn serve_with(
+    mut listener: GuardedListener,
+    app: axum::Router,
+    signal: impl Future<Output = ()> + Send + 'static,
+    header_timeout: Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Each connection holds a receiver: all gone, all closed.
+    let (open_tx, open_rx) = tokio::sync::watch::channel(());
+    let mut signal = std::pin::pin!(signal);
+    loop {
+        let io = tokio::select! {
+            (io, _) = axum::serve::Listener::accept(&mut listener) => io,
+            () = &mut signal => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let (mut stop, open) = (stop_rx.clone(), open_rx.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::trace!(error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = stop.wait_for(|s| *s), if !stopping => {
+                        stopping = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(open_rx);
+    open_tx.closed().await;
+}
 
 impl AsyncRead for Guarded {
     fn poll_read(
@@ -177,6 +244,54 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
         assert!(e.to_string().contains("client_stall_secs"), "{e}");
         assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+
+    /// A connection that trickles its request head is closed after the head timeout; a whole
+    /// request is answered; shutdown lets the request in flight finish, then returns.
+    #[tokio::test]
+    async fn serve_times_out_a_trickled_head_and_shuts_down_gracefully() {
+        use tokio::io::AsyncBufReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "done"
+            }),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_with(
+            GuardedListener::new(listener, Duration::from_secs(60)),
+            app,
+            async move {
+                let _ = stop_rx.await;
+            },
+            Duration::from_millis(300),
+        ));
+        // A head that never ends: closed by the server.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "the trickled head was not timed out");
+        // A request in flight when the shutdown comes is answered.
+        let mut ok = TcpStream::connect(addr).await.unwrap();
+        ok.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop_tx.send(()).unwrap();
+        let mut lines = tokio::io::BufReader::new(ok).lines();
+        let status = lines.next_line().await.unwrap().unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve returned")
+            .unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
     }
 
     /// A slow reader that keeps taking data is never cut off: progress restarts the clock.

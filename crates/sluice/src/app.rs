@@ -452,14 +452,14 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     tracing::info!(%local, "listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = sluice_server::conn::serve(listener, app, async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    let mut server = std::pin::pin!(server.into_future());
+    let mut server = std::pin::pin!(server);
     let mut stop_rx = stop_rx;
     tokio::select! {
-        r = &mut server => r.context("server failed")?,
+        () = &mut server => {}
         _ = stop_rx.wait_for(|s| *s) => {
             tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
             if tokio::time::timeout(grace, &mut server).await.is_err() {
