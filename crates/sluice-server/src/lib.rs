@@ -399,6 +399,16 @@ fn foreign(headers: &HeaderMap) -> Option<String> {
             "this gateway has no admin key, so it answers only requests addressed to this machine (localhost, 127.0.0.1), not `{host}`; set SLUICE_ADMIN_KEY to serve it under other names"
         ));
     }
+    // Forwarded by a reverse proxy (which makes the request look local: `proxy_pass
+    // http://127.0.0.1:4141` sends that Host): the request comes from elsewhere.
+    if let Some(name) = ["forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip", "via"]
+        .into_iter()
+        .find(|name| headers.contains_key(*name))
+    {
+        return Some(format!(
+            "this gateway has no admin key, so it answers only requests from this machine, and this one was forwarded by a proxy (`{name}`); set SLUICE_ADMIN_KEY to serve requests through a proxy"
+        ));
+    }
     let cross_site = match text(header::ORIGIN.as_str()) {
         Some(origin) => !origin
             .split_once("://")

@@ -431,6 +431,17 @@ async fn an_open_gateway_answers_only_requests_meant_for_this_machine() {
         .await
         .unwrap();
     assert_eq!(refused(r).await, (403, "forbidden".to_string()));
+    // A reverse proxy forwarding requests from elsewhere under this machine's name.
+    for proxy in ["x-forwarded-for", "forwarded", "x-real-ip", "via"] {
+        let r = http
+            .post(s.url("/api/keys"))
+            .header(proxy, "203.0.113.9")
+            .json(&json!({"name": "x", "role": "admin"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused(r).await, (403, "forbidden".to_string()), "{proxy}");
+    }
     // A page of another site posting to it.
     let r = http
         .post(s.url("/v1/chat/completions"))
