@@ -496,6 +496,40 @@ pub async fn create(
         ))
         .into_response();
     }
+    let mut spec = spec;
+    if actor.role == Role::Developer {
+        // A developer's keys are within its own: it cannot mint its way past them.
+        let own = match actor.name.strip_prefix("key:") {
+            Some(id) => match cache.store.get_key(id).await {
+                Ok(k) => k,
+                Err(e) => return store_error(e),
+            },
+            None => None,
+        };
+        let Some(own) = own else {
+            return ApiError::openai(Error::new(
+                ErrorCode::Forbidden,
+                "a developer's own key could not be found; only keys can create keys as developers",
+            ))
+            .into_response();
+        };
+        if let Err(why) = within(&mut spec, &own) {
+            audit(
+                &state,
+                &actor,
+                "keys.create",
+                None,
+                "forbidden",
+                serde_json::json!({"name": spec.name, "reason": why}),
+            )
+            .await;
+            return ApiError::openai(Error::new(
+                ErrorCode::Forbidden,
+                format!("a developer's keys stay within its own: {why}"),
+            ))
+            .into_response();
+        }
+    }
     let (mut key, secret) = match spec.issue(Utc::now()) {
         Ok(v) => v,
         Err(e) => {
@@ -518,6 +552,73 @@ pub async fn create(
     )
     .await;
     (StatusCode::CREATED, Json(key_body(&key, Some(secret)))).into_response()
+}
+
+/// Checks that a key a developer asks for stays within the developer's own key `own`: its
+/// models among `own`'s, its limits, budgets and expiry no looser, its team `own`'s. What the
+/// spec leaves out is taken from `own` (a key with no model list would reach every model).
+/// `Err` says what goes past.
+fn within(spec: &mut KeySpec, own: &VirtualKey) -> Result<(), String> {
+    if !own.models.is_empty() {
+        if spec.models.is_empty() {
+            spec.models.clone_from(&own.models);
+        } else if let Some(m) = spec.models.iter().find(|m| !own.models.contains(m)) {
+            return Err(format!("model `{m}` is not among its own models"));
+        }
+    }
+    fn at_most<T: PartialOrd + Copy + std::fmt::Display>(
+        name: &str,
+        asked: &mut Option<T>,
+        own: Option<T>,
+    ) -> Result<(), String> {
+        match (*asked, own) {
+            (_, None) => Ok(()),
+            (None, Some(o)) => {
+                *asked = Some(o);
+                Ok(())
+            }
+            (Some(a), Some(o)) if a <= o => Ok(()),
+            (Some(a), Some(o)) => Err(format!("{name} {a} is above its own {o}")),
+        }
+    }
+    at_most("rpm", &mut spec.rpm, own.rpm)?;
+    at_most("tpm", &mut spec.tpm, own.tpm)?;
+    at_most("max_parallel", &mut spec.max_parallel, own.max_parallel)?;
+    at_most(
+        "budget.daily_usd",
+        &mut spec.budget.daily_usd,
+        own.budget.daily_usd,
+    )?;
+    at_most(
+        "budget.monthly_usd",
+        &mut spec.budget.monthly_usd,
+        own.budget.monthly_usd,
+    )?;
+    at_most(
+        "budget.total_usd",
+        &mut spec.budget.total_usd,
+        own.budget.total_usd,
+    )?;
+    match (spec.expires_at, own.expires_at) {
+        (_, None) => {}
+        (None, Some(o)) => spec.expires_at = Some(o),
+        (Some(a), Some(o)) if a <= o => {}
+        (Some(a), Some(o)) => {
+            return Err(format!(
+                "expires_at {} is after its own {}",
+                a.to_rfc3339(),
+                o.to_rfc3339()
+            ));
+        }
+    }
+    if let Some(team) = &own.owner.team {
+        match &spec.owner.team {
+            None => spec.owner.team = Some(team.clone()),
+            Some(t) if t == team => {}
+            Some(t) => return Err(format!("team `{t}` is not its own team `{team}`")),
+        }
+    }
+    Ok(())
 }
 
 /// `DELETE /api/keys/{id}`: revokes a key, on every replica within a second.

@@ -820,3 +820,76 @@ async fn model_user_and_global_limits() {
     assert!(header(&resp, "retry-after").is_some());
     assert_eq!(send("mock-echo", Some("bob")).await.unwrap().status(), 200);
 }
+
+/// A developer's keys stay within its own key: no other models, no looser limits, budgets or
+/// expiry, no other team; what the request leaves out is its own. A developer limited to one
+/// model minted an unrestricted key for another team's budget.
+#[tokio::test]
+async fn a_developer_mints_only_keys_within_its_own() {
+    let s = Sluice::start_opts(Opts {
+        config: MOCK,
+        admin_key: Some("bootstrap-admin-key"),
+        ..Opts::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let create = |key: &str, spec: Value| {
+        let rb = http.post(s.url("/api/keys")).bearer_auth(key).json(&spec);
+        async move {
+            let resp = rb.send().await.expect("request");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let expiry = "2099-01-01T00:00:00Z";
+    let (st, dev) = create(
+        "bootstrap-admin-key",
+        json!({"name": "dev", "role": "developer", "models": ["mock-echo"], "rpm": 10,
+               "budget": {"total_usd": 1.0}, "expires_at": expiry,
+               "owner": {"team": "ads"}}),
+    )
+    .await;
+    assert_eq!(st, 201, "{dev:#}");
+    let dev = dev["key"].as_str().unwrap().to_string();
+    // Left out: its own.
+    let (st, minted) = create(&dev, json!({"name": "svc"})).await;
+    assert_eq!(st, 201, "{minted:#}");
+    assert_eq!(minted["models"], json!(["mock-echo"]), "{minted:#}");
+    assert_eq!(minted["rpm"], 10, "{minted:#}");
+    assert_eq!(minted["budget"]["total_usd"], 1.0, "{minted:#}");
+    assert_eq!(minted["owner"]["team"], "ads", "{minted:#}");
+    assert!(
+        minted["expires_at"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("2099"))
+    );
+    // Narrower: fine.
+    let (st, body) = create(
+        &dev,
+        json!({"name": "n", "rpm": 5, "budget": {"total_usd": 0.5}}),
+    )
+    .await;
+    assert_eq!(st, 201, "{body:#}");
+    // Past its own: refused, naming what.
+    for (spec, what) in [
+        (json!({"name": "x", "models": ["other"]}), "model `other`"),
+        (json!({"name": "x", "rpm": 100}), "rpm 100"),
+        (
+            json!({"name": "x", "budget": {"total_usd": 5.0}}),
+            "budget.total_usd",
+        ),
+        (
+            json!({"name": "x", "expires_at": "2100-01-01T00:00:00Z"}),
+            "expires_at",
+        ),
+        (
+            json!({"name": "x", "owner": {"team": "search"}}),
+            "team `search`",
+        ),
+    ] {
+        let (st, body) = create(&dev, spec.clone()).await;
+        assert_eq!(st, 403, "{spec}: {body:#}");
+        let msg = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(what), "{spec}: {msg}");
+    }
+}
