@@ -552,11 +552,16 @@ impl Gateway {
         ctx.record.stream = req.is_stream();
         attribute(&mut ctx.record, &req);
         pin_key_owner(&mut ctx.record, ctx.key.as_deref());
+        let attribution = attribution_error(&mut ctx.record);
         self.keep_request_body(&mut ctx, &req);
         let key = ctx.key.clone();
         let cache_header = ctx.cache_control.take();
         let mut fin = self.finisher(&router, ctx);
-        if let Err(e) = validate(&req).and_then(|()| allowed(key.as_deref(), &req.model)) {
+        if let Err(e) = attribution
+            .map_or(Ok(()), Err)
+            .and_then(|()| validate(&req))
+            .and_then(|()| allowed(key.as_deref(), &req.model))
+        {
             fin.fail(&e).await;
             return Err(e);
         }
@@ -808,10 +813,11 @@ impl Gateway {
         ctx.record.model.clone_from(&req.model);
         ctx.record.user = ctx.record.user.take().or_else(|| req.user.clone());
         pin_key_owner(&mut ctx.record, ctx.key.as_deref());
+        let attribution = attribution_error(&mut ctx.record);
         self.keep_request_body(&mut ctx, &req);
         let key = ctx.key.clone();
         let mut fin = self.finisher(&router, ctx);
-        if let Some(e) = embed_request_error(&req) {
+        if let Some(e) = attribution.or_else(|| embed_request_error(&req)) {
             fin.fail(&e).await;
             return Err(e);
         }
@@ -1760,8 +1766,10 @@ fn attribute(rec: &mut RequestRecord, req: &ChatRequest) {
 /// its spend to another team or off its own.
 fn pin_key_owner(rec: &mut RequestRecord, key: Option<&sluice_core::keys::VirtualKey>) {
     let Some(k) = key else { return };
-    // The user a request names (header, then body) comes first; else the key owner's.
-    if rec.user.is_none() {
+    // A key that belongs to a user speaks for that user: a request cannot name another (it
+    // spent that user's budget and rate limit). A key with no user leaves the user the request
+    // names (header, then body), an application's end user.
+    if k.owner.user.is_some() {
         rec.user.clone_from(&k.owner.user);
     }
     for (name, value) in [("team", &k.owner.team), ("project", &k.owner.project)] {
@@ -1782,6 +1790,52 @@ fn pin_key_owner(rec: &mut RequestRecord, key: Option<&sluice_core::keys::Virtua
     }
 }
 
+/// The longest user, session id or tag a request may name, in bytes.
+pub const MAX_ATTRIBUTE_BYTES: usize = 256;
+/// The most tags a request may carry.
+pub const MAX_TAGS: usize = 64;
+
+/// Refuses a request whose user, session or tags are too long or too many (each becomes a
+/// limiter, a budget ledger, an index entry: a client naming megabyte-long users grew memory by
+/// hundreds of megabytes). The record keeps them cut to size.
+fn attribution_error(rec: &mut RequestRecord) -> Option<Error> {
+    let mut what = None;
+    for (name, value) in [("user", &mut rec.user), ("session", &mut rec.session)] {
+        if let Some(v) = value
+            && v.len() > MAX_ATTRIBUTE_BYTES
+        {
+            what.get_or_insert(format!(
+                "{name}: at most {MAX_ATTRIBUTE_BYTES} bytes, got {}",
+                v.len()
+            ));
+            cut(v);
+        }
+    }
+    if rec.tags.len() > MAX_TAGS {
+        what.get_or_insert(format!("tags: at most {MAX_TAGS}, got {}", rec.tags.len()));
+        rec.tags.truncate(MAX_TAGS);
+    }
+    for t in &mut rec.tags {
+        if t.len() > MAX_ATTRIBUTE_BYTES {
+            what.get_or_insert(format!(
+                "tags: each at most {MAX_ATTRIBUTE_BYTES} bytes, got one of {}",
+                t.len()
+            ));
+            cut(t);
+        }
+    }
+    what.map(Error::invalid)
+}
+
+/// Cuts `s` to [`MAX_ATTRIBUTE_BYTES`] at a character boundary.
+fn cut(s: &mut String) {
+    let mut end = MAX_ATTRIBUTE_BYTES.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+}
+
 /// Tags from a comma-separated list.
 pub fn split_tags(s: &str) -> Vec<String> {
     s.split(',')
@@ -1794,6 +1848,52 @@ pub fn split_tags(s: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key that belongs to a user speaks for that user whatever the request names; a key
+    /// without one leaves the request's (an application's end user).
+    #[test]
+    fn a_users_key_cannot_name_another_user() {
+        let key = |user: Option<&str>| {
+            sluice_core::keys::KeySpec {
+                name: "k".into(),
+                owner: sluice_core::keys::Owner {
+                    user: user.map(str::to_string),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .issue(chrono::Utc::now())
+            .unwrap()
+            .0
+        };
+        let mut rec = RequestContext::new("chat.completions", false).record;
+        rec.user = Some("alice".into());
+        pin_key_owner(&mut rec, Some(&key(Some("mallory"))));
+        assert_eq!(rec.user.as_deref(), Some("mallory"));
+        let mut rec = RequestContext::new("chat.completions", false).record;
+        rec.user = Some("end-user-7".into());
+        pin_key_owner(&mut rec, Some(&key(None)));
+        assert_eq!(rec.user.as_deref(), Some("end-user-7"));
+    }
+
+    /// Users, sessions and tags are bounded: over the bound the request is refused and the
+    /// record keeps them cut (at a character boundary).
+    #[test]
+    fn long_users_sessions_and_tags_are_refused() {
+        let mut rec = RequestContext::new("chat.completions", false).record;
+        rec.user = Some("u".repeat(256));
+        rec.tags = vec!["t".into(); 64];
+        assert!(attribution_error(&mut rec).is_none());
+        rec.user = Some("é".repeat(200));
+        let e = attribution_error(&mut rec).expect("refused");
+        assert!(e.message.starts_with("user: at most 256 bytes"), "{e}");
+        assert_eq!(rec.user.as_deref().map(str::len), Some(256));
+        rec.session = Some("s".repeat(1_000));
+        rec.tags.push("one too many".into());
+        let e = attribution_error(&mut rec).expect("refused");
+        assert!(e.message.starts_with("session:"), "{e}");
+        assert_eq!(rec.tags.len(), 64);
+    }
 
     /// Names that are not header-safe are written as the complexity part writes them: a model
     /// `café; x=1` made a value no parser could split (and a `?` for each non-ASCII letter).

@@ -789,9 +789,12 @@ macro_rules! store_impl {
                             .bind(r.key_id.as_deref().map(indexed))
                             .bind(opt_text(&r.cache))
                             .bind(r.cost_saved_usd)
+                            // A team is a key owner's: a request made without a key names
+                            // its team in metadata only (usage by team and team budgets agree).
                             .bind(
-                                r.metadata
-                                    .get("team")
+                                r.key_id
+                                    .as_ref()
+                                    .and(r.metadata.get("team"))
                                     .and_then(serde_json::Value::as_str)
                                     .map(indexed),
                             );

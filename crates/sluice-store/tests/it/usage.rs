@@ -789,6 +789,17 @@ pub async fn long_values_and_keyless_teams(db: &TestDb) {
         1.0,
         "only the keyed request charges its team"
     );
+    // And usage by team says the same (it counted the keyless request's metadata team).
+    let rows = stores
+        .usage
+        .usage(&UsageQuery {
+            team: Some("squad".into()),
+            ..UsageQuery::default()
+        })
+        .await
+        .expect("usage");
+    let total: f64 = rows.iter().map(|r| r.cost_usd).sum();
+    assert_eq!(total, 1.0, "{rows:?}");
     assert_eq!(
         spend(&stores, Spender::User(long_user.clone()), t0()).await,
         2.0

@@ -128,9 +128,16 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
         "{by_key:#}"
     );
 
-    // A user the request names comes before the key owner's: the body's, and the header's
-    // before that.
-    let named = |user: Option<&str>, header: Option<&str>| {
+    // A key of a user speaks for that user whatever the request names (it spent another
+    // user's budget); a key with no user takes the user the request names: the body's, and the
+    // header's before that.
+    let app = s
+        .create_key(json!({"name": "app", "models": ["mock-echo"]}))
+        .await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let named = |key: &str, user: Option<&str>, header: Option<&str>| {
         let mut body =
             json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]});
         if let Some(u) = user {
@@ -138,14 +145,16 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
         }
         let mut rb = reqwest::Client::new()
             .post(s.url("/v1/chat/completions"))
-            .bearer_auth(&key)
+            .bearer_auth(key)
             .json(&body);
         if let Some(h) = header {
             rb = rb.header("x-sluice-user", h);
         }
         rb.send()
     };
-    let r = named(Some("bob"), None).await.unwrap();
+    let r = named(&key, Some("bob"), Some("carol")).await.unwrap();
+    assert_eq!(s.record(&request_id(&r)).await["user"], "alice");
+    let r = named(&app, Some("bob"), None).await.unwrap();
     assert_eq!(s.record(&request_id(&r)).await["user"], "bob");
     // The auth scheme is case-insensitive.
     for scheme in ["bearer", "BEARER"] {
@@ -188,7 +197,7 @@ async fn virtual_keys_authenticate_attribute_and_expire() {
         !msg.contains("priced, ") && msg.ends_with("mock-echo"),
         "{msg}"
     );
-    let r = named(Some("bob"), Some("carol")).await.unwrap();
+    let r = named(&app, Some("bob"), Some("carol")).await.unwrap();
     assert_eq!(s.record(&request_id(&r)).await["user"], "carol");
 
     // The Anthropic route takes it as x-api-key.
