@@ -555,8 +555,8 @@ fn remaining(e: &CacheEntry) -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
-/// A cache entry for an answer made now: expires after `ttl`, else the configured TTL (at most
-/// [`MAX_TTL`]). A TTL of 0 gives an entry that is already expired, which [`Cache::store`]
+/// A cache entry for an answer made now: expires after `ttl` or the configured TTL, whichever
+/// is shorter (at most [`MAX_TTL`]). A TTL of 0 gives an entry that is already expired, which [`Cache::store`]
 /// drops; a cost that is not a non-negative number is stored as 0.
 pub fn entry(
     config: &CacheConfig,
@@ -568,7 +568,11 @@ pub fn entry(
     ttl: Option<Duration>,
 ) -> CacheEntry {
     let created_at = Utc::now();
-    let ttl = ttl.unwrap_or_else(|| config.ttl()).min(MAX_TTL);
+    // A request may keep its answer for less than the configured time, not for longer (a
+    // client asking a year filled the shared tier for a year).
+    let ttl = ttl
+        .map_or_else(|| config.ttl(), |t| t.min(config.ttl()))
+        .min(MAX_TTL);
     let expires_at = chrono::TimeDelta::from_std(ttl)
         .ok()
         .and_then(|d| created_at.checked_add_signed(d))
@@ -1415,6 +1419,16 @@ mod tests {
             0.5,
             Some(Duration::MAX),
         );
+        // A request cannot keep its answer past the configured TTL (it could for a year).
+        assert_eq!(
+            e.expires_at - e.created_at,
+            chrono::TimeDelta::seconds(3600)
+        );
+        let long = CacheConfig {
+            ttl_secs: MAX_TTL.as_secs() * 2,
+            ..CacheConfig::default()
+        };
+        let e = entry(&long, "k", "ns", "m", "{}".into(), 0.5, Some(Duration::MAX));
         assert_eq!(
             e.expires_at - e.created_at,
             chrono::TimeDelta::from_std(MAX_TTL).unwrap()
