@@ -411,7 +411,9 @@ impl Finisher {
                     .sum();
                 Usage::new(n + req.input.token_ids(), 0, 0)
             });
-            let counted = (reported == 0).then_some(EmbeddingUsage {
+            // The client gets the usage recorded whenever the upstream's lacked its prompt
+            // count (a total alone gave the client `prompt_tokens: 0`).
+            let counted = (resp.usage.prompt_tokens == 0).then_some(EmbeddingUsage {
                 prompt_tokens: r.prompt_tokens,
                 total_tokens: r.prompt_tokens,
             });
@@ -652,7 +654,7 @@ mod tests {
             .unwrap()
         };
         for (usage, tokens, counted) in [
-            (serde_json::json!({"total_tokens": 7}), Some(7), false),
+            (serde_json::json!({"total_tokens": 7}), Some(7), true),
             (
                 serde_json::json!({"prompt_tokens": 5, "total_tokens": 5}),
                 Some(5),
