@@ -320,24 +320,48 @@ const REFUSALS_PER_SECOND: u32 = 10;
 
 /// Records an attempt refused before its caller was known to have any role, in the background.
 pub fn audit_refusal(state: &crate::AppState, who: &str, what: &str, outcome: &str) {
-    static WINDOW: Mutex<(i64, u32, u64)> = Mutex::new((0, 0, 0));
-    let Some(store) = state.audit.clone() else {
-        return;
-    };
-    let skipped = {
-        let mut w = WINDOW.lock();
+    audit_refusal_as(state, who, "none", what, outcome);
+}
+
+/// At most `per_second` events a second pass (`Some`, with how many were turned away since the
+/// last that passed); the others are `None`. A fixed one-second window, one per call site.
+pub(crate) struct PerSecond {
+    window: Mutex<(i64, u32, u64)>,
+    per_second: u32,
+}
+
+impl PerSecond {
+    pub(crate) const fn new(per_second: u32) -> Self {
+        PerSecond {
+            window: Mutex::new((0, 0, 0)),
+            per_second,
+        }
+    }
+
+    pub(crate) fn pass(&self) -> Option<u64> {
+        let mut w = self.window.lock();
         let second = Utc::now().timestamp();
         if w.0 != second {
             w.0 = second;
             w.1 = 0;
         }
         w.1 += 1;
-        if w.1 > REFUSALS_PER_SECOND {
+        if w.1 > self.per_second {
             w.2 += 1;
-            return;
+            return None;
         }
-        std::mem::take(&mut w.2)
+        Some(std::mem::take(&mut w.2))
+    }
+}
+
+/// [`audit_refusal`] of an actor with a role (a role refused the action): throttled alike, so
+/// that a read-only key cannot push the real admin actions out of the log's reach.
+pub fn audit_refusal_as(state: &crate::AppState, who: &str, role: &str, what: &str, outcome: &str) {
+    static WINDOW: PerSecond = PerSecond::new(REFUSALS_PER_SECOND);
+    let Some(store) = state.audit.clone() else {
+        return;
     };
+    let Some(skipped) = WINDOW.pass() else { return };
     let what: String = what.chars().take(256).collect();
     let who: String = who.chars().take(64).collect();
     let detail = if skipped > 0 {
@@ -345,7 +369,7 @@ pub fn audit_refusal(state: &crate::AppState, who: &str, what: &str, outcome: &s
     } else {
         serde_json::Value::Null
     };
-    let entry = AuditEntry::new(&who, "none", "denied", Some(&what), outcome, detail);
+    let entry = AuditEntry::new(&who, role, "denied", Some(&what), outcome, detail);
     tracing::info!(actor = %entry.actor, target = ?entry.target, outcome, skipped, "admin API refused");
     tokio::spawn(async move {
         if let Err(e) = store.append_audit(&entry).await {

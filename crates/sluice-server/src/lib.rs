@@ -401,9 +401,15 @@ fn foreign(headers: &HeaderMap) -> Option<String> {
     }
     // Forwarded by a reverse proxy (which makes the request look local: `proxy_pass
     // http://127.0.0.1:4141` sends that Host): the request comes from elsewhere.
-    if let Some(name) = ["forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip", "via"]
-        .into_iter()
-        .find(|name| headers.contains_key(*name))
+    if let Some(name) = [
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-real-ip",
+        "via",
+    ]
+    .into_iter()
+    .find(|name| headers.contains_key(*name))
     {
         return Some(format!(
             "this gateway has no admin key, so it answers only requests from this machine, and this one was forwarded by a proxy (`{name}`); set SLUICE_ADMIN_KEY to serve requests through a proxy"
@@ -534,7 +540,11 @@ async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next)
         {
             ctx.attribute_key(k);
         }
-        if endpoint != "models" {
+        // A key this gateway never issued (or none) is recorded a hundred times a second at
+        // most: a flood of them would otherwise fill the log and its queue.
+        static UNKNOWN: keys::PerSecond = keys::PerSecond::new(100);
+        let known = ctx.record.key_id.is_some();
+        if endpoint != "models" && (known || UNKNOWN.pass().is_some()) {
             state.gateway.reject(ctx, None, &e).await;
         }
         let (parts, body) = req.into_parts();
@@ -667,15 +677,7 @@ async fn admin_auth(State(state): State<SharedState>, mut req: Request, next: Ne
     };
     if !permitted(actor.role, req.method(), req.uri().path()) {
         let what = format!("{} {}", req.method(), req.uri().path());
-        keys::audit(
-            &state,
-            &actor,
-            "denied",
-            Some(&what),
-            "forbidden",
-            serde_json::Value::Null,
-        )
-        .await;
+        keys::audit_refusal_as(&state, &actor.name, actor.role.as_str(), &what, "forbidden");
         return ApiError::openai(Error::new(
             ErrorCode::Forbidden,
             format!("the {} role may not {what}", actor.role.as_str()),

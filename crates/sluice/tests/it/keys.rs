@@ -902,3 +902,82 @@ async fn a_developer_mints_only_keys_within_its_own() {
         assert!(msg.contains(what), "{spec}: {msg}");
     }
 }
+
+/// Refusals cannot flood the logs: a role key's refused actions are audited ten a second at
+/// most (a viewer pushed the real admin actions out of `/api/audit`'s reach), and requests with
+/// a key this gateway never issued are recorded a hundred a second at most.
+#[tokio::test]
+async fn refusals_cannot_flood_the_audit_log_or_the_request_log() {
+    let s = Sluice::start_opts(Opts {
+        config: MOCK,
+        admin_key: Some("bootstrap-admin-key"),
+        ..Opts::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let viewer = http
+        .post(s.url("/api/keys"))
+        .bearer_auth("bootstrap-admin-key")
+        .json(&json!({"name": "v", "role": "viewer"}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let started = std::time::Instant::now();
+    for _ in 0..60 {
+        let r = http
+            .delete(s.url("/api/keys/nope"))
+            .bearer_auth(&viewer)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    for _ in 0..400 {
+        let r = http
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth("sk-sluice-not-a-key")
+            .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let audit: Value = http
+        .get(s.url("/api/audit?limit=1000"))
+        .bearer_auth("bootstrap-admin-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let denied = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "denied" && e["role"] == "viewer")
+        .count() as u64;
+    assert!(
+        denied >= 1 && denied <= 10 * seconds,
+        "{denied} in {seconds} s"
+    );
+    let records: Value = http
+        .get(s.url("/api/requests?status=error&limit=1000"))
+        .bearer_auth("bootstrap-admin-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let n = records["data"].as_array().unwrap().len() as u64;
+    assert!(n >= 1 && n <= 100 * seconds, "{n} in {seconds} s");
+}
