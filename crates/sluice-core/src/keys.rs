@@ -277,6 +277,15 @@ impl KeySpec {
         if self.name.len() > 200 {
             return Err("name: at most 200 characters".into());
         }
+        for (field, value) in [
+            ("owner.user", &self.owner.user),
+            ("owner.team", &self.owner.team),
+            ("owner.project", &self.owner.project),
+        ] {
+            if value.as_ref().is_some_and(|v| v.len() > 256) {
+                return Err(format!("{field}: at most 256 bytes"));
+            }
+        }
         if self.models.iter().any(|m| m.trim().is_empty()) {
             return Err("models: names must not be empty".into());
         }

@@ -142,13 +142,16 @@ impl Finisher {
     }
 
     /// Gives back what the rate limits counted for this request (a budget refused it before it
-    /// went anywhere): it counts against no `rpm` or `tpm`.
-    pub fn give_back_limits(&mut self) {
+    /// went anywhere): it counts against no `rpm` or `tpm`. Waits a moment for Redis to take it
+    /// (a client retrying at once would find it still counted), then goes on in the background.
+    pub async fn give_back_limits(&mut self) {
         for l in std::mem::take(&mut self.limit) {
             l.cancel();
         }
-        if let Some(l) = self.shared_limit.as_mut() {
-            l.cancel();
+        if let Some(l) = self.shared_limit.as_mut()
+            && let Some(done) = l.cancel()
+        {
+            let _ = tokio::time::timeout(RELEASE_WAIT, done).await;
         }
     }
 
@@ -321,6 +324,15 @@ impl Finisher {
     }
 
     /// Completes the record as failed with `err`.
+    /// Like [`fail`](Self::fail), but the record only counts in the metrics: it is not written
+    /// (a refusal among a flood of them).
+    pub fn fail_unlogged(&mut self, err: &Error) {
+        if let Some(r) = self.rec() {
+            Self::set_error(r, err);
+        }
+        let _ = self.close();
+    }
+
     pub async fn fail(&mut self, err: &Error) {
         if let Some(r) = self.rec() {
             Self::set_error(r, err);

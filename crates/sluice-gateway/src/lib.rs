@@ -541,6 +541,14 @@ impl Gateway {
         self.finisher(&router, ctx).fail(err).await;
     }
 
+    /// Counts in the metrics a request refused before it reached the gateway proper, without
+    /// writing its record (one of a flood of them).
+    pub fn reject_unlogged(&self, mut ctx: RequestContext, err: &Error) {
+        pin_key_owner(&mut ctx.record, ctx.key.as_deref());
+        let router = self.router();
+        self.finisher(&router, ctx).fail_unlogged(err);
+    }
+
     /// Serves a chat completion (plain or streamed).
     pub async fn chat(
         &self,
@@ -551,8 +559,9 @@ impl Gateway {
         ctx.record.model.clone_from(&req.model);
         ctx.record.stream = req.is_stream();
         attribute(&mut ctx.record, &req);
-        pin_key_owner(&mut ctx.record, ctx.key.as_deref());
+        // What the request names is bounded; a key's own user is the key's business.
         let attribution = attribution_error(&mut ctx.record);
+        pin_key_owner(&mut ctx.record, ctx.key.as_deref());
         self.keep_request_body(&mut ctx, &req);
         let key = ctx.key.clone();
         let cache_header = ctx.cache_control.take();
@@ -667,7 +676,7 @@ impl Gateway {
             })
             .await
         {
-            fin.give_back_limits();
+            fin.give_back_limits().await;
             fin.fail(&e).await;
             return Err(e);
         }
@@ -812,8 +821,8 @@ impl Gateway {
         let router = self.router();
         ctx.record.model.clone_from(&req.model);
         ctx.record.user = ctx.record.user.take().or_else(|| req.user.clone());
-        pin_key_owner(&mut ctx.record, ctx.key.as_deref());
         let attribution = attribution_error(&mut ctx.record);
+        pin_key_owner(&mut ctx.record, ctx.key.as_deref());
         self.keep_request_body(&mut ctx, &req);
         let key = ctx.key.clone();
         let mut fin = self.finisher(&router, ctx);
@@ -869,7 +878,7 @@ impl Gateway {
             })
             .await
         {
-            fin.give_back_limits();
+            fin.give_back_limits().await;
             fin.fail(&e).await;
             return Err(e);
         }

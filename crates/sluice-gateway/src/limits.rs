@@ -325,8 +325,9 @@ fn spawn(work: impl std::future::Future<Output = ()> + Send + 'static) {
 
 impl SharedAdmission {
     /// Gives back the request and tokens the admission counted (the request was refused by a
-    /// budget), in the background; its in-flight slots go when it is dropped.
-    pub fn cancel(&mut self) {
+    /// budget), in a task whose handle is returned (to wait on a moment); its in-flight slots
+    /// go when it is dropped.
+    pub fn cancel(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         let (shared, second) = (self.shared.clone(), self.second);
         let rpm = std::mem::take(&mut self.rpm);
         let tpm = if self.reserved > 0 {
@@ -336,9 +337,10 @@ impl SharedAdmission {
         };
         let tokens = i64::try_from(std::mem::take(&mut self.reserved)).unwrap_or(i64::MAX);
         if rpm.is_empty() && tpm.is_empty() {
-            return;
+            return None;
         }
-        spawn(async move {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        Some(handle.spawn(async move {
             // Taken from the second charged only, as a token settlement's are.
             let redis = shared.redis();
             let done = async {
@@ -348,7 +350,7 @@ impl SharedAdmission {
             if let Err(e) = done.await {
                 let _ = shared.on_failure("rate limits", &e);
             }
-        });
+        }))
     }
 
     /// Replaces the token estimate with the real count.

@@ -118,22 +118,24 @@ async fn drain(stream: &mut axum::body::BodyDataStream) {
 /// pass, no allocation.
 fn json_values(bytes: &[u8]) -> usize {
     let mut n = 1usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in bytes {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-        } else {
-            match b {
-                b'"' => in_string = true,
-                b',' | b'[' | b'{' => n += 1,
-                _ => {}
+    let mut at = 0;
+    while at < bytes.len() {
+        // Outside strings: count, up to the next string.
+        let next = memchr::memchr(b'"', &bytes[at..]).map_or(bytes.len(), |i| at + i);
+        n += bytes[at..next]
+            .iter()
+            .filter(|&&b| matches!(b, b',' | b'[' | b'{'))
+            .count();
+        // Inside: skip to its end (a long text or base64 image at memchr's speed).
+        at = next + 1;
+        while at < bytes.len() {
+            match memchr::memchr2(b'"', b'\\', &bytes[at..]) {
+                Some(i) if bytes[at + i] == b'\\' => at += i + 2,
+                Some(i) => {
+                    at += i + 1;
+                    break;
+                }
+                None => at = bytes.len(),
             }
         }
     }
@@ -285,8 +287,12 @@ fn strip_position(e: &serde_json::Error) -> String {
 
 /// The `model` field of a body that did not parse, if it can be found, for the record.
 pub fn sniff_model(bytes: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    v.get("model")?.as_str().map(str::to_string)
+    // Only `model` is kept: the rest is skipped as it is read, nothing allocated for it.
+    #[derive(serde::Deserialize)]
+    struct Model {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Model>(bytes).ok()?.model
 }
 
 #[cfg(test)]

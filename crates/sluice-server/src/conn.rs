@@ -96,25 +96,12 @@ impl Guarded {
 
 use std::future::Future;
 
-/// How long a connection waiting for a request's head (its line and headers) may take to send
-/// all of it: one that trickles it, or sends nothing after connecting or after its last
-/// answer (an idle keep-alive connection), is closed, so that idle sockets cannot use up the
-/// gateway's connections.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Serves `app` on `listener` (HTTP/1.1) until `signal` completes, then stops accepting, asks
-/// every connection to finish its request in flight and close, and returns once all have.
-/// Request heads must arrive within [`HEADER_READ_TIMEOUT`].
+/// every connection to finish its request in flight and close, and returns once all have. A
+/// connection waiting for a request's head gets `header_timeout` for all of it: an idle
+/// keep-alive connection is closed after that, and so is one that trickles a head, so that idle
+/// sockets cannot use up the gateway's connections.
 pub async fn serve(
-    listener: GuardedListener,
-    app: axum::Router,
-    signal: impl Future<Output = ()> + Send + 'static,
-) {
-    serve_with(listener, app, signal, HEADER_READ_TIMEOUT).await;
-}
-
-/// [`serve`] with another limit on reading a request's head.
-async fn serve_with(
     mut listener: GuardedListener,
     app: axum::Router,
     signal: impl Future<Output = ()> + Send + 'static,
@@ -261,7 +248,7 @@ mod tests {
             }),
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_with(
+        let server = tokio::spawn(serve(
             GuardedListener::new(listener, Duration::from_secs(60)),
             app,
             async move {

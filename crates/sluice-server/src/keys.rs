@@ -286,6 +286,16 @@ pub async fn audit(
 ) {
     let _ = AUDITED.try_with(|a| a.set(true));
     let Some(store) = &state.audit else { return };
+    let mut detail = detail;
+    // What a key that is not an admin's fails or is refused is written 10 times a second at most
+    // (those it may do always are): it cannot push the admins' actions out of the log's reach.
+    if actor.role != Role::Admin && outcome != "ok" {
+        static WINDOW: PerSecond = PerSecond::new(REFUSALS_PER_SECOND);
+        let Some(skipped) = WINDOW.pass() else { return };
+        if skipped > 0 {
+            detail = serde_json::json!({"detail": detail, "unrecorded_refusals_before": skipped});
+        }
+    }
     record_audit(store.as_ref(), actor, action, target, outcome, detail).await;
 }
 
@@ -320,7 +330,8 @@ const REFUSALS_PER_SECOND: u32 = 10;
 
 /// Records an attempt refused before its caller was known to have any role, in the background.
 pub fn audit_refusal(state: &crate::AppState, who: &str, what: &str, outcome: &str) {
-    audit_refusal_as(state, who, "none", what, outcome);
+    static DOOR: PerSecond = PerSecond::new(REFUSALS_PER_SECOND);
+    throttled_refusal(state, &DOOR, who, "none", what, outcome);
 }
 
 /// At most `per_second` events a second pass (`Some`, with how many were turned away since the
@@ -357,11 +368,23 @@ impl PerSecond {
 /// [`audit_refusal`] of an actor with a role (a role refused the action): throttled alike, so
 /// that a read-only key cannot push the real admin actions out of the log's reach.
 pub fn audit_refusal_as(state: &crate::AppState, who: &str, role: &str, what: &str, outcome: &str) {
-    static WINDOW: PerSecond = PerSecond::new(REFUSALS_PER_SECOND);
+    // Apart from the door's: a flood of anonymous refusals does not hide the keys' ones.
+    static ROLES: PerSecond = PerSecond::new(REFUSALS_PER_SECOND);
+    throttled_refusal(state, &ROLES, who, role, what, outcome);
+}
+
+fn throttled_refusal(
+    state: &crate::AppState,
+    window: &PerSecond,
+    who: &str,
+    role: &str,
+    what: &str,
+    outcome: &str,
+) {
     let Some(store) = state.audit.clone() else {
         return;
     };
-    let Some(skipped) = WINDOW.pass() else { return };
+    let Some(skipped) = window.pass() else { return };
     let what: String = what.chars().take(256).collect();
     let who: String = who.chars().take(64).collect();
     let detail = if skipped > 0 {
@@ -579,8 +602,9 @@ pub async fn create(
 }
 
 /// Checks that a key a developer asks for stays within the developer's own key `own`: its
-/// models among `own`'s, its limits, budgets and expiry no looser, its team `own`'s. What the
-/// spec leaves out is taken from `own` (a key with no model list would reach every model).
+/// models among `own`'s, its limits, budgets and expiry no looser, its owner (user, team,
+/// project) `own`'s. What the spec leaves out is taken from `own` (a key with no model list
+/// would reach every model). Each key's budget is its own: keys minted so do not share one.
 /// `Err` says what goes past.
 fn within(spec: &mut KeySpec, own: &VirtualKey) -> Result<(), String> {
     if !own.models.is_empty() {
@@ -635,11 +659,22 @@ fn within(spec: &mut KeySpec, own: &VirtualKey) -> Result<(), String> {
             ));
         }
     }
-    if let Some(team) = &own.owner.team {
-        match &spec.owner.team {
-            None => spec.owner.team = Some(team.clone()),
-            Some(t) if t == team => {}
-            Some(t) => return Err(format!("team `{t}` is not its own team `{team}`")),
+    // Its owner: the same user, team and project (a key of another user or team would spend
+    // that one's budgets and limits).
+    for (field, asked, mine) in [
+        ("user", &mut spec.owner.user, &own.owner.user),
+        ("team", &mut spec.owner.team, &own.owner.team),
+        ("project", &mut spec.owner.project, &own.owner.project),
+    ] {
+        match (asked.as_deref(), mine) {
+            (None, _) => asked.clone_from(mine),
+            (Some(a), Some(m)) if a == m => {}
+            (Some(a), Some(m)) => {
+                return Err(format!("{field} `{a}` is not its own {field} `{m}`"));
+            }
+            (Some(a), None) => {
+                return Err(format!("{field} `{a}`: its own key has no {field}"));
+            }
         }
     }
     Ok(())

@@ -58,6 +58,11 @@ pub struct ServerConfig {
     /// before its connection is closed and the request's slots are given back (default 60).
     #[serde(default = "default_client_stall")]
     pub client_stall_secs: u64,
+    /// Seconds a connection may wait for a request's head to arrive whole: an idle keep-alive
+    /// connection is closed after it, and so is one that trickles a head (default 75, above the
+    /// 60 s idle timeout of common load balancers, which must close first).
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
 }
 
 fn default_listen() -> String {
@@ -72,6 +77,9 @@ fn default_grace() -> u64 {
 fn default_client_stall() -> u64 {
     60
 }
+fn default_idle() -> u64 {
+    75
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -81,6 +89,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: default_grace(),
             cors_origins: Vec::new(),
             client_stall_secs: default_client_stall(),
+            idle_timeout_secs: default_idle(),
         }
     }
 }
@@ -320,7 +329,7 @@ async fn request_id(State(state): State<SharedState>, mut req: Request, next: Ne
     req.extensions_mut().insert(RequestId(id));
     let anthropic = is_anthropic_route(req.uri().path());
     let flavor = error_flavor(&req);
-    let mut resp = match this_machine_only(&state, req.headers(), flavor) {
+    let mut resp = match this_machine_only(&state, &req, flavor) {
         Some(refused) => {
             // A refusal at the admin API's door is in the audit log, as any other is.
             if req.uri().path().starts_with("/api") {
@@ -371,15 +380,22 @@ async fn request_id(State(state): State<SharedState>, mut req: Request, next: Ne
 /// it answers only requests meant for this machine: none addressed to another host name (a DNS
 /// rebinding page reaching it under its own name) and none sent by a browser from a page of
 /// another site (cross-site requests that would spend the providers' keys or mint keys).
-fn this_machine_only(
-    state: &AppState,
-    headers: &HeaderMap,
-    flavor: error::Flavor,
-) -> Option<Response> {
+fn this_machine_only(state: &AppState, req: &Request, flavor: error::Flavor) -> Option<Response> {
     if state.admin_key.is_some() {
         return None;
     }
-    let why = foreign(headers)?;
+    let why = foreign(req.headers()).or_else(|| {
+        // nginx's `proxy_pass` speaks HTTP/1.0 upstream by default and, unless told to, adds no
+        // forwarding header: HTTP/1.0 is taken for such a proxy (the SDKs speak 1.1). Health
+        // checks and metrics scrapes are let through.
+        let path = req.uri().path();
+        (req.version() <= axum::http::Version::HTTP_10
+            && path != "/health"
+            && path != "/metrics")
+            .then(|| {
+                "this gateway has no admin key, so it answers only requests from this machine, and an HTTP/1.0 request is taken for one a proxy forwarded; set SLUICE_ADMIN_KEY to serve requests through a proxy, or send HTTP/1.1".to_string()
+            })
+    })?;
     Some(
         ApiError {
             error: Error::new(ErrorCode::Forbidden, why),
@@ -544,8 +560,13 @@ async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next)
         // most: a flood of them would otherwise fill the log and its queue.
         static UNKNOWN: keys::PerSecond = keys::PerSecond::new(100);
         let known = ctx.record.key_id.is_some();
-        if endpoint != "models" && (known || UNKNOWN.pass().is_some()) {
-            state.gateway.reject(ctx, None, &e).await;
+        if endpoint != "models" {
+            if known || UNKNOWN.pass().is_some() {
+                state.gateway.reject(ctx, None, &e).await;
+            } else {
+                // Still counted in the metrics.
+                state.gateway.reject_unlogged(ctx, &e);
+            }
         }
         let (parts, body) = req.into_parts();
         body::discard(&parts.headers, body).await;

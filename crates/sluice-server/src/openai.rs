@@ -108,7 +108,12 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
                     ctx,
                     path_model
                         .map(str::to_string)
-                        .or_else(|| body::sniff_model(&bytes))
+                        // Not from a body refused for its size: it is not read again.
+                        .or_else(|| {
+                            (e.code != ErrorCode::PayloadTooLarge)
+                                .then(|| body::sniff_model(&bytes))
+                                .flatten()
+                        })
                         .as_deref(),
                     &e,
                 )

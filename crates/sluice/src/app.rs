@@ -407,6 +407,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         listener,
         Duration::from_secs(cfg.server.client_stall_secs),
     );
+    let idle = Duration::from_secs(cfg.server.idle_timeout_secs);
     let Running { state, writer } = build_with(cfg, key, Some(overrides)).await?;
     let store = state.store.clone();
     // Answers still being written to the cache's shared tier at shutdown finish before the
@@ -452,10 +453,15 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     tracing::info!(%local, "listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = sluice_server::conn::serve(listener, app, async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
+    let server = sluice_server::conn::serve(
+        listener,
+        app,
+        async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        },
+        idle,
+    );
     let mut server = std::pin::pin!(server);
     let mut stop_rx = stop_rx;
     tokio::select! {

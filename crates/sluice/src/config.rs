@@ -468,6 +468,12 @@ impl Config {
         if raw.server.max_body_bytes < 1024 {
             return Err("server.max_body_bytes: must be at least 1024".into());
         }
+        if raw.server.idle_timeout_secs == 0 {
+            return Err(
+                "server.idle_timeout_secs: must be at least 1 (seconds a connection may wait for a request's head)"
+                    .into(),
+            );
+        }
         if raw.server.client_stall_secs == 0 {
             return Err(
                 "server.client_stall_secs: must be at least 1 (seconds a client may leave an answer unread)"

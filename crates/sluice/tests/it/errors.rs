@@ -442,6 +442,22 @@ async fn an_open_gateway_answers_only_requests_meant_for_this_machine() {
             .unwrap();
         assert_eq!(refused(r).await, (403, "forbidden".to_string()), "{proxy}");
     }
+    // nginx's default proxy_pass adds no such header, but speaks HTTP/1.0; health checks pass.
+    let r = http
+        .post(s.url("/api/keys"))
+        .version(reqwest::Version::HTTP_10)
+        .json(&json!({"name": "x", "role": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused(r).await, (403, "forbidden".to_string()));
+    let r = http
+        .get(s.url("/health"))
+        .version(reqwest::Version::HTTP_10)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     // A page of another site posting to it.
     let r = http
         .post(s.url("/v1/chat/completions"))
