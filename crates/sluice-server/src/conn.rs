@@ -7,8 +7,10 @@
 //! that request moves on (its timeouts included), and it keeps its in-flight slot, `max_parallel`
 //! slot, budget hold and upstream stream. A connection whose writes have made no progress for
 //! `server.client_stall_secs` is closed instead: the request ends as its client having left,
-//! and everything it held is given back.
+//! and everything it held is given back. [`serve`] runs the HTTP/1.1 connections, with a limit
+//! on how long a request's head may take to arrive.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -93,8 +95,6 @@ impl Guarded {
         }
     }
 }
-
-use std::future::Future;
 
 /// Serves `app` on `listener` (HTTP/1.1) until `signal` completes, then stops accepting, asks
 /// every connection to finish its request in flight and close, and returns once all have. A

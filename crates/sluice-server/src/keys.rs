@@ -527,21 +527,20 @@ pub async fn create(
         Ok(s) => s,
         Err(e) => return ApiError::openai(e).into_response(),
     };
+    // A creation refused: audited, and answered 403 with `why`.
+    let refuse = |detail: serde_json::Value, why: String| {
+        let (state, actor) = (&state, &actor);
+        async move {
+            audit(state, actor, "keys.create", None, "forbidden", detail).await;
+            ApiError::openai(Error::new(ErrorCode::Forbidden, why)).into_response()
+        }
+    };
     if actor.role != Role::Admin && spec.role.is_some() {
-        audit(
-            &state,
-            &actor,
-            "keys.create",
-            None,
-            "forbidden",
+        return refuse(
             serde_json::json!({"name": spec.name, "role": spec.role}),
+            "only an admin may create keys with an admin-API role".into(),
         )
         .await;
-        return ApiError::openai(Error::new(
-            ErrorCode::Forbidden,
-            "only an admin may create keys with an admin-API role",
-        ))
-        .into_response();
     }
     let mut spec = spec;
     if actor.role == Role::Developer {
@@ -561,20 +560,11 @@ pub async fn create(
             .into_response();
         };
         if let Err(why) = within(&mut spec, &own) {
-            audit(
-                &state,
-                &actor,
-                "keys.create",
-                None,
-                "forbidden",
+            return refuse(
                 serde_json::json!({"name": spec.name, "reason": why}),
+                format!("a developer's keys stay within its own: {why}"),
             )
             .await;
-            return ApiError::openai(Error::new(
-                ErrorCode::Forbidden,
-                format!("a developer's keys stay within its own: {why}"),
-            ))
-            .into_response();
         }
     }
     let (mut key, secret) = match spec.issue(Utc::now()) {

@@ -31,6 +31,39 @@ fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("")
 }
 
+/// The bootstrap admin key of [`with_admin`].
+const ADMIN: &str = "bootstrap-admin-key";
+
+/// A gateway on the mock provider with the admin key [`ADMIN`].
+async fn with_admin() -> Sluice {
+    Sluice::start_opts(Opts {
+        config: MOCK,
+        admin_key: Some(ADMIN),
+        ..Opts::default()
+    })
+    .await
+}
+
+/// A call with `key` (and a JSON body): its status and JSON answer (null when it has none).
+async fn api(
+    s: &Sluice,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut rb = reqwest::Client::new().request(method, s.url(path));
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let resp = rb.send().await.expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+}
+
 #[tokio::test]
 async fn virtual_keys_authenticate_attribute_and_expire() {
     let s = Sluice::start(MOCK).await;
@@ -551,28 +584,8 @@ async fn key_limits_answer_429_with_retry_after_and_ratelimit_headers() {
 /// client keys have no admin access; every admin action (and refusal) is in the audit log.
 #[tokio::test]
 async fn roles_gate_the_admin_api_and_actions_are_audited() {
-    let s = Sluice::start_opts(Opts {
-        config: MOCK,
-        admin_key: Some("bootstrap-admin-key"),
-        ..Opts::default()
-    })
-    .await;
-    let http = reqwest::Client::new();
-    let call = |method: reqwest::Method, path: &str, key: Option<&str>, body: Option<Value>| {
-        let mut rb = http.request(method, s.url(path));
-        if let Some(k) = key {
-            rb = rb.bearer_auth(k);
-        }
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        async move {
-            let resp = rb.send().await.expect("request");
-            let status = resp.status().as_u16();
-            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
-    let admin = Some("bootstrap-admin-key");
+    let s = with_admin().await;
+    let admin = Some(ADMIN);
     let mk = |name: &str, role: Option<&str>| {
         let mut spec = json!({"name": name});
         if let Some(r) = role {
@@ -580,7 +593,8 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
         }
         spec
     };
-    let (st, viewer) = call(
+    let (st, viewer) = api(
+        &s,
         reqwest::Method::POST,
         "/api/keys",
         admin,
@@ -589,7 +603,8 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
     .await;
     assert_eq!(st, 201, "{viewer:#}");
     let viewer = viewer["key"].as_str().unwrap().to_string();
-    let (_, dev) = call(
+    let (_, dev) = api(
+        &s,
         reqwest::Method::POST,
         "/api/keys",
         admin,
@@ -597,7 +612,8 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
     )
     .await;
     let dev = dev["key"].as_str().unwrap().to_string();
-    let (_, client) = call(
+    let (_, client) = api(
+        &s,
         reqwest::Method::POST,
         "/api/keys",
         admin,
@@ -609,10 +625,12 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
 
     // No key, and a client key, get nothing from /api.
     assert_eq!(
-        call(reqwest::Method::GET, "/api/keys", None, None).await.0,
+        api(&s, reqwest::Method::GET, "/api/keys", None, None)
+            .await
+            .0,
         401
     );
-    let (st, body) = call(reqwest::Method::GET, "/api/keys", Some(&client), None).await;
+    let (st, body) = api(&s, reqwest::Method::GET, "/api/keys", Some(&client), None).await;
     assert_eq!(st, 403, "{body:#}");
     assert!(
         body["error"]["message"]
@@ -628,10 +646,11 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
         (reqwest::Method::GET, "/api/keys"),
         (reqwest::Method::GET, "/api/deployments"),
     ] {
-        let (st, _) = call(method.clone(), path, Some(&viewer), None).await;
+        let (st, _) = api(&s, method.clone(), path, Some(&viewer), None).await;
         assert_eq!(st, 200, "{method} {path}");
     }
-    let (st, body) = call(
+    let (st, body) = api(
+        &s,
         reqwest::Method::POST,
         "/api/keys",
         Some(&viewer),
@@ -640,7 +659,8 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
     .await;
     assert_eq!(st, 403, "{body:#}");
     assert_eq!(
-        call(
+        api(
+            &s,
             reqwest::Method::POST,
             "/api/config/reload",
             Some(&viewer),
@@ -651,14 +671,15 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
         403
     );
     assert_eq!(
-        call(reqwest::Method::GET, "/api/audit", Some(&viewer), None)
+        api(&s, reqwest::Method::GET, "/api/audit", Some(&viewer), None)
             .await
             .0,
         403
     );
 
     // The developer creates client keys and manages its own, not others'.
-    let (st, own) = call(
+    let (st, own) = api(
+        &s,
         reqwest::Method::POST,
         "/api/keys",
         Some(&dev),
@@ -667,7 +688,8 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
     .await;
     assert_eq!(st, 201, "{own:#}");
     let own_id = own["id"].as_str().unwrap().to_string();
-    let (st, _) = call(
+    let (st, _) = api(
+        &s,
         reqwest::Method::POST,
         "/api/keys",
         Some(&dev),
@@ -675,7 +697,8 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
     )
     .await;
     assert_eq!(st, 403, "a developer cannot mint role keys");
-    let (st, _) = call(
+    let (st, _) = api(
+        &s,
         reqwest::Method::POST,
         &format!("/api/keys/{own_id}/rotate"),
         Some(&dev),
@@ -683,7 +706,8 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
     )
     .await;
     assert_eq!(st, 200);
-    let (st, body) = call(
+    let (st, body) = api(
+        &s,
         reqwest::Method::DELETE,
         &format!("/api/keys/{client_id}"),
         Some(&dev),
@@ -692,7 +716,8 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
     .await;
     assert_eq!(st, 403, "{body:#}");
     assert_eq!(
-        call(
+        api(
+            &s,
             reqwest::Method::DELETE,
             &format!("/api/keys/{own_id}"),
             Some(&dev),
@@ -703,14 +728,15 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
         200
     );
     assert_eq!(
-        call(reqwest::Method::GET, "/api/audit", Some(&dev), None)
+        api(&s, reqwest::Method::GET, "/api/audit", Some(&dev), None)
             .await
             .0,
         403
     );
 
     // A write that fails is recorded with its error's code: revoking a key that is gone.
-    let (st, _) = call(
+    let (st, _) = api(
+        &s,
         reqwest::Method::DELETE,
         &format!("/api/keys/{own_id}"),
         admin,
@@ -720,11 +746,12 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
     assert_eq!(st, 404);
 
     // The admin sees who did what.
-    let (st, log) = call(reqwest::Method::GET, "/api/audit", admin, None).await;
+    let (st, log) = api(&s, reqwest::Method::GET, "/api/audit", admin, None).await;
     assert_eq!(st, 200, "{log:#}");
     // A limit out of range is refused as `/api/requests` refuses it (it was quietly 100).
     for bad in ["0", "abc", "5000"] {
-        let (st, body) = call(
+        let (st, body) = api(
+            &s,
             reqwest::Method::GET,
             &format!("/api/audit?limit={bad}"),
             admin,
@@ -734,7 +761,7 @@ async fn roles_gate_the_admin_api_and_actions_are_audited() {
         assert_eq!(st, 400, "limit={bad}: {body:#}");
         assert_eq!(body["error"]["param"], "limit", "{body:#}");
     }
-    let (st, two) = call(reqwest::Method::GET, "/api/audit?limit=2", admin, None).await;
+    let (st, two) = api(&s, reqwest::Method::GET, "/api/audit?limit=2", admin, None).await;
     assert_eq!(st, 200, "{two:#}");
     assert_eq!(two["data"].as_array().map(Vec::len), Some(2), "{two:#}");
     let entries = log["data"].as_array().expect("entries");
@@ -835,24 +862,14 @@ async fn model_user_and_global_limits() {
 /// model minted an unrestricted key for another team's budget.
 #[tokio::test]
 async fn a_developer_mints_only_keys_within_its_own() {
-    let s = Sluice::start_opts(Opts {
-        config: MOCK,
-        admin_key: Some("bootstrap-admin-key"),
-        ..Opts::default()
-    })
-    .await;
-    let http = reqwest::Client::new();
-    let create = |key: &str, spec: Value| {
-        let rb = http.post(s.url("/api/keys")).bearer_auth(key).json(&spec);
-        async move {
-            let resp = rb.send().await.expect("request");
-            let status = resp.status().as_u16();
-            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
+    let s = with_admin().await;
+    async fn mint(s: &Sluice, key: &str, spec: Value) -> (u16, Value) {
+        api(s, reqwest::Method::POST, "/api/keys", Some(key), Some(spec)).await
+    }
     let expiry = "2099-01-01T00:00:00Z";
-    let (st, dev) = create(
-        "bootstrap-admin-key",
+    let (st, dev) = mint(
+        &s,
+        ADMIN,
         json!({"name": "dev", "role": "developer", "models": ["mock-echo"], "rpm": 10,
                "budget": {"total_usd": 1.0}, "expires_at": expiry,
                "owner": {"team": "ads"}}),
@@ -861,7 +878,7 @@ async fn a_developer_mints_only_keys_within_its_own() {
     assert_eq!(st, 201, "{dev:#}");
     let dev = dev["key"].as_str().unwrap().to_string();
     // Left out: its own.
-    let (st, minted) = create(&dev, json!({"name": "svc"})).await;
+    let (st, minted) = mint(&s, &dev, json!({"name": "svc"})).await;
     assert_eq!(st, 201, "{minted:#}");
     assert_eq!(minted["models"], json!(["mock-echo"]), "{minted:#}");
     assert_eq!(minted["rpm"], 10, "{minted:#}");
@@ -873,7 +890,8 @@ async fn a_developer_mints_only_keys_within_its_own() {
             .is_some_and(|e| e.starts_with("2099"))
     );
     // Narrower: fine.
-    let (st, body) = create(
+    let (st, body) = mint(
+        &s,
         &dev,
         json!({"name": "n", "rpm": 5, "budget": {"total_usd": 0.5}}),
     )
@@ -900,7 +918,7 @@ async fn a_developer_mints_only_keys_within_its_own() {
             "user `alice`",
         ),
     ] {
-        let (st, body) = create(&dev, spec.clone()).await;
+        let (st, body) = mint(&s, &dev, spec.clone()).await;
         assert_eq!(st, 403, "{spec}: {body:#}");
         let msg = body["error"]["message"].as_str().unwrap_or_default();
         assert!(msg.contains(what), "{spec}: {msg}");
@@ -912,26 +930,18 @@ async fn a_developer_mints_only_keys_within_its_own() {
 /// a key this gateway never issued are recorded a hundred a second at most.
 #[tokio::test]
 async fn refusals_cannot_flood_the_audit_log_or_the_request_log() {
-    let s = Sluice::start_opts(Opts {
-        config: MOCK,
-        admin_key: Some("bootstrap-admin-key"),
-        ..Opts::default()
-    })
-    .await;
+    let s = with_admin().await;
     let http = reqwest::Client::new();
-    let viewer = http
-        .post(s.url("/api/keys"))
-        .bearer_auth("bootstrap-admin-key")
-        .json(&json!({"name": "v", "role": "viewer"}))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let get = |path: &'static str| api(&s, reqwest::Method::GET, path, Some(ADMIN), None);
+    let (_, viewer) = api(
+        &s,
+        reqwest::Method::POST,
+        "/api/keys",
+        Some(ADMIN),
+        Some(json!({"name": "v", "role": "viewer"})),
+    )
+    .await;
+    let viewer = viewer["key"].as_str().unwrap().to_string();
     // Each burst is sent at once and timed alone, so that a slow machine cannot spread it
     // over enough seconds to pass unthrottled.
     let started = std::time::Instant::now();
@@ -954,15 +964,7 @@ async fn refusals_cannot_flood_the_audit_log_or_the_request_log() {
     let unknown_secs = started.elapsed().as_secs() + 1;
     assert!(unknown.iter().all(|r| r.as_ref().unwrap().status() == 401));
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let audit: Value = http
-        .get(s.url("/api/audit?limit=1000"))
-        .bearer_auth("bootstrap-admin-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, audit) = get("/api/audit?limit=1000").await;
     let denied = audit["data"]
         .as_array()
         .unwrap()
@@ -973,15 +975,7 @@ async fn refusals_cannot_flood_the_audit_log_or_the_request_log() {
         (1..60).contains(&denied) && denied <= 10 * viewer_secs,
         "{denied} in {viewer_secs} s"
     );
-    let records: Value = http
-        .get(s.url("/api/requests?status=error&limit=1000"))
-        .bearer_auth("bootstrap-admin-key")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, records) = get("/api/requests?status=error&limit=1000").await;
     let n = records["data"].as_array().unwrap().len() as u64;
     assert!(
         (1..400).contains(&n) && n <= 100 * unknown_secs,
