@@ -544,28 +544,8 @@ impl Budgets {
         worst: i64,
         now: DateTime<Utc>,
     ) -> Result<Result<Reservation, Error>, crate::shared::SharedError> {
-        // Noted stale again unless forgotten: also if this request is abandoned meanwhile.
-        struct Taken<'a> {
-            shared: &'a Shared,
-            ledgers: Vec<String>,
-            forgotten: bool,
-        }
-        impl Drop for Taken<'_> {
-            fn drop(&mut self) {
-                if !self.forgotten {
-                    self.shared.mark_stale(&self.ledgers);
-                }
-            }
-        }
         let ids: Vec<String> = limits.iter().map(|l| Self::ledger_id(l, now)).collect();
-        let mut taken = Taken {
-            shared,
-            ledgers: shared.take_stale_of(&ids),
-            forgotten: false,
-        };
-        shared.redis().forget_ledgers(&taken.ledgers).await?;
-        taken.forgotten = true;
-        drop(taken);
+        shared.forget(shared.take_stale_of(&ids)).await?;
         self.reserve_shared(shared, limits, worst, now).await
     }
 

@@ -279,19 +279,6 @@ impl Shared {
     /// budgets can leave very many); a slice Redis did not take, or whose call was abandoned, is
     /// noted stale again. Says whether all went.
     async fn forget_stale(&self) -> bool {
-        /// Notes the slice stale again unless it was forgotten.
-        struct Slice<'a> {
-            shared: &'a Shared,
-            ledgers: Vec<String>,
-            done: bool,
-        }
-        impl Drop for Slice<'_> {
-            fn drop(&mut self) {
-                if !self.done {
-                    self.shared.mark_stale(&self.ledgers);
-                }
-            }
-        }
         loop {
             let ledgers: Vec<String> = {
                 let mut all = self.stale_ledgers.lock();
@@ -307,16 +294,41 @@ impl Shared {
             if ledgers.is_empty() {
                 return true;
             }
-            let mut slice = Slice {
-                shared: self,
-                ledgers,
-                done: false,
-            };
-            if self.redis.forget_ledgers(&slice.ledgers).await.is_err() {
+            if self.forget(ledgers).await.is_err() {
                 return false;
             }
-            slice.done = true;
         }
+    }
+
+    /// Forgets `ledgers` (taken from the stale set) in Redis; they are noted stale again if
+    /// Redis does not take them, or if the call is abandoned (the request left meanwhile).
+    pub(crate) async fn forget(
+        &self,
+        ledgers: Vec<String>,
+    ) -> Result<(), crate::shared::SharedError> {
+        struct Taken<'a> {
+            shared: &'a Shared,
+            ledgers: Vec<String>,
+            done: bool,
+        }
+        impl Drop for Taken<'_> {
+            fn drop(&mut self) {
+                if !self.done {
+                    self.shared.mark_stale(&self.ledgers);
+                }
+            }
+        }
+        if ledgers.is_empty() {
+            return Ok(());
+        }
+        let mut taken = Taken {
+            shared: self,
+            ledgers,
+            done: false,
+        };
+        self.redis.forget_ledgers(&taken.ledgers).await?;
+        taken.done = true;
+        Ok(())
     }
 
     /// Sends the deferred give-backs again; those Redis does not take stay deferred. Says
