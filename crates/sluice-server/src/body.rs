@@ -75,8 +75,16 @@ async fn read_idle(
             ));
         };
         let Some(frame) = next else { break };
-        let frame =
-            frame.map_err(|e| Error::invalid(format!("could not read the request body: {e}")))?;
+        let frame = frame.map_err(|e| {
+            if client_left(&e) {
+                Error::new(
+                    ErrorCode::ClientClosed,
+                    "the client closed the connection before sending the whole request body",
+                )
+            } else {
+                Error::invalid(format!("could not read the request body: {e}"))
+            }
+        })?;
         if buf.len() + frame.len() > limit {
             drain(&mut stream).await;
             return Err(too_large());
@@ -84,6 +92,28 @@ async fn read_idle(
         buf.extend_from_slice(&frame);
     }
     Ok(buf.freeze())
+}
+
+/// Whether a body failed because its connection ended before the body did (the client went
+/// away), rather than because of what it sent.
+fn client_left(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_closed() || h.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            );
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Discards the body of a request refused before it was read (a wrong key, an unknown route, a

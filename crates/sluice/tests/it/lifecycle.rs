@@ -264,6 +264,57 @@ async fn a_client_leaving_a_plain_request_is_recorded_as_cancelled() {
     }
 }
 
+/// A client that goes away while still sending its body leaves a record too (cancelled, 499),
+/// with what it could say of itself: the key's user here, the request's id.
+#[tokio::test]
+async fn a_client_leaving_during_its_body_upload_is_recorded_as_cancelled() {
+    use tokio::io::AsyncWriteExt;
+    let s = Sluice::start(SLOW_MOCK).await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 4000\r\nx-sluice-user: uploader\r\n\r\n{{\"model\": \"mock-echo\", \"messages\": ["
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(sock);
+    let start = std::time::Instant::now();
+    loop {
+        let page = s.list("user=uploader").await;
+        if let Some(rec) = page["data"].as_array().and_then(|a| a.first()) {
+            assert_eq!(rec["status"], "cancelled", "{rec}");
+            assert_eq!(rec["http_status"], 499, "{rec}");
+            assert_eq!(rec["error_code"], "client_closed_request", "{rec}");
+            assert_eq!(rec["endpoint"], "chat.completions", "{rec}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no record for the client that left during its upload"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // A body that breaks its own framing is the client's mistake, not its leaving: a 400.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nx-sluice-user: garbler\r\n\r\n5\r\n{{\"mod\r\nzz\r\n"
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    use tokio::io::AsyncReadExt;
+    let _ = tokio::time::timeout(Duration::from_secs(5), sock.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let id = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-sluice-request-id: "))
+        .expect("a request id");
+    let rec = s.record(id.trim()).await;
+    assert_eq!(rec["status"], "error", "{rec}");
+    assert_eq!(rec["http_status"], 400, "{rec}");
+    assert_eq!(rec["user"], "garbler", "{rec}");
+}
+
 /// Requests still running when the shutdown grace period ends are ended then — a plain one with
 /// a 503, a stream with an error event — and each still gets its record (cancelled, 503
 /// `service_unavailable` as its client was told), written before the request log is drained.
