@@ -28,6 +28,7 @@ use serde_json::{Map, Value, json};
 
 use crate::TranslateError;
 use crate::ids::{new_request_id, unix_now};
+use crate::json_prefix::JsonPrefix;
 use crate::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, Choice, ChunkChoice, Content, ContentPart,
     Delta, Extra, FunctionCall, FunctionCallDelta, FunctionDef, ImageUrl, Message, ResponseMessage,
@@ -2542,8 +2543,10 @@ pub struct StreamEncoder {
     open: Option<OpenBlock>,
     /// OpenAI tool-call index → content-block index and the call's id.
     tools: HashMap<u32, (u32, Option<String>)>,
-    /// The arguments so far of the open tool block.
+    /// The arguments so far of the open tool block, as they came, and how far they are a valid
+    /// beginning of a JSON object: only that much is sent (see [`StreamEncoder::tool_call`]).
     live_arguments: String,
+    live_json: JsonPrefix,
     /// Content that came while a tool block with unfinished arguments was open.
     queued: Vec<Piece>,
     /// Sending the queue: nothing is queued again.
@@ -2577,6 +2580,7 @@ impl StreamEncoder {
             open: None,
             tools: HashMap::new(),
             live_arguments: String::new(),
+            live_json: JsonPrefix::default(),
             queued: Vec::new(),
             draining: false,
             thinking: true,
@@ -2743,8 +2747,7 @@ impl StreamEncoder {
     /// Whether the open tool block's arguments are a whole JSON value (`None`: no tool block is
     /// open).
     fn open_tool_whole(&self) -> Option<bool> {
-        matches!(self.open, Some(OpenBlock::Tool(_)))
-            .then(|| serde_json::from_str::<serde::de::IgnoredAny>(&self.live_arguments).is_ok())
+        matches!(self.open, Some(OpenBlock::Tool(_))).then(|| self.live_json.is_whole())
     }
 
     /// Sends `piece` now, or queues it behind the open tool block while that block's arguments
@@ -2830,6 +2833,14 @@ impl StreamEncoder {
 
     fn close_open(&mut self, out: &mut Vec<StreamEvent>) {
         if let Some(block) = self.open.take() {
+            if let OpenBlock::Tool(index) = block
+                && let Some(rest) = self.arguments_completion()
+            {
+                out.push(StreamEvent::ContentBlockDelta {
+                    index,
+                    delta: BlockDelta::InputJsonDelta { partial_json: rest },
+                });
+            }
             out.push(StreamEvent::ContentBlockStop {
                 index: block.index(),
             });
@@ -2972,23 +2983,52 @@ impl StreamEncoder {
                     .insert(call.index, (index, id.map(str::to_string)));
                 self.open = Some(OpenBlock::Tool(index));
                 self.live_arguments.clear();
+                self.live_json = JsonPrefix::default();
                 index
             }
         };
-        if let Some(arguments) = function
+        let Some(arguments) = function
             .and_then(|f| f.arguments.as_deref())
             .filter(|a| !a.is_empty())
-        {
-            if self.open == Some(OpenBlock::Tool(index)) {
-                self.live_arguments.push_str(arguments);
-            }
+        else {
+            return;
+        };
+        // A late piece of a block already stopped (only a broken upstream sends one) is dropped:
+        // the block's arguments were whole, and nothing can follow a whole object.
+        if self.open != Some(OpenBlock::Tool(index)) {
+            return;
+        }
+        // Clients parse the arguments as they arrive (the SDKs' stream helpers throw on text
+        // that cannot become JSON): only as much goes out as keeps them a valid beginning of an
+        // object. What a model got wrong is sent, whole, when the block stops
+        // (`arguments_completion`).
+        self.live_arguments.push_str(arguments);
+        let valid = self.live_json.push(arguments);
+        if valid > 0 {
             out.push(StreamEvent::ContentBlockDelta {
                 index,
                 delta: BlockDelta::InputJsonDelta {
-                    partial_json: arguments.to_string(),
+                    partial_json: arguments[..valid].to_string(),
                 },
             });
         }
+    }
+
+    /// What the open tool block's arguments still need when it stops: nothing when they are a
+    /// whole object (or empty, which clients take for `{}`); else the end of the object sent so
+    /// far, with the arguments as they came under `_raw_arguments` (as a whole answer gets them,
+    /// see [`tool_input`]). `null` is the empty object, as in a whole answer.
+    fn arguments_completion(&mut self) -> Option<String> {
+        let raw = std::mem::take(&mut self.live_arguments);
+        let json = std::mem::take(&mut self.live_json);
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return None;
+        }
+        if trimmed == "null" {
+            return Some("{}".to_string());
+        }
+        json.completion("_raw_arguments", &Value::String(raw))
     }
 }
 
@@ -4490,6 +4530,62 @@ mod tests {
             [
                 ("a".to_string(), "{\"p\":\"x\"}".to_string()),
                 ("b".to_string(), "{\"p\":\"y\"}".to_string())
+            ]
+        );
+    }
+
+    /// A model's malformed arguments never reach the client as text that cannot become JSON (the
+    /// SDKs' stream helpers parse each piece and throw): what is valid goes out as it comes, and
+    /// when the block stops, the object is closed with the arguments as they came under
+    /// `_raw_arguments`, as in a whole answer. Text after a broken call still follows it.
+    #[test]
+    fn stream_encoder_sends_malformed_arguments_as_valid_json() {
+        let call = |id: Option<&str>, args: &str| {
+            let mut c = json!({"index": 0, "function": {"arguments": args}});
+            if let Some(id) = id {
+                c["id"] = json!(id);
+                c["function"]["name"] = json!("f");
+            }
+            json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [c]}}]})
+        };
+        let text = |t: &str| json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": t}}]});
+        let parse =
+            |s: &str| -> Value { serde_json::from_str(s).unwrap_or_else(|e| panic!("{s}: {e}")) };
+        // Python's dict syntax from the first character.
+        let blocks = encoded_blocks(&[call(Some("a"), "{'city'"), call(None, ": 'Oslo'}")]);
+        assert_eq!(blocks[0].0, "a");
+        assert_eq!(
+            parse(&blocks[0].1),
+            json!({"_raw_arguments": "{'city': 'Oslo'}"})
+        );
+        // Valid at first, then not; a text after it waits for the call and follows it.
+        let blocks = encoded_blocks(&[
+            call(Some("a"), "{\"city\": \"Oslo\", "),
+            call(None, "'unit': 'C'}"),
+            text("Done."),
+        ]);
+        assert_eq!(
+            parse(&blocks[0].1),
+            json!({"city": "Oslo", "_raw_arguments": "{\"city\": \"Oslo\", 'unit': 'C'}"})
+        );
+        assert_eq!(blocks[1], ("text".to_string(), "Done.".to_string()));
+        // Cut off in the middle (max_tokens): the object is closed, with what came.
+        let blocks = encoded_blocks(&[call(Some("a"), "{\"q\": [1, {\"x\": \"ab")]);
+        assert_eq!(
+            parse(&blocks[0].1),
+            json!({"q": [1, {"x": "ab"}], "_raw_arguments": "{\"q\": [1, {\"x\": \"ab"})
+        );
+        // `null` is the empty object, as in a whole answer; no arguments stay none.
+        let blocks = encoded_blocks(&[call(Some("a"), "null"), call(Some("b"), "")]);
+        assert_eq!(parse(&blocks[0].1), json!({}));
+        assert_eq!(blocks[1].1, "");
+        // What comes after a whole object is dropped, not sent to the stopped block.
+        let blocks = encoded_blocks(&[call(Some("a"), "{\"p\": 1}"), call(None, "}"), text("ok")]);
+        assert_eq!(
+            blocks,
+            [
+                ("a".to_string(), "{\"p\": 1}".to_string()),
+                ("text".to_string(), "ok".to_string())
             ]
         );
     }

@@ -12,6 +12,7 @@
 pub mod anthropic;
 pub mod gemini;
 pub mod ids;
+mod json_prefix;
 pub mod openai;
 
 /// A request or response that cannot be expressed in the other API's shape (for example `n > 1`
