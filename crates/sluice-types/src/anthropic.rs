@@ -4509,17 +4509,20 @@ mod tests {
         assert_eq!(blocks, [("text".to_string(), "\n Hi\n".to_string())]);
     }
 
+    /// A chunk with a piece of tool call `f` at index 0 (Ollama's way); `id` starts a new call.
+    fn tool_call_chunk(id: Option<&str>, args: &str) -> Value {
+        let mut c = json!({"index": 0, "function": {"arguments": args}});
+        if let Some(id) = id {
+            c["id"] = json!(id);
+            c["function"]["name"] = json!("f");
+        }
+        json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [c]}}]})
+    }
+
     #[test]
     fn stream_encoder_separates_calls_that_share_an_index() {
         // Ollama sends every call at index 0: a new id is a new call.
-        let call = |id: Option<&str>, args: &str| {
-            let mut c = json!({"index": 0, "function": {"arguments": args}});
-            if let Some(id) = id {
-                c["id"] = json!(id);
-                c["function"]["name"] = json!("f");
-            }
-            json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [c]}}]})
-        };
+        let call = tool_call_chunk;
         let blocks = encoded_blocks(&[
             call(Some("a"), "{\"p\":"),
             call(None, "\"x\"}"),
@@ -4540,14 +4543,7 @@ mod tests {
     /// `_raw_arguments`, as in a whole answer. Text after a broken call still follows it.
     #[test]
     fn stream_encoder_sends_malformed_arguments_as_valid_json() {
-        let call = |id: Option<&str>, args: &str| {
-            let mut c = json!({"index": 0, "function": {"arguments": args}});
-            if let Some(id) = id {
-                c["id"] = json!(id);
-                c["function"]["name"] = json!("f");
-            }
-            json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [c]}}]})
-        };
+        let call = tool_call_chunk;
         let text = |t: &str| json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": t}}]});
         let parse =
             |s: &str| -> Value { serde_json::from_str(s).unwrap_or_else(|e| panic!("{s}: {e}")) };
