@@ -310,20 +310,18 @@ mod skip_type {
 fn figment_message(err: figment::Error) -> String {
     err.into_iter()
         .map(|e| {
-            let path = e.path.join(".");
+            let path = key_path(&e.path);
             let kind = describe_kind(&e.kind);
             let origin = match e.metadata.as_ref() {
-                Some(m) if m.source.is_some() => m
-                    .source
-                    .as_ref()
-                    .map(|s| format!(" (in {s})"))
-                    .unwrap_or_default(),
+                // The file as it was named (figment shows it relative to the working directory,
+                // while later checks show it as given).
+                Some(m) if m.source.is_some() => match m.source.as_ref() {
+                    Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
+                    Some(s) => format!(" (in {s})"),
+                    None => String::new(),
+                },
                 Some(m) if m.name.contains("environment variable") && !e.path.is_empty() => {
-                    let var: Vec<String> = e.path.iter().map(|k| k.to_ascii_uppercase()).collect();
-                    format!(
-                        " (from the environment variable SLUICE__{})",
-                        var.join("__")
-                    )
+                    format!(" (from {})", env_variables(&e.path))
                 }
                 _ => String::new(),
             };
@@ -335,6 +333,45 @@ fn figment_message(err: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// A key path as the file would write it and later checks name it: `models.a.deployments[0]`.
+fn key_path(path: &[String]) -> String {
+    let mut out = String::new();
+    for key in path {
+        if !key.is_empty() && key.bytes().all(|b| b.is_ascii_digit()) {
+            out.push('[');
+            out.push_str(key);
+            out.push(']');
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(key);
+        }
+    }
+    out
+}
+
+/// The `SLUICE__…` variables an error at `path` came from: the one set for that key, or those
+/// set below it (an unknown table `SLUICE__SERVR__LISTEN` makes is reported at `servr`).
+fn env_variables(path: &[String]) -> String {
+    let var: Vec<String> = path.iter().map(|k| k.to_ascii_uppercase()).collect();
+    let var = format!("SLUICE__{}", var.join("__"));
+    let below = format!("{var}__");
+    let mut set: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| {
+            let upper = k.to_ascii_uppercase();
+            upper == var || upper.starts_with(&below)
+        })
+        .collect();
+    set.sort();
+    match set.as_slice() {
+        [one] => format!("the environment variable {one}"),
+        [] => format!("the environment variable {var}"),
+        many => format!("the environment variables {}", many.join(", ")),
+    }
 }
 
 /// A figment error's kind in one line, in the file's terms (keys and tables, not Rust types).

