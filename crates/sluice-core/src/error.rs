@@ -178,9 +178,14 @@ impl ProviderError {
                     503 | 529 => ErrorCode::UpstreamOverloaded,
                     _ => ErrorCode::UpstreamError,
                 };
-                let msg = match code {
-                    ErrorCode::UpstreamAuth => format!(
+                let msg = match (code, *status) {
+                    (ErrorCode::UpstreamAuth, _) => format!(
                         "provider `{provider}` rejected Sluice's credentials (HTTP {status}); check the provider's api_key"
+                    ),
+                    // Also what an upstream answers with another status when its body says the
+                    // account is out of credit (OpenAI's 429 `insufficient_quota`): no number.
+                    (_, 402) => format!(
+                        "provider `{provider}` says its account is out of credit or quota: {message}"
                     ),
                     _ => format!("provider `{provider}` returned HTTP {status}: {message}"),
                 };
@@ -409,8 +414,18 @@ mod tests {
             assert_eq!(e(s).class(), ErrorClass::ClientError, "{s}");
         }
         assert_eq!(e(429).class(), ErrorClass::RateLimited);
-        // An account out of credit: another deployment may still serve.
+        // An account out of credit: another deployment may still serve. Its message claims no
+        // status (the upstream may have answered 429 or 400 and said so in its body).
         assert_eq!(e(402).class(), ErrorClass::ServerError);
+        let out = e(402).to_error("openai");
+        assert_eq!(out.code, ErrorCode::UpstreamError);
+        assert!(
+            out.message
+                .starts_with("provider `openai` says its account is out of credit or quota")
+                && !out.message.contains("402"),
+            "{}",
+            out.message
+        );
     }
 
     #[test]

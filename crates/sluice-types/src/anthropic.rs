@@ -2504,6 +2504,16 @@ enum Piece {
     Tool(ToolCallDelta),
 }
 
+/// A tool block whose start is not sent yet: its call has not been named (some servers send the
+/// name in a later piece than the id).
+#[derive(Debug)]
+struct Unnamed {
+    index: u32,
+    id: String,
+    /// Arguments ready to send once the block has started.
+    arguments: String,
+}
+
 /// Which kind of content block is open in a [`StreamEncoder`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OpenBlock {
@@ -2547,6 +2557,9 @@ pub struct StreamEncoder {
     /// beginning of a JSON object: only that much is sent (see [`StreamEncoder::tool_call`]).
     live_arguments: String,
     live_json: JsonPrefix,
+    /// The open tool block, when its call came without a name: its start (which carries the
+    /// name) waits for a piece that names it, and its arguments meanwhile.
+    unnamed: Option<Unnamed>,
     /// Content that came while a tool block with unfinished arguments was open.
     queued: Vec<Piece>,
     /// Sending the queue: nothing is queued again.
@@ -2581,6 +2594,7 @@ impl StreamEncoder {
             tools: HashMap::new(),
             live_arguments: String::new(),
             live_json: JsonPrefix::default(),
+            unnamed: None,
             queued: Vec::new(),
             draining: false,
             thinking: true,
@@ -2833,6 +2847,8 @@ impl StreamEncoder {
 
     fn close_open(&mut self, out: &mut Vec<StreamEvent>) {
         if let Some(block) = self.open.take() {
+            // Never named: it starts with no name now, as it came.
+            self.start_unnamed(String::new(), out);
             if let OpenBlock::Tool(index) = block
                 && let Some(rest) = self.arguments_completion()
             {
@@ -2970,15 +2986,26 @@ impl StreamEncoder {
                 self.held_whitespace.clear();
                 let index = self.next_block();
                 let block_id = id.map_or_else(|| fresh_id("toolu_"), str::to_string);
-                let name = function.and_then(|f| f.name.clone()).unwrap_or_default();
-                out.push(StreamEvent::ContentBlockStart {
-                    index,
-                    content_block: ContentBlock::tool_use(
-                        block_id,
-                        name,
-                        Value::Object(Map::new()),
-                    ),
-                });
+                match function
+                    .and_then(|f| f.name.clone())
+                    .filter(|n| !n.is_empty())
+                {
+                    Some(name) => out.push(StreamEvent::ContentBlockStart {
+                        index,
+                        content_block: ContentBlock::tool_use(
+                            block_id,
+                            name,
+                            Value::Object(Map::new()),
+                        ),
+                    }),
+                    None => {
+                        self.unnamed = Some(Unnamed {
+                            index,
+                            id: block_id,
+                            arguments: String::new(),
+                        })
+                    }
+                }
                 self.tools
                     .insert(call.index, (index, id.map(str::to_string)));
                 self.open = Some(OpenBlock::Tool(index));
@@ -2987,6 +3014,13 @@ impl StreamEncoder {
                 index
             }
         };
+        if let Some(name) = function
+            .and_then(|f| f.name.as_deref())
+            .filter(|n| !n.is_empty())
+            && self.unnamed.as_ref().is_some_and(|u| u.index == index)
+        {
+            self.start_unnamed(name.to_string(), out);
+        }
         let Some(arguments) = function
             .and_then(|f| f.arguments.as_deref())
             .filter(|a| !a.is_empty())
@@ -3004,7 +3038,9 @@ impl StreamEncoder {
         // (`arguments_completion`).
         self.live_arguments.push_str(arguments);
         let valid = self.live_json.push(arguments);
-        if valid > 0 {
+        if let Some(u) = self.unnamed.as_mut() {
+            u.arguments.push_str(&arguments[..valid]);
+        } else if valid > 0 {
             out.push(StreamEvent::ContentBlockDelta {
                 index,
                 delta: BlockDelta::InputJsonDelta {
@@ -3014,10 +3050,31 @@ impl StreamEncoder {
         }
     }
 
-    /// What the open tool block's arguments still need when it stops: nothing when they are a
-    /// whole object (or empty, which clients take for `{}`); else the end of the object sent so
-    /// far, with the arguments as they came under `_raw_arguments` (as a whole answer gets them,
-    /// see [`tool_input`]). `null` is the empty object, as in a whole answer.
+    /// Starts the tool block that waited for its name, with what came of its arguments meanwhile.
+    fn start_unnamed(&mut self, name: String, out: &mut Vec<StreamEvent>) {
+        let Some(u) = self.unnamed.take() else {
+            return;
+        };
+        out.push(StreamEvent::ContentBlockStart {
+            index: u.index,
+            content_block: ContentBlock::tool_use(u.id, name, Value::Object(Map::new())),
+        });
+        if !u.arguments.is_empty() {
+            out.push(StreamEvent::ContentBlockDelta {
+                index: u.index,
+                delta: BlockDelta::InputJsonDelta {
+                    partial_json: u.arguments,
+                },
+            });
+        }
+    }
+
+    /// What the open tool block's arguments still need when it stops: the closing brace of a
+    /// whole object (held back until then, so that text after it can still be reported); for
+    /// arguments that are not a whole object, the end of the object sent so far with the
+    /// arguments as they came under `_raw_arguments` (as a whole answer gets them, see
+    /// [`tool_input`]). Nothing for no arguments (clients take them for `{}`); `null` is the
+    /// empty object, as in a whole answer.
     fn arguments_completion(&mut self) -> Option<String> {
         let raw = std::mem::take(&mut self.live_arguments);
         let json = std::mem::take(&mut self.live_json);
@@ -3028,7 +3085,7 @@ impl StreamEncoder {
         if trimmed == "null" {
             return Some("{}".to_string());
         }
-        json.completion("_raw_arguments", &Value::String(raw))
+        Some(json.completion("_raw_arguments", &Value::String(raw)))
     }
 }
 
@@ -3384,7 +3441,8 @@ mod tests {
                 json!({"start": "redacted_thinking"}),
                 json!("stop"),
                 json!({"start": "tool_use"}),
-                json!({"type": "input_json_delta", "partial_json": "{\"city\":\"Paris\"}"}),
+                json!({"type": "input_json_delta", "partial_json": "{\"city\":\"Paris\""}),
+                json!({"type": "input_json_delta", "partial_json": "}"}),
                 json!("stop"),
             ]
         );
@@ -3516,10 +3574,13 @@ mod tests {
             got,
             [
                 json!({"start": 0, "type": "tool_use", "id": "a"}),
-                json!("{\"x\":1}"),
+                json!("{\"x\":1"),
+                // An object's closing brace is sent when its block stops.
+                json!("}"),
                 json!({"stop": 0}),
                 json!({"start": 1, "type": "tool_use", "id": "b"}),
-                json!("{}"),
+                json!("{"),
+                json!("}"),
                 json!({"stop": 1}),
                 json!({"stop_reason": "tool_use"}),
             ]
@@ -3544,13 +3605,15 @@ mod tests {
             [
                 json!({"start": 0, "type": "tool_use", "id": "a"}),
                 json!("{\"x\""),
-                json!(":1}"),
+                json!(":1"),
+                json!("}"),
                 json!({"stop": 0}),
                 json!({"start": 1, "type": "text", "id": null}),
                 json!("Hi"),
                 json!({"stop": 1}),
                 json!({"start": 2, "type": "tool_use", "id": "b"}),
-                json!("{}"),
+                json!("{"),
+                json!("}"),
                 json!({"stop": 2}),
                 json!({"stop_reason": "tool_use"}),
             ]
@@ -3567,14 +3630,15 @@ mod tests {
             chunk(json!({"tool_calls": [call(1, None, None, ":2}")]}), None),
         ]);
         assert_eq!(
-            got[..6],
+            got[..7],
             [
                 json!({"start": 0, "type": "tool_use", "id": "a"}),
-                json!("{}"),
+                json!("{"),
+                json!("}"),
                 json!({"stop": 0}),
                 json!({"start": 1, "type": "tool_use", "id": "b"}),
                 json!("{\"y\""),
-                json!(":2}"),
+                json!(":2"),
             ]
         );
     }
@@ -4391,8 +4455,11 @@ mod tests {
                 "content_block_start",
                 "content_block_delta",
                 "content_block_delta",
+                // A tool's closing brace, when its block stops.
+                "content_block_delta",
                 "content_block_stop",
                 "content_block_start",
+                "content_block_delta",
                 "content_block_delta",
                 "content_block_stop",
                 "message_delta",
@@ -4408,7 +4475,7 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(indices, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2]);
+        assert_eq!(indices, [0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2]);
 
         let start = serde_json::to_value(&events[0]).expect("serializes");
         assert_eq!(
@@ -4433,14 +4500,14 @@ mod tests {
             json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"a\""}})
         );
         assert_eq!(
-            serde_json::to_value(&events[12]).expect("serializes"),
+            serde_json::to_value(&events[14]).expect("serializes"),
             json!({"type": "message_delta",
                    "delta": {"stop_reason": "tool_use", "stop_sequence": null},
                    "usage": {"output_tokens": 9, "input_tokens": 10,
                              "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2}})
         );
         assert_eq!(
-            serde_json::to_value(&events[13]).expect("serializes"),
+            serde_json::to_value(&events[15]).expect("serializes"),
             json!({"type": "message_stop"})
         );
 
@@ -4537,6 +4604,54 @@ mod tests {
         );
     }
 
+    /// A call whose name comes in a later piece than its id starts its block with the name (the
+    /// start carries it, and cannot be sent again); arguments that came before wait for it.
+    #[test]
+    fn stream_encoder_waits_for_a_tool_name_that_comes_later() {
+        let piece = |id: Option<&str>, name: Option<&str>, args: &str| {
+            let mut c = json!({"index": 0, "function": {"arguments": args}});
+            if let Some(id) = id {
+                c["id"] = json!(id);
+            }
+            if let Some(name) = name {
+                c["function"]["name"] = json!(name);
+            }
+            json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [c]}}]})
+        };
+        let mut encoder = StreamEncoder::new("c", "m");
+        let mut events = Vec::new();
+        for c in [
+            piece(Some("call_1"), None, ""),
+            piece(None, None, "{\"city\""),
+            piece(None, Some("weather"), ": \"Oslo\"}"),
+        ] {
+            events.extend(encoder.on_chunk(&chunk(c)));
+        }
+        events.extend(encoder.finish());
+        let blocks: Vec<Value> = events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    StreamEvent::ContentBlockStart { .. } | StreamEvent::ContentBlockDelta { .. }
+                )
+            })
+            .map(|e| serde_json::to_value(e).unwrap())
+            .collect();
+        assert_eq!(
+            blocks,
+            [
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "call_1", "name": "weather", "input": {}}}),
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{\"city\""}}),
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ": \"Oslo\""}}),
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "}"}}),
+            ]
+        );
+        // Never named: the block still starts (before its stop), with the arguments.
+        let blocks = encoded_blocks(&[piece(Some("call_2"), None, "{}")]);
+        assert_eq!(blocks, [("call_2".to_string(), "{}".to_string())]);
+    }
+
     /// A model's malformed arguments never reach the client as text that cannot become JSON (the
     /// SDKs' stream helpers parse each piece and throw): what is valid goes out as it comes, and
     /// when the block stops, the object is closed with the arguments as they came under
@@ -4575,8 +4690,24 @@ mod tests {
         let blocks = encoded_blocks(&[call(Some("a"), "null"), call(Some("b"), "")]);
         assert_eq!(parse(&blocks[0].1), json!({}));
         assert_eq!(blocks[1].1, "");
-        // What comes after a whole object is dropped, not sent to the stopped block.
-        let blocks = encoded_blocks(&[call(Some("a"), "{\"p\": 1}"), call(None, "}"), text("ok")]);
+        // Text after a whole object, while its block is open, is reported in it (two objects
+        // run together, as small models write parallel calls).
+        let blocks = encoded_blocks(&[
+            call(Some("a"), "{\"city\": \"Oslo\"}"),
+            call(None, "{\"city\": \"Rome\"}"),
+        ]);
+        assert_eq!(
+            parse(&blocks[0].1),
+            json!({"city": "Oslo", "_raw_arguments": "{\"city\": \"Oslo\"}{\"city\": \"Rome\"}"})
+        );
+        // What comes after a block stopped (it was whole, and a text waited behind it) is
+        // dropped, not sent to the stopped block.
+        let blocks = encoded_blocks(&[
+            call(Some("a"), "{\"p\": 1"),
+            text("ok"),
+            call(None, "}"),
+            call(None, "}"),
+        ]);
         assert_eq!(
             blocks,
             [

@@ -1,7 +1,8 @@
-//! Checking a JSON object as it streams in, piece by piece: how much of each piece keeps the text
-//! a valid beginning of a JSON object, whether the object is whole, and what to append to a
-//! valid beginning to make it a whole object. Streamed tool-call arguments use it, so that a
-//! client parsing them as they arrive never meets text that cannot become JSON.
+//! Checking a JSON object as it streams in, piece by piece: how much of each piece may be sent on
+//! (what keeps the text a valid beginning of a JSON object, short of the object's closing brace),
+//! whether the object is whole, and what to send last to end it as a whole object. Streamed
+//! tool-call arguments use it, so that a client parsing them as they arrive never meets text that
+//! cannot become JSON, and text after a whole object can still be reported in it.
 
 use serde_json::Value;
 
@@ -95,6 +96,8 @@ pub(crate) struct JsonPrefix {
     state: State,
     stack: Vec<Container>,
     broken: bool,
+    /// Whether the outermost object has a member (a key was started in it).
+    top_members: bool,
 }
 
 impl Default for JsonPrefix {
@@ -103,42 +106,53 @@ impl Default for JsonPrefix {
             state: State::Start,
             stack: Vec::new(),
             broken: false,
+            top_members: false,
         }
     }
 }
 
 impl JsonPrefix {
-    /// Takes the next piece; returns how many of its bytes keep the text a valid beginning of a
-    /// JSON object (all of them, or fewer once the text goes wrong, and none ever after).
+    /// Takes the next piece; returns how many of its bytes may be sent on: those that keep the
+    /// text a valid beginning of a JSON object, except the object's closing brace and what
+    /// follows it (sent by [`JsonPrefix::completion`]). Once the text goes wrong, nothing more is
+    /// taken.
     pub(crate) fn push(&mut self, piece: &str) -> usize {
         if self.broken {
             return 0;
         }
+        let mut sendable = 0;
         for (at, c) in piece.char_indices() {
+            let was_done = self.state == State::Done;
             if !self.step(c) {
                 self.broken = true;
-                return at;
+                return sendable;
+            }
+            if !was_done && self.state != State::Done {
+                sendable = at + c.len_utf8();
             }
         }
-        piece.len()
+        sendable
     }
 
-    /// Whether the object has ended (what was refused after it does not change that).
+    /// Whether the object has ended, with nothing but whitespace after it.
     pub(crate) fn is_whole(&self) -> bool {
-        self.state == State::Done
+        self.state == State::Done && !self.broken
     }
 
-    /// What to append to the accepted text to make it a whole JSON object that ends with the
-    /// member `key: value` (for an object that was not whole: what it could hold, and what could
-    /// not be read), or `None` when it is whole already. Before any `{`, the suffix is the object
-    /// `{key: value}` alone.
-    pub(crate) fn completion(&self, key: &str, value: &Value) -> Option<String> {
-        if self.state == State::Done {
-            return None;
-        }
+    /// What to send after the text [`JsonPrefix::push`] let through to end a whole JSON object:
+    /// the closing brace of an object that is whole; else that, after the member `key: value`
+    /// (for an object that is not: what it could hold, and what could not be read). Before any
+    /// `{`, it is the object `{key: value}` alone.
+    pub(crate) fn completion(&self, key: &str, value: &Value) -> String {
         let member = format!("{}:{}", Value::String(key.to_string()), value);
-        if self.state == State::Start {
-            return Some(format!("{{{member}}}"));
+        match self.state {
+            State::Done if self.broken => {
+                let comma = if self.top_members { "," } else { "" };
+                return format!("{comma}{member}}}");
+            }
+            State::Done => return "}".to_string(),
+            State::Start => return format!("{{{member}}}"),
+            _ => {}
         }
         let mut out = String::new();
         // Finish what is open at the innermost level.
@@ -204,7 +218,7 @@ impl JsonPrefix {
             // Containers further out are past their first value.
             state = State::After;
         }
-        Some(out)
+        out
     }
 
     /// One character; `false` when it cannot come here.
@@ -229,6 +243,7 @@ impl JsonPrefix {
                 }
                 match c {
                     '"' => {
+                        self.top_members |= self.stack.len() == 1;
                         self.state = State::Str {
                             key: true,
                             escape: Escape::None,
@@ -422,9 +437,7 @@ mod tests {
     fn result(text: &str, piece: usize) -> (String, bool) {
         let (mut accepted, p) = feed(text, piece);
         let whole = p.is_whole();
-        if let Some(rest) = p.completion("_raw_arguments", &json!(text)) {
-            accepted.push_str(&rest);
-        }
+        accepted.push_str(&p.completion("_raw_arguments", &json!(text)));
         (accepted, whole)
     }
 
@@ -439,7 +452,8 @@ mod tests {
             for piece in 1..8 {
                 let (got, whole) = result(text, piece);
                 assert!(whole, "{text} in pieces of {piece}");
-                assert_eq!(got, text, "{text} in pieces of {piece}");
+                // Whitespace after the object is not sent.
+                assert_eq!(got, text.trim_end(), "{text} in pieces of {piece}");
                 let a: Value = serde_json::from_str(&got).expect("valid");
                 let b: Value = serde_json::from_str(text).expect("valid");
                 assert_eq!(a, b);
@@ -492,16 +506,17 @@ mod tests {
             for piece in 1..8 {
                 let (accepted, p) = feed(text, piece);
                 assert!(text.starts_with(&accepted), "{text}: {accepted}");
-                let Some(rest) = p.completion("_raw_arguments", &json!(text)) else {
-                    assert!(p.is_whole(), "{text}");
-                    serde_json::from_str::<serde_json::Map<String, Value>>(accepted.trim())
-                        .unwrap_or_else(|e| panic!("{text}: {accepted}: {e}"));
-                    continue;
-                };
-                let full = format!("{accepted}{rest}");
+                let full = format!("{accepted}{}", p.completion("_raw_arguments", &json!(text)));
                 let v: serde_json::Map<String, Value> = serde_json::from_str(&full)
                     .unwrap_or_else(|e| panic!("{text} in pieces of {piece}: {full}: {e}"));
-                assert_eq!(v["_raw_arguments"], json!(text), "{full}");
+                if p.is_whole() {
+                    assert_eq!(
+                        Value::Object(v),
+                        serde_json::from_str::<Value>(text).unwrap()
+                    );
+                } else {
+                    assert_eq!(v["_raw_arguments"], json!(text), "{full}");
+                }
             }
         }
     }
@@ -524,10 +539,7 @@ mod tests {
                 let bad = format!("{}{stray}", &text[..cut]);
                 let (accepted, p) = feed(&bad, 1);
                 assert!(bad.starts_with(&accepted));
-                let full = match p.completion("_raw_arguments", &json!(bad)) {
-                    Some(rest) => format!("{accepted}{rest}"),
-                    None => accepted,
-                };
+                let full = format!("{accepted}{}", p.completion("_raw_arguments", &json!(bad)));
                 serde_json::from_str::<serde_json::Map<String, Value>>(&full)
                     .unwrap_or_else(|e| panic!("{bad:?}: {full}: {e}"));
             }
@@ -540,28 +552,34 @@ mod tests {
         assert_eq!(accepted, r#"{"a": 1, "#);
         assert!(!p.is_whole());
         assert_eq!(
-            p.completion("_raw_arguments", &json!("R")).as_deref(),
-            Some(r#""_raw_arguments":"R"}"#)
+            p.completion("_raw_arguments", &json!("R")),
+            r#""_raw_arguments":"R"}"#
         );
         let (accepted, p) = feed("{'a': 1}", 1);
         assert_eq!(accepted, "{");
         assert_eq!(
-            p.completion("k", &json!(1)).as_deref(),
-            Some(r#""k":1}"#),
+            p.completion("k", &json!(1)),
+            r#""k":1}"#,
             "an empty object takes the member with no comma"
         );
         let (accepted, p) = feed("not json", 4);
         assert_eq!(accepted, "");
-        assert_eq!(p.completion("k", &json!(1)).as_deref(), Some(r#"{"k":1}"#));
+        assert_eq!(p.completion("k", &json!(1)), r#"{"k":1}"#);
         // Nothing is taken after the first refusal, even what would fit.
         let mut p = JsonPrefix::default();
         assert_eq!(p.push("{x"), 1);
         assert_eq!(p.push("}"), 0);
-        // A whole object takes trailing whitespace and nothing else.
+        // A whole object's closing brace waits for the completion; whitespace after it is
+        // taken (not sent), and anything else makes it not whole.
         let mut p = JsonPrefix::default();
-        assert_eq!(p.push("{} \n"), 4);
-        assert_eq!(p.push(" x"), 1);
+        assert_eq!(p.push("{\"a\": 1} \n"), 7);
         assert!(p.is_whole());
-        assert_eq!(p.completion("k", &json!(1)), None);
+        assert_eq!(p.completion("k", &json!(1)), "}");
+        assert_eq!(p.push(" {"), 0);
+        assert!(!p.is_whole());
+        assert_eq!(p.completion("k", &json!(1)), r#","k":1}"#);
+        let mut p = JsonPrefix::default();
+        assert_eq!(p.push("{}}"), 1);
+        assert_eq!(p.completion("k", &json!(1)), r#""k":1}"#);
     }
 }

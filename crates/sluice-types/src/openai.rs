@@ -696,12 +696,37 @@ pub struct Usage {
     pub extra: Extra,
 }
 
-deserialize_with_extra!(Usage {
+/// [`Usage`] as it comes: some servers leave `total_tokens` out (or send it `null`), and then
+/// it is the sum of the two counts, not 0.
+struct UsageWire {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: Option<u64>,
+    prompt_tokens_details: Option<PromptTokensDetails>,
+    extra: Extra,
+}
+
+deserialize_with_extra!(UsageWire {
     prompt_tokens: u64 = "prompt_tokens" => default,
     completion_tokens: u64 = "completion_tokens" => default,
-    total_tokens: u64 = "total_tokens" => default,
+    total_tokens: Option<u64> = "total_tokens" => default,
     prompt_tokens_details: Option<PromptTokensDetails> = "prompt_tokens_details" => default,
 });
+
+impl<'de> Deserialize<'de> for Usage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = UsageWire::deserialize(d)?;
+        Ok(Usage {
+            total_tokens: w
+                .total_tokens
+                .unwrap_or(w.prompt_tokens.saturating_add(w.completion_tokens)),
+            prompt_tokens: w.prompt_tokens,
+            completion_tokens: w.completion_tokens,
+            prompt_tokens_details: w.prompt_tokens_details,
+            extra: w.extra,
+        })
+    }
+}
 
 /// The `prompt_tokens_details` field for prompt tokens written to a provider's cache.
 const CACHE_WRITE_TOKENS: &str = "cache_write_tokens";
@@ -1509,6 +1534,29 @@ pub struct ErrorDetail {
 
 #[cfg(test)]
 mod tests {
+    /// A usage without `total_tokens` (or with `null`) totals its two counts; one that has it
+    /// keeps the upstream's word.
+    #[test]
+    fn usage_without_a_total_is_totalled() {
+        use super::Usage;
+        let u: Usage =
+            serde_json::from_str(r#"{"prompt_tokens": 11, "completion_tokens": 7}"#).unwrap();
+        assert_eq!(u.total_tokens, 18);
+        let u: Usage = serde_json::from_str(
+            r#"{"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": null, "x": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (u.total_tokens, u.extra["x"].clone()),
+            (18, serde_json::json!(1))
+        );
+        let u: Usage = serde_json::from_str(
+            r#"{"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 20}"#,
+        )
+        .unwrap();
+        assert_eq!(u.total_tokens, 20);
+    }
+
     /// The one-pass deserializer behaves as the derived one with `flatten` did: unknown fields
     /// kept (also under escaped names), missing required fields and duplicates refused, `null`
     /// options absent, defaults applied.
