@@ -2761,7 +2761,10 @@ impl StreamEncoder {
     /// Whether the open tool block's arguments are a whole JSON value (`None`: no tool block is
     /// open).
     fn open_tool_whole(&self) -> Option<bool> {
-        matches!(self.open, Some(OpenBlock::Tool(_))).then(|| self.live_json.is_whole())
+        matches!(self.open, Some(OpenBlock::Tool(_))).then(|| {
+            // `null` is whole too: the empty object (see `arguments_completion`).
+            self.live_json.is_whole() || self.live_arguments.trim() == "null"
+        })
     }
 
     /// Sends `piece` now, or queues it behind the open tool block while that block's arguments
@@ -2769,8 +2772,8 @@ impl StreamEncoder {
     fn put(&mut self, piece: Piece, out: &mut Vec<StreamEvent>) {
         let must_wait = !self.draining
             && match &piece {
-                // Its own arguments go to the open block; a late delta of a closed one goes to
-                // its block (only a broken upstream sends one after the arguments were whole).
+                // Its own arguments go to the open block; a late delta of a closed one is
+                // dropped there (only a broken upstream sends one after the arguments were whole).
                 Piece::Tool(call) if self.known_tool(call).is_some() => false,
                 _ => !self.queued.is_empty() || self.open_tool_whole() == Some(false),
             };
@@ -2805,7 +2808,7 @@ impl StreamEncoder {
                         let more = call.function.as_ref();
                         let have = q.function.get_or_insert_with(Default::default);
                         if let Some(n) = more.and_then(|f| f.name.as_deref())
-                            && have.name.is_none()
+                            && have.name.as_deref().is_none_or(str::is_empty)
                         {
                             have.name = Some(n.to_string());
                         }
@@ -3039,12 +3042,12 @@ impl StreamEncoder {
         self.live_arguments.push_str(arguments);
         let valid = self.live_json.push(arguments);
         if let Some(u) = self.unnamed.as_mut() {
-            u.arguments.push_str(&arguments[..valid]);
-        } else if valid > 0 {
+            u.arguments.push_str(&valid);
+        } else if !valid.is_empty() {
             out.push(StreamEvent::ContentBlockDelta {
                 index,
                 delta: BlockDelta::InputJsonDelta {
-                    partial_json: arguments[..valid].to_string(),
+                    partial_json: valid,
                 },
             });
         }
@@ -4647,6 +4650,40 @@ mod tests {
                 json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "}"}}),
             ]
         );
+        // Queued behind an unfinished call, a call whose first piece has an empty name takes the
+        // name a later piece brings.
+        let call = |index: u32, id: Option<&str>, name: Option<&str>, args: &str| {
+            let mut c = json!({"index": index, "function": {"arguments": args}});
+            if let Some(id) = id {
+                c["id"] = json!(id);
+            }
+            if let Some(name) = name {
+                c["function"]["name"] = json!(name);
+            }
+            json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [c]}}]})
+        };
+        let mut encoder = StreamEncoder::new("c", "m");
+        let mut events = Vec::new();
+        for c in [
+            call(0, Some("a"), Some("f"), "{\"x\":"),
+            call(1, Some("b"), Some(""), "{"),
+            call(1, None, Some("g"), "}"),
+            call(0, None, None, "1}"),
+        ] {
+            events.extend(encoder.on_chunk(&chunk(c)));
+        }
+        events.extend(encoder.finish());
+        let names: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::ContentBlockStart {
+                    content_block: ContentBlock::ToolUse { name, .. },
+                    ..
+                } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(names, ["f", "g"]);
         // Never named: the block still starts (before its stop), with the arguments.
         let blocks = encoded_blocks(&[piece(Some("call_2"), None, "{}")]);
         assert_eq!(blocks, [("call_2".to_string(), "{}".to_string())]);
@@ -4686,10 +4723,25 @@ mod tests {
             parse(&blocks[0].1),
             json!({"q": [1, {"x": "ab"}], "_raw_arguments": "{\"q\": [1, {\"x\": \"ab"})
         );
-        // `null` is the empty object, as in a whole answer; no arguments stay none.
-        let blocks = encoded_blocks(&[call(Some("a"), "null"), call(Some("b"), "")]);
+        // `null` is the empty object, as in a whole answer; no arguments (or whitespace) stay
+        // none, which clients take for `{}`.
+        let blocks = encoded_blocks(&[
+            call(Some("a"), "null"),
+            call(Some("b"), ""),
+            call(Some("c"), " \n"),
+        ]);
         assert_eq!(parse(&blocks[0].1), json!({}));
         assert_eq!(blocks[1].1, "");
+        assert_eq!(blocks[2].1, "");
+        // `null` is whole: what comes after it is not held back to the end.
+        let mut encoder = StreamEncoder::new("c", "m");
+        encoder.on_chunk(&chunk(call(Some("a"), "null")));
+        let now = encoder.on_chunk(&chunk(text("Done.")));
+        assert!(
+            now.iter()
+                .any(|e| matches!(e, StreamEvent::ContentBlockStop { index: 0 })),
+            "{now:?}"
+        );
         // Text after a whole object, while its block is open, is reported in it (two objects
         // run together, as small models write parallel calls).
         let blocks = encoded_blocks(&[

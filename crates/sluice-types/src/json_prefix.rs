@@ -1,6 +1,7 @@
-//! Checking a JSON object as it streams in, piece by piece: how much of each piece may be sent on
-//! (what keeps the text a valid beginning of a JSON object, short of the object's closing brace),
-//! whether the object is whole, and what to send last to end it as a whole object. Streamed
+//! Checking a JSON object as it streams in, piece by piece: what of each piece may be sent on
+//! (what keeps the text a valid beginning of a JSON object that serde_json reads, short of the
+//! object's closing brace), whether the object is whole, and what to send last to end it as a
+//! whole object. Streamed
 //! tool-call arguments use it, so that a client parsing them as they arrive never meets text that
 //! cannot become JSON, and text after a whole object can still be reported in it.
 
@@ -98,6 +99,13 @@ pub(crate) struct JsonPrefix {
     broken: bool,
     /// Whether the outermost object has a member (a key was started in it).
     top_members: bool,
+    /// The number being read: held back until it ends, since serde_json refuses one too large
+    /// for a double (`1e400`), and what was sent cannot be taken back.
+    number: String,
+    /// Where the number being read started (what the text expected then).
+    before_number: State,
+    /// A number that ended, to send before the character that ended it.
+    ready: String,
 }
 
 impl Default for JsonPrefix {
@@ -107,31 +115,47 @@ impl Default for JsonPrefix {
             stack: Vec::new(),
             broken: false,
             top_members: false,
+            number: String::new(),
+            before_number: State::Value,
+            ready: String::new(),
         }
     }
 }
 
+/// The most containers serde_json reads nested (its recursion limit is 128).
+const MAX_DEPTH: usize = 127;
+
+/// Whether serde_json reads this number (it refuses one beyond a double's range).
+fn in_range(number: &str) -> bool {
+    number.parse::<f64>().is_ok_and(f64::is_finite)
+}
+
 impl JsonPrefix {
-    /// Takes the next piece; returns how many of its bytes may be sent on: those that keep the
-    /// text a valid beginning of a JSON object, except the object's closing brace and what
+    /// Takes the next piece; returns what may be sent on: the text that keeps what was sent a
+    /// valid beginning of a JSON object, except whitespace before it, a number until it has
+    /// ended (it comes with the character after it), and the object's closing brace and what
     /// follows it (sent by [`JsonPrefix::completion`]). Once the text goes wrong, nothing more is
     /// taken.
-    pub(crate) fn push(&mut self, piece: &str) -> usize {
+    pub(crate) fn push(&mut self, piece: &str) -> String {
+        let mut out = String::new();
         if self.broken {
-            return 0;
+            return out;
         }
-        let mut sendable = 0;
-        for (at, c) in piece.char_indices() {
-            let was_done = self.state == State::Done;
-            if !self.step(c) {
+        for c in piece.chars() {
+            let ok = self.step(c);
+            out.push_str(&self.ready);
+            self.ready.clear();
+            if !ok {
                 self.broken = true;
-                return sendable;
+                return out;
             }
-            if !was_done && self.state != State::Done {
-                sendable = at + c.len_utf8();
+            match self.state {
+                State::Num(_) => self.number.push(c),
+                State::Start | State::Done => {}
+                _ => out.push(c),
             }
         }
-        sendable
+        out
     }
 
     /// Whether the object has ended, with nothing but whitespace after it.
@@ -155,8 +179,16 @@ impl JsonPrefix {
             _ => {}
         }
         let mut out = String::new();
-        // Finish what is open at the innermost level.
-        let mut state = self.state;
+        // Finish what is open at the innermost level. A number held back goes now if it is
+        // whole; else the text goes on as where it started.
+        let mut state = match self.state {
+            State::Num(n) if n.can_end() && in_range(&self.number) => {
+                out.push_str(&self.number);
+                State::After
+            }
+            State::Num(_) => self.before_number,
+            other => other,
+        };
         if let State::Str { key, escape } = state {
             match escape {
                 Escape::None => {}
@@ -180,17 +212,9 @@ impl JsonPrefix {
             out.push('"');
             state = if key { State::Colon } else { State::After };
         }
-        match state {
-            State::Num(n) if !n.can_end() => {
-                out.push('0');
-                state = State::After;
-            }
-            State::Num(_) => state = State::After,
-            State::Word(word, at) => {
-                out.push_str(&word[at..]);
-                state = State::After;
-            }
-            _ => {}
+        if let State::Word(word, at) = state {
+            out.push_str(&word[at..]);
+            state = State::After;
         }
         match state {
             State::Colon => out.push_str(":null"),
@@ -311,12 +335,20 @@ impl JsonPrefix {
                         self.state = State::Num(n);
                         true
                     }
-                    // The number ends here, if it can; the character is what follows it.
-                    None if n.can_end() => {
+                    // The number ends here, if it can and serde_json reads it; the character is
+                    // what follows it.
+                    None if n.can_end() && in_range(&self.number) => {
+                        self.ready.push_str(&self.number);
+                        self.number.clear();
                         self.state = State::After;
                         self.step(c)
                     }
-                    None => false,
+                    None => {
+                        // Not sent: the text goes on from before it.
+                        self.number.clear();
+                        self.state = self.before_number;
+                        false
+                    }
                 }
             }
             State::Word(word, at) => {
@@ -334,6 +366,12 @@ impl JsonPrefix {
     }
 
     fn value_start(&mut self, c: char) -> bool {
+        if matches!(c, '{' | '[') && self.stack.len() >= MAX_DEPTH {
+            return false;
+        }
+        if matches!(c, '-' | '0'..='9') {
+            self.before_number = self.state;
+        }
         self.state = match c {
             '{' => {
                 self.stack.push(Container::Object);
@@ -427,8 +465,7 @@ mod tests {
         let chars: Vec<char> = text.chars().collect();
         for part in chars.chunks(piece) {
             let part: String = part.iter().collect();
-            let n = p.push(&part);
-            accepted.push_str(&part[..n]);
+            accepted.push_str(&p.push(&part));
         }
         (accepted, p)
     }
@@ -452,8 +489,8 @@ mod tests {
             for piece in 1..8 {
                 let (got, whole) = result(text, piece);
                 assert!(whole, "{text} in pieces of {piece}");
-                // Whitespace after the object is not sent.
-                assert_eq!(got, text.trim_end(), "{text} in pieces of {piece}");
+                // Whitespace around the object is not sent.
+                assert_eq!(got, text.trim(), "{text} in pieces of {piece}");
                 let a: Value = serde_json::from_str(&got).expect("valid");
                 let b: Value = serde_json::from_str(text).expect("valid");
                 assert_eq!(a, b);
@@ -567,19 +604,56 @@ mod tests {
         assert_eq!(p.completion("k", &json!(1)), r#"{"k":1}"#);
         // Nothing is taken after the first refusal, even what would fit.
         let mut p = JsonPrefix::default();
-        assert_eq!(p.push("{x"), 1);
-        assert_eq!(p.push("}"), 0);
+        assert_eq!(p.push("{x"), "{");
+        assert_eq!(p.push("}"), "");
         // A whole object's closing brace waits for the completion; whitespace after it is
         // taken (not sent), and anything else makes it not whole.
         let mut p = JsonPrefix::default();
-        assert_eq!(p.push("{\"a\": 1} \n"), 7);
+        assert_eq!(p.push(" {\"a\": 1} \n"), "{\"a\": 1");
         assert!(p.is_whole());
         assert_eq!(p.completion("k", &json!(1)), "}");
-        assert_eq!(p.push(" {"), 0);
+        assert_eq!(p.push(" {"), "");
         assert!(!p.is_whole());
         assert_eq!(p.completion("k", &json!(1)), r#","k":1}"#);
         let mut p = JsonPrefix::default();
-        assert_eq!(p.push("{}}"), 1);
+        assert_eq!(p.push("{}}"), "{");
         assert_eq!(p.completion("k", &json!(1)), r#""k":1}"#);
+        // Whitespace alone sends nothing.
+        let mut p = JsonPrefix::default();
+        assert_eq!(p.push(" \n "), "");
+        assert_eq!(p.completion("k", &json!(1)), r#"{"k":1}"#);
+    }
+
+    /// What serde_json refuses though the grammar allows it is refused too: a number beyond a
+    /// double's range (held back until it ends, since it cannot be taken back once sent), and
+    /// containers nested deeper than its recursion limit.
+    #[test]
+    fn what_serde_json_refuses_is_not_sent() {
+        let mut p = JsonPrefix::default();
+        assert_eq!(p.push("{\"n\": 12"), "{\"n\": ");
+        assert_eq!(p.push("3, \"m\": 1e40"), "123, \"m\": ");
+        assert_eq!(p.push("0, \"x\": 1"), "");
+        assert!(!p.is_whole());
+        let sent = "{\"n\": 123, \"m\": ";
+        let full = format!("{sent}{}", p.completion("k", &json!("R")));
+        assert_eq!(
+            serde_json::from_str::<Value>(&full).unwrap(),
+            json!({"n": 123, "m": null, "k": "R"})
+        );
+        // A number still arriving when the arguments end goes with the completion, if whole.
+        let mut p = JsonPrefix::default();
+        assert_eq!(p.push("{\"n\": -1.5e3"), "{\"n\": ");
+        assert_eq!(p.completion("k", &json!(1)), r#"-1.5e3,"k":1}"#);
+        let mut p = JsonPrefix::default();
+        assert_eq!(p.push("{\"n\": -1.5e"), "{\"n\": ");
+        assert_eq!(p.completion("k", &json!(1)), r#"null,"k":1}"#);
+        // 127 containers nested are read; a 128th is refused.
+        let deep = |n: usize| format!("{{\"a\":{}", "[".repeat(n - 1));
+        let mut p = JsonPrefix::default();
+        assert_eq!(p.push(&deep(127)), deep(127));
+        let mut p = JsonPrefix::default();
+        assert_eq!(p.push(&deep(128)), deep(127));
+        let full = format!("{}{}", deep(127), p.completion("k", &json!(1)));
+        serde_json::from_str::<Value>(&full).unwrap_or_else(|e| panic!("{e}"));
     }
 }

@@ -336,10 +336,30 @@ fn figment_message(err: figment::Error) -> String {
 }
 
 /// A key path as the file would write it and later checks name it: `models.a.deployments[0]`.
+/// A number is a position in a list only under a key that holds a list (a model may be named
+/// `2024`).
 fn key_path(path: &[String]) -> String {
+    const LISTS: [&str; 11] = [
+        "deployments",
+        "tiers",
+        "examples",
+        "tags",
+        "cors_origins",
+        "rate_limited",
+        "context_window_exceeded",
+        "content_policy",
+        "server_error",
+        "timeout",
+        "default",
+    ];
     let mut out = String::new();
+    let mut after: Option<&str> = None;
     for key in path {
-        if !key.is_empty() && key.bytes().all(|b| b.is_ascii_digit()) {
+        let index = !key.is_empty()
+            && key.bytes().all(|b| b.is_ascii_digit())
+            && after.is_some_and(|a| LISTS.contains(&a));
+        after = Some(key.as_str());
+        if index {
             out.push('[');
             out.push_str(key);
             out.push(']');

@@ -358,6 +358,16 @@ fn config_errors_name_the_key_and_its_origin_on_one_line() {
             .ends_with(&format!("(in {})", item.display())),
         "{err}"
     );
+    // A model named by a number is a name, not a position.
+    let err = check(
+        "numbered.toml",
+        "[providers.p]\ntype = \"mock\"\n[models.2024]\ndeployments = [{ provider = \"p\", model = \"x\", wieght = 1 }]\n",
+        &[],
+    );
+    assert!(
+        err.starts_with("error: models.2024.deployments[0].wieght: unknown key"),
+        "{err}"
+    );
     // Errors found after parsing name the file too.
     let err = check("listen.toml", "[server]\nlisten = \"nowhere\"\n", &[]);
     assert!(err.starts_with("error: server.listen:"), "{err}");
