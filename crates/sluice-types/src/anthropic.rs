@@ -4611,8 +4611,8 @@ mod tests {
     /// start carries it, and cannot be sent again); arguments that came before wait for it.
     #[test]
     fn stream_encoder_waits_for_a_tool_name_that_comes_later() {
-        let piece = |id: Option<&str>, name: Option<&str>, args: &str| {
-            let mut c = json!({"index": 0, "function": {"arguments": args}});
+        let call = |index: u32, id: Option<&str>, name: Option<&str>, args: &str| {
+            let mut c = json!({"index": index, "function": {"arguments": args}});
             if let Some(id) = id {
                 c["id"] = json!(id);
             }
@@ -4624,9 +4624,9 @@ mod tests {
         let mut encoder = StreamEncoder::new("c", "m");
         let mut events = Vec::new();
         for c in [
-            piece(Some("call_1"), None, ""),
-            piece(None, None, "{\"city\""),
-            piece(None, Some("weather"), ": \"Oslo\"}"),
+            call(0, Some("call_1"), None, ""),
+            call(0, None, None, "{\"city\""),
+            call(0, None, Some("weather"), ": \"Oslo\"}"),
         ] {
             events.extend(encoder.on_chunk(&chunk(c)));
         }
@@ -4652,16 +4652,6 @@ mod tests {
         );
         // Queued behind an unfinished call, a call whose first piece has an empty name takes the
         // name a later piece brings.
-        let call = |index: u32, id: Option<&str>, name: Option<&str>, args: &str| {
-            let mut c = json!({"index": index, "function": {"arguments": args}});
-            if let Some(id) = id {
-                c["id"] = json!(id);
-            }
-            if let Some(name) = name {
-                c["function"]["name"] = json!(name);
-            }
-            json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [c]}}]})
-        };
         let mut encoder = StreamEncoder::new("c", "m");
         let mut events = Vec::new();
         for c in [
@@ -4685,7 +4675,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["f", "g"]);
         // Never named: the block still starts (before its stop), with the arguments.
-        let blocks = encoded_blocks(&[piece(Some("call_2"), None, "{}")]);
+        let blocks = encoded_blocks(&[call(0, Some("call_2"), None, "{}")]);
         assert_eq!(blocks, [("call_2".to_string(), "{}".to_string())]);
     }
 
