@@ -23,6 +23,23 @@ bench_upstream() {
   UP_PID=$!
 }
 
+# bench_start_three WORK UPSTREAM_PORT BARE_PROXY_PORT SLUICE_PORT: starts the fast mock upstream,
+# the bare proxy in front of it and Sluice (the benchmark configuration, its store and output in
+# WORK), waits until Sluice answers, and sets UP_PID, BP_PID and SL_PID (with a cleanup on exit
+# that stops them and removes WORK).
+bench_start_three() {
+  local work=$1 up=$2 bp=$3 sl=$4
+  BENCH_WORK=$work
+  trap 'kill "${UP_PID:-}" "${SL_PID:-}" "${BP_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$BENCH_WORK"' EXIT
+  bench_upstream "$up"
+  ./target/release/examples/bare_proxy "127.0.0.1:$bp" "http://127.0.0.1:$up" >/dev/null &
+  BP_PID=$!
+  bench_config "$work/sluice.toml" "$sl" "$up" "$work/sluice.db"
+  UPSTREAM_KEY=bench SLUICE_LOG=warn ./target/release/sluice serve --config "$work/sluice.toml" >"$work/sluice.out" 2>&1 &
+  SL_PID=$!
+  bench_wait_ready "$sl"
+}
+
 # bench_wait_ready SLUICE_PORT: waits (up to 20 s) until Sluice answers its health check.
 bench_wait_ready() {
   for _ in $(seq 200); do

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Gateway overhead: the same load sent straight to a fast mock upstream and through Sluice (request
-# logging on, SQLite), at concurrency 1, 16 and 64, for plain and streaming chat completions.
+# Gateway overhead: the same load sent straight to a fast mock upstream, through a bare proxy (a
+# byte-for-byte HTTP/1.1 passthrough on Sluice's own HTTP stack, doing nothing else: the least any
+# proxy costs on this machine) and through Sluice (request logging on, SQLite), at concurrency 1,
+# 16 and 64, for plain and streaming chat completions.
 # Reports requests/s, p50 and p99 latency (wrk, closed loop at saturation), Sluice's peak RSS, and
 # the latency Sluice adds at a fixed offered load the machine can carry (latency_probe, open loop).
 # Each saturation row also shows the most records waiting in Sluice's log queue and the latest
@@ -18,20 +20,14 @@ cd "$(dirname "$0")/.."
 DUR="${1:-10}"
 UP_PORT=18080
 SL_PORT=18081
+BP_PORT=18082
 
 bench_need wrk
 cargo build --release --locked -q -p sluice --bin sluice
-cargo build --release --locked -q -p sluice-testkit --example fast_upstream --example latency_probe
+cargo build --release --locked -q -p sluice-testkit --example fast_upstream --example latency_probe --example bare_proxy
 
 work=$(mktemp -d)
-cleanup() { kill "${UP_PID:-}" "${SL_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-bench_upstream "$UP_PORT"
-bench_config "$work/sluice.toml" "$SL_PORT" "$UP_PORT" "$work/sluice.db"
-UPSTREAM_KEY=bench SLUICE_LOG=warn ./target/release/sluice serve --config "$work/sluice.toml" >"$work/sluice.out" 2>&1 &
-SL_PID=$!
-bench_wait_ready "$SL_PORT"
+bench_start_three "$work" "$UP_PORT" "$BP_PORT" "$SL_PORT"
 for _ in $(seq 100); do
   curl -s -o /dev/null -X POST "http://127.0.0.1:$UP_PORT/v1/chat/completions" && break
   sleep 0.1
@@ -54,17 +50,19 @@ run() { # target mode conc -> "rps p50 p99 queue_peak late_ms [errors]"
   echo "$rps $p50 $p99 $watch ${errs:-}"
 }
 
-printf '| mode | concurrency | direct req/s | direct p50 | direct p99 | via Sluice req/s | Sluice p50 | Sluice p99 | Sluice ÷ direct req/s | Sluice peak RSS so far | log queue peak | latest wake-up |\n'
-printf '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+printf '| mode | concurrency | direct req/s | direct p50 | direct p99 | bare proxy req/s | bare proxy p99 | via Sluice req/s | Sluice p50 | Sluice p99 | Sluice ÷ direct req/s | Sluice ÷ bare proxy req/s | Sluice peak RSS so far | log queue peak | latest wake-up |\n'
+printf '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n'
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 for mode in plain stream; do
   for c in 1 16 64; do
     read -r d_rps d_p50 d_p99 _ d_late d_err <<<"$(run "http://127.0.0.1:$UP_PORT/v1/chat/completions" $mode $c)"
+    read -r b_rps _ b_p99 _ b_late b_err <<<"$(run "http://127.0.0.1:$BP_PORT/v1/chat/completions" $mode $c)"
     read -r s_rps s_p50 s_p99 s_queue s_late s_err <<<"$(run "http://127.0.0.1:$SL_PORT/v1/chat/completions" $mode $c)"
-    ratio=$(awk -v a="$s_rps" -v b="$d_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
     hwm=$(awk '/VmHWM/ {printf "%.1f MB", $2/1024}' /proc/$SL_PID/status)
     late=$(( d_late > s_late ? d_late : s_late ))
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s× | %s | %s | %s ms |\n' "$mode" "$c" "$d_rps" "$d_p50" "$d_p99" "$s_rps" "$s_p50" "$s_p99" "$ratio" "$hwm" "$s_queue" "$late"
-    [ -n "${s_err}${d_err}" ] && echo "  errors: direct: ${d_err:-none}; sluice: ${s_err:-none}"
+    late=$(( b_late > late ? b_late : late ))
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s× | %s× | %s | %s | %s ms |\n' "$mode" "$c" "$d_rps" "$d_p50" "$d_p99" "$b_rps" "$b_p99" "$s_rps" "$s_p50" "$s_p99" "$(ratio "$s_rps" "$d_rps")" "$(ratio "$s_rps" "$b_rps")" "$hwm" "$s_queue" "$late"
+    [ -n "${s_err}${d_err}${b_err}" ] && echo "  errors: direct: ${d_err:-none}; bare proxy: ${b_err:-none}; sluice: ${s_err:-none}"
   done
 done
 echo
