@@ -274,16 +274,34 @@ impl LocalChat {
                 content: m.text_content(),
             })
             .collect();
-        let tokens = model.chat_prompt(&messages, true).map_err(|e| match e {
-            LocalError::Template(e) => ProviderError::Status {
-                status: 400,
-                message: format!("the model's chat template rejected the messages: {e}"),
-                code: None,
-                param: None,
-                retry_after: None,
-            },
-            other => ProviderError::Protocol(other.to_string()),
-        })?;
+        // A last message of the assistant's is the start of its answer (a prefill, as the
+        // Anthropic API reads one): the model goes on from it. A template that cannot be cut
+        // after it gets a fresh turn.
+        let continuing = match req.messages.last() {
+            Some(m)
+                if m.role == Role::Assistant
+                    && m.tool_calls.as_ref().is_none_or(|c| c.is_empty())
+                    && !m.text_content().trim().is_empty() =>
+            {
+                model.chat_prompt_continuing(&messages)
+            }
+            _ => Ok(None),
+        };
+        let tokens = continuing
+            .and_then(|t| match t {
+                Some(tokens) => Ok(tokens),
+                None => model.chat_prompt(&messages, true),
+            })
+            .map_err(|e| match e {
+                LocalError::Template(e) => ProviderError::Status {
+                    status: 400,
+                    message: format!("the model's chat template rejected the messages: {e}"),
+                    code: None,
+                    param: None,
+                    retry_after: None,
+                },
+                other => ProviderError::Protocol(other.to_string()),
+            })?;
         let ctx = model.info().context_length;
         let max_tokens = match req.max_output_tokens() {
             Some(0) => {

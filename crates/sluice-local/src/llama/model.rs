@@ -956,17 +956,38 @@ impl LlamaModel {
         messages: &[TemplateMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, LocalError> {
-        let escaped: Vec<TemplateMessage> = messages
+        let text = self
+            .chat_template_or_default()
+            .render(&self.escaped(messages), add_generation_prompt)?;
+        self.tokenizer.encode_prompt(&text)
+    }
+
+    /// Like [`Self::chat_prompt`] for a conversation whose last message is the start of the
+    /// assistant's answer (a prefill): the prompt ends right after that message's content, so
+    /// that the model goes on from it ([`ChatTemplate::render_continuing`]). `None` when the
+    /// template cannot be cut so (the caller then starts a fresh turn).
+    pub fn chat_prompt_continuing(
+        &self,
+        messages: &[TemplateMessage],
+    ) -> Result<Option<Vec<u32>>, LocalError> {
+        match self
+            .chat_template_or_default()
+            .render_continuing(&self.escaped(messages))?
+        {
+            Some(text) => self.tokenizer.encode_prompt(&text).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The messages with their content escaped ([`GgufTokenizer::escape_content`]).
+    fn escaped(&self, messages: &[TemplateMessage]) -> Vec<TemplateMessage> {
+        messages
             .iter()
             .map(|m| TemplateMessage {
                 role: m.role.clone(),
                 content: self.tokenizer.escape_content(&m.content).into_owned(),
             })
-            .collect();
-        let text = self
-            .chat_template_or_default()
-            .render(&escaped, add_generation_prompt)?;
-        self.tokenizer.encode_prompt(&text)
+            .collect()
     }
 
     /// A new, empty cache for one sequence. It allocates nothing until the

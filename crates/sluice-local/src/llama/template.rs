@@ -115,6 +115,30 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// Renders a conversation whose last message is the start of the assistant's answer (a
+    /// prefill), so that the model's continuation goes on from it: the text is rendered with
+    /// that message and no generation prompt, and cut right after its content (what the template
+    /// writes after it, the end of the turn, is left out). `None` when the template does not
+    /// write the message's content as given (one that trims it, say, writes it trimmed, and the
+    /// cut is made after that) or the last message is not the assistant's.
+    pub fn render_continuing(
+        &self,
+        messages: &[TemplateMessage],
+    ) -> Result<Option<String>, LocalError> {
+        let Some(last) = messages.last().filter(|m| m.role == "assistant") else {
+            return Ok(None);
+        };
+        let text = self.render(messages, false)?;
+        let content = last.content.as_str();
+        let cut = [content, content.trim_end(), content.trim()]
+            .into_iter()
+            .filter(|c| !c.is_empty())
+            .find_map(|c| text.rfind(c).map(|at| at + c.len()));
+        Ok(cut.map(|at| text[..at].to_string()))
+    }
+}
+
 /// An error's message with its chain of causes (where `raise_exception`'s
 /// text ends up).
 fn describe(e: &JinjaError) -> String {
@@ -292,6 +316,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("Conversation roles must alternate"), "{err}");
+    }
+
+    /// A final assistant message is continued: the prompt ends right after its content, without
+    /// the end of its turn, also where the template trims what it writes.
+    #[test]
+    fn a_final_assistant_message_is_continued() {
+        let t = ChatTemplate::chatml("", "<|im_end|>");
+        let out = t
+            .render_continuing(&msgs(&[
+                ("user", "Name a colour."),
+                ("assistant", "The colour is"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            out.as_deref(),
+            Some(
+                "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nThe colour is"
+            )
+        );
+        // A template that trims the content: cut after the trimmed text.
+        let trims = ChatTemplate::new(
+            "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</{{ m.role }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let out = trims
+            .render_continuing(&msgs(&[("user", "Hi"), ("assistant", "Hello, ")]))
+            .unwrap();
+        assert_eq!(out.as_deref(), Some("<user>Hi</user><assistant>Hello,"));
+        // Not an assistant's last message, or one the template does not write: nothing to
+        // continue.
+        assert_eq!(t.render_continuing(&msgs(&[("user", "Hi")])).unwrap(), None);
+        let drops = ChatTemplate::new(
+            "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            drops
+                .render_continuing(&msgs(&[("user", "Hi"), ("assistant", "Hello")]))
+                .unwrap(),
+            None
+        );
     }
 
     #[test]

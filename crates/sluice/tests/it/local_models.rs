@@ -139,6 +139,45 @@ async fn local_chat_answers_plain_and_streamed_identically() {
     );
 }
 
+/// A last message of the assistant's is the start of the answer (a prefill): the model goes on
+/// from it, and the answer holds only what it added, as the Anthropic API answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefilled_answer_is_continued() {
+    let Some(dir) = models() else { return };
+    let s = start(&dir).await;
+    let prefill = "The capital of France is";
+    let m = s
+        .post_json(
+            "/v1/messages",
+            &json!({
+                "model": "smol", "max_tokens": 8, "temperature": 0,
+                "system": "You are a helpful assistant.",
+                "messages": [
+                    {"role": "user", "content": "What is the capital of France?"},
+                    {"role": "assistant", "content": prefill}
+                ]
+            }),
+        )
+        .await;
+    let text = m["content"][0]["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("Paris") && !text.contains(prefill),
+        "a continuation of the prefill: {m:#}"
+    );
+    // The prefill is part of the prompt, and the answer does not open a new turn.
+    let fresh = s
+        .post_json(
+            "/v1/chat/completions",
+            &ask("What is the capital of France?", 8, false),
+        )
+        .await;
+    assert!(
+        m["usage"]["input_tokens"].as_u64().unwrap()
+            > fresh["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{m:#} {fresh:#}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_are_batched_without_changing_answers() {
     let Some(dir) = models() else { return };
