@@ -13,7 +13,9 @@ use serde::Deserialize;
 use sluice_core::ProviderError;
 use sluice_core::provider::{ChatProvider, ChunkStream};
 use sluice_core::secret::{Secret, SecretRef};
-use sluice_types::anthropic::{ANTHROPIC_FIELDS, CACHE_CONTROL, THINKING_BLOCKS, TOOL_IS_ERROR};
+use sluice_types::anthropic::{
+    ANTHROPIC_FIELDS, BLOCK_ORDER, CACHE_CONTROL, THINKING_BLOCKS, TOOL_IS_ERROR,
+};
 use sluice_types::openai::{
     ChatCompletion, ChatCompletionChunk, ChatRequest, Content, EmbeddingRequest, EmbeddingResponse,
     Role, StreamOptions, ToolCallPlacer,
@@ -291,14 +293,15 @@ impl OpenAi {
     /// the provider forwards them.
     fn adjusted(&self, req: &ChatRequest) -> Option<ChatRequest> {
         let mut out = self.official.and_then(|cap| for_official(req, cap));
-        if req
-            .messages
-            .iter()
-            .any(|m| m.extra.contains_key(THINKING_BLOCKS) || m.extra.contains_key(TOOL_IS_ERROR))
-        {
+        if req.messages.iter().any(|m| {
+            [THINKING_BLOCKS, BLOCK_ORDER, TOOL_IS_ERROR]
+                .iter()
+                .any(|k| m.extra.contains_key(*k))
+        }) {
             let o = out.get_or_insert_with(|| req.clone());
             for m in &mut o.messages {
                 m.extra.remove(THINKING_BLOCKS);
+                m.extra.remove(BLOCK_ORDER);
                 m.extra.remove(TOOL_IS_ERROR);
             }
         }
@@ -810,7 +813,8 @@ mod tests {
             "model": "m", "messages": [
                 {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "ok", "reasoning_content": "r",
-                 "thinking_blocks": [{"type": "thinking", "thinking": "t", "signature": "s"}]},
+                 "thinking_blocks": [{"type": "thinking", "thinking": "t", "signature": "s"}],
+                 "block_order": [2, "thinking"]},
                 {"role": "user", "content": "more"},
                 {"role": "tool", "tool_call_id": "c", "content": "Error: boom", "is_error": true}
             ]
@@ -818,6 +822,7 @@ mod tests {
         .unwrap();
         let out = serde_json::to_value(local.adjusted(&req).expect("changed")).unwrap();
         assert!(out["messages"][1].get("thinking_blocks").is_none(), "{out}");
+        assert!(out["messages"][1].get("block_order").is_none(), "{out}");
         assert!(out["messages"][3].get("is_error").is_none(), "{out}");
         assert_eq!(out["messages"][3]["content"], "Error: boom");
         // Everything else is as it was.

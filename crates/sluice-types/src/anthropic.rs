@@ -750,6 +750,184 @@ fn in_turn_order(
     out
 }
 
+/// The order of an Anthropic assistant turn's blocks, kept in an OpenAI-shaped message's `extra`
+/// when the default order of [`in_turn_order`] would not give it back (text after a thinking
+/// block or a tool call, several text blocks): one entry a block, `"thinking"` (the next of
+/// [`THINKING_BLOCKS`]), `"tool_use"` (the next tool call) or a number (a text block of that
+/// many bytes of the message's text, or the next text part). Anthropic wants a turn with thinking
+/// back exactly as it was made.
+pub const BLOCK_ORDER: &str = "block_order";
+
+/// One block of a turn, for [`BLOCK_ORDER`].
+enum Placed {
+    Text(usize),
+    Thinking,
+    ToolUse,
+}
+
+/// The [`BLOCK_ORDER`] of a turn with these blocks, when the default order would lose it.
+fn block_order(blocks: &[ContentBlock]) -> Option<Value> {
+    let placed: Vec<Placed> = blocks
+        .iter()
+        .filter_map(|b| match b {
+            ContentBlock::Text { text, .. } => Some(Placed::Text(text.len())),
+            ContentBlock::Thinking { .. } | ContentBlock::RedactedThinking { .. } => {
+                Some(Placed::Thinking)
+            }
+            ContentBlock::ToolUse { .. } => Some(Placed::ToolUse),
+            _ => None,
+        })
+        .collect();
+    let texts = placed
+        .iter()
+        .filter(|p| matches!(p, Placed::Text(_)))
+        .count();
+    // The order `in_turn_order` gives these blocks (text in one block): thinking that came before
+    // any tool call, the text, then each tool call after the thinking that came before it.
+    let kind = |p: &Placed| match p {
+        Placed::Text(_) => 0u8,
+        Placed::Thinking => 1,
+        Placed::ToolUse => 2,
+    };
+    let mut thinking_before = Vec::new();
+    let mut tools = 0usize;
+    for p in &placed {
+        match p {
+            Placed::Thinking => thinking_before.push(tools),
+            Placed::ToolUse => tools += 1,
+            Placed::Text(_) => {}
+        }
+    }
+    let mut default = Vec::with_capacity(placed.len());
+    let mut next = thinking_before.iter().peekable();
+    while next.next_if(|b| **b == 0).is_some() {
+        default.push(1);
+    }
+    if texts > 0 {
+        default.push(0);
+    }
+    for k in 0..tools {
+        while next.next_if(|b| **b <= k).is_some() {
+            default.push(1);
+        }
+        default.push(2);
+    }
+    default.extend(next.map(|_| 1));
+    let actual: Vec<u8> = placed.iter().map(kind).collect();
+    let moved = actual != default;
+    (texts > 1 || moved).then(|| {
+        Value::Array(
+            placed
+                .iter()
+                .map(|p| match p {
+                    Placed::Text(n) => Value::from(*n),
+                    Placed::Thinking => Value::from("thinking"),
+                    Placed::ToolUse => Value::from("tool_use"),
+                })
+                .collect(),
+        )
+    })
+}
+
+/// A turn's blocks in its [`BLOCK_ORDER`]: the text taken from `text` (cut at the given byte
+/// lengths) or from `parts` (one part a text entry, with its breakpoint), each thinking block
+/// from `thinking` in turn (`None`: one left out, an unsigned block for Anthropic) and each tool
+/// call from `tool_uses`. `None` when the order does not fit what the message holds (a client
+/// changed it): the caller falls back to [`in_turn_order`]. Text of whitespace alone is left out,
+/// as Anthropic refuses it.
+fn in_block_order(
+    order: &Value,
+    text: TextSource<'_>,
+    thinking: Vec<Option<ContentBlock>>,
+    tool_uses: Vec<ContentBlock>,
+) -> Option<Vec<ContentBlock>> {
+    let order = order.as_array()?;
+    let mut out = Vec::with_capacity(order.len());
+    let mut thinking = thinking.into_iter();
+    let mut tool_uses = tool_uses.into_iter();
+    let mut at = 0usize;
+    let mut parts = match text {
+        TextSource::Parts(p) => Some(p.iter()),
+        TextSource::Text(_) => None,
+    };
+    for entry in order {
+        match entry {
+            Value::String(k) if k == "thinking" => {
+                if let Some(b) = thinking.next()? {
+                    out.push(b);
+                }
+            }
+            Value::String(k) if k == "tool_use" => out.push(tool_uses.next()?),
+            Value::Number(n) => {
+                let len = usize::try_from(n.as_u64()?).ok()?;
+                let block = match (&mut parts, text) {
+                    (Some(parts), _) => {
+                        let p = parts.next()?;
+                        let t = p.text.as_deref()?;
+                        (t.len() == len).then(|| ContentBlock::Text {
+                            text: t.to_string(),
+                            extra: cache_control_extra(p.extra.get(CACHE_CONTROL)),
+                        })?
+                    }
+                    (None, TextSource::Text(s)) => {
+                        let piece = s.get(at..at.checked_add(len)?)?;
+                        at += len;
+                        ContentBlock::text(piece)
+                    }
+                    (None, TextSource::Parts(_)) => return None,
+                };
+                if matches!(&block, ContentBlock::Text { text, .. } if !text.trim().is_empty()) {
+                    out.push(block);
+                }
+            }
+            _ => return None,
+        }
+    }
+    let text_used = match (parts, text) {
+        (Some(mut rest), _) => rest.next().is_none(),
+        (None, TextSource::Text(s)) => at == s.len(),
+        (None, TextSource::Parts(_)) => false,
+    };
+    (text_used && thinking.next().is_none() && tool_uses.next().is_none()).then_some(out)
+}
+
+/// Where [`in_block_order`] takes a turn's text from.
+#[derive(Clone, Copy)]
+enum TextSource<'a> {
+    Text(&'a str),
+    Parts(&'a [ContentPart]),
+}
+
+impl<'a> TextSource<'a> {
+    fn of(content: Option<&'a Content>) -> Self {
+        match content {
+            Some(Content::Parts(p)) => TextSource::Parts(p),
+            Some(Content::Text(s)) => TextSource::Text(s),
+            None => TextSource::Text(""),
+        }
+    }
+}
+
+/// Every thinking block kept in an OpenAI-shaped message's `extra`, in order; with
+/// `signed_only`, `None` in place of those Anthropic cannot take back (see [`kept_thinking`]).
+fn thinking_in_order(extra: &Extra, signed_only: bool) -> Vec<Option<ContentBlock>> {
+    let Some(Value::Array(blocks)) = extra.get(THINKING_BLOCKS) else {
+        return Vec::new();
+    };
+    blocks
+        .iter()
+        .map(|b| {
+            let (_, block) = parse_stored_thinking(b)?;
+            let keep = match &block {
+                ContentBlock::Thinking { signature, .. } => !signed_only || !signature.is_empty(),
+                ContentBlock::RedactedThinking { .. } => true,
+                _ => false,
+            };
+            keep.then_some(block)
+        })
+        .collect()
+}
+
 fn err(msg: impl Into<String>) -> TranslateError {
     TranslateError::unsupported(msg)
 }
@@ -1439,8 +1617,19 @@ fn assistant_blocks(m: &Message, i: usize) -> Result<Vec<ContentBlock>, Translat
             extra: cache_control_extra(tc.extra.get(CACHE_CONTROL)),
         });
     }
-    // Thinking first, interleaved thinking before the tool call it came before.
-    let mut out = in_turn_order(kept_thinking(&m.extra, true), text_blocks, blocks);
+    // In the turn's own order when it came from Anthropic; else thinking first, interleaved
+    // thinking before the tool call it came before.
+    let mut out = match m.extra.get(BLOCK_ORDER).and_then(|order| {
+        in_block_order(
+            order,
+            TextSource::of(m.content.as_ref()),
+            thinking_in_order(&m.extra, true),
+            blocks.clone(),
+        )
+    }) {
+        Some(out) => out,
+        None => in_turn_order(kept_thinking(&m.extra, true), text_blocks, blocks),
+    };
     mark_last_block(&mut out, m.extra.get(CACHE_CONTROL));
     Ok(out)
 }
@@ -1537,6 +1726,7 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
     let mut reasoning = String::new();
     let mut tool_calls = Vec::new();
     let mut thinking_blocks = Vec::new();
+    let order = block_order(&resp.content);
     for block in resp.content {
         if matches!(
             block,
@@ -1567,6 +1757,9 @@ pub fn response_to_openai(resp: MessagesResponse) -> ChatCompletion {
     }
     if !thinking_blocks.is_empty() {
         message_extra.insert(THINKING_BLOCKS.into(), Value::Array(thinking_blocks));
+    }
+    if let Some(order) = order {
+        message_extra.insert(BLOCK_ORDER.into(), order);
     }
     let usage = resp.usage.as_ref().map(|u| {
         openai_usage(
@@ -2350,6 +2543,9 @@ fn assistant_to_openai(blocks: &[ContentBlock], i: usize) -> Result<Message, Tra
     if !thinking.is_empty() {
         extra.insert(THINKING_BLOCKS.into(), Value::Array(thinking));
     }
+    if let Some(order) = block_order(blocks) {
+        extra.insert(BLOCK_ORDER.into(), order);
+    }
     let content = if text_parts.iter().any(|p| !p.extra.is_empty()) {
         Some(Content::Parts(text_parts))
     } else {
@@ -2443,7 +2639,22 @@ pub fn response_from_openai(resp: &ChatCompletion, model: &str) -> MessagesRespo
                 tool_input(&tc.function.arguments),
             ));
         }
-        content = in_turn_order(thinking, text_blocks, tool_uses);
+        content = match c
+            .message
+            .extra
+            .get(BLOCK_ORDER)
+            .filter(|_| c.message.refusal.is_none())
+            .and_then(|order| {
+                in_block_order(
+                    order,
+                    TextSource::Text(c.message.content.as_deref().unwrap_or_default()),
+                    thinking_in_order(&c.message.extra, false),
+                    tool_uses.clone(),
+                )
+            }) {
+            Some(blocks) => blocks,
+            None => in_turn_order(thinking, text_blocks, tool_uses),
+        };
     }
     let has_tool_use = content
         .iter()
@@ -3643,6 +3854,96 @@ mod tests {
                 json!("{\"y\""),
                 json!(":2"),
             ]
+        );
+    }
+
+    /// A turn whose blocks the default order would move (text before thinking, text after a
+    /// tool call, two text blocks) keeps its own order both ways: an Anthropic answer reaches a
+    /// `/v1/messages` client as it was made, and a client's turn reaches an Anthropic upstream
+    /// as it was sent (Anthropic wants a turn with thinking back exactly as it made it).
+    #[test]
+    fn a_turns_block_order_survives_both_ways() {
+        let turns = [
+            json!([
+                {"type": "text", "text": "Let me look."},
+                {"type": "thinking", "thinking": "T1", "signature": "s1"},
+                {"type": "tool_use", "id": "t1", "name": "a", "input": {"q": 1}}
+            ]),
+            json!([
+                {"type": "thinking", "thinking": "T1", "signature": "s1"},
+                {"type": "text", "text": "First."},
+                {"type": "thinking", "thinking": "T2", "signature": "s2"},
+                {"type": "tool_use", "id": "t1", "name": "a", "input": {}}
+            ]),
+            json!([
+                {"type": "text", "text": "A é."},
+                {"type": "tool_use", "id": "t1", "name": "a", "input": {}},
+                {"type": "text", "text": "B."}
+            ]),
+            json!([
+                {"type": "text", "text": "Part one."},
+                {"type": "text", "text": " Part two."}
+            ]),
+        ];
+        for blocks in turns {
+            // An answer: Anthropic → OpenAI shape → a /v1/messages client.
+            let upstream: MessagesResponse = serde_json::from_value(json!({
+                "id": "msg_o", "type": "message", "role": "assistant", "model": "claude",
+                "stop_reason": "tool_use", "stop_sequence": null,
+                "usage": {"input_tokens": 5, "output_tokens": 9}, "content": blocks
+            }))
+            .unwrap();
+            let completion = response_to_openai(upstream);
+            let back = response_from_openai(&completion, "claude");
+            assert_eq!(serde_json::to_value(&back.content).unwrap(), blocks);
+            // A client's turn: /v1/messages → OpenAI shape → an Anthropic upstream.
+            let req: MessagesRequest = serde_json::from_value(json!({
+                "model": "claude", "max_tokens": 100,
+                "messages": [
+                    {"role": "user", "content": "Go"},
+                    {"role": "assistant", "content": blocks},
+                    {"role": "user", "content": "More"}
+                ]
+            }))
+            .unwrap();
+            let chat = request_to_openai(&req).unwrap();
+            let up = serde_json::to_value(request_from_openai(&chat).unwrap()).unwrap();
+            assert_eq!(up["messages"][1]["content"], blocks, "{up:#}");
+        }
+        // A turn in the default order carries no order of its own.
+        let plain: MessagesResponse = serde_json::from_value(json!({
+            "id": "msg_o", "type": "message", "role": "assistant", "model": "claude",
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": 5, "output_tokens": 9},
+            "content": [
+                {"type": "thinking", "thinking": "T1", "signature": "s1"},
+                {"type": "text", "text": "Looking."},
+                {"type": "tool_use", "id": "t1", "name": "a", "input": {}}
+            ]
+        }))
+        .unwrap();
+        let completion = response_to_openai(plain);
+        assert!(
+            !completion.choices[0]
+                .message
+                .extra
+                .contains_key(BLOCK_ORDER)
+        );
+        // An order that does not fit the message (a client changed the text) is not used.
+        let mut changed = response_to_openai(
+            serde_json::from_value(json!({
+                "id": "msg_o", "type": "message", "role": "assistant", "model": "claude",
+                "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": 5, "output_tokens": 9},
+                "content": [{"type": "text", "text": "One."}, {"type": "text", "text": "Two."}]
+            }))
+            .unwrap(),
+        );
+        changed.choices[0].message.content = Some("One. Two. Three.".into());
+        let back = response_from_openai(&changed, "claude");
+        assert_eq!(
+            serde_json::to_value(&back.content).unwrap(),
+            json!([{"type": "text", "text": "One. Two. Three."}])
         );
     }
 
