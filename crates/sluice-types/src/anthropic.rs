@@ -700,14 +700,18 @@ fn kept_thinking(extra: &Extra, signed_only: bool) -> Vec<(usize, ContentBlock)>
         .iter()
         .filter_map(|b| {
             let (before, block) = parse_stored_thinking(b)?;
-            let keep = match &block {
-                ContentBlock::Thinking { signature, .. } => !signed_only || !signature.is_empty(),
-                ContentBlock::RedactedThinking { .. } => true,
-                _ => false,
-            };
-            keep.then_some((before, block))
+            keeps(&block, signed_only).then_some((before, block))
         })
         .collect()
+}
+
+/// Whether a kept thinking block goes (see [`kept_thinking`]).
+fn keeps(block: &ContentBlock, signed_only: bool) -> bool {
+    match block {
+        ContentBlock::Thinking { signature, .. } => !signed_only || !signature.is_empty(),
+        ContentBlock::RedactedThinking { .. } => true,
+        _ => false,
+    }
 }
 
 /// A streamed [`THINKING_BLOCKS`] entry's place in the list (not part of the block).
@@ -918,12 +922,7 @@ fn thinking_in_order(extra: &Extra, signed_only: bool) -> Vec<Option<ContentBloc
         .iter()
         .map(|b| {
             let (_, block) = parse_stored_thinking(b)?;
-            let keep = match &block {
-                ContentBlock::Thinking { signature, .. } => !signed_only || !signature.is_empty(),
-                ContentBlock::RedactedThinking { .. } => true,
-                _ => false,
-            };
-            keep.then_some(block)
+            keeps(&block, signed_only).then_some(block)
         })
         .collect()
 }
