@@ -310,6 +310,18 @@ impl OpenAi {
                 .extra
                 .remove(ANTHROPIC_FIELDS);
         }
+        // A Messages tool's own fields (`strict`, `input_examples`, …) are Anthropic's.
+        if req
+            .tools
+            .iter()
+            .flatten()
+            .any(|t| t.extra.contains_key(ANTHROPIC_FIELDS))
+        {
+            let o = out.get_or_insert_with(|| req.clone());
+            for t in o.tools.iter_mut().flatten() {
+                t.extra.remove(ANTHROPIC_FIELDS);
+            }
+        }
         // OpenAI's own API refuses them whatever the setting says.
         if (!self.forward_cache_control || self.official.is_some()) && has_cache_control(req) {
             strip_cache_control(out.get_or_insert_with(|| req.clone()));
@@ -804,6 +816,23 @@ mod tests {
             assert!(body.get("stream_options").is_none(), "{body}");
             assert_eq!(body["stream"], true);
         }
+    }
+
+    #[test]
+    fn a_messages_tools_own_fields_are_not_sent_to_openai_compatible_servers() {
+        let local = compatible_server();
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f"},
+                       "anthropic": {"strict": true, "input_examples": [{}]}}]
+        }))
+        .unwrap();
+        let out = serde_json::to_value(local.adjusted(&req).expect("changed")).unwrap();
+        assert_eq!(
+            out["tools"][0],
+            serde_json::json!({"type": "function", "function": {"name": "f"}}),
+            "{out}"
+        );
     }
 
     #[test]

@@ -1664,11 +1664,19 @@ fn tool_from_openai(tool: &Tool) -> Result<AnthropicTool, TranslateError> {
     {
         schema.insert("type".into(), Value::String("object".into()));
     }
+    let mut extra = cache_control_extra(tool.extra.get(CACHE_CONTROL));
+    // The tool's own Messages fields (`strict`, `input_examples`, `defer_loading`, …), as the
+    // client sent them.
+    if let Some(Value::Object(fields)) = tool.extra.get(ANTHROPIC_FIELDS) {
+        for (k, v) in fields {
+            extra.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
     Ok(AnthropicTool {
         name: tool.function.name.clone(),
         description: tool.function.description.clone(),
         input_schema,
-        extra: cache_control_extra(tool.extra.get(CACHE_CONTROL)),
+        extra,
     })
 }
 
@@ -2569,6 +2577,18 @@ fn tool_to_openai(tool: &AnthropicTool) -> Result<Tool, TranslateError> {
             tool.name
         )));
     }
+    let mut extra = cache_control_extra(tool.extra.get(CACHE_CONTROL));
+    // Its other fields (`strict`, `input_examples`, `defer_loading`, `type: "custom"`, …) ride
+    // along for an Anthropic upstream, as a request's own fields do.
+    let fields: Map<String, Value> = tool
+        .extra
+        .iter()
+        .filter(|(k, _)| k.as_str() != CACHE_CONTROL)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !fields.is_empty() {
+        extra.insert(ANTHROPIC_FIELDS.into(), Value::Object(fields));
+    }
     Ok(Tool {
         kind: "function".into(),
         function: FunctionDef {
@@ -2577,7 +2597,7 @@ fn tool_to_openai(tool: &AnthropicTool) -> Result<Tool, TranslateError> {
             parameters: (!tool.input_schema.is_null()).then(|| tool.input_schema.clone()),
             extra: Extra::new(),
         },
-        extra: cache_control_extra(tool.extra.get(CACHE_CONTROL)),
+        extra,
     })
 }
 
@@ -3944,6 +3964,25 @@ mod tests {
             serde_json::to_value(&back.content).unwrap(),
             json!([{"type": "text", "text": "One. Two. Three."}])
         );
+    }
+
+    /// A Messages tool's own fields reach an Anthropic upstream as the client sent them.
+    #[test]
+    fn a_tools_own_fields_go_through() {
+        let tool = json!({
+            "type": "custom", "name": "get_weather", "description": "Weather",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "strict": true, "input_examples": [{"city": "Oslo"}], "defer_loading": true,
+            "cache_control": {"type": "ephemeral"}
+        });
+        let req: MessagesRequest = serde_json::from_value(json!({
+            "model": "claude", "max_tokens": 100, "tools": [tool],
+            "messages": [{"role": "user", "content": "Go"}]
+        }))
+        .unwrap();
+        let chat = request_to_openai(&req).unwrap();
+        let up = serde_json::to_value(request_from_openai(&chat).unwrap()).unwrap();
+        assert_eq!(up["tools"][0], tool, "{up:#}");
     }
 
     /// Interleaved thinking (a thinking block before each tool call) keeps its order both ways.
