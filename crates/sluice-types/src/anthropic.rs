@@ -2345,7 +2345,15 @@ fn user_to_openai(
                 }
                 let mut msg = Message::text(Role::Tool, text);
                 msg.tool_call_id = Some(tool_use_id.clone());
-                msg.extra = cache_control_extra(block_cache_control(block));
+                // A breakpoint inside the result (on one of its blocks) marks the result: its
+                // text becomes one string here, and Anthropic takes the mark on the block.
+                let inner = match content {
+                    Some(ToolResultContent::Blocks(inner)) => {
+                        inner.iter().rev().find_map(block_cache_control)
+                    }
+                    _ => None,
+                };
+                msg.extra = cache_control_extra(block_cache_control(block).or(inner));
                 if *is_error == Some(true) {
                     msg.extra.insert(TOOL_IS_ERROR.into(), Value::Bool(true));
                 }
@@ -3963,6 +3971,31 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&back.content).unwrap(),
             json!([{"type": "text", "text": "One. Two. Three."}])
+        );
+    }
+
+    /// A breakpoint on a block inside a tool result marks the result (it was lost: the result's
+    /// text becomes one string in the OpenAI shape).
+    #[test]
+    fn a_breakpoint_inside_a_tool_result_marks_the_result() {
+        let cc = json!({"type": "ephemeral"});
+        let req: MessagesRequest = serde_json::from_value(json!({
+            "model": "claude", "max_tokens": 100,
+            "messages": [
+                {"role": "user", "content": "Go"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                    {"type": "text", "text": "a"}, {"type": "text", "text": "b", "cache_control": cc}
+                ]}]}
+            ]
+        }))
+        .unwrap();
+        let chat = request_to_openai(&req).unwrap();
+        assert_eq!(chat.messages[2].extra.get(CACHE_CONTROL), Some(&cc));
+        let up = serde_json::to_value(request_from_openai(&chat).unwrap()).unwrap();
+        assert_eq!(
+            up["messages"][2]["content"][0]["cache_control"], cc,
+            "{up:#}"
         );
     }
 
