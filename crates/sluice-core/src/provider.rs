@@ -41,6 +41,13 @@ pub trait ChatProvider: Send + Sync + 'static {
         )))
     }
 
+    /// The prompt tokens of a request as the upstream counts them (Anthropic's
+    /// `count_tokens`), or `None` for an upstream with no such API (the gateway then counts
+    /// with its own tokenizer). Providers without one keep the default.
+    async fn count_tokens(&self, _req: &ChatRequest) -> Result<Option<u64>, ProviderError> {
+        Ok(None)
+    }
+
     /// Embeddings. Providers without an embeddings API keep the default.
     async fn embed(&self, _req: &EmbeddingRequest) -> Result<EmbeddingResponse, ProviderError> {
         Err(ProviderError::Unsupported(format!(

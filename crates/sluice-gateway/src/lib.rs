@@ -414,7 +414,20 @@ impl Gateway {
     /// The prompt tokens of a request to a configured model the key may use, counted with the
     /// tokenizer of the model's first deployment (as records count them when an upstream reports
     /// no usage). Nothing is called and nothing is logged.
-    pub fn count_prompt_tokens(
+    /// The prompt tokens of a request as Sluice's tokenizer counts them for the model's first
+    /// deployment (no upstream is asked): a `/v1/messages` stream's `message_start`, before
+    /// the upstream reports its count.
+    pub fn estimate_prompt_tokens(&self, req: &ChatRequest) -> u64 {
+        let router = self.router();
+        let model = router
+            .group(&req.model)
+            .and_then(|g| g.deployments.first())
+            .map_or(req.model.as_str(), |d| d.dep.upstream_model());
+        tokens::estimate_prompt(model, req)
+    }
+
+    /// The prompt tokens of a request (`/v1/messages/count_tokens`), for a key allowed the model.
+    pub async fn count_prompt_tokens(
         &self,
         key: Option<&sluice_core::keys::VirtualKey>,
         req: &ChatRequest,
@@ -422,11 +435,26 @@ impl Gateway {
         allowed(key, &req.model)?;
         let router = self.router();
         let group = Self::resolve(&router, &req.model)?;
-        let model = group
-            .deployments
-            .first()
-            .map_or(req.model.as_str(), |d| d.dep.upstream_model());
-        Ok(tokens::estimate_prompt(model, req))
+        let Some(first) = group.deployments.first() else {
+            return Ok(tokens::estimate_prompt(&req.model, req));
+        };
+        // The upstream's own count where it has one (Anthropic's counts what a local tokenizer
+        // cannot: tools, images, its own framing); else the tokenizer of its model.
+        let up = addressed(req, first);
+        let limit = group
+            .timeouts
+            .total()
+            .or(group.timeouts.first_token())
+            .unwrap_or(COUNT_WAIT)
+            .min(COUNT_WAIT);
+        match with_timeout(Some(limit), first.dep.provider.count_tokens(&up)).await {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => Ok(tokens::estimate_prompt(first.dep.upstream_model(), req)),
+            Err(e) => {
+                tracing::warn!(deployment = %first.dep.id, error = %e, "the upstream could not count the prompt; counting it here");
+                Ok(tokens::estimate_prompt(first.dep.upstream_model(), req))
+            }
+        }
     }
 
     /// Replaces the router atomically; in-flight requests finish on the old one.
@@ -1446,6 +1474,9 @@ fn addressed(req: &ChatRequest, d: &DeploymentState) -> ChatRequest {
     up.model = d.dep.upstream_model().to_string();
     up
 }
+
+/// The longest wait for an upstream's count of a prompt before counting it here.
+const COUNT_WAIT: Duration = Duration::from_secs(10);
 
 async fn with_timeout<T>(
     limit: Option<Duration>,

@@ -43,6 +43,7 @@ fn default_version() -> String {
 pub struct Anthropic {
     client: http::Client,
     url: Uri,
+    count_url: Uri,
     models_url: Uri,
     /// The configured extra headers, `x-api-key` (marked sensitive) and `anthropic-version`.
     headers: HeaderMap,
@@ -70,6 +71,7 @@ impl Anthropic {
         Ok(Anthropic {
             client: http::Client::new(&timeouts)?,
             url: url("/v1/messages")?,
+            count_url: url("/v1/messages/count_tokens")?,
             models_url: url("/v1/models")?,
             headers,
             timeouts,
@@ -90,7 +92,17 @@ impl Anthropic {
     /// in `anthropic-beta` after any configured ones.
     fn post(
         &self,
+        body: wire::MessagesRequest,
+    ) -> Result<::http::Request<http_body_util::Full<bytes::Bytes>>, ProviderError> {
+        self.post_to(&self.url, body, None)
+    }
+
+    /// Like [`Anthropic::post`], to `url`; with `only`, the body keeps only those fields.
+    fn post_to(
+        &self,
+        url: &Uri,
         mut body: wire::MessagesRequest,
+        only: Option<&[&str]>,
     ) -> Result<::http::Request<http_body_util::Full<bytes::Bytes>>, ProviderError> {
         let betas = match body.extra.shift_remove(wire::BETAS) {
             None | Some(serde_json::Value::Null) => Vec::new(),
@@ -105,7 +117,18 @@ impl Anthropic {
                 .map_err(|()| bad_betas())?,
             Some(_) => return Err(bad_betas()),
         };
-        let mut request = http::post_json(&self.url, &self.headers, &body)?;
+        let mut request = match only {
+            None => http::post_json(url, &self.headers, &body)?,
+            Some(fields) => {
+                let mut v = serde_json::to_value(&body).map_err(|e| {
+                    ProviderError::Invalid(format!("cannot encode the request: {e}"))
+                })?;
+                if let Some(o) = v.as_object_mut() {
+                    o.retain(|k, _| fields.contains(&k.as_str()));
+                }
+                http::post_json(url, &self.headers, &v)?
+            }
+        };
         let betas: Vec<&str> = betas
             .iter()
             .flat_map(|b| b.split(','))
@@ -136,6 +159,28 @@ impl Anthropic {
     }
 }
 
+/// The fields `count_tokens` takes (it refuses `max_tokens`, `stream` and sampling settings).
+const COUNT_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "system",
+    "tools",
+    "tool_choice",
+    "thinking",
+    "cache_control",
+    "context_management",
+    "mcp_servers",
+    "output_config",
+    "output_format",
+    "speed",
+];
+
+/// `count_tokens`'s answer.
+#[derive(serde::Deserialize)]
+struct Counted {
+    input_tokens: u64,
+}
+
 fn bad_betas() -> ProviderError {
     ProviderError::Invalid(format!(
         "`{}.{}` must be a list of strings",
@@ -158,6 +203,12 @@ impl ChatProvider for Anthropic {
             )
             .await
             .map(|_| ())
+    }
+
+    async fn count_tokens(&self, req: &ChatRequest) -> Result<Option<u64>, ProviderError> {
+        let request = self.post_to(&self.count_url, translate(req, false)?, Some(COUNT_FIELDS))?;
+        let counted: Counted = self.client.json(request, self.timeouts.request).await?;
+        Ok(Some(counted.input_tokens))
     }
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatCompletion, ProviderError> {

@@ -18,8 +18,9 @@ use crate::error::{ApiError, anthropic_body};
 use crate::openai::{read_json, set_cost, set_headers, set_route, sse_response};
 
 /// `POST /v1/messages/count_tokens`: the prompt tokens of a Messages request (its body without
-/// `max_tokens`), counted with the tokenizer of the model's first deployment. Nothing is sent
-/// upstream and nothing is logged.
+/// `max_tokens`), counted by the model's first deployment: an Anthropic upstream's own
+/// `count_tokens`, else Sluice's tokenizer for its model (also when the upstream cannot answer).
+/// Nothing is logged.
 pub async fn count_tokens(State(state): State<SharedState>, req: Request) -> Response {
     match count(&state, req).await {
         Ok(n) => Json(serde_json::json!({ "input_tokens": n })).into_response(),
@@ -38,19 +39,26 @@ async fn count(state: &SharedState, req: Request) -> Result<u64, Error> {
     }
     let msg: MessagesRequest = serde_json::from_value(value)
         .map_err(|e| Error::invalid(format!("the request is not a Messages request: {e}")))?;
-    let chat = wire::request_to_openai(&msg).map_err(|e| Error::invalid(e.0))?;
-    state.gateway.count_prompt_tokens(key.as_deref(), &chat)
+    let mut chat = wire::request_to_openai(&msg).map_err(|e| Error::invalid(e.0))?;
+    wire::set_betas(&mut chat, betas(&parts.headers).iter().map(String::as_str));
+    state
+        .gateway
+        .count_prompt_tokens(key.as_deref(), &chat)
+        .await
 }
 
-pub async fn messages(State(state): State<SharedState>, req: Request) -> Response {
-    // Beta flags go to an Anthropic upstream with the request.
-    let betas: Vec<String> = req
-        .headers()
+/// The client's beta flags (`anthropic-beta`): they go to an Anthropic upstream with the request.
+fn betas(headers: &axum::http::HeaderMap) -> Vec<String> {
+    headers
         .get_all("anthropic-beta")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::to_string)
-        .collect();
+        .collect()
+}
+
+pub async fn messages(State(state): State<SharedState>, req: Request) -> Response {
+    let betas = betas(req.headers());
     let (ctx, msg) = match read_json::<MessagesRequest>(&state, req, "messages").await {
         Ok(v) => v,
         Err(e) => return ApiError::anthropic(e).into_response(),
@@ -75,13 +83,10 @@ pub async fn messages(State(state): State<SharedState>, req: Request) -> Respons
     let id = format!("msg_{}", ctx.id().simple());
     // Anthropic reports input tokens in `message_start`; the upstream's count only arrives at the
     // end of the stream, so the start carries the tokenizer's count: that of the model's first
-    // deployment, as `count_tokens` gives it.
-    let input_estimate = chat.is_stream().then(|| {
-        state
-            .gateway
-            .count_prompt_tokens(None, &chat)
-            .unwrap_or_else(|_| sluice_gateway::tokens::estimate_prompt(&chat.model, &chat))
-    });
+    // deployment (`count_tokens` asks an Anthropic upstream; a stream does not wait for that).
+    let input_estimate = chat
+        .is_stream()
+        .then(|| state.gateway.estimate_prompt_tokens(&chat));
     match state.gateway.chat(ctx, chat).await {
         Ok(ChatOutcome::Complete {
             completion,

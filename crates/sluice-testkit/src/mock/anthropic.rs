@@ -48,6 +48,46 @@ pub(crate) async fn messages(State(shared): State<Arc<Shared>>, req: Incoming) -
     .await
 }
 
+/// `POST /v1/messages/count_tokens`: 1000 plus the number of messages, so that a test can tell
+/// the upstream's count from a local one. Fields the real endpoint refuses (`max_tokens`,
+/// `stream`, sampling settings) are refused the same way.
+pub(crate) async fn count_tokens(req: Incoming) -> Response {
+    if !req.has_header("x-api-key") || !req.has_header("anthropic-version") {
+        return json_value(
+            StatusCode::UNAUTHORIZED,
+            &error(
+                "authentication_error",
+                "x-api-key and anthropic-version are required",
+            ),
+        );
+    }
+    for field in [
+        "max_tokens",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_sequences",
+        "metadata",
+    ] {
+        if req.body.get(field).is_some() {
+            return json_value(
+                StatusCode::BAD_REQUEST,
+                &error(
+                    "invalid_request_error",
+                    &format!("{field}: Extra inputs are not permitted"),
+                ),
+            );
+        }
+    }
+    let messages = req
+        .body
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    json_value(StatusCode::OK, &json!({"input_tokens": 1000 + messages}))
+}
+
 pub(crate) fn fault_error(fault: Fault) -> (StatusCode, Value) {
     match fault {
         Fault::Status500 => (

@@ -323,6 +323,7 @@ fn router(shared: Arc<Shared>) -> Router {
             post(openai::azure_embeddings),
         )
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1beta/models/{target}", post(gemini::models_call))
         .fallback(no_route)
         .with_state(shared)

@@ -589,7 +589,8 @@ async fn message_start_counts_the_prompt_as_count_tokens_does() {
 }
 
 /// `POST /v1/messages/count_tokens`, as the Anthropic SDK's `messages.count_tokens()` calls it:
-/// the prompt's tokens, with nothing sent upstream or logged; errors in the Anthropic shape.
+/// the prompt's tokens, with nothing sent to an OpenAI-type upstream (which has no counting API)
+/// or logged; errors in the Anthropic shape.
 #[tokio::test]
 async fn count_tokens_counts_without_calling_the_upstream() {
     let (upstream, sluice) = setup().await;
@@ -630,6 +631,63 @@ async fn count_tokens_counts_without_calling_the_upstream() {
     assert_eq!(resp.status(), 404);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "not_found_error", "{body}");
+}
+
+/// With an Anthropic upstream, `count_tokens` is the upstream's own count (it counts tools,
+/// images and its framing, which a local tokenizer cannot): sent with the fields that endpoint
+/// takes (no `max_tokens`, sampling or `metadata`, which it refuses) and the client's beta flags.
+/// An upstream that cannot count leaves the count to Sluice's tokenizer.
+#[tokio::test]
+async fn count_tokens_asks_an_anthropic_upstream() {
+    let upstream = MockUpstream::start().await;
+    let sluice = Sluice::start(&provider_config(
+        "anthropic",
+        &upstream.base_url(),
+        &["claude-sonnet-4-5"],
+    ))
+    .await;
+    let body = json!({
+        "model": "m-claude-sonnet-4-5", "system": "Be terse.", "temperature": 0.5,
+        "metadata": {"user_id": "u1"},
+        "tools": [{"name": "read", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
+                     {"role": "user", "content": "Count me"}]
+    });
+    let resp = reqwest::Client::new()
+        .post(sluice.url("/v1/messages/count_tokens"))
+        .header("x-api-key", "sk-ant-anything")
+        .header("anthropic-version", "2023-06-01")
+        .header("anthropic-beta", "token-counting-2024-11-01")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let counted: Value = resp.json().await.unwrap();
+    assert_eq!(
+        counted["input_tokens"], 1003,
+        "the upstream's count: {counted}"
+    );
+    let reqs = upstream.requests();
+    assert_eq!(reqs.len(), 1);
+    let sent = &reqs[0];
+    assert_eq!(sent.path, "/v1/messages/count_tokens");
+    assert_eq!(sent.body["model"], "claude-sonnet-4-5");
+    assert!(sent.body.get("max_tokens").is_none(), "{}", sent.body);
+    assert_eq!(sent.body["tools"][0]["name"], "read");
+    assert!(
+        sent.headers
+            .iter()
+            .any(|(k, v)| k == "anthropic-beta" && v.contains("token-counting-2024-11-01")),
+        "{:?}",
+        sent.headers
+    );
+    // An upstream that fails: counted here instead, never an error.
+    drop(upstream);
+    let (status, local) = count_tokens(&sluice, body).await;
+    assert_eq!(status, 200, "{local}");
+    let n = local["input_tokens"].as_u64().unwrap();
+    assert!(n > 0 && n != 1003, "{local}");
 }
 
 /// A Claude Code–like request: caching breakpoints on the system prompt, a tool, a text block
