@@ -450,6 +450,14 @@ impl Gateway {
         match with_timeout(Some(limit), first.dep.provider.count_tokens(&up)).await {
             Ok(Some(n)) => Ok(n),
             Ok(None) => Ok(tokens::estimate_prompt(first.dep.upstream_model(), req)),
+            // A request the upstream refuses as it stands is the client's to hear about (a count
+            // would say a prompt fits that it would refuse).
+            Err(
+                e @ ProviderError::Status {
+                    status: 400 | 413 | 422,
+                    ..
+                },
+            ) => Err(e.to_error(&first.dep.provider_name)),
             Err(e) => {
                 tracing::warn!(deployment = %first.dep.id, error = %e, "the upstream could not count the prompt; counting it here");
                 Ok(tokens::estimate_prompt(first.dep.upstream_model(), req))

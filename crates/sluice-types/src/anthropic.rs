@@ -854,14 +854,21 @@ fn in_block_order(
         TextSource::Parts(p) => Some(p.iter()),
         TextSource::Text(_) => None,
     };
+    // Whitespace of a block of its own goes with the next text; before anything else, or at the
+    // end, it is left out.
+    let mut held = String::new();
     for entry in order {
         match entry {
             Value::String(k) if k == "thinking" => {
+                held.clear();
                 if let Some(b) = thinking.next()? {
                     out.push(b);
                 }
             }
-            Value::String(k) if k == "tool_use" => out.push(tool_uses.next()?),
+            Value::String(k) if k == "tool_use" => {
+                held.clear();
+                out.push(tool_uses.next()?);
+            }
             Value::Number(n) => {
                 let len = usize::try_from(n.as_u64()?).ok()?;
                 let block = match (&mut parts, text) {
@@ -880,9 +887,17 @@ fn in_block_order(
                     }
                     (None, TextSource::Parts(_)) => return None,
                 };
-                if matches!(&block, ContentBlock::Text { text, .. } if !text.trim().is_empty()) {
-                    out.push(block);
+                let mut block = block;
+                if let ContentBlock::Text { text, .. } = &mut block {
+                    if text.trim().is_empty() {
+                        held.push_str(text);
+                        continue;
+                    }
+                    if !held.is_empty() {
+                        text.insert_str(0, &std::mem::take(&mut held));
+                    }
                 }
+                out.push(block);
             }
             _ => return None,
         }
@@ -2345,12 +2360,15 @@ fn user_to_openai(
                 }
                 let mut msg = Message::text(Role::Tool, text);
                 msg.tool_call_id = Some(tool_use_id.clone());
-                // A breakpoint inside the result (on one of its blocks) marks the result: its
-                // text becomes one string here, and Anthropic takes the mark on the block.
+                // A breakpoint on one of the result's text blocks marks the result: its text
+                // becomes one string here, and Anthropic takes the mark on the block. (Images and
+                // documents keep theirs where they go, below.)
                 let inner = match content {
-                    Some(ToolResultContent::Blocks(inner)) => {
-                        inner.iter().rev().find_map(block_cache_control)
-                    }
+                    Some(ToolResultContent::Blocks(inner)) => inner
+                        .iter()
+                        .rev()
+                        .filter(|b| matches!(b, ContentBlock::Text { .. }))
+                        .find_map(block_cache_control),
                     _ => None,
                 };
                 msg.extra = cache_control_extra(block_cache_control(block).or(inner));
@@ -3937,6 +3955,22 @@ mod tests {
             let up = serde_json::to_value(request_from_openai(&chat).unwrap()).unwrap();
             assert_eq!(up["messages"][1]["content"], blocks, "{up:#}");
         }
+        // A block of whitespace alone goes with the text after it (Anthropic refuses one).
+        let spaced: MessagesResponse = serde_json::from_value(json!({
+            "id": "msg_o", "type": "message", "role": "assistant", "model": "claude",
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": 5, "output_tokens": 9},
+            "content": [
+                {"type": "text", "text": "Para 1"}, {"type": "text", "text": "\n\n"},
+                {"type": "text", "text": "Para 2"}, {"type": "text", "text": " "}
+            ]
+        }))
+        .unwrap();
+        let back = response_from_openai(&response_to_openai(spaced), "claude");
+        assert_eq!(
+            serde_json::to_value(&back.content).unwrap(),
+            json!([{"type": "text", "text": "Para 1"}, {"type": "text", "text": "\n\nPara 2"}])
+        );
         // A turn in the default order carries no order of its own.
         let plain: MessagesResponse = serde_json::from_value(json!({
             "id": "msg_o", "type": "message", "role": "assistant", "model": "claude",
@@ -3997,6 +4031,25 @@ mod tests {
             up["messages"][2]["content"][0]["cache_control"], cc,
             "{up:#}"
         );
+        // An image's mark stays on the image (which goes to the user message after the result):
+        // lifted too, it would be sent twice.
+        let req: MessagesRequest = serde_json::from_value(json!({
+            "model": "claude", "max_tokens": 100,
+            "messages": [
+                {"role": "user", "content": "Go"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                    {"type": "text", "text": "a"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}, "cache_control": cc}
+                ]}]}
+            ]
+        }))
+        .unwrap();
+        let chat = request_to_openai(&req).unwrap();
+        assert_eq!(chat.messages[2].extra.get(CACHE_CONTROL), None);
+        let up = serde_json::to_value(request_from_openai(&chat).unwrap()).unwrap();
+        let marks = up.to_string().matches("ephemeral").count();
+        assert_eq!(marks, 1, "{up:#}");
     }
 
     /// A Messages tool's own fields reach an Anthropic upstream as the client sent them.

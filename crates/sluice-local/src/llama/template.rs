@@ -126,16 +126,37 @@ impl ChatTemplate {
         &self,
         messages: &[TemplateMessage],
     ) -> Result<Option<String>, LocalError> {
-        let Some(last) = messages.last().filter(|m| m.role == "assistant") else {
+        /// Stands in for the last message's text to find where the template writes it: no
+        /// whitespace (templates trim), nothing a template would change.
+        const MARK: &str = "\u{E000}sluice-prefill\u{E001}";
+        let Some((last, earlier)) = messages.split_last().filter(|(m, _)| m.role == "assistant")
+        else {
+            return Ok(None);
+        };
+        // Where the text starts: the text before it is the same whatever it says.
+        let mut marked = earlier.to_vec();
+        marked.push(TemplateMessage::new("assistant", MARK));
+        let with_mark = self.render(&marked, false)?;
+        let Some(start) = with_mark
+            .find(MARK)
+            .filter(|at| with_mark.rfind(MARK) == Some(*at))
+        else {
             return Ok(None);
         };
         let text = self.render(messages, false)?;
         let content = last.content.as_str();
-        let cut = [content, content.trim_end(), content.trim()]
+        let written = text.get(start..).and_then(|rest| {
+            [
+                content,
+                content.trim_end(),
+                content.trim(),
+                content.trim_start(),
+            ]
             .into_iter()
             .filter(|c| !c.is_empty())
-            .find_map(|c| text.rfind(c).map(|at| at + c.len()));
-        Ok(cut.map(|at| text[..at].to_string()))
+            .find(|c| rest.starts_with(c))
+        });
+        Ok(written.map(|c| text[..start + c.len()].to_string()))
     }
 }
 
@@ -346,6 +367,25 @@ mod tests {
             .render_continuing(&msgs(&[("user", "Hi"), ("assistant", "Hello, ")]))
             .unwrap();
         assert_eq!(out.as_deref(), Some("<user>Hi</user><assistant>Hello,"));
+        // The same text earlier in the conversation is not where the answer starts.
+        let out = trims
+            .render_continuing(&msgs(&[
+                ("user", "Answer like:\n```json\n{}\n```"),
+                ("assistant", "```json\n"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            out.as_deref(),
+            Some("<user>Answer like:\n```json\n{}\n```</user><assistant>```json")
+        );
+        // Nor is the same text in what the template writes after it.
+        let out = t
+            .render_continuing(&msgs(&[("user", "Hi"), ("assistant", "e")]))
+            .unwrap();
+        assert_eq!(
+            out.as_deref(),
+            Some("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\ne")
+        );
         // Not an assistant's last message, or one the template does not write: nothing to
         // continue.
         assert_eq!(t.render_continuing(&msgs(&[("user", "Hi")])).unwrap(), None);

@@ -50,7 +50,8 @@ pub(crate) async fn messages(State(shared): State<Arc<Shared>>, req: Incoming) -
 
 /// `POST /v1/messages/count_tokens`: 1000 plus the number of messages, so that a test can tell
 /// the upstream's count from a local one. Fields the real endpoint refuses (`max_tokens`,
-/// `stream`, sampling settings) are refused the same way.
+/// `stream`, sampling settings) are refused the same way, and so is a request holding
+/// `[mock:refuse]`.
 pub(crate) async fn count_tokens(req: Incoming) -> Response {
     if !req.has_header("x-api-key") || !req.has_header("anthropic-version") {
         return json_value(
@@ -85,6 +86,16 @@ pub(crate) async fn count_tokens(req: Incoming) -> Response {
         .get("messages")
         .and_then(Value::as_array)
         .map_or(0, Vec::len);
+    // A request this upstream refuses, on demand.
+    if req.body.to_string().contains("[mock:refuse]") {
+        return json_value(
+            StatusCode::BAD_REQUEST,
+            &error(
+                "invalid_request_error",
+                "prompt is too long: 250000 tokens > 200000 maximum",
+            ),
+        );
+    }
     json_value(StatusCode::OK, &json!({"input_tokens": 1000 + messages}))
 }
 

@@ -682,7 +682,25 @@ async fn count_tokens_asks_an_anthropic_upstream() {
         "{:?}",
         sent.headers
     );
-    // An upstream that fails: counted here instead, never an error.
+    // A request the upstream refuses is refused, in the Anthropic shape (a count would say it
+    // fits).
+    let (status, refused) = count_tokens(
+        &sluice,
+        json!({"model": "m-claude-sonnet-4-5", "messages": [{"role": "user", "content": "[mock:refuse]"}]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(
+        refused["error"]["type"], "invalid_request_error",
+        "{refused}"
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("prompt is too long")),
+        "{refused}"
+    );
+    // An upstream that fails: counted here instead.
     drop(upstream);
     let (status, local) = count_tokens(&sluice, body).await;
     assert_eq!(status, 200, "{local}");
