@@ -4013,17 +4013,21 @@ mod tests {
     #[test]
     fn a_breakpoint_inside_a_tool_result_marks_the_result() {
         let cc = json!({"type": "ephemeral"});
-        let req: MessagesRequest = serde_json::from_value(json!({
-            "model": "claude", "max_tokens": 100,
-            "messages": [
-                {"role": "user", "content": "Go"},
-                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
-                    {"type": "text", "text": "a"}, {"type": "text", "text": "b", "cache_control": cc}
-                ]}]}
-            ]
-        }))
-        .unwrap();
+        // A turn that calls tool `t1`, and its result of these blocks.
+        let with_result = |content: Value| -> MessagesRequest {
+            serde_json::from_value(json!({
+                "model": "claude", "max_tokens": 100,
+                "messages": [
+                    {"role": "user", "content": "Go"},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": content}]}
+                ]
+            }))
+            .unwrap()
+        };
+        let req = with_result(json!([
+            {"type": "text", "text": "a"}, {"type": "text", "text": "b", "cache_control": cc}
+        ]));
         let chat = request_to_openai(&req).unwrap();
         assert_eq!(chat.messages[2].extra.get(CACHE_CONTROL), Some(&cc));
         let up = serde_json::to_value(request_from_openai(&chat).unwrap()).unwrap();
@@ -4033,18 +4037,10 @@ mod tests {
         );
         // An image's mark stays on the image (which goes to the user message after the result):
         // lifted too, it would be sent twice.
-        let req: MessagesRequest = serde_json::from_value(json!({
-            "model": "claude", "max_tokens": 100,
-            "messages": [
-                {"role": "user", "content": "Go"},
-                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
-                    {"type": "text", "text": "a"},
-                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}, "cache_control": cc}
-                ]}]}
-            ]
-        }))
-        .unwrap();
+        let req = with_result(json!([
+            {"type": "text", "text": "a"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}, "cache_control": cc}
+        ]));
         let chat = request_to_openai(&req).unwrap();
         assert_eq!(chat.messages[2].extra.get(CACHE_CONTROL), None);
         let up = serde_json::to_value(request_from_openai(&chat).unwrap()).unwrap();
