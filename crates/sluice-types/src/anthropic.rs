@@ -871,7 +871,7 @@ fn in_block_order(
             }
             Value::Number(n) => {
                 let len = usize::try_from(n.as_u64()?).ok()?;
-                let block = match (&mut parts, text) {
+                let mut block = match (&mut parts, text) {
                     (Some(parts), _) => {
                         let p = parts.next()?;
                         let t = p.text.as_deref()?;
@@ -887,7 +887,6 @@ fn in_block_order(
                     }
                     (None, TextSource::Parts(_)) => return None,
                 };
-                let mut block = block;
                 if let ContentBlock::Text { text, .. } = &mut block {
                     if text.trim().is_empty() {
                         held.push_str(text);
