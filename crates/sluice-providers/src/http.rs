@@ -502,9 +502,14 @@ pub async fn status_error(resp: Response<Incoming>, limit: Duration) -> Provider
         Ok(Some(b)) => b,
         _ => Bytes::new(),
     };
-    let (message, code) = error_message(&body);
+    let (mut message, code) = error_message(&body);
+    let classed = account_status(status, code.as_deref(), &message, &body);
+    if classed != status {
+        // What the upstream answered, for the logs and the client: the status is the class.
+        message.push_str(&format!(" (answered HTTP {status})"));
+    }
     ProviderError::Status {
-        status: account_status(status, code.as_deref(), &message, &body),
+        status: classed,
         retry_after: retry_after.or_else(|| retry_delay(&body)),
         message,
         code,
@@ -1140,7 +1145,20 @@ pub(crate) mod tests {
             assert_eq!(err.class(), class, "{body}: {err:?}");
             assert_eq!(err.retry_after(), wait.map(Duration::from_secs), "{body}");
             match err {
-                ProviderError::Status { status: got, .. } => assert_eq!(got, status, "{body}"),
+                ProviderError::Status {
+                    status: got,
+                    message,
+                    ..
+                } => {
+                    assert_eq!(got, status, "{body}");
+                    // A status classed from the body says what was answered.
+                    let answered = &status_line[..3];
+                    assert_eq!(
+                        message.ends_with(&format!(" (answered HTTP {answered})")),
+                        answered != got.to_string(),
+                        "{message}"
+                    );
+                }
                 other => panic!("{other:?}"),
             }
         }
