@@ -733,11 +733,7 @@ fn parse_stored_thinking(stored: &Value) -> Option<(usize, ContentBlock)> {
 
 /// An assistant turn in Anthropic's order: thinking that came before any tool call, the text,
 /// then each tool call preceded by the thinking that came just before it.
-fn in_turn_order(
-    thinking: Vec<(usize, ContentBlock)>,
-    text: Vec<ContentBlock>,
-    tool_uses: Vec<ContentBlock>,
-) -> Vec<ContentBlock> {
+fn in_turn_order<T>(thinking: Vec<(usize, T)>, text: Vec<T>, tool_uses: Vec<T>) -> Vec<T> {
     let mut out = Vec::with_capacity(thinking.len() + text.len() + tool_uses.len());
     let mut thinking = thinking.into_iter().peekable();
     while let Some((_, b)) = thinking.next_if(|(before, _)| *before == 0) {
@@ -782,44 +778,25 @@ fn block_order(blocks: &[ContentBlock]) -> Option<Value> {
             _ => None,
         })
         .collect();
-    let texts = placed
-        .iter()
-        .filter(|p| matches!(p, Placed::Text(_)))
-        .count();
-    // The order `in_turn_order` gives these blocks (text in one block): thinking that came before
-    // any tool call, the text, then each tool call after the thinking that came before it.
+    // The order `in_turn_order` gives these blocks (their text in one block).
     let kind = |p: &Placed| match p {
         Placed::Text(_) => 0u8,
         Placed::Thinking => 1,
         Placed::ToolUse => 2,
     };
-    let mut thinking_before = Vec::new();
-    let mut tools = 0usize;
+    let (mut thinking, mut texts, mut tools) = (Vec::new(), 0usize, 0usize);
     for p in &placed {
         match p {
-            Placed::Thinking => thinking_before.push(tools),
+            Placed::Thinking => thinking.push((tools, 1u8)),
             Placed::ToolUse => tools += 1,
-            Placed::Text(_) => {}
+            Placed::Text(_) => texts += 1,
         }
     }
-    let mut default = Vec::with_capacity(placed.len());
-    let mut next = thinking_before.iter().peekable();
-    while next.next_if(|b| **b == 0).is_some() {
-        default.push(1);
-    }
-    if texts > 0 {
-        default.push(0);
-    }
-    for k in 0..tools {
-        while next.next_if(|b| **b <= k).is_some() {
-            default.push(1);
-        }
-        default.push(2);
-    }
-    default.extend(next.map(|_| 1));
+    let text = if texts > 0 { vec![0u8] } else { Vec::new() };
+    let default = in_turn_order(thinking, text, vec![2u8; tools]);
     let actual: Vec<u8> = placed.iter().map(kind).collect();
-    let moved = actual != default;
-    (texts > 1 || moved).then(|| {
+    // Several text blocks differ from the default's one too.
+    (actual != default).then(|| {
         Value::Array(
             placed
                 .iter()

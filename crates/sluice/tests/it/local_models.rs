@@ -146,19 +146,16 @@ async fn a_prefilled_answer_is_continued() {
     let Some(dir) = models() else { return };
     let s = start(&dir).await;
     let prefill = "The capital of France is";
-    let m = s
-        .post_json(
-            "/v1/messages",
-            &json!({
-                "model": "smol", "max_tokens": 8, "temperature": 0,
-                "system": "You are a helpful assistant.",
-                "messages": [
-                    {"role": "user", "content": "What is the capital of France?"},
-                    {"role": "assistant", "content": prefill}
-                ]
-            }),
-        )
-        .await;
+    let ask = |messages: Value| {
+        let body = json!({
+            "model": "smol", "max_tokens": 8, "temperature": 0,
+            "system": "You are a helpful assistant.", "messages": messages
+        });
+        let s = &s;
+        async move { s.post_json("/v1/messages", &body).await }
+    };
+    let question = json!({"role": "user", "content": "What is the capital of France?"});
+    let m = ask(json!([question, {"role": "assistant", "content": prefill}])).await;
     let text = m["content"][0]["text"].as_str().unwrap_or_default();
     assert!(
         text.contains("Paris") && !text.contains(prefill),
@@ -166,16 +163,7 @@ async fn a_prefilled_answer_is_continued() {
     );
     // The prefill is part of the prompt: the same conversation without it counts fewer tokens
     // by about the prefill's own (no end of turn, no new assistant header after it).
-    let fresh = s
-        .post_json(
-            "/v1/messages",
-            &json!({
-                "model": "smol", "max_tokens": 8, "temperature": 0,
-                "system": "You are a helpful assistant.",
-                "messages": [{"role": "user", "content": "What is the capital of France?"}]
-            }),
-        )
-        .await;
+    let fresh = ask(json!([question])).await;
     let with = m["usage"]["input_tokens"].as_u64().unwrap();
     let without = fresh["usage"]["input_tokens"].as_u64().unwrap();
     assert!(
