@@ -210,16 +210,16 @@ impl Decision {
     }
 }
 
-pub(crate) fn header_safe(s: &str) -> String {
+/// `s` with every character a header field may not carry as `_` (borrowed when it has none).
+pub(crate) fn header_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "._-/:@+".contains(c);
+    if s.chars().all(safe) {
+        return std::borrow::Cow::Borrowed(s);
+    }
     s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-/:@+".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+        .map(|c| if safe(c) { c } else { '_' })
+        .collect::<String>()
+        .into()
 }
 
 /// A complexity classifier, built once at config load.

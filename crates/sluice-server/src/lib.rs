@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -34,6 +34,32 @@ pub mod error;
 pub mod keys;
 pub mod openai;
 pub mod usage;
+
+/// Header names the request path reads or writes on every request, made once: a name given as
+/// text is parsed (checked and lowercased) on each use.
+pub(crate) mod names {
+    use axum::http::HeaderName;
+
+    pub const REQUEST_ID: HeaderName = HeaderName::from_static("request-id");
+    pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const X_SLUICE_REQUEST_ID: HeaderName = HeaderName::from_static("x-sluice-request-id");
+    pub const X_SLUICE_COST_USD: HeaderName = HeaderName::from_static("x-sluice-cost-usd");
+    pub const X_SLUICE_ROUTE: HeaderName = HeaderName::from_static("x-sluice-route");
+    pub const X_SLUICE_USER: HeaderName = HeaderName::from_static("x-sluice-user");
+    pub const X_SLUICE_SESSION: HeaderName = HeaderName::from_static("x-sluice-session");
+    pub const X_SLUICE_TAGS: HeaderName = HeaderName::from_static("x-sluice-tags");
+    pub const X_SLUICE_METADATA: HeaderName = HeaderName::from_static("x-sluice-metadata");
+    pub const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+    pub const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+    /// Headers a reverse proxy adds to what it forwards.
+    pub const FORWARDING: [HeaderName; 5] = [
+        HeaderName::from_static("forwarded"),
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderName::from_static("x-forwarded-host"),
+        HeaderName::from_static("x-real-ip"),
+        HeaderName::from_static("via"),
+    ];
+}
 
 use error::ApiError;
 
@@ -240,7 +266,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
             Err(e) => {
                 let e = Error::invalid(format!("the path is not valid: {}", e.body_text()));
                 // An Anthropic SDK (`GET /v1/models/{id}`) reads errors in its own shape.
-                Err(if parts.headers.contains_key("anthropic-version") {
+                Err(if parts.headers.contains_key(names::ANTHROPIC_VERSION) {
                     ApiError::anthropic(e)
                 } else {
                     ApiError::openai(e)
@@ -368,10 +394,10 @@ async fn request_id(State(state): State<SharedState>, mut req: Request, next: Ne
     if let Ok(v) = HeaderValue::from_str(&id.hyphenated().to_string()) {
         let headers = resp.headers_mut();
         if anthropic {
-            headers.insert("request-id", v.clone());
+            headers.insert(names::REQUEST_ID, v.clone());
         }
-        headers.insert("x-request-id", v.clone());
-        headers.insert("x-sluice-request-id", v);
+        headers.insert(names::X_REQUEST_ID, v.clone());
+        headers.insert(names::X_SLUICE_REQUEST_ID, v);
     }
     resp
 }
@@ -407,8 +433,8 @@ fn this_machine_only(state: &AppState, req: &Request, flavor: error::Flavor) -> 
 
 /// Why a request is not from this machine, if it is not.
 fn foreign(headers: &HeaderMap) -> Option<String> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(host) = text(header::HOST.as_str())
+    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(host) = text(&header::HOST)
         && !loopback_name(host)
     {
         return Some(format!(
@@ -417,25 +443,19 @@ fn foreign(headers: &HeaderMap) -> Option<String> {
     }
     // Forwarded by a reverse proxy (which makes the request look local: `proxy_pass
     // http://127.0.0.1:4141` sends that Host): the request comes from elsewhere.
-    if let Some(name) = [
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-real-ip",
-        "via",
-    ]
-    .into_iter()
-    .find(|name| headers.contains_key(*name))
+    if let Some(name) = names::FORWARDING
+        .iter()
+        .find(|name| headers.contains_key(*name))
     {
         return Some(format!(
             "this gateway has no admin key, so it answers only requests from this machine, and this one was forwarded by a proxy (`{name}`); set SLUICE_ADMIN_KEY to serve requests through a proxy"
         ));
     }
-    let cross_site = match text(header::ORIGIN.as_str()) {
+    let cross_site = match text(&header::ORIGIN) {
         Some(origin) => !origin
             .split_once("://")
             .is_some_and(|(_, rest)| loopback_name(rest.split('/').next().unwrap_or(rest))),
-        None => text("sec-fetch-site") == Some("cross-site"),
+        None => text(&names::SEC_FETCH_SITE) == Some("cross-site"),
     };
     cross_site.then(|| {
         "this gateway has no admin key, so it refuses requests a browser sends from a page of another site; set SLUICE_ADMIN_KEY (and send it) to allow them".to_string()
@@ -451,9 +471,11 @@ fn loopback_name(host: &str) -> bool {
             _ => host,
         },
     };
-    let lower = name.to_ascii_lowercase();
-    lower == "localhost"
-        || lower.ends_with(".localhost")
+    const SUFFIX: &str = ".localhost";
+    name.eq_ignore_ascii_case("localhost")
+        || (name.len() >= SUFFIX.len()
+            && name.is_char_boundary(name.len() - SUFFIX.len())
+            && name[name.len() - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX))
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
@@ -541,38 +563,46 @@ fn check_v1_key(state: &AppState, req: &mut Request) -> Result<(), Error> {
 }
 
 async fn v1_auth(State(state): State<SharedState>, mut req: Request, next: Next) -> Response {
-    if let Err(e) = check_v1_key(&state, &mut req) {
-        let flavor = error_flavor(&req);
-        let id = req.extensions().get::<RequestId>().map(|r| r.0);
-        let endpoint = endpoint_of(req.uri().path());
-        let mut ctx = RequestContext::new(endpoint, false);
-        if let Some(id) = id {
-            ctx.record.id = id;
-        }
-        // A revoked or expired key's holder: its record names the key, so that its use shows
-        // under `?key=`.
-        if let (Some(cache), Some(p)) = (&state.keys, presented_key(req.headers()))
-            && let Some(k) = cache.holder(p)
-        {
-            ctx.attribute_key(k);
-        }
-        // A key this gateway never issued (or none) is recorded a hundred times a second at
-        // most: a flood of them would otherwise fill the log and its queue.
-        static UNKNOWN: keys::PerSecond = keys::PerSecond::new(100);
-        let known = ctx.record.key_id.is_some();
-        if endpoint != "models" {
-            if known || UNKNOWN.pass().is_some() {
-                state.gateway.reject(ctx, None, &e).await;
-            } else {
-                // Still counted in the metrics.
-                state.gateway.reject_unlogged(ctx, &e);
-            }
-        }
-        let (parts, body) = req.into_parts();
-        body::discard(&parts.headers, body).await;
-        return ApiError { error: e, flavor }.into_response();
+    match check_v1_key(&state, &mut req) {
+        Ok(()) => next.run(req).await,
+        // Boxed: its future is large (a record to send, a body to discard), and every request's
+        // future would otherwise carry its size through each layer that moves it.
+        Err(e) => Box::pin(refuse_v1(state, req, e)).await,
     }
-    next.run(req).await
+}
+
+/// Refuses a model call whose key did not pass: recorded (within bounds), its body read off,
+/// the error in the shape its client reads.
+async fn refuse_v1(state: SharedState, req: Request, e: Error) -> Response {
+    let flavor = error_flavor(&req);
+    let id = req.extensions().get::<RequestId>().map(|r| r.0);
+    let endpoint = endpoint_of(req.uri().path());
+    let mut ctx = RequestContext::new(endpoint, false);
+    if let Some(id) = id {
+        ctx.record.id = id;
+    }
+    // A revoked or expired key's holder: its record names the key, so that its use shows
+    // under `?key=`.
+    if let (Some(cache), Some(p)) = (&state.keys, presented_key(req.headers()))
+        && let Some(k) = cache.holder(p)
+    {
+        ctx.attribute_key(k);
+    }
+    // A key this gateway never issued (or none) is recorded a hundred times a second at
+    // most: a flood of them would otherwise fill the log and its queue.
+    static UNKNOWN: keys::PerSecond = keys::PerSecond::new(100);
+    let known = ctx.record.key_id.is_some();
+    if endpoint != "models" {
+        if known || UNKNOWN.pass().is_some() {
+            state.gateway.reject(ctx, None, &e).await;
+        } else {
+            // Still counted in the metrics.
+            state.gateway.reject_unlogged(ctx, &e);
+        }
+    }
+    let (parts, body) = req.into_parts();
+    body::discard(&parts.headers, body).await;
+    ApiError { error: e, flavor }.into_response()
 }
 
 /// Whether the path reads the model list (`/v1/models/{id}`, whose id may hold slashes and end
@@ -599,7 +629,7 @@ fn is_model_route(path: &str) -> bool {
 fn error_flavor(req: &Request) -> error::Flavor {
     let path = req.uri().path();
     if is_anthropic_route(path)
-        || (is_models_path(path) && req.headers().contains_key("anthropic-version"))
+        || (is_models_path(path) && req.headers().contains_key(names::ANTHROPIC_VERSION))
     {
         error::Flavor::Anthropic
     } else {
@@ -825,8 +855,8 @@ pub(crate) fn attribute_from_headers(
 ) -> Result<(), Error> {
     // UTF-8 as sent (raw bytes are allowed in header values); anything else is refused rather
     // than taken for an absent header, which would put the spend on the wrong user.
-    let get = |name: &str| -> Result<Option<&str>, Error> {
-        let Some(v) = headers.get(name) else {
+    let get = |name: HeaderName| -> Result<Option<&str>, Error> {
+        let Some(v) = headers.get(&name) else {
             return Ok(None);
         };
         let text = std::str::from_utf8(v.as_bytes()).map_err(|_| {
@@ -836,19 +866,19 @@ pub(crate) fn attribute_from_headers(
         })?;
         Ok(Some(text.trim()).filter(|s| !s.is_empty()))
     };
-    if let Some(c) = get("cache-control")? {
+    if let Some(c) = get(header::CACHE_CONTROL)? {
         ctx.cache_control = Some(c.to_string());
     }
-    if let Some(u) = get("x-sluice-user")? {
+    if let Some(u) = get(names::X_SLUICE_USER)? {
         ctx.record.user = Some(u.to_string());
     }
-    if let Some(s) = get("x-sluice-session")? {
+    if let Some(s) = get(names::X_SLUICE_SESSION)? {
         ctx.record.session = Some(s.to_string());
     }
-    if let Some(t) = get("x-sluice-tags")? {
+    if let Some(t) = get(names::X_SLUICE_TAGS)? {
         ctx.record.tags = sluice_gateway::split_tags(t);
     }
-    if let Some(m) = get("x-sluice-metadata")? {
+    if let Some(m) = get(names::X_SLUICE_METADATA)? {
         match serde_json::from_str(m) {
             Ok(v @ serde_json::Value::Object(_)) => ctx.record.metadata = v,
             _ => {
@@ -894,6 +924,7 @@ mod tests {
             "[::1]:4141",
             "127.0.0.5",
             "app.localhost:3000",
+            "App.LocalHost",
         ] {
             assert!(loopback_name(ok), "{ok}");
         }
@@ -901,6 +932,7 @@ mod tests {
             "evil.example:4141",
             "10.0.0.1:4141",
             "localhost.evil.example",
+            "evillocalhost",
             "[2001:db8::1]:80",
             "",
         ] {

@@ -166,7 +166,8 @@ pub async fn chat_completions(State(state): State<SharedState>, req: Request) ->
 
 pub(crate) fn set_cost(resp: &mut Response, cost: f64) {
     if let Ok(v) = HeaderValue::from_str(&format!("{cost:.8}")) {
-        resp.headers_mut().insert("x-sluice-cost-usd", v);
+        resp.headers_mut()
+            .insert(crate::names::X_SLUICE_COST_USD, v);
     }
 }
 
@@ -182,7 +183,7 @@ pub(crate) fn set_headers(resp: &mut Response, headers: &[(&'static str, String)
 /// `x-sluice-route`: where the router sent the request, and why.
 pub(crate) fn set_route(resp: &mut Response, route: &str) {
     if let Ok(v) = HeaderValue::from_str(route) {
-        resp.headers_mut().insert("x-sluice-route", v);
+        resp.headers_mut().insert(crate::names::X_SLUICE_ROUTE, v);
     }
 }
 
@@ -327,7 +328,7 @@ fn model_object(name: &str) -> ModelObject {
 /// Whether the caller is an Anthropic client (its SDKs send `anthropic-version`): the model
 /// endpoints then answer in Anthropic's shape.
 fn anthropic_client(req: &Request) -> bool {
-    req.headers().contains_key("anthropic-version")
+    req.headers().contains_key(crate::names::ANTHROPIC_VERSION)
 }
 
 /// A model in Anthropic's shape.

@@ -603,6 +603,9 @@ impl SqliteStore {
             // An in-memory database lives in one connection.
             .max_connections(if in_memory { 1 } else { max_connections })
             .min_connections(if in_memory { 1 } else { 0 })
+            // A connection to a file in this process does not go stale the way a network one
+            // does: no ping (a round trip to the connection's thread) before each use.
+            .test_before_acquire(false)
             .idle_timeout(if in_memory {
                 None
             } else {
