@@ -1078,18 +1078,27 @@ impl Gateway {
                 .filter(|g| g.classifier.is_none() && key.may_use(router, name))
         };
         while let Some(group) = queue.pop_front() {
-            // Whether a failure of `class` here would have somewhere else to go.
+            // Whether a failure of `class` here would have somewhere else to go now: a group
+            // queued or a fallback for the class that some deployment could take the request
+            // at (one whose deployments are all blocked is no reason to stop waiting here).
             let elsewhere = |class: ErrorClass| {
-                !queue.is_empty()
+                let now = Instant::now();
+                queue.iter().any(|g| g.open_now(now, tokens))
                     || (group.fallbacks.for_class(class).iter())
-                        .any(|name| usable(&visited, name).is_some())
+                        .filter_map(|name| usable(&visited, name))
+                        .any(|g| g.open_now(now, tokens))
             };
+            let attempts_before = fin.attempts();
             match self.try_group(&group, fin, tokens, call, &elsewhere).await {
                 Ok(s) => return Ok(s),
                 Err((err, class)) => {
                     if class == ErrorClass::ClientError {
                         return Err(err);
                     }
+                    // A fallback group that could not be tried (every deployment blocked) does
+                    // not hide what the upstreams answered: the client hears the last real
+                    // failure, with its own status and `Retry-After`.
+                    let tried_here = fin.attempts() > attempts_before;
                     for name in group.fallbacks.for_class(class) {
                         if let Some(g) = usable(&visited, name) {
                             let g = g.clone();
@@ -1106,7 +1115,9 @@ impl Gateway {
                             "falling back"
                         );
                     }
-                    last = Some(err);
+                    if tried_here || last.is_none() {
+                        last = Some(err);
+                    }
                 }
             }
         }

@@ -842,6 +842,14 @@ impl Group {
         }
     }
 
+    /// Whether some deployment could take a request of `tokens` now: not cooling down after a
+    /// 429, its breaker not open, within its capacity. A look only: nothing is taken.
+    pub fn open_now(&self, now: Instant, tokens: u64) -> bool {
+        self.deployments
+            .iter()
+            .any(|d| d.blocked(now, tokens).is_none())
+    }
+
     /// Chooses the deployment for one attempt. Deployments this request already tried are
     /// avoided while an untried one is admissible. `tokens` is the request's estimated size for
     /// tokens-per-minute capacity (0 when no deployment has one).

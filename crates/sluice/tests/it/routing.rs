@@ -737,6 +737,104 @@ async fn a_fallback_the_key_may_not_use_does_not_cut_the_wait_short() {
     assert_eq!(up.count_for("b-good"), 0);
 }
 
+/// A fallback whose breakers are all open is no reason to give up the group's own retry: the
+/// request waits out the 429's `Retry-After` as it would with no fallback, and when the group's
+/// attempts are spent, the client hears the upstream's 429, not the blocked fallback's 503.
+#[tokio::test]
+async fn a_fallback_with_open_breakers_does_not_cut_the_wait_short_nor_hide_the_failure() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[
+            model(
+                "m",
+                &[dep(models::FAULT_429)],
+                &format!(
+                    "{}{}",
+                    sub("m", "retries", "retries = 1"),
+                    sub("m", "fallbacks", "rate_limited = [\"b\"]")
+                ),
+            ),
+            model(
+                "b",
+                &[dep(models::FAULT_500)],
+                &format!(
+                    "{}{}",
+                    sub("b", "retries", "retries = 0"),
+                    sub(
+                        "b",
+                        "circuit_breaker",
+                        "consecutive_failures = 1\ncooldown_secs = 60"
+                    )
+                ),
+            ),
+        ],
+    )
+    .await;
+    let http = client();
+    assert_eq!(chat(&http, &s, "b", false).await.status, 502);
+    assert_eq!(breaker_state(&s, "b", "up/fault-500").await, "open");
+    let a = chat(&http, &s, "m", false).await;
+    assert_eq!(a.status, 429, "{}", a.text);
+    assert_eq!(a.error_code(), "upstream_rate_limited", "{}", a.text);
+    let rec = s.record(&a.id).await;
+    assert_eq!(rec["error_code"], "upstream_rate_limited", "{rec:#}");
+    assert_eq!(
+        path(&rec),
+        vec![
+            step("m", "up/fault-429", "rate_limited"),
+            step("m", "up/fault-429", "rate_limited")
+        ]
+    );
+    assert_eq!(up.count_for(models::FAULT_500), 1);
+}
+
+/// An upstream's failure is what the client hears when the fallback could not be tried at all:
+/// a 500 stays a 502 `upstream_error`, not the fallback's `no_healthy_deployment`.
+#[tokio::test]
+async fn a_fallback_that_cannot_be_tried_leaves_the_upstreams_error() {
+    let up = MockUpstream::start().await;
+    let s = start(
+        &up,
+        &[
+            model(
+                "m",
+                &[dep(models::FAULT_500)],
+                &format!(
+                    "{}{}",
+                    sub("m", "retries", "retries = 0"),
+                    sub("m", "fallbacks", "server_error = [\"b\"]")
+                ),
+            ),
+            model(
+                "b",
+                &[dep(models::FAULT_503)],
+                &format!(
+                    "{}{}",
+                    sub("b", "retries", "retries = 0"),
+                    sub(
+                        "b",
+                        "circuit_breaker",
+                        "consecutive_failures = 1\ncooldown_secs = 60"
+                    )
+                ),
+            ),
+        ],
+    )
+    .await;
+    let http = client();
+    assert_eq!(chat(&http, &s, "b", false).await.status, 503);
+    assert_eq!(breaker_state(&s, "b", "up/fault-503").await, "open");
+    for stream in [false, true] {
+        let a = chat(&http, &s, "m", stream).await;
+        assert_eq!(a.status, 502, "{}", a.text);
+        assert_eq!(a.error_code(), "upstream_error", "{}", a.text);
+        let rec = s.record(&a.id).await;
+        assert_eq!(rec["error_code"], "upstream_error", "{rec:#}");
+        assert_eq!(path(&rec), vec![step("m", "up/fault-500", "server_error")]);
+    }
+}
+
 /// A key allowed a complexity model may be served by any of its tiers, a tier's fallback to
 /// another tier included.
 #[tokio::test]
