@@ -108,6 +108,17 @@ impl sluice_server::Reload for Reloader {
         let cfg = Config::from_raw_reusing(self.source.clone(), raw, Some((&providers, &old)))
             .map_err(|e| crate::config::in_source(e, &self.source, &self.overrides))?;
         let models: Vec<String> = cfg.router.names().map(str::to_string).collect();
+        if models.is_empty() && old.names().next().is_some() {
+            // An empty or half-written file (an editor that truncates before it writes, a
+            // deploy tool racing the signal) would answer every request 404.
+            return Err(format!(
+                "{} configures no models, which would leave every request unanswered (hint: check the file is whole, then reload again)",
+                match &self.source {
+                    Source::File(p) => format!("config file `{}`", p.display()),
+                    _ => "the configuration".to_string(),
+                }
+            ));
+        }
         let restart = if cfg.server != self.started_with.0
             || cfg.store != self.started_with.1
             || cfg.state != self.started_with.2

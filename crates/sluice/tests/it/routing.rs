@@ -1961,15 +1961,28 @@ async fn reload_swaps_the_router_and_keeps_it_on_a_bad_file() {
     assert_eq!(up.count_for("three"), 0);
     assert_eq!(deployment(&s, "m", "up/two").await["model"], "two");
 
+    // The file emptied (truncated by an editor about to write it): no model left would answer
+    // every request 404, so it is refused and the running configuration stays.
+    let path = s.dir().join("sluice.toml");
+    let whole = std::fs::read_to_string(&path).expect("read config");
+    std::fs::write(&path, "").expect("empty config");
+    let (status, v) = reload(&s).await;
+    assert_eq!(status, 400, "{v:#}");
+    let message = v["error"]["message"].as_str().expect("message");
+    assert!(message.contains("configures no models"), "{message}");
+    chat_ok(&http, &s, "m").await;
+    assert_eq!(up.count_for("two"), 3);
+    std::fs::write(&path, whole).expect("restore config");
+
     // The file gone: said so, with no start-up hint, and the running configuration stays.
-    std::fs::remove_file(s.dir().join("sluice.toml")).expect("remove config");
+    std::fs::remove_file(&path).expect("remove config");
     let (status, v) = reload(&s).await;
     assert_eq!(status, 400, "{v:#}");
     let message = v["error"]["message"].as_str().expect("message");
     assert!(message.contains("no longer exists"), "{message}");
     assert!(!message.contains("--config"), "{message}");
     chat_ok(&http, &s, "m").await;
-    assert_eq!(up.count_for("two"), 3);
+    assert_eq!(up.count_for("two"), 4);
 }
 
 #[tokio::test]
