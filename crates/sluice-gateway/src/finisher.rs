@@ -361,7 +361,7 @@ impl Finisher {
             let model = dep.upstream_model();
             self.cache_writes = apply_usage(r, usage, dep.price, || {
                 Usage::new(
-                    tokens::count_prompt(model, req),
+                    tokens::count_prompt_and_media(model, req),
                     tokens::count_text(model, &completion.output_text()),
                     0,
                 )

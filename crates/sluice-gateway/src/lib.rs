@@ -1613,8 +1613,9 @@ fn dearest(router: &Router, group: &Group, key: Caller<'_>) -> (f64, f64) {
 const WORST_TOKENS_PER_MESSAGE: u64 = 8;
 const WORST_TOKENS_PER_PART: u64 = 2_000;
 
-/// The most a chat request can cost: every byte of its messages and tools a token (a
-/// tokenizer never makes a token of less than one byte), plus a few per message and a generous
+/// The most a chat request can cost: every byte of its messages, tools, `response_format` and
+/// fields passed on as they are a token (a tokenizer never makes a token of less than one
+/// byte), plus a few per message and a generous
 /// allowance per image, plus its maximum completion (`max_completion_tokens`, `max_tokens`, else
 /// `default_max_tokens`) for each of its `n` choices, at the dearest prices it may be served at.
 fn worst_chat_cost(
@@ -1644,8 +1645,14 @@ fn worst_chat_cost(
         }
     }
     if let Some(tools) = &req.tools {
-        prompt += serde_json::to_string(tools).map_or(0, |s| s.len() as u64);
+        prompt += tokens::json_len(tools) as u64;
     }
+    // A structured-output schema is prompt, and so may be any field passed on as it is (the
+    // legacy `functions` list, say).
+    if let Some(format) = &req.response_format {
+        prompt += tokens::json_len(format) as u64;
+    }
+    prompt += tokens::json_len(&req.extra) as u64;
     // Without a cap, a Claude deployment asked to think generates up to its thinking budget on
     // top of the default.
     let uncapped =

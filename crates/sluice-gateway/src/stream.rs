@@ -157,7 +157,11 @@ impl State {
                 let mut counts = match self.start_prompt.take() {
                     Some(start) => start,
                     None if by_size => Usage::new(tokens::estimate_prompt_by_size(&self.req), 0, 0),
-                    None => Usage::new(tokens::count_prompt(&self.req.model, &self.req), 0, 0),
+                    None => Usage::new(
+                        tokens::count_prompt_and_media(&self.req.model, &self.req),
+                        0,
+                        0,
+                    ),
                 };
                 counts.completion_tokens = completion;
                 counts.total_tokens = counts.prompt_tokens.saturating_add(completion);

@@ -101,11 +101,17 @@ fn prompt_bytes(req: &ChatRequest, limit: usize) -> usize {
     if let Some(tools) = &req.tools {
         n += json_len(tools);
     }
-    n
+    n + other_prompt_fields(req).map(json_len).sum::<usize>()
+}
+
+/// The fields besides messages and tools that an upstream reads as prompt: a structured-output
+/// schema (`response_format`) and the legacy `functions` list (passed on as it is).
+fn other_prompt_fields(req: &ChatRequest) -> impl Iterator<Item = &serde_json::Value> {
+    req.response_format.iter().chain(req.extra.get("functions"))
 }
 
 /// The length of a value's JSON, counted without building it.
-fn json_len(v: &impl serde::Serialize) -> usize {
+pub(crate) fn json_len(v: &impl serde::Serialize) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -132,8 +138,14 @@ pub fn estimate_prompt(model: &str, req: &ChatRequest) -> u64 {
         // All of it: the count above stops once past the limit.
         estimate_prompt_by_size(req)
     } else {
-        count_prompt(model, req).saturating_add((prompt_media_bytes(req) as u64).div_ceil(4))
+        count_prompt_and_media(model, req)
     }
+}
+
+/// A prompt's tokens when the upstream reported none: [`count_prompt`] for its text, plus its
+/// media parts as [`media_bytes`] counts them (what `count_tokens` answers, too).
+pub fn count_prompt_and_media(model: &str, req: &ChatRequest) -> u64 {
+    count_prompt(model, req).saturating_add((prompt_media_bytes(req) as u64).div_ceil(4))
 }
 
 /// Prompt tokens of a chat request, with OpenAI's chat framing: 3 tokens per message, 1 more per
@@ -167,6 +179,9 @@ pub fn count_prompt(model: &str, req: &ChatRequest) -> u64 {
         && let Ok(json) = serde_json::to_string(tools)
     {
         n += bpe.encode_ordinary(&json).len() as u64;
+    }
+    for v in other_prompt_fields(req) {
+        n += bpe.encode_ordinary(&v.to_string()).len() as u64;
     }
     n
 }

@@ -338,3 +338,44 @@ async fn a_request_a_budget_refuses_uses_no_rate_limit() {
         }
     }
 }
+
+/// A structured-output schema and the legacy `functions` list are prompt the upstream bills:
+/// the worst case counts them, so one request cannot spend many times a key's budget.
+#[tokio::test]
+async fn a_budget_counts_a_response_format_and_functions_in_the_worst_case() {
+    let s = Sluice::start(PRICED).await;
+    let (key, _) = create_key(&s, json!({"name": "k", "budget": {"total_usd": 1.0}})).await;
+    let long = "x".repeat(20_000);
+    let send = |extra: Value| {
+        let (s, key) = (&s, &key);
+        async move {
+            let mut body = json!({"model": "pricey", "max_tokens": 1,
+                                  "messages": [{"role": "user", "content": "w"}]});
+            for (k, v) in extra.as_object().expect("object") {
+                body[k] = v.clone();
+            }
+            let resp = reqwest::Client::new()
+                .post(s.url("/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .expect("chat");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let schema = json!({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "description": long}}}});
+    let functions = json!({"functions": [{"name": "f", "description": long,
+                                          "parameters": {"type": "object"}}]});
+    for extra in [schema, functions] {
+        let (status, body) = send(extra).await;
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(message.contains("request too large"), "{message}");
+    }
+    let (status, body) = send(json!({})).await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -5,7 +5,7 @@ use async_openai::config::OpenAIConfig;
 use async_openai::types::chat::CreateChatCompletionRequest;
 use async_openai::types::embeddings::CreateEmbeddingRequest;
 use futures::StreamExt;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::harness::{Opts, Sluice, request_id};
 
@@ -349,6 +349,48 @@ async fn tokenizer_counts_when_the_upstream_reports_no_usage() {
         assert_eq!(rec["prompt_tokens"], 9, "{rec}");
         assert_eq!(rec["completion_tokens"], 2, "{rec}");
         assert!(rec["cost_usd"].as_f64().unwrap() > 0.0);
+    }
+    // An image counts as `count_tokens` counts it (765), and a structured-output schema and the
+    // legacy `functions` as their JSON: the prompt the upstream read, not its text alone.
+    let image = json!([
+        {"type": "text", "text": "hello world"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    ]);
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+    let functions = json!([{"name": "lookup_the_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
+    for stream in [false, true] {
+        let prompt = |body: Value| {
+            let (http, s) = (&http, &s);
+            async move {
+                let resp = http
+                    .post(s.url("/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let id = request_id(&resp);
+                let _ = resp.text().await.unwrap();
+                let rec = s.record(&id).await;
+                assert_eq!(rec["usage_source"], "tokenizer", "{rec}");
+                rec["prompt_tokens"].as_u64().expect("prompt tokens")
+            }
+        };
+        let with_image = prompt(json!({
+            "model": "unmetered", "stream": stream,
+            "messages": [{"role": "user", "content": image}]
+        }))
+        .await;
+        assert_eq!(with_image, 9 + 765);
+        let with_schema = prompt(json!({
+            "model": "unmetered", "stream": stream,
+            "response_format": schema, "functions": functions,
+            "messages": [{"role": "user", "content": image}]
+        }))
+        .await;
+        assert!(
+            with_schema >= with_image + 30,
+            "{with_schema} vs {with_image}"
+        );
     }
 }
 
