@@ -330,26 +330,24 @@ async fn records_carry_attribution_usage_cost_and_bodies() {
 async fn tokenizer_counts_when_the_upstream_reports_no_usage() {
     let s = Sluice::start(MOCK).await;
     let http = reqwest::Client::new();
-    for stream in [false, true] {
-        let resp = http
-            .post(s.url("/v1/chat/completions"))
-            .json(&json!({
-                "model": "unmetered",
-                "stream": stream,
-                "messages": [{"role": "user", "content": "hello world"}]
-            }))
-            .send()
-            .await
-            .unwrap();
-        let id = request_id(&resp);
-        let _ = resp.text().await.unwrap();
-        let rec = s.record(&id).await;
-        assert_eq!(rec["usage_source"], "tokenizer", "{rec}");
-        // o200k_base: 3 priming + 3 framing + "user" (1) + "hello world" (2).
-        assert_eq!(rec["prompt_tokens"], 9, "{rec}");
-        assert_eq!(rec["completion_tokens"], 2, "{rec}");
-        assert!(rec["cost_usd"].as_f64().unwrap() > 0.0);
-    }
+    // The record of a request to the mock's model that reports no usage.
+    let record = |body: Value| {
+        let (http, s) = (&http, &s);
+        async move {
+            let resp = http
+                .post(s.url("/v1/chat/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let id = request_id(&resp);
+            let _ = resp.text().await.unwrap();
+            let rec = s.record(&id).await;
+            assert_eq!(rec["usage_source"], "tokenizer", "{rec}");
+            rec
+        }
+    };
+    let prompt = |rec: Value| rec["prompt_tokens"].as_u64().expect("prompt tokens");
     // An image counts as `count_tokens` counts it (765), and a structured-output schema and the
     // legacy `functions` as their JSON: the prompt the upstream read, not its text alone.
     let image = json!([
@@ -359,34 +357,31 @@ async fn tokenizer_counts_when_the_upstream_reports_no_usage() {
     let schema = json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object", "properties": {"city": {"type": "string"}}}}});
     let functions = json!([{"name": "lookup_the_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
     for stream in [false, true] {
-        let prompt = |body: Value| {
-            let (http, s) = (&http, &s);
-            async move {
-                let resp = http
-                    .post(s.url("/v1/chat/completions"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                let id = request_id(&resp);
-                let _ = resp.text().await.unwrap();
-                let rec = s.record(&id).await;
-                assert_eq!(rec["usage_source"], "tokenizer", "{rec}");
-                rec["prompt_tokens"].as_u64().expect("prompt tokens")
-            }
-        };
-        let with_image = prompt(json!({
+        let rec = record(json!({
             "model": "unmetered", "stream": stream,
-            "messages": [{"role": "user", "content": image}]
+            "messages": [{"role": "user", "content": "hello world"}]
         }))
         .await;
+        // o200k_base: 3 priming + 3 framing + "user" (1) + "hello world" (2).
+        assert_eq!(rec["prompt_tokens"], 9, "{rec}");
+        assert_eq!(rec["completion_tokens"], 2, "{rec}");
+        assert!(rec["cost_usd"].as_f64().unwrap() > 0.0);
+        let with_image = prompt(
+            record(json!({
+                "model": "unmetered", "stream": stream,
+                "messages": [{"role": "user", "content": image}]
+            }))
+            .await,
+        );
         assert_eq!(with_image, 9 + 765);
-        let with_schema = prompt(json!({
-            "model": "unmetered", "stream": stream,
-            "response_format": schema, "functions": functions,
-            "messages": [{"role": "user", "content": image}]
-        }))
-        .await;
+        let with_schema = prompt(
+            record(json!({
+                "model": "unmetered", "stream": stream,
+                "response_format": schema, "functions": functions,
+                "messages": [{"role": "user", "content": image}]
+            }))
+            .await,
+        );
         assert!(
             with_schema >= with_image + 30,
             "{with_schema} vs {with_image}"
