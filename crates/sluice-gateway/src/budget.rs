@@ -398,45 +398,51 @@ impl Drop for Reservation {
 }
 
 fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<Utc>) -> Error {
+    let usd_text = |n: i64| sluice_core::price::format_usd(usd(n));
     let resets = match l.period.end(now) {
         Some(t) => format!("; it resets at {}", t.format("%Y-%m-%dT%H:%MZ")),
         None => "; raise it to go on".into(),
     };
-    let in_flight = if reserved > 0 {
-        format!(
-            " and {} reserved by requests in flight",
-            sluice_core::price::format_usd(usd(reserved))
-        )
-    } else {
-        String::new()
-    };
     let budget = sluice_core::price::format_usd(l.usd);
+    let (label, period) = (l.spender.label(), l.period.adjective());
+    let worst_text = format!(
+        "this request may cost up to {} (its max tokens at the model's price)",
+        usd_text(worst)
+    );
     if worst > nanos(l.usd) {
         // The request alone is over the whole budget: no reset makes room for it.
         let mut e = Error::new(
             ErrorCode::InsufficientQuota,
             format!(
-                "request too large for the {} budget of {} of {}: it may cost up to {} (its max tokens at the model's price); lower max_tokens (or max_completion_tokens), shorten the prompt, or raise the budget",
-                l.period.adjective(),
-                budget,
-                l.spender.label(),
-                sluice_core::price::format_usd(usd(worst)),
+                "request too large for the {period} budget of {budget} of {label}: it may cost up to {} (its max tokens at the model's price); lower max_tokens (or max_completion_tokens), shorten the prompt, or raise the budget",
+                usd_text(worst),
             ),
         );
         e.headers.push(("x-should-retry", "false".into()));
         return e;
     }
-    let mut e = Error::new(
-        ErrorCode::InsufficientQuota,
+    let limit = nanos(l.usd);
+    let message = if spent >= limit {
         format!(
-            "{} has used its {} budget of {budget}: {} spent{in_flight}, and this request may cost up to {} (its max tokens at the model's price){resets}",
-            l.spender.label(),
-            l.period.adjective(),
-            sluice_core::price::format_usd(usd(spent)),
-            sluice_core::price::format_usd(usd(worst)),
-        ),
-    );
-    if spent.saturating_add(worst) > nanos(l.usd) {
+            "{label} has used its {period} budget of {budget}: {} spent{resets}",
+            usd_text(spent)
+        )
+    } else if spent.saturating_add(worst) > limit {
+        // Room is left, not enough for this request's worst case.
+        format!(
+            "{label} has {} left of its {period} budget of {budget} ({} spent), and {worst_text}: lower max_tokens (or max_completion_tokens) to fit{resets}",
+            usd_text(limit - spent),
+            usd_text(spent)
+        )
+    } else {
+        format!(
+            "the room left in the {period} budget of {budget} of {label} is held by requests in flight: {} spent and {} reserved, and {worst_text}; retry when they finish",
+            usd_text(spent),
+            usd_text(reserved)
+        )
+    };
+    let mut e = Error::new(ErrorCode::InsufficientQuota, message);
+    if spent.saturating_add(worst) > limit {
         // What is spent already leaves no room: retrying before the period ends cannot help.
         // `x-should-retry: false` stops the OpenAI and Anthropic SDKs' automatic retries.
         e.retry_after = l
@@ -771,19 +777,36 @@ mod tests {
         let r2 = b.reserve(&limits, 0.20).await.unwrap().unwrap();
         let e = b.reserve(&limits, 0.20).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InsufficientQuota);
-        assert!(e.message.contains("daily budget of $1:"), "{}", e.message);
-        assert!(e.message.contains("$0.40 reserved"), "{}", e.message);
+        assert!(
+            e.message.starts_with(
+                "the room left in the daily budget of $1 of API key `k` is held by requests in flight: $0.50 spent and $0.40 reserved"
+            ),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.retry_after, Some(std::time::Duration::from_secs(1)));
         // The first cost far less than its worst case: room again.
         r1.settle(0.01);
         let r3 = b.reserve(&limits, 0.20).await.unwrap().unwrap();
         r2.settle(0.20);
         r3.settle(0.20);
         // 0.50 + 0.01 + 0.20 + 0.20 = 0.91 spent: 0.09 fits, 0.10 does not.
-        assert!(b.reserve(&limits, 0.10).await.is_err());
-        spend(&b, &limits, 0.09, 0.09).await;
+        let e = b.reserve(&limits, 0.10).await.unwrap_err();
         assert!(
-            b.reserve(&limits, 0.000_001).await.is_err(),
-            "exactly spent"
+            e.message.starts_with(
+                "API key `k` has $0.09 left of its daily budget of $1 ($0.91 spent), and this request may cost up to $0.10"
+            ),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("lower max_tokens"), "{}", e.message);
+        spend(&b, &limits, 0.09, 0.09).await;
+        let e = b.reserve(&limits, 0.000_001).await.unwrap_err();
+        assert!(
+            e.message
+                .starts_with("API key `k` has used its daily budget of $1: $1 spent; it resets at"),
+            "exactly spent: {}",
+            e.message
         );
     }
 
