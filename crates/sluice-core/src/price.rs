@@ -227,6 +227,17 @@ mod tests {
             t.lookup("gemini-2.0-flash")
         );
         assert_eq!(t.lookup("o3-mini-2025-01-31"), t.lookup("o3-mini"));
+        // Mistral's aliases and dated versions alike.
+        for (version, family) in [
+            ("mistral-large-latest", "mistral-large"),
+            ("mistral-large-2411", "mistral-large"),
+            ("mistral-small-2503", "mistral-small"),
+            ("mistral-medium-2505", "mistral-medium"),
+            ("codestral-2501", "codestral"),
+        ] {
+            assert!(t.lookup(family).is_some(), "{family}");
+            assert_eq!(t.lookup(version), t.lookup(family), "{version}");
+        }
         // Other products of a family are not priced as the family: o1-mini is not o1 (14×
         // over), o3-pro not o3 (10× under), claude-opus-4-5 not claude-opus-4.
         for other in [

@@ -1127,6 +1127,23 @@ impl Router {
         self.groups.values()
     }
 
+    /// The deployments of hosted or self-hosted upstreams with no price (`group/deployment`, in
+    /// name order): their cost is recorded as 0 and budgets never stop them. Local models and
+    /// the mock cost nothing by nature and are left out.
+    pub fn unpriced(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .groups
+            .values()
+            .flat_map(|g| g.deployments.iter().map(move |d| (g, d)))
+            .filter(|(_, d)| {
+                d.dep.price.is_none() && !matches!(d.dep.provider.kind(), "mock" | "local")
+            })
+            .map(|(g, d)| format!("{}/{}", g.name, d.dep.id))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Every deployment's live status.
     pub fn status(&self) -> Vec<DeploymentStatus> {
         let now = Instant::now();

@@ -397,6 +397,13 @@ async fn main() -> ExitCode {
                     c.server.listen,
                     display::redact_url(&c.store.url)
                 );
+                let unpriced = c.router.unpriced();
+                if !unpriced.is_empty() {
+                    outln!(
+                        "note: no price for {} (not in the price table): their cost is recorded as $0 and budgets never stop them; set input_cost_per_mtok and output_cost_per_mtok on the deployment if the upstream bills",
+                        unpriced.join(", ")
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),

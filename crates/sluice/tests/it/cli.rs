@@ -200,7 +200,31 @@ fn config_check_reports_key_paths() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("config OK"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("config OK"), "{stdout}");
+    assert!(!stdout.contains("no price"), "{stdout}");
+
+    // A deployment the price table does not know is named: it would cost $0 and pass budgets.
+    let unpriced = dir.path().join("unpriced.toml");
+    std::fs::write(
+        &unpriced,
+        std::fs::read_to_string(&good)
+            .unwrap()
+            .replace("model = \"gpt-4o-mini\"", "model = \"my-own-model\""),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&unpriced)
+        .env("UPSTREAM_KEY", "k")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("note: no price for bench-model/upstream/my-own-model"),
+        "{stdout}"
+    );
 
     // Without the secret the same file fails, naming the key and the variable.
     let (code, _, err) = run(
