@@ -562,7 +562,9 @@ fn apply_usage(
     };
     r.prompt_tokens = clamp(u.prompt_tokens);
     r.completion_tokens = clamp(u.completion_tokens);
-    r.cached_tokens = clamp(u.cached_tokens());
+    // Cached prompt tokens are prompt tokens: an upstream that reports more is held to those
+    // (the cost is, too).
+    r.cached_tokens = clamp(u.cached_tokens()).min(r.prompt_tokens);
     let writes = CacheWrites {
         tokens: clamp(u.cache_write_tokens()),
         one_hour: clamp(u.cache_write_1h_tokens()),
@@ -618,6 +620,27 @@ mod tests {
             "{} vs {want}",
             r.cost_usd
         );
+    }
+
+    #[test]
+    fn cached_tokens_are_never_more_than_the_prompt() {
+        let price = ModelPrice {
+            input: 1.0,
+            output: 2.0,
+            cached_input: Some(0.1),
+            cache_write_input: None,
+            cache_write_1h_input: None,
+        };
+        let mut r = RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false);
+        apply_usage(
+            &mut r,
+            Some(Usage::new(100, 10, 300)),
+            Some(price),
+            || unreachable!(),
+        );
+        assert_eq!((r.prompt_tokens, r.cached_tokens), (100, 100));
+        let want = (100.0 * 0.1 + 10.0 * 2.0) / 1e6;
+        assert!((r.cost_usd - want).abs() < 1e-15, "{}", r.cost_usd);
     }
 
     /// A deployment of a mock provider at `price`.

@@ -611,7 +611,6 @@ impl DeploymentState {
                 self.live.breaker.record(now, true, probe);
             }
             Some((class, retry_after)) => {
-                self.live.failures.fetch_add(1, Ordering::Relaxed);
                 // A 429 cools the deployment down for its `Retry-After` (1 s without one); any
                 // other failure that names a `Retry-After` (a 503, say) for that long, at most
                 // MAX_RETRY_AFTER whichever provider set it; the sum cannot overflow.
@@ -628,11 +627,14 @@ impl DeploymentState {
                         .fetch_max(until, Ordering::Relaxed);
                 }
                 if class.is_deployment_fault() {
+                    self.live.failures.fetch_add(1, Ordering::Relaxed);
                     // A failure cost its client at least as long as an answer would have: it
                     // counts as a sample of twice the longer of its own time and the average,
-                    // so that a deployment that times out or fails often looks slow, not fast.
+                    // and at least FAILURE_SAMPLE_MS, so that a deployment that times out or
+                    // fails often looks slow, not fast (one that fails at once looked fastest).
                     let ms = latency.as_secs_f64() * 1000.0;
-                    let slow = ms.max(self.latency_ms(now).unwrap_or(0.0)) * 2.0;
+                    let slow =
+                        (ms.max(self.latency_ms(now).unwrap_or(0.0)) * 2.0).max(FAILURE_SAMPLE_MS);
                     self.observe_latency(now, slow.min(MAX_LATENCY_SAMPLE_MS));
                     self.live.breaker.record(now, false, probe);
                 } else if probe.is_some() {
@@ -790,6 +792,9 @@ fn forgotten(last: u64, at: u64) -> bool {
 
 /// The largest latency sample, in milliseconds (an hour).
 const MAX_LATENCY_SAMPLE_MS: f64 = 3_600_000.0;
+
+/// The least latency sample a failed attempt counts as, in milliseconds.
+const FAILURE_SAMPLE_MS: f64 = 10_000.0;
 
 /// The least [`DeploymentState::probe_patience`].
 pub const PROBE_PATIENCE_FLOOR: Duration = Duration::from_secs(1);
@@ -1459,6 +1464,34 @@ mod tests {
             None,
         );
         assert_eq!(g.deployments[1].latency_ms(now), before);
+    }
+
+    /// A deployment that fails at once is not the fastest: a new one whose first attempt was a
+    /// 1 ms server error loses to one answering in 100 ms, and a failure shows in `failures`
+    /// while a 429 and a client error (not the deployment's fault) do not.
+    #[test]
+    fn a_deployment_that_fails_fast_does_not_look_fast() {
+        let g = group(
+            Strategy::Latency,
+            vec![dep("fails", 1.0, None, None), dep("works", 1.0, None, None)],
+            BreakerConfig::default(),
+        );
+        let now = Instant::now();
+        g.deployments[0].report(
+            now,
+            Duration::from_millis(1),
+            Some((ErrorClass::ServerError, None)),
+            None,
+        );
+        g.deployments[1].report(now, Duration::from_millis(100), None, None);
+        assert!(g.deployments[0].latency_ms(now).unwrap() > 100.0);
+        assert_eq!(counts(&g, 40).get("works"), Some(&40));
+        for class in [ErrorClass::RateLimited, ErrorClass::ClientError] {
+            g.deployments[1].report(now, Duration::from_millis(1), Some((class, None)), None);
+        }
+        let status = |i: usize| g.deployments[i].status("m", now);
+        assert_eq!((status(0).requests, status(0).failures), (1, 1));
+        assert_eq!((status(1).requests, status(1).failures), (3, 0));
     }
 
     /// The id of the deployment `g` picks at `at` for an attempt.

@@ -23,7 +23,8 @@ pub struct UsageArgs {
     /// Only this user (the request's user: header, body `user`, or key owner)
     #[arg(long)]
     pub user: Option<String>,
-    /// Only this team: its keys' owner team; a request without a key, its metadata's `team`
+    /// Only this team: the requests of keys whose owner is in it (a request without a key has no
+    /// team, whatever its metadata says)
     #[arg(long)]
     pub team: Option<String>,
     /// Only this model (as clients asked for it)
