@@ -181,12 +181,23 @@ impl Finisher {
 
     /// Marks the serving attempt failed after all: its stream broke after it started.
     pub fn fail_served_attempt(&mut self, class: sluice_core::error::ErrorClass, err: &Error) {
+        self.end_served_attempt();
         self.set_attempt_outcome(Some((class, err)));
+    }
+
+    /// The serving attempt's stream ended (whole, broken or left by its client): its latency is
+    /// its whole time, not the time to the stream's opening noted when it opened.
+    fn end_served_attempt(&mut self) {
+        let now = self.started.elapsed().as_secs_f64() * 1000.0;
+        if let Some(a) = self.rec().and_then(|r| r.attempt_log.last_mut()) {
+            a.latency_ms = round3((now - a.started_ms).max(0.0));
+        }
     }
 
     /// Marks the serving attempt cancelled: its client left while the stream was still under
     /// way (for the deployment's breaker it succeeded; on the record it did not finish).
     pub fn cancel_served_attempt(&mut self) {
+        self.end_served_attempt();
         if let Some(a) = self.rec().and_then(|r| r.attempt_log.last_mut()) {
             a.outcome = "cancelled".to_string();
             a.error_code = None;
@@ -448,6 +459,7 @@ impl Finisher {
         response_body: Option<RawJson>,
         error: Option<&Error>,
     ) {
+        self.end_served_attempt();
         if let Some(r) = self.record.as_mut() {
             self.cache_writes = apply_usage(r, usage, price, count);
             r.finish_reason = finish_reason;
