@@ -149,9 +149,23 @@ pub enum ProviderError {
     /// message without its `tool_call_id`): nothing was sent.
     #[error("{0}")]
     Invalid(String),
+    /// An error the upstream reported inside an answer it gave with status 200 (an SSE error
+    /// event, an `error` object in the body): a [`ProviderError::Status`] with the status the
+    /// error's code or type stands for, so that it is classed and answered as that status would
+    /// be; its message says where it came from rather than claiming a status never sent.
+    #[error("upstream answered 200 with an error inside: {}", .0.status_message())]
+    Embedded(Box<ProviderError>),
 }
 
 impl ProviderError {
+    /// The upstream's own message of a [`ProviderError::Status`] (else the error's text).
+    fn status_message(&self) -> String {
+        match self {
+            ProviderError::Status { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// The client-facing error for this provider failure. `provider` names the deployment, so
     /// the operator can find it; upstream secrets never appear in messages.
     pub fn to_error(&self, provider: &str) -> Error {
@@ -219,6 +233,14 @@ impl ProviderError {
             ),
             ProviderError::Unsupported(m) => Error::new(ErrorCode::UnsupportedParameter, m.clone()),
             ProviderError::Invalid(m) => Error::new(ErrorCode::InvalidRequest, m.clone()),
+            ProviderError::Embedded(inner) => {
+                let mut e = inner.to_error(provider);
+                e.message = format!(
+                    "provider `{provider}` answered 200 with an error inside: {}",
+                    inner.status_message()
+                );
+                e
+            }
         }
     }
 }
@@ -294,6 +316,7 @@ impl ProviderError {
             ProviderError::Timeout(_) => ErrorClass::Timeout,
             ProviderError::Connect(_) | ProviderError::Protocol(_) => ErrorClass::ServerError,
             ProviderError::Unsupported(_) | ProviderError::Invalid(_) => ErrorClass::ClientError,
+            ProviderError::Embedded(inner) => inner.class(),
         }
     }
 
@@ -301,6 +324,7 @@ impl ProviderError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             ProviderError::Status { retry_after, .. } => *retry_after,
+            ProviderError::Embedded(inner) => inner.retry_after(),
             _ => None,
         }
     }

@@ -1652,7 +1652,9 @@ fn worst_chat_cost(
     if let Some(format) = &req.response_format {
         prompt += tokens::json_len(format) as u64;
     }
-    prompt += tokens::json_len(&req.extra) as u64;
+    if !req.extra.is_empty() {
+        prompt += tokens::json_len(&req.extra) as u64;
+    }
     // Without a cap, a Claude deployment asked to think generates up to its thinking budget on
     // top of the default.
     let uncapped =

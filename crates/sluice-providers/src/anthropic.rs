@@ -264,13 +264,13 @@ impl ChatProvider for Anthropic {
                                 Err(e) => {
                                     done = true;
                                     let code = wire::stream_error_kind(&e.0).map(str::to_string);
-                                    Err(ProviderError::Status {
+                                    Err(ProviderError::Embedded(Box::new(ProviderError::Status {
                                         status: http::stream_error_status(code.as_deref()),
                                         message: e.0,
                                         code,
                                         param: None,
                                         retry_after: None,
-                                    })
+                                    })))
                                 }
                             }
                         }

@@ -698,13 +698,13 @@ pub fn stream_error(data: &[u8]) -> ProviderError {
             status = s;
         }
     }
-    ProviderError::Status {
+    ProviderError::Embedded(Box::new(ProviderError::Status {
         status,
         message,
         code,
         param: error_param(data),
         retry_after: None,
-    }
+    }))
 }
 
 /// At most 200 characters of a body, for error messages.
@@ -1484,7 +1484,7 @@ pub(crate) mod tests {
         );
         assert!(matches!(
             stream_error(br#"{"error":"Model is overloaded","error_type":"overloaded"}"#),
-            ProviderError::Status { status: 503, .. }
+            ProviderError::Embedded(e) if matches!(*e, ProviderError::Status { status: 503, .. })
         ));
         // Gemini: its status names the class.
         assert_eq!(
@@ -1496,8 +1496,24 @@ pub(crate) mod tests {
         // Nothing telling: a server error.
         assert!(matches!(
             stream_error(br#"{"error":{"message":"boom"}}"#),
-            ProviderError::Status { status: 502, .. }
+            ProviderError::Embedded(e) if matches!(*e, ProviderError::Status { status: 502, .. })
         ));
+    }
+
+    /// An error inside a 200 answer is answered as the status it stands for, and its message
+    /// says where it came from: the upstream sent no such status.
+    #[test]
+    fn an_error_inside_a_200_answer_names_no_status_it_never_sent() {
+        let e = stream_error(br#"{"error":{"message":"boom mid-stream"}}"#).to_error("up");
+        assert_eq!(e.code, sluice_core::error::ErrorCode::UpstreamError);
+        assert_eq!(
+            e.message,
+            "provider `up` answered 200 with an error inside: boom mid-stream"
+        );
+        let e = stream_error(br#"{"error":{"message":"slow down","code":"rate_limit_exceeded"}}"#)
+            .to_error("up");
+        assert_eq!(e.code, sluice_core::error::ErrorCode::UpstreamRateLimited);
+        assert!(!e.message.contains("HTTP"), "{}", e.message);
     }
 
     #[test]

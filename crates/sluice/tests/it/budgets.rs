@@ -95,7 +95,7 @@ async fn a_key_budget_is_never_overshot_and_survives_a_restart() {
     );
     assert_eq!(refused["error"]["type"], "insufficient_quota");
     let msg = refused["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("daily budget of $1:"), "{msg}");
+    assert!(msg.contains("daily budget of $1 ($0.60 spent)"), "{msg}");
     let u = wait_records(&s, &id, ok + 1).await;
     let spent = u["total"]["cost_usd"].as_f64().unwrap();
     assert!(spent <= 1.0 + 1e-9, "spent {spent} over the budget");
