@@ -1447,7 +1447,7 @@ fn no_deployment(
         let mut e = Error::new(
             ErrorCode::RateLimited,
             format!(
-                "every deployment of model `{}` is at its capacity or cooling down after a 429{}; retry later",
+                "every deployment of model `{}` is at its capacity or waiting out its upstream's Retry-After (after a 429 or a 503){}; retry later",
                 group.name,
                 if breakers_open {
                     ", or has its circuit breaker open"
@@ -1462,11 +1462,13 @@ fn no_deployment(
         let mut e = Error::new(
             ErrorCode::NoHealthyDeployment,
             format!(
-                "no healthy deployment of model `{}`: every circuit breaker is open (see /api/deployments)",
+                "no healthy deployment of model `{}`: every circuit breaker is open or has its trial request under way (see /api/deployments)",
                 group.name
             ),
         );
-        e.retry_after = wait;
+        // A breaker whose trial is under way has no cool-down left to name: the trial answers
+        // soon.
+        e.retry_after = wait.or(Some(Duration::from_secs(1)));
         (e, blocked_class(false))
     }
 }
@@ -1916,6 +1918,34 @@ pub fn split_tags(s: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Blocked deployments: the client is told when to come back, a breaker's trial under way
+    /// included (it named no time, so SDKs retried at once or not at all).
+    #[test]
+    fn a_blocked_group_always_names_a_retry_after() {
+        let g = Group::new(
+            "g".into(),
+            router::Strategy::Weighted,
+            Vec::new(),
+            router::RetryConfig::default(),
+            router::FallbackConfig::default(),
+            router::TimeoutConfig::default(),
+            None,
+        );
+        let (e, _) = no_deployment(&g, None, false, true);
+        assert_eq!(e.code, ErrorCode::NoHealthyDeployment);
+        assert_eq!(e.retry_after, Some(Duration::from_secs(1)));
+        assert!(
+            e.message.contains("trial request under way"),
+            "{}",
+            e.message
+        );
+        let (e, _) = no_deployment(&g, Some(Duration::from_millis(20_300)), false, true);
+        assert_eq!(e.retry_after, Some(Duration::from_secs(21)));
+        let (e, _) = no_deployment(&g, Some(Duration::from_secs(20)), true, false);
+        assert_eq!(e.code, ErrorCode::RateLimited);
+        assert!(e.message.contains("Retry-After"), "{}", e.message);
+    }
 
     /// A key that belongs to a user speaks for that user whatever the request names; a key
     /// without one leaves the request's (an application's end user).
