@@ -1084,6 +1084,12 @@ pub fn response_to_openai(
         });
     }
     if choices.is_empty() {
+        if !blocked {
+            // Neither an answer nor a refusal (`{}`): a broken upstream, not an empty reply.
+            return Err(TranslateError::invalid(
+                "Gemini's answer has no candidates and no block reason",
+            ));
+        }
         choices.push(Choice {
             index: 0,
             message: ResponseMessage {
@@ -1767,6 +1773,19 @@ mod tests {
         assert_eq!(done.choices[1].index, 1);
         assert_eq!(done.choices[1].message.content.as_deref(), Some(""));
         assert_eq!(done.choices[1].finish_reason.as_deref(), Some("length"));
+    }
+
+    /// A 200 answer with neither candidates nor a block reason is a broken upstream (it was
+    /// taken for an empty reply, and charged).
+    #[test]
+    fn an_answer_with_nothing_in_it_is_an_error() {
+        for body in [
+            json!({}),
+            json!({"candidates": [], "modelVersion": "gemini-2.5-flash"}),
+        ] {
+            let e = response_to_openai(gemini(body), "gemini-2.5-flash").unwrap_err();
+            assert!(e.0.contains("no candidates"), "{e}");
+        }
     }
 
     #[test]
