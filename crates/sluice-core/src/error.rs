@@ -169,6 +169,12 @@ impl ProviderError {
     /// The client-facing error for this provider failure. `provider` names the deployment, so
     /// the operator can find it; upstream secrets never appear in messages.
     pub fn to_error(&self, provider: &str) -> Error {
+        self.to_error_as(provider, false)
+    }
+
+    /// [`to_error`](Self::to_error); `embedded`: the error came inside a 200 answer, so its
+    /// message names no status the upstream never sent.
+    fn to_error_as(&self, provider: &str, embedded: bool) -> Error {
         match self {
             ProviderError::Status {
                 status,
@@ -193,6 +199,9 @@ impl ProviderError {
                     _ => ErrorCode::UpstreamError,
                 };
                 let msg = match (code, *status) {
+                    (ErrorCode::UpstreamAuth, _) if embedded => format!(
+                        "provider `{provider}` rejected Sluice's credentials (in an error inside a 200 answer); check the provider's api_key"
+                    ),
                     (ErrorCode::UpstreamAuth, _) => format!(
                         "provider `{provider}` rejected Sluice's credentials (HTTP {status}); check the provider's api_key"
                     ),
@@ -201,6 +210,11 @@ impl ProviderError {
                     (_, 402) => format!(
                         "provider `{provider}` says its account is out of credit or quota: {message}"
                     ),
+                    _ if embedded => {
+                        format!(
+                            "provider `{provider}` answered 200 with an error inside: {message}"
+                        )
+                    }
                     _ => format!("provider `{provider}` returned HTTP {status}: {message}"),
                 };
                 // The upstream's `param` names the offending field of a request it refused.
@@ -233,14 +247,7 @@ impl ProviderError {
             ),
             ProviderError::Unsupported(m) => Error::new(ErrorCode::UnsupportedParameter, m.clone()),
             ProviderError::Invalid(m) => Error::new(ErrorCode::InvalidRequest, m.clone()),
-            ProviderError::Embedded(inner) => {
-                let mut e = inner.to_error(provider);
-                e.message = format!(
-                    "provider `{provider}` answered 200 with an error inside: {}",
-                    inner.status_message()
-                );
-                e
-            }
+            ProviderError::Embedded(inner) => inner.to_error_as(provider, true),
         }
     }
 }
@@ -317,6 +324,16 @@ impl ProviderError {
             ProviderError::Connect(_) | ProviderError::Protocol(_) => ErrorClass::ServerError,
             ProviderError::Unsupported(_) | ProviderError::Invalid(_) => ErrorClass::ClientError,
             ProviderError::Embedded(inner) => inner.class(),
+        }
+    }
+
+    /// The HTTP status the error stands for (sent, or the one an error inside a 200 answer
+    /// stands for), when it is an upstream's error answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ProviderError::Status { status, .. } => Some(*status),
+            ProviderError::Embedded(inner) => inner.status(),
+            _ => None,
         }
     }
 

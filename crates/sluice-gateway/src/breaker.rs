@@ -405,6 +405,24 @@ impl Breaker {
         }
     }
 
+    /// Whether [`admit`](Self::admit) would let a request through now, taking nothing: closed,
+    /// or half-open with a trial slot free.
+    pub fn would_admit(&self, now: Instant) -> bool {
+        if !self.cfg.enabled {
+            return true;
+        }
+        let mut inner = self.inner.lock();
+        inner.refresh(now, self.cooldown);
+        match inner.phase {
+            Phase::Closed => true,
+            Phase::Open { .. } => false,
+            Phase::HalfOpen => {
+                inner.expire_probes(now, self.cooldown);
+                inner.probes.len() < self.max_probes()
+            }
+        }
+    }
+
     /// Gives back a probe slot that [`admit`](Self::admit) handed out for a call that was not
     /// made (the deployment was at capacity, or has no health check) or taught nothing (the
     /// request was cancelled mid-call), so that the next request can probe at once rather than

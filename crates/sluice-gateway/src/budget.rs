@@ -429,8 +429,13 @@ fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<
         )
     } else if spent.saturating_add(worst) > limit {
         // Room is left, not enough for this request's worst case.
+        let held = if reserved > 0 {
+            format!(", {} reserved by requests in flight", usd_text(reserved))
+        } else {
+            String::new()
+        };
         format!(
-            "{label} has {} left of its {period} budget of {budget} ({} spent), and {worst_text}: lower max_tokens (or max_completion_tokens) to fit{resets}",
+            "{label} has {} left of its {period} budget of {budget} ({} spent{held}), and {worst_text}: lower max_tokens (or max_completion_tokens) or shorten the prompt to fit{resets}",
             usd_text(limit - spent),
             usd_text(spent)
         )

@@ -574,8 +574,8 @@ fn apply_usage(
     };
     r.prompt_tokens = clamp(u.prompt_tokens);
     r.completion_tokens = clamp(u.completion_tokens);
-    // Cached prompt tokens are prompt tokens: an upstream that reports more is held to those
-    // (the cost is, too).
+    // Cached prompt tokens are prompt tokens: an upstream that reports more is held to those,
+    // as the cost already was.
     r.cached_tokens = clamp(u.cached_tokens()).min(r.prompt_tokens);
     let writes = CacheWrites {
         tokens: clamp(u.cache_write_tokens()),

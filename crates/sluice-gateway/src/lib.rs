@@ -452,12 +452,9 @@ impl Gateway {
             Ok(None) => Ok(tokens::estimate_prompt(first.dep.upstream_model(), req)),
             // A request the upstream refuses as it stands is the client's to hear about (a count
             // would say a prompt fits that it would refuse).
-            Err(
-                e @ ProviderError::Status {
-                    status: 400 | 413 | 422,
-                    ..
-                },
-            ) => Err(e.to_error(&first.dep.provider_name)),
+            Err(e) if matches!(e.status(), Some(400 | 413 | 422)) => {
+                Err(e.to_error(&first.dep.provider_name))
+            }
             Err(e) => {
                 tracing::warn!(deployment = %first.dep.id, error = %e, "the upstream could not count the prompt; counting it here");
                 Ok(tokens::estimate_prompt(first.dep.upstream_model(), req))
@@ -1088,17 +1085,16 @@ impl Gateway {
                         .filter_map(|name| usable(&visited, name))
                         .any(|g| g.open_now(now, tokens))
             };
-            let attempts_before = fin.attempts();
             match self.try_group(&group, fin, tokens, call, &elsewhere).await {
                 Ok(s) => return Ok(s),
-                Err((err, class)) => {
+                Err((err, class, sent)) => {
                     if class == ErrorClass::ClientError {
                         return Err(err);
                     }
-                    // A fallback group that could not be tried (every deployment blocked) does
-                    // not hide what the upstreams answered: the client hears the last real
-                    // failure, with its own status and `Retry-After`.
-                    let tried_here = fin.attempts() > attempts_before;
+                    // A fallback group that sent nothing upstream (every deployment blocked, or
+                    // refusing the request before sending it) does not hide what the upstreams
+                    // answered: the client hears the last real failure, with its own status and
+                    // `Retry-After`.
                     for name in group.fallbacks.for_class(class) {
                         if let Some(g) = usable(&visited, name) {
                             let g = g.clone();
@@ -1115,7 +1111,7 @@ impl Gateway {
                             "falling back"
                         );
                     }
-                    if tried_here || last.is_none() {
+                    if sent || last.is_none() {
                         last = Some(err);
                     }
                 }
@@ -1133,7 +1129,7 @@ impl Gateway {
         tokens: u64,
         call: &dyn Call<T>,
         elsewhere: &(dyn Fn(ErrorClass) -> bool + Sync),
-    ) -> Result<Served<T>, (Error, ErrorClass)> {
+    ) -> Result<Served<T>, (Error, ErrorClass, bool)> {
         let n = group.deployments.len();
         let mut tried = vec![false; n];
         // Deployments that refused the request before sending it (a feature they lack, such as
@@ -1187,9 +1183,10 @@ impl Gateway {
                                 continue;
                             }
                             _ => {
-                                return Err(last.unwrap_or_else(|| {
+                                let (err, class) = last.unwrap_or_else(|| {
                                     no_deployment(group, after, rate_limited, breakers_open)
-                                }));
+                                });
+                                return Err((err, class, made > 0));
                             }
                         }
                     }
@@ -1294,15 +1291,16 @@ impl Gateway {
                     );
                     fin.log_attempt(elapsed, Some((class, &err)));
                     if !class.is_transient() {
-                        return Err((err, class));
+                        return Err((err, class, true));
                     }
                     last = Some((err, class));
                 }
             }
         }
-        Err(last
+        let (err, class) = last
             .or(refusal)
-            .unwrap_or_else(|| no_deployment(group, None, false, true)))
+            .unwrap_or_else(|| no_deployment(group, None, false, true));
+        Err((err, class, made > 0))
     }
 }
 

@@ -848,11 +848,12 @@ impl Group {
     }
 
     /// Whether some deployment could take a request of `tokens` now: not cooling down after a
-    /// 429, its breaker not open, within its capacity. A look only: nothing is taken.
+    /// 429, its breaker letting it through (closed, or half-open with a trial slot free), within
+    /// its capacity. A look only: nothing is taken.
     pub fn open_now(&self, now: Instant, tokens: u64) -> bool {
         self.deployments
             .iter()
-            .any(|d| d.blocked(now, tokens).is_none())
+            .any(|d| d.blocked(now, tokens).is_none() && d.live.breaker.would_admit(now))
     }
 
     /// Chooses the deployment for one attempt. Deployments this request already tried are
@@ -1744,6 +1745,36 @@ mod tests {
             g.pick(t1, &[], 800),
             Pick::Go { probe: Some(_), .. }
         ));
+    }
+
+    /// A group is open to a request now only if `pick` could take it: not behind an open
+    /// breaker, nor a half-open one whose trial is under way (taken for open, it made a fallback
+    /// cut a wait short and then refuse the request).
+    #[test]
+    fn open_now_agrees_with_pick_about_half_open_breakers() {
+        let breaker = BreakerConfig {
+            consecutive_failures: 1,
+            cooldown_secs: 60.0,
+            ..BreakerConfig::default()
+        };
+        let g = group(Strategy::Weighted, vec![dep("a", 1.0, None, None)], breaker);
+        let t0 = Instant::now();
+        assert!(g.open_now(t0, 0));
+        g.deployments[0].report(
+            t0,
+            Duration::from_millis(5),
+            Some((ErrorClass::ServerError, None)),
+            None,
+        );
+        assert!(!g.open_now(t0, 0), "open");
+        let t1 = t0 + Duration::from_secs(61);
+        assert!(g.open_now(t1, 0), "half-open, its trial slot free");
+        let Pick::Go { probe, .. } = g.pick(t1, &[], 0) else {
+            panic!("a half-open deployment takes a probe");
+        };
+        assert!(probe.is_some());
+        assert!(!g.open_now(t1, 0), "half-open, its trial under way");
+        assert!(matches!(g.pick(t1, &[], 0), Pick::Wait { .. }));
     }
 
     #[test]

@@ -1514,6 +1514,18 @@ pub(crate) mod tests {
             .to_error("up");
         assert_eq!(e.code, sluice_core::error::ErrorCode::UpstreamRateLimited);
         assert!(!e.message.contains("HTTP"), "{}", e.message);
+        // Refused credentials: the hint, never the upstream's words (they may quote the key).
+        let e = stream_error(
+            br#"{"error":{"message":"Incorrect API key provided: sk-ab***cd","code":"invalid_api_key"}}"#,
+        )
+        .to_error("up");
+        assert_eq!(e.code, sluice_core::error::ErrorCode::UpstreamAuth);
+        assert!(!e.message.contains("sk-"), "{}", e.message);
+        assert!(
+            e.message.contains("check the provider's api_key"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
