@@ -33,10 +33,15 @@ async fn chat(s: &Sluice, key: &str, words: usize, user: Option<&str>) -> (u16, 
     if let Some(u) = user {
         body["user"] = json!(u);
     }
+    post_chat(s, key, &body).await
+}
+
+/// Sends a chat completion body with a key: the status and the JSON answer.
+async fn post_chat(s: &Sluice, key: &str, body: &Value) -> (u16, Value) {
     let resp = reqwest::Client::new()
         .post(s.url("/v1/chat/completions"))
         .bearer_auth(key)
-        .json(&body)
+        .json(body)
         .send()
         .await
         .expect("chat");
@@ -354,15 +359,7 @@ async fn a_budget_counts_a_response_format_and_functions_in_the_worst_case() {
             for (k, v) in extra.as_object().expect("object") {
                 body[k] = v.clone();
             }
-            let resp = reqwest::Client::new()
-                .post(s.url("/v1/chat/completions"))
-                .bearer_auth(key)
-                .json(&body)
-                .send()
-                .await
-                .expect("chat");
-            let status = resp.status().as_u16();
-            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+            post_chat(s, key, &body).await
         }
     };
     let schema = json!({"response_format": {"type": "json_schema", "json_schema": {
