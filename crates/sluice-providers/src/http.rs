@@ -491,11 +491,7 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// error status and then stalls does not hold the request past its time.
 pub async fn status_error(resp: Response<Incoming>, limit: Duration) -> ProviderError {
     let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+    let retry_after = header_retry_after(resp.headers(), chrono::Utc::now());
     // Up to 64 KiB of it: a longer body (one echoing a long input) keeps its start, whose
     // snippet still says what happened; a broken or too slow one, nothing (the status alone).
     let body = match tokio::time::timeout(limit, error_body_start(resp.into_body())).await {
@@ -578,6 +574,20 @@ fn retry_delay(body: &[u8]) -> Option<Duration> {
         .iter()
         .filter_map(|d| d.get("retryDelay")?.as_str()?.strip_suffix('s'))
         .find_map(|secs| parse_retry_after(secs, chrono::Utc::now()))
+}
+
+/// How long an error answer asks to wait: OpenAI's `retry-after-ms` (milliseconds, the more
+/// precise) when it is sent and valid, else `Retry-After` ([`parse_retry_after`]).
+pub fn header_retry_after(
+    headers: &HeaderMap,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<Duration> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    text("retry-after-ms")
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map(|ms| Duration::from_secs_f64((ms / 1000.0).min(MAX_RETRY_AFTER.as_secs_f64())))
+        .or_else(|| text(header::RETRY_AFTER.as_str()).and_then(|v| parse_retry_after(v, now)))
 }
 
 /// A `Retry-After` value: delay seconds (a decimal fraction is accepted) or an HTTP date, capped
@@ -1432,6 +1442,30 @@ pub(crate) mod tests {
         for bad in ["-1", "NaN", "inf", "soon", ""] {
             assert_eq!(p(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn retry_after_ms_is_read_before_retry_after() {
+        let now = chrono::Utc::now();
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, http::HeaderValue::from_static(v));
+            }
+            header_retry_after(&m, now)
+        };
+        assert_eq!(
+            h(&[("retry-after-ms", "1500"), ("retry-after", "2")]),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(h(&[("retry-after", "2")]), Some(Duration::from_secs(2)));
+        // An invalid one leaves `Retry-After`; a huge one is capped.
+        assert_eq!(
+            h(&[("retry-after-ms", "soon"), ("retry-after", "2")]),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(h(&[("retry-after-ms", "1e12")]), Some(MAX_RETRY_AFTER));
+        assert_eq!(h(&[]), None);
     }
 
     #[test]
