@@ -899,7 +899,7 @@ impl Gateway {
             .reserve_budget(&router, key.as_deref(), &mut fin, || {
                 // Every byte of text a token at most, and every token id given one.
                 let bytes: usize = req.input.texts().iter().map(|t| t.len()).sum();
-                let (input, _) = dearest(
+                let (input, _, _) = dearest(
                     &router,
                     &group,
                     Caller {
@@ -1582,17 +1582,19 @@ fn tier_price(group: &Group) -> Option<ModelPrice> {
 
 /// The dearest input and output prices (USD per million tokens) among the deployments that may
 /// serve a request to `group`: its own and those of the groups it falls back to (the ones `key`
-/// may use).
-fn dearest(router: &Router, group: &Group, key: Caller<'_>) -> (f64, f64) {
+/// may use); and whether one of them is an Anthropic deployment (which is sent a `max_tokens` of
+/// its own when the request sets none).
+fn dearest(router: &Router, group: &Group, key: Caller<'_>) -> (f64, f64, bool) {
     let mut seen: Vec<&str> = vec![group.name.as_str()];
     let mut queue = vec![group];
-    let (mut input, mut output) = (0.0f64, 0.0f64);
+    let (mut input, mut output, mut anthropic) = (0.0f64, 0.0f64, false);
     while let Some(g) = queue.pop() {
         for d in &g.deployments {
             if let Some(p) = d.dep.price {
                 input = input.max(p.input);
                 output = output.max(p.output);
             }
+            anthropic |= d.dep.provider.kind() == "anthropic";
         }
         for (_, name) in g.fallbacks.all() {
             if seen.len() < MAX_GROUPS_PER_REQUEST
@@ -1605,7 +1607,7 @@ fn dearest(router: &Router, group: &Group, key: Caller<'_>) -> (f64, f64) {
             }
         }
     }
-    (input, output)
+    (input, output, anthropic)
 }
 
 /// Prompt tokens assumed per message besides its text (role and separators), and per non-text
@@ -1629,7 +1631,7 @@ fn worst_chat_cost(
         key,
         asked: &req.model,
     };
-    let (input, output) = dearest(router, group, key);
+    let (input, output, anthropic) = dearest(router, group, key);
     if input == 0.0 && output == 0.0 {
         return 0.0;
     }
@@ -1657,8 +1659,12 @@ fn worst_chat_cost(
     }
     // Without a cap, a Claude deployment asked to think generates up to its thinking budget on
     // top of the default.
-    let uncapped =
+    let mut uncapped =
         sluice_types::anthropic::thinking_cap(req).map_or(default_max, |c| c.max(default_max));
+    // An Anthropic deployment is sent its own cap when the request sets none.
+    if anthropic {
+        uncapped = uncapped.max(sluice_types::anthropic::DEFAULT_MAX_TOKENS);
+    }
     let completion = u64::from(
         req.max_completion_tokens
             .or(req.max_tokens)

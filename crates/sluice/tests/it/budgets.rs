@@ -376,3 +376,30 @@ async fn a_budget_counts_a_response_format_and_functions_in_the_worst_case() {
     let (status, body) = send(json!({})).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A request with no `max_tokens` sent to an Anthropic deployment goes upstream with a cap of
+/// 4096: the worst case counts that, not a lower `default_max_tokens`.
+#[tokio::test]
+async fn an_anthropic_deployments_own_cap_is_the_worst_case_without_max_tokens() {
+    let up = sluice_testkit::MockUpstream::start().await;
+    let config = format!(
+        "[providers.claude]\ntype = \"anthropic\"\nbase_url = \"{}\"\napi_key = \"k\"\n\
+         [models.claude]\ndeployments = [{{ provider = \"claude\", model = \"echo\", input_cost_per_mtok = 10000.0, output_cost_per_mtok = 10000.0 }}]\n\
+         [budgets]\ndefault_max_tokens = 16\n",
+        up.base_url()
+    );
+    let s = Sluice::start(&config).await;
+    let (key, _) = create_key(&s, json!({"name": "k", "budget": {"total_usd": 1.0}})).await;
+    // 16 tokens would fit in $1 at $0.01 a token; 4096 do not.
+    let body = json!({"model": "claude", "messages": [{"role": "user", "content": "w"}]});
+    let (status, answer) = post_chat(&s, &key, &body).await;
+    assert_eq!(status, 429, "{answer}");
+    assert_eq!(answer["error"]["code"], "insufficient_quota", "{answer}");
+    let message = answer["error"]["message"].as_str().expect("message");
+    assert!(message.contains("request too large"), "{message}");
+    // With a cap of its own it fits.
+    let mut capped = body.clone();
+    capped["max_tokens"] = json!(16);
+    let (status, answer) = post_chat(&s, &key, &capped).await;
+    assert_eq!(status, 200, "{answer}");
+}
