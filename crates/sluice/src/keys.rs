@@ -356,6 +356,33 @@ async fn audit(
     Ok(())
 }
 
+/// Records a key change refused from the command line (a key that is gone, revoked or expired),
+/// as the API records its failed writes: action `failed`, the command as its target, why as its
+/// outcome.
+async fn audit_failure(log: &dyn sluice_core::keys::AuditStore, command: &str, outcome: &str) {
+    let entry = sluice_core::keys::AuditEntry::new(
+        "cli",
+        "admin",
+        "failed",
+        Some(command),
+        outcome,
+        Value::Null,
+    );
+    if let Err(e) = log.append_audit(&entry).await {
+        eprintln!("warning: the refusal could not be recorded in the audit log: {e}");
+    }
+}
+
+/// Why a change to key `id` was refused, for the audit log: `not_found`, `revoked` or `expired`.
+async fn refusal(store: &dyn KeyStore, id: &str) -> &'static str {
+    match store.get_key(id).await {
+        Ok(Some(k)) if k.revoked_at.is_some() => "revoked",
+        Ok(Some(k)) if k.check(Utc::now()) == Err(KeyRejection::Expired) => "expired",
+        Ok(Some(_)) => "conflict",
+        _ => "not_found",
+    }
+}
+
 /// The error for a key that does not exist (or cannot be rotated or revoked).
 async fn not_usable(store: &dyn KeyStore, id: &str, doing: &str) -> anyhow::Error {
     match store.get_key(id).await {
@@ -558,6 +585,8 @@ pub async fn run(
             let (store, log) = open_with_audit(store_url).await?;
             let now = Utc::now();
             if !store.revoke_key(&id, now).await? {
+                let why = refusal(store.as_ref(), &id).await;
+                audit_failure(log.as_ref(), &format!("keys revoke {id}"), why).await;
                 return Err(not_usable(store.as_ref(), &id, "revoked").await);
             }
             audit(log.as_ref(), "keys.revoke", &id, Value::Null).await?;
@@ -578,17 +607,26 @@ pub async fn run(
         KeysCommand::Rotate { id, json } => {
             let (store, log) = open_with_audit(store_url).await?;
             let now = Utc::now();
+            let command = format!("keys rotate {id}");
             match store.get_key(&id).await? {
-                None => bail!("no key `{id}`\n{LIST_HINT}"),
-                Some(k) if k.check(now) == Err(KeyRejection::Expired) => bail!(
-                    "key `{id}` ({}) expired at {}; a rotated key keeps its expiry\nhint: issue a new key with `sluice keys create --name NAME`",
-                    clean(&k.name),
-                    k.expires_at.map(long_time).unwrap_or_default()
-                ),
+                None => {
+                    audit_failure(log.as_ref(), &command, "not_found").await;
+                    bail!("no key `{id}`\n{LIST_HINT}")
+                }
+                Some(k) if k.check(now) == Err(KeyRejection::Expired) => {
+                    audit_failure(log.as_ref(), &command, "expired").await;
+                    bail!(
+                        "key `{id}` ({}) expired at {}; a rotated key keeps its expiry\nhint: issue a new key with `sluice keys create --name NAME`",
+                        clean(&k.name),
+                        k.expires_at.map(long_time).unwrap_or_default()
+                    )
+                }
                 Some(_) => {}
             }
             let fresh = generate(Some(&id)).map_err(|e| anyhow!(e))?;
             if !store.rotate_key(&id, &fresh.hash, now).await? {
+                let why = refusal(store.as_ref(), &id).await;
+                audit_failure(log.as_ref(), &command, why).await;
                 return Err(not_usable(store.as_ref(), &id, "rotated").await);
             }
             audit(log.as_ref(), "keys.rotate", &id, Value::Null).await?;

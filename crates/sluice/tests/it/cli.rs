@@ -999,6 +999,26 @@ fn keys_are_managed_from_the_command_line() {
         assert!(err.starts_with("error: "), "{args:?}: {err}");
         assert!(err.contains("hint:"), "{args:?}: {err}");
     }
+    // The refused changes are in the audit log too, as the API's failed writes are.
+    let audit = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let stores = sluice_store::open_all(&store, 1).await.unwrap();
+        stores.audit.list_audit(100).await.unwrap()
+    });
+    let failed: Vec<(&str, &str)> = audit
+        .iter()
+        .filter(|e| e.action == "failed" && e.actor == "cli")
+        .map(|e| (e.target.as_deref().unwrap_or(""), e.outcome.as_str()))
+        .collect();
+    for want in [
+        (format!("keys revoke {id}"), "revoked"),
+        (format!("keys rotate {id}"), "revoked"),
+        ("keys revoke 0000000000000000".to_string(), "not_found"),
+    ] {
+        assert!(
+            failed.contains(&(want.0.as_str(), want.1)),
+            "{want:?} in {failed:?}"
+        );
+    }
 
     // Bad command lines.
     let (code, _, err) = keys(&["create"]);
