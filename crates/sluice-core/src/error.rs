@@ -198,12 +198,14 @@ impl ProviderError {
                     503 | 529 => ErrorCode::UpstreamOverloaded,
                     _ => ErrorCode::UpstreamError,
                 };
+                let how = if embedded {
+                    "in an error inside a 200 answer".to_string()
+                } else {
+                    format!("HTTP {status}")
+                };
                 let msg = match (code, *status) {
-                    (ErrorCode::UpstreamAuth, _) if embedded => format!(
-                        "provider `{provider}` rejected Sluice's credentials (in an error inside a 200 answer); check the provider's api_key"
-                    ),
                     (ErrorCode::UpstreamAuth, _) => format!(
-                        "provider `{provider}` rejected Sluice's credentials (HTTP {status}); check the provider's api_key"
+                        "provider `{provider}` rejected Sluice's credentials ({how}); check the provider's api_key"
                     ),
                     // Also what an upstream answers with another status when its body says the
                     // account is out of credit (OpenAI's 429 `insufficient_quota`): no number.
@@ -215,7 +217,7 @@ impl ProviderError {
                             "provider `{provider}` answered 200 with an error inside: {message}"
                         )
                     }
-                    _ => format!("provider `{provider}` returned HTTP {status}: {message}"),
+                    _ => format!("provider `{provider}` returned {how}: {message}"),
                 };
                 // The upstream's `param` names the offending field of a request it refused.
                 let param = match code {

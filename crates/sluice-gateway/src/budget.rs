@@ -409,7 +409,8 @@ fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<
         "this request may cost up to {} (its max tokens at the model's price)",
         usd_text(worst)
     );
-    if worst > nanos(l.usd) {
+    let limit = nanos(l.usd);
+    if worst > limit {
         // The request alone is over the whole budget: no reset makes room for it.
         let mut e = Error::new(
             ErrorCode::InsufficientQuota,
@@ -421,7 +422,6 @@ fn insufficient(l: &Limit, spent: i64, reserved: i64, worst: i64, now: DateTime<
         e.headers.push(("x-should-retry", "false".into()));
         return e;
     }
-    let limit = nanos(l.usd);
     let message = if spent >= limit {
         format!(
             "{label} has used its {period} budget of {budget}: {} spent{resets}",

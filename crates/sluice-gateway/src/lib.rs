@@ -411,9 +411,6 @@ impl Gateway {
         self.router.read().clone()
     }
 
-    /// The prompt tokens of a request to a configured model the key may use, counted with the
-    /// tokenizer of the model's first deployment (as records count them when an upstream reports
-    /// no usage). Nothing is called and nothing is logged.
     /// The prompt tokens of a request as Sluice's tokenizer counts them for the model's first
     /// deployment (no upstream is asked): a `/v1/messages` stream's `message_start`, before
     /// the upstream reports its count.
@@ -1091,10 +1088,6 @@ impl Gateway {
                     if class == ErrorClass::ClientError {
                         return Err(err);
                     }
-                    // A fallback group that sent nothing upstream (every deployment blocked, or
-                    // refusing the request before sending it) does not hide what the upstreams
-                    // answered: the client hears the last real failure, with its own status and
-                    // `Retry-After`.
                     for name in group.fallbacks.for_class(class) {
                         if let Some(g) = usable(&visited, name) {
                             let g = g.clone();
@@ -1111,6 +1104,10 @@ impl Gateway {
                             "falling back"
                         );
                     }
+                    // A fallback group that sent nothing upstream (every deployment blocked, or
+                    // refusing the request before sending it) does not hide what the upstreams
+                    // answered: the client hears the last real failure, with its own status and
+                    // `Retry-After`.
                     if sent || last.is_none() {
                         last = Some(err);
                     }

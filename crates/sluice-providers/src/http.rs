@@ -582,12 +582,23 @@ pub fn header_retry_after(
     headers: &HeaderMap,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Option<Duration> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    text("retry-after-ms")
+    headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|ms| ms.is_finite() && *ms >= 0.0)
-        .map(|ms| Duration::from_secs_f64((ms / 1000.0).min(MAX_RETRY_AFTER.as_secs_f64())))
-        .or_else(|| text(header::RETRY_AFTER.as_str()).and_then(|v| parse_retry_after(v, now)))
+        .map(|ms| capped_wait(ms / 1000.0))
+        .or_else(|| {
+            headers
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, now))
+        })
+}
+
+/// A wait of `secs` seconds, at most [`MAX_RETRY_AFTER`].
+fn capped_wait(secs: f64) -> Duration {
+    Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64()))
 }
 
 /// A `Retry-After` value: delay seconds (a decimal fraction is accepted) or an HTTP date, capped
@@ -603,9 +614,7 @@ pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Opt
             ms.max(0) as f64 / 1000.0
         }
     };
-    Some(Duration::from_secs_f64(
-        secs.min(MAX_RETRY_AFTER.as_secs_f64()),
-    ))
+    Some(capped_wait(secs))
 }
 
 /// The message and code of an upstream error body.

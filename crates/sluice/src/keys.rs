@@ -346,13 +346,9 @@ async fn audit(
     target: &str,
     detail: Value,
 ) -> anyhow::Result<()> {
-    let entry =
-        sluice_core::keys::AuditEntry::new("cli", "admin", action, Some(target), "ok", detail);
     // The change is made and its secret shown whatever happens here: a failure to record it
     // is a warning, not a failed command (the key would be lost with its secret).
-    if let Err(e) = log.append_audit(&entry).await {
-        eprintln!("warning: the change could not be recorded in the audit log: {e}");
-    }
+    record(log, action, target, "ok", detail).await;
     Ok(())
 }
 
@@ -360,43 +356,48 @@ async fn audit(
 /// as the API records its failed writes: action `failed`, the command as its target, why as its
 /// outcome.
 async fn audit_failure(log: &dyn sluice_core::keys::AuditStore, command: &str, outcome: &str) {
-    let entry = sluice_core::keys::AuditEntry::new(
-        "cli",
-        "admin",
-        "failed",
-        Some(command),
-        outcome,
-        Value::Null,
-    );
+    record(log, "failed", command, outcome, Value::Null).await;
+}
+
+/// Appends an audit entry by `cli`; a failure to write it is a warning.
+async fn record(
+    log: &dyn sluice_core::keys::AuditStore,
+    action: &str,
+    target: &str,
+    outcome: &str,
+    detail: Value,
+) {
+    let entry =
+        sluice_core::keys::AuditEntry::new("cli", "admin", action, Some(target), outcome, detail);
     if let Err(e) = log.append_audit(&entry).await {
-        eprintln!("warning: the refusal could not be recorded in the audit log: {e}");
+        eprintln!("warning: the change could not be recorded in the audit log: {e}");
     }
 }
 
-/// Why a change to key `id` was refused, for the audit log: `not_found`, `revoked` or `expired`.
-async fn refusal(store: &dyn KeyStore, id: &str) -> &'static str {
+/// The error for a key that does not exist (or cannot be rotated or revoked), and why, for the
+/// audit log: `not_found`, `revoked`, `conflict` (it changed meanwhile) or `store_error`.
+async fn not_usable(store: &dyn KeyStore, id: &str, doing: &str) -> (&'static str, anyhow::Error) {
     match store.get_key(id).await {
-        Ok(Some(k)) if k.revoked_at.is_some() => "revoked",
-        Ok(Some(k)) if k.check(Utc::now()) == Err(KeyRejection::Expired) => "expired",
-        Ok(Some(_)) => "conflict",
-        _ => "not_found",
-    }
-}
-
-/// The error for a key that does not exist (or cannot be rotated or revoked).
-async fn not_usable(store: &dyn KeyStore, id: &str, doing: &str) -> anyhow::Error {
-    match store.get_key(id).await {
-        Ok(Some(k)) if k.revoked_at.is_some() => anyhow!(
-            "key `{id}` ({}) was revoked at {}\nhint: a revoked key stays revoked; issue a new one with `sluice keys create --name NAME`",
-            clean(&k.name),
-            k.revoked_at.map(long_time).unwrap_or_default()
+        Ok(Some(k)) if k.revoked_at.is_some() => (
+            "revoked",
+            anyhow!(
+                "key `{id}` ({}) was revoked at {}\nhint: a revoked key stays revoked; issue a new one with `sluice keys create --name NAME`",
+                clean(&k.name),
+                k.revoked_at.map(long_time).unwrap_or_default()
+            ),
         ),
-        Ok(Some(k)) => anyhow!(
-            "key `{id}` ({}) could not be {doing}: it changed while this command ran\nhint: try again; `sluice keys show {id}` shows its state",
-            clean(&k.name)
+        Ok(Some(k)) => (
+            "conflict",
+            anyhow!(
+                "key `{id}` ({}) could not be {doing}: it changed while this command ran\nhint: try again; `sluice keys show {id}` shows its state",
+                clean(&k.name)
+            ),
         ),
-        Ok(None) => anyhow!("no key `{id}`\n{LIST_HINT}"),
-        Err(e) => anyhow!(e).context(format!("reading key `{id}`")),
+        Ok(None) => ("not_found", anyhow!("no key `{id}`\n{LIST_HINT}")),
+        Err(e) => (
+            "store_error",
+            anyhow!(e).context(format!("reading key `{id}`")),
+        ),
     }
 }
 
@@ -585,9 +586,9 @@ pub async fn run(
             let (store, log) = open_with_audit(store_url).await?;
             let now = Utc::now();
             if !store.revoke_key(&id, now).await? {
-                let why = refusal(store.as_ref(), &id).await;
+                let (why, e) = not_usable(store.as_ref(), &id, "revoked").await;
                 audit_failure(log.as_ref(), &format!("keys revoke {id}"), why).await;
-                return Err(not_usable(store.as_ref(), &id, "revoked").await);
+                return Err(e);
             }
             audit(log.as_ref(), "keys.revoke", &id, Value::Null).await?;
             let k = store
@@ -625,9 +626,9 @@ pub async fn run(
             }
             let fresh = generate(Some(&id)).map_err(|e| anyhow!(e))?;
             if !store.rotate_key(&id, &fresh.hash, now).await? {
-                let why = refusal(store.as_ref(), &id).await;
+                let (why, e) = not_usable(store.as_ref(), &id, "rotated").await;
                 audit_failure(log.as_ref(), &command, why).await;
-                return Err(not_usable(store.as_ref(), &id, "rotated").await);
+                return Err(e);
             }
             audit(log.as_ref(), "keys.rotate", &id, Value::Null).await?;
             let k = store
