@@ -567,9 +567,14 @@ impl Drop for LogQueue {
 /// Says that a record could not be queued: the writer is gone (after shutdown closed the
 /// queue to requests that outlived its patience).
 fn closed(record: &RequestRecord) {
-    eprintln!(
+    use std::io::Write;
+    // Never a panic on a closed stderr.
+    let _ = writeln!(
+        std::io::stderr(),
         "sluice: request log writer is closed; record {} ({} {}) not stored",
-        record.id, record.endpoint, record.model
+        record.id,
+        record.endpoint,
+        record.model
     );
 }
 

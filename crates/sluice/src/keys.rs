@@ -370,7 +370,7 @@ async fn record(
     let entry =
         sluice_core::keys::AuditEntry::new("cli", "admin", action, Some(target), outcome, detail);
     if let Err(e) = log.append_audit(&entry).await {
-        eprintln!("warning: the change could not be recorded in the audit log: {e}");
+        errln!("warning: the change could not be recorded in the audit log: {e}");
     }
 }
 
@@ -503,7 +503,7 @@ pub async fn run(
                 .map(String::as_str)
                 .collect();
             if checked && !unknown.is_empty() {
-                eprintln!(
+                errln!(
                     "warning: the configuration has no model {}; the key can use {} only once a configuration serves {} (configured: {})",
                     unknown
                         .iter()

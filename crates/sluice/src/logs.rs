@@ -176,7 +176,7 @@ pub async fn run(store_url: &str, max_connections: u32, mut args: LogsArgs) -> a
             && !args.json
             && let Some(oldest) = rows.first()
         {
-            eprintln!("(older records may follow: add --before {})", oldest.id);
+            errln!("(older records may follow: add --before {})", oldest.id);
         }
         if rows.is_empty() && !args.json {
             let filtered = args.model.is_some()
@@ -204,7 +204,7 @@ pub async fn run(store_url: &str, max_connections: u32, mut args: LogsArgs) -> a
             print(r, args.json);
         }
         if cut {
-            eprintln!(
+            errln!(
                 "warning: more than {} requests ended since the last poll; some were not printed (narrow with --model, --user, --key or --status)",
                 FOLLOW_PAGES * FOLLOW_PAGE as usize
             );

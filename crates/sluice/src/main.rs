@@ -32,6 +32,33 @@ macro_rules! sayln {
     };
 }
 
+/// `eprintln!` that never panics: a closed stderr (`sluice serve 2>&1 | head`) does not stop the
+/// command.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::err_line(format_args!($($arg)*))
+    };
+}
+
+/// Writes a line to stderr, ignoring a closed or full stderr.
+fn err_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_fmt(format_args!("{args}\n"));
+}
+
+/// Stderr for the log, ignoring a closed or full stderr: logging never stops the gateway.
+struct LogOut;
+
+impl std::io::Write for LogOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().lock().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Writes a line to stdout; exits quietly if the reader has gone.
 fn out_line(args: std::fmt::Arguments<'_>) {
     out_text(format_args!("{args}\n"));
@@ -85,9 +112,9 @@ fn out_text(args: std::fmt::Arguments<'_>) {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take();
     match stake {
-        Some(hint) => eprintln!("error: writing to stdout: {e}\nhint: {hint}"),
+        Some(hint) => errln!("error: writing to stdout: {e}\nhint: {hint}"),
         None if e.kind() == std::io::ErrorKind::BrokenPipe => exit(0),
-        None => eprintln!("error: writing to stdout: {e}"),
+        None => errln!("error: writing to stdout: {e}"),
     }
     exit(1);
 }
@@ -272,7 +299,7 @@ fn init_tracing() {
     let filter = match std::env::var_os("SLUICE_LOG") {
         None => tracing_subscriber::EnvFilter::new(DEFAULT),
         Some(v) => tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|e| {
-            eprintln!(
+            errln!(
                 "warning: SLUICE_LOG={} is not a log filter ({e}); logging at `{DEFAULT}`\nhint: a level (`debug`) or directives (`info,sluice_gateway=debug`)",
                 v.to_string_lossy()
             );
@@ -281,7 +308,8 @@ fn init_tracing() {
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogOut)
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
@@ -321,9 +349,9 @@ fn config_error(e: &str) -> String {
 
 fn fail(message: &str) -> ExitCode {
     let mut lines = message.lines();
-    eprintln!("error: {}", lines.next().unwrap_or(""));
+    errln!("error: {}", lines.next().unwrap_or(""));
     for l in lines {
-        eprintln!("{l}");
+        errln!("{l}");
     }
     ExitCode::from(2)
 }

