@@ -174,8 +174,23 @@ enum Backend {
     Postgres,
 }
 
+/// Checks that `url` names a store Sluice can open (the scheme, and a file for SQLite), without
+/// opening it.
+pub fn check_url(url: &str) -> Result<(), String> {
+    backend_of(url).map(|_| ())
+}
+
 fn backend_of(url: &str) -> Result<Backend, String> {
-    if url.starts_with("sqlite:") {
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        if path.split('?').next().unwrap_or("").is_empty() {
+            // An empty name is a private temporary database per connection: nothing would be
+            // kept, and the connections would not see each other's tables.
+            return Err(format!(
+                "`{}` names no file; use sqlite://PATH (for example sqlite://./sluice-data/sluice.db) or sqlite::memory:",
+                redact_url(url)
+            ));
+        }
         Ok(Backend::Sqlite)
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Backend::Postgres)
@@ -1854,6 +1869,11 @@ mod tests {
     #[test]
     fn urls_are_checked() {
         assert!(backend_of("mysql://x").is_err());
+        for empty in ["sqlite:", "sqlite://", "sqlite://?mode=rwc"] {
+            let e = backend_of(empty).unwrap_err();
+            assert!(e.contains("names no file"), "{empty}: {e}");
+        }
+        assert_eq!(backend_of("sqlite:x.db"), Ok(Backend::Sqlite));
         assert_eq!(backend_of("sqlite::memory:"), Ok(Backend::Sqlite));
         assert_eq!(backend_of("postgresql://u@h/db"), Ok(Backend::Postgres));
     }

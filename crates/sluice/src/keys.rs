@@ -462,6 +462,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let now = Utc::now();
     let command = by_id(command)?;
+    sluice_store::check_url(store_url).map_err(anyhow::Error::msg)?;
     if matches!(command, KeysCommand::List { .. } | KeysCommand::Show { .. }) {
         crate::logs::refuse_foreign(store_url).await?;
     }

@@ -132,6 +132,7 @@ fn print(r: &RequestRecord, json: bool) {
 /// rather than creating an empty one and reporting nothing, and one whose file is not a Sluice
 /// store (reading it would add Sluice's tables to another program's database).
 pub(crate) async fn require_log(store_url: &str) -> anyhow::Result<()> {
+    sluice_store::check_url(store_url).map_err(anyhow::Error::msg)?;
     if let Some(path) = crate::keys::missing_sqlite_file(store_url) {
         anyhow::bail!(
             "no request log at {path}\nhint: start the gateway with `sluice serve` (same directory and config) and send a request first"
