@@ -446,6 +446,9 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
             models.join(", ")
         }
     );
+    if models.is_empty() {
+        sayln!("  warning: {}", crate::NO_MODELS);
+    }
     if !unpriced.is_empty() {
         sayln!(
             "  note:   no price for {}: their cost is recorded as 0 (set input_cost_per_mtok and output_cost_per_mtok on the deployment)",

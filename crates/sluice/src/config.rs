@@ -541,6 +541,7 @@ impl Config {
         let mut built = BuiltProviders::new();
         let mut kinds = BTreeMap::new();
         for (name, p) in &raw.providers {
+            printable_name("providers", name)?;
             let fingerprint = format!("{p:?}");
             let reused = previous
                 .and_then(|(prev, _)| prev.get(name))
@@ -556,6 +557,7 @@ impl Config {
         let prices = PriceTable::builtin();
         let mut groups = Vec::new();
         for (model, mc) in &raw.models {
+            printable_name("models", model)?;
             let mut deps = Vec::new();
             for (i, d) in mc.deployments.iter().enumerate() {
                 let key = format!("models.{model}.deployments[{i}]");
@@ -660,6 +662,19 @@ impl Config {
         let raw = load_raw(&source, overrides)?;
         Config::from_raw(source.clone(), raw).map_err(|e| in_source(e, &source, overrides))
     }
+}
+
+/// A configured name (of a model or a provider) is shown in banners, headers, errors and
+/// reports: an empty one or one with control characters (which a terminal would act on) is
+/// refused.
+fn printable_name(table: &str, name: &str) -> Result<(), String> {
+    if name.trim().is_empty() || name.chars().any(char::is_control) {
+        return Err(format!(
+            "{table}.\"{}\": a name must be printable text, without control characters (hint: rename the [{table}.\"…\"] table)",
+            name.escape_debug()
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -347,6 +347,9 @@ fn config_error(e: &str) -> String {
     )
 }
 
+/// What a configuration without models means, said by `config check` and `serve`.
+pub(crate) const NO_MODELS: &str = "no models are configured: every request will be refused (404 model_not_found); add a [models.\"NAME\"] table with its deployments (docs/configuration.md)";
+
 fn fail(message: &str) -> ExitCode {
     let mut lines = message.lines();
     errln!("error: {}", lines.next().unwrap_or(""));
@@ -425,6 +428,9 @@ async fn main() -> ExitCode {
                     c.server.listen,
                     display::redact_url(&c.store.url)
                 );
+                if c.router.names().next().is_none() {
+                    outln!("warning: {NO_MODELS}");
+                }
                 let unpriced = c.router.unpriced();
                 if !unpriced.is_empty() {
                     outln!(

@@ -1324,3 +1324,64 @@ async fn a_closed_stderr_stops_nothing() {
     assert_eq!(status.ok(), Some(200));
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// A SQLite URL without a file (`sqlite:`, `sqlite://`) is refused by `config check` and the
+/// read commands, with the key path: it passed the check, and `serve` then failed with a raw
+/// "no such table" (each connection had a private temporary database).
+#[test]
+fn a_sqlite_url_without_a_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in ["sqlite:", "sqlite://"] {
+        std::fs::write(
+            dir.path().join("sluice.toml"),
+            format!("[store]\nurl = \"{url}\"\n"),
+        )
+        .unwrap();
+        let (code, _, err) = run(&["config", "check", "-c", "sluice.toml"], dir.path());
+        assert_eq!(code, 2, "{url}: {err}");
+        assert!(
+            err.contains("store.url") && err.contains("names no file"),
+            "{url}: {err}"
+        );
+        for args in [
+            &["logs", "--store", url][..],
+            &["usage", "--store", url][..],
+            &["keys", "list", "--store", url][..],
+        ] {
+            let (code, _, err) = run(args, dir.path());
+            assert_eq!(code, 2, "{args:?}: {err}");
+            assert!(err.contains("names no file"), "{args:?}: {err}");
+        }
+    }
+}
+
+/// A configuration without models is said to refuse every request, by `config check` and at
+/// `serve`'s start (both passed it in silence; only a reload refused it); a model or provider
+/// name with control characters is refused, shown escaped (it reached the terminal raw).
+#[tokio::test]
+async fn names_and_missing_models_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("empty.toml"), "").unwrap();
+    let (code, out, err) = run(&["config", "check", "-c", "empty.toml"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("warning: no models are configured"), "{out}");
+    let s = Sluice::start("").await;
+    let banner = s.stdout().join("\n");
+    assert!(
+        banner.contains("warning: no models are configured"),
+        "{banner}"
+    );
+
+    for table in [
+        "[models.\"a\\u001b]0;pwned\\u0007b\"]\ndeployments = [{ provider = \"mock\", model = \"x\" }]\n[providers.mock]\ntype = \"mock\"\n",
+        "[providers.\"m\\u001bk\"]\ntype = \"mock\"\n",
+    ] {
+        std::fs::write(dir.path().join("ctl.toml"), table).unwrap();
+        let (code, _, err) = run(&["config", "check", "-c", "ctl.toml"], dir.path());
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains("must be printable") && err.contains("\\u{1b}") && !err.contains('\u{1b}'),
+            "{err}"
+        );
+    }
+}
