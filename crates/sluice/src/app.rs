@@ -62,6 +62,38 @@ pub fn spill_path(store: &sluice_store::StoreConfig) -> PathBuf {
     PathBuf::from("sluice-data").join("spill.jsonl")
 }
 
+/// Refuses a spill file that cannot be written: it is where request records go while the store
+/// is down, and finding out then would lose them. Leaves no file behind that was not there.
+fn check_spill_writable(path: &std::path::Path) -> Result<(), String> {
+    let refused = |e: std::io::Error| {
+        format!(
+            "store.spill_path: cannot write `{}`: {e} (it takes request records while the store is down)\nhint: name a writable file with store.spill_path",
+            path.display()
+        )
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(refused)?;
+    }
+    if path.exists() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(refused)?;
+    } else {
+        // A file of its own: another replica may be creating the spill file itself meanwhile.
+        let mut probe = path.as_os_str().to_owned();
+        probe.push(format!(".probe-{}", std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)
+            .map_err(refused)?;
+        let _ = std::fs::remove_file(&probe);
+    }
+    Ok(())
+}
+
 /// Everything a running gateway is made of.
 pub struct Running {
     pub state: Arc<AppState>,
@@ -175,6 +207,7 @@ pub async fn build_with(
     // background: after a long outage that can be millions of records, and the gateway serves
     // meanwhile (a claim a crashed start left is taken over; the writer's own replays leave it).
     let spill = spill_path(&cfg.store);
+    check_spill_writable(&spill).map_err(anyhow::Error::msg)?;
     {
         let (store, spill) = (store.clone(), spill.clone());
         tokio::spawn(async move {

@@ -1385,3 +1385,32 @@ async fn names_and_missing_models_are_checked() {
         );
     }
 }
+
+/// A spill file that cannot be written stops `serve` at its start with the key and a hint,
+/// rather than losing the records of the first store outage.
+#[test]
+fn a_spill_path_that_cannot_be_written_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("plain-file"), "").unwrap();
+    std::fs::write(
+        dir.path().join("sluice.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\nspill_path = \"{}\"\n{MOCK}",
+            dir.path().join("sluice.db").display(),
+            dir.path().join("plain-file").join("spill.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["serve", "-c", "sluice.toml"], dir.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("store.spill_path: cannot write") && err.contains("hint:"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("probe"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
