@@ -514,11 +514,25 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     tokio::select! {
         () = &mut server => {}
         _ = stop_rx.wait_for(|s| *s) => {
-            tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
-            if tokio::time::timeout(grace, &mut server).await.is_err() {
+            tracing::info!(
+                grace_secs = grace.as_secs(),
+                "shutting down: finishing in-flight requests (a second Ctrl-C or SIGTERM ends them now)"
+            );
+            let ended = tokio::select! {
+                r = tokio::time::timeout(grace, &mut server) => {
+                    if r.is_err() {
+                        tracing::warn!("in-flight requests did not finish within the grace period: ending them");
+                    }
+                    r.is_err()
+                }
+                () = shutdown_signal() => {
+                    tracing::warn!("a second stop signal: ending in-flight requests now");
+                    true
+                }
+            };
+            if ended {
                 // The requests still running end now, each writing its record as cancelled
                 // by the shutdown while the log still takes records.
-                tracing::warn!("in-flight requests did not finish within the grace period: ending them");
                 if let Some(g) = gateway.upgrade() {
                     g.end_calls();
                 }

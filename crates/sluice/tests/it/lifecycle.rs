@@ -397,6 +397,42 @@ deployments = [{ provider = "trickle", model = "trickle" }]
     }
 }
 
+/// A second stop signal during the grace period ends the requests still running at once, as
+/// the period's end would (cancelled records, a 503 to the client), instead of being ignored
+/// until the period is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_ends_the_grace_period() {
+    let mut s = Sluice::start_opts(Opts {
+        config: "[providers.slow]\ntype = \"mock\"\nlatency_ms = 60000\n[models.\"slow\"]\ndeployments = [{ provider = \"slow\", model = \"slow\" }]\n",
+        env: vec![("SLUICE__SERVER__SHUTDOWN_GRACE_SECS", "120".to_string())],
+        ..Opts::default()
+    })
+    .await;
+    let plain = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}]}))
+        .send();
+    let plain = tokio::spawn(plain);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.sigterm();
+    let plain = plain.await.unwrap().expect("an answer");
+    assert_eq!(plain.status(), 503);
+    let id = request_id(&plain);
+    let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(20)));
+    assert!(status.success(), "{status}; stderr:\n{}", s.stderr());
+    let store = sluice_store::open(&s.store_url, 2)
+        .await
+        .expect("open store");
+    let rec = store
+        .get(uuid::Uuid::parse_str(&id).unwrap())
+        .await
+        .unwrap()
+        .expect("a record");
+    assert_eq!(rec.status.as_str(), "cancelled");
+}
+
 /// `[store] spill_path` names the spill file: records a gateway left there while its store was
 /// down are written to the store when the next one starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
