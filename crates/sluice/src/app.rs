@@ -323,7 +323,7 @@ pub async fn build_with(
     Ok(Running { state, writer })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

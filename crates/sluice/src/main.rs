@@ -525,9 +525,18 @@ async fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&format!("{e:#}")),
         },
-        Command::Demo { .. } => match demo::run().await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&format!("{e:#}")),
+        Command::Demo { .. } => tokio::select! {
+            // First, so that the signal handlers are in place before the demo prints anything.
+            biased;
+            // Stopped half way: its temporary store goes too.
+            () = app::shutdown_signal() => {
+                errln!("demo stopped");
+                exit(130)
+            }
+            r = demo::run() => match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
+            },
         },
     }
 }

@@ -79,6 +79,34 @@ fn a_demo_cut_short_by_its_reader_leaves_nothing_behind() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// A demo stopped half way (Ctrl-C, SIGTERM) leaves no temporary store behind either.
+#[test]
+fn a_demo_stopped_half_way_leaves_nothing_behind() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .arg("demo")
+        .env("TMPDIR", tmp.path())
+        .env_remove("SLUICE_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    lines.next().expect("a line").unwrap();
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    drop(lines);
+    let status = child.wait().unwrap();
+    // Stopped by the signal, or (a fast machine) done before it came.
+    assert!(matches!(status.code(), Some(130 | 0)), "{status}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// `models list` on an empty directory shows nothing it cannot know: a model not pulled has no
 /// quantization (the embedding model showed `f32`).
 #[test]
