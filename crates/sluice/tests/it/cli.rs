@@ -54,21 +54,32 @@ fn env_values_that_are_not_utf8_are_not_ignored() {
     assert!(err.contains("SLUICE_ADMIN_KEY is not valid UTF-8"), "{err}");
 }
 
-/// `sluice demo | head -3` leaves no temporary store behind (the quiet exit on the closed pipe
-/// skipped its removal).
-#[test]
-fn a_demo_cut_short_by_its_reader_leaves_nothing_behind() {
-    use std::io::{BufRead, BufReader};
-    let tmp = tempfile::tempdir().unwrap();
+/// `sluice demo` with its temporary directory in `tmp`, and its output's lines.
+fn spawn_demo(
+    tmp: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    use std::io::BufRead;
     let mut child = Command::new(BIN)
         .arg("demo")
-        .env("TMPDIR", tmp.path())
+        .env("TMPDIR", tmp)
         .env_remove("SLUICE_CONFIG")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// `sluice demo | head -3` leaves no temporary store behind (the quiet exit on the closed pipe
+/// skipped its removal).
+#[test]
+fn a_demo_cut_short_by_its_reader_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, mut lines) = spawn_demo(tmp.path());
     for _ in 0..3 {
         lines.next().expect("a line").unwrap();
     }
@@ -82,17 +93,8 @@ fn a_demo_cut_short_by_its_reader_leaves_nothing_behind() {
 /// A demo stopped half way (Ctrl-C, SIGTERM) leaves no temporary store behind either.
 #[test]
 fn a_demo_stopped_half_way_leaves_nothing_behind() {
-    use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .arg("demo")
-        .env("TMPDIR", tmp.path())
-        .env_remove("SLUICE_CONFIG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = spawn_demo(tmp.path());
     lines.next().expect("a line").unwrap();
     let killed = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
