@@ -83,6 +83,13 @@ impl UsageParams {
         if until.is_some_and(|u| u <= since) {
             return Err(Error::invalid("`until` must be after `since`").with_param("until"));
         }
+        // Without `until` the period ends now.
+        if until.is_none() && since > now {
+            return Err(Error::invalid(
+                "`since` is in the future: the period up to now would be empty",
+            )
+            .with_param("since"));
+        }
         let group_by = parse_group_by(self.group_by.as_deref().unwrap_or("key"))
             .map_err(|e| Error::invalid(e).with_param("group_by"))?;
         Ok(UsageQuery {

@@ -174,6 +174,13 @@ fn a_period_that_ends_before_it_starts_is_refused() {
     );
     assert_eq!(code, 2, "{err}");
     assert_eq!(err.matches("--until").count(), 1, "{err}");
+    // A start after now, with no end: the period up to now is empty.
+    let (code, _, err) = run(
+        &["usage", "--store", &store, "--since", "9999-12-31"],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--since is in the future"), "{err}");
 }
 
 /// `keys create` checks its flags before it warns about models, and prints the name as the
