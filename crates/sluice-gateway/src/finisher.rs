@@ -255,7 +255,7 @@ impl Finisher {
         if let Some(r) = self.rec()
             && r.ttft_ms.is_none()
         {
-            r.ttft_ms = Some(ms);
+            r.ttft_ms = Some(round3(ms));
         }
     }
 
@@ -263,7 +263,7 @@ impl Finisher {
     fn close(&mut self) -> Option<RequestRecord> {
         let mut r = self.record.take()?;
         r.finished_at = Utc::now();
-        r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        r.latency_ms = round3(self.started.elapsed().as_secs_f64() * 1000.0);
         self.in_flight = None;
         let tokens = r.prompt_tokens.saturating_add(r.completion_tokens);
         if let Some(t) = self.tokens.take() {
@@ -553,6 +553,7 @@ const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 /// request; a broken upstream may report anything.
 const MAX_TOKENS: u64 = 1 << 40;
 
+/// Milliseconds to the microsecond (what a clock reading means; no binary-fraction noise).
 fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }

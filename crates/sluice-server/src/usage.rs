@@ -115,9 +115,20 @@ pub fn row_json(dims: &[UsageDim], row: &UsageRow) -> serde_json::Value {
     m.insert("cache_hits".into(), row.cache_hits.into());
     m.insert("prompt_tokens".into(), row.prompt_tokens.into());
     m.insert("completion_tokens".into(), row.completion_tokens.into());
-    m.insert("cost_usd".into(), row.cost_usd.into());
-    m.insert("cost_saved_usd".into(), row.cost_saved_usd.into());
+    m.insert("cost_usd".into(), usd(row.cost_usd).into());
+    m.insert("cost_saved_usd".into(), usd(row.cost_saved_usd).into());
     serde_json::Value::Object(m)
+}
+
+/// A sum of dollars as it is printed: to a tenth of a nano-dollar, without the noise of adding
+/// binary fractions (`0.018000000000000002` is `0.018`).
+fn usd(x: f64) -> f64 {
+    // Past ~$900,000 the scaled value would lose digits: kept as it is.
+    if x.abs() < 9.0e5 {
+        (x * 1e10).round() / 1e10 + 0.0
+    } else {
+        x
+    }
 }
 
 fn unavailable(what: &str) -> Response {
@@ -230,6 +241,28 @@ pub async fn clear_cache(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dollar_sums_print_without_binary_noise() {
+        let row = UsageRow {
+            group: vec![],
+            requests: 3,
+            errors: 0,
+            cache_hits: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_usd: 0.006 + 0.006 + 0.006,
+            cost_saved_usd: 0.1 + 0.2,
+        };
+        assert_ne!(row.cost_usd, 0.018);
+        let text = row_json(&[], &row).to_string();
+        assert!(
+            text.contains("\"cost_usd\":0.018,") && text.contains("\"cost_saved_usd\":0.3}"),
+            "{text}"
+        );
+        // A tenth of a nano-dollar is kept.
+        assert_eq!(usd(0.000_000_012_3), 0.000_000_012_3);
+    }
 
     #[test]
     fn group_by_lists_are_parsed_and_checked() {
