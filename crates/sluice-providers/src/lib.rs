@@ -75,7 +75,18 @@ pub(crate) fn base_url(url: &str) -> Result<&str, String> {
             "base_url: `{base}` has a query or fragment; give the API root alone (a key goes in api_key or headers)"
         ))
     } else if base.starts_with("http://") || base.starts_with("https://") {
-        Ok(base)
+        // The paths Sluice appends make no URL of a root that is none.
+        match base.parse::<::http::Uri>() {
+            Ok(u) if u.host().is_some_and(|h| !h.is_empty()) => Ok(base),
+            Ok(_) => Err(format!(
+                "base_url: `{url}` has no host; give the API root, for example http://localhost:8000/v1"
+            )),
+            Err(e) => Err(format!("base_url: `{url}` is not a URL ({e})")),
+        }
+    } else if url.starts_with("http://") || url.starts_with("https://") {
+        Err(format!(
+            "base_url: `{url}` has no host; give the API root, for example http://localhost:8000/v1"
+        ))
     } else {
         Err(format!(
             "base_url: `{base}` must start with http:// or https://"

@@ -441,11 +441,20 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     let spill = spill_path(&cfg.store);
     let models: Vec<String> = cfg.router.names().map(str::to_string).collect();
     let unpriced = unpriced_deployments(&cfg.router);
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!(
-            "cannot listen on {addr} (is another process using it? set server.listen or --listen)"
-        )
-    })?;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            let why = match e.kind() {
+                std::io::ErrorKind::AddrInUse => "is another process using it?",
+                std::io::ErrorKind::PermissionDenied => {
+                    "ports below 1024 need privileges; pick a higher one"
+                }
+                std::io::ErrorKind::AddrNotAvailable => "no interface of this machine has it",
+                _ => "choose another address",
+            };
+            anyhow::bail!("cannot listen on {addr}: {e} ({why}: set server.listen or --listen)");
+        }
+    };
     let local = listener.local_addr()?;
     let listener = sluice_server::conn::GuardedListener::new(
         listener,

@@ -153,6 +153,18 @@ pub fn load_raw(source: &Source, overrides: &Overrides) -> Result<RawConfig, Str
                     p.display()
                 ));
             }
+            // What the TOML reader would say without the file's name or a hint.
+            let bytes = std::fs::read(p)
+                .map_err(|e| format!("cannot read config file `{}`: {e}", p.display()))?;
+            if let Err(e) = std::str::from_utf8(&bytes) {
+                let at = e.valid_up_to();
+                let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
+                return Err(format!(
+                    "config file `{}` is not UTF-8 text (line {line}, byte {}) (hint: save it as UTF-8)",
+                    p.display(),
+                    at + 1
+                ));
+            }
             fig = fig.merge(Toml::file_exact(p));
         }
         Source::EmbeddedDefault => {

@@ -415,6 +415,9 @@ fn as_flags(error: &str) -> String {
         ("name:", "--name:"),
         ("metadata:", "--metadata:"),
         ("role:", "--role:"),
+        ("owner.user:", "--user:"),
+        ("owner.team:", "--team:"),
+        ("owner.project:", "--project:"),
     ];
     FLAGS
         .iter()

@@ -1451,3 +1451,59 @@ fn a_spill_path_that_cannot_be_written_is_refused() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Errors that named the wrong thing: a `base_url` without a host (it showed `http:` and said
+/// it must start with http://), one that is no URL (it showed a path the user never wrote), a
+/// file that is not UTF-8 (no line, no hint), a key's owner flag (named by its API field).
+#[test]
+fn errors_name_what_the_user_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = |base: &str| {
+        format!("[providers.p]\ntype = \"openai\"\nbase_url = \"{base}\"\napi_key = \"k\"\n")
+    };
+    for (base, says) in [
+        ("http://", "base_url: `http://` has no host"),
+        (
+            "http://exa mple.com/v1",
+            "base_url: `http://exa mple.com/v1` is not a URL",
+        ),
+    ] {
+        std::fs::write(dir.path().join("b.toml"), provider(base)).unwrap();
+        let (code, _, err) = run(&["config", "check", "-c", "b.toml"], dir.path());
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(says), "{base}: {err}");
+    }
+    std::fs::write(dir.path().join("latin1.toml"), b"# ok\n# caf\xe9\n").unwrap();
+    let (code, _, err) = run(&["config", "check", "-c", "latin1.toml"], dir.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is not UTF-8 text (line 2") && err.contains("hint:"),
+        "{err}"
+    );
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    let team = "t".repeat(300);
+    let (code, _, err) = run(
+        &[
+            "keys", "create", "--name", "n", "--team", &team, "--store", &store,
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.starts_with("error: --team: at most 256 bytes"), "{err}");
+    // A port in use: the system's words and the likely cause.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    std::fs::write(dir.path().join("m.toml"), MOCK).unwrap();
+    let (code, _, err) = run(
+        &[
+            "serve", "-c", "m.toml", "--listen", &addr, "--store", &store,
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {addr}: "))
+            && err.contains("is another process using it?"),
+        "{err}"
+    );
+}
