@@ -442,8 +442,12 @@ fn by_id(mut command: KeysCommand) -> anyhow::Result<KeysCommand> {
 }
 
 /// Replaces a whole key (`sk-sluice-<id>-<secret>`) by its id, in place (`keys show`, `logs
-/// --key`, `usage --key`); anything else is left as it is.
+/// --key`, `usage --key`), and an id in capitals by the id; anything else is left as it is.
 pub fn id_of(id: &mut String) -> anyhow::Result<()> {
+    // Ids are lower-case hex; one copied in capitals is the same id.
+    if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        id.make_ascii_lowercase();
+    }
     if id.starts_with(sluice_core::keys::KEY_PREFIX) {
         match sluice_core::keys::key_id(id) {
             Some(short) => *id = short.to_string(),
@@ -708,6 +712,10 @@ mod tests {
         let mut plain = k.id.clone();
         id_of(&mut plain).unwrap();
         assert_eq!(plain, k.id);
+        // Copied in capitals: the same id.
+        let mut upper = k.id.to_ascii_uppercase();
+        id_of(&mut upper).unwrap();
+        assert_eq!(upper, k.id);
         let mut bad = "sk-sluice-nothex".to_string();
         let e = id_of(&mut bad).unwrap_err().to_string();
         assert!(e.contains("not the shape") && !e.contains("nothex"), "{e}");

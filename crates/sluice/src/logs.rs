@@ -28,7 +28,7 @@ pub struct LogsArgs {
     #[arg(long, conflicts_with = "follow")]
     pub until: Option<String>,
     /// Only requests that started before this one (a request id): the next page back.
-    #[arg(long, value_name = "ID", conflicts_with = "follow")]
+    #[arg(long, value_name = "ID", conflicts_with = "follow", value_parser = request_id)]
     pub before: Option<uuid::Uuid>,
     /// How many records (newest last).
     #[arg(long, short = 'n', default_value_t = 20,
@@ -40,6 +40,13 @@ pub struct LogsArgs {
     /// One JSON record per line.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A request id as `--before` takes it.
+fn request_id(s: &str) -> Result<uuid::Uuid, String> {
+    uuid::Uuid::parse_str(s.trim()).map_err(|_| {
+        format!("`{s}` is not a request id (a UUID such as 01a24bf0-6f18-74a4-8f7e-47c91914ffc0, as `sluice logs` prints them)")
+    })
 }
 
 fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {

@@ -1490,6 +1490,9 @@ fn errors_name_what_the_user_wrote() {
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.starts_with("error: --team: at most 256 bytes"), "{err}");
+    let (code, _, err) = run(&["logs", "--store", &store, "--before", "nope"], dir.path());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`nope` is not a request id"), "{err}");
     // A port in use: the system's words and the likely cause.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
