@@ -100,6 +100,23 @@ fn query(args: &LogsArgs, limit: u32) -> anyhow::Result<RecordQuery> {
     })
 }
 
+/// The table's header, over the columns [`print`] writes.
+fn print_header() {
+    outln!(
+        "{:<24}  {:<36}  {:<9} {:>3}  {} {} {:>9} {:>11}  {:<16}{}",
+        "STARTED (UTC)",
+        "REQUEST ID",
+        "STATUS",
+        "",
+        pad("MODEL", 18, true),
+        pad("PROVIDER", 12, true),
+        "LATENCY",
+        "TTFT",
+        "TOKENS IN/OUT",
+        "COST"
+    );
+}
+
 fn print(r: &RequestRecord, json: bool) {
     if json {
         if let Ok(s) = serde_json::to_string(r) {
@@ -176,6 +193,9 @@ pub async fn run(store_url: &str, max_connections: u32, mut args: LogsArgs) -> a
             )
         })?;
     let (rows, mut follower) = first_page(store.as_ref(), &first, follow).await?;
+    if !args.json && (!rows.is_empty() || args.follow) {
+        print_header();
+    }
     for r in &rows {
         print(r, args.json);
     }

@@ -825,7 +825,12 @@ async fn logs_escape_what_clients_sent_and_read_a_named_store_whatever_the_confi
     std::fs::write(broken.path().join("sluice.toml"), "[server]\nlisen = 1\n").unwrap();
     let (code, out, err) = run(&["logs", "--store", &store], broken.path());
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.lines().count(), 1, "one record, one line: {out}");
+    assert_eq!(
+        out.lines().count(),
+        2,
+        "the header, then one record on one line: {out}"
+    );
+    assert!(out.starts_with("STARTED (UTC)"), "{out}");
     assert!(
         out.contains("user=eve\\n2026-01-01 FAKE \\u{1b}[31mRED"),
         "{out}"
@@ -1403,7 +1408,15 @@ async fn names_and_missing_models_are_checked() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("warning: no models are configured"), "{out}");
     let s = Sluice::start("").await;
-    let banner = s.stdout().join("\n");
+    // The banner's lines after the address arrive a moment later.
+    let mut banner = String::new();
+    for _ in 0..100 {
+        banner = s.stdout().join("\n");
+        if banner.contains("warning:") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert!(
         banner.contains("warning: no models are configured"),
         "{banner}"
