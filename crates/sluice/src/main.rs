@@ -490,7 +490,11 @@ async fn main() -> ExitCode {
             };
             let raw = match raw_config(cli.config.as_deref(), store_flag) {
                 Ok(r) => r,
-                Err(e) => return fail(&e),
+                Err(e) => {
+                    return fail(&format!(
+                        "{e}\nhint: `sluice route` reads the configuration's complexity models and prices, even with --store; `sluice config check` explains the error"
+                    ));
+                }
             };
             let result = match command {
                 RouteCommand::Explain {

@@ -801,6 +801,24 @@ async fn complexity_routing_explain_and_report() {
         err.contains("hint: models routed by complexity: auto"),
         "{err}"
     );
+    // A configuration that does not load: said with why route needs it, --store or not.
+    std::fs::write(s.dir().join("broken.toml"), "[server\n").unwrap();
+    let (code, _, err) = run(
+        &[
+            "route",
+            "report",
+            "--config",
+            "broken.toml",
+            "--store",
+            &s.store_url,
+        ],
+        s.dir(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.starts_with("error: TOML parse error") && err.contains("hint: `sluice route` reads"),
+        "{err}"
+    );
 }
 
 /// Values a client chose are printed with their control characters escaped: a user id cannot
