@@ -325,6 +325,12 @@ pub trait LogStore: Send + Sync + 'static {
     /// Writes records in one transaction. Writing a record whose id already exists is a no-op, so
     /// a batch may be retried safely.
     async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError>;
+    /// [`insert_batch`](Self::insert_batch), returning how many of the records were new (not
+    /// already in the store). Stores that cannot tell count them all.
+    async fn insert_new(&self, records: &[RequestRecord]) -> Result<u64, StoreError> {
+        self.insert_batch(records).await?;
+        Ok(records.len() as u64)
+    }
     async fn get(&self, id: Uuid) -> Result<Option<RequestRecord>, StoreError>;
     async fn list(&self, query: &RecordQuery) -> Result<Vec<RequestRecord>, StoreError>;
     async fn count(&self) -> Result<u64, StoreError>;

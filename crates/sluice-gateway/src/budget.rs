@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sluice_core::error::{Error, ErrorCode};
 use sluice_core::keys::{Budget, VirtualKey};
+use sluice_core::record::RequestRecord;
 use sluice_core::usage::{Spender, UsageStore};
 
 use crate::shared::{BudgetItem, Reserve};
@@ -224,6 +225,33 @@ pub fn limits_for(
         push_budget(&mut out, &Spender::Team(t.to_string()), b);
     }
     out
+}
+
+/// The ledger of `spender`'s budget for `period`, at `now`: `key:ID:day:2026-12-02`.
+fn ledger_name(spender: &Spender, period: Period, now: DateTime<Utc>) -> String {
+    format!("{}:{}", spender.id(), period.bucket(now))
+}
+
+/// Every ledger a request's cost goes to, whichever budgets are configured: its key's, its
+/// user's and its team's (as the store attributes spend), for each period, at its start.
+pub fn ledgers_of(r: &RequestRecord) -> Vec<String> {
+    let team = r
+        .key_id
+        .as_ref()
+        .and(r.metadata.get("team"))
+        .and_then(serde_json::Value::as_str);
+    let spenders = [
+        r.key_id.clone().map(Spender::Key),
+        r.user.clone().map(Spender::User),
+        team.map(|t| Spender::Team(t.to_string())),
+    ];
+    spenders
+        .iter()
+        .flatten()
+        .flat_map(|s| {
+            [Period::Day, Period::Month, Period::Total].map(|p| ledger_name(s, p, r.started_at))
+        })
+        .collect()
 }
 
 /// USD as integer nano-dollars. Ledgers count in them, so sums are exact, and a whole
@@ -476,7 +504,7 @@ impl Budgets {
     }
 
     fn ledger_id(l: &Limit, now: DateTime<Utc>) -> String {
-        format!("{}:{}", l.spender.id(), l.period.bucket(now))
+        ledger_name(&l.spender, l.period, now)
     }
 
     async fn stored_spend(&self, l: &Limit, now: DateTime<Utc>) -> Result<i64, Error> {
@@ -623,9 +651,12 @@ impl Budgets {
                             Ok(s) => s,
                             Err(e) => return Ok(Err(e)),
                         };
+                        // After the read: costs of records written later that it could not
+                        // see are added to the ledger as they are written (`late_costs`).
+                        let built = Utc::now().timestamp_millis();
                         shared
                             .redis()
-                            .init(&item.ledger, spent, item.ttl_secs)
+                            .init(&item.ledger, spent, item.ttl_secs, built)
                             .await?;
                     }
                 }
@@ -1029,6 +1060,92 @@ mod tests {
         spend(&b, &limits, 900_000.0, 900_000.0).await;
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(b.reserve(&limits, 200_000.0).await.is_err(), "$2.9M spent");
+    }
+
+    /// A request log that keeps record ids (what a store needs to tell new records).
+    #[derive(Default)]
+    struct Ids(Mutex<std::collections::HashSet<uuid::Uuid>>);
+
+    #[async_trait]
+    impl sluice_core::record::LogStore for Ids {
+        async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
+            self.insert_new(records).await.map(|_| ())
+        }
+        async fn insert_new(&self, records: &[RequestRecord]) -> Result<u64, StoreError> {
+            let mut ids = self.0.lock();
+            Ok(records.iter().filter(|r| ids.insert(r.id)).count() as u64)
+        }
+        async fn get(&self, _: uuid::Uuid) -> Result<Option<RequestRecord>, StoreError> {
+            Ok(None)
+        }
+        async fn list(
+            &self,
+            _: &sluice_core::record::RecordQuery,
+        ) -> Result<Vec<RequestRecord>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn count(&self) -> Result<u64, StoreError> {
+            Ok(self.0.lock().len() as u64)
+        }
+    }
+
+    /// A ledger lost and rebuilt from the store while a record was still queued (or spilled)
+    /// learns that record's cost when it is written; one written before, or a request that
+    /// finished after the rebuild (settled into the new ledger), adds nothing. The ledger stayed
+    /// short of the cost for good: with an outage's records spilled, a $10 budget spent $16.
+    #[tokio::test]
+    async fn a_cost_whose_record_reaches_the_store_after_a_rebuild_reaches_the_ledger() {
+        let Some(blip) = Blip::start().await else {
+            return;
+        };
+        let (shared, b, limits, ledger) = (&blip.shared, &blip.b, &blip.limits, &blip.ledger);
+        let spent = || async {
+            let (spent, _) = shared.redis().ledger(ledger).await.unwrap().unwrap();
+            spent
+        };
+        let settled = || tokio::time::sleep(std::time::Duration::from_millis(300));
+        let record = |cost: f64| {
+            let mut r = RequestRecord::start(uuid::Uuid::now_v7(), "chat.completions", false);
+            r.key_id = Some("k".into());
+            r.cost_usd = cost;
+            r.finished_at = Utc::now();
+            r
+        };
+        let log = crate::late_costs::LateCosts::new(Arc::new(Ids::default()), shared.clone());
+        use sluice_core::record::LogStore;
+
+        // $0.10 settled; its record is queued, not in the store (which says $0 spent).
+        spend(b, limits, 0.05, 0.10).await;
+        let queued = record(0.10);
+        let written_before = record(0.20);
+        log.insert_batch(std::slice::from_ref(&written_before))
+            .await
+            .unwrap();
+        settled().await;
+        assert_eq!(spent().await, 100_000_000);
+        // The ledger is lost (a Redis restart, a flush) and rebuilt from the store.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        shared
+            .redis()
+            .forget_ledgers(std::slice::from_ref(ledger))
+            .await
+            .unwrap();
+        spend(b, limits, 0.05, 0.0).await;
+        settled().await;
+        assert_eq!(spent().await, 0, "rebuilt without the queued cost");
+        // A request that finishes now is settled into the rebuilt ledger.
+        spend(b, limits, 0.05, 0.03).await;
+        let after = record(0.03);
+        settled().await;
+        assert_eq!(spent().await, 30_000_000);
+
+        log.insert_batch(&[queued.clone(), after]).await.unwrap();
+        settled().await;
+        assert_eq!(spent().await, 130_000_000, "the queued cost, once");
+        // A replay that writes it again adds nothing.
+        log.insert_batch(&[queued, written_before]).await.unwrap();
+        settled().await;
+        assert_eq!(spent().await, 130_000_000);
     }
 
     #[tokio::test]

@@ -38,6 +38,7 @@ pub mod cache;
 pub mod caching;
 pub mod complexity;
 pub mod finisher;
+pub mod late_costs;
 pub mod limits;
 pub mod metrics;
 pub mod router;

@@ -531,17 +531,47 @@ local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0') or 0
 return { exists, spent, held(KEYS[2], now_ms) }
 "#;
 
-/// KEYS: one ledger. ARGV: spent, ttl (0: none). Creates it only when missing; returns 1 when
-/// it did.
+/// KEYS: one ledger. ARGV: spent, ttl (0: none), built (when the spend was read from the store,
+/// ms). Creates it only when missing; returns 1 when it did.
 const INIT_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
-redis.call('HSET', KEYS[1], 'spent', ARGV[1])
+redis.call('HSET', KEYS[1], 'spent', ARGV[1], 'built', ARGV[3])
 if tonumber(ARGV[2]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 return 1
+"#;
+
+/// KEYS: ledgers. ARGV: when a batch of records was written to the store (ms), then per ledger
+/// the count of its costs and that many pairs (when the request finished, ms; cost). A ledger
+/// built from the store before the batch was written, after a request finished, lacks that
+/// request's cost (it was settled into the ledger's lost predecessor, or while none existed,
+/// and its record was not in the store yet): it is added. Returns the sum added.
+const LATE_LUA: &str = r#"
+local at = tonumber(ARGV[1])
+local j = 2
+local added = 0
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[j])
+  j = j + 1
+  local built = tonumber(redis.call('HGET', KEYS[i], 'built') or '')
+  local sum = 0
+  for _ = 1, n do
+    local finished = tonumber(ARGV[j])
+    local cost = tonumber(ARGV[j + 1])
+    j = j + 2
+    if built and built < at and finished < built then
+      sum = sum + cost
+    end
+  end
+  if sum > 0 then
+    redis.call('HINCRBY', KEYS[i], 'spent', sum)
+    added = added + sum
+  end
+end
+return added
 "#;
 
 /// KEYS: per ledger its hash and its holds. ARGV: the hold (`HOLDER:WORST`), actual. Drops
@@ -582,6 +612,7 @@ static RESERVE: LazyLock<Script> =
 static LEDGER: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{HELD_LUA}\n{LEDGER_LUA}")));
 static INIT: LazyLock<Script> = LazyLock::new(|| Script::new(INIT_LUA));
+static LATE: LazyLock<Script> = LazyLock::new(|| Script::new(LATE_LUA));
 static RECONCILE: LazyLock<Script> = LazyLock::new(|| Script::new(RECONCILE_LUA));
 
 /// An entry as stored: [`CacheEntry`] with times in epoch milliseconds.
@@ -1112,21 +1143,49 @@ impl RedisState {
     }
 
     /// Creates `ledger` with `spent_nanos` spent and nothing reserved, expiring after
-    /// `ttl_secs` (0: never), unless it exists already (another replica was first). Returns
+    /// `ttl_secs` (0: never), unless it exists already (another replica was first). `built_ms`
+    /// is when the spend was read from the store (see [`late_costs`](Self::late_costs)). Returns
     /// whether it created it.
     pub async fn init(
         &self,
         ledger: &str,
         spent_nanos: i64,
         ttl_secs: u64,
+        built_ms: i64,
     ) -> Result<bool, SharedError> {
         let mut inv = INIT.prepare_invoke();
         inv.key(self.ledger_key(ledger))
             .arg(clamp_amount(spent_nanos))
-            .arg(ttl_secs);
+            .arg(ttl_secs)
+            .arg(built_ms);
         let mut conn = self.conn.clone();
         let created: i64 = Self::bounded("budget ledger init", inv.invoke_async(&mut conn)).await?;
         Ok(created == 1)
+    }
+
+    /// Costs whose records were written to the store at `written_ms`, by ledger: `(ledger,
+    /// [(finished_ms, cost_nanos)])`. Each goes to a ledger that was built from the store after
+    /// its request finished and before its record was written, which therefore lacks it (its
+    /// record was queued or spilled when the ledger was lost and read again). Returns the sum
+    /// added.
+    pub async fn late_costs(
+        &self,
+        written_ms: i64,
+        costs: &[(String, Vec<(i64, i64)>)],
+    ) -> Result<i64, SharedError> {
+        if costs.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = LATE.prepare_invoke();
+        inv.arg(written_ms);
+        for (ledger, items) in costs {
+            inv.key(self.ledger_key(ledger)).arg(items.len());
+            for (finished, cost) in items {
+                inv.arg(*finished).arg(clamp_amount(*cost));
+            }
+        }
+        let mut conn = self.conn.clone();
+        Self::bounded("budget late costs", inv.invoke_async(&mut conn)).await
     }
 
     /// After a call: takes `worst_nanos` off each ledger's reservation (not below zero) and
@@ -1749,15 +1808,15 @@ mod tests {
             s.reserve(&items, "r0").await.expect("reserve"),
             Reserve::NeedInit(vec![0, 1])
         );
-        assert!(s.init("key:a:day:d", 200, 3600).await.expect("init"));
+        assert!(s.init("key:a:day:d", 200, 3600, 0).await.expect("init"));
         // Another replica was first: the ledger is kept as it is.
-        assert!(!s.init("key:a:day:d", 999, 3600).await.expect("init"));
+        assert!(!s.init("key:a:day:d", 999, 3600, 0).await.expect("init"));
         assert_eq!(
             s.reserve(&items, "r0").await.expect("reserve"),
             Reserve::NeedInit(vec![1])
         );
         assert_eq!(s.ledger("key:a:day:d").await.expect("read"), Some((200, 0)));
-        assert!(s.init("team:t:month:m", 0, 0).await.expect("init"));
+        assert!(s.init("team:t:month:m", 0, 0, 0).await.expect("init"));
 
         // 200 spent: two reservations of 300 fit (800), a third does not (1100 > 1000).
         assert_eq!(s.reserve(&items, "r1").await.expect("reserve"), Reserve::Ok);
@@ -1910,7 +1969,7 @@ mod tests {
             .cache_put(&entry("k0", "ns2", chrono::Duration::seconds(60)))
             .await
             .expect("put");
-        s.init("keep", 0, 0).await.expect("init");
+        s.init("keep", 0, 0, 0).await.expect("init");
         let generation = || async { s.cache_generation().await.expect("generation") };
         assert_eq!(generation().await, Some(0));
         assert_eq!(s.cache_clear(Some("ns2")).await.expect("clear"), 400);

@@ -760,9 +760,14 @@ macro_rules! store_impl {
         #[async_trait]
         impl LogStore for $store {
             async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
+                self.insert_new(records).await.map(|_| ())
+            }
+
+            async fn insert_new(&self, records: &[RequestRecord]) -> Result<u64, StoreError> {
                 if records.is_empty() {
-                    return Ok(());
+                    return Ok(0);
                 }
+                let mut new = 0;
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
                 // The batch goes in as statements of a few fixed sizes (see `insert_chunk`), so
                 // each size is parsed once per connection and then served from sqlx's statement
@@ -817,9 +822,10 @@ macro_rules! store_impl {
                                     .map(indexed),
                             );
                     }
-                    q.execute(&mut *tx).await.map_err(db_err)?;
+                    new += q.execute(&mut *tx).await.map_err(db_err)?.rows_affected();
                 }
-                tx.commit().await.map_err(db_err)
+                tx.commit().await.map_err(db_err)?;
+                Ok(new)
             }
 
             async fn get(&self, id: Uuid) -> Result<Option<RequestRecord>, StoreError> {

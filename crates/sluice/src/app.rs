@@ -208,8 +208,21 @@ pub async fn build_with(
     // meanwhile (a claim a crashed start left is taken over; the writer's own replays leave it).
     let spill = spill_path(&cfg.store);
     check_spill_writable(&spill).map_err(anyhow::Error::msg)?;
+    let shared = Shared::connect(&cfg.state)
+        .await
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
+    // Records reach the store through this: with shared budget ledgers, a cost a rebuilt
+    // ledger could not see yet (its record queued or spilled) is added to it as it is written.
+    let written: Arc<dyn LogStore> = match &shared {
+        Some(s) => Arc::new(sluice_gateway::late_costs::LateCosts::new(
+            store.clone(),
+            s.clone(),
+        )),
+        None => store.clone(),
+    };
     {
-        let (store, spill) = (store.clone(), spill.clone());
+        let (store, spill) = (written.clone(), spill.clone());
         tokio::spawn(async move {
             match sluice_store::writer::replay_spill(store.as_ref(), &spill).await {
                 Ok(r) if r.records > 0 || r.bad_lines > 0 || r.rejected > 0 => tracing::warn!(
@@ -231,7 +244,7 @@ pub async fn build_with(
     let (sink, rx) = LogSink::bounded(cfg.store.queue_capacity, cfg.store.queue_bytes);
     let metrics = Arc::new(Metrics::new());
     let writer = LogWriter::spawn_observed(
-        store.clone(),
+        written,
         rx,
         cfg.store.batch_size,
         spill,
@@ -242,10 +255,6 @@ pub async fn build_with(
         BodyModeConfig::Full => BodyMode::Full,
         BodyModeConfig::None => BodyMode::None,
     };
-    let shared = Shared::connect(&cfg.state)
-        .await
-        .map_err(anyhow::Error::msg)?
-        .map(Arc::new);
     let remote = sluice_gateway::cache::shared_tier(
         cfg.router.cache.persist,
         shared

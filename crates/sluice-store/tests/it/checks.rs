@@ -122,7 +122,9 @@ pub async fn idempotent_insert(db: &TestDb) {
         })
         .collect();
     mixed.extend((0..5).map(|_| record("new", None, RecordStatus::Cancelled)));
-    insert(&store, &mixed).await;
+    // `insert_new` tells how many were new (late costs are added for new records only).
+    assert_eq!(store.insert_new(&mixed).await.expect("insert_new"), 5);
+    assert_eq!(store.insert_new(&mixed).await.expect("insert_new"), 0);
     assert_eq!(
         count(&store).await,
         15,
