@@ -5,6 +5,10 @@
 # CPU time per request (user + system, read from /proc before and after the timed part) and its
 # peak RSS. Runs alternate A, B, A, B… so that a machine whose speed drifts affects both builds
 # alike; compare the pairs, not runs from different days. MODE=stream sends streamed requests.
+# The same binary may run on both sides with a difference in its environment or store settings:
+# A_ENV / B_ENV (`VAR=VALUE …`, e.g. B_ENV=TOKIO_WORKER_THREADS=1) and A_STORE / B_STORE (lines
+# added to the `[store]` table, e.g. B_STORE='bodies = "none"'; a `url = …` line replaces the
+# SQLite file, e.g. B_STORE='url = "sqlite::memory:"').
 #
 #   [MODE=stream] ./scripts/bench_ab.sh BINARY_A BINARY_B [PAIRS] [SECONDS] [CONNECTIONS]
 #                                                                    (default 3, 6, 64)
@@ -43,10 +47,20 @@ url="http://127.0.0.1:$SL_PORT/v1/chat/completions"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-one() { # label binary
+one() { # label binary env store-lines
   rm -f "$work"/run.db*
   bench_config "$work/sluice.toml" "$SL_PORT" "$UP_PORT" "$work/run.db"
-  UPSTREAM_KEY=bench SLUICE_LOG=warn "$2" serve --config "$work/sluice.toml" >"$work/sluice.out" 2>&1 &
+  if [ -n "$4" ]; then
+    local lines="$4"
+    awk -v lines="$lines" '
+      /^url = / && in_store && lines ~ /(^|\n)url = / { next }
+      { print }
+      /^\[store\]$/ { in_store = 1; print lines; next }
+      /^\[/ { in_store = 0 }' "$work/sluice.toml" >"$work/sluice.toml.new"
+    mv "$work/sluice.toml.new" "$work/sluice.toml"
+  fi
+  # shellcheck disable=SC2086 # the variables are lists of assignments
+  env $3 UPSTREAM_KEY=bench SLUICE_LOG=warn "$2" serve --config "$work/sluice.toml" >"$work/sluice.out" 2>&1 &
   SL_PID=$!
   bench_wait_ready "$SL_PORT"
   wrk -t2 -c"$CONN" -d2s -s "$work/load.lua" "$url" >/dev/null
@@ -68,6 +82,6 @@ one() { # label binary
 }
 
 for _ in $(seq "$PAIRS"); do
-  one A "$A"
-  one B "$B"
+  one A "$A" "${A_ENV:-}" "${A_STORE:-}"
+  one B "$B" "${B_ENV:-}" "${B_STORE:-}"
 done
