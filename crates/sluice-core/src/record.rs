@@ -325,11 +325,14 @@ pub trait LogStore: Send + Sync + 'static {
     /// Writes records in one transaction. Writing a record whose id already exists is a no-op, so
     /// a batch may be retried safely.
     async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError>;
-    /// [`insert_batch`](Self::insert_batch), returning how many of the records were new (not
-    /// already in the store). Stores that cannot tell count them all.
-    async fn insert_new(&self, records: &[RequestRecord]) -> Result<u64, StoreError> {
+    /// [`insert_batch`](Self::insert_batch), returning the ids of the records that were new
+    /// (not in the store before). Stores that cannot tell return them all.
+    async fn insert_reporting_new(
+        &self,
+        records: &[RequestRecord],
+    ) -> Result<Vec<Uuid>, StoreError> {
         self.insert_batch(records).await?;
-        Ok(records.len() as u64)
+        Ok(records.iter().map(|r| r.id).collect())
     }
     async fn get(&self, id: Uuid) -> Result<Option<RequestRecord>, StoreError>;
     async fn list(&self, query: &RecordQuery) -> Result<Vec<RequestRecord>, StoreError>;

@@ -1069,11 +1069,18 @@ mod tests {
     #[async_trait]
     impl sluice_core::record::LogStore for Ids {
         async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
-            self.insert_new(records).await.map(|_| ())
+            self.insert_reporting_new(records).await.map(|_| ())
         }
-        async fn insert_new(&self, records: &[RequestRecord]) -> Result<u64, StoreError> {
+        async fn insert_reporting_new(
+            &self,
+            records: &[RequestRecord],
+        ) -> Result<Vec<uuid::Uuid>, StoreError> {
             let mut ids = self.0.lock();
-            Ok(records.iter().filter(|r| ids.insert(r.id)).count() as u64)
+            Ok(records
+                .iter()
+                .filter(|r| ids.insert(r.id))
+                .map(|r| r.id)
+                .collect())
         }
         async fn get(&self, _: uuid::Uuid) -> Result<Option<RequestRecord>, StoreError> {
             Ok(None)
@@ -1139,7 +1146,11 @@ mod tests {
         settled().await;
         assert_eq!(spent().await, 30_000_000);
 
-        log.insert_batch(&[queued.clone(), after]).await.unwrap();
+        // In a batch with a record written before (a replay's chunk holding the record it
+        // tried the store with): the new ones count.
+        log.insert_batch(&[written_before.clone(), queued.clone(), after])
+            .await
+            .unwrap();
         settled().await;
         assert_eq!(spent().await, 130_000_000, "the queued cost, once");
         // A replay that writes it again adds nothing.

@@ -6,7 +6,7 @@
 //! store or spilled while the store was down, is not in that sum, and the ledger would never
 //! learn it: a budget could be overshot by everything spilled during an outage. [`LateCosts`]
 //! wraps the request log: after each batch is written, the cost of each new record goes to
-//! every ledger that was rebuilt after the request finished and before the batch was written
+//! every ledger that was rebuilt after the request finished and before the batch was committed
 //! ([`RedisState::late_costs`](crate::shared::RedisState::late_costs)). Clocks are the
 //! replicas' own, so a request finishing within a few milliseconds of a rebuild may still be
 //! missed or counted twice.
@@ -70,16 +70,29 @@ impl LateCosts {
 #[async_trait]
 impl LogStore for LateCosts {
     async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
-        self.insert_new(records).await.map(|_| ())
+        self.insert_reporting_new(records).await.map(|_| ())
     }
 
-    async fn insert_new(&self, records: &[RequestRecord]) -> Result<u64, StoreError> {
+    async fn insert_reporting_new(
+        &self,
+        records: &[RequestRecord],
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let new = self.inner.insert_reporting_new(records).await?;
+        // Just after the commit: a ledger read from the store before this saw none of these
+        // records (one read between the commit and now may have, the only doubt left).
         let written_ms = Utc::now().timestamp_millis();
-        let new = self.inner.insert_new(records).await?;
-        // Records written before (a replay that repeats) were counted then; which of a batch
-        // were new is not known, so a batch with any of them adds nothing.
-        if new == records.len() as u64 {
+        // A record written before (a replay that repeats, or its first record tried alone)
+        // was counted then.
+        if new.len() == records.len() {
             self.send(written_ms, records);
+        } else if !new.is_empty() {
+            let new: std::collections::HashSet<Uuid> = new.iter().copied().collect();
+            let fresh: Vec<RequestRecord> = records
+                .iter()
+                .filter(|r| new.contains(&r.id))
+                .cloned()
+                .collect();
+            self.send(written_ms, &fresh);
         }
         Ok(new)
     }

@@ -757,24 +757,25 @@ fn v7_floor(t: DateTime<Utc>) -> String {
 
 macro_rules! store_impl {
     ($store:ty, $db:ty, $placeholders:expr) => {
-        #[async_trait]
-        impl LogStore for $store {
-            async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
-                self.insert_new(records).await.map(|_| ())
-            }
-
-            async fn insert_new(&self, records: &[RequestRecord]) -> Result<u64, StoreError> {
+        impl $store {
+            /// Writes `records` in one transaction; with `returning`, also says which were new
+            /// (their ids), else returns none.
+            async fn insert_rows(
+                &self,
+                records: &[RequestRecord],
+                returning: bool,
+            ) -> Result<Vec<Uuid>, StoreError> {
+                let mut new = Vec::new();
                 if records.is_empty() {
-                    return Ok(0);
+                    return Ok(new);
                 }
-                let mut new = 0;
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
                 // The batch goes in as statements of a few fixed sizes (see `insert_chunk`), so
                 // each size is parsed once per connection and then served from sqlx's statement
                 // cache; the transaction keeps the batch atomic.
                 let mut rest = records;
                 while !rest.is_empty() {
-                    let (sql, n) = insert_chunk(rest.len(), $placeholders);
+                    let (sql, n) = insert_chunk(rest.len(), $placeholders, returning);
                     let (rows, tail) = rest.split_at(n);
                     rest = tail;
                     let mut q = sqlx::query::<$db>(sql);
@@ -822,10 +823,33 @@ macro_rules! store_impl {
                                     .map(indexed),
                             );
                     }
-                    new += q.execute(&mut *tx).await.map_err(db_err)?.rows_affected();
+                    if returning {
+                        for row in q.fetch_all(&mut *tx).await.map_err(db_err)? {
+                            let id: String = row.try_get(0).map_err(db_err)?;
+                            new.push(Uuid::parse_str(&id).map_err(|e| {
+                                StoreError::Database(format!("a stored id is not a UUID: {e}"))
+                            })?);
+                        }
+                    } else {
+                        q.execute(&mut *tx).await.map_err(db_err)?;
+                    }
                 }
                 tx.commit().await.map_err(db_err)?;
                 Ok(new)
+            }
+        }
+
+        #[async_trait]
+        impl LogStore for $store {
+            async fn insert_batch(&self, records: &[RequestRecord]) -> Result<(), StoreError> {
+                self.insert_rows(records, false).await.map(|_| ())
+            }
+
+            async fn insert_reporting_new(
+                &self,
+                records: &[RequestRecord],
+            ) -> Result<Vec<Uuid>, StoreError> {
+                self.insert_rows(records, true).await
             }
 
             async fn get(&self, id: Uuid) -> Result<Option<RequestRecord>, StoreError> {
@@ -972,16 +996,13 @@ enum Placeholders {
 
 /// The next statement for a batch with `remaining` records left: its SQL and how many rows it
 /// takes (the largest power of two not above `remaining`, capped at `MAX_INSERT_ROWS`).
-fn insert_chunk(remaining: usize, style: Placeholders) -> (&'static str, usize) {
-    static ANONYMOUS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    static NUMBERED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let cell = match style {
-        Placeholders::Anonymous => &ANONYMOUS,
-        Placeholders::Numbered => &NUMBERED,
-    };
+fn insert_chunk(remaining: usize, style: Placeholders, returning: bool) -> (&'static str, usize) {
+    type Sizes = std::sync::OnceLock<Vec<String>>;
+    static CELLS: [Sizes; 4] = [Sizes::new(), Sizes::new(), Sizes::new(), Sizes::new()];
+    let cell = &CELLS[usize::from(style == Placeholders::Numbered) * 2 + usize::from(returning)];
     let sql = cell.get_or_init(|| {
         (0..INSERT_SIZES)
-            .map(|k| insert_sql(1 << k, style))
+            .map(|k| insert_sql(1 << k, style, returning))
             .collect()
     });
     let rows = remaining.clamp(1, MAX_INSERT_ROWS);
@@ -989,8 +1010,9 @@ fn insert_chunk(remaining: usize, style: Placeholders) -> (&'static str, usize) 
     (sql[k].as_str(), 1 << k)
 }
 
-/// `INSERT INTO requests (…) VALUES (…), (…) ON CONFLICT (id) DO NOTHING` for `rows` rows.
-fn insert_sql(rows: usize, style: Placeholders) -> String {
+/// `INSERT INTO requests (…) VALUES (…), (…) ON CONFLICT (id) DO NOTHING` for `rows` rows
+/// (`RETURNING id` with `returning`: the ids of the rows it inserted).
+fn insert_sql(rows: usize, style: Placeholders, returning: bool) -> String {
     let columns = COLUMNS.split(',').count();
     let mut sql = format!("INSERT INTO requests ({COLUMNS}) VALUES ");
     for row in 0..rows {
@@ -1010,6 +1032,9 @@ fn insert_sql(rows: usize, style: Placeholders) -> String {
         sql.push(')');
     }
     sql.push_str(" ON CONFLICT (id) DO NOTHING");
+    if returning {
+        sql.push_str(" RETURNING id");
+    }
     sql
 }
 
@@ -1564,7 +1589,7 @@ mod tests {
                 let mut rest = n;
                 let mut sizes = Vec::new();
                 while rest > 0 {
-                    let (sql, rows) = insert_chunk(rest, style);
+                    let (sql, rows) = insert_chunk(rest, style, false);
                     assert!(rows <= rest && rows <= MAX_INSERT_ROWS);
                     match style {
                         Placeholders::Anonymous => {
@@ -1584,9 +1609,9 @@ mod tests {
                 assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{n}: {sizes:?}");
             }
             assert_eq!(seen.len(), INSERT_SIZES);
-            assert_eq!(insert_chunk(100, style).1, 64);
-            assert_eq!(insert_chunk(36, style).1, 32);
-            assert_eq!(insert_chunk(4, style).1, 4);
+            assert_eq!(insert_chunk(100, style, false).1, 64);
+            assert_eq!(insert_chunk(36, style, true).1, 32);
+            assert_eq!(insert_chunk(4, style, false).1, 4);
         }
     }
 
