@@ -509,7 +509,15 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     if mock_fallback {
         sayln!(
             "  note:   no local models in {} — serving `mock-echo`, the mock provider (a test double that echoes your message, not a language model)",
-            crate::models::models_dir(None).display()
+            {
+                // `./models`, not `models`: a directory, said as one.
+                let dir = crate::models::models_dir(None);
+                if dir.is_relative() && !dir.starts_with(".") && !dir.starts_with("..") {
+                    std::path::Path::new(".").join(dir).display().to_string()
+                } else {
+                    dir.display().to_string()
+                }
+            }
         );
         sayln!(
             "          run `sluice models pull all` to serve the local SmolLM2 chat model and MiniLM embedder"
