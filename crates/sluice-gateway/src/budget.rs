@@ -647,13 +647,16 @@ impl Budgets {
                         let (Some(l), Some(item)) = (limits.get(i), items.get(i)) else {
                             continue;
                         };
+                        // Costs of records written from here on, which the read may not see, are
+                        // added to the ledger as they are written (`late_costs`): kept aside until
+                        // it exists, judged against this moment after. (One written between now
+                        // and the read's snapshot may count twice: the safe side for a budget.)
+                        shared.redis().begin_build(&item.ledger).await?;
+                        let built = Utc::now().timestamp_millis();
                         let spent = match self.stored_spend(l, now).await {
                             Ok(s) => s,
                             Err(e) => return Ok(Err(e)),
                         };
-                        // After the read: costs of records written later that it could not
-                        // see are added to the ledger as they are written (`late_costs`).
-                        let built = Utc::now().timestamp_millis();
                         shared
                             .redis()
                             .init(&item.ledger, spent, item.ttl_secs, built)
@@ -1157,6 +1160,34 @@ mod tests {
         log.insert_batch(&[queued, written_before]).await.unwrap();
         settled().await;
         assert_eq!(spent().await, 130_000_000);
+
+        // A cost written while the ledger is being built (its spend being read) is kept for
+        // its creation, which adds it: the read began before it was written.
+        let during = record(0.07);
+        shared
+            .redis()
+            .forget_ledgers(std::slice::from_ref(ledger))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        shared.redis().begin_build(ledger).await.unwrap();
+        let built = Utc::now().timestamp_millis();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        log.insert_batch(std::slice::from_ref(&during))
+            .await
+            .unwrap();
+        settled().await;
+        assert!(shared.redis().ledger(ledger).await.unwrap().is_none());
+        shared
+            .redis()
+            .init(ledger, 130_000_000, 3600, built)
+            .await
+            .unwrap();
+        assert_eq!(
+            spent().await,
+            200_000_000,
+            "the cost written during the read"
+        );
     }
 
     #[tokio::test]

@@ -7,9 +7,12 @@
 //! learn it: a budget could be overshot by everything spilled during an outage. [`LateCosts`]
 //! wraps the request log: after each batch is written, the cost of each new record goes to
 //! every ledger that was rebuilt after the request finished and before the batch was committed
-//! ([`RedisState::late_costs`](crate::shared::RedisState::late_costs)). Clocks are the
-//! replicas' own, so a request finishing within a few milliseconds of a rebuild may still be
-//! missed or counted twice.
+//! ([`RedisState::late_costs`](crate::shared::RedisState::late_costs)); while a ledger is being
+//! read from the store, the costs written meanwhile are kept for its creation to add. Clocks
+//! are the replicas' own, so a request finishing within a few milliseconds of a rebuild may
+//! still be missed or counted twice, and a record written between the read's start and its
+//! snapshot counts twice (the safe side for a budget). Costs not yet sent when the process
+//! stops, or whose batch timed out after its commit, are not sent.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,7 +37,9 @@ impl LateCosts {
     }
 
     /// The costs of `records` by ledger, as `(ledger, [(finished_ms, nanos)])`.
-    fn costs(records: &[RequestRecord]) -> Vec<(String, Vec<(i64, i64)>)> {
+    fn costs<'a>(
+        records: impl Iterator<Item = &'a RequestRecord>,
+    ) -> Vec<(String, Vec<(i64, i64)>)> {
         let mut by_ledger: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
         for r in records {
             let cost = nanos(r.cost_usd);
@@ -53,7 +58,7 @@ impl LateCosts {
 
     /// Sends the costs of a batch written at `written_ms` to Redis, in the background (the
     /// writer does not wait for it).
-    fn send(&self, written_ms: i64, records: &[RequestRecord]) {
+    fn send<'a>(&self, written_ms: i64, records: impl Iterator<Item = &'a RequestRecord>) {
         let costs = Self::costs(records);
         if costs.is_empty() {
             return;
@@ -84,15 +89,10 @@ impl LogStore for LateCosts {
         // A record written before (a replay that repeats, or its first record tried alone)
         // was counted then.
         if new.len() == records.len() {
-            self.send(written_ms, records);
+            self.send(written_ms, records.iter());
         } else if !new.is_empty() {
             let new: std::collections::HashSet<Uuid> = new.iter().copied().collect();
-            let fresh: Vec<RequestRecord> = records
-                .iter()
-                .filter(|r| new.contains(&r.id))
-                .cloned()
-                .collect();
-            self.send(written_ms, &fresh);
+            self.send(written_ms, records.iter().filter(|r| new.contains(&r.id)));
         }
         Ok(new)
     }

@@ -531,32 +531,49 @@ local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0') or 0
 return { exists, spent, held(KEYS[2], now_ms) }
 "#;
 
-/// KEYS: one ledger. ARGV: spent, ttl (0: none), built (when the spend was read from the store,
-/// ms). Creates it only when missing; returns 1 when it did.
+/// KEYS: one ledger, its build marker, its late costs. ARGV: spent, ttl (0: none), built (when
+/// the spend started to be read from the store, ms). Creates the ledger only when missing, with
+/// the late costs that arrived while it was being read and that the read cannot have seen
+/// (written after `built`, of requests finished before it); returns 1 when it did.
 const INIT_LUA: &str = r#"
+local built = tonumber(ARGV[3])
+local late = redis.call('LRANGE', KEYS[3], 0, -1)
+redis.call('DEL', KEYS[2], KEYS[3])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
-redis.call('HSET', KEYS[1], 'spent', ARGV[1], 'built', ARGV[3])
+local spent = tonumber(ARGV[1])
+for _, entry in ipairs(late) do
+  local at, finished, cost = string.match(entry, '^(%d+) (%d+) (%d+)$')
+  if at and tonumber(at) > built and tonumber(finished) < built then
+    spent = spent + tonumber(cost)
+  end
+end
+spent = math.min(spent, 2305843009213693952)
+redis.call('HSET', KEYS[1], 'spent', string.format('%d', spent), 'built', ARGV[3])
 if tonumber(ARGV[2]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 return 1
 "#;
 
-/// KEYS: ledgers. ARGV: when a batch of records was written to the store (ms), then per ledger
-/// the count of its costs and that many pairs (when the request finished, ms; cost). A ledger
-/// built from the store before the batch was written, after a request finished, lacks that
-/// request's cost (it was settled into the ledger's lost predecessor, or while none existed,
-/// and its record was not in the store yet): it is added. Returns the sum added.
+/// KEYS: per ledger the ledger, its build marker and its late costs. ARGV: when a batch of
+/// records was committed to the store (ms), then per ledger the count of its costs and that
+/// many pairs (when the request finished, ms; cost). A ledger built from the store before the
+/// batch was committed, after a request finished, lacks that request's cost (it was settled
+/// into the ledger's lost predecessor, or while none existed, and its record was not in the
+/// store yet): it is added. A ledger being built (its marker set, its spend being read) keeps
+/// the costs for its creation to judge. Returns the sum added.
 const LATE_LUA: &str = r#"
 local at = tonumber(ARGV[1])
 local j = 2
 local added = 0
-for i = 1, #KEYS do
+for i = 1, #KEYS / 3 do
+  local ledger, building, late = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
   local n = tonumber(ARGV[j])
   j = j + 1
-  local built = tonumber(redis.call('HGET', KEYS[i], 'built') or '')
+  local built = tonumber(redis.call('HGET', ledger, 'built') or '')
+  local pending = (not built) and redis.call('EXISTS', building) == 1
   local sum = 0
   for _ = 1, n do
     local finished = tonumber(ARGV[j])
@@ -564,10 +581,16 @@ for i = 1, #KEYS do
     j = j + 2
     if built and built < at and finished < built then
       sum = sum + cost
+    elseif pending then
+      redis.call('RPUSH', late, string.format('%d %d %d', at, finished, cost))
     end
   end
+  if pending then
+    redis.call('PEXPIRE', late, 60000)
+  end
   if sum > 0 then
-    redis.call('HINCRBY', KEYS[i], 'spent', sum)
+    sum = math.min(sum, 2305843009213693952)
+    redis.call('HINCRBY', ledger, 'spent', string.format('%d', sum))
     added = added + sum
   end
 end
@@ -898,6 +921,29 @@ impl RedisState {
         format!("{}:budget_nusd:{ledger}", self.prefix)
     }
 
+    /// Set while a ledger's spend is read from the store to build it (see [`LATE_LUA`]).
+    fn building_key(&self, ledger: &str) -> String {
+        format!("{}:budget_nusd:{ledger}:building", self.prefix)
+    }
+
+    /// Costs written to the store while a ledger was being built (see [`LATE_LUA`]).
+    fn late_key(&self, ledger: &str) -> String {
+        format!("{}:budget_nusd:{ledger}:late", self.prefix)
+    }
+
+    /// Marks `ledger` as being built: costs written to the store from now until it is created
+    /// are kept for its creation to judge. Lapses after 10 s (a read that never ended).
+    pub async fn begin_build(&self, ledger: &str) -> Result<(), SharedError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.building_key(ledger))
+            .arg(1)
+            .arg("PX")
+            .arg(10_000);
+        let mut conn = self.conn.clone();
+        let _: () = Self::bounded("budget ledger build", cmd.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
     /// The set of a ledger's holds (reservations in flight).
     fn holds_key(&self, ledger: &str) -> String {
         format!("{}:budget_nusd:{ledger}:holds", self.prefix)
@@ -1155,6 +1201,8 @@ impl RedisState {
     ) -> Result<bool, SharedError> {
         let mut inv = INIT.prepare_invoke();
         inv.key(self.ledger_key(ledger))
+            .key(self.building_key(ledger))
+            .key(self.late_key(ledger))
             .arg(clamp_amount(spent_nanos))
             .arg(ttl_secs)
             .arg(built_ms);
@@ -1179,7 +1227,10 @@ impl RedisState {
         let mut inv = LATE.prepare_invoke();
         inv.arg(written_ms);
         for (ledger, items) in costs {
-            inv.key(self.ledger_key(ledger)).arg(items.len());
+            inv.key(self.ledger_key(ledger))
+                .key(self.building_key(ledger))
+                .key(self.late_key(ledger))
+                .arg(items.len());
             for (finished, cost) in items {
                 inv.arg(*finished).arg(clamp_amount(*cost));
             }

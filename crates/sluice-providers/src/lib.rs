@@ -75,13 +75,28 @@ pub(crate) fn base_url(url: &str) -> Result<&str, String> {
             "base_url: `{base}` has a query or fragment; give the API root alone (a key goes in api_key or headers)"
         ))
     } else if base.starts_with("http://") || base.starts_with("https://") {
-        // The paths Sluice appends make no URL of a root that is none.
-        match base.parse::<::http::Uri>() {
-            Ok(u) if u.host().is_some_and(|h| !h.is_empty()) => Ok(base),
-            Ok(_) => Err(format!(
+        // The paths Sluice appends make no URL of a root that is none. (Checked by hand: a
+        // host in another script, or a space in the path, is taken by the HTTP client.)
+        let rest = base.split_once("://").map_or("", |(_, r)| r);
+        let authority = rest.split('/').next().unwrap_or("");
+        let host = authority.rsplit('@').next().unwrap_or("");
+        let host = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host.split(':').next().unwrap_or(""),
+        };
+        if host.is_empty() {
+            Err(format!(
                 "base_url: `{url}` has no host; give the API root, for example http://localhost:8000/v1"
-            )),
-            Err(e) => Err(format!("base_url: `{url}` is not a URL ({e})")),
+            ))
+        } else if authority
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            Err(format!(
+                "base_url: `{url}` is not a URL (a space or control character in its host)"
+            ))
+        } else {
+            Ok(base)
         }
     } else if url.starts_with("http://") || url.starts_with("https://") {
         Err(format!(
@@ -113,4 +128,36 @@ pub(crate) fn secret_header(value: &str) -> Result<::http::HeaderValue, String> 
         .map_err(|_| "api_key: contains characters not allowed in an HTTP header".to_string())?;
     v.set_sensitive(true);
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base_url;
+
+    #[test]
+    fn base_urls_need_a_scheme_and_a_host() {
+        for ok in [
+            "http://localhost:11434",
+            "http://localhost:8000/v1/",
+            "https://api.openai.com/v1",
+            "http://[::1]:8000/v1",
+            "http://user@host:80/v1",
+            "https://bücher.example/v1",
+            "http://host/a path/v1",
+        ] {
+            assert!(base_url(ok).is_ok(), "{ok}");
+        }
+        for (bad, says) in [
+            ("http://", "has no host"),
+            ("https:///v1", "has no host"),
+            ("http://:8000/v1", "has no host"),
+            ("http://[]/v1", "has no host"),
+            ("http://exa mple.com/v1", "is not a URL"),
+            ("localhost:8000", "must start with"),
+            ("http://h/v1?x=1", "query"),
+        ] {
+            let e = base_url(bad).unwrap_err();
+            assert!(e.contains(says) && e.contains(bad), "{bad}: {e}");
+        }
+    }
 }

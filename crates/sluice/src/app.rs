@@ -62,8 +62,10 @@ pub fn spill_path(store: &sluice_store::StoreConfig) -> PathBuf {
     PathBuf::from("sluice-data").join("spill.jsonl")
 }
 
-/// Refuses a spill file that cannot be written: it is where request records go while the store
-/// is down, and finding out then would lose them. Leaves no file behind that was not there.
+/// Refuses a spill file that cannot be written, or whose directory cannot take new files (a
+/// replay claims the file by a new name there): it is where request records go while the store
+/// is down, and finding out then would lose them. Leaves no file behind that was not there
+/// (the directories it creates stay).
 fn check_spill_writable(path: &std::path::Path) -> Result<(), String> {
     let refused = |e: std::io::Error| {
         format!(
@@ -79,18 +81,17 @@ fn check_spill_writable(path: &std::path::Path) -> Result<(), String> {
             .append(true)
             .open(path)
             .map_err(refused)?;
-    } else {
-        // A file of its own: another replica may be creating the spill file itself meanwhile.
-        let mut probe = path.as_os_str().to_owned();
-        probe.push(format!(".probe-{}", std::process::id()));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&probe)
-            .map_err(refused)?;
-        let _ = std::fs::remove_file(&probe);
     }
+    // A file of its own: another replica may be creating the spill file itself meanwhile.
+    let mut probe = path.as_os_str().to_owned();
+    probe.push(format!(".probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe)
+        .map_err(refused)?;
+    let _ = std::fs::remove_file(&probe);
     Ok(())
 }
 
@@ -551,7 +552,17 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
                     }
                     r.is_err()
                 }
-                () = shutdown_signal() => {
+                () = async {
+                    let first = tokio::time::Instant::now();
+                    loop {
+                        shutdown_signal().await;
+                        // One key press that reaches the process twice (from the terminal and
+                        // from a supervisor passing it on) is one stop.
+                        if first.elapsed() >= Duration::from_secs(1) {
+                            break;
+                        }
+                    }
+                } => {
                     tracing::warn!("a second stop signal: ending in-flight requests now");
                     true
                 }
@@ -564,7 +575,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
                 }
                 abort.send_replace(true);
                 if tokio::time::timeout(Duration::from_secs(1), &mut server).await.is_err() {
-                    tracing::warn!("connections still open after the grace period");
+                    tracing::warn!("connections still open a second after in-flight requests were ended");
                 }
             }
         }

@@ -160,7 +160,7 @@ pub fn load_raw(source: &Source, overrides: &Overrides) -> Result<RawConfig, Str
                 let at = e.valid_up_to();
                 let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
                 return Err(format!(
-                    "config file `{}` is not UTF-8 text (line {line}, byte {}) (hint: save it as UTF-8)",
+                    "config file `{}` is not UTF-8 text (line {line}, byte {} of the file) (hint: save it as UTF-8)",
                     p.display(),
                     at + 1
                 ));

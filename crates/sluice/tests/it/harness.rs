@@ -211,6 +211,18 @@ impl Sluice {
     }
 
     /// The JSON answer of a `GET` of `path` (with the admin key when there is one).
+    /// `GET /metrics`, as text.
+    pub async fn metrics(&self) -> String {
+        reqwest::Client::new()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         self.admin(reqwest::Client::new().get(self.url(path)))
             .send()

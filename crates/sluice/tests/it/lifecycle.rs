@@ -404,7 +404,10 @@ deployments = [{ provider = "trickle", model = "trickle" }]
 async fn a_second_stop_signal_ends_the_grace_period() {
     let mut s = Sluice::start_opts(Opts {
         config: "[providers.slow]\ntype = \"mock\"\nlatency_ms = 60000\n[models.\"slow\"]\ndeployments = [{ provider = \"slow\", model = \"slow\" }]\n",
-        env: vec![("SLUICE__SERVER__SHUTDOWN_GRACE_SECS", "120".to_string())],
+        env: vec![
+            ("SLUICE__SERVER__SHUTDOWN_GRACE_SECS", "120".to_string()),
+            ("SLUICE_LOG", "info".to_string()),
+        ],
         ..Opts::default()
     })
     .await;
@@ -413,9 +416,32 @@ async fn a_second_stop_signal_ends_the_grace_period() {
         .json(&json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}]}))
         .send();
     let plain = tokio::spawn(plain);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The request is with the upstream.
+    let mut in_flight = false;
+    for _ in 0..200 {
+        let metrics = s.metrics().await;
+        if metrics
+            .lines()
+            .any(|l| l.starts_with("sluice_deployment_in_flight{") && l.ends_with(" 1"))
+        {
+            in_flight = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(in_flight);
     s.sigterm();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The shutdown has begun (and listens for a second signal); a repeat within a second is
+    // the same stop, so the second comes after it.
+    for _ in 0..200 {
+        if s.stderr()
+            .contains("a second Ctrl-C or SIGTERM ends them now")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     s.sigterm();
     let plain = plain.await.unwrap().expect("an answer");
     assert_eq!(plain.status(), 503);
