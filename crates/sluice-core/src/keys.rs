@@ -274,7 +274,7 @@ impl KeySpec {
         if self.name.trim().is_empty() {
             return Err("name: must not be empty".into());
         }
-        if self.name.len() > 200 {
+        if self.name.chars().count() > 200 {
             return Err("name: at most 200 characters".into());
         }
         for (field, value) in [
@@ -518,6 +518,13 @@ mod tests {
         assert_eq!(spec(i64::MAX as u64).validate(now), Ok(()));
         let err = spec(u64::MAX).validate(now).unwrap_err();
         assert!(err.starts_with("rpm: at most 9223372036854775807"), "{err}");
+        // A name's bound is in characters, as its message says.
+        let named = |name: String| KeySpec {
+            name,
+            ..serde_json::from_str(r#"{"name": "k"}"#).unwrap()
+        };
+        assert_eq!(named("é".repeat(200)).validate(now), Ok(()));
+        assert!(named("é".repeat(201)).validate(now).is_err());
     }
 
     #[test]

@@ -189,14 +189,33 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
             ),
         ));
     }
+    // Every body the API takes is an object (a struct would also take an array, field by
+    // field).
+    let kind = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => Some("array"),
+        Some(b'"') => Some("string"),
+        Some(b't' | b'f') => Some("boolean"),
+        Some(b'n') => Some("null"),
+        Some(b'-' | b'0'..=b'9') => Some("number"),
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        return Err(Error::invalid(format!(
+            "invalid request body: invalid type: {kind}, expected a JSON object"
+        )));
+    }
     // The plain parse is the hot path; only a body that fails is parsed again with its path
     // tracked, to name the offending parameter.
     if let Ok(v) = serde_json::from_slice::<T>(bytes) {
         return Ok(v);
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    match serde_path_to_error::deserialize::<_, T>(de) {
-        Ok(v) => Ok(v),
+    match serde_path_to_error::deserialize::<_, T>(&mut *de) {
+        // The plain parse failed on what follows the value (`{…} trailing`, two objects).
+        Ok(v) => match de.end() {
+            Ok(()) => Ok(v),
+            Err(inner) => Err(not_json(&inner)),
+        },
         Err(e) => {
             let path = e.path().to_string();
             let inner = e.into_inner();
@@ -224,18 +243,23 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
                     err.param = at;
                     Err(err)
                 }
-                _ => Err(Error::new(
-                    ErrorCode::InvalidJson,
-                    format!(
-                        "request body is not valid JSON: {} (line {}, column {})",
-                        strip_position(&inner),
-                        inner.line(),
-                        inner.column()
-                    ),
-                )),
+                _ => Err(not_json(&inner)),
             }
         }
     }
+}
+
+/// The error for a body that is not JSON, with where it stops being JSON.
+fn not_json(inner: &serde_json::Error) -> Error {
+    Error::new(
+        ErrorCode::InvalidJson,
+        format!(
+            "request body is not valid JSON: {} (line {}, column {})",
+            strip_position(inner),
+            inner.line(),
+            inner.column()
+        ),
+    )
 }
 
 /// The field a "missing field `x`" message names.
@@ -393,6 +417,41 @@ mod tests {
     }
 
     /// Messages speak JSON, not Rust: no struct names or integer types.
+    /// What follows the object is not ignored (`{…} trailing`, two objects: accepted, the
+    /// first one used); a body that is not an object is refused for every type (an array was
+    /// read field by field into a struct).
+    #[test]
+    fn only_one_object_is_a_body() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Spec {
+            name: String,
+            rpm: Option<u32>,
+        }
+        for body in [
+            &br#"{"name": "x"} trailing"#[..],
+            br#"{"name": "x"}{"name": "y"}"#,
+            br#"{"name": "t3"}]]]}}}"#,
+        ] {
+            let e = parse::<Spec>(body).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidJson, "{}", e.message);
+            assert!(e.message.contains("trailing"), "{}", e.message);
+        }
+        for (body, kind) in [
+            (&br#"["x", 7]"#[..], "array"),
+            (b" \"x\"", "string"),
+            (b"7", "number"),
+            (b"null", "null"),
+        ] {
+            let e = parse::<Spec>(body).unwrap_err();
+            assert_eq!(
+                e.message,
+                format!("invalid request body: invalid type: {kind}, expected a JSON object")
+            );
+        }
+        assert!(parse::<Spec>(b" {\"name\": \"x\"}\n").is_ok());
+    }
+
     #[test]
     fn type_errors_speak_json() {
         let e = parse::<ChatRequest>(b"[]").unwrap_err();

@@ -262,6 +262,17 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
         state: &S,
     ) -> Result<Self, Self::Rejection> {
         match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            // A whole key pasted where its id belongs stands for its id; its secret is never
+            // repeated.
+            Ok(axum::extract::Path(id)) if id.starts_with(sluice_core::keys::KEY_PREFIX) => {
+                match sluice_core::keys::key_id(&id) {
+                    Some(short) => Ok(IdPath(short.to_string())),
+                    None => Err(ApiError::openai(Error::invalid(
+                        "that is not the shape of a Sluice key (sk-sluice-<16 hex characters>-<secret>); pass the key's id (`GET /api/keys` lists them)",
+                    ))
+                    .into_response()),
+                }
+            }
             Ok(axum::extract::Path(id)) => Ok(IdPath(id)),
             Err(e) => {
                 let e = Error::invalid(format!("the path is not valid: {}", e.body_text()));
@@ -275,6 +286,30 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
             }
         }
     }
+}
+
+/// An admin request as the audit log and the server log name it (`DELETE /api/keys/ID`): a whole
+/// key pasted where its id belongs shows as its id (the secret never lands in a log), and a path
+/// longer than 256 characters is cut.
+fn audit_target(method: &axum::http::Method, path: &str) -> String {
+    let path: Vec<String> = path
+        .split('/')
+        .map(
+            |seg| match seg.strip_prefix(sluice_core::keys::KEY_PREFIX) {
+                Some(_) => match sluice_core::keys::key_id(seg) {
+                    Some(id) => format!("{}{id}-…", sluice_core::keys::KEY_PREFIX),
+                    None => format!("{}…", sluice_core::keys::KEY_PREFIX),
+                },
+                None => seg.to_string(),
+            },
+        )
+        .collect();
+    let mut what = format!("{method} {}", path.join("/"));
+    if let Some((cut, _)) = what.char_indices().nth(256) {
+        what.truncate(cut);
+        what.push('…');
+    }
+    what
 }
 
 /// The request id of this request, set by the id middleware.
@@ -364,7 +399,7 @@ async fn request_id(State(state): State<SharedState>, mut req: Request, next: Ne
                         .map_or_else(|| "unknown-key".to_string(), |id| format!("key:{id}")),
                     None => "anonymous".to_string(),
                 };
-                let what = format!("{} {}", req.method(), req.uri().path());
+                let what = audit_target(req.method(), req.uri().path());
                 keys::audit_refusal(&state, &who, &what, ErrorCode::Forbidden.as_str());
             }
             let (parts, body) = req.into_parts();
@@ -721,13 +756,13 @@ async fn admin_auth(State(state): State<SharedState>, mut req: Request, next: Ne
                     .map_or_else(|| "unknown-key".to_string(), |id| format!("key:{id}")),
                 None => "anonymous".to_string(),
             };
-            let what = format!("{} {}", req.method(), req.uri().path());
+            let what = audit_target(req.method(), req.uri().path());
             keys::audit_refusal(&state, &who, &what, e.code.as_str());
             return ApiError::openai(e).into_response();
         }
     };
     if !permitted(actor.role, req.method(), req.uri().path()) {
-        let what = format!("{} {}", req.method(), req.uri().path());
+        let what = audit_target(req.method(), req.uri().path());
         keys::audit_refusal_as(&state, &actor.name, actor.role.as_str(), &what, "forbidden");
         return ApiError::openai(Error::new(
             ErrorCode::Forbidden,
@@ -740,7 +775,7 @@ async fn admin_auth(State(state): State<SharedState>, mut req: Request, next: Ne
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
     );
-    let what = format!("{} {}", req.method(), req.uri().path());
+    let what = audit_target(req.method(), req.uri().path());
     // The action and its audit entry run to their end even if the client leaves (a reload that
     // swapped the router is in the audit log whoever waited for it). A write that failed, and
     // that its handler did not record itself, is recorded with the error's code.

@@ -997,3 +997,80 @@ async fn refusals_cannot_flood_the_audit_log_or_the_request_log() {
         .sum();
     assert!(counted >= 400.0, "{counted}: {metrics}");
 }
+
+/// A whole key pasted where the API takes a key's id stands for its id, and its secret lands in
+/// no answer, audit entry or log line (a refused revocation kept the path, secret and all, in
+/// the audit log); a path of any length is cut in the audit log.
+#[tokio::test]
+async fn a_whole_key_in_a_path_never_reaches_the_logs() {
+    let s = with_admin().await;
+    let key = s.create_key(json!({"name": "pasted"})).await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let secret = key.rsplit('-').next().unwrap().to_string();
+    let (st, shown) = api(
+        &s,
+        reqwest::Method::GET,
+        &format!("/api/keys/{key}"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{shown}");
+    assert_eq!(shown["name"], "pasted");
+    // Gone, then revoked again by the whole key: a refusal, audited without the secret.
+    let (st, _) = api(
+        &s,
+        reqwest::Method::DELETE,
+        &format!("/api/keys/{key}"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    let unknown = format!("sk-sluice-0123456789abcdef-{secret}");
+    let (st, body) = api(
+        &s,
+        reqwest::Method::DELETE,
+        &format!("/api/keys/{unknown}"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(st, 404, "{body}");
+    assert!(!body.to_string().contains(&secret), "{body}");
+    let (st, body) = api(
+        &s,
+        reqwest::Method::POST,
+        &format!("/api/keys/sk-sluice-nothex-{secret}/rotate"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(!body.to_string().contains(&secret), "{body}");
+    let long = "x".repeat(10_000);
+    api(
+        &s,
+        reqwest::Method::DELETE,
+        &format!("/api/keys/{long}"),
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    let (_, log) = api(&s, reqwest::Method::GET, "/api/audit", Some(ADMIN), None).await;
+    let entries = log["data"].as_array().expect("audit entries");
+    assert!(
+        entries.iter().any(|e| e["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("DELETE /api/keys/sk-sluice-0123456789abcdef-…"))),
+        "{log:#}"
+    );
+    for e in entries {
+        let target = e["target"].as_str().unwrap_or("");
+        assert!(target.chars().count() <= 257, "{target}");
+    }
+    assert!(!log.to_string().contains(&secret), "{log:#}");
+    assert!(!s.stderr().contains(&secret));
+}
