@@ -401,15 +401,32 @@ fn throttled_refusal(
     });
 }
 
+/// Query parameters of `GET /api/audit`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditParams {
+    /// 1 to 1000 (default 100).
+    pub limit: Option<String>,
+}
+
+/// `GET /api/keys` takes no query parameters.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
 /// `GET /api/audit`: admin actions, newest first (`?limit=`, default 100).
 pub async fn audit_log(
     State(state): State<SharedState>,
-    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+    q: Result<axum::extract::Query<AuditParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let q = match q {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return ApiError::openai(crate::query_error(&e)).into_response(),
+    };
     let Some(store) = &state.audit else {
         return no_keys();
     };
-    let limit = match q.get("limit").map(|l| l.parse::<u32>()) {
+    let limit = match q.limit.as_deref().map(str::parse::<u32>) {
         None => 100,
         Some(Ok(l)) if (1..=1000).contains(&l) => l,
         Some(_) => {
@@ -483,7 +500,13 @@ async fn answer_key(cache: &KeyCache, id: &str, secret: Option<String>) -> Respo
 }
 
 /// `GET /api/keys`: every key, newest first (never a key or its hash).
-pub async fn list(State(state): State<SharedState>) -> Response {
+pub async fn list(
+    State(state): State<SharedState>,
+    q: Result<axum::extract::Query<NoParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(e) = q {
+        return ApiError::openai(crate::query_error(&e)).into_response();
+    }
     let Some(cache) = &state.keys else {
         return no_keys();
     };

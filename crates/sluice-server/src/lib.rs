@@ -879,7 +879,16 @@ pub(crate) fn query_error(e: &axum::extract::rejection::QueryRejection) -> Error
             Error::invalid(format!("invalid value for query parameter `{name}`: {why}"))
                 .with_param(name)
         }
-        _ => Error::invalid(format!("invalid query string: {detail}")),
+        _ => {
+            let mut err = Error::invalid(format!("invalid query string: {detail}"));
+            // `duplicate field `limit``, `unknown field `x`, expected …`: the parameter named.
+            err.param = ["duplicate field `", "unknown field `"]
+                .iter()
+                .find_map(|p| detail.strip_prefix(p)?.split('`').next())
+                .filter(|n| !n.is_empty())
+                .map(str::to_string);
+            err
+        }
     }
 }
 

@@ -1074,3 +1074,31 @@ async fn a_whole_key_in_a_path_never_reaches_the_logs() {
     assert!(!log.to_string().contains(&secret), "{log:#}");
     assert!(!s.stderr().contains(&secret));
 }
+
+/// `/api/audit` and `/api/keys` read their query strings as the other endpoints do: an unknown
+/// or repeated parameter is a 400 naming it (they were ignored, and a repeated `limit` took the
+/// last value).
+#[tokio::test]
+async fn audit_and_key_lists_refuse_unknown_and_repeated_parameters() {
+    let s = with_admin().await;
+    for (path, param) in [
+        ("/api/audit?bogus=1", "bogus"),
+        ("/api/audit?limit=1&limit=1001", "limit"),
+        ("/api/audit?limit=1001&limit=1", "limit"),
+        ("/api/keys?limit=1", "limit"),
+        ("/api/requests?limit=1&limit=2", "limit"),
+    ] {
+        let (st, body) = api(&s, reqwest::Method::GET, path, Some(ADMIN), None).await;
+        assert_eq!(st, 400, "{path}: {body}");
+        assert_eq!(body["error"]["param"], param, "{path}: {body}");
+    }
+    let (st, _) = api(
+        &s,
+        reqwest::Method::GET,
+        "/api/audit?limit=5",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+}
