@@ -1003,62 +1003,32 @@ async fn refusals_cannot_flood_the_audit_log_or_the_request_log() {
 /// the audit log); a path of any length is cut in the audit log.
 #[tokio::test]
 async fn a_whole_key_in_a_path_never_reaches_the_logs() {
+    use reqwest::Method;
     let s = with_admin().await;
+    let as_admin = |method: Method, path: String| {
+        let s = &s;
+        async move { api(s, method, &path, Some(ADMIN), None).await }
+    };
     let key = s.create_key(json!({"name": "pasted"})).await["key"]
         .as_str()
         .unwrap()
         .to_string();
     let secret = key.rsplit('-').next().unwrap().to_string();
-    let (st, shown) = api(
-        &s,
-        reqwest::Method::GET,
-        &format!("/api/keys/{key}"),
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (st, shown) = as_admin(Method::GET, format!("/api/keys/{key}")).await;
     assert_eq!(st, 200, "{shown}");
     assert_eq!(shown["name"], "pasted");
     // Gone, then revoked again by the whole key: a refusal, audited without the secret.
-    let (st, _) = api(
-        &s,
-        reqwest::Method::DELETE,
-        &format!("/api/keys/{key}"),
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (st, _) = as_admin(Method::DELETE, format!("/api/keys/{key}")).await;
     assert_eq!(st, 200);
     let unknown = format!("sk-sluice-0123456789abcdef-{secret}");
-    let (st, body) = api(
-        &s,
-        reqwest::Method::DELETE,
-        &format!("/api/keys/{unknown}"),
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (st, body) = as_admin(Method::DELETE, format!("/api/keys/{unknown}")).await;
     assert_eq!(st, 404, "{body}");
     assert!(!body.to_string().contains(&secret), "{body}");
-    let (st, body) = api(
-        &s,
-        reqwest::Method::POST,
-        &format!("/api/keys/sk-sluice-nothex-{secret}/rotate"),
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let rotate = format!("/api/keys/sk-sluice-nothex-{secret}/rotate");
+    let (st, body) = as_admin(Method::POST, rotate).await;
     assert_eq!(st, 400, "{body}");
     assert!(!body.to_string().contains(&secret), "{body}");
-    let long = "x".repeat(10_000);
-    api(
-        &s,
-        reqwest::Method::DELETE,
-        &format!("/api/keys/{long}"),
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    as_admin(Method::DELETE, format!("/api/keys/{}", "x".repeat(10_000))).await;
     let (_, log) = api(&s, reqwest::Method::GET, "/api/audit", Some(ADMIN), None).await;
     let entries = log["data"].as_array().expect("audit entries");
     assert!(
