@@ -1190,8 +1190,9 @@ impl RedisState {
 
     /// Creates `ledger` with `spent_nanos` spent and nothing reserved, expiring after
     /// `ttl_secs` (0: never), unless it exists already (another replica was first). `built_ms`
-    /// is when the spend was read from the store (see [`late_costs`](Self::late_costs)). Returns
-    /// whether it created it.
+    /// is when the read of that spend from the store began (after [`begin_build`](Self::begin_build));
+    /// the costs [`late_costs`](Self::late_costs) kept meanwhile that the read cannot have seen
+    /// are added. Returns whether it created it.
     pub async fn init(
         &self,
         ledger: &str,
