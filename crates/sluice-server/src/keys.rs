@@ -296,13 +296,18 @@ pub async fn audit(
             detail = serde_json::json!({"detail": detail, "unrecorded_refusals_before": skipped});
         }
     }
-    record_audit(store.as_ref(), actor, action, target, outcome, detail).await;
+    record_audit(store, actor, action, target, outcome, detail).await;
 }
 
+/// How often and how long an audit entry the store did not take is written again.
+const AUDIT_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+const AUDIT_RETRIES: u32 = 30;
+
 /// Writes an admin action to `store` (for an action with no request behind it, such as a reload
-/// by SIGHUP); a failure to record is logged.
+/// by SIGHUP). An entry the store does not take (busy, down) is written again in the background,
+/// every 2 s for a minute, and logged if it never is.
 pub async fn record_audit(
-    store: &dyn sluice_core::keys::AuditStore,
+    store: &Arc<dyn sluice_core::keys::AuditStore>,
     actor: &Actor,
     action: &str,
     target: Option<&str>,
@@ -319,7 +324,19 @@ pub async fn record_audit(
     );
     tracing::info!(actor = %entry.actor, action, target = ?target, outcome, "admin action");
     if let Err(e) = store.append_audit(&entry).await {
-        tracing::error!(error = %e, action, "the audit log could not be written");
+        tracing::warn!(error = %e, action, "the audit log could not be written; trying again");
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut last = e;
+            for _ in 0..AUDIT_RETRIES {
+                tokio::time::sleep(AUDIT_RETRY_EVERY).await;
+                match store.append_audit(&entry).await {
+                    Ok(()) => return,
+                    Err(e) => last = e,
+                }
+            }
+            tracing::error!(error = %last, action = %entry.action, target = ?entry.target, outcome = %entry.outcome, "the audit log could not be written; this entry is lost");
+        });
     }
 }
 
@@ -789,6 +806,54 @@ pub async fn rotate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An audit entry the store does not take at once (busy, down) is written again later,
+    /// once (it was only logged, and lost).
+    #[tokio::test]
+    async fn an_audit_entry_the_store_refuses_is_written_again() {
+        struct Flaky {
+            refusals: std::sync::atomic::AtomicU32,
+            kept: std::sync::Mutex<Vec<AuditEntry>>,
+        }
+        #[async_trait::async_trait]
+        impl sluice_core::keys::AuditStore for Flaky {
+            async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+                use std::sync::atomic::Ordering;
+                if self.refusals.load(Ordering::SeqCst) > 0 {
+                    self.refusals.fetch_sub(1, Ordering::SeqCst);
+                    return Err(StoreError::Database("database is locked".into()));
+                }
+                self.kept.lock().unwrap().push(entry.clone());
+                Ok(())
+            }
+            async fn list_audit(&self, _: u32) -> Result<Vec<AuditEntry>, StoreError> {
+                Ok(self.kept.lock().unwrap().clone())
+            }
+        }
+        let flaky = Arc::new(Flaky {
+            refusals: std::sync::atomic::AtomicU32::new(1),
+            kept: std::sync::Mutex::new(Vec::new()),
+        });
+        let store: Arc<dyn sluice_core::keys::AuditStore> = flaky.clone();
+        let actor = Actor {
+            name: "admin-key".into(),
+            role: Role::Admin,
+        };
+        record_audit(
+            &store,
+            &actor,
+            "failed",
+            Some("POST /api/keys"),
+            "service_unavailable",
+            serde_json::Value::Null,
+        )
+        .await;
+        assert!(flaky.kept.lock().unwrap().is_empty());
+        tokio::time::sleep(AUDIT_RETRY_EVERY + std::time::Duration::from_millis(500)).await;
+        let kept = flaky.kept.lock().unwrap().clone();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].outcome, "service_unavailable");
+    }
 
     /// Keys in memory, written with whatever `updated_at` the caller gives; while `hang` is
     /// set, the next poll for changes never answers (and clears it).

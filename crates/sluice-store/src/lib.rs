@@ -1233,7 +1233,8 @@ macro_rules! audit_store_impl {
         impl AuditStore for $store {
             async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
                 sqlx::query(
-                    "INSERT INTO audit_log (id, at, actor, role, action, target, outcome, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    // An entry written again (a retry after a lost answer) is kept once.
+                    "INSERT INTO audit_log (id, at, actor, role, action, target, outcome, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
                 )
                 .bind(&e.id)
                 .bind(e.at)

@@ -405,7 +405,7 @@ fn reload_on_hangup(state: &Arc<AppState>) {
                         role: sluice_core::keys::Role::Admin,
                     };
                     sluice_server::keys::record_audit(
-                        store.as_ref(),
+                        store,
                         &actor,
                         "config.reload",
                         None,

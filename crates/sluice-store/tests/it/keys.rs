@@ -644,6 +644,12 @@ pub async fn audit_round_trip(db: &TestDb) {
     for e in &entries {
         stores.audit.append_audit(e).await.expect("append_audit");
     }
+    // Written again (a retry after a lost answer): kept once.
+    stores
+        .audit
+        .append_audit(&entries[1])
+        .await
+        .expect("append_audit again");
     let got = stores.audit.list_audit(10).await.expect("list_audit");
     let want: Vec<_> = entries.iter().rev().cloned().collect();
     assert_eq!(got, want, "newest first, every field kept");
