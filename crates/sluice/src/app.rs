@@ -333,7 +333,9 @@ pub async fn build_with(
     Ok(Running { state, writer })
 }
 
-pub(crate) async fn shutdown_signal() {
+/// Waits for Ctrl-C (SIGINT) or SIGTERM; returns the exit status a process stopped by it gives
+/// (128 + the signal's number: 130 or 143).
+pub(crate) async fn shutdown_signal() -> u8 {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -342,17 +344,18 @@ pub(crate) async fn shutdown_signal() {
                 Ok(s) => s,
                 Err(_) => {
                     let _ = ctrl_c.await;
-                    return;
+                    return 130;
                 }
             };
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = ctrl_c => 130,
+            _ = term.recv() => 143,
         }
     }
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+        130
     }
 }
 

@@ -533,9 +533,9 @@ async fn main() -> ExitCode {
             // First, so that the signal handlers are in place before the demo prints anything.
             biased;
             // Stopped half way: its temporary store goes too.
-            () = app::shutdown_signal() => {
+            status = app::shutdown_signal() => {
                 errln!("demo stopped");
-                exit(130)
+                exit(i32::from(status))
             }
             r = demo::run() => match r {
                 Ok(()) => ExitCode::SUCCESS,

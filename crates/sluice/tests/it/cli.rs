@@ -93,20 +93,26 @@ fn a_demo_cut_short_by_its_reader_leaves_nothing_behind() {
 /// A demo stopped half way (Ctrl-C, SIGTERM) leaves no temporary store behind either.
 #[test]
 fn a_demo_stopped_half_way_leaves_nothing_behind() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (mut child, mut lines) = spawn_demo(tmp.path());
-    lines.next().expect("a line").unwrap();
-    let killed = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    drop(lines);
-    let status = child.wait().unwrap();
-    // Stopped by the signal, or (a fast machine) done before it came.
-    assert!(matches!(status.code(), Some(130 | 0)), "{status}");
-    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
-    assert!(left.is_empty(), "{left:?}");
+    // The exit status a process stopped by the signal gives (128 + its number).
+    for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut child, mut lines) = spawn_demo(tmp.path());
+        lines.next().expect("a line").unwrap();
+        let killed = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        drop(lines);
+        let status = child.wait().unwrap();
+        // Stopped by the signal, or (a fast machine) done before it came.
+        assert!(
+            status.code() == Some(code) || status.code() == Some(0),
+            "{signal}: {status}"
+        );
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert!(left.is_empty(), "{signal}: {left:?}");
+    }
 }
 
 /// `models list` on an empty directory shows nothing it cannot know: a model not pulled has no
