@@ -628,7 +628,26 @@ pub async fn create(
         serde_json::json!({"name": key.name, "role": key.role, "models": key.models}),
     )
     .await;
-    (StatusCode::CREATED, Json(key_body(&key, Some(secret)))).into_response()
+    let mut body = key_body(&key, Some(secret));
+    // A model this configuration does not serve is allowed (a later configuration may), and
+    // said: it is more often a misspelling.
+    let router = state.gateway.router();
+    let unknown: Vec<&String> = key
+        .models
+        .iter()
+        .filter(|m| !router.names().any(|n| n == m.as_str()))
+        .collect();
+    if !unknown.is_empty() {
+        body["warnings"] = serde_json::json!(
+            unknown
+                .iter()
+                .map(|m| format!(
+                    "no model `{m}` in this gateway's configuration; the key can use it only once a configuration serves it"
+                ))
+                .collect::<Vec<_>>()
+        );
+    }
+    (StatusCode::CREATED, Json(body)).into_response()
 }
 
 /// Checks that a key a developer asks for stays within the developer's own key `own`: its

@@ -1073,3 +1073,26 @@ async fn audit_and_key_lists_refuse_unknown_and_repeated_parameters() {
     .await;
     assert_eq!(st, 200);
 }
+
+/// A key for a model the configuration does not serve is created (a later configuration may
+/// serve it) with a warning in the answer, as `sluice keys create` gives one.
+#[tokio::test]
+async fn a_key_for_an_unserved_model_is_created_with_a_warning() {
+    let s = with_admin().await;
+    let made = s
+        .create_key(json!({"name": "typo", "models": ["mock-echo", "mock-ecko"]}))
+        .await;
+    let warnings = made["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 1, "{made}");
+    assert!(
+        warnings[0]
+            .as_str()
+            .unwrap()
+            .contains("no model `mock-ecko`"),
+        "{made}"
+    );
+    let plain = s
+        .create_key(json!({"name": "fine", "models": ["mock-echo"]}))
+        .await;
+    assert!(plain.get("warnings").is_none(), "{plain}");
+}
