@@ -231,6 +231,16 @@ pub struct Attempt {
 }
 
 impl RequestRecord {
+    /// The team its spend counts for: a key owner's (set in metadata from the key); a request
+    /// made without a key names its team in metadata only, and has none (usage by team and team
+    /// budgets agree).
+    pub fn team(&self) -> Option<&str> {
+        self.key_id
+            .as_ref()
+            .and(self.metadata.get("team"))
+            .and_then(serde_json::Value::as_str)
+    }
+
     /// A fresh record for a request that just started.
     pub fn start(id: Uuid, endpoint: &str, stream: bool) -> Self {
         let now = Utc::now();

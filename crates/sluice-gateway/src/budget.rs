@@ -235,15 +235,10 @@ fn ledger_name(spender: &Spender, period: Period, now: DateTime<Utc>) -> String 
 /// Every ledger a request's cost goes to, whichever budgets are configured: its key's, its
 /// user's and its team's (as the store attributes spend), for each period, at its start.
 pub fn ledgers_of(r: &RequestRecord) -> Vec<String> {
-    let team = r
-        .key_id
-        .as_ref()
-        .and(r.metadata.get("team"))
-        .and_then(serde_json::Value::as_str);
     let spenders = [
         r.key_id.clone().map(Spender::Key),
         r.user.clone().map(Spender::User),
-        team.map(|t| Spender::Team(t.to_string())),
+        r.team().map(|t| Spender::Team(t.to_string())),
     ];
     spenders
         .iter()

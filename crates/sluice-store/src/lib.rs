@@ -813,15 +813,7 @@ macro_rules! store_impl {
                             .bind(r.key_id.as_deref().map(indexed))
                             .bind(opt_text(&r.cache))
                             .bind(r.cost_saved_usd)
-                            // A team is a key owner's: a request made without a key names
-                            // its team in metadata only (usage by team and team budgets agree).
-                            .bind(
-                                r.key_id
-                                    .as_ref()
-                                    .and(r.metadata.get("team"))
-                                    .and_then(serde_json::Value::as_str)
-                                    .map(indexed),
-                            );
+                            .bind(r.team().map(indexed));
                     }
                     if returning {
                         for row in q.fetch_all(&mut *tx).await.map_err(db_err)? {
