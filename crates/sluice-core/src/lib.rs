@@ -9,6 +9,7 @@
 //!   the hot path hands records to.
 //! - [`secret`]: secret references (`env::NAME`) that never print.
 //! - [`price`]: the shipped price table and cost arithmetic.
+//! - [`shard`]: which of the connection runtimes the calling thread runs.
 //! - [`usage`]: spend and usage read from the request log, and the cache's persistent tier.
 
 pub mod error;
@@ -17,6 +18,7 @@ pub mod price;
 pub mod provider;
 pub mod record;
 pub mod secret;
+pub mod shard;
 pub mod usage;
 
 pub use error::{Error, ErrorCode, ProviderError};

@@ -110,11 +110,21 @@ impl HttpSettings {
 /// The client does not retry on its own: the gateway's router retries and fails over with backoff
 /// and records every attempt. (hyper still resends a request that a pooled connection closed
 /// under before any of it was written.)
+///
+/// Each connection runtime (see [`sluice_core::shard`]) has a pool of its own, made at its first
+/// request: a connection is then read and written by the thread whose requests use it.
 #[derive(Clone)]
 pub struct Client {
-    pool: Pool<HttpsConnector<Connector>, Full<Bytes>>,
+    pools: Arc<[std::sync::OnceLock<Upstream>]>,
+    https: HttpsConnector<Connector>,
     proxies: Arc<Matcher>,
 }
+
+/// One connection pool.
+type Upstream = Pool<HttpsConnector<Connector>, Full<Bytes>>;
+
+/// The most connection runtimes with a pool of their own; more share them in turn.
+const POOLS: usize = 64;
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,12 +163,22 @@ impl Client {
                 tcp,
                 proxies: proxies.clone(),
             });
-        let pool = Pool::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
-        Ok(Client { pool, proxies })
+        Ok(Client {
+            pools: (0..POOLS).map(|_| std::sync::OnceLock::new()).collect(),
+            https,
+            proxies,
+        })
+    }
+
+    /// The calling thread's connection pool.
+    fn pool(&self) -> &Upstream {
+        self.pools[sluice_core::shard::current() % self.pools.len()].get_or_init(|| {
+            Pool::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(self.https.clone())
+        })
     }
 
     /// Sends a request and waits for the response headers within `limit`. A non-success status
@@ -178,7 +198,7 @@ impl Client {
                 .insert(header::PROXY_AUTHORIZATION, auth.clone());
         }
         let started = tokio::time::Instant::now();
-        let resp = match tokio::time::timeout(limit, self.pool.request(req)).await {
+        let resp = match tokio::time::timeout(limit, self.pool().request(req)).await {
             Err(_) => {
                 return Err(ProviderError::Timeout(format!(
                     "no response within {:.1}s",
@@ -1604,5 +1624,91 @@ pub(crate) mod tests {
             ErrorClass::ClientError
         );
         assert_eq!(class(None, "something broke"), ErrorClass::ServerError);
+    }
+
+    /// Each connection thread has a pool of its own: a thread's requests reuse its connection,
+    /// and never one that another thread's runtime reads and writes (a pool shared by all
+    /// handed every response of such a connection from one thread to another).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_connection_thread_has_a_pool_of_its_own() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepted.clone();
+        // A keep-alive server: every request on a connection answered, until the client closes.
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if sock.write_all(ok.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        let client = direct();
+        let url = format!("http://{addr}/");
+        // Thread 1 makes two requests and keeps its runtime (and so its connection) running
+        // while thread 2 makes two more.
+        let (first_done, first_rx) = tokio::sync::oneshot::channel();
+        let (second_done, second_rx) = tokio::sync::oneshot::channel();
+        let (release, hold) = tokio::sync::oneshot::channel();
+        let one =
+            two_requests_on_thread(1, client.clone(), url.clone(), None, first_done, Some(hold));
+        let two = two_requests_on_thread(2, client, url, Some(first_rx), second_done, None);
+        second_rx.await.unwrap();
+        release.send(()).unwrap();
+        tokio::task::spawn_blocking(move || {
+            one.join().unwrap();
+            two.join().unwrap();
+        })
+        .await
+        .unwrap();
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// On a thread of its own marked as connection thread `n`: waits for `start`, GETs `url`
+    /// twice, says `done`, and keeps its runtime running until `hold`.
+    fn two_requests_on_thread(
+        n: usize,
+        client: Client,
+        url: String,
+        start: Option<tokio::sync::oneshot::Receiver<()>>,
+        done: tokio::sync::oneshot::Sender<()>,
+        hold: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            sluice_core::shard::enter(n);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Some(start) = start {
+                    start.await.unwrap();
+                }
+                for _ in 0..2 {
+                    let resp = fetch(&client, &url, Duration::from_secs(5)).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp.into_body().collect().await.unwrap();
+                }
+                done.send(()).unwrap();
+                if let Some(hold) = hold {
+                    hold.await.unwrap();
+                }
+            });
+        })
     }
 }

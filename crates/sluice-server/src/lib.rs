@@ -89,7 +89,14 @@ pub struct ServerConfig {
     /// 60 s idle timeout of common load balancers, which must close first).
     #[serde(default = "default_idle")]
     pub idle_timeout_secs: u64,
+    /// Threads that serve client connections, each running its connections start to finish
+    /// (see [`conn::Shards`]). `None`: one per CPU; `Some(0)`: the shared work-stealing runtime.
+    #[serde(default)]
+    pub connection_threads: Option<usize>,
 }
+
+/// The most `connection_threads` accepted.
+pub const MAX_CONNECTION_THREADS: usize = 256;
 
 fn default_listen() -> String {
     "127.0.0.1:4141".into()
@@ -116,11 +123,19 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             client_stall_secs: default_client_stall(),
             idle_timeout_secs: default_idle(),
+            connection_threads: None,
         }
     }
 }
 
 impl ServerConfig {
+    /// How many connection threads to start: 0 for none (connections are served on the shared
+    /// runtime).
+    pub fn connection_threads(&self) -> usize {
+        self.connection_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
     /// The CORS policy for `cors_origins`: `None` without any. The error names the key.
     pub fn cors(&self) -> Result<Option<tower_http::cors::CorsLayer>, String> {
         use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};

@@ -474,7 +474,16 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
         Duration::from_secs(cfg.server.client_stall_secs),
     );
     let idle = Duration::from_secs(cfg.server.idle_timeout_secs);
+    let threads = cfg.server.connection_threads();
     let Running { state, writer } = build_with(cfg, key, Some(overrides)).await?;
+    let shards = match threads {
+        0 => None,
+        n => Some(Arc::new(sluice_server::conn::Shards::start(n).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot start {n} connection threads: {e} (set server.connection_threads lower, or 0)"
+            )
+        })?)),
+    };
     let store = state.store.clone();
     // Answers still being written to the cache's shared tier at shutdown finish before the
     // store closes.
@@ -530,7 +539,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     tracing::info!(%local, "listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = sluice_server::conn::serve(
+    let server = sluice_server::conn::serve_on(
         listener,
         app,
         async move {
@@ -538,6 +547,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
             let _ = stop_tx.send(true);
         },
         idle,
+        shards,
     );
     let mut server = std::pin::pin!(server);
     let mut stop_rx = stop_rx;

@@ -549,6 +549,16 @@ impl Config {
                     .into(),
             );
         }
+        if raw
+            .server
+            .connection_threads
+            .is_some_and(|n| n > sluice_server::MAX_CONNECTION_THREADS)
+        {
+            return Err(format!(
+                "server.connection_threads: at most {} (leave it out for one per CPU, or 0 to serve connections on the shared runtime)",
+                sluice_server::MAX_CONNECTION_THREADS
+            ));
+        }
         raw.store.validate().map_err(|e| format!("store.{e}"))?;
         let mut built = BuiltProviders::new();
         let mut kinds = BTreeMap::new();
@@ -834,6 +844,23 @@ mod tests {
             d.price.is_some(),
             "gpt-4o-mini is priced from the shipped table"
         );
+    }
+
+    #[test]
+    fn connection_threads_default_to_one_per_cpu() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(check("").unwrap().server.connection_threads(), cpus);
+        let c = check("[server]\nconnection_threads = 0\n").unwrap();
+        assert_eq!(c.server.connection_threads(), 0);
+        let c = check("[server]\nconnection_threads = 3\n").unwrap();
+        assert_eq!(c.server.connection_threads(), 3);
+        let e = check("[server]\nconnection_threads = 257\n").unwrap_err();
+        assert!(
+            e.starts_with("server.connection_threads: at most 256"),
+            "{e}"
+        );
+        let e = check("[server]\nconnection_threads = -1\n").unwrap_err();
+        assert!(e.contains("connection_threads"), "{e}");
     }
 
     #[test]
