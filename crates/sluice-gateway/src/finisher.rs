@@ -364,19 +364,40 @@ impl Finisher {
         completion: &ChatCompletion,
         body: Option<RawJson>,
     ) -> (f64, Option<Usage>) {
+        if self.record.is_none() {
+            return (0.0, None);
+        }
+        // The tokenizer's counts, when the upstream reported none.
+        let counts = match completion.usage {
+            Some(_) => None,
+            None => {
+                let model = dep.upstream_model();
+                let output = completion.output_text();
+                Some(if tokens::counting_is_long(req, output.len()) {
+                    let (model, req) = (model.to_string(), req.clone());
+                    tokens::off_thread(move || {
+                        Usage::new(
+                            tokens::count_prompt_and_media(&model, &req),
+                            tokens::count_text(&model, &output),
+                            0,
+                        )
+                    })
+                    .await
+                } else {
+                    Usage::new(
+                        tokens::count_prompt_and_media(model, req),
+                        tokens::count_text(model, &output),
+                        0,
+                    )
+                })
+            }
+        };
         let counted = {
             let Some(r) = self.record.as_mut() else {
                 return (0.0, None);
             };
             let usage = completion.usage.clone();
-            let model = dep.upstream_model();
-            self.cache_writes = apply_usage(r, usage, dep.price, || {
-                Usage::new(
-                    tokens::count_prompt_and_media(model, req),
-                    tokens::count_text(model, &completion.output_text()),
-                    0,
-                )
-            });
+            self.cache_writes = apply_usage(r, usage, dep.price, || counts.unwrap_or_default());
             r.finish_reason = completion
                 .choices
                 .first()
@@ -414,26 +435,42 @@ impl Finisher {
         dep: &Deployment,
         resp: &EmbeddingResponse,
     ) -> (f64, Option<EmbeddingUsage>) {
+        if self.record.is_none() {
+            return (0.0, None);
+        }
+        // Some OpenAI-shaped APIs report only the total (all of it input).
+        let reported = match resp.usage.prompt_tokens {
+            0 => resp.usage.total_tokens,
+            n => n,
+        };
+        // The tokenizer's count, when the upstream reported none.
+        let counts = (reported == 0).then(|| {
+            let model = dep.upstream_model();
+            let texts = req.input.texts();
+            let ids = req.input.token_ids();
+            if texts.iter().map(|t| t.len()).sum::<usize>() > tokens::TOKENIZE_MAX_BYTES {
+                let model = model.to_string();
+                let texts: Vec<String> = texts.into_iter().map(str::to_string).collect();
+                Err(move || {
+                    let n: u64 = texts.iter().map(|t| tokens::count_text(&model, t)).sum();
+                    Usage::new(n + ids, 0, 0)
+                })
+            } else {
+                let n: u64 = texts.iter().map(|t| tokens::count_text(model, t)).sum();
+                Ok(Usage::new(n + ids, 0, 0))
+            }
+        });
+        let counts = match counts {
+            None => None,
+            Some(Ok(u)) => Some(u),
+            Some(Err(long)) => Some(tokens::off_thread(long).await),
+        };
         let (cost, counted) = {
             let Some(r) = self.record.as_mut() else {
                 return (0.0, None);
             };
-            // Some OpenAI-shaped APIs report only the total (all of it input).
-            let reported = match resp.usage.prompt_tokens {
-                0 => resp.usage.total_tokens,
-                n => n,
-            };
             let usage = (reported > 0).then(|| Usage::new(reported, 0, 0));
-            let model = dep.upstream_model();
-            apply_usage(r, usage, dep.price, || {
-                let n: u64 = req
-                    .input
-                    .texts()
-                    .iter()
-                    .map(|t| tokens::count_text(model, t))
-                    .sum();
-                Usage::new(n + req.input.token_ids(), 0, 0)
-            });
+            apply_usage(r, usage, dep.price, || counts.unwrap_or_default());
             // The client gets the usage recorded whenever the upstream's lacked its prompt
             // count (a total alone gave the client `prompt_tokens: 0`).
             let counted = (resp.usage.prompt_tokens == 0).then_some(EmbeddingUsage {

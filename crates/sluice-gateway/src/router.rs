@@ -1164,7 +1164,9 @@ impl Router {
     /// request on the old router finished), or when a newer router took the deployment's state
     /// over and started its own loop.
     pub fn start_health_checks(&self) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        // On the main runtime, even when a reload through the API builds the router on a
+        // connection thread: a loop there would wait on that thread's requests.
+        let Some(rt) = sluice_core::shard::background() else {
             return;
         };
         for g in self.groups.values() {

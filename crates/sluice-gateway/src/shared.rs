@@ -766,6 +766,11 @@ where
     last
 }
 
+/// A command the main runtime dropped unsent: the process is stopping.
+fn shutting_down() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "the gateway is shutting down"))
+}
+
 /// The shared connection, sending a command once more when it failed on a connection that had
 /// already dropped: after Redis restarts (or a proxy in front of it closes idle connections) the
 /// first command finds the old connection closed, and the manager reconnects only after that
@@ -780,6 +785,16 @@ impl redis::aio::ConnectionLike for Conn {
         &'a mut self,
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
+        if sluice_core::shard::away_from_main() {
+            // From a connection thread: on the main runtime, where a reconnect then puts the
+            // new connection (see `sluice_core::shard::on_main`).
+            let (mut conn, cmd) = (self.clone(), cmd.clone());
+            return Box::pin(async move {
+                sluice_core::shard::on_main(async move { conn.req_packed_command(&cmd).await })
+                    .await
+                    .unwrap_or_else(|| Err(shutting_down()))
+            });
+        }
         Box::pin(async move {
             match self.0.send_packed_command(cmd).await {
                 Err(e) if e.is_connection_dropped() => self.0.send_packed_command(cmd).await,
@@ -794,6 +809,16 @@ impl redis::aio::ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        if sluice_core::shard::away_from_main() {
+            let (mut conn, pipeline) = (self.clone(), pipeline.clone());
+            return Box::pin(async move {
+                sluice_core::shard::on_main(async move {
+                    conn.req_packed_commands(&pipeline, offset, count).await
+                })
+                .await
+                .unwrap_or_else(|| Err(shutting_down()))
+            });
+        }
         Box::pin(async move {
             match self.0.send_packed_commands(pipeline, offset, count).await {
                 Err(e) if e.is_connection_dropped() => {

@@ -138,26 +138,42 @@ struct State {
     done: bool,
 }
 
+/// Counts made by [`State::count_long`]: the answer's, and the prompt's unless the upstream
+/// sent its own at the start.
+#[derive(Default)]
+struct LongCount {
+    completion: u64,
+    prompt: Option<u64>,
+}
+
 impl State {
     /// What the stream produced: the reported usage, else the counts (prompt, completion) —
     /// the tokenizer's, or with `by_size` four bytes a token — and the assembled body when
     /// bodies are stored. Consumes the gathered text.
-    fn outcome(&mut self, by_size: bool) -> (Option<Usage>, Usage, Option<RawJson>) {
+    /// `counted`: the tokenizer's counts already made (see [`State::count_long`]).
+    fn outcome(
+        &mut self,
+        by_size: bool,
+        counted: Option<LongCount>,
+    ) -> (Option<Usage>, Usage, Option<RawJson>) {
         let usage = self.usage.take();
         let counts = match (&usage, by_size) {
             (Some(_), _) => Usage::default(),
             (None, _) => {
-                let completion = if by_size {
-                    (self.acc.output_text().len() as u64).div_ceil(4)
-                } else {
-                    tokens::count_text(&self.req.model, &self.acc.output_text())
+                let completion = match &counted {
+                    Some(c) => c.completion,
+                    None if by_size => (self.acc.output_text().len() as u64).div_ceil(4),
+                    None => tokens::count_text(&self.req.model, &self.acc.output_text()),
                 };
                 // The upstream's own count of the prompt, cache reads and writes included,
                 // when it sent one at the start.
-                let mut counts = match self.start_prompt.take() {
-                    Some(start) => start,
-                    None if by_size => Usage::new(tokens::estimate_prompt_by_size(&self.req), 0, 0),
-                    None => Usage::new(
+                let mut counts = match (self.start_prompt.take(), counted.and_then(|c| c.prompt)) {
+                    (Some(start), _) => start,
+                    (None, Some(prompt)) => Usage::new(prompt, 0, 0),
+                    (None, None) if by_size => {
+                        Usage::new(tokens::estimate_prompt_by_size(&self.req), 0, 0)
+                    }
+                    (None, None) => Usage::new(
                         tokens::count_prompt_and_media(&self.req.model, &self.req),
                         0,
                         0,
@@ -176,11 +192,33 @@ impl State {
         (usage, counts, body)
     }
 
+    /// The tokenizer's count, to be made on the blocking pool, when the upstream reported no
+    /// usage and the text to count is long; `None` otherwise (a short text is counted in place).
+    fn count_long(&self) -> Option<impl Future<Output = LongCount> + Send + 'static> {
+        if self.usage.is_some() {
+            return None;
+        }
+        let output = self.acc.output_text();
+        if !tokens::counting_is_long(&self.req, output.len()) {
+            return None;
+        }
+        let req = self.req.clone();
+        let prompt = self.start_prompt.is_none();
+        Some(tokens::off_thread(move || LongCount {
+            completion: tokens::count_text(&req.model, &output),
+            prompt: prompt.then(|| tokens::count_prompt_and_media(&req.model, &req)),
+        }))
+    }
+
     /// Completes the record; returns the tokenizer's usage when the upstream reported none.
     async fn finish(&mut self, error: Option<&Error>) -> Option<Usage> {
         self.done = true;
         let finish_reason = self.acc.finish_reason().map(str::to_string);
-        let (usage, counts, body) = self.outcome(false);
+        let counted = match self.count_long() {
+            Some(counting) => Some(counting.await),
+            None => None,
+        };
+        let (usage, counts, body) = self.outcome(false, counted);
         let counted = usage.is_none().then(|| counts.clone());
         self.fin
             .finish_stream(
@@ -218,7 +256,7 @@ impl Drop for State {
         }
         // Without the upstream's usage (it comes last), the counts are estimated from sizes:
         // no tokenizer runs in `Drop`, on a runtime thread, for a request already gone.
-        let (usage, counts, body) = self.outcome(true);
+        let (usage, counts, body) = self.outcome(true, None);
         self.fin
             .note_partial(usage, self.serving.dep.dep.price, || counts, body);
     }

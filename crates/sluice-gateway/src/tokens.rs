@@ -86,6 +86,31 @@ pub fn estimate_prompt_by_size(req: &ChatRequest) -> u64 {
     (prompt_bytes(req, usize::MAX).saturating_add(prompt_media_bytes(req)) as u64).div_ceil(4)
 }
 
+/// Whether counting a chat's tokens (its prompt, and `output` bytes of answer) with the
+/// tokenizer is long work: more than [`TOKENIZE_MAX_BYTES`] of text, to be done by
+/// [`off_thread`].
+pub fn counting_is_long(req: &ChatRequest, output: usize) -> bool {
+    output > TOKENIZE_MAX_BYTES
+        || prompt_bytes(req, TOKENIZE_MAX_BYTES - output).saturating_add(output)
+            > TOKENIZE_MAX_BYTES
+}
+
+/// Runs a long count on the blocking pool. A connection thread serves all of its connections
+/// (see `sluice_core::shard`): a count of megabytes of text run on it would hold up every other
+/// request there meanwhile.
+pub async fn off_thread<T: Default + Send + 'static>(
+    count: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    match tokio::task::spawn_blocking(count).await {
+        Ok(n) => n,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Cancelled: only when the runtime itself shuts down.
+            Err(_) => T::default(),
+        },
+    }
+}
+
 /// The bytes of a prompt the tokenizer would read, stopping once past `limit`.
 fn prompt_bytes(req: &ChatRequest, limit: usize) -> usize {
     let mut n = 0;
@@ -265,5 +290,37 @@ mod tests {
             text_only + 2 * IMAGE_TOKENS as u64
         );
         assert!(estimate_prompt_by_size(&req) >= 2 * IMAGE_TOKENS as u64);
+    }
+
+    /// Counting is long work past 64 KiB of prompt and answer together, and such a count runs
+    /// off the calling thread with the same result.
+    #[tokio::test]
+    async fn long_counts_run_off_the_calling_thread() {
+        let req = |text: &str| -> ChatRequest {
+            serde_json::from_value(serde_json::json!({
+                "model": "gpt-4o",
+                "messages": [{"role": "user", "content": text}]
+            }))
+            .unwrap()
+        };
+        let small = req("hello world");
+        assert!(!counting_is_long(&small, 10));
+        assert!(counting_is_long(&small, TOKENIZE_MAX_BYTES + 1));
+        let big = req(&"word ".repeat(TOKENIZE_MAX_BYTES / 4));
+        assert!(counting_is_long(&big, 0));
+        let half = req(&"x".repeat(TOKENIZE_MAX_BYTES / 2));
+        assert!(!counting_is_long(&half, 100));
+        assert!(counting_is_long(&half, TOKENIZE_MAX_BYTES / 2 + 100));
+        let caller = std::thread::current().id();
+        let expected = count_prompt_and_media("gpt-4o", &big);
+        let (n, thread) = off_thread(move || {
+            (
+                count_prompt_and_media("gpt-4o", &big),
+                Some(std::thread::current().id()),
+            )
+        })
+        .await;
+        assert_eq!(n, expected);
+        assert_ne!(thread, Some(caller));
     }
 }

@@ -123,8 +123,8 @@ pub struct Client {
 /// One connection pool.
 type Upstream = Pool<HttpsConnector<Connector>, Full<Bytes>>;
 
-/// The most connection runtimes with a pool of their own; more share them in turn.
-const POOLS: usize = 64;
+/// Pools: one for each connection thread there may be, and one for every other thread.
+const POOLS: usize = sluice_core::shard::MAX + 1;
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

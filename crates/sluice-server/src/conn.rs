@@ -254,6 +254,7 @@ pub async fn serve_on(
             },
             None => (Accepted::Here(io), None),
         };
+        let (runtime, count) = thread.map(|(r, c)| (r.clone(), c)).unzip();
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let (mut stop, open) = (stop_rx.clone(), open_rx.clone());
         let task = async move {
@@ -289,13 +290,12 @@ pub async fn serve_on(
                     }
                 }
             }
+            // Uncounted before `open` goes: once `serve_on` returns, every count is back to 0.
+            drop(count);
             drop(open);
         };
-        match thread {
-            Some((runtime, count)) => drop(runtime.spawn(async move {
-                task.await;
-                drop(count);
-            })),
+        match runtime {
+            Some(runtime) => drop(runtime.spawn(task)),
             None => drop(tokio::spawn(task)),
         }
     }
@@ -506,13 +506,21 @@ mod tests {
             let name = std::thread::current().name().unwrap_or("").to_string();
             format!("{} {name}", sluice_core::shard::current())
         };
+        // `/slow` says when it has begun, and answers once the test lets it.
+        let (begun_tx, mut begun) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let go = Arc::new(tokio::sync::Notify::new());
+        let let_go = go.clone();
         let app = axum::Router::new()
             .route("/where", axum::routing::get(here))
             .route(
                 "/slow",
-                axum::routing::get(move || async move {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    here().await
+                axum::routing::get(move || {
+                    let (begun_tx, let_go) = (begun_tx.clone(), let_go.clone());
+                    async move {
+                        let _ = begun_tx.send(());
+                        let_go.notified().await;
+                        here().await
+                    }
                 }),
             );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -542,7 +550,7 @@ mod tests {
         // Closed, it no longer counts: the next connection goes to the thread it left.
         drop(a);
         let freed: usize = on_a[..1].parse().unwrap();
-        for _ in 0..100 {
+        for _ in 0..500 {
             if shards.open()[freed - 1] == 0 {
                 break;
             }
@@ -553,8 +561,18 @@ mod tests {
         c.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::timeout(Duration::from_secs(10), begun.recv())
+            .await
+            .expect("the request began");
         stop_tx.send(()).unwrap();
+        // The stop is under way (no new connection is taken) while the request is in flight.
+        for _ in 0..500 {
+            if TcpStream::connect(addr).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        go.notify_one();
         let mut answer = String::new();
         tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut answer))
             .await

@@ -96,7 +96,7 @@ pub struct ServerConfig {
 }
 
 /// The most `connection_threads` accepted.
-pub const MAX_CONNECTION_THREADS: usize = 256;
+pub const MAX_CONNECTION_THREADS: usize = sluice_core::shard::MAX;
 
 fn default_listen() -> String {
     "127.0.0.1:4141".into()
@@ -132,8 +132,11 @@ impl ServerConfig {
     /// How many connection threads to start: 0 for none (connections are served on the shared
     /// runtime).
     pub fn connection_threads(&self) -> usize {
-        self.connection_threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        self.connection_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_CONNECTION_THREADS)
+        })
     }
 
     /// The CORS policy for `cors_origins`: `None` without any. The error names the key.

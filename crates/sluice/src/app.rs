@@ -476,6 +476,7 @@ pub async fn serve(cfg: Config, overrides: Overrides) -> anyhow::Result<()> {
     let idle = Duration::from_secs(cfg.server.idle_timeout_secs);
     let threads = cfg.server.connection_threads();
     let Running { state, writer } = build_with(cfg, key, Some(overrides)).await?;
+    sluice_core::shard::set_main(tokio::runtime::Handle::current());
     let shards = match threads {
         0 => None,
         n => Some(Arc::new(sluice_server::conn::Shards::start(n).map_err(|e| {
