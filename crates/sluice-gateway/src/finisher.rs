@@ -371,24 +371,20 @@ impl Finisher {
         let counts = match completion.usage {
             Some(_) => None,
             None => {
-                let model = dep.upstream_model();
                 let output = completion.output_text();
-                Some(if tokens::counting_is_long(req, output.len()) {
-                    let (model, req) = (model.to_string(), req.clone());
-                    tokens::off_thread(move || {
-                        Usage::new(
-                            tokens::count_prompt_and_media(&model, &req),
-                            tokens::count_text(&model, &output),
-                            0,
-                        )
-                    })
-                    .await
-                } else {
+                let long = tokens::counting_is_long(req, output.len());
+                let (model, req) = (dep.upstream_model().to_string(), req.clone());
+                let count = move || {
                     Usage::new(
-                        tokens::count_prompt_and_media(model, req),
-                        tokens::count_text(model, &output),
+                        tokens::count_prompt_and_media(&model, &req),
+                        tokens::count_text(&model, &output),
                         0,
                     )
+                };
+                Some(if long {
+                    tokens::off_thread(count).await
+                } else {
+                    count()
                 })
             }
         };
@@ -444,26 +440,24 @@ impl Finisher {
             n => n,
         };
         // The tokenizer's count, when the upstream reported none.
-        let counts = (reported == 0).then(|| {
-            let model = dep.upstream_model();
-            let texts = req.input.texts();
-            let ids = req.input.token_ids();
-            if texts.iter().map(|t| t.len()).sum::<usize>() > tokens::TOKENIZE_MAX_BYTES {
-                let model = model.to_string();
-                let texts: Vec<String> = texts.into_iter().map(str::to_string).collect();
-                Err(move || {
+        let counts = match reported {
+            0 => {
+                let texts: Vec<String> =
+                    req.input.texts().into_iter().map(str::to_string).collect();
+                let long =
+                    texts.iter().map(String::len).sum::<usize>() > tokens::TOKENIZE_MAX_BYTES;
+                let (model, ids) = (dep.upstream_model().to_string(), req.input.token_ids());
+                let count = move || {
                     let n: u64 = texts.iter().map(|t| tokens::count_text(&model, t)).sum();
                     Usage::new(n + ids, 0, 0)
+                };
+                Some(if long {
+                    tokens::off_thread(count).await
+                } else {
+                    count()
                 })
-            } else {
-                let n: u64 = texts.iter().map(|t| tokens::count_text(model, t)).sum();
-                Ok(Usage::new(n + ids, 0, 0))
             }
-        });
-        let counts = match counts {
-            None => None,
-            Some(Ok(u)) => Some(u),
-            Some(Err(long)) => Some(tokens::off_thread(long).await),
+            _ => None,
         };
         let (cost, counted) = {
             let Some(r) = self.record.as_mut() else {
