@@ -138,46 +138,33 @@ struct State {
     done: bool,
 }
 
-/// Counts made by [`State::count_long`]: the answer's, and the prompt's unless the upstream
-/// sent its own at the start.
+/// The tokenizer's counts made by [`State::count`]: the answer's, and the prompt's unless the
+/// upstream sent its own at the start.
 #[derive(Default)]
-struct LongCount {
+struct Counted {
     completion: u64,
     prompt: Option<u64>,
 }
 
 impl State {
     /// What the stream produced: the reported usage, else the counts (prompt, completion) —
-    /// the tokenizer's, or with `by_size` four bytes a token — and the assembled body when
-    /// bodies are stored. Consumes the gathered text.
-    /// `counted`: the tokenizer's counts already made (see [`State::count_long`]).
-    fn outcome(
-        &mut self,
-        by_size: bool,
-        counted: Option<LongCount>,
-    ) -> (Option<Usage>, Usage, Option<RawJson>) {
+    /// `counted`, the tokenizer's (see [`State::count`]), or without it four bytes a token —
+    /// and the assembled body when bodies are stored. Consumes the gathered text.
+    fn outcome(&mut self, counted: Option<Counted>) -> (Option<Usage>, Usage, Option<RawJson>) {
         let usage = self.usage.take();
-        let counts = match (&usage, by_size) {
-            (Some(_), _) => Usage::default(),
-            (None, _) => {
+        let counts = match &usage {
+            Some(_) => Usage::default(),
+            None => {
                 let completion = match &counted {
                     Some(c) => c.completion,
-                    None if by_size => (self.acc.output_text().len() as u64).div_ceil(4),
-                    None => tokens::count_text(&self.req.model, &self.acc.output_text()),
+                    None => (self.acc.output_text().len() as u64).div_ceil(4),
                 };
                 // The upstream's own count of the prompt, cache reads and writes included,
                 // when it sent one at the start.
                 let mut counts = match (self.start_prompt.take(), counted.and_then(|c| c.prompt)) {
                     (Some(start), _) => start,
                     (None, Some(prompt)) => Usage::new(prompt, 0, 0),
-                    (None, None) if by_size => {
-                        Usage::new(tokens::estimate_prompt_by_size(&self.req), 0, 0)
-                    }
-                    (None, None) => Usage::new(
-                        tokens::count_prompt_and_media(&self.req.model, &self.req),
-                        0,
-                        0,
-                    ),
+                    (None, None) => Usage::new(tokens::estimate_prompt_by_size(&self.req), 0, 0),
                 };
                 counts.completion_tokens = completion;
                 counts.total_tokens = counts.prompt_tokens.saturating_add(completion);
@@ -192,33 +179,35 @@ impl State {
         (usage, counts, body)
     }
 
-    /// The tokenizer's count, to be made on the blocking pool, when the upstream reported no
-    /// usage and the text to count is long; `None` otherwise (a short text is counted in place).
-    fn count_long(&self) -> Option<impl Future<Output = LongCount> + Send + 'static> {
-        if self.usage.is_some() {
-            return None;
-        }
+    /// The tokenizer's counts of what the stream produced, for an upstream that reported no
+    /// usage: made in place for a short text, on the blocking pool for a long one.
+    fn count(&self) -> impl Future<Output = Counted> + Send + 'static {
         let output = self.acc.output_text();
-        if !tokens::counting_is_long(&self.req, output.len()) {
-            return None;
-        }
+        let long = tokens::counting_is_long(&self.req, output.len());
         let req = self.req.clone();
         let prompt = self.start_prompt.is_none();
-        Some(tokens::off_thread(move || LongCount {
+        let count = move || Counted {
             completion: tokens::count_text(&req.model, &output),
             prompt: prompt.then(|| tokens::count_prompt_and_media(&req.model, &req)),
-        }))
+        };
+        async move {
+            if long {
+                tokens::off_thread(count).await
+            } else {
+                count()
+            }
+        }
     }
 
     /// Completes the record; returns the tokenizer's usage when the upstream reported none.
     async fn finish(&mut self, error: Option<&Error>) -> Option<Usage> {
         self.done = true;
         let finish_reason = self.acc.finish_reason().map(str::to_string);
-        let counted = match self.count_long() {
-            Some(counting) => Some(counting.await),
-            None => None,
+        let counted = match self.usage {
+            Some(_) => None,
+            None => Some(self.count().await),
         };
-        let (usage, counts, body) = self.outcome(false, counted);
+        let (usage, counts, body) = self.outcome(counted);
         let counted = usage.is_none().then(|| counts.clone());
         self.fin
             .finish_stream(
@@ -256,7 +245,7 @@ impl Drop for State {
         }
         // Without the upstream's usage (it comes last), the counts are estimated from sizes:
         // no tokenizer runs in `Drop`, on a runtime thread, for a request already gone.
-        let (usage, counts, body) = self.outcome(true, None);
+        let (usage, counts, body) = self.outcome(None);
         self.fin
             .note_partial(usage, self.serving.dep.dep.price, || counts, body);
     }

@@ -35,13 +35,14 @@ impl GuardedListener {
         GuardedListener { inner, stall }
     }
 
-    /// Accepts the next connection as a plain socket (TCP_NODELAY set), for a [`Shards`]
-    /// runtime to take over; retries after an accept error as axum's listener does.
-    async fn accept_plain(&mut self) -> TcpStream {
-        let (io, _) = axum::serve::Listener::accept(&mut self.inner).await;
+    /// Accepts the next connection as a plain socket (TCP_NODELAY set), not yet guarded, so that
+    /// a connection thread can take it over; retries after an accept error as axum's listener
+    /// does.
+    async fn accept_plain(&mut self) -> (TcpStream, std::net::SocketAddr) {
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
         // Best effort: a socket that refuses it still works, with Nagle's delays.
         let _ = io.set_nodelay(true);
-        io
+        (io, addr)
     }
 }
 
@@ -98,16 +99,6 @@ impl Shards {
         })
     }
 
-    /// How many threads there are.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Never: there is at least one.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// Open connections on each thread.
     pub fn open(&self) -> Vec<usize> {
         self.open
@@ -118,7 +109,7 @@ impl Shards {
 
     /// The thread with the fewest open connections (ties taken in turn), and its count, which
     /// the connection holds until it closes.
-    fn pick(&self) -> (&tokio::runtime::Handle, OpenCount) {
+    fn pick(&self) -> (tokio::runtime::Handle, OpenCount) {
         let n = self.handles.len();
         let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let best = (0..n)
@@ -126,7 +117,10 @@ impl Shards {
             .min_by_key(|&i| self.open[i].load(Ordering::Relaxed))
             .unwrap_or(first);
         self.open[best].fetch_add(1, Ordering::Relaxed);
-        (&self.handles[best], OpenCount(self.open[best].clone()))
+        (
+            self.handles[best].clone(),
+            OpenCount(self.open[best].clone()),
+        )
     }
 }
 
@@ -150,9 +144,7 @@ impl axum::serve::Listener for GuardedListener {
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        // Best effort: a socket that refuses it still works, with Nagle's delays.
-        let _ = io.set_nodelay(true);
+        let (io, addr) = self.accept_plain().await;
         (Guarded::new(io, self.stall), addr)
     }
 
@@ -239,7 +231,7 @@ pub async fn serve_on(
     let stall = listener.stall;
     loop {
         let io = tokio::select! {
-            io = listener.accept_plain() => io,
+            (io, _) = listener.accept_plain() => io,
             () = &mut signal => break,
         };
         // A connection for a connection thread leaves this runtime's I/O driver here and joins
@@ -254,7 +246,7 @@ pub async fn serve_on(
             },
             None => (Accepted::Here(io), None),
         };
-        let (runtime, count) = thread.map(|(r, c)| (r.clone(), c)).unzip();
+        let (runtime, count) = thread.unzip();
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let (mut stop, open) = (stop_rx.clone(), open_rx.clone());
         let task = async move {
